@@ -1,0 +1,168 @@
+"""Settings (``GRADCAM_*`` environment variables) and the models file (TOML).
+
+Both are validated once, at start-up: a mistake raises ``ConfigError`` with a
+message that names the setting, or the model and key, at fault.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+from service.errors import ConfigError
+
+ResizeMode = Literal["stretch", "letterbox", "crop"]
+DEMO_MODELS_FILE = Path(__file__).resolve().parent / "demo" / "models.toml"
+
+
+class ModelSpec(BaseModel):
+    """One ``[models.<name>]`` table of the models file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: Annotated[StrictStr, Field(min_length=1)]
+    weights: Annotated[StrictStr, Field(min_length=1)] | None = None
+    labels: Annotated[StrictStr, Field(min_length=1)] | None = None
+    num_classes: Annotated[StrictInt, Field(gt=0)] | None = None
+    multilabel: StrictBool = False
+    channels: Annotated[StrictInt, Field(ge=1, le=3)] = 3
+    # [height, width] of the model input, as torch orders a tensor's last two dims.
+    input_size: tuple[Annotated[StrictInt, Field(ge=8)], Annotated[StrictInt, Field(ge=8)]] = (
+        224, 224)
+    mean: tuple[StrictFloat | StrictInt, ...] | None = None
+    std: tuple[StrictFloat | StrictInt, ...] | None = None
+    layer: Annotated[StrictStr, Field(min_length=1)] | None = None
+    resize: ResizeMode = "stretch"
+    default: StrictBool = False
+
+    @model_validator(mode="after")
+    def _check_normalisation(self) -> ModelSpec:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, not {self.channels}")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is not None and len(values) != self.channels:
+                raise ValueError(
+                    f"{key} has {len(values)} values but channels = {self.channels}")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class ModelsFile(BaseModel):
+    """The whole models file: ``[models.<name>]`` tables, in file order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: dict[str, ModelSpec] = Field(min_length=1)
+    # Where relative paths in the file are resolved from.
+    base_dir: Path = Path(".")
+
+    @property
+    def default_model(self) -> str:
+        defaults = [name for name, spec in self.models.items() if spec.default]
+        return defaults[0] if defaults else next(iter(self.models))
+
+    def resolve_path(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+
+def _describe_validation_error(error: ValidationError, path: Path) -> str:
+    lines = []
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        if len(loc) >= 2 and loc[0] == "models":
+            where = f"model '{loc[1]}'"
+            if len(loc) > 2:
+                where += f", key '{loc[2]}'"
+            if len(loc) > 3:
+                where += f" item {'.'.join(loc[3:])}"
+        else:
+            where = f"key '{'.'.join(loc)}'" if loc else "the file"
+        lines.append(f"{where}: {item['msg']}")
+    return f"models file {path}: " + "; ".join(lines)
+
+
+def parse_models_file(data: Mapping[str, object], path: Path) -> ModelsFile:
+    """Validate parsed TOML ``data``; relative paths resolve against ``path``'s folder."""
+    defaults = [
+        name for name, table in (data.get("models") or {}).items()  # type: ignore[attr-defined]
+        if isinstance(table, Mapping) and table.get("default") is True
+    ]
+    if len(defaults) > 1:
+        raise ConfigError(
+            f"models file {path}: more than one model has default = true: {', '.join(defaults)}")
+    try:
+        return ModelsFile.model_validate({**data, "base_dir": path.resolve().parent})
+    except ValidationError as error:
+        raise ConfigError(_describe_validation_error(error, path)) from None
+
+
+def load_models_file(path: Path | str) -> ModelsFile:
+    """Read and validate a models file; every mistake is a ``ConfigError``."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"models file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"models file {path} is not valid TOML: {error}") from None
+    if "base_dir" in data:
+        raise ConfigError(f"models file {path}: key 'base_dir' is not allowed at the top level")
+    return parse_models_file(data, path)
+
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class Settings(BaseModel):
+    """Service settings; ``Settings.from_env()`` reads them from ``GRADCAM_*`` variables."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models_file: Path | None = None
+    device: Device = "auto"
+    # 0 = choose from the cores and the number of workers.
+    torch_threads: Annotated[int, Field(ge=0)] = 0
+    max_images_per_request: PositiveInt = 32
+    max_image_pixels: PositiveInt = 64_000_000
+    max_request_bytes: PositiveInt = 64 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from ``GRADCAM_<FIELD>`` variables, then ``overrides`` (e.g. CLI flags)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name in cls.model_fields:
+            env_name = f"GRADCAM_{name.upper()}"
+            if env_name in environ and environ[env_name] != "":
+                values[name] = environ[env_name]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"GRADCAM_{str(item['loc'][0]).upper()}: {item['msg']}" for item in error.errors())
+            raise ConfigError(f"invalid settings: {problems}") from None
+
+    def models_config(self) -> ModelsFile:
+        """The configured models file, or the bundled demo model's."""
+        return load_models_file(self.models_file or DEMO_MODELS_FILE)

@@ -1,0 +1,101 @@
+"""Errors the service reports, each with an HTTP status and a stable machine code.
+
+::
+
+    ServiceError                    500 internal (never raised for client input)
+    ├── BadRequest                  400 bad_request, invalid_json
+    ├── NotFound                    404 not_found
+    │   └── UnknownModel            404 unknown_model
+    ├── MethodNotAllowed            405 method_not_allowed
+    ├── PayloadTooLarge             413 request_too_large, image_too_large, too_many_images
+    ├── UnsupportedMediaType        415 unsupported_media_type, unsupported_image
+    ├── InvalidField                422 invalid_field, unknown_layer, unknown_method,
+    │                                   unknown_label, target_out_of_range, invalid_image, ...
+    ├── Overloaded                  503 overloaded (with Retry-After)
+    └── DeadlineExceeded            504 deadline_exceeded
+
+    ConfigError                     start-up only: a broken models file or setting
+
+Messages are whole sentences meant for the person who sent the request; ``image``
+is the index of the image at fault when one image is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base of every error that becomes a JSON error response."""
+
+    status: int = 500
+    default_code: str = "internal"
+
+    def __init__(self, message: str, *, code: str | None = None, image: int | None = None,
+                 field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.image = image
+        self.field = field
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON error envelope: ``{"error": {"code", "message", "image"?, "field"?}}``."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.image is not None:
+            body["image"] = self.image
+        if self.field is not None:
+            body["field"] = self.field
+        return {"error": body}
+
+
+class BadRequest(ServiceError):
+    status = 400
+    default_code = "bad_request"
+
+
+class NotFound(ServiceError):
+    status = 404
+    default_code = "not_found"
+
+
+class UnknownModel(NotFound):
+    default_code = "unknown_model"
+
+
+class MethodNotAllowed(ServiceError):
+    status = 405
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    default_code = "request_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    default_code = "unsupported_media_type"
+
+
+class InvalidField(ServiceError):
+    status = 422
+    default_code = "invalid_field"
+
+
+class Overloaded(ServiceError):
+    status = 503
+    default_code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ServiceError):
+    status = 504
+    default_code = "deadline_exceeded"
+
+
+class ConfigError(Exception):
+    """A models file or setting that cannot work; raised at start-up, never per request."""

@@ -1,0 +1,326 @@
+"""Load a model described by a ``ModelSpec``: architecture, weights, labels, layer.
+
+Every mistake becomes a ``ConfigError`` that names the model and the key, raised
+at start-up: unknown arch, missing or corrupt weights, weights that do not fit,
+labels that do not match the outputs, an unknown layer, an input the model
+cannot take.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from service.config import ModelsFile, ModelSpec
+from service.errors import ConfigError
+from service.layers import LayerInfo, UnknownLayerError, default_layer, probe_layers, resolve_layer
+
+logger = logging.getLogger(__name__)
+
+# ImageNet statistics: the default normalisation of a 3-channel model, and their
+# averages for a 1-channel one, unless the spec or the torchvision weights say otherwise.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A ready model: eval mode, frozen parameters, on ``device``."""
+
+    name: str
+    spec: ModelSpec
+    module: nn.Module
+    labels: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    default_layer: str
+    layers: tuple[LayerInfo, ...]
+    device: torch.device
+    load_seconds: float
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def channels(self) -> int:
+        return self.spec.channels
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the model input."""
+        return self.spec.input_size
+
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.layers)
+
+    def class_index(self, label: str) -> int | None:
+        try:
+            return self.labels.index(label)
+        except ValueError:
+            return None
+
+
+class _ModelConfigError(ConfigError):
+    def __init__(self, model: str, key: str, message: str) -> None:
+        super().__init__(f"model '{model}', key '{key}': {message}")
+
+
+def _build_architecture(name: str, spec: ModelSpec, num_classes: int | None) -> nn.Module:
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    if ":" in spec.arch:
+        module_name, _, factory_name = spec.arch.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), factory_name)
+        except (ImportError, AttributeError) as error:
+            raise _ModelConfigError(name, "arch", f"cannot import '{spec.arch}': {error}") from None
+        try:
+            model = factory(**kwargs)
+        except Exception as error:
+            raise _ModelConfigError(
+                name, "arch", f"'{spec.arch}'({kwargs}) failed: {error}") from None
+        if not isinstance(model, nn.Module):
+            raise _ModelConfigError(
+                name, "arch", f"'{spec.arch}' returned {type(model).__name__}, not a torch module")
+        return model
+    available = torchvision.models.list_models(module=torchvision.models)
+    if spec.arch not in available:
+        raise _ModelConfigError(
+            name, "arch", f"unknown architecture '{spec.arch}'. torchvision classification models "
+            f"are: {', '.join(sorted(available))}; or give 'package.module:factory'")
+    try:
+        return torchvision.models.get_model(spec.arch, weights=None, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise _ModelConfigError(name, "arch", f"cannot build '{spec.arch}': {error}") from None
+
+
+def _torchvision_weights(name: str, spec: ModelSpec) -> Any | None:
+    """The torchvision weights enum member named by ``spec.weights``, if it is one."""
+    if spec.weights is None or ":" in spec.arch or _looks_like_path(spec.weights):
+        return None
+    try:
+        enum = torchvision.models.get_model_weights(spec.arch)
+    except (KeyError, ValueError):
+        return None
+    member = spec.weights.split(".")[-1]
+    if member == "DEFAULT":
+        return enum.DEFAULT
+    if member in enum.__members__:
+        return enum[member]
+    raise _ModelConfigError(
+        name, "weights", f"'{spec.weights}' is neither a file nor a weights name of "
+        f"{spec.arch}: {', '.join(enum.__members__)}")
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.endswith((".pt", ".pth", ".safetensors", ".bin")) or "/" in value or "\\" in value
+
+
+def _download_state_dict(name: str, spec: ModelSpec, weights: Any) -> dict[str, Tensor]:
+    try:
+        state: dict[str, Tensor] = weights.get_state_dict(progress=False, check_hash=True)
+        return state
+    except (OSError, RuntimeError) as error:
+        # URLError is an OSError; torch.hub raises RuntimeError on a bad hash.
+        raise _ModelConfigError(
+            name, "weights",
+            f"could not download torchvision weights {spec.arch} {weights.name} from "
+            f"{weights.url} ({error}). Without internet access, download that file on a "
+            "machine that has it and give its path: weights = \"/path/to/file.pth\" "
+            "(or copy it into torch's hub cache, $TORCH_HOME/hub/checkpoints/)") from None
+
+
+def _read_state_dict(name: str, path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise _ModelConfigError(name, "weights", f"file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise _ModelConfigError(
+            name, "weights", f"cannot read {path}: {type(error).__name__}: {error}") from None
+    # Checkpoints often wrap the state dict; DataParallel prefixes every key.
+    if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(
+            loaded["state_dict"], Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):
+        raise _ModelConfigError(
+            name, "weights", f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    if loaded and all(k.startswith("module.") for k in loaded):
+        loaded = {k.removeprefix("module."): v for k, v in loaded.items()}
+    return dict(loaded)
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return module_name, module
+    return None
+
+
+def _adapt_input_channels(model: nn.Module, channels: int) -> None:
+    """Give a torchvision model ``channels`` input channels by rebuilding its first conv."""
+    found = _first_conv(model)
+    if found is None or found[1].in_channels == channels:
+        return
+    path, conv = found
+    replacement = nn.Conv2d(
+        channels, conv.out_channels, conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride, padding=conv.padding, dilation=conv.dilation,  # type: ignore[arg-type]
+        groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    parent_name, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, replacement)
+
+
+def _fit_first_conv(model: nn.Module, state: dict[str, Tensor], channels: int) -> None:
+    """Fold 3-channel pretrained weights into a 1-channel first conv (sum over RGB)."""
+    found = _first_conv(model)
+    if found is None:
+        return
+    key = f"{found[0]}.weight"
+    weight = state.get(key)
+    if weight is not None and weight.dim() == 4 and weight.shape[1] == 3 and channels == 1:
+        state[key] = weight.sum(dim=1, keepdim=True)
+
+
+def _load_weights(name: str, model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    try:
+        result = model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        # torch lists every missing/unexpected key and shape mismatch; keep the first lines.
+        detail = "; ".join(line.strip() for line in str(error).splitlines()[1:6] if line.strip())
+        raise _ModelConfigError(
+            name, "weights", f"{source} does not fit the architecture: {detail}") from None
+    del result
+
+
+def _read_labels(name: str, spec: ModelSpec, models: ModelsFile,
+                 weights: Any | None) -> tuple[str, ...] | None:
+    if spec.labels is not None:
+        path = models.resolve_path(spec.labels)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            raise _ModelConfigError(name, "labels", f"cannot read {path}: {error}") from None
+        labels = tuple(line.strip() for line in lines if line.strip())
+        if not labels:
+            raise _ModelConfigError(name, "labels", f"{path} has no labels")
+        if len(set(labels)) != len(labels):
+            raise _ModelConfigError(name, "labels", f"{path} repeats a label")
+        return labels
+    if weights is not None and "categories" in weights.meta:
+        return tuple(weights.meta["categories"])
+    return None
+
+
+def _output_classes(name: str, model: nn.Module, spec: ModelSpec) -> int:
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, spec.channels, *spec.input_size))
+    except Exception as error:
+        raise _ModelConfigError(
+            name, "input_size", f"a forward pass on a (1, {spec.channels}, "
+            f"{spec.input_size[0]}, {spec.input_size[1]}) input failed ({error}); check "
+            "'channels' and 'input_size'") from None
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        raise _ModelConfigError(name, "arch", "the model's output is not an (N, classes) tensor")
+    return int(out.shape[1])
+
+
+def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu") -> LoadedModel:
+    """Build, load and check model ``name`` of ``models``; ``ConfigError`` on any mistake."""
+    started = time.monotonic()
+    spec = models.models[name]
+    weights_enum = _torchvision_weights(name, spec)
+    labels = _read_labels(name, spec, models, weights_enum)
+    num_classes = spec.num_classes
+    if num_classes is None and labels is not None:
+        num_classes = len(labels)
+    if labels is not None and num_classes is not None and len(labels) != num_classes:
+        raise _ModelConfigError(
+            name, "labels", f"{len(labels)} labels but num_classes = {num_classes}")
+
+    model = _build_architecture(name, spec, num_classes)
+    if ":" not in spec.arch:
+        _adapt_input_channels(model, spec.channels)
+    if weights_enum is not None:
+        state = _download_state_dict(name, spec, weights_enum)
+        _fit_first_conv(model, state, spec.channels)
+        _load_weights(name, model, state, f"torchvision weights {weights_enum.name}")
+    elif spec.weights is not None:
+        path = models.resolve_path(spec.weights)
+        state = _read_state_dict(name, path)
+        _fit_first_conv(model, state, spec.channels)
+        _load_weights(name, model, state, str(path))
+    else:
+        logger.warning("model '%s' has no weights: its parameters are random", name)
+
+    model.eval()
+    model.requires_grad_(False)
+    classes = _output_classes(name, model, spec)
+    if num_classes is not None and classes != num_classes:
+        raise _ModelConfigError(
+            name, "num_classes", f"the model has {classes} outputs, not {num_classes}")
+    if labels is None:
+        labels = tuple(str(i) for i in range(classes))
+
+    layers = tuple(probe_layers(model, spec.channels, spec.input_size))
+    if spec.layer is not None:
+        try:
+            resolve_layer(model, spec.layer)
+        except UnknownLayerError as error:
+            raise _ModelConfigError(name, "layer", str(error)) from None
+        if spec.layer not in {layer.name for layer in layers}:
+            raise _ModelConfigError(
+                name, "layer", f"layer '{spec.layer}' does not return an (N, C, H, W) feature "
+                "map exactly once per forward pass")
+        layer = spec.layer
+    else:
+        found = default_layer(list(layers), model, classes)
+        if found is None:
+            raise _ModelConfigError(
+                name, "layer", "no layer returns a spatial feature map; name one with 'layer'")
+        layer = found
+        info = next(x for x in layers if x.name == layer)
+        logger.info("model '%s': default target layer '%s' (%s, %d×%d×%d)", name, layer,
+                    info.kind, info.channels, info.height, info.width)
+
+    mean, std = _normalisation(spec, weights_enum)
+    torch_device = torch.device(device)
+    model.to(torch_device)
+    return LoadedModel(
+        name=name, spec=spec, module=model, labels=labels, mean=mean, std=std,
+        default_layer=layer, layers=layers, device=torch_device,
+        load_seconds=time.monotonic() - started)
+
+
+def _normalisation(spec: ModelSpec, weights: Any | None) -> tuple[tuple[float, ...],
+                                                                   tuple[float, ...]]:
+    mean: tuple[float, ...] = _IMAGENET_MEAN
+    std: tuple[float, ...] = _IMAGENET_STD
+    if weights is not None:
+        transform = weights.transforms()
+        mean = tuple(getattr(transform, "mean", mean))
+        std = tuple(getattr(transform, "std", std))
+    if spec.channels == 1:
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return (tuple(float(v) for v in spec.mean) if spec.mean is not None else mean,
+            tuple(float(v) for v in spec.std) if spec.std is not None else std)
+
+
+def load_models(models: ModelsFile, device: torch.device | str = "cpu") -> dict[str, LoadedModel]:
+    """Every model of the file, in file order."""
+    return {name: load_model(name, models, device) for name in models.models}

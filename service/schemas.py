@@ -1,0 +1,152 @@
+"""pydantic models of the HTTP boundary: the ``/v1/explain`` request and response.
+
+The CLI's ``explain --request`` reads the same request model and prints the same
+response, so both stay one contract (see ``openapi.yaml``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from service.errors import BadRequest, InvalidField
+
+Method = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
+METHODS: tuple[str, ...] = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
+HeatmapFormat = Literal["array", "png", "overlay", "gray", "none"]
+HeatmapSize = Literal["original", "input", "layer"]
+
+# A class given by index or by label.
+ClassRef = StrictInt | Annotated[StrictStr, Field(min_length=1)]
+# Per image: null (top-1 class), one class, or a list of classes (one explanation each).
+TargetSpec = ClassRef | Annotated[list[ClassRef], Field(min_length=1)] | None
+
+
+class HeatmapOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: HeatmapFormat = "png"
+    size: HeatmapSize = "original"
+
+
+class ExplainRequest(BaseModel):
+    """Body of ``POST /v1/explain``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: Annotated[StrictStr, Field(min_length=1)] | None = None
+    images: Annotated[list[StrictStr], Field(min_length=1)]
+    targets: list[TargetSpec] | None = None
+    method: Method = "gradcam"
+    layer: Annotated[StrictStr, Field(min_length=1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=1)] = 5
+    heatmap: HeatmapOptions = HeatmapOptions()
+    frame: Annotated[StrictInt, Field(ge=0)] | None = None
+
+
+class Prediction(BaseModel):
+    index: int
+    label: str
+    score: float
+
+
+class Heatmap(BaseModel):
+    """A heatmap: ``values`` (format ``array``) or ``data`` (base64 PNG), or neither (``none``).
+
+    ``raw_max`` is the map's maximum before min-max normalisation (in units of the
+    score's gradient times the activation): 0 means the map was all zero.
+    """
+
+    format: HeatmapFormat
+    width: int
+    height: int
+    raw_max: float
+    values: list[list[float]] | None = None
+    data: str | None = None
+
+
+class Explanation(BaseModel):
+    target: Prediction
+    heatmap: Heatmap
+
+
+class Geometry(BaseModel):
+    """How the image was fitted to the model input.
+
+    ``box`` is the part of the original image (``x0, y0, x1, y1`` in its pixels,
+    possibly beyond its edges for ``letterbox``) that the model input covers.
+    """
+
+    resize: Literal["stretch", "letterbox", "crop"]
+    input_width: int
+    input_height: int
+    box: tuple[float, float, float, float]
+
+
+class ImageResult(BaseModel):
+    width: int
+    height: int
+    geometry: Geometry
+    predictions: list[Prediction]
+    explanations: list[Explanation]
+
+
+class ExplainResponse(BaseModel):
+    """Body of a 200 answer to ``POST /v1/explain``."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str
+    method: Method
+    layer: str
+    results: list[ImageResult]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    image: int | None = None
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def parse_explain_request(body: bytes) -> ExplainRequest:
+    """Parse and validate a request body; errors become 400 (not JSON) or 422 (invalid field)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise BadRequest(f"The body is not valid JSON: {error}.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidField("The body must be a JSON object.", code="invalid_body")
+    try:
+        return ExplainRequest.model_validate(data)
+    except ValidationError as error:
+        raise invalid_field(error) from None
+
+
+def invalid_field(error: ValidationError) -> InvalidField:
+    """The first problem pydantic found, as a 422 that names the field."""
+    first = error.errors()[0]
+    loc = first["loc"]
+    known = set(ExplainRequest.model_fields) | set(HeatmapOptions.model_fields)
+    path = ""
+    for position, part in enumerate(loc):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in known or (first["type"] == "extra_forbidden" and position == len(loc) - 1):
+            path += f".{part}"
+        else:
+            break  # a union member's type name, not part of the JSON path
+    field = path.lstrip(".") or "body"
+    image = loc[1] if len(loc) > 1 and loc[0] in ("images", "targets") and isinstance(
+        loc[1], int) else None
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    more = f" (and {len(error.errors()) - 1} more problem(s))" if len(error.errors()) > 1 else ""
+    return InvalidField(f"Field '{field}': {message}{more}.", field=field, image=image)
