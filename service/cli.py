@@ -1,0 +1,183 @@
+"""``gradcam-service``: explain images from the command line, list layers.
+
+    gradcam-service explain IMAGE... [--out DIR]     overlay + heatmap PNGs per image
+    gradcam-service explain --request BODY.json      the exact JSON the HTTP API returns
+    gradcam-service layers                           candidate target layers and shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.config import Settings
+from service.errors import ConfigError, ServiceError
+from service.explain import (
+    PreparedImage,
+    choose_layer,
+    dumps,
+    explain,
+    prepare_image,
+    render_result,
+    run,
+)
+from service.models import LoadedModel
+from service.render import blend, colorize, encode_png, heatmap, to_rgb8
+from service.runtime import Runtime
+from service.schemas import METHODS, HeatmapOptions, parse_explain_request
+
+# Images per engine call in file mode: big enough to batch, small enough to show progress.
+_CHUNK = 8
+_PROGRESS_FROM = 5
+
+
+def _runtime(args: argparse.Namespace) -> Runtime:
+    settings = Settings.from_env(models_file=args.models, device=args.device)
+    return Runtime(settings).start()
+
+
+def _target_ref(text: str) -> int | str:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _explain_request(args: argparse.Namespace, runtime: Runtime) -> int:
+    body = Path(args.request).read_bytes() if args.request != "-" else sys.stdin.buffer.read()
+    try:
+        response = explain(parse_explain_request(body), runtime)
+    except ServiceError as error:
+        sys.stdout.buffer.write(dumps(error.to_dict()) + b"\n")
+        return 1
+    sys.stdout.buffer.write(dumps(response) + b"\n")
+    return 0
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
+def _write_outputs(result: dict, prepared: PreparedImage, cams: Sequence, out: Path,
+                   stem: str) -> list[str]:
+    written = []
+    base = to_rgb8(prepared.image)
+    for explanation, cam in zip(result["explanations"], cams, strict=True):
+        heat = heatmap(cam, prepared.geometry, "original")
+        label = _safe(explanation["target"]["label"])
+        overlay_path = out / f"{stem}.{label}.overlay.png"
+        heatmap_path = out / f"{stem}.{label}.heatmap.png"
+        overlay_path.write_bytes(encode_png(blend(base, heat)))
+        heatmap_path.write_bytes(encode_png(colorize(heat)))
+        written.append(f"{explanation['target']['label']} → {overlay_path}")
+    return written
+
+
+def _explain_files(args: argparse.Namespace, runtime: Runtime) -> int:
+    model: LoadedModel = runtime.get_model(args.model)
+    layer = choose_layer(model, args.layer)
+    targets = [_target_ref(t) for t in args.target] if args.target else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    prepared: list[tuple[Path, PreparedImage]] = []
+    for i, name in enumerate(args.images):
+        path = Path(name)
+        try:
+            prepared.append((path, prepare_image(path.read_bytes(), i, model,
+                                                 runtime.settings.max_image_pixels, targets)))
+        except (OSError, ServiceError) as error:
+            message = error.message if isinstance(error, ServiceError) else error.strerror
+            print(f"error: {path}: {message}", file=sys.stderr)
+            failures += 1
+    progress = None
+    if len(prepared) >= _PROGRESS_FROM:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(prepared), unit="image", file=sys.stderr)
+    options = HeatmapOptions(format="none", size="original")
+    for start in range(0, len(prepared), _CHUNK):
+        chunk = prepared[start:start + _CHUNK]
+        results = run(runtime, model, layer, args.method, [p for _, p in chunk])
+        for (path, item), result in zip(chunk, results, strict=True):
+            body = render_result(result, model, args.top_k, options)
+            scores = ", ".join(f"{p['label']} {p['score']:.3f}" for p in body["predictions"])
+            lines = _write_outputs(body, item, result.cams, out, path.stem)
+            message = f"{path}: {scores}\n" + "".join(f"  {line}\n" for line in lines)
+            if progress is not None:
+                progress.write(message.rstrip("\n"))
+                progress.update(1)
+            else:
+                sys.stdout.write(message)
+    if progress is not None:
+        progress.close()
+    return 1 if failures else 0
+
+
+def _layers(args: argparse.Namespace, runtime: Runtime) -> int:
+    model = runtime.get_model(args.model)
+    print(f"model '{model.name}' ({model.spec.arch}), input {model.channels}×"
+          f"{model.input_size[0]}×{model.input_size[1]}; * = default layer")
+    width = max(len(layer.name) for layer in model.layers)
+    for layer in model.layers:
+        mark = "*" if layer.name == model.default_layer else " "
+        print(f"{mark} {layer.name:<{width}}  {layer.kind:<20} "
+              f"{layer.channels}×{layer.height}×{layer.width}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradcam-service", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--models", help="models file (TOML); default: the bundled demo model")
+        p.add_argument("--model", help="model name; default: the models file's default")
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto")
+        p.add_argument("-v", "--verbose", action="store_true", help="log model loading")
+
+    explain_p = sub.add_parser("explain", help="explain images (files or a JSON request)")
+    explain_p.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...)")
+    explain_p.add_argument("--request", help="a POST /v1/explain body (a file, or - for stdin); "
+                           "prints the JSON response")
+    common(explain_p)
+    explain_p.add_argument("--layer", help="target layer (dotted name); default: the model's")
+    explain_p.add_argument("--method", choices=METHODS, default="gradcam")
+    explain_p.add_argument("--target", action="append",
+                           help="class index or label to explain (repeat for several); "
+                           "default: the top-1 class")
+    explain_p.add_argument("--top-k", type=int, default=5, help="predictions to print")
+    explain_p.add_argument("--out", default="gradcam-out", help="folder for the PNGs")
+
+    layers_p = sub.add_parser("layers", help="list candidate target layers with output shapes")
+    common(layers_p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "explain" and bool(args.request) == bool(args.images):
+        parser.error("explain takes image files or --request, not both and not neither")
+    try:
+        runtime = _runtime(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "layers":
+            return _layers(args, runtime)
+        if args.request:
+            return _explain_request(args, runtime)
+        return _explain_files(args, runtime)
+    except ServiceError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 1
+    finally:
+        runtime.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The one explain path: ``ExplainRequest`` → response JSON, shared by CLI and HTTP.
+
+Stages (DESIGN.md): validate the request as a whole, then each image (decode,
+fit to the model input, resolve its targets) *before* any compute, so a batch
+never fails because of one bad image; one engine call for the batch; then
+render each result in the requested format and size.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+from PIL import Image
+
+from service.decoding import decode_base64, decode_image
+from service.errors import InvalidField, PayloadTooLarge
+from service.layers import UnknownLayerError, resolve_layer
+from service.models import LoadedModel
+from service.preprocess import Geometry, fit_geometry, model_view, to_model_input
+from service.render import blend, colorize, encode_png, heatmap, to_rgb8, to_uint8
+from service.runtime import Runtime
+from service.schemas import ClassRef, ExplainRequest, HeatmapOptions, TargetSpec
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image, decoded and fitted to the model, with its targets resolved."""
+
+    index: int
+    image: Image.Image  # as displayed: EXIF orientation applied; mode L, RGB or F
+    tensor: torch.Tensor  # (C, H_in, W_in) float32, normalised
+    geometry: Geometry
+    targets: list[int | None]  # None = the top-1 class
+
+
+@dataclass(frozen=True)
+class ExplainedImage:
+    prepared: PreparedImage
+    scores: np.ndarray  # (K,) probabilities (softmax) or sigmoid scores (multilabel)
+    targets: list[int]
+    cams: list[torch.Tensor]  # (h, w) raw maps, one per target
+
+
+def _class_index(ref: ClassRef, model: LoadedModel, index: int) -> int:
+    field = f"targets[{index}]"
+    if isinstance(ref, str):
+        found = model.class_index(ref)
+        if found is None:
+            shown = ", ".join(model.labels[:20]) + (", ..." if model.num_classes > 20 else "")
+            raise InvalidField(f"Image {index}: model '{model.name}' has no class '{ref}'. "
+                               f"Its labels: {shown}.", code="unknown_label", image=index,
+                               field=field)
+        return found
+    if not 0 <= ref < model.num_classes:
+        raise InvalidField(f"Image {index}: class index {ref} is outside 0..{model.num_classes - 1}"
+                           f" for model '{model.name}'.", code="target_out_of_range",
+                           image=index, field=field)
+    return ref
+
+
+def resolve_targets(spec: TargetSpec, model: LoadedModel, index: int) -> list[int | None]:
+    if spec is None:
+        return [None]
+    refs = spec if isinstance(spec, list) else [spec]
+    return [_class_index(ref, model, index) for ref in refs]
+
+
+def prepare_image(data: bytes, index: int, model: LoadedModel, max_pixels: int,
+                  targets: TargetSpec = None) -> PreparedImage:
+    """Decode and fit one image; every problem raises a ``ServiceError`` naming ``index``."""
+    resolved = resolve_targets(targets, model, index)
+    image = decode_image(data, index, model.channels, max_pixels)
+    tensor, geometry = to_model_input(image, model.input_size, model.spec.resize, model.mean,
+                                      model.std)
+    return PreparedImage(index, image, tensor, geometry, resolved)
+
+
+def choose_layer(model: LoadedModel, layer: str | None) -> str:
+    """The requested layer if it can be explained, else the model's default."""
+    if layer is None:
+        return model.default_layer
+    if layer in model.layer_names():
+        return layer
+    try:
+        resolve_layer(model.module, layer)
+    except UnknownLayerError as error:
+        raise InvalidField(f"Model '{model.name}': {error}", code="unknown_layer",
+                           field="layer") from None
+    raise InvalidField(f"Layer '{layer}' of model '{model.name}' does not return an (N, C, H, W) "
+                       "feature map exactly once per forward pass; GET the model's layers for "
+                       "the ones that do.", code="unsupported_layer", field="layer")
+
+
+def run(runtime: Runtime, model: LoadedModel, layer: str, method: str,
+        prepared: Sequence[PreparedImage]) -> list[ExplainedImage]:
+    """One engine call for all ``prepared`` images."""
+    inputs = torch.stack([p.tensor for p in prepared])
+    batch = runtime.compute(model, inputs, layer, [p.targets for p in prepared],
+                            [method] * len(prepared))
+    if model.spec.multilabel:
+        scores = torch.sigmoid(batch.logits)
+    else:
+        scores = torch.softmax(batch.logits, dim=1)
+    return [ExplainedImage(p, scores[i].numpy(), batch.targets[i], batch.cams[i])
+            for i, p in enumerate(prepared)]
+
+
+def _prediction(model: LoadedModel, index: int, scores: np.ndarray) -> dict[str, Any]:
+    return {"index": index, "label": model.labels[index], "score": float(scores[index])}
+
+
+def overlay_base(prepared: PreparedImage, size: str, shape: tuple[int, int],
+                 model: LoadedModel) -> np.ndarray:
+    """The image under an overlay of ``size``: ``(H, W, 3) uint8``."""
+    if size == "original":
+        return to_rgb8(prepared.image)
+    geometry = prepared.geometry
+    _, new_size = fit_geometry(geometry.width, geometry.height, model.input_size, geometry.resize)
+    view = model_view(prepared.image, geometry, new_size, model.mean)
+    rgb = np.round(np.clip(view, 0, 1) * 255).astype(np.uint8)
+    if rgb.shape[2] == 1:
+        rgb = np.repeat(rgb, 3, axis=2)
+    if rgb.shape[:2] != shape:
+        rgb = np.asarray(Image.fromarray(rgb).resize((shape[1], shape[0]),
+                                                     Image.Resampling.BILINEAR))
+    return rgb
+
+
+def render_heatmap(cam: torch.Tensor, prepared: PreparedImage, options: HeatmapOptions,
+                   model: LoadedModel) -> dict[str, Any]:
+    """One heatmap object of the response (``values`` stay a numpy array for orjson)."""
+    heat = heatmap(cam, prepared.geometry, options.size)
+    out: dict[str, Any] = {"format": options.format, "width": heat.shape[1],
+                           "height": heat.shape[0], "raw_max": float(cam.max())}
+    if options.format == "array":
+        out["values"] = heat
+    elif options.format == "png":
+        out["data"] = _b64(encode_png(colorize(heat)))
+    elif options.format == "gray":
+        out["data"] = _b64(encode_png(to_uint8(heat)))
+    elif options.format == "overlay":
+        base = overlay_base(prepared, options.size, heat.shape, model)
+        out["data"] = _b64(encode_png(blend(base, heat)))
+    return out
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def render_result(result: ExplainedImage, model: LoadedModel, top_k: int,
+                  options: HeatmapOptions) -> dict[str, Any]:
+    geometry = result.prepared.geometry
+    order = np.argsort(-result.scores, kind="stable")[:min(top_k, model.num_classes)]
+    return {
+        "width": geometry.width,
+        "height": geometry.height,
+        "geometry": {"resize": geometry.resize, "input_width": geometry.input_width,
+                     "input_height": geometry.input_height, "box": list(geometry.box)},
+        "predictions": [_prediction(model, int(i), result.scores) for i in order],
+        "explanations": [
+            {"target": _prediction(model, target, result.scores),
+             "heatmap": render_heatmap(cam, result.prepared, options, model)}
+            for target, cam in zip(result.targets, result.cams, strict=True)
+        ],
+    }
+
+
+def explain(request: ExplainRequest, runtime: Runtime) -> dict[str, Any]:
+    """The response body for ``request`` (see ``schemas.ExplainResponse``)."""
+    limits = runtime.settings
+    if len(request.images) > limits.max_images_per_request:
+        raise PayloadTooLarge(f"The request has {len(request.images)} images; the limit is "
+                              f"{limits.max_images_per_request}.", code="too_many_images",
+                              field="images")
+    if request.targets is not None and len(request.targets) != len(request.images):
+        raise InvalidField(f"The targets list has {len(request.targets)} entries for "
+                           f"{len(request.images)} images; give one per image (null for the "
+                           "top-1 class).", code="targets_length", field="targets")
+    model = runtime.get_model(request.model)
+    layer = choose_layer(model, request.layer)
+    targets: list[TargetSpec] = list(request.targets or [None] * len(request.images))
+    prepared = [
+        prepare_image(decode_base64(text, i), i, model, limits.max_image_pixels, targets[i])
+        for i, text in enumerate(request.images)
+    ]
+    results = run(runtime, model, layer, request.method, prepared)
+    return {
+        "model": model.name,
+        "method": request.method,
+        "layer": layer,
+        "results": [render_result(r, model, request.top_k, request.heatmap) for r in results],
+    }
+
+
+def dumps(body: dict[str, Any]) -> bytes:
+    """Serialise a response; heatmap arrays go straight from numpy (orjson)."""
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,0 +1,102 @@
+"""Fit a decoded image to the model input and remember how (the geometry).
+
+The geometry is an axis-aligned affine map from the original image's pixel
+coordinates to the model input's: ``x_in = x * scale_x + offset_x`` (the same for
+y), with pixel ``i`` covering ``[i, i + 1)``. Rendering inverts it to lay a
+heatmap exactly over the uploaded image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from service.config import ResizeMode
+
+
+@dataclass(frozen=True)
+class Geometry:
+    resize: ResizeMode
+    width: int
+    height: int
+    input_width: int
+    input_height: int
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        """The part of the original image (its pixel coordinates) the model input covers."""
+        return (-self.offset_x / self.scale_x, -self.offset_y / self.scale_y,
+                (self.input_width - self.offset_x) / self.scale_x,
+                (self.input_height - self.offset_y) / self.scale_y)
+
+
+def fit_geometry(width: int, height: int, input_size: tuple[int, int],
+                 resize: ResizeMode) -> tuple[Geometry, tuple[int, int]]:
+    """The geometry, and the ``(width, height)`` the image is resized to before pad/crop."""
+    input_height, input_width = input_size
+    if resize == "stretch":
+        new_w, new_h = input_width, input_height
+    else:
+        pick = min if resize == "letterbox" else max
+        scale = pick(input_width / width, input_height / height)
+        new_w = max(1, round(width * scale))
+        new_h = max(1, round(height * scale))
+    geometry = Geometry(
+        resize=resize, width=width, height=height, input_width=input_width,
+        input_height=input_height, scale_x=new_w / width, scale_y=new_h / height,
+        offset_x=float((input_width - new_w) // 2), offset_y=float((input_height - new_h) // 2))
+    return geometry, (new_w, new_h)
+
+
+def _as_array(image: Image.Image) -> np.ndarray:
+    """``(H, W, C) float32`` in [0, 1]."""
+    array = np.asarray(image, dtype=np.float32)
+    if image.mode != "F":
+        array = array / 255.0
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def model_view(image: Image.Image, geometry: Geometry, new_size: tuple[int, int],
+               fill: tuple[float, ...]) -> np.ndarray:
+    """The image as the model sees it: ``(H_in, W_in, len(fill)) float32`` in [0, 1],
+    unnormalised.
+
+    Areas outside the image (letterbox) take the value ``fill`` (the model's mean,
+    so they normalise to zero). A gray image for a colour model gets the same
+    gray in each channel.
+    """
+    # Pillow's bilinear filter widens its support when shrinking, so downscaling is
+    # antialiased; it also works on 32-bit float ("F") images.
+    resized = _as_array(image.resize(new_size, Image.Resampling.BILINEAR))
+    channels = len(fill)
+    if resized.shape[2] != channels:
+        resized = np.repeat(resized, channels, axis=2)
+    canvas = np.empty((geometry.input_height, geometry.input_width, channels), dtype=np.float32)
+    canvas[...] = np.asarray(fill, dtype=np.float32)
+    ox, oy = int(geometry.offset_x), int(geometry.offset_y)
+    # Intersection of the resized image (placed at ox, oy) with the canvas.
+    x0, y0 = max(ox, 0), max(oy, 0)
+    x1 = min(ox + new_size[0], geometry.input_width)
+    y1 = min(oy + new_size[1], geometry.input_height)
+    canvas[y0:y1, x0:x1] = resized[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+    return canvas
+
+
+def to_model_input(image: Image.Image, input_size: tuple[int, int],
+                   resize: ResizeMode, mean: tuple[float, ...],
+                   std: tuple[float, ...]) -> tuple[Tensor, Geometry]:
+    """``(len(mean), H_in, W_in) float32`` normalised input and its geometry."""
+    geometry, new_size = fit_geometry(image.width, image.height, input_size, resize)
+    view = model_view(image, geometry, new_size, mean)
+    tensor = torch.from_numpy(np.ascontiguousarray(view.transpose(2, 0, 1)))
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (tensor - mean_t) / std_t, geometry

@@ -1,0 +1,147 @@
+"""Heatmaps: back to the image's geometry, normalised, and drawn as arrays or PNGs.
+
+Resampling is separable bilinear interpolation with pixel centres at ``i + 0.5``
+(what ``F.interpolate(mode="bilinear", align_corners=False)`` does), written as
+two small matrices so that any affine geometry (stretch, letterbox, crop) maps a
+layer-resolution map onto the original pixel grid exactly, at any size, in two
+matrix products. Original pixels the model never saw (outside a crop) get 0.
+
+Colour map (``png`` and ``overlay``): 256 entries interpolated linearly between
+these anchors, from cold to hot (value → RGB)::
+
+    0.00 ( 24,  16,  92)  deep indigo
+    0.18 ( 36,  90, 210)  blue
+    0.36 ( 32, 180, 220)  cyan
+    0.52 ( 70, 215, 120)  green
+    0.68 (210, 225,  55)  yellow
+    0.84 (245, 140,  30)  orange
+    1.00 (205,  25,  25)  red
+
+``overlay`` blends that colour over the image with an opacity of ``0.6 × value``,
+so cold areas keep the image as it is and hot ones turn red.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from service.preprocess import Geometry
+
+HeatmapSize = Literal["original", "input", "layer"]
+
+_ANCHORS = (
+    (0.00, (24, 16, 92)),
+    (0.18, (36, 90, 210)),
+    (0.36, (32, 180, 220)),
+    (0.52, (70, 215, 120)),
+    (0.68, (210, 225, 55)),
+    (0.84, (245, 140, 30)),
+    (1.00, (205, 25, 25)),
+)
+OVERLAY_MAX_OPACITY = 0.6
+# Chosen by measurement (see README, "Performance"): level 1 is several times
+# faster than Pillow's default 6 for a few percent more bytes.
+PNG_COMPRESS_LEVEL = 1
+
+
+def _build_colormap() -> np.ndarray:
+    positions = np.array([p for p, _ in _ANCHORS])
+    colours = np.array([c for _, c in _ANCHORS], dtype=np.float64)
+    x = np.linspace(0.0, 1.0, 256)
+    table = np.stack([np.interp(x, positions, colours[:, k]) for k in range(3)], axis=1)
+    return np.round(table).astype(np.uint8)
+
+
+COLORMAP: np.ndarray = _build_colormap()  # (256, 3) uint8
+
+
+def _interpolation_matrix(out_n: int, layer_n: int, input_n: int, scale: float,
+                          offset: float) -> Tensor:
+    """``(out_n, layer_n)`` bilinear weights from a layer axis to an output pixel axis.
+
+    Output pixel ``i`` has its centre at ``(i + 0.5) * scale + offset`` in model-input
+    coordinates; the layer's ``layer_n`` cells tile the input's ``input_n`` pixels.
+    """
+    centre = (torch.arange(out_n, dtype=torch.float64) + 0.5) * scale + offset
+    seen = (centre >= 0) & (centre <= input_n)
+    u = (centre * layer_n / input_n - 0.5).clamp(0, layer_n - 1)
+    i0 = u.floor().long().clamp(max=layer_n - 1)
+    i1 = (i0 + 1).clamp(max=layer_n - 1)
+    frac = u - i0
+    matrix = torch.zeros(out_n, layer_n, dtype=torch.float64)
+    rows = torch.arange(out_n)
+    matrix.index_put_((rows, i0), 1 - frac, accumulate=True)
+    matrix.index_put_((rows, i1), frac, accumulate=True)
+    matrix[~seen] = 0
+    return matrix.float()
+
+
+def resample(cam: Tensor, geometry: Geometry, size: HeatmapSize) -> Tensor:
+    """``(h, w)`` layer map → ``(H, W)`` map at ``size``, not yet normalised."""
+    h, w = cam.shape
+    if size == "layer":
+        return cam
+    if size == "input":
+        ry = _interpolation_matrix(geometry.input_height, h, geometry.input_height, 1.0, 0.0)
+        rx = _interpolation_matrix(geometry.input_width, w, geometry.input_width, 1.0, 0.0)
+    else:
+        ry = _interpolation_matrix(geometry.height, h, geometry.input_height, geometry.scale_y,
+                                   geometry.offset_y)
+        rx = _interpolation_matrix(geometry.width, w, geometry.input_width, geometry.scale_x,
+                                   geometry.offset_x)
+    return ry @ cam.float() @ rx.T
+
+
+def normalise(values: Tensor) -> Tensor:
+    """Min-max to [0, 1]. An all-zero map stays zeros; a constant positive one becomes ones."""
+    low, high = values.min(), values.max()
+    if float(high - low) <= 1e-12 * max(1.0, float(high.abs())):
+        return torch.ones_like(values) if float(high) > 0 else torch.zeros_like(values)
+    return ((values - low) / (high - low)).clamp_(0, 1)
+
+
+def heatmap(cam: Tensor, geometry: Geometry, size: HeatmapSize) -> np.ndarray:
+    """``(H, W) float32`` in [0, 1] at ``size`` for a raw layer map."""
+    return normalise(resample(cam, geometry, size)).numpy()
+
+
+def to_uint8(heat: np.ndarray) -> np.ndarray:
+    return np.round(heat * 255).astype(np.uint8)
+
+
+def colorize(heat: np.ndarray) -> np.ndarray:
+    """``(H, W)`` in [0, 1] → ``(H, W, 3) uint8`` through ``COLORMAP``."""
+    return COLORMAP[to_uint8(heat)]
+
+
+def blend(base: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """Overlay ``heat`` on ``base`` ``(H, W, 3) uint8``: colour at opacity 0.6 × value."""
+    alpha = (OVERLAY_MAX_OPACITY * heat)[:, :, None]
+    mixed = base.astype(np.float32) * (1 - alpha) + colorize(heat).astype(np.float32) * alpha
+    return np.round(mixed).astype(np.uint8)
+
+
+def to_rgb8(image: Image.Image) -> np.ndarray:
+    """A decoded image (``L``, ``RGB`` or float ``F`` in [0, 1]) as ``(H, W, 3) uint8``."""
+    if image.mode == "F":
+        gray = np.round(np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255)
+        array = gray.astype(np.uint8)
+    else:
+        array = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    return array
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """``(H, W)`` (gray) or ``(H, W, 3)`` (RGB) uint8 → PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(
+        buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
