@@ -1,0 +1,100 @@
+"""Train the demo model on generated phantoms and write its weights.
+
+    python -m service.demo.train            # ~10 minutes on 2 CPU cores
+
+Reproduces ``service/demo/phantom_net.safetensors`` (seeded data, seeded
+initialisation; float results can differ in the last bits between machines).
+Then ``python -m service.demo.evaluate --write-card`` refreshes the model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch.nn import functional as F
+
+from service.demo.metrics import mean_auc
+from service.demo.model import phantom_net
+from service.demo.phantom import FINDINGS, make_dataset
+
+logger = logging.getLogger(__name__)
+
+DEMO_DIR = Path(__file__).resolve().parent
+WEIGHTS_PATH = DEMO_DIR / "phantom_net.safetensors"
+INPUT_SIZE = 128
+# Normalisation shared by training and the models file (mean/std of the phantoms).
+MEAN = 0.37
+STD = 0.21
+TRAIN_SEED = 0
+VALIDATION_SEED = 1
+
+
+def _to_tensors(phantoms: list) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(np.stack([p.image for p in phantoms]))[:, None]
+    labels = torch.from_numpy(np.stack([p.labels for p in phantoms]))
+    return (images - MEAN) / STD, labels
+
+
+def train(train_count: int, epochs: int, batch_size: int, out: Path) -> None:
+    torch.manual_seed(TRAIN_SEED)
+    started = time.monotonic()
+    train_x, train_y = _to_tensors(make_dataset(train_count, TRAIN_SEED, INPUT_SIZE))
+    val_x, val_y = _to_tensors(make_dataset(1000, VALIDATION_SEED, INPUT_SIZE))
+    logger.info("generated %d + %d phantoms in %.0f s", len(train_x), len(val_x),
+                time.monotonic() - started)
+
+    model = phantom_net(num_classes=len(FINDINGS))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    steps_per_epoch = (len(train_x) + batch_size - 1) // batch_size
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=3e-3, total_steps=epochs * steps_per_epoch, pct_start=0.2)
+    generator = torch.Generator().manual_seed(TRAIN_SEED)
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(train_x), generator=generator)
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            x = train_x[idx]
+            # Horizontal flips: the scene is left/right symmetric, labels unchanged.
+            flip = torch.rand(len(idx), generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            loss = F.binary_cross_entropy_with_logits(model(x), train_y[idx])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += float(loss.detach()) * len(idx)
+        model.eval()
+        with torch.inference_mode():
+            scores = torch.cat([model(val_x[i:i + 256]) for i in range(0, len(val_x), 256)])
+        auc = mean_auc(scores.numpy(), val_y.numpy())
+        logger.info("epoch %d/%d: loss %.4f, validation mean AUC %.4f, %.0f s", epoch + 1,
+                    epochs, total / len(train_x), auc, time.monotonic() - started)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out))
+    logger.info("wrote %s (%.1f kB) after %.0f s", out, out.stat().st_size / 1e3,
+                time.monotonic() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-count", type=int, default=8000)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=WEIGHTS_PATH)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    train(args.train_count, args.epochs, args.batch_size, args.out)
+
+
+if __name__ == "__main__":
+    main()
