@@ -1,0 +1,221 @@
+"""The explain path end to end (request model → response JSON) on the demo model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import orjson
+import pytest
+from PIL import Image
+
+from service.demo.metrics import peak_in_boxes
+from service.demo.phantom import to_uint8
+from service.errors import ServiceError
+from service.explain import dumps, explain
+from service.runtime import Runtime
+from service.schemas import ExplainRequest, ExplainResponse, parse_explain_request
+from tests.conftest import encode, phantom, phantom_png, png_bytes
+
+
+def _explain(runtime: Runtime, **body: object) -> dict:
+    response = explain(ExplainRequest.model_validate(body), runtime)
+    # Whatever the path returns must serialise and match the response model.
+    ExplainResponse.model_validate_json(dumps(response))
+    return orjson.loads(dumps(response))
+
+
+def _decode_png(data: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    image.load()
+    return image
+
+
+@pytest.mark.parametrize("size", ["original", "input", "layer"])
+@pytest.mark.parametrize("fmt", ["array", "png", "overlay", "gray", "none"])
+def test_every_format_and_size(runtime: Runtime, fmt: str, size: str) -> None:
+    body = _explain(runtime, images=[encode(phantom_png(3, 300, 220))],
+                    heatmap={"format": fmt, "size": size})
+    result = body["results"][0]
+    assert (result["width"], result["height"]) == (300, 220)
+    expected = {"original": (300, 220), "input": (128, 128), "layer": (16, 16)}[size]
+    heatmap = result["explanations"][0]["heatmap"]
+    assert heatmap["format"] == fmt
+    assert (heatmap["width"], heatmap["height"]) == expected
+    assert heatmap["raw_max"] > 0
+    if fmt == "array":
+        values = np.array(heatmap["values"])
+        assert values.shape == expected[::-1]
+        assert values.min() >= 0 and values.max() == pytest.approx(1.0)
+    elif fmt == "none":
+        assert "values" not in heatmap and "data" not in heatmap
+    else:
+        image = _decode_png(heatmap["data"])
+        assert image.size == expected
+        assert image.mode == ("L" if fmt == "gray" else "RGB")
+
+
+def test_predictions_targets_and_defaults(runtime: Runtime) -> None:
+    body = _explain(runtime, images=[encode(phantom_png(3)), encode(phantom_png(2))],
+                    targets=[["tube", 1, "nodule"], None])
+    assert body["model"] == "phantom" and body["method"] == "gradcam"
+    assert body["layer"] == "features"
+    first, second = body["results"]
+    # top_k defaults to 5: all four classes, best first.
+    scores = [p["score"] for p in first["predictions"]]
+    assert len(scores) == 4 and scores == sorted(scores, reverse=True)
+    assert [e["target"]["label"] for e in first["explanations"]] == ["tube", "mass", "nodule"]
+    assert second["explanations"][0]["target"] == second["predictions"][0]
+    assert second["predictions"][0]["label"] == "nodule"  # seed 2 shows one nodule
+    assert first["predictions"][0]["label"] in ("mass", "tube")  # seed 3: mass and tube
+
+
+def test_multilabel_scores_are_sigmoids(runtime: Runtime) -> None:
+    body = _explain(runtime, images=[encode(phantom_png(3))], top_k=4)
+    scores = {p["label"]: p["score"] for p in body["results"][0]["predictions"]}
+    assert scores["mass"] > 0.5 and scores["tube"] > 0.5 and scores["nodule"] < 0.5
+    assert sum(scores.values()) > 1.0  # not a softmax
+
+
+def test_heatmap_lies_on_an_odd_non_square_image(runtime: Runtime) -> None:
+    # The finding's box is known in the image's own pixels; the `original`
+    # heatmap's peak must land in it (grown by 8 px) for each finding.
+    for seed in (3, 25, 37):
+        scene = phantom(seed, 517, 389)
+        kinds = sorted({f.kind for f in scene.findings})
+        body = _explain(runtime, images=[encode(png_bytes(to_uint8(scene.image)))],
+                        targets=[kinds], heatmap={"format": "array", "size": "original"})
+        for explanation in body["results"][0]["explanations"]:
+            values = np.array(explanation["heatmap"]["values"])
+            assert values.shape == (389, 517)
+            kind = explanation["target"]["label"]
+            assert peak_in_boxes(values, scene.boxes(kind), 8.0), (seed, kind)
+
+
+def _image_variants() -> dict[str, tuple[bytes, tuple[int, int]]]:
+    gray = to_uint8(phantom(3, 240, 180).image)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    variants: dict[str, tuple[bytes, tuple[int, int]]] = {}
+
+    def save(name: str, image: Image.Image, fmt: str, **kwargs: object) -> None:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **kwargs)
+        variants[name] = (buffer.getvalue(), image.size)
+
+    save("png-gray", Image.fromarray(gray), "PNG")
+    save("png-rgb", Image.fromarray(rgb), "PNG")
+    save("png-rgba", Image.fromarray(rgb).convert("RGBA"), "PNG")
+    save("png-palette", Image.fromarray(gray).convert("P"), "PNG")
+    save("png-16bit", Image.fromarray(gray.astype(np.uint16) * 257), "PNG")
+    save("jpeg-gray", Image.fromarray(gray), "JPEG", quality=95)
+    save("jpeg-rgb", Image.fromarray(rgb), "JPEG", quality=95)
+    save("tiff", Image.fromarray(gray), "TIFF")
+    save("bmp", Image.fromarray(rgb), "BMP")
+    save("webp", Image.fromarray(rgb), "WEBP", lossless=True)
+    save("gif", Image.fromarray(gray), "GIF")
+    return variants
+
+
+@pytest.mark.parametrize("name", list(_image_variants()))
+def test_image_formats_give_the_same_answer(runtime: Runtime, name: str) -> None:
+    data, size = _image_variants()[name]
+    reference = _explain(runtime, images=[encode(_image_variants()["png-gray"][0])], top_k=4,
+                         heatmap={"format": "array", "size": "layer"})["results"][0]
+    result = _explain(runtime, images=[encode(data)], top_k=4,
+                      heatmap={"format": "array", "size": "layer"})["results"][0]
+    assert (result["width"], result["height"]) == size
+    ours = {p["label"]: p["score"] for p in result["predictions"]}
+    theirs = {p["label"]: p["score"] for p in reference["predictions"]}
+    assert all(abs(ours[k] - theirs[k]) < 0.05 for k in ours), (ours, theirs)
+    a = np.array(result["explanations"][0]["heatmap"]["values"])
+    b = np.array(reference["explanations"][0]["heatmap"]["values"])
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
+
+
+def test_exif_orientation_is_applied(runtime: Runtime) -> None:
+    # Stored 240 wide × 180 high, displayed rotated (orientation 6): 180 × 240.
+    gray = to_uint8(phantom(3, 240, 180).image)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(gray).save(buffer, format="JPEG", exif=exif.tobytes())
+    body = _explain(runtime, images=[encode(buffer.getvalue())],
+                    heatmap={"format": "overlay", "size": "original"})
+    result = body["results"][0]
+    assert (result["width"], result["height"]) == (180, 240)
+    assert _decode_png(result["explanations"][0]["heatmap"]["data"]).size == (180, 240)
+
+
+def test_data_url_and_whitespace(runtime: Runtime) -> None:
+    text = encode(phantom_png(2, 64, 64))
+    wrapped = "data:image/png;base64," + "\n".join(text[i:i + 76] for i in range(0, len(text), 76))
+    body = _explain(runtime, images=[wrapped, text.rstrip("=")])
+    assert body["results"][0]["predictions"] == body["results"][1]["predictions"]
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming a huge size, with a tiny body."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+BAD_REQUESTS: list[tuple[dict, int, str]] = [
+    ({"images": ["***not base64***"]}, 422, "invalid_base64"),
+    ({"images": [""]}, 422, "empty_image"),
+    ({"images": [encode(b"hello, I am a text file\n")]}, 415, "unsupported_image"),
+    ({"images": [encode(phantom_png(1, 64, 64)[:200])]}, 422, "invalid_image"),
+    ({"images": [encode(phantom_png(1, 64, 64)[:33])]}, 422, "invalid_image"),
+    ({"images": [encode(_bomb_png(100_000, 100_000))]}, 413, "image_too_large"),
+    ({"images": [encode(phantom_png(1, 32, 32))] * 33}, 413, "too_many_images"),
+    ({"images": ["aGk="], "model": "nope"}, 404, "unknown_model"),
+    ({"images": ["aGk="], "layer": "features.stage9"}, 422, "unknown_layer"),
+    ({"images": [encode(phantom_png(1, 32, 32))], "targets": ["pneumonia"]}, 422,
+     "unknown_label"),
+    ({"images": [encode(phantom_png(1, 32, 32))], "targets": [4]}, 422, "target_out_of_range"),
+    ({"images": [encode(phantom_png(1, 32, 32))], "targets": [[0, -1]]}, 422,
+     "target_out_of_range"),
+    ({"images": ["aGk="], "targets": [None, None]}, 422, "targets_length"),
+]
+
+
+@pytest.mark.parametrize("body,status,code", BAD_REQUESTS,
+                         ids=[c for _, _, c in BAD_REQUESTS])
+def test_bad_input_is_a_clear_client_error(runtime: Runtime, body: dict, status: int,
+                                           code: str) -> None:
+    with pytest.raises(ServiceError) as info:
+        explain(ExplainRequest.model_validate(body), runtime)
+    assert (info.value.status, info.value.code) == (status, code), info.value.message
+    assert info.value.message[0].isupper() and info.value.message[-1] in ".?"
+
+
+BAD_BODIES: list[tuple[bytes, int, str]] = [
+    (b"not json", 400, "body"),
+    (b"[1, 2]", 422, "body"),
+    (b"{}", 422, "images"),
+    (b'{"images": []}', 422, "images"),
+    (b'{"images": "abc"}', 422, "images"),
+    (b'{"images": [1]}', 422, "images[0]"),
+    (b'{"images": ["aGk="], "top_k": "5"}', 422, "top_k"),
+    (b'{"images": ["aGk="], "top_k": 0}', 422, "top_k"),
+    (b'{"images": ["aGk="], "method": "scorecam"}', 422, "method"),
+    (b'{"images": ["aGk="], "heatmap": {"format": "jpeg"}}', 422, "heatmap.format"),
+    (b'{"images": ["aGk="], "heatmap": {"size": 3}}', 422, "heatmap.size"),
+    (b'{"images": ["aGk="], "targets": [1.5]}', 422, "targets[0]"),
+    (b'{"images": ["aGk="], "targets": [[]]}', 422, "targets[0]"),
+    (b'{"images": ["aGk="], "colour": "red"}', 422, "colour"),
+]
+
+
+@pytest.mark.parametrize("body,status,field", BAD_BODIES, ids=[f for _, _, f in BAD_BODIES])
+def test_malformed_bodies_name_the_field(body: bytes, status: int, field: str) -> None:
+    with pytest.raises(ServiceError) as info:
+        parse_explain_request(body)
+    assert info.value.status == status
+    assert (info.value.field or "body") == field, info.value.message
