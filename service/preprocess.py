@@ -33,7 +33,8 @@ class Geometry:
     @property
     def box(self) -> tuple[float, float, float, float]:
         """The part of the original image (its pixel coordinates) the model input covers."""
-        return (-self.offset_x / self.scale_x, -self.offset_y / self.scale_y,
+        # "0.0 -" rather than unary minus: no -0.0 in the JSON.
+        return (0.0 - self.offset_x / self.scale_x, 0.0 - self.offset_y / self.scale_y,
                 (self.input_width - self.offset_x) / self.scale_x,
                 (self.input_height - self.offset_y) / self.scale_y)
 
