@@ -23,7 +23,15 @@ from service.errors import InvalidField, PayloadTooLarge
 from service.layers import UnknownLayerError, resolve_layer
 from service.models import LoadedModel
 from service.preprocess import Geometry, fit_geometry, model_view, to_model_input
-from service.render import blend, colorize, encode_png, heatmap, to_rgb8, to_uint8
+from service.render import (
+    blend,
+    colorize,
+    encode_png,
+    heatmap,
+    output_shape,
+    to_rgb8,
+    to_uint8,
+)
 from service.runtime import Runtime
 from service.schemas import ClassRef, ExplainRequest, HeatmapOptions, TargetSpec
 
@@ -135,9 +143,12 @@ def overlay_base(prepared: PreparedImage, size: str, shape: tuple[int, int],
 def render_heatmap(cam: torch.Tensor, prepared: PreparedImage, options: HeatmapOptions,
                    model: LoadedModel) -> dict[str, Any]:
     """One heatmap object of the response (``values`` stay a numpy array for orjson)."""
+    height, width = output_shape(cam, prepared.geometry, options.size)
+    out: dict[str, Any] = {"format": options.format, "width": width, "height": height,
+                           "raw_max": float(cam.max())}
+    if options.format == "none":
+        return out
     heat = heatmap(cam, prepared.geometry, options.size)
-    out: dict[str, Any] = {"format": options.format, "width": heat.shape[1],
-                           "height": heat.shape[0], "raw_max": float(cam.max())}
     if options.format == "array":
         out["values"] = heat
     elif options.format == "png":

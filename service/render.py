@@ -106,6 +106,15 @@ def normalise(values: Tensor) -> Tensor:
     return ((values - low) / (high - low)).clamp_(0, 1)
 
 
+def output_shape(cam: Tensor, geometry: Geometry, size: HeatmapSize) -> tuple[int, int]:
+    """``(H, W)`` of the map ``resample`` returns, without computing it."""
+    if size == "layer":
+        return (int(cam.shape[0]), int(cam.shape[1]))
+    if size == "input":
+        return (geometry.input_height, geometry.input_width)
+    return (geometry.height, geometry.width)
+
+
 def heatmap(cam: Tensor, geometry: Geometry, size: HeatmapSize) -> np.ndarray:
     """``(H, W) float32`` in [0, 1] at ``size`` for a raw layer map."""
     return normalise(resample(cam, geometry, size)).numpy()
