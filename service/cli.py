@@ -1,5 +1,6 @@
-"""``gradcam-service``: explain images from the command line, list layers.
+"""``gradcam-service``: serve the HTTP API, explain images, list layers.
 
+    gradcam-service serve [--port P] [--workers N]   the HTTP API on gunicorn
     gradcam-service explain IMAGE... [--out DIR]     overlay + heatmap PNGs per image
     gradcam-service explain --request BODY.json      the exact JSON the HTTP API returns
     gradcam-service layers                           candidate target layers and shapes
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,6 +128,26 @@ def _layers(args: argparse.Namespace, runtime: Runtime) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Check the configuration here, then become the gunicorn master (exec)."""
+    overrides = {"models_file": args.models, "device": args.device, "host": args.host,
+                 "port": args.port, "workers": args.workers, "threads": args.threads}
+    settings = Settings.from_env(**overrides)
+    # Load every model once on the CPU so a broken models file stops here with its
+    # message, before any worker starts. exec() then discards this process's
+    # memory: the gunicorn master starts clean and never touches CUDA.
+    Runtime(settings.model_copy(update={"device": "cpu"})).start().close()
+    env = dict(os.environ)
+    for name, value in overrides.items():
+        if value is not None:
+            env[f"GRADCAM_{name.upper()}"] = str(value)
+    command = [sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_conf"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, command, env)
+    return 0  # not reached
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradcam-service", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +173,15 @@ def _parser() -> argparse.ArgumentParser:
 
     layers_p = sub.add_parser("layers", help="list candidate target layers with output shapes")
     common(layers_p)
+
+    serve_p = sub.add_parser("serve", help="run the HTTP API on gunicorn")
+    common(serve_p)
+    serve_p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in a "
+                         "container)")
+    serve_p.add_argument("--port", type=int, help="default 8000")
+    serve_p.add_argument("--workers", type=int, help="worker processes; default: sized for the "
+                         "machine")
+    serve_p.add_argument("--threads", type=int, help="request threads per worker; default 8")
     return parser
 
 
@@ -162,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "explain" and bool(args.request) == bool(args.images):
         parser.error("explain takes image files or --request, not both and not neither")
     try:
+        if args.command == "serve":
+            return _serve(args)
         runtime = _runtime(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

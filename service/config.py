@@ -140,7 +140,11 @@ class Settings(BaseModel):
 
     models_file: Path | None = None
     device: Device = "auto"
-    # 0 = choose from the cores and the number of workers.
+    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    # 0 = sized for the machine (see gunicorn_conf.py).
+    workers: Annotated[int, Field(ge=0)] = 0
+    threads: Annotated[int, Field(ge=0)] = 0
     torch_threads: Annotated[int, Field(ge=0)] = 0
     max_images_per_request: PositiveInt = 32
     max_image_pixels: PositiveInt = 64_000_000

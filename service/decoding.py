@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from service.dicom import decode_dicom, is_dicom
 from service.errors import InvalidField, PayloadTooLarge, UnsupportedMediaType
 
 _DATA_URL = re.compile(r"^data:([\w/+.-]*)((?:;[\w=.-]+)*?);base64,", re.IGNORECASE)
@@ -82,8 +83,10 @@ def _is_gray(image: Image.Image) -> bool:
     return all(r == g == b for r, g, b in triples)
 
 
-def decode_image(data: bytes, index: int, channels: int, max_pixels: int) -> Image.Image:
-    """Decode image bytes (any format Pillow reads; the first frame of an animation).
+def decode_image(data: bytes, index: int, channels: int, max_pixels: int,
+                 frame: int | None = None) -> Image.Image:
+    """Decode image bytes: DICOM (``frame`` picks one of a multi-frame file), or any
+    format Pillow reads (the first frame of an animation).
 
     Returns an image in mode ``L``, ``RGB`` or ``F`` with EXIF orientation applied,
     so its pixel grid is the image as displayed.
@@ -92,6 +95,8 @@ def decode_image(data: bytes, index: int, channels: int, max_pixels: int) -> Ima
     if not data:
         raise InvalidField(f"Image {index} is empty.", code="empty_image", image=index,
                            field=field)
+    if is_dicom(data):
+        return decode_dicom(data, index, channels, max_pixels, frame)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -102,7 +107,8 @@ def decode_image(data: bytes, index: int, channels: int, max_pixels: int) -> Ima
                 f"Image {index} starts like an image file but cannot be read. Is it complete?",
                 code="invalid_image", image=index, field=field) from None
         raise UnsupportedMediaType(
-            f"Image {index} is not in a supported image format (PNG, JPEG, TIFF, BMP, WebP, GIF).",
+            f"Image {index} is not in a supported image format (PNG, JPEG, TIFF, BMP, WebP, "
+            "GIF, DICOM).",
             code="unsupported_image", image=index, field=field) from None
     except (OSError, ValueError, SyntaxError) as error:
         raise InvalidField(f"Image {index} could not be read: {error}.", code="invalid_image",

@@ -80,10 +80,10 @@ def resolve_targets(spec: TargetSpec, model: LoadedModel, index: int) -> list[in
 
 
 def prepare_image(data: bytes, index: int, model: LoadedModel, max_pixels: int,
-                  targets: TargetSpec = None) -> PreparedImage:
+                  targets: TargetSpec = None, frame: int | None = None) -> PreparedImage:
     """Decode and fit one image; every problem raises a ``ServiceError`` naming ``index``."""
     resolved = resolve_targets(targets, model, index)
-    image = decode_image(data, index, model.channels, max_pixels)
+    image = decode_image(data, index, model.channels, max_pixels, frame)
     tensor, geometry = to_model_input(image, model.input_size, model.spec.resize, model.mean,
                                       model.std)
     return PreparedImage(index, image, tensor, geometry, resolved)
@@ -198,7 +198,8 @@ def explain(request: ExplainRequest, runtime: Runtime) -> dict[str, Any]:
     layer = choose_layer(model, request.layer)
     targets: list[TargetSpec] = list(request.targets or [None] * len(request.images))
     prepared = [
-        prepare_image(decode_base64(text, i), i, model, limits.max_image_pixels, targets[i])
+        prepare_image(decode_base64(text, i), i, model, limits.max_image_pixels, targets[i],
+                      request.frame)
         for i, text in enumerate(request.images)
     ]
     results = run(runtime, model, layer, request.method, prepared)

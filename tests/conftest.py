@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import torch
 import torchvision
 from PIL import Image
@@ -52,3 +61,56 @@ def seeded_model(arch: str, seed: int = 0, **kwargs: object) -> torch.nn.Module:
     model = torchvision.models.get_model(arch, weights=None, **kwargs).eval()
     model.requires_grad_(False)
     return model
+
+
+class LiveServer:
+    """A real ``gradcam-service serve`` (gunicorn) on 127.0.0.1, stopped by its PID."""
+
+    def __init__(self, env: dict[str, str] | None = None, workers: int = 1) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [str(Path(sys.executable).with_name("gradcam-service")), "serve",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
+                   "--threads", "8", "--device", "cpu"]
+        # Closed in stop(): it outlives this constructor on purpose.
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix="gradcam-server-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "GRADCAM_TORCH_THREADS": "2", **(env or {})})
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.read_log()}")
+            try:
+                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server not ready in 90 s: {self.read_log()}")
+
+    def read_log(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[LiveServer]:
+    """One real server for the HTTP tests (8 MiB body limit keeps the 413 test cheap)."""
+    live = LiveServer(env={"GRADCAM_MAX_REQUEST_BYTES": str(8 * 2**20)})
+    yield live
+    live.stop()

@@ -1,0 +1,95 @@
+"""The Flask application factory: wiring, error handlers, request ids.
+
+gunicorn calls ``create_app()`` inside each worker (no ``preload_app``), so the
+models load, and CUDA is touched, only after the fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from service import logs
+from service.api import api, json_response
+from service.config import Settings
+from service.errors import ServiceError
+from service.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+# Werkzeug's own errors, in the same envelope with stable codes.
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+               413: "request_too_large", 415: "unsupported_media_type"}
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _service_error(error: ServiceError) -> Response:
+    response = json_response(error.to_dict(), status=error.status)
+    retry_after = getattr(error, "retry_after_s", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    if error.status >= 500:
+        logger.warning("%s %s: %s", error.status, error.code, error.message)
+    return response
+
+
+def _http_error(error: HTTPException) -> Response:
+    status = error.code or 500
+    code = _HTTP_CODES.get(status, (error.name or "error").lower().replace(" ", "_"))
+    messages = {
+        404: f"There is no route {request.path}.",
+        405: f"The route {request.path} does not accept {request.method}.",
+        413: "The request body is larger than the limit of "
+             f"{request.max_content_length} bytes.",
+    }
+    body = {"error": {"code": code, "message": messages.get(status, error.description or "")}}
+    response = json_response(body, status=status)
+    # Keep Werkzeug's headers that matter (Allow on 405).
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
+
+
+def _unexpected_error(error: Exception) -> Response:
+    if isinstance(error, HTTPException):
+        return _http_error(error)
+    logger.exception("unexpected error")
+    body = {"error": {"code": "internal", "message": "The server failed to handle this "
+                      f"request (request id {logs.request_id.get()}); it has been logged."}}
+    return json_response(body, status=500)
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Flask:
+    """A ready app: ``runtime`` (started) if given, else one built from ``settings``."""
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions["gradcam_runtime"] = runtime or Runtime(settings).start()
+    app.register_blueprint(api)
+    app.register_error_handler(ServiceError, _service_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+
+    @app.before_request
+    def _start() -> None:
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+        g.request_id_token = logs.request_id.set(g.request_id)
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.get("request_id", "-")
+        return response
+
+    @app.teardown_request
+    def _reset(_: BaseException | None) -> None:
+        token = g.pop("request_id_token", None)
+        if token is not None:
+            logs.request_id.reset(token)
+
+    return app

@@ -1,0 +1,105 @@
+"""DICOM images → a Pillow image, with the display transforms a viewer applies.
+
+pydicom decodes the pixel data (with the pylibjpeg plugins: JPEG baseline,
+extended and lossless, JPEG-LS, JPEG 2000, RLE), converts YBR to RGB, and we
+apply, in the standard's order: the modality LUT (rescale slope/intercept), the
+VOI transform (window centre/width, or a VOI LUT, else the frame's full range),
+and MONOCHROME1 inversion. Gray results stay 32-bit float (mode ``F``) in
+[0, 1], so 12- and 16-bit data keep their full precision until the model's
+normalisation.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from service.errors import InvalidField, PayloadTooLarge
+
+
+def is_dicom(data: bytes) -> bool:
+    """DICOM Part 10 files carry "DICM" after a 128-byte preamble."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def _first(value: Any) -> float:
+    """Window centre/width may be multi-valued: the first pair is the default view."""
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        value = value[0]
+    return float(value)
+
+
+def _voi(array: np.ndarray, ds: Any) -> np.ndarray:
+    """Grayscale values after the modality LUT → [0, 1] as a viewer would show them."""
+    from pydicom.pixels import apply_voi_lut
+
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        if width >= 1:
+            # PS3.3 C.11.2.1.2.1, the linear VOI function, scaled to [0, 1].
+            scaled = ((array - (centre - 0.5)) / max(width - 1, 1e-6)) + 0.5
+            return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+    if "VOILUTSequence" in ds:
+        array = apply_voi_lut(array, ds).astype(np.float32)
+    low, high = float(array.min()), float(array.max())
+    if high <= low:
+        return np.zeros(array.shape, dtype=np.float32)
+    return ((array - low) / (high - low)).astype(np.float32)
+
+
+def decode_dicom(data: bytes, index: int, channels: int, max_pixels: int,
+                 frame: int | None) -> Image.Image:
+    """Decode one frame of a DICOM file to mode ``F`` (gray) or ``RGB``."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, pixel_array
+
+    field = f"images[{index}]"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as error:  # any reader failure means a damaged file
+        raise InvalidField(f"Image {index} is not a readable DICOM file ({error}).",
+                           code="invalid_image", image=index, field=field) from None
+    if "PixelData" not in ds:
+        raise InvalidField(f"Image {index} is a DICOM file without pixel data.",
+                           code="invalid_image", image=index, field=field)
+    rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if rows * columns > max_pixels:
+        raise PayloadTooLarge(
+            f"Image {index} has {columns}×{rows} = {rows * columns} pixels; the limit is "
+            f"{max_pixels}.", code="image_too_large", image=index, field=field)
+    if frames > 1 and frame is None:
+        raise InvalidField(
+            f"Image {index} is a DICOM file with {frames} frames; say which one to explain "
+            f"with \"frame\" (0..{frames - 1}).", code="frame_required", image=index,
+            field="frame")
+    chosen = frame or 0
+    if chosen >= frames:
+        raise InvalidField(f"Image {index} has {frames} frame(s); frame {chosen} does not exist.",
+                           code="frame_out_of_range", image=index, field="frame")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            array = pixel_array(ds, index=chosen if frames > 1 else None)
+    except Exception as error:  # decoder plugins raise many types
+        raise InvalidField(
+            f"Image {index}: the DICOM pixel data could not be decoded ({error}).",
+            code="invalid_image", image=index, field=field) from None
+
+    if int(ds.get("SamplesPerPixel", 1)) == 3:
+        bits = int(ds.get("BitsStored", 8))
+        rgb = array.astype(np.float32) / float(2**bits - 1)
+        image = Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+        return image.convert("L") if channels == 1 else image
+    gray = apply_modality_lut(array, ds).astype(np.float32)
+    shown = _voi(gray, ds)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        shown = 1.0 - shown
+    return Image.fromarray(np.ascontiguousarray(shown, dtype=np.float32))
