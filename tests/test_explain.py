@@ -95,7 +95,7 @@ def test_heatmap_lies_on_an_odd_non_square_image(runtime: Runtime) -> None:
             assert peak_in_boxes(values, scene.boxes(kind), 8.0), (seed, kind)
 
 
-def _image_variants() -> dict[str, tuple[bytes, tuple[int, int]]]:
+def image_variants() -> dict[str, tuple[bytes, tuple[int, int]]]:
     gray = to_uint8(phantom(3, 240, 180).image)
     rgb = np.repeat(gray[:, :, None], 3, axis=2)
     variants: dict[str, tuple[bytes, tuple[int, int]]] = {}
@@ -112,6 +112,7 @@ def _image_variants() -> dict[str, tuple[bytes, tuple[int, int]]]:
     save("png-16bit", Image.fromarray(gray.astype(np.uint16) * 257), "PNG")
     save("jpeg-gray", Image.fromarray(gray), "JPEG", quality=95)
     save("jpeg-rgb", Image.fromarray(rgb), "JPEG", quality=95)
+    save("jpeg-cmyk", Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95)
     save("tiff", Image.fromarray(gray), "TIFF")
     save("bmp", Image.fromarray(rgb), "BMP")
     save("webp", Image.fromarray(rgb), "WEBP", lossless=True)
@@ -119,10 +120,10 @@ def _image_variants() -> dict[str, tuple[bytes, tuple[int, int]]]:
     return variants
 
 
-@pytest.mark.parametrize("name", list(_image_variants()))
+@pytest.mark.parametrize("name", list(image_variants()))
 def test_image_formats_give_the_same_answer(runtime: Runtime, name: str) -> None:
-    data, size = _image_variants()[name]
-    reference = _explain(runtime, images=[encode(_image_variants()["png-gray"][0])], top_k=4,
+    data, size = image_variants()[name]
+    reference = _explain(runtime, images=[encode(image_variants()["png-gray"][0])], top_k=4,
                          heatmap={"format": "array", "size": "layer"})["results"][0]
     result = _explain(runtime, images=[encode(data)], top_k=4,
                       heatmap={"format": "array", "size": "layer"})["results"][0]

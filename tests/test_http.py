@@ -20,6 +20,7 @@ from service.demo.metrics import peak_in_boxes
 from service.demo.phantom import to_uint8
 from service.schemas import ErrorResponse, ExplainResponse
 from tests.conftest import LiveServer, encode, phantom, phantom_png, png_bytes
+from tests.test_explain import image_variants
 
 TIMEOUT = 60
 
@@ -122,6 +123,18 @@ def test_dicom_files(server: LiveServer, name: str, frame: int | None) -> None:
     overlay = Image.open(io.BytesIO(base64.b64decode(
         result["explanations"][0]["heatmap"]["data"])))
     assert overlay.size == (ds.Columns, ds.Rows)
+
+
+def test_every_image_format_in_one_request(server: LiveServer) -> None:
+    variants = image_variants()
+    body = _ok(server, {"images": [encode(data) for data, _ in variants.values()],
+                        "heatmap": {"format": "gray", "size": "original"}})
+    assert len(body["results"]) == len(variants)
+    for (name, (_, size)), result in zip(variants.items(), body["results"], strict=True):
+        assert (result["width"], result["height"]) == size, name
+        gray = Image.open(io.BytesIO(base64.b64decode(
+            result["explanations"][0]["heatmap"]["data"])))
+        assert gray.size == size and gray.mode == "L", name
 
 
 def test_multiframe_dicom_needs_a_frame(server: LiveServer) -> None:
