@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import select
+import socket
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
@@ -37,6 +39,20 @@ def _model_summary(model: LoadedModel, default: str) -> dict[str, Any]:
     }
 
 
+def _client_disconnected() -> bool:
+    """True once the client has closed its connection (gunicorn exposes the socket)."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        # Readable with nothing to read: the peer closed (a pipelined request would
+        # be readable with data).
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
 @api.post("/v1/explain")
 def explain_view() -> Response:
     if request.mimetype != "application/json":
@@ -44,7 +60,7 @@ def explain_view() -> Response:
             f"Send the request as JSON (Content-Type: application/json), not "
             f"'{request.mimetype or 'no content type'}'.", code="unsupported_media_type")
     body = parse_explain_request(request.get_data(cache=False))
-    return json_response(explain(body, _runtime()))
+    return json_response(explain(body, _runtime(), _client_disconnected))
 
 
 @api.get("/v1/models")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from service import logs
+from service import logs, metrics
 from service.api import api, json_response
 from service.config import Settings
 from service.errors import ServiceError
@@ -28,6 +29,7 @@ _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def _service_error(error: ServiceError) -> Response:
+    metrics.ERRORS.labels(error.code).inc()
     response = json_response(error.to_dict(), status=error.status)
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after is not None:
@@ -47,6 +49,7 @@ def _http_error(error: HTTPException) -> Response:
              f"{request.max_content_length} bytes.",
     }
     body = {"error": {"code": code, "message": messages.get(status, error.description or "")}}
+    metrics.ERRORS.labels(code).inc()
     response = json_response(body, status=status)
     # Keep Werkzeug's headers that matter (Allow on 405).
     for name, value in error.get_headers():
@@ -59,6 +62,7 @@ def _unexpected_error(error: Exception) -> Response:
     if isinstance(error, HTTPException):
         return _http_error(error)
     logger.exception("unexpected error")
+    metrics.ERRORS.labels("internal").inc()
     body = {"error": {"code": "internal", "message": "The server failed to handle this "
                       f"request (request id {logs.request_id.get()}); it has been logged."}}
     return json_response(body, status=500)
@@ -75,8 +79,16 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
 
+    @app.get("/metrics")
+    def metrics_view() -> Response:
+        body, content_type = metrics.scrape()
+        return Response(body, mimetype=content_type.split(";")[0],
+                        headers={"Content-Type": content_type})
+
     @app.before_request
     def _start() -> None:
+        g.started = time.perf_counter()
+        metrics.IN_FLIGHT.inc()
         given = request.headers.get("X-Request-ID", "")
         g.request_id = given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
         g.request_id_token = logs.request_id.set(g.request_id)
@@ -84,10 +96,16 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @app.after_request
     def _finish(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id", "-")
+        # The route template, never the raw path: label values stay bounded.
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.REQUEST_DURATION.labels(route, request.method, str(response.status_code)).observe(
+            time.perf_counter() - g.get("started", time.perf_counter()))
         return response
 
     @app.teardown_request
     def _reset(_: BaseException | None) -> None:
+        if "started" in g:
+            metrics.IN_FLIGHT.dec()
         token = g.pop("request_id_token", None)
         if token is not None:
             logs.request_id.reset(token)

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -128,6 +129,15 @@ def _layers(args: argparse.Namespace, runtime: Runtime) -> int:
     return 0
 
 
+def _fresh_metrics_dir(given: str | None) -> str:
+    """The multiprocess metrics folder, emptied: stale files would resurrect old counts."""
+    path = Path(given) if given else Path(tempfile.mkdtemp(prefix="gradcam-metrics-"))
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    return str(path)
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Check the configuration here, then become the gunicorn master (exec)."""
     overrides = {"models_file": args.models, "device": args.device, "host": args.host,
@@ -141,6 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
     for name, value in overrides.items():
         if value is not None:
             env[f"GRADCAM_{name.upper()}"] = str(value)
+    env["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(env.get("PROMETHEUS_MULTIPROC_DIR"))
     command = [sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_conf"]
     sys.stdout.flush()
     sys.stderr.flush()

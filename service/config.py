@@ -146,6 +146,12 @@ class Settings(BaseModel):
     workers: Annotated[int, Field(ge=0)] = 0
     threads: Annotated[int, Field(ge=0)] = 0
     torch_threads: Annotated[int, Field(ge=0)] = 0
+    # Micro-batching (batching.py): images per engine call, an optional extra
+    # wait for a fuller batch, the queue bound (full → 503) and the deadline (→ 504).
+    max_batch_size: PositiveInt = 16
+    max_batch_delay_s: Annotated[float, Field(ge=0, le=10)] = 0.0
+    max_queue: PositiveInt = 256
+    request_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     max_images_per_request: PositiveInt = 32
     max_image_pixels: PositiveInt = 64_000_000
     max_request_bytes: PositiveInt = 64 * 1024 * 1024

@@ -9,7 +9,7 @@ render each result in the requested format and size.
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ import orjson
 import torch
 from PIL import Image
 
+from service import metrics
 from service.decoding import decode_base64, decode_image
 from service.errors import InvalidField, PayloadTooLarge
 from service.layers import UnknownLayerError, resolve_layer
@@ -106,11 +107,12 @@ def choose_layer(model: LoadedModel, layer: str | None) -> str:
 
 
 def run(runtime: Runtime, model: LoadedModel, layer: str, method: str,
-        prepared: Sequence[PreparedImage]) -> list[ExplainedImage]:
-    """One engine call for all ``prepared`` images."""
+        prepared: Sequence[PreparedImage],
+        disconnected: Callable[[], bool] | None = None) -> list[ExplainedImage]:
+    """One engine call for all ``prepared`` images (through the runtime's batcher)."""
     inputs = torch.stack([p.tensor for p in prepared])
     batch = runtime.compute(model, inputs, layer, [p.targets for p in prepared],
-                            [method] * len(prepared))
+                            [method] * len(prepared), disconnected)
     if model.spec.multilabel:
         scores = torch.sigmoid(batch.logits)
     else:
@@ -183,8 +185,13 @@ def render_result(result: ExplainedImage, model: LoadedModel, top_k: int,
     }
 
 
-def explain(request: ExplainRequest, runtime: Runtime) -> dict[str, Any]:
-    """The response body for ``request`` (see ``schemas.ExplainResponse``)."""
+def explain(request: ExplainRequest, runtime: Runtime,
+            disconnected: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """The response body for ``request`` (see ``schemas.ExplainResponse``).
+
+    ``disconnected`` tells whether the client has gone; a request whose client
+    left is not computed.
+    """
     limits = runtime.settings
     if len(request.images) > limits.max_images_per_request:
         raise PayloadTooLarge(f"The request has {len(request.images)} images; the limit is "
@@ -197,18 +204,17 @@ def explain(request: ExplainRequest, runtime: Runtime) -> dict[str, Any]:
     model = runtime.get_model(request.model)
     layer = choose_layer(model, request.layer)
     targets: list[TargetSpec] = list(request.targets or [None] * len(request.images))
-    prepared = [
-        prepare_image(decode_base64(text, i), i, model, limits.max_image_pixels, targets[i],
-                      request.frame)
-        for i, text in enumerate(request.images)
-    ]
-    results = run(runtime, model, layer, request.method, prepared)
-    return {
-        "model": model.name,
-        "method": request.method,
-        "layer": layer,
-        "results": [render_result(r, model, request.top_k, request.heatmap) for r in results],
-    }
+    with metrics.STAGE_DURATION.labels("decode").time():
+        prepared = [
+            prepare_image(decode_base64(text, i), i, model, limits.max_image_pixels, targets[i],
+                          request.frame)
+            for i, text in enumerate(request.images)
+        ]
+    results = run(runtime, model, layer, request.method, prepared, disconnected)
+    metrics.IMAGES_EXPLAINED.labels(model.name).inc(len(results))
+    with metrics.STAGE_DURATION.labels("render").time():
+        rendered = [render_result(r, model, request.top_k, request.heatmap) for r in results]
+    return {"model": model.name, "method": request.method, "layer": layer, "results": rendered}
 
 
 def dumps(body: dict[str, Any]) -> bytes:

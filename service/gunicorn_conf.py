@@ -52,3 +52,10 @@ logconfig_dict = {
 # No runtime control socket: nothing here uses it, and several servers on one
 # machine (tests, replicas) would share its default path.
 control_socket_disable = True
+
+
+def child_exit(server: object, worker: object) -> None:
+    """A worker is gone: drop its live gauges from the aggregated metrics."""
+    from service.metrics import mark_process_dead
+
+    mark_process_dead(worker.pid)  # type: ignore[attr-defined]

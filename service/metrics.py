@@ -1,0 +1,75 @@
+"""Every Prometheus metric of the service (``gradcam_`` prefix, base units).
+
+Under gunicorn the metrics are multiprocess: ``PROMETHEUS_MULTIPROC_DIR`` is set
+by ``gradcam-service serve`` before Python starts the master (and wiped then),
+each worker writes its own files, ``gunicorn_conf.child_exit`` marks dead
+workers, and ``/metrics`` aggregates all of them. Gauges say how they combine
+across workers (``livesum``: sum over live workers).
+
+Labels are bounded: route templates, status codes, error codes, stages, models.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+# Latencies from a few ms (an idle healthz) to a minute (a big batch on a CPU).
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+REQUEST_DURATION = Histogram(
+    "gradcam_request_duration_seconds", "HTTP request latency, by route template and status.",
+    ["route", "method", "status"], buckets=_LATENCY_BUCKETS)
+STAGE_DURATION = Histogram(
+    "gradcam_stage_duration_seconds",
+    "Time per request in each stage: decode (and preprocess), queue_wait, compute, render.",
+    ["stage"], buckets=_LATENCY_BUCKETS)
+BATCH_SIZE = Histogram(
+    "gradcam_batch_size_images", "Images per engine call (micro-batch).",
+    buckets=_BATCH_BUCKETS)
+QUEUE_DEPTH = Gauge(
+    "gradcam_queue_depth", "Requests waiting for the model, summed over live workers.",
+    multiprocess_mode="livesum")
+IN_FLIGHT = Gauge(
+    "gradcam_requests_in_flight", "HTTP requests being handled, summed over live workers.",
+    multiprocess_mode="livesum")
+ERRORS = Counter(
+    "gradcam_errors_total", "Error responses, by stable error code.", ["code"])
+IMAGES_EXPLAINED = Counter(
+    "gradcam_images_explained_total", "Images explained, by model.", ["model"])
+MODEL_LOAD_SECONDS = Gauge(
+    "gradcam_model_load_seconds", "Time a worker took to load each model.", ["model"],
+    multiprocess_mode="max")
+MODEL_INFO = Gauge(
+    "gradcam_model_info", "Models served (value 1), with their default layer and device.",
+    ["model", "arch", "layer", "device"], multiprocess_mode="max")
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def scrape() -> tuple[bytes, str]:
+    """The text exposition of every metric (all workers' under gunicorn)."""
+    if multiprocess_dir():
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (gunicorn ``child_exit``)."""
+    if multiprocess_dir():
+        _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
