@@ -82,8 +82,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @app.get("/metrics")
     def metrics_view() -> Response:
         body, content_type = metrics.scrape()
-        return Response(body, mimetype=content_type.split(";")[0],
-                        headers={"Content-Type": content_type})
+        return Response(body, content_type=content_type)
 
     @app.before_request
     def _start() -> None:

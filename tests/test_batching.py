@@ -1,0 +1,204 @@
+"""MicroBatcher rules, with a fake engine whose timing the test controls."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from service.batching import BatchKey, BatchStats, MicroBatcher, WorkItem, wait
+from service.errors import DeadlineExceeded, Overloaded
+from service.gradcam import CamBatch
+
+KEY: BatchKey = ("m", "layer")
+
+
+class FakeEngine:
+    """Records each call's batch; a value of -1 in an input poisons its batch."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.calls: list[tuple[BatchKey, int]] = []
+        self.delay_s = delay_s
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, key: BatchKey, inputs: torch.Tensor, targets: list[list[int | None]],
+                 methods: list[str]) -> CamBatch:
+        self.gate.wait(10)
+        self.calls.append((key, int(inputs.shape[0])))
+        time.sleep(self.delay_s)
+        if (inputs == -1).any():
+            raise ValueError("poisoned input")
+        n = inputs.shape[0]
+        # Each image's "map" is its own input value: results must come back to their owner.
+        return CamBatch(logits=inputs.reshape(n, -1)[:, :2].clone(),
+                        targets=[[0 if t is None else t for t in ts] for ts in targets],
+                        cams=[[inputs[i, 0].clone()] for i in range(n)])
+
+
+def _item(value: float, n: int = 1, key: BatchKey = KEY, timeout_s: float = 10) -> WorkItem:
+    return WorkItem(key=key, inputs=torch.full((n, 1, 2, 2), value), targets=[[None]] * n,
+                    methods=["gradcam"] * n, deadline=time.monotonic() + timeout_s)
+
+
+def test_an_idle_batcher_adds_no_wait() -> None:
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=8)
+    started = time.monotonic()
+    result = batcher.submit(_item(3.0))
+    out = result.result(5)
+    assert time.monotonic() - started < 0.1
+    assert float(out.cams[0][0][0, 0]) == 3.0
+    batcher.close()
+
+
+def test_a_busy_batcher_batches_what_arrived_meanwhile_and_results_find_their_owner() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()  # hold the model busy
+    stats: list[BatchStats] = []
+    batcher = MicroBatcher(engine, max_batch_size=8, on_batch=stats.append)
+    first = batcher.submit(_item(0.0))
+    time.sleep(0.05)  # the consumer has taken the first item and waits at the gate
+    futures = [batcher.submit(_item(float(v))) for v in range(1, 11)]
+    engine.gate.set()
+    assert float(first.result(5).cams[0][0][0, 0]) == 0.0
+    for value, future in zip(range(1, 11), futures, strict=True):
+        assert float(future.result(5).cams[0][0][0, 0]) == value
+    # 1 alone, then a full batch of 8, then the remaining 2.
+    assert [n for _, n in engine.calls] == [1, 8, 2]
+    assert stats[1].images == 8 and stats[1].items == 8
+    batcher.close()
+
+
+def test_delay_waits_for_a_fuller_batch_from_the_first_item() -> None:
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=4, max_batch_delay_s=0.3)
+    started = time.monotonic()
+    futures = [batcher.submit(_item(1.0))]
+    time.sleep(0.1)
+    futures += [batcher.submit(_item(2.0)) for _ in range(3)]  # fills the batch early
+    for future in futures:
+        future.result(5)
+    assert [n for _, n in engine.calls] == [4]
+    assert time.monotonic() - started < 0.3  # a full batch does not wait out the delay
+    batcher.close()
+
+
+def test_different_keys_go_to_different_batches() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = MicroBatcher(engine, max_batch_size=8)
+    batcher.submit(_item(0.0))
+    time.sleep(0.05)
+    futures = [batcher.submit(_item(1.0, key=("m", "a"))),
+               batcher.submit(_item(2.0, key=("m", "b"))),
+               batcher.submit(_item(3.0, key=("m", "a")))]
+    engine.gate.set()
+    for future in futures:
+        future.result(5)
+    assert engine.calls[1:] == [(("m", "a"), 2), (("m", "b"), 1)]
+    batcher.close()
+
+
+def test_a_full_queue_answers_overloaded_at_once() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = MicroBatcher(engine, max_batch_size=1, max_queue=2)
+    batcher.submit(_item(0.0))
+    time.sleep(0.05)
+    batcher.submit(_item(1.0))
+    batcher.submit(_item(2.0))
+    with pytest.raises(Overloaded) as info:
+        batcher.submit(_item(3.0))
+    assert info.value.status == 503 and info.value.retry_after_s >= 1
+    engine.gate.set()
+    batcher.close()
+
+
+def test_a_request_past_its_deadline_is_dropped_before_compute() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = MicroBatcher(engine, max_batch_size=1)
+    batcher.submit(_item(0.0))
+    time.sleep(0.05)
+    late = batcher.submit(_item(1.0, timeout_s=0.05))
+    time.sleep(0.1)
+    engine.gate.set()
+    with pytest.raises(DeadlineExceeded):
+        late.result(5)
+    assert len(engine.calls) == 1  # the late one never reached the engine
+    batcher.close()
+
+
+def test_wait_gives_504_and_cancels_a_disconnected_request() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = MicroBatcher(engine, max_batch_size=1)
+    batcher.submit(_item(0.0))
+    time.sleep(0.05)
+    item = _item(1.0)
+    future = batcher.submit(item)
+    with pytest.raises(DeadlineExceeded):
+        wait(future, time.monotonic() + 0.1)
+    gone = batcher.submit(_item(2.0))
+    with pytest.raises(Exception, match="disconnected"):
+        wait(gone, time.monotonic() + 5, disconnected=lambda: True)
+    assert future.cancelled() and gone.cancelled()
+    engine.gate.set()
+    time.sleep(0.1)
+    assert len(engine.calls) == 1  # cancelled items are skipped
+    batcher.close()
+
+
+def test_a_failing_batch_is_retried_item_by_item() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = MicroBatcher(engine, max_batch_size=8)
+    batcher.submit(_item(0.0))
+    time.sleep(0.05)
+    good = [batcher.submit(_item(float(v))) for v in (1, 2)]
+    bad = batcher.submit(_item(-1.0))
+    engine.gate.set()
+    assert [float(f.result(5).cams[0][0][0, 0]) for f in good] == [1.0, 2.0]
+    with pytest.raises(ValueError, match="poisoned"):
+        bad.result(5)
+    # The batch of 3 failed once, then each item ran alone.
+    assert [n for _, n in engine.calls] == [1, 3, 1, 1, 1]
+    batcher.close()
+
+
+def test_close_fails_pending_requests() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = MicroBatcher(engine, max_batch_size=1)
+    running = batcher.submit(_item(0.0))
+    time.sleep(0.05)
+    pending = [batcher.submit(_item(1.0)) for _ in range(3)]
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    time.sleep(0.05)
+    engine.gate.set()
+    closer.join(5)
+    running.result(5)
+    for future in pending:
+        with pytest.raises(Overloaded, match="shutting down"):
+            future.result(5)
+    with pytest.raises(Overloaded):
+        batcher.submit(_item(2.0))
+
+
+def test_many_threads_each_get_their_own_result() -> None:
+    engine = FakeEngine(delay_s=0.01)
+    batcher = MicroBatcher(engine, max_batch_size=8)
+
+    def one(value: int) -> float:
+        return float(batcher.submit(_item(float(value), n=2)).result(10).cams[1][0][0, 0])
+
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(one, range(64))) == [float(v) for v in range(64)]
+    assert max(n for _, n in engine.calls) > 2  # requests were batched together
+    assert all(n <= 8 for _, n in engine.calls)
+    batcher.close()
