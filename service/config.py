@@ -146,6 +146,8 @@ class Settings(BaseModel):
     workers: Annotated[int, Field(ge=0)] = 0
     threads: Annotated[int, Field(ge=0)] = 0
     torch_threads: Annotated[int, Field(ge=0)] = 0
+    # float16 autocast for the forward pass on CUDA (ignored on the CPU).
+    autocast: bool = False
     # Micro-batching (batching.py): images per engine call, an optional extra
     # wait for a fuller batch, the queue bound (full → 503) and the deadline (→ 504).
     max_batch_size: PositiveInt = 16

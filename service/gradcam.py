@@ -109,9 +109,13 @@ class GradCAM:
     does both); the engine never changes either.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu",
+                 autocast: bool = False) -> None:
         self.model = model
         self.device = torch.device(device)
+        # Mixed precision for the forward pass (CUDA only): the captured activation
+        # and its gradient come out in float16; the CAM maths below is float32.
+        self.autocast = autocast and self.device.type == "cuda"
 
     def __call__(self, inputs: Tensor, layer: str, targets: Sequence[Sequence[int | None]],
                  methods: Sequence[str]) -> CamBatch:
@@ -146,7 +150,8 @@ class GradCAM:
         handle = module.register_forward_hook(capture)
         try:
             # Grad-CAM needs autograd even when a caller sits in no_grad/inference_mode.
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(
+                    self.device.type, dtype=torch.float16, enabled=self.autocast):
                 x = inputs.to(self.device, non_blocking=True)
                 logits = self.model(x)
                 if not isinstance(logits, Tensor) or logits.dim() != 2:

@@ -63,7 +63,7 @@ class Runtime:
         for name in config.models:
             model = load_model(name, config, self.device)
             self.models[name] = model
-            self._engines[name] = GradCAM(model.module, self.device)
+            self._engines[name] = GradCAM(model.module, self.device, self.settings.autocast)
             metrics.MODEL_LOAD_SECONDS.labels(name).set(model.load_seconds)
             metrics.MODEL_INFO.labels(name, model.spec.arch, model.default_layer,
                                       str(self.device)).set(1)

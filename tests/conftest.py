@@ -66,14 +66,15 @@ def seeded_model(arch: str, seed: int = 0, **kwargs: object) -> torch.nn.Module:
 class LiveServer:
     """A real ``gradcam-service serve`` (gunicorn) on 127.0.0.1, stopped by its PID."""
 
-    def __init__(self, env: dict[str, str] | None = None, workers: int = 1) -> None:
+    def __init__(self, env: dict[str, str] | None = None, workers: int = 1,
+                 device: str = "cpu") -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [str(Path(sys.executable).with_name("gradcam-service")), "serve",
+        command = [sys.executable, "-m", "service.cli", "serve",
                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
-                   "--threads", "8", "--device", "cpu"]
+                   "--threads", "8", "--device", device]
         # Closed in stop(): it outlives this constructor on purpose.
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
             prefix="gradcam-server-", suffix=".log", delete=False)
