@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.errors import DeadlineExceeded, Overloaded, ServiceError
+from service.errors import ClientClosed, DeadlineExceeded, Overloaded
 from service.gradcam import CamBatch
 
 logger = logging.getLogger(__name__)
@@ -217,4 +217,4 @@ def wait(future: Future[CamBatch], deadline: float,
         except TimeoutError:
             if disconnected is not None and disconnected():
                 future.cancel()
-                raise ServiceError("The client disconnected.", code="client_closed") from None
+                raise ClientClosed("The client disconnected before the result was ready.") from None

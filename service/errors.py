@@ -11,6 +11,7 @@
     ├── UnsupportedMediaType        415 unsupported_media_type, unsupported_image
     ├── InvalidField                422 invalid_field, unknown_layer, unknown_method,
     │                                   unknown_label, target_out_of_range, invalid_image, ...
+    ├── ClientClosed                499 client_closed (nobody reads it; for logs and metrics)
     ├── Overloaded                  503 overloaded (with Retry-After)
     └── DeadlineExceeded            504 deadline_exceeded
 
@@ -81,6 +82,13 @@ class UnsupportedMediaType(ServiceError):
 class InvalidField(ServiceError):
     status = 422
     default_code = "invalid_field"
+
+
+class ClientClosed(ServiceError):
+    """The client went away before its explanation was computed (nginx's 499)."""
+
+    status = 499
+    default_code = "client_closed"
 
 
 class Overloaded(ServiceError):
