@@ -6,7 +6,7 @@ response, so both stay one contract (see ``openapi.yaml``).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from service.errors import BadRequest, InvalidField
 
 Method = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
-METHODS: tuple[str, ...] = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
+METHODS: tuple[str, ...] = get_args(Method)  # the engine's formulas; a test keeps them equal
 HeatmapFormat = Literal["array", "png", "overlay", "gray", "none"]
 HeatmapSize = Literal["original", "input", "layer"]
 

@@ -61,6 +61,12 @@ def test_several_targets_per_image_match_single_target_calls(resnet: nn.Module) 
             assert torch.allclose(alone.cams[0][0], together.cams[i][j], atol=1e-5, rtol=0)
 
 
+def test_the_api_offers_exactly_the_engine_methods() -> None:
+    from service import schemas
+
+    assert set(schemas.METHODS) == set(METHODS)
+
+
 def test_no_hooks_and_no_parameter_gradients_after_a_call(resnet: nn.Module) -> None:
     engine = GradCAM(resnet)
     engine(torch.randn(2, 3, 64, 64), "layer4", [[None], [3]], ["gradcam", "layercam"])
