@@ -146,6 +146,14 @@ def _closed_loop(url: str, body: bytes, concurrency: int, duration_s: float,
     return len(latencies) / duration_s, statistics.median(latencies) * 1000, p99 * 1000
 
 
+def _forward(args: argparse.Namespace, threads: int) -> tuple[float, float]:
+    """Plain forward in a separate process: (img/s at the forward batch, batch-1 seconds)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FORWARD, str(threads), args.device, str(args.forward_batch),
+         "1" if args.autocast else "0"], capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), float(out[1])
+
+
 def _batch_counts(url: str) -> tuple[float, float]:
     text = requests.get(url + "/metrics", timeout=10).text
     total = sum(float(v) for v in re.findall(r"^gradcam_batch_size_images_sum ([0-9.e+]+)$",
@@ -167,6 +175,8 @@ def main() -> None:
     parser.add_argument("--autocast", action="store_true", help="float16 forward (CUDA)")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--forward-batch", type=int, default=8)
+    parser.add_argument("--paired-repeats", type=int, default=3,
+                        help="forward/service pairs at the top concurrency for the median ratio")
     args = parser.parse_args()
     total_threads = args.workers * args.torch_threads
 
@@ -184,11 +194,8 @@ def main() -> None:
     }
     bodies = {name: json.dumps(p).encode() for name, p in payloads.items()}
 
-    forward = subprocess.run(
-        [sys.executable, "-c", _FORWARD, str(total_threads), args.device,
-         str(args.forward_batch), "1" if args.autocast else "0"],
-        capture_output=True, text=True, check=True).stdout.split()
-    forward_ips, forward_1_s = float(forward[0]), float(forward[1])
+    forward_ips, forward_1_s = _forward(args, total_threads)
+    paired: list[float] = []
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"torch {torch.__version__} on {device}{' with autocast' if args.autocast else ''}; "
           f"service layout: {args.workers} worker(s) × {args.threads} threads × "
@@ -214,6 +221,14 @@ def main() -> None:
                 after = _batch_counts(url)
                 mean_batch = (after[0] - before[0]) / max(1.0, after[1] - before[1])
                 rows[("service", name, concurrency)] = (*result, mean_batch)
+        # The forward figure drifts between runs on a small machine: pair it with
+        # the service at the top concurrency, alternately, and take the median ratio.
+        top = max(args.concurrency)
+        first_body = next(iter(bodies.values()))
+        for _ in range(args.paired_repeats):
+            forward_r = _forward(args, total_threads)[0]
+            service_r = _closed_loop(url + "/v1/explain", first_body, top, args.duration)[0]
+            paired.append(service_r / forward_r)
     finally:
         _stop(server)
 
@@ -239,6 +254,11 @@ def main() -> None:
         print(f"| {system} | {name} | {concurrency} | {rps:.1f} | {p50:.0f} | {p99:.0f} | "
               f"{batch:.1f} |")
     print()
+    if paired:
+        ratios = ", ".join(f"{r:.2f}" for r in paired)
+        print(f"{next(iter(bodies))}, concurrency {max(args.concurrency)}, {len(paired)} paired "
+              f"repeats (forward, then service): service / forward = {ratios}; "
+              f"median **{statistics.median(paired):.2f}×**")
     for name in bodies:
         top = max(args.concurrency)
         service = rows[("service", name, top)][0]
