@@ -7,10 +7,12 @@ import io
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +47,16 @@ def png_bytes(array: np.ndarray, **save_args: object) -> bytes:
 
 def encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming ``width`` × ``height``, with a tiny body."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
 
 
 def phantom(seed: int, width: int = 256, height: int = 256) -> Phantom:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
-import zlib
 
 import numpy as np
 import orjson
@@ -18,7 +16,7 @@ from service.errors import ServiceError
 from service.explain import dumps, explain
 from service.runtime import Runtime
 from service.schemas import ExplainRequest, ExplainResponse, parse_explain_request
-from tests.conftest import encode, phantom, phantom_png, png_bytes
+from tests.conftest import bomb_png, encode, phantom, phantom_png, png_bytes
 
 
 def _explain(runtime: Runtime, **body: object) -> dict:
@@ -157,23 +155,13 @@ def test_data_url_and_whitespace(runtime: Runtime) -> None:
     assert body["results"][0]["predictions"] == body["results"][1]["predictions"]
 
 
-def _bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header claiming a huge size, with a tiny body."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
-
-
 BAD_REQUESTS: list[tuple[dict, int, str]] = [
     ({"images": ["***not base64***"]}, 422, "invalid_base64"),
     ({"images": [""]}, 422, "empty_image"),
     ({"images": [encode(b"hello, I am a text file\n")]}, 415, "unsupported_image"),
     ({"images": [encode(phantom_png(1, 64, 64)[:200])]}, 422, "invalid_image"),
     ({"images": [encode(phantom_png(1, 64, 64)[:33])]}, 422, "invalid_image"),
-    ({"images": [encode(_bomb_png(100_000, 100_000))]}, 413, "image_too_large"),
+    ({"images": [encode(bomb_png(100_000, 100_000))]}, 413, "image_too_large"),
     ({"images": [encode(phantom_png(1, 32, 32))] * 33}, 413, "too_many_images"),
     ({"images": ["aGk="], "model": "nope"}, 404, "unknown_model"),
     ({"images": ["aGk="], "layer": "features.stage9"}, 422, "unknown_layer"),

@@ -19,7 +19,7 @@ from pydicom.data import get_testdata_file
 from service.demo.metrics import peak_in_boxes
 from service.demo.phantom import to_uint8
 from service.schemas import ErrorResponse, ExplainResponse
-from tests.conftest import LiveServer, encode, phantom, phantom_png, png_bytes
+from tests.conftest import LiveServer, bomb_png, encode, phantom, phantom_png, png_bytes
 from tests.test_explain import image_variants
 
 TIMEOUT = 60
@@ -147,18 +147,6 @@ def test_multiframe_dicom_needs_a_frame(server: LiveServer) -> None:
     assert response.json()["error"]["code"] == "frame_out_of_range"
 
 
-def _bomb_png(width: int, height: int) -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
-
-
 GOOD = encode(phantom_png(2, 64, 64))
 PNG = phantom_png(1, 64, 64)
 
@@ -190,7 +178,7 @@ BAD: list[tuple[str, str, str, Any, dict[str, str], int, str]] = [
      422, "invalid_image"),
     ("header-only png", "POST", "/v1/explain", {"images": [encode(PNG[:33])]}, {}, 422,
      "invalid_image"),
-    ("bomb header", "POST", "/v1/explain", {"images": [encode(_bomb_png(60_000, 60_000))]}, {},
+    ("bomb header", "POST", "/v1/explain", {"images": [encode(bomb_png(60_000, 60_000))]}, {},
      413, "image_too_large"),
     ("too many images", "POST", "/v1/explain", {"images": [GOOD] * 33}, {}, 413,
      "too_many_images"),
