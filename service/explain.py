@@ -23,7 +23,7 @@ from service.decoding import decode_base64, decode_image
 from service.errors import InvalidField, PayloadTooLarge
 from service.layers import UnknownLayerError, resolve_layer
 from service.models import LoadedModel
-from service.preprocess import Geometry, fit_geometry, model_view, to_model_input
+from service.preprocess import Geometry, model_view, to_model_input
 from service.render import (
     blend,
     colorize,
@@ -130,9 +130,7 @@ def overlay_base(prepared: PreparedImage, size: str, shape: tuple[int, int],
     """The image under an overlay of ``size``: ``(H, W, 3) uint8``."""
     if size == "original":
         return to_rgb8(prepared.image)
-    geometry = prepared.geometry
-    _, new_size = fit_geometry(geometry.width, geometry.height, model.input_size, geometry.resize)
-    view = model_view(prepared.image, geometry, new_size, model.mean)
+    view = model_view(prepared.image, prepared.geometry, model.mean)
     rgb = np.round(np.clip(view, 0, 1) * 255).astype(np.uint8)
     if rgb.shape[2] == 1:
         rgb = np.repeat(rgb, 3, axis=2)

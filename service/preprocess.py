@@ -31,6 +31,11 @@ class Geometry:
     offset_y: float
 
     @property
+    def resized_size(self) -> tuple[int, int]:
+        """``(width, height)`` the image is resized to before it is padded or cropped."""
+        return (round(self.width * self.scale_x), round(self.height * self.scale_y))
+
+    @property
     def box(self) -> tuple[float, float, float, float]:
         """The part of the original image (its pixel coordinates) the model input covers."""
         # "0.0 -" rather than unary minus: no -0.0 in the JSON.
@@ -40,8 +45,8 @@ class Geometry:
 
 
 def fit_geometry(width: int, height: int, input_size: tuple[int, int],
-                 resize: ResizeMode) -> tuple[Geometry, tuple[int, int]]:
-    """The geometry, and the ``(width, height)`` the image is resized to before pad/crop."""
+                 resize: ResizeMode) -> Geometry:
+    """How an image of ``width`` × ``height`` is fitted to ``input_size`` (height, width)."""
     input_height, input_width = input_size
     if resize == "stretch":
         new_w, new_h = input_width, input_height
@@ -50,11 +55,10 @@ def fit_geometry(width: int, height: int, input_size: tuple[int, int],
         scale = pick(input_width / width, input_height / height)
         new_w = max(1, round(width * scale))
         new_h = max(1, round(height * scale))
-    geometry = Geometry(
+    return Geometry(
         resize=resize, width=width, height=height, input_width=input_width,
         input_height=input_height, scale_x=new_w / width, scale_y=new_h / height,
         offset_x=float((input_width - new_w) // 2), offset_y=float((input_height - new_h) // 2))
-    return geometry, (new_w, new_h)
 
 
 def _as_array(image: Image.Image) -> np.ndarray:
@@ -65,8 +69,7 @@ def _as_array(image: Image.Image) -> np.ndarray:
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def model_view(image: Image.Image, geometry: Geometry, new_size: tuple[int, int],
-               fill: tuple[float, ...]) -> np.ndarray:
+def model_view(image: Image.Image, geometry: Geometry, fill: tuple[float, ...]) -> np.ndarray:
     """The image as the model sees it: ``(H_in, W_in, len(fill)) float32`` in [0, 1],
     unnormalised.
 
@@ -76,6 +79,7 @@ def model_view(image: Image.Image, geometry: Geometry, new_size: tuple[int, int]
     """
     # Pillow's bilinear filter widens its support when shrinking, so downscaling is
     # antialiased; it also works on 32-bit float ("F") images.
+    new_size = geometry.resized_size
     resized = _as_array(image.resize(new_size, Image.Resampling.BILINEAR))
     channels = len(fill)
     if resized.shape[2] != channels:
@@ -95,8 +99,8 @@ def to_model_input(image: Image.Image, input_size: tuple[int, int],
                    resize: ResizeMode, mean: tuple[float, ...],
                    std: tuple[float, ...]) -> tuple[Tensor, Geometry]:
     """``(len(mean), H_in, W_in) float32`` normalised input and its geometry."""
-    geometry, new_size = fit_geometry(image.width, image.height, input_size, resize)
-    view = model_view(image, geometry, new_size, mean)
+    geometry = fit_geometry(image.width, image.height, input_size, resize)
+    view = model_view(image, geometry, mean)
     tensor = torch.from_numpy(np.ascontiguousarray(view.transpose(2, 0, 1)))
     mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]

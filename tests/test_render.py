@@ -16,7 +16,7 @@ from service.render import COLORMAP, blend, colorize, encode_png, heatmap, norma
 
 def test_resample_to_input_equals_torch_bilinear() -> None:
     cam = torch.rand(7, 9)
-    geometry, _ = fit_geometry(300, 200, (224, 288), "stretch")
+    geometry = fit_geometry(300, 200, (224, 288), "stretch")
     ours = resample(cam, geometry, "input")
     theirs = F.interpolate(cam[None, None], size=(224, 288), mode="bilinear",
                            align_corners=False)[0, 0]
@@ -25,7 +25,7 @@ def test_resample_to_input_equals_torch_bilinear() -> None:
 
 def test_stretch_original_equals_torch_bilinear_at_the_image_size() -> None:
     cam = torch.rand(16, 16)
-    geometry, _ = fit_geometry(517, 389, (128, 128), "stretch")
+    geometry = fit_geometry(517, 389, (128, 128), "stretch")
     ours = resample(cam, geometry, "original")
     theirs = F.interpolate(cam[None, None], size=(389, 517), mode="bilinear",
                            align_corners=False)[0, 0]
@@ -38,7 +38,7 @@ def test_a_point_in_the_input_maps_back_to_the_same_place(resize: str) -> None:
     # A single hot cell of an input-resolution "layer" must come back at the
     # original pixel that the geometry maps onto it.
     width, height = 400, 250
-    geometry, _ = fit_geometry(width, height, (100, 100), resize)  # type: ignore[arg-type]
+    geometry = fit_geometry(width, height, (100, 100), resize)  # type: ignore[arg-type]
     for x, y in [(200.5, 125.5), (60.5, 200.5), (350.5, 40.5)]:
         xi = x * geometry.scale_x + geometry.offset_x
         yi = y * geometry.scale_y + geometry.offset_y
@@ -53,7 +53,7 @@ def test_a_point_in_the_input_maps_back_to_the_same_place(resize: str) -> None:
 
 
 def test_crop_leaves_unseen_pixels_at_zero_and_box_is_the_seen_part() -> None:
-    geometry, _ = fit_geometry(400, 200, (100, 100), "crop")
+    geometry = fit_geometry(400, 200, (100, 100), "crop")
     x0, y0, x1, y1 = geometry.box
     assert (x0, y0, x1, y1) == pytest.approx((100, 0, 300, 200))
     heat = heatmap(torch.ones(4, 4) + torch.rand(4, 4), geometry, "original")

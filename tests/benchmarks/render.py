@@ -57,7 +57,7 @@ def main() -> None:
     print(f"| ratio | **{t_json / t_orjson:.0f}×** |\n")
 
     # A 16×16 map over a 1024×1024 phantom radiograph, like a real overlay.
-    geometry, _ = fit_geometry(1024, 1024, (128, 128), "stretch")
+    geometry = fit_geometry(1024, 1024, (128, 128), "stretch")
     cam = torch.from_numpy(rng.random((16, 16), dtype=np.float32))
     heat = heatmap(cam, geometry, "original")
     gray = to_uint8(sample_phantom(np.random.default_rng(3), 1024, 1024).image)
