@@ -16,7 +16,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.config import Settings
+from service.engine.models import LoadedModel
+from service.engine.runtime import Runtime
 from service.errors import ConfigError, ServiceError
 from service.explain import (
     PreparedImage,
@@ -27,10 +28,9 @@ from service.explain import (
     render_result,
     run,
 )
-from service.models import LoadedModel
-from service.render import blend, colorize, encode_png, heatmap, to_rgb8
-from service.runtime import Runtime
+from service.imaging.render import blend, colorize, encode_png, heatmap, to_rgb8
 from service.schemas import METHODS, HeatmapOptions, parse_explain_request
+from service.settings import Settings
 
 # Images per engine call in file mode: big enough to batch, small enough to show progress.
 _CHUNK = 8
@@ -152,7 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None:
             env[f"GRADCAM_{name.upper()}"] = str(value)
     env["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(env.get("PROMETHEUS_MULTIPROC_DIR"))
-    command = [sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_conf"]
+    command = [sys.executable, "-m", "gunicorn", "-c", "python:service.server.gunicorn_conf"]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, command, env)

@@ -19,12 +19,13 @@ import torch
 from PIL import Image
 
 from service import metrics
-from service.decoding import decode_base64, decode_image
+from service.engine.layers import UnknownLayerError, resolve_layer
+from service.engine.models import LoadedModel
+from service.engine.runtime import Runtime
 from service.errors import InvalidField, PayloadTooLarge
-from service.layers import UnknownLayerError, resolve_layer
-from service.models import LoadedModel
-from service.preprocess import Geometry, model_view, to_model_input
-from service.render import (
+from service.imaging.decoding import decode_base64, decode_image
+from service.imaging.geometry import Geometry, model_view, to_model_input
+from service.imaging.render import (
     blend,
     colorize,
     encode_png,
@@ -33,7 +34,6 @@ from service.render import (
     to_rgb8,
     to_uint8,
 )
-from service.runtime import Runtime
 from service.schemas import ClassRef, ExplainRequest, HeatmapOptions, TargetSpec
 
 

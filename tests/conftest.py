@@ -23,9 +23,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from service.config import Settings
 from service.demo.phantom import Phantom, sample_phantom, to_uint8
-from service.runtime import Runtime
+from service.engine.runtime import Runtime
+from service.settings import Settings
 
 # Tests run on the CPU, on the 2 cores of the CI machine.
 torch.set_num_threads(2)

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from service.batching import BatchKey, BatchStats, MicroBatcher, WorkItem, wait
+from service.engine.batching import BatchKey, BatchStats, MicroBatcher, WorkItem, wait
+from service.engine.gradcam import CamBatch
 from service.errors import DeadlineExceeded, Overloaded
-from service.gradcam import CamBatch
 
 KEY: BatchKey = ("m", "layer")
 

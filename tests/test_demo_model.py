@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from service.demo.evaluate import EVALUATION_SEED, evaluate
-from service.demo.train import TRAIN_SEED, VALIDATION_SEED
-from service.runtime import Runtime
+from service.engine.runtime import Runtime
+from tools.demo_model.evaluate import EVALUATION_SEED, evaluate
+from tools.demo_model.train import TRAIN_SEED, VALIDATION_SEED
 
 # Neither the training, the validation nor the model card's evaluation seed.
 TEST_SEED = 90_210

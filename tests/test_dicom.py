@@ -10,8 +10,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from service.dicom import decode_dicom, is_dicom
 from service.errors import InvalidField
+from service.imaging.dicom import decode_dicom, is_dicom
 
 
 def _bytes(ds: pydicom.Dataset) -> bytes:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from service.gradcam import METHODS, GradCAM, LayerOutputError, TargetError
-from service.layers import UnknownLayerError, default_layer, probe_layers
+from service.engine.gradcam import METHODS, GradCAM, LayerOutputError, TargetError
+from service.engine.layers import UnknownLayerError, default_layer, probe_layers
 from tests.conftest import seeded_model
 
 

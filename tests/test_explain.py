@@ -12,9 +12,9 @@ from PIL import Image
 
 from service.demo.metrics import peak_in_boxes
 from service.demo.phantom import to_uint8
+from service.engine.runtime import Runtime
 from service.errors import ServiceError
 from service.explain import dumps, explain
-from service.runtime import Runtime
 from service.schemas import ExplainRequest, ExplainResponse, parse_explain_request
 from tests.conftest import bomb_png, encode, phantom, phantom_png, png_bytes
 

@@ -13,7 +13,7 @@ import pytest
 import requests
 import torch
 
-from service.gradcam import METHODS, GradCAM
+from service.engine.gradcam import METHODS, GradCAM
 from tests.conftest import LiveServer, encode, phantom_png, seeded_model
 
 pytestmark = [

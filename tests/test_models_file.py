@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from service.config import Settings, load_models_file
+from service.engine.models import load_model
 from service.errors import ConfigError
-from service.models import load_model
+from service.settings import Settings, load_models_file
 from tests.conftest import seeded_model
 
 
@@ -164,7 +164,7 @@ def test_good_files_load(tmp_path: Path, small_weights: Path,
     """)
     config = load_models_file(path)
     assert config.default_model == "safe"
-    with caplog.at_level(logging.INFO, logger="service.models"):
+    with caplog.at_level(logging.INFO, logger="service.engine.models"):
         models = {name: load_model(name, config) for name in config.models}
     assert "default target layer 'layer4'" in caplog.text
     assert models["safe"].labels == ("cat", "dog", "bird")

@@ -13,8 +13,8 @@ import yaml
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
-from service.app import create_app
-from service.runtime import Runtime
+from service.engine.runtime import Runtime
+from service.server.app import create_app
 from tests.conftest import LiveServer, encode, phantom_png
 
 SPEC_PATH = Path(__file__).resolve().parents[1] / "openapi.yaml"

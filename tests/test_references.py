@@ -17,8 +17,8 @@ from pytorch_grad_cam import GradCAM as ReferenceGradCAM
 from pytorch_grad_cam import GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from service.gradcam import GradCAM
-from service.layers import resolve_layer
+from service.engine.gradcam import GradCAM
+from service.engine.layers import resolve_layer
 from tests.conftest import seeded_model
 
 CASES = [("resnet18", "layer4"), ("densenet121", "features.denseblock4"), ("vgg11", "features")]

@@ -10,8 +10,16 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from service.preprocess import fit_geometry, to_model_input
-from service.render import COLORMAP, blend, colorize, encode_png, heatmap, normalise, resample
+from service.imaging.geometry import fit_geometry, to_model_input
+from service.imaging.render import (
+    COLORMAP,
+    blend,
+    colorize,
+    encode_png,
+    heatmap,
+    normalise,
+    resample,
+)
 
 
 def test_resample_to_input_equals_torch_bilinear() -> None:

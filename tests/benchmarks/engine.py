@@ -23,8 +23,8 @@ import torch
 import torchvision
 from pytorch_grad_cam import GradCAM as ReferenceGradCAM
 
-from service.gradcam import GradCAM
-from service.layers import default_layer, probe_layers, resolve_layer
+from service.engine.gradcam import GradCAM
+from service.engine.layers import default_layer, probe_layers, resolve_layer
 
 
 def _timed(fn: Callable[[], object]) -> float:

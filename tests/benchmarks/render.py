@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 
 from service.demo.phantom import sample_phantom, to_uint8
-from service.preprocess import fit_geometry
-from service.render import PNG_COMPRESS_LEVEL, blend, heatmap
+from service.imaging.geometry import fit_geometry
+from service.imaging.render import PNG_COMPRESS_LEVEL, blend, heatmap
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -74,7 +74,7 @@ def main() -> None:
         print(f"| {level}{mark} | {_median_ms(encode, args.repeats):.0f} | {size:.0f} |")
 
     def full_overlay() -> str:
-        from service.render import encode_png
+        from service.imaging.render import encode_png
 
         h = heatmap(cam, geometry, "original")
         return base64.b64encode(encode_png(blend(base, h))).decode("ascii")

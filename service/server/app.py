@@ -15,10 +15,10 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from service import logs, metrics
-from service.api import api, json_response
-from service.config import Settings
+from service.engine.runtime import Runtime
 from service.errors import ServiceError
-from service.runtime import Runtime
+from service.server.routes import api, json_response
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from collections.abc import Callable
 import torch
 
 from service import metrics
-from service.batching import BatchKey, BatchStats, MicroBatcher, WorkItem, wait
-from service.config import ModelsFile, Settings
+from service.engine.batching import BatchKey, BatchStats, MicroBatcher, WorkItem, wait
+from service.engine.gradcam import CamBatch, GradCAM
+from service.engine.models import LoadedModel, load_model
 from service.errors import ConfigError, UnknownModel
-from service.gradcam import CamBatch, GradCAM
-from service.models import LoadedModel, load_model
+from service.settings import ModelsFile, Settings
 
 logger = logging.getLogger(__name__)
 

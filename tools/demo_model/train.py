@@ -1,10 +1,10 @@
 """Train the demo model on generated phantoms and write its weights.
 
-    python -m service.demo.train            # ~10 minutes on 2 CPU cores
+    python -m tools.demo_model.train            # ~10 minutes on 2 CPU cores
 
 Reproduces ``service/demo/phantom_net.safetensors`` (seeded data, seeded
 initialisation; float results can differ in the last bits between machines).
-Then ``python -m service.demo.evaluate --write-card`` refreshes the model card.
+Then ``python -m tools.demo_model.evaluate --write-card`` refreshes the model card.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from service.demo.phantom import FINDINGS, make_dataset
 
 logger = logging.getLogger(__name__)
 
-DEMO_DIR = Path(__file__).resolve().parent
+DEMO_DIR = Path(__file__).resolve().parents[2] / "service" / "demo"
 WEIGHTS_PATH = DEMO_DIR / "phantom_net.safetensors"
 INPUT_SIZE = 128
 # Normalisation shared by training and the models file (mean/std of the phantoms).

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from service.preprocess import Geometry
+from service.imaging.geometry import Geometry
 
 HeatmapSize = Literal["original", "input", "layer"]
 

@@ -20,9 +20,15 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from service.config import ModelsFile, ModelSpec
+from service.engine.layers import (
+    LayerInfo,
+    UnknownLayerError,
+    default_layer,
+    probe_layers,
+    resolve_layer,
+)
 from service.errors import ConfigError
-from service.layers import LayerInfo, UnknownLayerError, default_layer, probe_layers, resolve_layer
+from service.settings import ModelsFile, ModelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Write the example images of the repository (``examples/``) from the phantom generator.
 
-    python -m service.demo.examples [--out examples]
+    python -m tools.demo_model.examples [--out examples]
 
 Each image comes with its findings and boxes in ``findings.json``, and
 ``request.json`` is a ready ``POST /v1/explain`` body for the first one.

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from service.engine.gradcam import CamBatch
 from service.errors import ClientClosed, DeadlineExceeded, Overloaded
-from service.gradcam import CamBatch
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from service.layers import resolve_layer
+from service.engine.layers import resolve_layer
 
 # (N, C, h, w) activations, (N, C, h, w) gradients → (N, h, w) map before ReLU.
 CamFormula = Callable[[Tensor, Tensor], Tensor]

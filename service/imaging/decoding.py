@@ -17,8 +17,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.dicom import decode_dicom, is_dicom
 from service.errors import InvalidField, PayloadTooLarge, UnsupportedMediaType
+from service.imaging.dicom import decode_dicom, is_dicom
 
 _DATA_URL = re.compile(r"^data:([\w/+.-]*)((?:;[\w=.-]+)*?);base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")

@@ -8,10 +8,10 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
+from service.engine.models import LoadedModel
+from service.engine.runtime import Runtime
 from service.errors import UnsupportedMediaType
 from service.explain import dumps, explain
-from service.models import LoadedModel
-from service.runtime import Runtime
 from service.schemas import parse_explain_request
 
 api = Blueprint("api", __name__)

@@ -1,7 +1,7 @@
 """Evaluate the demo model on a held-out set of generated phantoms.
 
-    python -m service.demo.evaluate                 # print the figures
-    python -m service.demo.evaluate --write-card    # and rewrite MODEL_CARD.md
+    python -m tools.demo_model.evaluate                 # print the figures
+    python -m tools.demo_model.evaluate --write-card    # and rewrite MODEL_CARD.md
 
 Measures per-class ROC AUC of the scores and the Grad-CAM pointing game: for each
 finding present in an image, the peak of that class's heatmap (rendered on the
@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.config import DEMO_MODELS_FILE, Settings
 from service.demo.metrics import peak_in_boxes, per_class_auc
 from service.demo.phantom import FINDINGS, make_dataset, to_uint8
-from service.gradcam import METHODS
-from service.preprocess import to_model_input
-from service.render import heatmap
-from service.runtime import Runtime
+from service.engine.gradcam import METHODS
+from service.engine.runtime import Runtime
+from service.imaging.geometry import to_model_input
+from service.imaging.render import heatmap
+from service.settings import DEMO_MODELS_FILE, Settings
 
-CARD_PATH = Path(__file__).resolve().parent / "MODEL_CARD.md"
+CARD_PATH = Path(__file__).resolve().parents[2] / "service" / "demo" / "MODEL_CARD.md"
 EVALUATION_SEED = 2026
 _BATCH = 32
 
@@ -131,7 +131,7 @@ max pooling) rather than global average pooling, so the model scores a finding
 where it is instead of spreading its evidence over the lung. With average
 pooling the same network reached AUC 1.0 but only 42% in the pointing game.
 
-**Training.** `python -m service.demo.train` (seeded; 482 s measured on this
+**Training.** `python -m tools.demo_model.train` (seeded; 482 s measured on this
 project's 2-core machine): 8,000 phantoms (seed 0) rendered at 128×128, 8 epochs,
 AdamW with a one-cycle schedule, horizontal flips; validation on 1,000 phantoms
 (seed 1). Classifying phantoms is easy (AUC 1.0); what the model is for is the
@@ -153,7 +153,7 @@ Pointing game by CAM method (same images, same rule):
 |---|---|---|---|---|---|
 {method_rows}
 
-Made by `python -m service.demo.evaluate --write-card`. The test suite checks
+Made by `python -m tools.demo_model.evaluate --write-card`. The test suite checks
 mean AUC ≥ 0.95 and pointing game ≥ 90% on another fresh set
 (`tests/test_demo_model.py`).
 """

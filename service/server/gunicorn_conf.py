@@ -1,4 +1,4 @@
-"""gunicorn configuration: ``gunicorn -c python:service.gunicorn_conf``.
+"""gunicorn configuration: ``gunicorn -c python:service.server.gunicorn_conf``.
 
 Read by the gunicorn master, which must never import torch or touch CUDA: the
 app (and with it the models) is created inside each worker after the fork
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-from service.config import Settings
 from service.logs import LOG_FORMAT
+from service.settings import Settings
 
 settings = Settings.from_env()
 cores = os.cpu_count() or 1
@@ -30,7 +30,7 @@ if not settings.torch_threads:
 # the default (README, "Under load"). Read by each worker when it imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-wsgi_app = "service.app:create_app()"
+wsgi_app = "service.server.app:create_app()"
 bind = [f"{settings.host}:{settings.port}"]
 worker_class = "gthread"
 preload_app = False

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from service.config import ResizeMode
+from service.settings import ResizeMode
 
 
 @dataclass(frozen=True)
