@@ -12,12 +12,11 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from service.engine.models import LoadedModel
-from service.engine.runtime import Runtime
 from service.errors import ConfigError, ServiceError
 from service.explain import (
     PreparedImage,
@@ -29,8 +28,12 @@ from service.explain import (
     run,
 )
 from service.imaging.render import blend, colorize, encode_png, heatmap, to_rgb8
+from service.interface import ModelInfo
 from service.schemas import METHODS, HeatmapOptions, parse_explain_request
 from service.settings import Settings
+
+if TYPE_CHECKING:  # torch is imported only by the commands that run the model here
+    from service.engine.runtime import Runtime
 
 # Images per engine call in file mode: big enough to batch, small enough to show progress.
 _CHUNK = 8
@@ -38,6 +41,9 @@ _PROGRESS_FROM = 5
 
 
 def _runtime(args: argparse.Namespace) -> Runtime:
+    """The engine in this process (``serve`` runs it in engine processes instead)."""
+    from service.engine.runtime import Runtime
+
     settings = Settings.from_env(models_file=args.models, device=args.device)
     return Runtime(settings).start()
 
@@ -49,7 +55,7 @@ def _target_ref(text: str) -> int | str:
 def _explain_request(args: argparse.Namespace, runtime: Runtime) -> int:
     body = Path(args.request).read_bytes() if args.request != "-" else sys.stdin.buffer.read()
     try:
-        response = explain(parse_explain_request(body), runtime)
+        response = explain(parse_explain_request(body), runtime, runtime.settings)
     except ServiceError as error:
         sys.stdout.buffer.write(dumps(error.to_dict()) + b"\n")
         return 1
@@ -77,7 +83,7 @@ def _write_outputs(result: dict, prepared: PreparedImage, cams: Sequence, out: P
 
 
 def _explain_files(args: argparse.Namespace, runtime: Runtime) -> int:
-    model: LoadedModel = runtime.get_model(args.model)
+    model: ModelInfo = runtime.catalog().get(args.model)
     layer = choose_layer(model, args.layer)
     targets = [_target_ref(t) for t in args.target] if args.target else None
     out = Path(args.out)
@@ -101,7 +107,8 @@ def _explain_files(args: argparse.Namespace, runtime: Runtime) -> int:
     options = HeatmapOptions(format="none", size="original")
     for start in range(0, len(prepared), _CHUNK):
         chunk = prepared[start:start + _CHUNK]
-        results = run(runtime, model, layer, args.method, [p for _, p in chunk])
+        deadline = time.monotonic() + runtime.settings.request_timeout_s
+        results = run(runtime, model, layer, args.method, [p for _, p in chunk], deadline)
         for (path, item), result in zip(chunk, results, strict=True):
             body = render_result(result, model, args.top_k, options)
             scores = ", ".join(f"{p['label']} {p['score']:.3f}" for p in body["predictions"])
@@ -118,8 +125,8 @@ def _explain_files(args: argparse.Namespace, runtime: Runtime) -> int:
 
 
 def _layers(args: argparse.Namespace, runtime: Runtime) -> int:
-    model = runtime.get_model(args.model)
-    print(f"model '{model.name}' ({model.spec.arch}), input {model.channels}×"
+    model = runtime.catalog().get(args.model)
+    print(f"model '{model.name}' ({model.arch}), input {model.channels}×"
           f"{model.input_size[0]}×{model.input_size[1]}; * = default layer")
     width = max(len(layer.name) for layer in model.layers)
     for layer in model.layers:
@@ -129,34 +136,21 @@ def _layers(args: argparse.Namespace, runtime: Runtime) -> int:
     return 0
 
 
-def _fresh_metrics_dir(given: str | None) -> str:
-    """The multiprocess metrics folder, emptied: stale files would resurrect old counts."""
-    path = Path(given) if given else Path(tempfile.mkdtemp(prefix="gradcam-metrics-"))
-    path.mkdir(parents=True, exist_ok=True)
-    for stale in path.glob("*.db"):
-        stale.unlink()
-    return str(path)
-
-
 def _serve(args: argparse.Namespace) -> int:
-    """Check the configuration here, then become the gunicorn master (exec)."""
+    """Start the engine process(es) and gunicorn, and supervise them (``supervisor``)."""
+    from service import logs
+    from service.supervisor import serve
+
     overrides = {"models_file": args.models, "device": args.device, "host": args.host,
-                 "port": args.port, "workers": args.workers, "threads": args.threads}
+                 "port": args.port, "workers": args.workers, "threads": args.threads,
+                 "engines": args.engines}
     settings = Settings.from_env(**overrides)
-    # Load every model once on the CPU so a broken models file stops here with its
-    # message, before any worker starts. exec() then discards this process's
-    # memory: the gunicorn master starts clean and never touches CUDA.
-    Runtime(settings.model_copy(update={"device": "cpu"})).start().close()
     env = dict(os.environ)
     for name, value in overrides.items():
         if value is not None:
             env[f"GRADCAM_{name.upper()}"] = str(value)
-    env["PROMETHEUS_MULTIPROC_DIR"] = _fresh_metrics_dir(env.get("PROMETHEUS_MULTIPROC_DIR"))
-    command = [sys.executable, "-m", "gunicorn", "-c", "python:service.server.gunicorn_conf"]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, command, env)
-    return 0  # not reached
+    logs.configure("INFO")
+    return serve(settings, env)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -190,9 +184,11 @@ def _parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in a "
                          "container)")
     serve_p.add_argument("--port", type=int, help="default 8000")
-    serve_p.add_argument("--workers", type=int, help="worker processes; default: sized for the "
-                         "machine")
-    serve_p.add_argument("--threads", type=int, help="request threads per worker; default 8")
+    serve_p.add_argument("--workers", type=int, help="HTTP worker processes; default: one per "
+                         "core")
+    serve_p.add_argument("--threads", type=int, help="request threads per HTTP worker; default 16")
+    serve_p.add_argument("--engines", type=int, help="engine processes; default: one per GPU, "
+                         "or one on the CPU")
     return parser
 
 

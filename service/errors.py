@@ -12,13 +12,17 @@
     ├── InvalidField                422 invalid_field, unknown_layer, unknown_method,
     │                                   unknown_label, target_out_of_range, invalid_image, ...
     ├── ClientClosed                499 client_closed (nobody reads it; for logs and metrics)
-    ├── Overloaded                  503 overloaded (with Retry-After)
+    ├── Unavailable                 503, with Retry-After
+    │   ├── Overloaded              503 overloaded (the engine's queue is full)
+    │   └── EngineUnavailable       503 engine_unavailable (no engine answers)
     └── DeadlineExceeded            504 deadline_exceeded
 
     ConfigError                     start-up only: a broken models file or setting
 
 Messages are whole sentences meant for the person who sent the request; ``image``
-is the index of the image at fault when one image is.
+is the index of the image at fault when one image is. Errors cross from the
+engine process to the HTTP workers as ``to_wire()`` dicts and come back to life
+with ``from_wire()``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,24 @@ class ServiceError(Exception):
         if self.field is not None:
             body["field"] = self.field
         return {"error": body}
+
+    def to_wire(self) -> dict[str, Any]:
+        """Everything needed to raise the same error in another process."""
+        return {"status": self.status, "code": self.code, "message": self.message,
+                "image": self.image, "field": self.field,
+                "retry_after_s": getattr(self, "retry_after_s", None)}
+
+    @staticmethod
+    def from_wire(data: dict[str, Any]) -> ServiceError:
+        status = int(data.get("status", 500))
+        kind = _BY_STATUS.get(status, ServiceError)
+        if issubclass(kind, Unavailable):
+            error: ServiceError = kind(str(data["message"]),
+                                       retry_after_s=int(data.get("retry_after_s") or 1))
+            error.code = str(data["code"])
+            return error
+        return kind(str(data["message"]), code=str(data["code"]), image=data.get("image"),
+                    field=data.get("field"))
 
 
 class BadRequest(ServiceError):
@@ -91,18 +113,37 @@ class ClientClosed(ServiceError):
     default_code = "client_closed"
 
 
-class Overloaded(ServiceError):
+class Unavailable(ServiceError):
+    """503: try again after ``retry_after_s`` (sent as ``Retry-After``)."""
+
     status = 503
-    default_code = "overloaded"
+    default_code = "unavailable"
 
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
 
+class Overloaded(Unavailable):
+    default_code = "overloaded"
+
+
+class EngineUnavailable(Unavailable):
+    """No engine process answers (starting, restarting after a crash, or gone)."""
+
+    default_code = "engine_unavailable"
+
+
 class DeadlineExceeded(ServiceError):
     status = 504
     default_code = "deadline_exceeded"
+
+
+_BY_STATUS: dict[int, type[ServiceError]] = {
+    400: BadRequest, 404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge,
+    415: UnsupportedMediaType, 422: InvalidField, 499: ClientClosed, 503: Unavailable,
+    504: DeadlineExceeded,
+}
 
 
 class ConfigError(Exception):

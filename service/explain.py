@@ -4,27 +4,28 @@ Stages (DESIGN.md): validate the request as a whole, then each image (decode,
 fit to the model input, resolve its targets) *before* any compute, so a batch
 never fails because of one bad image; one engine call for the batch; then
 render each result in the requested format and size.
+
+No torch here: the engine is an ``interface.Engine`` (the engine process over
+its socket for the HTTP workers, an in-process ``Runtime`` for the CLI), and
+everything this module does to images is numpy and Pillow.
 """
 
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
-import torch
 from PIL import Image
 
 from service import metrics
-from service.engine.layers import UnknownLayerError, resolve_layer
-from service.engine.models import LoadedModel
-from service.engine.runtime import Runtime
 from service.errors import InvalidField, PayloadTooLarge
 from service.imaging.decoding import decode_base64, decode_image
-from service.imaging.geometry import Geometry, model_view, to_model_input
+from service.imaging.geometry import Geometry, model_view, to_model_pixels
 from service.imaging.render import (
     blend,
     colorize,
@@ -34,7 +35,9 @@ from service.imaging.render import (
     to_rgb8,
     to_uint8,
 )
+from service.interface import Box, Engine, Job, ModelInfo
 from service.schemas import ClassRef, ExplainRequest, HeatmapOptions, TargetSpec
+from service.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ class PreparedImage:
 
     index: int
     image: Image.Image  # as displayed: EXIF orientation applied; mode L, RGB or F
-    tensor: torch.Tensor  # (C, H_in, W_in) float32, normalised
+    pixels: np.ndarray  # (H_in, W_in, 1 or 3) uint8, or float32 in [0, 1]
+    box: Box | None  # where the image lies on the input, if not all of it
     geometry: Geometry
     targets: list[int | None]  # None = the top-1 class
 
@@ -53,10 +57,10 @@ class ExplainedImage:
     prepared: PreparedImage
     scores: np.ndarray  # (K,) probabilities (softmax) or sigmoid scores (multilabel)
     targets: list[int]
-    cams: list[torch.Tensor]  # (h, w) raw maps, one per target
+    cams: list[np.ndarray]  # (h, w) raw maps, one per target
 
 
-def _class_index(ref: ClassRef, model: LoadedModel, index: int) -> int:
+def _class_index(ref: ClassRef, model: ModelInfo, index: int) -> int:
     field = f"targets[{index}]"
     if isinstance(ref, str):
         found = model.class_index(ref)
@@ -73,60 +77,56 @@ def _class_index(ref: ClassRef, model: LoadedModel, index: int) -> int:
     return ref
 
 
-def resolve_targets(spec: TargetSpec, model: LoadedModel, index: int) -> list[int | None]:
+def resolve_targets(spec: TargetSpec, model: ModelInfo, index: int) -> list[int | None]:
     if spec is None:
         return [None]
     refs = spec if isinstance(spec, list) else [spec]
     return [_class_index(ref, model, index) for ref in refs]
 
 
-def prepare_image(data: bytes, index: int, model: LoadedModel, max_pixels: int,
+def prepare_image(data: bytes, index: int, model: ModelInfo, max_pixels: int,
                   targets: TargetSpec = None, frame: int | None = None) -> PreparedImage:
     """Decode and fit one image; every problem raises a ``ServiceError`` naming ``index``."""
     resolved = resolve_targets(targets, model, index)
     image = decode_image(data, index, model.channels, max_pixels, frame)
-    tensor, geometry = to_model_input(image, model.input_size, model.spec.resize, model.mean,
-                                      model.std)
-    return PreparedImage(index, image, tensor, geometry, resolved)
+    pixels, box, geometry = to_model_pixels(image, model.input_size, model.resize)
+    return PreparedImage(index, image, pixels, box, geometry, resolved)
 
 
-def choose_layer(model: LoadedModel, layer: str | None) -> str:
+def choose_layer(model: ModelInfo, layer: str | None) -> str:
     """The requested layer if it can be explained, else the model's default."""
     if layer is None:
         return model.default_layer
     if layer in model.layer_names():
         return layer
-    try:
-        resolve_layer(model.module, layer)
-    except UnknownLayerError as error:
-        raise InvalidField(f"Model '{model.name}': {error}", code="unknown_layer",
-                           field="layer") from None
+    if layer not in model.modules:
+        close = model.suggest_modules(layer)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise InvalidField(f"Model '{model.name}': the model has no layer '{layer}'.{hint}",
+                           code="unknown_layer", field="layer")
     raise InvalidField(f"Layer '{layer}' of model '{model.name}' does not return an (N, C, H, W) "
                        "feature map exactly once per forward pass; GET the model's layers for "
                        "the ones that do.", code="unsupported_layer", field="layer")
 
 
-def run(runtime: Runtime, model: LoadedModel, layer: str, method: str,
-        prepared: Sequence[PreparedImage],
+def run(engine: Engine, model: ModelInfo, layer: str, method: str,
+        prepared: Sequence[PreparedImage], deadline: float,
         disconnected: Callable[[], bool] | None = None) -> list[ExplainedImage]:
-    """One engine call for all ``prepared`` images (through the runtime's batcher)."""
-    inputs = torch.stack([p.tensor for p in prepared])
-    batch = runtime.compute(model, inputs, layer, [p.targets for p in prepared],
-                            [method] * len(prepared), disconnected)
-    if model.spec.multilabel:
-        scores = torch.sigmoid(batch.logits)
-    else:
-        scores = torch.softmax(batch.logits, dim=1)
-    return [ExplainedImage(p, scores[i].numpy(), batch.targets[i], batch.cams[i])
+    """One engine call for all ``prepared`` images (batched there with other requests)."""
+    job = Job(model=model.name, layer=layer, images=[p.pixels for p in prepared],
+              boxes=[p.box for p in prepared], targets=[p.targets for p in prepared],
+              methods=[method] * len(prepared))
+    result = engine.run(job, deadline, disconnected)
+    return [ExplainedImage(p, result.scores[i], result.targets[i], result.maps[i])
             for i, p in enumerate(prepared)]
 
 
-def _prediction(model: LoadedModel, index: int, scores: np.ndarray) -> dict[str, Any]:
+def _prediction(model: ModelInfo, index: int, scores: np.ndarray) -> dict[str, Any]:
     return {"index": index, "label": model.labels[index], "score": float(scores[index])}
 
 
 def overlay_base(prepared: PreparedImage, size: str, shape: tuple[int, int],
-                 model: LoadedModel) -> np.ndarray:
+                 model: ModelInfo) -> np.ndarray:
     """The image under an overlay of ``size``: ``(H, W, 3) uint8``."""
     if size == "original":
         return to_rgb8(prepared.image)
@@ -140,8 +140,8 @@ def overlay_base(prepared: PreparedImage, size: str, shape: tuple[int, int],
     return rgb
 
 
-def render_heatmap(cam: torch.Tensor, prepared: PreparedImage, options: HeatmapOptions,
-                   model: LoadedModel) -> dict[str, Any]:
+def render_heatmap(cam: np.ndarray, prepared: PreparedImage, options: HeatmapOptions,
+                   model: ModelInfo) -> dict[str, Any]:
     """One heatmap object of the response (``values`` stay a numpy array for orjson)."""
     height, width = output_shape(cam, prepared.geometry, options.size)
     out: dict[str, Any] = {"format": options.format, "width": width, "height": height,
@@ -165,7 +165,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def render_result(result: ExplainedImage, model: LoadedModel, top_k: int,
+def render_result(result: ExplainedImage, model: ModelInfo, top_k: int,
                   options: HeatmapOptions) -> dict[str, Any]:
     geometry = result.prepared.geometry
     order = np.argsort(-result.scores, kind="stable")[:min(top_k, model.num_classes)]
@@ -183,14 +183,16 @@ def render_result(result: ExplainedImage, model: LoadedModel, top_k: int,
     }
 
 
-def explain(request: ExplainRequest, runtime: Runtime,
-            disconnected: Callable[[], bool] | None = None) -> dict[str, Any]:
+def explain(request: ExplainRequest, engine: Engine, limits: Settings,
+            disconnected: Callable[[], bool] | None = None,
+            started: float | None = None) -> dict[str, Any]:
     """The response body for ``request`` (see ``schemas.ExplainResponse``).
 
     ``disconnected`` tells whether the client has gone; a request whose client
-    left is not computed.
+    left is not computed. The deadline is ``limits.request_timeout_s`` after
+    ``started`` (``time.monotonic()``; default now).
     """
-    limits = runtime.settings
+    deadline = (started if started is not None else time.monotonic()) + limits.request_timeout_s
     if len(request.images) > limits.max_images_per_request:
         raise PayloadTooLarge(f"The request has {len(request.images)} images; the limit is "
                               f"{limits.max_images_per_request}.", code="too_many_images",
@@ -199,7 +201,7 @@ def explain(request: ExplainRequest, runtime: Runtime,
         raise InvalidField(f"The targets list has {len(request.targets)} entries for "
                            f"{len(request.images)} images; give one per image (null for the "
                            "top-1 class).", code="targets_length", field="targets")
-    model = runtime.get_model(request.model)
+    model = engine.catalog().get(request.model)
     layer = choose_layer(model, request.layer)
     targets: list[TargetSpec] = list(request.targets or [None] * len(request.images))
     with metrics.STAGE_DURATION.labels("decode").time():
@@ -208,7 +210,7 @@ def explain(request: ExplainRequest, runtime: Runtime,
                           request.frame)
             for i, text in enumerate(request.images)
         ]
-    results = run(runtime, model, layer, request.method, prepared, disconnected)
+    results = run(engine, model, layer, request.method, prepared, deadline, disconnected)
     metrics.IMAGES_EXPLAINED.labels(model.name).inc(len(results))
     with metrics.STAGE_DURATION.labels("render").time():
         rendered = [render_result(r, model, request.top_k, request.heatmap) for r in results]

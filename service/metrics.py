@@ -48,6 +48,8 @@ ERRORS = Counter(
     "gradcam_errors_total", "Error responses, by stable error code.", ["code"])
 IMAGES_EXPLAINED = Counter(
     "gradcam_images_explained_total", "Images explained, by model.", ["model"])
+ENGINE_RESTARTS = Counter(
+    "gradcam_engine_restarts_total", "Engine processes that exited and were restarted.")
 MODEL_LOAD_SECONDS = Gauge(
     "gradcam_model_load_seconds", "Time a worker took to load each model.", ["model"],
     multiprocess_mode="max")

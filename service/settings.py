@@ -133,6 +133,34 @@ def load_models_file(path: Path | str) -> ModelsFile:
 Device = Literal["auto", "cpu", "cuda"]
 
 
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota
+    (a container limited to 2 CPUs on a 64-core host has 2, not 64)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, max(1, int(quota + 0.5)))
+    return max(1, cores)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs allowed by the cgroup (v2 ``cpu.max``, or v1 CFS quota/period), if limited."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
 class Settings(BaseModel):
     """Service settings; ``Settings.from_env()`` reads them from ``GRADCAM_*`` variables."""
 
@@ -142,18 +170,26 @@ class Settings(BaseModel):
     device: Device = "auto"
     host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
-    # 0 = sized for the machine (see gunicorn_conf.py).
+    # 0 = sized for the machine: HTTP workers one per core, engines one per visible
+    # GPU (else one), torch threads the cores shared among the engines.
     workers: Annotated[int, Field(ge=0)] = 0
     threads: Annotated[int, Field(ge=0)] = 0
+    engines: Annotated[int, Field(ge=0)] = 0
     torch_threads: Annotated[int, Field(ge=0)] = 0
     # float16 autocast for the forward pass on CUDA (ignored on the CPU).
     autocast: bool = False
-    # Micro-batching (batching.py): images per engine call, an optional extra
-    # wait for a fuller batch, the queue bound (full → 503) and the deadline (→ 504).
+    # Micro-batching (engine/batching.py): images per engine call, an optional extra
+    # wait for a fuller batch, the queue bounds (full → 503: requests waiting, or
+    # seconds of work ahead at the measured pace) and the deadline (→ 504).
     max_batch_size: PositiveInt = 16
     max_batch_delay_s: Annotated[float, Field(ge=0, le=10)] = 0.0
     max_queue: PositiveInt = 256
+    max_queue_wait_s: Annotated[float, Field(ge=0)] = 5.0
     request_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    # Supervision (supervisor.py): engine crashes in a row (each up less than a
+    # minute) before serve gives up and exits non-zero; the drain allowed on SIGTERM.
+    engine_max_restarts: Annotated[int, Field(ge=0)] = 5
+    shutdown_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     max_images_per_request: PositiveInt = 32
     max_image_pixels: PositiveInt = 64_000_000
     max_request_bytes: PositiveInt = 64 * 1024 * 1024

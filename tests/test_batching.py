@@ -6,18 +6,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
-import torch
 
-from service.engine.batching import BatchKey, BatchStats, MicroBatcher, WorkItem, wait
-from service.engine.gradcam import CamBatch
-from service.errors import DeadlineExceeded, Overloaded
+from service.engine.batching import BatchKey, BatchStats, MicroBatcher, WorkItem
+from service.errors import DeadlineExceeded, EngineUnavailable, Overloaded
+from service.interface import Job, JobResult, wait_for
 
 KEY: BatchKey = ("m", "layer")
 
 
 class FakeEngine:
-    """Records each call's batch; a value of -1 in an input poisons its batch."""
+    """Records each call's batch; a value of -1 in an image poisons its batch."""
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.calls: list[tuple[BatchKey, int]] = []
@@ -25,23 +25,23 @@ class FakeEngine:
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, key: BatchKey, inputs: torch.Tensor, targets: list[list[int | None]],
-                 methods: list[str]) -> CamBatch:
+    def __call__(self, job: Job) -> JobResult:
         self.gate.wait(10)
-        self.calls.append((key, int(inputs.shape[0])))
+        self.calls.append(((job.model, job.layer), job.size))
         time.sleep(self.delay_s)
-        if (inputs == -1).any():
+        if any((image == -1).any() for image in job.images):
             raise ValueError("poisoned input")
-        n = inputs.shape[0]
-        # Each image's "map" is its own input value: results must come back to their owner.
-        return CamBatch(logits=inputs.reshape(n, -1)[:, :2].clone(),
-                        targets=[[0 if t is None else t for t in ts] for ts in targets],
-                        cams=[[inputs[i, 0].clone()] for i in range(n)])
+        # Each image's "map" is its own pixels: results must come back to their owner.
+        return JobResult(scores=np.stack([image.reshape(-1)[:2] for image in job.images]),
+                         targets=[[0 if t is None else t for t in ts] for ts in job.targets],
+                         maps=[[image[:, :, 0].copy()] for image in job.images])
 
 
 def _item(value: float, n: int = 1, key: BatchKey = KEY, timeout_s: float = 10) -> WorkItem:
-    return WorkItem(key=key, inputs=torch.full((n, 1, 2, 2), value), targets=[[None]] * n,
-                    methods=["gradcam"] * n, deadline=time.monotonic() + timeout_s)
+    job = Job(model=key[0], layer=key[1],
+              images=[np.full((2, 2, 1), value, dtype=np.float32) for _ in range(n)],
+              boxes=[None] * n, targets=[[None]] * n, methods=["gradcam"] * n)
+    return WorkItem(job=job, deadline=time.monotonic() + timeout_s)
 
 
 def test_an_idle_batcher_adds_no_wait() -> None:
@@ -51,7 +51,7 @@ def test_an_idle_batcher_adds_no_wait() -> None:
     result = batcher.submit(_item(3.0))
     out = result.result(5)
     assert time.monotonic() - started < 0.1
-    assert float(out.cams[0][0][0, 0]) == 3.0
+    assert float(out.maps[0][0][0, 0]) == 3.0
     batcher.close()
 
 
@@ -64,9 +64,9 @@ def test_a_busy_batcher_batches_what_arrived_meanwhile_and_results_find_their_ow
     time.sleep(0.05)  # the consumer has taken the first item and waits at the gate
     futures = [batcher.submit(_item(float(v))) for v in range(1, 11)]
     engine.gate.set()
-    assert float(first.result(5).cams[0][0][0, 0]) == 0.0
+    assert float(first.result(5).maps[0][0][0, 0]) == 0.0
     for value, future in zip(range(1, 11), futures, strict=True):
-        assert float(future.result(5).cams[0][0][0, 0]) == value
+        assert float(future.result(5).maps[0][0][0, 0]) == value
     # 1 alone, then a full batch of 8, then the remaining 2.
     assert [n for _, n in engine.calls] == [1, 8, 2]
     assert stats[1].images == 8 and stats[1].items == 8
@@ -142,10 +142,10 @@ def test_wait_gives_504_and_cancels_a_disconnected_request() -> None:
     item = _item(1.0)
     future = batcher.submit(item)
     with pytest.raises(DeadlineExceeded):
-        wait(future, time.monotonic() + 0.1)
+        wait_for(future, time.monotonic() + 0.1)
     gone = batcher.submit(_item(2.0))
     with pytest.raises(Exception, match="disconnected"):
-        wait(gone, time.monotonic() + 5, disconnected=lambda: True)
+        wait_for(gone, time.monotonic() + 5, disconnected=lambda: True)
     assert future.cancelled() and gone.cancelled()
     engine.gate.set()
     time.sleep(0.1)
@@ -162,7 +162,7 @@ def test_a_failing_batch_is_retried_item_by_item() -> None:
     good = [batcher.submit(_item(float(v))) for v in (1, 2)]
     bad = batcher.submit(_item(-1.0))
     engine.gate.set()
-    assert [float(f.result(5).cams[0][0][0, 0]) for f in good] == [1.0, 2.0]
+    assert [float(f.result(5).maps[0][0][0, 0]) for f in good] == [1.0, 2.0]
     with pytest.raises(ValueError, match="poisoned"):
         bad.result(5)
     # The batch of 3 failed once, then each item ran alone.
@@ -195,10 +195,63 @@ def test_many_threads_each_get_their_own_result() -> None:
     batcher = MicroBatcher(engine, max_batch_size=8)
 
     def one(value: int) -> float:
-        return float(batcher.submit(_item(float(value), n=2)).result(10).cams[1][0][0, 0])
+        return float(batcher.submit(_item(float(value), n=2)).result(10).maps[1][0][0, 0])
 
     with ThreadPoolExecutor(16) as pool:
         assert list(pool.map(one, range(64))) == [float(v) for v in range(64)]
     assert max(n for _, n in engine.calls) > 2  # requests were batched together
     assert all(n <= 8 for _, n in engine.calls)
     batcher.close()
+
+
+def test_a_full_queue_by_time_answers_overloaded_at_once() -> None:
+    engine = FakeEngine(delay_s=0.05)
+    batcher = MicroBatcher(engine, max_batch_size=1, max_queue=100, max_queue_wait_s=0.2)
+    batcher.submit(_item(0.0)).result(5)  # measures the pace: ~0.05 s per image
+    engine.gate.clear()
+    running = batcher.submit(_item(0.0))
+    time.sleep(0.05)
+    queued = [batcher.submit(_item(1.0)) for _ in range(4)]  # 4 × 0.05 s ahead: the limit
+    started = time.monotonic()
+    with pytest.raises(Overloaded) as info:
+        batcher.submit(_item(2.0))
+    assert time.monotonic() - started < 0.05
+    assert "behind" in info.value.message and info.value.retry_after_s >= 1
+    engine.gate.set()
+    for future in [running, *queued]:
+        future.result(5)
+    batcher.submit(_item(3.0)).result(5)  # drained: taken again
+    batcher.close()
+
+
+def test_close_with_drain_computes_what_is_queued() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = MicroBatcher(engine, max_batch_size=1)
+    running = batcher.submit(_item(0.0))
+    time.sleep(0.05)
+    queued = [batcher.submit(_item(float(v))) for v in (1, 2)]
+    closer = threading.Thread(target=batcher.close, kwargs={"drain": True})
+    closer.start()
+    time.sleep(0.05)
+    with pytest.raises(Overloaded):
+        batcher.submit(_item(3.0))  # closing: nothing new
+    engine.gate.set()
+    closer.join(5)
+    assert [float(f.result(5).maps[0][0][0, 0]) for f in [running, *queued]] == [0.0, 1.0, 2.0]
+
+
+def test_a_dead_model_loop_fails_its_queue_and_reports() -> None:
+    died: list[BaseException] = []
+
+    def broken_compute(job: Job) -> JobResult:
+        raise SystemExit("a bug outside the model call")  # not an Exception: not retried
+
+    batcher = MicroBatcher(broken_compute, max_batch_size=1, on_fatal=died.append)
+    future = batcher.submit(_item(0.0))
+    with pytest.raises(EngineUnavailable):
+        future.result(5)
+    time.sleep(0.05)
+    assert not batcher.alive and len(died) == 1
+    with pytest.raises(Overloaded):
+        batcher.submit(_item(1.0))

@@ -154,7 +154,7 @@ def _rss_bytes() -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
 def test_memory_steady_over_200_calls(runtime) -> None:
-    model = runtime.get_model(None)
+    model = runtime.models[runtime.default_model]
     engine = GradCAM(model.module)
     inputs = torch.randn(4, 1, 128, 128)
     targets: list[list[int | None]] = [[None], [0, 1], [2], [3]]

@@ -20,7 +20,7 @@ from tests.conftest import bomb_png, encode, phantom, phantom_png, png_bytes
 
 
 def _explain(runtime: Runtime, **body: object) -> dict:
-    response = explain(ExplainRequest.model_validate(body), runtime)
+    response = explain(ExplainRequest.model_validate(body), runtime, runtime.settings)
     # Whatever the path returns must serialise and match the response model.
     ExplainResponse.model_validate_json(dumps(response))
     return orjson.loads(dumps(response))
@@ -179,7 +179,7 @@ BAD_REQUESTS: list[tuple[dict, int, str]] = [
 def test_bad_input_is_a_clear_client_error(runtime: Runtime, body: dict, status: int,
                                            code: str) -> None:
     with pytest.raises(ServiceError) as info:
-        explain(ExplainRequest.model_validate(body), runtime)
+        explain(ExplainRequest.model_validate(body), runtime, runtime.settings)
     assert (info.value.status, info.value.code) == (status, code), info.value.message
     assert info.value.message[0].isupper() and info.value.message[-1] in ".?"
 

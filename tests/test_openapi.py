@@ -27,7 +27,7 @@ def test_the_document_is_valid_openapi() -> None:
 
 
 def test_routes_match_the_app(runtime: Runtime) -> None:
-    app = create_app(runtime=runtime)
+    app = create_app(engine=runtime)
     ours = set()
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":

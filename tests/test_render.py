@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from service.imaging.geometry import fit_geometry, to_model_input
+from service.imaging.geometry import fit_geometry, to_model_pixels
 from service.imaging.render import (
     COLORMAP,
     blend,
@@ -25,20 +25,20 @@ from service.imaging.render import (
 def test_resample_to_input_equals_torch_bilinear() -> None:
     cam = torch.rand(7, 9)
     geometry = fit_geometry(300, 200, (224, 288), "stretch")
-    ours = resample(cam, geometry, "input")
+    ours = resample(cam.numpy(), geometry, "input")
     theirs = F.interpolate(cam[None, None], size=(224, 288), mode="bilinear",
                            align_corners=False)[0, 0]
-    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert np.allclose(ours, theirs.numpy(), atol=1e-5)
 
 
 def test_stretch_original_equals_torch_bilinear_at_the_image_size() -> None:
     cam = torch.rand(16, 16)
     geometry = fit_geometry(517, 389, (128, 128), "stretch")
-    ours = resample(cam, geometry, "original")
+    ours = resample(cam.numpy(), geometry, "original")
     theirs = F.interpolate(cam[None, None], size=(389, 517), mode="bilinear",
                            align_corners=False)[0, 0]
     assert ours.shape == (389, 517)
-    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert np.allclose(ours, theirs.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("resize", ["stretch", "letterbox", "crop"])
@@ -52,7 +52,7 @@ def test_a_point_in_the_input_maps_back_to_the_same_place(resize: str) -> None:
         yi = y * geometry.scale_y + geometry.offset_y
         if not (0 <= xi < 100 and 0 <= yi < 100):
             continue  # cropped away
-        cam = torch.zeros(100, 100)
+        cam = np.zeros((100, 100), dtype=np.float32)
         cam[int(yi), int(xi)] = 1
         heat = heatmap(cam, geometry, "original")
         py, px = np.unravel_index(heat.argmax(), heat.shape)
@@ -64,28 +64,42 @@ def test_crop_leaves_unseen_pixels_at_zero_and_box_is_the_seen_part() -> None:
     geometry = fit_geometry(400, 200, (100, 100), "crop")
     x0, y0, x1, y1 = geometry.box
     assert (x0, y0, x1, y1) == pytest.approx((100, 0, 300, 200))
-    heat = heatmap(torch.ones(4, 4) + torch.rand(4, 4), geometry, "original")
+    heat = heatmap(1 + np.random.default_rng(0).random((4, 4), dtype=np.float32), geometry,
+                   "original")
     assert heat[:, :99].max() == 0 and heat[:, 301:].max() == 0
     assert heat[:, 101:299].min() >= 0 and heat.max() == pytest.approx(1.0)
 
 
-def test_letterbox_pads_with_the_mean_and_keeps_aspect() -> None:
+def test_letterbox_keeps_aspect_and_says_where_the_image_lies() -> None:
     image = Image.fromarray(np.full((50, 200), 255, dtype=np.uint8))
-    tensor, geometry = to_model_input(image, (100, 100), "letterbox", (0.5,), (0.25,))
+    pixels, box, geometry = to_model_pixels(image, (100, 100), "letterbox")
     assert geometry.scale_x == pytest.approx(0.5) and geometry.scale_y == pytest.approx(0.5)
     # 25 rows of image in 100: 37 rows of padding above (integer offset), 38 below.
     assert geometry.box == pytest.approx((0, -74, 200, 126))
-    assert tensor.shape == (1, 100, 100)
-    assert float(tensor[0, 0, 0]) == 0.0  # padding normalises to zero
-    assert float(tensor[0, 50, 50]) == pytest.approx(2.0)  # (1 - 0.5) / 0.25
+    assert pixels.shape == (100, 100, 1) and pixels.dtype == np.uint8
+    assert box == (0, 37, 100, 62)  # the engine zeroes the normalised input outside it
+    assert pixels[:37].max() == 0 and pixels[62:].max() == 0 and pixels[37:62].min() == 255
+
+
+def test_model_pixels_keep_8_bit_images_8_bit_and_the_rest_float() -> None:
+    gray = Image.fromarray(np.arange(64 * 48, dtype=np.uint32).reshape(48, 64).astype(np.uint8))
+    pixels, box, _ = to_model_pixels(gray, (32, 32), "stretch")
+    assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 1) and box is None
+    rgb, _, _ = to_model_pixels(gray.convert("RGB"), (32, 32), "crop")
+    assert rgb.dtype == np.uint8 and rgb.shape == (32, 32, 3)
+    fine = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
+    floats, _, _ = to_model_pixels(Image.fromarray(fine), (32, 32), "stretch")
+    assert floats.dtype == np.float32 and floats.shape == (32, 32, 1)
+    # 16-bit detail survives: far more distinct levels than 8 bits could carry.
+    assert len(np.unique(floats)) > 256
 
 
 def test_normalise_edge_cases() -> None:
-    assert torch.equal(normalise(torch.zeros(3, 3)), torch.zeros(3, 3))
-    assert torch.equal(normalise(torch.full((3, 3), 2.0)), torch.ones(3, 3))
-    values = normalise(torch.tensor([[1.0, 3.0], [2.0, 5.0]]))
+    assert np.array_equal(normalise(np.zeros((3, 3), np.float32)), np.zeros((3, 3)))
+    assert np.array_equal(normalise(np.full((3, 3), 2.0, np.float32)), np.ones((3, 3)))
+    values = normalise(np.array([[1.0, 3.0], [2.0, 5.0]], np.float32))
     assert float(values.min()) == 0 and float(values.max()) == 1
-    assert not torch.isnan(normalise(torch.zeros(2, 2))).any()
+    assert not np.isnan(normalise(np.zeros((2, 2), np.float32))).any()
 
 
 def test_colour_map_and_pngs() -> None:

@@ -1,16 +1,23 @@
-"""MicroBatcher: requests from many threads, one model step at a time, in batches.
+"""MicroBatcher: jobs from many requests, one model step at a time, in batches.
 
-One consumer thread per worker process. When the model is free it takes what is
+One consumer thread (the model loop) per engine. When the model is free it takes what is
 queued, up to ``max_batch_size`` images: an idle server adds no wait to a lone
 request, a busy one batches whatever arrived meanwhile. ``max_batch_delay_s``
 (default 0) can add a wait, counted from the first queued item on a monotonic
 clock. Items for different keys (model, layer) go to different batches;
 different methods and targets share one (the method is post-processing).
 
-A full queue refuses at once (``Overloaded``, 503); an item past its deadline is
-dropped before compute (``DeadlineExceeded``, 504); a cancelled item (its
-client went away) is skipped. If a batch raises, it is retried item by item, so
-one poisoned image cannot fail its neighbours. ``close()`` fails what is queued.
+A full queue refuses at once (``Overloaded``, 503): full means ``max_queue``
+requests waiting, or more queued images than the model gets through in
+``max_queue_wait_s`` at its measured pace, so an overloaded service answers
+503 in milliseconds instead of letting every request wait towards its deadline.
+A lone request is always taken. An item past its deadline is dropped before
+compute (``DeadlineExceeded``, 504); a cancelled item (its client went away) is
+skipped. If a batch raises, it is retried item by item, so one poisoned image
+cannot fail its neighbours. ``close()`` fails what is queued, or with
+``drain=True`` lets the model loop finish it first. If the model loop itself
+dies (a bug outside the model call), ``alive`` turns false, queued requests
+fail, and ``on_fatal`` runs: the engine process exits and is restarted.
 """
 
 from __future__ import annotations
@@ -23,34 +30,35 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import torch
-
-from service.engine.gradcam import CamBatch
-from service.errors import ClientClosed, DeadlineExceeded, Overloaded
+from service.errors import DeadlineExceeded, EngineUnavailable, Overloaded
+from service.interface import Job, JobResult, JobTimings
 
 logger = logging.getLogger(__name__)
 
 # Items batch together only under the same key: (model name, layer).
 BatchKey = tuple[str, str]
-# (key, inputs (N, C, H, W), targets per image, method per image) → CamBatch for those N.
-ComputeFn = Callable[[BatchKey, torch.Tensor, list[list[int | None]], list[str]], CamBatch]
+# A job (one or several requests merged, in order) → its result, all on the CPU.
+ComputeFn = Callable[[Job], JobResult]
+# The pace estimate follows recent batches without jumping at one odd one.
+_PACE_SMOOTHING = 0.2
 
 
 @dataclass
 class WorkItem:
-    """One request's images for one key; ``future`` receives its ``CamBatch``."""
+    """One request's job; ``future`` receives its ``JobResult``."""
 
-    key: BatchKey
-    inputs: torch.Tensor  # (n, C, H, W)
-    targets: list[list[int | None]]
-    methods: list[str]
+    job: Job
     deadline: float  # time.monotonic() after which the result is useless
-    future: Future[CamBatch] = field(default_factory=Future)
+    future: Future[JobResult] = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
 
     @property
+    def key(self) -> BatchKey:
+        return (self.job.model, self.job.layer)
+
+    @property
     def size(self) -> int:
-        return int(self.inputs.shape[0])
+        return self.job.size
 
 
 @dataclass(frozen=True)
@@ -63,55 +71,95 @@ class BatchStats:
     compute_s: float
 
 
+def merge_jobs(jobs: Sequence[Job]) -> Job:
+    """One job of every image of ``jobs`` (same model and layer), in order."""
+    if len(jobs) == 1:
+        return jobs[0]
+    return Job(model=jobs[0].model, layer=jobs[0].layer,
+               images=[image for job in jobs for image in job.images],
+               boxes=[box for job in jobs for box in job.boxes],
+               targets=[t for job in jobs for t in job.targets],
+               methods=[m for job in jobs for m in job.methods])
+
+
 class MicroBatcher:
     def __init__(self, compute: ComputeFn, *, max_batch_size: int = 16,
                  max_batch_delay_s: float = 0.0, max_queue: int = 256,
+                 max_queue_wait_s: float = 0.0,
                  on_batch: Callable[[BatchStats], None] | None = None,
-                 on_queue_depth: Callable[[int], None] | None = None) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_batch_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1, the delay >= 0")
+                 on_queue_depth: Callable[[int], None] | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_batch_delay_s < 0 or max_queue_wait_s < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, the waits >= 0")
         self._compute = compute
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue = max_queue
+        self.max_queue_wait_s = max_queue_wait_s
         self._on_batch = on_batch
         self._on_queue_depth = on_queue_depth
+        self._on_fatal = on_fatal
         self._pending: deque[WorkItem] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="gradcam-batcher", daemon=True)
+        self._drain = False
+        self._dead = False
+        self._seconds_per_image: float | None = None
+        self._running: list[WorkItem] = []
+        self._thread = threading.Thread(target=self._run, name="gradcam-model-loop", daemon=True)
         self._thread.start()
 
-    # --- request threads -------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        """False once the model loop has died or the batcher is closed."""
+        return self._thread.is_alive() and not self._dead and not self._closed
 
-    def submit(self, item: WorkItem) -> Future[CamBatch]:
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    # --- producers -------------------------------------------------------------
+
+    def submit(self, item: WorkItem) -> Future[JobResult]:
         """Queue ``item``; ``Overloaded`` at once if the queue is full or closing."""
         with self._cond:
-            if self._closed:
+            if self._closed or self._dead:
                 raise Overloaded("The server is shutting down; retry on another replica.")
-            if len(self._pending) >= self.max_queue:
-                raise Overloaded(f"The queue is full ({self.max_queue} requests waiting); "
-                                 "retry shortly.", retry_after_s=1)
+            if self._pending:
+                if len(self._pending) >= self.max_queue:
+                    raise Overloaded(f"The queue is full ({self.max_queue} requests waiting); "
+                                     "retry shortly.", retry_after_s=1)
+                wait_s = self._expected_wait_s()
+                if wait_s is not None and wait_s > self.max_queue_wait_s:
+                    raise Overloaded(
+                        f"The model is {wait_s:.1f} s behind (limit {self.max_queue_wait_s:g} s);"
+                        " retry shortly.", retry_after_s=max(1, round(wait_s)))
             self._pending.append(item)
             self._report_depth()
             self._cond.notify()
         return item.future
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Stop taking work, fail what is queued, and wait for the running batch."""
+    def _expected_wait_s(self) -> float | None:
+        """How long a new item would wait before its compute starts, at the recent pace."""
+        if not self.max_queue_wait_s or self._seconds_per_image is None:
+            return None
+        return sum(item.size for item in self._pending) * self._seconds_per_image
+
+    def close(self, timeout_s: float = 10.0, drain: bool = False) -> None:
+        """Stop taking work; fail what is queued (or, with ``drain``, compute it first);
+        wait for the model loop to finish."""
         with self._cond:
             self._closed = True
-            pending = list(self._pending)
-            self._pending.clear()
+            self._drain = drain
+            pending = [] if drain else list(self._pending)
+            if not drain:
+                self._pending.clear()
             self._report_depth()
             self._cond.notify_all()
-        for item in pending:
-            if item.future.set_running_or_notify_cancel():
-                item.future.set_exception(
-                    Overloaded("The server is shutting down; retry on another replica."))
+        _fail(pending, Overloaded("The server is shutting down; retry on another replica."))
         self._thread.join(timeout_s)
 
-    # --- the consumer thread ---------------------------------------------------
+    # --- the model loop --------------------------------------------------------
 
     def _report_depth(self) -> None:
         if self._on_queue_depth is not None:
@@ -121,10 +169,10 @@ class MicroBatcher:
         with self._cond:
             while not self._pending and not self._closed:
                 self._cond.wait()
-            if self._closed:
+            if not self._pending or (self._closed and not self._drain):
                 return None
             first = self._pending[0]
-            if self.max_batch_delay_s > 0:
+            if self.max_batch_delay_s > 0 and not self._closed:
                 until = first.enqueued_at + self.max_batch_delay_s
                 while not self._closed and self._queued_images(first.key) < self.max_batch_size:
                     remaining = until - time.monotonic()
@@ -148,6 +196,12 @@ class MicroBatcher:
         return sum(item.size for item in self._pending if item.key == key)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as error:
+            self._die(error)
+
+    def _loop(self) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
@@ -164,12 +218,29 @@ class MicroBatcher:
                     continue
                 live.append(item)
             if live:
+                self._running = live
                 self._execute(live, now)
+                self._running = []
+
+    def _die(self, error: BaseException) -> None:
+        logger.critical("the model loop died: %r", error, exc_info=error)
+        with self._cond:
+            self._dead = True
+            pending = list(self._pending)
+            self._pending.clear()
+            self._report_depth()
+        failure = EngineUnavailable("The engine failed and is restarting; retry shortly.")
+        for item in self._running:
+            if not item.future.done():
+                item.future.set_exception(failure)
+        _fail(pending, failure)
+        if self._on_fatal is not None:
+            self._on_fatal(error)
 
     def _execute(self, items: Sequence[WorkItem], started_wait: float) -> None:
         started = time.monotonic()
         try:
-            result = self._call(items)
+            result = self._compute(merge_jobs([item.job for item in items]))
         except Exception as error:  # delivered to the requests, never lost
             if len(items) == 1:
                 items[0].future.set_exception(error)
@@ -178,43 +249,30 @@ class MicroBatcher:
                            len(items), error)
             for item in items:
                 try:
-                    item.future.set_result(self._call([item]))
+                    item.future.set_result(self._compute(item.job))
                 except Exception as single:
                     item.future.set_exception(single)
             return
         compute_s = time.monotonic() - started
+        images = sum(item.size for item in items)
+        pace = compute_s / images
+        self._seconds_per_image = pace if self._seconds_per_image is None else (
+            (1 - _PACE_SMOOTHING) * self._seconds_per_image + _PACE_SMOOTHING * pace)
         offset = 0
         for item in items:
-            n = item.size
-            item.future.set_result(CamBatch(
-                logits=result.logits[offset:offset + n],
-                targets=result.targets[offset:offset + n],
-                cams=result.cams[offset:offset + n]))
-            offset += n
+            timings = JobTimings(queue_wait_s=started_wait - item.enqueued_at,
+                                 compute_s=compute_s, batch_images=images)
+            item.future.set_result(result.slice(offset, offset + item.size, timings))
+            offset += item.size
         if self._on_batch is not None:
             self._on_batch(BatchStats(
-                images=offset, items=len(items),
+                images=images, items=len(items),
                 queue_waits_s=tuple(started_wait - i.enqueued_at for i in items),
                 compute_s=compute_s))
 
-    def _call(self, items: Sequence[WorkItem]) -> CamBatch:
-        inputs = items[0].inputs if len(items) == 1 else torch.cat([i.inputs for i in items])
-        targets = [t for i in items for t in i.targets]
-        methods = [m for i in items for m in i.methods]
-        return self._compute(items[0].key, inputs, targets, methods)
 
+def _fail(items: Sequence[WorkItem], error: Exception) -> None:
+    for item in items:
+        if item.future.set_running_or_notify_cancel():
+            item.future.set_exception(error)
 
-def wait(future: Future[CamBatch], deadline: float,
-         disconnected: Callable[[], bool] | None = None, poll_s: float = 0.05) -> CamBatch:
-    """Wait for ``future`` until ``deadline`` (monotonic), cancelling it if the client left."""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            future.cancel()
-            raise DeadlineExceeded("The request took longer than its deadline.")
-        try:
-            return future.result(timeout=min(poll_s, remaining))
-        except TimeoutError:
-            if disconnected is not None and disconnected():
-                future.cancel()
-                raise ClientClosed("The client disconnected before the result was ready.") from None

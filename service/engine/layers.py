@@ -12,24 +12,14 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from service.interface import LayerInfo
+
 # Pooling modules whose output only resamples their input: never a default.
 _POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """A candidate target layer and its output shape ``(C, H, W)`` for one input image."""
-
-    name: str
-    kind: str
-    channels: int
-    height: int
-    width: int
 
 
 class UnknownLayerError(LookupError):

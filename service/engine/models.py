@@ -20,14 +20,9 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from service.engine.layers import (
-    LayerInfo,
-    UnknownLayerError,
-    default_layer,
-    probe_layers,
-    resolve_layer,
-)
+from service.engine.layers import UnknownLayerError, default_layer, probe_layers, resolve_layer
 from service.errors import ConfigError
+from service.interface import LayerInfo, ModelInfo
 from service.settings import ModelsFile, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -74,6 +69,16 @@ class LoadedModel:
             return self.labels.index(label)
         except ValueError:
             return None
+
+    def info(self) -> ModelInfo:
+        """What the HTTP side needs to know of this model (no weights, no torch)."""
+        return ModelInfo(
+            name=self.name, arch=self.spec.arch, labels=self.labels,
+            multilabel=self.spec.multilabel, channels=self.channels,
+            input_size=self.input_size, mean=self.mean, std=self.std, resize=self.spec.resize,
+            default_layer=self.default_layer, layers=self.layers,
+            modules=tuple(name for name, _ in self.module.named_modules() if name),
+            device=str(self.device))
 
 
 class _ModelConfigError(ConfigError):

@@ -1,9 +1,13 @@
-"""The per-process runtime: owns the loaded models, their engines and the batcher.
+"""The engine of one device: loaded models, their Grad-CAM engines, the micro-batcher.
 
-One ``Runtime`` per worker process (or per CLI run). ``start()`` loads every
-model of the models file, starts the micro-batcher's consumer thread, and runs
-one warm-up explanation per model, so the first real request pays no one-time
-cost; ``ready`` turns true only after that.
+``start()`` loads every model of the models file, starts the model loop, and
+runs one warm-up explanation per model, so the first real request pays no
+one-time cost; ``ready()`` turns true only after that.
+
+A ``Runtime`` is the ``interface.Engine`` of an in-process caller (the CLI,
+tests) and what the engine process (``engine.process``) serves over its socket.
+Jobs arrive as raw pixels at the model's input size; normalisation happens
+here, on the device, after one copy of the (usually 8-bit) batch to it.
 """
 
 from __future__ import annotations
@@ -12,14 +16,18 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from service import metrics
-from service.engine.batching import BatchKey, BatchStats, MicroBatcher, WorkItem, wait
-from service.engine.gradcam import CamBatch, GradCAM
+from service.engine.batching import BatchStats, MicroBatcher, WorkItem
+from service.engine.gradcam import GradCAM
 from service.engine.models import LoadedModel, load_model
-from service.errors import ConfigError, UnknownModel
+from service.errors import ConfigError, ServiceError
+from service.interface import Catalog, Job, JobResult, wait_for
 from service.settings import ModelsFile, Settings
 
 logger = logging.getLogger(__name__)
@@ -28,9 +36,15 @@ logger = logging.getLogger(__name__)
 def choose_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("GRADCAM_DEVICE is 'cuda' but no CUDA device is available")
-    return torch.device(setting)
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"GRADCAM_DEVICE is '{setting}' but no CUDA device is available")
+    device = torch.device(setting)
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"GRADCAM_DEVICE is '{setting}' but only "
+                              f"{torch.cuda.device_count()} CUDA device(s) are visible")
+        torch.cuda.set_device(device)
+    return device
 
 
 def _record_batch(stats: BatchStats) -> None:
@@ -40,22 +54,31 @@ def _record_batch(stats: BatchStats) -> None:
         metrics.STAGE_DURATION.labels("compute").observe(stats.compute_s)
 
 
+class InvalidJob(ServiceError):
+    """A job whose pixels do not fit the model: a bug on the sending side, not the client's."""
+
+
 class Runtime:
     """Loaded models, their engines, and the batcher every engine call goes through."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, device: str | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.settings = settings or Settings.from_env()
+        self._device_setting = device or self.settings.device
         self.models: dict[str, LoadedModel] = {}
         self.default_model = ""
         self.device = torch.device("cpu")
         self._engines: dict[str, GradCAM] = {}
+        self._normalisers: dict[str, tuple[Tensor, Tensor]] = {}
         self._batcher: MicroBatcher | None = None
-        self.ready = False
+        self._catalog: Catalog | None = None
+        self._on_fatal = on_fatal
+        self.started = False
 
     def start(self) -> Runtime:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
-        self.device = choose_device(self.settings.device)
+        self.device = choose_device(self._device_setting)
         if self.device.type == "cuda":
             # Fixed input sizes: let cuDNN pick the fastest kernels once.
             torch.backends.cudnn.benchmark = True
@@ -64,59 +87,115 @@ class Runtime:
             model = load_model(name, config, self.device)
             self.models[name] = model
             self._engines[name] = GradCAM(model.module, self.device, self.settings.autocast)
+            shape = (1, -1, 1, 1)
+            self._normalisers[name] = (
+                torch.tensor(model.mean, dtype=torch.float32, device=self.device).view(shape),
+                torch.tensor(model.std, dtype=torch.float32, device=self.device).view(shape))
             metrics.MODEL_LOAD_SECONDS.labels(name).set(model.load_seconds)
             metrics.MODEL_INFO.labels(name, model.spec.arch, model.default_layer,
                                       str(self.device)).set(1)
             logger.info("loaded model '%s' (%s) on %s in %.2f s", name, model.spec.arch,
                         self.device, model.load_seconds)
         self.default_model = config.default_model
+        self._catalog = Catalog({name: m.info() for name, m in self.models.items()},
+                                self.default_model)
         self._batcher = MicroBatcher(
-            self._run_engine, max_batch_size=self.settings.max_batch_size,
+            self._compute, max_batch_size=self.settings.max_batch_size,
             max_batch_delay_s=self.settings.max_batch_delay_s,
-            max_queue=self.settings.max_queue, on_batch=_record_batch,
-            on_queue_depth=metrics.QUEUE_DEPTH.set)
+            max_queue=self.settings.max_queue, max_queue_wait_s=self.settings.max_queue_wait_s,
+            on_batch=_record_batch, on_queue_depth=metrics.QUEUE_DEPTH.set,
+            on_fatal=self._on_fatal)
         for model in self.models.values():
             self._warm_up(model)
-        self.ready = True
-        logger.info("runtime ready: %d model(s), %d torch threads, pid %d", len(self.models),
-                    torch.get_num_threads(), os.getpid())
+        self.started = True
+        logger.info("engine ready: %d model(s) on %s, %d torch threads, pid %d", len(self.models),
+                    self.device, torch.get_num_threads(), os.getpid())
         return self
 
     def _warm_up(self, model: LoadedModel) -> None:
-        blank = torch.zeros(1, model.channels, *model.input_size)
-        self.compute(model, blank, model.default_layer, [[None]], ["gradcam"])
+        blank = np.zeros((*model.input_size, model.channels), dtype=np.uint8)
+        job = Job(model.name, model.default_layer, [blank], [None], [[None]], ["gradcam"])
+        self.run(job, time.monotonic() + 600)
 
-    def _run_engine(self, key: BatchKey, inputs: torch.Tensor,
-                    targets: list[list[int | None]], methods: list[str]) -> CamBatch:
-        name, layer = key
-        if self.device.type == "cuda":
-            inputs = inputs.pin_memory()
-        return self._engines[name](inputs, layer, targets, methods)
+    # --- the Engine protocol (in-process) ---------------------------------------
 
-    def get_model(self, name: str | None) -> LoadedModel:
-        key = name or self.default_model
-        try:
-            return self.models[key]
-        except KeyError:
-            known = ", ".join(sorted(self.models))
-            raise UnknownModel(f"There is no model '{key}'. Models served: {known}.",
-                               field="model") from None
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            raise RuntimeError("the runtime is not started")
+        return self._catalog
 
-    def compute(self, model: LoadedModel, inputs: torch.Tensor, layer: str,
-                targets: list[list[int | None]], methods: list[str],
-                disconnected: Callable[[], bool] | None = None) -> CamBatch:
-        """Explain ``inputs`` through the batcher; waits up to ``request_timeout_s``."""
+    def submit(self, job: Job, deadline: float) -> Future[JobResult]:
+        """Queue ``job``; its future fails with the batcher's errors (503, 504)."""
         if self._batcher is None:
             raise RuntimeError("the runtime is not started")
-        deadline = time.monotonic() + self.settings.request_timeout_s
-        item = WorkItem(key=(model.name, layer), inputs=inputs, targets=targets,
-                        methods=methods, deadline=deadline)
-        return wait(self._batcher.submit(item), deadline, disconnected)
+        return self._batcher.submit(WorkItem(job=job, deadline=deadline))
 
-    def close(self) -> None:
-        self.ready = False
+    def run(self, job: Job, deadline: float,
+            disconnected: Callable[[], bool] | None = None) -> JobResult:
+        return wait_for(self.submit(job, deadline), deadline, disconnected)
+
+    @property
+    def healthy(self) -> bool:
+        """Models loaded and the model loop alive."""
+        return self.started and self._batcher is not None and self._batcher.alive
+
+    def ready(self, timeout_s: float = 1.0) -> bool:
+        return self.healthy
+
+    @property
+    def queue_depth(self) -> int:
+        return self._batcher.depth if self._batcher is not None else 0
+
+    # --- the model loop's work --------------------------------------------------
+
+    def _inputs(self, model: LoadedModel, job: Job) -> Tensor:
+        """``(N, C, H, W) float32`` normalised on the device from the job's raw pixels."""
+        height, width = model.input_size
+        for i, image in enumerate(job.images):
+            if (image.ndim != 3 or image.shape[:2] != (height, width)
+                    or image.shape[2] not in (1, model.channels)
+                    or image.dtype not in (np.uint8, np.float32)):
+                raise InvalidJob(f"image {i} of the job is {image.dtype}{list(image.shape)}, not "
+                                 f"({height}, {width}, 1 or {model.channels}) uint8 or float32")
+        cuda = self.device.type == "cuda"
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, image in enumerate(job.images):
+            groups.setdefault((image.dtype.name, image.shape[2]), []).append(i)
+        inputs = torch.empty(len(job.images), model.channels, height, width, device=self.device)
+        for (dtype, _), indices in groups.items():
+            # One host array and one copy per kind of image (usually a single uint8 one).
+            host = torch.from_numpy(np.stack([job.images[i] for i in indices]))
+            if cuda:
+                host = host.pin_memory()
+            pixels = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+            if dtype == "uint8":
+                pixels = pixels / 255.0
+            index = torch.tensor(indices, device=self.device)
+            inputs.index_copy_(0, index, pixels.expand(-1, model.channels, -1, -1))
+        mean, std = self._normalisers[model.name]
+        inputs = (inputs - mean) / std
+        for i, box in enumerate(job.boxes):
+            if box is not None:
+                # Letterbox: what lies outside the image is exactly 0 after normalisation.
+                x0, y0, x1, y1 = box
+                keep = inputs[i, :, y0:y1, x0:x1].clone()
+                inputs[i].zero_()
+                inputs[i, :, y0:y1, x0:x1] = keep
+        return inputs
+
+    def _compute(self, job: Job) -> JobResult:
+        model = self.models[job.model]
+        inputs = self._inputs(model, job)
+        batch = self._engines[job.model](inputs, job.layer, job.targets, job.methods)
+        scores = (torch.sigmoid(batch.logits) if model.spec.multilabel
+                  else torch.softmax(batch.logits, dim=1))
+        return JobResult(scores=scores.numpy(), targets=batch.targets,
+                         maps=[[cam.numpy() for cam in cams] for cams in batch.cams])
+
+    def close(self, drain: bool = False, timeout_s: float = 10.0) -> None:
+        self.started = False
         if self._batcher is not None:
-            self._batcher.close()
+            self._batcher.close(timeout_s, drain=drain)
             self._batcher = None
         self.models.clear()
         self._engines.clear()

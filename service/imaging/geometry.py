@@ -4,6 +4,10 @@ The geometry is an axis-aligned affine map from the original image's pixel
 coordinates to the model input's: ``x_in = x * scale_x + offset_x`` (the same for
 y), with pixel ``i`` covering ``[i, i + 1)``. Rendering inverts it to lay a
 heatmap exactly over the uploaded image.
+
+The model input leaves here as raw pixels (``to_model_pixels``): 8-bit images
+stay ``uint8`` (a quarter of the bytes to send and copy to the device), high
+bit-depth ones ``float32`` in [0, 1]; the engine normalises them.
 """
 
 from __future__ import annotations
@@ -11,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import Tensor
 
+from service.interface import Box
 from service.settings import ResizeMode
 
 
@@ -86,22 +89,40 @@ def model_view(image: Image.Image, geometry: Geometry, fill: tuple[float, ...]) 
         resized = np.repeat(resized, channels, axis=2)
     canvas = np.empty((geometry.input_height, geometry.input_width, channels), dtype=np.float32)
     canvas[...] = np.asarray(fill, dtype=np.float32)
-    ox, oy = int(geometry.offset_x), int(geometry.offset_y)
-    # Intersection of the resized image (placed at ox, oy) with the canvas.
-    x0, y0 = max(ox, 0), max(oy, 0)
-    x1 = min(ox + new_size[0], geometry.input_width)
-    y1 = min(oy + new_size[1], geometry.input_height)
-    canvas[y0:y1, x0:x1] = resized[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+    (x0, y0, x1, y1), (u0, v0, u1, v1) = _placement(geometry)
+    canvas[y0:y1, x0:x1] = resized[v0:v1, u0:u1]
     return canvas
 
 
-def to_model_input(image: Image.Image, input_size: tuple[int, int],
-                   resize: ResizeMode, mean: tuple[float, ...],
-                   std: tuple[float, ...]) -> tuple[Tensor, Geometry]:
-    """``(len(mean), H_in, W_in) float32`` normalised input and its geometry."""
+def _placement(geometry: Geometry) -> tuple[Box, Box]:
+    """Where the resized image lands on the input canvas, and which part of it does:
+    ``(x0, y0, x1, y1)`` on the canvas and the same region in the resized image."""
+    new_w, new_h = geometry.resized_size
+    ox, oy = int(geometry.offset_x), int(geometry.offset_y)
+    x0, y0 = max(ox, 0), max(oy, 0)
+    x1 = min(ox + new_w, geometry.input_width)
+    y1 = min(oy + new_h, geometry.input_height)
+    return (x0, y0, x1, y1), (x0 - ox, y0 - oy, x1 - ox, y1 - oy)
+
+
+def to_model_pixels(image: Image.Image, input_size: tuple[int, int],
+                    resize: ResizeMode) -> tuple[np.ndarray, Box | None, Geometry]:
+    """The model input as raw pixels, where the image lies on it, and the geometry.
+
+    Pixels: ``(H_in, W_in, c)`` with ``c`` 1 (modes ``L``, ``F``) or 3 (``RGB``);
+    ``uint8`` for 8-bit images, ``float32`` in [0, 1] for mode ``F``. The box is
+    ``None`` when the image covers the whole input (stretch, crop), else the
+    canvas region it covers (letterbox); the engine sets the rest to 0 after
+    normalising, exactly as a canvas filled with the mean would give.
+    """
     geometry = fit_geometry(image.width, image.height, input_size, resize)
-    view = model_view(image, geometry, mean)
-    tensor = torch.from_numpy(np.ascontiguousarray(view.transpose(2, 0, 1)))
-    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (tensor - mean_t) / std_t, geometry
+    resized = np.asarray(image.resize(geometry.resized_size, Image.Resampling.BILINEAR))
+    if resized.ndim == 2:
+        resized = resized[:, :, None]
+    (x0, y0, x1, y1), (u0, v0, u1, v1) = _placement(geometry)
+    if (x0, y0, x1, y1) == (0, 0, geometry.input_width, geometry.input_height):
+        return np.ascontiguousarray(resized[v0:v1, u0:u1]), None, geometry
+    canvas = np.zeros((geometry.input_height, geometry.input_width, resized.shape[2]),
+                      dtype=resized.dtype)
+    canvas[y0:y1, x0:x1] = resized[v0:v1, u0:u1]
+    return canvas, (x0, y0, x1, y1), geometry

@@ -27,9 +27,7 @@ import io
 from typing import Literal
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import Tensor
 
 from service.imaging.geometry import Geometry
 
@@ -62,29 +60,30 @@ COLORMAP: np.ndarray = _build_colormap()  # (256, 3) uint8
 
 
 def _interpolation_matrix(out_n: int, layer_n: int, input_n: int, scale: float,
-                          offset: float) -> Tensor:
-    """``(out_n, layer_n)`` bilinear weights from a layer axis to an output pixel axis.
+                          offset: float) -> np.ndarray:
+    """``(out_n, layer_n) float32`` bilinear weights from a layer axis to an output pixel axis.
 
     Output pixel ``i`` has its centre at ``(i + 0.5) * scale + offset`` in model-input
     coordinates; the layer's ``layer_n`` cells tile the input's ``input_n`` pixels.
     """
-    centre = (torch.arange(out_n, dtype=torch.float64) + 0.5) * scale + offset
+    centre = (np.arange(out_n, dtype=np.float64) + 0.5) * scale + offset
     seen = (centre >= 0) & (centre <= input_n)
-    u = (centre * layer_n / input_n - 0.5).clamp(0, layer_n - 1)
-    i0 = u.floor().long().clamp(max=layer_n - 1)
-    i1 = (i0 + 1).clamp(max=layer_n - 1)
+    u = np.clip(centre * layer_n / input_n - 0.5, 0, layer_n - 1)
+    i0 = np.minimum(np.floor(u).astype(np.int64), layer_n - 1)
+    i1 = np.minimum(i0 + 1, layer_n - 1)
     frac = u - i0
-    matrix = torch.zeros(out_n, layer_n, dtype=torch.float64)
-    rows = torch.arange(out_n)
-    matrix.index_put_((rows, i0), 1 - frac, accumulate=True)
-    matrix.index_put_((rows, i1), frac, accumulate=True)
+    matrix = np.zeros((out_n, layer_n), dtype=np.float64)
+    rows = np.arange(out_n)
+    np.add.at(matrix, (rows, i0), 1 - frac)
+    np.add.at(matrix, (rows, i1), frac)
     matrix[~seen] = 0
-    return matrix.float()
+    return matrix.astype(np.float32)
 
 
-def resample(cam: Tensor, geometry: Geometry, size: HeatmapSize) -> Tensor:
-    """``(h, w)`` layer map → ``(H, W)`` map at ``size``, not yet normalised."""
+def resample(cam: np.ndarray, geometry: Geometry, size: HeatmapSize) -> np.ndarray:
+    """``(h, w)`` layer map → ``(H, W) float32`` map at ``size``, not yet normalised."""
     h, w = cam.shape
+    cam = cam.astype(np.float32, copy=False)
     if size == "layer":
         return cam
     if size == "input":
@@ -95,18 +94,20 @@ def resample(cam: Tensor, geometry: Geometry, size: HeatmapSize) -> Tensor:
                                    geometry.offset_y)
         rx = _interpolation_matrix(geometry.width, w, geometry.input_width, geometry.scale_x,
                                    geometry.offset_x)
-    return ry @ cam.float() @ rx.T
+    # (H, h) @ (h, w) first: the small product, then one (H, w) @ (w, W).
+    return (ry @ cam) @ rx.T
 
 
-def normalise(values: Tensor) -> Tensor:
+def normalise(values: np.ndarray) -> np.ndarray:
     """Min-max to [0, 1]. An all-zero map stays zeros; a constant positive one becomes ones."""
-    low, high = values.min(), values.max()
-    if float(high - low) <= 1e-12 * max(1.0, float(high.abs())):
-        return torch.ones_like(values) if float(high) > 0 else torch.zeros_like(values)
-    return ((values - low) / (high - low)).clamp_(0, 1)
+    low, high = float(values.min()), float(values.max())
+    if high - low <= 1e-12 * max(1.0, abs(high)):
+        return np.ones_like(values) if high > 0 else np.zeros_like(values)
+    scaled = (values - np.float32(low)) / np.float32(high - low)
+    return np.clip(scaled, 0, 1, out=scaled)
 
 
-def output_shape(cam: Tensor, geometry: Geometry, size: HeatmapSize) -> tuple[int, int]:
+def output_shape(cam: np.ndarray, geometry: Geometry, size: HeatmapSize) -> tuple[int, int]:
     """``(H, W)`` of the map ``resample`` returns, without computing it."""
     if size == "layer":
         return (int(cam.shape[0]), int(cam.shape[1]))
@@ -115,9 +116,9 @@ def output_shape(cam: Tensor, geometry: Geometry, size: HeatmapSize) -> tuple[in
     return (geometry.height, geometry.width)
 
 
-def heatmap(cam: Tensor, geometry: Geometry, size: HeatmapSize) -> np.ndarray:
+def heatmap(cam: np.ndarray, geometry: Geometry, size: HeatmapSize) -> np.ndarray:
     """``(H, W) float32`` in [0, 1] at ``size`` for a raw layer map."""
-    return normalise(resample(cam, geometry, size)).numpy()
+    return normalise(resample(cam, geometry, size))
 
 
 def to_uint8(heat: np.ndarray) -> np.ndarray:

@@ -1,7 +1,9 @@
 """The Flask application factory: wiring, error handlers, request ids.
 
-gunicorn calls ``create_app()`` inside each worker (no ``preload_app``), so the
-models load, and CUDA is touched, only after the fork.
+gunicorn calls ``create_app()`` inside each HTTP worker (no ``preload_app``).
+The worker never loads torch: its engine is an ``EnginePool`` of connections to
+the engine processes that ``gradcam-service serve`` started. Tests and embedders
+may pass any ``interface.Engine`` instead, such as an in-process ``Runtime``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from service import logs, metrics
-from service.engine.runtime import Runtime
 from service.errors import ServiceError
+from service.interface import Engine
+from service.server.engine_client import EnginePool
 from service.server.routes import api, json_response
 from service.settings import Settings
 
@@ -68,12 +71,14 @@ def _unexpected_error(error: Exception) -> Response:
     return json_response(body, status=500)
 
 
-def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Flask:
-    """A ready app: ``runtime`` (started) if given, else one built from ``settings``."""
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Flask:
+    """The app, on ``engine`` if given, else on the engine processes named by the
+    environment (``GRADCAM_ENGINE_SOCKETS``, set by ``gradcam-service serve``)."""
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    app.extensions["gradcam_runtime"] = runtime or Runtime(settings).start()
+    app.extensions["gradcam_settings"] = settings
+    app.extensions["gradcam_engine"] = engine if engine is not None else EnginePool.from_env()
     app.register_blueprint(api)
     app.register_error_handler(ServiceError, _service_error)
     app.register_error_handler(HTTPException, _http_error)
@@ -87,6 +92,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @app.before_request
     def _start() -> None:
         g.started = time.perf_counter()
+        g.started_monotonic = time.monotonic()
         metrics.IN_FLIGHT.inc()
         given = request.headers.get("X-Request-ID", "")
         g.request_id = given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex[:16]

@@ -1,34 +1,24 @@
 """gunicorn configuration: ``gunicorn -c python:service.server.gunicorn_conf``.
 
-Read by the gunicorn master, which must never import torch or touch CUDA: the
-app (and with it the models) is created inside each worker after the fork
-(``preload_app = False``). Settings come from ``GRADCAM_*`` variables, which
-``gradcam-service serve`` sets from its flags.
+``gradcam-service serve`` starts gunicorn with this file after the engine
+processes are up, and sets the ``GRADCAM_*`` variables (its flags) and the
+engines' socket paths. Neither the master nor the HTTP workers import torch:
+each worker creates the app after the fork (``preload_app = False``) and talks
+to the engines over their sockets.
 """
 
 from __future__ import annotations
 
-import os
-
 from service.logs import LOG_FORMAT
-from service.settings import Settings
+from service.settings import Settings, available_cores
 
 settings = Settings.from_env()
-cores = os.cpu_count() or 1
 
-# Sized for the machine: a worker per 4 cores (at most 4), each with all its
-# cores' worth of torch threads, and enough request threads to decode and
-# render in parallel while the model runs.
-workers = settings.workers or max(1, min(4, cores // 4))
-threads = settings.threads or 8
-if not settings.torch_threads:
-    os.environ["GRADCAM_TORCH_THREADS"] = str(max(1, cores // workers))
-# OpenMP threads that sleep rather than spin at their barriers: the request
-# threads and gunicorn share the cores with the model, and a spinning torch
-# thread starves them (and so the next batch). Measured at concurrency 16 on 2
-# cores, paired against the bare forward: 0.90x with PASSIVE, 0.76-0.81x with
-# the default (README, "Under load"). Read by each worker when it imports torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Sized for the machine: the workers decode, fit and render (numpy, Pillow),
+# which holds each one's interpreter, so one per core; their request threads
+# mostly wait on the engine, without the GIL, so a worker can hold many.
+workers = settings.workers or available_cores()
+threads = settings.threads or 16
 
 wsgi_app = "service.server.app:create_app()"
 bind = [f"{settings.host}:{settings.port}"]
@@ -37,7 +27,7 @@ preload_app = False
 # A worker that answers nothing for this long is restarted: a generous bound for
 # large batches on a CPU, still short of a hang.
 timeout = 120
-graceful_timeout = 30
+graceful_timeout = max(1, round(settings.shutdown_timeout_s))
 keepalive = 5
 accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms id=%({x-request-id}o)s'

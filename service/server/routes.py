@@ -1,38 +1,47 @@
-"""The routes (thin views): parse, call the explain path or the runtime, answer JSON."""
+"""The routes (thin views): parse, call the explain path or the engine, answer JSON."""
 
 from __future__ import annotations
 
-import select
 import socket
+import time
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 
-from service.engine.models import LoadedModel
-from service.engine.runtime import Runtime
 from service.errors import UnsupportedMediaType
 from service.explain import dumps, explain
+from service.interface import Catalog, Engine, ModelInfo
 from service.schemas import parse_explain_request
+from service.settings import Settings
 
 api = Blueprint("api", __name__)
 
 
-def _runtime() -> Runtime:
-    runtime: Runtime = current_app.extensions["gradcam_runtime"]
-    return runtime
+def _engine() -> Engine:
+    engine: Engine = current_app.extensions["gradcam_engine"]
+    return engine
+
+
+def _settings() -> Settings:
+    settings: Settings = current_app.extensions["gradcam_settings"]
+    return settings
+
+
+def _catalog() -> Catalog:
+    return _engine().catalog()
 
 
 def json_response(body: Any, status: int = 200) -> Response:
     return Response(dumps(body), status=status, mimetype="application/json")
 
 
-def _model_summary(model: LoadedModel, default: str) -> dict[str, Any]:
+def _model_summary(model: ModelInfo, default: str) -> dict[str, Any]:
     return {
         "name": model.name,
-        "arch": model.spec.arch,
+        "arch": model.arch,
         "default": model.name == default,
         "num_classes": model.num_classes,
-        "multilabel": model.spec.multilabel,
+        "multilabel": model.multilabel,
         "channels": model.channels,
         "input_size": list(model.input_size),
         "default_layer": model.default_layer,
@@ -45,10 +54,12 @@ def _client_disconnected() -> bool:
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        # Readable with nothing to read: the peer closed (a pipelined request would
-        # be readable with data).
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        # A peek that does not wait: b"" means the peer closed; data (a pipelined
+        # request) or nothing to read yet (BlockingIOError) means it is still there.
+        # No select(): it fails for descriptors >= 1024.
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
     except (OSError, ValueError):
         return True
 
@@ -60,33 +71,34 @@ def explain_view() -> Response:
             f"Send the request as JSON (Content-Type: application/json), not "
             f"'{request.mimetype or 'no content type'}'.", code="unsupported_media_type")
     body = parse_explain_request(request.get_data(cache=False))
-    return json_response(explain(body, _runtime(), _client_disconnected))
+    started = g.get("started_monotonic", time.monotonic())
+    return json_response(explain(body, _engine(), _settings(), _client_disconnected, started))
 
 
 @api.get("/v1/models")
 def models_view() -> Response:
-    runtime = _runtime()
-    return json_response({"models": [_model_summary(m, runtime.default_model)
-                                     for m in runtime.models.values()]})
+    catalog = _catalog()
+    return json_response({"models": [_model_summary(m, catalog.default_model)
+                                     for m in catalog.models.values()]})
 
 
 @api.get("/v1/models/<name>")
 def model_view(name: str) -> Response:
-    runtime = _runtime()
-    model = runtime.get_model(name)
+    catalog = _catalog()
+    model = catalog.get(name)
     return json_response({
-        **_model_summary(model, runtime.default_model),
+        **_model_summary(model, catalog.default_model),
         "labels": list(model.labels),
         "mean": list(model.mean),
         "std": list(model.std),
-        "resize": model.spec.resize,
-        "device": str(model.device),
+        "resize": model.resize,
+        "device": model.device,
     })
 
 
 @api.get("/v1/models/<name>/layers")
 def layers_view(name: str) -> Response:
-    model = _runtime().get_model(name)
+    model = _catalog().get(name)
     return json_response({
         "model": model.name,
         "default_layer": model.default_layer,
@@ -102,6 +114,7 @@ def healthz() -> Response:
 
 @api.get("/readyz")
 def readyz() -> Response:
-    if _runtime().ready:
+    """200 while an engine answers a ping with its models loaded and its model loop alive."""
+    if _engine().ready():
         return json_response({"status": "ready"})
-    return json_response({"status": "starting"}, status=503)
+    return json_response({"status": "unavailable"}, status=503)

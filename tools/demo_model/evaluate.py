@@ -13,19 +13,20 @@ rendering, so it measures what a client gets.
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from service.demo.metrics import peak_in_boxes, per_class_auc
 from service.demo.phantom import FINDINGS, make_dataset, to_uint8
 from service.engine.gradcam import METHODS
 from service.engine.runtime import Runtime
-from service.imaging.geometry import to_model_input
+from service.imaging.geometry import to_model_pixels
 from service.imaging.render import heatmap
+from service.interface import Job
 from service.settings import DEMO_MODELS_FILE, Settings
 
 CARD_PATH = Path(__file__).resolve().parents[2] / "service" / "demo" / "MODEL_CARD.md"
@@ -57,23 +58,24 @@ def evaluate(runtime: Runtime, count: int = 400, seed: int = EVALUATION_SEED,
              size: tuple[int, int] = (256, 256), grow_px: float = 8.0,
              method: str = "gradcam") -> Evaluation:
     """AUC and pointing game of the runtime's default model on ``count`` fresh phantoms."""
-    model = runtime.get_model(None)
+    model = runtime.catalog().get(None)
     phantoms = make_dataset(count, seed, size)
     all_scores: list[np.ndarray] = []
     hits = dict.fromkeys(FINDINGS, 0)
     positives = dict.fromkeys(FINDINGS, 0)
     for start in range(0, count, _BATCH):
         chunk = phantoms[start:start + _BATCH]
-        prepared = [to_model_input(Image.fromarray(to_uint8(p.image)), model.input_size,
-                                   model.spec.resize, model.mean, model.std) for p in chunk]
+        prepared = [to_model_pixels(Image.fromarray(to_uint8(p.image)), model.input_size,
+                                    model.resize) for p in chunk]
         # Explain every finding present (one heatmap each); top-1 where none is.
         targets: list[list[int | None]] = [
             [k for k in range(len(FINDINGS)) if p.labels[k] > 0] or [None] for p in chunk]
-        batch = runtime.compute(model, torch.stack([t for t, _ in prepared]),
-                                model.default_layer, targets, [method] * len(chunk))
-        all_scores.append(torch.sigmoid(batch.logits).numpy())
-        for p, (_, geometry), image_targets, cams in zip(chunk, prepared, targets, batch.cams,
-                                                         strict=True):
+        job = Job(model.name, model.default_layer, [pixels for pixels, _, _ in prepared],
+                  [box for _, box, _ in prepared], targets, [method] * len(chunk))
+        batch = runtime.run(job, time.monotonic() + 600)
+        all_scores.append(batch.scores)
+        for p, (_, _, geometry), image_targets, cams in zip(chunk, prepared, targets, batch.maps,
+                                                            strict=True):
             for target, cam in zip(image_targets, cams, strict=True):
                 if target is None:
                     continue
@@ -106,7 +108,7 @@ def write_card(result: Evaluation, runtime: Runtime, path: Path = CARD_PATH) -> 
                                         for k in FINDINGS) + f" | **{r.pointing_game:.1%}** |"
         for r in by_method)
     weights = DEMO_MODELS_FILE.parent / "phantom_net.safetensors"
-    params = sum(p.numel() for p in runtime.get_model(None).module.parameters())
+    params = sum(p.numel() for p in runtime.models[runtime.default_model].module.parameters())
     text = f"""# Model card: `phantom` (the bundled demo model)
 
 **What it is.** A small CNN (`service.demo.model.PhantomNet`, {params:,} parameters,

@@ -1,0 +1,323 @@
+"""The engine process: one per device, the only process that runs torch.
+
+    python -m service.engine.process --socket PATH [--device cuda:0] [--ready-fd FD]
+
+``gradcam-service serve`` starts it from a fresh interpreter (never a fork of
+a process that touched CUDA) and supervises it. It has no request threads:
+
+- the **receive loop** (main thread) accepts the HTTP workers' connections on a
+  Unix socket, reassembles their messages (``ipc``) and queues jobs;
+- the **model loop** (the ``MicroBatcher``'s thread) runs the batches;
+- the **send loop** encodes each finished job's reply and writes it back.
+
+Messages (JSON header + raw frames, see ``ipc``)::
+
+    hello   → {catalog, pid, device}
+    ping    → {healthy, queue}          healthy: models loaded, model loop alive
+    explain → {targets, counts, timings} + frames [scores (N, K), maps (M, h, w)]
+              or {error: ServiceError.to_wire()}
+    cancel    the worker stopped waiting (client gone, deadline): skip the job
+
+Readiness is announced by writing ``ready <device> <visible CUDA devices>`` to
+``--ready-fd`` after the models are loaded, warmed up and the socket is
+listening. SIGTERM stops new work, lets the model loop finish what is queued,
+sends the replies, removes the socket file and exits 0. If the model loop
+dies, the process exits with ``ENGINE_EXIT_MODEL_LOOP_DIED`` so the supervisor
+restarts it; a broken models file exits with ``ENGINE_EXIT_CONFIG`` at start-up
+(not restarted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service import ipc, logs
+from service.engine.runtime import Runtime
+from service.errors import ConfigError, Overloaded, ServiceError
+from service.interface import ENGINE_EXIT_CONFIG, ENGINE_EXIT_MODEL_LOOP_DIED, Job, JobResult
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# A worker that reads nothing of its reply for this long is treated as gone.
+_SEND_TIMEOUT_S = 10.0
+# Socket buffers: replies and requests of a few hundred KiB go in one write
+# (tests/benchmarks/transport.py: 256 KiB took 7-20% off a 4.6 MiB batch).
+SOCKET_BUFFER_BYTES = 256 * 1024
+
+
+@dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    reader: ipc.MessageReader = field(default_factory=ipc.MessageReader)
+    jobs: dict[int, Future[JobResult]] = field(default_factory=dict)
+    closed: bool = False
+
+
+def _internal(error: BaseException) -> dict[str, Any]:
+    message = (f"The model failed on this request ({type(error).__name__}: {error}); "
+               "it has been logged.")
+    return {"status": 500, "code": "internal", "message": message}
+
+
+def encode_result(request_id: int, result: JobResult) -> list[memoryview]:
+    """The reply buffers for a finished job."""
+    maps = [m for per_image in result.maps for m in per_image]
+    timings = result.timings
+    header = {"id": request_id, "targets": result.targets,
+              "counts": [len(per_image) for per_image in result.maps],
+              "timings": [timings.queue_wait_s, timings.compute_s, timings.batch_images]}
+    frames = [np.ascontiguousarray(result.scores, dtype=np.float32),
+              np.stack(maps).astype(np.float32, copy=False)]
+    return ipc.encode(header, frames)
+
+
+def encode_error(request_id: int, error: BaseException) -> list[memoryview]:
+    wire = error.to_wire() if isinstance(error, ServiceError) else _internal(error)
+    return ipc.encode({"id": request_id, "error": wire})
+
+
+def decode_job(header: dict[str, Any], frames: Sequence[np.ndarray]) -> Job:
+    boxes = [tuple(box) if box is not None else None for box in header["boxes"]]
+    return Job(model=str(header["model"]), layer=str(header["layer"]), images=list(frames),
+               boxes=boxes,  # type: ignore[arg-type]
+               targets=[list(t) for t in header["targets"]],
+               methods=[str(m) for m in header["methods"]])
+
+
+class EngineServer:
+    """Serves one ``Runtime`` to the HTTP workers over a Unix socket."""
+
+    def __init__(self, runtime: Runtime, path: str) -> None:
+        self.runtime = runtime
+        self.path = path
+        self._selector = selectors.DefaultSelector()
+        self._outbox: queue.SimpleQueue[tuple[_Connection, Any]] = queue.SimpleQueue()
+        self._stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        if os.path.exists(path):
+            os.unlink(path)  # left by a crashed predecessor
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        os.chmod(path, 0o600)
+        self._listener.listen(128)
+        self._listener.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ, None)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._sender = threading.Thread(target=self._send_loop, name="gradcam-send-loop",
+                                        daemon=True)
+        self._sender.start()
+
+    # --- receive loop ----------------------------------------------------------
+
+    def serve(self, shutdown_timeout_s: float) -> None:
+        """Run the receive loop until ``stop()``; then drain and return."""
+        drained = threading.Event()
+        drainer: threading.Thread | None = None
+        while not (self._stopping and drained.is_set()):
+            for key, _ in self._selector.select(timeout=0.5):
+                if key.fileobj is self._listener:
+                    self._accept()
+                elif key.fileobj is self._wake_r:
+                    self._clear_wake()
+                else:
+                    self._receive(key.data)
+            if self._stopping and drainer is None:
+                drainer = threading.Thread(target=self._drain, args=(shutdown_timeout_s, drained),
+                                           name="gradcam-drain", daemon=True)
+                drainer.start()
+        self._outbox.put((None, None))  # type: ignore[arg-type]
+        self._sender.join(shutdown_timeout_s)
+        self._listener.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def stop(self) -> None:
+        """Async-signal-safe enough: a flag and one byte on a socket."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def _clear_wake(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _drain(self, timeout_s: float, done: threading.Event) -> None:
+        logger.info("stopping: finishing %d queued request(s)", self.runtime.queue_depth)
+        self.runtime.close(drain=True, timeout_s=timeout_s)
+        done.set()
+        self.stop()  # wake the receive loop so it sees `done`
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+        connection = _Connection(sock)
+        self._selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _receive(self, connection: _Connection) -> None:
+        try:
+            messages = connection.reader.read(connection.sock)
+        except ipc.ProtocolError as error:
+            logger.error("dropping a connection that broke the protocol: %s", error)
+            messages = []
+            connection.reader.eof = True
+        for header, frames in messages:
+            self._handle(connection, header, frames)
+        if connection.reader.eof:
+            self._close(connection)
+
+    def _close(self, connection: _Connection) -> None:
+        """The worker went away: forget its jobs; the send loop closes the socket."""
+        self._selector.unregister(connection.sock)
+        connection.closed = True
+        for future in list(connection.jobs.values()):
+            future.cancel()
+        with contextlib.suppress(OSError):
+            connection.sock.shutdown(socket.SHUT_RDWR)
+        self._outbox.put((connection, "close"))
+
+    def _handle(self, connection: _Connection, header: dict[str, Any],
+                frames: list[np.ndarray]) -> None:
+        op, request_id = header.get("op"), int(header.get("id", 0))
+        if op == "explain":
+            self._submit(connection, request_id, header, frames)
+        elif op == "cancel":
+            future = connection.jobs.get(request_id)
+            if future is not None:
+                future.cancel()
+        elif op == "ping":
+            self._reply(connection, ipc.encode({"id": request_id,
+                                                "healthy": self.runtime.healthy,
+                                                "queue": self.runtime.queue_depth}))
+        elif op == "hello":
+            self._reply(connection, ipc.encode({
+                "id": request_id, "catalog": self.runtime.catalog().to_dict(),
+                "pid": os.getpid(), "device": str(self.runtime.device)}))
+        else:
+            self._reply(connection, encode_error(request_id, ValueError(f"unknown op {op!r}")))
+
+    def _submit(self, connection: _Connection, request_id: int, header: dict[str, Any],
+                frames: list[np.ndarray]) -> None:
+        if self._stopping:
+            self._reply(connection, encode_error(request_id, Overloaded(
+                "The server is shutting down; retry on another replica.")))
+            return
+        try:
+            job = decode_job(header, frames)
+            future = self.runtime.submit(job, float(header["deadline"]))
+        except (ServiceError, KeyError, TypeError, ValueError) as error:
+            self._reply(connection, encode_error(request_id, error))
+            return
+        connection.jobs[request_id] = future
+        # Runs on the model loop (or here, if already done): only a queue put.
+        future.add_done_callback(lambda f: self._outbox.put((connection, (request_id, f))))
+
+    def _reply(self, connection: _Connection, buffers: list[memoryview]) -> None:
+        self._outbox.put((connection, buffers))
+
+    # --- send loop -------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while True:
+            connection, what = self._outbox.get()
+            if connection is None:
+                return
+            if what == "close":
+                connection.sock.close()
+                continue
+            if isinstance(what, tuple):
+                request_id, future = what
+                connection.jobs.pop(request_id, None)
+                if future.cancelled() or connection.closed:
+                    continue  # nobody waits for it any more
+                error = future.exception()
+                if error is not None:
+                    if not isinstance(error, ServiceError):
+                        logger.error("request %d failed in the model: %r", request_id, error,
+                                     exc_info=error)
+                    buffers = encode_error(request_id, error)
+                else:
+                    buffers = encode_result(request_id, future.result())
+            else:
+                buffers = what
+            if connection.closed:
+                continue
+            try:
+                ipc.send_message(connection.sock, buffers, _SEND_TIMEOUT_S)
+            except ipc.PeerGone as gone:
+                logger.warning("a worker stopped reading its replies (%s)", gone)
+                connection.closed = True
+
+
+def _announce_ready(fd: int | None, runtime: Runtime) -> None:
+    if fd is None:
+        return
+    import torch
+
+    cuda_devices = torch.cuda.device_count() if runtime.device.type == "cuda" else 0
+    device = str(runtime.device)
+    if runtime.device.type == "cuda" and runtime.device.index is None:
+        device = f"cuda:{torch.cuda.current_device()}"
+    with os.fdopen(fd, "wb", buffering=0) as pipe:
+        pipe.write(f"ready {device} {cuda_devices}\n".encode())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the gradcam-service engine process")
+    parser.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N; default: the settings'")
+    parser.add_argument("--ready-fd", type=int, help="write 'ready' here once serving")
+    args = parser.parse_args(argv)
+    logs.configure("INFO")
+    # SIGTERM before the server exists (still loading) just ends the process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    def died(error: BaseException) -> None:
+        logging.getLogger(__name__).critical("exiting: the model loop died")
+        logging.shutdown()
+        os._exit(ENGINE_EXIT_MODEL_LOOP_DIED)
+
+    try:
+        settings = Settings.from_env()
+        runtime = Runtime(settings, device=args.device, on_fatal=died).start()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return ENGINE_EXIT_CONFIG
+    server = EngineServer(runtime, args.socket)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    _announce_ready(args.ready_fd, runtime)
+    started = time.monotonic()
+    logger.info("engine serving on %s (pid %d, %s)", args.socket, os.getpid(), runtime.device)
+    server.serve(settings.shutdown_timeout_s)
+    logger.info("engine stopped after %.0f s", time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""What crosses the boundary between the HTTP side and the engine (no torch here).
+
+The HTTP workers decode and fit images; the engine runs the model. Between them
+travel only these plain types:
+
+- ``ModelInfo`` / ``Catalog``: what the engine serves, so that a worker can
+  validate a request (labels, layers, input size) without the model itself;
+- ``Job``: one request's images, already at the model's input size, as raw
+  pixels (``uint8`` for 8-bit images, ``float32`` in [0, 1] otherwise, so 16-bit
+  DICOM keeps its precision), with their targets and methods;
+- ``JobResult``: scores and the raw layer-resolution maps, as numpy arrays.
+
+``Engine`` is what the explain path needs from an engine: the in-process
+``engine.runtime.Runtime`` (CLI, tests) and the worker's
+``server.engine_client.EnginePool`` (IPC to the engine processes) both provide it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.errors import ClientClosed, DeadlineExceeded, UnknownModel
+from service.settings import ResizeMode
+
+# How `gradcam-service serve` tells the HTTP workers where the engines listen:
+# their Unix socket paths, os.pathsep-separated.
+ENGINE_SOCKETS_ENV = "GRADCAM_ENGINE_SOCKETS"
+# Exit codes of the engine process that its supervisor acts on.
+ENGINE_EXIT_CONFIG = 2  # a broken models file or setting: not worth a restart
+ENGINE_EXIT_MODEL_LOOP_DIED = 3  # restart it
+
+# (x0, y0, x1, y1) in model-input pixels: the part of the input the image covers,
+# when it does not cover all of it (letterbox). Outside it the normalised input is 0.
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A candidate target layer and its output shape ``(C, H, W)`` for one input image."""
+
+    name: str
+    kind: str
+    channels: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A served model as the HTTP side sees it: everything but the weights."""
+
+    name: str
+    arch: str
+    labels: tuple[str, ...]
+    multilabel: bool
+    channels: int
+    input_size: tuple[int, int]  # (height, width)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: ResizeMode
+    default_layer: str
+    layers: tuple[LayerInfo, ...]
+    modules: tuple[str, ...]  # every named module, for "did you mean" on unknown layers
+    device: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.layers)
+
+    def class_index(self, label: str) -> int | None:
+        try:
+            return self.labels.index(label)
+        except ValueError:
+            return None
+
+    def suggest_modules(self, name: str) -> list[str]:
+        return difflib.get_close_matches(name, list(self.modules), n=3, cutoff=0.6)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        return cls(**{
+            **data,
+            "labels": tuple(data["labels"]),
+            "input_size": tuple(data["input_size"]),
+            "mean": tuple(data["mean"]),
+            "std": tuple(data["std"]),
+            "layers": tuple(LayerInfo(**layer) for layer in data["layers"]),
+            "modules": tuple(data["modules"]),
+        })
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The models an engine serves, in models-file order, and the default one."""
+
+    models: dict[str, ModelInfo]
+    default_model: str
+
+    def get(self, name: str | None) -> ModelInfo:
+        key = name or self.default_model
+        try:
+            return self.models[key]
+        except KeyError:
+            known = ", ".join(sorted(self.models))
+            raise UnknownModel(f"There is no model '{key}'. Models served: {known}.",
+                               field="model") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"default_model": self.default_model,
+                "models": [m.to_dict() for m in self.models.values()]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Catalog:
+        models = [ModelInfo.from_dict(m) for m in data["models"]]
+        return cls({m.name: m for m in models}, data["default_model"])
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request's images for one (model, layer).
+
+    ``images[i]``: ``(H_in, W_in, c) uint8`` or ``float32`` in [0, 1], with ``c`` 1 or 3
+    (a gray image for a colour model travels as one channel); ``boxes[i]``: where
+    the image lies in the input when it does not fill it; ``targets[i]``: class
+    indices to explain (``None`` = the top-1 class); ``methods[i]``: its CAM variant.
+    """
+
+    model: str
+    layer: str
+    images: list[np.ndarray]
+    boxes: list[Box | None]
+    targets: list[list[int | None]]
+    methods: list[str]
+
+    @property
+    def size(self) -> int:
+        return len(self.images)
+
+
+@dataclass(frozen=True)
+class JobTimings:
+    """Where a job's time went inside the engine (for the stage metrics)."""
+
+    queue_wait_s: float = 0.0
+    compute_s: float = 0.0
+    batch_images: int = 0
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """The engine's answer for a ``Job``.
+
+    - ``scores``: ``(N, K) float32``: softmax probabilities, or sigmoid scores for a
+      multilabel model;
+    - ``targets[i]``: the classes explained for image ``i`` (top-1 resolved);
+    - ``maps[i][j]``: ``(h, w) float32 >= 0``, image ``i``'s map for target ``j`` at
+      the layer's resolution, before normalisation.
+    """
+
+    scores: np.ndarray
+    targets: list[list[int]]
+    maps: list[list[np.ndarray]]
+    timings: JobTimings = field(default_factory=JobTimings)
+
+    def slice(self, start: int, stop: int, timings: JobTimings) -> JobResult:
+        """Images ``start:stop`` of a batch result, as one request's result."""
+        return JobResult(self.scores[start:stop], self.targets[start:stop],
+                         self.maps[start:stop], timings)
+
+
+class Engine(Protocol):
+    """What the explain path needs from an engine, in-process or across a socket."""
+
+    def catalog(self) -> Catalog:
+        """The models served; ``EngineUnavailable`` while no engine can answer."""
+        ...
+
+    def run(self, job: Job, deadline: float,
+            disconnected: Callable[[], bool] | None = None) -> JobResult:
+        """Explain ``job``; waits until ``deadline`` (``time.monotonic()``) at most.
+
+        Raises ``Overloaded`` (queue full), ``DeadlineExceeded``, ``ClientClosed``
+        (``disconnected()`` turned true) or ``EngineUnavailable``.
+        """
+        ...
+
+    def ready(self, timeout_s: float = 1.0) -> bool:
+        """Models loaded, warmed up, and the model loop alive (answering within ``timeout_s``)."""
+        ...
+
+
+def wait_for(future: Future[JobResult], deadline: float,
+             disconnected: Callable[[], bool] | None = None, poll_s: float = 0.05) -> JobResult:
+    """Wait for ``future`` until ``deadline`` (monotonic), cancelling it if the client left.
+
+    ``DeadlineExceeded`` at the deadline, ``ClientClosed`` once ``disconnected()``
+    is true (checked every ``poll_s``); the future's own exception otherwise.
+    """
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            future.cancel()
+            raise DeadlineExceeded("The request took longer than its deadline.")
+        try:
+            return future.result(timeout=min(poll_s, remaining))
+        except TimeoutError:
+            if disconnected is not None and disconnected():
+                future.cancel()
+                raise ClientClosed("The client disconnected before the result was ready.") from None

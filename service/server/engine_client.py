@@ -1,0 +1,311 @@
+"""An HTTP worker's side of the engine processes: connections, replies, failover.
+
+Each worker holds one ``EngineConnection`` per engine process (one per device):
+one Unix socket, a lock for writes, and one reader thread that matches replies to
+the waiting request threads by id. Request threads only encode, send and wait
+on a future; they never touch torch.
+
+When an engine dies its socket reaches EOF at once: every request waiting on it
+fails with ``EngineUnavailable`` (503) right away, new ones get the same answer
+until the restarted engine accepts the reconnection (the reader retries every
+``_RECONNECT_S``). ``EnginePool`` is the ``interface.Engine`` of the HTTP side:
+it sends each job to the connected engine with the fewest requests outstanding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from typing import Any
+
+import numpy as np
+
+from service import ipc, metrics
+from service.errors import EngineUnavailable, ServiceError
+from service.interface import (
+    ENGINE_SOCKETS_ENV,
+    Catalog,
+    Job,
+    JobResult,
+    JobTimings,
+    wait_for,
+)
+
+logger = logging.getLogger(__name__)
+
+_RECONNECT_S = 0.1
+# A send that cannot complete for this long means the engine is stuck, not busy.
+_SEND_TIMEOUT_S = 10.0
+_SOCKET_BUFFER_BYTES = 256 * 1024
+_HELLO_ID = 0
+
+
+def decode_result(header: dict[str, Any], frames: Sequence[np.ndarray]) -> JobResult:
+    scores, stacked = frames
+    maps: list[list[np.ndarray]] = []
+    offset = 0
+    for count in header["counts"]:
+        maps.append(list(stacked[offset:offset + count]))
+        offset += count
+    queue_wait_s, compute_s, batch_images = header["timings"]
+    return JobResult(scores=scores, targets=[list(t) for t in header["targets"]], maps=maps,
+                     timings=JobTimings(float(queue_wait_s), float(compute_s), int(batch_images)))
+
+
+def encode_job(request_id: int, job: Job, deadline: float) -> list[memoryview]:
+    header = {"op": "explain", "id": request_id, "model": job.model, "layer": job.layer,
+              "deadline": deadline, "targets": job.targets, "methods": job.methods,
+              "boxes": job.boxes}
+    return ipc.encode(header, job.images)
+
+
+class EngineConnection:
+    """One worker's connection to one engine process."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.catalog: Catalog | None = None
+        self.engine_pid: int | None = None
+        self._sock: socket.socket | None = None
+        self._state = threading.Lock()
+        self._send_lock = threading.Lock()
+        # id → (kind, future); kind "job" decodes a JobResult, "header" returns the header.
+        self._pending: dict[int, tuple[str, Future[Any]]] = {}
+        self._ids = itertools.count(1)
+        self._connected = threading.Event()
+        self._closed = False
+        self._reader = threading.Thread(target=self._run, name=f"gradcam-engine-{path}",
+                                        daemon=True)
+        self._reader.start()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending)
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    # --- request threads -------------------------------------------------------
+
+    def submit(self, job: Job, deadline: float) -> Future[JobResult]:
+        request_id, future = self._register("job")
+        self._send(request_id, encode_job(request_id, job, deadline))
+        future.add_done_callback(lambda f: self._cancel_in_engine(request_id, f))
+        return future
+
+    def request(self, op: str, timeout_s: float) -> dict[str, Any]:
+        """A small request/reply (``ping``); ``EngineUnavailable`` on no answer."""
+        request_id, future = self._register("header")
+        self._send(request_id, ipc.encode({"op": op, "id": request_id}))
+        try:
+            return future.result(timeout_s)
+        except TimeoutError:
+            self._forget(request_id)
+            raise EngineUnavailable(f"The engine did not answer '{op}' within "
+                                    f"{timeout_s:g} s.") from None
+
+    def _register(self, kind: str) -> tuple[int, Future[Any]]:
+        future: Future[Any] = Future()
+        with self._state:
+            if not self._connected.is_set():
+                raise EngineUnavailable("The engine is not running (starting, or restarting "
+                                        "after a failure); retry shortly.")
+            request_id = next(self._ids)
+            self._pending[request_id] = (kind, future)
+        return request_id, future
+
+    def _send(self, request_id: int, buffers: list[memoryview]) -> None:
+        sock = self._sock
+        try:
+            if sock is None:
+                raise ipc.PeerGone("not connected")
+            with self._send_lock:
+                ipc.send_message(sock, buffers, _SEND_TIMEOUT_S)
+        except ipc.PeerGone as error:
+            self._forget(request_id)
+            if sock is not None:
+                self._drop(sock, f"send failed: {error}")
+            raise EngineUnavailable("The engine connection broke; retry shortly.") from None
+
+    def _forget(self, request_id: int) -> None:
+        with self._state:
+            self._pending.pop(request_id, None)
+
+    def _cancel_in_engine(self, request_id: int, future: Future[Any]) -> None:
+        """A request that stopped waiting (deadline, client gone): the engine may skip it."""
+        if not future.cancelled():
+            return
+        self._forget(request_id)
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            with self._send_lock:
+                ipc.send_message(sock, ipc.encode({"op": "cancel", "id": request_id}), 1.0)
+        except ipc.PeerGone:
+            pass
+
+    # --- the reader thread -----------------------------------------------------
+
+    def _run(self) -> None:
+        logged_down = False
+        while not self._closed:
+            try:
+                sock = ipc.connect(self.path)
+            except OSError:
+                if not logged_down:
+                    logger.info("engine %s: waiting for it to accept connections", self.path)
+                    logged_down = True
+                time.sleep(_RECONNECT_S)
+                continue
+            logged_down = False
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
+            self._serve(sock)
+
+    def _serve(self, sock: socket.socket) -> None:
+        """Read replies from one connection until it breaks."""
+        reader = ipc.MessageReader()
+        self._sock = sock
+        hello: Future[Any] = Future()
+        with self._state:
+            self._pending[_HELLO_ID] = ("header", hello)
+        try:
+            ipc.send_message(sock, ipc.encode({"op": "hello", "id": _HELLO_ID}), _SEND_TIMEOUT_S)
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            while not self._closed and not reader.eof:
+                if not poller.poll(500):
+                    continue
+                for header, frames in reader.read(sock):
+                    self._dispatch(header, frames)
+                if hello.done() and not self._connected.is_set():
+                    if hello.exception() is not None:
+                        raise ipc.ProtocolError(f"hello refused: {hello.exception()}")
+                    self._greet(hello.result())
+        except (ipc.PeerGone, ipc.ProtocolError) as error:
+            logger.warning("engine %s: connection lost (%s)", self.path, error)
+        self._drop(sock, "the engine closed the connection")
+
+    def _greet(self, header: dict[str, Any]) -> None:
+        self.catalog = Catalog.from_dict(header["catalog"])
+        self.engine_pid = int(header["pid"])
+        self._connected.set()
+        logger.info("engine %s: connected (pid %d, %s)", self.path, self.engine_pid,
+                    header.get("device"))
+
+    def _dispatch(self, header: dict[str, Any], frames: list[np.ndarray]) -> None:
+        with self._state:
+            entry = self._pending.pop(int(header.get("id", -1)), None)
+        if entry is None:
+            return  # cancelled meanwhile
+        kind, future = entry
+        try:
+            if "error" in header:
+                future.set_exception(ServiceError.from_wire(header["error"]))
+            elif kind == "job":
+                future.set_result(decode_result(header, frames))
+            else:
+                future.set_result(header)
+        except InvalidStateError:
+            pass  # the request gave up at the same moment
+
+    def _drop(self, sock: socket.socket | None, reason: str) -> None:
+        """Fail everything waiting on this connection, at once, and close it."""
+        with self._state:
+            if self._sock is not sock:
+                return  # already dropped
+            was_connected = self._connected.is_set()
+            self._connected.clear()
+            self._sock = None
+            pending = list(self._pending.values())
+            self._pending.clear()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        if was_connected:
+            logger.warning("engine %s: disconnected (%s); %d request(s) failed", self.path,
+                           reason, len(pending))
+        for _, future in pending:
+            with contextlib.suppress(InvalidStateError):
+                future.set_exception(EngineUnavailable(
+                    "The engine stopped while this request waited (it is restarting); "
+                    "retry shortly."))
+
+    def close(self) -> None:
+        self._closed = True
+        self._drop(self._sock, "closing")
+        self._reader.join(2)
+
+
+class EnginePool:
+    """The engines of this machine as one ``interface.Engine`` for the explain path."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        if not paths:
+            raise ValueError("no engine sockets given")
+        self.connections = [EngineConnection(path) for path in paths]
+        self._catalog: Catalog | None = None
+
+    @classmethod
+    def from_env(cls) -> EnginePool:
+        value = os.environ.get(ENGINE_SOCKETS_ENV, "")
+        paths = [p for p in value.split(os.pathsep) if p]
+        if not paths:
+            raise RuntimeError(f"{ENGINE_SOCKETS_ENV} is not set: start the server with "
+                               "`gradcam-service serve`, which starts the engines")
+        return cls(paths)
+
+    def catalog(self) -> Catalog:
+        for connection in self.connections:
+            if connection.catalog is not None:
+                # Every engine serves the same models file; keep the last one seen
+                # so model listings still answer while an engine restarts.
+                self._catalog = connection.catalog
+                break
+        if self._catalog is None:
+            raise EngineUnavailable("No engine is ready yet (the models are loading); "
+                                    "retry shortly.")
+        return self._catalog
+
+    def run(self, job: Job, deadline: float,
+            disconnected: Callable[[], bool] | None = None) -> JobResult:
+        live = [c for c in self.connections if c.connected]
+        if not live:
+            raise EngineUnavailable("No engine is running (starting, or restarting after a "
+                                    "failure); retry shortly.")
+        connection = min(live, key=lambda c: c.outstanding)
+        sent = time.monotonic()
+        result = wait_for(connection.submit(job, deadline), deadline, disconnected)
+        in_engine = result.timings.queue_wait_s + result.timings.compute_s
+        metrics.STAGE_DURATION.labels("transport").observe(
+            max(0.0, time.monotonic() - sent - in_engine))
+        return result
+
+    def ready(self, timeout_s: float = 1.0) -> bool:
+        """True if some engine answers a ping and says its model loop is alive."""
+        for connection in self.connections:
+            if not connection.connected:
+                continue
+            try:
+                if connection.request("ping", timeout_s).get("healthy"):
+                    return True
+            except ServiceError:
+                continue
+        return False
+
+    def close(self) -> None:
+        for connection in self.connections:
+            connection.close()

@@ -1,0 +1,64 @@
+"""The process boundary: the HTTP side never loads torch, the engine side never loads Flask."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LiveServer
+
+SERVER_SIDE = ["service.server.app", "service.server.routes", "service.server.engine_client",
+               "service.server.gunicorn_conf", "service.explain", "service.imaging.decoding",
+               "service.imaging.dicom", "service.imaging.geometry", "service.imaging.render",
+               "service.supervisor", "service.cli", "service.ipc", "service.interface",
+               "service.metrics", "service.schemas"]
+ENGINE_SIDE = ["service.engine.process", "service.engine.runtime", "service.engine.gradcam",
+               "service.engine.models", "service.engine.layers", "service.engine.batching"]
+
+
+def _loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}: importlib.import_module(name)\n"
+            f"print(' '.join(w for w in {watched!r} if w in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True, cwd=Path(__file__).resolve().parents[1])
+    return done.stdout.split()
+
+
+def test_the_server_side_never_imports_torch() -> None:
+    assert _loaded_after_import(SERVER_SIDE, ["torch", "torchvision"]) == []
+
+
+def test_the_engine_side_never_imports_flask() -> None:
+    assert _loaded_after_import(ENGINE_SIDE, ["flask", "werkzeug", "gunicorn"]) == []
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_live_http_workers_hold_no_torch_and_stay_small(server: LiveServer) -> None:
+    serve = server.process.pid
+    masters = [p for p in _children(serve) if "gunicorn" in _cmdline(p)]
+    engines = [p for p in _children(serve) if "service.engine.process" in _cmdline(p)]
+    assert len(masters) == 1 and len(engines) == 1
+    workers = _children(masters[0])
+    assert workers
+    for pid in [serve, masters[0], *workers]:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "libtorch" not in maps, f"process {pid} ({_cmdline(pid)}) loaded torch"
+    assert "libtorch" in Path(f"/proc/{engines[0]}/maps").read_text()
+    for pid in workers:
+        status = Path(f"/proc/{pid}/status").read_text()
+        rss_kib = int(next(line.split()[1] for line in status.splitlines()
+                           if line.startswith("VmRSS:")))
+        assert rss_kib < 150 * 1024, f"worker {pid} holds {rss_kib / 1024:.0f} MiB"
