@@ -137,20 +137,24 @@ def _layers(args: argparse.Namespace, runtime: Runtime) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Start the engine process(es) and gunicorn, and supervise them (``supervisor``)."""
-    from service import logs
-    from service.supervisor import serve
+    """Become the supervisor of the engine process(es) and gunicorn (``supervisor``).
 
+    exec() gives it a fresh interpreter, so that its metrics find their
+    multiprocess folder (prometheus_client reads it at import) and nothing this
+    command imported stays in memory.
+    """
     overrides = {"models_file": args.models, "device": args.device, "host": args.host,
                  "port": args.port, "workers": args.workers, "threads": args.threads,
                  "engines": args.engines}
-    settings = Settings.from_env(**overrides)
+    Settings.from_env(**overrides)  # a bad flag or variable stops here, with its name
     env = dict(os.environ)
     for name, value in overrides.items():
         if value is not None:
             env[f"GRADCAM_{name.upper()}"] = str(value)
-    logs.configure("INFO")
-    return serve(settings, env)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "service.supervisor"], env)
+    return 0  # not reached
 
 
 def _parser() -> argparse.ArgumentParser:

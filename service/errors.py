@@ -62,7 +62,7 @@ class ServiceError(Exception):
     @staticmethod
     def from_wire(data: dict[str, Any]) -> ServiceError:
         status = int(data.get("status", 500))
-        kind = _BY_STATUS.get(status, ServiceError)
+        kind = _by_code().get(str(data.get("code")), _BY_STATUS.get(status, ServiceError))
         if issubclass(kind, Unavailable):
             error: ServiceError = kind(str(data["message"]),
                                        retry_after_s=int(data.get("retry_after_s") or 1))
@@ -137,6 +137,17 @@ class EngineUnavailable(Unavailable):
 class DeadlineExceeded(ServiceError):
     status = 504
     default_code = "deadline_exceeded"
+
+
+def _by_code() -> dict[str, type[ServiceError]]:
+    """Every error class by its default code (the most specific class for a code)."""
+    found: dict[str, type[ServiceError]] = {}
+    pending: list[type[ServiceError]] = [ServiceError]
+    while pending:
+        kind = pending.pop()
+        found[kind.default_code] = kind
+        pending.extend(kind.__subclasses__())
+    return found
 
 
 _BY_STATUS: dict[int, type[ServiceError]] = {

@@ -1,6 +1,7 @@
 """``gradcam-service serve``: start the engines and gunicorn, watch them, stop them in order.
 
-::
+``serve`` execs ``python -m service.supervisor`` with its flags as ``GRADCAM_*``
+variables::
 
     serve (this process: no torch, no Flask)
      ├─ engine 0 … engine N-1   python -m service.engine.process, one per device
@@ -46,8 +47,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
-from service import metrics
+from service import logs
+from service.errors import ConfigError
 from service.interface import ENGINE_EXIT_CONFIG, ENGINE_SOCKETS_ENV
 from service.settings import Settings, available_cores
 
@@ -96,6 +99,7 @@ class Supervisor:
         self.engines: list[EngineSlot] = []
         self.gunicorn: subprocess.Popen[bytes] | None = None
         self._own_metrics_dir: Path | None = None
+        self._metrics: ModuleType | None = None
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -105,6 +109,10 @@ class Supervisor:
 
     def run(self) -> int:
         self._prepare_metrics_dir()
+        # Imported only now: prometheus_client picks its multiprocess mode at import.
+        from service import metrics
+
+        self._metrics = metrics
         signal.set_wakeup_fd(self._wake_w)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
@@ -228,8 +236,9 @@ class Supervisor:
     def _engine_exited(self, slot: EngineSlot, code: int, now: float) -> bool:
         """Plan the restart of a dead engine; False if it has crashed too often."""
         assert slot.process is not None
-        metrics.mark_process_dead(slot.process.pid)
-        metrics.ENGINE_RESTARTS.inc()
+        assert self._metrics is not None
+        self._metrics.mark_process_dead(slot.process.pid)
+        self._metrics.ENGINE_RESTARTS.inc()
         if slot.ready_pipe is not None:
             os.close(slot.ready_pipe)
             slot.ready_pipe = None
@@ -312,8 +321,8 @@ class Supervisor:
         engines = [s.process for s in self.engines if s.process is not None]
         _terminate(engines, timeout, "engine")
         for slot in self.engines:
-            if slot.process is not None:
-                metrics.mark_process_dead(slot.process.pid)
+            if slot.process is not None and self._metrics is not None:
+                self._metrics.mark_process_dead(slot.process.pid)
 
     def _cleanup(self) -> None:
         for slot in self.engines:
@@ -343,6 +352,16 @@ def _terminate(processes: list[subprocess.Popen[bytes]], timeout_s: float, what:
             process.wait()
 
 
-def serve(settings: Settings, env: dict[str, str]) -> int:
+def main() -> int:
     """Run the service until a signal stops it; the exit code for the shell."""
-    return Supervisor(settings, env).run()
+    logs.configure("INFO")
+    try:
+        settings = Settings.from_env()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return Supervisor(settings, dict(os.environ)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

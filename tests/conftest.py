@@ -75,18 +75,33 @@ def seeded_model(arch: str, seed: int = 0, **kwargs: object) -> torch.nn.Module:
     return model
 
 
+def proc_children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(p) for p in path.read_text().split()]
+    except OSError:
+        return []
+
+
+def proc_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 class LiveServer:
     """A real ``gradcam-service serve`` (gunicorn) on 127.0.0.1, stopped by its PID."""
 
     def __init__(self, env: dict[str, str] | None = None, workers: int = 1,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", threads: int = 8) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "service.cli", "serve",
                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
-                   "--threads", "8", "--device", device]
+                   "--threads", str(threads), "--device", device]
         # Closed in stop(): it outlives this constructor on purpose.
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
             prefix="gradcam-server-", suffix=".log", delete=False)
@@ -108,6 +123,17 @@ class LiveServer:
 
     def read_log(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
+
+    def children(self, marker: str) -> list[int]:
+        """PIDs of serve's children whose command line contains ``marker``."""
+        return [pid for pid in proc_children(self.process.pid) if marker in proc_cmdline(pid)]
+
+    def engine_pids(self) -> list[int]:
+        return self.children("service.engine.process")
+
+    def worker_pids(self) -> list[int]:
+        masters = self.children("gunicorn")
+        return proc_children(masters[0]) if masters else []
 
     def stop(self) -> None:
         if self.process.poll() is None:

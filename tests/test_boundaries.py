@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, proc_cmdline
 
 SERVER_SIDE = ["service.server.app", "service.server.routes", "service.server.engine_client",
                "service.server.gunicorn_conf", "service.explain", "service.imaging.decoding",
@@ -36,26 +36,15 @@ def test_the_engine_side_never_imports_flask() -> None:
     assert _loaded_after_import(ENGINE_SIDE, ["flask", "werkzeug", "gunicorn"]) == []
 
 
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def _cmdline(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-
-
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
 def test_live_http_workers_hold_no_torch_and_stay_small(server: LiveServer) -> None:
-    serve = server.process.pid
-    masters = [p for p in _children(serve) if "gunicorn" in _cmdline(p)]
-    engines = [p for p in _children(serve) if "service.engine.process" in _cmdline(p)]
+    masters, engines = server.children("gunicorn"), server.engine_pids()
     assert len(masters) == 1 and len(engines) == 1
-    workers = _children(masters[0])
+    workers = server.worker_pids()
     assert workers
-    for pid in [serve, masters[0], *workers]:
+    for pid in [server.process.pid, masters[0], *workers]:
         maps = Path(f"/proc/{pid}/maps").read_text()
-        assert "libtorch" not in maps, f"process {pid} ({_cmdline(pid)}) loaded torch"
+        assert "libtorch" not in maps, f"process {pid} ({proc_cmdline(pid)}) loaded torch"
     assert "libtorch" in Path(f"/proc/{engines[0]}/maps").read_text()
     for pid in workers:
         status = Path(f"/proc/{pid}/status").read_text()

@@ -155,8 +155,9 @@ class Runtime:
             if (image.ndim != 3 or image.shape[:2] != (height, width)
                     or image.shape[2] not in (1, model.channels)
                     or image.dtype not in (np.uint8, np.float32)):
+                channels = "1" if model.channels == 1 else f"1 or {model.channels}"
                 raise InvalidJob(f"image {i} of the job is {image.dtype}{list(image.shape)}, not "
-                                 f"({height}, {width}, 1 or {model.channels}) uint8 or float32")
+                                 f"({height}, {width}, {channels}) uint8 or float32")
         cuda = self.device.type == "cuda"
         groups: dict[tuple[str, int], list[int]] = {}
         for i, image in enumerate(job.images):
