@@ -1,10 +1,12 @@
 """Every Prometheus metric of the service (``gradcam_`` prefix, base units).
 
-Under gunicorn the metrics are multiprocess: ``PROMETHEUS_MULTIPROC_DIR`` is set
-by ``gradcam-service serve`` before Python starts the master (and wiped then),
-each worker writes its own files, ``gunicorn_conf.child_exit`` marks dead
-workers, and ``/metrics`` aggregates all of them. Gauges say how they combine
-across workers (``livesum``: sum over live workers).
+Under ``gradcam-service serve`` the metrics are multiprocess: the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` (and wipes it) before any of its children start;
+the HTTP workers (requests, decoding, rendering), the engine processes (batches,
+queue, compute) and the supervisor (restarts) each write their own files;
+``gunicorn_conf.child_exit`` and the supervisor mark dead processes, and
+``/metrics`` on any worker aggregates all of them. Gauges say how they combine
+across processes (``livesum``: sum over live ones).
 
 Labels are bounded: route templates, status codes, error codes, stages, models.
 """
@@ -33,13 +35,19 @@ REQUEST_DURATION = Histogram(
     ["route", "method", "status"], buckets=_LATENCY_BUCKETS)
 STAGE_DURATION = Histogram(
     "gradcam_stage_duration_seconds",
-    "Time per request in each stage: decode (and preprocess), queue_wait, compute, render.",
+    "Time per request in each stage: thread_wait (for an HTTP worker thread), decode (and "
+    "fit to the model), queue_wait (for the model), compute, transport (to and from the "
+    "engine, beyond queue_wait and compute), render.",
     ["stage"], buckets=_LATENCY_BUCKETS)
 BATCH_SIZE = Histogram(
     "gradcam_batch_size_images", "Images per engine call (micro-batch).",
     buckets=_BATCH_BUCKETS)
 QUEUE_DEPTH = Gauge(
-    "gradcam_queue_depth", "Requests waiting for the model, summed over live workers.",
+    "gradcam_queue_depth", "Requests waiting for the model, summed over live engines.",
+    multiprocess_mode="livesum")
+WAITING_FOR_THREAD = Gauge(
+    "gradcam_requests_waiting_for_thread",
+    "Requests an HTTP worker has read but not yet given a thread, summed over live workers.",
     multiprocess_mode="livesum")
 IN_FLIGHT = Gauge(
     "gradcam_requests_in_flight", "HTTP requests being handled, summed over live workers.",

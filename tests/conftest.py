@@ -124,6 +124,16 @@ class LiveServer:
     def read_log(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
+    def metrics_dir(self) -> str:
+        """The multiprocess metrics folder serve's children write to."""
+        # The supervisor sets it after it starts: its children's environments have it.
+        child = self.engine_pids()[0]
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        for entry in environ:
+            if entry.startswith(b"PROMETHEUS_MULTIPROC_DIR="):
+                return entry.split(b"=", 1)[1].decode()
+        raise LookupError("serve has no metrics folder")
+
     def children(self, marker: str) -> list[int]:
         """PIDs of serve's children whose command line contains ``marker``."""
         return [pid for pid in proc_children(self.process.pid) if marker in proc_cmdline(pid)]

@@ -392,3 +392,42 @@ def test_two_engines_share_the_work_and_cover_for_each_other(models_file: Path) 
         assert statuses == [200] * 5  # the other engine answers meanwhile
     finally:
         live.stop()
+
+
+@pytest.mark.slow
+def test_requests_waiting_for_a_worker_thread_are_counted_and_refused_in_time(
+        models_file: Path) -> None:
+    live = LiveServer(workers=1, threads=2, env={"GRADCAM_MODELS_FILE": str(models_file),
+                                                  "GRADCAM_MAX_QUEUE_WAIT_S": "0.5"})
+    try:
+        slow = {"model": "slow", "images": [encode(phantom_png(s, 224, 224)) for s in range(8)],
+                "heatmap": {"format": "none"}}
+        waiting: list[float] = []
+        stop = threading.Event()
+
+        def scrape() -> None:
+            # /metrics needs a thread too: scrape the files as Prometheus would see them.
+            while not stop.is_set():
+                registry = CollectorRegistry()
+                MultiProcessCollector(registry,  # type: ignore[no-untyped-call]
+                                      path=live.metrics_dir())
+                waiting.extend(sample.value for metric in registry.collect()
+                               for sample in metric.samples
+                               if sample.name == "gradcam_requests_waiting_for_thread")
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=scrape)
+        watcher.start()
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: _explain(live.url, slow), range(8)))
+        stop.set()
+        watcher.join()
+        statuses = [status for status, _, _ in results]
+        assert 200 in statuses and 503 in statuses, statuses
+        assert {body["error"]["code"] for status, body, _ in results if status == 503} \
+            == {"overloaded"}
+        assert max(waiting) >= 2
+        text = requests.get(f"{live.url}/metrics", timeout=10).text
+        assert 'gradcam_stage_duration_seconds_count{stage="thread_wait"}' in text
+    finally:
+        live.stop()

@@ -21,6 +21,7 @@ from service.errors import ServiceError
 from service.interface import Engine
 from service.server.engine_client import EnginePool
 from service.server.routes import api, json_response
+from service.server.worker import thread_wait
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     def _start() -> None:
         g.started = time.perf_counter()
         g.started_monotonic = time.monotonic()
+        g.thread_wait_s = 0.0
+        wait = thread_wait()
+        if wait is not None:
+            # The deadline counts from when the request queued for a thread.
+            g.started_monotonic, g.thread_wait_s = wait
+            metrics.STAGE_DURATION.labels("thread_wait").observe(g.thread_wait_s)
         metrics.IN_FLIGHT.inc()
         given = request.headers.get("X-Request-ID", "")
         g.request_id = given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex[:16]

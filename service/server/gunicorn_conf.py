@@ -22,7 +22,8 @@ threads = settings.threads or 16
 
 wsgi_app = "service.server.app:create_app()"
 bind = [f"{settings.host}:{settings.port}"]
-worker_class = "gthread"
+# gthread, with the wait for a request thread measured and bounded (worker.py).
+worker_class = "service.server.worker.TimedThreadWorker"
 preload_app = False
 # A worker that answers nothing for this long is restarted: a generous bound for
 # large batches on a CPU, still short of a hang.

@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
-from service.errors import UnsupportedMediaType
+from service.errors import Overloaded, UnsupportedMediaType
 from service.explain import dumps, explain
 from service.interface import Catalog, Engine, ModelInfo
 from service.schemas import parse_explain_request
@@ -70,9 +70,16 @@ def explain_view() -> Response:
         raise UnsupportedMediaType(
             f"Send the request as JSON (Content-Type: application/json), not "
             f"'{request.mimetype or 'no content type'}'.", code="unsupported_media_type")
+    settings = _settings()
+    waited = g.get("thread_wait_s", 0.0)
+    if settings.max_queue_wait_s and waited > settings.max_queue_wait_s:
+        # It sat in the worker's queue for a thread: the engine's queue is surely no shorter.
+        raise Overloaded(f"The server is {waited:.1f} s behind (limit "
+                         f"{settings.max_queue_wait_s:g} s); retry shortly.",
+                         retry_after_s=max(1, round(waited)))
     body = parse_explain_request(request.get_data(cache=False))
     started = g.get("started_monotonic", time.monotonic())
-    return json_response(explain(body, _engine(), _settings(), _client_disconnected, started))
+    return json_response(explain(body, _engine(), settings, _client_disconnected, started))
 
 
 @api.get("/v1/models")
