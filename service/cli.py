@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from service.errors import ConfigError, ServiceError
 from service.explain import (
     PreparedImage,
@@ -27,7 +29,8 @@ from service.explain import (
     render_result,
     run,
 )
-from service.imaging.render import blend, colorize, encode_png, heatmap, to_rgb8
+from service.imaging.encoders import encode_png
+from service.imaging.render import colour_image, heatmap, overlay_image, to_rgb_image, to_uint8
 from service.interface import ModelInfo
 from service.schemas import METHODS, HeatmapOptions, parse_explain_request
 from service.settings import Settings
@@ -70,14 +73,15 @@ def _safe(text: str) -> str:
 def _write_outputs(result: dict, prepared: PreparedImage, cams: Sequence, out: Path,
                    stem: str) -> list[str]:
     written = []
-    base = to_rgb8(prepared.image)
+    base = to_rgb_image(prepared.image)
     for explanation, cam in zip(result["explanations"], cams, strict=True):
         heat = heatmap(cam, prepared.geometry, "original")
         label = _safe(explanation["target"]["label"])
         overlay_path = out / f"{stem}.{label}.overlay.png"
         heatmap_path = out / f"{stem}.{label}.heatmap.png"
-        overlay_path.write_bytes(encode_png(blend(base, heat)))
-        heatmap_path.write_bytes(encode_png(colorize(heat)))
+        levels = to_uint8(heat)
+        overlay_path.write_bytes(encode_png(np.asarray(overlay_image(base, levels))))
+        heatmap_path.write_bytes(encode_png(np.asarray(colour_image(levels))))
         written.append(f"{explanation['target']['label']} → {overlay_path}")
     return written
 

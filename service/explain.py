@@ -25,14 +25,14 @@ from PIL import Image
 from service import metrics
 from service.errors import InvalidField, PayloadTooLarge
 from service.imaging.decoding import decode_base64, decode_image
+from service.imaging.encoders import encode_image
 from service.imaging.geometry import Geometry, model_view, to_model_pixels
 from service.imaging.render import (
-    blend,
-    colorize,
-    encode_png,
+    colour_image,
     heatmap,
     output_shape,
-    to_rgb8,
+    overlay_image,
+    to_rgb_image,
     to_uint8,
 )
 from service.interface import Box, Engine, Job, ModelInfo
@@ -126,18 +126,28 @@ def _prediction(model: ModelInfo, index: int, scores: np.ndarray) -> dict[str, A
 
 
 def overlay_base(prepared: PreparedImage, size: str, shape: tuple[int, int],
-                 model: ModelInfo) -> np.ndarray:
-    """The image under an overlay of ``size``: ``(H, W, 3) uint8``."""
+                 model: ModelInfo) -> Image.Image:
+    """The image under an overlay of ``size`` (``shape`` = (H, W)), in RGB."""
     if size == "original":
-        return to_rgb8(prepared.image)
+        return to_rgb_image(prepared.image)
     view = model_view(prepared.image, prepared.geometry, model.mean)
-    rgb = np.round(np.clip(view, 0, 1) * 255).astype(np.uint8)
-    if rgb.shape[2] == 1:
-        rgb = np.repeat(rgb, 3, axis=2)
-    if rgb.shape[:2] != shape:
-        rgb = np.asarray(Image.fromarray(rgb).resize((shape[1], shape[0]),
-                                                     Image.Resampling.BILINEAR))
-    return rgb
+    levels = np.round(np.clip(view, 0, 1) * 255).astype(np.uint8)
+    base = Image.fromarray(levels[:, :, 0] if levels.shape[2] == 1 else levels).convert("RGB")
+    if base.size != (shape[1], shape[0]):
+        base = base.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+    return base
+
+
+def draw_heatmap(heat: np.ndarray, prepared: PreparedImage, options: HeatmapOptions,
+                 model: ModelInfo) -> np.ndarray:
+    """The picture of a ``png``, ``gray`` or ``overlay`` heatmap: ``(H, W[, 3]) uint8``."""
+    levels = to_uint8(heat)
+    if options.format == "gray":
+        return levels
+    if options.format == "png":
+        return np.asarray(colour_image(levels))
+    base = overlay_base(prepared, options.size, heat.shape, model)
+    return np.asarray(overlay_image(base, levels))
 
 
 def render_heatmap(cam: np.ndarray, prepared: PreparedImage, options: HeatmapOptions,
@@ -151,13 +161,10 @@ def render_heatmap(cam: np.ndarray, prepared: PreparedImage, options: HeatmapOpt
     heat = heatmap(cam, prepared.geometry, options.size)
     if options.format == "array":
         out["values"] = heat
-    elif options.format == "png":
-        out["data"] = _b64(encode_png(colorize(heat)))
-    elif options.format == "gray":
-        out["data"] = _b64(encode_png(to_uint8(heat)))
-    elif options.format == "overlay":
-        base = overlay_base(prepared, options.size, heat.shape, model)
-        out["data"] = _b64(encode_png(blend(base, heat)))
+    else:
+        picture = draw_heatmap(heat, prepared, options, model)
+        out["encoding"] = options.encoding
+        out["data"] = _b64(encode_image(picture, options.encoding))
     return out
 
 

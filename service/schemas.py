@@ -9,7 +9,15 @@ from __future__ import annotations
 from typing import Annotated, Literal, get_args
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from service.errors import BadRequest, InvalidField
 
@@ -17,6 +25,7 @@ Method = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 METHODS: tuple[str, ...] = get_args(Method)  # the engine's formulas; a test keeps them equal
 HeatmapFormat = Literal["array", "png", "overlay", "gray", "none"]
 HeatmapSize = Literal["original", "input", "layer"]
+HeatmapEncoding = Literal["png", "jpeg", "webp"]
 
 # A class given by index or by label.
 ClassRef = StrictInt | Annotated[StrictStr, Field(min_length=1)]
@@ -29,6 +38,16 @@ class HeatmapOptions(BaseModel):
 
     format: HeatmapFormat = "png"
     size: HeatmapSize = "original"
+    # How png, overlay and gray pictures are encoded: lossless PNG, or the smaller,
+    # lossy JPEG / WebP (a JPEG gray map dithers levels: use PNG to read values).
+    encoding: HeatmapEncoding = "png"
+
+    @model_validator(mode="after")
+    def _encoding_needs_a_picture(self) -> HeatmapOptions:
+        if "encoding" in self.model_fields_set and self.format in ("array", "none"):
+            raise ValueError(f"encoding applies to the png, overlay and gray formats, not to "
+                             f"'{self.format}'")
+        return self
 
 
 class ExplainRequest(BaseModel):
@@ -53,7 +72,8 @@ class Prediction(BaseModel):
 
 
 class Heatmap(BaseModel):
-    """A heatmap: ``values`` (format ``array``) or ``data`` (base64 PNG), or neither (``none``).
+    """A heatmap: ``values`` (format ``array``) or ``data`` (a base64 picture in ``encoding``),
+    or neither (``none``).
 
     ``raw_max`` is the map's maximum before min-max normalisation (in units of the
     score's gradient times the activation): 0 means the map was all zero.
@@ -65,6 +85,7 @@ class Heatmap(BaseModel):
     raw_max: float
     values: list[list[float]] | None = None
     data: str | None = None
+    encoding: HeatmapEncoding | None = None
 
 
 class Explanation(BaseModel):

@@ -328,10 +328,11 @@ def test_overload_is_a_quick_503_and_shows_in_the_queue_depth(busy_server: LiveS
     stop.set()
     watcher.join()
     refused = [(body, took) for status, body, took in results if status == 503]
-    assert refused and any(status == 200 for status, _, _ in results)
-    assert all(body["error"]["code"] == "overloaded" for body, _ in refused)
-    assert max(took for _, took in refused) < 1.0
-    assert max(depths) >= 2  # the backlog is where the metric shows it
+    summary = [(status, round(took, 2)) for status, _, took in results]
+    assert refused and any(status == 200 for status, _, _ in results), summary
+    assert all(body["error"]["code"] == "overloaded" for body, _ in refused), refused
+    assert max(took for _, took in refused) < 1.0, summary
+    assert max(depths) >= 2, depths  # the backlog is where the metric shows it
 
 
 @pytest.mark.slow

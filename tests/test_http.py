@@ -69,6 +69,17 @@ def test_formats_and_sizes(server: LiveServer, fmt: str, size: str) -> None:
         assert image.size == expected and image.mode == ("L" if fmt == "gray" else "RGB")
 
 
+@pytest.mark.parametrize("encoding,kind", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+@pytest.mark.parametrize("fmt", ["png", "overlay", "gray"])
+def test_heatmap_encodings(server: LiveServer, fmt: str, encoding: str, kind: str) -> None:
+    body = _ok(server, {"images": [encode(phantom_png(3, 210, 170))],
+                        "heatmap": {"format": fmt, "encoding": encoding}})
+    heatmap = body["results"][0]["explanations"][0]["heatmap"]
+    assert heatmap["encoding"] == encoding
+    image = Image.open(io.BytesIO(base64.b64decode(heatmap["data"])))
+    assert image.format == kind and image.size == (210, 170)
+
+
 def test_http_response_equals_the_cli_output(server: LiveServer, tmp_path: Path) -> None:
     request = {"images": [encode(phantom_png(3, 150, 120)), encode(phantom_png(2, 90, 90))],
                "targets": [["mass", 3], None], "method": "xgradcam", "top_k": 2,
@@ -169,6 +180,11 @@ BAD: list[tuple[str, str, str, Any, dict[str, str], int, str]] = [
      "invalid_field"),
     ("unknown format", "POST", "/v1/explain",
      {"images": [GOOD], "heatmap": {"format": "jpeg"}}, {}, 422, "invalid_field"),
+    ("unknown encoding", "POST", "/v1/explain",
+     {"images": [GOOD], "heatmap": {"encoding": "gif"}}, {}, 422, "invalid_field"),
+    ("encoding of an array", "POST", "/v1/explain",
+     {"images": [GOOD], "heatmap": {"format": "array", "encoding": "jpeg"}}, {}, 422,
+     "invalid_field"),
     ("not base64", "POST", "/v1/explain", {"images": ["%%%% not base64"]}, {}, 422,
      "invalid_base64"),
     ("zero bytes", "POST", "/v1/explain", {"images": [""]}, {}, 422, "empty_image"),

@@ -10,15 +10,18 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from service.imaging import encoders
+from service.imaging.encoders import encode_image, encode_png
 from service.imaging.geometry import fit_geometry, to_model_pixels
 from service.imaging.render import (
     COLORMAP,
+    OVERLAY_MAX_OPACITY,
     blend,
     colorize,
-    encode_png,
     heatmap,
     normalise,
     resample,
+    to_uint8,
 )
 
 
@@ -113,3 +116,44 @@ def test_colour_map_and_pngs() -> None:
                         ((heat * 255).astype(np.uint8), "L")]:
         decoded = Image.open(io.BytesIO(encode_png(array)))
         assert decoded.mode == mode and decoded.size == (80, 60)
+
+
+def _float_blend(base: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """The reference: the blend formula in float, alpha from the unquantised value."""
+    alpha = (OVERLAY_MAX_OPACITY * heat)[:, :, None]
+    colour = COLORMAP[np.round(heat * 255).astype(np.uint8)].astype(np.float64)
+    return np.round(base * (1 - alpha) + colour * alpha).astype(np.uint8)
+
+
+def test_fast_colouring_is_bit_exact_and_blending_within_one_level() -> None:
+    rng = np.random.default_rng(7)
+    heat = rng.random((257, 311), dtype=np.float32)
+    heat[0, :3] = [0.0, 1.0, 0.5 / 255]  # the ends and a rounding tie
+    assert np.array_equal(to_uint8(heat), np.round(heat * 255).astype(np.uint8))
+    assert np.array_equal(colorize(heat), COLORMAP[np.round(heat * 255).astype(np.uint8)])
+    base = rng.integers(0, 256, (257, 311, 3), dtype=np.uint8)
+    difference = np.abs(blend(base, heat).astype(int) - _float_blend(base, heat).astype(int))
+    assert difference.max() <= 1 and difference.mean() < 0.2
+
+
+@pytest.mark.parametrize("shape", [(61, 83), (61, 83, 3), (1024, 1024, 3), (1, 1, 3)])
+def test_png_encoding_round_trips_bit_exactly(shape: tuple[int, ...]) -> None:
+    array = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    decoded = np.asarray(Image.open(io.BytesIO(encode_png(array))))
+    assert np.array_equal(decoded, array)
+
+
+@pytest.mark.skipif(encoders._fpng is None, reason="fpng is not installed")
+def test_rgb_pngs_come_from_fpng() -> None:
+    array = np.random.default_rng(2).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    assert encode_png(array) == encoders._fpng.from_ndarray(array)
+
+
+@pytest.mark.parametrize("encoding,format_name", [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_lossy_encodings_stay_close(encoding: str, format_name: str) -> None:
+    heat = np.add.outer(np.linspace(0, 1, 120), np.linspace(0, 1, 90)) / 2
+    picture = colorize(heat.astype(np.float32))
+    decoded = Image.open(io.BytesIO(encode_image(picture, encoding)))  # type: ignore[arg-type]
+    assert decoded.format == format_name and decoded.size == (90, 120)
+    error = np.asarray(decoded.convert("RGB")).astype(float) - picture
+    assert 10 * np.log10(255**2 / np.mean(error**2)) > 30  # PSNR in dB

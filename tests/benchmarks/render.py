@@ -1,13 +1,17 @@
-"""Rendering costs: JSON serialisation of arrays, PNG compression levels, a full overlay.
+"""Rendering costs on one core: JSON arrays, and whole 1024² heatmap renders, before and after.
 
-    python tests/benchmarks/render.py [--repeats 9]
+    python tests/benchmarks/render.py [--repeats 15]
 
-Prints medians (ms) measured side by side in one run:
+Prints medians (ms) measured side by side in one run, pinned to one core:
 1. a 224×224 heatmap as JSON: stdlib ``json`` (via ``tolist()``) against orjson
    straight from numpy;
-2. a 1024×1024 overlay PNG at each zlib level (time and size);
-3. the whole ``overlay`` render of a 1024×1024 image at the level the service
-   uses: resample a 16×16 map, normalise, colour, blend, encode, base64.
+2. the whole render of a 1024×1024 ``png``, ``overlay`` and ``gray`` heatmap from
+   a 16×16 layer map (resample, normalise, colour / blend, encode, base64), by
+   the service (8-bit levels, palette colouring, Pillow's integer composite,
+   fpng) and by the float path it replaced (float blend, numpy colour lookup,
+   Pillow PNG at zlib level 1), and the ratio; then the same renders as JPEG
+   and WebP (``heatmap.encoding``).
+The PNG encoders themselves are compared in ``encoders.py``.
 """
 
 from __future__ import annotations
@@ -16,18 +20,22 @@ import argparse
 import base64
 import io
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
 
 import numpy as np
 import orjson
-import torch
 from PIL import Image
 
 from service.demo.phantom import sample_phantom, to_uint8
+from service.explain import PreparedImage, draw_heatmap
+from service.imaging.encoders import encode_image
 from service.imaging.geometry import fit_geometry
-from service.imaging.render import PNG_COMPRESS_LEVEL, blend, heatmap
+from service.imaging.render import COLORMAP, OVERLAY_MAX_OPACITY, heatmap
+from service.interface import ModelInfo
+from service.schemas import HeatmapOptions
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -40,11 +48,29 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
+def _float_path(cam: np.ndarray, prepared: PreparedImage, fmt: str) -> str:
+    """The render as it was before: float maths, numpy lookups, Pillow PNG level 1."""
+    heat = heatmap(cam, prepared.geometry, "original")
+    levels = np.round(heat * 255).astype(np.uint8)
+    if fmt == "gray":
+        picture = levels
+    elif fmt == "png":
+        picture = COLORMAP[levels]
+    else:
+        base = np.repeat(np.asarray(prepared.image)[:, :, None], 3, axis=2)
+        alpha = (OVERLAY_MAX_OPACITY * heat)[:, :, None]
+        mixed = base.astype(np.float32) * (1 - alpha) + COLORMAP[levels] * alpha
+        picture = np.round(mixed).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     rng = np.random.default_rng(0)
 
     heat224 = rng.random((224, 224), dtype=np.float32)
@@ -57,30 +83,38 @@ def main() -> None:
     print(f"| ratio | **{t_json / t_orjson:.0f}×** |\n")
 
     # A 16×16 map over a 1024×1024 phantom radiograph, like a real overlay.
+    gray = Image.fromarray(to_uint8(sample_phantom(np.random.default_rng(3), 1024,
+                                                   1024).image))
     geometry = fit_geometry(1024, 1024, (128, 128), "stretch")
-    cam = torch.from_numpy(rng.random((16, 16), dtype=np.float32))
-    heat = heatmap(cam, geometry, "original")
-    gray = to_uint8(sample_phantom(np.random.default_rng(3), 1024, 1024).image)
-    base = np.repeat(gray[:, :, None], 3, axis=2)
-    overlay = blend(base, heat)
-    print("| 1024×1024 overlay PNG, zlib level | ms | KiB |\n|---|---|---|")
-    for level in range(10):
-        def encode(level: int = level) -> bytes:
-            buffer = io.BytesIO()
-            Image.fromarray(overlay).save(buffer, format="PNG", compress_level=level)
-            return buffer.getvalue()
-        size = len(encode()) / 1024
-        mark = " (used)" if level == PNG_COMPRESS_LEVEL else ""
-        print(f"| {level}{mark} | {_median_ms(encode, args.repeats):.0f} | {size:.0f} |")
+    prepared = PreparedImage(0, gray, np.zeros((128, 128, 1), np.uint8), None, geometry, [None])
+    model = ModelInfo("m", "a", ("x",), False, 1, (128, 128), (0.5,), (0.25,), "stretch",
+                      "l", (), (), "cpu")
+    cam = rng.random((16, 16), dtype=np.float32)
 
-    def full_overlay() -> str:
-        from service.imaging.render import encode_png
+    def service_path(fmt: str, encoding: str = "png") -> Callable[[], str]:
+        options = HeatmapOptions(format=fmt, encoding=encoding)  # type: ignore[arg-type]
 
-        h = heatmap(cam, geometry, "original")
-        return base64.b64encode(encode_png(blend(base, h))).decode("ascii")
+        def render() -> str:
+            heat = heatmap(cam, geometry, "original")
+            picture = draw_heatmap(heat, prepared, options, model)
+            return base64.b64encode(encode_image(picture, options.encoding)).decode("ascii")
+        return render
 
-    print(f"\nwhole overlay render, 1024×1024, level {PNG_COMPRESS_LEVEL}: "
-          f"**{_median_ms(full_overlay, args.repeats):.0f} ms** (median of {args.repeats})")
+    print("| 1024×1024 render, one core | before: float + Pillow PNG | service | ratio | "
+          "KiB (service) |\n|---|---|---|---|---|")
+    for fmt in ("png", "overlay", "gray"):
+        before = _median_ms(lambda fmt=fmt: _float_path(cam, prepared, fmt), args.repeats)
+        render = service_path(fmt)
+        after = _median_ms(render, args.repeats)
+        size = len(base64.b64decode(render())) / 1024
+        print(f"| {fmt} | {before:.1f} ms | **{after:.1f} ms** | {before / after:.1f}× | "
+              f"{size:.0f} |")
+    print("\n| 1024×1024 render, one core | ms | KiB |\n|---|---|---|")
+    for fmt in ("png", "overlay", "gray"):
+        for encoding in ("jpeg", "webp"):
+            render = service_path(fmt, encoding)
+            size = len(base64.b64decode(render())) / 1024
+            print(f"| {fmt}, {encoding} | {_median_ms(render, args.repeats):.1f} | {size:.0f} |")
 
 
 if __name__ == "__main__":
