@@ -193,7 +193,8 @@ class Engine(Protocol):
         """Explain ``job``; waits until ``deadline`` (``time.monotonic()``) at most.
 
         Raises ``Overloaded`` (queue full), ``DeadlineExceeded``, ``ClientClosed``
-        (``disconnected()`` turned true) or ``EngineUnavailable``.
+        (``disconnected()`` turned true), ``EngineUnavailable``, or a 500
+        ``ServiceError`` when the model itself failed on this job.
         """
         ...
 

@@ -79,18 +79,24 @@ def _bytes_view(array: np.ndarray) -> memoryview:
 
 
 def send_message(sock: socket.socket, buffers: Sequence[memoryview], timeout_s: float) -> None:
-    """Write every buffer to the non-blocking ``sock``; ``PeerGone`` on failure or timeout."""
+    """Write every buffer to the non-blocking ``sock``; ``PeerGone`` on failure, or when
+    the peer reads nothing for ``timeout_s``."""
     pending = [b for b in buffers if len(b)]
     deadline = time.monotonic() + timeout_s
     poller = select.poll()
-    poller.register(sock, select.POLLOUT)
+    try:
+        poller.register(sock, select.POLLOUT)
+    except (ValueError, OSError):  # closed meanwhile (fileno -1)
+        raise PeerGone("the socket is closed") from None
     while pending:
         try:
             sent = sock.sendmsg(pending[:_MAX_IOV])
         except (BlockingIOError, InterruptedError):
             sent = 0
-        except OSError as error:
+        except (OSError, ValueError) as error:
             raise PeerGone(f"send failed: {error}") from None
+        if sent:
+            deadline = time.monotonic() + timeout_s  # progress: the peer is reading
         while sent and pending:
             if sent >= len(pending[0]):
                 sent -= len(pending[0])

@@ -39,6 +39,10 @@ STAGE_DURATION = Histogram(
     "fit to the model), queue_wait (for the model), compute, transport (to and from the "
     "engine, beyond queue_wait and compute), render.",
     ["stage"], buckets=_LATENCY_BUCKETS)
+BATCH_DURATION = Histogram(
+    "gradcam_batch_duration_seconds",
+    "Engine time per batch (forward, backward, CAM maths, copy back).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
 BATCH_SIZE = Histogram(
     "gradcam_batch_size_images", "Images per engine call (micro-batch).",
     buckets=_BATCH_BUCKETS)

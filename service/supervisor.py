@@ -85,7 +85,7 @@ class EngineSlot:
     process: subprocess.Popen[bytes] | None = None
     ready_pipe: int | None = None
     started_at: float = 0.0
-    ready: bool = False
+    ready_at: float | None = None
     crashes: int = 0
     restart_at: float | None = None
 
@@ -147,7 +147,7 @@ class Supervisor:
         self._launch(first)
         ready = self._wait_ready(first)
         if ready is None:
-            return self._exit_code_of_failed_start(first)
+            return 0 if self._stopping else self._exit_code_of_failed_start(first)
         device, cuda_devices = ready
         first.device = device
         if self.settings.engines == 0 and device.startswith("cuda") and cuda_devices > 1:
@@ -161,7 +161,7 @@ class Supervisor:
             self._launch(slot)
         for slot in self.engines[1:]:
             if self._wait_ready(slot) is None:
-                return self._exit_code_of_failed_start(slot)
+                return 0 if self._stopping else self._exit_code_of_failed_start(slot)
         self._launch_gunicorn()
         logger.info("serving on http://%s:%d with %d engine(s): %s", self.settings.host,
                     self.settings.port, len(self.engines),
@@ -169,7 +169,10 @@ class Supervisor:
         return None
 
     def _exit_code_of_failed_start(self, slot: EngineSlot) -> int:
-        code = slot.process.wait() if slot.process is not None else 1
+        code = slot.process.poll() if slot.process is not None else 1
+        if code is None:  # alive but said something other than ready: stop it (finally)
+            logger.error("engine %d did not report ready", slot.index)
+            return 1
         if code == ENGINE_EXIT_CONFIG:
             return 2  # the engine printed the configuration error
         logger.error("engine %d exited with code %s before it was ready", slot.index, code)
@@ -196,7 +199,7 @@ class Supervisor:
             preexec_fn=_die_with_parent)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
-        slot.ready_pipe, slot.ready, slot.started_at = read_fd, False, time.monotonic()
+        slot.ready_pipe, slot.ready_at, slot.started_at = read_fd, None, time.monotonic()
         logger.info("engine %d starting on %s (pid %d)", slot.index, slot.device,
                     slot.process.pid)
 
@@ -213,7 +216,7 @@ class Supervisor:
         words = data.decode(errors="replace").split()
         if len(words) != 3 or words[0] != "ready":
             return None
-        slot.ready = True
+        slot.ready_at = time.monotonic()
         logger.info("engine %d ready on %s (pid %d) after %.1f s", slot.index, words[1],
                     slot.process.pid if slot.process else -1, time.monotonic() - slot.started_at)
         return words[1], int(words[2])
@@ -242,9 +245,13 @@ class Supervisor:
         if slot.ready_pipe is not None:
             os.close(slot.ready_pipe)
             slot.ready_pipe = None
-        if now - slot.started_at >= _STABLE_S:
-            slot.crashes = 0
+        if slot.ready_at is not None and now - slot.ready_at >= _STABLE_S:
+            slot.crashes = 0  # it served for a while: a new incident, not the same one
         slot.crashes += 1
+        if code == ENGINE_EXIT_CONFIG:
+            logger.critical("engine %d cannot load its models any more (see above): giving up",
+                            slot.index)
+            return False
         if slot.crashes > self.settings.engine_max_restarts:
             logger.critical("engine %d exited with code %d, its %d crash in a row: giving up",
                             slot.index, code, slot.crashes)
@@ -291,7 +298,7 @@ class Supervisor:
                     self._launch(slot)
             if (code := self.gunicorn.poll()) is not None and not self._stopping:
                 logger.critical("gunicorn exited with code %d; stopping", code)
-                return code or 1
+                return 128 - code if code < 0 else (code or 1)  # killed by a signal: 128 + N
         return 0
 
     def _on_stop_signal(self, signum: int, _frame: object) -> None:
@@ -319,7 +326,8 @@ class Supervisor:
         if self.gunicorn is not None:
             _terminate([self.gunicorn], timeout, "gunicorn")
         engines = [s.process for s in self.engines if s.process is not None]
-        _terminate(engines, timeout, "engine")
+        # An engine may take the timeout to finish its queue, then as long to send.
+        _terminate(engines, 2 * timeout, "engine")
         for slot in self.engines:
             if slot.process is not None and self._metrics is not None:
                 self._metrics.mark_process_dead(slot.process.pid)

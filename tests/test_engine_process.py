@@ -288,6 +288,19 @@ def test_sigterm_drains_requests_in_flight_then_stops_everything(models_file: Pa
         live.stop()
 
 
+def test_sigterm_while_the_engine_still_loads_stops_everything(tmp_path: Path) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
+                               start_new_session=True)
+    time.sleep(1.0)  # the engine is importing torch, far from ready
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    log = process.stdout.read().decode() if process.stdout else ""
+    pid = next(line.split("pid ")[1].rstrip(")") for line in log.splitlines()
+               if "engine 0 starting" in line)
+    assert not Path(f"/proc/{pid}").exists(), log  # the engine went too
+
+
 def test_a_broken_models_file_stops_serve_with_its_message(tmp_path: Path) -> None:
     path = tmp_path / "models.toml"
     path.write_text('[models.x]\narch = "resnet18"\nchannels = 7\n')

@@ -2,10 +2,18 @@
 
 Marked ``gpu``: skipped where CUDA is missing; ``tests/benchmarks/gpu_check.sh``
 runs them on a GPU machine.
+
+TF32: cuDNN runs float32 convolutions in TF32 by default on Ampere and newer
+(10 mantissa bits), and the service keeps that default for speed. So the maps
+are compared two ways: with TF32 turned off, a CUDA map must equal the CPU map
+to float32 rounding (the engine's maths is the same on both devices); with the
+default TF32, a map must keep its shape (Pearson ≥ 0.999) and stay within 2% of
+its peak everywhere, which is what a user of the default sees.
 """
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 
 import numpy as np
@@ -29,19 +37,51 @@ def models() -> tuple[torch.nn.Module, torch.nn.Module]:
     return cpu, gpu
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_cuda_maps_equal_cpu_maps(models: tuple[torch.nn.Module, torch.nn.Module],
-                                  method: str) -> None:
+@pytest.fixture
+def no_tf32() -> Iterator[None]:
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Pearson correlation and the largest difference relative to ``a``'s peak."""
+    x, y = a.numpy().ravel().astype(np.float64), b.numpy().ravel().astype(np.float64)
+    if x.max() <= 0:
+        return (1.0 if y.max() <= 1e-6 * max(1.0, abs(y).max()) else 0.0), float(abs(y).max())
+    return float(np.corrcoef(x, y)[0, 1]), float(np.abs(x - y).max() / x.max())
+
+
+def _both(models: tuple[torch.nn.Module, torch.nn.Module], method: str,
+          seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     cpu, gpu = models
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     inputs = torch.randn(32, 3, 224, 224)
     targets: list[list[int | None]] = [[None]] * 16 + [[i * 50] for i in range(16)]
     on_cpu = GradCAM(cpu)(inputs, "layer4", targets, [method] * 32)
     on_gpu = GradCAM(gpu, "cuda")(inputs.pin_memory(), "layer4", targets, [method] * 32)
     assert on_gpu.logits.device.type == "cpu"  # one copy back
-    for a, b in zip(on_cpu.cams, on_gpu.cams, strict=True):
-        scale = float(a[0].abs().max()) or 1.0
-        assert torch.allclose(a[0], b[0], atol=1e-3 * scale, rtol=1e-3)
+    assert on_gpu.targets == on_cpu.targets
+    return [(a[0], b[0]) for a, b in zip(on_cpu.cams, on_gpu.cams, strict=True)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_maps_equal_cpu_maps_without_tf32(models: tuple[torch.nn.Module, torch.nn.Module],
+                                               method: str, no_tf32: None) -> None:
+    for a, b in _both(models, method, seed=0):
+        scale = float(a.abs().max()) or 1.0
+        assert torch.allclose(a, b, atol=2e-4 * scale, rtol=1e-3), method
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_maps_keep_their_shape_with_tf32(models: tuple[torch.nn.Module, torch.nn.Module],
+                                              method: str) -> None:
+    worst = [_agreement(a, b) for a, b in _both(models, method, seed=0)]
+    correlation, difference = min(c for c, _ in worst), max(d for _, d in worst)
+    print(f"{method}, TF32 vs CPU float32: min Pearson {correlation:.5f}, "
+          f"max difference {difference:.4f} of the peak")
+    assert correlation >= 0.999 and difference <= 0.02
 
 
 def test_autocast_heatmaps_stay_close(models: tuple[torch.nn.Module, torch.nn.Module]) -> None:
@@ -51,18 +91,15 @@ def test_autocast_heatmaps_stay_close(models: tuple[torch.nn.Module, torch.nn.Mo
     targets: list[list[int | None]] = [[None]] * 32
     full = GradCAM(gpu, "cuda")(inputs, "layer4", targets, ["gradcam"] * 32)
     half = GradCAM(gpu, "cuda", autocast=True)(inputs, "layer4", targets, ["gradcam"] * 32)
-    correlations, differences = [], []
-    for a, b in zip(full.cams, half.cams, strict=True):
-        x, y = a[0].numpy().ravel(), b[0].numpy().ravel()
-        if x.max() > 0:
-            correlations.append(float(np.corrcoef(x, y)[0, 1]))
-            differences.append(float(np.abs(x / x.max() - y / max(y.max(), 1e-12)).max()))
-    print(f"autocast vs float32: min Pearson {min(correlations):.5f}, "
-          f"max normalised difference {max(differences):.4f}")
-    assert min(correlations) >= 0.99
+    worst = [_agreement(a[0], b[0]) for a, b in zip(full.cams, half.cams, strict=True)]
+    correlation, difference = min(c for c, _ in worst), max(d for _, d in worst)
+    print(f"autocast float16 vs float32: min Pearson {correlation:.5f}, "
+          f"max difference {difference:.4f} of the peak")
+    assert correlation >= 0.99
 
 
-def test_batch_invariance_on_cuda(models: tuple[torch.nn.Module, torch.nn.Module]) -> None:
+def test_batch_invariance_on_cuda(models: tuple[torch.nn.Module, torch.nn.Module],
+                                  no_tf32: None) -> None:
     _, gpu = models
     torch.manual_seed(2)
     inputs = torch.randn(8, 3, 224, 224)
@@ -70,12 +107,15 @@ def test_batch_invariance_on_cuda(models: tuple[torch.nn.Module, torch.nn.Module
     batch = engine(inputs, "layer4", [[i] for i in range(8)], ["gradcam"] * 8)
     for i in range(8):
         alone = engine(inputs[i:i + 1], "layer4", [[i]], ["gradcam"])
-        assert torch.allclose(alone.cams[0][0], batch.cams[i][0], atol=1e-4, rtol=1e-3)
+        # cuDNN may pick another algorithm for another batch size: same maths,
+        # another summation order.
+        scale = float(alone.cams[0][0].abs().max()) or 1.0
+        assert torch.allclose(alone.cams[0][0], batch.cams[i][0], atol=2e-4 * scale, rtol=1e-3)
 
 
 @pytest.fixture(scope="module")
 def cuda_server() -> Iterator[LiveServer]:
-    live = LiveServer(device="cuda")
+    live = LiveServer(device="cuda", workers=2)
     yield live
     live.stop()
 
@@ -90,3 +130,17 @@ def test_server_on_cuda(cuda_server: LiveServer) -> None:
     assert result["predictions"][0]["label"] == "nodule"
     assert (result["explanations"][0]["heatmap"]["width"],
             result["explanations"][0]["heatmap"]["height"]) == (300, 240)
+
+
+def test_only_the_engine_holds_the_gpu(cuda_server: LiveServer) -> None:
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("nvidia-smi cannot list compute processes here")
+    if not listed:
+        pytest.skip("nvidia-smi lists no processes (a container without the host's PIDs)")
+    holders = {int(pid) for pid in listed}
+    assert set(cuda_server.engine_pids()) <= holders
+    assert not holders & set(cuda_server.worker_pids())

@@ -243,35 +243,56 @@ class EngineServer:
     # --- send loop -------------------------------------------------------------
 
     def _send_loop(self) -> None:
-        while True:
-            connection, what = self._outbox.get()
-            if connection is None:
-                return
-            if what == "close":
-                connection.sock.close()
-                continue
-            if isinstance(what, tuple):
-                request_id, future = what
-                connection.jobs.pop(request_id, None)
-                if future.cancelled() or connection.closed:
-                    continue  # nobody waits for it any more
-                error = future.exception()
-                if error is not None:
-                    if not isinstance(error, ServiceError):
-                        logger.error("request %d failed in the model: %r", request_id, error,
-                                     exc_info=error)
-                    buffers = encode_error(request_id, error)
-                else:
-                    buffers = encode_result(request_id, future.result())
+        try:
+            while True:
+                connection, what = self._outbox.get()
+                if connection is None:
+                    return
+                try:
+                    self._send(connection, what)
+                except Exception:  # one bad reply must not silence the engine
+                    logger.exception("could not send a reply; dropping that connection")
+                    self._abandon(connection)
+        except BaseException:
+            # Without its send loop the engine would take work and answer nothing.
+            logger.critical("the send loop died; exiting so the supervisor restarts the engine",
+                            exc_info=True)
+            logging.shutdown()
+            os._exit(ENGINE_EXIT_MODEL_LOOP_DIED)
+
+    def _send(self, connection: _Connection, what: Any) -> None:
+        if what == "close":
+            connection.sock.close()
+            return
+        if isinstance(what, tuple):
+            request_id, future = what
+            connection.jobs.pop(request_id, None)
+            if future.cancelled() or connection.closed:
+                return  # nobody waits for it any more
+            error = future.exception()
+            if error is not None:
+                if not isinstance(error, ServiceError):
+                    logger.error("request %d failed in the model: %r", request_id, error,
+                                 exc_info=error)
+                buffers = encode_error(request_id, error)
             else:
-                buffers = what
-            if connection.closed:
-                continue
-            try:
-                ipc.send_message(connection.sock, buffers, _SEND_TIMEOUT_S)
-            except ipc.PeerGone as gone:
-                logger.warning("a worker stopped reading its replies (%s)", gone)
-                connection.closed = True
+                buffers = encode_result(request_id, future.result())
+        else:
+            buffers = what
+        if connection.closed:
+            return
+        try:
+            ipc.send_message(connection.sock, buffers, _SEND_TIMEOUT_S)
+        except ipc.PeerGone as gone:
+            logger.warning("a worker stopped reading its replies (%s); dropping it", gone)
+            self._abandon(connection)
+
+    def _abandon(self, connection: _Connection) -> None:
+        """Shut a connection down: the worker sees EOF (and fails and reconnects), the
+        receive loop sees it too and closes it through the outbox."""
+        connection.closed = True
+        with contextlib.suppress(OSError):
+            connection.sock.shutdown(socket.SHUT_RDWR)
 
 
 def _announce_ready(fd: int | None, runtime: Runtime) -> None:

@@ -49,6 +49,7 @@ def choose_device(setting: str) -> torch.device:
 
 def _record_batch(stats: BatchStats) -> None:
     metrics.BATCH_SIZE.observe(stats.images)
+    metrics.BATCH_DURATION.observe(stats.compute_s)
     for waited in stats.queue_waits_s:
         metrics.STAGE_DURATION.labels("queue_wait").observe(waited)
         metrics.STAGE_DURATION.labels("compute").observe(stats.compute_s)
@@ -137,14 +138,16 @@ class Runtime:
     @property
     def healthy(self) -> bool:
         """Models loaded and the model loop alive."""
-        return self.started and self._batcher is not None and self._batcher.alive
+        batcher = self._batcher  # close() may clear it from another thread
+        return self.started and batcher is not None and batcher.alive
 
     def ready(self, timeout_s: float = 1.0) -> bool:
         return self.healthy
 
     @property
     def queue_depth(self) -> int:
-        return self._batcher.depth if self._batcher is not None else 0
+        batcher = self._batcher
+        return batcher.depth if batcher is not None else 0
 
     # --- the model loop's work --------------------------------------------------
 

@@ -101,7 +101,12 @@ class EngineConnection:
 
     def submit(self, job: Job, deadline: float) -> Future[JobResult]:
         request_id, future = self._register("job")
-        self._send(request_id, encode_job(request_id, job, deadline))
+        try:
+            buffers = encode_job(request_id, job, deadline)
+        except BaseException:
+            self._forget(request_id)
+            raise
+        self._send(request_id, buffers)
         future.add_done_callback(lambda f: self._cancel_in_engine(request_id, f))
         return future
 
@@ -127,17 +132,24 @@ class EngineConnection:
         return request_id, future
 
     def _send(self, request_id: int, buffers: list[memoryview]) -> None:
-        sock = self._sock
         try:
+            self._write(buffers, _SEND_TIMEOUT_S)
+        except ipc.PeerGone:
+            self._forget(request_id)
+            raise EngineUnavailable("The engine connection broke; retry shortly.") from None
+
+    def _write(self, buffers: list[memoryview], timeout_s: float) -> None:
+        """One whole message on the current connection, or ``PeerGone`` (and the
+        connection is failed: a half-written message would corrupt the stream)."""
+        with self._send_lock:
+            sock = self._sock
             if sock is None:
                 raise ipc.PeerGone("not connected")
-            with self._send_lock:
-                ipc.send_message(sock, buffers, _SEND_TIMEOUT_S)
-        except ipc.PeerGone as error:
-            self._forget(request_id)
-            if sock is not None:
-                self._drop(sock, f"send failed: {error}")
-            raise EngineUnavailable("The engine connection broke; retry shortly.") from None
+            try:
+                ipc.send_message(sock, buffers, timeout_s)
+            except ipc.PeerGone as error:
+                self._fail_connection(sock, f"send failed: {error}")
+                raise
 
     def _forget(self, request_id: int) -> None:
         with self._state:
@@ -148,14 +160,8 @@ class EngineConnection:
         if not future.cancelled():
             return
         self._forget(request_id)
-        sock = self._sock
-        if sock is None:
-            return
-        try:
-            with self._send_lock:
-                ipc.send_message(sock, ipc.encode({"op": "cancel", "id": request_id}), 1.0)
-        except ipc.PeerGone:
-            pass
+        with contextlib.suppress(ipc.PeerGone):
+            self._write(ipc.encode({"op": "cancel", "id": request_id}), 1.0)
 
     # --- the reader thread -----------------------------------------------------
 
@@ -172,38 +178,53 @@ class EngineConnection:
                 continue
             logged_down = False
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
-            self._serve(sock)
+            try:
+                self._serve(sock)
+            finally:
+                # Only this thread closes the socket: others just shut it down, so no
+                # descriptor is closed (and its number reused) under a thread using it.
+                sock.close()
 
     def _serve(self, sock: socket.socket) -> None:
-        """Read replies from one connection until it breaks."""
+        """Read replies from one connection until it breaks; then fail what waits on it."""
         reader = ipc.MessageReader()
-        self._sock = sock
         hello: Future[Any] = Future()
         with self._state:
+            self._sock = sock
             self._pending[_HELLO_ID] = ("header", hello)
+        reason = "the engine closed the connection"
         try:
-            ipc.send_message(sock, ipc.encode({"op": "hello", "id": _HELLO_ID}), _SEND_TIMEOUT_S)
+            self._write(ipc.encode({"op": "hello", "id": _HELLO_ID}), _SEND_TIMEOUT_S)
             poller = select.poll()
             poller.register(sock, select.POLLIN)
-            while not self._closed and not reader.eof:
+            greeted = False
+            while not self._closed and not reader.eof and self._sock is sock:
                 if not poller.poll(500):
                     continue
                 for header, frames in reader.read(sock):
                     self._dispatch(header, frames)
-                if hello.done() and not self._connected.is_set():
+                if not greeted and hello.done():
                     if hello.exception() is not None:
                         raise ipc.ProtocolError(f"hello refused: {hello.exception()}")
-                    self._greet(hello.result())
+                    greeted = self._greet(sock, hello.result())
         except (ipc.PeerGone, ipc.ProtocolError) as error:
-            logger.warning("engine %s: connection lost (%s)", self.path, error)
-        self._drop(sock, "the engine closed the connection")
+            reason = str(error)
+        except Exception as error:  # a bug must not leave requests waiting on a dead reader
+            logger.exception("engine %s: reader failed", self.path)
+            reason = f"reader failed: {error!r}"
+        self._fail_connection(sock, reason)
 
-    def _greet(self, header: dict[str, Any]) -> None:
-        self.catalog = Catalog.from_dict(header["catalog"])
-        self.engine_pid = int(header["pid"])
-        self._connected.set()
+    def _greet(self, sock: socket.socket, header: dict[str, Any]) -> bool:
+        catalog = Catalog.from_dict(header["catalog"])
+        with self._state:
+            if self._sock is not sock:
+                return False  # failed meanwhile
+            self.catalog = catalog
+            self.engine_pid = int(header["pid"])
+            self._connected.set()
         logger.info("engine %s: connected (pid %d, %s)", self.path, self.engine_pid,
                     header.get("device"))
+        return True
 
     def _dispatch(self, header: dict[str, Any], frames: list[np.ndarray]) -> None:
         with self._state:
@@ -213,40 +234,47 @@ class EngineConnection:
         kind, future = entry
         try:
             if "error" in header:
-                future.set_exception(ServiceError.from_wire(header["error"]))
+                error = ServiceError.from_wire(header["error"])
+                with contextlib.suppress(InvalidStateError):
+                    future.set_exception(error)
             elif kind == "job":
-                future.set_result(decode_result(header, frames))
+                with contextlib.suppress(InvalidStateError):
+                    future.set_result(decode_result(header, frames))
             else:
-                future.set_result(header)
-        except InvalidStateError:
-            pass  # the request gave up at the same moment
+                with contextlib.suppress(InvalidStateError):
+                    future.set_result(header)
+        except Exception:
+            with contextlib.suppress(InvalidStateError):
+                future.set_exception(EngineUnavailable("The engine sent a reply this worker "
+                                                       "could not read; retry shortly."))
+            raise
 
-    def _drop(self, sock: socket.socket | None, reason: str) -> None:
-        """Fail everything waiting on this connection, at once, and close it."""
+    def _fail_connection(self, sock: socket.socket, reason: str) -> None:
+        """Fail everything waiting on ``sock``, at once, and shut it down (any thread)."""
         with self._state:
             if self._sock is not sock:
-                return  # already dropped
+                return  # already failed
             was_connected = self._connected.is_set()
             self._connected.clear()
             self._sock = None
             pending = list(self._pending.values())
             self._pending.clear()
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
         if was_connected:
             logger.warning("engine %s: disconnected (%s); %d request(s) failed", self.path,
                            reason, len(pending))
+        failure = EngineUnavailable("The engine stopped while this request waited (it is "
+                                    "restarting); retry shortly.")
         for _, future in pending:
             with contextlib.suppress(InvalidStateError):
-                future.set_exception(EngineUnavailable(
-                    "The engine stopped while this request waited (it is restarting); "
-                    "retry shortly."))
+                future.set_exception(failure)
 
     def close(self) -> None:
         self._closed = True
-        self._drop(self._sock, "closing")
+        sock = self._sock
+        if sock is not None:
+            self._fail_connection(sock, "closing")
         self._reader.join(2)
 
 
@@ -282,17 +310,25 @@ class EnginePool:
 
     def run(self, job: Job, deadline: float,
             disconnected: Callable[[], bool] | None = None) -> JobResult:
-        live = [c for c in self.connections if c.connected]
-        if not live:
-            raise EngineUnavailable("No engine is running (starting, or restarting after a "
-                                    "failure); retry shortly.")
-        connection = min(live, key=lambda c: c.outstanding)
         sent = time.monotonic()
-        result = wait_for(connection.submit(job, deadline), deadline, disconnected)
+        result = wait_for(self._submit(job, deadline), deadline, disconnected)
         in_engine = result.timings.queue_wait_s + result.timings.compute_s
         metrics.STAGE_DURATION.labels("transport").observe(
             max(0.0, time.monotonic() - sent - in_engine))
         return result
+
+    def _submit(self, job: Job, deadline: float) -> Future[JobResult]:
+        """To the connected engine with the fewest requests outstanding; the next one if
+        that connection breaks while sending."""
+        live = sorted((c for c in self.connections if c.connected), key=lambda c: c.outstanding)
+        failure = EngineUnavailable("No engine is running (starting, or restarting after a "
+                                    "failure); retry shortly.")
+        for connection in live:
+            try:
+                return connection.submit(job, deadline)
+            except EngineUnavailable as error:
+                failure = error
+        raise failure
 
     def ready(self, timeout_s: float = 1.0) -> bool:
         """True if some engine answers a ping and says its model loop is alive."""

@@ -2,13 +2,15 @@
 
     python tests/benchmarks/engine.py [--archs resnet50 densenet121] [--batches 1 8 32]
                                       [--repeats 5] [--threads 2] [--size 224]
+                                      [--device cuda] [--no-reference]
 
 For each model and batch size, each repetition runs, back to back and in a
 rotating order: a plain forward under ``torch.inference_mode()``, our engine
 (``gradcam``, top-1 targets, maps copied to the CPU), and pytorch-grad-cam's
 ``GradCAM`` (top-1 targets). Prints median seconds and the median of the
 per-repetition ratios to the plain forward. Random-init weights (seeded): the
-cost does not depend on the weights' values.
+cost does not depend on the weights' values. On CUDA every timing ends with a
+synchronize; ``--no-reference`` skips pytorch-grad-cam (where it is not installed).
 """
 
 from __future__ import annotations
@@ -21,31 +23,38 @@ from collections.abc import Callable
 
 import torch
 import torchvision
-from pytorch_grad_cam import GradCAM as ReferenceGradCAM
 
 from service.engine.gradcam import GradCAM
 from service.engine.layers import default_layer, probe_layers, resolve_layer
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _timed(fn: Callable[[], object], device: str) -> float:
     started = time.perf_counter()
     fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
-def bench(arch: str, batches: list[int], repeats: int, size: int) -> list[str]:
+def bench(arch: str, batches: list[int], repeats: int, size: int, device: str,
+          with_reference: bool) -> list[str]:
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch, weights=None).eval().requires_grad_(False)
     layer = default_layer(probe_layers(model, 3, (size, size)), model)
     assert layer is not None
-    # pytorch-grad-cam needs parameters that require grad; give it its own copy.
-    reference_model = copy.deepcopy(model).requires_grad_(True)
-    reference = ReferenceGradCAM(model=reference_model,
-                                 target_layers=[resolve_layer(reference_model, layer)])
-    engine = GradCAM(model)
+    reference = None
+    if with_reference:
+        from pytorch_grad_cam import GradCAM as ReferenceGradCAM
+
+        # pytorch-grad-cam needs parameters that require grad; give it its own copy.
+        reference_model = copy.deepcopy(model).requires_grad_(True).to(device)
+        reference = ReferenceGradCAM(model=reference_model,
+                                     target_layers=[resolve_layer(reference_model, layer)])
+    model.to(device)
+    engine = GradCAM(model, device)
     rows = []
     for batch in batches:
-        x = torch.randn(batch, 3, size, size)
+        x = torch.randn(batch, 3, size, size, device=device)
 
         def forward(x: torch.Tensor = x) -> None:
             with torch.inference_mode():
@@ -54,27 +63,29 @@ def bench(arch: str, batches: list[int], repeats: int, size: int) -> list[str]:
         def ours(x: torch.Tensor = x, n: int = batch) -> None:
             engine(x, layer, [[None]] * n, ["gradcam"] * n)
 
-        def theirs(x: torch.Tensor = x) -> None:
-            reference(x, None)
-
-        runners = {"forward": forward, "ours": ours, "pytorch-grad-cam": theirs}
-        for fn in runners.values():  # warm-up
-            fn()
+        runners: dict[str, Callable[[], None]] = {"forward": forward, "ours": ours}
+        if reference is not None:
+            runners["pytorch-grad-cam"] = lambda x=x: reference(x, None)
+        for fn in runners.values():  # warm-up (and cuDNN's algorithm search)
+            for _ in range(3 if device == "cuda" else 1):
+                _timed(fn, device)
         times: dict[str, list[float]] = {name: [] for name in runners}
         for r in range(repeats):
             names = list(runners)
-            names = names[r % 3:] + names[:r % 3]
+            names = names[r % len(names):] + names[:r % len(names)]
             for name in names:
-                times[name].append(_timed(runners[name]))
-        ratio_ours = statistics.median(o / f for o, f in zip(times["ours"], times["forward"],
-                                                             strict=True))
-        ratio_ref = statistics.median(o / f for o, f in zip(times["pytorch-grad-cam"],
-                                                            times["forward"], strict=True))
+                times[name].append(_timed(runners[name], device))
         med = {name: statistics.median(values) * 1000 for name, values in times.items()}
-        rows.append(f"| {arch} | {layer} | {batch} | {med['forward']:.0f} | {med['ours']:.0f} | "
-                    f"{med['pytorch-grad-cam']:.0f} | **{ratio_ours:.2f}×** | {ratio_ref:.2f}× |")
+        ratios = {name: statistics.median(o / f for o, f in zip(values, times["forward"],
+                                                                strict=True))
+                  for name, values in times.items()}
+        theirs = (f"{med['pytorch-grad-cam']:.1f} | {ratios['pytorch-grad-cam']:.2f}×"
+                  if reference is not None else "– | –")
+        rows.append(f"| {arch} | {layer} | {batch} | {med['forward']:.1f} | {med['ours']:.1f} | "
+                    f"**{ratios['ours']:.2f}×** | {theirs} |")
         print(rows[-1], flush=True)
-    reference.activations_and_grads.release()
+    if reference is not None:
+        reference.activations_and_grads.release()
     return rows
 
 
@@ -85,15 +96,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip pytorch-grad-cam")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.size}², "
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the engine process sets it
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads"
+    print(f"torch {torch.__version__}, {where}, {args.size}², "
           f"median of {args.repeats} paired repetitions (ms)")
-    print("| model | layer | batch | forward | ours | pytorch-grad-cam | ours / forward | "
+    print("| model | layer | batch | forward | ours | ours / forward | pytorch-grad-cam | "
           "pytorch-grad-cam / forward |")
     print("|---|---|---|---|---|---|---|---|")
     for arch in args.archs:
-        bench(arch, args.batches, args.repeats, args.size)
+        bench(arch, args.batches, args.repeats, args.size, args.device, not args.no_reference)
 
 
 if __name__ == "__main__":

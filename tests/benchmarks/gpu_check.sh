@@ -1,31 +1,75 @@
 #!/usr/bin/env bash
-# GPU checks, on a machine with a CUDA GPU and torch (2.11 or newer) but not the
-# service's other dependencies: those come as wheels in ./wheels, made beforehand
-# on a machine with an index:
-#   pip download -d wheels flask gunicorn pydantic orjson safetensors tqdm \
-#       prometheus-client pydicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg \
-#       pylibjpeg-rle requests pytest pyyaml --python-version 3.<minor> --only-binary=:all:
-# Then: bash tests/benchmarks/gpu_check.sh      (under 10 minutes on one H100/H200)
-# It runs the tests marked gpu, then the load benchmark on CUDA with and without
-# autocast, batches up to 32, and prints the figures for the README.
-set -euo pipefail
+# The GPU checks in one call (about 5 minutes on one H100/H200; keep it under 8).
+#
+# Prepare once where pip and apt reach (makes the git-ignored .whl/ of ~18 MB):
+#   bash tests/benchmarks/gpu_wheelhouse.sh
+# Then on the GPU machine, from the repository root, carrying .whl:
+#   bash tests/benchmarks/gpu_check.sh
+# Its python3 is a venv that already holds torch: the missing wheels go to
+# /tmp/site with `pip install --target` and reach Python through PYTHONPATH
+# (a `venv --system-site-packages` made from that venv would not see its torch).
+#
+# Prints, in order: the card, the gpu-marked tests, the engine alone against the
+# eager forward (batch 1, 8, 32), the load benchmark with hey (224² JPEG arrays
+# and 1024² overlays at concurrency 1 to 128, with the engine's time per batch
+# under load), then the same at the top concurrency with float16 autocast.
+# Logs also go to $OUT (the device tool brings them back).
+#
+# Dry run on a CPU machine, to check the plumbing (not the figures):
+#   PY=.venv/bin/python SKIP_INSTALL=1 DEVICE=cpu DURATION=3 bash tests/benchmarks/gpu_check.sh
+set -uo pipefail
 cd "$(dirname "$0")/../.."
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+DURATION=${DURATION:-8}
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+started=$(date +%s)
+elapsed() { echo "[$(($(date +%s) - started)) s] $*"; }
 
-# A venv that sees the machine's torch and adds only the wheels.
-python3 -m venv --system-site-packages /tmp/gradcam-gpu
-/tmp/gradcam-gpu/bin/pip install --quiet --no-index --find-links wheels \
-    flask gunicorn pydantic orjson safetensors tqdm prometheus-client pydicom pylibjpeg \
-    pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle requests pytest pyyaml
-# The package itself from the working tree (no build step needed).
-export PYTHONPATH="$PWD"
-PY=/tmp/gradcam-gpu/bin/python
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+if [ -z "${SKIP_INSTALL:-}" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+[ -x .whl/hey/usr/bin/hey ] && export PATH="$PWD/.whl/hey/usr/bin:$PATH"
+command -v hey >/dev/null || { echo "no hey: run tests/benchmarks/gpu_wheelhouse.sh"; exit 1; }
 
-timeout 240 $PY -m pytest -q -s -m gpu tests/test_gpu.py
+if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    top=128
+else
+    top=16
+fi
+$PY -c "import torch, flask, gunicorn, pydantic, fpng, pydicom; print('torch', torch.__version__, \
+'cuda', torch.version.cuda, 'devices', torch.cuda.device_count(), '| flask', flask.__version__, \
+'gunicorn', gunicorn.__version__)" || exit 1
 
-for autocast in "" "--autocast"; do
-    timeout 150 $PY tests/benchmarks/load.py --device cuda $autocast --skip-naive \
-        --duration 8 --concurrency 1 4 16 32 --threads 32 --max-batch-size 32 \
-        --forward-batch 32 --torch-threads 4
-done
+status=0
+elapsed "gpu tests"
+timeout 240 $PY -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts="" \
+    2>&1 | tee "$OUT/test_gpu.log" || status=1
+
+elapsed "engine alone against the eager forward"
+timeout 120 $PY tests/benchmarks/engine.py --device "$DEVICE" --archs resnet50 \
+    --batches 1 8 32 --repeats 20 --no-reference --threads 4 2>&1 | tee "$OUT/engine.log" \
+    || status=1
+
+elapsed "load: float32"
+timeout 260 $PY tests/benchmarks/load.py --device "$DEVICE" --client hey --skip-naive \
+    --duration "$DURATION" --concurrency 1 32 64 "$top" --max-batch-size 32 \
+    --forward-batch 32 --torch-threads 4 --paired-repeats 1 2>&1 | tee "$OUT/load.log" \
+    || status=1
+
+if [ "$DEVICE" = cuda ]; then
+    elapsed "load: float16 autocast"
+    timeout 120 $PY tests/benchmarks/load.py --device cuda --client hey --skip-naive \
+        --duration "$DURATION" --concurrency "$top" --max-batch-size 32 --forward-batch 32 \
+        --torch-threads 4 --paired-repeats 1 --autocast 2>&1 | tee "$OUT/load_autocast.log" \
+        || status=1
+fi
+elapsed "done (status $status)"
+exit $status

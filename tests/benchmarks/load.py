@@ -1,20 +1,28 @@
 """Load benchmark: the real server against the forward-pass limit and a naive baseline.
 
     python tests/benchmarks/load.py [--duration 12] [--concurrency 1 4 16]
-                                    [--workers 1] [--torch-threads 2] [--threads 8]
+                                    [--workers N] [--threads T] [--torch-threads K]
+                                    [--device cuda] [--client hey] [--skip-naive]
 
 One run, side by side, on 127.0.0.1:
 
 1. the plain forward pass of the same model (resnet50, seeded weights) in a
-   separate process, ``torch.inference_mode()``, batch 8 and batch 1, with the
-   service's total torch thread count;
-2. ``gradcam-service serve`` with that model, hit by a closed-loop client
-   (one thread per connection, bodies encoded once, responses not parsed) at each
+   separate process, ``torch.inference_mode()``, at ``--forward-batch`` and batch 1,
+   with the engine's torch thread count;
+2. ``gradcam-service serve`` with that model (its default layout unless
+   ``--workers``/``--threads`` say otherwise), hit by a closed-loop client at each
    concurrency, first ``{format: array, size: layer}`` on a 224×224 JPEG, then
    ``{format: overlay, size: original}`` on a 1024×1024 JPEG; the mean batch size
-   comes from ``/metrics``;
+   and the engine's time per batch come from ``/metrics``;
 3. the naive baseline (``naive_app.py``: Flask + pytorch-grad-cam, one image per
    request) under gunicorn, 2 sync workers × 1 torch thread, same client.
+
+The client: ``python`` (default: one thread per connection, bodies encoded once,
+responses not parsed; enough for the CPU's tens of requests per second) or
+``hey`` (Debian's Go load generator, for the thousands a GPU serves; on PATH or
+``--hey PATH``). Throughput counts the requests that *complete* inside the
+measured window, whenever they started (counting only those that also started
+inside it undercounts by about p50 / duration).
 
 Prints req/s, p50, p99, mean batch size, and the ratios the targets are set on.
 """
@@ -27,6 +35,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -111,7 +120,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 def _closed_loop(url: str, body: bytes, concurrency: int, duration_s: float,
                  warmup_s: float = 2.0) -> tuple[float, float, float]:
-    """req/s, p50 ms, p99 ms over ``duration_s`` after ``warmup_s``."""
+    """req/s, p50 ms, p99 ms of the requests completed in ``duration_s`` after ``warmup_s``."""
     latencies: list[float] = []
     failures: list[int] = []
     lock = threading.Lock()
@@ -131,7 +140,7 @@ def _closed_loop(url: str, body: bytes, concurrency: int, duration_s: float,
             with lock:
                 if response.status_code != 200:
                     failures.append(response.status_code)
-                elif sent >= measure_from and done <= stop_at:
+                elif measure_from <= done <= stop_at:
                     latencies.append(done - sent)
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -146,6 +155,38 @@ def _closed_loop(url: str, body: bytes, concurrency: int, duration_s: float,
     return len(latencies) / duration_s, statistics.median(latencies) * 1000, p99 * 1000
 
 
+def _hey(hey: str, url: str, body: bytes, concurrency: int, duration_s: float,
+         warmup_s: float = 2.0) -> tuple[float, float, float]:
+    """The same figures from ``hey`` (a warm-up run first, then the measured one)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as handle:
+        handle.write(body)
+        handle.flush()
+        command = [hey, "-m", "POST", "-T", "application/json", "-D", handle.name,
+                   "-c", str(concurrency), "-t", "300"]
+        subprocess.run([*command, "-z", f"{warmup_s}s", url], capture_output=True, check=True)
+        out = subprocess.run([*command, "-z", f"{duration_s}s", url], capture_output=True,
+                             text=True, check=True).stdout
+    statuses = re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)
+    failed = [code for code, _ in statuses if code != "200"]
+    if failed or "Error distribution" in out:
+        raise RuntimeError(f"hey saw failures: {statuses}\n{out[-2000:]}")
+    completed = sum(int(count) for _, count in statuses)
+
+    def seconds(pattern: str) -> float:
+        found = re.search(pattern, out)
+        if found is None:
+            raise RuntimeError(f"no '{pattern}' in hey's output:\n{out}")
+        return float(found.group(1))
+
+    # hey stops sending at -z and waits for what is in flight: completions per second.
+    total_s = seconds(r"Total:\s+([0-9.]+) secs")
+    p50 = seconds(r"50%+ in ([0-9.]+) secs")
+    # Under 100 requests hey prints no 99th percentile: the slowest stands in for it.
+    p99 = seconds(r"99%+ in ([0-9.]+) secs") if completed >= 100 else seconds(
+        r"Slowest:\s+([0-9.]+) secs")
+    return completed / total_s, p50 * 1000, p99 * 1000
+
+
 def _forward(args: argparse.Namespace, threads: int) -> tuple[float, float]:
     """Plain forward in a separate process: (img/s at the forward batch, batch-1 seconds)."""
     out = subprocess.run(
@@ -154,22 +195,27 @@ def _forward(args: argparse.Namespace, threads: int) -> tuple[float, float]:
     return float(out[0]), float(out[1])
 
 
-def _batch_counts(url: str) -> tuple[float, float]:
+def _batch_counts(url: str) -> tuple[float, float, float]:
+    """Images in batches, batches, and engine seconds in batches, so far."""
     text = requests.get(url + "/metrics", timeout=10).text
-    total = sum(float(v) for v in re.findall(r"^gradcam_batch_size_images_sum ([0-9.e+]+)$",
-                                             text, re.M))
-    count = sum(float(v) for v in re.findall(r"^gradcam_batch_size_images_count ([0-9.e+]+)$",
-                                             text, re.M))
-    return total, count
+
+    def total(name: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^{name} ([0-9.e+]+)$", text, re.M))
+
+    return (total("gradcam_batch_size_images_sum"), total("gradcam_batch_size_images_count"),
+            total("gradcam_batch_duration_seconds_sum"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=12.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, help="HTTP workers (default: serve's)")
+    parser.add_argument("--threads", type=int, help="threads per worker (default: serve's)")
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
+                        help="the engine's (and the plain forward's) torch threads")
+    parser.add_argument("--client", choices=["python", "hey"], default="python")
+    parser.add_argument("--hey", default="hey", help="path of the hey binary")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--autocast", action="store_true", help="float16 forward (CUDA)")
@@ -178,7 +224,15 @@ def main() -> None:
     parser.add_argument("--paired-repeats", type=int, default=3,
                         help="forward/service pairs at the top concurrency for the median ratio")
     args = parser.parse_args()
-    total_threads = args.workers * args.torch_threads
+    total_threads = args.torch_threads
+    hey = shutil.which(args.hey) if args.client == "hey" else None
+    if args.client == "hey" and hey is None:
+        parser.error(f"--client hey: no '{args.hey}' binary found")
+
+    def load(url: str, body: bytes, concurrency: int) -> tuple[float, float, float]:
+        if hey is not None:
+            return _hey(hey, url, body, concurrency, args.duration)
+        return _closed_loop(url, body, concurrency, args.duration)
 
     folder = Path(tempfile.mkdtemp(prefix="gradcam-load-"))
     torch.manual_seed(0)
@@ -197,19 +251,23 @@ def main() -> None:
     forward_ips, forward_1_s = _forward(args, total_threads)
     paired: list[float] = []
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    layout = (f"{args.workers or 'default'} worker(s) × {args.threads or 'default'} threads, "
+              f"engine with {args.torch_threads} torch threads")
     print(f"torch {torch.__version__} on {device}{' with autocast' if args.autocast else ''}; "
-          f"service layout: {args.workers} worker(s) × {args.threads} threads × "
-          f"{args.torch_threads} torch threads, max batch {args.max_batch_size}; "
-          f"{os.cpu_count()} cores")
+          f"service: {layout}, max batch {args.max_batch_size}; {os.cpu_count()} cores; "
+          f"client: {args.client}")
     print(f"plain forward, resnet50, {total_threads} torch threads: batch {args.forward_batch} "
           f"**{forward_ips:.1f} img/s**, batch 1 {forward_1_s * 1000:.1f} ms\n")
 
-    rows: dict[tuple[str, str, int], tuple[float, float, float, float]] = {}
+    rows: dict[tuple[str, str, int], tuple[float, float, float, float, float]] = {}
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    layout_flags = [flag for name, value in (("--workers", args.workers),
+                                             ("--threads", args.threads))
+                    if value for flag in (name, str(value))]
     server = _start([sys.executable, "-m", "service.cli", "serve", "--models",
-                     str(folder / "models.toml"), "--port", str(port), "--workers",
-                     str(args.workers), "--threads", str(args.threads), "--device", args.device],
+                     str(folder / "models.toml"), "--port", str(port), *layout_flags,
+                     "--device", args.device],
                     {"GRADCAM_TORCH_THREADS": str(args.torch_threads),
                      "GRADCAM_AUTOCAST": "true" if args.autocast else "false",
                      "GRADCAM_MAX_BATCH_SIZE": str(args.max_batch_size)}, url, "/readyz")
@@ -217,17 +275,19 @@ def main() -> None:
         for name, body in bodies.items():
             for concurrency in args.concurrency:
                 before = _batch_counts(url)
-                result = _closed_loop(url + "/v1/explain", body, concurrency, args.duration)
+                result = load(url + "/v1/explain", body, concurrency)
                 after = _batch_counts(url)
-                mean_batch = (after[0] - before[0]) / max(1.0, after[1] - before[1])
-                rows[("service", name, concurrency)] = (*result, mean_batch)
+                batches = max(1.0, after[1] - before[1])
+                mean_batch = (after[0] - before[0]) / batches
+                batch_ms = (after[2] - before[2]) / batches * 1000
+                rows[("service", name, concurrency)] = (*result, mean_batch, batch_ms)
         # The forward figure drifts between runs on a small machine: pair it with
         # the service at the top concurrency, alternately, and take the median ratio.
         top = max(args.concurrency)
         first_body = next(iter(bodies.values()))
         for _ in range(args.paired_repeats):
             forward_r = _forward(args, total_threads)[0]
-            service_r = _closed_loop(url + "/v1/explain", first_body, top, args.duration)[0]
+            service_r = load(url + "/v1/explain", first_body, top)[0]
             paired.append(service_r / forward_r)
     finally:
         _stop(server)
@@ -243,16 +303,17 @@ def main() -> None:
         try:
             for name, body in bodies.items():
                 for concurrency in args.concurrency:
-                    result = _closed_loop(url + "/v1/explain", body, concurrency, args.duration)
-                    rows[("naive", name, concurrency)] = (*result, 1.0)
+                    result = load(url + "/v1/explain", body, concurrency)
+                    rows[("naive", name, concurrency)] = (*result, 1.0, float("nan"))
         finally:
             _stop(naive)
 
-    print("| server | request | concurrency | req/s | p50 ms | p99 ms | mean batch |")
-    print("|---|---|---|---|---|---|---|")
-    for (system, name, concurrency), (rps, p50, p99, batch) in rows.items():
+    print("| server | request | concurrency | req/s | p50 ms | p99 ms | mean batch | "
+          "engine ms per batch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (system, name, concurrency), (rps, p50, p99, batch, batch_ms) in rows.items():
         print(f"| {system} | {name} | {concurrency} | {rps:.1f} | {p50:.0f} | {p99:.0f} | "
-              f"{batch:.1f} |")
+              f"{batch:.1f} | {batch_ms:.1f} |")
     print()
     if paired:
         ratios = ", ".join(f"{r:.2f}" for r in paired)
