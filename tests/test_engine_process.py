@@ -18,10 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -37,6 +37,7 @@ from service.server.engine_client import EnginePool
 from tests.conftest import LiveServer, encode, phantom_png
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 DEMO_MODELS = REPO / "service" / "demo" / "models.toml"
 
 
@@ -199,6 +200,31 @@ SMALL = {"images": [encode(phantom_png(2, 96, 96))], "heatmap": {"format": "arra
                                                                   "size": "layer"}}
 
 
+def _concurrently(url: str, body: dict[str, Any], count: int) -> list[tuple[int, dict[str, Any],
+                                                                           float]]:
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: _explain(url, body), range(count)))
+
+
+def _sampling(sample: Callable[[], list[float]], work: Callable[[], T]) -> tuple[T, list[float]]:
+    """``work()``'s result, and what ``sample()`` read every 50 ms while it ran."""
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            samples.extend(sample())
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        return work(), samples
+    finally:
+        stop.set()
+        watcher.join()
+
+
 def _wait_for(condition: Any, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -322,24 +348,17 @@ def busy_server(models_file: Path) -> Iterator[LiveServer]:
 
 @pytest.mark.slow
 def test_overload_is_a_quick_503_and_shows_in_the_queue_depth(busy_server: LiveServer) -> None:
-    slow = {"model": "slow", "images": [encode(phantom_png(s, 224, 224)) for s in range(4)],
+    # Small images (the model input is 224² anyway): what a refusal costs is then the
+    # queue's answer, not decoding on two cores the engine keeps busy.
+    slow = {"model": "slow", "images": [encode(phantom_png(s, 64, 64)) for s in range(4)],
             "heatmap": {"format": "none"}}
-    depths: list[float] = []
-    stop = threading.Event()
 
-    def scrape() -> None:
-        while not stop.is_set():
-            text = requests.get(f"{busy_server.url}/metrics", timeout=10).text
-            depths.extend(float(line.split()[-1]) for line in text.splitlines()
-                          if line.startswith("gradcam_queue_depth "))
-            time.sleep(0.05)
+    def depth() -> list[float]:
+        text = requests.get(f"{busy_server.url}/metrics", timeout=10).text
+        return [float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("gradcam_queue_depth ")]
 
-    watcher = threading.Thread(target=scrape)
-    watcher.start()
-    with ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(lambda _: _explain(busy_server.url, slow), range(12)))
-    stop.set()
-    watcher.join()
+    results, depths = _sampling(depth, lambda: _concurrently(busy_server.url, slow, 12))
     refused = [(body, took) for status, body, took in results if status == 503]
     summary = [(status, round(took, 2)) for status, _, took in results]
     assert refused and any(status == 200 for status, _, _ in results), summary
@@ -416,31 +435,21 @@ def test_requests_waiting_for_a_worker_thread_are_counted_and_refused_in_time(
     try:
         slow = {"model": "slow", "images": [encode(phantom_png(s, 224, 224)) for s in range(8)],
                 "heatmap": {"format": "none"}}
-        waiting: list[float] = []
-        stop = threading.Event()
 
-        def scrape() -> None:
-            # /metrics needs a thread too: scrape the files as Prometheus would see them.
-            while not stop.is_set():
-                registry = CollectorRegistry()
-                MultiProcessCollector(registry,  # type: ignore[no-untyped-call]
-                                      path=live.metrics_dir())
-                waiting.extend(sample.value for metric in registry.collect()
-                               for sample in metric.samples
-                               if sample.name == "gradcam_requests_waiting_for_thread")
-                time.sleep(0.05)
+        def waiting() -> list[float]:
+            # /metrics needs a thread too: read the files as a scrape would aggregate them.
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry,  # type: ignore[no-untyped-call]
+                                  path=live.metrics_dir())
+            return [sample.value for metric in registry.collect() for sample in metric.samples
+                    if sample.name == "gradcam_requests_waiting_for_thread"]
 
-        watcher = threading.Thread(target=scrape)
-        watcher.start()
-        with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(lambda _: _explain(live.url, slow), range(8)))
-        stop.set()
-        watcher.join()
+        results, samples = _sampling(waiting, lambda: _concurrently(live.url, slow, 8))
         statuses = [status for status, _, _ in results]
         assert 200 in statuses and 503 in statuses, statuses
         assert {body["error"]["code"] for status, body, _ in results if status == 503} \
             == {"overloaded"}
-        assert max(waiting) >= 2
+        assert max(samples) >= 2
         text = requests.get(f"{live.url}/metrics", timeout=10).text
         assert 'gradcam_stage_duration_seconds_count{stage="thread_wait"}' in text
     finally:

@@ -61,15 +61,6 @@ class LoadedModel:
         """``(height, width)`` of the model input."""
         return self.spec.input_size
 
-    def layer_names(self) -> tuple[str, ...]:
-        return tuple(layer.name for layer in self.layers)
-
-    def class_index(self, label: str) -> int | None:
-        try:
-            return self.labels.index(label)
-        except ValueError:
-            return None
-
     def info(self) -> ModelInfo:
         """What the HTTP side needs to know of this model (no weights, no torch)."""
         return ModelInfo(

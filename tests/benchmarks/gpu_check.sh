@@ -16,7 +16,8 @@
 # Logs also go to $OUT (the device tool brings them back).
 #
 # Dry run on a CPU machine, to check the plumbing (not the figures):
-#   PY=.venv/bin/python SKIP_INSTALL=1 DEVICE=cpu DURATION=3 bash tests/benchmarks/gpu_check.sh
+#   PY=.venv/bin/python SKIP_INSTALL=1 DEVICE=cpu DURATION=3 REPEATS=2 \
+#       bash tests/benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
@@ -55,7 +56,7 @@ timeout 240 $PY -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider -o 
 
 elapsed "engine alone against the eager forward"
 timeout 120 $PY tests/benchmarks/engine.py --device "$DEVICE" --archs resnet50 \
-    --batches 1 8 32 --repeats 20 --no-reference --threads 4 2>&1 | tee "$OUT/engine.log" \
+    --batches 1 8 32 --repeats "${REPEATS:-20}" --no-reference --threads 4 2>&1 | tee "$OUT/engine.log" \
     || status=1
 
 elapsed "load: float32"

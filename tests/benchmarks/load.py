@@ -15,7 +15,9 @@ One run, side by side, on 127.0.0.1:
    ``{format: overlay, size: original}`` on a 1024×1024 JPEG; the mean batch size
    and the engine's time per batch come from ``/metrics``;
 3. the naive baseline (``naive_app.py``: Flask + pytorch-grad-cam, one image per
-   request) under gunicorn, 2 sync workers × 1 torch thread, same client.
+   request) under gunicorn, 2 sync workers × 1 torch thread, same client;
+4. with ``--compare-with CHECKOUT``, this checkout's serve and that checkout's
+   (run with ``PYTHONPATH=CHECKOUT``), started alternately under the same load.
 
 The client: ``python`` (default: one thread per connection, bodies encoded once,
 responses not parsed; enough for the CPU's tens of requests per second) or
@@ -118,17 +120,24 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(10)
 
 
+# (answered req/s, p50 ms, p99 ms, share refused with 503): 503 is the service
+# shedding load on purpose, reported; any other failure stops the benchmark.
+LoadResult = tuple[float, float, float, float]
+
+
 def _closed_loop(url: str, body: bytes, concurrency: int, duration_s: float,
-                 warmup_s: float = 2.0) -> tuple[float, float, float]:
-    """req/s, p50 ms, p99 ms of the requests completed in ``duration_s`` after ``warmup_s``."""
+                 warmup_s: float = 2.0) -> LoadResult:
+    """The requests completed in ``duration_s`` after ``warmup_s``."""
     latencies: list[float] = []
     failures: list[int] = []
+    refused = 0
     lock = threading.Lock()
     start = time.monotonic()
     measure_from = start + warmup_s
     stop_at = measure_from + duration_s
 
     def client() -> None:
+        nonlocal refused
         session = requests.Session()
         headers = {"Content-Type": "application/json"}
         while True:
@@ -138,9 +147,13 @@ def _closed_loop(url: str, body: bytes, concurrency: int, duration_s: float,
             response = session.post(url, data=body, headers=headers, timeout=300)
             done = time.monotonic()
             with lock:
-                if response.status_code != 200:
+                if not measure_from <= done <= stop_at:
+                    continue
+                if response.status_code == 503:
+                    refused += 1
+                elif response.status_code != 200:
                     failures.append(response.status_code)
-                elif measure_from <= done <= stop_at:
+                else:
                     latencies.append(done - sent)
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -152,12 +165,14 @@ def _closed_loop(url: str, body: bytes, concurrency: int, duration_s: float,
         raise RuntimeError(f"{len(failures)} failed requests: {sorted(set(failures))}")
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-    return len(latencies) / duration_s, statistics.median(latencies) * 1000, p99 * 1000
+    return (len(latencies) / duration_s, statistics.median(latencies) * 1000, p99 * 1000,
+            refused / max(1, refused + len(latencies)))
 
 
 def _hey(hey: str, url: str, body: bytes, concurrency: int, duration_s: float,
-         warmup_s: float = 2.0) -> tuple[float, float, float]:
-    """The same figures from ``hey`` (a warm-up run first, then the measured one)."""
+         warmup_s: float = 2.0) -> LoadResult:
+    """The same figures from ``hey`` (a warm-up run first, then the measured one; its
+    percentiles include any 503s)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as handle:
         handle.write(body)
         handle.flush()
@@ -166,11 +181,11 @@ def _hey(hey: str, url: str, body: bytes, concurrency: int, duration_s: float,
         subprocess.run([*command, "-z", f"{warmup_s}s", url], capture_output=True, check=True)
         out = subprocess.run([*command, "-z", f"{duration_s}s", url], capture_output=True,
                              text=True, check=True).stdout
-    statuses = re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)
-    failed = [code for code, _ in statuses if code != "200"]
-    if failed or "Error distribution" in out:
+    statuses = {code: int(count) for code, count in
+                re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
+    if set(statuses) - {"200", "503"} or "Error distribution" in out:
         raise RuntimeError(f"hey saw failures: {statuses}\n{out[-2000:]}")
-    completed = sum(int(count) for _, count in statuses)
+    completed = sum(statuses.values())
 
     def seconds(pattern: str) -> float:
         found = re.search(pattern, out)
@@ -184,7 +199,8 @@ def _hey(hey: str, url: str, body: bytes, concurrency: int, duration_s: float,
     # Under 100 requests hey prints no 99th percentile: the slowest stands in for it.
     p99 = seconds(r"99%+ in ([0-9.]+) secs") if completed >= 100 else seconds(
         r"Slowest:\s+([0-9.]+) secs")
-    return completed / total_s, p50 * 1000, p99 * 1000
+    answered = statuses.get("200", 0)
+    return answered / total_s, p50 * 1000, p99 * 1000, 1 - answered / max(1, completed)
 
 
 def _forward(args: argparse.Namespace, threads: int) -> tuple[float, float]:
@@ -215,6 +231,9 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
                         help="the engine's (and the plain forward's) torch threads")
     parser.add_argument("--client", choices=["python", "hey"], default="python")
+    parser.add_argument("--compare-with", type=Path, metavar="CHECKOUT",
+                        help="another checkout of this repository (e.g. a git worktree of "
+                        "the last release): its serve under the same load, alternately")
     parser.add_argument("--hey", default="hey", help="path of the hey binary")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -229,7 +248,7 @@ def main() -> None:
     if args.client == "hey" and hey is None:
         parser.error(f"--client hey: no '{args.hey}' binary found")
 
-    def load(url: str, body: bytes, concurrency: int) -> tuple[float, float, float]:
+    def load(url: str, body: bytes, concurrency: int) -> LoadResult:
         if hey is not None:
             return _hey(hey, url, body, concurrency, args.duration)
         return _closed_loop(url, body, concurrency, args.duration)
@@ -259,18 +278,26 @@ def main() -> None:
     print(f"plain forward, resnet50, {total_threads} torch threads: batch {args.forward_batch} "
           f"**{forward_ips:.1f} img/s**, batch 1 {forward_1_s * 1000:.1f} ms\n")
 
-    rows: dict[tuple[str, str, int], tuple[float, float, float, float, float]] = {}
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    layout_flags = [flag for name, value in (("--workers", args.workers),
-                                             ("--threads", args.threads))
-                    if value for flag in (name, str(value))]
-    server = _start([sys.executable, "-m", "service.cli", "serve", "--models",
-                     str(folder / "models.toml"), "--port", str(port), *layout_flags,
-                     "--device", args.device],
-                    {"GRADCAM_TORCH_THREADS": str(args.torch_threads),
-                     "GRADCAM_AUTOCAST": "true" if args.autocast else "false",
-                     "GRADCAM_MAX_BATCH_SIZE": str(args.max_batch_size)}, url, "/readyz")
+    rows: dict[tuple[str, str, int], tuple[float, float, float, float, float, float]] = {}
+
+    def start_service(checkout: Path | None = None) -> tuple[subprocess.Popen, str]:
+        """``serve`` from this checkout, or from another one (``--compare-with``)."""
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        flags = [flag for name, value in (("--workers", args.workers),
+                                          ("--threads", args.threads))
+                 if value for flag in (name, str(value))]
+        env = {"GRADCAM_TORCH_THREADS": str(args.torch_threads),
+               "GRADCAM_AUTOCAST": "true" if args.autocast else "false",
+               "GRADCAM_MAX_BATCH_SIZE": str(args.max_batch_size)}
+        if checkout is not None:
+            env["PYTHONPATH"] = str(checkout)
+        server = _start([sys.executable, "-m", "service.cli", "serve", "--models",
+                         str(folder / "models.toml"), "--port", str(port), *flags,
+                         "--device", args.device], env, url, "/readyz")
+        return server, url
+
+    server, url = start_service()
     try:
         for name, body in bodies.items():
             for concurrency in args.concurrency:
@@ -292,6 +319,22 @@ def main() -> None:
     finally:
         _stop(server)
 
+    compared: dict[str, list[float]] = {}
+    if args.compare_with:
+        # Another checkout (say, the previous release) under the same load, alternately.
+        first_body = next(iter(bodies.values()))
+        top = max(args.concurrency)
+        for _ in range(args.paired_repeats):
+            for label, checkout in (("this checkout", None),
+                                    (str(args.compare_with), args.compare_with)):
+                other, other_url = start_service(checkout)
+                try:
+                    load(other_url + "/v1/explain", first_body, top)  # warm-up
+                    compared.setdefault(label, []).append(
+                        load(other_url + "/v1/explain", first_body, top)[0])
+                finally:
+                    _stop(other)
+
     if not args.skip_naive:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
@@ -308,18 +351,25 @@ def main() -> None:
         finally:
             _stop(naive)
 
-    print("| server | request | concurrency | req/s | p50 ms | p99 ms | mean batch | "
+    print("| server | request | concurrency | req/s | p50 ms | p99 ms | 503s | mean batch | "
           "engine ms per batch |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (system, name, concurrency), (rps, p50, p99, batch, batch_ms) in rows.items():
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (system, name, concurrency), (rps, p50, p99, shed, batch, batch_ms) in rows.items():
         print(f"| {system} | {name} | {concurrency} | {rps:.1f} | {p50:.0f} | {p99:.0f} | "
-              f"{batch:.1f} | {batch_ms:.1f} |")
+              f"{shed:.0%} | {batch:.1f} | {batch_ms:.1f} |")
     print()
     if paired:
         ratios = ", ".join(f"{r:.2f}" for r in paired)
         print(f"{next(iter(bodies))}, concurrency {max(args.concurrency)}, {len(paired)} paired "
               f"repeats (forward, then service): service / forward = {ratios}; "
               f"median **{statistics.median(paired):.2f}×**")
+    if compared:
+        (mine, theirs) = compared.values()
+        ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
+        print(f"{next(iter(bodies))}, concurrency {max(args.concurrency)}: this checkout "
+              f"{', '.join(f'{r:.1f}' for r in mine)} req/s, {args.compare_with} "
+              f"{', '.join(f'{r:.1f}' for r in theirs)} req/s; ratio median "
+              f"**{statistics.median(ratios):.2f}×**")
     for name in bodies:
         top = max(args.concurrency)
         service = rows[("service", name, top)][0]
