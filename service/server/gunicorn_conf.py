@@ -2,7 +2,7 @@
 
 ``gradcam-service serve`` starts gunicorn with this file after the engine
 processes are up, and sets the ``GRADCAM_*`` variables (its flags) and the
-engines' socket paths. Neither the master nor the HTTP workers import torch:
+engines' socket paths. Neither the master nor the HTTP workers load torch:
 each worker creates the app after the fork (``preload_app = False``) and talks
 to the engines over their sockets.
 """

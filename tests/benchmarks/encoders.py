@@ -33,16 +33,15 @@ if hasattr(os, "sched_setaffinity"):
 import argparse  # noqa: E402
 import io  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
 from PIL import Image  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 try:
     import fpng
@@ -132,16 +131,6 @@ def build_encoders(webp_methods: tuple[int, ...]) -> list[tuple[str, str, Callab
 
 
 # -- measuring ------------------------------------------------------------------------
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
-
 
 def round_trip(encoded: bytes, array: np.ndarray) -> str:
     try:

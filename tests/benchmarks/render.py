@@ -21,13 +21,12 @@ import base64
 import io
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 import orjson
 from PIL import Image
+from timing import median_ms
 
 from service.demo.phantom import sample_phantom, to_uint8
 from service.explain import PreparedImage, draw_heatmap
@@ -36,16 +35,6 @@ from service.imaging.geometry import fit_geometry
 from service.imaging.render import COLORMAP, OVERLAY_MAX_OPACITY, heatmap
 from service.interface import ModelInfo
 from service.schemas import HeatmapOptions
-
-
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
 
 
 def _float_path(cam: np.ndarray, prepared: PreparedImage, fmt: str) -> str:
@@ -75,8 +64,8 @@ def main() -> None:
 
     heat224 = rng.random((224, 224), dtype=np.float32)
     body = {"values": heat224}
-    t_json = _median_ms(lambda: json.dumps({"values": heat224.tolist()}), args.repeats)
-    t_orjson = _median_ms(lambda: orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+    t_json = median_ms(lambda: json.dumps({"values": heat224.tolist()}), args.repeats)
+    t_orjson = median_ms(lambda: orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
                           args.repeats)
     print("| 224×224 array as JSON | ms |\n|---|---|")
     print(f"| stdlib json (tolist) | {t_json:.1f} |\n| orjson from numpy | {t_orjson:.2f} |")
@@ -103,9 +92,9 @@ def main() -> None:
     print("| 1024×1024 render, one core | before: float + Pillow PNG | service | ratio | "
           "KiB (service) |\n|---|---|---|---|---|")
     for fmt in ("png", "overlay", "gray"):
-        before = _median_ms(lambda fmt=fmt: _float_path(cam, prepared, fmt), args.repeats)
+        before = median_ms(lambda fmt=fmt: _float_path(cam, prepared, fmt), args.repeats)
         render = service_path(fmt)
-        after = _median_ms(render, args.repeats)
+        after = median_ms(render, args.repeats)
         size = len(base64.b64decode(render())) / 1024
         print(f"| {fmt} | {before:.1f} ms | **{after:.1f} ms** | {before / after:.1f}× | "
               f"{size:.0f} |")
@@ -114,7 +103,7 @@ def main() -> None:
         for encoding in ("jpeg", "webp"):
             render = service_path(fmt, encoding)
             size = len(base64.b64decode(render())) / 1024
-            print(f"| {fmt}, {encoding} | {_median_ms(render, args.repeats):.1f} | {size:.0f} |")
+            print(f"| {fmt}, {encoding} | {median_ms(render, args.repeats):.1f} | {size:.0f} |")
 
 
 if __name__ == "__main__":
