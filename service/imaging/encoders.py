@@ -31,7 +31,6 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 Encoding = Literal["png", "jpeg", "webp"]
-MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PNG_COMPRESS_LEVEL = 1
 JPEG_QUALITY = 90
 WEBP_QUALITY = 85

@@ -163,8 +163,3 @@ def to_rgb_image(image: Image.Image) -> Image.Image:
         gray = np.round(np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255)
         image = Image.fromarray(gray.astype(np.uint8))
     return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def to_rgb8(image: Image.Image) -> np.ndarray:
-    """A decoded image (``L``, ``RGB`` or float ``F`` in [0, 1]) as ``(H, W, 3) uint8``."""
-    return np.asarray(to_rgb_image(image))

@@ -43,6 +43,8 @@ import PIL  # noqa: E402
 from PIL import Image  # noqa: E402
 from timing import median_ms  # noqa: E402
 
+from service.imaging.render import COLORMAP, OVERLAY_MAX_OPACITY  # noqa: E402
+
 try:
     import fpng
 except ImportError:  # pragma: no cover - optional
@@ -56,20 +58,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PHANTOM = ROOT / "examples" / "phantom_four_findings.png"
 SIZE = 1024
 
-# Same anchors as service.imaging.render (copied so that this script needs no torch).
-_ANCHORS = ((0.00, (24, 16, 92)), (0.18, (36, 90, 210)), (0.36, (32, 180, 220)),
-            (0.52, (70, 215, 120)), (0.68, (210, 225, 55)), (0.84, (245, 140, 30)),
-            (1.00, (205, 25, 25)))
-
-
-def _colormap() -> np.ndarray:
-    positions = np.array([p for p, _ in _ANCHORS])
-    colours = np.array([c for _, c in _ANCHORS], dtype=np.float64)
-    x = np.linspace(0.0, 1.0, 256)
-    table = np.stack([np.interp(x, positions, colours[:, k]) for k in range(3)], axis=1)
-    return np.round(table).astype(np.uint8)
-
-
 def make_images() -> dict[str, np.ndarray]:
     """``overlay`` (H, W, 3), ``heatmap`` (H, W, 3) and ``gray`` (H, W), all uint8."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64) / SIZE
@@ -78,11 +66,11 @@ def make_images() -> dict[str, np.ndarray]:
                 for cx, cy, s, w in blobs)
     value = value / value.max()
     gray = np.round(value * 255).astype(np.uint8)
-    heat = _colormap()[gray]
+    heat = COLORMAP[gray]
     with Image.open(PHANTOM) as im:
         photo = np.asarray(im.convert("L").resize((SIZE, SIZE), Image.Resampling.BILINEAR)
                            .convert("RGB"), dtype=np.float64)
-    alpha = (0.6 * value)[:, :, None]
+    alpha = (OVERLAY_MAX_OPACITY * value)[:, :, None]
     overlay = np.round(photo * (1 - alpha) + heat * alpha).clip(0, 255).astype(np.uint8)
     return {"overlay": overlay, "heatmap": np.ascontiguousarray(heat), "gray": gray}
 
