@@ -15,6 +15,9 @@ arrays (no copy after the kernel's). Measured against ZeroMQ, shared memory and
 other has died (EOF), which is how a worker fails its waiting requests with
 ``engine_unavailable`` within milliseconds of an engine crash.
 
+The explain messages themselves (a job out, its result or error back) are
+encoded and decoded at the end of this module, each encoder beside its decoder.
+
 Both sides use non-blocking sockets: ``MessageReader`` reassembles messages from
 whatever arrives, ``send_message`` waits for room with ``poll`` up to a timeout
 (a peer that stops reading is a broken peer, not a reason to hang).
@@ -32,6 +35,9 @@ from typing import Any
 
 import numpy as np
 import orjson
+
+from service.errors import ServiceError
+from service.interface import Job, JobResult, JobTimings
 
 PREFIX = struct.Struct("<II")
 # Generous bounds that still stop a corrupt stream from allocating absurd memory.
@@ -215,3 +221,56 @@ def connect(path: str) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
+
+
+# --- the messages of an explain job, each encoder beside its decoder ------------
+
+def encode_job(request_id: int, job: Job, deadline: float) -> list[memoryview]:
+    """A worker's request: the job, its id and its deadline (``time.monotonic()``)."""
+    header = {"op": "explain", "id": request_id, "model": job.model, "layer": job.layer,
+              "deadline": deadline, "targets": job.targets, "methods": job.methods,
+              "boxes": job.boxes}
+    return encode(header, job.images)
+
+
+def decode_job(header: dict[str, Any], frames: Sequence[np.ndarray]) -> Job:
+    boxes = [tuple(box) if box is not None else None for box in header["boxes"]]
+    return Job(model=str(header["model"]), layer=str(header["layer"]), images=list(frames),
+               boxes=boxes,  # type: ignore[arg-type]
+               targets=[list(t) for t in header["targets"]],
+               methods=[str(m) for m in header["methods"]])
+
+
+def encode_result(request_id: int, result: JobResult) -> list[memoryview]:
+    """The reply buffers for a finished job."""
+    maps = [m for per_image in result.maps for m in per_image]
+    timings = result.timings
+    header = {"id": request_id, "targets": result.targets,
+              "counts": [len(per_image) for per_image in result.maps],
+              "timings": [timings.queue_wait_s, timings.compute_s, timings.batch_images]}
+    frames = [np.ascontiguousarray(result.scores, dtype=np.float32),
+              np.stack(maps).astype(np.float32, copy=False)]
+    return encode(header, frames)
+
+
+def decode_result(header: dict[str, Any], frames: Sequence[np.ndarray]) -> JobResult:
+    scores, stacked = frames
+    maps: list[list[np.ndarray]] = []
+    offset = 0
+    for count in header["counts"]:
+        maps.append(list(stacked[offset:offset + count]))
+        offset += count
+    queue_wait_s, compute_s, batch_images = header["timings"]
+    return JobResult(scores=scores, targets=[list(t) for t in header["targets"]], maps=maps,
+                     timings=JobTimings(float(queue_wait_s), float(compute_s), int(batch_images)))
+
+
+def _internal(error: BaseException) -> dict[str, Any]:
+    message = (f"The model failed on this request ({type(error).__name__}: {error}); "
+               "it has been logged.")
+    return {"status": 500, "code": "internal", "message": message}
+
+
+def encode_error(request_id: int, error: BaseException) -> list[memoryview]:
+    wire = error.to_wire() if isinstance(error, ServiceError) else _internal(error)
+    return encode({"id": request_id, "error": wire})

@@ -50,7 +50,7 @@ import numpy as np
 from service import ipc, logs
 from service.engine.runtime import Runtime
 from service.errors import ConfigError, Overloaded, ServiceError
-from service.interface import ENGINE_EXIT_CONFIG, ENGINE_EXIT_MODEL_LOOP_DIED, Job, JobResult
+from service.interface import ENGINE_EXIT_CONFIG, ENGINE_EXIT_MODEL_LOOP_DIED, JobResult
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -68,37 +68,6 @@ class _Connection:
     reader: ipc.MessageReader = field(default_factory=ipc.MessageReader)
     jobs: dict[int, Future[JobResult]] = field(default_factory=dict)
     closed: bool = False
-
-
-def _internal(error: BaseException) -> dict[str, Any]:
-    message = (f"The model failed on this request ({type(error).__name__}: {error}); "
-               "it has been logged.")
-    return {"status": 500, "code": "internal", "message": message}
-
-
-def encode_result(request_id: int, result: JobResult) -> list[memoryview]:
-    """The reply buffers for a finished job."""
-    maps = [m for per_image in result.maps for m in per_image]
-    timings = result.timings
-    header = {"id": request_id, "targets": result.targets,
-              "counts": [len(per_image) for per_image in result.maps],
-              "timings": [timings.queue_wait_s, timings.compute_s, timings.batch_images]}
-    frames = [np.ascontiguousarray(result.scores, dtype=np.float32),
-              np.stack(maps).astype(np.float32, copy=False)]
-    return ipc.encode(header, frames)
-
-
-def encode_error(request_id: int, error: BaseException) -> list[memoryview]:
-    wire = error.to_wire() if isinstance(error, ServiceError) else _internal(error)
-    return ipc.encode({"id": request_id, "error": wire})
-
-
-def decode_job(header: dict[str, Any], frames: Sequence[np.ndarray]) -> Job:
-    boxes = [tuple(box) if box is not None else None for box in header["boxes"]]
-    return Job(model=str(header["model"]), layer=str(header["layer"]), images=list(frames),
-               boxes=boxes,  # type: ignore[arg-type]
-               targets=[list(t) for t in header["targets"]],
-               methods=[str(m) for m in header["methods"]])
 
 
 class EngineServer:
@@ -219,19 +188,19 @@ class EngineServer:
                 "id": request_id, "catalog": self.runtime.catalog().to_dict(),
                 "pid": os.getpid(), "device": str(self.runtime.device)}))
         else:
-            self._reply(connection, encode_error(request_id, ValueError(f"unknown op {op!r}")))
+            self._reply(connection, ipc.encode_error(request_id, ValueError(f"unknown op {op!r}")))
 
     def _submit(self, connection: _Connection, request_id: int, header: dict[str, Any],
                 frames: list[np.ndarray]) -> None:
         if self._stopping:
-            self._reply(connection, encode_error(request_id, Overloaded(
+            self._reply(connection, ipc.encode_error(request_id, Overloaded(
                 "The server is shutting down; retry on another replica.")))
             return
         try:
-            job = decode_job(header, frames)
+            job = ipc.decode_job(header, frames)
             future = self.runtime.submit(job, float(header["deadline"]))
         except (ServiceError, KeyError, TypeError, ValueError) as error:
-            self._reply(connection, encode_error(request_id, error))
+            self._reply(connection, ipc.encode_error(request_id, error))
             return
         connection.jobs[request_id] = future
         # Runs on the model loop (or here, if already done): only a queue put.
@@ -274,9 +243,9 @@ class EngineServer:
                 if not isinstance(error, ServiceError):
                     logger.error("request %d failed in the model: %r", request_id, error,
                                  exc_info=error)
-                buffers = encode_error(request_id, error)
+                buffers = ipc.encode_error(request_id, error)
             else:
-                buffers = encode_result(request_id, future.result())
+                buffers = ipc.encode_result(request_id, future.result())
         else:
             buffers = what
         if connection.closed:

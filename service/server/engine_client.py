@@ -35,7 +35,6 @@ from service.interface import (
     Catalog,
     Job,
     JobResult,
-    JobTimings,
     wait_for,
 )
 
@@ -46,25 +45,6 @@ _RECONNECT_S = 0.1
 _SEND_TIMEOUT_S = 10.0
 _SOCKET_BUFFER_BYTES = 256 * 1024
 _HELLO_ID = 0
-
-
-def decode_result(header: dict[str, Any], frames: Sequence[np.ndarray]) -> JobResult:
-    scores, stacked = frames
-    maps: list[list[np.ndarray]] = []
-    offset = 0
-    for count in header["counts"]:
-        maps.append(list(stacked[offset:offset + count]))
-        offset += count
-    queue_wait_s, compute_s, batch_images = header["timings"]
-    return JobResult(scores=scores, targets=[list(t) for t in header["targets"]], maps=maps,
-                     timings=JobTimings(float(queue_wait_s), float(compute_s), int(batch_images)))
-
-
-def encode_job(request_id: int, job: Job, deadline: float) -> list[memoryview]:
-    header = {"op": "explain", "id": request_id, "model": job.model, "layer": job.layer,
-              "deadline": deadline, "targets": job.targets, "methods": job.methods,
-              "boxes": job.boxes}
-    return ipc.encode(header, job.images)
 
 
 class EngineConnection:
@@ -102,7 +82,7 @@ class EngineConnection:
     def submit(self, job: Job, deadline: float) -> Future[JobResult]:
         request_id, future = self._register("job")
         try:
-            buffers = encode_job(request_id, job, deadline)
+            buffers = ipc.encode_job(request_id, job, deadline)
         except BaseException:
             self._forget(request_id)
             raise
@@ -239,7 +219,7 @@ class EngineConnection:
                     future.set_exception(error)
             elif kind == "job":
                 with contextlib.suppress(InvalidStateError):
-                    future.set_result(decode_result(header, frames))
+                    future.set_result(ipc.decode_result(header, frames))
             else:
                 with contextlib.suppress(InvalidStateError):
                     future.set_result(header)
