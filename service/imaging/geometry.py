@@ -64,36 +64,6 @@ def fit_geometry(width: int, height: int, input_size: tuple[int, int],
         offset_x=float((input_width - new_w) // 2), offset_y=float((input_height - new_h) // 2))
 
 
-def _as_array(image: Image.Image) -> np.ndarray:
-    """``(H, W, C) float32`` in [0, 1]."""
-    array = np.asarray(image, dtype=np.float32)
-    if image.mode != "F":
-        array = array / 255.0
-    return array[:, :, None] if array.ndim == 2 else array
-
-
-def model_view(image: Image.Image, geometry: Geometry, fill: tuple[float, ...]) -> np.ndarray:
-    """The image as the model sees it: ``(H_in, W_in, len(fill)) float32`` in [0, 1],
-    unnormalised.
-
-    Areas outside the image (letterbox) take the value ``fill`` (the model's mean,
-    so they normalise to zero). A gray image for a colour model gets the same
-    gray in each channel.
-    """
-    # Pillow's bilinear filter widens its support when shrinking, so downscaling is
-    # antialiased; it also works on 32-bit float ("F") images.
-    new_size = geometry.resized_size
-    resized = _as_array(image.resize(new_size, Image.Resampling.BILINEAR))
-    channels = len(fill)
-    if resized.shape[2] != channels:
-        resized = np.repeat(resized, channels, axis=2)
-    canvas = np.empty((geometry.input_height, geometry.input_width, channels), dtype=np.float32)
-    canvas[...] = np.asarray(fill, dtype=np.float32)
-    (x0, y0, x1, y1), (u0, v0, u1, v1) = _placement(geometry)
-    canvas[y0:y1, x0:x1] = resized[v0:v1, u0:u1]
-    return canvas
-
-
 def _placement(geometry: Geometry) -> tuple[Box, Box]:
     """Where the resized image lands on the input canvas, and which part of it does:
     ``(x0, y0, x1, y1)`` on the canvas and the same region in the resized image."""
@@ -116,13 +86,20 @@ def to_model_pixels(image: Image.Image, input_size: tuple[int, int],
     normalising, exactly as a canvas filled with the mean would give.
     """
     geometry = fit_geometry(image.width, image.height, input_size, resize)
-    resized = np.asarray(image.resize(geometry.resized_size, Image.Resampling.BILINEAR))
+    (x0, y0, x1, y1), (u0, v0, u1, v1) = _placement(geometry)
+    # Only the part of the image that lands on the input is resized, straight to
+    # its place: a crop never resizes what it throws away (a 60000 × 1 strip is
+    # not first scaled to 13 million × 224). Pillow's bilinear filter widens its
+    # support when shrinking, so downscaling is antialiased, in mode F too.
+    source = (u0 / geometry.scale_x, v0 / geometry.scale_y,
+              u1 / geometry.scale_x, v1 / geometry.scale_y)
+    resized = np.asarray(image.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR,
+                                      box=source))
     if resized.ndim == 2:
         resized = resized[:, :, None]
-    (x0, y0, x1, y1), (u0, v0, u1, v1) = _placement(geometry)
     if (x0, y0, x1, y1) == (0, 0, geometry.input_width, geometry.input_height):
-        return np.ascontiguousarray(resized[v0:v1, u0:u1]), None, geometry
+        return np.ascontiguousarray(resized), None, geometry
     canvas = np.zeros((geometry.input_height, geometry.input_width, resized.shape[2]),
                       dtype=resized.dtype)
-    canvas[y0:y1, x0:x1] = resized[v0:v1, u0:u1]
+    canvas[y0:y1, x0:x1] = resized
     return canvas, (x0, y0, x1, y1), geometry

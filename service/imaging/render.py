@@ -1,10 +1,12 @@
 """Heatmaps: back to the image's geometry, normalised, and drawn as arrays or images.
 
 Resampling is separable bilinear interpolation with pixel centres at ``i + 0.5``
-(what ``F.interpolate(mode="bilinear", align_corners=False)`` does), written as
-two small matrices so that any affine geometry (stretch, letterbox, crop) maps a
-layer-resolution map onto the original pixel grid exactly, at any size, in two
-matrix products. Original pixels the model never saw (outside a crop) get 0.
+(what ``F.interpolate(mode="bilinear", align_corners=False)`` does), with two
+cells and two weights per output pixel on each axis, so that any affine geometry
+(stretch, letterbox, crop) maps a layer-resolution map onto the original pixel
+grid exactly, at any size, in memory that grows only with the output (a 64 MP
+output needs its own 256 MB and a few MB more). Original pixels the model never
+saw (outside a crop) get 0.
 
 Colour map (``png`` and ``overlay``): 256 entries interpolated linearly between
 these anchors, from cold to hot (value → RGB)::
@@ -28,6 +30,7 @@ colours are bit-exact with the float formula, blends within one level of it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -63,43 +66,67 @@ COLORMAP: np.ndarray = _build_colormap()  # (256, 3) uint8
 _PALETTE = COLORMAP.tobytes()
 
 
-def _interpolation_matrix(out_n: int, layer_n: int, input_n: int, scale: float,
-                          offset: float) -> np.ndarray:
-    """``(out_n, layer_n) float32`` bilinear weights from a layer axis to an output pixel axis.
+@dataclass(frozen=True)
+class _AxisWeights:
+    """Bilinear weights along one axis: output pixel ``i`` is cell ``lower[i]`` plus
+    ``frac[i]`` of the step to cell ``lower[i] + 1`` (clamped at the edge), or 0 where
+    ``seen[i]`` is false (outside what the model saw)."""
+
+    lower: np.ndarray
+    frac: np.ndarray
+    seen: np.ndarray
+
+
+def _axis_weights(out_n: int, layer_n: int, input_n: int, scale: float,
+                  offset: float) -> _AxisWeights:
+    """Weights from a layer axis of ``layer_n`` cells to ``out_n`` output pixels.
 
     Output pixel ``i`` has its centre at ``(i + 0.5) * scale + offset`` in model-input
-    coordinates; the layer's ``layer_n`` cells tile the input's ``input_n`` pixels.
+    coordinates; the layer's cells tile the input's ``input_n`` pixels.
     """
     centre = (np.arange(out_n, dtype=np.float64) + 0.5) * scale + offset
-    seen = (centre >= 0) & (centre <= input_n)
     u = np.clip(centre * layer_n / input_n - 0.5, 0, layer_n - 1)
-    i0 = np.minimum(np.floor(u).astype(np.int64), layer_n - 1)
-    i1 = np.minimum(i0 + 1, layer_n - 1)
-    frac = u - i0
-    matrix = np.zeros((out_n, layer_n), dtype=np.float64)
-    rows = np.arange(out_n)
-    np.add.at(matrix, (rows, i0), 1 - frac)
-    np.add.at(matrix, (rows, i1), frac)
-    matrix[~seen] = 0
-    return matrix.astype(np.float32)
+    lower = np.minimum(np.floor(u).astype(np.intp), layer_n - 1)
+    return _AxisWeights(lower, (u - lower).astype(np.float32),
+                        (centre >= 0) & (centre <= input_n))
+
+
+def _steps(values: np.ndarray, axis: int) -> np.ndarray:
+    """Each cell's step to the next one along ``axis`` (0 for the last cell)."""
+    return np.diff(values, axis=axis, append=np.take(values, [-1], axis=axis))
 
 
 def resample(cam: np.ndarray, geometry: Geometry, size: HeatmapSize) -> np.ndarray:
-    """``(h, w)`` layer map → ``(H, W) float32`` map at ``size``, not yet normalised."""
+    """``(h, w)`` layer map → ``(H, W) float32`` map at ``size``, not yet normalised.
+
+    Separable, and never more than the output in memory: along x on the small map
+    (to ``(h, W)``), then each run of output rows between the same two wide rows is
+    one broadcast ``row + frac × step`` into the ``(H, W)`` result.
+    """
     h, w = cam.shape
     cam = cam.astype(np.float32, copy=False)
     if size == "layer":
         return cam
     if size == "input":
-        ry = _interpolation_matrix(geometry.input_height, h, geometry.input_height, 1.0, 0.0)
-        rx = _interpolation_matrix(geometry.input_width, w, geometry.input_width, 1.0, 0.0)
+        ry = _axis_weights(geometry.input_height, h, geometry.input_height, 1.0, 0.0)
+        rx = _axis_weights(geometry.input_width, w, geometry.input_width, 1.0, 0.0)
     else:
-        ry = _interpolation_matrix(geometry.height, h, geometry.input_height, geometry.scale_y,
-                                   geometry.offset_y)
-        rx = _interpolation_matrix(geometry.width, w, geometry.input_width, geometry.scale_x,
-                                   geometry.offset_x)
-    # (H, h) @ (h, w) first: the small product, then one (H, w) @ (w, W).
-    return (ry @ cam) @ rx.T
+        ry = _axis_weights(geometry.height, h, geometry.input_height, geometry.scale_y,
+                           geometry.offset_y)
+        rx = _axis_weights(geometry.width, w, geometry.input_width, geometry.scale_x,
+                           geometry.offset_x)
+    wide = cam[:, rx.lower] + rx.frac * _steps(cam, axis=1)[:, rx.lower]
+    wide[:, ~rx.seen] = 0
+    steps = _steps(wide, axis=0)
+    out = np.empty((ry.lower.shape[0], wide.shape[1]), dtype=np.float32)
+    runs = np.flatnonzero(np.diff(ry.lower)) + 1
+    for start, stop in zip(np.r_[0, runs], np.r_[runs, len(ry.lower)], strict=True):
+        cell = ry.lower[start]
+        block = out[start:stop]
+        np.multiply(ry.frac[start:stop, None], steps[cell], out=block)
+        block += wide[cell]
+    out[~ry.seen] = 0
+    return out
 
 
 def normalise(values: np.ndarray) -> np.ndarray:
