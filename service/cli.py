@@ -14,11 +14,13 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from service.budgets import RequestBudget
 from service.errors import ConfigError, ServiceError
 from service.explain import (
     PreparedImage,
@@ -27,10 +29,11 @@ from service.explain import (
     explain,
     prepare_image,
     render_result,
+    resolve_targets,
     run,
 )
 from service.imaging.encoders import encode_png
-from service.imaging.render import colour_image, heatmap, overlay_image, to_rgb_image, to_uint8
+from service.imaging.render import colour_image, heatmap, overlay_image, to_uint8
 from service.interface import ModelInfo
 from service.schemas import METHODS, HeatmapOptions, parse_explain_request
 from service.settings import Settings
@@ -73,7 +76,8 @@ def _safe(text: str) -> str:
 def _write_outputs(result: dict, prepared: PreparedImage, cams: Sequence, out: Path,
                    stem: str) -> list[str]:
     written = []
-    base = to_rgb_image(prepared.image)
+    base = prepared.display
+    assert base is not None  # prepared with keep_display
     for explanation, cam in zip(result["explanations"], cams, strict=True):
         heat = heatmap(cam, prepared.geometry, "original")
         label = _safe(explanation["target"]["label"])
@@ -93,12 +97,17 @@ def _explain_files(args: argparse.Namespace, runtime: Runtime) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
+    options = HeatmapOptions(format="none", size="original")
     prepared: list[tuple[Path, PreparedImage]] = []
     for i, name in enumerate(args.images):
         path = Path(name)
         try:
-            prepared.append((path, prepare_image(path.read_bytes(), i, model,
-                                                 runtime.settings.max_image_pixels, targets)))
+            # Each file is its own request: the per-image limits apply, not a total.
+            budget = RequestBudget(runtime.settings, model, layer, options)
+            admit = partial(budget.admit_image, i, explanations=len(targets or [None]))
+            prepared.append((path, prepare_image(
+                path.read_bytes(), i, model, admit, resolve_targets(targets, model, i),
+                keep_display=True)))
         except (OSError, ServiceError) as error:
             message = error.message if isinstance(error, ServiceError) else error.strerror
             print(f"error: {path}: {message}", file=sys.stderr)
@@ -108,7 +117,6 @@ def _explain_files(args: argparse.Namespace, runtime: Runtime) -> int:
         from tqdm import tqdm
 
         progress = tqdm(total=len(prepared), unit="image", file=sys.stderr)
-    options = HeatmapOptions(format="none", size="original")
     for start in range(0, len(prepared), _CHUNK):
         chunk = prepared[start:start + _CHUNK]
         deadline = time.monotonic() + runtime.settings.request_timeout_s

@@ -16,6 +16,7 @@ import base64
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -23,10 +24,11 @@ import orjson
 from PIL import Image
 
 from service import metrics
-from service.errors import InvalidField, PayloadTooLarge
-from service.imaging.decoding import decode_base64, decode_image
+from service.budgets import RequestBudget
+from service.errors import ClientClosed, DeadlineExceeded, InvalidField, PayloadTooLarge
+from service.imaging.decoding import Admit, decode_base64, decode_image
 from service.imaging.encoders import encode_image
-from service.imaging.geometry import Geometry, model_view, to_model_pixels
+from service.imaging.geometry import Geometry, to_model_pixels
 from service.imaging.render import (
     colour_image,
     heatmap,
@@ -45,7 +47,9 @@ class PreparedImage:
     """One image, decoded and fitted to the model, with its targets resolved."""
 
     index: int
-    image: Image.Image  # as displayed: EXIF orientation applied; mode L, RGB or F
+    # The image as displayed (EXIF orientation applied) in 8 bits, mode L or RGB;
+    # kept only where a picture is drawn over it at its own size.
+    display: Image.Image | None
     pixels: np.ndarray  # (H_in, W_in, 1 or 3) uint8, or float32 in [0, 1]
     box: Box | None  # where the image lies on the input, if not all of it
     geometry: Geometry
@@ -78,19 +82,25 @@ def _class_index(ref: ClassRef, model: ModelInfo, index: int) -> int:
 
 
 def resolve_targets(spec: TargetSpec, model: ModelInfo, index: int) -> list[int | None]:
+    """The distinct classes to explain for one image, in the order given."""
     if spec is None:
         return [None]
     refs = spec if isinstance(spec, list) else [spec]
-    return [_class_index(ref, model, index) for ref in refs]
+    return list(dict.fromkeys(_class_index(ref, model, index) for ref in refs))
 
 
-def prepare_image(data: bytes, index: int, model: ModelInfo, max_pixels: int,
-                  targets: TargetSpec = None, frame: int | None = None) -> PreparedImage:
-    """Decode and fit one image; every problem raises a ``ServiceError`` naming ``index``."""
-    resolved = resolve_targets(targets, model, index)
-    image = decode_image(data, index, model.channels, max_pixels, frame)
+def prepare_image(data: bytes, index: int, model: ModelInfo, admit: Admit,
+                  targets: list[int | None], frame: int | None = None,
+                  keep_display: bool = False) -> PreparedImage:
+    """Decode and fit one image; every problem raises a ``ServiceError`` naming ``index``.
+
+    ``admit(width, height)`` checks the size from the header first (``budgets.py``).
+    """
+    image = decode_image(data, index, model.channels, admit, frame)
     pixels, box, geometry = to_model_pixels(image, model.input_size, model.resize)
-    return PreparedImage(index, image, pixels, box, geometry, resolved)
+    # The full-size image leaves here as 8 bits, or not at all.
+    display = to_rgb_image(image) if keep_display else None
+    return PreparedImage(index, display, pixels, box, geometry, targets)
 
 
 def choose_layer(model: ModelInfo, layer: str | None) -> str:
@@ -129,10 +139,23 @@ def overlay_base(prepared: PreparedImage, size: str, shape: tuple[int, int],
                  model: ModelInfo) -> Image.Image:
     """The image under an overlay of ``size`` (``shape`` = (H, W)), in RGB."""
     if size == "original":
-        return to_rgb_image(prepared.image)
-    view = model_view(prepared.image, prepared.geometry, model.mean)
-    levels = np.round(np.clip(view, 0, 1) * 255).astype(np.uint8)
-    base = Image.fromarray(levels[:, :, 0] if levels.shape[2] == 1 else levels).convert("RGB")
+        if prepared.display is None:
+            raise ValueError("the image was prepared without its display copy")
+        return prepared.display
+    # What the model saw: its input pixels, with the model's mean where letterboxing
+    # left no image (the colour those areas normalise to zero from).
+    pixels = prepared.pixels
+    if pixels.dtype != np.uint8:
+        pixels = np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+    view = np.empty((*pixels.shape[:2], 3), dtype=np.uint8)
+    if prepared.box is not None:
+        mean = np.broadcast_to(np.asarray(model.mean, dtype=np.float64), (3,))
+        view[...] = np.round(np.clip(mean, 0, 1) * 255).astype(np.uint8)
+        x0, y0, x1, y1 = prepared.box
+        view[y0:y1, x0:x1] = pixels[y0:y1, x0:x1]
+    else:
+        view[...] = pixels
+    base = Image.fromarray(view)
     if base.size != (shape[1], shape[0]):
         base = base.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
     return base
@@ -210,17 +233,30 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
                            "top-1 class).", code="targets_length", field="targets")
     model = engine.catalog().get(request.model)
     layer = choose_layer(model, request.layer)
-    targets: list[TargetSpec] = list(request.targets or [None] * len(request.images))
+    specs: list[TargetSpec] = list(request.targets or [None] * len(request.images))
+    targets = [resolve_targets(spec, model, i) for i, spec in enumerate(specs)]
+    budget = RequestBudget(limits, model, layer, request.heatmap)
+    budget.check_explanations([len(t) for t in targets])
+    keep_display = request.heatmap.format == "overlay" and request.heatmap.size == "original"
     with metrics.STAGE_DURATION.labels("decode").time():
         prepared = [
-            prepare_image(decode_base64(text, i), i, model, limits.max_image_pixels, targets[i],
-                          request.frame)
+            prepare_image(decode_base64(text, i), i, model,
+                          partial(budget.admit_image, i, explanations=len(targets[i])),
+                          targets[i], request.frame, keep_display)
             for i, text in enumerate(request.images)
         ]
     results = run(engine, model, layer, request.method, prepared, deadline, disconnected)
     metrics.IMAGES_EXPLAINED.labels(model.name).inc(len(results))
+    rendered = []
     with metrics.STAGE_DURATION.labels("render").time():
-        rendered = [render_result(r, model, request.top_k, request.heatmap) for r in results]
+        for result in results:
+            # Big pictures take a while each: stop between them for a client that
+            # left or a deadline that passed.
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded("The request took longer than its deadline.")
+            if disconnected is not None and disconnected():
+                raise ClientClosed("The client disconnected before the answer was drawn.")
+            rendered.append(render_result(result, model, request.top_k, request.heatmap))
     return {"model": model.name, "method": request.method, "layer": layer, "results": rendered}
 
 

@@ -190,8 +190,14 @@ class Settings(BaseModel):
     # minute) before serve gives up and exits non-zero; the drain allowed on SIGTERM.
     engine_max_restarts: Annotated[int, Field(ge=0)] = 5
     shutdown_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # What one request may cost (budgets.py; README "Limits"): checked before the work.
     max_images_per_request: PositiveInt = 32
-    max_image_pixels: PositiveInt = 64_000_000
+    max_explanations_per_request: PositiveInt = 128
+    max_image_pixels: PositiveInt = 25_000_000
+    max_image_side: PositiveInt = 16384
+    max_request_pixels: PositiveInt = 100_000_000
+    max_output_pixels: PositiveInt = 64_000_000
+    max_array_values: PositiveInt = 4 * 1024 * 1024
     max_request_bytes: PositiveInt = 64 * 1024 * 1024
 
     @classmethod
