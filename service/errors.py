@@ -3,18 +3,22 @@
 ::
 
     ServiceError                    500 internal (never raised for client input)
-    ├── BadRequest                  400 bad_request, invalid_json
+    ├── BadRequest                  400 bad_request, invalid_json, json_too_deep
     ├── NotFound                    404 not_found
     │   └── UnknownModel            404 unknown_model
     ├── MethodNotAllowed            405 method_not_allowed
-    ├── PayloadTooLarge             413 request_too_large, image_too_large, too_many_images
-    ├── UnsupportedMediaType        415 unsupported_media_type, unsupported_image
+    ├── PayloadTooLarge             413 request_too_large, image_too_large, too_many_images,
+    │                                   too_many_targets, too_many_pixels, output_too_large,
+    │                                   array_too_large
+    ├── UnsupportedMediaType        415 unsupported_media_type, unsupported_image,
+    │                                   unsupported_content_encoding
     ├── InvalidField                422 invalid_field, unknown_layer, unknown_method,
     │                                   unknown_label, target_out_of_range, invalid_image, ...
     ├── ClientClosed                499 client_closed (nobody reads it; for logs and metrics)
     ├── Unavailable                 503, with Retry-After
     │   ├── Overloaded              503 overloaded (the engine's queue is full)
-    │   └── EngineUnavailable       503 engine_unavailable (no engine answers)
+    │   ├── EngineUnavailable       503 engine_unavailable (no engine answers)
+    │   └── InsufficientMemory      503 insufficient_memory (a MemoryError: the server's fault)
     └── DeadlineExceeded            504 deadline_exceeded
 
     ConfigError                     start-up only: a broken models file or setting
@@ -132,6 +136,12 @@ class EngineUnavailable(Unavailable):
     """No engine process answers (starting, restarting after a crash, or gone)."""
 
     default_code = "engine_unavailable"
+
+
+class InsufficientMemory(Unavailable):
+    """The process ran out of memory on this request: a server fault, never the client's 422."""
+
+    default_code = "insufficient_memory"
 
 
 class DeadlineExceeded(ServiceError):

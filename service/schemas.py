@@ -136,11 +136,18 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+# orjson refuses deeper nesting itself (a request needs 3 levels): no parse can recurse away.
+JSON_MAX_DEPTH = 1024
+
+
 def parse_explain_request(body: bytes) -> ExplainRequest:
     """Parse and validate a request body; errors become 400 (not JSON) or 422 (invalid field)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as error:
+        if "depth limit" in str(error):
+            raise BadRequest(f"The body nests JSON deeper than {JSON_MAX_DEPTH} levels.",
+                             code="json_too_deep") from None
         raise BadRequest(f"The body is not valid JSON: {error}.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidField("The body must be a JSON object.", code="invalid_body")

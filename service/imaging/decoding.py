@@ -2,8 +2,10 @@
 
 Output modes: ``L`` (8-bit gray), ``RGB`` (8-bit colour) or ``F`` (32-bit float gray
 in [0, 1], for 16-bit and other high-bit-depth images, so no precision is lost
-before the model's normalisation). The pixel count is checked from the header,
-before any pixel data is decoded, so a decompression bomb costs milliseconds.
+before the model's normalisation). The size is checked from the header (the
+caller's ``admit``, see ``budgets.py``) before any pixel data is decoded, so a
+decompression bomb costs milliseconds. Only the formats listed in
+``PILLOW_FORMATS`` are opened, whatever else Pillow could read.
 """
 
 from __future__ import annotations
@@ -13,12 +15,19 @@ import binascii
 import io
 import re
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import InvalidField, PayloadTooLarge, UnsupportedMediaType
 from service.imaging.dicom import decode_dicom, is_dicom
+from service.imaging.values import finite
+
+# The formats the README promises (JPEG includes MPO, which many phone cameras write).
+PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")
+# Called with an image's (width, height) from its header; raises to refuse it.
+Admit = Callable[[int, int], None]
 
 _DATA_URL = re.compile(r"^data:([\w/+.-]*)((?:;[\w=.-]+)*?);base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
@@ -32,8 +41,10 @@ def _looks_like_image(data: bytes) -> bool:
     return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
-# Our own header check replaces Pillow's bomb guard (which only warns below 2× its limit).
-Image.MAX_IMAGE_PIXELS = None
+# The header check (``admit``) runs before Pillow's own bomb guard could warn; the
+# guard itself stays on (an image over twice its limit raises, reported as 413).
+# Set once here: ``warnings.catch_warnings`` per call is not thread-safe.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def decode_base64(text: str, index: int) -> bytes:
@@ -54,11 +65,11 @@ def decode_base64(text: str, index: int) -> bytes:
                            image=index, field=f"images[{index}]") from None
 
 
-def _to_model_mode(image: Image.Image, channels: int) -> Image.Image:
+def _to_model_mode(image: Image.Image, channels: int, index: int) -> Image.Image:
     """Convert to ``L``/``RGB`` (8-bit) or ``F`` (high bit depth, scaled to [0, 1])."""
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float32)
+        values = finite(np.asarray(image, dtype=np.float32), index)
         if mode.startswith("I;16"):
             scaled = values / 65535.0
         elif mode == "I" and values.min() >= 0 and values.max() <= 65535:
@@ -83,10 +94,10 @@ def _is_gray(image: Image.Image) -> bool:
     return all(r == g == b for r, g, b in triples)
 
 
-def decode_image(data: bytes, index: int, channels: int, max_pixels: int,
+def decode_image(data: bytes, index: int, channels: int, admit: Admit,
                  frame: int | None = None) -> Image.Image:
-    """Decode image bytes: DICOM (``frame`` picks one of a multi-frame file), or any
-    format Pillow reads (the first frame of an animation).
+    """Decode image bytes: DICOM or one of ``PILLOW_FORMATS``; ``frame`` picks one
+    frame of a multi-frame file (DICOM, TIFF, GIF, WebP; default the first).
 
     Returns an image in mode ``L``, ``RGB`` or ``F`` with EXIF orientation applied,
     so its pixel grid is the image as displayed.
@@ -96,11 +107,9 @@ def decode_image(data: bytes, index: int, channels: int, max_pixels: int,
         raise InvalidField(f"Image {index} is empty.", code="empty_image", image=index,
                            field=field)
     if is_dicom(data):
-        return decode_dicom(data, index, channels, max_pixels, frame)
+        return decode_dicom(data, index, channels, admit, frame)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
     except UnidentifiedImageError:
         if _looks_like_image(data):
             raise InvalidField(
@@ -110,6 +119,9 @@ def decode_image(data: bytes, index: int, channels: int, max_pixels: int,
             f"Image {index} is not in a supported image format (PNG, JPEG, TIFF, BMP, WebP, "
             "GIF, DICOM).",
             code="unsupported_image", image=index, field=field) from None
+    except Image.DecompressionBombError as error:
+        raise PayloadTooLarge(f"Image {index} is far too large: {error}", code="image_too_large",
+                              image=index, field=field) from None
     except (OSError, ValueError, SyntaxError) as error:
         raise InvalidField(f"Image {index} could not be read: {error}.", code="invalid_image",
                            image=index, field=field) from None
@@ -117,16 +129,28 @@ def decode_image(data: bytes, index: int, channels: int, max_pixels: int,
     if width < 1 or height < 1:
         raise InvalidField(f"Image {index} has no pixels ({width}×{height}).",
                            code="invalid_image", image=index, field=field)
-    if width * height > max_pixels:
-        raise PayloadTooLarge(
-            f"Image {index} has {width}×{height} = {width * height} pixels; the limit is "
-            f"{max_pixels}.", code="image_too_large", image=index, field=field)
+    admit(width, height)
+    _seek(image, index, frame)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image.load()
-            return _to_model_mode(ImageOps.exif_transpose(image), channels)
+        image.load()
+        return _to_model_mode(ImageOps.exif_transpose(image), channels, index)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
         raise InvalidField(
             f"Image {index} could not be decoded ({error}). Is the file complete?",
             code="invalid_image", image=index, field=field) from None
+
+
+def _seek(image: Image.Image, index: int, frame: int | None) -> None:
+    """Move to ``frame`` of a multi-frame image (the size was checked on the first;
+    Pillow keeps one size for all frames of the formats we read)."""
+    if not frame:
+        return
+    frames = getattr(image, "n_frames", 1)
+    if frame >= frames:
+        raise InvalidField(f"Image {index} has {frames} frame(s); frame {frame} does not exist.",
+                           code="frame_out_of_range", image=index, field="frame")
+    try:
+        image.seek(frame)
+    except (OSError, ValueError, EOFError) as error:
+        raise InvalidField(f"Image {index}: frame {frame} could not be read ({error}).",
+                           code="invalid_image", image=index, field="frame") from None

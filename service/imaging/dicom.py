@@ -12,14 +12,21 @@ normalisation.
 from __future__ import annotations
 
 import io
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from service.errors import InvalidField, PayloadTooLarge
+from service.errors import InvalidField, UnsupportedMediaType
+from service.imaging.codestream import declared_size
+from service.imaging.values import finite
+
+# Deflated Explicit VR Little Endian: pydicom inflates the whole dataset in one
+# call, with no bound on the size it grows to (a zip bomb), so it is refused.
+_DEFLATED = b"1.2.840.10008.1.2.1.99"
+# The file meta group (always plain explicit VR) fits well within this.
+_META_BYTES = 4096
 
 
 def is_dicom(data: bytes) -> bool:
@@ -52,17 +59,26 @@ def _voi(array: np.ndarray, ds: Any) -> np.ndarray:
     return ((array - low) / (high - low)).astype(np.float32)
 
 
-def decode_dicom(data: bytes, index: int, channels: int, max_pixels: int,
-                 frame: int | None) -> Image.Image:
-    """Decode one frame of a DICOM file to mode ``F`` (gray) or ``RGB``."""
+def decode_dicom(data: bytes, index: int, channels: int,
+                 admit: Callable[[int, int], None], frame: int | None) -> Image.Image:
+    """Decode one frame of a DICOM file to mode ``F`` (gray) or ``RGB``.
+
+    ``admit(columns, rows)`` checks the size before any pixel is decoded; a
+    compressed frame must declare that same size in its own codestream header.
+    """
     import pydicom
     from pydicom.pixels import apply_modality_lut, pixel_array
 
     field = f"images[{index}]"
+    if _DEFLATED in data[:_META_BYTES]:
+        raise UnsupportedMediaType(
+            f"Image {index} is a deflated DICOM file (transfer syntax 1.2.840.10008.1.2.1.99), "
+            "which is not accepted; send it uncompressed or with a JPEG, JPEG-LS, JPEG 2000 "
+            "or RLE transfer syntax.", code="unsupported_image", image=index, field=field)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data))
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except MemoryError:
+        raise
     except Exception as error:  # any reader failure means a damaged file
         raise InvalidField(f"Image {index} is not a readable DICOM file ({error}).",
                            code="invalid_image", image=index, field=field) from None
@@ -71,10 +87,10 @@ def decode_dicom(data: bytes, index: int, channels: int, max_pixels: int,
                            code="invalid_image", image=index, field=field)
     rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if rows * columns > max_pixels:
-        raise PayloadTooLarge(
-            f"Image {index} has {columns}×{rows} = {rows * columns} pixels; the limit is "
-            f"{max_pixels}.", code="image_too_large", image=index, field=field)
+    if rows < 1 or columns < 1:
+        raise InvalidField(f"Image {index} is a DICOM file with {columns}×{rows} pixels.",
+                           code="invalid_image", image=index, field=field)
+    admit(columns, rows)
     if frames > 1 and frame is None:
         raise InvalidField(
             f"Image {index} is a DICOM file with {frames} frames; say which one to explain "
@@ -84,22 +100,52 @@ def decode_dicom(data: bytes, index: int, channels: int, max_pixels: int,
     if chosen >= frames:
         raise InvalidField(f"Image {index} has {frames} frame(s); frame {chosen} does not exist.",
                            code="frame_out_of_range", image=index, field="frame")
+    _check_codestream(ds, index, chosen, frames, rows, columns)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            array = pixel_array(ds, index=chosen if frames > 1 else None)
+        array = pixel_array(ds, index=chosen if frames > 1 else None)
+    except MemoryError:
+        raise
     except Exception as error:  # decoder plugins raise many types
         raise InvalidField(
             f"Image {index}: the DICOM pixel data could not be decoded ({error}).",
             code="invalid_image", image=index, field=field) from None
+    if array.shape[:2] != (rows, columns):
+        raise InvalidField(
+            f"Image {index}: the pixel data decodes to {array.shape[1]}×{array.shape[0]}, not "
+            f"the {columns}×{rows} its header states.", code="invalid_image", image=index,
+            field=field)
 
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         bits = int(ds.get("BitsStored", 8))
         rgb = array.astype(np.float32) / float(2**bits - 1)
         image = Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8))
         return image.convert("L") if channels == 1 else image
-    gray = apply_modality_lut(array, ds).astype(np.float32)
+    gray = finite(apply_modality_lut(array, ds).astype(np.float32), index)
     shown = _voi(gray, ds)
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         shown = 1.0 - shown
     return Image.fromarray(np.ascontiguousarray(shown, dtype=np.float32))
+
+
+def _check_codestream(ds: Any, index: int, chosen: int, frames: int, rows: int,
+                      columns: int) -> None:
+    """Refuse a compressed frame whose codestream declares another size than the dataset."""
+    from pydicom.encaps import get_frame
+
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_encapsulated:
+        return
+    try:
+        data = get_frame(ds.PixelData, chosen, number_of_frames=frames)
+    except MemoryError:
+        raise
+    except Exception as error:  # a broken item structure
+        raise InvalidField(f"Image {index}: frame {chosen} cannot be found in the "
+                           f"encapsulated pixel data ({error}).", code="invalid_image",
+                           image=index, field=f"images[{index}]") from None
+    size = declared_size(data)
+    if size is not None and (size[0] != columns or (size[1] not in (rows, 0))):
+        raise InvalidField(
+            f"Image {index}: the compressed frame declares {size[0]}×{size[1]} pixels but the "
+            f"DICOM header {columns}×{rows}; refusing to decode it.", code="invalid_image",
+            image=index, field=f"images[{index}]")

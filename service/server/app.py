@@ -17,7 +17,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from service import logs, metrics
-from service.errors import ServiceError
+from service.errors import InsufficientMemory, ServiceError
 from service.interface import Engine
 from service.server.engine_client import EnginePool
 from service.server.routes import api, json_response
@@ -65,6 +65,13 @@ def _http_error(error: HTTPException) -> Response:
 def _unexpected_error(error: Exception) -> Response:
     if isinstance(error, HTTPException):
         return _http_error(error)
+    if isinstance(error, MemoryError):
+        # Too little memory for this request now: the server's fault, and a retry
+        # (here, later, or on another replica) may well succeed.
+        logger.error("out of memory on a request")
+        return _service_error(InsufficientMemory(
+            "The server ran out of memory on this request; retry later or send less per "
+            "request.", retry_after_s=5))
     logger.exception("unexpected error")
     metrics.ERRORS.labels("internal").inc()
     body = {"error": {"code": "internal", "message": "The server failed to handle this "

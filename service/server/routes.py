@@ -70,6 +70,11 @@ def explain_view() -> Response:
         raise UnsupportedMediaType(
             f"Send the request as JSON (Content-Type: application/json), not "
             f"'{request.mimetype or 'no content type'}'.", code="unsupported_media_type")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(
+            f"The body has Content-Encoding '{encoding}'; send it uncompressed.",
+            code="unsupported_content_encoding")
     settings = _settings()
     waited = g.get("thread_wait_s", 0.0)
     if settings.max_queue_wait_s and waited > settings.max_queue_wait_s:
