@@ -186,6 +186,9 @@ class Settings(BaseModel):
     max_queue: PositiveInt = 256
     max_queue_wait_s: Annotated[float, Field(ge=0)] = 5.0
     request_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    # Slow clients (server/worker.py): the headers must arrive within this, and a body
+    # or an answer may not stall for longer (each within request_timeout_s in all).
+    client_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     # Supervision (supervisor.py): engine crashes in a row (each up less than a
     # minute) before serve gives up and exits non-zero; the drain allowed on SIGTERM.
     engine_max_restarts: Annotated[int, Field(ge=0)] = 5

@@ -22,8 +22,9 @@ threads = settings.threads or 16
 
 wsgi_app = "service.server.app:create_app()"
 bind = [f"{settings.host}:{settings.port}"]
-# gthread, with the wait for a request thread measured and bounded (worker.py).
-worker_class = "service.server.worker.TimedThreadWorker"
+# All socket I/O on an event loop, request threads only run the app, slow clients
+# are timed out, and the wait for a thread is measured and bounded (worker.py).
+worker_class = "service.server.worker.BufferingWorker"
 preload_app = False
 # A worker that answers nothing for this long is restarted: a generous bound for
 # large batches on a CPU, still short of a hang.

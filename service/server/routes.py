@@ -12,6 +12,7 @@ from service.errors import Overloaded, UnsupportedMediaType
 from service.explain import dumps, explain
 from service.interface import Catalog, Engine, ModelInfo
 from service.schemas import parse_explain_request
+from service.server.worker import draining
 from service.settings import Settings
 
 api = Blueprint("api", __name__)
@@ -126,7 +127,10 @@ def healthz() -> Response:
 
 @api.get("/readyz")
 def readyz() -> Response:
-    """200 while an engine answers a ping with its models loaded and its model loop alive."""
+    """200 while an engine answers a ping with its models loaded and its model loop alive,
+    and this worker is not stopping (a load balancer then sends no new work here)."""
+    if draining():
+        return json_response({"status": "draining"}, status=503)
     if _engine().ready():
         return json_response({"status": "ready"})
     return json_response({"status": "unavailable"}, status=503)
