@@ -62,6 +62,8 @@ TARGET_LIMIT_BYTES = 8 * 1024
 # Idle kept-alive connections a stopping worker still serves for, so that a request
 # already on the wire is answered (with "Connection: close") rather than reset.
 STOP_LINGER_S = 1.0
+# How long a refused request's remaining input is read and dropped before closing.
+LINGER_S = 2.0
 # An answer or body this large leaves freed memory that glibc keeps unless asked.
 _TRIM_AFTER_BYTES = 8 * 1024 * 1024
 _READ_CHUNK = 256 * 1024
@@ -100,7 +102,7 @@ class _Connection:
     peer: str
     port: int
     http: h11.Connection
-    phase: str = "idle"  # idle → reading → handling → writing → idle …
+    phase: str = "idle"  # idle → reading → handling → writing → idle …, or → lingering
     deadline: float = 0.0  # the clock of the current phase (see _sweep)
     limit: float = 0.0  # a phase's overall limit, beyond the stall clock
     request: h11.Request | None = None
@@ -266,6 +268,30 @@ class BufferingWorker(Worker):
             self._send(conn)
         elif mask & selectors.EVENT_READ and conn.phase in ("idle", "reading"):
             self._receive(conn)
+        elif mask & selectors.EVENT_READ and conn.phase == "lingering":
+            self._discard(conn)
+
+    def _linger(self, conn: _Connection) -> None:
+        """Close after a refusal without losing the answer: closing a socket with unread
+        input resets the connection, and a reset can overtake the answer to the client.
+        So stop sending, and read and drop what still comes for a moment first."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.phase, conn.deadline = "lingering", time.monotonic() + LINGER_S
+        self._watch(conn, selectors.EVENT_READ)
+
+    def _discard(self, conn: _Connection) -> None:
+        try:
+            data = conn.sock.recv(_READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
 
     def _receive(self, conn: _Connection) -> None:
         try:
@@ -542,8 +568,10 @@ class BufferingWorker(Worker):
         self._release(conn)
         if big:
             self.trim()
-        if conn.http.our_state is not h11.DONE or conn.http.their_state is not h11.DONE \
-                or not self.alive:
+        if conn.http.their_state is not h11.DONE:
+            self._linger(conn)  # a refusal: the client may still be sending
+            return
+        if conn.http.our_state is not h11.DONE or not self.alive:
             self._close(conn)
             return
         conn.http.start_next_cycle()
@@ -604,7 +632,7 @@ class BufferingWorker(Worker):
                              f"{self.client_timeout_s:g} s, a body without a pause that long "
                              f"and within {self.settings.request_timeout_s:g} s in all).")
             else:
-                self._close(conn)  # idle, or an answer the client stopped reading
+                self._close(conn)  # idle, lingering, or an answer the client stopped reading
 
     def _log_access(self, conn: _Connection) -> None:
         answer, request = conn.answer, conn.request
