@@ -36,6 +36,7 @@ from service.imaging.encoders import encode_png
 from service.imaging.render import colour_image, heatmap, overlay_image, to_uint8
 from service.interface import ModelInfo
 from service.schemas import METHODS, HeatmapOptions, parse_explain_request
+from service.server.security import AccessPolicy
 from service.settings import Settings
 
 if TYPE_CHECKING:  # torch is imported only by the commands that run the model here
@@ -158,7 +159,8 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {"models_file": args.models, "device": args.device, "host": args.host,
                  "port": args.port, "workers": args.workers, "threads": args.threads,
                  "engines": args.engines}
-    Settings.from_env(**overrides)  # a bad flag or variable stops here, with its name
+    # A bad flag, variable or tokens file stops here, with its name.
+    AccessPolicy(Settings.from_env(**overrides))
     env = dict(os.environ)
     for name, value in overrides.items():
         if value is not None:

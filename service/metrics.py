@@ -83,6 +83,15 @@ def scrape() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
+def serve_on_port(port: int, host: str) -> None:
+    """``/metrics`` of every process on its own port, from a thread of this process."""
+    from prometheus_client import start_http_server
+
+    registry = CollectorRegistry()
+    _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(port, addr=host, registry=registry)
+
+
 def mark_process_dead(pid: int) -> None:
     """Drop a dead worker's live gauges (gunicorn ``child_exit``)."""
     if multiprocess_dir():

@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveInt,
+    SecretStr,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -202,6 +203,15 @@ class Settings(BaseModel):
     max_output_pixels: PositiveInt = 64_000_000
     max_array_values: PositiveInt = 4 * 1024 * 1024
     max_request_bytes: PositiveInt = 64 * 1024 * 1024
+    # Access (server/security.py): bearer tokens (off while none is set), the paths
+    # open without one, the web origins allowed to call (CORS; none by default).
+    auth_tokens: SecretStr = SecretStr("")
+    auth_tokens_file: Path | None = None
+    auth_exempt: str = "/healthz,/readyz"
+    cors_origins: str = ""
+    # /metrics on its own port (served by serve's supervisor) instead of the API's.
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    log_format: Literal["text", "json"] = "text"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -113,6 +113,10 @@ class Supervisor:
         from service import metrics
 
         self._metrics = metrics
+        if self.settings.metrics_port:
+            metrics.serve_on_port(self.settings.metrics_port, self.settings.host)
+            logger.info("metrics on http://%s:%d/metrics", self.settings.host,
+                        self.settings.metrics_port)
         signal.set_wakeup_fd(self._wake_w)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)

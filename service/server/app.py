@@ -21,13 +21,14 @@ from service.errors import InsufficientMemory, ServiceError
 from service.interface import Engine
 from service.server.engine_client import EnginePool
 from service.server.routes import api, json_response
+from service.server.security import AccessPolicy, Unauthorized
 from service.server.worker import thread_wait
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 # Werkzeug's own errors, in the same envelope with stable codes.
-_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                413: "request_too_large", 415: "unsupported_media_type"}
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -38,6 +39,8 @@ def _service_error(error: ServiceError) -> Response:
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
+    if isinstance(error, Unauthorized):
+        response.headers["WWW-Authenticate"] = error.www_authenticate
     if error.status >= 500:
         logger.warning("%s %s: %s", error.status, error.code, error.message)
     return response
@@ -91,14 +94,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.register_error_handler(ServiceError, _service_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
+    policy = AccessPolicy(settings)
 
-    @app.get("/metrics")
-    def metrics_view() -> Response:
-        body, content_type = metrics.scrape()
-        return Response(body, content_type=content_type)
+    if not settings.metrics_port:  # else the supervisor serves it on its own port
+        @app.get("/metrics")
+        def metrics_view() -> Response:
+            body, content_type = metrics.scrape()
+            return Response(body, content_type=content_type)
 
     @app.before_request
-    def _start() -> None:
+    def _start() -> Response | None:
         g.started = time.perf_counter()
         g.started_monotonic = time.monotonic()
         g.thread_wait_s = 0.0
@@ -111,10 +116,19 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         given = request.headers.get("X-Request-ID", "")
         g.request_id = given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
         g.request_id_token = logs.request_id.set(g.request_id)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            # A CORS preflight: browsers send it without credentials.
+            preflight = Response(status=204)
+            preflight.headers.update(policy.cors_headers(request.headers.get("Origin"), True))
+            return preflight
+        policy.check(request.path, request.headers.get("Authorization"))
+        return None
 
     @app.after_request
     def _finish(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id", "-")
+        if request.method != "OPTIONS":
+            response.headers.update(policy.cors_headers(request.headers.get("Origin"), False))
         # The route template, never the raw path: label values stay bounded.
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.REQUEST_DURATION.labels(route, request.method, str(response.status_code)).observe(

@@ -9,7 +9,7 @@ to the engines over their sockets.
 
 from __future__ import annotations
 
-from service.logs import LOG_FORMAT
+from service.logs import LOG_FORMAT, json_lines
 from service.settings import Settings, available_cores
 
 settings = Settings.from_env()
@@ -38,7 +38,8 @@ logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {"request_id": {"()": "service.logs.RequestIdFilter"}},
-    "formatters": {"default": {"format": LOG_FORMAT}},
+    "formatters": {"default": {"()": "service.logs.JsonFormatter"} if json_lines()
+                   else {"format": LOG_FORMAT}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "default",
                              "filters": ["request_id"], "stream": "ext://sys.stderr"}},
     "root": {"level": "INFO", "handlers": ["console"]},
