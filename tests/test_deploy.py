@@ -69,3 +69,13 @@ def test_compose_and_kubernetes_files_parse() -> None:
     container = documents[0]["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["lifecycle"]["preStop"]
+    # Authentication on, with probes that need no token; metrics on their own port.
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["GRADCAM_AUTH_TOKENS_FILE"].startswith("/etc/gradcam/tokens/")
+    assert env.get("GRADCAM_AUTH_EXEMPT") is None  # the default exempts exactly the probes
+    assert env["GRADCAM_METRICS_PORT"] == "9100"
+    assert "GRADCAM_AUTH_TOKENS" in compose["services"]["gradcam"]["environment"]
+    from service.settings import Settings
+
+    assert Settings().auth_exempt == "/healthz,/readyz"

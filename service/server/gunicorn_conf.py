@@ -16,8 +16,9 @@ settings = Settings.from_env()
 
 # Sized for the machine: the workers decode, fit and render (numpy, Pillow),
 # which holds each one's interpreter, so one per core; their request threads
-# mostly wait on the engine, without the GIL, so a worker can hold many.
-workers = settings.workers or available_cores()
+# mostly wait on the engine, without the GIL, so a worker can hold many. Never
+# fewer than two: while gunicorn replaces a crashed worker the other one serves.
+workers = settings.workers or max(2, available_cores())
 threads = settings.threads or 16
 
 wsgi_app = "service.server.app:create_app()"
