@@ -1,0 +1,108 @@
+"""Processes dying or stopping under load: only what was in flight on them may fail."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+import requests
+
+from tests.conftest import LiveServer, encode, phantom_png
+
+BODY = {"images": [encode(phantom_png(2, 96, 96))], "heatmap": {"format": "array",
+                                                                 "size": "layer"}}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    started: float
+    ended: float
+    status: int  # 0: no HTTP answer (refused, reset)
+    error: str = ""
+
+
+def _load(url: str, clients: int, stop: threading.Event) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+
+    def client() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                response = requests.post(f"{url}/v1/explain", json=BODY, timeout=30)
+                outcome = Outcome(started, time.monotonic(), response.status_code,
+                                  response.json().get("error", {}).get("code", ""))
+            except requests.RequestException as error:
+                outcome = Outcome(started, time.monotonic(), 0, type(error).__name__)
+                time.sleep(0.05)
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    stop.wait()
+    for thread in threads:
+        thread.join(timeout=60)
+    return outcomes
+
+
+@pytest.mark.slow
+def test_a_worker_killed_under_load_loses_only_its_requests_in_flight() -> None:
+    live = LiveServer(workers=2)
+    try:
+        stop = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(_load, live.url, 6, stop)
+            time.sleep(1.5)
+            victim = live.worker_pids()[0]
+            killed_at = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            deadline = killed_at + 10
+            while time.monotonic() < deadline and (
+                    len(live.worker_pids()) < 2 or victim in live.worker_pids()):
+                time.sleep(0.1)
+            time.sleep(2.0)
+            stop.set()
+            outcomes = running.result()
+        failed = [o for o in outcomes if o.status != 200]
+        # Only requests already running when the worker died, at most one per client.
+        assert all(o.started < killed_at + 0.05 for o in failed), failed
+        assert len(failed) <= 6, failed
+        after = [o for o in outcomes if o.started > killed_at + 0.5]
+        assert after and all(o.status == 200 for o in after)
+        assert len(live.worker_pids()) == 2 and victim not in live.worker_pids()
+        # Served again within 10 s: the other worker never stopped.
+        assert max(o.ended for o in outcomes if o.status == 200) > killed_at + 2
+    finally:
+        live.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_finishes_what_was_accepted() -> None:
+    live = LiveServer(workers=2)
+    try:
+        stop = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(_load, live.url, 8, stop)
+            time.sleep(1.5)
+            sent_at = time.monotonic()
+            live.process.send_signal(signal.SIGTERM)
+            assert live.process.wait(60) == 0
+            stopped_at = time.monotonic()
+            stop.set()
+            outcomes = running.result()
+        # Everything that started well before the signal was answered, and answered 200.
+        earlier = [o for o in outcomes if o.started < sent_at - 0.5]
+        assert earlier and all(o.status == 200 for o in earlier), [
+            o for o in earlier if o.status != 200]
+        # Nothing hung: what was not served was refused at once (never a 500).
+        assert all(o.status in (0, 200, 503) for o in outcomes)
+        assert all(o.ended - o.started < 5 for o in outcomes if o.status != 200)
+        assert stopped_at - sent_at < 30
+        assert "Traceback" not in live.read_log()
+    finally:
+        live.stop()
