@@ -1,9 +1,15 @@
-"""MicroBatcher rules, with a fake engine whose timing the test controls."""
+"""MicroBatcher rules, with a fake engine whose timing the test controls.
+
+No test waits a fixed time for another thread to get somewhere: each waits for the
+state itself (``FakeEngine.busy``, ``_eventually``), so a busy machine cannot
+make them flake. Sleeps remain only where time itself must pass (a deadline).
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -24,8 +30,14 @@ class FakeEngine:
         self.delay_s = delay_s
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()
+
+    def busy(self) -> None:
+        """Wait until the model loop has taken a batch (and, gate closed, holds it)."""
+        assert self.entered.wait(10), "the model loop never took a batch"
 
     def __call__(self, job: Job) -> JobResult:
+        self.entered.set()
         self.gate.wait(10)
         self.calls.append(((job.model, job.layer), job.size))
         time.sleep(self.delay_s)
@@ -35,6 +47,13 @@ class FakeEngine:
         return JobResult(scores=np.stack([image.reshape(-1)[:2] for image in job.images]),
                          targets=[[0 if t is None else t for t in ts] for ts in job.targets],
                          maps=[[image[:, :, 0].copy()] for image in job.images])
+
+
+def _eventually(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
 
 
 def _item(value: float, n: int = 1, key: BatchKey = KEY, timeout_s: float = 10) -> WorkItem:
@@ -61,7 +80,7 @@ def test_a_busy_batcher_batches_what_arrived_meanwhile_and_results_find_their_ow
     stats: list[BatchStats] = []
     batcher = MicroBatcher(engine, max_batch_size=8, on_batch=stats.append)
     first = batcher.submit(_item(0.0))
-    time.sleep(0.05)  # the consumer has taken the first item and waits at the gate
+    engine.busy()  # the consumer has taken the first item and waits at the gate
     futures = [batcher.submit(_item(float(v))) for v in range(1, 11)]
     engine.gate.set()
     assert float(first.result(5).maps[0][0][0, 0]) == 0.0
@@ -75,15 +94,14 @@ def test_a_busy_batcher_batches_what_arrived_meanwhile_and_results_find_their_ow
 
 def test_delay_waits_for_a_fuller_batch_from_the_first_item() -> None:
     engine = FakeEngine()
-    batcher = MicroBatcher(engine, max_batch_size=4, max_batch_delay_s=0.3)
+    batcher = MicroBatcher(engine, max_batch_size=4, max_batch_delay_s=5.0)
     started = time.monotonic()
     futures = [batcher.submit(_item(1.0))]
-    time.sleep(0.1)
     futures += [batcher.submit(_item(2.0)) for _ in range(3)]  # fills the batch early
     for future in futures:
-        future.result(5)
+        future.result(10)
     assert [n for _, n in engine.calls] == [4]
-    assert time.monotonic() - started < 0.3  # a full batch does not wait out the delay
+    assert time.monotonic() - started < 2.5  # a full batch does not wait out the delay
     batcher.close()
 
 
@@ -92,7 +110,7 @@ def test_different_keys_go_to_different_batches() -> None:
     engine.gate.clear()
     batcher = MicroBatcher(engine, max_batch_size=8)
     batcher.submit(_item(0.0))
-    time.sleep(0.05)
+    engine.busy()
     futures = [batcher.submit(_item(1.0, key=("m", "a"))),
                batcher.submit(_item(2.0, key=("m", "b"))),
                batcher.submit(_item(3.0, key=("m", "a")))]
@@ -108,7 +126,7 @@ def test_a_full_queue_answers_overloaded_at_once() -> None:
     engine.gate.clear()
     batcher = MicroBatcher(engine, max_batch_size=1, max_queue=2)
     batcher.submit(_item(0.0))
-    time.sleep(0.05)
+    engine.busy()
     batcher.submit(_item(1.0))
     batcher.submit(_item(2.0))
     with pytest.raises(Overloaded) as info:
@@ -123,7 +141,7 @@ def test_a_request_past_its_deadline_is_dropped_before_compute() -> None:
     engine.gate.clear()
     batcher = MicroBatcher(engine, max_batch_size=1)
     batcher.submit(_item(0.0))
-    time.sleep(0.05)
+    engine.busy()
     late = batcher.submit(_item(1.0, timeout_s=0.05))
     time.sleep(0.1)
     engine.gate.set()
@@ -138,7 +156,7 @@ def test_wait_gives_504_and_cancels_a_disconnected_request() -> None:
     engine.gate.clear()
     batcher = MicroBatcher(engine, max_batch_size=1)
     batcher.submit(_item(0.0))
-    time.sleep(0.05)
+    engine.busy()
     item = _item(1.0)
     future = batcher.submit(item)
     with pytest.raises(DeadlineExceeded):
@@ -148,8 +166,8 @@ def test_wait_gives_504_and_cancels_a_disconnected_request() -> None:
         wait_for(gone, time.monotonic() + 5, disconnected=lambda: True)
     assert future.cancelled() and gone.cancelled()
     engine.gate.set()
-    time.sleep(0.1)
-    assert len(engine.calls) == 1  # cancelled items are skipped
+    batcher.submit(_item(3.0)).result(5)  # behind the cancelled ones
+    assert [n for _, n in engine.calls] == [1, 1]  # cancelled items are skipped
     batcher.close()
 
 
@@ -158,7 +176,7 @@ def test_a_failing_batch_is_retried_item_by_item() -> None:
     engine.gate.clear()
     batcher = MicroBatcher(engine, max_batch_size=8)
     batcher.submit(_item(0.0))
-    time.sleep(0.05)
+    engine.busy()
     good = [batcher.submit(_item(float(v))) for v in (1, 2)]
     bad = batcher.submit(_item(-1.0))
     engine.gate.set()
@@ -175,11 +193,11 @@ def test_close_fails_pending_requests() -> None:
     engine.gate.clear()
     batcher = MicroBatcher(engine, max_batch_size=1)
     running = batcher.submit(_item(0.0))
-    time.sleep(0.05)
+    engine.busy()
     pending = [batcher.submit(_item(1.0)) for _ in range(3)]
     closer = threading.Thread(target=batcher.close)
     closer.start()
-    time.sleep(0.05)
+    _eventually(lambda: not batcher.alive, "close() to begin")
     engine.gate.set()
     closer.join(5)
     running.result(5)
@@ -209,8 +227,9 @@ def test_a_full_queue_by_time_answers_overloaded_at_once() -> None:
     batcher = MicroBatcher(engine, max_batch_size=1, max_queue=100, max_queue_wait_s=0.2)
     batcher.submit(_item(0.0)).result(5)  # measures the pace: ~0.05 s per image
     engine.gate.clear()
+    engine.entered.clear()
     running = batcher.submit(_item(0.0))
-    time.sleep(0.05)
+    engine.busy()
     queued = [batcher.submit(_item(1.0)) for _ in range(4)]  # 4 × 0.05 s ahead: the limit
     started = time.monotonic()
     with pytest.raises(Overloaded) as info:
@@ -229,11 +248,11 @@ def test_close_with_drain_computes_what_is_queued() -> None:
     engine.gate.clear()
     batcher = MicroBatcher(engine, max_batch_size=1)
     running = batcher.submit(_item(0.0))
-    time.sleep(0.05)
+    engine.busy()
     queued = [batcher.submit(_item(float(v))) for v in (1, 2)]
     closer = threading.Thread(target=batcher.close, kwargs={"drain": True})
     closer.start()
-    time.sleep(0.05)
+    _eventually(lambda: not batcher.alive, "close() to begin")
     with pytest.raises(Overloaded):
         batcher.submit(_item(3.0))  # closing: nothing new
     engine.gate.set()
@@ -251,7 +270,6 @@ def test_a_dead_model_loop_fails_its_queue_and_reports() -> None:
     future = batcher.submit(_item(0.0))
     with pytest.raises(EngineUnavailable):
         future.result(5)
-    time.sleep(0.05)
-    assert not batcher.alive and len(died) == 1
+    _eventually(lambda: not batcher.alive and len(died) == 1, "the loop to report its death")
     with pytest.raises(Overloaded):
         batcher.submit(_item(1.0))

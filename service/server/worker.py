@@ -15,6 +15,8 @@ does all socket I/O, non-blocking, with h11 parsing HTTP/1.1:
   seconds; a late request gets 408 and the connection is closed;
 - bytes held for clients (bodies being received, answers being sent) are
   bounded per worker (4 × ``max_request_bytes``); past that, new requests get 503;
+- at most once a second after answers, freed memory goes back to the system
+  (glibc's ``malloc_trim``): a big request does not leave the worker big;
 - protocol errors (malformed chunks, conflicting lengths, oversized headers,
   unsupported transfer codings) get the JSON error envelope, not HTML;
 - on SIGTERM the listening sockets close at once (new connections are refused),
@@ -64,8 +66,8 @@ TARGET_LIMIT_BYTES = 8 * 1024
 STOP_LINGER_S = 1.0
 # How long a refused request's remaining input is read and dropped before closing.
 LINGER_S = 2.0
-# An answer or body this large leaves freed memory that glibc keeps unless asked.
-_TRIM_AFTER_BYTES = 8 * 1024 * 1024
+# After answers, freed memory is handed back to the system at most this often.
+_TRIM_EVERY_S = 1.0
 _READ_CHUNK = 256 * 1024
 
 _current = threading.local()
@@ -147,6 +149,8 @@ class BufferingWorker(Worker):
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.threads),
                                        thread_name_prefix="request")
         self.trim = _malloc_trim()
+        self.trim_due = False
+        self.trimmed_at = 0.0
         self.accepting = False
         super().init_process()
 
@@ -205,6 +209,12 @@ class BufferingWorker(Worker):
                 if conn is not None:
                     self._close(conn)
         self._sweep()
+        now = time.monotonic()
+        if self.trim_due and now - self.trimmed_at >= _TRIM_EVERY_S:
+            # A request's temporaries (decoded images, pictures, JSON) can reach hundreds
+            # of MB; glibc keeps the freed pages unless asked. A few ms, once a second.
+            self.trim()
+            self.trim_due, self.trimmed_at = False, now
 
     def _set_accepting(self, enabled: bool) -> None:
         if enabled == self.accepting:
@@ -561,13 +571,11 @@ class BufferingWorker(Worker):
         self._sent(conn)
 
     def _sent(self, conn: _Connection) -> None:
-        big = conn.reserved >= _TRIM_AFTER_BYTES
         conn.out = None
         self._log_access(conn)
         conn.answer = None
         self._release(conn)
-        if big:
-            self.trim()
+        self.trim_due = True
         if conn.http.their_state is not h11.DONE:
             self._linger(conn)  # a refusal: the client may still be sending
             return
