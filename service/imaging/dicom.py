@@ -27,6 +27,10 @@ from service.imaging.values import finite
 _DEFLATED = b"1.2.840.10008.1.2.1.99"
 # The file meta group (always plain explicit VR) fits well within this.
 _META_BYTES = 4096
+# Raised during decoding but not about the file: let them through. Everything
+# else is the file's fault, including a Rust decoder's panic (pylibjpeg-rle raises
+# pyo3's PanicException, a BaseException, on some damaged RLE frames).
+_NOT_THE_FILES_FAULT = (MemoryError, KeyboardInterrupt, SystemExit)
 
 
 def is_dicom(data: bytes) -> bool:
@@ -77,9 +81,9 @@ def decode_dicom(data: bytes, index: int, channels: int,
             "or RLE transfer syntax.", code="unsupported_image", image=index, field=field)
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-    except MemoryError:
+    except _NOT_THE_FILES_FAULT:
         raise
-    except Exception as error:  # any reader failure means a damaged file
+    except BaseException as error:  # any reader failure means a damaged file
         raise InvalidField(f"Image {index} is not a readable DICOM file ({error}).",
                            code="invalid_image", image=index, field=field) from None
     if "PixelData" not in ds:
@@ -103,9 +107,9 @@ def decode_dicom(data: bytes, index: int, channels: int,
     _check_codestream(ds, index, chosen, frames, rows, columns)
     try:
         array = pixel_array(ds, index=chosen if frames > 1 else None)
-    except MemoryError:
+    except _NOT_THE_FILES_FAULT:
         raise
-    except Exception as error:  # decoder plugins raise many types
+    except BaseException as error:  # decoder plugins raise many types; Rust ones panic
         raise InvalidField(
             f"Image {index}: the DICOM pixel data could not be decoded ({error}).",
             code="invalid_image", image=index, field=field) from None
@@ -137,9 +141,9 @@ def _check_codestream(ds: Any, index: int, chosen: int, frames: int, rows: int,
         return
     try:
         data = get_frame(ds.PixelData, chosen, number_of_frames=frames)
-    except MemoryError:
+    except _NOT_THE_FILES_FAULT:
         raise
-    except Exception as error:  # a broken item structure
+    except BaseException as error:  # a broken item structure
         raise InvalidField(f"Image {index}: frame {chosen} cannot be found in the "
                            f"encapsulated pixel data ({error}).", code="invalid_image",
                            image=index, field=f"images[{index}]") from None

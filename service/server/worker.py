@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -416,10 +416,15 @@ class BufferingWorker(Worker):
         queued = time.monotonic()
         environ = self._environ(conn, queued)
         future = self.pool.submit(self._handle, environ, queued)
-        future.add_done_callback(lambda done: self._finished(conn, done.result()))
+        future.add_done_callback(lambda done: self._finished(conn, done))
 
-    def _finished(self, conn: _Connection, answer: _Answer) -> None:
-        """In the request thread: pass the answer to the loop and wake it."""
+    def _finished(self, conn: _Connection, done: Future[_Answer]) -> None:
+        """In the request thread: pass the answer to the loop and wake it. Every
+        request gets one, or its connection would wait for ever."""
+        if done.cancelled() or done.exception() is not None:
+            answer = _failed(time.monotonic())
+        else:
+            answer = done.result()
         self.finished.put((conn, answer))
         # A full wake socket means the loop is already due to wake.
         with contextlib.suppress(BlockingIOError):
@@ -511,12 +516,11 @@ class BufferingWorker(Worker):
             return _Answer(int(code), reason.encode("latin-1"),
                            [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
                            b"".join(chunks), started, request_id)
-        except Exception:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # e.g. a native library's panic: still an answer
             logger.exception("the application failed outside its error handlers")
-            return _Answer(500, b"Internal Server Error",
-                           [(b"Content-Type", b"application/json")],
-                           _error_body("internal", "The server failed to handle this request; "
-                                       "it has been logged."), started)
+            return _failed(started)
         finally:
             _current.wait = None
             environ.clear()
@@ -658,6 +662,12 @@ _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large"
             414: "URI Too Long", 431: "Request Header Fields Too Large",
             501: "Not Implemented", 503: "Service Unavailable",
             505: "HTTP Version Not Supported"}
+
+
+def _failed(started: float) -> _Answer:
+    return _Answer(500, b"Internal Server Error", [(b"Content-Type", b"application/json")],
+                   _error_body("internal", "The server failed to handle this request; it has "
+                               "been logged."), started)
 
 
 def _content_length(request: h11.Request) -> int | None:
