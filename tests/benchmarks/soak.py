@@ -1,0 +1,186 @@
+"""Soak: the service at saturation for minutes, RSS of every process sampled.
+
+Starts ``serve`` (2 HTTP workers), runs ``--clients`` client threads for
+``--minutes`` with a mix of requests (small arrays, 1024² overlays, several
+images per request, DICOM, and bad requests that must get 4xx), samples the RSS
+of the supervisor, gunicorn master, workers and engine every 2 s, and prints:
+the answers by status, each process's floor RSS (its lowest, free of requests'
+temporaries) in the second minute and in the last one, the growth between them,
+and its peak. It fails (exit 1) on any
+status outside 200/4xx-expected/503, or growth of 5% or more.
+
+    python tests/benchmarks/soak.py --minutes 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from service.demo.phantom import sample_phantom, to_uint8  # noqa: E402
+
+
+def _png(seed: int, size: int) -> str:
+    image = to_uint8(sample_phantom(np.random.default_rng(seed), size, size).image)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _mix() -> list[tuple[str, bytes, int]]:
+    """(name, body, expected status)."""
+    from pydicom.data import get_testdata_file
+
+    dicom = base64.b64encode(Path(get_testdata_file("CT_small.dcm")).read_bytes()).decode()
+
+    def body(**fields: object) -> bytes:
+        return json.dumps(fields).encode()
+
+    return [
+        ("array/layer", body(images=[_png(1, 224)], heatmap={"format": "array",
+                                                             "size": "layer"}), 200),
+        ("overlay 1024²", body(images=[_png(2, 1024)], heatmap={"format": "overlay"}), 200),
+        ("8 images png", body(images=[_png(s, 256) for s in range(8)],
+                              targets=[[0, 1]] * 8), 200),
+        ("dicom overlay", body(images=[dicom], heatmap={"format": "overlay"}), 200),
+        ("bad base64", body(images=["%%%"]), 422),
+        ("unknown label", body(images=[_png(3, 64)], targets=["cat"]), 422),
+    ]
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _roles(root: int) -> dict[str, int]:
+    roles = {"supervisor": root}
+    for child in _children(root):
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"engine.process" in cmdline:
+            roles["engine"] = child
+        elif b"gunicorn" in cmdline:
+            roles["master"] = child
+            for n, worker in enumerate(sorted(_children(child))):
+                roles[f"worker {n}"] = worker
+    return roles
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--clients", type=int, default=8)
+    args = parser.parse_args()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2",
+         "--device", "cpu"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, env={**os.environ, "GRADCAM_TORCH_THREADS": "1"})
+    try:
+        for _ in range(300):
+            try:
+                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        mix = _mix()
+        counts: collections.Counter[tuple[str, int]] = collections.Counter()
+        unexpected: list[str] = []
+        stop = threading.Event()
+
+        def client(seed: int) -> None:
+            session = requests.Session()
+            rng = np.random.default_rng(seed)
+            while not stop.is_set():
+                name, body, expected = mix[int(rng.integers(len(mix)))]
+                try:
+                    status = session.post(f"{url}/v1/explain", data=body, timeout=120, headers={
+                        "Content-Type": "application/json"}).status_code
+                except requests.RequestException as error:
+                    status = 0
+                    unexpected.append(f"{name}: {type(error).__name__}")
+                counts[(name, status)] += 1
+                if status not in (expected, 503):
+                    unexpected.append(f"{name}: {status}")
+
+        threads = [threading.Thread(target=client, args=(s,)) for s in range(args.clients)]
+        for thread in threads:
+            thread.start()
+        started = time.monotonic()
+        samples: list[tuple[float, dict[str, float]]] = []
+        end = started + args.minutes * 60
+        while time.monotonic() < end:
+            roles = _roles(server.pid)
+            samples.append((time.monotonic() - started,
+                            {role: _rss_mb(pid) for role, pid in roles.items()}))
+            time.sleep(2)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=130)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(60)
+
+    total = sum(counts.values())
+    print(f"{args.minutes:g} min, {args.clients} clients, {total} requests "
+          f"({total / (args.minutes * 60):.1f}/s)")
+    for (name, status), count in sorted(counts.items()):
+        print(f"  {name:<14} {status}: {count}")
+    # A point sample catches requests' temporaries; a leak raises the floor. So each
+    # process's floor (lowest RSS) over a window after warm-up, against the last one.
+    span = samples[-1][0]
+    window = min(60.0, span / 4)
+    first = [s for t, s in samples if window <= t < 2 * window]
+    final = [s for t, s in samples if t >= span - window]
+    print(f"| process | floor RSS {window:.0f}-{2 * window:.0f} s MB | floor RSS last "
+          f"{window:.0f} s MB | growth | peak MB |")
+    print("|---|---|---|---|---|")
+    worst = 0.0
+    for role in sorted(final[-1]):
+        before = min(s.get(role, float("inf")) for s in first)
+        after = min(s.get(role, float("inf")) for s in final)
+        peak = max(s.get(role, 0.0) for _, s in samples)
+        if 0 < before < float("inf"):
+            growth = (after - before) / before
+            worst = max(worst, growth)
+            print(f"| {role} | {before:.0f} | {after:.0f} | {growth:+.1%} | {peak:.0f} |")
+    print(f"unexpected answers: {len(unexpected)} {unexpected[:5]}; worst growth {worst:+.1%}")
+    return 0 if not unexpected and worst < 0.05 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
