@@ -152,6 +152,7 @@ class BufferingWorker(Worker):
         self.trim_due = False
         self.trimmed_at = 0.0
         self.accepting = False
+        self.accept_paused_until = 0.0
         super().init_process()
 
     # --- signals ------------------------------------------------------------------
@@ -171,7 +172,8 @@ class BufferingWorker(Worker):
         self._set_accepting(True)
         while self.alive:
             self.notify()
-            self._set_accepting(len(self.connections) < self.cfg.worker_connections)
+            self._set_accepting(len(self.connections) < self.cfg.worker_connections
+                                and time.monotonic() >= self.accept_paused_until)
             self._turn(1.0)
             if os.getppid() != self.ppid:
                 self.log.info("Parent changed, shutting down: %s", self)
@@ -240,8 +242,15 @@ class BufferingWorker(Worker):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                if error.errno in (errno.ECONNABORTED, errno.EMFILE, errno.ENFILE):
+                if error.errno in (errno.EMFILE, errno.ENFILE):
+                    # Out of descriptors: the listener stays readable, so pause accepting
+                    # (the kernel keeps the backlog) instead of spinning on it.
+                    self.accept_paused_until = time.monotonic() + 0.5
+                    self._set_accepting(False)
+                    self.log.warning("out of file descriptors: accepting again in 0.5 s")
                     return
+                if error.errno == errno.ECONNABORTED:
+                    continue
                 raise
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):

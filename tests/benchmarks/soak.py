@@ -4,9 +4,9 @@ Starts ``serve`` (2 HTTP workers), runs ``--clients`` client threads for
 ``--minutes`` with a mix of requests (small arrays, 1024² overlays, several
 images per request, DICOM, and bad requests that must get 4xx), samples the RSS
 of the supervisor, gunicorn master, workers and engine every 2 s, and prints:
-the answers by status, each process's floor RSS (its lowest, free of requests'
-temporaries) in the second minute and in the last one, the growth between them,
-and its peak. It fails (exit 1) on any
+the answers by status, and each process's RSS with no request in flight
+(clients paused for 3 s) after a minute of warm-up and at the end, the growth
+between them, and its peak under load. It fails (exit 1) on any
 status outside 200/4xx-expected/503, or growth of 5% or more.
 
     python tests/benchmarks/soak.py --minutes 10
@@ -121,11 +121,18 @@ def main() -> int:
         counts: collections.Counter[tuple[str, int]] = collections.Counter()
         unexpected: list[str] = []
         stop = threading.Event()
+        go = threading.Event()  # cleared: clients pause between requests
+        go.set()
+        busy = [0]
+        lock = threading.Lock()
 
         def client(seed: int) -> None:
             session = requests.Session()
             rng = np.random.default_rng(seed)
             while not stop.is_set():
+                go.wait()
+                with lock:
+                    busy[0] += 1
                 name, body, expected = mix[int(rng.integers(len(mix)))]
                 try:
                     status = session.post(f"{url}/v1/explain", data=body, timeout=120, headers={
@@ -136,6 +143,19 @@ def main() -> int:
                 counts[(name, status)] += 1
                 if status not in (expected, 503):
                     unexpected.append(f"{name}: {status}")
+                with lock:
+                    busy[0] -= 1
+
+        def idle_rss() -> dict[str, float]:
+            """Every process's RSS with no request in flight (and a trim since)."""
+            go.clear()
+            while busy[0]:
+                time.sleep(0.05)
+            time.sleep(3)
+            roles = _roles(server.pid)
+            rss = {role: _rss_mb(pid) for role, pid in roles.items()}
+            go.set()
+            return rss
 
         threads = [threading.Thread(target=client, args=(s,)) for s in range(args.clients)]
         for thread in threads:
@@ -143,11 +163,15 @@ def main() -> int:
         started = time.monotonic()
         samples: list[tuple[float, dict[str, float]]] = []
         end = started + args.minutes * 60
+        idle_at_warm: dict[str, float] | None = None
         while time.monotonic() < end:
+            if idle_at_warm is None and time.monotonic() - started > min(60, args.minutes * 15):
+                idle_at_warm = idle_rss()
             roles = _roles(server.pid)
             samples.append((time.monotonic() - started,
                             {role: _rss_mb(pid) for role, pid in roles.items()}))
             time.sleep(2)
+        idle_at_end = idle_rss()
         stop.set()
         for thread in threads:
             thread.join(timeout=130)
@@ -160,21 +184,17 @@ def main() -> int:
           f"({total / (args.minutes * 60):.1f}/s)")
     for (name, status), count in sorted(counts.items()):
         print(f"  {name:<14} {status}: {count}")
-    # A point sample catches requests' temporaries; a leak raises the floor. So each
-    # process's floor (lowest RSS) over a window after warm-up, against the last one.
-    span = samples[-1][0]
-    window = min(60.0, span / 4)
-    first = [s for t, s in samples if window <= t < 2 * window]
-    final = [s for t, s in samples if t >= span - window]
-    print(f"| process | floor RSS {window:.0f}-{2 * window:.0f} s MB | floor RSS last "
-          f"{window:.0f} s MB | growth | peak MB |")
+    # Under load each sample includes requests' temporaries; a leak shows when idle.
+    # So: every process's RSS with nothing in flight after warm-up and at the end.
+    assert idle_at_warm is not None
+    print("| process | idle RSS after warm-up MB | idle RSS at the end MB | growth | "
+          "peak under load MB |")
     print("|---|---|---|---|---|")
     worst = 0.0
-    for role in sorted(final[-1]):
-        before = min(s.get(role, float("inf")) for s in first)
-        after = min(s.get(role, float("inf")) for s in final)
+    for role in sorted(idle_at_end):
+        before, after = idle_at_warm.get(role, 0.0), idle_at_end[role]
         peak = max(s.get(role, 0.0) for _, s in samples)
-        if 0 < before < float("inf"):
+        if before > 0:
             growth = (after - before) / before
             worst = max(worst, growth)
             print(f"| {role} | {before:.0f} | {after:.0f} | {growth:+.1%} | {peak:.0f} |")
