@@ -38,8 +38,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +51,7 @@ import requests
 import torch
 import torchvision
 from PIL import Image
+from serving import free_port, stop
 
 from service.demo.phantom import sample_phantom, to_uint8
 
@@ -82,12 +81,6 @@ print(batch / statistics.median(tb), statistics.median(t1))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _jpeg(size: int) -> str:
     gray = to_uint8(sample_phantom(np.random.default_rng(3), size, size).image)
     buffer = io.BytesIO()
@@ -106,18 +99,8 @@ def _start(command: list[str], env: dict[str, str], url: str, probe: str) -> sub
                 return process
         except requests.RequestException:
             time.sleep(0.3)
-    _stop(process)
+    stop(process)
     raise RuntimeError(f"{command[0]} did not come up")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
 
 
 # (answered req/s, p50 ms, p99 ms, share refused with 503): 503 is the service
@@ -282,7 +265,7 @@ def main() -> None:
 
     def start_service(checkout: Path | None = None) -> tuple[subprocess.Popen, str]:
         """``serve`` from this checkout, or from another one (``--compare-with``)."""
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         flags = [flag for name, value in (("--workers", args.workers),
                                           ("--threads", args.threads))
@@ -317,7 +300,7 @@ def main() -> None:
             service_r = load(url + "/v1/explain", first_body, top)[0]
             paired.append(service_r / forward_r)
     finally:
-        _stop(server)
+        stop(server)
 
     compared: dict[str, list[float]] = {}
     if args.compare_with:
@@ -333,10 +316,10 @@ def main() -> None:
                     compared.setdefault(label, []).append(
                         load(other_url + "/v1/explain", first_body, top)[0])
                 finally:
-                    _stop(other)
+                    stop(other)
 
     if not args.skip_naive:
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         naive = _start([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}",
                         "--pythonpath", str(REPO / "tests" / "benchmarks"), "--timeout", "300",
@@ -349,7 +332,7 @@ def main() -> None:
                     result = load(url + "/v1/explain", body, concurrency)
                     rows[("naive", name, concurrency)] = (*result, 1.0, float("nan"))
         finally:
-            _stop(naive)
+            stop(naive)
 
     print("| server | request | concurrency | req/s | p50 ms | p99 ms | 503s | mean batch | "
           "engine ms per batch |")

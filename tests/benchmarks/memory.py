@@ -21,10 +21,6 @@ import argparse
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -35,6 +31,9 @@ import requests
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serving import processes, rss_mb, serve, stop  # noqa: E402
 
 
 def _jpeg(size: int) -> bytes:
@@ -62,88 +61,36 @@ def _requests() -> dict[str, bytes]:
             "4 Mi array": body([_jpeg(2048)], "array")}
 
 
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _processes(root: int) -> dict[str, int]:
-    found = {"supervisor": root}
-    for child in _children(root):
-        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-        if b"engine.process" in cmdline:
-            found["engine"] = child
-        elif b"gunicorn" in cmdline:
-            found["master"] = child
-            workers = _children(child)
-            if workers:
-                found["worker"] = workers[0]
-    return found
-
-
 def _sample(pids: dict[str, int], peaks: dict[str, float], stop: threading.Event) -> None:
     while not stop.wait(0.01):
         for role, pid in pids.items():
-            peaks[role] = max(peaks[role], _rss_mb(pid))
-
-
-def _serve(checkout: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "1",
-         "--device", "cpu"], cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, env={**os.environ, "PYTHONPATH": str(checkout),
-                                     "GRADCAM_TORCH_THREADS": "2"})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return process, url
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError("server not ready")
+            peaks[role] = max(peaks[role], rss_mb(pid))
 
 
 def measure(checkout: Path, bodies: dict[str, bytes]) -> dict[str, dict[str, tuple]]:
-    process, url = _serve(checkout)
+    process, url = serve(checkout, env={"GRADCAM_TORCH_THREADS": "2"})
     rows: dict[str, dict[str, tuple]] = {}
     try:
-        pids = _processes(process.pid)
+        pids = processes(process.pid)
         for name, body in bodies.items():
-            peaks = {role: _rss_mb(pid) for role, pid in pids.items()}
-            stop = threading.Event()
-            sampler = threading.Thread(target=_sample, args=(pids, peaks, stop))
+            peaks = {role: rss_mb(pid) for role, pid in pids.items()}
+            finished = threading.Event()
+            sampler = threading.Thread(target=_sample, args=(pids, peaks, finished))
             sampler.start()
             started = time.monotonic()
             response = requests.post(f"{url}/v1/explain", data=body, timeout=300,
                                      headers={"Content-Type": "application/json"})
             took = time.monotonic() - started
-            stop.set()
+            finished.set()
             sampler.join()
             time.sleep(2)
-            pids = _processes(process.pid)  # a worker may have been replaced
-            settled = {role: _rss_mb(pid) for role, pid in pids.items()}
+            pids = processes(process.pid)  # a worker may have been replaced
+            settled = {role: rss_mb(pid) for role, pid in pids.items()}
             rows[name] = {"status": (response.status_code, len(response.content) / 1e6, took),
                           **{role: (peaks.get(role, 0.0), settled.get(role, 0.0))
-                             for role in ("supervisor", "master", "worker", "engine")}}
+                             for role in ("supervisor", "master", "worker 0", "engine")}}
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        stop(process)
     return rows
 
 
@@ -163,7 +110,7 @@ def main() -> None:
         for name, row in measure(checkout, bodies).items():
             status, size, took = row["status"]
             print(f"| {label} | {name} | {status} | {size:.1f} | {took:.1f} | "
-                  f"{row['worker'][0]:.0f} / {row['worker'][1]:.0f} | "
+                  f"{row['worker 0'][0]:.0f} / {row['worker 0'][1]:.0f} | "
                   f"{row['engine'][0]:.0f} / {row['engine'][1]:.0f} | "
                   f"{row['master'][0]:.0f}, {row['supervisor'][0]:.0f} |")
 

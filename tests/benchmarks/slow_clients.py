@@ -14,45 +14,22 @@ before and while they are attached. 99 s means no answer within 10 s.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
-
-import requests
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.reliability.slow_clients import SlowClients, answer_times  # noqa: E402
 
-
-def _serve(checkout: Path, threads: int) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "1",
-         "--threads", str(threads), "--device", "cpu"], cwd=checkout,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(checkout), "GRADCAM_TORCH_THREADS": "1"})
-    for _ in range(300):
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process, port
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    os.killpg(process.pid, signal.SIGKILL)
-    raise RuntimeError(f"{checkout}: server not ready")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import serve, stop  # noqa: E402
 
 
 def measure(checkout: Path, threads: int, per_kind: int) -> tuple[dict, dict]:
-    process, port = _serve(checkout, threads)
-    url = f"http://127.0.0.1:{port}"
+    process, url = serve(checkout, threads=threads, env={"GRADCAM_TORCH_THREADS": "1"})
+    port = int(url.rsplit(":", 1)[1])
     try:
         calm = answer_times(url)
         clients = SlowClients("127.0.0.1", port, per_kind).start()
@@ -62,8 +39,7 @@ def measure(checkout: Path, threads: int, per_kind: int) -> tuple[dict, dict]:
         finally:
             clients.close()
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        stop(process)
     return calm, abused
 
 

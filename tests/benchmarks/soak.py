@@ -19,10 +19,6 @@ import base64
 import collections
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -36,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from service.demo.phantom import sample_phantom, to_uint8  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import processes, rss_mb, serve, stop  # noqa: E402
 
 
 def _png(seed: int, size: int) -> str:
@@ -66,61 +65,17 @@ def _mix() -> list[tuple[str, bytes, int]]:
     ]
 
 
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _roles(root: int) -> dict[str, int]:
-    roles = {"supervisor": root}
-    for child in _children(root):
-        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-        if b"engine.process" in cmdline:
-            roles["engine"] = child
-        elif b"gunicorn" in cmdline:
-            roles["master"] = child
-            for n, worker in enumerate(sorted(_children(child))):
-                roles[f"worker {n}"] = worker
-    return roles
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2",
-         "--device", "cpu"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, env={**os.environ, "GRADCAM_TORCH_THREADS": "1"})
+    server, url = serve(ROOT, workers=2, env={"GRADCAM_TORCH_THREADS": "1"})
     try:
-        for _ in range(300):
-            try:
-                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
         mix = _mix()
         counts: collections.Counter[tuple[str, int]] = collections.Counter()
         unexpected: list[str] = []
-        stop = threading.Event()
+        finish = threading.Event()
         go = threading.Event()  # cleared: clients pause between requests
         go.set()
         busy = [0]
@@ -129,7 +84,7 @@ def main() -> int:
         def client(seed: int) -> None:
             session = requests.Session()
             rng = np.random.default_rng(seed)
-            while not stop.is_set():
+            while not finish.is_set():
                 go.wait()
                 with lock:
                     busy[0] += 1
@@ -152,8 +107,7 @@ def main() -> int:
             while busy[0]:
                 time.sleep(0.05)
             time.sleep(3)
-            roles = _roles(server.pid)
-            rss = {role: _rss_mb(pid) for role, pid in roles.items()}
+            rss = {role: rss_mb(pid) for role, pid in processes(server.pid).items()}
             go.set()
             return rss
 
@@ -167,17 +121,15 @@ def main() -> int:
         while time.monotonic() < end:
             if idle_at_warm is None and time.monotonic() - started > min(60, args.minutes * 15):
                 idle_at_warm = idle_rss()
-            roles = _roles(server.pid)
             samples.append((time.monotonic() - started,
-                            {role: _rss_mb(pid) for role, pid in roles.items()}))
+                            {role: rss_mb(pid) for role, pid in processes(server.pid).items()}))
             time.sleep(2)
         idle_at_end = idle_rss()
-        stop.set()
+        finish.set()
         for thread in threads:
             thread.join(timeout=130)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(60)
+        stop(server)
 
     total = sum(counts.values())
     print(f"{args.minutes:g} min, {args.clients} clients, {total} requests "

@@ -6,7 +6,6 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
@@ -26,48 +25,52 @@ class Outcome:
     error: str = ""
 
 
-def _load(url: str, clients: int, stop: threading.Event) -> list[Outcome]:
-    outcomes: list[Outcome] = []
+class Load:
+    """``clients`` threads posting ``BODY`` back to back, from a second after start-up
+    (warmed up) until ``finish()``."""
 
-    def client() -> None:
-        while not stop.is_set():
+    def __init__(self, url: str, clients: int) -> None:
+        self.url = url
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
+        for thread in self._threads:
+            thread.start()
+        time.sleep(1.5)
+
+    def _client(self) -> None:
+        while not self._stop.is_set():
             started = time.monotonic()
             try:
-                response = requests.post(f"{url}/v1/explain", json=BODY, timeout=30)
+                response = requests.post(f"{self.url}/v1/explain", json=BODY, timeout=30)
                 outcome = Outcome(started, time.monotonic(), response.status_code,
                                   response.json().get("error", {}).get("code", ""))
             except requests.RequestException as error:
                 outcome = Outcome(started, time.monotonic(), 0, type(error).__name__)
                 time.sleep(0.05)
-            outcomes.append(outcome)
+            self.outcomes.append(outcome)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    stop.wait()
-    for thread in threads:
-        thread.join(timeout=60)
-    return outcomes
+    def finish(self) -> list[Outcome]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        return self.outcomes
 
 
 @pytest.mark.slow
 def test_a_worker_killed_under_load_loses_only_its_requests_in_flight() -> None:
     live = LiveServer(workers=2)
     try:
-        stop = threading.Event()
-        with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(_load, live.url, 6, stop)
-            time.sleep(1.5)
-            victim = live.worker_pids()[0]
-            killed_at = time.monotonic()
-            os.kill(victim, signal.SIGKILL)
-            deadline = killed_at + 10
-            while time.monotonic() < deadline and (
-                    len(live.worker_pids()) < 2 or victim in live.worker_pids()):
-                time.sleep(0.1)
-            time.sleep(2.0)
-            stop.set()
-            outcomes = running.result()
+        load = Load(live.url, 6)
+        victim = live.worker_pids()[0]
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        deadline = killed_at + 10
+        while time.monotonic() < deadline and (
+                len(live.worker_pids()) < 2 or victim in live.worker_pids()):
+            time.sleep(0.1)
+        time.sleep(2.0)
+        outcomes = load.finish()
         failed = [o for o in outcomes if o.status != 200]
         # Only requests already running when the worker died, at most one per client.
         assert all(o.started < killed_at + 0.05 for o in failed), failed
@@ -85,16 +88,12 @@ def test_a_worker_killed_under_load_loses_only_its_requests_in_flight() -> None:
 def test_sigterm_under_load_finishes_what_was_accepted() -> None:
     live = LiveServer(workers=2)
     try:
-        stop = threading.Event()
-        with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(_load, live.url, 8, stop)
-            time.sleep(1.5)
-            sent_at = time.monotonic()
-            live.process.send_signal(signal.SIGTERM)
-            assert live.process.wait(60) == 0
-            stopped_at = time.monotonic()
-            stop.set()
-            outcomes = running.result()
+        load = Load(live.url, 8)
+        sent_at = time.monotonic()
+        live.process.send_signal(signal.SIGTERM)
+        assert live.process.wait(60) == 0
+        stopped_at = time.monotonic()
+        outcomes = load.finish()
         # Everything that started well before the signal was answered, and answered 200.
         earlier = [o for o in outcomes if o.started < sent_at - 0.5]
         assert earlier and all(o.status == 200 for o in earlier), [
