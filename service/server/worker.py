@@ -169,6 +169,10 @@ class BufferingWorker(Worker):
         self.selector.register(self.PIPE[0], selectors.EVENT_READ, self._on_signal_pipe)
         for listener in self.sockets:
             listener.setblocking(False)
+        # Read once: the listeners close on SIGTERM while requests are still served.
+        address = self.sockets[0].getsockname() if self.sockets else ("", 0)
+        self.server_name, self.server_port = ((str(address[0]), str(address[1]))
+                                              if isinstance(address, tuple) else ("unix", "0"))
         self._set_accepting(True)
         while self.alive:
             self.notify()
@@ -459,14 +463,13 @@ class BufferingWorker(Worker):
         path, _, query = bytes(request.target).partition(b"?")
         if not path.startswith(b"/"):  # absolute-form: http://host/path
             path = b"/" + path.split(b"://", 1)[-1].partition(b"/")[2]
-        server = self.sockets[0].getsockname() if self.sockets else ("", 0)
         environ: dict[str, Any] = {
             "REQUEST_METHOD": request.method.decode("ascii"),
             "SCRIPT_NAME": "",
             "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
             "QUERY_STRING": query.decode("latin-1"),
-            "SERVER_NAME": str(server[0]) if isinstance(server, tuple) else "unix",
-            "SERVER_PORT": str(server[1]) if isinstance(server, tuple) else "0",
+            "SERVER_NAME": self.server_name,
+            "SERVER_PORT": self.server_port,
             "SERVER_PROTOCOL": f"HTTP/{request.http_version.decode('ascii')}",
             "REMOTE_ADDR": conn.peer,
             "REMOTE_PORT": str(conn.port),
