@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 NEEDED='flask|blinker|itsdangerous|werkzeug|gunicorn|pydantic|pydantic-core|annotated-types'
 NEEDED+='|typing-inspection|typing-extensions|orjson|fpng|lazy-loader|pydicom|pylibjpeg'
-NEEDED+='|pylibjpeg-libjpeg|pylibjpeg-openjpeg|pylibjpeg-rle|safetensors'
+NEEDED+='|pylibjpeg-libjpeg|pylibjpeg-openjpeg|pylibjpeg-rle|safetensors|h11'
 pins=$($PY -m pip freeze | grep -i -E "^(${NEEDED//-/[-_]})==")
 rm -rf .whl && mkdir -p .whl
 platforms=()
