@@ -31,14 +31,17 @@ class FakeEngine:
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
+        self.stop_answers: list[bool] = []  # what should_stop() said after the gate
 
     def busy(self) -> None:
         """Wait until the model loop has taken a batch (and, gate closed, holds it)."""
         assert self.entered.wait(10), "the model loop never took a batch"
 
-    def __call__(self, job: Job) -> JobResult:
+    def __call__(self, job: Job, should_stop: Callable[[], bool] | None = None) -> JobResult:
         self.entered.set()
         self.gate.wait(10)
+        if should_stop is not None:
+            self.stop_answers.append(should_stop())
         self.calls.append(((job.model, job.layer), job.size))
         time.sleep(self.delay_s)
         if any((image == -1).any() for image in job.images):
@@ -263,7 +266,7 @@ def test_close_with_drain_computes_what_is_queued() -> None:
 def test_a_dead_model_loop_fails_its_queue_and_reports() -> None:
     died: list[BaseException] = []
 
-    def broken_compute(job: Job) -> JobResult:
+    def broken_compute(job: Job, should_stop: Callable[[], bool]) -> JobResult:
         raise SystemExit("a bug outside the model call")  # not an Exception: not retried
 
     batcher = MicroBatcher(broken_compute, max_batch_size=1, on_fatal=died.append)
@@ -273,3 +276,19 @@ def test_a_dead_model_loop_fails_its_queue_and_reports() -> None:
     _eventually(lambda: not batcher.alive and len(died) == 1, "the loop to report its death")
     with pytest.raises(Overloaded):
         batcher.submit(_item(1.0))
+
+
+def test_a_running_item_cancelled_is_abandoned_and_its_batch_told_to_stop() -> None:
+    engine = FakeEngine()
+    engine.gate.clear()
+    batcher = MicroBatcher(engine, max_batch_size=1)
+    running = batcher.submit(_item(0.0))
+    engine.busy()
+    assert running.cancel() is False  # a running future cannot be cancelled…
+    engine.gate.set()
+    _eventually(lambda: len(engine.stop_answers) == 1, "the first batch to ask")
+    assert engine.stop_answers == [True]  # …but its batch hears that nobody waits for it
+    kept = batcher.submit(_item(1.0))
+    assert float(kept.result(5).maps[0][0][0, 0]) == 1.0
+    assert engine.stop_answers == [True, False]
+    batcher.close()

@@ -13,8 +13,10 @@ requests waiting, or more queued images than the model gets through in
 503 in milliseconds instead of letting every request wait towards its deadline.
 A lone request is always taken. An item past its deadline is dropped before
 compute (``DeadlineExceeded``, 504); a cancelled item (its client went away) is
-skipped. If a batch raises, it is retried item by item, so one poisoned image
-cannot fail its neighbours. ``close()`` fails what is queued, or with
+skipped; once running, a cancelled item is marked abandoned, and a batch whose
+items are all abandoned or late stops between its target rounds (the compute
+function asks ``should_stop()``). If a batch raises, it is retried item by item,
+so one poisoned image cannot fail its neighbours. ``close()`` fails what is queued, or with
 ``drain=True`` lets the model loop finish it first. If the model loop itself
 dies (a bug outside the model call), ``alive`` turns false, queued requests
 fail, and ``on_fatal`` runs: the engine process exits and is restarted.
@@ -29,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 
 from service.errors import DeadlineExceeded, EngineUnavailable, Overloaded
 from service.interface import Job, JobResult, JobTimings
@@ -37,10 +40,30 @@ logger = logging.getLogger(__name__)
 
 # Items batch together only under the same key: (model name, layer).
 BatchKey = tuple[str, str]
-# A job (one or several requests merged, in order) → its result, all on the CPU.
-ComputeFn = Callable[[Job], JobResult]
+# A job (one or several requests merged, in order) and a "should I stop?" question it
+# asks between its expensive steps → its result, all on the CPU.
+ComputeFn = Callable[[Job, Callable[[], bool]], JobResult]
 # The pace estimate follows recent batches without jumping at one odd one.
 _PACE_SMOOTHING = 0.2
+
+
+class Abandoned(Exception):
+    """Raised by a compute function whose ``should_stop()`` said yes: every request of
+    the job was given up (client gone, deadline passed), so the rest was not computed."""
+
+
+class ItemFuture(Future[JobResult]):
+    """A request's future. ``Future.cancel()`` cannot stop a running one; this one then
+    marks it ``abandoned``, which the model loop checks between target rounds."""
+
+    abandoned = False
+
+    def cancel(self) -> bool:
+        if super().cancel():
+            return True
+        if not self.done():
+            self.abandoned = True
+        return False
 
 
 @dataclass
@@ -49,8 +72,12 @@ class WorkItem:
 
     job: Job
     deadline: float  # time.monotonic() after which the result is useless
-    future: Future[JobResult] = field(default_factory=Future)
+    future: ItemFuture = field(default_factory=ItemFuture)
     enqueued_at: float = field(default_factory=time.monotonic)
+
+    def given_up(self, now: float) -> bool:
+        """Nobody wants the result any more (cancelled while running, or too late)."""
+        return self.future.abandoned or now > self.deadline
 
     @property
     def key(self) -> BatchKey:
@@ -240,7 +267,11 @@ class MicroBatcher:
     def _execute(self, items: Sequence[WorkItem], started_wait: float) -> None:
         started = time.monotonic()
         try:
-            result = self._compute(merge_jobs([item.job for item in items]))
+            result = self._compute(merge_jobs([item.job for item in items]),
+                                   lambda: _all_given_up(items))
+        except Abandoned:
+            _fail_given_up(items)
+            return
         except Exception as error:  # delivered to the requests, never lost
             if len(items) == 1:
                 items[0].future.set_exception(error)
@@ -249,7 +280,10 @@ class MicroBatcher:
                            len(items), error)
             for item in items:
                 try:
-                    item.future.set_result(self._compute(item.job))
+                    item.future.set_result(self._compute(item.job, partial(_all_given_up,
+                                                                           [item])))
+                except Abandoned:
+                    _fail_given_up([item])
                 except Exception as single:
                     item.future.set_exception(single)
             return
@@ -269,6 +303,19 @@ class MicroBatcher:
                 images=images, items=len(items),
                 queue_waits_s=tuple(started_wait - i.enqueued_at for i in items),
                 compute_s=compute_s))
+
+
+def _all_given_up(items: Sequence[WorkItem]) -> bool:
+    now = time.monotonic()
+    return all(item.given_up(now) for item in items)
+
+
+def _fail_given_up(items: Sequence[WorkItem]) -> None:
+    """Answer requests whose computation was abandoned (nobody reads it: for the record)."""
+    logger.info("stopped a batch of %d request(s): all of them were given up", len(items))
+    for item in items:
+        item.future.set_exception(DeadlineExceeded(
+            "The request was given up (client gone or deadline passed) while it was computed."))
 
 
 def _fail(items: Sequence[WorkItem], error: Exception) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from service.engine.batching import Abandoned
 from service.engine.layers import resolve_layer
 
 # (N, C, h, w) activations, (N, C, h, w) gradients → (N, h, w) map before ReLU.
@@ -118,11 +119,14 @@ class GradCAM:
         self.autocast = autocast and self.device.type == "cuda"
 
     def __call__(self, inputs: Tensor, layer: str, targets: Sequence[Sequence[int | None]],
-                 methods: Sequence[str]) -> CamBatch:
+                 methods: Sequence[str],
+                 should_stop: Callable[[], bool] | None = None) -> CamBatch:
         """Explain ``inputs`` ``(N, C, H, W) float32``.
 
         ``targets[i]`` lists the classes to explain for image ``i`` (``None`` = its
-        top-1 class); ``methods[i]`` is image ``i``'s CAM variant.
+        top-1 class); ``methods[i]`` is image ``i``'s CAM variant. ``should_stop``
+        is asked before each extra target round (one backward pass each): true
+        raises ``Abandoned``.
         """
         n = inputs.shape[0]
         if len(targets) != n or len(methods) != n:
@@ -158,13 +162,14 @@ class GradCAM:
                     raise LayerOutputError("the model's output is not an (N, classes) tensor")
                 if not captured:
                     raise LayerOutputError(f"layer '{layer}' did not run in the forward pass")
-                return self._explain(logits, captured[0], targets, methods)
+                return self._explain(logits, captured[0], targets, methods, should_stop)
         finally:
             handle.remove()
             captured.clear()
 
     def _explain(self, logits: Tensor, activation: Tensor,
-                 targets: Sequence[Sequence[int | None]], methods: Sequence[str]) -> CamBatch:
+                 targets: Sequence[Sequence[int | None]], methods: Sequence[str],
+                 should_stop: Callable[[], bool] | None) -> CamBatch:
         n, classes = logits.shape
         for i, image_targets in enumerate(targets):
             for t in image_targets:
@@ -177,6 +182,8 @@ class GradCAM:
         maps: list[Tensor] = []
         slots: list[tuple[int, int]] = []
         for k in range(rounds):
+            if k and should_stop is not None and should_stop():
+                raise Abandoned(f"stopped after {k} of {rounds} target rounds")
             rows = [i for i in range(n) if len(targets[i]) > k]
             given = torch.tensor([targets[i][k] if len(targets[i]) > k and targets[i][k] is not None
                                   else -1 for i in range(n)], device=logits.device)

@@ -187,10 +187,11 @@ class Runtime:
                 inputs[i, :, y0:y1, x0:x1] = keep
         return inputs
 
-    def _compute(self, job: Job) -> JobResult:
+    def _compute(self, job: Job, should_stop: Callable[[], bool] | None = None) -> JobResult:
         model = self.models[job.model]
         inputs = self._inputs(model, job)
-        batch = self._engines[job.model](inputs, job.layer, job.targets, job.methods)
+        batch = self._engines[job.model](inputs, job.layer, job.targets, job.methods,
+                                         should_stop)
         scores = (torch.sigmoid(batch.logits) if model.spec.multilabel
                   else torch.softmax(batch.logits, dim=1))
         return JobResult(scores=scores.numpy(), targets=batch.targets,

@@ -186,3 +186,27 @@ def test_frame_picks_a_frame_of_a_gif() -> None:
     assert np.asarray(decode_image(data, 0, 1, _any_size, frame=1)).mean() > 150
     with pytest.raises(InvalidField, match="2 frame"):
         decode_image(data, 0, 1, _any_size, frame=2)
+
+
+def test_explaining_stops_between_target_rounds_when_nobody_waits() -> None:
+    import torch
+    from torch import nn
+
+    from service.engine.batching import Abandoned
+    from service.engine.gradcam import GradCAM
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 6)).eval().requires_grad_(False)
+    cam = GradCAM(model)
+    inputs = torch.rand(2, 1, 16, 16)
+    asked: list[int] = []
+
+    def stop_at_third_round() -> bool:
+        asked.append(1)
+        return len(asked) >= 2
+
+    with pytest.raises(Abandoned, match="after 2 of 6"):
+        cam(inputs, "0", [list(range(6)), [0]], ["gradcam", "gradcam"], stop_at_third_round)
+    full = cam(inputs, "0", [list(range(6)), [0]], ["gradcam", "gradcam"], lambda: False)
+    assert len(full.cams[0]) == 6
