@@ -307,22 +307,12 @@ class BufferingWorker(Worker):
         self._watch(conn, selectors.EVENT_READ)
 
     def _discard(self, conn: _Connection) -> None:
-        try:
-            data = conn.sock.recv(_READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
+        if _recv(conn.sock) == b"":
             self._close(conn)
 
     def _receive(self, conn: _Connection) -> None:
-        try:
-            data = conn.sock.recv(_READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close(conn)
+        data = _recv(conn.sock)
+        if data is None:
             return
         if not data:
             self._close(conn)
@@ -674,6 +664,16 @@ _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large"
             414: "URI Too Long", 431: "Request Header Fields Too Large",
             501: "Not Implemented", 503: "Service Unavailable",
             505: "HTTP Version Not Supported"}
+
+
+def _recv(sock: socket.socket) -> bytes | None:
+    """What the socket has now: None if nothing yet, b"" once closed or broken."""
+    try:
+        return sock.recv(_READ_CHUNK)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
 
 
 def _failed(started: float) -> _Answer:
