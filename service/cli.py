@@ -4,11 +4,13 @@
     gradcam-service explain IMAGE... [--out DIR]     overlay + heatmap PNGs per image
     gradcam-service explain --request BODY.json      the exact JSON the HTTP API returns
     gradcam-service layers                           candidate target layers and shapes
+    gradcam-service body IMAGE... [--target T]       a POST /v1/explain body, for curl & co.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import os
 import sys
@@ -16,7 +18,7 @@ import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 
@@ -35,7 +37,14 @@ from service.explain import (
 from service.imaging.encoders import encode_png
 from service.imaging.render import colour_image, heatmap, overlay_image, to_uint8
 from service.interface import ModelInfo
-from service.schemas import METHODS, HeatmapOptions, parse_explain_request
+from service.schemas import (
+    METHODS,
+    HeatmapEncoding,
+    HeatmapFormat,
+    HeatmapOptions,
+    HeatmapSize,
+    parse_explain_request,
+)
 from service.server.security import AccessPolicy
 from service.settings import Settings
 
@@ -171,6 +180,36 @@ def _serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _body(args: argparse.Namespace) -> int:
+    """Print a request body for image files: valid against the request schema, so a
+    server only has its own checks left (model, labels, sizes)."""
+    try:
+        images = [base64.b64encode(sys.stdin.buffer.read() if name == "-"
+                                   else Path(name).read_bytes()).decode("ascii")
+                  for name in args.images]
+    except OSError as error:
+        print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
+    heatmap = {key: value for key, value in (("format", args.format), ("size", args.size),
+                                              ("encoding", args.encoding)) if value}
+    fields = {"model": args.model, "method": args.method, "layer": args.layer,
+              "top_k": args.top_k, "frame": args.frame, "heatmap": heatmap or None,
+              "targets": [[_target_ref(t) for t in args.target]] * len(images)
+              if args.target else None}
+    body = {"images": images, **{k: v for k, v in fields.items() if v is not None}}
+    try:
+        parse_explain_request(dumps(body))
+    except ServiceError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    data = dumps(body) + b"\n"
+    if args.output:
+        Path(args.output).write_bytes(data)
+    else:
+        sys.stdout.buffer.write(data)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradcam-service", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +233,22 @@ def _parser() -> argparse.ArgumentParser:
     explain_p.add_argument("--top-k", type=int, default=5, help="predictions to print")
     explain_p.add_argument("--out", default="gradcam-out", help="folder for the PNGs")
 
+    body_p = sub.add_parser("body", help="print a POST /v1/explain body for image files "
+                            "(for curl --data-binary @file, locust, other clients)")
+    body_p.add_argument("images", nargs="+", help="image files (PNG, JPEG, DICOM, ...; - reads "
+                        "one from stdin)")
+    body_p.add_argument("--model", help="model name; default: the server's default")
+    body_p.add_argument("--target", action="append", help="class index or label to explain for "
+                        "every image (repeat for several); default: the top-1 class")
+    body_p.add_argument("--method", choices=METHODS)
+    body_p.add_argument("--layer", help="target layer (dotted name); default: the model's")
+    body_p.add_argument("--format", choices=get_args(HeatmapFormat), help="default png")
+    body_p.add_argument("--size", choices=get_args(HeatmapSize), help="default original")
+    body_p.add_argument("--encoding", choices=get_args(HeatmapEncoding), help="default png")
+    body_p.add_argument("--top-k", type=int)
+    body_p.add_argument("--frame", type=int, help="frame of multi-frame images")
+    body_p.add_argument("-o", "--output", help="write the body here instead of stdout")
+
     layers_p = sub.add_parser("layers", help="list candidate target layers with output shapes")
     common(layers_p)
 
@@ -213,6 +268,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "body":  # no model, no logging: just the JSON
+        return _body(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "explain" and bool(args.request) == bool(args.images):

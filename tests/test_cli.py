@@ -12,7 +12,7 @@ from PIL import Image
 
 from service.cli import main
 from service.schemas import ErrorResponse, ExplainResponse
-from tests.conftest import encode, phantom_png
+from tests.conftest import LiveServer, encode, phantom_png
 
 
 def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -85,3 +85,38 @@ def test_bad_models_file_exits_2(tmp_path: Path) -> None:
     done = _cli("layers", "--models", str(path))
     assert done.returncode == 2
     assert b"model 'x'" in done.stderr and b"channels" in done.stderr
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_body_prints_a_request_a_server_answers(server: LiveServer, tmp_path: Path) -> None:
+    import requests
+
+    out = tmp_path / "body.json"
+    images = [str(EXAMPLES / "phantom_mass_tube.png"), str(EXAMPLES / "phantom_nodule.png")]
+    done = _cli("body", *images, "--target", "tube", "--target", "1", "--format", "overlay",
+                "--size", "input", "-o", str(out))
+    assert done.returncode == 0, done.stderr.decode()
+    body = json.loads(out.read_bytes())
+    assert body["targets"] == [["tube", 1], ["tube", 1]]
+    assert body["heatmap"] == {"format": "overlay", "size": "input"}
+    assert body["images"][0] == encode((EXAMPLES / "phantom_mass_tube.png").read_bytes())
+    # What curl --data-binary @body.json sends.
+    answer = requests.post(f"{server.url}/v1/explain", data=out.read_bytes(), timeout=60,
+                           headers={"Content-Type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    labels = [[e["target"]["label"] for e in r["explanations"]] for r in answer.json()["results"]]
+    assert labels == [["tube", "mass"], ["tube", "mass"]]
+    # stdout, and stdin as an image
+    piped = _cli("body", "-", stdin=(EXAMPLES / "phantom_nodule.png").read_bytes())
+    assert json.loads(piped.stdout)["images"] == [body["images"][1]]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["nope.png"], b"nope.png: No such file"),
+    ([str(EXAMPLES / "phantom_nodule.png"), "--top-k", "0"], b"top_k"),
+])
+def test_body_refuses_what_no_server_would_take(args: list[str], message: bytes) -> None:
+    done = _cli("body", *args)
+    assert done.returncode == 2 and message in done.stderr and not done.stdout
