@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,10 +61,75 @@ def test_rules_and_dashboard_use_only_metrics_that_exist() -> None:
     assert used <= known, used - known
 
 
+def test_alert_rules_pass_their_unit_tests() -> None:
+    promtool = _promtool()
+    tested = subprocess.run([promtool, "test", "rules", "rules_test.yml"],
+                            cwd=DEPLOY / "prometheus", capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    tests = yaml.safe_load((DEPLOY / "prometheus/rules_test.yml").read_text())["tests"]
+    alerted = {case["alertname"] for test in tests for case in test["alert_rule_test"]
+               if case["exp_alerts"]}
+    assert {"GradcamServerErrors", "GradcamSlowExplanations", "GradcamQueueBacklog",
+            "GradcamNoReadyReplicas"} <= alerted
+
+
+# The Kubernetes version the manifests are validated against (kubernetes-validate).
+KUBERNETES = "1.30.0"
+
+
+def test_kubernetes_manifests_validate_against_the_api_schemas() -> None:
+    manifests = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+    checked = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", KUBERNETES,
+         *map(str, manifests)], capture_output=True, text=True, timeout=120, check=False)
+    output = checked.stdout + checked.stderr
+    assert checked.returncode == 0, output
+    # Every resource passed, but the ServiceMonitor, a CRD without a schema there.
+    assert output.count("passed for resource") == 5, output
+    assert "kind ServiceMonitor" in output
+
+
+def _documents(name: str) -> list[dict]:
+    return list(yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text()))
+
+
+def test_gpu_deployment_takes_one_gpu_per_pod_with_one_engine() -> None:
+    [gpu] = _documents("gradcam-gpu.yaml")
+    container = gpu["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["GRADCAM_DEVICE"] == "cuda" and env["GRADCAM_ENGINES"] == "1"
+    mounts = {m["name"] for m in container["volumeMounts"]}
+    assert mounts == {"tokens", "models", "weights"}
+    assert env["GRADCAM_MODELS_FILE"].startswith("/etc/gradcam/models/")
+
+
+def test_scaling_fits_the_deployments_and_the_service() -> None:
+    hpa, pdb, monitor = _documents("scaling.yaml")
+    deployment, service = _documents("gradcam.yaml")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert metric in _our_metric_names()
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"][
+        "labels"].items()
+    ports = {port["name"] for port in service["spec"]["ports"]}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > 2 * 30 + 5  # both drains (GRADCAM_SHUTDOWN_TIMEOUT_S) and the preStop
+    for name in ("gradcam.yaml", "gradcam-gpu.yaml"):
+        image = _documents(name)[0]["spec"]["template"]["spec"]["containers"][0]["image"]
+        assert not image.endswith(":latest") and ":" in image, image
+
+
 def test_compose_and_kubernetes_files_parse() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     assert set(compose["services"]) == {"gradcam", "prometheus", "grafana"}
-    documents = list(yaml.safe_load_all((DEPLOY / "kubernetes/gradcam.yaml").read_text()))
+    for service in compose["services"].values():
+        assert ":" in service["image"] and not service["image"].endswith(":latest")
+    documents = _documents("gradcam.yaml")
     kinds = [d["kind"] for d in documents]
     assert kinds == ["Deployment", "Service"]
     container = documents[0]["spec"]["template"]["spec"]["containers"][0]
