@@ -145,3 +145,10 @@ def test_compose_and_kubernetes_files_parse() -> None:
     from service.settings import Settings
 
     assert Settings().auth_exempt == "/healthz,/readyz"
+
+
+def test_the_dockerfile_is_hadolint_clean() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    linted = subprocess.run([hadolint, str(DEPLOY.parent / "Dockerfile")], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
