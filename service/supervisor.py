@@ -173,7 +173,14 @@ class Supervisor:
         return None
 
     def _exit_code_of_failed_start(self, slot: EngineSlot) -> int:
-        code = slot.process.poll() if slot.process is not None else 1
+        code: int | None = 1
+        if slot.process is not None:
+            # Its ready pipe closes as it exits, a moment before the exit can be reaped:
+            # wait that moment, or a configuration error would read as "not ready".
+            try:
+                code = slot.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
         if code is None:  # alive but said something other than ready: stop it (finally)
             logger.error("engine %d did not report ready", slot.index)
             return 1
