@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,20 @@ def proc_cmdline(pid: int) -> str:
         return ""
 
 
+def wait_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Whether ``url``/readyz answers 200 within ``timeout_s`` (False at once once
+    ``alive()`` turns false)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    return False
+
+
 class LiveServer:
     """A real ``gradcam-service serve`` (gunicorn) on 127.0.0.1, stopped by its PID."""
 
@@ -108,16 +122,10 @@ class LiveServer:
         self.process = subprocess.Popen(
             command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "GRADCAM_TORCH_THREADS": "2", **(env or {})})
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.read_log()}")
-            try:
-                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
+        if wait_ready(self.url, 90, alive=lambda: self.process.poll() is None):
+            return
+        if self.process.poll() is not None:
+            raise RuntimeError(f"server exited: {self.read_log()}")
         self.stop()
         raise RuntimeError(f"server not ready in 90 s: {self.read_log()}")
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.conftest import wait_ready
+
 REPO = Path(__file__).resolve().parents[1]
 TAG = "localhost/gradcam-service:0.1.0"
 LIMITS = ["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
@@ -51,16 +53,7 @@ def test_the_image_builds_runs_answers_and_stops() -> None:
     assert run.returncode == 0, run.stderr
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        else:
-            raise AssertionError(_podman("logs", name).stdout[-3000:])
+        assert wait_ready(url, 120), _podman("logs", name).stdout[-3000:]
         body = subprocess.run(
             [str(Path(os.sys.executable).with_name("gradcam-service")), "body",
              str(REPO / "examples/phantom_nodule.png"), "--target", "nodule"],

@@ -28,7 +28,7 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 # Werkzeug's own errors, in the same envelope with stable codes.
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
                413: "request_too_large", 415: "unsupported_media_type"}
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 

@@ -23,9 +23,9 @@ does all socket I/O, non-blocking, with h11 parsing HTTP/1.1:
   ``/readyz`` answers 503, requests already started are read, handled and
   answered with ``Connection: close``, within the graceful timeout.
 
-It also keeps what ``TimedThreadWorker`` measured: the wait for a request thread
-shows in ``gradcam_requests_waiting_for_thread`` and the ``thread_wait`` stage,
-and a request's deadline counts from when it was queued for a thread.
+The wait for a request thread is measured too: it shows in
+``gradcam_requests_waiting_for_thread`` and the ``thread_wait`` stage, and a
+request's deadline counts from when it was queued for a thread.
 """
 
 from __future__ import annotations
