@@ -12,7 +12,7 @@ explanations (targets) per request 128                    ``too_many_targets``
 pixels of one image                25 MP                  ``image_too_large``
 either side of one image           16384                  ``image_too_large``
 pixels of all images together      100 MP                 ``too_many_pixels``
-heatmap pixels drawn (all of them) 64 MP                  ``output_too_large``
+pixels drawn (heatmaps, images)   64 MP                    ``output_too_large``
 ``array`` values in the answer     4 Mi (2048²)           ``array_too_large``
 =================================  =====================  ==========================
 
@@ -39,6 +39,7 @@ class RequestBudget:
     model: ModelInfo
     layer: str
     options: HeatmapOptions
+    with_image: bool = False
     pixels_used: int = field(default=0, init=False)
     output_used: int = field(default=0, init=False)
     array_used: int = field(default=0, init=False)
@@ -73,15 +74,16 @@ class RequestBudget:
                 f"Images 0..{index} have {self.pixels_used} pixels together; the limit for one "
                 f"request is {self.settings.max_request_pixels}. Send fewer or smaller images "
                 "per request.", code="too_many_pixels", image=index, field=field_name)
-        if self.options.format == "none":
-            return
-        drawn = explanations * self._heatmap_pixels(width, height)
-        self.output_used += drawn
+        drawn = 0 if self.options.format == "none" else (
+            explanations * self._heatmap_pixels(width, height))
+        # ``include: ["image"]`` draws the image itself at its size too.
+        self.output_used += drawn + (width * height if self.with_image else 0)
         if self.output_used > self.settings.max_output_pixels:
             raise PayloadTooLarge(
-                f"The heatmaps of images 0..{index} would have {self.output_used} pixels; the "
-                f"limit for one request is {self.settings.max_output_pixels}. Ask for "
-                "heatmap.size 'input' or 'layer', fewer targets, or fewer images per request.",
+                f"The pictures drawn for images 0..{index} would have {self.output_used} "
+                f"pixels; the limit for one request is {self.settings.max_output_pixels}. Ask for "
+                "heatmap.size 'input' or 'layer', fewer targets, or fewer images per request"
+                f"{', or no image in include' if self.with_image else ''}.",
                 code="output_too_large", image=index, field="heatmap.size")
         if self.options.format == "array":
             self.array_used += drawn

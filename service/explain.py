@@ -27,6 +27,7 @@ from service import metrics
 from service.budgets import RequestBudget
 from service.errors import ClientClosed, DeadlineExceeded, InvalidField, PayloadTooLarge
 from service.imaging.decoding import Admit, decode_base64, decode_image
+from service.imaging.dicom import describe_dicom, is_dicom
 from service.imaging.encoders import encode_image
 from service.imaging.geometry import Geometry, to_model_pixels
 from service.imaging.render import (
@@ -54,6 +55,7 @@ class PreparedImage:
     box: Box | None  # where the image lies on the input, if not all of it
     geometry: Geometry
     targets: list[int | None]  # None = the top-1 class
+    dicom: dict[str, Any] | None = None  # a DICOM file's attributes, when asked for
 
 
 @dataclass(frozen=True)
@@ -91,16 +93,18 @@ def resolve_targets(spec: TargetSpec, model: ModelInfo, index: int) -> list[int 
 
 def prepare_image(data: bytes, index: int, model: ModelInfo, admit: Admit,
                   targets: list[int | None], frame: int | None = None,
-                  keep_display: bool = False) -> PreparedImage:
+                  keep_display: bool = False, describe: bool = False) -> PreparedImage:
     """Decode and fit one image; every problem raises a ``ServiceError`` naming ``index``.
 
-    ``admit(width, height)`` checks the size from the header first (``budgets.py``).
+    ``admit(width, height)`` checks the size from the header first (``budgets.py``);
+    ``describe`` reads a DICOM file's attributes too.
     """
     image = decode_image(data, index, model.channels, admit, frame)
     pixels, box, geometry = to_model_pixels(image, model.input_size, model.resize)
     # The full-size image leaves here as 8 bits, or not at all.
     display = to_rgb_image(image) if keep_display else None
-    return PreparedImage(index, display, pixels, box, geometry, targets)
+    dicom = describe_dicom(data, frame) if describe and is_dicom(data) else None
+    return PreparedImage(index, display, pixels, box, geometry, targets, dicom)
 
 
 def choose_layer(model: ModelInfo, layer: str | None) -> str:
@@ -196,9 +200,18 @@ def _b64(data: bytes) -> str:
 
 
 def render_result(result: ExplainedImage, model: ModelInfo, top_k: int,
-                  options: HeatmapOptions) -> dict[str, Any]:
+                  options: HeatmapOptions, include: Sequence[str] = ()) -> dict[str, Any]:
     geometry = result.prepared.geometry
     order = np.argsort(-result.scores, kind="stable")[:min(top_k, model.num_classes)]
+    extras: dict[str, Any] = {}
+    if "image" in include:
+        picture = overlay_base(result.prepared, "original", (geometry.height, geometry.width),
+                               model)
+        extras["image"] = {"width": picture.width, "height": picture.height,
+                           "encoding": options.encoding,
+                           "data": _b64(encode_image(np.asarray(picture), options.encoding))}
+    if "dicom" in include:
+        extras["dicom"] = result.prepared.dicom
     return {
         "width": geometry.width,
         "height": geometry.height,
@@ -210,6 +223,7 @@ def render_result(result: ExplainedImage, model: ModelInfo, top_k: int,
              "heatmap": render_heatmap(cam, result.prepared, options, model)}
             for target, cam in zip(result.targets, result.cams, strict=True)
         ],
+        **extras,
     }
 
 
@@ -235,14 +249,17 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
     layer = choose_layer(model, request.layer)
     specs: list[TargetSpec] = list(request.targets or [None] * len(request.images))
     targets = [resolve_targets(spec, model, i) for i, spec in enumerate(specs)]
-    budget = RequestBudget(limits, model, layer, request.heatmap)
+    budget = RequestBudget(limits, model, layer, request.heatmap,
+                           with_image="image" in request.include)
     budget.check_explanations([len(t) for t in targets])
-    keep_display = request.heatmap.format == "overlay" and request.heatmap.size == "original"
+    keep_display = "image" in request.include or (
+        request.heatmap.format == "overlay" and request.heatmap.size == "original")
     with metrics.STAGE_DURATION.labels("decode").time():
         prepared = [
             prepare_image(decode_base64(text, i), i, model,
                           partial(budget.admit_image, i, explanations=len(targets[i])),
-                          targets[i], request.frame, keep_display)
+                          targets[i], request.frame, keep_display,
+                          describe="dicom" in request.include)
             for i, text in enumerate(request.images)
         ]
     results = run(engine, model, layer, request.method, prepared, deadline, disconnected)
@@ -256,7 +273,8 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
                 raise DeadlineExceeded("The request took longer than its deadline.")
             if disconnected is not None and disconnected():
                 raise ClientClosed("The client disconnected before the answer was drawn.")
-            rendered.append(render_result(result, model, request.top_k, request.heatmap))
+            rendered.append(render_result(result, model, request.top_k, request.heatmap,
+                                          request.include))
     return {"model": model.name, "method": request.method, "layer": layer, "results": rendered}
 
 

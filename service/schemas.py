@@ -6,7 +6,7 @@ response, so both stay one contract (see ``openapi.yaml``).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import orjson
 from pydantic import (
@@ -26,6 +26,10 @@ METHODS: tuple[str, ...] = get_args(Method)  # the engine's formulas; a test kee
 HeatmapFormat = Literal["array", "png", "overlay", "gray", "none"]
 HeatmapSize = Literal["original", "input", "layer"]
 HeatmapEncoding = Literal["png", "jpeg", "webp"]
+# Extras a result may carry on request: the picture heatmaps are drawn over (for
+# clients that cannot decode the upload, DICOM above all) and a DICOM file's
+# patient, study and display attributes.
+Include = Literal["image", "dicom"]
 
 # A class given by index or by label.
 ClassRef = StrictInt | Annotated[StrictStr, Field(min_length=1)]
@@ -63,6 +67,7 @@ class ExplainRequest(BaseModel):
     top_k: Annotated[StrictInt, Field(ge=1)] = 5
     heatmap: HeatmapOptions = HeatmapOptions()
     frame: Annotated[StrictInt, Field(ge=0)] | None = None
+    include: Annotated[list[Include], Field(max_length=2)] = []
 
 
 class Prediction(BaseModel):
@@ -106,12 +111,26 @@ class Geometry(BaseModel):
     box: tuple[float, float, float, float]
 
 
+class Picture(BaseModel):
+    """The image as overlays are drawn on it (``include: ["image"]``): its original
+    pixel grid, 8-bit, after EXIF orientation, DICOM rescale, window and
+    MONOCHROME1 inversion; encoded like the heatmaps (``heatmap.encoding``)."""
+
+    width: int
+    height: int
+    encoding: HeatmapEncoding
+    data: str
+
+
 class ImageResult(BaseModel):
     width: int
     height: int
     geometry: Geometry
     predictions: list[Prediction]
     explanations: list[Explanation]
+    image: Picture | None = None
+    # ``include: ["dicom"]``: the DICOM attributes read (null for other formats).
+    dicom: dict[str, Any] | None = None
 
 
 class ExplainResponse(BaseModel):

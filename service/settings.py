@@ -212,6 +212,8 @@ class Settings(BaseModel):
     # /metrics on its own port (served by serve's supervisor) instead of the API's.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     log_format: Literal["text", "json"] = "text"
+    # The web page at / (server/webpage.py): static files, open without a token.
+    web_page: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

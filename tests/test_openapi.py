@@ -64,6 +64,13 @@ def test_real_responses_match_the_document(server: LiveServer) -> None:
         response = requests.post(f"{server.url}/v1/explain", json=body, timeout=60)
         assert response.status_code == 200
         _check("/v1/explain", "post", response)
+    dicom = encode((Path(__file__).resolve().parents[1] / "examples/phantom_nodule.dcm")
+                   .read_bytes())
+    for images in ([image], [dicom]):
+        body = {"images": images, "include": ["image", "dicom"], "heatmap": {"format": "gray"}}
+        response = requests.post(f"{server.url}/v1/explain", json=body, timeout=60)
+        assert response.status_code == 200
+        _check("/v1/explain", "post", response)
     for body in ({"images": ["!!"]}, {"images": [image], "model": "x"}, {"images": []},
                  {"images": [image] * 40}):
         response = requests.post(f"{server.url}/v1/explain", json=body, timeout=60)

@@ -45,6 +45,49 @@ def _first(value: Any) -> float:
     return float(value)
 
 
+# What ``describe_dicom`` reports: who and what the image is, and how it was shown.
+_DESCRIBED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+              "StudyDescription", "SeriesDescription", "Modality", "BodyPartExamined",
+              "ViewPosition", "PhotometricInterpretation", "Rows", "Columns",
+              "NumberOfFrames", "BitsStored", "RescaleSlope", "RescaleIntercept")
+
+
+def _plain(value: Any) -> str | int | float | None:
+    """A DICOM element value as JSON: numbers stay numbers, the rest becomes text."""
+    if value is None or value == "":
+        return None
+    # pydicom's IS and DS are subclasses: plain int and float for the JSON encoder.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float):
+        return float(value) if np.isfinite(value) else None
+    return str(value)
+
+
+def describe_dicom(data: bytes, frame: int | None) -> dict[str, Any]:
+    """The attributes of a DICOM file a person checks before trusting a picture of it:
+    patient and study, modality, size, and the window it was shown with (``window``:
+    ``file`` for the file's first centre/width, ``voi_lut`` for its VOI LUT, else
+    ``full_range`` of the frame). Reads the header only; call after ``decode_dicom``
+    accepted the same bytes."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    described: dict[str, Any] = {key: _plain(ds.get(key)) for key in _DESCRIBED if key in ds}
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None:
+        described["TransferSyntax"] = syntax.name
+    described["frame"] = frame or 0
+    window: dict[str, Any] = {"source": "full_range"}
+    if "WindowCenter" in ds and "WindowWidth" in ds and _first(ds.WindowWidth) >= 1:
+        window = {"source": "file", "center": _first(ds.WindowCenter),
+                  "width": _first(ds.WindowWidth)}
+    elif "VOILUTSequence" in ds:
+        window = {"source": "voi_lut"}
+    described["window"] = window
+    return described
+
+
 def _voi(array: np.ndarray, ds: Any) -> np.ndarray:
     """Grayscale values after the modality LUT → [0, 1] as a viewer would show them."""
     from pydicom.pixels import apply_voi_lut

@@ -22,6 +22,7 @@ from service.interface import Engine
 from service.server.engine_client import EnginePool
 from service.server.routes import api, json_response
 from service.server.security import AccessPolicy, Unauthorized
+from service.server.webpage import ASSETS_PREFIX, PAGE_PATH, page
 from service.server.worker import thread_wait
 from service.settings import Settings
 
@@ -91,11 +92,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.extensions["gradcam_settings"] = settings
     app.extensions["gradcam_engine"] = engine if engine is not None else EnginePool.from_env()
     app.register_blueprint(api)
+    if settings.web_page:
+        app.register_blueprint(page)
     app.register_error_handler(ServiceError, _service_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
-    policy = AccessPolicy(settings)
-
+    # The page's files hold no data: a browser loads them before it can send a token.
+    policy = (AccessPolicy(settings, open_paths=(PAGE_PATH,), open_prefixes=(ASSETS_PREFIX,))
+              if settings.web_page else AccessPolicy(settings))
     if not settings.metrics_port:  # else the supervisor serves it on its own port
         @app.get("/metrics")
         def metrics_view() -> Response:

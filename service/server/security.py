@@ -24,6 +24,7 @@ import hmac
 import os
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from service.errors import ConfigError, ServiceError
@@ -72,7 +73,8 @@ def _checked(tokens: list[str], where: str) -> tuple[bytes, ...]:
 class AccessPolicy:
     """The tokens, open paths and CORS origins of one worker."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, open_paths: Iterable[str] = (),
+                 open_prefixes: tuple[str, ...] = ()) -> None:
         self._env_tokens = _checked(_split(settings.auth_tokens.get_secret_value()),
                                     "GRADCAM_AUTH_TOKENS")
         self._file = settings.auth_tokens_file
@@ -82,7 +84,8 @@ class AccessPolicy:
         self._lock = threading.Lock()
         if self._file is not None:
             self._reload(force=True)
-        self.exempt = frozenset(_split(settings.auth_exempt))
+        self.exempt = frozenset(_split(settings.auth_exempt)) | frozenset(open_paths)
+        self.open_prefixes = open_prefixes
         self.cors_origins = frozenset(_split(settings.cors_origins))
 
     @property
@@ -117,7 +120,7 @@ class AccessPolicy:
 
     def check(self, path: str, authorization: str | None) -> None:
         """Raise ``Unauthorized`` unless ``path`` is open or the header carries a valid token."""
-        if not self.enabled or path in self.exempt:
+        if not self.enabled or path in self.exempt or path.startswith(self.open_prefixes):
             return
         if self._file is not None:
             self._reload()

@@ -1,0 +1,490 @@
+// The page at /: a client of the public API only (v1/models, v1/explain), so it is
+// also an example of how to call it. No framework, no build step, no CDN.
+//
+// Heatmaps come as 8-bit gray levels (heatmap.format "gray", at the image's own
+// size) and are coloured here with the service's colour map (sent in the page), so
+// the opacity slider redraws without asking the service again. The blend is the
+// service's "overlay" formula: colour over the image at opacity × level, so cold
+// areas keep the image and hot ones take the colour; at 60% it is that overlay.
+"use strict";
+
+const config = JSON.parse(document.getElementById("page-config").textContent);
+const COLOURS = config.colormap; // 256 × [r, g, b]
+const METHODS = config.methods; // [[name, title], ...]
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  form: $("controls"), token: $("token"), useToken: $("use-token"), model: $("model"),
+  modelInfo: $("model-info"), layer: $("layer"), target: $("target"), topK: $("top-k"),
+  methods: $("methods"), opacity: $("opacity"), opacityValue: $("opacity-value"),
+  files: $("files"), dropZone: $("drop-zone"), notice: $("notice"), status: $("status"),
+  results: $("results"),
+};
+
+const state = {
+  token: "", // in this page's memory only: never stored, never in a URL
+  model: null, // GET v1/models/<name>
+  items: [], // one per image: see addFiles()
+  nextId: 0,
+};
+
+class ApiError extends Error {
+  constructor(code, message, status) {
+    super(message);
+    this.code = code;
+    this.status = status;
+  }
+}
+
+// --- the API ------------------------------------------------------------------
+
+// Relative URLs: the page works behind a proxy that serves the service under a prefix.
+async function api(path, body) {
+  const headers = {};
+  if (state.token) headers.Authorization = `Bearer ${state.token}`;
+  const init = { headers };
+  if (body !== undefined) {
+    init.method = "POST";
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch (error) {
+    throw new ApiError("unreachable", `The service could not be reached (${error.message}).`, 0);
+  }
+  const text = await response.text();
+  let payload = null;
+  try {
+    payload = JSON.parse(text);
+  } catch {
+    payload = null;
+  }
+  if (!response.ok) {
+    const error = payload && payload.error;
+    if (error && error.message) throw new ApiError(error.code, error.message, response.status);
+    throw new ApiError(`http_${response.status}`,
+      `The service answered ${response.status} ${response.statusText}.`, response.status);
+  }
+  return payload;
+}
+
+function describeError(error) {
+  if (error instanceof ApiError) {
+    const retry = error.status === 503 ? " The service is busy: try again in a moment." : "";
+    return `${error.message}${retry} (${error.code})`;
+  }
+  return `Unexpected problem in the page: ${error.message}`;
+}
+
+function showNotice(message) {
+  ui.notice.textContent = message;
+}
+
+// --- models, layers, methods ----------------------------------------------------
+
+function option(value, text, selected = false) {
+  const element = document.createElement("option");
+  element.value = value;
+  element.textContent = text;
+  element.selected = selected;
+  return element;
+}
+
+async function loadModels() {
+  showNotice("");
+  let listing;
+  try {
+    listing = await api("v1/models");
+  } catch (error) {
+    if (error.status === 401) {
+      showNotice(`${error.message} Enter a token under Access and select "Use token".`);
+      ui.token.focus();
+    } else {
+      showNotice(`The models could not be listed: ${describeError(error)}`);
+    }
+    return false;
+  }
+  ui.model.replaceChildren(...listing.models.map(
+    (m) => option(m.name, `${m.name} (${m.arch})`, m.default)));
+  return loadModel();
+}
+
+async function loadModel() {
+  const name = ui.model.value;
+  let model;
+  let layers;
+  try {
+    [model, layers] = await Promise.all([
+      api(`v1/models/${encodeURIComponent(name)}`),
+      api(`v1/models/${encodeURIComponent(name)}/layers`),
+    ]);
+  } catch (error) {
+    showNotice(`Model ${name} could not be read: ${describeError(error)}`);
+    return false;
+  }
+  state.model = model;
+  const kind = model.multilabel ? "independent scores per finding" : "one class per image";
+  ui.modelInfo.textContent = `${model.num_classes} classes, ${kind}; input `
+    + `${model.input_size[1]}×${model.input_size[0]}, ${model.channels} channel(s), on ${model.device}.`;
+  ui.layer.replaceChildren(...layers.layers.map((layer) => option(
+    layer.name,
+    `${layer.name} — ${layer.channels}×${layer.height}×${layer.width}`
+      + (layer.name === layers.default_layer ? " (default)" : ""),
+    layer.name === layers.default_layer)));
+  ui.target.replaceChildren(option("", "The top prediction", true),
+    ...model.labels.map((label, index) => option(String(index), `${index}: ${label}`)));
+  ui.topK.max = String(model.num_classes);
+  ui.topK.value = String(Math.min(model.multilabel ? model.num_classes : 5, model.num_classes));
+  for (const item of state.items) {
+    item.picture = null; // a 1-channel model shows the image in gray: ask again
+    item.target = null;
+  }
+  return true;
+}
+
+function buildMethods() {
+  const boxes = METHODS.map(([name, title], index) => {
+    const id = `method-${index}`;
+    const wrapper = document.createElement("div");
+    wrapper.className = "check";
+    const input = document.createElement("input");
+    Object.assign(input, { type: "checkbox", id, value: name, checked: index === 0 });
+    input.name = "method";
+    const label = document.createElement("label");
+    label.htmlFor = id;
+    label.textContent = title;
+    wrapper.append(input, label);
+    return wrapper;
+  });
+  ui.methods.append(...boxes);
+}
+
+function chosenMethods() {
+  const checked = [...ui.methods.querySelectorAll("input:checked")].map((box) => box.value);
+  return checked.length ? checked : [METHODS[0][0]];
+}
+
+function methodTitle(name) {
+  return (METHODS.find(([method]) => method === name) || [name, name])[1];
+}
+
+// --- images ---------------------------------------------------------------------
+
+function readAsDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function decodePicture(encoding, base64) {
+  const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+  return createImageBitmap(new Blob([bytes], { type: `image/${encoding}` }));
+}
+
+function pixelsOf(bitmap) {
+  const canvas = document.createElement("canvas");
+  canvas.width = bitmap.width;
+  canvas.height = bitmap.height;
+  const context = canvas.getContext("2d", { willReadFrequently: true });
+  context.drawImage(bitmap, 0, 0);
+  return context.getImageData(0, 0, bitmap.width, bitmap.height).data;
+}
+
+async function addFiles(files) {
+  const added = [];
+  for (const file of files) {
+    const card = ui.results.appendChild(
+      document.getElementById("card-template").content.firstElementChild.cloneNode(true));
+    const item = {
+      id: state.nextId++, name: file.name, card, dataUrl: null, picture: null, dicom: null,
+      target: chosenTarget(), generation: 0,
+    };
+    card.querySelector(".card-title").textContent = file.name;
+    state.items.push(item);
+    try {
+      item.dataUrl = await readAsDataUrl(file);
+      added.push(item);
+    } catch (error) {
+      card.querySelector(".card-error").textContent = `${file.name} could not be read: ${error.message}`;
+    }
+  }
+  await explainItems(added);
+}
+
+// --- explaining -----------------------------------------------------------------
+
+function explainBody(item, method, include) {
+  const body = {
+    model: state.model.name,
+    layer: ui.layer.value || null,
+    method,
+    images: [item.dataUrl],
+    targets: [item.target],
+    top_k: Math.max(1, Math.min(Number(ui.topK.value) || 5, state.model.num_classes)),
+    heatmap: { format: "gray", size: "original" },
+  };
+  if (include) body.include = ["image", "dicom"];
+  return body;
+}
+
+async function explainItems(items) {
+  if (!state.model || !items.length) return;
+  const started = performance.now();
+  ui.status.textContent = `Explaining ${items.length} image(s)…`;
+  const outcomes = await Promise.all(items.map(explainItem));
+  const failed = outcomes.filter((ok) => !ok).length;
+  const seconds = ((performance.now() - started) / 1000).toFixed(1);
+  ui.status.textContent = failed
+    ? `${failed} of ${items.length} image(s) failed (see below); ${seconds} s.`
+    : `Explained ${items.length} image(s) in ${seconds} s.`;
+}
+
+async function explainItem(item) {
+  const generation = ++item.generation;
+  const methods = chosenMethods();
+  const errorBox = item.card.querySelector(".card-error");
+  errorBox.textContent = "";
+  item.card.setAttribute("aria-busy", "true");
+  try {
+    // The first answer brings the picture (and DICOM fields) the others reuse.
+    const first = await api("v1/explain", explainBody(item, methods[0], !item.picture));
+    if (generation !== item.generation) return true; // settings changed meanwhile
+    if (!item.picture) {
+      const result = first.results[0];
+      const bitmap = await decodePicture(result.image.encoding, result.image.data);
+      item.picture = { width: bitmap.width, height: bitmap.height, pixels: pixelsOf(bitmap) };
+      item.dicom = result.dicom;
+    }
+    const rest = await Promise.all(methods.slice(1).map(
+      (method) => api("v1/explain", explainBody(item, method, false))));
+    if (generation !== item.generation) return true;
+    await showResults(item, [first, ...rest]);
+    return true;
+  } catch (error) {
+    if (generation === item.generation) {
+      errorBox.textContent = describeError(error);
+      item.card.querySelector(".figures").replaceChildren();
+      item.card.querySelector(".predictions-box").hidden = true;
+    }
+    return false;
+  } finally {
+    if (generation === item.generation) item.card.removeAttribute("aria-busy");
+  }
+}
+
+async function showResults(item, answers) {
+  showDicom(item);
+  const figures = [];
+  for (const answer of answers) {
+    const result = answer.results[0];
+    const explanation = result.explanations[0];
+    const bitmap = await decodePicture(explanation.heatmap.encoding, explanation.heatmap.data);
+    const rgba = pixelsOf(bitmap);
+    const levels = new Uint8Array(rgba.length / 4);
+    for (let i = 0; i < levels.length; i++) levels[i] = rgba[i * 4];
+    figures.push(makeFigure(item, answer.method, answer.layer, explanation, levels));
+  }
+  item.card.querySelector(".figures").replaceChildren(...figures.map((f) => f.element));
+  item.figures = figures;
+  drawItem(item);
+  showPredictions(item, answers[0].results[0], answers[0].results[0].explanations[0].target);
+}
+
+function makeFigure(item, method, layer, explanation, levels) {
+  const element = document.getElementById("figure-template").content.firstElementChild
+    .cloneNode(true);
+  const canvas = element.querySelector("canvas");
+  canvas.width = item.picture.width;
+  canvas.height = item.picture.height;
+  const { target, heatmap } = explanation;
+  const score = `${(target.score * 100).toFixed(1)}%`;
+  const empty = heatmap.raw_max === 0 ? " — the map is all zero: nothing in this layer "
+    + "supports this class" : "";
+  canvas.setAttribute("aria-label",
+    `${methodTitle(method)} heatmap of ${target.label} over ${item.name}`);
+  element.querySelector("figcaption").textContent =
+    `${methodTitle(method)} · ${target.label} (${score}) · layer ${layer}${empty}`;
+  element.dataset.method = method;
+  element.dataset.target = target.label;
+  element.querySelector(".download").addEventListener("click", () => download(item, canvas,
+    method, target.label));
+  element.querySelector(".download").setAttribute("aria-label",
+    `Download the ${methodTitle(method)} overlay of ${target.label} for ${item.name} as PNG`);
+  return { element, canvas, levels };
+}
+
+function showPredictions(item, result, explained) {
+  const list = item.card.querySelector(".predictions");
+  list.replaceChildren(...result.predictions.map((prediction) => {
+    const entry = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "prediction";
+    button.setAttribute("aria-pressed", String(prediction.index === explained.index));
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = prediction.label;
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = `${(prediction.score * 100).toFixed(1)}%`;
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.setAttribute("aria-hidden", "true");
+    const fill = document.createElement("span");
+    fill.style.width = `${Math.max(0, Math.min(1, prediction.score)) * 100}%`;
+    bar.append(fill);
+    button.append(label, score, bar);
+    button.addEventListener("click", async () => {
+      item.target = prediction.index;
+      await explainItems([item]);
+    });
+    entry.append(button);
+    return entry;
+  }));
+  item.card.querySelector(".predictions-box").hidden = false;
+}
+
+const DICOM_FIELDS = [
+  ["PatientName", "Patient"], ["PatientID", "Patient ID"], ["PatientBirthDate", "Born"],
+  ["PatientSex", "Sex"], ["StudyDate", "Study date"], ["StudyDescription", "Study"],
+  ["SeriesDescription", "Series"], ["Modality", "Modality"], ["BodyPartExamined", "Body part"],
+  ["ViewPosition", "View"], ["PhotometricInterpretation", "Photometric"],
+  ["TransferSyntax", "Transfer syntax"],
+];
+
+// Dates (DA) as YYYY-MM-DD and person names (PN) as "FAMILY, Given", as viewers show them.
+function dicomText(value) {
+  if (/^\d{8}$/.test(value)) return `${value.slice(0, 4)}-${value.slice(4, 6)}-${value.slice(6)}`;
+  return value.includes("^") ? value.split("^").filter(Boolean).join(", ") : value;
+}
+
+function showDicom(item) {
+  const list = item.card.querySelector(".dicom");
+  if (!item.dicom) {
+    list.hidden = true;
+    return;
+  }
+  const rows = DICOM_FIELDS.filter(([key]) => item.dicom[key] != null)
+    .map(([key, title]) => [title, dicomText(String(item.dicom[key]))]);
+  const { Columns: columns, Rows: rows_, NumberOfFrames: frames, window } = item.dicom;
+  rows.push(["Size", `${columns}×${rows_}` + (frames > 1 ? `, frame ${item.dicom.frame} of ${frames}` : "")]);
+  rows.push(["Window", window.source === "file"
+    ? `centre ${window.center}, width ${window.width} (from the file)`
+    : window.source === "voi_lut" ? "the file's VOI LUT" : "the frame's full range (none in the file)"]);
+  list.replaceChildren(...rows.map(([title, value]) => {
+    const group = document.createElement("div");
+    const term = document.createElement("dt");
+    term.textContent = title;
+    const detail = document.createElement("dd");
+    detail.textContent = value;
+    group.append(term, detail);
+    return group;
+  }));
+  list.hidden = false;
+}
+
+// --- drawing --------------------------------------------------------------------
+
+// The service's overlay: colour at opacity × level / 255 over the image.
+function drawItem(item) {
+  if (!item.figures || !item.picture) return;
+  const opacity = Number(ui.opacity.value) / 100;
+  const alpha = new Float32Array(256);
+  for (let level = 0; level < 256; level++) alpha[level] = (opacity * level) / 255;
+  const base = item.picture.pixels;
+  for (const { canvas, levels } of item.figures) {
+    const context = canvas.getContext("2d");
+    const image = context.createImageData(canvas.width, canvas.height);
+    const out = image.data;
+    for (let i = 0, p = 0; i < levels.length; i++, p += 4) {
+      const level = levels[i];
+      const a = alpha[level];
+      const keep = 1 - a;
+      const colour = COLOURS[level];
+      out[p] = base[p] * keep + colour[0] * a;
+      out[p + 1] = base[p + 1] * keep + colour[1] * a;
+      out[p + 2] = base[p + 2] * keep + colour[2] * a;
+      out[p + 3] = 255;
+    }
+    context.putImageData(image, 0, 0);
+  }
+}
+
+let redrawPending = false;
+function redrawAll() {
+  ui.opacityValue.textContent = `${ui.opacity.value}%`;
+  if (redrawPending) return;
+  redrawPending = true;
+  requestAnimationFrame(() => {
+    redrawPending = false;
+    state.items.forEach(drawItem);
+  });
+}
+
+function download(item, canvas, method, label) {
+  canvas.toBlob((blob) => {
+    const link = document.createElement("a");
+    const stem = item.name.replace(/\.[^.]*$/, "");
+    link.download = `${stem}-${method}-${label}.png`.replace(/[^\w.+-]+/g, "_");
+    link.href = URL.createObjectURL(blob);
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+  }, "image/png");
+}
+
+// --- wiring ---------------------------------------------------------------------
+
+function chosenTarget() {
+  return ui.target.value === "" ? null : Number(ui.target.value);
+}
+
+function reexplainAll({ resetTargets = false } = {}) {
+  if (resetTargets) {
+    for (const item of state.items) item.target = chosenTarget();
+  }
+  return explainItems(state.items.filter((item) => item.dataUrl));
+}
+
+ui.useToken.addEventListener("click", async () => {
+  state.token = ui.token.value.trim();
+  if (await loadModels()) {
+    ui.status.textContent = "Connected.";
+    await reexplainAll();
+  }
+});
+ui.model.addEventListener("change", async () => {
+  if (await loadModel()) await reexplainAll();
+});
+ui.layer.addEventListener("change", () => reexplainAll());
+ui.target.addEventListener("change", () => reexplainAll({ resetTargets: true }));
+ui.topK.addEventListener("change", () => reexplainAll());
+ui.methods.addEventListener("change", () => reexplainAll());
+ui.opacity.addEventListener("input", redrawAll);
+ui.form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  reexplainAll();
+});
+ui.files.addEventListener("change", () => {
+  const files = [...ui.files.files];
+  ui.files.value = "";
+  addFiles(files);
+});
+
+// Dropping a file anywhere must not navigate away from the page.
+for (const type of ["dragover", "drop"]) {
+  document.addEventListener(type, (event) => event.preventDefault());
+}
+ui.dropZone.addEventListener("dragover", () => ui.dropZone.classList.add("over"));
+ui.dropZone.addEventListener("dragleave", () => ui.dropZone.classList.remove("over"));
+ui.dropZone.addEventListener("drop", (event) => {
+  ui.dropZone.classList.remove("over");
+  if (event.dataTransfer && event.dataTransfer.files.length) addFiles([...event.dataTransfer.files]);
+});
+
+buildMethods();
+loadModels();

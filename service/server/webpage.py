@@ -1,0 +1,83 @@
+"""The web page at ``/``: drop images, see the predictions and the heatmaps over them.
+
+Plain HTML, CSS and JavaScript shipped in the package (``page/``): no build step,
+no CDN, so it works offline and behind a hospital firewall. The page calls only
+the public API (``v1/models``, ``v1/explain``), with relative URLs so that it also
+works behind a proxy that serves the service under a path prefix.
+
+The files are open without a token (they hold no data; the page sends the
+token the user types with each API call) and are served with a strict Content
+Security Policy: scripts and styles from this origin only, and ``connect-src
+'self'``, so the page cannot send an image anywhere but to this service.
+``GRADCAM_WEB_PAGE=false`` turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cache
+from importlib import resources
+
+import orjson
+from flask import Blueprint, Response, request
+from werkzeug.exceptions import NotFound
+
+from service.imaging.render import COLORMAP
+from service.schemas import METHODS
+
+# Open without a token (security.AccessPolicy): the page and its own files.
+PAGE_PATH = "/"
+ASSETS_PREFIX = "/page/"
+
+_ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}
+# Names the page shows for the API's methods.
+_METHOD_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
+                  "layercam": "Layer-CAM", "hirescam": "HiResCAM"}
+_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+        "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    # Revalidated on each load (ETag): a new release is seen at once.
+    "Cache-Control": "no-cache",
+}
+
+page = Blueprint("page", __name__)
+
+
+def _read(name: str) -> bytes:
+    return resources.files("service.server").joinpath("page", name).read_bytes()
+
+
+@cache
+def _index() -> bytes:
+    """index.html with the page's configuration: the colour map heatmaps are drawn
+    with (the one ``png`` and ``overlay`` use) and the methods, from their one home."""
+    config = {"colormap": COLORMAP.tolist(),
+              "methods": [[name, _METHOD_TITLES.get(name, name)] for name in METHODS]}
+    return _read("index.html").replace(b"{{CONFIG}}", orjson.dumps(config))
+
+
+@cache
+def _asset(name: str) -> bytes:
+    return _read(name)
+
+
+def _send(body: bytes, mimetype: str) -> Response:
+    response = Response(body, mimetype=mimetype, headers=_HEADERS)
+    response.set_etag(hashlib.sha256(body).hexdigest()[:32])
+    response.make_conditional(request)  # 304 for a page the browser already has
+    return response
+
+
+@page.get(PAGE_PATH)
+def index_view() -> Response:
+    return _send(_index(), "text/html")
+
+
+@page.get(ASSETS_PREFIX + "<name>")
+def asset_view(name: str) -> Response:
+    if name not in _ASSETS:
+        raise NotFound()
+    return _send(_asset(name), _ASSETS[name])
