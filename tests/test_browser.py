@@ -300,3 +300,41 @@ def test_a_wrong_token_is_said_plainly(tab: PageUnderTest) -> None:
     page.fill("#token", "not-the-token-but-long-enough")
     page.click("#use-token")
     expect(page.locator("#notice")).to_contain_text("The bearer token is not valid")
+
+
+def _drop(tab: PageUnderTest, path: Path) -> None:
+    """Drop a file on the drop zone as a browser does (a DataTransfer with a File)."""
+    tab.page.evaluate("""([name, data]) => {
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name));
+        const zone = document.getElementById("drop-zone");
+        for (const type of ["dragenter", "dragover", "drop"]) {
+            zone.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true,
+                                                    cancelable: true}));
+        }
+    }""", [path.name, base64.b64encode(path.read_bytes()).decode()])
+
+
+def test_dropped_before_the_token_then_another_layer(tab: PageUnderTest) -> None:
+    page = tab.page
+    expect(page.locator("#notice")).to_contain_text("bearer token")
+    name = "phantom_opacity.png"
+    _drop(tab, EXAMPLES / name)
+    expect(page.locator("#status")).to_contain_text("once the models are listed")
+    page.locator("#token").fill(TOKEN)
+    page.locator("#token").press("Enter")
+    tab.wait_explained(name, 1, "opacity")
+    tab.set_opacity(100)
+    assert peak_in_boxes(_heat_from_pixels(tab.canvas(name)), _boxes(name, "opacity"), 8.0)
+    # Another layer: every figure says which, and the map changes.
+    before = tab.canvas(name)
+    layers = page.locator("#layer option").evaluate_all(
+        "options => options.map(o => [o.value, o.selected])")
+    other = next(value for value, selected in layers if not selected)
+    page.select_option("#layer", other)
+    expect(tab.card(name).locator("figcaption")).to_contain_text(  # type: ignore[attr-defined]
+        f"layer {other}")
+    tab.wait_explained(name, 1, "opacity")
+    after = tab.canvas(name)
+    assert after.std() > 20 and not np.array_equal(before, after)

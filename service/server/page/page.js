@@ -233,7 +233,11 @@ function explainBody(item, method, include) {
 }
 
 async function explainItems(items) {
-  if (!state.model || !items.length) return;
+  if (!items.length) return;
+  if (!state.model) {
+    ui.status.textContent = "The images will be explained once the models are listed (see above).";
+    return;
+  }
   const started = performance.now();
   ui.status.textContent = `Explaining ${items.length} image(s)…`;
   const outcomes = await Promise.all(items.map(explainItem));
@@ -371,8 +375,9 @@ function showDicom(item) {
   }
   const rows = DICOM_FIELDS.filter(([key]) => item.dicom[key] != null)
     .map(([key, title]) => [title, dicomText(String(item.dicom[key]))]);
-  const { Columns: columns, Rows: rows_, NumberOfFrames: frames, window } = item.dicom;
-  rows.push(["Size", `${columns}×${rows_}` + (frames > 1 ? `, frame ${item.dicom.frame} of ${frames}` : "")]);
+  const { Columns: width, Rows: height, NumberOfFrames: frames, window } = item.dicom;
+  rows.push(["Size", `${width}×${height}`
+    + (frames > 1 ? `, frame ${item.dicom.frame} of ${frames}` : "")]);
   rows.push(["Window", window.source === "file"
     ? `centre ${window.center}, width ${window.width} (from the file)`
     : window.source === "voi_lut" ? "the file's VOI LUT" : "the frame's full range (none in the file)"]);
@@ -450,6 +455,13 @@ function reexplainAll({ resetTargets = false } = {}) {
   return explainItems(state.items.filter((item) => item.dataUrl));
 }
 
+// Enter in the token field uses the token (rather than submitting the form).
+ui.token.addEventListener("keydown", (event) => {
+  if (event.key === "Enter") {
+    event.preventDefault();
+    ui.useToken.click();
+  }
+});
 ui.useToken.addEventListener("click", async () => {
   state.token = ui.token.value.trim();
   if (await loadModels()) {
