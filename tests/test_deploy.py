@@ -152,3 +152,51 @@ def test_the_dockerfile_is_hadolint_clean() -> None:
     linted = subprocess.run([hadolint, str(DEPLOY.parent / "Dockerfile")], capture_output=True,
                             text=True, timeout=60, check=False)
     assert linted.returncode == 0, linted.stdout + linted.stderr
+
+
+def _compose() -> list[str]:
+    """Docker Compose v2 (``docker compose``) if the docker CLI has it, else Debian's
+    ``docker-compose``; both check a file against the Compose specification."""
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True,
+                                 timeout=30, check=False).returncode == 0:
+        return [docker, "compose"]
+    found = shutil.which("docker-compose")
+    if found:
+        return [found]
+    if os.environ.get("CI"):
+        pytest.fail("docker-compose is missing: .ci/run installs Debian's docker-compose package")
+    pytest.skip("no docker compose (apt-get install docker-compose)")
+
+
+def _compose_config(*files: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    command = [*_compose(), "--project-directory", str(DEPLOY)]
+    for name in files:
+        command += ["-f", str(DEPLOY / name)]
+    # HOME: compose reads the user's docker config; keep the test's own.
+    return subprocess.run([*command, "config"], capture_output=True, text=True, timeout=60,
+                          check=False, env={"PATH": os.environ["PATH"], "HOME": "/tmp", **env})
+
+
+def test_compose_files_pass_docker_compose_config() -> None:
+    token = {"GRADCAM_AUTH_TOKENS": "compose-test-token-0123456789"}
+    base = _compose_config("docker-compose.yml", env=token)
+    assert base.returncode == 0, base.stderr
+    resolved = yaml.safe_load(base.stdout)["services"]
+    assert resolved["gradcam"]["environment"]["GRADCAM_AUTH_TOKENS"] == token[
+        "GRADCAM_AUTH_TOKENS"]
+    # Prometheus and Grafana get their files from deploy/, and those files exist.
+    for service in ("prometheus", "grafana"):
+        for volume in resolved[service]["volumes"]:
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+            assert Path(source).exists(), (service, source)
+    gpu = _compose_config("docker-compose.yml", "docker-compose.gpu.yml", env=token)
+    assert gpu.returncode == 0, gpu.stderr
+    service = yaml.safe_load(gpu.stdout)["services"]["gradcam"]
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["count"] == 1
+    assert service["environment"]["GRADCAM_DEVICE"] == "cuda"
+    assert service["environment"]["GRADCAM_METRICS_PORT"] == "9100"  # the base file's, kept
+    # Without a token the file refuses to start, with its message.
+    refused = _compose_config("docker-compose.yml", env={})
+    assert refused.returncode != 0 and "set GRADCAM_AUTH_TOKENS" in refused.stderr
