@@ -38,7 +38,7 @@ from service.imaging.render import (
     to_rgb_image,
     to_uint8,
 )
-from service.interface import Box, Engine, Job, ModelInfo
+from service.interface import Box, Engine, Job, ModelInfo, class_order
 from service.schemas import ClassRef, ExplainRequest, HeatmapOptions, TargetSpec
 from service.settings import Settings
 
@@ -62,6 +62,7 @@ class PreparedImage:
 class ExplainedImage:
     prepared: PreparedImage
     scores: np.ndarray  # (K,) probabilities (softmax) or sigmoid scores (multilabel)
+    order: np.ndarray  # (K,) class indices, most likely first (interface.class_order)
     targets: list[int]
     cams: list[np.ndarray]  # (h, w) raw maps, one per target
 
@@ -99,10 +100,14 @@ def prepare_image(data: bytes, index: int, model: ModelInfo, admit: Admit,
     ``admit(width, height)`` checks the size from the header first (``budgets.py``);
     ``describe`` reads a DICOM file's attributes too.
     """
-    image = decode_image(data, index, model.channels, admit, frame)
-    pixels, box, geometry = to_model_pixels(image, model.input_size, model.resize)
+    # Overlays are drawn on the colour original, even for a 1-channel model.
+    colour = keep_display and model.channels == 1
+    image = decode_image(data, index, 3 if colour else model.channels, admit, frame)
     # The full-size image leaves here as 8 bits, or not at all.
     display = to_rgb_image(image) if keep_display else None
+    if colour and image.mode == "RGB":
+        image = image.convert("L")  # as decode_image converts for a 1-channel model
+    pixels, box, geometry = to_model_pixels(image, model.input_size, model.resize)
     dicom = describe_dicom(data, frame) if describe and is_dicom(data) else None
     return PreparedImage(index, display, pixels, box, geometry, targets, dicom)
 
@@ -131,8 +136,8 @@ def run(engine: Engine, model: ModelInfo, layer: str, method: str,
               boxes=[p.box for p in prepared], targets=[p.targets for p in prepared],
               methods=[method] * len(prepared))
     result = engine.run(job, deadline, disconnected)
-    return [ExplainedImage(p, result.scores[i], result.targets[i], result.maps[i])
-            for i, p in enumerate(prepared)]
+    return [ExplainedImage(p, result.scores[i], class_order(result.logits[i]), result.targets[i],
+                           result.maps[i]) for i, p in enumerate(prepared)]
 
 
 def _prediction(model: ModelInfo, index: int, scores: np.ndarray) -> dict[str, Any]:
@@ -202,7 +207,7 @@ def _b64(data: bytes) -> str:
 def render_result(result: ExplainedImage, model: ModelInfo, top_k: int,
                   options: HeatmapOptions, include: Sequence[str] = ()) -> dict[str, Any]:
     geometry = result.prepared.geometry
-    order = np.argsort(-result.scores, kind="stable")[:min(top_k, model.num_classes)]
+    order = result.order[:min(top_k, model.num_classes)]
     extras: dict[str, Any] = {}
     if "image" in include:
         picture = overlay_base(result.prepared, "original", (geometry.height, geometry.width),

@@ -165,20 +165,34 @@ class JobResult:
 
     - ``scores``: ``(N, K) float32``: softmax probabilities, or sigmoid scores for a
       multilabel model;
+    - ``logits``: ``(N, K) float32``: the raw outputs the scores come from; they order
+      the classes (``class_order``), so saturated scores that tie still rank as the
+      engine's top-1 did;
     - ``targets[i]``: the classes explained for image ``i`` (top-1 resolved);
     - ``maps[i][j]``: ``(h, w) float32 >= 0``, image ``i``'s map for target ``j`` at
       the layer's resolution, before normalisation.
     """
 
     scores: np.ndarray
+    logits: np.ndarray
     targets: list[list[int]]
     maps: list[list[np.ndarray]]
     timings: JobTimings = field(default_factory=JobTimings)
 
     def slice(self, start: int, stop: int, timings: JobTimings) -> JobResult:
         """Images ``start:stop`` of a batch result, as one request's result."""
-        return JobResult(self.scores[start:stop], self.targets[start:stop],
-                         self.maps[start:stop], timings)
+        return JobResult(self.scores[start:stop], self.logits[start:stop],
+                         self.targets[start:stop], self.maps[start:stop], timings)
+
+
+def class_order(logits: np.ndarray) -> np.ndarray:
+    """Class indices from the most to the least likely: by raw output, ties by index.
+
+    The one ranking rule: the engine's top-1 (``argmax``, first index on ties) is
+    always ``class_order(...)[0]``, and predictions are listed in this order, even
+    where scores saturate (a sigmoid gives 1.0 to every logit above ~17).
+    """
+    return np.lexsort((np.arange(logits.shape[-1]), -logits.astype(np.float64)))
 
 
 class Engine(Protocol):

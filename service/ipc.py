@@ -249,19 +249,21 @@ def encode_result(request_id: int, result: JobResult) -> list[memoryview]:
               "counts": [len(per_image) for per_image in result.maps],
               "timings": [timings.queue_wait_s, timings.compute_s, timings.batch_images]}
     frames = [np.ascontiguousarray(result.scores, dtype=np.float32),
+              np.ascontiguousarray(result.logits, dtype=np.float32),
               np.stack(maps).astype(np.float32, copy=False)]
     return encode(header, frames)
 
 
 def decode_result(header: dict[str, Any], frames: Sequence[np.ndarray]) -> JobResult:
-    scores, stacked = frames
+    scores, logits, stacked = frames
     maps: list[list[np.ndarray]] = []
     offset = 0
     for count in header["counts"]:
         maps.append(list(stacked[offset:offset + count]))
         offset += count
     queue_wait_s, compute_s, batch_images = header["timings"]
-    return JobResult(scores=scores, targets=[list(t) for t in header["targets"]], maps=maps,
+    return JobResult(scores=scores, logits=logits, targets=[list(t) for t in header["targets"]],
+                     maps=maps,
                      timings=JobTimings(float(queue_wait_s), float(compute_s), int(batch_images)))
 
 

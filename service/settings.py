@@ -50,6 +50,9 @@ class ModelSpec(BaseModel):
     std: tuple[StrictFloat | StrictInt, ...] | None = None
     layer: Annotated[StrictStr, Field(min_length=1)] | None = None
     resize: ResizeMode = "stretch"
+    # What the model returns: raw "logits" (the service applies softmax/sigmoid), or
+    # "probabilities" (its head ends in one; Grad-CAM still takes the score before it).
+    output: Literal["logits", "probabilities"] = "logits"
     default: StrictBool = False
 
     @model_validator(mode="after")

@@ -62,6 +62,10 @@ def test_the_image_builds_runs_answers_and_stops() -> None:
                                headers={"Content-Type": "application/json"})
         assert answer.status_code == 200, answer.text
         assert json.loads(answer.content)["results"][0]["predictions"][0]["label"] == "nodule"
+        # The web page's files are in the installed package (not an editable checkout).
+        page = requests.get(f"{url}/", timeout=10)
+        assert page.status_code == 200 and "page/page.js" in page.text
+        assert requests.get(f"{url}/page/page.js", timeout=10).status_code == 200
         user = _podman("exec", name, "id", "-u").stdout.strip()
         assert user == "10001"
         init = _podman("exec", name, "cat", "/proc/1/cmdline").stdout

@@ -208,3 +208,26 @@ def test_malformed_bodies_name_the_field(body: bytes, status: int, field: str) -
         parse_explain_request(body)
     assert info.value.status == status
     assert (info.value.field or "body") == field, info.value.message
+
+
+def test_an_rgb_upload_keeps_its_colours_under_a_one_channel_models_overlay(
+        runtime: Runtime) -> None:
+    gray = np.asarray(Image.open(io.BytesIO(phantom_png(8, 160, 120))))
+    tint = np.stack([gray, (gray * 0.6).astype(np.uint8), (gray * 0.3).astype(np.uint8)], -1)
+    rgb = png_bytes(tint)
+    as_gray = png_bytes(np.asarray(Image.fromarray(tint).convert("L")))
+    coloured = _explain(runtime, images=[encode(rgb)], heatmap={"format": "overlay"},
+                        include=["image"])["results"][0]
+    plain = _explain(runtime, images=[encode(as_gray)],
+                     heatmap={"format": "overlay"})["results"][0]
+    # The model saw the same gray image either way...
+    assert coloured["predictions"] == plain["predictions"]
+    # ...and the overlay and the image are drawn on the colour original.
+    shown = np.asarray(_decode_png(coloured["image"]["data"]))
+    assert np.array_equal(shown, tint)
+    overlay = np.asarray(_decode_png(coloured["explanations"][0]["heatmap"]["data"]))
+    levels = np.asarray(_decode_png(_explain(runtime, images=[encode(rgb)],
+                                             heatmap={"format": "gray"})["results"][0][
+        "explanations"][0]["heatmap"]["data"]))
+    cold = levels == 0
+    assert cold.any() and np.array_equal(overlay[cold], tint[cold])

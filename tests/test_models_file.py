@@ -95,10 +95,11 @@ def test_corrupt_weights(tmp_path: Path) -> None:
 def test_weights_that_do_not_fit(tmp_path: Path, small_weights: Path) -> None:
     path = _write(tmp_path, f'[models.m]\narch = "resnet34"\nnum_classes = 3\n'
                   f'weights = "{small_weights}"\n')
-    with pytest.raises(ConfigError, match=r"key 'weights'.*does not fit.*(Missing|Unexpected)"):
+    with pytest.raises(ConfigError, match=r"key 'weights'.*does not fit.*(missing|unexpected)"):
         _load(path)
     path = _write(tmp_path, f'[models.m]\narch = "resnet18"\nweights = "{small_weights}"\n')
-    with pytest.raises(ConfigError, match=r"key 'weights'.*size mismatch"):
+    with pytest.raises(ConfigError, match=r"key 'weights'.*fc.weight: \(3, 512\) in the file, "
+                       r"\(1000, 512\) in the model.*set num_classes = 3"):
         _load(path)  # 1000 classes by default, the weights have 3
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from service.engine.checkpoints import CheckpointError, check_shapes, fit_keys, read_checkpoint
 from service.engine.layers import UnknownLayerError, default_layer, probe_layers, resolve_layer
 from service.errors import ConfigError
 from service.interface import LayerInfo, ModelInfo
@@ -77,14 +78,30 @@ class _ModelConfigError(ConfigError):
         super().__init__(f"model '{model}', key '{key}': {message}")
 
 
-def _build_architecture(name: str, spec: ModelSpec, num_classes: int | None) -> nn.Module:
+def _import_factory(name: str, spec: ModelSpec, base_dir: Path) -> Any:
+    """``pkg.module:factory``, found next to the models file first, then on ``sys.path``
+    (no ``PYTHONPATH`` needed for code shipped with the models file, in a container too)."""
+    module_name, _, factory_name = spec.arch.partition(":")
+    folder = str(base_dir.resolve())
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        return getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as error:
+        raise _ModelConfigError(
+            name, "arch", f"cannot import '{spec.arch}' (looked in {folder} and on sys.path): "
+            f"{error}") from None
+    finally:
+        if added:
+            sys.path.remove(folder)
+
+
+def _build_architecture(name: str, spec: ModelSpec, num_classes: int | None,
+                        base_dir: Path) -> nn.Module:
     kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if ":" in spec.arch:
-        module_name, _, factory_name = spec.arch.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), factory_name)
-        except (ImportError, AttributeError) as error:
-            raise _ModelConfigError(name, "arch", f"cannot import '{spec.arch}': {error}") from None
+        factory = _import_factory(name, spec, base_dir)
         try:
             model = factory(**kwargs)
         except Exception as error:
@@ -105,9 +122,11 @@ def _build_architecture(name: str, spec: ModelSpec, num_classes: int | None) -> 
         raise _ModelConfigError(name, "arch", f"cannot build '{spec.arch}': {error}") from None
 
 
-def _torchvision_weights(name: str, spec: ModelSpec) -> Any | None:
-    """The torchvision weights enum member named by ``spec.weights``, if it is one."""
-    if spec.weights is None or ":" in spec.arch or _looks_like_path(spec.weights):
+def _torchvision_weights(name: str, spec: ModelSpec, models: ModelsFile) -> Any | None:
+    """The torchvision weights enum member named by ``spec.weights``, if it is one (a
+    file of that name, whatever its extension, is a file)."""
+    if (spec.weights is None or ":" in spec.arch or _looks_like_path(spec.weights)
+            or models.resolve_path(spec.weights).exists()):
         return None
     try:
         enum = torchvision.models.get_model_weights(spec.arch)
@@ -123,8 +142,12 @@ def _torchvision_weights(name: str, spec: ModelSpec) -> Any | None:
         f"{spec.arch}: {', '.join(enum.__members__)}")
 
 
+# Extensions checkpoints are shared with (the content decides how a file is read).
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".tar", ".ckpt", ".safetensors", ".bin", ".pkl")
+
+
 def _looks_like_path(value: str) -> bool:
-    return value.endswith((".pt", ".pth", ".safetensors", ".bin")) or "/" in value or "\\" in value
+    return value.lower().endswith(_CHECKPOINT_SUFFIXES) or "/" in value or "\\" in value
 
 
 def _download_state_dict(name: str, spec: ModelSpec, weights: Any) -> dict[str, Tensor]:
@@ -145,24 +168,9 @@ def _read_state_dict(name: str, path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise _ModelConfigError(name, "weights", f"file {path} does not exist")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise _ModelConfigError(
-            name, "weights", f"cannot read {path}: {type(error).__name__}: {error}") from None
-    # Checkpoints often wrap the state dict; DataParallel prefixes every key.
-    if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(
-            loaded["state_dict"], Mapping):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):
-        raise _ModelConfigError(
-            name, "weights", f"{path} does not hold a state_dict (a mapping of names to tensors)")
-    if loaded and all(k.startswith("module.") for k in loaded):
-        loaded = {k.removeprefix("module."): v for k, v in loaded.items()}
-    return dict(loaded)
+        return read_checkpoint(path)
+    except CheckpointError as error:
+        raise _ModelConfigError(name, "weights", str(error)) from None
 
 
 def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
@@ -198,7 +206,20 @@ def _fit_first_conv(model: nn.Module, state: dict[str, Tensor], channels: int) -
         state[key] = weight.sum(dim=1, keepdim=True)
 
 
-def _load_weights(name: str, model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+def _load_weights(name: str, model: nn.Module, state: dict[str, Tensor], source: str,
+                  channels: int) -> None:
+    expected = model.state_dict()
+    try:
+        fitted = fit_keys(state, expected)
+        state = fitted.state
+        _fit_first_conv(model, state, channels)
+        check_shapes(state, expected)
+    except CheckpointError as error:
+        raise _ModelConfigError(
+            name, "weights", f"{source} does not fit the architecture: {error}") from None
+    if fitted.change:
+        logger.info("model '%s': %s of every key of %s to fit the architecture", name,
+                    fitted.change, source)
     try:
         result = model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -228,6 +249,95 @@ def _read_labels(name: str, spec: ModelSpec, models: ModelsFile,
     return None
 
 
+# Heads that turn logits into probabilities, as modules (a hook can read their input).
+_ACTIVATIONS = (nn.Sigmoid, nn.Softmax)
+# Probabilities turned back into logits (a functional activation): kept off 0 and 1.
+_EPS = 1e-7
+
+
+def _final_activation(model: nn.Module, spec: ModelSpec) -> tuple[str, nn.Module] | None:
+    """The Sigmoid or Softmax module whose output is the model's output, if there is one."""
+    seen: dict[str, Tensor] = {}
+    handles = [module.register_forward_hook(
+        lambda _m, _i, out, key=module_name: seen.__setitem__(key, out))
+        for module_name, module in model.named_modules() if isinstance(module, _ACTIVATIONS)]
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, spec.channels, *spec.input_size))
+    except Exception:
+        return None  # _output_classes reports a forward that fails
+    finally:
+        for handle in handles:
+            handle.remove()
+    for module_name, value in seen.items():
+        if value is out:
+            return module_name, model.get_submodule(module_name)
+    return None
+
+
+def _return_input(_module: nn.Module, inputs: tuple[Any, ...], _output: Tensor) -> Tensor:
+    result: Tensor = inputs[0]
+    return result
+
+
+def _inverse_sigmoid(_module: nn.Module, _inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+    return torch.logit(output, eps=_EPS)
+
+
+def _log_probabilities(_module: nn.Module, _inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+    return torch.log(output.clamp_min(_EPS))
+
+
+def _expose_logits(name: str, model: nn.Module, spec: ModelSpec) -> None:
+    """Make a model that returns probabilities return the logits they come from, so
+    Grad-CAM's score is taken before the activation and the service applies it once."""
+    final = _final_activation(model, spec)
+    if final is not None:
+        module_name, module = final
+        module.register_forward_hook(_return_input)
+        kind = type(module).__name__
+        logger.info("model '%s': output = \"probabilities\": scores from the input of its final "
+                    "%s ('%s')", name, kind, module_name)
+        if (kind == "Softmax") == spec.multilabel:
+            logger.warning("model '%s' ends in a %s but multilabel = %s: check 'multilabel' "
+                           "(true for independent sigmoid scores)", name, kind,
+                           str(spec.multilabel).lower())
+        return
+    # A functional sigmoid/softmax in forward(): no module to read before; undo it.
+    model.register_forward_hook(_inverse_sigmoid if spec.multilabel else _log_probabilities)
+    logger.warning(
+        "model '%s': output = \"probabilities\" but no final Sigmoid/Softmax module was found; "
+        "its outputs are turned back into %s, and saturated scores (exactly 0 or 1) give no "
+        "gradient. A model that returns logits (or ends in an nn.Sigmoid/nn.Softmax module) "
+        "avoids this", name, "log-odds" if spec.multilabel else "log-probabilities")
+
+
+def _warn_if_probabilities(name: str, model: nn.Module, spec: ModelSpec) -> None:
+    """A model declared to return logits whose outputs look like probabilities would get
+    a second sigmoid/softmax (every score squeezed near 0.5–0.73): say so at load."""
+    final = _final_activation(model, spec)
+    if final is not None:
+        logger.warning("model '%s' ends in a %s module ('%s'): its outputs are probabilities. "
+                       "Set output = \"probabilities\" in the models file, or every score gets a "
+                       "second %s", name, type(final[1]).__name__, final[0],
+                       "sigmoid" if spec.multilabel else "softmax")
+        return
+    generator = torch.Generator().manual_seed(0)
+    probes = torch.cat([torch.zeros(1, spec.channels, *spec.input_size),
+                        torch.full((1, spec.channels, *spec.input_size), 0.5),
+                        torch.randn(2, spec.channels, *spec.input_size, generator=generator)])
+    try:
+        with torch.no_grad():
+            out = model(probes)
+    except Exception:
+        return
+    if isinstance(out, Tensor) and out.numel() and bool(((out >= 0) & (out <= 1)).all()):
+        logger.warning("model '%s': its outputs on test inputs all lie in [0, 1], as "
+                       "probabilities do. If it returns probabilities, set output = "
+                       "\"probabilities\" in the models file (else each score gets a second %s)",
+                       name, "sigmoid" if spec.multilabel else "softmax")
+
+
 def _output_classes(name: str, model: nn.Module, spec: ModelSpec) -> int:
     try:
         with torch.no_grad():
@@ -246,7 +356,7 @@ def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu"
     """Build, load and check model ``name`` of ``models``; ``ConfigError`` on any mistake."""
     started = time.monotonic()
     spec = models.models[name]
-    weights_enum = _torchvision_weights(name, spec)
+    weights_enum = _torchvision_weights(name, spec, models)
     labels = _read_labels(name, spec, models, weights_enum)
     num_classes = spec.num_classes
     if num_classes is None and labels is not None:
@@ -255,23 +365,25 @@ def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu"
         raise _ModelConfigError(
             name, "labels", f"{len(labels)} labels but num_classes = {num_classes}")
 
-    model = _build_architecture(name, spec, num_classes)
+    model = _build_architecture(name, spec, num_classes, models.base_dir)
     if ":" not in spec.arch:
         _adapt_input_channels(model, spec.channels)
     if weights_enum is not None:
         state = _download_state_dict(name, spec, weights_enum)
-        _fit_first_conv(model, state, spec.channels)
-        _load_weights(name, model, state, f"torchvision weights {weights_enum.name}")
+        _load_weights(name, model, state, f"torchvision weights {weights_enum.name}",
+                      spec.channels)
     elif spec.weights is not None:
         path = models.resolve_path(spec.weights)
-        state = _read_state_dict(name, path)
-        _fit_first_conv(model, state, spec.channels)
-        _load_weights(name, model, state, str(path))
+        _load_weights(name, model, _read_state_dict(name, path), str(path), spec.channels)
     else:
         logger.warning("model '%s' has no weights: its parameters are random", name)
 
     model.eval()
     model.requires_grad_(False)
+    if spec.output == "probabilities":
+        _expose_logits(name, model, spec)
+    else:
+        _warn_if_probabilities(name, model, spec)
     classes = _output_classes(name, model, spec)
     if num_classes is not None and classes != num_classes:
         raise _ModelConfigError(

@@ -14,7 +14,7 @@ Messages (JSON header + raw frames, see ``ipc``)::
 
     hello   → {catalog, pid, device}
     ping    → {healthy, queue}          healthy: models loaded, model loop alive
-    explain → {targets, counts, timings} + frames [scores (N, K), maps (M, h, w)]
+    explain → {targets, counts, timings} + frames [scores (N, K), logits (N, K), maps (M, h, w)]
               or {error: ServiceError.to_wire()}
     cancel    the worker stopped waiting (client gone, deadline): skip the job
 

@@ -194,7 +194,8 @@ class Runtime:
                                          should_stop)
         scores = (torch.sigmoid(batch.logits) if model.spec.multilabel
                   else torch.softmax(batch.logits, dim=1))
-        return JobResult(scores=scores.numpy(), targets=batch.targets,
+        return JobResult(scores=scores.numpy(), logits=batch.logits.numpy(),
+                         targets=batch.targets,
                          maps=[[cam.numpy() for cam in cams] for cams in batch.cams])
 
     def close(self, drain: bool = False, timeout_s: float = 10.0) -> None:
