@@ -5,6 +5,7 @@ scores that saturate and tie."""
 
 from __future__ import annotations
 
+import io
 import logging
 import textwrap
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
@@ -22,7 +24,7 @@ from service.errors import ConfigError
 from service.explain import explain
 from service.schemas import ExplainRequest
 from service.settings import Settings, load_models_file
-from tests.conftest import encode, phantom_png
+from tests.conftest import encode, phantom_png, png_bytes
 
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
             "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",
@@ -322,3 +324,96 @@ def test_one_ranking_when_scores_saturate_and_tie(project: tuple[Path, str]) -> 
     assert [p["score"] for p in result["predictions"]] == [1.0, 1.0, 1.0]
     assert [p["index"] for p in result["predictions"]] == [1, 0, 2]  # by logit
     assert result["explanations"][0]["target"]["index"] == 1
+
+
+# torchxrayvision as a radiology team would serve it offline: the architecture from
+# the package, the weights from a file converted once where the internet is (its own
+# download needs GitHub), its calibration (op_threshs) kept, its preprocessing as
+# models-file keys: 1 channel, (2·x − 1)·1024 = (x − 0.5) / (1/2048), centre crop.
+_XRV_FACTORY = '''
+import torch
+import torchxrayvision as xrv
+
+
+def densenet_all(num_classes=18):
+    model = xrv.models.DenseNet(weights=None, num_classes=num_classes)
+    # A buffer, so the converted state_dict (with its op_threshs) fits exactly.
+    model.op_threshs = torch.zeros(num_classes)
+    return model
+
+
+def densenet_logits(num_classes=18):
+    return xrv.models.DenseNet(weights=None, num_classes=num_classes)
+'''
+
+
+def test_a_torchxrayvision_model_with_its_own_preprocessing(tmp_path: Path) -> None:
+    xrv = pytest.importorskip("torchxrayvision")
+    (tmp_path / "xrv_models.py").write_text(_XRV_FACTORY)
+    labels = xrv.models.model_urls["densenet121-res224-all"]["labels"]
+    thresholds = xrv.models.model_urls["densenet121-res224-all"]["op_threshs"]
+    (tmp_path / "xrv-labels.txt").write_text("\n".join(labels) + "\n")
+    # What the one-off conversion yields: the model's state_dict, thresholds included.
+    image = np.asarray(Image.open(io.BytesIO(phantom_png(9, 560, 448))))  # not square
+    pixels = xrv.datasets.normalize(image.astype(np.float32), 255)[None]
+    pixels = xrv.datasets.XRayResizer(224)(xrv.datasets.XRayCenterCrop()(pixels))
+    inputs = torch.from_numpy(pixels)[None].float()
+    torch.manual_seed(4)
+    reference = xrv.models.DenseNet(weights=None).eval()
+    with torch.no_grad():  # random weights on ±1024 inputs saturate: scale the head down
+        logits = reference(inputs)
+        reference.classifier.weight *= 2 / logits.std()
+        reference.classifier.bias -= reference(inputs).mean()
+    reference.op_threshs = torch.tensor(thresholds)
+    torch.save(reference.state_dict(), tmp_path / "xrv-densenet121-all.pt")
+    path = _models_file(tmp_path, '''
+        [models.xrv]
+        arch = "xrv_models:densenet_all"
+        weights = "xrv-densenet121-all.pt"
+        labels = "xrv-labels.txt"
+        multilabel = true
+        output = "probabilities"
+        channels = 1
+        input_size = [224, 224]
+        mean = [0.5]
+        std = [0.00048828125]
+        resize = "crop"
+        ''')
+    runtime = Runtime(Settings(device="cpu", models_file=path)).start()
+    try:
+        request = ExplainRequest.model_validate({
+            "images": [encode(png_bytes(image))], "top_k": 18,
+            "heatmap": {"format": "array", "size": "layer"}})
+        result = explain(request, runtime, runtime.settings)["results"][0]
+    finally:
+        runtime.close()
+    assert result["geometry"]["box"] == [56.0, 0.0, 504.0, 448.0]  # the centre square
+    # torchxrayvision's own pipeline on the same image: normalize, centre crop, resize.
+    with torch.no_grad():
+        theirs = reference(inputs)[0].numpy()
+    ours = np.zeros(len(labels))
+    for prediction in result["predictions"]:
+        ours[prediction["index"]] = prediction["score"]
+    # Calibrated like theirs (op_norm), not squeezed by a second sigmoid; resizers differ.
+    assert np.abs(ours - theirs).max() < 0.01, np.abs(ours - theirs).max()
+    assert [p["index"] for p in result["predictions"]][:3] == list(np.argsort(-theirs))[:3]
+    heat = np.asarray(result["explanations"][0]["heatmap"]["values"])
+    assert heat.shape == (7, 7) and heat.max() == pytest.approx(1.0)
+    # The calibration only rescales the score's gradient: the same map as the logits'.
+    state = reference.state_dict()
+    del state["op_threshs"]
+    torch.save(state, tmp_path / "xrv-logits.pt")
+    text = path.read_text().replace("densenet_all", "densenet_logits").replace(
+        "xrv-densenet121-all.pt", "xrv-logits.pt").replace('output = "probabilities"', "")
+    path.write_text(text)
+    runtime = Runtime(Settings(device="cpu", models_file=path)).start()
+    try:
+        target = result["explanations"][0]["target"]["index"]
+        logits_result = explain(ExplainRequest.model_validate({
+            "images": [encode(png_bytes(image))], "targets": [target],
+            "heatmap": {"format": "array", "size": "layer"}}), runtime,
+            runtime.settings)["results"][0]
+    finally:
+        runtime.close()
+    plain = np.asarray(logits_result["explanations"][0]["heatmap"]["values"])
+    assert np.corrcoef(heat.ravel(), plain.ravel())[0, 1] > 0.999
