@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -28,6 +28,14 @@ from service.budgets import RequestBudget
 from service.errors import ClientClosed, DeadlineExceeded, InvalidField, PayloadTooLarge
 from service.imaging.decoding import Admit, decode_base64, decode_image
 from service.imaging.dicom import describe_dicom, is_dicom
+from service.imaging.dicom_out import (
+    DerivedFrom,
+    new_uid,
+    parametric_map,
+    parametric_map_problem,
+    read_header,
+    secondary_capture,
+)
 from service.imaging.encoders import encode_image
 from service.imaging.geometry import Geometry, to_model_pixels
 from service.imaging.render import (
@@ -39,8 +47,11 @@ from service.imaging.render import (
     to_uint8,
 )
 from service.interface import Box, Engine, Job, ModelInfo, class_order
-from service.schemas import ClassRef, ExplainRequest, HeatmapOptions, TargetSpec
+from service.schemas import DICOM_FORMATS, ClassRef, ExplainRequest, HeatmapOptions, TargetSpec
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,8 @@ class PreparedImage:
     geometry: Geometry
     targets: list[int | None]  # None = the top-1 class
     dicom: dict[str, Any] | None = None  # a DICOM file's attributes, when asked for
+    header: Dataset | None = None  # a DICOM source's header, for dicom-sc/dicom-pm output
+    frame: int | None = None  # the frame explained (multi-frame sources)
 
 
 @dataclass(frozen=True)
@@ -94,7 +107,8 @@ def resolve_targets(spec: TargetSpec, model: ModelInfo, index: int) -> list[int 
 
 def prepare_image(data: bytes, index: int, model: ModelInfo, admit: Admit,
                   targets: list[int | None], frame: int | None = None,
-                  keep_display: bool = False, describe: bool = False) -> PreparedImage:
+                  keep_display: bool = False, describe: bool = False,
+                  keep_header: bool = False) -> PreparedImage:
     """Decode and fit one image; every problem raises a ``ServiceError`` naming ``index``.
 
     ``admit(width, height)`` checks the size from the header first (``budgets.py``);
@@ -109,7 +123,8 @@ def prepare_image(data: bytes, index: int, model: ModelInfo, admit: Admit,
         image = image.convert("L")  # as decode_image converts for a 1-channel model
     pixels, box, geometry = to_model_pixels(image, model.input_size, model.resize)
     dicom = describe_dicom(data, frame) if describe and is_dicom(data) else None
-    return PreparedImage(index, display, pixels, box, geometry, targets, dicom)
+    header = read_header(data) if keep_header and is_dicom(data) else None
+    return PreparedImage(index, display, pixels, box, geometry, targets, dicom, header, frame)
 
 
 def choose_layer(model: ModelInfo, layer: str | None) -> str:
@@ -183,15 +198,29 @@ def draw_heatmap(heat: np.ndarray, prepared: PreparedImage, options: HeatmapOpti
 
 
 def render_heatmap(cam: np.ndarray, prepared: PreparedImage, options: HeatmapOptions,
-                   model: ModelInfo) -> dict[str, Any]:
+                   model: ModelInfo, derived: DerivedFrom | None = None) -> dict[str, Any]:
     """One heatmap object of the response (``values`` stay a numpy array for orjson)."""
     height, width = output_shape(cam, prepared.geometry, options.size)
     out: dict[str, Any] = {"format": options.format, "width": width, "height": height,
                            "raw_max": float(cam.max())}
     if options.format == "none":
         return out
+    if options.format in DICOM_FORMATS:
+        reason = _dicom_problem(prepared, options.format)
+        if reason is not None:
+            out["reason"] = reason
+            return out
     heat = heatmap(cam, prepared.geometry, options.size)
-    if options.format == "array":
+    if options.format in DICOM_FORMATS:
+        assert prepared.header is not None and derived is not None
+        if options.format == "dicom-pm":
+            out["data"] = _b64(parametric_map(prepared.header, heat, derived))
+        else:
+            overlay = draw_heatmap(heat, prepared, options.model_copy(update={"format": "overlay"}),
+                                   model)
+            out["data"] = _b64(secondary_capture(prepared.header, overlay, derived,
+                                                 prepared.frame, options.encoding))
+    elif options.format == "array":
         out["values"] = heat
     else:
         picture = draw_heatmap(heat, prepared, options, model)
@@ -200,13 +229,26 @@ def render_heatmap(cam: np.ndarray, prepared: PreparedImage, options: HeatmapOpt
     return out
 
 
+def _dicom_problem(prepared: PreparedImage, fmt: str) -> str | None:
+    """Why ``fmt`` cannot be made for this image (the explanation says so), or None."""
+    if prepared.header is None:
+        return (f"{fmt} is a DICOM object derived from a DICOM source image; image "
+                f"{prepared.index} is not DICOM (ask for 'overlay' or 'png')")
+    if fmt == "dicom-pm":
+        return parametric_map_problem(prepared.header)
+    return None
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
 def render_result(result: ExplainedImage, model: ModelInfo, top_k: int,
-                  options: HeatmapOptions, include: Sequence[str] = ()) -> dict[str, Any]:
+                  options: HeatmapOptions, include: Sequence[str] = (), method: str = "gradcam",
+                  layer: str | None = None) -> dict[str, Any]:
     geometry = result.prepared.geometry
+    # DICOM objects: one new series per source image, one instance per explanation.
+    series_uid = new_uid() if options.format in DICOM_FORMATS else ""
     order = result.order[:min(top_k, model.num_classes)]
     extras: dict[str, Any] = {}
     if "image" in include:
@@ -225,8 +267,10 @@ def render_result(result: ExplainedImage, model: ModelInfo, top_k: int,
         "predictions": [_prediction(model, int(i), result.scores) for i in order],
         "explanations": [
             {"target": _prediction(model, target, result.scores),
-             "heatmap": render_heatmap(cam, result.prepared, options, model)}
-            for target, cam in zip(result.targets, result.cams, strict=True)
+             "heatmap": render_heatmap(cam, result.prepared, options, model, DerivedFrom(
+                 label=model.labels[target], method=method, layer=layer or model.default_layer,
+                 model=model.name, instance_number=k + 1, series_uid=series_uid))}
+            for k, (target, cam) in enumerate(zip(result.targets, result.cams, strict=True))
         ],
         **extras,
     }
@@ -257,14 +301,15 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
     budget = RequestBudget(limits, model, layer, request.heatmap,
                            with_image="image" in request.include)
     budget.check_explanations([len(t) for t in targets])
-    keep_display = "image" in request.include or (
+    keep_display = "image" in request.include or request.heatmap.format == "dicom-sc" or (
         request.heatmap.format == "overlay" and request.heatmap.size == "original")
     with metrics.STAGE_DURATION.labels("decode").time():
         prepared = [
             prepare_image(decode_base64(text, i), i, model,
                           partial(budget.admit_image, i, explanations=len(targets[i])),
                           targets[i], request.frame, keep_display,
-                          describe="dicom" in request.include)
+                          describe="dicom" in request.include,
+                          keep_header=request.heatmap.format in DICOM_FORMATS)
             for i, text in enumerate(request.images)
         ]
     results = run(engine, model, layer, request.method, prepared, deadline, disconnected)
@@ -279,7 +324,7 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
             if disconnected is not None and disconnected():
                 raise ClientClosed("The client disconnected before the answer was drawn.")
             rendered.append(render_result(result, model, request.top_k, request.heatmap,
-                                          request.include))
+                                          request.include, request.method, layer))
     return {"model": model.name, "method": request.method, "layer": layer, "results": rendered}
 
 

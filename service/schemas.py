@@ -23,7 +23,9 @@ from service.errors import BadRequest, InvalidField
 
 Method = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 METHODS: tuple[str, ...] = get_args(Method)  # the engine's formulas; a test keeps them equal
-HeatmapFormat = Literal["array", "png", "overlay", "gray", "none"]
+HeatmapFormat = Literal["array", "png", "overlay", "gray", "none", "dicom-sc", "dicom-pm"]
+# DICOM objects of a DICOM source, on its pixel grid (imaging/dicom_out.py).
+DICOM_FORMATS = ("dicom-sc", "dicom-pm")
 HeatmapSize = Literal["original", "input", "layer"]
 HeatmapEncoding = Literal["png", "jpeg", "webp"]
 # Extras a result may carry on request: the picture heatmaps are drawn over (for
@@ -48,9 +50,15 @@ class HeatmapOptions(BaseModel):
 
     @model_validator(mode="after")
     def _encoding_needs_a_picture(self) -> HeatmapOptions:
-        if "encoding" in self.model_fields_set and self.format in ("array", "none"):
-            raise ValueError(f"encoding applies to the png, overlay and gray formats, not to "
-                             f"'{self.format}'")
+        if "encoding" in self.model_fields_set and self.format in ("array", "none", "dicom-pm"):
+            raise ValueError(f"encoding applies to the png, overlay, gray and dicom-sc formats, "
+                             f"not to '{self.format}'")
+        if self.format == "dicom-sc" and self.encoding == "webp":
+            raise ValueError("a dicom-sc object is uncompressed (encoding png) or JPEG (jpeg); "
+                             "DICOM has no WebP")
+        if self.format in DICOM_FORMATS and self.size != "original":
+            raise ValueError(f"a {self.format} object lies on the source image's own pixel grid: "
+                             "size must be 'original'")
         return self
 
 
@@ -77,8 +85,9 @@ class Prediction(BaseModel):
 
 
 class Heatmap(BaseModel):
-    """A heatmap: ``values`` (format ``array``) or ``data`` (a base64 picture in ``encoding``),
-    or neither (``none``).
+    """A heatmap: ``values`` (format ``array``) or ``data`` (a base64 picture in ``encoding``,
+    or a DICOM Part 10 file for ``dicom-sc``/``dicom-pm``), or neither (``none``, or a
+    ``reason`` why that format cannot be made for this image).
 
     ``raw_max`` is the map's maximum before min-max normalisation (in units of the
     score's gradient times the activation): 0 means the map was all zero.
@@ -91,6 +100,7 @@ class Heatmap(BaseModel):
     values: list[list[float]] | None = None
     data: str | None = None
     encoding: HeatmapEncoding | None = None
+    reason: str | None = None
 
 
 class Explanation(BaseModel):

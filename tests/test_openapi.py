@@ -66,8 +66,9 @@ def test_real_responses_match_the_document(server: LiveServer) -> None:
         _check("/v1/explain", "post", response)
     dicom = encode((Path(__file__).resolve().parents[1] / "examples/phantom_nodule.dcm")
                    .read_bytes())
-    for images in ([image], [dicom]):
-        body = {"images": images, "include": ["image", "dicom"], "heatmap": {"format": "gray"}}
+    for images, fmt in (([image], "gray"), ([dicom], "gray"), ([dicom], "dicom-sc"),
+                        ([dicom], "dicom-pm"), ([image], "dicom-sc")):
+        body = {"images": images, "include": ["image", "dicom"], "heatmap": {"format": fmt}}
         response = requests.post(f"{server.url}/v1/explain", json=body, timeout=60)
         assert response.status_code == 200
         _check("/v1/explain", "post", response)
