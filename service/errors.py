@@ -4,6 +4,7 @@
 
     ServiceError                    500 internal (never raised for client input)
     ├── BadRequest                  400 bad_request, invalid_json, json_too_deep
+    ├── Forbidden                   403 forbidden, dicomweb_not_allowed
     ├── NotFound                    404 not_found
     │   └── UnknownModel            404 unknown_model
     ├── MethodNotAllowed            405 method_not_allowed
@@ -15,6 +16,8 @@
     ├── InvalidField                422 invalid_field, unknown_layer, unknown_method,
     │                                   unknown_label, target_out_of_range, invalid_image, ...
     ├── ClientClosed                499 client_closed (nobody reads it; for logs and metrics)
+    ├── BadGateway                  502 dicomweb_unreachable, dicomweb_failed (the other
+    │                                   server failed, not the client)
     ├── Unavailable                 503, with Retry-After
     │   ├── Overloaded              503 overloaded (the engine's queue is full)
     │   ├── EngineUnavailable       503 engine_unavailable (no engine answers)
@@ -81,6 +84,11 @@ class BadRequest(ServiceError):
     default_code = "bad_request"
 
 
+class Forbidden(ServiceError):
+    status = 403
+    default_code = "forbidden"
+
+
 class NotFound(ServiceError):
     status = 404
     default_code = "not_found"
@@ -115,6 +123,13 @@ class ClientClosed(ServiceError):
 
     status = 499
     default_code = "client_closed"
+
+
+class BadGateway(ServiceError):
+    """A server this one had to call (a DICOMweb server) failed or could not be reached."""
+
+    status = 502
+    default_code = "bad_gateway"
 
 
 class Unavailable(ServiceError):
@@ -161,9 +176,9 @@ def _by_code() -> dict[str, type[ServiceError]]:
 
 
 _BY_STATUS: dict[int, type[ServiceError]] = {
-    400: BadRequest, 404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge,
-    415: UnsupportedMediaType, 422: InvalidField, 499: ClientClosed, 503: Unavailable,
-    504: DeadlineExceeded,
+    400: BadRequest, 403: Forbidden, 404: NotFound, 405: MethodNotAllowed,
+    413: PayloadTooLarge, 415: UnsupportedMediaType, 422: InvalidField, 499: ClientClosed,
+    502: BadGateway, 503: Unavailable, 504: DeadlineExceeded,
 }
 
 

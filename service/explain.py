@@ -25,6 +25,7 @@ from PIL import Image
 
 from service import metrics
 from service.budgets import RequestBudget
+from service.dicomweb import DicomWebServers, InstanceRef, fetch_instance, store
 from service.errors import ClientClosed, DeadlineExceeded, InvalidField, PayloadTooLarge
 from service.imaging.decoding import Admit, decode_base64, decode_image
 from service.imaging.dicom import describe_dicom, is_dicom
@@ -47,7 +48,14 @@ from service.imaging.render import (
     to_uint8,
 )
 from service.interface import Box, Engine, Job, ModelInfo, class_order
-from service.schemas import DICOM_FORMATS, ClassRef, ExplainRequest, HeatmapOptions, TargetSpec
+from service.schemas import (
+    DICOM_FORMATS,
+    ClassRef,
+    DicomWebImage,
+    ExplainRequest,
+    HeatmapOptions,
+    TargetSpec,
+)
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -220,6 +228,8 @@ def render_heatmap(cam: np.ndarray, prepared: PreparedImage, options: HeatmapOpt
                                    model)
             out["data"] = _b64(secondary_capture(prepared.header, overlay, derived,
                                                  prepared.frame, options.encoding))
+        out["uids"] = {"study": str(prepared.header.StudyInstanceUID),
+                       "series": derived.series_uid, "instance": derived.instance_uid}
     elif options.format == "array":
         out["values"] = heat
     else:
@@ -269,7 +279,8 @@ def render_result(result: ExplainedImage, model: ModelInfo, top_k: int,
             {"target": _prediction(model, target, result.scores),
              "heatmap": render_heatmap(cam, result.prepared, options, model, DerivedFrom(
                  label=model.labels[target], method=method, layer=layer or model.default_layer,
-                 model=model.name, instance_number=k + 1, series_uid=series_uid))}
+                 model=model.name, instance_number=k + 1, series_uid=series_uid,
+                 instance_uid=new_uid() if series_uid else ""))}
             for k, (target, cam) in enumerate(zip(result.targets, result.cams, strict=True))
         ],
         **extras,
@@ -303,9 +314,19 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
     budget.check_explanations([len(t) for t in targets])
     keep_display = "image" in request.include or request.heatmap.format == "dicom-sc" or (
         request.heatmap.format == "overlay" and request.heatmap.size == "original")
+    servers = DicomWebServers(limits.dicomweb_servers)
+
+    def image_bytes(given: str | DicomWebImage, index: int) -> bytes:
+        if isinstance(given, str):
+            return decode_base64(given, index)
+        ref = given.dicomweb
+        return fetch_instance(InstanceRef(ref.url, ref.study, ref.series, ref.instance),
+                              servers, index, limits.max_request_bytes,
+                              deadline - time.monotonic())
+
     with metrics.STAGE_DURATION.labels("decode").time():
         prepared = [
-            prepare_image(decode_base64(text, i), i, model,
+            prepare_image(image_bytes(text, i), i, model,
                           partial(budget.admit_image, i, explanations=len(targets[i])),
                           targets[i], request.frame, keep_display,
                           describe="dicom" in request.include,
@@ -325,7 +346,22 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
                 raise ClientClosed("The client disconnected before the answer was drawn.")
             rendered.append(render_result(result, model, request.top_k, request.heatmap,
                                           request.include, request.method, layer))
+    if request.store is not None:
+        _store(rendered, request.store.url, servers, deadline)
     return {"model": model.name, "method": request.method, "layer": layer, "results": rendered}
+
+
+def _store(rendered: list[dict[str, Any]], url: str, servers: DicomWebServers,
+           deadline: float) -> None:
+    """STOW-RS every DICOM object of the answer to ``url``; each heatmap says how it went."""
+    made = [explanation["heatmap"] for result in rendered
+            for explanation in result["explanations"] if "data" in explanation["heatmap"]]
+    if not made:
+        return
+    objects = [(h["uids"]["instance"], base64.b64decode(h["data"])) for h in made]
+    for picture, outcome in zip(made, store(objects, url, servers, deadline - time.monotonic()),
+                                strict=True):
+        picture["stored"] = {"ok": outcome.ok, "message": outcome.message}
 
 
 def dumps(body: dict[str, Any]) -> bytes:

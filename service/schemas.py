@@ -62,13 +62,40 @@ class HeatmapOptions(BaseModel):
         return self
 
 
+class DicomWebInstance(BaseModel):
+    """An instance on a DICOMweb server (one of ``GRADCAM_DICOMWEB_SERVERS``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: Annotated[StrictStr, Field(min_length=1, max_length=2048)]
+    study: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    series: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    instance: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+
+
+class DicomWebImage(BaseModel):
+    """An image named by its UIDs instead of sent: ``{"dicomweb": {...}}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dicomweb: DicomWebInstance
+
+
+class StoreOptions(BaseModel):
+    """Where the ``dicom-sc``/``dicom-pm`` objects are stored (STOW-RS)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: Annotated[StrictStr, Field(min_length=1, max_length=2048)]
+
+
 class ExplainRequest(BaseModel):
     """Body of ``POST /v1/explain``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     model: Annotated[StrictStr, Field(min_length=1)] | None = None
-    images: Annotated[list[StrictStr], Field(min_length=1)]
+    images: Annotated[list[StrictStr | DicomWebImage], Field(min_length=1)]
     targets: list[TargetSpec] | None = None
     method: Method = "gradcam"
     layer: Annotated[StrictStr, Field(min_length=1)] | None = None
@@ -76,6 +103,14 @@ class ExplainRequest(BaseModel):
     heatmap: HeatmapOptions = HeatmapOptions()
     frame: Annotated[StrictInt, Field(ge=0)] | None = None
     include: Annotated[list[Include], Field(max_length=2)] = []
+    store: StoreOptions | None = None
+
+    @model_validator(mode="after")
+    def _store_needs_dicom(self) -> ExplainRequest:
+        if self.store is not None and self.heatmap.format not in DICOM_FORMATS:
+            raise ValueError("store sends DICOM objects: heatmap.format must be 'dicom-sc' or "
+                             "'dicom-pm'")
+        return self
 
 
 class Prediction(BaseModel):
@@ -101,6 +136,9 @@ class Heatmap(BaseModel):
     data: str | None = None
     encoding: HeatmapEncoding | None = None
     reason: str | None = None
+    # dicom-sc/dicom-pm: the object's UIDs, and what storing it did (``store``).
+    uids: dict[str, str] | None = None
+    stored: dict[str, Any] | None = None
 
 
 class Explanation(BaseModel):
@@ -190,7 +228,8 @@ def invalid_field(error: ValidationError) -> InvalidField:
     """The first problem pydantic found, as a 422 that names the field."""
     first = error.errors()[0]
     loc = first["loc"]
-    known = set(ExplainRequest.model_fields) | set(HeatmapOptions.model_fields)
+    known = (set(ExplainRequest.model_fields) | set(HeatmapOptions.model_fields)
+             | set(DicomWebImage.model_fields) | set(DicomWebInstance.model_fields))
     path = ""
     for position, part in enumerate(loc):
         if isinstance(part, int):

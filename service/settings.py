@@ -217,6 +217,8 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     # The web page at / (server/webpage.py): static files, open without a token.
     web_page: bool = True
+    # DICOMweb servers requests may name (dicomweb.py): base URLs; none by default.
+    dicomweb_servers: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

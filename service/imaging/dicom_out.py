@@ -60,6 +60,7 @@ class DerivedFrom:
     model: str
     instance_number: int  # within the new series (one series per source image)
     series_uid: str
+    instance_uid: str
 
 
 def new_uid() -> str:
@@ -140,7 +141,7 @@ def secondary_capture(source: Dataset, overlay: np.ndarray, made: DerivedFrom,
                       frame: int | None, encoding: str) -> bytes:
     """``overlay`` ``(Rows, Columns, 3) uint8`` as a Secondary Capture of ``source``."""
     import highdicom as hd
-    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
     jpeg = encoding == "jpeg"
     given = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
@@ -149,7 +150,7 @@ def secondary_capture(source: Dataset, overlay: np.ndarray, made: DerivedFrom,
         ref_dataset=source, pixel_array=np.ascontiguousarray(overlay),
         photometric_interpretation="YBR_FULL_422" if jpeg else "RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=made.series_uid,
-        series_number=SC_SERIES_NUMBER, sop_instance_uid=generate_uid(),
+        series_number=SC_SERIES_NUMBER, sop_instance_uid=made.instance_uid,
         instance_number=made.instance_number, manufacturer=MANUFACTURER,
         pixel_spacing=spacing,  # type: ignore[arg-type]  # mm, floats (its hint says int)
         # highdicom takes one letter per axis; the real value is set below.
@@ -182,7 +183,6 @@ def parametric_map(source: Dataset, heat: np.ndarray, made: DerivedFrom) -> byte
     plane; the caller checks ``parametric_map_problem`` first."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
 
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="GRADCAM", lut_explanation=f"Grad-CAM of {made.label}"[:64],
@@ -190,7 +190,7 @@ def parametric_map(source: Dataset, heat: np.ndarray, made: DerivedFrom) -> byte
     result = hd.pm.ParametricMap(
         source_images=[source], pixel_array=np.ascontiguousarray(heat, dtype=np.float32),
         series_instance_uid=made.series_uid, series_number=PM_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(), instance_number=made.instance_number,
+        sop_instance_uid=made.instance_uid, instance_number=made.instance_number,
         manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER,
         software_versions=_version(), device_serial_number="0",
         contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],

@@ -1,0 +1,226 @@
+"""DICOMweb in and out against a real Orthanc with its DICOMweb plugin (Debian's
+``orthanc`` and ``orthanc-dicomweb``), started here on loopback and stopped by PID:
+upload a study, explain an instance by its UIDs through the real server, store the
+Secondary Capture back with STOW-RS, find it with QIDO-RS, fetch it with WADO-RS
+and validate it. And the fences: only configured servers, only UIDs in paths."""
+
+from __future__ import annotations
+
+import base64
+import glob
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from pydicom.data import get_testdata_file
+
+from service.dicomweb import DicomWebServers, _parts
+from service.errors import Forbidden, InvalidField
+from tests.conftest import LiveServer, encode
+from tests.test_dicom_out import _valid
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+CR = EXAMPLES / "phantom_nodule.dcm"
+CT = Path(get_testdata_file("CT_small.dcm"))
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _orthanc() -> tuple[str, str]:
+    binary = shutil.which("Orthanc")
+    plugins = glob.glob("/usr/share/orthanc/plugins/libOrthancDicomWeb.so*") + glob.glob(
+        "/usr/lib/orthanc/libOrthancDicomWeb.so*")
+    if binary and plugins:
+        return binary, plugins[0]
+    if os.environ.get("CI"):
+        pytest.fail("Orthanc is missing: .ci/run installs Debian's orthanc and orthanc-dicomweb")
+    pytest.skip("no Orthanc with DICOMweb (apt-get install orthanc orthanc-dicomweb)")
+
+
+@dataclass
+class Orthanc:
+    url: str  # the DICOMweb root
+    rest: str  # Orthanc's own REST API
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    binary, plugin = _orthanc()
+    folder = tmp_path_factory.mktemp("orthanc")
+    port = _free_port()
+    config = {"Name": "gradcam-test", "StorageDirectory": str(folder / "db"),
+              "IndexDirectory": str(folder / "db"), "HttpPort": port,
+              "DicomServerEnabled": False,
+              # Orthanc cannot bind to one address; it answers loopback clients only.
+              "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+              "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    with (folder / "log").open("wb") as log:
+        process = subprocess.Popen([binary, str(folder / "config.json")], stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    rest = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{rest}/system", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert process.poll() is None, (folder / "log").read_text()
+            time.sleep(0.2)
+        else:
+            pytest.fail("Orthanc did not start in 30 s: " + (folder / "log").read_text())
+        # The phantom study (and a CT), uploaded with Orthanc's own API.
+        for path in (CR, CT):
+            assert requests.post(f"{rest}/instances", data=path.read_bytes(), timeout=30).ok
+        yield Orthanc(url=f"{rest}/dicom-web", rest=rest)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def live(orthanc: Orthanc) -> Iterator[LiveServer]:
+    server = LiveServer(env={"GRADCAM_DICOMWEB_SERVERS": orthanc.url})
+    yield server
+    server.stop()
+
+
+def _by_uids(url: str, path: Path) -> dict:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return {"dicomweb": {"url": url, "study": ds.StudyInstanceUID,
+                         "series": ds.SeriesInstanceUID, "instance": ds.SOPInstanceUID}}
+
+
+def _explain(live: LiveServer, body: dict) -> requests.Response:
+    return requests.post(f"{live.url}/v1/explain", json=body, timeout=120)
+
+
+def _wado(url: str, study: str, series: str, instance: str) -> bytes:
+    response = requests.get(f"{url}/studies/{study}/series/{series}/instances/{instance}",
+                            headers={"Accept": 'multipart/related; type="application/dicom"'},
+                            timeout=30)
+    assert response.status_code == 200, response.text[:300]
+    (part,) = _parts(response.headers["Content-Type"], response.content)
+    return part
+
+
+def test_explain_by_uids_and_store_the_result(orthanc: Orthanc, live: LiveServer,
+                                              tmp_path: Path) -> None:
+    body = {"images": [_by_uids(orthanc.url, CR)], "targets": [["nodule", "mass"]],
+            "heatmap": {"format": "dicom-sc"}, "store": {"url": orthanc.url}}
+    answer = _explain(live, body)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()["results"][0]
+    assert result["predictions"][0]["label"] == "nodule"
+    # The same answer as for the bytes themselves.
+    sent = _explain(live, {**body, "images": [encode(CR.read_bytes())], "store": None})
+    assert [p["index"] for p in sent.json()["results"][0]["predictions"]] == [
+        p["index"] for p in result["predictions"]]
+    source = pydicom.dcmread(CR, stop_before_pixels=True)
+    for explanation in result["explanations"]:
+        heatmap = explanation["heatmap"]
+        assert heatmap["stored"]["ok"], heatmap["stored"]
+        uids = heatmap["uids"]
+        assert uids["study"] == source.StudyInstanceUID
+        # QIDO-RS finds the new series in the source's study, with this instance in it.
+        series = requests.get(f"{orthanc.url}/studies/{uids['study']}/series",
+                              params={"SeriesInstanceUID": uids["series"]}, timeout=30).json()
+        assert len(series) == 1
+        instances = requests.get(
+            f"{orthanc.url}/studies/{uids['study']}/series/{uids['series']}/instances",
+            timeout=30).json()
+        found = {item["00080018"]["Value"][0] for item in instances}
+        assert uids["instance"] in found
+        # WADO-RS gives it back; it is valid and is what the answer carried.
+        stored = _valid(_wado(orthanc.url, uids["study"], uids["series"], uids["instance"]),
+                        tmp_path)
+        assert stored.SOPInstanceUID == uids["instance"]
+        assert (stored.Rows, stored.Columns) == (source.Rows, source.Columns)
+        returned = pydicom.dcmread(io.BytesIO(base64.b64decode(heatmap["data"])))
+        assert (stored.pixel_array == returned.pixel_array).all()
+
+
+def test_a_parametric_map_of_a_ct_is_stored(orthanc: Orthanc, live: LiveServer,
+                                            tmp_path: Path) -> None:
+    body = {"images": [_by_uids(orthanc.url, CT)], "heatmap": {"format": "dicom-pm"},
+            "store": {"url": orthanc.url}}
+    answer = _explain(live, body)
+    assert answer.status_code == 200, answer.text
+    heatmap = answer.json()["results"][0]["explanations"][0]["heatmap"]
+    assert heatmap["stored"]["ok"]
+    uids = heatmap["uids"]
+    pm = _valid(_wado(orthanc.url, uids["study"], uids["series"], uids["instance"]), tmp_path)
+    assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
+
+
+def test_only_configured_servers_and_real_uids(orthanc: Orthanc, live: LiveServer) -> None:
+    cases = []
+    elsewhere = _by_uids("http://127.0.0.1:9/dicom-web", CR)
+    cases.append(({"images": [elsewhere]}, 403, "dicomweb_not_allowed"))
+    other_path = _by_uids(orthanc.rest + "/other", CR)
+    cases.append(({"images": [other_path]}, 403, "dicomweb_not_allowed"))
+    bad_uid = _by_uids(orthanc.url, CR)
+    bad_uid["dicomweb"]["series"] = "1.2/../../instances"
+    cases.append(({"images": [bad_uid]}, 422, "invalid_field"))
+    unknown = _by_uids(orthanc.url, CR)
+    unknown["dicomweb"]["instance"] = "1.2.3.4.5"
+    cases.append(({"images": [unknown]}, 422, "dicomweb_not_found"))
+    cases.append(({"images": [_by_uids(orthanc.url, CR)], "heatmap": {"format": "png"},
+                   "store": {"url": orthanc.url}}, 422, "invalid_field"))
+    cases.append(({"images": [_by_uids(orthanc.url, CR)], "heatmap": {"format": "dicom-sc"},
+                   "store": {"url": "http://127.0.0.1:9/dicom-web"}}, 403,
+                  "dicomweb_not_allowed"))
+    for body, status, code in cases:
+        answer = _explain(live, body)
+        assert answer.status_code == status, (body, answer.text)
+        assert answer.json()["error"]["code"] == code, answer.text
+    assert "Traceback" not in live.read_log()
+
+
+def test_an_allowed_server_that_is_down_is_a_502(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{_free_port()}/dicom-web"
+    server = LiveServer(env={"GRADCAM_DICOMWEB_SERVERS": url})
+    try:
+        answer = _explain(server, {"images": [_by_uids(url, CR)]})
+        assert answer.status_code == 502 and answer.json()["error"]["code"] == \
+            "dicomweb_unreachable"
+    finally:
+        server.stop()
+
+
+def test_allowed_urls_are_compared_normalised() -> None:
+    servers = DicomWebServers("http://PACS.example:80/dicom-web/, https://b.example/wado")
+    assert servers.base("http://pacs.example/dicom-web", "x") == "http://PACS.example:80/dicom-web"
+    assert servers.base("https://b.example:443/wado/", "x") == "https://b.example/wado"
+    for refused in ("http://pacs.example:8080/dicom-web", "https://pacs.example/dicom-web",
+                    "http://pacs.example/dicom-web/studies", "http://b.example/wado"):
+        with pytest.raises(Forbidden):
+            servers.base(refused, "x")
+    with pytest.raises(InvalidField):
+        servers.base("file:///etc/passwd", "x")
+    with pytest.raises(Forbidden):
+        DicomWebServers("").base("http://pacs.example/dicom-web", "x")
