@@ -15,6 +15,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -37,6 +38,14 @@ def runtime() -> Iterator[Runtime]:
     rt = Runtime(Settings(device="cpu")).start()
     yield rt
     rt.close()
+
+
+def missing_tool(what: str, packages: str) -> NoReturn:
+    """A test needs ``what``, from Debian's ``packages``: in CI that is a failure
+    (``.ci/run`` installs them), elsewhere the test is skipped, saying how to install."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing: .ci/run installs Debian's {packages}")
+    pytest.skip(f"{what} is not installed (apt-get install {packages})")
 
 
 def png_bytes(array: np.ndarray, **save_args: object) -> bytes:

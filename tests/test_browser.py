@@ -29,7 +29,7 @@ from PIL import Image
 
 from service.demo.metrics import peak_in_boxes
 from service.imaging.render import COLORMAP
-from tests.conftest import LiveServer, encode
+from tests.conftest import LiveServer, encode, missing_tool
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -50,9 +50,7 @@ def _chromium() -> str:
     found = shutil.which("chromium")
     if found:
         return found
-    if os.environ.get("CI"):
-        pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
-    pytest.skip("no chromium (apt-get install chromium, or set GRADCAM_CHROMIUM)")
+    missing_tool("chromium (or set GRADCAM_CHROMIUM)", "chromium")
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from service import metrics
+from tests.conftest import missing_tool
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -21,9 +21,7 @@ DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 def _promtool() -> str:
     found = shutil.which("promtool")
     if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
-        pytest.skip("promtool not installed (apt-get install prometheus)")
+        missing_tool("promtool", "prometheus")
     return found
 
 
@@ -164,9 +162,7 @@ def _compose() -> list[str]:
     found = shutil.which("docker-compose")
     if found:
         return [found]
-    if os.environ.get("CI"):
-        pytest.fail("docker-compose is missing: .ci/run installs Debian's docker-compose package")
-    pytest.skip("no docker compose (apt-get install docker-compose)")
+    missing_tool("docker compose", "docker-compose")
 
 
 def _compose_config(*files: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,7 +22,7 @@ from service.engine.runtime import Runtime
 from service.errors import InvalidField
 from service.explain import explain
 from service.schemas import ExplainRequest, ExplainResponse, parse_explain_request
-from tests.conftest import LiveServer, encode
+from tests.conftest import LiveServer, encode, missing_tool
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CR = EXAMPLES / "phantom_nodule.dcm"  # MONOCHROME1, windowed, no Frame of Reference
@@ -36,9 +35,7 @@ MULTIFRAME = Path(get_testdata_file("SC_rgb_rle_2frame.dcm"))  # 2 RGB frames, R
 def _dciodvfy() -> str:
     found = shutil.which("dciodvfy")
     if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("dciodvfy is missing: .ci/run installs Debian's dicom3tools")
-        pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
+        missing_tool("dciodvfy", "dicom3tools")
     return found
 
 

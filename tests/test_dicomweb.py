@@ -27,7 +27,7 @@ from pydicom.data import get_testdata_file
 
 from service.dicomweb import DicomWebServers, _parts
 from service.errors import Forbidden, InvalidField
-from tests.conftest import LiveServer, encode
+from tests.conftest import LiveServer, encode, missing_tool
 from tests.test_dicom_out import _valid
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -50,9 +50,7 @@ def _orthanc() -> tuple[str, str]:
         "/usr/lib/orthanc/libOrthancDicomWeb.so*")
     if binary and plugins:
         return binary, plugins[0]
-    if os.environ.get("CI"):
-        pytest.fail("Orthanc is missing: .ci/run installs Debian's orthanc and orthanc-dicomweb")
-    pytest.skip("no Orthanc with DICOMweb (apt-get install orthanc orthanc-dicomweb)")
+    missing_tool("Orthanc with its DICOMweb plugin", "orthanc orthanc-dicomweb")
 
 
 @dataclass

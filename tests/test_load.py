@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 import requests
 
 from service.demo.phantom import FINDINGS
-from tests.conftest import LiveServer, encode, phantom_png
+from tests.conftest import LiveServer, encode, missing_tool, phantom_png
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +101,7 @@ def test_metrics_move_and_aggregate_both_workers(two_workers: LiveServer,
 def test_promtool_accepts_a_real_scrape(two_workers: LiveServer) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
-        pytest.skip("promtool not installed (apt-get install prometheus)")
+        missing_tool("promtool", "prometheus")
     _explain(two_workers, {"images": [encode(phantom_png(3, 64, 64))]})
     scrape = requests.get(f"{two_workers.url}/metrics", timeout=10)
     assert scrape.headers["Content-Type"].startswith("text/plain; version=")
