@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
                413: "request_too_large", 415: "unsupported_media_type"}
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# How long a starting worker waits for an engine's greeting before it serves anyway.
+_ENGINE_GREETING_S = 5.0
 
 
 def _service_error(error: ServiceError) -> Response:
@@ -90,7 +92,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["gradcam_settings"] = settings
-    app.extensions["gradcam_engine"] = engine if engine is not None else EnginePool.from_env()
+    if engine is None:
+        pool = EnginePool.from_env()
+        # A worker (re)started under load accepts requests only once it can pass them
+        # on: else its first requests would get 503s while its connection is greeted.
+        if not pool.wait_connected(_ENGINE_GREETING_S):
+            logger.warning("no engine greeted this worker within %.0f s; it answers 503 "
+                           "until one does", _ENGINE_GREETING_S)
+        engine = pool
+    app.extensions["gradcam_engine"] = engine
     app.register_blueprint(api)
     if settings.web_page:
         app.register_blueprint(page)

@@ -276,6 +276,16 @@ class EnginePool:
                                "`gradcam-service serve`, which starts the engines")
         return cls(paths)
 
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until some engine has greeted this worker (its hello carries the catalog)."""
+        deadline = time.monotonic() + timeout_s
+        while not any(c.connected for c in self.connections):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.connections[0].wait_connected(min(left, 0.05))
+        return True
+
     def catalog(self) -> Catalog:
         for connection in self.connections:
             if connection.catalog is not None:
