@@ -305,6 +305,7 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
         raise InvalidField(f"The targets list has {len(request.targets)} entries for "
                            f"{len(request.images)} images; give one per image (null for the "
                            "top-1 class).", code="targets_length", field="targets")
+    frames = _frames(request)
     model = engine.catalog().get(request.model)
     layer = choose_layer(model, request.layer)
     specs: list[TargetSpec] = list(request.targets or [None] * len(request.images))
@@ -328,7 +329,7 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
         prepared = [
             prepare_image(image_bytes(text, i), i, model,
                           partial(budget.admit_image, i, explanations=len(targets[i])),
-                          targets[i], request.frame, keep_display,
+                          targets[i], frames[i], keep_display,
                           describe="dicom" in request.include,
                           keep_header=request.heatmap.format in DICOM_FORMATS)
             for i, text in enumerate(request.images)
@@ -362,6 +363,18 @@ def _store(rendered: list[dict[str, Any]], url: str, servers: DicomWebServers,
     for picture, outcome in zip(made, store(objects, url, servers, deadline - time.monotonic()),
                                 strict=True):
         picture["stored"] = {"ok": outcome.ok, "message": outcome.message}
+
+
+def _frames(request: ExplainRequest) -> list[int | None]:
+    """The frame of each image: ``frame`` given once for all, or one per image."""
+    if not isinstance(request.frame, list):
+        return [request.frame] * len(request.images)
+    if len(request.frame) != len(request.images):
+        raise InvalidField(f"The frame list has {len(request.frame)} entries for "
+                           f"{len(request.images)} images; give one per image (null for the "
+                           "default) or one number for all.", code="frames_length",
+                           field="frame")
+    return list(request.frame)
 
 
 def dumps(body: dict[str, Any]) -> bytes:

@@ -101,7 +101,10 @@ class ExplainRequest(BaseModel):
     layer: Annotated[StrictStr, Field(min_length=1)] | None = None
     top_k: Annotated[StrictInt, Field(ge=1)] = 5
     heatmap: HeatmapOptions = HeatmapOptions()
-    frame: Annotated[StrictInt, Field(ge=0)] | None = None
+    # Which frame of multi-frame images: one for all, or one per image (null: the default).
+    frame: (Annotated[StrictInt, Field(ge=0)]
+            | Annotated[list[Annotated[StrictInt, Field(ge=0)] | None], Field(min_length=1)]
+            | None) = None
     include: Annotated[list[Include], Field(max_length=2)] = []
     store: StoreOptions | None = None
 

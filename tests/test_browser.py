@@ -336,3 +336,27 @@ def test_dropped_before_the_token_then_another_layer(tab: PageUnderTest) -> None
     tab.wait_explained(name, 1, "opacity")
     after = tab.canvas(name)
     assert after.std() > 20 and not np.array_equal(before, after)
+
+
+def test_a_multiframe_dicom_has_a_frame_chooser(tab: PageUnderTest) -> None:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    path = Path(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    frames = pydicom.dcmread(path).pixel_array  # (2, rows, columns, 3)
+    tab.connect()
+    tab.page.set_input_files("#files", str(path))
+    card = tab.card(path.name)
+    expect(card.locator(".figure")).to_have_count(1)  # type: ignore[attr-defined]
+    chooser = card.locator(".frame")  # type: ignore[attr-defined]
+    expect(chooser).to_be_visible()
+    expect(card.locator(".frame-count")).to_have_text("of 2")  # type: ignore[attr-defined]
+    tab.set_opacity(0)
+    assert np.array_equal(tab.canvas(path.name), frames[0])
+    chooser.fill("2")
+    chooser.press("Enter")
+    expect(card.locator("dl.dicom")).to_contain_text("frame 2 of 2")  # type: ignore[attr-defined]
+    expect(card).not_to_have_attribute("aria-busy", "true")  # type: ignore[arg-type]
+    tab.page.evaluate("() => new Promise(requestAnimationFrame)")
+    assert np.array_equal(tab.canvas(path.name), frames[1])
+    assert not tab.axe_violations(), tab.axe_violations()

@@ -231,3 +231,28 @@ def test_an_rgb_upload_keeps_its_colours_under_a_one_channel_models_overlay(
         "explanations"][0]["heatmap"]["data"]))
     cold = levels == 0
     assert cold.any() and np.array_equal(overlay[cold], tint[cold])
+
+
+def test_a_frame_per_image(runtime: Runtime) -> None:
+    from pathlib import Path
+
+    from pydicom.data import get_testdata_file
+
+    two = encode(Path(get_testdata_file("SC_rgb_rle_2frame.dcm")).read_bytes())
+    png = encode(phantom_png(3, 64, 64))
+
+    def overlay(images: list[str], frame: object) -> list[np.ndarray]:
+        body = _explain(runtime, images=images, frame=frame, heatmap={"format": "overlay"})
+        return [np.asarray(_decode_png(r["explanations"][0]["heatmap"]["data"]))
+                for r in body["results"]]
+
+    first, second = overlay([two], 0)[0], overlay([two], 1)[0]
+    assert not np.array_equal(first, second)
+    mixed = overlay([two, png, two], [1, None, 0])
+    assert np.array_equal(mixed[0], second) and np.array_equal(mixed[2], first)
+    with pytest.raises(ServiceError) as refused:
+        _explain(runtime, images=[two, png], frame=[1])
+    assert refused.value.code == "frames_length"
+    with pytest.raises(ServiceError) as refused:
+        _explain(runtime, images=[two, png], frame=[None, None])
+    assert refused.value.code == "frame_required"

@@ -203,6 +203,7 @@ async function addFiles(files) {
     const item = {
       id: state.nextId++, name: file.name, card, dataUrl: null, picture: null, dicom: null,
       target: chosenTarget(), generation: 0,
+      frame: 0, // of a multi-frame file (the API needs one for multi-frame DICOM)
     };
     card.querySelector(".card-title").textContent = file.name;
     state.items.push(item);
@@ -225,6 +226,7 @@ function explainBody(item, method, include) {
     method,
     images: [item.dataUrl],
     targets: [item.target],
+    frame: item.frame,
     top_k: Math.max(1, Math.min(Number(ui.topK.value) || 5, state.model.num_classes)),
     heatmap: { format: "gray", size: "original" },
   };
@@ -367,7 +369,31 @@ function dicomText(value) {
   return value.includes("^") ? value.split("^").filter(Boolean).join(", ") : value;
 }
 
+// A multi-frame file: a frame chooser (1-based, as viewers count) that re-explains.
+function showFrames(item) {
+  const control = item.card.querySelector(".frame-control");
+  const frames = item.dicom ? Number(item.dicom.NumberOfFrames || 1) : 1;
+  control.hidden = frames < 2;
+  if (frames < 2) return;
+  const input = control.querySelector(".frame");
+  input.max = String(frames);
+  input.value = String(item.frame + 1);
+  input.setAttribute("aria-label", `Frame of ${item.name}, 1 to ${frames}`);
+  control.querySelector(".frame-count").textContent = `of ${frames}`;
+  if (!input.dataset.wired) {
+    input.dataset.wired = "yes";
+    input.addEventListener("change", () => {
+      const chosen = Math.round(Number(input.value));
+      if (!(chosen >= 1 && chosen <= frames)) return;
+      item.frame = chosen - 1;
+      item.picture = null; // another frame is another picture
+      explainItems([item]);
+    });
+  }
+}
+
 function showDicom(item) {
+  showFrames(item);
   const list = item.card.querySelector(".dicom");
   if (!item.dicom) {
     list.hidden = true;
@@ -377,7 +403,7 @@ function showDicom(item) {
     .map(([key, title]) => [title, dicomText(String(item.dicom[key]))]);
   const { Columns: width, Rows: height, NumberOfFrames: frames, window } = item.dicom;
   rows.push(["Size", `${width}×${height}`
-    + (frames > 1 ? `, frame ${item.dicom.frame} of ${frames}` : "")]);
+    + (frames > 1 ? `, frame ${item.dicom.frame + 1} of ${frames}` : "")]);
   rows.push(["Window", window.source === "file"
     ? `centre ${window.center}, width ${window.width} (from the file)`
     : window.source === "voi_lut" ? "the file's VOI LUT" : "the frame's full range (none in the file)"]);
