@@ -63,23 +63,27 @@ class DicomWebServers:
         self._allowed = {_normalised(url): url.strip().rstrip("/")
                          for url in allowed.replace(",", " ").split() if url.strip()}
 
-    def base(self, url: str, where: str) -> str:
-        """``url`` as an allowed base URL, or ``Forbidden``."""
+    def base(self, url: str, where: str, subject: str, image: int | None = None) -> str:
+        """``url`` as an allowed base URL, or ``Forbidden``; ``subject`` starts the message
+        ("Image 3", "The store URL") and ``where`` is the field."""
         parts = urlsplit(url.strip())
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise InvalidField(f"{where}: '{url}' is not an http(s) URL.", field=where)
+            raise InvalidField(f"{subject}: '{url[:200]}' is not an http(s) URL.", field=where,
+                               image=image)
         found = self._allowed.get(_normalised(url))
         if found is None:
             allowed = ", ".join(self._allowed.values()) or "none are configured"
-            raise Forbidden(f"{where}: this service may not call {url}; the DICOMweb servers "
-                            f"it may call are set by GRADCAM_DICOMWEB_SERVERS ({allowed}).",
-                            code="dicomweb_not_allowed", field=where)
+            raise Forbidden(f"{subject}: this service may not call {url[:200]}; the DICOMweb "
+                            f"servers it may call are set by GRADCAM_DICOMWEB_SERVERS "
+                            f"({allowed}).", code="dicomweb_not_allowed", field=where,
+                            image=image)
         return found
 
 
-def _check_uid(value: str, what: str, where: str) -> str:
+def _check_uid(value: str, what: str, index: int) -> str:
     if len(value) > 64 or not _UID.match(value):
-        raise InvalidField(f"{where}: {what} '{value[:80]}' is not a DICOM UID.", field=where)
+        raise InvalidField(f"Image {index}: {what} '{value[:80]}' is not a DICOM UID.",
+                           field=f"images[{index}].dicomweb.{what}", image=index)
     return value
 
 
@@ -99,10 +103,10 @@ def fetch_instance(ref: InstanceRef, servers: DicomWebServers, index: int, limit
     # requests' timeout bounds each read; this bounds them all (a server that drips).
     deadline = time.monotonic() + timeout_s
     where = f"images[{index}].dicomweb"
-    base = servers.base(ref.url, f"{where}.url")
-    path = "/".join((f"studies/{_check_uid(ref.study, 'study', where)}",
-                     f"series/{_check_uid(ref.series, 'series', where)}",
-                     f"instances/{_check_uid(ref.instance, 'instance', where)}"))
+    base = servers.base(ref.url, f"{where}.url", f"Image {index}", index)
+    path = "/".join((f"studies/{_check_uid(ref.study, 'study', index)}",
+                     f"series/{_check_uid(ref.series, 'series', index)}",
+                     f"instances/{_check_uid(ref.instance, 'instance', index)}"))
     try:
         with _session() as session, session.get(
                 f"{base}/{path}", headers={"Accept": _ACCEPT}, stream=True,
@@ -154,7 +158,7 @@ def store(objects: Sequence[tuple[str, bytes]], url: str, servers: DicomWebServe
     """STOW-RS ``objects`` (SOP Instance UID, Part 10 bytes) to ``url``, in one call."""
     import requests
 
-    base = servers.base(url, "store.url")
+    base = servers.base(url, "store.url", "The store URL")
     boundary = f"gradcam-{secrets.token_hex(12)}"
     body = bytearray()
     for _, data in objects:

@@ -316,6 +316,8 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
     keep_display = "image" in request.include or request.heatmap.format == "dicom-sc" or (
         request.heatmap.format == "overlay" and request.heatmap.size == "original")
     servers = DicomWebServers(limits.dicomweb_servers)
+    if request.store is not None:
+        servers.base(request.store.url, "store.url", "The store URL")  # before any work
 
     def image_bytes(given: str | DicomWebImage, index: int) -> bytes:
         if isinstance(given, str):

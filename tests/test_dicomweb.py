@@ -212,13 +212,14 @@ def test_an_allowed_server_that_is_down_is_a_502(tmp_path: Path) -> None:
 
 def test_allowed_urls_are_compared_normalised() -> None:
     servers = DicomWebServers("http://PACS.example:80/dicom-web/, https://b.example/wado")
-    assert servers.base("http://pacs.example/dicom-web", "x") == "http://PACS.example:80/dicom-web"
-    assert servers.base("https://b.example:443/wado/", "x") == "https://b.example/wado"
+    assert servers.base("http://pacs.example/dicom-web", "x", "X") == \
+        "http://PACS.example:80/dicom-web"
+    assert servers.base("https://b.example:443/wado/", "x", "X") == "https://b.example/wado"
     for refused in ("http://pacs.example:8080/dicom-web", "https://pacs.example/dicom-web",
                     "http://pacs.example/dicom-web/studies", "http://b.example/wado"):
         with pytest.raises(Forbidden):
-            servers.base(refused, "x")
+            servers.base(refused, "x", "X")
     with pytest.raises(InvalidField):
-        servers.base("file:///etc/passwd", "x")
+        servers.base("file:///etc/passwd", "x", "X")
     with pytest.raises(Forbidden):
-        DicomWebServers("").base("http://pacs.example/dicom-web", "x")
+        DicomWebServers("").base("http://pacs.example/dicom-web", "x", "X")
