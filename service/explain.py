@@ -28,13 +28,12 @@ from service.budgets import RequestBudget
 from service.dicomweb import DicomWebServers, InstanceRef, fetch_instance, store
 from service.errors import ClientClosed, DeadlineExceeded, InvalidField, PayloadTooLarge
 from service.imaging.decoding import Admit, decode_base64, decode_image
-from service.imaging.dicom import describe_dicom, is_dicom
+from service.imaging.dicom import describe_dicom, is_dicom, read_header
 from service.imaging.dicom_out import (
     DerivedFrom,
     new_uid,
     parametric_map,
     parametric_map_problem,
-    read_header,
     secondary_capture,
 )
 from service.imaging.encoders import encode_image
@@ -130,9 +129,11 @@ def prepare_image(data: bytes, index: int, model: ModelInfo, admit: Admit,
     if colour and image.mode == "RGB":
         image = image.convert("L")  # as decode_image converts for a 1-channel model
     pixels, box, geometry = to_model_pixels(image, model.input_size, model.resize)
-    dicom = describe_dicom(data, frame) if describe and is_dicom(data) else None
-    header = read_header(data) if keep_header and is_dicom(data) else None
-    return PreparedImage(index, display, pixels, box, geometry, targets, dicom, header, frame)
+    # The header is read once, for the attributes shown and for derived DICOM objects.
+    header = read_header(data) if (describe or keep_header) and is_dicom(data) else None
+    dicom = describe_dicom(header, frame) if describe and header is not None else None
+    return PreparedImage(index, display, pixels, box, geometry, targets, dicom,
+                         header if keep_header else None, frame)
 
 
 def choose_layer(model: ModelInfo, layer: str | None) -> str:

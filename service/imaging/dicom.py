@@ -64,15 +64,19 @@ def _plain(value: Any) -> str | int | float | None:
     return str(value)
 
 
-def describe_dicom(data: bytes, frame: int | None) -> dict[str, Any]:
-    """The attributes of a DICOM file a person checks before trusting a picture of it:
-    patient and study, modality, size, and the window it was shown with (``window``:
-    ``file`` for the file's first centre/width, ``voi_lut`` for its VOI LUT, else
-    ``full_range`` of the frame). Reads the header only; call after ``decode_dicom``
-    accepted the same bytes."""
+def read_header(data: bytes) -> Any:
+    """A DICOM file's header (a pydicom ``Dataset`` without pixel data); call after
+    ``decode_dicom`` accepted the same bytes."""
     import pydicom
 
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+
+
+def describe_dicom(ds: Any, frame: int | None) -> dict[str, Any]:
+    """The attributes of a DICOM file (its header, ``ds``) a person checks before trusting
+    a picture of it: patient and study, modality, size, and the window it was shown with
+    (``window``: ``file`` for the file's first centre/width, ``voi_lut`` for its VOI LUT,
+    else ``full_range`` of the frame)."""
     described: dict[str, Any] = {key: _plain(ds.get(key)) for key in _DESCRIBED if key in ds}
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is not None:

@@ -69,13 +69,6 @@ def new_uid() -> str:
     return str(generate_uid())
 
 
-def read_header(data: bytes) -> Dataset:
-    """The source's header (no pixel data), to build derived objects from."""
-    import pydicom
-
-    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-
-
 def _orientation_letters(vector: Sequence[float]) -> str:
     """A direction cosine vector as patient-orientation letters (PS3.3 C.7.6.1.1.1)."""
     letters = (("L", "R"), ("P", "A"), ("H", "F"))
