@@ -117,24 +117,24 @@ def fit_keys(state: dict[str, Tensor], expected: Mapping[str, Tensor]) -> Fitted
     """``state`` with the one prefix change that makes its keys equal ``expected``'s;
     ``CheckpointError`` naming the first mismatches otherwise (shapes: ``check_shapes``)."""
     given, wanted = set(state), set(expected)
-    best = (state, None, "", "")
-    if given != wanted:
-        for strip, add in _candidates(given, wanted):
-            if strip and not all(k.startswith(strip) for k in given):
-                continue
-            renamed = _rename(state, strip, add)
-            if set(renamed) == wanted:
-                change = (f"stripped the prefix '{strip}'" if strip else "") + (
-                    f"{' and ' if strip else ''}added the prefix '{add}'" if add else "")
-                return FittedKeys(renamed, change)
-            if len(set(renamed) & wanted) > len(set(best[0]) & wanted):
-                best = (renamed, None, strip, add)
-        raise CheckpointError(_mismatch(state, best[0], wanted, best[2], best[3]))
-    return FittedKeys(state, None)
+    if given == wanted:
+        return FittedKeys(state, None)
+    # The closest renaming so far, for the error: (keys, prefix stripped, prefix added).
+    best: tuple[Mapping[str, Tensor], str, str] = (state, "", "")
+    for strip, add in _candidates(given, wanted):  # one of the two is always empty
+        if strip and not all(k.startswith(strip) for k in given):
+            continue
+        renamed = _rename(state, strip, add)
+        if set(renamed) == wanted:
+            change = f"stripped the prefix '{strip}'" if strip else f"added the prefix '{add}'"
+            return FittedKeys(renamed, change)
+        if len(set(renamed) & wanted) > len(set(best[0]) & wanted):
+            best = (renamed, strip, add)
+    raise CheckpointError(_mismatch(state, *best, wanted=wanted))
 
 
-def _mismatch(state: Mapping[str, Tensor], renamed: Mapping[str, Tensor], wanted: set[str],
-              strip: str, add: str) -> str:
+def _mismatch(state: Mapping[str, Tensor], renamed: Mapping[str, Tensor], strip: str, add: str,
+              *, wanted: set[str]) -> str:
     missing = sorted(wanted - set(renamed))
     unexpected = sorted(set(renamed) - wanted)
     parts = [f"{len(missing)} of the model's {len(wanted)} keys are missing and "

@@ -255,24 +255,26 @@ _ACTIVATIONS = (nn.Sigmoid, nn.Softmax)
 _EPS = 1e-7
 
 
-def _final_activation(model: nn.Module, spec: ModelSpec) -> tuple[str, nn.Module] | None:
-    """The Sigmoid or Softmax module whose output is the model's output, if there is one."""
+def _final_activation(model: nn.Module, inputs: Tensor
+                      ) -> tuple[tuple[str, nn.Module] | None, Any]:
+    """One forward pass on ``inputs``: the Sigmoid or Softmax module whose output is the
+    model's output, if there is one, and that output (None if the forward failed)."""
     seen: dict[str, Tensor] = {}
     handles = [module.register_forward_hook(
         lambda _m, _i, out, key=module_name: seen.__setitem__(key, out))
         for module_name, module in model.named_modules() if isinstance(module, _ACTIVATIONS)]
     try:
         with torch.no_grad():
-            out = model(torch.zeros(1, spec.channels, *spec.input_size))
+            out = model(inputs)
     except Exception:
-        return None  # _output_classes reports a forward that fails
+        return None, None  # _output_classes reports a forward that fails
     finally:
         for handle in handles:
             handle.remove()
     for module_name, value in seen.items():
         if value is out:
-            return module_name, model.get_submodule(module_name)
-    return None
+            return (module_name, model.get_submodule(module_name)), out
+    return None, out
 
 
 def _return_input(_module: nn.Module, inputs: tuple[Any, ...], _output: Tensor) -> Tensor:
@@ -291,7 +293,7 @@ def _log_probabilities(_module: nn.Module, _inputs: tuple[Any, ...], output: Ten
 def _expose_logits(name: str, model: nn.Module, spec: ModelSpec) -> None:
     """Make a model that returns probabilities return the logits they come from, so
     Grad-CAM's score is taken before the activation and the service applies it once."""
-    final = _final_activation(model, spec)
+    final, _ = _final_activation(model, torch.zeros(1, spec.channels, *spec.input_size))
     if final is not None:
         module_name, module = final
         module.register_forward_hook(_return_input)
@@ -315,21 +317,16 @@ def _expose_logits(name: str, model: nn.Module, spec: ModelSpec) -> None:
 def _warn_if_probabilities(name: str, model: nn.Module, spec: ModelSpec) -> None:
     """A model declared to return logits whose outputs look like probabilities would get
     a second sigmoid/softmax (every score squeezed near 0.5–0.73): say so at load."""
-    final = _final_activation(model, spec)
+    generator = torch.Generator().manual_seed(0)
+    probes = torch.cat([torch.zeros(1, spec.channels, *spec.input_size),
+                        torch.full((1, spec.channels, *spec.input_size), 0.5),
+                        torch.randn(2, spec.channels, *spec.input_size, generator=generator)])
+    final, out = _final_activation(model, probes)
     if final is not None:
         logger.warning("model '%s' ends in a %s module ('%s'): its outputs are probabilities. "
                        "Set output = \"probabilities\" in the models file, or every score gets a "
                        "second %s", name, type(final[1]).__name__, final[0],
                        "sigmoid" if spec.multilabel else "softmax")
-        return
-    generator = torch.Generator().manual_seed(0)
-    probes = torch.cat([torch.zeros(1, spec.channels, *spec.input_size),
-                        torch.full((1, spec.channels, *spec.input_size), 0.5),
-                        torch.randn(2, spec.channels, *spec.input_size, generator=generator)])
-    try:
-        with torch.no_grad():
-            out = model(probes)
-    except Exception:
         return
     if isinstance(out, Tensor) and out.numel() and bool(((out >= 0) & (out <= 1)).all()):
         logger.warning("model '%s': its outputs on test inputs all lie in [0, 1], as "

@@ -116,10 +116,11 @@ def _source_was_lossy(source: Dataset) -> tuple[str, str | None]:
     return "00", None
 
 
-def _common(dataset: Dataset, source: Dataset, made: DerivedFrom, description: str) -> None:
+def _common(dataset: Dataset, source: Dataset, made: DerivedFrom, frame: int | None,
+            description: str) -> None:
     dataset.SeriesDescription = f"Grad-CAM {made.label}"[:64]
     dataset.DerivationDescription = description[:1024]
-    dataset.SourceImageSequence = [_source_reference(source, None)]
+    dataset.SourceImageSequence = [_source_reference(source, frame)]
     # General Series: Laterality is Type 2C, needed for a paired body part. Copied from
     # the source; with no body part to tell, present and empty (validators ask for it).
     if "Laterality" in source:
@@ -149,9 +150,8 @@ def secondary_capture(source: Dataset, overlay: np.ndarray, made: DerivedFrom,
         # highdicom takes one letter per axis; the real value is set below.
         patient_orientation=("L", "F"),
         transfer_syntax_uid=JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian)
-    _common(image, source, made, f"Grad-CAM ({made.method}, layer {made.layer}, model "
+    _common(image, source, made, frame, f"Grad-CAM ({made.method}, layer {made.layer}, model "
             f"{made.model}) of class '{made.label}' blended over the image as displayed")
-    image.SourceImageSequence = [_source_reference(source, frame)]
     image.ImageType = ["DERIVED", "SECONDARY"]
     # Type 2C: the source's orientation, oblique ones included ("LP"), or empty if unknown.
     orientation = _patient_orientation(source)
@@ -189,7 +189,7 @@ def parametric_map(source: Dataset, heat: np.ndarray, made: DerivedFrom) -> byte
         contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
         content_label="GRADCAM", content_description=f"Grad-CAM {made.label}"[:64])
-    _common(result, source, made, f"Grad-CAM ({made.method}, layer {made.layer}, model "
+    _common(result, source, made, None, f"Grad-CAM ({made.method}, layer {made.layer}, model "
             f"{made.model}) of class '{made.label}', normalised to [0, 1]")
     return _bytes(result)
 
