@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 from service.errors import BadGateway, DeadlineExceeded, Forbidden, InvalidField, PayloadTooLarge
 
 # PS3.5 9.1: digits and dots, components without leading zeros, at most 64 characters.
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# Matched whole (fullmatch): "$" would let a trailing newline through.
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _CHUNK = 1 << 16
 
@@ -50,6 +51,8 @@ class Stored:
 
 
 def _normalised(url: str) -> str:
+    """``scheme://host:port/path``; ``ValueError`` for a URL that cannot be parsed (a port
+    out of range or not a number, a broken IPv6 literal)."""
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
     port = parts.port or (443 if scheme == "https" else 80)
@@ -60,17 +63,23 @@ class DicomWebServers:
     """The DICOMweb servers this service may call (none by default)."""
 
     def __init__(self, allowed: str) -> None:
+        # Settings.from_env has checked that each one parses.
         self._allowed = {_normalised(url): url.strip().rstrip("/")
                          for url in allowed.replace(",", " ").split() if url.strip()}
 
     def base(self, url: str, where: str, subject: str, image: int | None = None) -> str:
         """``url`` as an allowed base URL, or ``Forbidden``; ``subject`` starts the message
         ("Image 3", "The store URL") and ``where`` is the field."""
-        parts = urlsplit(url.strip())
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise InvalidField(f"{subject}: '{url[:200]}' is not an http(s) URL.", field=where,
-                               image=image)
-        found = self._allowed.get(_normalised(url))
+        try:
+            parts = urlsplit(url.strip())
+            if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+                raise ValueError("not an http(s) URL with a host")
+            normalised = _normalised(url)
+        except ValueError:
+            raise InvalidField(f"{subject}: '{url[:200]}' is not a valid http(s) URL (scheme, "
+                               "host, and a port from 1 to 65535 if given).", field=where,
+                               image=image) from None
+        found = self._allowed.get(normalised)
         if found is None:
             allowed = ", ".join(self._allowed.values()) or "none are configured"
             raise Forbidden(f"{subject}: this service may not call {url[:200]}; the DICOMweb "
@@ -81,7 +90,7 @@ class DicomWebServers:
 
 
 def _check_uid(value: str, what: str, index: int) -> str:
-    if len(value) > 64 or not _UID.match(value):
+    if len(value) > 64 or not _UID.fullmatch(value):
         raise InvalidField(f"Image {index}: {what} '{value[:80]}' is not a DICOM UID.",
                            field=f"images[{index}].dicomweb.{what}", image=index)
     return value

@@ -13,6 +13,7 @@ everything this module does to images is numpy and Pillow.
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from service.imaging.decoding import Admit, decode_base64, decode_image
 from service.imaging.dicom import describe_dicom, is_dicom, read_header
 from service.imaging.dicom_out import (
     DerivedFrom,
+    DerivedObjectImpossible,
     new_uid,
     parametric_map,
     parametric_map_problem,
@@ -47,6 +49,7 @@ from service.imaging.render import (
     to_uint8,
 )
 from service.interface import Box, Engine, Job, ModelInfo, class_order
+from service.logs import log_failure
 from service.schemas import (
     DICOM_FORMATS,
     ClassRef,
@@ -59,6 +62,8 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -222,13 +227,26 @@ def render_heatmap(cam: np.ndarray, prepared: PreparedImage, options: HeatmapOpt
     heat = heatmap(cam, prepared.geometry, options.size)
     if options.format in DICOM_FORMATS:
         assert prepared.header is not None and derived is not None
-        if options.format == "dicom-pm":
-            out["data"] = _b64(parametric_map(prepared.header, heat, derived))
-        else:
-            overlay = draw_heatmap(heat, prepared, options.model_copy(update={"format": "overlay"}),
-                                   model)
-            out["data"] = _b64(secondary_capture(prepared.header, overlay, derived,
-                                                 prepared.frame, options.encoding))
+        try:
+            if options.format == "dicom-pm":
+                data = parametric_map(prepared.header, heat, derived)
+            else:
+                overlay = draw_heatmap(heat, prepared, options.model_copy(
+                    update={"format": "overlay"}), model)
+                data = secondary_capture(prepared.header, overlay, derived, prepared.frame,
+                                         options.encoding)
+        except DerivedObjectImpossible as impossible:
+            out["reason"] = str(impossible)
+            return out
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
+            # The header came from the client: what it holds must not become a 500. The
+            # type and place are logged, never the text (it may quote header values).
+            log_failure(logger, f"image {prepared.index}: {options.format} not made", error,
+                        logging.WARNING)
+            out["reason"] = (f"the source's DICOM header could not be carried into a "
+                             f"{options.format} object ({type(error).__name__})")
+            return out
+        out["data"] = _b64(data)
         out["uids"] = {"study": str(prepared.header.StudyInstanceUID),
                        "series": derived.series_uid, "instance": derived.instance_uid}
     elif options.format == "array":

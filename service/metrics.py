@@ -8,7 +8,10 @@ queue, compute) and the supervisor (restarts) each write their own files;
 ``/metrics`` on any worker aggregates all of them. Gauges say how they combine
 across processes (``livesum``: sum over live ones).
 
-Labels are bounded: route templates, status codes, error codes, stages, models.
+Labels come from closed sets, never from what a client sends as it is: route
+templates (``unmatched`` for any other path), the HTTP methods the routes accept
+(``other`` for any other token: HTTP allows any), the status codes and error codes
+the service answers with, stages, and the configured models.
 """
 
 from __future__ import annotations
@@ -68,6 +71,15 @@ MODEL_LOAD_SECONDS = Gauge(
 MODEL_INFO = Gauge(
     "gradcam_model_info", "Models served (value 1), with their default layer and device.",
     ["model", "arch", "layer", "device"], multiprocess_mode="max")
+
+
+# The methods the routes accept; any other token is counted as "other".
+_METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS"})
+
+
+def http_method(method: str) -> str:
+    """``method`` as a label value: one of the routes' methods, or ``other``."""
+    return method if method in _METHODS else "other"
 
 
 def multiprocess_dir() -> str | None:

@@ -11,6 +11,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -23,6 +24,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -196,6 +198,10 @@ class Settings(BaseModel):
     # Supervision (supervisor.py): engine crashes in a row (each up less than a
     # minute) before serve gives up and exits non-zero; the drain allowed on SIGTERM.
     engine_max_restarts: Annotated[int, Field(ge=0)] = 5
+    # A hung engine (heartbeat.py): past the first, workers answer 503 at once and fail
+    # what waits on it; past the second, the supervisor kills and restarts it.
+    engine_heartbeat_timeout_s: Annotated[float, Field(ge=0.5)] = 1.5
+    engine_hang_restart_s: Annotated[float, Field(gt=0)] = 10.0
     shutdown_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     # What one request may cost (budgets.py; README "Limits"): checked before the work.
     max_images_per_request: PositiveInt = 32
@@ -219,6 +225,28 @@ class Settings(BaseModel):
     web_page: bool = True
     # DICOMweb servers requests may name (dicomweb.py): base URLs; none by default.
     dicomweb_servers: str = ""
+
+    @model_validator(mode="after")
+    def _hang_after_heartbeat(self) -> Settings:
+        if self.engine_hang_restart_s <= self.engine_heartbeat_timeout_s:
+            raise ValueError("engine_hang_restart_s must be longer than "
+                             "engine_heartbeat_timeout_s")
+        return self
+
+    @field_validator("dicomweb_servers")
+    @classmethod
+    def _servers_parse(cls, value: str) -> str:
+        for url in value.replace(",", " ").split():
+            try:
+                parts = urlsplit(url)
+                _ = parts.port  # raises for a port out of range or not a number
+                valid = bool(parts.scheme.lower() in ("http", "https") and parts.hostname)
+            except ValueError:
+                valid = False
+            if not valid:
+                raise ValueError(f"'{url}' is not an http(s) base URL (scheme, host, optional "
+                                 "port from 1 to 65535, path)")
+        return value
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

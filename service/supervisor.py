@@ -17,12 +17,20 @@ touched CUDA. Here the engines and gunicorn are siblings.
   With ``engines = 0`` (auto) and several GPUs, one more engine starts per GPU.
   A broken models file makes engine 0 exit with ``ENGINE_EXIT_CONFIG``: serve prints
   nothing more and exits 2. Then gunicorn starts, told the engines' sockets.
-- **Crashes.** A dead engine is restarted after a Fibonacci backoff (1, 1, 2,
-  3, 5 … s); meanwhile the workers answer 503 ``engine_unavailable`` and
-  ``/readyz`` is 503. After ``engine_max_restarts`` crashes in a row (an engine
-  that stayed up a minute resets the count) serve stops everything and exits 1,
-  so an orchestrator restarts the pod. If gunicorn dies, serve stops the
-  engines and exits 1.
+- **Crashes.** A dead engine is restarted after a back-off of 0, 1, 1, 2, 3,
+  5 … s for its 1st, 2nd … crash in a row; meanwhile the workers answer 503
+  ``engine_unavailable`` and ``/readyz`` is 503. An engine that has answered a
+  request, or stayed up a minute, starts a new count. An engine killed by a signal
+  while still loading (before it said ready) is restarted at once and not counted
+  as a crash (a fast crash loop it is not: it never ran), up to
+  ``_LOADING_KILLS_FACTOR`` × ``engine_max_restarts`` times in a row. After
+  ``engine_max_restarts`` crashes in a row serve stops everything and exits 1, so
+  an orchestrator restarts the pod. If gunicorn dies, serve stops the engines and
+  exits 1.
+- **Hangs.** An engine whose heartbeat (``service.heartbeat``) is older than
+  ``engine_hang_restart_s`` is killed (SIGKILL also ends a stopped process) and
+  restarted like a crashed one; the workers have answered 503 since its beat was
+  ``engine_heartbeat_timeout_s`` old.
 - **SIGTERM / SIGINT.** gunicorn first (it stops accepting and drains its
   requests, which still have their engines), then the engines (each finishes
   what it holds), each bounded by ``shutdown_timeout_s``, then SIGKILL for what
@@ -51,6 +59,7 @@ from types import ModuleType
 
 from service import logs
 from service.errors import ConfigError
+from service.heartbeat import Heartbeat, heartbeat_path
 from service.interface import ENGINE_EXIT_CONFIG, ENGINE_SOCKETS_ENV
 from service.settings import Settings, available_cores
 
@@ -58,6 +67,8 @@ logger = logging.getLogger("service.supervisor")
 
 # An engine that stays up this long has recovered: its crash count starts again.
 _STABLE_S = 60.0
+# Kills of a still-loading engine allowed in a row, per allowed crash (see above).
+_LOADING_KILLS_FACTOR = 3
 _PR_SET_PDEATHSIG = 1
 
 
@@ -68,8 +79,8 @@ def _die_with_parent() -> None:
 
 
 def _backoff_s(crashes: int) -> float:
-    """1, 1, 2, 3, 5, 8 … seconds for the 1st, 2nd … crash in a row."""
-    a, b = 1, 1
+    """0, 1, 1, 2, 3, 5 … seconds for the 1st, 2nd … crash in a row."""
+    a, b = 0, 1
     for _ in range(max(0, crashes - 1)):
         a, b = b, a + b
     return float(a)
@@ -87,7 +98,10 @@ class EngineSlot:
     started_at: float = 0.0
     ready_at: float | None = None
     crashes: int = 0
+    loading_kills: int = 0
     restart_at: float | None = None
+    heartbeat: Heartbeat | None = None
+    hang_killed: bool = False
 
 
 class Supervisor:
@@ -211,6 +225,7 @@ class Supervisor:
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         slot.ready_pipe, slot.ready_at, slot.started_at = read_fd, None, time.monotonic()
+        slot.heartbeat, slot.hang_killed = None, False
         logger.info("engine %d starting on %s (pid %d)", slot.index, slot.device,
                     slot.process.pid)
 
@@ -228,6 +243,7 @@ class Supervisor:
         if len(words) != 3 or words[0] != "ready":
             return None
         slot.ready_at = time.monotonic()
+        slot.heartbeat = Heartbeat.open(heartbeat_path(slot.socket))
         logger.info("engine %d ready on %s (pid %d) after %.1f s", slot.index, words[1],
                     slot.process.pid if slot.process else -1, time.monotonic() - slot.started_at)
         return words[1], int(words[2])
@@ -256,13 +272,25 @@ class Supervisor:
         if slot.ready_pipe is not None:
             os.close(slot.ready_pipe)
             slot.ready_pipe = None
-        if slot.ready_at is not None and now - slot.ready_at >= _STABLE_S:
-            slot.crashes = 0  # it served for a while: a new incident, not the same one
-        slot.crashes += 1
         if code == ENGINE_EXIT_CONFIG:
             logger.critical("engine %d cannot load its models any more (see above): giving up",
                             slot.index)
             return False
+        if slot.ready_at is None and code < 0 and not slot.hang_killed:
+            # Killed from outside while loading: it never ran, so this is no crash loop.
+            slot.loading_kills += 1
+            allowed = _LOADING_KILLS_FACTOR * max(1, self.settings.engine_max_restarts)
+            if slot.loading_kills <= allowed:
+                logger.error("engine %d (pid %d) was killed by signal %d while loading; "
+                             "restarting it now", slot.index, slot.process.pid, -code)
+                slot.process, slot.restart_at = None, now
+                return True
+        served = slot.heartbeat is not None and slot.heartbeat.answered() > 0
+        if served or (slot.ready_at is not None and now - slot.ready_at >= _STABLE_S):
+            slot.crashes = 0  # it served: a new incident, not the same one
+        if slot.ready_at is not None:
+            slot.loading_kills = 0
+        slot.crashes += 1
         if slot.crashes > self.settings.engine_max_restarts:
             logger.critical("engine %d exited with code %d, its %d crash in a row: giving up",
                             slot.index, code, slot.crashes)
@@ -299,6 +327,7 @@ class Supervisor:
             for slot in self.engines:
                 if slot.ready_pipe is not None:
                     self._read_ready(slot)
+                self._kill_if_hung(slot)
                 if slot.process is not None and (code := slot.process.poll()) is not None:
                     if self._stopping:
                         break
@@ -311,6 +340,18 @@ class Supervisor:
                 logger.critical("gunicorn exited with code %d; stopping", code)
                 return 128 - code if code < 0 else (code or 1)  # killed by a signal: 128 + N
         return 0
+
+    def _kill_if_hung(self, slot: EngineSlot) -> None:
+        """SIGKILL an engine whose heartbeat is older than ``engine_hang_restart_s``; the
+        watch loop then sees it exit and restarts it."""
+        if slot.process is None or slot.heartbeat is None or slot.hang_killed:
+            return
+        age = slot.heartbeat.age_s()
+        if age > self.settings.engine_hang_restart_s and slot.process.poll() is None:
+            logger.error("engine %d (pid %d) has not run for %.1f s (limit %.0f s): killing it",
+                         slot.index, slot.process.pid, age, self.settings.engine_hang_restart_s)
+            slot.hang_killed = True
+            slot.process.kill()
 
     def _on_stop_signal(self, signum: int, _frame: object) -> None:
         if not self._stopping:

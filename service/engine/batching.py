@@ -35,6 +35,7 @@ from functools import partial
 
 from service.errors import DeadlineExceeded, EngineUnavailable, Overloaded
 from service.interface import Job, JobResult, JobTimings
+from service.logs import log_failure, where
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ class MicroBatcher:
                 self._running = []
 
     def _die(self, error: BaseException) -> None:
-        logger.critical("the model loop died: %r", error, exc_info=error)
+        log_failure(logger, "the model loop died", error, logging.CRITICAL)
         with self._cond:
             self._dead = True
             pending = list(self._pending)
@@ -276,8 +277,8 @@ class MicroBatcher:
             if len(items) == 1:
                 items[0].future.set_exception(error)
                 return
-            logger.warning("a batch of %d requests failed (%s); retrying them one by one",
-                           len(items), error)
+            logger.warning("a batch of %d requests failed (%s at %s); retrying them one by one",
+                           len(items), type(error).__name__, where(error))
             for item in items:
                 try:
                     item.future.set_result(self._compute(item.job, partial(_all_given_up,

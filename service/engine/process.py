@@ -6,7 +6,8 @@
 a process that touched CUDA) and supervises it. It has no request threads:
 
 - the **receive loop** (main thread) accepts the HTTP workers' connections on a
-  Unix socket, reassembles their messages (``ipc``) and queues jobs;
+  Unix socket, reassembles their messages (``ipc``) and queues jobs; it writes the
+  engine's heartbeat (``service.heartbeat``) several times a second;
 - the **model loop** (the ``MicroBatcher``'s thread) runs the batches;
 - the **send loop** encodes each finished job's reply and writes it back.
 
@@ -50,7 +51,9 @@ import numpy as np
 from service import ipc, logs
 from service.engine.runtime import Runtime
 from service.errors import ConfigError, Overloaded, ServiceError
+from service.heartbeat import BEAT_EVERY_S, Heartbeat, heartbeat_path
 from service.interface import ENGINE_EXIT_CONFIG, ENGINE_EXIT_MODEL_LOOP_DIED, JobResult
+from service.logs import log_failure
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -84,6 +87,10 @@ class EngineServer:
         self._wake_w.setblocking(False)
         if os.path.exists(path):
             os.unlink(path)  # left by a crashed predecessor
+        # Before the socket listens: a worker that connects finds a fresh beat.
+        self._heartbeat = Heartbeat(heartbeat_path(path), create=True)
+        self._beaten_at = time.monotonic()
+        self.answered = 0  # jobs answered (results or errors), for the heartbeat
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(path)
         os.chmod(path, 0o600)
@@ -102,7 +109,11 @@ class EngineServer:
         drained = threading.Event()
         drainer: threading.Thread | None = None
         while not (self._stopping and drained.is_set()):
-            for key, _ in self._selector.select(timeout=0.5):
+            now = time.monotonic()
+            if now - self._beaten_at >= BEAT_EVERY_S and self.runtime.healthy:
+                self._heartbeat.beat(self.answered)
+                self._beaten_at = now
+            for key, _ in self._selector.select(timeout=BEAT_EVERY_S):
                 if key.fileobj is self._listener:
                     self._accept()
                 elif key.fileobj is self._wake_r:
@@ -118,6 +129,7 @@ class EngineServer:
         self._listener.close()
         if os.path.exists(self.path):
             os.unlink(self.path)
+        self._heartbeat.close()
 
     def stop(self) -> None:
         """Async-signal-safe enough: a flag and one byte on a socket."""
@@ -219,13 +231,14 @@ class EngineServer:
                     return
                 try:
                     self._send(connection, what)
-                except Exception:  # one bad reply must not silence the engine
-                    logger.exception("could not send a reply; dropping that connection")
+                except Exception as error:  # one bad reply must not silence the engine
+                    log_failure(logger, "could not send a reply; dropping that connection",
+                                error)
                     self._abandon(connection)
-        except BaseException:
+        except BaseException as error:
             # Without its send loop the engine would take work and answer nothing.
-            logger.critical("the send loop died; exiting so the supervisor restarts the engine",
-                            exc_info=True)
+            log_failure(logger, "the send loop died; exiting so the supervisor restarts the "
+                        "engine", error, logging.CRITICAL)
             logging.shutdown()
             os._exit(ENGINE_EXIT_MODEL_LOOP_DIED)
 
@@ -236,13 +249,13 @@ class EngineServer:
         if isinstance(what, tuple):
             request_id, future = what
             connection.jobs.pop(request_id, None)
+            self.answered += 1  # only this thread writes it
             if future.cancelled() or connection.closed:
                 return  # nobody waits for it any more
             error = future.exception()
             if error is not None:
                 if not isinstance(error, ServiceError):
-                    logger.error("request %d failed in the model: %r", request_id, error,
-                                 exc_info=error)
+                    log_failure(logger, f"request {request_id} failed in the model", error)
                 buffers = ipc.encode_error(request_id, error)
             else:
                 buffers = ipc.encode_result(request_id, future.result())

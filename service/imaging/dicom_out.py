@@ -10,12 +10,19 @@
   grid and Frame of Reference (CT, MR and other images with a plane position), so
   viewers such as OHIF overlay it on the source.
 
-Every object is built from the source's header only (read without pixel data).
+Every object is built from the source's header only (read without pixel data), and
+from a conformant copy of it (``conformant_header``): values the standard's value
+representations forbid (an ISO birth date ``1911-11-11``, a time ``10:11:12``, a sex
+``male``, an over-long name) are corrected where the intended value is certain
+(``19111111``, ``101112``, ``M``) and blanked otherwise, as Type 2 attributes may be;
+an invalid UID makes the object impossible (``DerivedObjectImpossible``, which names
+the attribute, never its value).
 """
 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -48,6 +55,81 @@ _SINGLE_FRAME = frozenset({
     "1.2.840.10008.5.1.4.1.1.1.3.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4",
     "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.128",
 })
+
+
+class DerivedObjectImpossible(ValueError):
+    """The source's header cannot be carried into a derived object; the message names the
+    attribute (never its value) and is shown to the client as the heatmap's reason."""
+
+
+# Separators that make a common non-DICOM date or time: 1911-11-11, 1911/11/11, 10:11:12.
+_ISO_DATE = re.compile(r"(\d{4})[-./](\d{2})[-./](\d{2})")
+_ISO_TIME = re.compile(r"(\d{2}):(\d{2})(?::(\d{2}(?:\.\d{1,6})?))?")
+_SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
+# Value representations whose values are text the standard constrains.
+_CHECKED_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH",
+                          "ST", "TM", "UC", "UI", "UR", "UT"})
+
+
+def _corrected(vr: str, keyword: str, value: str) -> str:
+    """``value`` made conformant where its meaning is certain; else "" (blank)."""
+    from pydicom.config import RAISE
+    from pydicom.valuerep import validate_value
+
+    candidate = value.strip()
+    if vr == "DA" and (found := _ISO_DATE.fullmatch(candidate)):
+        candidate = "".join(found.groups())
+    elif vr == "TM" and (found := _ISO_TIME.fullmatch(candidate)):
+        candidate = "".join(part for part in found.groups() if part)
+    elif vr == "CS":
+        candidate = candidate.upper()
+        if keyword == "PatientSex":
+            candidate = _SEX.get(candidate, "")
+    try:
+        validate_value(vr, candidate, RAISE)
+    except (ValueError, TypeError):
+        return ""
+    return candidate
+
+
+def _conform(dataset: Dataset) -> None:
+    """Every checked value of ``dataset`` (and its sequences) conformant, in place."""
+    from pydicom.config import RAISE
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import validate_value
+
+    for element in dataset:
+        if element.VR == "SQ":
+            for item in element.value or []:
+                _conform(item)
+            continue
+        if element.VR not in _CHECKED_VRS or element.value in (None, ""):
+            continue
+        values = list(element.value) if isinstance(element.value, MultiValue) else [
+            element.value]
+        texts = [str(v) for v in values]
+        try:
+            for text in texts:
+                validate_value(element.VR, text, RAISE)
+            if element.keyword == "PatientSex" and texts[0] not in ("M", "F", "O"):
+                raise ValueError("not M, F or O")  # highdicom's enumeration
+            continue
+        except (ValueError, TypeError):
+            pass
+        if element.VR == "UI":
+            raise DerivedObjectImpossible(
+                f"the source's {element.keyword or element.tag} is not a valid DICOM UID")
+        fixed = [_corrected(element.VR, element.keyword, text) for text in texts]
+        element.value = fixed[0] if len(fixed) == 1 else fixed
+
+
+def conformant_header(source: Dataset) -> Dataset:
+    """A copy of ``source`` whose values a derived object may carry (module text)."""
+    import copy
+
+    header = copy.deepcopy(source)
+    _conform(header)
+    return header
 
 
 @dataclass(frozen=True)
@@ -137,6 +219,7 @@ def secondary_capture(source: Dataset, overlay: np.ndarray, made: DerivedFrom,
     import highdicom as hd
     from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
+    source = conformant_header(source)
     jpeg = encoding == "jpeg"
     given = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
     spacing = (float(given[0]), float(given[1])) if given and len(given) == 2 else None
@@ -177,6 +260,7 @@ def parametric_map(source: Dataset, heat: np.ndarray, made: DerivedFrom) -> byte
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
+    source = conformant_header(source)
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="GRADCAM", lut_explanation=f"Grad-CAM of {made.label}"[:64],
         unit=codes.UCUM.NoUnits, value_range=(0.0, 1.0), slope=1.0, intercept=0.0)
@@ -197,7 +281,8 @@ def parametric_map(source: Dataset, heat: np.ndarray, made: DerivedFrom) -> byte
 def parametric_map_problem(source: Dataset) -> str | None:
     """Why ``source`` cannot carry a Parametric Map, or None."""
     missing = [key for key in ("FrameOfReferenceUID", "ImagePositionPatient",
-                               "ImageOrientationPatient", "PixelSpacing") if key not in source]
+                               "ImageOrientationPatient", "PixelSpacing")
+               if source.get(key) in (None, "")]
     if int(source.get("SamplesPerPixel", 1)) != 1:
         return "a Parametric Map needs a grayscale source image"
     if missing:

@@ -45,7 +45,8 @@ def _service_error(error: ServiceError) -> Response:
     if isinstance(error, Unauthorized):
         response.headers["WWW-Authenticate"] = error.www_authenticate
     if error.status >= 500:
-        logger.warning("%s %s: %s", error.status, error.code, error.message)
+        # The code, not the message: messages may name what the request sent.
+        logger.warning("answered %s %s", error.status, error.code)
     return response
 
 
@@ -78,7 +79,7 @@ def _unexpected_error(error: Exception) -> Response:
         return _service_error(InsufficientMemory(
             "The server ran out of memory on this request; retry later or send less per "
             "request.", retry_after_s=5))
-    logger.exception("unexpected error")
+    logs.log_failure(logger, "unexpected error", error)
     metrics.ERRORS.labels("internal").inc()
     body = {"error": {"code": "internal", "message": "The server failed to handle this "
                       f"request (request id {logs.request_id.get()}); it has been logged."}}
@@ -93,7 +94,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["gradcam_settings"] = settings
     if engine is None:
-        pool = EnginePool.from_env()
+        pool = EnginePool.from_env(settings.engine_heartbeat_timeout_s)
         # A worker (re)started under load accepts requests only once it can pass them
         # on: else its first requests would get 503s while its connection is greeted.
         if not pool.wait_connected(_ENGINE_GREETING_S):
@@ -145,7 +146,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             response.headers.update(policy.cors_headers(request.headers.get("Origin"), False))
         # The route template, never the raw path: label values stay bounded.
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        metrics.REQUEST_DURATION.labels(route, request.method, str(response.status_code)).observe(
+        metrics.REQUEST_DURATION.labels(
+            route, metrics.http_method(request.method), str(response.status_code)
+        ).observe(
             time.perf_counter() - g.get("started", time.perf_counter()))
         return response
 

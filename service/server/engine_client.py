@@ -8,8 +8,13 @@ on a future; they never touch torch.
 When an engine dies its socket reaches EOF at once: every request waiting on it
 fails with ``EngineUnavailable`` (503) right away, new ones get the same answer
 until the restarted engine accepts the reconnection (the reader retries every
-``_RECONNECT_S``). ``EnginePool`` is the ``interface.Engine`` of the HTTP side:
-it sends each job to the connected engine with the fewest requests outstanding.
+``_RECONNECT_S``). An engine that is alive but does not run (stopped, wedged) keeps
+its socket open: its heartbeat (``service.heartbeat``) goes stale instead, and then
+new requests get the same 503 at once, and the reader fails those waiting, until
+the beat comes back or the supervisor replaces the engine.
+
+``EnginePool`` is the ``interface.Engine`` of the HTTP side: it sends each job to the
+responsive engine with the fewest requests outstanding.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 
 from service import ipc, metrics
 from service.errors import EngineUnavailable, ServiceError
+from service.heartbeat import BEAT_EVERY_S, Heartbeat, heartbeat_path
 from service.interface import (
     ENGINE_SOCKETS_ENV,
     Catalog,
@@ -37,6 +43,7 @@ from service.interface import (
     JobResult,
     wait_for,
 )
+from service.logs import log_failure
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +57,10 @@ _HELLO_ID = 0
 class EngineConnection:
     """One worker's connection to one engine process."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, heartbeat_timeout_s: float = 1.5) -> None:
         self.path = path
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._heartbeat: Heartbeat | None = None
         self.catalog: Catalog | None = None
         self.engine_pid: int | None = None
         self._sock: socket.socket | None = None
@@ -69,6 +78,18 @@ class EngineConnection:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def responsive(self) -> bool:
+        """Connected, and its engine's heartbeat is fresh."""
+        heartbeat = self._heartbeat
+        return (self._connected.is_set() and heartbeat is not None
+                and heartbeat.age_s() <= self.heartbeat_timeout_s)
+
+    def _hung_error(self) -> EngineUnavailable:
+        age = self._heartbeat.age_s() if self._heartbeat is not None else float("inf")
+        return EngineUnavailable(f"The engine has not run for {age:.1f} s (hung or stopped; it "
+                                 "is restarted if it does not recover); retry shortly.")
 
     @property
     def outstanding(self) -> int:
@@ -107,6 +128,8 @@ class EngineConnection:
             if not self._connected.is_set():
                 raise EngineUnavailable("The engine is not running (starting, or restarting "
                                         "after a failure); retry shortly.")
+            if kind == "job" and not self.responsive:
+                raise self._hung_error()
             request_id = next(self._ids)
             self._pending[request_id] = (kind, future)
         return request_id, future
@@ -179,7 +202,9 @@ class EngineConnection:
             poller.register(sock, select.POLLIN)
             greeted = False
             while not self._closed and not reader.eof and self._sock is sock:
-                if not poller.poll(500):
+                if not poller.poll(round(BEAT_EVERY_S * 1000)):
+                    if greeted and not self.responsive:
+                        self._fail_waiting_jobs()
                     continue
                 for header, frames in reader.read(sock):
                     self._dispatch(header, frames)
@@ -190,17 +215,39 @@ class EngineConnection:
         except (ipc.PeerGone, ipc.ProtocolError) as error:
             reason = str(error)
         except Exception as error:  # a bug must not leave requests waiting on a dead reader
-            logger.exception("engine %s: reader failed", self.path)
-            reason = f"reader failed: {error!r}"
+            log_failure(logger, f"engine {self.path}: reader failed", error)
+            reason = f"reader failed ({type(error).__name__})"
         self._fail_connection(sock, reason)
+
+    def _fail_waiting_jobs(self) -> None:
+        """The engine stopped beating: what waits on it gets 503 now, not at its deadline
+        (the engine is told to skip them, should it run again)."""
+        with self._state:
+            jobs = [(rid, f) for rid, (kind, f) in self._pending.items() if kind == "job"]
+            for request_id, _ in jobs:
+                del self._pending[request_id]
+        if not jobs:
+            return
+        logger.warning("engine %s: no heartbeat for %.1f s; %d waiting request(s) failed",
+                       self.path, self._heartbeat.age_s() if self._heartbeat else -1.0,
+                       len(jobs))
+        failure = self._hung_error()
+        for request_id, future in jobs:
+            with contextlib.suppress(InvalidStateError):
+                future.set_exception(failure)
+            with contextlib.suppress(ipc.PeerGone):
+                self._write(ipc.encode({"op": "cancel", "id": request_id}), 0.05)
 
     def _greet(self, sock: socket.socket, header: dict[str, Any]) -> bool:
         catalog = Catalog.from_dict(header["catalog"])
+        heartbeat = Heartbeat.open(heartbeat_path(self.path))
         with self._state:
             if self._sock is not sock:
                 return False  # failed meanwhile
             self.catalog = catalog
             self.engine_pid = int(header["pid"])
+            # The old map is left to the garbage collector: a thread may be reading it.
+            self._heartbeat = heartbeat
             self._connected.set()
         logger.info("engine %s: connected (pid %d, %s)", self.path, self.engine_pid,
                     header.get("device"))
@@ -261,20 +308,20 @@ class EngineConnection:
 class EnginePool:
     """The engines of this machine as one ``interface.Engine`` for the explain path."""
 
-    def __init__(self, paths: Sequence[str]) -> None:
+    def __init__(self, paths: Sequence[str], heartbeat_timeout_s: float = 1.5) -> None:
         if not paths:
             raise ValueError("no engine sockets given")
-        self.connections = [EngineConnection(path) for path in paths]
+        self.connections = [EngineConnection(path, heartbeat_timeout_s) for path in paths]
         self._catalog: Catalog | None = None
 
     @classmethod
-    def from_env(cls) -> EnginePool:
+    def from_env(cls, heartbeat_timeout_s: float = 1.5) -> EnginePool:
         value = os.environ.get(ENGINE_SOCKETS_ENV, "")
         paths = [p for p in value.split(os.pathsep) if p]
         if not paths:
             raise RuntimeError(f"{ENGINE_SOCKETS_ENV} is not set: start the server with "
                                "`gradcam-service serve`, which starts the engines")
-        return cls(paths)
+        return cls(paths, heartbeat_timeout_s)
 
     def wait_connected(self, timeout_s: float) -> bool:
         """Wait until some engine has greeted this worker (its hello carries the catalog)."""
@@ -310,7 +357,10 @@ class EnginePool:
     def _submit(self, job: Job, deadline: float) -> Future[JobResult]:
         """To the connected engine with the fewest requests outstanding; the next one if
         that connection breaks while sending."""
-        live = sorted((c for c in self.connections if c.connected), key=lambda c: c.outstanding)
+        live = sorted((c for c in self.connections if c.responsive),
+                      key=lambda c: c.outstanding)
+        if not live:  # connected but hung: say so
+            live = [c for c in self.connections if c.connected][:1]
         failure = EngineUnavailable("No engine is running (starting, or restarting after a "
                                     "failure); retry shortly.")
         for connection in live:
@@ -323,7 +373,7 @@ class EnginePool:
     def ready(self, timeout_s: float = 1.0) -> bool:
         """True if some engine answers a ping and says its model loop is alive."""
         for connection in self.connections:
-            if not connection.connected:
+            if not connection.responsive:
                 continue
             try:
                 if connection.request("ping", timeout_s).get("healthy"):

@@ -9,10 +9,12 @@ to the engines over their sockets.
 
 from __future__ import annotations
 
-from service.logs import LOG_FORMAT, json_lines
+from service.logs import LOG_FORMAT, QUOTING_LIBRARIES, json_lines, withhold_warning_text
 from service.settings import Settings, available_cores
 
 settings = Settings.from_env()
+# The master and (forked from it) every worker log warnings without their text.
+withhold_warning_text()
 
 # Sized for the machine: the workers decode, fit and render (numpy, Pillow),
 # which holds each one's interpreter, so one per core; their request threads
@@ -33,20 +35,25 @@ timeout = 120
 graceful_timeout = max(1, round(settings.shutdown_timeout_s))
 keepalive = 5
 accesslog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms id=%({x-request-id}o)s'
+# (Our worker writes its own access lines: the path without its query string.)
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms id=%({x-request-id}o)s'
 
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"request_id": {"()": "service.logs.RequestIdFilter"}},
+    "filters": {"request_id": {"()": "service.logs.RequestIdFilter"},
+                "library_text": {"()": "service.logs.LibraryTextFilter"}},
     "formatters": {"default": {"()": "service.logs.JsonFormatter"} if json_lines()
                    else {"format": LOG_FORMAT}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "default",
-                             "filters": ["request_id"], "stream": "ext://sys.stderr"}},
+                             "filters": ["request_id", "library_text"],
+                             "stream": "ext://sys.stderr"}},
     "root": {"level": "INFO", "handlers": ["console"]},
     "loggers": {
         "gunicorn.error": {"level": "INFO", "handlers": ["console"], "propagate": False},
         "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+        # Their warnings are about a client's file, which the answer already speaks of.
+        **{name: {"level": "ERROR"} for name in QUOTING_LIBRARIES},
     },
 }
 # No runtime control socket: nothing here uses it, and several servers on one

@@ -54,6 +54,7 @@ import orjson
 from gunicorn.workers.base import Worker
 
 from service import metrics
+from service.logs import log_failure
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ LINGER_S = 2.0
 # After answers, freed memory is handed back to the system at most this often.
 _TRIM_EVERY_S = 1.0
 _READ_CHUNK = 256 * 1024
+# Enough of a path for any route; a longer one is cut in the access log.
+_LOGGED_PATH_BYTES = 256
 
 _current = threading.local()
 _draining = threading.Event()
@@ -209,8 +212,8 @@ class BufferingWorker(Worker):
         for key, mask in events:
             try:
                 key.data(key.fileobj, mask)
-            except Exception:  # one connection's trouble never ends the loop
-                self.log.exception("error in the HTTP event loop")
+            except Exception as error:  # one connection's trouble never ends the loop
+                log_failure(logger, "error in the HTTP event loop", error)
                 conn = self.connections.get(key.fd)
                 if conn is not None:
                     self._close(conn)
@@ -520,8 +523,8 @@ class BufferingWorker(Worker):
                            b"".join(chunks), started, request_id)
         except (KeyboardInterrupt, SystemExit):
             raise
-        except BaseException:  # e.g. a native library's panic: still an answer
-            logger.exception("the application failed outside its error handlers")
+        except BaseException as error:  # e.g. a native library's panic: still an answer
+            log_failure(logger, "the application failed outside its error handlers", error)
             return _failed(started)
         finally:
             _current.wait = None
@@ -652,8 +655,10 @@ class BufferingWorker(Worker):
         answer, request = conn.answer, conn.request
         if answer is None or not self.cfg.accesslog:
             return
-        target = request.target.decode("latin-1") if request is not None else "-"
-        method = request.method.decode("ascii") if request is not None else "-"
+        # The path only: a query string may carry a token (?access_token=) or other data.
+        target = (bytes(request.target).partition(b"?")[0][:_LOGGED_PATH_BYTES]
+                  .decode("latin-1") if request is not None else "-")
+        method = metrics.http_method(request.method.decode("ascii")) if request else "-"
         milliseconds = round((time.monotonic() - answer.started) * 1000)
         self.log.access_log.info('%s "%s %s" %s %s %sms id=%s', conn.peer, method, target,
                                  answer.status, len(answer.body), milliseconds,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks in one call (about 5 minutes on one H100/H200; keep it under 8).
+# The GPU checks in one call (about 5 minutes on one H100/H200; at most 7).
 #
-# Prepare once where pip and apt reach (makes the git-ignored .whl/ of ~18 MB):
+# Prepare once where pip and apt reach (makes the git-ignored .whl/ of ~22 MB):
 #   bash tests/benchmarks/gpu_wheelhouse.sh
 # Then on the GPU machine, from the repository root, carrying .whl:
 #   bash tests/benchmarks/gpu_check.sh
@@ -16,15 +16,22 @@
 # Logs also go to $OUT (the device tool brings them back).
 #
 # Dry run on a CPU machine, to check the plumbing (not the figures):
-#   PY=.venv/bin/python SKIP_INSTALL=1 DEVICE=cpu DURATION=3 REPEATS=2 \
-#       bash tests/benchmarks/gpu_check.sh
+#   PY=.venv/bin/python SKIP_INSTALL=1 DEVICE=cpu DURATION=3 REPEATS=2 BATCHES=1 \
+#       CONCURRENCY="1 4" FORWARD_BATCH=2 bash tests/benchmarks/gpu_check.sh
+# STEPS (default "tests engine load autocast") runs only the steps named, e.g. a
+# rerun of a failed one; BATCHES, CONCURRENCY and FORWARD_BATCH shrink a dry run.
+# The steps' timeouts add up to under 7 minutes (SIGINT, so that servers are
+# stopped and their logs printed); the whole usually takes about 5.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-DURATION=${DURATION:-8}
+DURATION=${DURATION:-5}
 OUT=${OUT:-/tmp/gpu-check}
+STEPS=${STEPS:-tests engine load autocast}
 mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+step() { [[ " $STEPS " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 started=$(date +%s)
 elapsed() { echo "[$(($(date +%s) - started)) s] $*"; }
@@ -45,32 +52,44 @@ if [ "$DEVICE" = cuda ]; then
 else
     top=16
 fi
-$PY -c "import torch, flask, gunicorn, pydantic, fpng, pydicom; print('torch', torch.__version__, \
-'cuda', torch.version.cuda, 'devices', torch.cuda.device_count(), '| flask', flask.__version__, \
-'gunicorn', gunicorn.__version__)" || exit 1
+CONCURRENCY=${CONCURRENCY:-1 32 64 $top}
+top=${CONCURRENCY##* }
+FORWARD_BATCH=${FORWARD_BATCH:-32}
+$PY -c "import torch, gunicorn, pydantic, fpng, pydicom, highdicom, service.cli; \
+from importlib.metadata import version; print('torch', torch.__version__, 'cuda', \
+torch.version.cuda, 'devices', torch.cuda.device_count(), '| flask', version('flask'), \
+'gunicorn', gunicorn.__version__, 'highdicom', highdicom.__version__)" || exit 1
 
 status=0
-elapsed "gpu tests"
-timeout 240 $PY -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts="" \
-    2>&1 | tee "$OUT/test_gpu.log" || status=1
+if step tests; then
+    elapsed "gpu tests"
+    timeout -s INT -k 15 140 $PY -m pytest -q -s -ra -m gpu tests/test_gpu.py \
+        -p no:cacheprovider -o addopts="" --durations=5 2>&1 | tee "$OUT/test_gpu.log" || status=1
+fi
 
-elapsed "engine alone against the eager forward"
-timeout 120 $PY tests/benchmarks/engine.py --device "$DEVICE" --archs resnet50 \
-    --batches 1 8 32 --repeats "${REPEATS:-20}" --no-reference --threads 4 2>&1 | tee "$OUT/engine.log" \
-    || status=1
+if step engine; then
+    elapsed "engine alone against the eager forward"
+    # shellcheck disable=SC2086
+    timeout -s INT -k 15 45 $PY tests/benchmarks/engine.py --device "$DEVICE" --archs resnet50 \
+        --batches ${BATCHES:-1 8 32} --repeats "${REPEATS:-20}" --no-reference --threads 4 \
+        2>&1 | tee "$OUT/engine.log" || status=1
+fi
 
-elapsed "load: float32"
-timeout 260 $PY tests/benchmarks/load.py --device "$DEVICE" --client hey --skip-naive \
-    --duration "$DURATION" --concurrency 1 32 64 "$top" --max-batch-size 32 \
-    --forward-batch 32 --torch-threads 4 --paired-repeats 1 2>&1 | tee "$OUT/load.log" \
-    || status=1
+if step load; then
+    elapsed "load: float32"
+    # shellcheck disable=SC2086
+    timeout -s INT -k 15 140 $PY tests/benchmarks/load.py --device "$DEVICE" --client hey \
+        --skip-naive --duration "$DURATION" --concurrency $CONCURRENCY --max-batch-size 32 \
+        --forward-batch "$FORWARD_BATCH" --torch-threads 4 --paired-repeats 1 2>&1 \
+        | tee "$OUT/load.log" || status=1
+fi
 
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && step autocast; then
     elapsed "load: float16 autocast"
-    timeout 120 $PY tests/benchmarks/load.py --device cuda --client hey --skip-naive \
-        --duration "$DURATION" --concurrency "$top" --max-batch-size 32 --forward-batch 32 \
-        --torch-threads 4 --paired-repeats 1 --autocast 2>&1 | tee "$OUT/load_autocast.log" \
-        || status=1
+    timeout -s INT -k 15 75 $PY tests/benchmarks/load.py --device cuda --client hey --skip-naive \
+        --duration "$DURATION" --concurrency "$top" --max-batch-size 32 \
+        --forward-batch "$FORWARD_BATCH" --torch-threads 4 --paired-repeats 0 --autocast 2>&1 \
+        | tee "$OUT/load_autocast.log" || status=1
 fi
 elapsed "done (status $status)"
 exit $status

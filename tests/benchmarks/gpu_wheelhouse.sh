@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes .whl/ (git-ignored) for tests/benchmarks/gpu_check.sh: the wheels the
 # GPU machine lacks, for its Python (CPython 3.12, x86-64, with torch, numpy,
-# pillow, prometheus-client, requests, pytest, pyyaml and tqdm already there),
+# pillow, prometheus-client, requests, pytest, pyyaml and tqdm already there;
+# highdicom and its pyjpegls are not),
 # at the versions this checkout's venv is tested with, and Debian's `hey`
 # (a static Go binary: it needs only libc) as the load client.
 #   bash tests/benchmarks/gpu_wheelhouse.sh        # here, where pip and apt reach
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 NEEDED='flask|blinker|itsdangerous|werkzeug|gunicorn|pydantic|pydantic-core|annotated-types'
 NEEDED+='|typing-inspection|typing-extensions|orjson|fpng|lazy-loader|pydicom|pylibjpeg'
-NEEDED+='|pylibjpeg-libjpeg|pylibjpeg-openjpeg|pylibjpeg-rle|safetensors|h11'
+NEEDED+='|pylibjpeg-libjpeg|pylibjpeg-openjpeg|pylibjpeg-rle|safetensors|h11|highdicom|pyjpegls'
 pins=$($PY -m pip freeze | grep -i -E "^(${NEEDED//-/[-_]})==")
 rm -rf .whl && mkdir -p .whl
 platforms=()

@@ -88,19 +88,37 @@ def _jpeg(size: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+# The servers' output (access lines included) goes to a file per server, whose end
+# is printed when a run fails: on a remote GPU machine that is the only trace.
+_LOGS: dict[int, Path] = {}
+
+
 def _start(command: list[str], env: dict[str, str], url: str, probe: str) -> subprocess.Popen:
+    log = tempfile.NamedTemporaryFile(prefix="gradcam-load-server-", suffix=".log",  # noqa: SIM115
+                                      delete=False)
     process = subprocess.Popen(command, env={**os.environ, **env}, cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    _LOGS[process.pid] = Path(log.name)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             if requests.get(url + probe, timeout=2).status_code in (200, 405):
                 return process
         except requests.RequestException:
             time.sleep(0.3)
     stop(process)
-    raise RuntimeError(f"{command[0]} did not come up")
+    raise RuntimeError(f"{command[0]} did not come up:\n{_log_tail(process)}")
+
+
+def _log_tail(process: subprocess.Popen, chars: int = 6000) -> str:
+    """The end of a server's output, without its access lines."""
+    path = _LOGS.get(process.pid)
+    if path is None or not path.exists():
+        return ""
+    lines = path.read_text(errors="replace").splitlines()
+    return "\n".join(line for line in lines if '"POST /v1/' not in line
+                     and '"GET /' not in line)[-chars:]
 
 
 # (answered req/s, p50 ms, p99 ms, share refused with 503): 503 is the service
@@ -188,9 +206,12 @@ def _hey(hey: str, url: str, body: bytes, concurrency: int, duration_s: float,
 
 def _forward(args: argparse.Namespace, threads: int) -> tuple[float, float]:
     """Plain forward in a separate process: (img/s at the forward batch, batch-1 seconds)."""
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-c", _FORWARD, str(threads), args.device, str(args.forward_batch),
-         "1" if args.autocast else "0"], capture_output=True, text=True, check=True).stdout.split()
+         "1" if args.autocast else "0"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the plain forward failed:\n{done.stderr[-4000:]}")
+    out = done.stdout.split()
     return float(out[0]), float(out[1])
 
 
@@ -281,6 +302,7 @@ def main() -> None:
         return server, url
 
     server, url = start_service()
+    failed = True
     try:
         for name, body in bodies.items():
             for concurrency in args.concurrency:
@@ -291,6 +313,11 @@ def main() -> None:
                 mean_batch = (after[0] - before[0]) / batches
                 batch_ms = (after[2] - before[2]) / batches * 1000
                 rows[("service", name, concurrency)] = (*result, mean_batch, batch_ms)
+                # As it comes, so that a later failure leaves the figures so far.
+                print(f"  {name}, concurrency {concurrency}: {result[0]:.1f} req/s, p50 "
+                      f"{result[1]:.0f} ms, p99 {result[2]:.0f} ms, 503s {result[3]:.0%}, "
+                      f"mean batch {mean_batch:.1f}, engine {batch_ms:.1f} ms per batch",
+                      flush=True)
         # The forward figure drifts between runs on a small machine: pair it with
         # the service at the top concurrency, alternately, and take the median ratio.
         top = max(args.concurrency)
@@ -299,8 +326,13 @@ def main() -> None:
             forward_r = _forward(args, total_threads)[0]
             service_r = load(url + "/v1/explain", first_body, top)[0]
             paired.append(service_r / forward_r)
+        failed = False
     finally:
         stop(server)
+        if failed:
+            print(f"server output, without access lines:\n{_log_tail(server)}", file=sys.stderr)
+        else:
+            _LOGS.pop(server.pid).unlink(missing_ok=True)
 
     compared: dict[str, list[float]] = {}
     if args.compare_with:

@@ -31,7 +31,16 @@ CLIENT_TIMEOUT_S = 2.0
 LIMITS = {"GRADCAM_MAX_REQUEST_BYTES": str(8 * 2**20),
           "GRADCAM_MAX_EXPLANATIONS_PER_REQUEST": "8",
           "GRADCAM_MAX_REQUEST_PIXELS": "50000",
-          "GRADCAM_CLIENT_TIMEOUT_S": str(CLIENT_TIMEOUT_S)}
+          "GRADCAM_CLIENT_TIMEOUT_S": str(CLIENT_TIMEOUT_S),
+          # Allowed, never reached: its requests are refused before any call.
+          "GRADCAM_DICOMWEB_SERVERS": "http://127.0.0.1:9/dicom-web"}
+PACS = "http://127.0.0.1:9/dicom-web"
+
+
+def _dicomweb(url: str = PACS, study: str = "1.2", series: str = "1.2",
+              instance: str = "1.2") -> bytes:
+    return _raw({"images": [{"dicomweb": {"url": url, "study": study, "series": series,
+                                          "instance": instance}}]})
 
 GOOD = encode(phantom_png(2, 64, 64))
 PNG = phantom_png(1, 64, 64)
@@ -142,6 +151,18 @@ CATALOGUE: list[tuple[str, bytes, int, str]] = [
      "frames_length"),
     ("negative frame in a list", _raw({"images": [GOOD], "frame": [-1]}), 422,
      "invalid_field"),
+    ("dicomweb port out of range", _dicomweb("http://127.0.0.1:99999/dicom-web"), 422,
+     "invalid_field"),
+    ("dicomweb port not a number", _dicomweb("http://127.0.0.1:abc/dicom-web"), 422,
+     "invalid_field"),
+    ("dicomweb broken ipv6", _dicomweb("http://[::1/dicom-web"), 422, "invalid_field"),
+    ("dicomweb ipv6 bad port", _dicomweb("http://[::1]:x/dicom-web"), 422, "invalid_field"),
+    ("store url port out of range", _raw({"images": [GOOD], "heatmap": {"format": "dicom-sc"},
+                                          "store": {"url": "http://127.0.0.1:70000/"}}),
+     422, "invalid_field"),
+    ("uid ending in a newline", _dicomweb(study="1.2\n"), 422, "invalid_field"),
+    ("uid with a path", _dicomweb(series="1.2/../../x"), 422, "invalid_field"),
+    ("uid with a leading zero", _dicomweb(instance="1.02"), 422, "invalid_field"),
     ("dicom-sc at input size", _raw({"images": [GOOD], "heatmap": {"format": "dicom-sc",
                                                                   "size": "input"}}),
      422, "invalid_field"),
