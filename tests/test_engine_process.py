@@ -9,6 +9,7 @@ busy for a while when a test needs a queue.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -273,6 +274,101 @@ def test_an_engine_killed_under_load_gives_503s_then_200s_without_a_restart_of_s
         assert "gradcam_engine_restarts_total 1.0" in restarts
         assert "Traceback" not in live.read_log()
     finally:
+        live.stop()
+
+
+def _timed_load(url: str, clients: int, stop: threading.Event,
+                out: list[tuple[float, float, int, str]]) -> ThreadPoolExecutor:
+    """``clients`` threads posting SMALL until ``stop``: (started, ended, status, code)."""
+
+    def client() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                status, body, _ = _explain(url, SMALL, timeout=90)
+                code = body.get("error", {}).get("code", "")
+            except requests.RequestException as error:
+                status, code = 0, type(error).__name__
+            out.append((started, time.monotonic(), status, code))
+            if status != 200:
+                time.sleep(0.05)
+
+    pool = ThreadPoolExecutor(clients)
+    for _ in range(clients):
+        pool.submit(client)
+    return pool
+
+
+@pytest.mark.slow
+def test_a_stopped_engine_fails_fast_and_is_replaced() -> None:
+    """SIGSTOP keeps the engine's socket open: its heartbeat tells the workers, who
+    answer 503 at once, and the supervisor, who kills and restarts it."""
+    live = LiveServer(workers=2, env={"GRADCAM_ENGINE_HANG_RESTART_S": "4"})
+    stop = threading.Event()
+    outcomes: list[tuple[float, float, int, str]] = []
+    try:
+        [engine_pid] = live.engine_pids()
+        pool = _timed_load(live.url, 4, stop, outcomes)
+        time.sleep(1.0)
+        os.kill(engine_pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        _wait_for(lambda: not _ready(live.url), 3, "/readyz to turn 503")
+        unready_after = time.monotonic() - stopped
+        _wait_for(lambda: live.engine_pids() and live.engine_pids() != [engine_pid], 15,
+                  "the supervisor to replace the stopped engine")
+        _wait_for(lambda: _ready(live.url), 30, "the new engine")
+        time.sleep(1.0)
+        stop.set()
+        pool.shutdown(wait=True)
+        assert live.process.poll() is None
+        assert unready_after < 2.5, unready_after
+        failed = [o for o in outcomes if o[2] != 200]
+        assert failed and {code for *_, code in failed} == {"engine_unavailable"}, failed[:5]
+        # Whatever waited on the stopped engine, and whatever came after, was answered
+        # within 2 s of the stop or at once: never held to a deadline.
+        for started, ended, _, _ in failed:
+            assert ended - max(started, stopped) < 2.0, (started - stopped, ended - stopped)
+        after = [o for o in outcomes if o[0] > stopped + 2.0 and o[1] < stopped + 4.0]
+        assert after and all(status == 503 and ended - started < 0.5
+                             for started, ended, status, _ in after)
+        assert outcomes[-1][2] == 200
+        assert "has not run for" in live.read_log()
+    finally:
+        stop.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(engine_pid, signal.SIGCONT)
+        live.stop()
+
+
+@pytest.mark.slow
+def test_repeated_kills_of_a_loading_engine_do_not_grow_the_outage() -> None:
+    """Five kill -9 of the engine, 3 s apart, under load: kills of an engine still
+    loading are not a crash loop, so it is back one load time after the last kill."""
+    live = LiveServer(workers=2)
+    stop = threading.Event()
+    outcomes: list[tuple[float, float, int, str]] = []
+    try:
+        pool = _timed_load(live.url, 4, stop, outcomes)
+        time.sleep(1.0)
+        for _ in range(5):
+            os.kill(live.engine_pids()[0], signal.SIGKILL)
+            last_kill = time.monotonic()
+            time.sleep(3.0)
+        _wait_for(lambda: _ready(live.url), 30, "the engine after the last kill")
+        back_after = time.monotonic() - last_kill
+        time.sleep(0.5)
+        stop.set()
+        pool.shutdown(wait=True)
+        assert live.process.poll() is None  # serve did not give up
+        log = live.read_log()
+        print(f"back {back_after:.1f} s after the last kill; "
+              f"{log.count('while loading; restarting it now')} kill(s) while loading")
+        # One engine load (~4 s here) after the last kill, never a grown back-off.
+        assert back_after < 10.0, back_after
+        assert {code for *_, status, code in outcomes if status != 200} <= {
+            "engine_unavailable"}
+    finally:
+        stop.set()
         live.stop()
 
 
