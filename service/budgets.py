@@ -19,6 +19,15 @@ pixels drawn (heatmaps, images)   64 MP                    ``output_too_large``
 With these, one request holds at most one decoded image at full size in float
 (the others are kept as 8-bit pictures, and only for ``overlay`` at ``original``
 size), and renders one heatmap at a time.
+
+The same figures give the request's memory cost (``memory.RequestMemory``), reserved
+from the service's memory budget image by image, before each is decoded: the body's
+copies, the decode of its largest image, the pictures kept, its largest heatmap
+drawn, and its answer (each picture at half its uncompressed size once encoded, in
+base64, times the copies the answer passes through on its way out). A picture that
+encodes larger than that (noise does not compress) has the difference reserved as
+soon as its image is drawn (``pictures_encoded``). The constants are upper bounds of
+what ``tests/benchmarks/memory.py`` measures (README, "Limits and reliability").
 """
 
 from __future__ import annotations
@@ -27,8 +36,22 @@ from dataclasses import dataclass, field
 
 from service.errors import PayloadTooLarge
 from service.interface import ModelInfo
+from service.memory import RequestMemory
 from service.schemas import HeatmapOptions
 from service.settings import Settings
+
+# Bytes of memory per pixel (per value for arrays), upper bounds (module text).
+BODY_COPIES = 2  # the parsed JSON's strings and one image's decoded bytes, beside the body
+DECODE_BYTES_PER_PIXEL = 24  # decode and convert one image (float images: float copies)
+KEPT_BYTES_PER_PIXEL = 4  # an 8-bit picture kept to draw on at its own size (Pillow: 4)
+DRAW_BYTES_PER_PIXEL = 16  # one heatmap drawn: float map, levels, blend, encoder buffers
+# An answer's picture: expected at 1.5 bytes a pixel once encoded (half of RGB; checked
+# after encoding), 4/3 for base64, three copies (the response dict, the JSON bytes,
+# the bytes written).
+ENCODED_BYTES_PER_PIXEL = 1.5
+ANSWER_COPIES = 3
+PICTURE_ANSWER_BYTES_PER_PIXEL = int(ENCODED_BYTES_PER_PIXEL * 4 / 3 * ANSWER_COPIES)
+ARRAY_ANSWER_BYTES_PER_VALUE = 40  # float32, up to 12 characters of JSON, three copies
 
 
 @dataclass
@@ -40,9 +63,15 @@ class RequestBudget:
     layer: str
     options: HeatmapOptions
     with_image: bool = False
+    keeps_display: bool = False  # an 8-bit copy of each image is kept to draw on
+    memory: RequestMemory | None = None
+    body_bytes: int = 0
     pixels_used: int = field(default=0, init=False)
     output_used: int = field(default=0, init=False)
     array_used: int = field(default=0, init=False)
+    _held_bytes: int = field(default=0, init=False)  # kept pictures and answers
+    _peak_step_bytes: int = field(default=0, init=False)  # the largest decode or drawing
+    _expected_base64: dict[int, int] = field(default_factory=dict, init=False)
 
     def check_explanations(self, counts: list[int]) -> None:
         """``counts[i]``: explanations asked for image ``i`` (distinct targets)."""
@@ -94,6 +123,38 @@ class RequestBudget:
                     "Ask for heatmap.size 'input' or 'layer', or a 'gray' PNG (the same levels, "
                     "a fraction of the bytes).", code="array_too_large", image=index,
                     field="heatmap.format")
+        if self.memory is not None:
+            self.memory.need(self._memory_bytes(index, pixels, drawn, explanations))
+
+    def pictures_encoded(self, index: int, base64_chars: int) -> None:
+        """Image ``index``'s pictures came to ``base64_chars``: reserve what they took
+        beyond the estimate (503 if that no longer fits)."""
+        beyond = base64_chars - self._expected_base64.get(index, 0)
+        if self.memory is not None and beyond > 0:
+            self._held_bytes += beyond * ANSWER_COPIES
+            self._expected_base64[index] = base64_chars
+            self.memory.need(self._total_bytes())
+
+    def _memory_bytes(self, index: int, pixels: int, drawn: int, explanations: int) -> int:
+        """The request's estimated peak memory with this image added (module text)."""
+        pictures = 0
+        if self.options.format == "array":
+            self._held_bytes += drawn * ARRAY_ANSWER_BYTES_PER_VALUE
+        elif self.options.format != "none":
+            pictures += drawn
+        if self.with_image:
+            pictures += pixels
+        self._held_bytes += pictures * PICTURE_ANSWER_BYTES_PER_PIXEL
+        self._expected_base64[index] = int(pictures * ENCODED_BYTES_PER_PIXEL * 4 / 3)
+        if self.keeps_display:
+            self._held_bytes += pixels * KEPT_BYTES_PER_PIXEL
+        one_heatmap = drawn // max(1, explanations)
+        self._peak_step_bytes = max(self._peak_step_bytes, pixels * DECODE_BYTES_PER_PIXEL,
+                                    one_heatmap * DRAW_BYTES_PER_PIXEL)
+        return self._total_bytes()
+
+    def _total_bytes(self) -> int:
+        return BODY_COPIES * self.body_bytes + self._held_bytes + self._peak_step_bytes
 
     def _heatmap_pixels(self, width: int, height: int) -> int:
         if self.options.size == "original":

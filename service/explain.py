@@ -50,6 +50,7 @@ from service.imaging.render import (
 )
 from service.interface import Box, Engine, Job, ModelInfo, class_order
 from service.logs import log_failure
+from service.memory import RequestMemory
 from service.schemas import (
     DICOM_FORMATS,
     ClassRef,
@@ -308,12 +309,14 @@ def render_result(result: ExplainedImage, model: ModelInfo, top_k: int,
 
 def explain(request: ExplainRequest, engine: Engine, limits: Settings,
             disconnected: Callable[[], bool] | None = None,
-            started: float | None = None) -> dict[str, Any]:
+            started: float | None = None, memory: RequestMemory | None = None,
+            body_bytes: int = 0) -> dict[str, Any]:
     """The response body for ``request`` (see ``schemas.ExplainResponse``).
 
     ``disconnected`` tells whether the client has gone; a request whose client
     left is not computed. The deadline is ``limits.request_timeout_s`` after
-    ``started`` (``time.monotonic()``; default now).
+    ``started`` (``time.monotonic()``; default now). ``memory``, if given, reserves
+    the request's estimated cost (its body was ``body_bytes``) image by image.
     """
     deadline = (started if started is not None else time.monotonic()) + limits.request_timeout_s
     if len(request.images) > limits.max_images_per_request:
@@ -329,11 +332,12 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
     layer = choose_layer(model, request.layer)
     specs: list[TargetSpec] = list(request.targets or [None] * len(request.images))
     targets = [resolve_targets(spec, model, i) for i, spec in enumerate(specs)]
-    budget = RequestBudget(limits, model, layer, request.heatmap,
-                           with_image="image" in request.include)
-    budget.check_explanations([len(t) for t in targets])
     keep_display = "image" in request.include or request.heatmap.format == "dicom-sc" or (
         request.heatmap.format == "overlay" and request.heatmap.size == "original")
+    budget = RequestBudget(limits, model, layer, request.heatmap,
+                           with_image="image" in request.include, keeps_display=keep_display,
+                           memory=memory, body_bytes=body_bytes)
+    budget.check_explanations([len(t) for t in targets])
     servers = DicomWebServers(limits.dicomweb_servers)
     if request.store is not None:
         servers.base(request.store.url, "store.url", "The store URL")  # before any work
@@ -368,6 +372,7 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
                 raise ClientClosed("The client disconnected before the answer was drawn.")
             rendered.append(render_result(result, model, request.top_k, request.heatmap,
                                           request.include, request.method, layer))
+            budget.pictures_encoded(result.prepared.index, _base64_chars(rendered[-1]))
     if request.store is not None:
         _store(rendered, request.store.url, servers, deadline)
     return {"model": model.name, "method": request.method, "layer": layer, "results": rendered}
@@ -384,6 +389,12 @@ def _store(rendered: list[dict[str, Any]], url: str, servers: DicomWebServers,
     for picture, outcome in zip(made, store(objects, url, servers, deadline - time.monotonic()),
                                 strict=True):
         picture["stored"] = {"ok": outcome.ok, "message": outcome.message}
+
+
+def _base64_chars(result: dict[str, Any]) -> int:
+    """Characters of the encoded pictures (and DICOM objects) in one rendered result."""
+    pictures = [e["heatmap"].get("data", "") for e in result["explanations"]]
+    return sum(map(len, pictures)) + len(result.get("image", {}).get("data", ""))
 
 
 def _frames(request: ExplainRequest) -> list[int | None]:

@@ -203,6 +203,9 @@ class Settings(BaseModel):
     engine_heartbeat_timeout_s: Annotated[float, Field(ge=0.5)] = 1.5
     engine_hang_restart_s: Annotated[float, Field(gt=0)] = 10.0
     shutdown_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # What the whole process tree may use (memory.py); 0 = 90 % of the cgroup's memory
+    # limit, else 75 % of the machine's RAM.
+    memory_budget_mb: Annotated[int, Field(ge=0)] = 0
     # What one request may cost (budgets.py; README "Limits"): checked before the work.
     max_images_per_request: PositiveInt = 32
     max_explanations_per_request: PositiveInt = 128

@@ -31,6 +31,9 @@ touched CUDA. Here the engines and gunicorn are siblings.
   ``engine_hang_restart_s`` is killed (SIGKILL also ends a stopped process) and
   restarted like a crashed one; the workers have answered 503 since its beat was
   ``engine_heartbeat_timeout_s`` old.
+- **Memory.** ``serve`` makes the memory budget file (``service.memory``) that the
+  HTTP workers reserve from, and about once a second records in it what the
+  processes hold when idle (engines: their peak).
 - **SIGTERM / SIGINT.** gunicorn first (it stops accepting and drains its
   requests, which still have their engines), then the engines (each finishes
   what it holds), each bounded by ``shutdown_timeout_s``, then SIGKILL for what
@@ -61,6 +64,13 @@ from service import logs
 from service.errors import ConfigError
 from service.heartbeat import Heartbeat, heartbeat_path
 from service.interface import ENGINE_EXIT_CONFIG, ENGINE_SOCKETS_ENV
+from service.memory import (
+    BUDGET_FILE_ENV,
+    MB,
+    MemoryBudget,
+    default_budget_bytes,
+    resident_bytes,
+)
 from service.settings import Settings, available_cores
 
 logger = logging.getLogger("service.supervisor")
@@ -118,6 +128,10 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        budget = (settings.memory_budget_mb * MB) or default_budget_bytes()
+        self.memory = MemoryBudget(str(self.runtime_dir / "memory.budget"), budget)
+        self.env[BUDGET_FILE_ENV] = self.memory.path
+        self._memory_logged = False
 
     # --- the whole life --------------------------------------------------------
 
@@ -336,10 +350,32 @@ class Supervisor:
                 if slot.restart_at is not None and now >= slot.restart_at and not self._stopping:
                     slot.restart_at = None
                     self._launch(slot)
+            self._measure_memory()
             if (code := self.gunicorn.poll()) is not None and not self._stopping:
                 logger.critical("gunicorn exited with code %d; stopping", code)
                 return 128 - code if code < 0 else (code or 1)  # killed by a signal: 128 + N
         return 0
+
+    def _measure_memory(self) -> None:
+        """Record what the processes hold with no request in flight (engines: their peak,
+        since batches come and go) as the budget's fixed part."""
+        pids = [os.getpid()]
+        if self.gunicorn is not None:
+            pids += [self.gunicorn.pid, *_children(self.gunicorn.pid)]
+        engines = [s.process.pid for s in self.engines if s.process is not None]
+        fixed = (sum(resident_bytes(pid) for pid in pids)
+                 + sum(resident_bytes(pid, peak=True) for pid in engines))
+        if not self.memory.set_fixed(fixed, only_when_idle=True) or self._memory_logged:
+            return
+        self._memory_logged = True
+        budget = self.memory.budget_bytes
+        if fixed >= budget:
+            logger.error("memory budget %d MB: the idle service already holds %d MB; every "
+                         "request will be refused (raise GRADCAM_MEMORY_BUDGET_MB)",
+                         budget // MB, fixed // MB)
+        else:
+            logger.info("memory budget %d MB: %d MB held idle, %d MB for requests",
+                        budget // MB, fixed // MB, (budget - fixed) // MB)
 
     def _kill_if_hung(self, slot: EngineSlot) -> None:
         """SIGKILL an engine whose heartbeat is older than ``engine_hang_restart_s``; the
@@ -394,6 +430,16 @@ class Supervisor:
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
         if self._own_metrics_dir is not None:
             shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (gunicorn's workers)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def _terminate(processes: list[subprocess.Popen[bytes]], timeout_s: float, what: str) -> None:

@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 from service import logs, metrics
 from service.errors import InsufficientMemory, ServiceError
 from service.interface import Engine
+from service.memory import MemoryBudget
 from service.server.engine_client import EnginePool
 from service.server.routes import api, json_response
 from service.server.security import AccessPolicy, Unauthorized
@@ -102,6 +103,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                            "until one does", _ENGINE_GREETING_S)
         engine = pool
     app.extensions["gradcam_engine"] = engine
+    # serve's memory budget, shared with the other processes (None outside serve).
+    app.extensions["gradcam_memory"] = MemoryBudget.from_env()
     app.register_blueprint(api)
     if settings.web_page:
         app.register_blueprint(page)

@@ -8,9 +8,11 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
+from service.budgets import BODY_COPIES
 from service.errors import Overloaded, UnsupportedMediaType
 from service.explain import dumps, explain
 from service.interface import Catalog, Engine, ModelInfo
+from service.memory import RequestMemory
 from service.schemas import parse_explain_request
 from service.server.worker import draining
 from service.settings import Settings
@@ -83,9 +85,14 @@ def explain_view() -> Response:
         raise Overloaded(f"The server is {waited:.1f} s behind (limit "
                          f"{settings.max_queue_wait_s:g} s); retry shortly.",
                          retry_after_s=max(1, round(waited)))
-    body = parse_explain_request(request.get_data(cache=False))
-    started = g.get("started_monotonic", time.monotonic())
-    return json_response(explain(body, _engine(), settings, _client_disconnected, started))
+    data = request.get_data(cache=False)
+    memory_wait_s = max(0.0, settings.max_queue_wait_s - waited)
+    with RequestMemory(current_app.extensions.get("gradcam_memory"), memory_wait_s) as memory:
+        memory.need(BODY_COPIES * len(data))  # before the JSON is parsed
+        body = parse_explain_request(data)
+        started = g.get("started_monotonic", time.monotonic())
+        return json_response(explain(body, _engine(), settings, _client_disconnected, started,
+                                     memory, len(data)))
 
 
 @api.get("/v1/models")

@@ -14,7 +14,8 @@ does all socket I/O, non-blocking, with h11 parsing HTTP/1.1:
   ``request_timeout_s`` in all, an idle kept-alive connection lasts ``keepalive``
   seconds; a late request gets 408 and the connection is closed;
 - bytes held for clients (bodies being received, answers being sent) are
-  bounded per worker (4 × ``max_request_bytes``); past that, new requests get 503;
+  bounded per worker (4 × ``max_request_bytes``) and counted in the service's memory
+  budget (``service.memory``); past either, new requests get 503;
 - at most once a second after answers, freed memory goes back to the system
   (glibc's ``malloc_trim``): a big request does not leave the worker big;
 - protocol errors (malformed chunks, conflicting lengths, oversized headers,
@@ -55,6 +56,7 @@ from gunicorn.workers.base import Worker
 
 from service import metrics
 from service.logs import log_failure
+from service.memory import MemoryBudget
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -143,6 +145,7 @@ class BufferingWorker(Worker):
         self.client_timeout_s = self.settings.client_timeout_s
         self.buffer_budget = 4 * self.settings.max_request_bytes
         self.buffered = 0
+        self.memory = MemoryBudget.from_env()
         self.connections: dict[int, _Connection] = {}
         self.selector = selectors.DefaultSelector()
         self.finished: queue.SimpleQueue[tuple[_Connection, _Answer]] = queue.SimpleQueue()
@@ -400,16 +403,23 @@ class BufferingWorker(Worker):
                 status_code=100, headers=[])) or b"")
         return True
 
-    def _reserve(self, conn: _Connection, size: int) -> bool:
-        """Count ``size`` bytes for ``conn`` against the worker's buffer budget."""
+    def _reserve(self, conn: _Connection, size: int, force: bool = False) -> bool:
+        """Count ``size`` bytes for ``conn`` against the worker's buffer budget and the
+        service's memory budget (``force``: bytes already made, counted regardless)."""
         extra = max(0, size - conn.reserved)
-        if extra and self.buffered + extra > self.buffer_budget:
+        if not extra:
+            return True
+        if not force and self.buffered + extra > self.buffer_budget:
+            return False
+        if self.memory is not None and not self.memory.try_reserve(extra, force):
             return False
         self.buffered += extra
         conn.reserved += extra
         return True
 
     def _release(self, conn: _Connection) -> None:
+        if self.memory is not None:
+            self.memory.release(conn.reserved)
         self.buffered -= conn.reserved
         conn.reserved = 0
 
@@ -555,7 +565,7 @@ class BufferingWorker(Worker):
 
     def _write(self, conn: _Connection, data: bytes) -> None:
         self._release(conn)
-        self._reserve(conn, len(data))  # held until sent; may go over: it is already made
+        self._reserve(conn, len(data), force=True)  # held until sent: it is already made
         now = time.monotonic()
         conn.phase, conn.out = "writing", memoryview(data)
         conn.deadline = now + self.client_timeout_s
@@ -623,8 +633,9 @@ class BufferingWorker(Worker):
                      f"limit of {self.settings.max_request_bytes} bytes.")
 
     def _refuse_busy(self, conn: _Connection) -> None:
-        self._refuse(conn, 503, "overloaded", "The server holds too many request bodies being "
-                     "received right now; retry shortly.", retry_after_s=1)
+        self._refuse(conn, 503, "overloaded", "The server has no room for this request's body "
+                     "right now (its memory budget or its buffers are taken by other "
+                     "requests); retry shortly.", retry_after_s=1)
 
     def _close(self, conn: _Connection) -> None:
         if self.connections.get(conn.sock.fileno()) is conn:

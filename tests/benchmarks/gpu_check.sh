@@ -12,7 +12,9 @@
 # Prints, in order: the card, the gpu-marked tests, the engine alone against the
 # eager forward (batch 1, 8, 32), the load benchmark with hey (224² JPEG arrays
 # and 1024² overlays at concurrency 1 to 128, with the engine's time per batch
-# under load), then the same at the top concurrency with float16 autocast.
+# under load, after a timed warm-up of every batch size: cuDNN searches its
+# algorithms once per new shape), then the same at the top concurrency with
+# float16 autocast.
 # Logs also go to $OUT (the device tool brings them back).
 #
 # Dry run on a CPU machine, to check the plumbing (not the figures):
@@ -63,14 +65,14 @@ torch.version.cuda, 'devices', torch.cuda.device_count(), '| flask', version('fl
 status=0
 if step tests; then
     elapsed "gpu tests"
-    timeout -s INT -k 15 140 $PY -m pytest -q -s -ra -m gpu tests/test_gpu.py \
+    timeout -s INT -k 15 100 $PY -m pytest -q -s -ra -m gpu tests/test_gpu.py \
         -p no:cacheprovider -o addopts="" --durations=5 2>&1 | tee "$OUT/test_gpu.log" || status=1
 fi
 
 if step engine; then
     elapsed "engine alone against the eager forward"
     # shellcheck disable=SC2086
-    timeout -s INT -k 15 45 $PY tests/benchmarks/engine.py --device "$DEVICE" --archs resnet50 \
+    timeout -s INT -k 15 30 $PY tests/benchmarks/engine.py --device "$DEVICE" --archs resnet50 \
         --batches ${BATCHES:-1 8 32} --repeats "${REPEATS:-20}" --no-reference --threads 4 \
         2>&1 | tee "$OUT/engine.log" || status=1
 fi
@@ -78,17 +80,18 @@ fi
 if step load; then
     elapsed "load: float32"
     # shellcheck disable=SC2086
-    timeout -s INT -k 15 140 $PY tests/benchmarks/load.py --device "$DEVICE" --client hey \
+    timeout -s INT -k 15 170 $PY tests/benchmarks/load.py --device "$DEVICE" --client hey \
         --skip-naive --duration "$DURATION" --concurrency $CONCURRENCY --max-batch-size 32 \
-        --forward-batch "$FORWARD_BATCH" --torch-threads 4 --paired-repeats 1 2>&1 \
+        --forward-batch "$FORWARD_BATCH" --torch-threads 4 --paired-repeats 1 --warm-up 2>&1 \
         | tee "$OUT/load.log" || status=1
 fi
 
 if [ "$DEVICE" = cuda ] && step autocast; then
     elapsed "load: float16 autocast"
-    timeout -s INT -k 15 75 $PY tests/benchmarks/load.py --device cuda --client hey --skip-naive \
+    timeout -s INT -k 15 110 $PY tests/benchmarks/load.py --device cuda --client hey --skip-naive \
         --duration "$DURATION" --concurrency "$top" --max-batch-size 32 \
-        --forward-batch "$FORWARD_BATCH" --torch-threads 4 --paired-repeats 0 --autocast 2>&1 \
+        --forward-batch "$FORWARD_BATCH" --torch-threads 4 --paired-repeats 0 --autocast \
+        --warm-up 2>&1 \
         | tee "$OUT/load_autocast.log" || status=1
 fi
 elapsed "done (status $status)"

@@ -204,6 +204,23 @@ def _hey(hey: str, url: str, body: bytes, concurrency: int, duration_s: float,
     return answered / total_s, p50 * 1000, p99 * 1000, 1 - answered / max(1, completed)
 
 
+def _warm_up(url: str, image: str, max_batch: int) -> None:
+    """One request of k images for each k up to the largest batch, twice: each batch size
+    the engine meets first (cuDNN's algorithm search, with ``cudnn.benchmark``) then
+    again. Prints both sweeps' times, so that the cold start shows."""
+    for sweep in ("first", "second"):
+        times = []
+        for k in range(1, max_batch + 1):
+            body = {"images": [image] * k, "heatmap": {"format": "array", "size": "layer"}}
+            started = time.perf_counter()
+            requests.post(url + "/v1/explain", json=body, timeout=300).raise_for_status()
+            times.append(time.perf_counter() - started)
+        slowest = max(range(max_batch), key=times.__getitem__)
+        print(f"warm-up, {sweep} sweep (one request of k images, k = 1..{max_batch}): "
+              f"{sum(times):.1f} s, slowest k = {slowest + 1} {times[slowest] * 1000:.0f} ms; "
+              f"ms: {' '.join(f'{t * 1000:.0f}' for t in times)}", flush=True)
+
+
 def _forward(args: argparse.Namespace, threads: int) -> tuple[float, float]:
     """Plain forward in a separate process: (img/s at the forward batch, batch-1 seconds)."""
     done = subprocess.run(
@@ -244,6 +261,9 @@ def main() -> None:
     parser.add_argument("--autocast", action="store_true", help="float16 forward (CUDA)")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--forward-batch", type=int, default=8)
+    parser.add_argument("--warm-up", action="store_true",
+                        help="before measuring, one request of k images for each k up to "
+                        "--max-batch-size (twice, timed)")
     parser.add_argument("--paired-repeats", type=int, default=3,
                         help="forward/service pairs at the top concurrency for the median ratio")
     args = parser.parse_args()
@@ -304,6 +324,8 @@ def main() -> None:
     server, url = start_service()
     failed = True
     try:
+        if args.warm_up:
+            _warm_up(url, payloads["array/layer, 224² JPEG"]["images"][0], args.max_batch_size)
         for name, body in bodies.items():
             for concurrency in args.concurrency:
                 before = _batch_counts(url)
