@@ -92,6 +92,19 @@ def _documents(name: str) -> list[dict]:
     return list(yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text()))
 
 
+def test_every_deployment_has_a_memory_limit_the_budget_takes_from() -> None:
+    """The memory budget defaults to 90 % of the cgroup limit: each container has one,
+    and none sets a budget above it."""
+    for name in ("gradcam.yaml", "gradcam-gpu.yaml"):
+        deployment = next(d for d in _documents(name) if d["kind"] == "Deployment")
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        limit = container["resources"]["limits"]["memory"]
+        assert limit.endswith("Gi"), limit
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        budget = env.get("GRADCAM_MEMORY_BUDGET_MB")
+        assert budget is None or int(budget) <= 0.9 * int(limit[:-2]) * 1024
+
+
 def test_gpu_deployment_takes_one_gpu_per_pod_with_one_engine() -> None:
     [gpu] = _documents("gradcam-gpu.yaml")
     container = gpu["spec"]["template"]["spec"]["containers"][0]
@@ -181,6 +194,9 @@ def test_compose_files_pass_docker_compose_config() -> None:
     resolved = yaml.safe_load(base.stdout)["services"]
     assert resolved["gradcam"]["environment"]["GRADCAM_AUTH_TOKENS"] == token[
         "GRADCAM_AUTH_TOKENS"]
+    # A memory limit, which the service's memory budget takes 90 % of.
+    # (Compose v2 resolves it to bytes, docker-compose 1.x keeps "4g".)
+    assert str(resolved["gradcam"]["mem_limit"]) in ("4g", str(4 * 2**30))
     # Prometheus and Grafana get their files from deploy/, and those files exist.
     for service in ("prometheus", "grafana"):
         for volume in resolved[service]["volumes"]:
