@@ -10,7 +10,7 @@
     ├── MethodNotAllowed            405 method_not_allowed
     ├── PayloadTooLarge             413 request_too_large, image_too_large, too_many_images,
     │                                   too_many_targets, too_many_pixels, output_too_large,
-    │                                   array_too_large
+    │                                   array_too_large, over_memory_budget
     ├── UnsupportedMediaType        415 unsupported_media_type, unsupported_image,
     │                                   unsupported_content_encoding
     ├── InvalidField                422 invalid_field, unknown_layer, unknown_method,
@@ -19,7 +19,8 @@
     ├── BadGateway                  502 dicomweb_unreachable, dicomweb_failed (the other
     │                                   server failed, not the client)
     ├── Unavailable                 503, with Retry-After
-    │   ├── Overloaded              503 overloaded (the engine's queue is full)
+    │   ├── Overloaded              503 overloaded (the engine's queue, or the memory
+    │   │                               budget, is full)
     │   ├── EngineUnavailable       503 engine_unavailable (no engine answers)
     │   └── InsufficientMemory      503 insufficient_memory (a MemoryError: the server's fault)
     └── DeadlineExceeded            504 deadline_exceeded
