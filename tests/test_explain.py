@@ -247,9 +247,14 @@ def test_a_frame_per_image(runtime: Runtime) -> None:
                 for r in body["results"]]
 
     first, second = overlay([two], 0)[0], overlay([two], 1)[0]
-    assert not np.array_equal(first, second)
+
+    def levels_apart(a: np.ndarray, b: np.ndarray) -> int:
+        return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+    assert levels_apart(first, second) > 16
     mixed = overlay([two, png, two], [1, None, 0])
-    assert np.array_equal(mixed[0], second) and np.array_equal(mixed[2], first)
+    # Each its own frame; a batch of three may round a level differently than one alone.
+    assert levels_apart(mixed[0], second) <= 1 and levels_apart(mixed[2], first) <= 1
     with pytest.raises(ServiceError) as refused:
         _explain(runtime, images=[two, png], frame=[1])
     assert refused.value.code == "frames_length"
