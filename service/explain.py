@@ -375,7 +375,8 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
             budget.pictures_encoded(result.prepared.index, _base64_chars(rendered[-1]))
     if request.store is not None:
         _store(rendered, request.store.url, servers, deadline)
-    return {"model": model.name, "method": request.method, "layer": layer, "results": rendered}
+    return {"model": model.name, "method": request.method, "layer": layer,
+            "precision": model.precision, "results": rendered}
 
 
 def _store(rendered: list[dict[str, Any]], url: str, servers: DicomWebServers,

@@ -69,6 +69,8 @@ class ModelInfo:
     layers: tuple[LayerInfo, ...]
     modules: tuple[str, ...]  # every named module, for "did you mean" on unknown layers
     device: str
+    precision: str = "fp32"  # what answers: "fp32" or "bf16" (engine/tuning.py)
+    memory_format: str = "contiguous"  # or "channels_last"
 
     @property
     def num_classes(self) -> int:

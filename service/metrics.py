@@ -68,6 +68,10 @@ ENGINE_RESTARTS = Counter(
 MODEL_LOAD_SECONDS = Gauge(
     "gradcam_model_load_seconds", "Time a worker took to load each model.", ["model"],
     multiprocess_mode="max")
+PRECISION_FALLBACKS = Counter(
+    "gradcam_precision_fallbacks_total",
+    "Models asked to run in bfloat16 that failed the fidelity check and run in float32.",
+    ["model"])
 MODEL_INFO = Gauge(
     "gradcam_model_info", "Models served (value 1), with their default layer and device.",
     ["model", "arch", "layer", "device"], multiprocess_mode="max")

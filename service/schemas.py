@@ -192,6 +192,7 @@ class ExplainResponse(BaseModel):
     model: str
     method: Method
     layer: str
+    precision: Literal["fp32", "bf16"]
     results: list[ImageResult]
 
 

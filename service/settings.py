@@ -55,6 +55,10 @@ class ModelSpec(BaseModel):
     # What the model returns: raw "logits" (the service applies softmax/sigmoid), or
     # "probabilities" (its head ends in one; Grad-CAM still takes the score before it).
     output: Literal["logits", "probabilities"] = "logits"
+    # How it runs (engine/tuning.py): bfloat16 autocast if asked for ("auto": where the
+    # hardware has it), after a fidelity check; NHWC if a timed probe finds it faster.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     default: StrictBool = False
 
     @model_validator(mode="after")
@@ -189,6 +193,9 @@ class Settings(BaseModel):
     # seconds of work ahead at the measured pace) and the deadline (→ 504).
     max_batch_size: PositiveInt = 16
     max_batch_delay_s: Annotated[float, Field(ge=0, le=10)] = 0.0
+    # Batches padded up to a few fixed sizes (1, 2, 4, … max): one shape per bucket for
+    # cuDNN and CUDA graphs. Off until measured on a GPU; on a CPU padding is waste.
+    batch_buckets: Literal["on", "off"] = "off"
     max_queue: PositiveInt = 256
     max_queue_wait_s: Annotated[float, Field(ge=0)] = 5.0
     request_timeout_s: Annotated[float, Field(gt=0)] = 60.0
@@ -203,6 +210,9 @@ class Settings(BaseModel):
     engine_heartbeat_timeout_s: Annotated[float, Field(ge=0.5)] = 1.5
     engine_hang_restart_s: Annotated[float, Field(gt=0)] = 10.0
     shutdown_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # The engines' memory allocator (supervisor.py): tcmalloc where installed, else glibc's
+    # malloc tuned to keep its pages; "system": as the environment says.
+    engine_allocator: Literal["auto", "tcmalloc", "glibc", "system"] = "auto"
     # What the whole process tree may use (memory.py); 0 = 90 % of the cgroup's memory
     # limit, else 75 % of the machine's RAM.
     memory_budget_mb: Annotated[int, Field(ge=0)] = 0

@@ -111,12 +111,18 @@ class GradCAM:
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu",
-                 autocast: bool = False) -> None:
+                 autocast: bool = False, dtype: torch.dtype | None = None,
+                 channels_last: bool = False) -> None:
         self.model = model
         self.device = torch.device(device)
-        # Mixed precision for the forward pass (CUDA only): the captured activation
-        # and its gradient come out in float16; the CAM maths below is float32.
-        self.autocast = autocast and self.device.type == "cuda"
+        # Mixed precision for the forward pass and the gradient: ``dtype`` (bfloat16,
+        # tuning.py), or float16 on CUDA with ``autocast``. The captured activation and
+        # its gradient come out in that type; the CAM maths below is float32.
+        if dtype is None and autocast and self.device.type == "cuda":
+            dtype = torch.float16
+        self.dtype = dtype
+        # Inputs in NHWC, for a model whose weights are (tuning.py).
+        self.channels_last = channels_last
 
     def __call__(self, inputs: Tensor, layer: str, targets: Sequence[Sequence[int | None]],
                  methods: Sequence[str],
@@ -155,8 +161,11 @@ class GradCAM:
         try:
             # Grad-CAM needs autograd even when a caller sits in no_grad/inference_mode.
             with torch.inference_mode(False), torch.enable_grad(), torch.autocast(
-                    self.device.type, dtype=torch.float16, enabled=self.autocast):
+                    self.device.type, dtype=self.dtype or torch.bfloat16,
+                    enabled=self.dtype is not None):
                 x = inputs.to(self.device, non_blocking=True)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 logits = self.model(x)
                 if not isinstance(logits, Tensor) or logits.dim() != 2:
                     raise LayerOutputError("the model's output is not an (N, classes) tensor")

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,11 +27,48 @@ from service import metrics
 from service.engine.batching import BatchStats, MicroBatcher, WorkItem
 from service.engine.gradcam import GradCAM
 from service.engine.models import LoadedModel, load_model
+from service.engine.tuning import (
+    Execution,
+    choose_memory_format,
+    choose_precision,
+    probe_inputs,
+)
 from service.errors import ConfigError, ServiceError
 from service.interface import Catalog, Job, JobResult, wait_for
 from service.settings import ModelsFile, Settings
 
 logger = logging.getLogger(__name__)
+
+
+def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a bucketed engine runs: powers of two, and the largest batch."""
+    sizes = {1 << k for k in range(max_batch_size.bit_length()) if 1 << k < max_batch_size}
+    return tuple(sorted(sizes | {max_batch_size}))
+
+
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds ``n`` images (``n`` itself past the largest)."""
+    return next((size for size in buckets if size >= n), n)
+
+
+def pad_job(job: Job, size: int) -> Job:
+    """``job`` with blank images added up to ``size`` (each explains its top-1 class with
+    the first image's method; their results are dropped by ``unpad_result``)."""
+    extra = size - len(job.images)
+    if extra <= 0:
+        return job
+    blank = np.zeros_like(job.images[-1])
+    top1: list[int | None] = [None]
+    return Job(job.model, job.layer, [*job.images, *[blank] * extra],
+               [*job.boxes, *[None] * extra], [*job.targets, *[top1] * extra],
+               [*job.methods, *[job.methods[0]] * extra])
+
+
+def unpad_result(result: JobResult, n: int) -> JobResult:
+    """The first ``n`` images' part of ``result``."""
+    if len(result.targets) == n:
+        return result
+    return result.slice(0, n, result.timings)
 
 
 def choose_device(setting: str) -> torch.device:
@@ -70,6 +108,8 @@ class Runtime:
         self.default_model = ""
         self.device = torch.device("cpu")
         self._engines: dict[str, GradCAM] = {}
+        self._executions: dict[str, Execution] = {}
+        self._buckets: tuple[int, ...] = ()
         self._normalisers: dict[str, tuple[Tensor, Tensor]] = {}
         self._batcher: MicroBatcher | None = None
         self._catalog: Catalog | None = None
@@ -81,13 +121,21 @@ class Runtime:
             torch.set_num_threads(self.settings.torch_threads)
         self.device = choose_device(self._device_setting)
         if self.device.type == "cuda":
-            # Fixed input sizes: let cuDNN pick the fastest kernels once.
+            # cuDNN picks the fastest kernels once per input shape: the warm-up meets
+            # every shape first (each batch size, or each bucket).
             torch.backends.cudnn.benchmark = True
+        if self.settings.batch_buckets == "on":
+            self._buckets = bucket_sizes(self.settings.max_batch_size)
         config: ModelsFile = self.settings.models_config()
         for name in config.models:
             model = load_model(name, config, self.device)
             self.models[name] = model
-            self._engines[name] = GradCAM(model.module, self.device, self.settings.autocast)
+            execution = self._tune(model)
+            self._executions[name] = execution
+            self._engines[name] = GradCAM(
+                model.module, self.device, self.settings.autocast,
+                dtype=torch.bfloat16 if execution.precision == "bf16" else None,
+                channels_last=execution.channels_last)
             shape = (1, -1, 1, 1)
             self._normalisers[name] = (
                 torch.tensor(model.mean, dtype=torch.float32, device=self.device).view(shape),
@@ -98,8 +146,10 @@ class Runtime:
             logger.info("loaded model '%s' (%s) on %s in %.2f s", name, model.spec.arch,
                         self.device, model.load_seconds)
         self.default_model = config.default_model
-        self._catalog = Catalog({name: m.info() for name, m in self.models.items()},
-                                self.default_model)
+        self._catalog = Catalog({name: replace(
+            m.info(), precision=self._executions[name].precision,
+            memory_format="channels_last" if self._executions[name].channels_last
+            else "contiguous") for name, m in self.models.items()}, self.default_model)
         self._batcher = MicroBatcher(
             self._compute, max_batch_size=self.settings.max_batch_size,
             max_batch_delay_s=self.settings.max_batch_delay_s,
@@ -113,10 +163,48 @@ class Runtime:
                     self.device, torch.get_num_threads(), os.getpid())
         return self
 
+    def _tune(self, model: LoadedModel) -> Execution:
+        """Memory format and precision for ``model`` (``tuning.py``), logged."""
+        spec, layer = model.spec, model.default_layer
+        inputs = probe_inputs(model.channels, model.input_size, self.device)
+        if self.device.type == "cuda" and spec.memory_format == "auto":
+            # Not yet measured on a GPU: the probe stays off there until it has been.
+            channels_last, format_why = False, "auto: kept contiguous on CUDA (not yet measured)"
+        else:
+            channels_last, format_why = choose_memory_format(
+                model.module, self.device, inputs, layer, spec.memory_format)
+        if self.device.type == "cuda" and spec.precision == "auto":
+            precision, precision_why = "fp32", "auto: float32 on CUDA (bf16 not yet measured)"
+        else:
+            precision, precision_why = choose_precision(
+                model.module, self.device, inputs, layer, spec.precision, channels_last,
+                spec.multilabel)
+        if spec.precision in ("bf16", "auto") and precision == "fp32" \
+                and "failed" in precision_why:
+            metrics.PRECISION_FALLBACKS.labels(model.name).inc()
+            logger.warning("model '%s' runs in float32: %s", model.name, precision_why)
+        logger.info("model '%s': %s (%s); %s", model.name,
+                    "channels_last" if channels_last else "contiguous", format_why,
+                    precision_why)
+        return Execution(channels_last, precision, format_why, precision_why)
+
     def _warm_up(self, model: LoadedModel) -> None:
+        """One explanation per batch shape the engine will meet first under load: on a
+        CPU batch 1; on CUDA each bucket, or each batch size up to the largest (cuDNN's
+        search took 0.7-1.4 s per new batch size on an H200: live requests paid it)."""
+        if self.device.type != "cuda":
+            sizes: tuple[int, ...] = (1,)
+        else:
+            sizes = self._buckets or tuple(range(1, self.settings.max_batch_size + 1))
         blank = np.zeros((*model.input_size, model.channels), dtype=np.uint8)
-        job = Job(model.name, model.default_layer, [blank], [None], [[None]], ["gradcam"])
-        self.run(job, time.monotonic() + 600)
+        started = time.monotonic()
+        for size in sizes:
+            job = Job(model.name, model.default_layer, [blank] * size, [None] * size,
+                      [[None]] * size, ["gradcam"] * size)
+            self.run(job, time.monotonic() + 600)
+        if len(sizes) > 1:
+            logger.info("model '%s' warmed up at %d batch sizes in %.1f s", model.name,
+                        len(sizes), time.monotonic() - started)
 
     # --- the Engine protocol (in-process) ---------------------------------------
 
@@ -188,6 +276,16 @@ class Runtime:
         return inputs
 
     def _compute(self, job: Job, should_stop: Callable[[], bool] | None = None) -> JobResult:
+        if self._buckets:
+            # A few fixed shapes: cuDNN's per-shape algorithm search (cudnn.benchmark)
+            # and any per-shape capture happen once per bucket, at warm-up.
+            n = len(job.images)
+            return unpad_result(self._compute_exact(
+                pad_job(job, bucket_for(n, self._buckets)), should_stop), n)
+        return self._compute_exact(job, should_stop)
+
+    def _compute_exact(self, job: Job,
+                       should_stop: Callable[[], bool] | None = None) -> JobResult:
         model = self.models[job.model]
         inputs = self._inputs(model, job)
         batch = self._engines[job.model](inputs, job.layer, job.targets, job.methods,

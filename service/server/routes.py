@@ -113,6 +113,8 @@ def model_view(name: str) -> Response:
         "std": list(model.std),
         "resize": model.resize,
         "device": model.device,
+        "precision": model.precision,
+        "memory_format": model.memory_format,
     })
 
 

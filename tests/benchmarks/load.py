@@ -19,6 +19,15 @@ One run, side by side, on 127.0.0.1:
 4. with ``--compare-with CHECKOUT``, this checkout's serve and that checkout's
    (run with ``PYTHONPATH=CHECKOUT``), started alternately under the same load.
 
+``--peer`` runs only the peer comparison instead (``peer_litserve.py``: LitServe +
+torchcam, batched, what a user writes in an afternoon; ``pip install -e .[bench]``):
+resnet50 with 10 classes (seeded weights), one 224×224 JPEG (quality 90) per request,
+``top_k`` 5, ``{format: array, size: layer}``, ``--concurrency`` closed-loop clients
+(default 16) for ``--duration`` s after a 4 s warm-up; ``--pairs N`` alternating
+pairs (ours, then the peer, each freshly started), the paired median ratio; with
+``--neighbour`` a core-bound process (``while True: pass``) runs beside both arms.
+Also our p50 at concurrency 1 against the plain forward at batch 1.
+
 The client: ``python`` (default: one thread per connection, bodies encoded once,
 responses not parsed; enough for the CPU's tens of requests per second) or
 ``hey`` (Debian's Go load generator, for the thousands a GPU serves; on PATH or
@@ -51,7 +60,7 @@ import requests
 import torch
 import torchvision
 from PIL import Image
-from serving import free_port, stop
+from serving import free_port, processes, stop
 
 from service.demo.phantom import sample_phantom, to_uint8
 
@@ -243,6 +252,100 @@ def _batch_counts(url: str) -> tuple[float, float, float]:
             total("gradcam_batch_duration_seconds_sum"))
 
 
+_NEIGHBOUR = "while True: pass"
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """A process's user and system CPU seconds so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _peer_comparison(args: argparse.Namespace) -> None:
+    """Ours against the LitServe + torchcam peer, alternating pairs (module text)."""
+    folder = Path(tempfile.mkdtemp(prefix="gradcam-peer-"))
+    torch.manual_seed(0)
+    weights = folder / "resnet50.pt"
+    torch.save(torchvision.models.resnet50(num_classes=10).state_dict(), weights)
+    extra = "".join(f"{key} = {value}\n" for key, value in (args.model_option or []))
+    (folder / "models.toml").write_text(f'[models.resnet50]\narch = "resnet50"\n'
+                                        f'num_classes = 10\nweights = "{weights}"\n{extra}')
+    body = json.dumps({"images": [_jpeg(224)], "top_k": 5,
+                       "heatmap": {"format": "array", "size": "layer"}}).encode()
+    concurrency = max(args.concurrency) if args.concurrency != [1, 4, 16] else 16
+    forward_ips, forward_1_s = _forward(args, args.torch_threads)
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores; resnet50 (10 classes), 224² "
+          f"JPEG, array/layer, top_k 5, {concurrency} clients, {args.duration:g} s after 4 s; "
+          f"neighbour: {'yes' if args.neighbour else 'no'}; models file options: "
+          f"{extra.strip() or 'none'}")
+    print(f"plain forward, {args.torch_threads} torch threads: batch {args.forward_batch} "
+          f"{forward_ips:.1f} img/s, batch 1 {forward_1_s * 1000:.1f} ms", flush=True)
+
+    def ours() -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {"GRADCAM_TORCH_THREADS": str(args.torch_threads)}
+        return _start([sys.executable, "-m", "service.cli", "serve", "--models",
+                       str(folder / "models.toml"), "--port", str(port)], env, url,
+                      "/readyz"), url
+
+    def peer() -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {"PEER_WEIGHTS": str(weights), "PEER_PORT": str(port), "PEER_CLASSES": "10",
+               "PEER_TORCH_THREADS": str(args.torch_threads)}
+        return _start([sys.executable, str(REPO / "tests" / "benchmarks" / "peer_litserve.py")],
+                      env, url, "/health"), url
+
+    neighbour = (subprocess.Popen([sys.executable, "-c", _NEIGHBOUR])
+                 if args.neighbour else None)
+    results: dict[str, list[LoadResult]] = {"ours": [], "peer": []}
+    p50_1: list[float] = []
+    cpu: tuple[list[float], list[float]] = ([], [])  # our engine's user, system (cores)
+    try:
+        for pair in range(args.pairs):
+            for name, start in (("ours", ours), ("peer", peer)):
+                server, url = start()
+                try:
+                    engine = processes(server.pid).get("engine") if name == "ours" else None
+                    before = _cpu_seconds(engine) if engine else (0.0, 0.0)
+                    started = time.monotonic()
+                    result = _closed_loop(url + "/v1/explain", body, concurrency,
+                                          args.duration, warmup_s=4.0)
+                    results[name].append(result)
+                    if engine:
+                        after, took = _cpu_seconds(engine), time.monotonic() - started
+                        cpu[0].append((after[0] - before[0]) / took)
+                        cpu[1].append((after[1] - before[1]) / took)
+                    if name == "ours" and not args.neighbour:
+                        p50_1.append(_closed_loop(url + "/v1/explain", body, 1, 5.0,
+                                                  warmup_s=1.0)[1])
+                finally:
+                    stop(server)
+                print(f"  pair {pair + 1}, {name}: {result[0]:.2f} req/s, p50 {result[1]:.0f} ms, "
+                      f"p99 {result[2]:.0f} ms, 503s {result[3]:.0%}", flush=True)
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
+    ratios = [a[0] / b[0] for a, b in zip(results["ours"], results["peer"], strict=True)]
+    print("\n| pair | ours req/s | peer req/s | ours / peer |\n|---|---|---|---|")
+    for i, (a, b, r) in enumerate(zip(results["ours"], results["peer"], ratios, strict=True)):
+        print(f"| {i + 1} | {a[0]:.2f} | {b[0]:.2f} | {r:.2f}× |")
+    print(f"\npaired median: ours / peer = **{statistics.median(ratios):.2f}×** "
+          f"({len(ratios)} pairs, {concurrency} clients"
+          f"{', beside a core-bound neighbour' if args.neighbour else ''})")
+    if cpu[0]:
+        user, system = statistics.median(cpu[0]), statistics.median(cpu[1])
+        print(f"our engine's CPU under load (median): user {user:.0%}, system {system:.0%} of "
+              f"one core; system {system / max(1e-9, user + system):.0%} of its CPU")
+    if p50_1:
+        bound = 1.2 * forward_1_s * 1000 + 15
+        print(f"ours at concurrency 1: p50 {statistics.median(p50_1):.0f} ms against the target "
+              f"1.2 × {forward_1_s * 1000:.0f} + 15 = {bound:.0f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=12.0)
@@ -266,7 +369,17 @@ def main() -> None:
                         "--max-batch-size (twice, timed)")
     parser.add_argument("--paired-repeats", type=int, default=3,
                         help="forward/service pairs at the top concurrency for the median ratio")
+    parser.add_argument("--peer", action="store_true",
+                        help="only ours against the LitServe + torchcam peer (module text)")
+    parser.add_argument("--pairs", type=int, default=3, help="--peer: alternating pairs")
+    parser.add_argument("--neighbour", action="store_true",
+                        help="--peer: a core-bound process beside both arms")
+    parser.add_argument("--model-option", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                        help="--peer: a models-file option for ours, e.g. precision '\"bf16\"'")
     args = parser.parse_args()
+    if args.peer:
+        _peer_comparison(args)
+        return
     total_threads = args.torch_threads
     hey = shutil.which(args.hey) if args.client == "hey" else None
     if args.client == "hey" and hey is None:
