@@ -72,6 +72,10 @@ PRECISION_FALLBACKS = Counter(
     "gradcam_precision_fallbacks_total",
     "Models asked to run in bfloat16 that failed the fidelity check and run in float32.",
     ["model"])
+CUDA_GRAPH_FALLBACKS = Counter(
+    "gradcam_cuda_graph_fallbacks_total",
+    "(model, layer, method, batch size) keys whose CUDA graph capture failed or did not "
+    "match the eager engine, so they run eagerly.", ["model"])
 MODEL_INFO = Gauge(
     "gradcam_model_info", "Models served (value 1), with their default layer and device.",
     ["model", "arch", "layer", "device"], multiprocess_mode="max")

@@ -196,6 +196,10 @@ class Settings(BaseModel):
     # Batches padded up to a few fixed sizes (1, 2, 4, … max): one shape per bucket for
     # cuDNN and CUDA graphs. Off until measured on a GPU; on a CPU padding is waste.
     batch_buckets: Literal["on", "off"] = "off"
+    # CUDA graphs of forward + gradient + CAM (engine/cuda_graphs.py): "auto" on a CUDA
+    # device, "on" everywhere it can (a CPU falls back to eager). Both bucket batches.
+    # Off until measured on a GPU.
+    cuda_graphs: Literal["auto", "on", "off"] = "off"
     max_queue: PositiveInt = 256
     max_queue_wait_s: Annotated[float, Field(ge=0)] = 5.0
     request_timeout_s: Annotated[float, Field(gt=0)] = 60.0

@@ -53,3 +53,84 @@ def test_bucketed_answers_equal_unpadded_ones() -> None:
     finally:
         plain.close()
         padded.close()
+
+
+# --- CUDA graphs (engine/cuda_graphs.py): what the CPU can test -------------------------
+
+class EagerGraph:
+    """Stands in for a CUDA graph on the CPU: ``replay`` runs the captured step again and
+    writes into the outputs ``capture`` returned, as a graph replay does."""
+
+    def __init__(self, device: object) -> None:
+        self.outputs: tuple = ()
+
+    def capture(self, step):  # type: ignore[no-untyped-def]
+        self.step = step
+        self.outputs = step()
+        return self.outputs
+
+    def replay(self) -> None:
+        for static, fresh in zip(self.outputs, self.step(), strict=True):
+            static.copy_(fresh)
+
+
+class WrongGraph(EagerGraph):
+    """A capture whose replay computes something else: the check must catch it."""
+
+    def replay(self) -> None:
+        super().replay()
+        self.outputs[1].copy_(self.outputs[1].flip(-1) + 1)
+
+
+def _graphed_runtime(graph: type | None) -> Runtime:
+    runtime = Runtime(Settings(device="cpu", cuda_graphs="on", max_batch_size=4))
+    if graph is not None:
+        runtime._make_graph = graph
+    return runtime.start()
+
+
+def _same_answers(a: Runtime, b: Runtime) -> None:
+    for n in (1, 2, 3):
+        job = _job(n)
+        job = Job(job.model, job.layer, job.images, job.boxes,
+                  [[None], [2], [1]][:n], ["gradcam"] * n)  # one target, one method
+        x, y = (rt.run(job, time.monotonic() + 60) for rt in (a, b))
+        assert x.targets == y.targets
+        np.testing.assert_allclose(x.scores, y.scores, atol=1e-5)
+        for maps_x, maps_y in zip(x.maps, y.maps, strict=True):
+            np.testing.assert_allclose(maps_y[0], maps_x[0], atol=1e-4 * max(1.0, maps_x[0].max()))
+
+
+def test_graphs_replay_the_eager_answer() -> None:
+    plain = Runtime(Settings(device="cpu")).start()
+    graphed = _graphed_runtime(EagerGraph)
+    try:
+        _same_answers(plain, graphed)
+        assert graphed._graphs is not None and graphed._graphs.replays >= 3
+        # Several targets or methods in a job: eager, same answers.
+        job = _job(3)
+        x, y = (rt.run(job, time.monotonic() + 60) for rt in (plain, graphed))
+        assert x.targets == y.targets
+    finally:
+        plain.close()
+        graphed.close()
+
+
+def test_a_failed_capture_or_check_falls_back_to_eager(caplog) -> None:  # type: ignore[no-untyped-def]
+    from service import metrics
+
+    before = metrics.CUDA_GRAPH_FALLBACKS.labels("phantom")._value.get()
+    plain = Runtime(Settings(device="cpu")).start()
+    failing = _graphed_runtime(None)  # the real CudaGraph: no CUDA here, capture fails
+    wrong = _graphed_runtime(WrongGraph)  # captured, but the check does not hold
+    try:
+        _same_answers(plain, failing)
+        _same_answers(plain, wrong)
+        assert failing._graphs is not None and failing._graphs.replays == 0
+        assert wrong._graphs is not None and wrong._graphs.replays == 0
+        assert metrics.CUDA_GRAPH_FALLBACKS.labels("phantom")._value.get() >= before + 4
+        assert "no CUDA graph, eager instead" in caplog.text
+    finally:
+        plain.close()
+        failing.close()
+        wrong.close()

@@ -80,6 +80,11 @@ _CAM_FORMULAS: dict[str, CamFormula] = {
 METHODS: tuple[str, ...] = tuple(_CAM_FORMULAS)
 
 
+def cam_formula(method: str) -> CamFormula:
+    """The weighting formula of ``method`` (one of ``METHODS``)."""
+    return _CAM_FORMULAS[method]
+
+
 class LayerOutputError(ValueError):
     """The target layer's output cannot be explained (not ``(N, C, H, W)``, or runs twice)."""
 

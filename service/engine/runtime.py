@@ -25,6 +25,7 @@ from torch import Tensor
 
 from service import metrics
 from service.engine.batching import BatchStats, MicroBatcher, WorkItem
+from service.engine.cuda_graphs import CudaGraph, Graph, GraphCache
 from service.engine.gradcam import GradCAM
 from service.engine.models import LoadedModel, load_model
 from service.engine.tuning import (
@@ -110,6 +111,8 @@ class Runtime:
         self._engines: dict[str, GradCAM] = {}
         self._executions: dict[str, Execution] = {}
         self._buckets: tuple[int, ...] = ()
+        self._graphs: GraphCache | None = None
+        self._make_graph: Callable[[torch.device], Graph] = CudaGraph
         self._normalisers: dict[str, tuple[Tensor, Tensor]] = {}
         self._batcher: MicroBatcher | None = None
         self._catalog: Catalog | None = None
@@ -124,7 +127,10 @@ class Runtime:
             # cuDNN picks the fastest kernels once per input shape: the warm-up meets
             # every shape first (each batch size, or each bucket).
             torch.backends.cudnn.benchmark = True
-        if self.settings.batch_buckets == "on":
+        graphs = self.settings.cuda_graphs
+        if graphs == "on" or (graphs == "auto" and self.device.type == "cuda"):
+            self._graphs = GraphCache(self._make_graph)
+        if self.settings.batch_buckets == "on" or self._graphs is not None:
             self._buckets = bucket_sizes(self.settings.max_batch_size)
         config: ModelsFile = self.settings.models_config()
         for name in config.models:
@@ -288,6 +294,9 @@ class Runtime:
                        should_stop: Callable[[], bool] | None = None) -> JobResult:
         model = self.models[job.model]
         inputs = self._inputs(model, job)
+        graphed = self._graphed(model, job, inputs)
+        if graphed is not None:
+            return graphed
         batch = self._engines[job.model](inputs, job.layer, job.targets, job.methods,
                                          should_stop)
         scores = (torch.sigmoid(batch.logits) if model.spec.multilabel
@@ -295,6 +304,27 @@ class Runtime:
         return JobResult(scores=scores.numpy(), logits=batch.logits.numpy(),
                          targets=batch.targets,
                          maps=[[cam.numpy() for cam in cams] for cams in batch.cams])
+
+    def _graphed(self, model: LoadedModel, job: Job, inputs: Tensor) -> JobResult | None:
+        """The job's answer from a CUDA graph (``cuda_graphs.py``), or None: eager."""
+        n = len(job.images)
+        if (self._graphs is None or n not in self._buckets or len(set(job.methods)) != 1
+                or any(len(t) != 1 for t in job.targets)
+                or any(t[0] is not None and not 0 <= t[0] < model.num_classes
+                       for t in job.targets)):
+            return None
+        given = torch.tensor([-1 if t[0] is None else t[0] for t in job.targets],
+                             dtype=torch.long)
+        out = self._graphs.run((job.model, job.layer, job.methods[0], n),
+                               self._engines[job.model], inputs, given.to(self.device))
+        if out is None:
+            return None
+        logits, maps = (tensor.cpu() for tensor in out)
+        scores = torch.sigmoid(logits) if model.spec.multilabel else torch.softmax(logits, 1)
+        top1 = logits.argmax(dim=1).tolist()
+        targets = [[top1[i] if t[0] is None else t[0]] for i, t in enumerate(job.targets)]
+        return JobResult(scores=scores.numpy(), logits=logits.numpy(), targets=targets,
+                         maps=[[m.numpy()] for m in maps])
 
     def close(self, drain: bool = False, timeout_s: float = 10.0) -> None:
         self.started = False
