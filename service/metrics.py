@@ -46,6 +46,9 @@ BATCH_DURATION = Histogram(
     "gradcam_batch_duration_seconds",
     "Engine time per batch (forward, backward, CAM maths, copy back).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+ENGINE_IDLE = Counter(
+    "gradcam_engine_idle_seconds_total",
+    "Seconds the engines' model loops waited with no request queued (1 - its rate: busy).")
 BATCH_SIZE = Histogram(
     "gradcam_batch_size_images", "Images per engine call (micro-batch).",
     buckets=_BATCH_BUCKETS)

@@ -116,6 +116,7 @@ class MicroBatcher:
                  max_queue_wait_s: float = 0.0,
                  on_batch: Callable[[BatchStats], None] | None = None,
                  on_queue_depth: Callable[[int], None] | None = None,
+                 on_idle: Callable[[float], None] | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_batch_delay_s < 0 or max_queue_wait_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, the waits >= 0")
@@ -126,6 +127,8 @@ class MicroBatcher:
         self.max_queue_wait_s = max_queue_wait_s
         self._on_batch = on_batch
         self._on_queue_depth = on_queue_depth
+        # Seconds the model loop waited with nothing queued (engine idle time).
+        self._on_idle = on_idle
         self._on_fatal = on_fatal
         self._pending: deque[WorkItem] = deque()
         self._cond = threading.Condition()
@@ -195,8 +198,11 @@ class MicroBatcher:
 
     def _take_batch(self) -> list[WorkItem] | None:
         with self._cond:
+            idle_from = time.monotonic() if not self._pending else None
             while not self._pending and not self._closed:
                 self._cond.wait()
+            if idle_from is not None and self._on_idle is not None:
+                self._on_idle(time.monotonic() - idle_from)
             if not self._pending or (self._closed and not self._drain):
                 return None
             first = self._pending[0]

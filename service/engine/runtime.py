@@ -161,6 +161,7 @@ class Runtime:
             max_batch_delay_s=self.settings.max_batch_delay_s,
             max_queue=self.settings.max_queue, max_queue_wait_s=self.settings.max_queue_wait_s,
             on_batch=_record_batch, on_queue_depth=metrics.QUEUE_DEPTH.set,
+            on_idle=metrics.ENGINE_IDLE.inc,
             on_fatal=self._on_fatal)
         for model in self.models.values():
             self._warm_up(model)
