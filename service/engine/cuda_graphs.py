@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from service import metrics
 from service.engine.gradcam import GradCAM, cam_formula
 from service.engine.layers import resolve_layer
+from service.engine.tuning import pearson
 from service.logs import log_failure
 
 logger = logging.getLogger(__name__)
@@ -123,15 +124,6 @@ class CapturedCam:
         return self.logits.clone(), self.maps.clone()
 
 
-def _pearson(a: Tensor, b: Tensor) -> float:
-    x, y = a.flatten().double(), b.flatten().double()
-    x, y = x - x.mean(), y - y.mean()
-    denominator = float(x.norm() * y.norm())
-    if denominator == 0:
-        return 1.0 if torch.allclose(a, b, atol=1e-6) else 0.0
-    return float((x * y).sum()) / denominator
-
-
 class GraphCache:
     """The captured graphs of one engine, made on first use, checked, bounded."""
 
@@ -168,7 +160,7 @@ class GraphCache:
             eager = engine(inputs, layer, [[None]] * batch, [method] * batch)
             eager_maps = torch.stack([cams[0] for cams in eager.cams])
             if not torch.allclose(logits.cpu(), eager.logits, rtol=1e-3, atol=1e-3) or \
-                    _pearson(maps.cpu(), eager_maps) < MIN_PEARSON:
+                    pearson(maps.cpu(), eager_maps) < MIN_PEARSON:
                 raise ValueError("the graph's answer differs from the eager engine's")
         except Exception as error:
             self._eager.add(key)

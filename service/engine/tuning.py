@@ -78,7 +78,8 @@ def _maps(engine: GradCAM, inputs: Tensor, layer: str) -> tuple[Tensor, Tensor]:
     return batch.logits, torch.stack([cams[0] for cams in batch.cams])
 
 
-def _pearson(a: Tensor, b: Tensor) -> float:
+def pearson(a: Tensor, b: Tensor) -> float:
+    """Pearson correlation of two maps; two flat maps agree only if they are equal."""
     x, y = a.flatten().double(), b.flatten().double()
     x, y = x - x.mean(), y - y.mean()
     denominator = float(x.norm() * y.norm())
@@ -91,15 +92,15 @@ def fidelity(reference: tuple[Tensor, Tensor], candidate: tuple[Tensor, Tensor],
              multilabel: bool) -> tuple[bool, str]:
     """Whether ``candidate`` (logits, maps) agrees with ``reference``, and the figures."""
     (ref_logits, ref_maps), (logits, maps) = reference, candidate
-    pearson = min(_pearson(ref_maps[i], maps[i]) for i in range(ref_maps.shape[0]))
+    lowest = min(pearson(ref_maps[i], maps[i]) for i in range(ref_maps.shape[0]))
     same_top1 = bool((ref_logits.argmax(1) == logits.argmax(1)).all())
 
     def scores(x: Tensor) -> Tensor:
         return torch.sigmoid(x) if multilabel else torch.softmax(x, dim=1)
 
     difference = float((scores(ref_logits) - scores(logits)).abs().max())
-    ok = pearson >= MIN_PEARSON and same_top1 and difference <= MAX_PROBABILITY_DIFFERENCE
-    return ok, (f"maps Pearson ≥ {pearson:.5f}, top-1 {'same' if same_top1 else 'DIFFERENT'}, "
+    ok = lowest >= MIN_PEARSON and same_top1 and difference <= MAX_PROBABILITY_DIFFERENCE
+    return ok, (f"maps Pearson ≥ {lowest:.5f}, top-1 {'same' if same_top1 else 'DIFFERENT'}, "
                 f"probabilities within {difference:.4f}")
 
 
@@ -121,7 +122,7 @@ def choose_memory_format(model: torch.nn.Module, device: torch.device, inputs: T
     model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     nhwc = GradCAM(model, device, channels_last=True)
     candidate = _maps(nhwc, inputs, layer)
-    agree = _pearson(reference[1], candidate[1]) >= 0.99999
+    agree = pearson(reference[1], candidate[1]) >= 0.99999
     if setting == "channels_last":
         return True, "set in the models file"
     if not agree:
