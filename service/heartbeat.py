@@ -39,10 +39,11 @@ class Heartbeat:
 
     def __init__(self, path: str, create: bool = False) -> None:
         self.path = path
-        flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
-        fd = os.open(path, flags, 0o600)
+        # Never truncated: a worker may still map the file of a predecessor engine, and
+        # reading a mapping past the end of its file is a SIGBUS.
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
         try:
-            if create:
+            if create and os.fstat(fd).st_size < _SIZE:
                 os.ftruncate(fd, _SIZE)
             self._map = mmap.mmap(fd, _SIZE)
         finally:

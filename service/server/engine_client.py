@@ -61,6 +61,7 @@ class EngineConnection:
         self.path = path
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._heartbeat: Heartbeat | None = None
+        self._was_fresh = True
         self.catalog: Catalog | None = None
         self.engine_pid: int | None = None
         self._sock: socket.socket | None = None
@@ -83,8 +84,19 @@ class EngineConnection:
     def responsive(self) -> bool:
         """Connected, and its engine's heartbeat is fresh."""
         heartbeat = self._heartbeat
-        return (self._connected.is_set() and heartbeat is not None
-                and heartbeat.age_s() <= self.heartbeat_timeout_s)
+        if not self._connected.is_set() or heartbeat is None:
+            return False
+        age = heartbeat.age_s()
+        fresh = age <= self.heartbeat_timeout_s
+        if fresh != self._was_fresh:  # said once per change, not per request
+            self._was_fresh = fresh
+            if fresh:
+                logger.warning("engine %s: its heartbeat is back", self.path)
+            else:
+                logger.warning("engine %s: no heartbeat for %.1f s (limit %.1f s): new "
+                               "requests get 503 until it is back", self.path, age,
+                               self.heartbeat_timeout_s)
+        return fresh
 
     def _hung_error(self) -> EngineUnavailable:
         age = self._heartbeat.age_s() if self._heartbeat is not None else float("inf")

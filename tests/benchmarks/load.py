@@ -359,6 +359,10 @@ def main() -> None:
                         help="another checkout of this repository (e.g. a git worktree of "
                         "the last release): its serve under the same load, alternately")
     parser.add_argument("--hey", default="hey", help="path of the hey binary")
+    parser.add_argument("--compare-request", type=int, choices=[0, 1], default=0,
+                        help="--compare-with: 0 = the 224² array request, 1 = the 1024² overlay")
+    parser.add_argument("--arch", default="resnet50",
+                        help="torchvision model served (seeded random weights)")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--autocast", action="store_true", help="float16 forward (CUDA)")
@@ -371,7 +375,8 @@ def main() -> None:
                         help="forward/service pairs at the top concurrency for the median ratio")
     parser.add_argument("--peer", action="store_true",
                         help="only ours against the LitServe + torchcam peer (module text)")
-    parser.add_argument("--pairs", type=int, default=3, help="--peer: alternating pairs")
+    parser.add_argument("--pairs", type=int, default=3,
+                        help="--peer and --compare-with: alternating pairs")
     parser.add_argument("--neighbour", action="store_true",
                         help="--peer: a core-bound process beside both arms")
     parser.add_argument("--model-option", nargs=2, action="append", metavar=("KEY", "VALUE"),
@@ -392,10 +397,10 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="gradcam-load-"))
     torch.manual_seed(0)
-    weights = folder / "resnet50.pt"
-    torch.save(torchvision.models.resnet50().state_dict(), weights)
+    weights = folder / f"{args.arch}.pt"
+    torch.save(getattr(torchvision.models, args.arch)().state_dict(), weights)
     (folder / "models.toml").write_text(
-        f'[models.resnet50]\narch = "resnet50"\nweights = "{weights}"\n')
+        f'[models.{args.arch}]\narch = "{args.arch}"\nweights = "{weights}"\n')
     payloads = {
         "array/layer, 224² JPEG": {"images": [_jpeg(224)],
                                    "heatmap": {"format": "array", "size": "layer"}},
@@ -472,9 +477,9 @@ def main() -> None:
     compared: dict[str, list[float]] = {}
     if args.compare_with:
         # Another checkout (say, the previous release) under the same load, alternately.
-        first_body = next(iter(bodies.values()))
+        first_body = bodies[list(bodies)[args.compare_request]]
         top = max(args.concurrency)
-        for _ in range(args.paired_repeats):
+        for _ in range(args.pairs):
             for label, checkout in (("this checkout", None),
                                     (str(args.compare_with), args.compare_with)):
                 other, other_url = start_service(checkout)
@@ -516,7 +521,8 @@ def main() -> None:
     if compared:
         (mine, theirs) = compared.values()
         ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
-        print(f"{next(iter(bodies))}, concurrency {max(args.concurrency)}: this checkout "
+        print(f"{list(bodies)[args.compare_request]} ({args.arch}), concurrency "
+              f"{max(args.concurrency)}: this checkout "
               f"{', '.join(f'{r:.1f}' for r in mine)} req/s, {args.compare_with} "
               f"{', '.join(f'{r:.1f}' for r in theirs)} req/s; ratio median "
               f"**{statistics.median(ratios):.2f}×**")
