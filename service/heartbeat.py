@@ -6,9 +6,11 @@ go on sending it work that nobody answers until each request's deadline. Instead
 
 - the engine's receive loop (the thread that takes every message) writes the time
   of its last turn, and how many jobs it has answered, every ``BEAT_EVERY_S``;
-- a worker that finds the beat older than ``engine_heartbeat_timeout_s`` answers new
-  requests 503 ``engine_unavailable`` at once and fails the ones waiting on that
-  engine (``/readyz`` is 503 too); a beat that comes back makes it usable again;
+- a worker that finds the beat older than ``engine_heartbeat_timeout_s``, and has had
+  no reply from the engine for as long (an engine that answers is alive, whatever
+  delayed its beat), answers new requests 503 ``engine_unavailable`` at once and
+  fails the ones waiting on that engine (``/readyz`` is 503 too); a beat or a reply
+  that comes back makes it usable again;
 - the supervisor kills an engine whose beat is older than ``engine_hang_restart_s``
   and restarts it, as a liveness probe would, without one.
 

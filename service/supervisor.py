@@ -150,6 +150,8 @@ class Supervisor:
         signal.set_wakeup_fd(self._wake_w)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
+        if _early_stop:
+            self._on_stop_signal(_early_stop[0], None)
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the loop through the fd
         try:
@@ -495,8 +497,15 @@ def _terminate(processes: list[subprocess.Popen[bytes]], timeout_s: float, what:
             process.wait()
 
 
+# A SIGTERM or SIGINT that came before the supervisor took over its signals.
+_early_stop: list[int] = []
+
+
 def main() -> int:
     """Run the service until a signal stops it; the exit code for the shell."""
+    # First: a stop asked for while settings are read still stops cleanly (exit 0).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, _frame: _early_stop.append(number))
     logs.configure("INFO")
     try:
         settings = Settings.from_env()

@@ -414,10 +414,16 @@ def test_sigterm_while_the_engine_still_loads_stops_everything(tmp_path: Path) -
     process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
                                start_new_session=True)
-    time.sleep(1.0)  # the engine is importing torch, far from ready
+    assert process.stdout is not None
+    lines = []
+    # A gate, not a sleep: once the engine is starting it is far from ready (torch).
+    for raw in process.stdout:
+        lines.append(raw.decode())
+        if "engine 0 starting" in lines[-1]:
+            break
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
-    log = process.stdout.read().decode() if process.stdout else ""
+    log = "".join(lines) + process.stdout.read().decode()
     pid = next(line.split("pid ")[1].rstrip(")") for line in log.splitlines()
                if "engine 0 starting" in line)
     assert not Path(f"/proc/{pid}").exists(), log  # the engine went too

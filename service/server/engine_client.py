@@ -62,6 +62,7 @@ class EngineConnection:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._heartbeat: Heartbeat | None = None
         self._was_fresh = True
+        self._replied_at = 0.0  # time.monotonic() of the engine's last reply
         self.catalog: Catalog | None = None
         self.engine_pid: int | None = None
         self._sock: socket.socket | None = None
@@ -82,11 +83,12 @@ class EngineConnection:
 
     @property
     def responsive(self) -> bool:
-        """Connected, and its engine's heartbeat is fresh."""
+        """Connected, and its engine's heartbeat is fresh (or a reply came as recently:
+        an engine that answers is alive, whatever delayed its beat)."""
         heartbeat = self._heartbeat
         if not self._connected.is_set() or heartbeat is None:
             return False
-        age = heartbeat.age_s()
+        age = min(heartbeat.age_s(), time.monotonic() - self._replied_at)
         fresh = age <= self.heartbeat_timeout_s
         if fresh != self._was_fresh:  # said once per change, not per request
             self._was_fresh = fresh
@@ -266,6 +268,7 @@ class EngineConnection:
         return True
 
     def _dispatch(self, header: dict[str, Any], frames: list[np.ndarray]) -> None:
+        self._replied_at = time.monotonic()
         with self._state:
             entry = self._pending.pop(int(header.get("id", -1)), None)
         if entry is None:
