@@ -168,12 +168,17 @@ class MemoryBudget:
         pid = os.getpid()
         for index, owner, _ in used:
             if owner == pid:
+                if self._slot != index:
+                    # Left by a dead process that had this pid: its bytes are not ours.
+                    _SLOT.pack_into(self._map, _HEADER.size + index * _SLOT.size, pid, 0)
+                    self._slot = index
                 return index
         taken = {index for index, _, _ in used}
         free = next((i for i in range(_SLOTS) if i not in taken), None)
         if free is None:
             raise RuntimeError("the memory budget file has no free slot")
         _SLOT.pack_into(self._map, _HEADER.size + free * _SLOT.size, pid, 0)
+        self._slot = free
         return free
 
     def reserved_bytes(self) -> int:
