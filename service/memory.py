@@ -85,6 +85,24 @@ def resident_bytes(pid: int, peak: bool = False) -> int:
     return 0
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (gunicorn's workers)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def held_bytes(supervisor: int, master: int | None, engines: list[int]) -> int:
+    """What serve's processes hold now: each resident size, the engines at their peak
+    (``VmHWM``: their batches come and go)."""
+    pids = [supervisor] + ([master, *children(master)] if master is not None else [])
+    return (sum(resident_bytes(pid) for pid in pids)
+            + sum(resident_bytes(pid, peak=True) for pid in engines))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

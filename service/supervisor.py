@@ -61,16 +61,11 @@ from pathlib import Path
 from types import ModuleType
 
 from service import logs
+from service.allocator import engine_allocator_env
 from service.errors import ConfigError
 from service.heartbeat import Heartbeat, heartbeat_path
 from service.interface import ENGINE_EXIT_CONFIG, ENGINE_SOCKETS_ENV
-from service.memory import (
-    BUDGET_FILE_ENV,
-    MB,
-    MemoryBudget,
-    default_budget_bytes,
-    resident_bytes,
-)
+from service.memory import BUDGET_FILE_ENV, MB, MemoryBudget, default_budget_bytes, held_bytes
 from service.settings import Settings, available_cores
 
 logger = logging.getLogger("service.supervisor")
@@ -364,12 +359,8 @@ class Supervisor:
     def _measure_memory(self) -> None:
         """Record what the processes hold with no request in flight (engines: their peak,
         since batches come and go) as the budget's fixed part."""
-        pids = [os.getpid()]
-        if self.gunicorn is not None:
-            pids += [self.gunicorn.pid, *_children(self.gunicorn.pid)]
-        engines = [s.process.pid for s in self.engines if s.process is not None]
-        fixed = (sum(resident_bytes(pid) for pid in pids)
-                 + sum(resident_bytes(pid, peak=True) for pid in engines))
+        fixed = held_bytes(os.getpid(), self.gunicorn.pid if self.gunicorn else None,
+                           [s.process.pid for s in self.engines if s.process is not None])
         if not self.memory.set_fixed(fixed, only_when_idle=True) or self._memory_logged:
             return
         self._memory_logged = True
@@ -435,50 +426,6 @@ class Supervisor:
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
         if self._own_metrics_dir is not None:
             shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
-
-
-# glibc's malloc, told to keep what it has: a batch's activations (tens of MB) come
-# from the heap instead of fresh mmaps (the largest threshold glibc allows, 32 MB),
-# freed memory stays for the next batch (trim at 4 GB) and the heap grows in 256 MB
-# steps. Without it the engine spent 22-27 % of its CPU in page faults (README,
-# "Performance"); the memory budget counts the engine at its peak in any case.
-GLIBC_KEEP_PAGES = ("glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold="
-                    "4294967296:glibc.malloc.top_pad=268435456")
-TCMALLOC = "libtcmalloc_minimal.so.4"
-
-
-def tcmalloc_path() -> str | None:
-    """The installed tcmalloc (Debian's libtcmalloc-minimal4), if any."""
-    for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
-                   "/usr/lib", "/usr/local/lib"):
-        candidate = Path(folder) / TCMALLOC
-        if candidate.exists():
-            return str(candidate)
-    return None
-
-
-def engine_allocator_env(choice: str, env: dict[str, str]) -> dict[str, str]:
-    """The variables that give the engines ``choice`` of allocator; what the environment
-    already sets (LD_PRELOAD, GLIBC_TUNABLES) is kept."""
-    if choice == "system" or "LD_PRELOAD" in env or "GLIBC_TUNABLES" in env:
-        return {}
-    found = tcmalloc_path() if choice in ("auto", "tcmalloc") else None
-    if found is not None:
-        return {"LD_PRELOAD": found}
-    if choice == "tcmalloc":
-        raise ConfigError(f"GRADCAM_ENGINE_ALLOCATOR=tcmalloc: {TCMALLOC} is not installed "
-                          "(Debian: apt-get install libtcmalloc-minimal4)")
-    return {"GLIBC_TUNABLES": GLIBC_KEEP_PAGES}
-
-
-def _children(pid: int) -> list[int]:
-    """The child processes of ``pid`` (gunicorn's workers)."""
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, ValueError):
-                found += [int(c) for c in (task / "children").read_text().split()]
-    return found
 
 
 def _terminate(processes: list[subprocess.Popen[bytes]], timeout_s: float, what: str) -> None:

@@ -7,26 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from service import supervisor
+from service import allocator
 from service.errors import ConfigError
 from tests.conftest import LiveServer
 
 
 def test_auto_prefers_tcmalloc_then_tuned_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervisor, "tcmalloc_path", lambda: "/usr/lib/libtcmalloc.so.4")
-    assert supervisor.engine_allocator_env("auto", {}) == {
+    monkeypatch.setattr(allocator, "tcmalloc_path", lambda: "/usr/lib/libtcmalloc.so.4")
+    assert allocator.engine_allocator_env("auto", {}) == {
         "LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}
-    assert supervisor.engine_allocator_env("glibc", {}) == {
-        "GLIBC_TUNABLES": supervisor.GLIBC_KEEP_PAGES}
-    monkeypatch.setattr(supervisor, "tcmalloc_path", lambda: None)
-    assert supervisor.engine_allocator_env("auto", {}) == {
-        "GLIBC_TUNABLES": supervisor.GLIBC_KEEP_PAGES}
+    assert allocator.engine_allocator_env("glibc", {}) == {
+        "GLIBC_TUNABLES": allocator.GLIBC_KEEP_PAGES}
+    monkeypatch.setattr(allocator, "tcmalloc_path", lambda: None)
+    assert allocator.engine_allocator_env("auto", {}) == {
+        "GLIBC_TUNABLES": allocator.GLIBC_KEEP_PAGES}
     with pytest.raises(ConfigError, match="libtcmalloc-minimal4"):
-        supervisor.engine_allocator_env("tcmalloc", {})
+        allocator.engine_allocator_env("tcmalloc", {})
     # What the environment says wins; "system" adds nothing.
-    assert supervisor.engine_allocator_env("auto", {"LD_PRELOAD": "/x.so"}) == {}
-    assert supervisor.engine_allocator_env("auto", {"GLIBC_TUNABLES": "a=1"}) == {}
-    assert supervisor.engine_allocator_env("system", {}) == {}
+    assert allocator.engine_allocator_env("auto", {"LD_PRELOAD": "/x.so"}) == {}
+    assert allocator.engine_allocator_env("auto", {"GLIBC_TUNABLES": "a=1"}) == {}
+    assert allocator.engine_allocator_env("system", {}) == {}
 
 
 def test_the_engine_runs_with_it_and_the_workers_do_not() -> None:

@@ -28,12 +28,7 @@ from service.engine.batching import BatchStats, MicroBatcher, WorkItem
 from service.engine.cuda_graphs import CudaGraph, Graph, GraphCache
 from service.engine.gradcam import GradCAM
 from service.engine.models import LoadedModel, load_model
-from service.engine.tuning import (
-    Execution,
-    choose_memory_format,
-    choose_precision,
-    probe_inputs,
-)
+from service.engine.tuning import Execution, tune
 from service.errors import ConfigError, ServiceError
 from service.interface import Catalog, Job, JobResult, wait_for
 from service.settings import ModelsFile, Settings
@@ -70,6 +65,11 @@ def unpad_result(result: JobResult, n: int) -> JobResult:
     if len(result.targets) == n:
         return result
     return result.slice(0, n, result.timings)
+
+
+def _scores(model: LoadedModel, logits: Tensor) -> Tensor:
+    """Sigmoid scores for a multilabel model, else softmax probabilities."""
+    return torch.sigmoid(logits) if model.spec.multilabel else torch.softmax(logits, dim=1)
 
 
 def choose_device(setting: str) -> torch.device:
@@ -172,28 +172,15 @@ class Runtime:
 
     def _tune(self, model: LoadedModel) -> Execution:
         """Memory format and precision for ``model`` (``tuning.py``), logged."""
-        spec, layer = model.spec, model.default_layer
-        inputs = probe_inputs(model.channels, model.input_size, self.device)
-        if self.device.type == "cuda" and spec.memory_format == "auto":
-            # Not yet measured on a GPU: the probe stays off there until it has been.
-            channels_last, format_why = False, "auto: kept contiguous on CUDA (not yet measured)"
-        else:
-            channels_last, format_why = choose_memory_format(
-                model.module, self.device, inputs, layer, spec.memory_format)
-        if self.device.type == "cuda" and spec.precision == "auto":
-            precision, precision_why = "fp32", "auto: float32 on CUDA (bf16 not yet measured)"
-        else:
-            precision, precision_why = choose_precision(
-                model.module, self.device, inputs, layer, spec.precision, channels_last,
-                spec.multilabel)
-        if spec.precision in ("bf16", "auto") and precision == "fp32" \
-                and "failed" in precision_why:
+        spec = model.spec
+        execution = tune(model.module, self.device, model.channels, model.input_size,
+                         model.default_layer, spec.memory_format, spec.precision,
+                         spec.multilabel)
+        if execution.fell_back:
             metrics.PRECISION_FALLBACKS.labels(model.name).inc()
-            logger.warning("model '%s' runs in float32: %s", model.name, precision_why)
-        logger.info("model '%s': %s (%s); %s", model.name,
-                    "channels_last" if channels_last else "contiguous", format_why,
-                    precision_why)
-        return Execution(channels_last, precision, format_why, precision_why)
+            logger.warning("model '%s' runs in float32: %s", model.name, execution.why)
+        logger.info("model '%s': %s", model.name, execution.why)
+        return execution
 
     def _warm_up(self, model: LoadedModel) -> None:
         """One explanation per batch shape the engine will meet first under load: on a
@@ -300,8 +287,7 @@ class Runtime:
             return graphed
         batch = self._engines[job.model](inputs, job.layer, job.targets, job.methods,
                                          should_stop)
-        scores = (torch.sigmoid(batch.logits) if model.spec.multilabel
-                  else torch.softmax(batch.logits, dim=1))
+        scores = _scores(model, batch.logits)
         return JobResult(scores=scores.numpy(), logits=batch.logits.numpy(),
                          targets=batch.targets,
                          maps=[[cam.numpy() for cam in cams] for cams in batch.cams])
@@ -321,7 +307,7 @@ class Runtime:
         if out is None:
             return None
         logits, maps = (tensor.cpu() for tensor in out)
-        scores = torch.sigmoid(logits) if model.spec.multilabel else torch.softmax(logits, 1)
+        scores = _scores(model, logits)
         top1 = logits.argmax(dim=1).tolist()
         targets = [[top1[i] if t[0] is None else t[0]] for i, t in enumerate(job.targets)]
         return JobResult(scores=scores.numpy(), logits=logits.numpy(), targets=targets,

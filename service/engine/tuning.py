@@ -45,9 +45,8 @@ class Execution:
 
     channels_last: bool
     precision: str  # "fp32" or "bf16"
-    # Why, for the log and the model's description.
-    memory_format_reason: str
-    precision_reason: str
+    fell_back: bool  # bf16 was asked for but failed its check
+    why: str  # for the log
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -71,10 +70,11 @@ def probe_inputs(channels: int, size: tuple[int, int], device: torch.device) -> 
     return ((images - 0.45) / 0.25).to(device)
 
 
-def _maps(engine: GradCAM, inputs: Tensor, layer: str) -> tuple[Tensor, Tensor]:
-    """(logits, maps) of a gradcam explanation of each probe's top-1 class."""
+def top1_maps(engine: GradCAM, inputs: Tensor, layer: str,
+              method: str = "gradcam") -> tuple[Tensor, Tensor]:
+    """(logits, maps) of ``engine``'s explanation of each input's top-1 class."""
     n = inputs.shape[0]
-    batch = engine(inputs, layer, [[None]] * n, ["gradcam"] * n)
+    batch = engine(inputs, layer, [[None]] * n, [method] * n)
     return batch.logits, torch.stack([cams[0] for cams in batch.cams])
 
 
@@ -106,7 +106,7 @@ def fidelity(reference: tuple[Tensor, Tensor], candidate: tuple[Tensor, Tensor],
 
 def _timed(engine: GradCAM, inputs: Tensor, layer: str) -> float:
     started = time.perf_counter()
-    _maps(engine, inputs, layer)
+    top1_maps(engine, inputs, layer)
     if inputs.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started
@@ -117,15 +117,17 @@ def choose_memory_format(model: torch.nn.Module, device: torch.device, inputs: T
     """(channels_last, why). Leaves ``model`` in the chosen format."""
     if setting == "contiguous":
         return False, "set in the models file"
+    if setting == "channels_last":
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        return True, "set in the models file"
+    if device.type == "cuda":
+        # Not yet measured on a GPU: the probe stays off there until it has been.
+        return False, "auto: kept contiguous on CUDA (not yet measured)"
     contiguous = GradCAM(model, device)
-    reference = _maps(contiguous, inputs, layer)
+    reference = top1_maps(contiguous, inputs, layer)
     model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     nhwc = GradCAM(model, device, channels_last=True)
-    candidate = _maps(nhwc, inputs, layer)
-    agree = pearson(reference[1], candidate[1]) >= 0.99999
-    if setting == "channels_last":
-        return True, "set in the models file"
-    if not agree:
+    if pearson(reference[1], top1_maps(nhwc, inputs, layer)[1]) < 0.99999:
         model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
         return False, "channels_last maps differ beyond float32 error"
     times: dict[bool, list[float]] = {False: [], True: []}
@@ -145,17 +147,35 @@ def choose_memory_format(model: torch.nn.Module, device: torch.device, inputs: T
 
 
 def choose_precision(model: torch.nn.Module, device: torch.device, inputs: Tensor, layer: str,
-                     setting: str, channels_last: bool, multilabel: bool) -> tuple[str, str]:
-    """("fp32" | "bf16", why): bf16 only if asked for (or native, with "auto") and
-    faithful on the probe inputs."""
+                     setting: str, channels_last: bool,
+                     multilabel: bool) -> tuple[str, bool, str]:
+    """("fp32" | "bf16", fell back, why): bf16 only if asked for (or native, with "auto")
+    and faithful on the probe inputs."""
     if setting == "fp32":
-        return "fp32", "float32 (the default)"
+        return "fp32", False, "float32 (the default)"
+    if setting == "auto" and device.type == "cuda":
+        return "fp32", False, "auto: float32 on CUDA (bf16 not yet measured)"
     if setting == "auto" and not native_bf16(device):
-        return "fp32", "auto: this device has no native bfloat16"
-    reference = _maps(GradCAM(model, device, channels_last=channels_last), inputs, layer)
-    candidate = _maps(GradCAM(model, device, channels_last=channels_last,
-                              dtype=torch.bfloat16), inputs, layer)
+        return "fp32", False, "auto: this device has no native bfloat16"
+    reference = top1_maps(GradCAM(model, device, channels_last=channels_last), inputs, layer)
+    candidate = top1_maps(GradCAM(model, device, channels_last=channels_last,
+                                  dtype=torch.bfloat16), inputs, layer)
     ok, figures = fidelity(reference, candidate, multilabel)
     if ok:
-        return "bf16", f"bfloat16 autocast: {figures}"
-    return "fp32", f"bfloat16 failed its check against float32 ({figures})"
+        return "bf16", False, f"bfloat16 autocast: {figures}"
+    return "fp32", True, f"bfloat16 failed its check against float32 ({figures})"
+
+
+def tune(model: torch.nn.Module, device: torch.device, channels: int,
+         input_size: tuple[int, int], layer: str, memory_format: str, precision: str,
+         multilabel: bool) -> Execution:
+    """How a model with these models-file options runs on ``device`` (module text);
+    ``model`` is left in the chosen memory format."""
+    inputs = probe_inputs(channels, input_size, device)
+    channels_last, format_why = choose_memory_format(model, device, inputs, layer,
+                                                     memory_format)
+    chosen, fell_back, precision_why = choose_precision(model, device, inputs, layer,
+                                                        precision, channels_last, multilabel)
+    layout = "channels_last" if channels_last else "contiguous"
+    return Execution(channels_last, chosen, fell_back,
+                     f"{layout} ({format_why}); {precision_why}")
