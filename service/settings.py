@@ -59,6 +59,8 @@ class ModelSpec(BaseModel):
     # hardware has it), after a fidelity check; NHWC if a timed probe finds it faster.
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
+    # Batch norms folded into the convolutions before them at load (engine/folding.py).
+    fold_batch_norm: StrictBool = True
     default: StrictBool = False
 
     @model_validator(mode="after")

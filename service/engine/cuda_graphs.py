@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from service import metrics
+from service.engine.folding import explained_activation
 from service.engine.gradcam import GradCAM, cam_formula
 from service.engine.layers import resolve_layer
 from service.engine.tuning import pearson, top1_maps
@@ -96,10 +97,10 @@ class CapturedCam:
     def _step(self) -> tuple[Tensor, Tensor]:
         captured: list[Tensor] = []
 
-        def capture(_: nn.Module, __: object, output: Tensor) -> Tensor:
-            leaf = output.detach().requires_grad_(True)
+        def capture(module: nn.Module, __: object, output: Tensor) -> Tensor:
+            leaf, passed_on = explained_activation(module, output)
             captured.append(leaf)
-            return leaf.clone()
+            return passed_on
 
         handle = self._module.register_forward_hook(capture)
         try:

@@ -8,7 +8,8 @@ How it stays cheap and exact:
   score down to the layer: it costs about as much as the layers after it.
 - The hook returns a *clone* of the captured leaf, so a model that modifies the
   output in place further on (DenseNet's ``F.relu(features, inplace=True)``)
-  neither corrupts the captured activation nor trips autograd.
+  neither corrupts the captured activation nor trips autograd; on a convolution
+  that absorbed a batch norm (``folding.py``) the leaf is its output before it.
 - Gradients come from ``torch.autograd.grad(score, activation)``: no
   ``.backward()``, so no parameter ``.grad`` is ever written and no graph
   outlives the call.
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from service.engine.batching import Abandoned
+from service.engine.folding import explained_activation
 from service.engine.layers import resolve_layer
 
 # (N, C, h, w) activations, (N, C, h, w) gradients → (N, h, w) map before ReLU.
@@ -158,9 +160,9 @@ class GradCAM:
             if captured:
                 raise LayerOutputError(
                     f"layer '{layer}' runs more than once per forward pass; choose another layer")
-            leaf = output.detach().requires_grad_(True)
+            leaf, passed_on = explained_activation(mod, output)
             captured.append(leaf)
-            return leaf.clone()
+            return passed_on
 
         handle = module.register_forward_hook(capture)
         try:

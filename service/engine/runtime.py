@@ -175,7 +175,7 @@ class Runtime:
         spec = model.spec
         execution = tune(model.module, self.device, model.channels, model.input_size,
                          model.default_layer, spec.memory_format, spec.precision,
-                         spec.multilabel)
+                         spec.multilabel, spec.fold_batch_norm)
         if execution.fell_back:
             metrics.PRECISION_FALLBACKS.labels(model.name).inc()
             logger.warning("model '%s' runs in float32: %s", model.name, execution.why)

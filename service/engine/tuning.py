@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from service.engine.folding import fold_batch_norms
 from service.engine.gradcam import GradCAM
 
 logger = logging.getLogger(__name__)
@@ -168,14 +169,22 @@ def choose_precision(model: torch.nn.Module, device: torch.device, inputs: Tenso
 
 def tune(model: torch.nn.Module, device: torch.device, channels: int,
          input_size: tuple[int, int], layer: str, memory_format: str, precision: str,
-         multilabel: bool) -> Execution:
+         multilabel: bool, fold_batch_norm: bool = True) -> Execution:
     """How a model with these models-file options runs on ``device`` (module text);
-    ``model`` is left in the chosen memory format."""
+    ``model`` is left in the chosen memory format, its batch norms folded if asked and
+    it runs in float32 (folded, bfloat16 drifted further from float32 than its check
+    allows on the demo model)."""
+    folded: list[str] = []
+    if fold_batch_norm and precision == "fp32":
+        folded = fold_batch_norms(model)  # first, so the format probe times the folded model
     inputs = probe_inputs(channels, input_size, device)
     channels_last, format_why = choose_memory_format(model, device, inputs, layer,
                                                      memory_format)
     chosen, fell_back, precision_why = choose_precision(model, device, inputs, layer,
                                                         precision, channels_last, multilabel)
+    if fold_batch_norm and precision != "fp32" and chosen == "fp32":
+        folded = fold_batch_norms(model)
     layout = "channels_last" if channels_last else "contiguous"
     return Execution(channels_last, chosen, fell_back,
-                     f"{layout} ({format_why}); {precision_why}")
+                     f"{layout} ({format_why}); {precision_why}; "
+                     f"{len(folded)} batch norm(s) folded into their convolutions")

@@ -6,7 +6,9 @@
 
 For each model and batch size, each repetition runs, back to back and in a
 rotating order: a plain forward under ``torch.inference_mode()``, our engine
-(``gradcam``, top-1 targets, maps copied to the CPU), and pytorch-grad-cam's
+(``gradcam``, top-1 targets, maps copied to the CPU), the same on a copy whose batch
+norms are folded into its convolutions (as the service runs a float32 model), and
+pytorch-grad-cam's
 ``GradCAM`` (top-1 targets). Prints median seconds and the median of the
 per-repetition ratios to the plain forward. Random-init weights (seeded): the
 cost does not depend on the weights' values. On CUDA every timing ends with a
@@ -24,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torchvision
 
+from service.engine.folding import fold_batch_norms
 from service.engine.gradcam import GradCAM
 from service.engine.layers import default_layer, probe_layers, resolve_layer
 
@@ -52,6 +55,9 @@ def bench(arch: str, batches: list[int], repeats: int, size: int, device: str,
                                      target_layers=[resolve_layer(reference_model, layer)])
     model.to(device)
     engine = GradCAM(model, device)
+    folded_model = copy.deepcopy(model)
+    fold_batch_norms(folded_model)  # as the service loads an fp32 model
+    folded = GradCAM(folded_model, device)
     rows = []
     for batch in batches:
         x = torch.randn(batch, 3, size, size, device=device)
@@ -63,7 +69,11 @@ def bench(arch: str, batches: list[int], repeats: int, size: int, device: str,
         def ours(x: torch.Tensor = x, n: int = batch) -> None:
             engine(x, layer, [[None]] * n, ["gradcam"] * n)
 
-        runners: dict[str, Callable[[], None]] = {"forward": forward, "ours": ours}
+        def ours_folded(x: torch.Tensor = x, n: int = batch) -> None:
+            folded(x, layer, [[None]] * n, ["gradcam"] * n)
+
+        runners: dict[str, Callable[[], None]] = {"forward": forward, "ours": ours,
+                                                  "ours folded": ours_folded}
         if reference is not None:
             runners["pytorch-grad-cam"] = lambda x=x: reference(x, None)
         for fn in runners.values():  # warm-up (and cuDNN's algorithm search)
@@ -82,7 +92,8 @@ def bench(arch: str, batches: list[int], repeats: int, size: int, device: str,
         theirs = (f"{med['pytorch-grad-cam']:.1f} | {ratios['pytorch-grad-cam']:.2f}×"
                   if reference is not None else "– | –")
         rows.append(f"| {arch} | {layer} | {batch} | {med['forward']:.1f} | {med['ours']:.1f} | "
-                    f"**{ratios['ours']:.2f}×** | {theirs} |")
+                    f"{ratios['ours']:.2f}× | {med['ours folded']:.1f} | "
+                    f"**{ratios['ours folded']:.2f}×** | {theirs} |")
         print(rows[-1], flush=True)
     if reference is not None:
         reference.activations_and_grads.release()
@@ -106,9 +117,9 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads"
     print(f"torch {torch.__version__}, {where}, {args.size}², "
           f"median of {args.repeats} paired repetitions (ms)")
-    print("| model | layer | batch | forward | ours | ours / forward | pytorch-grad-cam | "
-          "pytorch-grad-cam / forward |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | layer | batch | forward | ours | ours / forward | ours, batch norm folded | "
+          "folded / forward | pytorch-grad-cam | pytorch-grad-cam / forward |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for arch in args.archs:
         bench(arch, args.batches, args.repeats, args.size, args.device, not args.no_reference)
 

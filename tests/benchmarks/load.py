@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -60,7 +61,7 @@ import requests
 import torch
 import torchvision
 from PIL import Image
-from serving import free_port, processes, stop
+from serving import descendants, free_port, processes, stop
 
 from service.demo.phantom import sample_phantom, to_uint8
 
@@ -262,6 +263,36 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+class _WindowCPU(threading.Thread):
+    """CPU seconds spent by each process of a server's tree and by this process (the
+    client) inside the measured window: sampled when it opens and when it closes."""
+
+    def __init__(self, root: int, roles: dict[int, str], warmup_s: float,
+                 duration_s: float) -> None:
+        super().__init__(daemon=True)
+        self.root, self.roles, self.warmup_s, self.duration_s = root, roles, warmup_s, duration_s
+        self.spent: dict[str, float] = {}
+
+    @staticmethod
+    def _sample(pids: list[int]) -> dict[int, float]:
+        seconds = {}
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                seconds[pid] = sum(_cpu_seconds(pid))
+        return seconds
+
+    def run(self) -> None:
+        time.sleep(self.warmup_s)
+        pids = descendants(self.root)
+        before, client = self._sample(pids), time.process_time()
+        time.sleep(self.duration_s)
+        after, client_after = self._sample(pids), time.process_time()
+        for pid, seconds in after.items():
+            role = self.roles.get(pid, "other")
+            self.spent[role] = self.spent.get(role, 0.0) + seconds - before.get(pid, seconds)
+        self.spent["client"] = client_after - client
+
+
 def _peer_comparison(args: argparse.Namespace) -> None:
     """Ours against the LitServe + torchcam peer, alternating pairs (module text)."""
     folder = Path(tempfile.mkdtemp(prefix="gradcam-peer-"))
@@ -303,6 +334,7 @@ def _peer_comparison(args: argparse.Namespace) -> None:
     results: dict[str, list[LoadResult]] = {"ours": [], "peer": []}
     p50_1: list[float] = []
     cpu: tuple[list[float], list[float]] = ([], [])  # our engine's user, system (cores)
+    spent: dict[str, list[dict[str, float]]] = {"ours": [], "peer": []}  # CPU s per request
     try:
         for pair in range(args.pairs):
             for name, start in (("ours", ours), ("peer", peer)):
@@ -310,10 +342,19 @@ def _peer_comparison(args: argparse.Namespace) -> None:
                 try:
                     engine = processes(server.pid).get("engine") if name == "ours" else None
                     before = _cpu_seconds(engine) if engine else (0.0, 0.0)
+                    roles = {pid: ("http workers" if role.startswith("worker") else role)
+                             for role, pid in processes(server.pid).items()}
+                    window = _WindowCPU(server.pid, roles if name == "ours" else {}, 4.0,
+                                        args.duration)
+                    window.start()
                     started = time.monotonic()
                     result = _closed_loop(url + "/v1/explain", body, concurrency,
                                           args.duration, warmup_s=4.0)
+                    window.join()
                     results[name].append(result)
+                    served = max(1.0, result[0] * args.duration)
+                    spent[name].append({role: seconds / served
+                                        for role, seconds in window.spent.items()})
                     if engine:
                         after, took = _cpu_seconds(engine), time.monotonic() - started
                         cpu[0].append((after[0] - before[0]) / took)
@@ -340,6 +381,16 @@ def _peer_comparison(args: argparse.Namespace) -> None:
         user, system = statistics.median(cpu[0]), statistics.median(cpu[1])
         print(f"our engine's CPU under load (median): user {user:.0%}, system {system:.0%} of "
               f"one core; system {system / max(1e-9, user + system):.0%} of its CPU")
+    def server_ms(runs: list[dict[str, float]]) -> float:
+        return statistics.median(sum(s for r, s in run.items() if r != "client")
+                                 for run in runs) * 1000
+
+    print("\nCPU per request inside the window (core-ms, medians over the pairs):")
+    for name, runs in spent.items():
+        roles = sorted({role for run in runs for role in run})
+        print(f"  {name}: " + ", ".join(
+            f"{role} {statistics.median(run.get(role, 0.0) for run in runs) * 1000:.0f}"
+            for role in roles) + f"; server total {server_ms(runs):.0f}")
     if p50_1:
         bound = 1.2 * forward_1_s * 1000 + 15
         print(f"ours at concurrency 1: p50 {statistics.median(p50_1):.0f} ms against the target "

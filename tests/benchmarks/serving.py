@@ -76,6 +76,15 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it."""
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [child for pid in frontier for child in _children(pid)]
+        found += frontier
+    return found
+
+
 def processes(root: int) -> dict[str, int]:
     """serve's processes by role: supervisor, engine, master, worker 0, worker 1, …"""
     roles = {"supervisor": root}
