@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from service.errors import PayloadTooLarge
+from service.errors import ErrorCode, PayloadTooLarge
 from service.interface import ModelInfo
 from service.memory import RequestMemory
 from service.schemas import HeatmapOptions
@@ -80,8 +80,8 @@ class RequestBudget:
         if total > limit:
             raise PayloadTooLarge(
                 f"The request asks for {total} explanations (targets over all images); the "
-                f"limit is {limit}. Split it into several requests.", code="too_many_targets",
-                field="targets")
+                f"limit is {limit}. Split it into several requests.",
+                code=ErrorCode.TOO_MANY_TARGETS, field="targets")
 
     def admit_image(self, index: int, width: int, height: int, explanations: int) -> None:
         """Charge image ``index`` (size from its header) and its heatmaps, or refuse it."""
@@ -90,19 +90,19 @@ class RequestBudget:
         if width > side or height > side:
             raise PayloadTooLarge(
                 f"Image {index} is {width}×{height}; neither side may exceed {side} pixels.",
-                code="image_too_large", image=index, field=field_name)
+                code=ErrorCode.IMAGE_TOO_LARGE, image=index, field=field_name)
         pixels = width * height
         if pixels > self.settings.max_image_pixels:
             raise PayloadTooLarge(
                 f"Image {index} has {width}×{height} = {pixels} pixels; the limit is "
-                f"{self.settings.max_image_pixels}.", code="image_too_large", image=index,
+                f"{self.settings.max_image_pixels}.", code=ErrorCode.IMAGE_TOO_LARGE, image=index,
                 field=field_name)
         self.pixels_used += pixels
         if self.pixels_used > self.settings.max_request_pixels:
             raise PayloadTooLarge(
                 f"Images 0..{index} have {self.pixels_used} pixels together; the limit for one "
                 f"request is {self.settings.max_request_pixels}. Send fewer or smaller images "
-                "per request.", code="too_many_pixels", image=index, field=field_name)
+                "per request.", code=ErrorCode.TOO_MANY_PIXELS, image=index, field=field_name)
         drawn = 0 if self.options.format == "none" else (
             explanations * self._heatmap_pixels(width, height))
         # ``include: ["image"]`` draws the image itself at its size too.
@@ -113,7 +113,7 @@ class RequestBudget:
                 f"pixels; the limit for one request is {self.settings.max_output_pixels}. Ask for "
                 "heatmap.size 'input' or 'layer', fewer targets, or fewer images per request"
                 f"{', or no image in include' if self.with_image else ''}.",
-                code="output_too_large", image=index, field="heatmap.size")
+                code=ErrorCode.OUTPUT_TOO_LARGE, image=index, field="heatmap.size")
         if self.options.format == "array":
             self.array_used += drawn
             if self.array_used > self.settings.max_array_values:
@@ -121,7 +121,7 @@ class RequestBudget:
                     f"The 'array' heatmaps of images 0..{index} would hold {self.array_used} "
                     f"numbers; the limit for one request is {self.settings.max_array_values}. "
                     "Ask for heatmap.size 'input' or 'layer', or a 'gray' PNG (the same levels, "
-                    "a fraction of the bytes).", code="array_too_large", image=index,
+                    "a fraction of the bytes).", code=ErrorCode.ARRAY_TOO_LARGE, image=index,
                     field="heatmap.format")
         if self.memory is not None:
             self.memory.need(self._memory_bytes(index, pixels, drawn, explanations))

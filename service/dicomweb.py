@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from service.errors import BadGateway, DeadlineExceeded, Forbidden, InvalidField, PayloadTooLarge
+from service.errors import (
+    BadGateway,
+    DeadlineExceeded,
+    ErrorCode,
+    Forbidden,
+    InvalidField,
+    PayloadTooLarge,
+)
 
 # PS3.5 9.1: digits and dots, components without leading zeros, at most 64 characters.
 # Matched whole (fullmatch): "$" would let a trailing newline through.
@@ -46,7 +53,6 @@ class Stored:
     """What a STOW-RS call did with one object."""
 
     ok: bool
-    sop_instance_uid: str
     message: str
 
 
@@ -84,7 +90,7 @@ class DicomWebServers:
             allowed = ", ".join(self._allowed.values()) or "none are configured"
             raise Forbidden(f"{subject}: this service may not call {url[:200]}; the DICOMweb "
                             f"servers it may call are set by GRADCAM_DICOMWEB_SERVERS "
-                            f"({allowed}).", code="dicomweb_not_allowed", field=where,
+                            f"({allowed}).", code=ErrorCode.DICOMWEB_NOT_ALLOWED, field=where,
                             image=image)
         return found
 
@@ -123,10 +129,11 @@ def fetch_instance(ref: InstanceRef, servers: DicomWebServers, index: int, limit
             if response.status_code == 404:
                 raise InvalidField(f"Image {index}: {base} has no instance {ref.instance} in "
                                    f"series {ref.series} of study {ref.study}.",
-                                   code="dicomweb_not_found", image=index, field=where)
+                                   code=ErrorCode.DICOMWEB_NOT_FOUND, image=index, field=where)
             if response.status_code != 200:
                 raise BadGateway(f"Image {index}: {base} answered {response.status_code} to "
-                                 "the WADO-RS retrieve.", code="dicomweb_failed", image=index)
+                                 "the WADO-RS retrieve.", code=ErrorCode.DICOMWEB_FAILED,
+                                 image=index)
             body = bytearray()
             for chunk in response.iter_content(_CHUNK):
                 body += chunk
@@ -135,16 +142,16 @@ def fetch_instance(ref: InstanceRef, servers: DicomWebServers, index: int, limit
                                            "than the request's deadline.")
                 if len(body) > limit_bytes:
                     raise PayloadTooLarge(f"Image {index}: the instance on {base} is larger "
-                                          f"than {limit_bytes} bytes.", code="image_too_large",
-                                          image=index, field=where)
+                                          f"than {limit_bytes} bytes.",
+                                          code=ErrorCode.IMAGE_TOO_LARGE, image=index, field=where)
             content_type = response.headers.get("Content-Type", "")
     except requests.RequestException as error:
         raise BadGateway(f"Image {index}: {base} could not be reached ({type(error).__name__})."
-                         , code="dicomweb_unreachable", image=index) from None
+                         , code=ErrorCode.DICOMWEB_UNREACHABLE, image=index) from None
     parts = _parts(content_type, bytes(body))
     if not parts:
         raise BadGateway(f"Image {index}: {base} sent no DICOM part in its answer.",
-                         code="dicomweb_failed", image=index)
+                         code=ErrorCode.DICOMWEB_FAILED, image=index)
     return parts[0]
 
 
@@ -182,13 +189,12 @@ def store(objects: Sequence[tuple[str, bytes]], url: str, servers: DicomWebServe
                                     allow_redirects=False, timeout=max(timeout_s, 0.1))
     except requests.RequestException as error:
         message = f"{base} could not be reached ({type(error).__name__})"
-        return [Stored(False, uid, message) for uid, _ in objects]
+        return [Stored(False, message) for _ in objects]
     if response.status_code not in (200, 202):
         message = f"{base} answered {response.status_code} to the STOW-RS store"
-        return [Stored(False, uid, message) for uid, _ in objects]
+        return [Stored(False, message) for _ in objects]
     failed = _failed_uids(response)
-    return [Stored(uid not in failed, uid, failed.get(uid, f"stored on {base}"))
-            for uid, _ in objects]
+    return [Stored(uid not in failed, failed.get(uid, f"stored on {base}")) for uid, _ in objects]
 
 
 def _failed_uids(response: Any) -> dict[str, str]:

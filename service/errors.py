@@ -35,16 +35,88 @@ with ``from_wire()``.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
+
+
+class ErrorCode(StrEnum):
+    """Every machine code an error response may carry: its HTTP status and what it means.
+
+    The one list: ``openapi.yaml`` and the README's error table are checked against it
+    (``tests/test_error_codes.py``), and the service names codes only through it.
+    """
+
+    status: int
+    meaning: str
+
+    def __new__(cls, value: str, status: int, meaning: str) -> ErrorCode:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.status = status
+        member.meaning = meaning
+        return member
+
+    BAD_REQUEST = "bad_request", 400, "malformed HTTP"
+    INVALID_JSON = "invalid_json", 400, "the body is not valid JSON"
+    JSON_TOO_DEEP = "json_too_deep", 400, "JSON nested over 1024 levels"
+    UNAUTHORIZED = "unauthorized", 401, "no valid bearer token"
+    FORBIDDEN = "forbidden", 403, "not allowed"
+    DICOMWEB_NOT_ALLOWED = "dicomweb_not_allowed", 403, "a DICOMweb URL not in the allow-list"
+    NOT_FOUND = "not_found", 404, "no such route"
+    UNKNOWN_MODEL = "unknown_model", 404, "no such model"
+    METHOD_NOT_ALLOWED = "method_not_allowed", 405, "the route does not take this method"
+    REQUEST_TIMEOUT = "request_timeout", 408, "headers or body too slow"
+    REQUEST_TOO_LARGE = "request_too_large", 413, "the body is over the limit"
+    TOO_MANY_IMAGES = "too_many_images", 413, "more images than a request may hold"
+    TOO_MANY_TARGETS = "too_many_targets", 413, "more explanations than a request may ask"
+    IMAGE_TOO_LARGE = "image_too_large", 413, "an image over the pixel or side limit"
+    TOO_MANY_PIXELS = "too_many_pixels", 413, "the request's images hold too many pixels"
+    OUTPUT_TOO_LARGE = "output_too_large", 413, "the answer would be too large"
+    ARRAY_TOO_LARGE = "array_too_large", 413, "a heatmap array over the value limit"
+    OVER_MEMORY_BUDGET = "over_memory_budget", 413, "more memory than the budget leaves"
+    URI_TOO_LONG = "uri_too_long", 414, "the request target is too long"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415, "the body is not JSON"
+    UNSUPPORTED_CONTENT_ENCODING = ("unsupported_content_encoding", 415,
+                                    "a compressed body")
+    UNSUPPORTED_IMAGE = "unsupported_image", 415, "an image format the service does not read"
+    INVALID_BODY = "invalid_body", 422, "the body is not a JSON object"
+    INVALID_FIELD = "invalid_field", 422, "a field with a wrong value (see field)"
+    INVALID_BASE64 = "invalid_base64", 422, "an image that is not valid base64"
+    EMPTY_IMAGE = "empty_image", 422, "an empty image"
+    INVALID_IMAGE = "invalid_image", 422, "an image that cannot be decoded"
+    FRAME_REQUIRED = "frame_required", 422, "a multi-frame image without a frame"
+    FRAME_OUT_OF_RANGE = "frame_out_of_range", 422, "a frame the image does not have"
+    FRAMES_LENGTH = "frames_length", 422, "one frame per image needed"
+    DICOMWEB_NOT_FOUND = "dicomweb_not_found", 422, "no such instance on the DICOMweb server"
+    UNKNOWN_LAYER = "unknown_layer", 422, "no such layer"
+    UNSUPPORTED_LAYER = "unsupported_layer", 422, "a layer whose output cannot be explained"
+    UNKNOWN_LABEL = "unknown_label", 422, "no such class label"
+    TARGET_OUT_OF_RANGE = "target_out_of_range", 422, "a class index outside the outputs"
+    TARGETS_LENGTH = "targets_length", 422, "one target list per image needed"
+    HEADERS_TOO_LARGE = "headers_too_large", 431, "request line and headers over 32 KiB"
+    CLIENT_CLOSED = "client_closed", 499, "the client left first (logs and metrics only)"
+    INTERNAL = "internal", 500, "the server failed (logged with the request id)"
+    UNSUPPORTED_TRANSFER_ENCODING = ("unsupported_transfer_encoding", 501,
+                                     "a transfer coding other than chunked")
+    BAD_GATEWAY = "bad_gateway", 502, "a server this one called failed"
+    DICOMWEB_UNREACHABLE = "dicomweb_unreachable", 502, "the DICOMweb server cannot be reached"
+    DICOMWEB_FAILED = "dicomweb_failed", 502, "the DICOMweb server failed"
+    UNAVAILABLE = "unavailable", 503, "try again later"
+    OVERLOADED = "overloaded", 503, "the queue or the memory budget is full"
+    ENGINE_UNAVAILABLE = "engine_unavailable", 503, "no engine process answers"
+    INSUFFICIENT_MEMORY = "insufficient_memory", 503, "the server ran out of memory"
+    DEADLINE_EXCEEDED = "deadline_exceeded", 504, "still queued at the request's deadline"
+    HTTP_VERSION_NOT_SUPPORTED = ("http_version_not_supported", 505,
+                                  "not HTTP/1.0 or 1.1")
 
 
 class ServiceError(Exception):
     """Base of every error that becomes a JSON error response."""
 
     status: int = 500
-    default_code: str = "internal"
+    default_code: ErrorCode = ErrorCode.INTERNAL
 
-    def __init__(self, message: str, *, code: str | None = None, image: int | None = None,
+    def __init__(self, message: str, *, code: ErrorCode | None = None, image: int | None = None,
                  field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -70,74 +142,76 @@ class ServiceError(Exception):
     @staticmethod
     def from_wire(data: dict[str, Any]) -> ServiceError:
         status = int(data.get("status", 500))
-        kind = _by_code().get(str(data.get("code")), _BY_STATUS.get(status, ServiceError))
+        # A code that is not one of ours means the other side is broken.
+        code = _CODES.get(str(data.get("code")), ErrorCode.INTERNAL)
+        kind = _by_code().get(code, _BY_STATUS.get(status, ServiceError))
         if issubclass(kind, Unavailable):
             error: ServiceError = kind(str(data["message"]),
                                        retry_after_s=int(data.get("retry_after_s") or 1))
-            error.code = str(data["code"])
+            error.code = code
             return error
-        return kind(str(data["message"]), code=str(data["code"]), image=data.get("image"),
+        return kind(str(data["message"]), code=code, image=data.get("image"),
                     field=data.get("field"))
 
 
 class BadRequest(ServiceError):
     status = 400
-    default_code = "bad_request"
+    default_code = ErrorCode.BAD_REQUEST
 
 
 class Forbidden(ServiceError):
     status = 403
-    default_code = "forbidden"
+    default_code = ErrorCode.FORBIDDEN
 
 
 class NotFound(ServiceError):
     status = 404
-    default_code = "not_found"
+    default_code = ErrorCode.NOT_FOUND
 
 
 class UnknownModel(NotFound):
-    default_code = "unknown_model"
+    default_code = ErrorCode.UNKNOWN_MODEL
 
 
 class MethodNotAllowed(ServiceError):
     status = 405
-    default_code = "method_not_allowed"
+    default_code = ErrorCode.METHOD_NOT_ALLOWED
 
 
 class PayloadTooLarge(ServiceError):
     status = 413
-    default_code = "request_too_large"
+    default_code = ErrorCode.REQUEST_TOO_LARGE
 
 
 class UnsupportedMediaType(ServiceError):
     status = 415
-    default_code = "unsupported_media_type"
+    default_code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
 
 
 class InvalidField(ServiceError):
     status = 422
-    default_code = "invalid_field"
+    default_code = ErrorCode.INVALID_FIELD
 
 
 class ClientClosed(ServiceError):
     """The client went away before its explanation was computed (nginx's 499)."""
 
     status = 499
-    default_code = "client_closed"
+    default_code = ErrorCode.CLIENT_CLOSED
 
 
 class BadGateway(ServiceError):
     """A server this one had to call (a DICOMweb server) failed or could not be reached."""
 
     status = 502
-    default_code = "bad_gateway"
+    default_code = ErrorCode.BAD_GATEWAY
 
 
 class Unavailable(ServiceError):
     """503: try again after ``retry_after_s`` (sent as ``Retry-After``)."""
 
     status = 503
-    default_code = "unavailable"
+    default_code = ErrorCode.UNAVAILABLE
 
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
         super().__init__(message)
@@ -145,33 +219,39 @@ class Unavailable(ServiceError):
 
 
 class Overloaded(Unavailable):
-    default_code = "overloaded"
+    default_code = ErrorCode.OVERLOADED
 
 
 class EngineUnavailable(Unavailable):
     """No engine process answers (starting, restarting after a crash, or gone)."""
 
-    default_code = "engine_unavailable"
+    default_code = ErrorCode.ENGINE_UNAVAILABLE
 
 
 class InsufficientMemory(Unavailable):
     """The process ran out of memory on this request: a server fault, never the client's 422."""
 
-    default_code = "insufficient_memory"
+    default_code = ErrorCode.INSUFFICIENT_MEMORY
 
 
 class DeadlineExceeded(ServiceError):
     status = 504
-    default_code = "deadline_exceeded"
+    default_code = ErrorCode.DEADLINE_EXCEEDED
+
+
+_CODES: dict[str, ErrorCode] = {code.value: code for code in ErrorCode}
 
 
 def _by_code() -> dict[str, type[ServiceError]]:
-    """Every error class by its default code (the most specific class for a code)."""
+    """Every error class of this module by its default code (the most specific class for
+    a code). Subclasses elsewhere (``security.Unauthorized``) never cross the wire and
+    may take other arguments."""
     found: dict[str, type[ServiceError]] = {}
     pending: list[type[ServiceError]] = [ServiceError]
     while pending:
         kind = pending.pop()
-        found[kind.default_code] = kind
+        if kind.__module__ == __name__:
+            found[kind.default_code] = kind
         pending.extend(kind.__subclasses__())
     return found
 

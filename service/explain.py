@@ -1,6 +1,6 @@
 """The one explain path: ``ExplainRequest`` → response JSON, shared by CLI and HTTP.
 
-Stages (DESIGN.md): validate the request as a whole, then each image (decode,
+Stages (README, "Architecture"): validate the request as a whole, then each image (decode,
 fit to the model input, resolve its targets) *before* any compute, so a batch
 never fails because of one bad image; one engine call for the batch; then
 render each result in the requested format and size.
@@ -27,7 +27,7 @@ from PIL import Image
 from service import metrics
 from service.budgets import RequestBudget
 from service.dicomweb import DicomWebServers, InstanceRef, fetch_instance, store
-from service.errors import ClientClosed, DeadlineExceeded, InvalidField, PayloadTooLarge
+from service.errors import ClientClosed, DeadlineExceeded, ErrorCode, InvalidField, PayloadTooLarge
 from service.imaging.decoding import Admit, decode_base64, decode_image
 from service.imaging.dicom import describe_dicom, is_dicom, read_header
 from service.imaging.dicom_out import (
@@ -100,12 +100,12 @@ def _class_index(ref: ClassRef, model: ModelInfo, index: int) -> int:
         if found is None:
             shown = ", ".join(model.labels[:20]) + (", ..." if model.num_classes > 20 else "")
             raise InvalidField(f"Image {index}: model '{model.name}' has no class '{ref}'. "
-                               f"Its labels: {shown}.", code="unknown_label", image=index,
+                               f"Its labels: {shown}.", code=ErrorCode.UNKNOWN_LABEL, image=index,
                                field=field)
         return found
     if not 0 <= ref < model.num_classes:
         raise InvalidField(f"Image {index}: class index {ref} is outside 0..{model.num_classes - 1}"
-                           f" for model '{model.name}'.", code="target_out_of_range",
+                           f" for model '{model.name}'.", code=ErrorCode.TARGET_OUT_OF_RANGE,
                            image=index, field=field)
     return ref
 
@@ -152,10 +152,10 @@ def choose_layer(model: ModelInfo, layer: str | None) -> str:
         close = model.suggest_modules(layer)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise InvalidField(f"Model '{model.name}': the model has no layer '{layer}'.{hint}",
-                           code="unknown_layer", field="layer")
+                           code=ErrorCode.UNKNOWN_LAYER, field="layer")
     raise InvalidField(f"Layer '{layer}' of model '{model.name}' does not return an (N, C, H, W) "
                        "feature map exactly once per forward pass; GET the model's layers for "
-                       "the ones that do.", code="unsupported_layer", field="layer")
+                       "the ones that do.", code=ErrorCode.UNSUPPORTED_LAYER, field="layer")
 
 
 def run(engine: Engine, model: ModelInfo, layer: str, method: str,
@@ -321,12 +321,12 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
     deadline = (started if started is not None else time.monotonic()) + limits.request_timeout_s
     if len(request.images) > limits.max_images_per_request:
         raise PayloadTooLarge(f"The request has {len(request.images)} images; the limit is "
-                              f"{limits.max_images_per_request}.", code="too_many_images",
+                              f"{limits.max_images_per_request}.", code=ErrorCode.TOO_MANY_IMAGES,
                               field="images")
     if request.targets is not None and len(request.targets) != len(request.images):
         raise InvalidField(f"The targets list has {len(request.targets)} entries for "
                            f"{len(request.images)} images; give one per image (null for the "
-                           "top-1 class).", code="targets_length", field="targets")
+                           "top-1 class).", code=ErrorCode.TARGETS_LENGTH, field="targets")
     frames = _frames(request)
     model = engine.catalog().get(request.model)
     layer = choose_layer(model, request.layer)
@@ -405,7 +405,7 @@ def _frames(request: ExplainRequest) -> list[int | None]:
     if len(request.frame) != len(request.images):
         raise InvalidField(f"The frame list has {len(request.frame)} entries for "
                            f"{len(request.images)} images; give one per image (null for the "
-                           "default) or one number for all.", code="frames_length",
+                           "default) or one number for all.", code=ErrorCode.FRAMES_LENGTH,
                            field="frame")
     return list(request.frame)
 

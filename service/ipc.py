@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.errors import ServiceError
+from service.errors import ErrorCode, ServiceError
 from service.interface import Job, JobResult, JobTimings
 
 PREFIX = struct.Struct("<II")
@@ -270,7 +270,7 @@ def decode_result(header: dict[str, Any], frames: Sequence[np.ndarray]) -> JobRe
 def _internal(error: BaseException) -> dict[str, Any]:
     message = (f"The model failed on this request ({type(error).__name__}: {error}); "
                "it has been logged.")
-    return {"status": 500, "code": "internal", "message": message}
+    return {"status": 500, "code": ErrorCode.INTERNAL, "message": message}
 
 
 def encode_error(request_id: int, error: BaseException) -> list[memoryview]:

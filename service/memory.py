@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from service.errors import Overloaded, PayloadTooLarge
+from service.errors import ErrorCode, Overloaded, PayloadTooLarge
 
 BUDGET_FILE_ENV = "GRADCAM_MEMORY_BUDGET_FILE"
 MB = 1 << 20
@@ -268,7 +268,7 @@ class RequestMemory:
                 f"This request would need about {total_bytes // MB} MB of memory; the server "
                 f"has {max(0, room) // MB} MB for requests (GRADCAM_MEMORY_BUDGET_MB). Send "
                 "fewer or smaller images, or ask for smaller heatmaps.",
-                code="over_memory_budget")
+                code=ErrorCode.OVER_MEMORY_BUDGET)
         raise Overloaded(f"The server's memory budget is taken by other requests (this one "
                          f"needs about {total_bytes // MB} MB); retry shortly.",
                          retry_after_s=2)

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.errors import BadRequest, InvalidField
+from service.errors import BadRequest, ErrorCode, InvalidField
 
 Method = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 METHODS: tuple[str, ...] = get_args(Method)  # the engine's formulas; a test keeps them equal
@@ -218,10 +218,11 @@ def parse_explain_request(body: bytes) -> ExplainRequest:
     except orjson.JSONDecodeError as error:
         if "depth limit" in str(error):
             raise BadRequest(f"The body nests JSON deeper than {JSON_MAX_DEPTH} levels.",
-                             code="json_too_deep") from None
-        raise BadRequest(f"The body is not valid JSON: {error}.", code="invalid_json") from None
+                             code=ErrorCode.JSON_TOO_DEEP) from None
+        raise BadRequest(f"The body is not valid JSON: {error}.",
+                         code=ErrorCode.INVALID_JSON) from None
     if not isinstance(data, dict):
-        raise InvalidField("The body must be a JSON object.", code="invalid_body")
+        raise InvalidField("The body must be a JSON object.", code=ErrorCode.INVALID_BODY)
     try:
         return ExplainRequest.model_validate(data)
     except ValidationError as error:

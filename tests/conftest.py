@@ -1,32 +1,15 @@
-"""Shared fixtures: the demo runtime, phantom images, seeded torchvision models."""
+"""Shared fixtures: the demo model's runtime and one live server (helpers in ``helpers.py``)."""
 
 from __future__ import annotations
 
-import base64
-import io
-import os
-import signal
-import socket
-import struct
-import subprocess
-import sys
-import tempfile
-import time
-import zlib
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import NoReturn
+from collections.abc import Iterator
 
-import numpy as np
 import pytest
-import requests
 import torch
-import torchvision
-from PIL import Image
 
-from service.demo.phantom import Phantom, sample_phantom, to_uint8
 from service.engine.runtime import Runtime
 from service.settings import Settings
+from tests.helpers import LiveServer
 
 # Tests run on the CPU, on the 2 cores of the CI machine.
 torch.set_num_threads(2)
@@ -38,140 +21,6 @@ def runtime() -> Iterator[Runtime]:
     rt = Runtime(Settings(device="cpu")).start()
     yield rt
     rt.close()
-
-
-def missing_tool(what: str, packages: str) -> NoReturn:
-    """A test needs ``what``, from Debian's ``packages``: in CI that is a failure
-    (``.ci/run`` installs them), elsewhere the test is skipped, saying how to install."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is missing: .ci/run installs Debian's {packages}")
-    pytest.skip(f"{what} is not installed (apt-get install {packages})")
-
-
-def png_bytes(array: np.ndarray, **save_args: object) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", **save_args)
-    return buffer.getvalue()
-
-
-def encode(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header claiming ``width`` × ``height``, with a tiny body."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
-
-
-def phantom(seed: int, width: int = 256, height: int = 256) -> Phantom:
-    return sample_phantom(np.random.default_rng(seed), width, height)
-
-
-def phantom_png(seed: int, width: int = 256, height: int = 256) -> bytes:
-    return png_bytes(to_uint8(phantom(seed, width, height).image))
-
-
-def seeded_model(arch: str, seed: int = 0, **kwargs: object) -> torch.nn.Module:
-    """A random-init torchvision model in eval mode with frozen parameters."""
-    torch.manual_seed(seed)
-    model = torchvision.models.get_model(arch, weights=None, **kwargs).eval()
-    model.requires_grad_(False)
-    return model
-
-
-def proc_children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    try:
-        return [int(p) for p in path.read_text().split()]
-    except OSError:
-        return []
-
-
-def proc_cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def wait_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
-    """Whether ``url``/readyz answers 200 within ``timeout_s`` (False at once once
-    ``alive()`` turns false)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and alive():
-        try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return True
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    return False
-
-
-class LiveServer:
-    """A real ``gradcam-service serve`` (gunicorn) on 127.0.0.1, stopped by its PID."""
-
-    def __init__(self, env: dict[str, str] | None = None, workers: int = 1,
-                 device: str = "cpu", threads: int = 8) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "service.cli", "serve",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
-                   "--threads", str(threads), "--device", device]
-        # Closed in stop(): it outlives this constructor on purpose.
-        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
-            prefix="gradcam-server-", suffix=".log", delete=False)
-        self.process = subprocess.Popen(
-            command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "GRADCAM_TORCH_THREADS": "2", **(env or {})})
-        if wait_ready(self.url, 90, alive=lambda: self.process.poll() is None):
-            return
-        if self.process.poll() is not None:
-            raise RuntimeError(f"server exited: {self.read_log()}")
-        self.stop()
-        raise RuntimeError(f"server not ready in 90 s: {self.read_log()}")
-
-    def read_log(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
-
-    def metrics_dir(self) -> str:
-        """The multiprocess metrics folder serve's children write to."""
-        # The supervisor sets it after it starts: its children's environments have it.
-        child = self.engine_pids()[0]
-        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        for entry in environ:
-            if entry.startswith(b"PROMETHEUS_MULTIPROC_DIR="):
-                return entry.split(b"=", 1)[1].decode()
-        raise LookupError("serve has no metrics folder")
-
-    def children(self, marker: str) -> list[int]:
-        """PIDs of serve's children whose command line contains ``marker``."""
-        return [pid for pid in proc_children(self.process.pid) if marker in proc_cmdline(pid)]
-
-    def engine_pids(self) -> list[int]:
-        return self.children("service.engine.process")
-
-    def worker_pids(self) -> list[int]:
-        masters = self.children("gunicorn")
-        return proc_children(masters[0]) if masters else []
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self.log.close()
-        os.unlink(self.log.name)
 
 
 @pytest.fixture(scope="session")

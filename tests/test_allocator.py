@@ -9,7 +9,7 @@ import pytest
 
 from service import allocator
 from service.errors import ConfigError
-from tests.conftest import LiveServer
+from tests.helpers import LiveServer
 
 
 def test_auto_prefers_tcmalloc_then_tuned_glibc(monkeypatch: pytest.MonkeyPatch) -> None:

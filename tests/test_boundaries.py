@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LiveServer, proc_cmdline
+from tests.helpers import LiveServer, proc_cmdline
 
 SERVER_SIDE = ["service.server.app", "service.server.routes", "service.server.engine_client",
                "service.server.gunicorn_conf", "service.explain", "service.imaging.decoding",

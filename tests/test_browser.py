@@ -29,7 +29,7 @@ from PIL import Image
 
 from service.demo.metrics import peak_in_boxes
 from service.imaging.render import COLORMAP
-from tests.conftest import LiveServer, encode, missing_tool
+from tests.helpers import LiveServer, encode, missing_tool
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect

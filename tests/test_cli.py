@@ -12,7 +12,7 @@ from PIL import Image
 
 from service.cli import main
 from service.schemas import ErrorResponse, ExplainResponse
-from tests.conftest import LiveServer, encode, phantom_png
+from tests.helpers import LiveServer, encode, phantom_png
 
 
 def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from service import metrics
-from tests.conftest import missing_tool
+from tests.helpers import missing_tool
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 

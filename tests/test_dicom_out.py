@@ -22,7 +22,7 @@ from service.engine.runtime import Runtime
 from service.errors import InvalidField
 from service.explain import explain
 from service.schemas import ExplainRequest, ExplainResponse, parse_explain_request
-from tests.conftest import LiveServer, encode, missing_tool
+from tests.helpers import LiveServer, encode, missing_tool
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CR = EXAMPLES / "phantom_nodule.dcm"  # MONOCHROME1, windowed, no Frame of Reference

@@ -27,7 +27,7 @@ from pydicom.data import get_testdata_file
 
 from service.dicomweb import DicomWebServers, _parts
 from service.errors import Forbidden, InvalidField
-from tests.conftest import LiveServer, encode, missing_tool
+from tests.helpers import LiveServer, encode, missing_tool
 from tests.test_dicom_out import _valid
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

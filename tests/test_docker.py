@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import wait_ready
+from tests.helpers import wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "localhost/gradcam-service:0.1.0"

@@ -11,7 +11,7 @@ from torch import nn
 
 from service.engine.gradcam import METHODS, GradCAM, LayerOutputError, TargetError
 from service.engine.layers import UnknownLayerError, default_layer, probe_layers
-from tests.conftest import seeded_model
+from tests.helpers import seeded_model
 
 
 @pytest.fixture(scope="module")

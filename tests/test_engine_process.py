@@ -35,7 +35,7 @@ from service.engine.runtime import Runtime
 from service.errors import DeadlineExceeded, Overloaded, ServiceError
 from service.interface import Job
 from service.server.engine_client import EnginePool
-from tests.conftest import LiveServer, encode, phantom_png
+from tests.helpers import LiveServer, encode, phantom_png
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")

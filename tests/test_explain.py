@@ -16,7 +16,7 @@ from service.engine.runtime import Runtime
 from service.errors import ServiceError
 from service.explain import dumps, explain
 from service.schemas import ExplainRequest, ExplainResponse, parse_explain_request
-from tests.conftest import bomb_png, encode, phantom, phantom_png, png_bytes
+from tests.helpers import bomb_png, encode, phantom, phantom_png, png_bytes
 
 
 def _explain(runtime: Runtime, **body: object) -> dict:

@@ -18,7 +18,7 @@ from service.engine.runtime import Runtime
 from service.explain import explain
 from service.schemas import ExplainRequest
 from service.settings import Settings
-from tests.conftest import encode, phantom_png, seeded_model
+from tests.helpers import encode, phantom_png, seeded_model
 
 DEMO = Path(__file__).resolve().parents[1] / "service" / "demo" / "models.toml"
 

@@ -22,7 +22,7 @@ import requests
 import torch
 
 from service.engine.gradcam import METHODS, GradCAM
-from tests.conftest import LiveServer, encode, phantom_png, seeded_model
+from tests.helpers import LiveServer, encode, phantom_png, seeded_model
 
 pytestmark = [
     pytest.mark.gpu,

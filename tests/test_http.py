@@ -19,7 +19,7 @@ from pydicom.data import get_testdata_file
 from service.demo.metrics import peak_in_boxes
 from service.demo.phantom import to_uint8
 from service.schemas import ExplainResponse
-from tests.conftest import LiveServer, encode, phantom, phantom_png, png_bytes
+from tests.helpers import LiveServer, encode, phantom, phantom_png, png_bytes
 from tests.test_explain import image_variants
 
 TIMEOUT = 60

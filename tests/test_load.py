@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from service.demo.phantom import FINDINGS
-from tests.conftest import LiveServer, encode, missing_tool, phantom_png
+from tests.helpers import LiveServer, encode, missing_tool, phantom_png
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LiveServer
+from tests.helpers import LiveServer
 
 LOCUSTFILE = Path(__file__).resolve().parents[1] / "deploy" / "locust" / "locustfile.py"
 TASKS = {"array/layer", "png/original", "overlay/original", "4 images × 2 targets"}

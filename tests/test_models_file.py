@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from service.engine.models import load_model
 from service.errors import ConfigError
 from service.settings import Settings, load_models_file
-from tests.conftest import seeded_model
+from tests.helpers import seeded_model
 
 
 def _write(tmp_path: Path, body: str) -> Path:

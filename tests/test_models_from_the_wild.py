@@ -24,7 +24,7 @@ from service.errors import ConfigError
 from service.explain import explain
 from service.schemas import ExplainRequest
 from service.settings import Settings, load_models_file
-from tests.conftest import encode, phantom_png, png_bytes
+from tests.helpers import encode, phantom_png, png_bytes
 
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
             "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",

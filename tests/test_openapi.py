@@ -15,7 +15,7 @@ from openapi_spec_validator import validate
 
 from service.engine.runtime import Runtime
 from service.server.app import create_app
-from tests.conftest import LiveServer, encode, phantom_png
+from tests.helpers import LiveServer, encode, phantom_png
 
 SPEC_PATH = Path(__file__).resolve().parents[1] / "openapi.yaml"
 SPEC: dict[str, Any] = yaml.safe_load(SPEC_PATH.read_text())

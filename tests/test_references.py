@@ -19,7 +19,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from service.engine.gradcam import GradCAM
 from service.engine.layers import resolve_layer
-from tests.conftest import seeded_model
+from tests.helpers import seeded_model
 
 CASES = [("resnet18", "layer4"), ("densenet121", "features.denseblock4"), ("vgg11", "features")]
 REFERENCE_CLASSES = {

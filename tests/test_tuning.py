@@ -18,7 +18,7 @@ from service.engine.runtime import Runtime
 from service.explain import explain
 from service.schemas import ExplainRequest, ExplainResponse
 from service.settings import Settings
-from tests.conftest import encode, phantom_png
+from tests.helpers import encode, phantom_png
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:

@@ -25,7 +25,7 @@ from service.imaging.render import COLORMAP
 from service.schemas import METHODS, ExplainRequest, ExplainResponse
 from service.server.app import create_app
 from service.settings import Settings
-from tests.conftest import encode, phantom_png
+from tests.helpers import encode, phantom_png
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TOKEN = "page-test-token-0123456789abcdef"

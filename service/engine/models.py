@@ -431,7 +431,3 @@ def _normalisation(spec: ModelSpec, weights: Any | None) -> tuple[tuple[float, .
     return (tuple(float(v) for v in spec.mean) if spec.mean is not None else mean,
             tuple(float(v) for v in spec.std) if spec.std is not None else std)
 
-
-def load_models(models: ModelsFile, device: torch.device | str = "cpu") -> dict[str, LoadedModel]:
-    """Every model of the file, in file order."""
-    return {name: load_model(name, models, device) for name in models.models}

@@ -56,7 +56,8 @@ from service.interface import ENGINE_EXIT_CONFIG, ENGINE_EXIT_MODEL_LOOP_DIED, J
 from service.logs import log_failure
 from service.settings import Settings
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: run with ``python -m`` this module is ``__main__``.
+logger = logging.getLogger("service.engine.process")
 
 # A worker that reads nothing of its reply for this long is treated as gone.
 _SEND_TIMEOUT_S = 10.0
@@ -301,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
     def died(error: BaseException) -> None:
-        logging.getLogger(__name__).critical("exiting: the model loop died")
+        logger.critical("exiting: the model loop died")
         logging.shutdown()
         os._exit(ENGINE_EXIT_MODEL_LOOP_DIED)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import InvalidField, PayloadTooLarge, UnsupportedMediaType
+from service.errors import ErrorCode, InvalidField, PayloadTooLarge, UnsupportedMediaType
 from service.imaging.dicom import decode_dicom, is_dicom
 from service.imaging.values import finite
 
@@ -53,7 +53,7 @@ def decode_base64(text: str, index: int) -> bytes:
     body = text.lstrip()[match.end():] if match else text
     body = _WHITESPACE.sub("", body)
     if not body:
-        raise InvalidField(f"Image {index} is empty.", code="empty_image", image=index,
+        raise InvalidField(f"Image {index} is empty.", code=ErrorCode.EMPTY_IMAGE, image=index,
                            field=f"images[{index}]")
     body += "=" * (-len(body) % 4)
     try:
@@ -61,7 +61,7 @@ def decode_base64(text: str, index: int) -> bytes:
             return base64.urlsafe_b64decode(body.encode("ascii"))
         return base64.b64decode(body.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
-        raise InvalidField(f"Image {index} is not valid base64.", code="invalid_base64",
+        raise InvalidField(f"Image {index} is not valid base64.", code=ErrorCode.INVALID_BASE64,
                            image=index, field=f"images[{index}]") from None
 
 
@@ -104,7 +104,7 @@ def decode_image(data: bytes, index: int, channels: int, admit: Admit,
     """
     field = f"images[{index}]"
     if not data:
-        raise InvalidField(f"Image {index} is empty.", code="empty_image", image=index,
+        raise InvalidField(f"Image {index} is empty.", code=ErrorCode.EMPTY_IMAGE, image=index,
                            field=field)
     if is_dicom(data):
         return decode_dicom(data, index, channels, admit, frame)
@@ -114,21 +114,21 @@ def decode_image(data: bytes, index: int, channels: int, admit: Admit,
         if _looks_like_image(data):
             raise InvalidField(
                 f"Image {index} starts like an image file but cannot be read. Is it complete?",
-                code="invalid_image", image=index, field=field) from None
+                code=ErrorCode.INVALID_IMAGE, image=index, field=field) from None
         raise UnsupportedMediaType(
             f"Image {index} is not in a supported image format (PNG, JPEG, TIFF, BMP, WebP, "
             "GIF, DICOM).",
-            code="unsupported_image", image=index, field=field) from None
+            code=ErrorCode.UNSUPPORTED_IMAGE, image=index, field=field) from None
     except Image.DecompressionBombError as error:
-        raise PayloadTooLarge(f"Image {index} is far too large: {error}", code="image_too_large",
-                              image=index, field=field) from None
+        raise PayloadTooLarge(f"Image {index} is far too large: {error}",
+                              code=ErrorCode.IMAGE_TOO_LARGE, image=index, field=field) from None
     except (OSError, ValueError, SyntaxError) as error:
-        raise InvalidField(f"Image {index} could not be read: {error}.", code="invalid_image",
-                           image=index, field=field) from None
+        raise InvalidField(f"Image {index} could not be read: {error}.",
+                           code=ErrorCode.INVALID_IMAGE, image=index, field=field) from None
     width, height = image.size
     if width < 1 or height < 1:
         raise InvalidField(f"Image {index} has no pixels ({width}×{height}).",
-                           code="invalid_image", image=index, field=field)
+                           code=ErrorCode.INVALID_IMAGE, image=index, field=field)
     admit(width, height)
     _seek(image, index, frame)
     try:
@@ -137,7 +137,7 @@ def decode_image(data: bytes, index: int, channels: int, admit: Admit,
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
         raise InvalidField(
             f"Image {index} could not be decoded ({error}). Is the file complete?",
-            code="invalid_image", image=index, field=field) from None
+            code=ErrorCode.INVALID_IMAGE, image=index, field=field) from None
 
 
 def _seek(image: Image.Image, index: int, frame: int | None) -> None:
@@ -148,9 +148,9 @@ def _seek(image: Image.Image, index: int, frame: int | None) -> None:
     frames = getattr(image, "n_frames", 1)
     if frame >= frames:
         raise InvalidField(f"Image {index} has {frames} frame(s); frame {frame} does not exist.",
-                           code="frame_out_of_range", image=index, field="frame")
+                           code=ErrorCode.FRAME_OUT_OF_RANGE, image=index, field="frame")
     try:
         image.seek(frame)
     except (OSError, ValueError, EOFError) as error:
         raise InvalidField(f"Image {index}: frame {frame} could not be read ({error}).",
-                           code="invalid_image", image=index, field="frame") from None
+                           code=ErrorCode.INVALID_IMAGE, image=index, field="frame") from None

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.errors import InvalidField, UnsupportedMediaType
+from service.errors import ErrorCode, InvalidField, UnsupportedMediaType
 from service.imaging.codestream import declared_size
 from service.imaging.values import finite
 
@@ -125,32 +125,32 @@ def decode_dicom(data: bytes, index: int, channels: int,
         raise UnsupportedMediaType(
             f"Image {index} is a deflated DICOM file (transfer syntax 1.2.840.10008.1.2.1.99), "
             "which is not accepted; send it uncompressed or with a JPEG, JPEG-LS, JPEG 2000 "
-            "or RLE transfer syntax.", code="unsupported_image", image=index, field=field)
+            "or RLE transfer syntax.", code=ErrorCode.UNSUPPORTED_IMAGE, image=index, field=field)
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except _NOT_THE_FILES_FAULT:
         raise
     except BaseException as error:  # any reader failure means a damaged file
         raise InvalidField(f"Image {index} is not a readable DICOM file ({error}).",
-                           code="invalid_image", image=index, field=field) from None
+                           code=ErrorCode.INVALID_IMAGE, image=index, field=field) from None
     if "PixelData" not in ds:
         raise InvalidField(f"Image {index} is a DICOM file without pixel data.",
-                           code="invalid_image", image=index, field=field)
+                           code=ErrorCode.INVALID_IMAGE, image=index, field=field)
     rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if rows < 1 or columns < 1:
         raise InvalidField(f"Image {index} is a DICOM file with {columns}×{rows} pixels.",
-                           code="invalid_image", image=index, field=field)
+                           code=ErrorCode.INVALID_IMAGE, image=index, field=field)
     admit(columns, rows)
     if frames > 1 and frame is None:
         raise InvalidField(
             f"Image {index} is a DICOM file with {frames} frames; say which one to explain "
-            f"with \"frame\" (0..{frames - 1}).", code="frame_required", image=index,
+            f"with \"frame\" (0..{frames - 1}).", code=ErrorCode.FRAME_REQUIRED, image=index,
             field="frame")
     chosen = frame or 0
     if chosen >= frames:
         raise InvalidField(f"Image {index} has {frames} frame(s); frame {chosen} does not exist.",
-                           code="frame_out_of_range", image=index, field="frame")
+                           code=ErrorCode.FRAME_OUT_OF_RANGE, image=index, field="frame")
     _check_codestream(ds, index, chosen, frames, rows, columns)
     try:
         array = pixel_array(ds, index=chosen if frames > 1 else None)
@@ -159,11 +159,11 @@ def decode_dicom(data: bytes, index: int, channels: int,
     except BaseException as error:  # decoder plugins raise many types; Rust ones panic
         raise InvalidField(
             f"Image {index}: the DICOM pixel data could not be decoded ({error}).",
-            code="invalid_image", image=index, field=field) from None
+            code=ErrorCode.INVALID_IMAGE, image=index, field=field) from None
     if array.shape[:2] != (rows, columns):
         raise InvalidField(
             f"Image {index}: the pixel data decodes to {array.shape[1]}×{array.shape[0]}, not "
-            f"the {columns}×{rows} its header states.", code="invalid_image", image=index,
+            f"the {columns}×{rows} its header states.", code=ErrorCode.INVALID_IMAGE, image=index,
             field=field)
 
     if int(ds.get("SamplesPerPixel", 1)) == 3:
@@ -192,11 +192,11 @@ def _check_codestream(ds: Any, index: int, chosen: int, frames: int, rows: int,
         raise
     except BaseException as error:  # a broken item structure
         raise InvalidField(f"Image {index}: frame {chosen} cannot be found in the "
-                           f"encapsulated pixel data ({error}).", code="invalid_image",
+                           f"encapsulated pixel data ({error}).", code=ErrorCode.INVALID_IMAGE,
                            image=index, field=f"images[{index}]") from None
     size = declared_size(data)
     if size is not None and (size[0] != columns or (size[1] not in (rows, 0))):
         raise InvalidField(
             f"Image {index}: the compressed frame declares {size[0]}×{size[1]} pixels but the "
-            f"DICOM header {columns}×{rows}; refusing to decode it.", code="invalid_image",
+            f"DICOM header {columns}×{rows}; refusing to decode it.", code=ErrorCode.INVALID_IMAGE,
             image=index, field=f"images[{index}]")

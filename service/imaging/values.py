@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.errors import InvalidField
+from service.errors import ErrorCode, InvalidField
 
 
 def finite(values: np.ndarray, index: int) -> np.ndarray:
@@ -17,6 +17,6 @@ def finite(values: np.ndarray, index: int) -> np.ndarray:
         return values
     if not mask.any():
         raise InvalidField(f"Image {index} has no finite pixel values (only NaN or infinity).",
-                           code="invalid_image", image=index, field=f"images[{index}]")
+                           code=ErrorCode.INVALID_IMAGE, image=index, field=f"images[{index}]")
     low, high = float(values[mask].min()), float(values[mask].max())
     return np.nan_to_num(values, nan=low, posinf=high, neginf=low)

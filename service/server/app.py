@@ -17,7 +17,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from service import logs, metrics
-from service.errors import InsufficientMemory, ServiceError
+from service.errors import ErrorCode, InsufficientMemory, ServiceError
 from service.interface import Engine
 from service.memory import MemoryBudget
 from service.server.engine_client import EnginePool
@@ -30,8 +30,9 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 # Werkzeug's own errors, in the same envelope with stable codes.
-_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
-               413: "request_too_large", 415: "unsupported_media_type"}
+_HTTP_CODES = {400: ErrorCode.BAD_REQUEST, 404: ErrorCode.NOT_FOUND,
+               405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.REQUEST_TOO_LARGE,
+               415: ErrorCode.UNSUPPORTED_MEDIA_TYPE}
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # How long a starting worker waits for an engine's greeting before it serves anyway.
 _ENGINE_GREETING_S = 5.0
@@ -53,7 +54,8 @@ def _service_error(error: ServiceError) -> Response:
 
 def _http_error(error: HTTPException) -> Response:
     status = error.code or 500
-    code = _HTTP_CODES.get(status, (error.name or "error").lower().replace(" ", "_"))
+    # Werkzeug raises these for what a client sends; any other 4xx is still a bad request.
+    code = _HTTP_CODES.get(status, ErrorCode.BAD_REQUEST if status < 500 else ErrorCode.INTERNAL)
     messages = {
         404: f"There is no route {request.path}.",
         405: f"The route {request.path} does not accept {request.method}.",
@@ -81,8 +83,8 @@ def _unexpected_error(error: Exception) -> Response:
             "The server ran out of memory on this request; retry later or send less per "
             "request.", retry_after_s=5))
     logs.log_failure(logger, "unexpected error", error)
-    metrics.ERRORS.labels("internal").inc()
-    body = {"error": {"code": "internal", "message": "The server failed to handle this "
+    metrics.ERRORS.labels(ErrorCode.INTERNAL).inc()
+    body = {"error": {"code": ErrorCode.INTERNAL, "message": "The server failed to handle this "
                       f"request (request id {logs.request_id.get()}); it has been logged."}}
     return json_response(body, status=500)
 

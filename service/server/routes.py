@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, request
 
 from service.budgets import BODY_COPIES
-from service.errors import Overloaded, UnsupportedMediaType
+from service.errors import ErrorCode, Overloaded, UnsupportedMediaType
 from service.explain import dumps, explain
 from service.interface import Catalog, Engine, ModelInfo
 from service.memory import RequestMemory
@@ -72,12 +72,12 @@ def explain_view() -> Response:
     if request.mimetype != "application/json":
         raise UnsupportedMediaType(
             f"Send the request as JSON (Content-Type: application/json), not "
-            f"'{request.mimetype or 'no content type'}'.", code="unsupported_media_type")
+            f"'{request.mimetype or 'no content type'}'.", code=ErrorCode.UNSUPPORTED_MEDIA_TYPE)
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(
             f"The body has Content-Encoding '{encoding}'; send it uncompressed.",
-            code="unsupported_content_encoding")
+            code=ErrorCode.UNSUPPORTED_CONTENT_ENCODING)
     settings = _settings()
     waited = g.get("thread_wait_s", 0.0)
     if settings.max_queue_wait_s and waited > settings.max_queue_wait_s:

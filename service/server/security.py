@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from service.errors import ConfigError, ServiceError
+from service.errors import ConfigError, ErrorCode, ServiceError
 from service.settings import Settings
 
 # The shortest token accepted: guessing must be hopeless, not just slow.
@@ -41,7 +41,7 @@ class Unauthorized(ServiceError):
     """401: no valid bearer token (``WWW-Authenticate`` says how to send one)."""
 
     status = 401
-    default_code = "unauthorized"
+    default_code = ErrorCode.UNAUTHORIZED
 
     def __init__(self, message: str, *, invalid: bool) -> None:
         super().__init__(message)

@@ -55,6 +55,7 @@ import orjson
 from gunicorn.workers.base import Worker
 
 from service import metrics
+from service.errors import ErrorCode
 from service.logs import log_failure
 from service.memory import MemoryBudget
 from service.settings import Settings
@@ -120,7 +121,7 @@ class _Connection:
     registered: int = 0  # selector events now watched
 
 
-def _error_body(code: str, message: str) -> bytes:
+def _error_body(code: ErrorCode, message: str) -> bytes:
     return orjson.dumps({"error": {"code": code, "message": message}})
 
 
@@ -339,12 +340,12 @@ class BufferingWorker(Worker):
             try:
                 event = conn.http.next_event()
             except h11.RemoteProtocolError as error:
-                status = error.error_status_hint
-                code = {431: "headers_too_large", 501: "unsupported_transfer_encoding"}.get(
-                    status, "bad_request")
+                code = {431: ErrorCode.HEADERS_TOO_LARGE,
+                        501: ErrorCode.UNSUPPORTED_TRANSFER_ENCODING}.get(
+                    error.error_status_hint, ErrorCode.BAD_REQUEST)
                 # h11's messages end with the raw bytes (": bytearray(b'...')"): dropped.
                 reason = str(error).split(": bytearray(", 1)[0]
-                self._refuse(conn, status, code, f"The request is not valid HTTP/1.1: {reason}.")
+                self._refuse(conn, code, f"The request is not valid HTTP/1.1: {reason}.")
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
@@ -373,23 +374,23 @@ class BufferingWorker(Worker):
         conn.deadline = now + self.client_timeout_s
         conn.limit = now + self.settings.request_timeout_s
         if request.http_version not in (b"1.0", b"1.1"):
-            self._refuse(conn, 505, "http_version_not_supported",
+            self._refuse(conn, ErrorCode.HTTP_VERSION_NOT_SUPPORTED,
                          "Only HTTP/1.0 and HTTP/1.1 are served here.")
             return False
         if len(request.target) > TARGET_LIMIT_BYTES:
-            self._refuse(conn, 414, "uri_too_long", f"The request target is longer than "
+            self._refuse(conn, ErrorCode.URI_TOO_LONG, f"The request target is longer than "
                          f"{TARGET_LIMIT_BYTES} bytes.")
             return False
         # h11 bounds headers that arrive in pieces; these arrived in one read.
         size = len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
         if size > HEADER_LIMIT_BYTES:
-            self._refuse(conn, 431, "headers_too_large", f"The request line and headers are "
+            self._refuse(conn, ErrorCode.HEADERS_TOO_LARGE, f"The request line and headers are "
                          f"{size} bytes; the limit is {HEADER_LIMIT_BYTES}.")
             return False
         length = _content_length(request)
         if length is not None and any(k == b"transfer-encoding" for k, _ in request.headers):
             # Two framings: the classic request-smuggling shape, refused outright.
-            self._refuse(conn, 400, "bad_request", "The request has both Content-Length and "
+            self._refuse(conn, ErrorCode.BAD_REQUEST, "The request has both Content-Length and "
                          "Transfer-Encoding; send one.")
             return False
         if length is not None and length > self.settings.max_request_bytes:
@@ -430,7 +431,7 @@ class BufferingWorker(Worker):
         self._watch(conn, 0)
         metrics.WAITING_FOR_THREAD.inc()
         queued = time.monotonic()
-        environ = self._environ(conn, queued)
+        environ = self._environ(conn)
         future = self.pool.submit(self._handle, environ, queued)
         future.add_done_callback(lambda done: self._finished(conn, done))
 
@@ -460,7 +461,7 @@ class BufferingWorker(Worker):
             if self.connections.get(conn.sock.fileno()) is conn:
                 self._respond(conn, answer)
 
-    def _environ(self, conn: _Connection, queued: float) -> dict[str, Any]:
+    def _environ(self, conn: _Connection) -> dict[str, Any]:
         request = conn.request
         assert request is not None
         path, _, query = bytes(request.target).partition(b"?")
@@ -488,7 +489,6 @@ class BufferingWorker(Worker):
             "wsgi.input_terminated": True,
             # The client-disconnect probe (routes.py) peeks at it.
             "gunicorn.socket": conn.sock,
-            "gradcam.queued_at": queued,
         }
         for raw_name, raw_value in request.headers:
             name = raw_name.decode("latin-1")
@@ -610,9 +610,11 @@ class BufferingWorker(Worker):
         with contextlib.suppress(OSError):
             conn.sock.send(data)
 
-    def _refuse(self, conn: _Connection, status: int, code: str, message: str,
+    def _refuse(self, conn: _Connection, code: ErrorCode, message: str,
                 retry_after_s: int | None = None) -> None:
-        """Answer a request the loop itself rejects, then close the connection."""
+        """Answer a request the loop itself rejects (with ``code``'s status), then close the
+        connection."""
+        status = code.status
         metrics.ERRORS.labels(code).inc()
         headers = [(b"Content-Type", b"application/json"), (b"Connection", b"close")]
         if retry_after_s is not None:
@@ -629,11 +631,11 @@ class BufferingWorker(Worker):
         self._write(conn, head + body)
 
     def _refuse_too_large(self, conn: _Connection) -> None:
-        self._refuse(conn, 413, "request_too_large", "The request body is larger than the "
+        self._refuse(conn, ErrorCode.REQUEST_TOO_LARGE, "The request body is larger than the "
                      f"limit of {self.settings.max_request_bytes} bytes.")
 
     def _refuse_busy(self, conn: _Connection) -> None:
-        self._refuse(conn, 503, "overloaded", "The server has no room for this request's body "
+        self._refuse(conn, ErrorCode.OVERLOADED, "The server has no room for this request's body "
                      "right now (its memory budget or its buffers are taken by other "
                      "requests); retry shortly.", retry_after_s=1)
 
@@ -655,7 +657,7 @@ class BufferingWorker(Worker):
             if conn.deadline > now or conn.phase == "handling":
                 continue
             if conn.phase == "reading":
-                self._refuse(conn, 408, "request_timeout",
+                self._refuse(conn, ErrorCode.REQUEST_TIMEOUT,
                              "The request did not arrive in time (headers within "
                              f"{self.client_timeout_s:g} s, a body without a pause that long "
                              f"and within {self.settings.request_timeout_s:g} s in all).")
@@ -694,8 +696,8 @@ def _recv(sock: socket.socket) -> bytes | None:
 
 def _failed(started: float) -> _Answer:
     return _Answer(500, b"Internal Server Error", [(b"Content-Type", b"application/json")],
-                   _error_body("internal", "The server failed to handle this request; it has "
-                               "been logged."), started)
+                   _error_body(ErrorCode.INTERNAL, "The server failed to handle this request; "
+                               "it has been logged."), started)
 
 
 def _content_length(request: h11.Request) -> int | None:

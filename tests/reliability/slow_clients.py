@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import requests
 
 from service.demo.phantom import to_uint8
-from tests.conftest import phantom, png_bytes
+from tests.helpers import phantom, png_bytes
 
 KINDS = ("silent", "header_trickle", "body_trickle", "short_body", "no_reader")
 TRICKLE_EVERY_S = 0.5

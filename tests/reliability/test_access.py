@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import LiveServer, encode, phantom_png
+from tests.helpers import LiveServer, encode, phantom_png
 
 TOKEN_ENV = "env-token-0123456789abcdef"
 TOKEN_FILE = "file-token-0123456789abcdef"

@@ -23,7 +23,7 @@ from service.imaging.geometry import fit_geometry, to_model_pixels
 from service.imaging.render import resample
 from service.schemas import ExplainRequest
 from service.settings import Settings
-from tests.conftest import encode, phantom_png
+from tests.helpers import encode, phantom_png
 
 
 def _any_size(width: int, height: int) -> None:

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from service.schemas import ErrorResponse
-from tests.conftest import LiveServer, bomb_png, encode, phantom_png
+from tests.helpers import LiveServer, bomb_png, encode, phantom_png
 from tests.reliability.test_bounded_work import _jpeg, _jpeg_dicom, _with_sof_size
 
 CLIENT_TIMEOUT_S = 2.0

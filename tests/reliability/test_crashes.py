@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from tests.conftest import LiveServer, encode, phantom_png
+from tests.helpers import LiveServer, encode, phantom_png
 
 BODY = {"images": [encode(phantom_png(2, 96, 96))], "heatmap": {"format": "array",
                                                                  "size": "layer"}}

@@ -21,7 +21,7 @@ from service.explain import explain
 from service.imaging.decoding import decode_image
 from service.schemas import parse_explain_request
 from service.settings import Settings
-from tests.conftest import phantom_png
+from tests.helpers import phantom_png
 
 LIMITS = Settings(max_image_pixels=4_000_000, max_request_pixels=8_000_000)
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,

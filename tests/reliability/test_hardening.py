@@ -24,7 +24,7 @@ import pytest
 import requests
 from pydicom.data import get_testdata_file
 
-from tests.conftest import LiveServer, encode, phantom_png
+from tests.helpers import LiveServer, encode, phantom_png
 
 TOKEN = "hardening-token-0123456789abcdef"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -197,7 +197,7 @@ def test_a_malformed_header_gives_valid_objects(live: LiveServer, tmp_path: Path
     import shutil
     import subprocess
 
-    from tests.conftest import missing_tool
+    from tests.helpers import missing_tool
 
     dciodvfy = shutil.which("dciodvfy") or missing_tool("dciodvfy", "dicom3tools")
     ct = encode(_with(CT, MALFORMED))

@@ -18,7 +18,7 @@ import requests
 from PIL import Image
 
 from service.memory import MB, resident_bytes
-from tests.conftest import LiveServer, proc_children
+from tests.helpers import LiveServer, proc_children
 
 BUDGET_MB = 3000
 

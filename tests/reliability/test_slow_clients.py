@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import LiveServer
+from tests.helpers import LiveServer
 from tests.reliability.slow_clients import KINDS, SlowClients, answer_times
 
 THREADS = 4
