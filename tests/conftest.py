@@ -1,8 +1,10 @@
-"""Shared fixtures: the demo model's runtime and one live server (helpers in ``helpers.py``)."""
+"""Shared fixtures: the demo model's runtime and one live server (helpers in ``helpers.py``);
+the ``process`` marker on every test that starts a process of its own."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,3 +31,21 @@ def server() -> Iterator[LiveServer]:
     live = LiveServer(env={"GRADCAM_MAX_REQUEST_BYTES": str(8 * 2**20)})
     yield live
     live.stop()
+
+
+# Modules whose tests start processes (serve, gunicorn, an engine, Orthanc, a browser,
+# the CLI): the developer loop leaves them out with -m "not process" (README,
+# "Development"). Tests elsewhere that use the live ``server`` fixture are marked too.
+_PROCESS_MODULES = {
+    "test_access", "test_allocator", "test_boundaries", "test_browser", "test_catalogue",
+    "test_cli", "test_crashes", "test_deploy", "test_dicomweb", "test_docker",
+    "test_engine_process", "test_hardening", "test_http", "test_load", "test_locust",
+    "test_memory_budget", "test_openapi", "test_slow_clients",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if (Path(str(item.fspath)).stem in _PROCESS_MODULES
+                or "server" in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.process)

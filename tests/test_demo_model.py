@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from service.engine.runtime import Runtime
 from tools.demo_model.evaluate import EVALUATION_SEED, evaluate
 from tools.demo_model.train import TRAIN_SEED, VALIDATION_SEED
@@ -10,6 +12,7 @@ from tools.demo_model.train import TRAIN_SEED, VALIDATION_SEED
 TEST_SEED = 90_210
 
 
+@pytest.mark.slow
 def test_auc_and_pointing_game_on_fresh_phantoms(runtime: Runtime) -> None:
     assert TEST_SEED not in (TRAIN_SEED, VALIDATION_SEED, EVALUATION_SEED)
     result = evaluate(runtime, count=240, seed=TEST_SEED, size=(256, 256), grow_px=8.0)

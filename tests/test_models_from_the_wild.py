@@ -157,6 +157,7 @@ def _answer(runtime: Runtime, image: bytes) -> tuple[np.ndarray, np.ndarray, int
     return scores, np.asarray(explanation["heatmap"]["values"]), explanation["target"]["index"]
 
 
+@pytest.mark.slow
 def test_a_chexnet_checkpoint_loads_as_it_was_shared(
         project: tuple[Path, str], caplog: pytest.LogCaptureFixture) -> None:
     folder, module = project
@@ -196,6 +197,7 @@ def test_probabilities_taken_for_logits_are_warned_about(
     assert scores.min() >= 0.5 and scores.max() <= 0.7311
 
 
+@pytest.mark.slow
 def test_a_functional_sigmoid_is_undone(project: tuple[Path, str],
                                         caplog: pytest.LogCaptureFixture) -> None:
     folder, module = project
@@ -237,6 +239,7 @@ def test_a_prefix_that_does_not_fit_is_shown_briefly(project: tuple[Path, str]) 
     assert len(message) < 700, message
 
 
+@pytest.mark.slow
 def test_checkpoints_are_read_by_content(tmp_path: Path) -> None:
     """Every way these files come, under any extension, gives the same weights."""
     model = _seeded(torchvision_resnet, seed=3)
@@ -347,6 +350,7 @@ def densenet_logits(num_classes=18):
 '''
 
 
+@pytest.mark.slow
 def test_a_torchxrayvision_model_with_its_own_preprocessing(tmp_path: Path) -> None:
     xrv = pytest.importorskip("torchxrayvision")
     (tmp_path / "xrv_models.py").write_text(_XRV_FACTORY)

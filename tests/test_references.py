@@ -49,7 +49,10 @@ def _assert_same_maps(ours: np.ndarray, reference: np.ndarray, minimum: float) -
     assert informative >= 3
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[arch for arch, _ in CASES])
+@pytest.fixture(scope="module", params=[
+    # VGG-11's 224² maps cost seconds per method: out of the developer loop.
+    pytest.param(c, marks=pytest.mark.slow) if c[0] == "vgg11" else c for c in CASES],
+    ids=[arch for arch, _ in CASES])
 def case(request: pytest.FixtureRequest) -> dict[str, Any]:
     arch, layer = request.param
     model = seeded_model(arch)

@@ -84,6 +84,7 @@ def test_the_probe_keeps_the_faster_format(resnet: torch.nn.Module,
     assert not chosen and resnet.conv1.weight.is_contiguous()
 
 
+@pytest.mark.slow
 def test_bf16_is_checked_against_fp32_and_answers_close(tmp_path: Path) -> None:
     fp32 = _runtime(tmp_path / "fp32", memory_format="contiguous")
     bf16 = _runtime(tmp_path / "bf16", precision="bf16", memory_format="contiguous")
