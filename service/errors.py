@@ -111,10 +111,15 @@ class ErrorCode(StrEnum):
 
 
 class ServiceError(Exception):
-    """Base of every error that becomes a JSON error response."""
+    """Base of every error that becomes a JSON error response. A class names its default
+    code; its HTTP status is that code's."""
 
-    status: int = 500
     default_code: ErrorCode = ErrorCode.INTERNAL
+    status: int = ErrorCode.INTERNAL.status
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.status = cls.default_code.status
 
     def __init__(self, message: str, *, code: ErrorCode | None = None, image: int | None = None,
                  field: str | None = None) -> None:
@@ -155,17 +160,14 @@ class ServiceError(Exception):
 
 
 class BadRequest(ServiceError):
-    status = 400
     default_code = ErrorCode.BAD_REQUEST
 
 
 class Forbidden(ServiceError):
-    status = 403
     default_code = ErrorCode.FORBIDDEN
 
 
 class NotFound(ServiceError):
-    status = 404
     default_code = ErrorCode.NOT_FOUND
 
 
@@ -174,43 +176,36 @@ class UnknownModel(NotFound):
 
 
 class MethodNotAllowed(ServiceError):
-    status = 405
     default_code = ErrorCode.METHOD_NOT_ALLOWED
 
 
 class PayloadTooLarge(ServiceError):
-    status = 413
     default_code = ErrorCode.REQUEST_TOO_LARGE
 
 
 class UnsupportedMediaType(ServiceError):
-    status = 415
     default_code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
 
 
 class InvalidField(ServiceError):
-    status = 422
     default_code = ErrorCode.INVALID_FIELD
 
 
 class ClientClosed(ServiceError):
     """The client went away before its explanation was computed (nginx's 499)."""
 
-    status = 499
     default_code = ErrorCode.CLIENT_CLOSED
 
 
 class BadGateway(ServiceError):
     """A server this one had to call (a DICOMweb server) failed or could not be reached."""
 
-    status = 502
     default_code = ErrorCode.BAD_GATEWAY
 
 
 class Unavailable(ServiceError):
     """503: try again after ``retry_after_s`` (sent as ``Retry-After``)."""
 
-    status = 503
     default_code = ErrorCode.UNAVAILABLE
 
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
@@ -235,7 +230,6 @@ class InsufficientMemory(Unavailable):
 
 
 class DeadlineExceeded(ServiceError):
-    status = 504
     default_code = ErrorCode.DEADLINE_EXCEEDED
 
 

@@ -40,7 +40,6 @@ _CORS_HEADERS = "Authorization, Content-Type, X-Request-ID"
 class Unauthorized(ServiceError):
     """401: no valid bearer token (``WWW-Authenticate`` says how to send one)."""
 
-    status = 401
     default_code = ErrorCode.UNAUTHORIZED
 
     def __init__(self, message: str, *, invalid: bool) -> None:
