@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from service.engine.folding import FOLDED, fold_batch_norms
+from service.engine.folding import fold_batch_norms, folded_affine
 from service.engine.gradcam import METHODS, GradCAM
 from service.engine.runtime import Runtime
 from service.explain import explain
@@ -135,7 +135,7 @@ def test_only_a_convolution_feeding_only_its_batch_norm_is_folded() -> None:
     model = _with_statistics(_Shared().eval().requires_grad_(False))
     assert fold_batch_norms(model) == ["conv2"]
     assert isinstance(model.norm, nn.BatchNorm2d) and isinstance(model.norm2, nn.Identity)
-    assert not getattr(model.conv, FOLDED, False) and getattr(model.conv2, FOLDED)
+    assert folded_affine(model.conv) is None and folded_affine(model.conv2) is not None
 
 
 def test_a_batch_norm_that_cannot_be_undone_or_a_model_that_does_not_trace_stays() -> None:
@@ -164,8 +164,8 @@ def test_the_service_folds_unless_told_not_to_and_answers_the_same(tmp_path: Pat
     folded, plain = _runtime(tmp_path / "on", True), _runtime(tmp_path / "off", False)
     try:
         modules = [dict(rt.models["phantom"].module.named_modules()) for rt in (folded, plain)]
-        assert any(getattr(m, FOLDED, False) for m in modules[0].values())
-        assert not any(getattr(m, FOLDED, False) for m in modules[1].values())
+        assert any(folded_affine(m) is not None for m in modules[0].values())
+        assert not any(folded_affine(m) is not None for m in modules[1].values())
         # The layers the model detail lists were found before folding: unchanged.
         assert folded.catalog().get("phantom").layers == plain.catalog().get("phantom").layers
         images = [encode(phantom_png(seed, 128, 128)) for seed in range(4)]

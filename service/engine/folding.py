@@ -14,9 +14,9 @@ What a hook on a layer sees stays what the models file promises:
 
 - the batch norm's name now resolves to the ``Identity``, whose output is the
   folded convolution's output, i.e. the batch norm's output;
-- the convolution itself now returns the normalised values, so ``FOLDED`` records
-  its ``(scale, shift)`` and ``explained_activation`` undoes it for a target layer
-  that is a folded convolution.
+- the convolution itself now returns the normalised values, so it keeps the
+  ``(scale, shift)`` it absorbed (``folded_affine``) and ``explained_activation``
+  undoes it for a target layer that is a folded convolution.
 
 A channel whose scale is zero (``weight = 0`` in the batch norm) cannot be undone:
 such a pair stays unfolded.
@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-# Attribute set on a folded convolution: (scale, shift), each (1, C, 1, 1).
-FOLDED = "_gradcam_folded_batch_norm"
+# Buffers of a folded convolution, each (1, C, 1, 1): the batch norm it absorbed.
+_SCALE, _SHIFT = "_gradcam_folded_scale", "_gradcam_folded_shift"
 _MIN_SCALE = 1e-12
 
 
@@ -85,9 +85,8 @@ def _fold(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> bool:
             conv.bias.copy_(bias.to(conv.bias.dtype))
     # Buffers, so that .to(device) and .to(memory_format) carry them along.
     dtype = conv.weight.dtype
-    conv.register_buffer(f"{FOLDED}_scale", scale.view(1, -1, 1, 1).to(dtype), persistent=False)
-    conv.register_buffer(f"{FOLDED}_shift", shift.view(1, -1, 1, 1).to(dtype), persistent=False)
-    setattr(conv, FOLDED, True)
+    conv.register_buffer(_SCALE, scale.view(1, -1, 1, 1).to(dtype), persistent=False)
+    conv.register_buffer(_SHIFT, shift.view(1, -1, 1, 1).to(dtype), persistent=False)
     return True
 
 
@@ -106,17 +105,25 @@ def fold_batch_norms(model: nn.Module) -> list[str]:
     return folded
 
 
+def folded_affine(module: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """The (scale, shift) of the batch norm ``module`` absorbed; ``None`` if it absorbed none."""
+    scale, shift = getattr(module, _SCALE, None), getattr(module, _SHIFT, None)
+    if isinstance(scale, Tensor) and isinstance(shift, Tensor):
+        return scale, shift
+    return None
+
+
 def explained_activation(module: nn.Module, output: Tensor) -> tuple[Tensor, Tensor]:
     """For a forward hook on a target layer: the activation to explain, as a leaf that
     requires grad, and the tensor the forward pass continues with (a function of the
     leaf, so that gradients reach it). For a folded convolution the leaf is its output
     before the batch norm that it absorbed."""
-    if not getattr(module, FOLDED, False):
+    affine = folded_affine(module)
+    if affine is None:
         leaf = output.detach().requires_grad_(True)
         # A clone: a model that changes the output in place further on (DenseNet's
         # relu(inplace=True)) must not touch the captured activation.
         return leaf, leaf.clone()
-    scale = getattr(module, f"{FOLDED}_scale").to(output.dtype)
-    shift = getattr(module, f"{FOLDED}_shift").to(output.dtype)
+    scale, shift = (value.to(output.dtype) for value in affine)
     leaf = ((output.detach() - shift) / scale).requires_grad_(True)
     return leaf, leaf * scale + shift
