@@ -27,6 +27,7 @@ import torchvision
 from PIL import Image
 
 from service.demo.phantom import Phantom, sample_phantom, to_uint8
+from service.memory import children
 
 
 def missing_tool(what: str, packages: str) -> NoReturn:
@@ -71,14 +72,6 @@ def seeded_model(arch: str, seed: int = 0, **kwargs: object) -> torch.nn.Module:
     model = torchvision.models.get_model(arch, weights=None, **kwargs).eval()
     model.requires_grad_(False)
     return model
-
-
-def proc_children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    try:
-        return [int(p) for p in path.read_text().split()]
-    except OSError:
-        return []
 
 
 def proc_cmdline(pid: int) -> str:
@@ -142,14 +135,14 @@ class LiveServer:
 
     def children(self, marker: str) -> list[int]:
         """PIDs of serve's children whose command line contains ``marker``."""
-        return [pid for pid in proc_children(self.process.pid) if marker in proc_cmdline(pid)]
+        return [pid for pid in children(self.process.pid) if marker in proc_cmdline(pid)]
 
     def engine_pids(self) -> list[int]:
         return self.children("service.engine.process")
 
     def worker_pids(self) -> list[int]:
         masters = self.children("gunicorn")
-        return proc_children(masters[0]) if masters else []
+        return children(masters[0]) if masters else []
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import requests
 
+from service.memory import children
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -69,18 +71,11 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def descendants(root: int) -> list[int]:
     """``root`` and every process below it."""
     found, frontier = [root], [root]
     while frontier:
-        frontier = [child for pid in frontier for child in _children(pid)]
+        frontier = [child for pid in frontier for child in children(pid)]
         found += frontier
     return found
 
@@ -88,7 +83,7 @@ def descendants(root: int) -> list[int]:
 def processes(root: int) -> dict[str, int]:
     """serve's processes by role: supervisor, engine, master, worker 0, worker 1, …"""
     roles = {"supervisor": root}
-    for child in _children(root):
+    for child in children(root):
         try:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
@@ -97,6 +92,6 @@ def processes(root: int) -> dict[str, int]:
             roles["engine"] = child
         elif b"gunicorn" in cmdline:
             roles["master"] = child
-            for n, worker in enumerate(sorted(_children(child))):
+            for n, worker in enumerate(sorted(children(child))):
                 roles[f"worker {n}"] = worker
     return roles

@@ -17,8 +17,8 @@ import pytest
 import requests
 from PIL import Image
 
-from service.memory import MB, resident_bytes
-from tests.helpers import LiveServer, proc_children
+from service.memory import MB, children, resident_bytes
+from tests.helpers import LiveServer
 
 BUDGET_MB = 3000
 
@@ -33,7 +33,7 @@ def _jpeg(size: int, seed: int) -> bytes:
 
 def _tree(pid: int) -> list[int]:
     found = [pid]
-    for child in proc_children(pid):
+    for child in children(pid):
         found += _tree(child)
     return found
 
