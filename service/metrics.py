@@ -79,6 +79,9 @@ CUDA_GRAPH_FALLBACKS = Counter(
     "gradcam_cuda_graph_fallbacks_total",
     "(model, layer, method, batch size) keys whose CUDA graph capture failed or did not "
     "match the eager engine, so they run eagerly.", ["model"])
+CUDA_GRAPH_REPLAYS = Counter(
+    "gradcam_cuda_graph_replays_total",
+    "Batches answered by replaying a captured CUDA graph (the rest run eagerly).", ["model"])
 MODEL_INFO = Gauge(
     "gradcam_model_info", "Models served (value 1), with their default layer and device.",
     ["model", "arch", "layer", "device"], multiprocess_mode="max")

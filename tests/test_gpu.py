@@ -13,15 +13,24 @@ its peak everywhere, which is what a user of the default sees.
 
 from __future__ import annotations
 
+import re
 import subprocess
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import requests
 import torch
 
+from service import metrics
+from service.engine.batching import Job
+from service.engine.cuda_graphs import GraphCache
+from service.engine.folding import fold_batch_norms
 from service.engine.gradcam import METHODS, GradCAM
+from service.engine.runtime import Runtime
+from service.settings import Settings
 from tests.helpers import LiveServer, encode, phantom_png, seeded_model
 
 pytestmark = [
@@ -58,7 +67,7 @@ def _both(models: tuple[torch.nn.Module, torch.nn.Module], method: str,
     cpu, gpu = models
     torch.manual_seed(seed)
     inputs = torch.randn(32, 3, 224, 224)
-    targets: list[list[int | None]] = [[None]] * 16 + [[i * 50] for i in range(16)]
+    targets: list[list[int | None]] = [[None if i < 16 else (i - 16) * 50] for i in range(32)]
     on_cpu = GradCAM(cpu)(inputs, "layer4", targets, [method] * 32)
     on_gpu = GradCAM(gpu, "cuda")(inputs.pin_memory(), "layer4", targets, [method] * 32)
     assert on_gpu.logits.device.type == "cpu"  # one copy back
@@ -144,3 +153,108 @@ def test_only_the_engine_holds_the_gpu(cuda_server: LiveServer) -> None:
     holders = {int(pid) for pid in listed}
     assert set(cuda_server.engine_pids()) <= holders
     assert not holders & set(cuda_server.worker_pids())
+
+
+# --- CUDA graphs (engine/cuda_graphs.py): the replayed answer is the eager one ---------
+
+# A whole block, a block inside layer3, and a convolution whose batch norm was folded
+# into it (explained on its output before the folded affine map).
+GRAPH_LAYERS = ("layer4", "layer3.5", "layer4.2.conv3")
+
+
+@pytest.fixture(scope="module")
+def folded_gpu() -> torch.nn.Module:
+    model = seeded_model("resnet50")
+    assert "layer4.2.conv3" in fold_batch_norms(model)  # as the service loads it
+    return model.cuda()
+
+
+def _graph_against_eager(engine: GradCAM, cache: GraphCache, method: str, layer: str,
+                         batch: int, seed: int) -> tuple[float, float]:
+    """One graphed batch (top-1 for image 0, given classes for the others) against the
+    eager engine on the same inputs: the lowest Pearson and largest difference."""
+    torch.manual_seed(seed)
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    targets: list[list[int | None]] = [[None if i == 0 else i * 97] for i in range(batch)]
+    given = torch.tensor([-1 if t[0] is None else t[0] for t in targets], device="cuda")
+    out = cache.run(("resnet50", layer, method, batch), engine, x, given)
+    assert out is not None, f"{layer}, {method}, batch {batch}: no graph, eager instead"
+    logits, maps = (t.cpu() for t in out)
+    eager = engine(x, layer, targets, [method] * batch)
+    assert torch.allclose(logits, eager.logits, rtol=1e-3, atol=1e-3)
+    worst = [_agreement(eager.cams[i][0], maps[i]) for i in range(batch)]
+    return min(c for c, _ in worst), max(d for _, d in worst)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_graphs_replay_the_eager_maps(folded_gpu: torch.nn.Module, method: str) -> None:
+    engine, cache = GradCAM(folded_gpu, "cuda"), GraphCache()  # the real CudaGraph
+    for layer in GRAPH_LAYERS:
+        for batch in (1, 4):
+            # The first call captures (on these inputs), the second replays new ones:
+            # a graph that kept its capture's inputs or outputs would fail here.
+            for seed in (0, 1):
+                correlation, difference = _graph_against_eager(engine, cache, method, layer,
+                                                               batch, seed)
+                assert correlation >= 0.9999 and difference <= 1e-3, (layer, batch, seed)
+    assert cache.replays == len(GRAPH_LAYERS) * 2 * 2
+
+
+def test_cuda_graphs_under_float16_autocast(folded_gpu: torch.nn.Module) -> None:
+    engine, cache = GradCAM(folded_gpu, "cuda", autocast=True), GraphCache()
+    assert engine.dtype == torch.float16
+    for seed in (0, 1):
+        correlation, difference = _graph_against_eager(engine, cache, "gradcam", "layer4", 8,
+                                                       seed)
+        print(f"graph vs eager, float16: Pearson {correlation:.6f}, difference {difference:.5f}")
+        assert correlation >= 0.999
+    assert cache.replays == 2
+
+
+def test_a_graphed_runtime_answers_as_the_eager_one() -> None:
+    before = metrics.CUDA_GRAPH_FALLBACKS.labels("phantom")._value.get()
+    eager = Runtime(Settings(device="cuda", max_batch_size=8)).start()
+    graphed = Runtime(Settings(device="cuda", cuda_graphs="on", max_batch_size=8)).start()
+    try:
+        rng = np.random.default_rng(4)
+        for n in (1, 3, 8):  # 3 is padded to the bucket of 4
+            images = [rng.integers(0, 256, (128, 128, 1), dtype=np.uint8) for _ in range(n)]
+            targets: list[list[int | None]] = [[None if i % 2 else i % 4] for i in range(n)]
+            job = Job("phantom", "features", images, [None] * n, targets, ["layercam"] * n)
+            x, y = (rt.run(job, time.monotonic() + 60) for rt in (eager, graphed))
+            assert x.targets == y.targets
+            np.testing.assert_allclose(y.scores, x.scores, atol=1e-4)
+            for maps_x, maps_y in zip(x.maps, y.maps, strict=True):
+                np.testing.assert_allclose(maps_y[0], maps_x[0],
+                                           atol=1e-3 * max(1.0, float(maps_x[0].max())))
+        assert graphed._graphs is not None and graphed._graphs.replays >= 3
+        assert metrics.CUDA_GRAPH_FALLBACKS.labels("phantom")._value.get() == before
+    finally:
+        eager.close()
+        graphed.close()
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}{{[^}}]*}}\s+(\S+)$", text,
+                                            re.M))
+
+
+def test_server_with_cuda_graphs(cuda_server: LiveServer) -> None:
+    graphed = LiveServer(device="cuda", env={"GRADCAM_CUDA_GRAPHS": "on"})
+    try:
+        body: dict[str, Any] = {
+            "images": [encode(phantom_png(seed, 200, 160)) for seed in range(3)],
+            "heatmap": {"format": "array", "size": "layer"}}
+        answers = [requests.post(f"{live.url}/v1/explain", json=body, timeout=60)
+                   for live in (cuda_server, graphed)]
+        assert all(a.status_code == 200 for a in answers), answers[1].text
+        for x, y in zip(*(a.json()["results"] for a in answers), strict=True):
+            assert [p["label"] for p in x["predictions"]] == [p["label"] for p in y["predictions"]]
+            a = np.array(x["explanations"][0]["heatmap"]["values"])
+            b = np.array(y["explanations"][0]["heatmap"]["values"])
+            assert np.abs(a - b).max() <= 1e-3
+        text = requests.get(f"{graphed.url}/metrics", timeout=10).text
+        assert _metric(text, "gradcam_cuda_graph_replays_total") >= 1
+        assert _metric(text, "gradcam_cuda_graph_fallbacks_total") == 0
+    finally:
+        graphed.stop()

@@ -70,7 +70,9 @@ class CudaGraph:
             for _ in range(_WARM_UP_STEPS):
                 step()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        with torch.cuda.graph(self._graph):
+        # thread_local: the engine's other threads (pinning request tensors, say) may
+        # touch CUDA while this one captures; only this thread's calls must be capturable.
+        with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
             outputs = step()
         return outputs
 
@@ -104,9 +106,11 @@ class CapturedCam:
 
         handle = self._module.register_forward_hook(capture)
         try:
+            # No autocast cache: a cast cached during capture would be replayed stale
+            # (the CUDA graph documentation asks for cache_enabled=False).
             with torch.inference_mode(False), torch.enable_grad(), torch.autocast(
                     self.inputs.device.type, dtype=self._dtype or torch.bfloat16,
-                    enabled=self._dtype is not None):
+                    enabled=self._dtype is not None, cache_enabled=False):
                 logits = self._model(self.inputs)
                 (activation,) = captured
                 index = torch.where(self.given >= 0, self.given, logits.argmax(dim=1))
@@ -139,6 +143,7 @@ class GraphCache:
         """(logits, maps) from the key's graph, or None: run it eagerly."""
         if key in self._eager:
             return None
+        model_name = key[0]
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._capture(key, engine, inputs)
@@ -146,6 +151,7 @@ class GraphCache:
                 return None
         self._graphs.move_to_end(key)
         self.replays += 1
+        metrics.CUDA_GRAPH_REPLAYS.labels(model_name).inc()
         return captured(inputs, given)
 
     def _capture(self, key: Key, engine: GradCAM, inputs: Tensor) -> CapturedCam | None:

@@ -9,10 +9,12 @@ rotating order: a plain forward under ``torch.inference_mode()``, our engine
 (``gradcam``, top-1 targets, maps copied to the CPU), the same on a copy whose batch
 norms are folded into its convolutions (as the service runs a float32 model), and
 pytorch-grad-cam's
-``GradCAM`` (top-1 targets). Prints median seconds and the median of the
-per-repetition ratios to the plain forward. Random-init weights (seeded): the
-cost does not depend on the weights' values. On CUDA every timing ends with a
-synchronize; ``--no-reference`` skips pytorch-grad-cam (where it is not installed).
+``GradCAM`` (top-1 targets), and on CUDA the folded engine replayed as a captured CUDA
+graph (``engine/cuda_graphs.py``; inputs copied in, logits and maps copied out).
+Prints median seconds and the median of the per-repetition ratios to the plain
+forward. Random-init weights (seeded): the cost does not depend on the weights'
+values. On CUDA every timing ends with a synchronize; ``--no-reference`` skips
+pytorch-grad-cam (where it is not installed).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Callable
 import torch
 import torchvision
 
+from service.engine.cuda_graphs import CapturedCam, CudaGraph
 from service.engine.folding import fold_batch_norms
 from service.engine.gradcam import GradCAM
 from service.engine.layers import default_layer, probe_layers, resolve_layer
@@ -74,6 +77,17 @@ def bench(arch: str, batches: list[int], repeats: int, size: int, device: str,
 
         runners: dict[str, Callable[[], None]] = {"forward": forward, "ours": ours,
                                                   "ours folded": ours_folded}
+        if device == "cuda":
+            captured = CapturedCam(folded_model, layer, "gradcam", batch, (3, size, size),
+                                   torch.device(device), CudaGraph(torch.device(device)))
+            top1 = torch.full((batch,), -1, dtype=torch.long, device=device)
+
+            def graphed(x: torch.Tensor = x, cam: CapturedCam = captured,
+                        given: torch.Tensor = top1) -> None:
+                logits, maps = cam(x, given)
+                logits.cpu(), maps.cpu()
+
+            runners["ours, CUDA graph"] = graphed
         if reference is not None:
             runners["pytorch-grad-cam"] = lambda x=x: reference(x, None)
         for fn in runners.values():  # warm-up (and cuDNN's algorithm search)
@@ -91,9 +105,11 @@ def bench(arch: str, batches: list[int], repeats: int, size: int, device: str,
                   for name, values in times.items()}
         theirs = (f"{med['pytorch-grad-cam']:.1f} | {ratios['pytorch-grad-cam']:.2f}×"
                   if reference is not None else "– | –")
+        graph = (f" {med['ours, CUDA graph']:.1f} | **{ratios['ours, CUDA graph']:.2f}×** |"
+                 if device == "cuda" else "")
         rows.append(f"| {arch} | {layer} | {batch} | {med['forward']:.1f} | {med['ours']:.1f} | "
                     f"{ratios['ours']:.2f}× | {med['ours folded']:.1f} | "
-                    f"**{ratios['ours folded']:.2f}×** | {theirs} |")
+                    f"**{ratios['ours folded']:.2f}×** | {theirs} |{graph}")
         print(rows[-1], flush=True)
     if reference is not None:
         reference.activations_and_grads.release()
@@ -117,9 +133,10 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads"
     print(f"torch {torch.__version__}, {where}, {args.size}², "
           f"median of {args.repeats} paired repetitions (ms)")
+    graph = " ours, CUDA graph | graph / forward |" if args.device == "cuda" else ""
     print("| model | layer | batch | forward | ours | ours / forward | ours, batch norm folded | "
-          "folded / forward | pytorch-grad-cam | pytorch-grad-cam / forward |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"folded / forward | pytorch-grad-cam | pytorch-grad-cam / forward |{graph}")
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if graph else ""))
     for arch in args.archs:
         bench(arch, args.batches, args.repeats, args.size, args.device, not args.no_reference)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one call (about 5 minutes on one H100/H200; at most 7).
+# The GPU checks in one call (about 6 minutes on one H100/H200).
 #
 # Prepare once where pip and apt reach (makes the git-ignored .whl/ of ~22 MB):
 #   bash tests/benchmarks/gpu_wheelhouse.sh
@@ -13,24 +13,25 @@
 # eager forward (batch 1, 8, 32), the load benchmark with hey (224² JPEG arrays
 # and 1024² overlays at concurrency 1 to 128, with the engine's time per batch
 # under load, after a timed warm-up of every batch size: cuDNN searches its
-# algorithms once per new shape), then the same at the top concurrency with
-# float16 autocast.
+# algorithms once per new shape), then the same load with CUDA graphs (step graphs:
+# GRADCAM_CUDA_GRAPHS=on, which also turns on the batch buckets); step autocast (not
+# in the default set) runs the top concurrency with float16 autocast.
 # Logs also go to $OUT (the device tool brings them back).
 #
 # Dry run on a CPU machine, to check the plumbing (not the figures):
 #   PY=.venv/bin/python SKIP_INSTALL=1 DEVICE=cpu DURATION=3 REPEATS=2 BATCHES=1 \
 #       CONCURRENCY="1 4" FORWARD_BATCH=2 bash tests/benchmarks/gpu_check.sh
-# STEPS (default "tests engine load autocast") runs only the steps named, e.g. a
+# STEPS (default "tests engine load graphs"; also "autocast") runs only the steps named, e.g. a
 # rerun of a failed one; BATCHES, CONCURRENCY and FORWARD_BATCH shrink a dry run.
-# The steps' timeouts add up to under 7 minutes (SIGINT, so that servers are
-# stopped and their logs printed); the whole usually takes about 5.
+# The steps' timeouts add up to 10 minutes (SIGINT, so that servers are stopped and
+# their logs printed); the default steps usually take about 6.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 DURATION=${DURATION:-5}
 OUT=${OUT:-/tmp/gpu-check}
-STEPS=${STEPS:-tests engine load autocast}
+STEPS=${STEPS:-tests engine load graphs}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 step() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -65,14 +66,14 @@ torch.version.cuda, 'devices', torch.cuda.device_count(), '| flask', version('fl
 status=0
 if step tests; then
     elapsed "gpu tests"
-    timeout -s INT -k 15 100 $PY -m pytest -q -s -ra -m gpu tests/test_gpu.py \
+    timeout -s INT -k 15 200 $PY -m pytest -q -s -ra -m gpu tests/test_gpu.py \
         -p no:cacheprovider -o addopts="" --durations=5 2>&1 | tee "$OUT/test_gpu.log" || status=1
 fi
 
 if step engine; then
     elapsed "engine alone against the eager forward"
     # shellcheck disable=SC2086
-    timeout -s INT -k 15 30 $PY tests/benchmarks/engine.py --device "$DEVICE" --archs resnet50 \
+    timeout -s INT -k 15 60 $PY tests/benchmarks/engine.py --device "$DEVICE" --archs resnet50 \
         --batches ${BATCHES:-1 8 32} --repeats "${REPEATS:-20}" --no-reference --threads 4 \
         2>&1 | tee "$OUT/engine.log" || status=1
 fi
@@ -84,6 +85,16 @@ if step load; then
         --skip-naive --duration "$DURATION" --concurrency $CONCURRENCY --max-batch-size 32 \
         --forward-batch "$FORWARD_BATCH" --torch-threads 4 --paired-repeats 1 --warm-up 2>&1 \
         | tee "$OUT/load.log" || status=1
+fi
+
+if [ "$DEVICE" = cuda ] && step graphs; then
+    elapsed "load: float32, CUDA graphs"
+    # shellcheck disable=SC2086
+    GRADCAM_CUDA_GRAPHS=on timeout -s INT -k 15 170 $PY tests/benchmarks/load.py \
+        --device cuda --client hey --skip-naive --duration "$DURATION" \
+        --concurrency $CONCURRENCY --max-batch-size 32 --forward-batch "$FORWARD_BATCH" \
+        --torch-threads 4 --paired-repeats 0 --warm-up 2>&1 \
+        | tee "$OUT/load_graphs.log" || status=1
 fi
 
 if [ "$DEVICE" = cuda ] && step autocast; then

@@ -509,6 +509,10 @@ def main() -> None:
                       f"{result[1]:.0f} ms, p99 {result[2]:.0f} ms, 503s {result[3]:.0%}, "
                       f"mean batch {mean_batch:.1f}, engine {batch_ms:.1f} ms per batch",
                       flush=True)
+        graphs = [line for line in requests.get(url + "/metrics", timeout=10).text.splitlines()
+                  if line.startswith("gradcam_cuda_graph_")]
+        if graphs:  # GRADCAM_CUDA_GRAPHS: were the batches replayed, or did they fall back?
+            print("  " + "\n  ".join(graphs), flush=True)
         # The forward figure drifts between runs on a small machine: pair it with
         # the service at the top concurrency, alternately, and take the median ratio.
         top = max(args.concurrency)
