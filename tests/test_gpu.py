@@ -211,29 +211,50 @@ def test_cuda_graphs_under_float16_autocast(folded_gpu: torch.nn.Module) -> None
     assert cache.replays == 2
 
 
-def test_a_graphed_runtime_answers_as_the_eager_one() -> None:
+@pytest.mark.parametrize("tf32", [False, True])
+def test_a_graphed_runtime_answers_as_its_eager_path(tf32: bool) -> None:
+    """One runtime, one model, the same buckets: its graphs against its own eager path.
+
+    Two separately started runtimes compared (first GPU run, 2026-12-04) differed by up
+    to 3.5 % of the peak at 4 of 256 pixels of a LayerCAM map, cause not shown (TF32 and
+    the kernels cuDNN picks per run are the suspects); this form leaves only the graph
+    as a difference: without TF32 the answers must be equal to float32 rounding, with
+    it the maps must keep their shape."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     before = metrics.CUDA_GRAPH_FALLBACKS.labels("phantom")._value.get()
-    # Both bucketed, so that both meet the same shapes: cuDNN picks its algorithms per
-    # shape, and under TF32 another algorithm moves a map by a few % of its peak.
-    eager = Runtime(Settings(device="cuda", max_batch_size=8, batch_buckets="on")).start()
-    graphed = Runtime(Settings(device="cuda", cuda_graphs="on", max_batch_size=8)).start()
+    runtime = Runtime(Settings(device="cuda", cuda_graphs="on", max_batch_size=8)).start()
+    graphs = runtime._graphs
     try:
+        assert graphs is not None
         rng = np.random.default_rng(4)
         for n in (1, 3, 8):  # 3 is padded to the bucket of 4
             images = [rng.integers(0, 256, (128, 128, 1), dtype=np.uint8) for _ in range(n)]
             targets: list[list[int | None]] = [[None if i % 2 else i % 4] for i in range(n)]
-            job = Job("phantom", "features", images, [None] * n, targets, ["layercam"] * n)
-            x, y = (rt.run(job, time.monotonic() + 60) for rt in (eager, graphed))
-            assert x.targets == y.targets
-            np.testing.assert_allclose(y.scores, x.scores, atol=1e-4)
-            for maps_x, maps_y in zip(x.maps, y.maps, strict=True):
-                np.testing.assert_allclose(maps_y[0], maps_x[0],
-                                           atol=1e-3 * max(1.0, float(maps_x[0].max())))
-        assert graphed._graphs is not None and graphed._graphs.replays >= 3
+            for method in ("gradcam", "layercam"):
+                job = Job("phantom", "features", images, [None] * n, targets, [method] * n)
+                replays = graphs.replays
+                y = runtime.run(job, time.monotonic() + 60)
+                assert graphs.replays == replays + 1
+                runtime._graphs = None  # the eager path, same model and shapes
+                x = runtime.run(job, time.monotonic() + 60)
+                runtime._graphs = graphs
+                assert x.targets == y.targets
+                np.testing.assert_allclose(y.scores, x.scores, atol=1e-4)
+                worst = [_agreement(torch.from_numpy(a[0]), torch.from_numpy(b[0]))
+                         for a, b in zip(x.maps, y.maps, strict=True)]
+                correlation, difference = min(c for c, _ in worst), max(d for _, d in worst)
+                print(f"TF32 {tf32}, batch {n}, {method}: graph vs eager Pearson "
+                      f"{correlation:.6f}, largest difference {difference:.5f} of the peak")
+                if tf32:
+                    assert correlation >= 0.999
+                else:
+                    assert correlation >= 0.99999 and difference <= 1e-3
         assert metrics.CUDA_GRAPH_FALLBACKS.labels("phantom")._value.get() == before
     finally:
-        eager.close()
-        graphed.close()
+        runtime._graphs = graphs
+        runtime.close()
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _metric(text: str, name: str) -> float:
