@@ -24,7 +24,7 @@ from service.server.engine_client import EnginePool
 from service.server.routes import api, json_response
 from service.server.security import AccessPolicy, Unauthorized
 from service.server.webpage import ASSETS_PREFIX, PAGE_PATH, page
-from service.server.worker import thread_wait
+from service.server.wsgi import thread_wait
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)

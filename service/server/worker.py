@@ -27,6 +27,11 @@ does all socket I/O, non-blocking, with h11 parsing HTTP/1.1:
 The wait for a request thread is measured too: it shows in
 ``gradcam_requests_waiting_for_thread`` and the ``thread_wait`` stage, and a
 request's deadline counts from when it was queued for a thread.
+
+This module is the loop and its sockets; the parts it drives have none and are
+tested without them: ``incoming`` (a connection's requests: parsing, limits,
+refusals), ``buffers`` (the bytes held for clients), ``wsgi`` (environ, the
+application in a request thread, its answer), ``access_log``.
 """
 
 from __future__ import annotations
@@ -35,36 +40,33 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import io
 import logging
 import os
 import queue
 import selectors
 import socket
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 import h11
-import orjson
 from gunicorn.workers.base import Worker
 
 from service import metrics
 from service.errors import ErrorCode
 from service.logs import log_failure
 from service.memory import MemoryBudget
+from service.server.access_log import log_access
+from service.server.buffers import BufferBudget
+from service.server.incoming import Incoming, Refusal, Step
+from service.server.wsgi import Answer, Peer, environ_for, failed_answer, run_app
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Request line and headers together (431 past it), and the target alone (414).
-HEADER_LIMIT_BYTES = 32 * 1024
-TARGET_LIMIT_BYTES = 8 * 1024
 # Idle kept-alive connections a stopping worker still serves for, so that a request
 # already on the wire is answered (with "Connection: close") rather than reset.
 STOP_LINGER_S = 1.0
@@ -73,18 +75,8 @@ LINGER_S = 2.0
 # After answers, freed memory is handed back to the system at most this often.
 _TRIM_EVERY_S = 1.0
 _READ_CHUNK = 256 * 1024
-# Enough of a path for any route; a longer one is cut in the access log.
-_LOGGED_PATH_BYTES = 256
 
-_current = threading.local()
 _draining = threading.Event()
-
-
-def thread_wait() -> tuple[float, float] | None:
-    """For the request this thread handles: when it was queued for a thread
-    (``time.monotonic()``) and how long it waited for one; None outside this worker."""
-    value: tuple[float, float] | None = getattr(_current, "wait", None)
-    return value
 
 
 def draining() -> bool:
@@ -92,37 +84,21 @@ def draining() -> bool:
     return _draining.is_set()
 
 
-@dataclass
-class _Answer:
-    """What a request thread hands back to the loop."""
-
-    status: int
-    reason: bytes
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    started: float
-    request_id: str = "-"
-
-
 @dataclass(eq=False)
 class _Connection:
     sock: socket.socket
-    peer: str
-    port: int
-    http: h11.Connection
+    peer: Peer
+    incoming: Incoming
     phase: str = "idle"  # idle → reading → handling → writing → idle …, or → lingering
     deadline: float = 0.0  # the clock of the current phase (see _sweep)
     limit: float = 0.0  # a phase's overall limit, beyond the stall clock
-    request: h11.Request | None = None
-    body: bytearray = field(default_factory=bytearray)
-    reserved: int = 0  # bytes counted against the worker's buffer budget
     out: memoryview | None = None
-    answer: _Answer | None = None
+    answer: Answer | None = None
     registered: int = 0  # selector events now watched
 
-
-def _error_body(code: ErrorCode, message: str) -> bytes:
-    return orjson.dumps({"error": {"code": code, "message": message}})
+    @property
+    def http(self) -> h11.Connection:
+        return self.incoming.http
 
 
 def _malloc_trim() -> Callable[[], None]:
@@ -144,12 +120,10 @@ class BufferingWorker(Worker):
     def init_process(self) -> None:
         self.settings = Settings.from_env()
         self.client_timeout_s = self.settings.client_timeout_s
-        self.buffer_budget = 4 * self.settings.max_request_bytes
-        self.buffered = 0
-        self.memory = MemoryBudget.from_env()
+        self.buffers = BufferBudget(4 * self.settings.max_request_bytes, MemoryBudget.from_env())
         self.connections: dict[int, _Connection] = {}
         self.selector = selectors.DefaultSelector()
-        self.finished: queue.SimpleQueue[tuple[_Connection, _Answer]] = queue.SimpleQueue()
+        self.finished: queue.SimpleQueue[tuple[_Connection, Answer]] = queue.SimpleQueue()
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
         self.wake_writer.setblocking(False)
@@ -267,8 +241,9 @@ class BufferingWorker(Worker):
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer, port = (address[0], address[1]) if isinstance(address, tuple) else ("", 0)
-            conn = _Connection(sock, peer, port, h11.Connection(
-                h11.SERVER, max_incomplete_event_size=HEADER_LIMIT_BYTES))
+            conn = _Connection(sock, Peer(peer, port, self.server_name, self.server_port),
+                               Incoming(self.settings.max_request_bytes,
+                                        self.buffers.reservation()))
             self.connections[sock.fileno()] = conn
             self._await_request(conn, time.monotonic() + self.client_timeout_s)
 
@@ -287,7 +262,7 @@ class BufferingWorker(Worker):
 
     def _await_request(self, conn: _Connection, deadline: float) -> None:
         conn.phase, conn.deadline = "idle", deadline
-        conn.request, conn.body = None, bytearray()
+        conn.incoming.next_request()
         self._watch(conn, selectors.EVENT_READ)
 
     def _on_socket(self, sock: socket.socket, mask: int) -> None:
@@ -329,100 +304,30 @@ class BufferingWorker(Worker):
             # The first byte of a request starts its header clock.
             conn.phase, conn.deadline = "reading", now + self.client_timeout_s
             conn.limit = conn.deadline
-        elif conn.request is not None:
+        elif conn.incoming.request is not None:
             # Receiving a body: each arrival restarts the stall clock.
             conn.deadline = min(now + self.client_timeout_s, conn.limit)
-        conn.http.receive_data(data)
+        conn.incoming.receive(data)
         self._parse(conn)
 
     def _parse(self, conn: _Connection) -> None:
         while True:
-            try:
-                event = conn.http.next_event()
-            except h11.RemoteProtocolError as error:
-                code = {431: ErrorCode.HEADERS_TOO_LARGE,
-                        501: ErrorCode.UNSUPPORTED_TRANSFER_ENCODING}.get(
-                    error.error_status_hint, ErrorCode.BAD_REQUEST)
-                # h11's messages end with the raw bytes (": bytearray(b'...')"): dropped.
-                reason = str(error).split(": bytearray(", 1)[0]
-                self._refuse(conn, code, f"The request is not valid HTTP/1.1: {reason}.")
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Request):
-                if not self._start_request(conn, event):
-                    return
-            elif isinstance(event, h11.Data):
-                conn.body += event.data
-                if len(conn.body) > self.settings.max_request_bytes:
-                    self._refuse_too_large(conn)
-                    return
-                if not self._reserve(conn, len(conn.body)):  # a chunked body, no length
-                    self._refuse_busy(conn)
-                    return
-            elif isinstance(event, h11.EndOfMessage):
+            step = conn.incoming.next_step()
+            if step is Step.HEADERS:
+                # The body's clocks: no stall longer than the client timeout, and the
+                # whole request within the request timeout.
+                now = time.monotonic()
+                conn.deadline = now + self.client_timeout_s
+                conn.limit = now + self.settings.request_timeout_s
+                self._send_now(conn, conn.incoming.continue_100())
+                continue
+            if step is Step.COMPLETE:
                 self._dispatch(conn)
-                return
-            elif isinstance(event, h11.ConnectionClosed):
+            elif step is Step.CLOSED:
                 self._close(conn)
-                return
-
-    def _start_request(self, conn: _Connection, request: h11.Request) -> bool:
-        """Headers complete: check what can be checked before any body is read."""
-        conn.request = request
-        now = time.monotonic()
-        conn.deadline = now + self.client_timeout_s
-        conn.limit = now + self.settings.request_timeout_s
-        if request.http_version not in (b"1.0", b"1.1"):
-            self._refuse(conn, ErrorCode.HTTP_VERSION_NOT_SUPPORTED,
-                         "Only HTTP/1.0 and HTTP/1.1 are served here.")
-            return False
-        if len(request.target) > TARGET_LIMIT_BYTES:
-            self._refuse(conn, ErrorCode.URI_TOO_LONG, f"The request target is longer than "
-                         f"{TARGET_LIMIT_BYTES} bytes.")
-            return False
-        # h11 bounds headers that arrive in pieces; these arrived in one read.
-        size = len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
-        if size > HEADER_LIMIT_BYTES:
-            self._refuse(conn, ErrorCode.HEADERS_TOO_LARGE, f"The request line and headers are "
-                         f"{size} bytes; the limit is {HEADER_LIMIT_BYTES}.")
-            return False
-        length = _content_length(request)
-        if length is not None and any(k == b"transfer-encoding" for k, _ in request.headers):
-            # Two framings: the classic request-smuggling shape, refused outright.
-            self._refuse(conn, ErrorCode.BAD_REQUEST, "The request has both Content-Length and "
-                         "Transfer-Encoding; send one.")
-            return False
-        if length is not None and length > self.settings.max_request_bytes:
-            self._refuse_too_large(conn)
-            return False
-        if not self._reserve(conn, length or 0):
-            self._refuse_busy(conn)
-            return False
-        if conn.http.they_are_waiting_for_100_continue:
-            self._send_now(conn, conn.http.send(h11.InformationalResponse(
-                status_code=100, headers=[])) or b"")
-        return True
-
-    def _reserve(self, conn: _Connection, size: int, force: bool = False) -> bool:
-        """Count ``size`` bytes for ``conn`` against the worker's buffer budget and the
-        service's memory budget (``force``: bytes already made, counted regardless)."""
-        extra = max(0, size - conn.reserved)
-        if not extra:
-            return True
-        if not force and self.buffered + extra > self.buffer_budget:
-            return False
-        if self.memory is not None and not self.memory.try_reserve(extra, force):
-            return False
-        self.buffered += extra
-        conn.reserved += extra
-        return True
-
-    def _release(self, conn: _Connection) -> None:
-        if self.memory is not None:
-            self.memory.release(conn.reserved)
-        self.buffered -= conn.reserved
-        conn.reserved = 0
+            elif isinstance(step, Refusal):
+                self._refuse(conn, step)
+            return
 
     # --- handling -----------------------------------------------------------------
 
@@ -431,15 +336,22 @@ class BufferingWorker(Worker):
         self._watch(conn, 0)
         metrics.WAITING_FOR_THREAD.inc()
         queued = time.monotonic()
-        environ = self._environ(conn)
+        request = conn.incoming.request
+        assert request is not None
+        environ = environ_for(request, conn.incoming.take_body(), conn.peer, conn.sock)
         future = self.pool.submit(self._handle, environ, queued)
         future.add_done_callback(lambda done: self._finished(conn, done))
 
-    def _finished(self, conn: _Connection, done: Future[_Answer]) -> None:
+    def _handle(self, environ: dict[str, Any], queued: float) -> Answer:
+        """In a request thread."""
+        metrics.WAITING_FOR_THREAD.dec()
+        return run_app(self.wsgi, environ, queued)
+
+    def _finished(self, conn: _Connection, done: Future[Answer]) -> None:
         """In the request thread: pass the answer to the loop and wake it. Every
         request gets one, or its connection would wait for ever."""
         if done.cancelled() or done.exception() is not None:
-            answer = _failed(time.monotonic())
+            answer = failed_answer(time.monotonic())
         else:
             answer = done.result()
         self.finished.put((conn, answer))
@@ -461,94 +373,15 @@ class BufferingWorker(Worker):
             if self.connections.get(conn.sock.fileno()) is conn:
                 self._respond(conn, answer)
 
-    def _environ(self, conn: _Connection) -> dict[str, Any]:
-        request = conn.request
-        assert request is not None
-        path, _, query = bytes(request.target).partition(b"?")
-        if not path.startswith(b"/"):  # absolute-form: http://host/path
-            path = b"/" + path.split(b"://", 1)[-1].partition(b"/")[2]
-        environ: dict[str, Any] = {
-            "REQUEST_METHOD": request.method.decode("ascii"),
-            "SCRIPT_NAME": "",
-            "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
-            "QUERY_STRING": query.decode("latin-1"),
-            "SERVER_NAME": self.server_name,
-            "SERVER_PORT": self.server_port,
-            "SERVER_PROTOCOL": f"HTTP/{request.http_version.decode('ascii')}",
-            "REMOTE_ADDR": conn.peer,
-            "REMOTE_PORT": str(conn.port),
-            "CONTENT_LENGTH": str(len(conn.body)),
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
-            "wsgi.input": io.BytesIO(conn.body),
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": True,
-            "wsgi.run_once": False,
-            # The body is complete and de-chunked: read it to its end, whatever the headers.
-            "wsgi.input_terminated": True,
-            # The client-disconnect probe (routes.py) peeks at it.
-            "gunicorn.socket": conn.sock,
-        }
-        for raw_name, raw_value in request.headers:
-            name = raw_name.decode("latin-1")
-            if "_" in name:
-                continue  # would be confused with a "-" header once in the environ
-            value = raw_value.decode("latin-1")
-            if name == "content-type":
-                environ["CONTENT_TYPE"] = value
-            elif name not in ("content-length", "transfer-encoding"):
-                key = "HTTP_" + name.upper().replace("-", "_")
-                environ[key] = f"{environ[key]},{value}" if key in environ else value
-        conn.body = bytearray()  # the environ's copy is the one that lives on
-        return environ
-
-    def _handle(self, environ: dict[str, Any], queued: float) -> _Answer:
-        """In a request thread: run the app on a complete request."""
-        metrics.WAITING_FOR_THREAD.dec()
-        started = time.monotonic()
-        _current.wait = (queued, started - queued)
-        status_line: list[str] = []
-        headers: list[tuple[str, str]] = []
-
-        def start_response(status: str, response_headers: list[tuple[str, str]],
-                           exc_info: Any = None) -> Callable[[bytes], None]:
-            status_line[:] = [status]
-            headers[:] = response_headers
-            return chunks.append
-
-        chunks: list[bytes] = []
-        try:
-            result: Iterable[bytes] = self.wsgi(environ, start_response)
-            try:
-                chunks.extend(result)
-            finally:
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
-            code, _, reason = status_line[0].partition(" ")
-            request_id = next((v for k, v in headers if k.lower() == "x-request-id"), "-")
-            return _Answer(int(code), reason.encode("latin-1"),
-                           [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
-                           b"".join(chunks), started, request_id)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as error:  # e.g. a native library's panic: still an answer
-            log_failure(logger, "the application failed outside its error handlers", error)
-            return _failed(started)
-        finally:
-            _current.wait = None
-            environ.clear()
-
     # --- writing ------------------------------------------------------------------
 
-    def _respond(self, conn: _Connection, answer: _Answer) -> None:
+    def _respond(self, conn: _Connection, answer: Answer) -> None:
         headers = [(k, v) for k, v in answer.headers
                    if k.lower() not in (b"content-length", b"transfer-encoding", b"connection")]
         headers.append((b"Content-Length", str(len(answer.body)).encode()))
         if not self.alive:
             headers.append((b"Connection", b"close"))
-        request = conn.request
+        request = conn.incoming.request
         head = request is not None and request.method == b"HEAD"
         try:
             data = conn.http.send(h11.Response(status_code=answer.status, reason=answer.reason,
@@ -564,8 +397,9 @@ class BufferingWorker(Worker):
         self._write(conn, data)
 
     def _write(self, conn: _Connection, data: bytes) -> None:
-        self._release(conn)
-        self._reserve(conn, len(data), force=True)  # held until sent: it is already made
+        reservation = conn.incoming.reservation
+        reservation.release()
+        reservation.grow_to(len(data), force=True)  # held until sent: it is already made
         now = time.monotonic()
         conn.phase, conn.out = "writing", memoryview(data)
         conn.deadline = now + self.client_timeout_s
@@ -591,9 +425,11 @@ class BufferingWorker(Worker):
 
     def _sent(self, conn: _Connection) -> None:
         conn.out = None
-        self._log_access(conn)
+        if conn.answer is not None and self.cfg.accesslog:
+            log_access(self.log.access_log, conn.peer.address, conn.incoming.request,
+                       conn.answer)
         conn.answer = None
-        self._release(conn)
+        conn.incoming.reservation.release()
         self.trim_due = True
         if conn.http.their_state is not h11.DONE:
             self._linger(conn)  # a refusal: the client may still be sending
@@ -606,43 +442,25 @@ class BufferingWorker(Worker):
         self._parse(conn)  # a pipelined request may already be buffered
 
     def _send_now(self, conn: _Connection, data: bytes) -> None:
-        """Best effort for a few bytes (100 Continue, an error): never waits."""
-        with contextlib.suppress(OSError):
-            conn.sock.send(data)
+        """Best effort for a few bytes (100 Continue): never waits."""
+        if data:
+            with contextlib.suppress(OSError):
+                conn.sock.send(data)
 
-    def _refuse(self, conn: _Connection, code: ErrorCode, message: str,
-                retry_after_s: int | None = None) -> None:
-        """Answer a request the loop itself rejects (with ``code``'s status), then close the
-        connection."""
-        status = code.status
-        metrics.ERRORS.labels(code).inc()
-        headers = [(b"Content-Type", b"application/json"), (b"Connection", b"close")]
-        if retry_after_s is not None:
-            headers.append((b"Retry-After", str(retry_after_s).encode()))
-        body = _error_body(code, message)
-        headers.append((b"Content-Length", str(len(body)).encode()))
-        status_line = f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n".encode()
-        head = status_line + b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n"
-        self.log.warning("refused a request from %s: %s %s", conn.peer, status, code)
-        conn.answer = _Answer(status, b"", [], body, time.monotonic())
-        # Written raw (h11 will not answer after a client's protocol error); h11's state
-        # is not DONE afterwards, so _sent closes the connection.
+    def _refuse(self, conn: _Connection, refusal: Refusal) -> None:
+        """Answer a request the loop itself rejects, then close the connection."""
+        metrics.ERRORS.labels(refusal.code).inc()
+        self.log.warning("refused a request from %s: %s %s", conn.peer.address,
+                         refusal.status, refusal.code)
+        conn.answer = Answer(refusal.status, b"", [], refusal.body(), time.monotonic())
+        # Written raw; h11's state is not DONE afterwards, so _sent closes the connection.
         self._watch(conn, 0)
-        self._write(conn, head + body)
-
-    def _refuse_too_large(self, conn: _Connection) -> None:
-        self._refuse(conn, ErrorCode.REQUEST_TOO_LARGE, "The request body is larger than the "
-                     f"limit of {self.settings.max_request_bytes} bytes.")
-
-    def _refuse_busy(self, conn: _Connection) -> None:
-        self._refuse(conn, ErrorCode.OVERLOADED, "The server has no room for this request's body "
-                     "right now (its memory budget or its buffers are taken by other "
-                     "requests); retry shortly.", retry_after_s=1)
+        self._write(conn, refusal.response())
 
     def _close(self, conn: _Connection) -> None:
         if self.connections.get(conn.sock.fileno()) is conn:
             del self.connections[conn.sock.fileno()]
-        self._release(conn)
+        conn.incoming.reservation.release()
         if conn.registered:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(conn.sock)
@@ -657,31 +475,13 @@ class BufferingWorker(Worker):
             if conn.deadline > now or conn.phase == "handling":
                 continue
             if conn.phase == "reading":
-                self._refuse(conn, ErrorCode.REQUEST_TIMEOUT,
-                             "The request did not arrive in time (headers within "
-                             f"{self.client_timeout_s:g} s, a body without a pause that long "
-                             f"and within {self.settings.request_timeout_s:g} s in all).")
+                self._refuse(conn, Refusal(
+                    ErrorCode.REQUEST_TIMEOUT,
+                    "The request did not arrive in time (headers within "
+                    f"{self.client_timeout_s:g} s, a body without a pause that long "
+                    f"and within {self.settings.request_timeout_s:g} s in all)."))
             else:
                 self._close(conn)  # idle, lingering, or an answer the client stopped reading
-
-    def _log_access(self, conn: _Connection) -> None:
-        answer, request = conn.answer, conn.request
-        if answer is None or not self.cfg.accesslog:
-            return
-        # The path only: a query string may carry a token (?access_token=) or other data.
-        target = (bytes(request.target).partition(b"?")[0][:_LOGGED_PATH_BYTES]
-                  .decode("latin-1") if request is not None else "-")
-        method = metrics.http_method(request.method.decode("ascii")) if request else "-"
-        milliseconds = round((time.monotonic() - answer.started) * 1000)
-        self.log.access_log.info('%s "%s %s" %s %s %sms id=%s', conn.peer, method, target,
-                                 answer.status, len(answer.body), milliseconds,
-                                 answer.request_id)
-
-
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
-            414: "URI Too Long", 431: "Request Header Fields Too Large",
-            501: "Not Implemented", 503: "Service Unavailable",
-            505: "HTTP Version Not Supported"}
 
 
 def _recv(sock: socket.socket) -> bytes | None:
@@ -692,16 +492,3 @@ def _recv(sock: socket.socket) -> bytes | None:
         return None
     except OSError:
         return b""
-
-
-def _failed(started: float) -> _Answer:
-    return _Answer(500, b"Internal Server Error", [(b"Content-Type", b"application/json")],
-                   _error_body(ErrorCode.INTERNAL, "The server failed to handle this request; "
-                               "it has been logged."), started)
-
-
-def _content_length(request: h11.Request) -> int | None:
-    for name, value in request.headers:
-        if name == b"content-length":
-            return int(value)  # h11 has checked it is one valid number
-    return None
