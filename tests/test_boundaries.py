@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import LiveServer, proc_cmdline
 
 SERVER_SIDE = ["service.server.app", "service.server.routes", "service.server.engine_client",
-               "service.server.gunicorn_conf", "service.explain", "service.imaging.decoding",
+               "service.server.gunicorn_conf", "service.server.worker", "service.explain", "service.imaging.decoding",
                "service.imaging.dicom", "service.imaging.geometry", "service.imaging.render",
                "service.supervisor", "service.cli", "service.ipc", "service.interface",
                "service.metrics", "service.schemas"]
@@ -26,6 +26,17 @@ def _loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True, cwd=Path(__file__).resolve().parents[1])
     return done.stdout.split()
+
+
+def test_the_import_contracts_hold() -> None:
+    """pyproject's [tool.importlinter] contracts, on every import statement (lazy ones
+    too): the engine imports no web framework; the HTTP side, the pipeline and imaging
+    no torch."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    done = subprocess.run([str(lint), "--no-cache"], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "0 broken" in done.stdout
 
 
 def test_the_server_side_never_imports_torch() -> None:
