@@ -5,6 +5,11 @@
     gradcam-service explain --request BODY.json      the exact JSON the HTTP API returns
     gradcam-service layers                           candidate target layers and shapes
     gradcam-service body IMAGE... [--target T]       a POST /v1/explain body, for curl & co.
+
+Exit codes (``EXIT_*``): 0 done; 1 some inputs (or the request) got an error, each
+told on one line, the others done; 2 bad usage, settings or models file, nothing
+done; 3 an output file exists (``--force`` overwrites); 70 an internal failure
+(one line; ``-v`` adds the traceback); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ from service.settings import Settings
 if TYPE_CHECKING:  # torch is imported only by the commands that run the model here
     from service.engine.runtime import Runtime
 
+EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_EXISTS, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
+
 # Images per engine call in file mode: big enough to batch, small enough to show progress.
 _CHUNK = 8
 _PROGRESS_FROM = 5
@@ -83,16 +90,54 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
 
 
-def _write_outputs(result: dict, prepared: PreparedImage, cams: Sequence, out: Path,
-                   stem: str) -> list[str]:
+def _stems(paths: Sequence[Path]) -> list[str]:
+    """Output name stems, one per input, never shared: inputs with the same name (from
+    different folders, or the same file twice) get ``-2``, ``-3``, ... in input order."""
+    stems: list[str] = []
+    for path in paths:
+        stem, n = path.stem, 1
+        while stem in stems:
+            n += 1
+            stem = f"{path.stem}-{n}"
+        stems.append(stem)
+    return stems
+
+
+class OutputExists(Exception):
+    """An output file is there already and ``--force`` was not given."""
+
+
+_OUTPUT_KINDS = ("overlay", "heatmap")
+
+
+def _output_paths(out: Path, stem: str, labels: Sequence[str]) -> list[tuple[Path, Path]]:
+    return [(out / f"{stem}.{_safe(label)}.overlay.png",
+             out / f"{stem}.{_safe(label)}.heatmap.png") for label in labels]
+
+
+def _refuse_existing(out: Path, stems: Sequence[str]) -> None:
+    """Before any work: stop if an output of these inputs is there already, whatever its
+    label (the labels of top-1 targets are known only afterwards)."""
+    if not out.is_dir():
+        return
+    for entry in sorted(out.iterdir()):
+        for stem in stems:
+            rest = entry.name.removeprefix(stem + ".")
+            label, _, kind = rest.partition(".")
+            if rest != entry.name and label == _safe(label) and \
+                    kind in {f"{k}.png" for k in _OUTPUT_KINDS}:
+                raise OutputExists(f"{entry} exists (--force overwrites, or choose another "
+                                   "--out)")
+
+
+def _write_outputs(result: dict, prepared: PreparedImage, cams: Sequence,
+                   paths: Sequence[tuple[Path, Path]]) -> list[str]:
     written = []
     base = prepared.display
     assert base is not None  # prepared with keep_display
-    for explanation, cam in zip(result["explanations"], cams, strict=True):
+    for explanation, cam, (overlay_path, heatmap_path) in zip(result["explanations"], cams,
+                                                               paths, strict=True):
         heat = heatmap(cam, prepared.geometry, "original")
-        label = _safe(explanation["target"]["label"])
-        overlay_path = out / f"{stem}.{label}.overlay.png"
-        heatmap_path = out / f"{stem}.{label}.heatmap.png"
         levels = to_uint8(heat)
         overlay_path.write_bytes(encode_png(np.asarray(overlay_image(base, levels))))
         heatmap_path.write_bytes(encode_png(np.asarray(colour_image(levels))))
@@ -104,20 +149,24 @@ def _explain_files(args: argparse.Namespace, runtime: Runtime) -> int:
     model: ModelInfo = runtime.catalog().get(args.model)
     layer = choose_layer(model, args.layer)
     targets = [_target_ref(t) for t in args.target] if args.target else None
+    frames = _frames(args.frame, len(args.images))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     options = HeatmapOptions(format="none", size="original")
-    prepared: list[tuple[Path, PreparedImage]] = []
+    prepared: list[tuple[Path, str, PreparedImage]] = []
+    stems = _stems([Path(name) for name in args.images])
+    if not args.force:
+        _refuse_existing(out, stems)
     for i, name in enumerate(args.images):
         path = Path(name)
         try:
             # Each file is its own request: the per-image limits apply, not a total.
             budget = RequestBudget(runtime.settings, model, layer, options)
             admit = partial(budget.admit_image, i, explanations=len(targets or [None]))
-            prepared.append((path, prepare_image(
+            prepared.append((path, stems[i], prepare_image(
                 path.read_bytes(), i, model, admit, resolve_targets(targets, model, i),
-                keep_display=True)))
+                frame=frames[i], keep_display=True)))
         except (OSError, ServiceError) as error:
             message = error.message if isinstance(error, ServiceError) else error.strerror
             print(f"error: {path}: {message}", file=sys.stderr)
@@ -130,11 +179,13 @@ def _explain_files(args: argparse.Namespace, runtime: Runtime) -> int:
     for start in range(0, len(prepared), _CHUNK):
         chunk = prepared[start:start + _CHUNK]
         deadline = time.monotonic() + runtime.settings.request_timeout_s
-        results = run(runtime, model, layer, args.method, [p for _, p in chunk], deadline)
-        for (path, item), result in zip(chunk, results, strict=True):
+        results = run(runtime, model, layer, args.method, [p for _, _, p in chunk], deadline)
+        for (path, stem, item), result in zip(chunk, results, strict=True):
             body = render_result(result, model, args.top_k, options)
             scores = ", ".join(f"{p['label']} {p['score']:.3f}" for p in body["predictions"])
-            lines = _write_outputs(body, item, result.cams, out, path.stem)
+            paths = _output_paths(out, stem,
+                                  [e["target"]["label"] for e in body["explanations"]])
+            lines = _write_outputs(body, item, result.cams, paths)
             message = f"{path}: {scores}\n" + "".join(f"  {line}\n" for line in lines)
             if progress is not None:
                 progress.write(message.rstrip("\n"))
@@ -143,7 +194,23 @@ def _explain_files(args: argparse.Namespace, runtime: Runtime) -> int:
                 sys.stdout.write(message)
     if progress is not None:
         progress.close()
-    return 1 if failures else 0
+    return EXIT_INPUT if failures else EXIT_OK
+
+
+def _frames(given: list[int] | None, n: int) -> list[int | None]:
+    """``--frame``: none (each file's default), one for every input, or one per input."""
+    if not given:
+        return [None] * n
+    if len(given) == 1:
+        return [given[0]] * n
+    if len(given) != n:
+        raise Usage(f"--frame was given {len(given)} times for {n} inputs: give it once "
+                    "(every input) or once per input")
+    return list(given)
+
+
+class Usage(Exception):
+    """A command line that cannot be run as given (exit code 2)."""
 
 
 def _layers(args: argparse.Namespace, runtime: Runtime) -> int:
@@ -211,7 +278,12 @@ def _body(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradcam-service", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="gradcam-service", description=__doc__.splitlines()[0],
+        epilog="exit codes: 0 done; 1 some inputs got an error (each on one line), the others "
+        "done; 2 bad usage, settings or models file; 3 an output file exists (--force); "
+        "70 internal failure; 130 interrupted")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -232,6 +304,11 @@ def _parser() -> argparse.ArgumentParser:
                            "default: the top-1 class")
     explain_p.add_argument("--top-k", type=int, default=5, help="predictions to print")
     explain_p.add_argument("--out", default="gradcam-out", help="folder for the PNGs")
+    explain_p.add_argument("--frame", type=int, action="append",
+                           help="frame of multi-frame images (DICOM): once for every input, or "
+                           "repeated once per input; default: each file's own default")
+    explain_p.add_argument("--force", action="store_true",
+                           help="overwrite output files that exist (default: stop, exit code 3)")
 
     body_p = sub.add_parser("body", help="print a POST /v1/explain body for image files "
                             "(for curl --data-binary @file, locust, other clients)")
@@ -265,31 +342,65 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gradcam-service")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every failure is one line on stderr and an exit code (``EXIT_*``)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "body":  # no model, no logging: just the JSON
         return _body(args)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "explain" and bool(args.request) == bool(args.images):
         parser.error("explain takes image files or --request, not both and not neither")
     try:
+        return _command(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # one line, not a traceback; -v for the traceback
+        if verbose:
+            logging.getLogger(__name__).exception("internal failure")
+        print(f"error: internal failure: {type(error).__name__}: {error} (-v shows where)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _command(args: argparse.Namespace) -> int:
+    try:
         if args.command == "serve":
             return _serve(args)
         runtime = _runtime(args)
-    except ConfigError as error:
+    except (ConfigError, Usage) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         if args.command == "layers":
             return _layers(args, runtime)
         if args.request:
             return _explain_request(args, runtime)
         return _explain_files(args, runtime)
+    except Usage as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except OutputExists as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_EXISTS
+    except OSError as error:  # the output folder cannot be written, say
+        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_INPUT
     except ServiceError as error:
         print(f"error: {error.message}", file=sys.stderr)
-        return 1
+        return EXIT_INPUT
     finally:
         runtime.close()
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
+from pydicom.data import get_testdata_file
 
 from service.cli import main
 from service.schemas import ErrorResponse, ExplainResponse
@@ -120,3 +123,69 @@ def test_body_prints_a_request_a_server_answers(server: LiveServer, tmp_path: Pa
 def test_body_refuses_what_no_server_would_take(args: list[str], message: bytes) -> None:
     done = _cli("body", *args)
     assert done.returncode == 2 and message in done.stderr and not done.stdout
+
+
+def test_version() -> None:
+    done = _cli("--version")
+    assert done.returncode == 0
+    assert done.stdout.decode().strip() == f"gradcam-service {version('gradcam-service')}"
+
+
+def _outputs(out: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(out.iterdir())}
+
+
+def test_outputs_never_overwrite_each_other_or_old_ones(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    for folder, seed in (("a", 2), ("b", 3)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "scan.png").write_bytes(phantom_png(seed, 120, 100))
+    inputs = [str(tmp_path / "a" / "scan.png"), str(tmp_path / "b" / "scan.png")]
+    out = tmp_path / "out"
+    assert main(["explain", *inputs, "--out", str(out)]) == 0
+    first = _outputs(out)
+    # Two inputs of one name: two sets of files (the second with -2), none lost.
+    assert {name.split(".")[0] for name in first} == {"scan", "scan-2"}
+    assert len(first) == 4
+    assert Image.open(out / next(n for n in first if n.startswith("scan-2."))).size == (120, 100)
+    capsys.readouterr()
+    # Again: refused before any work, exit code 3, nothing touched.
+    assert main(["explain", *inputs, "--out", str(out)]) == 3
+    assert "exists (--force overwrites" in capsys.readouterr().err
+    assert _outputs(out) == first
+    assert main(["explain", *inputs, "--out", str(out), "--force"]) == 0
+    assert _outputs(out).keys() == first.keys() and _outputs(out) != first
+
+
+def test_frames_per_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    two_frames = get_testdata_file("SC_rgb_rle_2frame.dcm")
+    assert two_frames is not None
+    out = tmp_path / "out"
+    assert main(["explain", two_frames, two_frames, "--frame", "0", "--frame", "1",
+                 "--out", str(out), "--target", "nodule"]) == 0
+    first = np.asarray(Image.open(out / "SC_rgb_rle_2frame.nodule.overlay.png"))
+    second = np.asarray(Image.open(out / "SC_rgb_rle_2frame-2.nodule.overlay.png"))
+    assert first.shape == second.shape and not np.array_equal(first, second)
+    capsys.readouterr()
+    # A frame the file does not have: that input's error, on one line, exit code 1.
+    assert main(["explain", two_frames, "--frame", "7", "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {two_frames}: ") and "frame" in err[0]
+    # As many --frame as inputs, or one: anything else is a usage error (2).
+    assert main(["explain", two_frames, two_frames, two_frames, "--frame", "0", "--frame", "1",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "--frame was given 2 times for 3 inputs" in capsys.readouterr().err
+
+
+def test_an_internal_failure_is_one_line_and_exit_code_70(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import service.cli
+
+    def broken(args: object) -> None:
+        raise RuntimeError("something no one expected")
+
+    monkeypatch.setattr(service.cli, "_runtime", broken)
+    assert main(["layers"]) == 70
+    err = capsys.readouterr().err
+    assert err == ("error: internal failure: RuntimeError: something no one expected "
+                   "(-v shows where)\n")
