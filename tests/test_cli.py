@@ -158,8 +158,7 @@ def test_outputs_never_overwrite_each_other_or_old_ones(tmp_path: Path,
 
 
 def test_frames_per_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    two_frames = get_testdata_file("SC_rgb_rle_2frame.dcm")
-    assert two_frames is not None
+    two_frames = str(get_testdata_file("SC_rgb_rle_2frame.dcm"))
     out = tmp_path / "out"
     assert main(["explain", two_frames, two_frames, "--frame", "0", "--frame", "1",
                  "--out", str(out), "--target", "nodule"]) == 0
