@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.errors import ConfigError
+from service.contract.errors import ConfigError
 
 # glibc's malloc, told to keep what it has: a batch's activations (tens of MB) come
 # from the heap instead of fresh mmaps (the largest threshold glibc allows, 32 MB),

@@ -27,9 +27,20 @@ from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 
-from service.budgets import RequestBudget
-from service.errors import ConfigError, ServiceError
-from service.explain import (
+from service.contract.errors import ConfigError, ServiceError
+from service.contract.schemas import (
+    METHODS,
+    HeatmapEncoding,
+    HeatmapFormat,
+    HeatmapOptions,
+    HeatmapSize,
+    parse_explain_request,
+)
+from service.contract.settings import Settings
+from service.imaging.encoders import encode_png
+from service.imaging.render import colour_image, heatmap, overlay_image, to_uint8
+from service.pipeline.budgets import RequestBudget
+from service.pipeline.explain import (
     PreparedImage,
     choose_layer,
     dumps,
@@ -39,19 +50,8 @@ from service.explain import (
     resolve_targets,
     run,
 )
-from service.imaging.encoders import encode_png
-from service.imaging.render import colour_image, heatmap, overlay_image, to_uint8
-from service.interface import ModelInfo
-from service.schemas import (
-    METHODS,
-    HeatmapEncoding,
-    HeatmapFormat,
-    HeatmapOptions,
-    HeatmapSize,
-    parse_explain_request,
-)
 from service.server.security import AccessPolicy
-from service.settings import Settings
+from service.transport.interface import ModelInfo
 
 if TYPE_CHECKING:  # torch is imported only by the commands that run the model here
     from service.engine.runtime import Runtime

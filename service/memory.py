@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from service.errors import ErrorCode, Overloaded, PayloadTooLarge
+from service.contract.errors import ErrorCode, Overloaded, PayloadTooLarge
 
 BUDGET_FILE_ENV = "GRADCAM_MEMORY_BUDGET_FILE"
 MB = 1 << 20

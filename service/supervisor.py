@@ -27,7 +27,7 @@ touched CUDA. Here the engines and gunicorn are siblings.
   ``engine_max_restarts`` crashes in a row serve stops everything and exits 1, so
   an orchestrator restarts the pod. If gunicorn dies, serve stops the engines and
   exits 1.
-- **Hangs.** An engine whose heartbeat (``service.heartbeat``) is older than
+- **Hangs.** An engine whose heartbeat (``service.transport.heartbeat``) is older than
   ``engine_hang_restart_s`` is killed (SIGKILL also ends a stopped process) and
   restarted like a crashed one; the workers have answered 503 since its beat was
   ``engine_heartbeat_timeout_s`` old.
@@ -62,11 +62,11 @@ from types import ModuleType
 
 from service import logs
 from service.allocator import engine_allocator_env
-from service.errors import ConfigError
-from service.heartbeat import Heartbeat, heartbeat_path
-from service.interface import ENGINE_EXIT_CONFIG, ENGINE_SOCKETS_ENV
+from service.contract.errors import ConfigError
+from service.contract.settings import Settings, available_cores
 from service.memory import BUDGET_FILE_ENV, MB, MemoryBudget, default_budget_bytes, held_bytes
-from service.settings import Settings, available_cores
+from service.transport.heartbeat import Heartbeat, heartbeat_path
+from service.transport.interface import ENGINE_EXIT_CONFIG, ENGINE_SOCKETS_ENV
 
 logger = logging.getLogger("service.supervisor")
 

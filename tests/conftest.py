@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.contract.settings import Settings
 from service.engine.runtime import Runtime
-from service.settings import Settings
 from tests.helpers import LiveServer
 
 # Tests run on the CPU, on the 2 cores of the CI machine.

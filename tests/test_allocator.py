@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service import allocator
-from service.errors import ConfigError
+from service.contract.errors import ConfigError
 from tests.helpers import LiveServer
 
 

@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from service.contract.errors import DeadlineExceeded, EngineUnavailable, Overloaded
 from service.engine.batching import BatchKey, BatchStats, MicroBatcher, WorkItem
-from service.errors import DeadlineExceeded, EngineUnavailable, Overloaded
-from service.interface import Job, JobResult, wait_for
+from service.transport.interface import Job, JobResult, wait_for
 
 KEY: BatchKey = ("m", "layer")
 

@@ -10,11 +10,12 @@ import pytest
 
 from tests.helpers import LiveServer, proc_cmdline
 
-SERVER_SIDE = ["service.server.app", "service.server.routes", "service.server.engine_client",
-               "service.server.gunicorn_conf", "service.server.worker", "service.explain", "service.imaging.decoding",
-               "service.imaging.dicom", "service.imaging.geometry", "service.imaging.render",
-               "service.supervisor", "service.cli", "service.ipc", "service.interface",
-               "service.metrics", "service.schemas"]
+SERVER_SIDE = ["service.server.app", "service.server.routes", "service.server.gunicorn_conf",
+               "service.server.worker", "service.transport.engine_client",
+               "service.transport.ipc", "service.transport.interface",
+               "service.pipeline.explain", "service.imaging.decoding", "service.imaging.dicom",
+               "service.imaging.geometry", "service.imaging.render", "service.supervisor",
+               "service.cli", "service.metrics", "service.contract.schemas"]
 ENGINE_SIDE = ["service.engine.process", "service.engine.runtime", "service.engine.gradcam",
                "service.engine.models", "service.engine.layers", "service.engine.batching"]
 

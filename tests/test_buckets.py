@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 
+from service.contract.settings import Settings
 from service.engine.runtime import Runtime, bucket_for, bucket_sizes, pad_job
-from service.interface import Job
-from service.settings import Settings
+from service.transport.interface import Job
 
 
 def test_bucket_sizes_are_powers_of_two_and_the_largest_batch() -> None:

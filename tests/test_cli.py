@@ -14,7 +14,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from service.cli import main
-from service.schemas import ErrorResponse, ExplainResponse
+from service.contract.schemas import ErrorResponse, ExplainResponse
 from tests.helpers import LiveServer, encode, phantom_png
 
 

@@ -153,7 +153,7 @@ def test_compose_and_kubernetes_files_parse() -> None:
     assert env.get("GRADCAM_AUTH_EXEMPT") is None  # the default exempts exactly the probes
     assert env["GRADCAM_METRICS_PORT"] == "9100"
     assert "GRADCAM_AUTH_TOKENS" in compose["services"]["gradcam"]["environment"]
-    from service.settings import Settings
+    from service.contract.settings import Settings
 
     assert Settings().auth_exempt == "/healthz,/readyz"
 

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from service.errors import InvalidField
+from service.contract.errors import InvalidField
 from service.imaging.dicom import decode_dicom, is_dicom
 
 

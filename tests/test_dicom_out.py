@@ -18,10 +18,10 @@ import requests
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from service.contract.errors import InvalidField
+from service.contract.schemas import ExplainRequest, ExplainResponse, parse_explain_request
 from service.engine.runtime import Runtime
-from service.errors import InvalidField
-from service.explain import explain
-from service.schemas import ExplainRequest, ExplainResponse, parse_explain_request
+from service.pipeline.explain import explain
 from tests.helpers import LiveServer, encode, missing_tool
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -25,8 +25,8 @@ import pytest
 import requests
 from pydicom.data import get_testdata_file
 
-from service.dicomweb import DicomWebServers, _parts
-from service.errors import Forbidden, InvalidField
+from service.contract.errors import Forbidden, InvalidField
+from service.pipeline.dicomweb import DicomWebServers, _parts
 from tests.helpers import LiveServer, encode, missing_tool
 from tests.test_dicom_out import _valid
 

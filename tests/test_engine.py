@@ -62,7 +62,7 @@ def test_several_targets_per_image_match_single_target_calls(resnet: nn.Module) 
 
 
 def test_the_api_offers_exactly_the_engine_methods() -> None:
-    from service import schemas
+    from service.contract import schemas
 
     assert set(schemas.METHODS) == set(METHODS)
 

@@ -31,10 +31,10 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from service.contract.errors import DeadlineExceeded, Overloaded, ServiceError
 from service.engine.runtime import Runtime
-from service.errors import DeadlineExceeded, Overloaded, ServiceError
-from service.interface import Job
-from service.server.engine_client import EnginePool
+from service.transport.engine_client import EnginePool
+from service.transport.interface import Job
 from tests.helpers import LiveServer, encode, phantom_png
 
 REPO = Path(__file__).resolve().parents[1]

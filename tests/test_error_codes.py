@@ -1,4 +1,4 @@
-"""One list of error codes (``service.errors.ErrorCode``): each code has one status, the
+"""One list of error codes (``service.contract.errors.ErrorCode``): each code has one status, the
 service names codes only through the list, and the README and ``openapi.yaml`` list
 exactly these codes, each in its status's row."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from service import errors
-from service.errors import ErrorCode, ServiceError
+from service.contract import errors
+from service.contract.errors import ErrorCode, ServiceError
 from service.server.security import Unauthorized
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,12 +10,12 @@ import orjson
 import pytest
 from PIL import Image
 
+from service.contract.errors import ServiceError
+from service.contract.schemas import ExplainRequest, ExplainResponse, parse_explain_request
 from service.demo.metrics import peak_in_boxes
 from service.demo.phantom import to_uint8
 from service.engine.runtime import Runtime
-from service.errors import ServiceError
-from service.explain import dumps, explain
-from service.schemas import ExplainRequest, ExplainResponse, parse_explain_request
+from service.pipeline.explain import dumps, explain
 from tests.helpers import bomb_png, encode, phantom, phantom_png, png_bytes
 
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from service.contract.schemas import ExplainRequest
+from service.contract.settings import Settings
 from service.engine.folding import fold_batch_norms, folded_affine
 from service.engine.gradcam import METHODS, GradCAM
 from service.engine.runtime import Runtime
-from service.explain import explain
-from service.schemas import ExplainRequest
-from service.settings import Settings
+from service.pipeline.explain import explain
 from tests.helpers import encode, phantom_png, seeded_model
 
 DEMO = Path(__file__).resolve().parents[1] / "service" / "demo" / "models.toml"

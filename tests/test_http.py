@@ -16,9 +16,9 @@ import requests
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from service.contract.schemas import ExplainResponse
 from service.demo.metrics import peak_in_boxes
 from service.demo.phantom import to_uint8
-from service.schemas import ExplainResponse
 from tests.helpers import LiveServer, encode, phantom, phantom_png, png_bytes
 from tests.test_explain import image_variants
 

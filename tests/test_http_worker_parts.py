@@ -15,7 +15,7 @@ import h11
 import orjson
 import pytest
 
-from service.errors import ErrorCode
+from service.contract.errors import ErrorCode
 from service.server.access_log import LOGGED_PATH_BYTES, log_access
 from service.server.buffers import BufferBudget
 from service.server.incoming import (

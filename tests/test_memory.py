@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import Overloaded, PayloadTooLarge
+from service.contract.errors import Overloaded, PayloadTooLarge
 from service.memory import MB, MemoryBudget, RequestMemory
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from service.contract.errors import ConfigError
+from service.contract.settings import Settings, load_models_file
 from service.engine.models import load_model
-from service.errors import ConfigError
-from service.settings import Settings, load_models_file
 from tests.helpers import seeded_model
 
 

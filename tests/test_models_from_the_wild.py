@@ -18,12 +18,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
+from service.contract.errors import ConfigError
+from service.contract.schemas import ExplainRequest
+from service.contract.settings import Settings, load_models_file
 from service.engine.models import load_model
 from service.engine.runtime import Runtime
-from service.errors import ConfigError
-from service.explain import explain
-from service.schemas import ExplainRequest
-from service.settings import Settings, load_models_file
+from service.pipeline.explain import explain
 from tests.helpers import encode, phantom_png, png_bytes
 
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",

@@ -12,12 +12,12 @@ import torch
 import torchvision
 
 from service import metrics
+from service.contract.schemas import ExplainRequest, ExplainResponse
+from service.contract.settings import Settings
 from service.engine import tuning
 from service.engine.gradcam import GradCAM
 from service.engine.runtime import Runtime
-from service.explain import explain
-from service.schemas import ExplainRequest, ExplainResponse
-from service.settings import Settings
+from service.pipeline.explain import explain
 from tests.helpers import encode, phantom_png
 
 

@@ -17,14 +17,14 @@ import pytest
 from flask.testing import FlaskClient
 from PIL import Image
 
+from service.contract.errors import PayloadTooLarge
+from service.contract.schemas import METHODS, ExplainRequest, ExplainResponse
+from service.contract.settings import Settings
 from service.engine.runtime import Runtime
-from service.errors import PayloadTooLarge
-from service.explain import dumps, explain
 from service.imaging.dicom import decode_dicom
 from service.imaging.render import COLORMAP
-from service.schemas import METHODS, ExplainRequest, ExplainResponse
+from service.pipeline.explain import dumps, explain
 from service.server.app import create_app
-from service.settings import Settings
 from tests.helpers import encode, phantom_png
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

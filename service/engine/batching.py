@@ -33,9 +33,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 
-from service.errors import DeadlineExceeded, EngineUnavailable, Overloaded
-from service.interface import Job, JobResult, JobTimings
+from service.contract.errors import DeadlineExceeded, EngineUnavailable, Overloaded
 from service.logs import log_failure, where
+from service.transport.interface import Job, JobResult, JobTimings
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from service.interface import LayerInfo
+from service.transport.interface import LayerInfo
 
 # Pooling modules whose output only resamples their input: never a default.
 _POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)

@@ -20,11 +20,11 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from service.contract.errors import ConfigError
+from service.contract.settings import ModelsFile, ModelSpec
 from service.engine.checkpoints import CheckpointError, check_shapes, fit_keys, read_checkpoint
 from service.engine.layers import UnknownLayerError, default_layer, probe_layers, resolve_layer
-from service.errors import ConfigError
-from service.interface import LayerInfo, ModelInfo
-from service.settings import ModelsFile, ModelSpec
+from service.transport.interface import LayerInfo, ModelInfo
 
 logger = logging.getLogger(__name__)
 

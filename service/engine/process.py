@@ -7,7 +7,7 @@ a process that touched CUDA) and supervises it. It has no request threads:
 
 - the **receive loop** (main thread) accepts the HTTP workers' connections on a
   Unix socket, reassembles their messages (``ipc``) and queues jobs; it writes the
-  engine's heartbeat (``service.heartbeat``) several times a second;
+  engine's heartbeat (``service.transport.heartbeat``) several times a second;
 - the **model loop** (the ``MicroBatcher``'s thread) runs the batches;
 - the **send loop** encodes each finished job's reply and writes it back.
 
@@ -48,13 +48,14 @@ from typing import Any
 
 import numpy as np
 
-from service import ipc, logs
+from service import logs
+from service.contract.errors import ConfigError, Overloaded, ServiceError
+from service.contract.settings import Settings
 from service.engine.runtime import Runtime
-from service.errors import ConfigError, Overloaded, ServiceError
-from service.heartbeat import BEAT_EVERY_S, Heartbeat, heartbeat_path
-from service.interface import ENGINE_EXIT_CONFIG, ENGINE_EXIT_MODEL_LOOP_DIED, JobResult
 from service.logs import log_failure
-from service.settings import Settings
+from service.transport import ipc
+from service.transport.heartbeat import BEAT_EVERY_S, Heartbeat, heartbeat_path
+from service.transport.interface import ENGINE_EXIT_CONFIG, ENGINE_EXIT_MODEL_LOOP_DIED, JobResult
 
 # Named, not __name__: run with ``python -m`` this module is ``__main__``.
 logger = logging.getLogger("service.engine.process")

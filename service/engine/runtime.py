@@ -24,14 +24,14 @@ import torch
 from torch import Tensor
 
 from service import metrics
+from service.contract.errors import ConfigError, ServiceError
+from service.contract.settings import ModelsFile, Settings
 from service.engine.batching import BatchStats, MicroBatcher, WorkItem
 from service.engine.cuda_graphs import CudaGraph, Graph, GraphCache
 from service.engine.gradcam import GradCAM
 from service.engine.models import LoadedModel, load_model
 from service.engine.tuning import Execution, tune
-from service.errors import ConfigError, ServiceError
-from service.interface import Catalog, Job, JobResult, wait_for
-from service.settings import ModelsFile, Settings
+from service.transport.interface import Catalog, Job, JobResult, wait_for
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import ErrorCode, InvalidField, PayloadTooLarge, UnsupportedMediaType
+from service.contract.errors import ErrorCode, InvalidField, PayloadTooLarge, UnsupportedMediaType
 from service.imaging.dicom import decode_dicom, is_dicom
 from service.imaging.values import finite
 

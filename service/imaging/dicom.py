@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.errors import ErrorCode, InvalidField, UnsupportedMediaType
+from service.contract.errors import ErrorCode, InvalidField, UnsupportedMediaType
 from service.imaging.codestream import declared_size
 from service.imaging.values import finite
 

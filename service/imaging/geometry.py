@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from service.interface import Box
-from service.settings import ResizeMode
+from service.contract.settings import ResizeMode
+from service.transport.interface import Box
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.errors import ErrorCode, InvalidField
+from service.contract.errors import ErrorCode, InvalidField
 
 
 def finite(values: np.ndarray, index: int) -> np.ndarray:

@@ -17,15 +17,15 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from service import logs, metrics
-from service.errors import ErrorCode, InsufficientMemory, ServiceError
-from service.interface import Engine
+from service.contract.errors import ErrorCode, InsufficientMemory, ServiceError
+from service.contract.settings import Settings
 from service.memory import MemoryBudget
-from service.server.engine_client import EnginePool
 from service.server.routes import api, json_response
 from service.server.security import AccessPolicy, Unauthorized
 from service.server.webpage import ASSETS_PREFIX, PAGE_PATH, page
 from service.server.wsgi import thread_wait
-from service.settings import Settings
+from service.transport.engine_client import EnginePool
+from service.transport.interface import Engine
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ to the engines over their sockets.
 
 from __future__ import annotations
 
+from service.contract.settings import Settings, available_cores
 from service.logs import LOG_FORMAT, QUOTING_LIBRARIES, json_lines, withhold_warning_text
-from service.settings import Settings, available_cores
 
 settings = Settings.from_env()
 # The master and (forked from it) every worker log warnings without their text.

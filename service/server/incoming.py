@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import h11
 import orjson
 
-from service.errors import ErrorCode
+from service.contract.errors import ErrorCode
 from service.server.buffers import Reservation
 
 # Request line and headers together (431 past it), and the target alone (414).

@@ -8,14 +8,14 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
-from service.budgets import BODY_COPIES
-from service.errors import ErrorCode, Overloaded, UnsupportedMediaType
-from service.explain import dumps, explain
-from service.interface import Catalog, Engine, ModelInfo
+from service.contract.errors import ErrorCode, Overloaded, UnsupportedMediaType
+from service.contract.schemas import parse_explain_request
+from service.contract.settings import Settings
 from service.memory import RequestMemory
-from service.schemas import parse_explain_request
+from service.pipeline.budgets import BODY_COPIES
+from service.pipeline.explain import dumps, explain
 from service.server.worker import draining
-from service.settings import Settings
+from service.transport.interface import Catalog, Engine, ModelInfo
 
 api = Blueprint("api", __name__)
 

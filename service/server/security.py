@@ -27,8 +27,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from service.errors import ConfigError, ErrorCode, ServiceError
-from service.settings import Settings
+from service.contract.errors import ConfigError, ErrorCode, ServiceError
+from service.contract.settings import Settings
 
 # The shortest token accepted: guessing must be hopeless, not just slow.
 MIN_TOKEN_LENGTH = 16

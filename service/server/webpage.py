@@ -22,8 +22,8 @@ import orjson
 from flask import Blueprint, Response, request
 from werkzeug.exceptions import NotFound
 
+from service.contract.schemas import METHODS
 from service.imaging.render import COLORMAP
-from service.schemas import METHODS
 
 # Open without a token (security.AccessPolicy): the page and its own files.
 PAGE_PATH = "/"

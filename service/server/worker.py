@@ -56,14 +56,14 @@ import h11
 from gunicorn.workers.base import Worker
 
 from service import metrics
-from service.errors import ErrorCode
+from service.contract.errors import ErrorCode
+from service.contract.settings import Settings
 from service.logs import log_failure
 from service.memory import MemoryBudget
 from service.server.access_log import log_access
 from service.server.buffers import BufferBudget
 from service.server.incoming import Incoming, Refusal, Step
 from service.server.wsgi import Answer, Peer, environ_for, failed_answer, run_app
-from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from urllib.parse import unquote_to_bytes
 
 import h11
 
-from service.errors import ErrorCode
+from service.contract.errors import ErrorCode
 from service.logs import log_failure
 from service.server.incoming import error_body
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from pydicom.data import get_testdata_file
 
+from service.contract.schemas import ExplainRequest
+from service.contract.settings import Settings
 from service.engine.runtime import Runtime
-from service.explain import explain
-from service.schemas import ExplainRequest
-from service.settings import Settings
+from service.pipeline.explain import explain
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

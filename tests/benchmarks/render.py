@@ -28,13 +28,13 @@ import orjson
 from PIL import Image
 from timing import median_ms
 
+from service.contract.schemas import HeatmapOptions
 from service.demo.phantom import sample_phantom, to_uint8
-from service.explain import PreparedImage, draw_heatmap
 from service.imaging.encoders import encode_image
 from service.imaging.geometry import fit_geometry
 from service.imaging.render import COLORMAP, OVERLAY_MAX_OPACITY, heatmap
-from service.interface import ModelInfo
-from service.schemas import HeatmapOptions
+from service.pipeline.explain import PreparedImage, draw_heatmap
+from service.transport.interface import ModelInfo
 
 
 def _float_path(cam: np.ndarray, prepared: PreparedImage, fmt: str) -> str:

@@ -8,7 +8,7 @@ A client process (this one) sends a request of numpy arrays to an "echo engine"
 process, started with multiprocessing's ``spawn`` context (a fresh interpreter, no
 torch), which replies with arrays of the size a classifier would return. Transports:
 
-* ``unix``: exactly what the service ships, ``service.ipc``: ``encode`` (``<II``
+* ``unix``: exactly what the service ships, ``service.transport.ipc``: ``encode`` (``<II``
   prefix, orjson header, raw frames), ``send_message`` (one ``sendmsg`` of
   memoryviews) and ``MessageReader`` (``recv_into`` straight into ``np.empty``
   arrays) after ``select.poll`` says readable, on non-blocking sockets on both
@@ -36,7 +36,7 @@ recomputes and compares bit for bit, so no transport passes with stale or trunca
 data. The engine reads no payload otherwise: the numbers are transport cost only.
 Prints a Markdown table of p50/p99 round-trip ms and "MB/s in" = request bytes
 (10⁶) / p50, then, per ``--threaded-sndbuf``, the throughput of case 1 from 1 and
-from ``--threads`` threads sharing ONE ``service.ipc`` socket (a lock around
+from ``--threads`` threads sharing ONE ``service.transport.ipc`` socket (a lock around
 ``send_message``, a polling reader thread resolving futures by request id, as the
 worker's ``EngineConnection``). Progress goes to stderr, results to stdout. Takes
 about 10 s; needs the service installed (``pip install -e .``), pyzmq and msgpack.
@@ -71,7 +71,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from service import ipc
+from service.transport import ipc
 
 Array = npt.NDArray[Any]
 Spec = tuple[tuple[int, ...], str]
@@ -281,7 +281,7 @@ class UnixTransport:
         path = os.path.join(workdir, f"unix-{sndbuf}.sock")
         self.process = _spawn(_unix_engine, path, sndbuf)
         self.sock = ipc.connect(path)
-        self.name = f"unix (service.ipc), {_tune(self.sock, sndbuf)}"
+        self.name = f"unix (service.transport.ipc), {_tune(self.sock, sndbuf)}"
         self.reader, self.poller = ipc.MessageReader(), select.poll()
         self.poller.register(self.sock, select.POLLIN)
         self.ids = itertools.count()
@@ -410,7 +410,7 @@ Transport = UnixTransport | ZmqTransport | ShmTransport | QueueTransport
 
 
 class ThreadedUnixClient:
-    """Many threads, ONE service.ipc socket: a lock around send_message, a polling reader."""
+    """Many threads, ONE ipc socket: a lock around send_message, a polling reader."""
 
     def __init__(self, path: str, sndbuf: int) -> None:
         self.sock = ipc.connect(path)
@@ -526,7 +526,7 @@ def bench_threaded(workdir: str, threads: int, trips: int, sndbuf: int) -> list[
             elapsed = time.perf_counter() - started
             p50, p99 = np.percentile(np.concatenate(latencies), [50, 99]) * 1e3
             lines.append(
-                f"threaded unix (service.ipc, {client.label}), case 1,"
+                f"threaded unix (service.transport.ipc, {client.label}), case 1,"
                 f" {count} thread(s) × {trips} trips, one socket + reader thread:"
                 f" **{count * trips / elapsed:,.0f} round trips/s** total"
                 f" (per request p50 {p50:.3f} ms, p99 {p99:.3f} ms)")

@@ -14,15 +14,15 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
+from service.contract.errors import InvalidField, PayloadTooLarge, UnsupportedMediaType
+from service.contract.schemas import ExplainRequest
+from service.contract.settings import Settings
 from service.engine.runtime import Runtime
-from service.errors import InvalidField, PayloadTooLarge, UnsupportedMediaType
-from service.explain import explain, resolve_targets
 from service.imaging.codestream import declared_size
 from service.imaging.decoding import decode_image
 from service.imaging.geometry import fit_geometry, to_model_pixels
 from service.imaging.render import resample
-from service.schemas import ExplainRequest
-from service.settings import Settings
+from service.pipeline.explain import explain, resolve_targets
 from tests.helpers import encode, phantom_png
 
 

@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from service.contract.errors import ServiceError
+from service.contract.schemas import parse_explain_request
+from service.contract.settings import Settings
 from service.engine.runtime import Runtime
-from service.errors import ServiceError
-from service.explain import explain
 from service.imaging.decoding import decode_image
-from service.schemas import parse_explain_request
-from service.settings import Settings
+from service.pipeline.explain import explain
 from tests.helpers import phantom_png
 
 LIMITS = Settings(max_image_pixels=4_000_000, max_request_pixels=8_000_000)

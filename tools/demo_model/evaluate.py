@@ -26,8 +26,8 @@ from service.engine.gradcam import METHODS
 from service.engine.runtime import Runtime
 from service.imaging.geometry import to_model_pixels
 from service.imaging.render import heatmap
-from service.interface import Job
-from service.settings import DEMO_MODELS_FILE, Settings
+from service.transport.interface import Job
+from service.contract.settings import DEMO_MODELS_FILE, Settings
 
 CARD_PATH = Path(__file__).resolve().parents[2] / "service" / "demo" / "MODEL_CARD.md"
 EVALUATION_SEED = 2026

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from service.errors import (
+from service.contract.errors import (
     BadGateway,
     DeadlineExceeded,
     ErrorCode,

@@ -28,10 +28,10 @@ from pydantic import (
     model_validator,
 )
 
-from service.errors import ConfigError
+from service.contract.errors import ConfigError
 
 ResizeMode = Literal["stretch", "letterbox", "crop"]
-DEMO_MODELS_FILE = Path(__file__).resolve().parent / "demo" / "models.toml"
+DEMO_MODELS_FILE = Path(__file__).resolve().parents[1] / "demo" / "models.toml"
 
 
 class ModelSpec(BaseModel):

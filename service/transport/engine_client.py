@@ -9,7 +9,7 @@ When an engine dies its socket reaches EOF at once: every request waiting on it
 fails with ``EngineUnavailable`` (503) right away, new ones get the same answer
 until the restarted engine accepts the reconnection (the reader retries every
 ``_RECONNECT_S``). An engine that is alive but does not run (stopped, wedged) keeps
-its socket open: its heartbeat (``service.heartbeat``) goes stale instead, and then
+its socket open: its heartbeat (``service.transport.heartbeat``) goes stale instead, and then
 new requests get the same 503 at once, and the reader fails those waiting, until
 the beat comes back or the supervisor replaces the engine.
 
@@ -33,17 +33,18 @@ from typing import Any
 
 import numpy as np
 
-from service import ipc, metrics
-from service.errors import EngineUnavailable, ServiceError
-from service.heartbeat import BEAT_EVERY_S, Heartbeat, heartbeat_path
-from service.interface import (
+from service import metrics
+from service.contract.errors import EngineUnavailable, ServiceError
+from service.logs import log_failure
+from service.transport import ipc
+from service.transport.heartbeat import BEAT_EVERY_S, Heartbeat, heartbeat_path
+from service.transport.interface import (
     ENGINE_SOCKETS_ENV,
     Catalog,
     Job,
     JobResult,
     wait_for,
 )
-from service.logs import log_failure
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,22 @@ import orjson
 from PIL import Image
 
 from service import metrics
-from service.budgets import RequestBudget
-from service.dicomweb import DicomWebServers, InstanceRef, fetch_instance, store
-from service.errors import ClientClosed, DeadlineExceeded, ErrorCode, InvalidField, PayloadTooLarge
+from service.contract.errors import (
+    ClientClosed,
+    DeadlineExceeded,
+    ErrorCode,
+    InvalidField,
+    PayloadTooLarge,
+)
+from service.contract.schemas import (
+    DICOM_FORMATS,
+    ClassRef,
+    DicomWebImage,
+    ExplainRequest,
+    HeatmapOptions,
+    TargetSpec,
+)
+from service.contract.settings import Settings
 from service.imaging.decoding import Admit, decode_base64, decode_image
 from service.imaging.dicom import describe_dicom, is_dicom, read_header
 from service.imaging.dicom_out import (
@@ -48,18 +61,11 @@ from service.imaging.render import (
     to_rgb_image,
     to_uint8,
 )
-from service.interface import Box, Engine, Job, ModelInfo, class_order
 from service.logs import log_failure
 from service.memory import RequestMemory
-from service.schemas import (
-    DICOM_FORMATS,
-    ClassRef,
-    DicomWebImage,
-    ExplainRequest,
-    HeatmapOptions,
-    TargetSpec,
-)
-from service.settings import Settings
+from service.pipeline.budgets import RequestBudget
+from service.pipeline.dicomweb import DicomWebServers, InstanceRef, fetch_instance, store
+from service.transport.interface import Box, Engine, Job, ModelInfo, class_order
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset

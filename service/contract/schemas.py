@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.errors import BadRequest, ErrorCode, InvalidField
+from service.contract.errors import BadRequest, ErrorCode, InvalidField
 
 Method = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 METHODS: tuple[str, ...] = get_args(Method)  # the engine's formulas; a test keeps them equal

@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.errors import ErrorCode, ServiceError
-from service.interface import Job, JobResult, JobTimings
+from service.contract.errors import ErrorCode, ServiceError
+from service.transport.interface import Job, JobResult, JobTimings
 
 PREFIX = struct.Struct("<II")
 # Generous bounds that still stop a corrupt stream from allocating absurd memory.

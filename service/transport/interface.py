@@ -26,8 +26,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.errors import ClientClosed, DeadlineExceeded, UnknownModel
-from service.settings import ResizeMode
+from service.contract.errors import ClientClosed, DeadlineExceeded, UnknownModel
+from service.contract.settings import ResizeMode
 
 # How `gradcam-service serve` tells the HTTP workers where the engines listen:
 # their Unix socket paths, os.pathsep-separated.

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from service.errors import ErrorCode, PayloadTooLarge
-from service.interface import ModelInfo
+from service.contract.errors import ErrorCode, PayloadTooLarge
+from service.contract.schemas import HeatmapOptions
+from service.contract.settings import Settings
 from service.memory import RequestMemory
-from service.schemas import HeatmapOptions
-from service.settings import Settings
+from service.transport.interface import ModelInfo
 
 # Bytes of memory per pixel (per value for arrays), upper bounds (module text).
 BODY_COPIES = 2  # the parsed JSON's strings and one image's decoded bytes, beside the body

@@ -1,0 +1,1 @@
+"""The contract: request and response models, error codes, settings (no torch, no Flask)."""
