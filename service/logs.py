@@ -26,6 +26,9 @@ from datetime import UTC, datetime
 
 import orjson
 
+from service.contract.errors import ConfigError
+from service.contract.settings import Settings
+
 # Set per request by the app; "-" outside a request (start-up, the batcher thread).
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -104,8 +107,12 @@ class JsonFormatter(logging.Formatter):
 
 
 def json_lines() -> bool:
-    """Whether ``GRADCAM_LOG_FORMAT`` asks for JSON lines (validated by the settings)."""
-    return os.environ.get("GRADCAM_LOG_FORMAT", "text").strip().lower() == "json"
+    """Whether the settings (``GRADCAM_LOG_FORMAT``) ask for JSON lines: read where every
+    other setting is read, so a value means the same everywhere."""
+    try:
+        return Settings.from_env().log_format == "json"
+    except ConfigError:
+        return False  # the settings' own check stops the process, naming the variable
 
 
 def configure(level: str = "INFO") -> None:
