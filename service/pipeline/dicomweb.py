@@ -162,7 +162,7 @@ def _parts(content_type: str, body: bytes) -> list[bytes]:
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
         b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
     found = []
-    for part in message.iter_parts():  # type: ignore[attr-defined]
+    for part in message.iter_parts():
         payload = part.get_payload(decode=True)
         if payload:
             found.append(bytes(payload))

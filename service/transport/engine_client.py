@@ -131,7 +131,8 @@ class EngineConnection:
         request_id, future = self._register("header")
         self._send(request_id, ipc.encode({"op": op, "id": request_id}))
         try:
-            return future.result(timeout_s)
+            answer: dict[str, Any] = future.result(timeout_s)
+            return answer
         except TimeoutError:
             self._forget(request_id)
             raise EngineUnavailable(f"The engine did not answer '{op}' within "

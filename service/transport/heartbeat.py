@@ -68,7 +68,7 @@ class Heartbeat:
     def age_s(self) -> float:
         """Seconds since the last beat."""
         (beat,) = _FIELD.unpack_from(self._map, 0)
-        return max(0.0, (time.monotonic_ns() - beat) / 1e9)
+        return max(0.0, (time.monotonic_ns() - int(beat)) / 1e9)
 
     def answered(self) -> int:
         """Jobs the engine has answered since it started."""

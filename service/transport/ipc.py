@@ -193,10 +193,13 @@ class MessageReader:
 
 def _parse_header(raw: bytes, frame_count: int) -> dict[str, Any]:
     try:
-        header = orjson.loads(raw)
+        parsed = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
         raise ProtocolError(f"header is not JSON: {error}") from None
-    specs = header.get("frames") if isinstance(header, dict) else None
+    if not isinstance(parsed, dict):
+        raise ProtocolError("header is not a JSON object")
+    header: dict[str, Any] = parsed
+    specs = header.get("frames")
     if not isinstance(specs, list) or len(specs) != frame_count:
         raise ProtocolError("header does not describe its frames")
     total = 0
@@ -236,7 +239,7 @@ def encode_job(request_id: int, job: Job, deadline: float) -> list[memoryview]:
 def decode_job(header: dict[str, Any], frames: Sequence[np.ndarray]) -> Job:
     boxes = [tuple(box) if box is not None else None for box in header["boxes"]]
     return Job(model=str(header["model"]), layer=str(header["layer"]), images=list(frames),
-               boxes=boxes,  # type: ignore[arg-type]
+               boxes=boxes,
                targets=[list(t) for t in header["targets"]],
                methods=[str(m) for m in header["methods"]])
 
