@@ -17,15 +17,22 @@ from service.contract.errors import ConfigError
 # freed memory stays for the next batch (trim at 4 GB) and the heap grows in 256 MB
 # steps. Without it the engine spent 22-27 % of its CPU in page faults (README,
 # "Performance"); the memory budget counts the engine at its peak in any case.
-GLIBC_KEEP_PAGES = ("glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold="
-                    "4294967296:glibc.malloc.top_pad=268435456")
+GLIBC_KEEP_PAGES = (
+    "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold="
+    "4294967296:glibc.malloc.top_pad=268435456"
+)
 TCMALLOC = "libtcmalloc_minimal.so.4"
 
 
 def tcmalloc_path() -> str | None:
     """The installed tcmalloc (Debian's libtcmalloc-minimal4), if any."""
-    for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
-                   "/usr/lib", "/usr/local/lib"):
+    for folder in (
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+        "/usr/local/lib",
+    ):
         candidate = Path(folder) / TCMALLOC
         if candidate.exists():
             return str(candidate)
@@ -41,6 +48,8 @@ def engine_allocator_env(choice: str, env: dict[str, str]) -> dict[str, str]:
     if found is not None:
         return {"LD_PRELOAD": found}
     if choice == "tcmalloc":
-        raise ConfigError(f"GRADCAM_ENGINE_ALLOCATOR=tcmalloc: {TCMALLOC} is not installed "
-                          "(Debian: apt-get install libtcmalloc-minimal4)")
+        raise ConfigError(
+            f"GRADCAM_ENGINE_ALLOCATOR=tcmalloc: {TCMALLOC} is not installed "
+            "(Debian: apt-get install libtcmalloc-minimal4)"
+        )
     return {"GLIBC_TUNABLES": GLIBC_KEEP_PAGES}

@@ -111,8 +111,10 @@ _OUTPUT_KINDS = ("overlay", "heatmap")
 
 
 def _output_paths(out: Path, stem: str, labels: Sequence[str]) -> list[tuple[Path, Path]]:
-    return [(out / f"{stem}.{_safe(label)}.overlay.png",
-             out / f"{stem}.{_safe(label)}.heatmap.png") for label in labels]
+    return [
+        (out / f"{stem}.{_safe(label)}.overlay.png", out / f"{stem}.{_safe(label)}.heatmap.png")
+        for label in labels
+    ]
 
 
 def _refuse_existing(out: Path, stems: Sequence[str]) -> None:
@@ -124,19 +126,23 @@ def _refuse_existing(out: Path, stems: Sequence[str]) -> None:
         for stem in stems:
             rest = entry.name.removeprefix(stem + ".")
             label, _, kind = rest.partition(".")
-            if rest != entry.name and label == _safe(label) and \
-                    kind in {f"{k}.png" for k in _OUTPUT_KINDS}:
-                raise OutputExists(f"{entry} exists (--force overwrites, or choose another "
-                                   "--out)")
+            if (
+                rest != entry.name
+                and label == _safe(label)
+                and kind in {f"{k}.png" for k in _OUTPUT_KINDS}
+            ):
+                raise OutputExists(f"{entry} exists (--force overwrites, or choose another --out)")
 
 
-def _write_outputs(result: dict, prepared: PreparedImage, cams: Sequence,
-                   paths: Sequence[tuple[Path, Path]]) -> list[str]:
+def _write_outputs(
+    result: dict, prepared: PreparedImage, cams: Sequence, paths: Sequence[tuple[Path, Path]]
+) -> list[str]:
     written = []
     base = prepared.display
     assert base is not None  # prepared with keep_display
-    for explanation, cam, (overlay_path, heatmap_path) in zip(result["explanations"], cams,
-                                                               paths, strict=True):
+    for explanation, cam, (overlay_path, heatmap_path) in zip(
+        result["explanations"], cams, paths, strict=True
+    ):
         heat = heatmap(cam, prepared.geometry, "original")
         levels = to_uint8(heat)
         overlay_path.write_bytes(encode_png(np.asarray(overlay_image(base, levels))))
@@ -164,9 +170,21 @@ def _explain_files(args: argparse.Namespace, runtime: Runtime) -> int:
             # Each file is its own request: the per-image limits apply, not a total.
             budget = RequestBudget(runtime.settings, model, layer, options)
             admit = partial(budget.admit_image, i, explanations=len(targets or [None]))
-            prepared.append((path, stems[i], prepare_image(
-                path.read_bytes(), i, model, admit, resolve_targets(targets, model, i),
-                frame=frames[i], keep_display=True)))
+            prepared.append(
+                (
+                    path,
+                    stems[i],
+                    prepare_image(
+                        path.read_bytes(),
+                        i,
+                        model,
+                        admit,
+                        resolve_targets(targets, model, i),
+                        frame=frames[i],
+                        keep_display=True,
+                    ),
+                )
+            )
         except (OSError, ServiceError) as error:
             message = error.message if isinstance(error, ServiceError) else error.strerror
             print(f"error: {path}: {message}", file=sys.stderr)
@@ -177,14 +195,13 @@ def _explain_files(args: argparse.Namespace, runtime: Runtime) -> int:
 
         progress = tqdm(total=len(prepared), unit="image", file=sys.stderr)
     for start in range(0, len(prepared), _CHUNK):
-        chunk = prepared[start:start + _CHUNK]
+        chunk = prepared[start : start + _CHUNK]
         deadline = time.monotonic() + runtime.settings.request_timeout_s
         results = run(runtime, model, layer, args.method, [p for _, _, p in chunk], deadline)
         for (path, stem, item), result in zip(chunk, results, strict=True):
             body = render_result(result, model, args.top_k, options)
             scores = ", ".join(f"{p['label']} {p['score']:.3f}" for p in body["predictions"])
-            paths = _output_paths(out, stem,
-                                  [e["target"]["label"] for e in body["explanations"]])
+            paths = _output_paths(out, stem, [e["target"]["label"] for e in body["explanations"]])
             lines = _write_outputs(body, item, result.cams, paths)
             message = f"{path}: {scores}\n" + "".join(f"  {line}\n" for line in lines)
             if progress is not None:
@@ -204,8 +221,10 @@ def _frames(given: list[int] | None, n: int) -> list[int | None]:
     if len(given) == 1:
         return [given[0]] * n
     if len(given) != n:
-        raise Usage(f"--frame was given {len(given)} times for {n} inputs: give it once "
-                    "(every input) or once per input")
+        raise Usage(
+            f"--frame was given {len(given)} times for {n} inputs: give it once "
+            "(every input) or once per input"
+        )
     return list(given)
 
 
@@ -215,13 +234,17 @@ class Usage(Exception):
 
 def _layers(args: argparse.Namespace, runtime: Runtime) -> int:
     model = runtime.catalog().get(args.model)
-    print(f"model '{model.name}' ({model.arch}), input {model.channels}×"
-          f"{model.input_size[0]}×{model.input_size[1]}; * = default layer")
+    print(
+        f"model '{model.name}' ({model.arch}), input {model.channels}×"
+        f"{model.input_size[0]}×{model.input_size[1]}; * = default layer"
+    )
     width = max(len(layer.name) for layer in model.layers)
     for layer in model.layers:
         mark = "*" if layer.name == model.default_layer else " "
-        print(f"{mark} {layer.name:<{width}}  {layer.kind:<20} "
-              f"{layer.channels}×{layer.height}×{layer.width}")
+        print(
+            f"{mark} {layer.name:<{width}}  {layer.kind:<20} "
+            f"{layer.channels}×{layer.height}×{layer.width}"
+        )
     return 0
 
 
@@ -232,9 +255,15 @@ def _serve(args: argparse.Namespace) -> int:
     multiprocess folder (prometheus_client reads it at import) and nothing this
     command imported stays in memory.
     """
-    overrides = {"models_file": args.models, "device": args.device, "host": args.host,
-                 "port": args.port, "workers": args.workers, "threads": args.threads,
-                 "engines": args.engines}
+    overrides = {
+        "models_file": args.models,
+        "device": args.device,
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "threads": args.threads,
+        "engines": args.engines,
+    }
     # A bad flag, variable or tokens file stops here, with its name.
     AccessPolicy(Settings.from_env(**overrides))
     env = dict(os.environ)
@@ -251,18 +280,33 @@ def _body(args: argparse.Namespace) -> int:
     """Print a request body for image files: valid against the request schema, so a
     server only has its own checks left (model, labels, sizes)."""
     try:
-        images = [base64.b64encode(sys.stdin.buffer.read() if name == "-"
-                                   else Path(name).read_bytes()).decode("ascii")
-                  for name in args.images]
+        images = [
+            base64.b64encode(
+                sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+            ).decode("ascii")
+            for name in args.images
+        ]
     except OSError as error:
         print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
         return 2
-    heatmap = {key: value for key, value in (("format", args.format), ("size", args.size),
-                                              ("encoding", args.encoding)) if value}
-    fields = {"model": args.model, "method": args.method, "layer": args.layer,
-              "top_k": args.top_k, "frame": args.frame, "heatmap": heatmap or None,
-              "targets": [[_target_ref(t) for t in args.target]] * len(images)
-              if args.target else None}
+    heatmap = {
+        key: value
+        for key, value in (
+            ("format", args.format),
+            ("size", args.size),
+            ("encoding", args.encoding),
+        )
+        if value
+    }
+    fields = {
+        "model": args.model,
+        "method": args.method,
+        "layer": args.layer,
+        "top_k": args.top_k,
+        "frame": args.frame,
+        "heatmap": heatmap or None,
+        "targets": [[_target_ref(t) for t in args.target]] * len(images) if args.target else None,
+    }
     body = {"images": images, **{k: v for k, v in fields.items() if v is not None}}
     try:
         parse_explain_request(dumps(body))
@@ -279,10 +323,12 @@ def _body(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gradcam-service", description=__doc__.splitlines()[0],
+        prog="gradcam-service",
+        description=__doc__.splitlines()[0],
         epilog="exit codes: 0 done; 1 some inputs got an error (each on one line), the others "
         "done; 2 bad usage, settings or models file; 3 an output file exists (--force); "
-        "70 internal failure; 130 interrupted")
+        "70 internal failure; 130 interrupted",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -294,29 +340,48 @@ def _parser() -> argparse.ArgumentParser:
 
     explain_p = sub.add_parser("explain", help="explain images (files or a JSON request)")
     explain_p.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...)")
-    explain_p.add_argument("--request", help="a POST /v1/explain body (a file, or - for stdin); "
-                           "prints the JSON response")
+    explain_p.add_argument(
+        "--request",
+        help="a POST /v1/explain body (a file, or - for stdin); prints the JSON response",
+    )
     common(explain_p)
     explain_p.add_argument("--layer", help="target layer (dotted name); default: the model's")
     explain_p.add_argument("--method", choices=METHODS, default="gradcam")
-    explain_p.add_argument("--target", action="append",
-                           help="class index or label to explain (repeat for several); "
-                           "default: the top-1 class")
+    explain_p.add_argument(
+        "--target",
+        action="append",
+        help="class index or label to explain (repeat for several); default: the top-1 class",
+    )
     explain_p.add_argument("--top-k", type=int, default=5, help="predictions to print")
     explain_p.add_argument("--out", default="gradcam-out", help="folder for the PNGs")
-    explain_p.add_argument("--frame", type=int, action="append",
-                           help="frame of multi-frame images (DICOM): once for every input, or "
-                           "repeated once per input; default: each file's own default")
-    explain_p.add_argument("--force", action="store_true",
-                           help="overwrite output files that exist (default: stop, exit code 3)")
+    explain_p.add_argument(
+        "--frame",
+        type=int,
+        action="append",
+        help="frame of multi-frame images (DICOM): once for every input, or "
+        "repeated once per input; default: each file's own default",
+    )
+    explain_p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite output files that exist (default: stop, exit code 3)",
+    )
 
-    body_p = sub.add_parser("body", help="print a POST /v1/explain body for image files "
-                            "(for curl --data-binary @file, locust, other clients)")
-    body_p.add_argument("images", nargs="+", help="image files (PNG, JPEG, DICOM, ...; - reads "
-                        "one from stdin)")
+    body_p = sub.add_parser(
+        "body",
+        help="print a POST /v1/explain body for image files "
+        "(for curl --data-binary @file, locust, other clients)",
+    )
+    body_p.add_argument(
+        "images", nargs="+", help="image files (PNG, JPEG, DICOM, ...; - reads one from stdin)"
+    )
     body_p.add_argument("--model", help="model name; default: the server's default")
-    body_p.add_argument("--target", action="append", help="class index or label to explain for "
-                        "every image (repeat for several); default: the top-1 class")
+    body_p.add_argument(
+        "--target",
+        action="append",
+        help="class index or label to explain for "
+        "every image (repeat for several); default: the top-1 class",
+    )
     body_p.add_argument("--method", choices=METHODS)
     body_p.add_argument("--layer", help="target layer (dotted name); default: the model's")
     body_p.add_argument("--format", choices=get_args(HeatmapFormat), help="default png")
@@ -331,14 +396,15 @@ def _parser() -> argparse.ArgumentParser:
 
     serve_p = sub.add_parser("serve", help="run the HTTP API on gunicorn")
     common(serve_p)
-    serve_p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in a "
-                         "container)")
+    serve_p.add_argument(
+        "--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in a container)"
+    )
     serve_p.add_argument("--port", type=int, help="default 8000")
-    serve_p.add_argument("--workers", type=int, help="HTTP worker processes; default: one per "
-                         "core")
+    serve_p.add_argument("--workers", type=int, help="HTTP worker processes; default: one per core")
     serve_p.add_argument("--threads", type=int, help="request threads per HTTP worker; default 16")
-    serve_p.add_argument("--engines", type=int, help="engine processes; default: one per GPU, "
-                         "or one on the CPU")
+    serve_p.add_argument(
+        "--engines", type=int, help="engine processes; default: one per GPU, or one on the CPU"
+    )
     return parser
 
 
@@ -358,8 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "body":  # no model, no logging: just the JSON
         return _body(args)
     verbose = bool(getattr(args, "verbose", False))
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.command == "explain" and bool(args.request) == bool(args.images):
         parser.error("explain takes image files or --request, not both and not neither")
     try:
@@ -370,8 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # one line, not a traceback; -v for the traceback
         if verbose:
             logging.getLogger(__name__).exception("internal failure")
-        print(f"error: internal failure: {type(error).__name__}: {error} (-v shows where)",
-              file=sys.stderr)
+        print(
+            f"error: internal failure: {type(error).__name__}: {error} (-v shows where)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

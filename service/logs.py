@@ -63,25 +63,45 @@ def where(error: BaseException) -> str:
     """Where ``error`` was raised, as ``file:line in function`` frames, innermost last;
     code locations only (no values, no message)."""
     frames = traceback.extract_tb(error.__traceback__)[-6:]
-    return " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}"
-                       for f in reversed(frames)) or "-"
+    return (
+        " <- ".join(
+            f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}" for f in reversed(frames)
+        )
+        or "-"
+    )
 
 
-def log_failure(log: logging.Logger, what: str, error: BaseException,
-                level: int = logging.ERROR) -> None:
+def log_failure(
+    log: logging.Logger, what: str, error: BaseException, level: int = logging.ERROR
+) -> None:
     """``what`` failed with ``error``: its type, code and place, never its text."""
     code = getattr(error, "code", None)
     cause = error.__cause__ or error.__context__
-    log.log(level, "%s: %s%s at %s%s", what, type(error).__name__,
-            f" ({code})" if isinstance(code, str) else "", where(error),
-            f"; caused by {type(cause).__name__} at {where(cause)}" if cause is not None else "")
+    log.log(
+        level,
+        "%s: %s%s at %s%s",
+        what,
+        type(error).__name__,
+        f" ({code})" if isinstance(code, str) else "",
+        where(error),
+        f"; caused by {type(cause).__name__} at {where(cause)}" if cause is not None else "",
+    )
 
 
-def _withheld_warning(message: Warning | str, category: type[Warning], filename: str,
-                      lineno: int, file: object = None, line: str | None = None) -> None:
+def _withheld_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
     logging.getLogger("py.warnings").warning(
-        "%s at %s:%d (text withheld: it may quote request data)", category.__name__,
-        os.path.basename(filename), lineno)
+        "%s at %s:%d (text withheld: it may quote request data)",
+        category.__name__,
+        os.path.basename(filename),
+        lineno,
+    )
 
 
 def withhold_warning_text() -> None:

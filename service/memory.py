@@ -99,8 +99,9 @@ def held_bytes(supervisor: int, master: int | None, engines: list[int]) -> int:
     """What serve's processes hold now: each resident size, the engines at their peak
     (``VmHWM``: their batches come and go)."""
     pids = [supervisor] + ([master, *children(master)] if master is not None else [])
-    return (sum(resident_bytes(pid) for pid in pids)
-            + sum(resident_bytes(pid, peak=True) for pid in engines))
+    return sum(resident_bytes(pid) for pid in pids) + sum(
+        resident_bytes(pid, peak=True) for pid in engines
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -268,10 +269,13 @@ class RequestMemory:
                 f"This request would need about {total_bytes // MB} MB of memory; the server "
                 f"has {max(0, room) // MB} MB for requests (GRADCAM_MEMORY_BUDGET_MB). Send "
                 "fewer or smaller images, or ask for smaller heatmaps.",
-                code=ErrorCode.OVER_MEMORY_BUDGET)
-        raise Overloaded(f"The server's memory budget is taken by other requests (this one "
-                         f"needs about {total_bytes // MB} MB); retry shortly.",
-                         retry_after_s=2)
+                code=ErrorCode.OVER_MEMORY_BUDGET,
+            )
+        raise Overloaded(
+            f"The server's memory budget is taken by other requests (this one "
+            f"needs about {total_bytes // MB} MB); retry shortly.",
+            retry_after_s=2,
+        )
 
     def release(self) -> None:
         if self.budget is not None and self.reserved:
@@ -281,6 +285,10 @@ class RequestMemory:
     def __enter__(self) -> RequestMemory:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self.release()

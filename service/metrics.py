@@ -34,57 +34,81 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 REQUEST_DURATION = Histogram(
-    "gradcam_request_duration_seconds", "HTTP request latency, by route template and status.",
-    ["route", "method", "status"], buckets=_LATENCY_BUCKETS)
+    "gradcam_request_duration_seconds",
+    "HTTP request latency, by route template and status.",
+    ["route", "method", "status"],
+    buckets=_LATENCY_BUCKETS,
+)
 STAGE_DURATION = Histogram(
     "gradcam_stage_duration_seconds",
     "Time per request in each stage: thread_wait (for an HTTP worker thread), decode (and "
     "fit to the model), queue_wait (for the model), compute, transport (to and from the "
     "engine, beyond queue_wait and compute), render.",
-    ["stage"], buckets=_LATENCY_BUCKETS)
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+)
 BATCH_DURATION = Histogram(
     "gradcam_batch_duration_seconds",
     "Engine time per batch (forward, backward, CAM maths, copy back).",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
 ENGINE_IDLE = Counter(
     "gradcam_engine_idle_seconds_total",
-    "Seconds the engines' model loops waited with no request queued (1 - its rate: busy).")
+    "Seconds the engines' model loops waited with no request queued (1 - its rate: busy).",
+)
 BATCH_SIZE = Histogram(
-    "gradcam_batch_size_images", "Images per engine call (micro-batch).",
-    buckets=_BATCH_BUCKETS)
+    "gradcam_batch_size_images", "Images per engine call (micro-batch).", buckets=_BATCH_BUCKETS
+)
 QUEUE_DEPTH = Gauge(
-    "gradcam_queue_depth", "Requests waiting for the model, summed over live engines.",
-    multiprocess_mode="livesum")
+    "gradcam_queue_depth",
+    "Requests waiting for the model, summed over live engines.",
+    multiprocess_mode="livesum",
+)
 WAITING_FOR_THREAD = Gauge(
     "gradcam_requests_waiting_for_thread",
     "Requests an HTTP worker has read but not yet given a thread, summed over live workers.",
-    multiprocess_mode="livesum")
+    multiprocess_mode="livesum",
+)
 IN_FLIGHT = Gauge(
-    "gradcam_requests_in_flight", "HTTP requests being handled, summed over live workers.",
-    multiprocess_mode="livesum")
-ERRORS = Counter(
-    "gradcam_errors_total", "Error responses, by stable error code.", ["code"])
+    "gradcam_requests_in_flight",
+    "HTTP requests being handled, summed over live workers.",
+    multiprocess_mode="livesum",
+)
+ERRORS = Counter("gradcam_errors_total", "Error responses, by stable error code.", ["code"])
 IMAGES_EXPLAINED = Counter(
-    "gradcam_images_explained_total", "Images explained, by model.", ["model"])
+    "gradcam_images_explained_total", "Images explained, by model.", ["model"]
+)
 ENGINE_RESTARTS = Counter(
-    "gradcam_engine_restarts_total", "Engine processes that exited and were restarted.")
+    "gradcam_engine_restarts_total", "Engine processes that exited and were restarted."
+)
 MODEL_LOAD_SECONDS = Gauge(
-    "gradcam_model_load_seconds", "Time a worker took to load each model.", ["model"],
-    multiprocess_mode="max")
+    "gradcam_model_load_seconds",
+    "Time a worker took to load each model.",
+    ["model"],
+    multiprocess_mode="max",
+)
 PRECISION_FALLBACKS = Counter(
     "gradcam_precision_fallbacks_total",
     "Models asked to run in bfloat16 that failed the fidelity check and run in float32.",
-    ["model"])
+    ["model"],
+)
 CUDA_GRAPH_FALLBACKS = Counter(
     "gradcam_cuda_graph_fallbacks_total",
     "(model, layer, method, batch size) keys whose CUDA graph capture failed or did not "
-    "match the eager engine, so they run eagerly.", ["model"])
+    "match the eager engine, so they run eagerly.",
+    ["model"],
+)
 CUDA_GRAPH_REPLAYS = Counter(
     "gradcam_cuda_graph_replays_total",
-    "Batches answered by replaying a captured CUDA graph (the rest run eagerly).", ["model"])
+    "Batches answered by replaying a captured CUDA graph (the rest run eagerly).",
+    ["model"],
+)
 MODEL_INFO = Gauge(
-    "gradcam_model_info", "Models served (value 1), with their default layer and device.",
-    ["model", "arch", "layer", "device"], multiprocess_mode="max")
+    "gradcam_model_info",
+    "Models served (value 1), with their default layer and device.",
+    ["model", "arch", "layer", "device"],
+    multiprocess_mode="max",
+)
 
 
 # The methods the routes accept; any other token is counted as "other".

@@ -140,8 +140,9 @@ class Supervisor:
         self._metrics = metrics
         if self.settings.metrics_port:
             metrics.serve_on_port(self.settings.metrics_port, self.settings.host)
-            logger.info("metrics on http://%s:%d/metrics", self.settings.host,
-                        self.settings.metrics_port)
+            logger.info(
+                "metrics on http://%s:%d/metrics", self.settings.host, self.settings.metrics_port
+            )
         signal.set_wakeup_fd(self._wake_w)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
@@ -194,9 +195,13 @@ class Supervisor:
             if self._wait_ready(slot) is None:
                 return 0 if self._stopping else self._exit_code_of_failed_start(slot)
         self._launch_gunicorn()
-        logger.info("serving on http://%s:%d with %d engine(s): %s", self.settings.host,
-                    self.settings.port, len(self.engines),
-                    ", ".join(slot.device for slot in self.engines))
+        logger.info(
+            "serving on http://%s:%d with %d engine(s): %s",
+            self.settings.host,
+            self.settings.port,
+            len(self.engines),
+            ", ".join(slot.device for slot in self.engines),
+        )
         return None
 
     def _exit_code_of_failed_start(self, slot: EngineSlot) -> int:
@@ -231,17 +236,29 @@ class Supervisor:
 
     def _launch(self, slot: EngineSlot) -> None:
         read_fd, write_fd = os.pipe()
-        command = [sys.executable, "-m", "service.engine.process", "--socket", slot.socket,
-                   "--device", slot.device, "--ready-fd", str(write_fd)]
+        command = [
+            sys.executable,
+            "-m",
+            "service.engine.process",
+            "--socket",
+            slot.socket,
+            "--device",
+            slot.device,
+            "--ready-fd",
+            str(write_fd),
+        ]
         slot.process = subprocess.Popen(
-            command, env=self._engine_env(), pass_fds=(write_fd,), start_new_session=True,
-            preexec_fn=_die_with_parent)
+            command,
+            env=self._engine_env(),
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         slot.ready_pipe, slot.ready_at, slot.started_at = read_fd, None, time.monotonic()
         slot.heartbeat, slot.hang_killed = None, False
-        logger.info("engine %d starting on %s (pid %d)", slot.index, slot.device,
-                    slot.process.pid)
+        logger.info("engine %d starting on %s (pid %d)", slot.index, slot.device, slot.process.pid)
 
     def _read_ready(self, slot: EngineSlot) -> tuple[str, int] | None:
         """``(device, cuda devices)`` once the engine has said ready; None until then."""
@@ -258,8 +275,13 @@ class Supervisor:
             return None
         slot.ready_at = time.monotonic()
         slot.heartbeat = Heartbeat.open(heartbeat_path(slot.socket))
-        logger.info("engine %d ready on %s (pid %d) after %.1f s", slot.index, words[1],
-                    slot.process.pid if slot.process else -1, time.monotonic() - slot.started_at)
+        logger.info(
+            "engine %d ready on %s (pid %d) after %.1f s",
+            slot.index,
+            words[1],
+            slot.process.pid if slot.process else -1,
+            time.monotonic() - slot.started_at,
+        )
         return words[1], int(words[2])
 
     def _wait_ready(self, slot: EngineSlot) -> tuple[str, int] | None:
@@ -287,16 +309,21 @@ class Supervisor:
             os.close(slot.ready_pipe)
             slot.ready_pipe = None
         if code == ENGINE_EXIT_CONFIG:
-            logger.critical("engine %d cannot load its models any more (see above): giving up",
-                            slot.index)
+            logger.critical(
+                "engine %d cannot load its models any more (see above): giving up", slot.index
+            )
             return False
         if slot.ready_at is None and code < 0 and not slot.hang_killed:
             # Killed from outside while loading: it never ran, so this is no crash loop.
             slot.loading_kills += 1
             allowed = _LOADING_KILLS_FACTOR * max(1, self.settings.engine_max_restarts)
             if slot.loading_kills <= allowed:
-                logger.error("engine %d (pid %d) was killed by signal %d while loading; "
-                             "restarting it now", slot.index, slot.process.pid, -code)
+                logger.error(
+                    "engine %d (pid %d) was killed by signal %d while loading; restarting it now",
+                    slot.index,
+                    slot.process.pid,
+                    -code,
+                )
                 slot.process, slot.restart_at = None, now
                 return True
         served = slot.heartbeat is not None and slot.heartbeat.answered() > 0
@@ -306,13 +333,24 @@ class Supervisor:
             slot.loading_kills = 0
         slot.crashes += 1
         if slot.crashes > self.settings.engine_max_restarts:
-            logger.critical("engine %d exited with code %d, its %d crash in a row: giving up",
-                            slot.index, code, slot.crashes)
+            logger.critical(
+                "engine %d exited with code %d, its %d crash in a row: giving up",
+                slot.index,
+                code,
+                slot.crashes,
+            )
             return False
         delay = _backoff_s(slot.crashes)
-        logger.error("engine %d (pid %d) exited with code %d; restarting it in %.0f s "
-                     "(crash %d of %d allowed in a row)", slot.index, slot.process.pid, code,
-                     delay, slot.crashes, self.settings.engine_max_restarts)
+        logger.error(
+            "engine %d (pid %d) exited with code %d; restarting it in %.0f s "
+            "(crash %d of %d allowed in a row)",
+            slot.index,
+            slot.process.pid,
+            code,
+            delay,
+            slot.crashes,
+            self.settings.engine_max_restarts,
+        )
         slot.process, slot.restart_at = None, now + delay
         return True
 
@@ -322,8 +360,9 @@ class Supervisor:
         env = dict(self.env)
         env[ENGINE_SOCKETS_ENV] = os.pathsep.join(slot.socket for slot in self.engines)
         command = [sys.executable, "-m", "gunicorn", "-c", "python:service.server.gunicorn_conf"]
-        self.gunicorn = subprocess.Popen(command, env=env, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+        self.gunicorn = subprocess.Popen(
+            command, env=env, start_new_session=True, preexec_fn=_die_with_parent
+        )
 
     # --- the watch loop --------------------------------------------------------
 
@@ -359,19 +398,29 @@ class Supervisor:
     def _measure_memory(self) -> None:
         """Record what the processes hold with no request in flight (engines: their peak,
         since batches come and go) as the budget's fixed part."""
-        fixed = held_bytes(os.getpid(), self.gunicorn.pid if self.gunicorn else None,
-                           [s.process.pid for s in self.engines if s.process is not None])
+        fixed = held_bytes(
+            os.getpid(),
+            self.gunicorn.pid if self.gunicorn else None,
+            [s.process.pid for s in self.engines if s.process is not None],
+        )
         if not self.memory.set_fixed(fixed, only_when_idle=True) or self._memory_logged:
             return
         self._memory_logged = True
         budget = self.memory.budget_bytes
         if fixed >= budget:
-            logger.error("memory budget %d MB: the idle service already holds %d MB; every "
-                         "request will be refused (raise GRADCAM_MEMORY_BUDGET_MB)",
-                         budget // MB, fixed // MB)
+            logger.error(
+                "memory budget %d MB: the idle service already holds %d MB; every "
+                "request will be refused (raise GRADCAM_MEMORY_BUDGET_MB)",
+                budget // MB,
+                fixed // MB,
+            )
         else:
-            logger.info("memory budget %d MB: %d MB held idle, %d MB for requests",
-                        budget // MB, fixed // MB, (budget - fixed) // MB)
+            logger.info(
+                "memory budget %d MB: %d MB held idle, %d MB for requests",
+                budget // MB,
+                fixed // MB,
+                (budget - fixed) // MB,
+            )
 
     def _kill_if_hung(self, slot: EngineSlot) -> None:
         """SIGKILL an engine whose heartbeat is older than ``engine_hang_restart_s``; the
@@ -380,15 +429,19 @@ class Supervisor:
             return
         age = slot.heartbeat.age_s()
         if age > self.settings.engine_hang_restart_s and slot.process.poll() is None:
-            logger.error("engine %d (pid %d) has not run for %.1f s (limit %.0f s): killing it",
-                         slot.index, slot.process.pid, age, self.settings.engine_hang_restart_s)
+            logger.error(
+                "engine %d (pid %d) has not run for %.1f s (limit %.0f s): killing it",
+                slot.index,
+                slot.process.pid,
+                age,
+                self.settings.engine_hang_restart_s,
+            )
             slot.hang_killed = True
             slot.process.kill()
 
     def _on_stop_signal(self, signum: int, _frame: object) -> None:
         if not self._stopping:
-            logger.info("%s: stopping (HTTP first, then the engines)",
-                        signal.Signals(signum).name)
+            logger.info("%s: stopping (HTTP first, then the engines)", signal.Signals(signum).name)
         self._stopping = True
 
     def _on_hup(self, _signum: int, _frame: object) -> None:
@@ -438,8 +491,9 @@ def _terminate(processes: list[subprocess.Popen[bytes]], timeout_s: float, what:
         try:
             process.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            logger.error("%s (pid %d) did not stop in %.0f s: killing it", what, process.pid,
-                         timeout_s)
+            logger.error(
+                "%s (pid %d) did not stop in %.0f s: killing it", what, process.pid, timeout_s
+            )
             process.kill()
             process.wait()
 

@@ -37,15 +37,30 @@ def server() -> Iterator[LiveServer]:
 # the CLI): the developer loop leaves them out with -m "not process" (README,
 # "Development"). Tests elsewhere that use the live ``server`` fixture are marked too.
 _PROCESS_MODULES = {
-    "test_access", "test_allocator", "test_boundaries", "test_browser", "test_catalogue",
-    "test_cli", "test_crashes", "test_deploy", "test_dicomweb", "test_docker",
-    "test_engine_process", "test_hardening", "test_http", "test_load", "test_locust",
-    "test_memory_budget", "test_openapi", "test_slow_clients",
+    "test_access",
+    "test_allocator",
+    "test_boundaries",
+    "test_browser",
+    "test_catalogue",
+    "test_cli",
+    "test_crashes",
+    "test_deploy",
+    "test_dicomweb",
+    "test_docker",
+    "test_engine_process",
+    "test_hardening",
+    "test_http",
+    "test_load",
+    "test_locust",
+    "test_memory_budget",
+    "test_openapi",
+    "test_slow_clients",
 }
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if (Path(str(item.fspath)).stem in _PROCESS_MODULES
-                or "server" in getattr(item, "fixturenames", ())):
+        if Path(str(item.fspath)).stem in _PROCESS_MODULES or "server" in getattr(
+            item, "fixturenames", ()
+        ):
             item.add_marker(pytest.mark.process)

@@ -50,12 +50,22 @@ def encode(data: bytes) -> str:
 
 def bomb_png(width: int, height: int) -> bytes:
     """A valid PNG header claiming ``width`` × ``height``, with a tiny body."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def phantom(seed: int, width: int = 256, height: int = 256) -> Phantom:
@@ -98,21 +108,44 @@ def wait_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: T
 class LiveServer:
     """A real ``gradcam-service serve`` (gunicorn) on 127.0.0.1, stopped by its PID."""
 
-    def __init__(self, env: dict[str, str] | None = None, workers: int = 1,
-                 device: str = "cpu", threads: int = 8) -> None:
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+        device: str = "cpu",
+        threads: int = 8,
+    ) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "service.cli", "serve",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
-                   "--threads", str(threads), "--device", device]
+        command = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(workers),
+            "--threads",
+            str(threads),
+            "--device",
+            device,
+        ]
         # Closed in stop(): it outlives this constructor on purpose.
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
-            prefix="gradcam-server-", suffix=".log", delete=False)
+            prefix="gradcam-server-", suffix=".log", delete=False
+        )
         self.process = subprocess.Popen(
-            command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "GRADCAM_TORCH_THREADS": "2", **(env or {})})
+            command,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "GRADCAM_TORCH_THREADS": "2", **(env or {})},
+        )
         if wait_ready(self.url, 90, alive=lambda: self.process.poll() is None):
             return
         if self.process.poll() is not None:
@@ -154,4 +187,3 @@ class LiveServer:
                 self.process.wait(timeout=10)
         self.log.close()
         os.unlink(self.log.name)
-

@@ -14,13 +14,14 @@ from tests.helpers import LiveServer
 
 def test_auto_prefers_tcmalloc_then_tuned_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(allocator, "tcmalloc_path", lambda: "/usr/lib/libtcmalloc.so.4")
-    assert allocator.engine_allocator_env("auto", {}) == {
-        "LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}
+    assert allocator.engine_allocator_env("auto", {}) == {"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}
     assert allocator.engine_allocator_env("glibc", {}) == {
-        "GLIBC_TUNABLES": allocator.GLIBC_KEEP_PAGES}
+        "GLIBC_TUNABLES": allocator.GLIBC_KEEP_PAGES
+    }
     monkeypatch.setattr(allocator, "tcmalloc_path", lambda: None)
     assert allocator.engine_allocator_env("auto", {}) == {
-        "GLIBC_TUNABLES": allocator.GLIBC_KEEP_PAGES}
+        "GLIBC_TUNABLES": allocator.GLIBC_KEEP_PAGES
+    }
     with pytest.raises(ConfigError, match="libtcmalloc-minimal4"):
         allocator.engine_allocator_env("tcmalloc", {})
     # What the environment says wins; "system" adds nothing.
@@ -35,10 +36,13 @@ def test_the_engine_runs_with_it_and_the_workers_do_not() -> None:
         [engine] = live.engine_pids()
         environ = Path(f"/proc/{engine}/environ").read_bytes().split(b"\0")
         # (glibc rewrites the variable in place as it parses it: its start remains.)
-        assert any(entry.startswith(b"GLIBC_TUNABLES=glibc.malloc.mmap_threshold=")
-                   for entry in environ)
+        assert any(
+            entry.startswith(b"GLIBC_TUNABLES=glibc.malloc.mmap_threshold=") for entry in environ
+        )
         for worker in live.worker_pids():
-            assert not any(entry.startswith(b"GLIBC_TUNABLES=")
-                           for entry in Path(f"/proc/{worker}/environ").read_bytes().split(b"\0"))
+            assert not any(
+                entry.startswith(b"GLIBC_TUNABLES=")
+                for entry in Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+            )
     finally:
         live.stop()

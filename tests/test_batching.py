@@ -48,9 +48,12 @@ class FakeEngine:
             raise ValueError("poisoned input")
         # Each image's "map" is its own pixels: results must come back to their owner.
         scores = np.stack([image.reshape(-1)[:2] for image in job.images])
-        return JobResult(scores=scores, logits=scores,
-                         targets=[[0 if t is None else t for t in ts] for ts in job.targets],
-                         maps=[[image[:, :, 0].copy()] for image in job.images])
+        return JobResult(
+            scores=scores,
+            logits=scores,
+            targets=[[0 if t is None else t for t in ts] for ts in job.targets],
+            maps=[[image[:, :, 0].copy()] for image in job.images],
+        )
 
 
 def _eventually(condition: Callable[[], bool], what: str) -> None:
@@ -61,9 +64,14 @@ def _eventually(condition: Callable[[], bool], what: str) -> None:
 
 
 def _item(value: float, n: int = 1, key: BatchKey = KEY, timeout_s: float = 10) -> WorkItem:
-    job = Job(model=key[0], layer=key[1],
-              images=[np.full((2, 2, 1), value, dtype=np.float32) for _ in range(n)],
-              boxes=[None] * n, targets=[[None]] * n, methods=["gradcam"] * n)
+    job = Job(
+        model=key[0],
+        layer=key[1],
+        images=[np.full((2, 2, 1), value, dtype=np.float32) for _ in range(n)],
+        boxes=[None] * n,
+        targets=[[None]] * n,
+        methods=["gradcam"] * n,
+    )
     return WorkItem(job=job, deadline=time.monotonic() + timeout_s)
 
 
@@ -115,9 +123,11 @@ def test_different_keys_go_to_different_batches() -> None:
     batcher = MicroBatcher(engine, max_batch_size=8)
     batcher.submit(_item(0.0))
     engine.busy()
-    futures = [batcher.submit(_item(1.0, key=("m", "a"))),
-               batcher.submit(_item(2.0, key=("m", "b"))),
-               batcher.submit(_item(3.0, key=("m", "a")))]
+    futures = [
+        batcher.submit(_item(1.0, key=("m", "a"))),
+        batcher.submit(_item(2.0, key=("m", "b"))),
+        batcher.submit(_item(3.0, key=("m", "a"))),
+    ]
     engine.gate.set()
     for future in futures:
         future.result(5)

@@ -10,22 +10,48 @@ import pytest
 
 from tests.helpers import LiveServer, proc_cmdline
 
-SERVER_SIDE = ["service.server.app", "service.server.routes", "service.server.gunicorn_conf",
-               "service.server.worker", "service.transport.engine_client",
-               "service.transport.ipc", "service.transport.interface",
-               "service.pipeline.explain", "service.imaging.decoding", "service.imaging.dicom",
-               "service.imaging.geometry", "service.imaging.render", "service.supervisor",
-               "service.cli", "service.metrics", "service.contract.schemas"]
-ENGINE_SIDE = ["service.engine.process", "service.engine.runtime", "service.engine.gradcam",
-               "service.engine.models", "service.engine.layers", "service.engine.batching"]
+SERVER_SIDE = [
+    "service.server.app",
+    "service.server.routes",
+    "service.server.gunicorn_conf",
+    "service.server.worker",
+    "service.transport.engine_client",
+    "service.transport.ipc",
+    "service.transport.interface",
+    "service.pipeline.explain",
+    "service.imaging.decoding",
+    "service.imaging.dicom",
+    "service.imaging.geometry",
+    "service.imaging.render",
+    "service.supervisor",
+    "service.cli",
+    "service.metrics",
+    "service.contract.schemas",
+]
+ENGINE_SIDE = [
+    "service.engine.process",
+    "service.engine.runtime",
+    "service.engine.gradcam",
+    "service.engine.models",
+    "service.engine.layers",
+    "service.engine.batching",
+]
 
 
 def _loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
-    code = ("import importlib, sys\n"
-            f"for name in {modules!r}: importlib.import_module(name)\n"
-            f"print(' '.join(w for w in {watched!r} if w in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, check=True, cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        f"print(' '.join(w for w in {watched!r} if w in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     return done.stdout.split()
 
 
@@ -34,8 +60,13 @@ def test_the_import_contracts_hold() -> None:
     too): the engine imports no web framework; the HTTP side, the pipeline and imaging
     no torch."""
     lint = Path(sys.executable).with_name("lint-imports")
-    done = subprocess.run([str(lint), "--no-cache"], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [str(lint), "--no-cache"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "0 broken" in done.stdout
 
@@ -60,6 +91,7 @@ def test_live_http_workers_hold_no_torch_and_stay_small(server: LiveServer) -> N
     assert "libtorch" in Path(f"/proc/{engines[0]}/maps").read_text()
     for pid in workers:
         status = Path(f"/proc/{pid}/status").read_text()
-        rss_kib = int(next(line.split()[1] for line in status.splitlines()
-                           if line.startswith("VmRSS:")))
+        rss_kib = int(
+            next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
+        )
         assert rss_kib < 150 * 1024, f"worker {pid} holds {rss_kib / 1024:.0f} MiB"

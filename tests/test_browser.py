@@ -76,7 +76,8 @@ class PageUnderTest:
 
     def __init__(self, browser: object, url: str) -> None:
         self.context = browser.new_context(  # type: ignore[attr-defined]
-            viewport={"width": 1280, "height": 900}, accept_downloads=True)
+            viewport={"width": 1280, "height": 900}, accept_downloads=True
+        )
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
@@ -163,10 +164,17 @@ def _boxes(name: str, kind: str) -> list[tuple[float, float, float, float]]:
 
 
 def _service_overlay(live: LiveServer, name: str, target: str) -> np.ndarray:
-    body = {"images": [encode((EXAMPLES / name).read_bytes())], "targets": [target],
-            "heatmap": {"format": "overlay"}}
-    answer = requests.post(f"{live.url}/v1/explain", json=body, timeout=60,
-                           headers={"Authorization": f"Bearer {TOKEN}"})
+    body = {
+        "images": [encode((EXAMPLES / name).read_bytes())],
+        "targets": [target],
+        "heatmap": {"format": "overlay"},
+    }
+    answer = requests.post(
+        f"{live.url}/v1/explain",
+        json=body,
+        timeout=60,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
     assert answer.status_code == 200, answer.text
     data = answer.json()["results"][0]["explanations"][0]["heatmap"]["data"]
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
@@ -208,13 +216,16 @@ def test_explain_an_example_with_a_chosen_target(tab: PageUnderTest, live: LiveS
     with page.expect_download() as download:
         card.locator(".download").first.click()  # type: ignore[attr-defined]
     saved = Image.open(download.value.path())
-    assert saved.format == "PNG" and saved.size == (FINDINGS[name]["width"],
-                                                    FINDINGS[name]["height"])
+    assert saved.format == "PNG" and saved.size == (
+        FINDINGS[name]["width"],
+        FINDINGS[name]["height"],
+    )
     assert download.value.suggested_filename.endswith("-gradcam-tube.png")
 
 
 def test_methods_side_by_side_several_images_and_a_bad_file(
-        tab: PageUnderTest, tmp_path: Path) -> None:
+    tab: PageUnderTest, tmp_path: Path
+) -> None:
     page = tab.page
     tab.connect()
     page.check("#method-1")
@@ -244,9 +255,15 @@ def test_a_dicom_file_is_shown_as_a_viewer_would(tab: PageUnderTest) -> None:
     name = "phantom_nodule.dcm"
     tab.page.set_input_files("#files", str(EXAMPLES / name))
     tab.wait_explained(name, 1, "nodule")
-    fields = tab.card(name).locator(".dicom").evaluate(  # type: ignore[attr-defined]
-        "list => Object.fromEntries([...list.querySelectorAll('div')].map("
-        "group => [group.querySelector('dt').textContent, group.querySelector('dd').textContent]))")
+    fields = (
+        tab.card(name)
+        .locator(".dicom")
+        .evaluate(  # type: ignore[attr-defined]
+            "list => Object.fromEntries([...list.querySelectorAll('div')].map("
+            "group => [group.querySelector('dt').textContent,"
+            " group.querySelector('dd').textContent]))"
+        )
+    )
     assert fields["Patient"] == "PHANTOM, NODULE" and fields["Born"] == "1970-01-01"
     assert fields["Modality"] == "CR" and fields["Photometric"] == "MONOCHROME1"
     assert fields["Window"] == "centre 1024, width 4096 (from the file)"
@@ -254,8 +271,12 @@ def test_a_dicom_file_is_shown_as_a_viewer_would(tab: PageUnderTest) -> None:
     tab.set_opacity(0)
     shown = tab.canvas(name)
     # MONOCHROME1, windowed: the lungs are dark and the body bright, as in the PNG.
-    png = np.asarray(Image.open(EXAMPLES / "phantom_nodule.png").resize(
-        (FINDINGS[name]["width"], FINDINGS[name]["height"])), dtype=np.float64)
+    png = np.asarray(
+        Image.open(EXAMPLES / "phantom_nodule.png").resize(
+            (FINDINGS[name]["width"], FINDINGS[name]["height"])
+        ),
+        dtype=np.float64,
+    )
     assert np.corrcoef(shown[..., 0].ravel(), png.ravel())[0, 1] > 0.95
     tab.set_opacity(100)
     assert peak_in_boxes(_heat_from_pixels(tab.canvas(name)), _boxes(name, "nodule"), 8.0)
@@ -280,10 +301,23 @@ def test_keyboard_only(tab: PageUnderTest) -> None:
     reached = []
     for _ in range(40):
         page.keyboard.press("Tab")
-        reached.append(page.evaluate(
-            "() => document.activeElement.id || document.activeElement.textContent.trim()"))
-    for control in ("token", "use-token", "model", "layer", "target", "top-k", "method-0",
-                    "opacity", "files", "explain"):
+        reached.append(
+            page.evaluate(
+                "() => document.activeElement.id || document.activeElement.textContent.trim()"
+            )
+        )
+    for control in (
+        "token",
+        "use-token",
+        "model",
+        "layer",
+        "target",
+        "top-k",
+        "method-0",
+        "opacity",
+        "files",
+        "explain",
+    ):
         assert control in reached, (control, reached)
     tube = next(r for r in reached if r.startswith("tube"))
     page.locator(".prediction", has_text="tube").focus()
@@ -302,7 +336,8 @@ def test_a_wrong_token_is_said_plainly(tab: PageUnderTest) -> None:
 
 def _drop(tab: PageUnderTest, path: Path) -> None:
     """Drop a file on the drop zone as a browser does (a DataTransfer with a File)."""
-    tab.page.evaluate("""([name, data]) => {
+    tab.page.evaluate(
+        """([name, data]) => {
         const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
         const transfer = new DataTransfer();
         transfer.items.add(new File([bytes], name));
@@ -311,7 +346,9 @@ def _drop(tab: PageUnderTest, path: Path) -> None:
             zone.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true,
                                                     cancelable: true}));
         }
-    }""", [path.name, base64.b64encode(path.read_bytes()).decode()])
+    }""",
+        [path.name, base64.b64encode(path.read_bytes()).decode()],
+    )
 
 
 def test_dropped_before_the_token_then_another_layer(tab: PageUnderTest) -> None:
@@ -328,11 +365,13 @@ def test_dropped_before_the_token_then_another_layer(tab: PageUnderTest) -> None
     # Another layer: every figure says which, and the map changes.
     before = tab.canvas(name)
     layers = page.locator("#layer option").evaluate_all(
-        "options => options.map(o => [o.value, o.selected])")
+        "options => options.map(o => [o.value, o.selected])"
+    )
     other = next(value for value, selected in layers if not selected)
     page.select_option("#layer", other)
     expect(tab.card(name).locator("figcaption")).to_contain_text(  # type: ignore[attr-defined]
-        f"layer {other}")
+        f"layer {other}"
+    )
     tab.wait_explained(name, 1, "opacity")
     after = tab.canvas(name)
     assert after.std() > 20 and not np.array_equal(before, after)

@@ -17,7 +17,15 @@ def test_bucket_sizes_are_powers_of_two_and_the_largest_batch() -> None:
     assert bucket_sizes(12) == (1, 2, 4, 8, 12)
     assert bucket_sizes(1) == (1,)
     assert [bucket_for(n, bucket_sizes(12)) for n in (1, 2, 3, 5, 8, 9, 12, 13)] == [
-        1, 2, 4, 8, 8, 12, 12, 13]
+        1,
+        2,
+        4,
+        8,
+        8,
+        12,
+        12,
+        13,
+    ]
 
 
 def _job(n: int) -> Job:
@@ -25,8 +33,9 @@ def _job(n: int) -> Job:
     images = [rng.integers(0, 256, (128, 128, 1), dtype=np.uint8) for _ in range(n)]
     boxes = [None, (10, 0, 118, 128), None][:n]
     targets: list[list[int | None]] = [[None], [0, 2], [3]][:n]
-    return Job("phantom", "features", images, boxes, targets,
-               ["gradcam", "layercam", "gradcam++"][:n])
+    return Job(
+        "phantom", "features", images, boxes, targets, ["gradcam", "layercam", "gradcam++"][:n]
+    )
 
 
 def test_a_padded_job_has_blank_top1_images_after_the_real_ones() -> None:
@@ -56,6 +65,7 @@ def test_bucketed_answers_equal_unpadded_ones() -> None:
 
 
 # --- CUDA graphs (engine/cuda_graphs.py): what the CPU can test -------------------------
+
 
 class EagerGraph:
     """Stands in for a CUDA graph on the CPU: ``replay`` runs the captured step again and
@@ -92,8 +102,9 @@ def _graphed_runtime(graph: type | None) -> Runtime:
 def _same_answers(a: Runtime, b: Runtime) -> None:
     for n in (1, 2, 3):
         job = _job(n)
-        job = Job(job.model, job.layer, job.images, job.boxes,
-                  [[None], [2], [1]][:n], ["gradcam"] * n)  # one target, one method
+        job = Job(
+            job.model, job.layer, job.images, job.boxes, [[None], [2], [1]][:n], ["gradcam"] * n
+        )  # one target, one method
         x, y = (rt.run(job, time.monotonic() + 60) for rt in (a, b))
         assert x.targets == y.targets
         np.testing.assert_allclose(x.scores, y.scores, atol=1e-5)

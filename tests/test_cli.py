@@ -25,8 +25,12 @@ def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[
 
 
 def test_explain_request_prints_the_response(tmp_path: Path) -> None:
-    request = {"images": [encode(phantom_png(3, 200, 150))], "targets": [["mass", "tube"]],
-               "heatmap": {"format": "overlay", "size": "original"}, "method": "layercam"}
+    request = {
+        "images": [encode(phantom_png(3, 200, 150))],
+        "targets": [["mass", "tube"]],
+        "heatmap": {"format": "overlay", "size": "original"},
+        "method": "layercam",
+    }
     path = tmp_path / "request.json"
     path.write_text(json.dumps(request))
     done = _cli("explain", "--request", str(path))
@@ -47,8 +51,9 @@ def test_explain_request_error_prints_the_error_envelope(tmp_path: Path) -> None
     assert error.error.code == "unknown_model"
 
 
-def test_explain_files_writes_overlays_at_image_size(tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_explain_files_writes_overlays_at_image_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     images = []
     for seed, (w, h) in [(2, (300, 300)), (3, (517, 389))]:
         path = tmp_path / f"p{seed}.png"
@@ -58,13 +63,27 @@ def test_explain_files_writes_overlays_at_image_size(tmp_path: Path,
     broken.write_text("not an image at all")
     missing = tmp_path / "missing.png"
     out = tmp_path / "out"
-    code = main(["explain", str(images[0]), str(broken), str(missing), str(images[1]),
-                 "--out", str(out), "--target", "nodule", "--target", "2"])
+    code = main(
+        [
+            "explain",
+            str(images[0]),
+            str(broken),
+            str(missing),
+            str(images[1]),
+            "--out",
+            str(out),
+            "--target",
+            "nodule",
+            "--target",
+            "2",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1  # some inputs failed ...
     error_lines = captured.err.strip().splitlines()
-    assert any(str(broken) in line and "not in a supported image format" in line
-               for line in error_lines)
+    assert any(
+        str(broken) in line and "not in a supported image format" in line for line in error_lines
+    )
     assert any(str(missing) in line for line in error_lines)
     # ... and the good ones were still explained, one overlay + heatmap per target.
     for path, size in [(images[0], (300, 300)), (images[1], (517, 389))]:
@@ -98,16 +117,32 @@ def test_body_prints_a_request_a_server_answers(server: LiveServer, tmp_path: Pa
 
     out = tmp_path / "body.json"
     images = [str(EXAMPLES / "phantom_mass_tube.png"), str(EXAMPLES / "phantom_nodule.png")]
-    done = _cli("body", *images, "--target", "tube", "--target", "1", "--format", "overlay",
-                "--size", "input", "-o", str(out))
+    done = _cli(
+        "body",
+        *images,
+        "--target",
+        "tube",
+        "--target",
+        "1",
+        "--format",
+        "overlay",
+        "--size",
+        "input",
+        "-o",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr.decode()
     body = json.loads(out.read_bytes())
     assert body["targets"] == [["tube", 1], ["tube", 1]]
     assert body["heatmap"] == {"format": "overlay", "size": "input"}
     assert body["images"][0] == encode((EXAMPLES / "phantom_mass_tube.png").read_bytes())
     # What curl --data-binary @body.json sends.
-    answer = requests.post(f"{server.url}/v1/explain", data=out.read_bytes(), timeout=60,
-                           headers={"Content-Type": "application/json"})
+    answer = requests.post(
+        f"{server.url}/v1/explain",
+        data=out.read_bytes(),
+        timeout=60,
+        headers={"Content-Type": "application/json"},
+    )
     assert answer.status_code == 200, answer.text
     labels = [[e["target"]["label"] for e in r["explanations"]] for r in answer.json()["results"]]
     assert labels == [["tube", "mass"], ["tube", "mass"]]
@@ -116,10 +151,13 @@ def test_body_prints_a_request_a_server_answers(server: LiveServer, tmp_path: Pa
     assert json.loads(piped.stdout)["images"] == [body["images"][1]]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["nope.png"], b"nope.png: No such file"),
-    ([str(EXAMPLES / "phantom_nodule.png"), "--top-k", "0"], b"top_k"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["nope.png"], b"nope.png: No such file"),
+        ([str(EXAMPLES / "phantom_nodule.png"), "--top-k", "0"], b"top_k"),
+    ],
+)
 def test_body_refuses_what_no_server_would_take(args: list[str], message: bytes) -> None:
     done = _cli("body", *args)
     assert done.returncode == 2 and message in done.stderr and not done.stdout
@@ -135,8 +173,9 @@ def _outputs(out: Path) -> dict[str, float]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(out.iterdir())}
 
 
-def test_outputs_never_overwrite_each_other_or_old_ones(tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_outputs_never_overwrite_each_other_or_old_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for folder, seed in (("a", 2), ("b", 3)):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "scan.png").write_bytes(phantom_png(seed, 120, 100))
@@ -160,8 +199,24 @@ def test_outputs_never_overwrite_each_other_or_old_ones(tmp_path: Path,
 def test_frames_per_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     two_frames = str(get_testdata_file("SC_rgb_rle_2frame.dcm"))
     out = tmp_path / "out"
-    assert main(["explain", two_frames, two_frames, "--frame", "0", "--frame", "1",
-                 "--out", str(out), "--target", "nodule"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                two_frames,
+                two_frames,
+                "--frame",
+                "0",
+                "--frame",
+                "1",
+                "--out",
+                str(out),
+                "--target",
+                "nodule",
+            ]
+        )
+        == 0
+    )
     first = np.asarray(Image.open(out / "SC_rgb_rle_2frame.nodule.overlay.png"))
     second = np.asarray(Image.open(out / "SC_rgb_rle_2frame-2.nodule.overlay.png"))
     assert first.shape == second.shape and not np.array_equal(first, second)
@@ -171,13 +226,29 @@ def test_frames_per_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {two_frames}: ") and "frame" in err[0]
     # As many --frame as inputs, or one: anything else is a usage error (2).
-    assert main(["explain", two_frames, two_frames, two_frames, "--frame", "0", "--frame", "1",
-                 "--out", str(tmp_path / "y")]) == 2
+    assert (
+        main(
+            [
+                "explain",
+                two_frames,
+                two_frames,
+                two_frames,
+                "--frame",
+                "0",
+                "--frame",
+                "1",
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )
     assert "--frame was given 2 times for 3 inputs" in capsys.readouterr().err
 
 
 def test_an_internal_failure_is_one_line_and_exit_code_70(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import service.cli
 
     def broken(args: object) -> None:
@@ -186,5 +257,6 @@ def test_an_internal_failure_is_one_line_and_exit_code_70(
     monkeypatch.setattr(service.cli, "_runtime", broken)
     assert main(["layers"]) == 70
     err = capsys.readouterr().err
-    assert err == ("error: internal failure: RuntimeError: something no one expected "
-                   "(-v shows where)\n")
+    assert err == (
+        "error: internal failure: RuntimeError: something no one expected (-v shows where)\n"
+    )

@@ -37,23 +37,35 @@ def _our_metric_names() -> set[str]:
 
 def test_prometheus_rules_and_config_pass_promtool(tmp_path: Path) -> None:
     promtool = _promtool()
-    rules = subprocess.run([promtool, "check", "rules", str(DEPLOY / "prometheus/rules.yml")],
-                           capture_output=True, text=True, timeout=30, check=False)
+    rules = subprocess.run(
+        [promtool, "check", "rules", str(DEPLOY / "prometheus/rules.yml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert rules.returncode == 0, rules.stdout + rules.stderr
     # The config names the rules by their in-container path; check it beside a copy.
     config = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     shutil.copy(DEPLOY / "prometheus/rules.yml", tmp_path / "rules.yml")
     config["rule_files"] = [str(tmp_path / "rules.yml")]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    checked = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
-                             capture_output=True, text=True, timeout=30, check=False)
+    checked = subprocess.run(
+        [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_rules_and_dashboard_use_only_metrics_that_exist() -> None:
     known = _our_metric_names()
-    texts = [(DEPLOY / "prometheus/rules.yml").read_text(),
-             json.dumps(json.loads((DEPLOY / "grafana/dashboards/gradcam.json").read_text()))]
+    texts = [
+        (DEPLOY / "prometheus/rules.yml").read_text(),
+        json.dumps(json.loads((DEPLOY / "grafana/dashboards/gradcam.json").read_text())),
+    ]
     used = {name for text in texts for name in re.findall(r"\bgradcam_[a-z_]+", text)}
     assert used, "nothing found to check"
     assert used <= known, used - known
@@ -61,15 +73,28 @@ def test_rules_and_dashboard_use_only_metrics_that_exist() -> None:
 
 def test_alert_rules_pass_their_unit_tests() -> None:
     promtool = _promtool()
-    tested = subprocess.run([promtool, "test", "rules", "rules_test.yml"],
-                            cwd=DEPLOY / "prometheus", capture_output=True, text=True,
-                            timeout=60, check=False)
+    tested = subprocess.run(
+        [promtool, "test", "rules", "rules_test.yml"],
+        cwd=DEPLOY / "prometheus",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert tested.returncode == 0, tested.stdout + tested.stderr
     tests = yaml.safe_load((DEPLOY / "prometheus/rules_test.yml").read_text())["tests"]
-    alerted = {case["alertname"] for test in tests for case in test["alert_rule_test"]
-               if case["exp_alerts"]}
-    assert {"GradcamServerErrors", "GradcamSlowExplanations", "GradcamQueueBacklog",
-            "GradcamNoReadyReplicas"} <= alerted
+    alerted = {
+        case["alertname"]
+        for test in tests
+        for case in test["alert_rule_test"]
+        if case["exp_alerts"]
+    }
+    assert {
+        "GradcamServerErrors",
+        "GradcamSlowExplanations",
+        "GradcamQueueBacklog",
+        "GradcamNoReadyReplicas",
+    } <= alerted
 
 
 # The Kubernetes version the manifests are validated against (kubernetes-validate).
@@ -79,8 +104,20 @@ KUBERNETES = "1.30.0"
 def test_kubernetes_manifests_validate_against_the_api_schemas() -> None:
     manifests = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
     checked = subprocess.run(
-        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", KUBERNETES,
-         *map(str, manifests)], capture_output=True, text=True, timeout=120, check=False)
+        [
+            sys.executable,
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "-k",
+            KUBERNETES,
+            *map(str, manifests),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     output = checked.stdout + checked.stderr
     assert checked.returncode == 0, output
     # Every resource passed, but the ServiceMonitor, a CRD without a schema there.
@@ -124,8 +161,9 @@ def test_scaling_fits_the_deployments_and_the_service() -> None:
     assert metric in _our_metric_names()
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"][
-        "labels"].items()
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
     ports = {port["name"] for port in service["spec"]["ports"]}
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
@@ -160,8 +198,13 @@ def test_compose_and_kubernetes_files_parse() -> None:
 
 def test_the_dockerfile_is_hadolint_clean() -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
-    linted = subprocess.run([hadolint, str(DEPLOY.parent / "Dockerfile")], capture_output=True,
-                            text=True, timeout=60, check=False)
+    linted = subprocess.run(
+        [hadolint, str(DEPLOY.parent / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert linted.returncode == 0, linted.stdout + linted.stderr
 
 
@@ -169,8 +212,13 @@ def _compose() -> list[str]:
     """Docker Compose v2 (``docker compose``) if the docker CLI has it, else Debian's
     ``docker-compose``; both check a file against the Compose specification."""
     docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True,
-                                 timeout=30, check=False).returncode == 0:
+    if (
+        docker
+        and subprocess.run(
+            [docker, "compose", "version"], capture_output=True, timeout=30, check=False
+        ).returncode
+        == 0
+    ):
         return [docker, "compose"]
     found = shutil.which("docker-compose")
     if found:
@@ -183,8 +231,14 @@ def _compose_config(*files: str, env: dict[str, str]) -> subprocess.CompletedPro
     for name in files:
         command += ["-f", str(DEPLOY / name)]
     # HOME: compose reads the user's docker config; keep the test's own.
-    return subprocess.run([*command, "config"], capture_output=True, text=True, timeout=60,
-                          check=False, env={"PATH": os.environ["PATH"], "HOME": "/tmp", **env})
+    return subprocess.run(
+        [*command, "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": os.environ["PATH"], "HOME": "/tmp", **env},
+    )
 
 
 def test_compose_files_pass_docker_compose_config() -> None:
@@ -192,8 +246,7 @@ def test_compose_files_pass_docker_compose_config() -> None:
     base = _compose_config("docker-compose.yml", env=token)
     assert base.returncode == 0, base.stderr
     resolved = yaml.safe_load(base.stdout)["services"]
-    assert resolved["gradcam"]["environment"]["GRADCAM_AUTH_TOKENS"] == token[
-        "GRADCAM_AUTH_TOKENS"]
+    assert resolved["gradcam"]["environment"]["GRADCAM_AUTH_TOKENS"] == token["GRADCAM_AUTH_TOKENS"]
     # A memory limit, which the service's memory budget takes 90 % of.
     # (Compose v2 resolves it to bytes, docker-compose 1.x keeps "4g".)
     assert str(resolved["gradcam"]["mem_limit"]) in ("4g", str(4 * 2**30))

@@ -43,8 +43,9 @@ def _valid(data: bytes, tmp_path: Path) -> pydicom.Dataset:
     """``data`` passes dciodvfy without an error; returned as read back by pydicom."""
     path = tmp_path / "object.dcm"
     path.write_bytes(data)
-    checked = subprocess.run([_dciodvfy(), str(path)], capture_output=True, text=True,
-                             timeout=60, check=False)
+    checked = subprocess.run(
+        [_dciodvfy(), str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
     report = checked.stdout + checked.stderr
     errors = [line for line in report.splitlines() if line.startswith("Error")]
     assert not errors, report
@@ -74,15 +75,15 @@ def _same_study_new_series(made: pydicom.Dataset, source: pydicom.Dataset) -> No
 
 
 @pytest.mark.parametrize("source", [CR, CT, MR, JPEG_RGB], ids=["cr", "ct", "mr", "jpeg-rgb"])
-def test_secondary_capture_of_the_overlay(runtime: Runtime, tmp_path: Path,
-                                          source: Path) -> None:
+def test_secondary_capture_of_the_overlay(runtime: Runtime, tmp_path: Path, source: Path) -> None:
     original = pydicom.dcmread(source)
     targets = [["nodule", "mass"]]
     answer = _request(runtime, source, targets=targets, heatmap={"format": "dicom-sc"})
     overlays = _request(runtime, source, targets=targets, heatmap={"format": "overlay"})
     made = []
-    for k, (heatmap, overlay) in enumerate(zip(_heatmaps(answer), _heatmaps(overlays),
-                                                strict=True)):
+    for k, (heatmap, overlay) in enumerate(
+        zip(_heatmaps(answer), _heatmaps(overlays), strict=True)
+    ):
         sc = _valid(base64.b64decode(heatmap["data"]), tmp_path)
         _same_study_new_series(sc, original)
         assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
@@ -127,8 +128,11 @@ def test_parametric_map_of_the_heatmap(runtime: Runtime, tmp_path: Path, source:
 
 def test_impossible_formats_carry_a_reason(runtime: Runtime) -> None:
     png = EXAMPLES / "phantom_nodule.png"
-    for source, fmt, words in [(png, "dicom-sc", "not DICOM"), (png, "dicom-pm", "not DICOM"),
-                               (CR, "dicom-pm", "Frame of Reference")]:
+    for source, fmt, words in [
+        (png, "dicom-sc", "not DICOM"),
+        (png, "dicom-pm", "not DICOM"),
+        (CR, "dicom-pm", "Frame of Reference"),
+    ]:
         heatmap = _heatmaps(_request(runtime, source, heatmap={"format": fmt}))[0]
         assert words in heatmap["reason"] and "data" not in heatmap
         assert heatmap["raw_max"] > 0  # the explanation itself is there
@@ -142,8 +146,10 @@ def test_a_frame_of_a_multiframe_source(runtime: Runtime, tmp_path: Path) -> Non
     assert "ReferencedFrameNumber" not in sc.SourceImageSequence[0]
     assert (sc.Rows, sc.Columns) == (original.Rows, original.Columns)
     # The second frame's overlay, not the first's.
-    overlays = [_heatmaps(_request(runtime, MULTIFRAME, frame=f, heatmap={"format": "overlay"}))[0]
-                for f in (0, 1)]
+    overlays = [
+        _heatmaps(_request(runtime, MULTIFRAME, frame=f, heatmap={"format": "overlay"}))[0]
+        for f in (0, 1)
+    ]
     drawn = [np.asarray(Image.open(io.BytesIO(base64.b64decode(o["data"])))) for o in overlays]
     assert np.array_equal(sc.pixel_array, drawn[1]) and not np.array_equal(drawn[0], drawn[1])
     pm = _heatmaps(_request(runtime, MULTIFRAME, frame=1, heatmap={"format": "dicom-pm"}))[0]
@@ -158,10 +164,15 @@ def test_a_frame_of_a_multiframe_source(runtime: Runtime, tmp_path: Path) -> Non
     assert "multi-frame" in pm["reason"]
 
 
-@pytest.mark.parametrize("heatmap", [{"format": "dicom-sc", "size": "input"},
-                                     {"format": "dicom-pm", "size": "layer"},
-                                     {"format": "dicom-sc", "encoding": "webp"},
-                                     {"format": "dicom-pm", "encoding": "jpeg"}])
+@pytest.mark.parametrize(
+    "heatmap",
+    [
+        {"format": "dicom-sc", "size": "input"},
+        {"format": "dicom-pm", "size": "layer"},
+        {"format": "dicom-sc", "encoding": "webp"},
+        {"format": "dicom-pm", "encoding": "jpeg"},
+    ],
+)
 def test_dicom_formats_take_only_what_dicom_can_hold(heatmap: dict) -> None:
     body = f'{{"images": ["AAAA"], "heatmap": {str(heatmap).replace(chr(39), chr(34))}}}'
     with pytest.raises(InvalidField):
@@ -169,8 +180,11 @@ def test_dicom_formats_take_only_what_dicom_can_hold(heatmap: dict) -> None:
 
 
 def test_dicom_sc_through_the_server(server: LiveServer, tmp_path: Path) -> None:
-    body = {"images": [encode(CR.read_bytes())], "targets": ["nodule"],
-            "heatmap": {"format": "dicom-sc"}}
+    body = {
+        "images": [encode(CR.read_bytes())],
+        "targets": ["nodule"],
+        "heatmap": {"format": "dicom-sc"},
+    }
     answer = requests.post(f"{server.url}/v1/explain", json=body, timeout=60)
     assert answer.status_code == 200, answer.text
     data = answer.json()["results"][0]["explanations"][0]["heatmap"]["data"]

@@ -47,7 +47,8 @@ def _free_port() -> int:
 def _orthanc() -> tuple[str, str]:
     binary = shutil.which("Orthanc")
     plugins = glob.glob("/usr/share/orthanc/plugins/libOrthancDicomWeb.so*") + glob.glob(
-        "/usr/lib/orthanc/libOrthancDicomWeb.so*")
+        "/usr/lib/orthanc/libOrthancDicomWeb.so*"
+    )
     if binary and plugins:
         return binary, plugins[0]
     missing_tool("Orthanc with its DICOMweb plugin", "orthanc orthanc-dicomweb")
@@ -64,16 +65,26 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     binary, plugin = _orthanc()
     folder = tmp_path_factory.mktemp("orthanc")
     port = _free_port()
-    config = {"Name": "gradcam-test", "StorageDirectory": str(folder / "db"),
-              "IndexDirectory": str(folder / "db"), "HttpPort": port,
-              "DicomServerEnabled": False,
-              # Orthanc cannot bind to one address; it answers loopback clients only.
-              "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-              "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    config = {
+        "Name": "gradcam-test",
+        "StorageDirectory": str(folder / "db"),
+        "IndexDirectory": str(folder / "db"),
+        "HttpPort": port,
+        "DicomServerEnabled": False,
+        # Orthanc cannot bind to one address; it answers loopback clients only.
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [plugin],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
     (folder / "config.json").write_text(json.dumps(config))
     with (folder / "log").open("wb") as log:
-        process = subprocess.Popen([binary, str(folder / "config.json")], stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [binary, str(folder / "config.json")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     rest = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -109,8 +120,14 @@ def live(orthanc: Orthanc) -> Iterator[LiveServer]:
 
 def _by_uids(url: str, path: Path) -> dict:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return {"dicomweb": {"url": url, "study": ds.StudyInstanceUID,
-                         "series": ds.SeriesInstanceUID, "instance": ds.SOPInstanceUID}}
+    return {
+        "dicomweb": {
+            "url": url,
+            "study": ds.StudyInstanceUID,
+            "series": ds.SeriesInstanceUID,
+            "instance": ds.SOPInstanceUID,
+        }
+    }
 
 
 def _explain(live: LiveServer, body: dict) -> requests.Response:
@@ -118,18 +135,25 @@ def _explain(live: LiveServer, body: dict) -> requests.Response:
 
 
 def _wado(url: str, study: str, series: str, instance: str) -> bytes:
-    response = requests.get(f"{url}/studies/{study}/series/{series}/instances/{instance}",
-                            headers={"Accept": 'multipart/related; type="application/dicom"'},
-                            timeout=30)
+    response = requests.get(
+        f"{url}/studies/{study}/series/{series}/instances/{instance}",
+        headers={"Accept": 'multipart/related; type="application/dicom"'},
+        timeout=30,
+    )
     assert response.status_code == 200, response.text[:300]
     (part,) = _parts(response.headers["Content-Type"], response.content)
     return part
 
 
-def test_explain_by_uids_and_store_the_result(orthanc: Orthanc, live: LiveServer,
-                                              tmp_path: Path) -> None:
-    body = {"images": [_by_uids(orthanc.url, CR)], "targets": [["nodule", "mass"]],
-            "heatmap": {"format": "dicom-sc"}, "store": {"url": orthanc.url}}
+def test_explain_by_uids_and_store_the_result(
+    orthanc: Orthanc, live: LiveServer, tmp_path: Path
+) -> None:
+    body = {
+        "images": [_by_uids(orthanc.url, CR)],
+        "targets": [["nodule", "mass"]],
+        "heatmap": {"format": "dicom-sc"},
+        "store": {"url": orthanc.url},
+    }
     answer = _explain(live, body)
     assert answer.status_code == 200, answer.text
     result = answer.json()["results"][0]
@@ -137,7 +161,8 @@ def test_explain_by_uids_and_store_the_result(orthanc: Orthanc, live: LiveServer
     # The same answer as for the bytes themselves.
     sent = _explain(live, {**body, "images": [encode(CR.read_bytes())], "store": None})
     assert [p["index"] for p in sent.json()["results"][0]["predictions"]] == [
-        p["index"] for p in result["predictions"]]
+        p["index"] for p in result["predictions"]
+    ]
     source = pydicom.dcmread(CR, stop_before_pixels=True)
     for explanation in result["explanations"]:
         heatmap = explanation["heatmap"]
@@ -145,27 +170,35 @@ def test_explain_by_uids_and_store_the_result(orthanc: Orthanc, live: LiveServer
         uids = heatmap["uids"]
         assert uids["study"] == source.StudyInstanceUID
         # QIDO-RS finds the new series in the source's study, with this instance in it.
-        series = requests.get(f"{orthanc.url}/studies/{uids['study']}/series",
-                              params={"SeriesInstanceUID": uids["series"]}, timeout=30).json()
+        series = requests.get(
+            f"{orthanc.url}/studies/{uids['study']}/series",
+            params={"SeriesInstanceUID": uids["series"]},
+            timeout=30,
+        ).json()
         assert len(series) == 1
         instances = requests.get(
-            f"{orthanc.url}/studies/{uids['study']}/series/{uids['series']}/instances",
-            timeout=30).json()
+            f"{orthanc.url}/studies/{uids['study']}/series/{uids['series']}/instances", timeout=30
+        ).json()
         found = {item["00080018"]["Value"][0] for item in instances}
         assert uids["instance"] in found
         # WADO-RS gives it back; it is valid and is what the answer carried.
-        stored = _valid(_wado(orthanc.url, uids["study"], uids["series"], uids["instance"]),
-                        tmp_path)
+        stored = _valid(
+            _wado(orthanc.url, uids["study"], uids["series"], uids["instance"]), tmp_path
+        )
         assert stored.SOPInstanceUID == uids["instance"]
         assert (stored.Rows, stored.Columns) == (source.Rows, source.Columns)
         returned = pydicom.dcmread(io.BytesIO(base64.b64decode(heatmap["data"])))
         assert (stored.pixel_array == returned.pixel_array).all()
 
 
-def test_a_parametric_map_of_a_ct_is_stored(orthanc: Orthanc, live: LiveServer,
-                                            tmp_path: Path) -> None:
-    body = {"images": [_by_uids(orthanc.url, CT)], "heatmap": {"format": "dicom-pm"},
-            "store": {"url": orthanc.url}}
+def test_a_parametric_map_of_a_ct_is_stored(
+    orthanc: Orthanc, live: LiveServer, tmp_path: Path
+) -> None:
+    body = {
+        "images": [_by_uids(orthanc.url, CT)],
+        "heatmap": {"format": "dicom-pm"},
+        "store": {"url": orthanc.url},
+    }
     answer = _explain(live, body)
     assert answer.status_code == 200, answer.text
     heatmap = answer.json()["results"][0]["explanations"][0]["heatmap"]
@@ -187,11 +220,28 @@ def test_only_configured_servers_and_real_uids(orthanc: Orthanc, live: LiveServe
     unknown = _by_uids(orthanc.url, CR)
     unknown["dicomweb"]["instance"] = "1.2.3.4.5"
     cases.append(({"images": [unknown]}, 422, "dicomweb_not_found"))
-    cases.append(({"images": [_by_uids(orthanc.url, CR)], "heatmap": {"format": "png"},
-                   "store": {"url": orthanc.url}}, 422, "invalid_field"))
-    cases.append(({"images": [_by_uids(orthanc.url, CR)], "heatmap": {"format": "dicom-sc"},
-                   "store": {"url": "http://127.0.0.1:9/dicom-web"}}, 403,
-                  "dicomweb_not_allowed"))
+    cases.append(
+        (
+            {
+                "images": [_by_uids(orthanc.url, CR)],
+                "heatmap": {"format": "png"},
+                "store": {"url": orthanc.url},
+            },
+            422,
+            "invalid_field",
+        )
+    )
+    cases.append(
+        (
+            {
+                "images": [_by_uids(orthanc.url, CR)],
+                "heatmap": {"format": "dicom-sc"},
+                "store": {"url": "http://127.0.0.1:9/dicom-web"},
+            },
+            403,
+            "dicomweb_not_allowed",
+        )
+    )
     for body, status, code in cases:
         answer = _explain(live, body)
         assert answer.status_code == status, (body, answer.text)
@@ -204,19 +254,26 @@ def test_an_allowed_server_that_is_down_is_a_502(tmp_path: Path) -> None:
     server = LiveServer(env={"GRADCAM_DICOMWEB_SERVERS": url})
     try:
         answer = _explain(server, {"images": [_by_uids(url, CR)]})
-        assert answer.status_code == 502 and answer.json()["error"]["code"] == \
-            "dicomweb_unreachable"
+        assert (
+            answer.status_code == 502 and answer.json()["error"]["code"] == "dicomweb_unreachable"
+        )
     finally:
         server.stop()
 
 
 def test_allowed_urls_are_compared_normalised() -> None:
     servers = DicomWebServers("http://PACS.example:80/dicom-web/, https://b.example/wado")
-    assert servers.base("http://pacs.example/dicom-web", "x", "X") == \
-        "http://PACS.example:80/dicom-web"
+    assert (
+        servers.base("http://pacs.example/dicom-web", "x", "X")
+        == "http://PACS.example:80/dicom-web"
+    )
     assert servers.base("https://b.example:443/wado/", "x", "X") == "https://b.example/wado"
-    for refused in ("http://pacs.example:8080/dicom-web", "https://pacs.example/dicom-web",
-                    "http://pacs.example/dicom-web/studies", "http://b.example/wado"):
+    for refused in (
+        "http://pacs.example:8080/dicom-web",
+        "https://pacs.example/dicom-web",
+        "http://pacs.example/dicom-web/studies",
+        "http://b.example/wado",
+    ):
         with pytest.raises(Forbidden):
             servers.base(refused, "x", "X")
     with pytest.raises(InvalidField):

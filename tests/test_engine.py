@@ -31,7 +31,7 @@ def test_batch_invariance(resnet: nn.Module, method: str) -> None:
     engine = GradCAM(resnet)
     batch = engine(inputs, "layer4", targets, [method] * 8)
     for i in range(8):
-        alone = engine(inputs[i:i + 1], "layer4", [targets[i]], [method])
+        alone = engine(inputs[i : i + 1], "layer4", [targets[i]], [method])
         assert alone.targets[0] == batch.targets[i]
         assert torch.allclose(alone.cams[0][0], batch.cams[i][0], atol=1e-5, rtol=0), i
         assert torch.allclose(alone.logits[0], batch.logits[i], atol=1e-4)
@@ -43,7 +43,7 @@ def test_mixed_methods_in_one_batch_equal_separate_calls(resnet: nn.Module) -> N
     engine = GradCAM(resnet)
     mixed = engine(inputs, "layer4", [[7]] * 5, list(METHODS))
     for i, method in enumerate(METHODS):
-        alone = engine(inputs[i:i + 1], "layer4", [[7]], [method])
+        alone = engine(inputs[i : i + 1], "layer4", [[7]], [method])
         assert torch.allclose(alone.cams[0][0], mixed.cams[i][0], atol=1e-5, rtol=0), method
 
 
@@ -57,7 +57,7 @@ def test_several_targets_per_image_match_single_target_calls(resnet: nn.Module) 
     assert together.targets == [[1, 2, 3], [top1[1]], [500, top1[2]]]
     for i, image_targets in enumerate(targets):
         for j, target in enumerate(image_targets):
-            alone = engine(inputs[i:i + 1], "layer4", [[target]], ["gradcam++"])
+            alone = engine(inputs[i : i + 1], "layer4", [[target]], ["gradcam++"])
             assert torch.allclose(alone.cams[0][0], together.cams[i][j], atol=1e-5, rtol=0)
 
 
@@ -137,8 +137,13 @@ def test_all_zero_map_is_zeros_not_nan() -> None:
 
 
 def test_default_layer_of_common_architectures() -> None:
-    expected = {"resnet18": "layer4", "densenet121": "features", "vgg11": "features",
-                "mobilenet_v3_small": "features", "efficientnet_b0": "features"}
+    expected = {
+        "resnet18": "layer4",
+        "densenet121": "features",
+        "vgg11": "features",
+        "mobilenet_v3_small": "features",
+        "efficientnet_b0": "features",
+    }
     for arch, layer in expected.items():
         model = seeded_model(arch)
         candidates = probe_layers(model, 3, (96, 96))

@@ -46,8 +46,9 @@ DEMO_MODELS = REPO / "service" / "demo" / "models.toml"
 def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo model (default) plus "slow": resnet50 with random weights, 224²."""
     path = tmp_path_factory.mktemp("models") / "models.toml"
-    demo = DEMO_MODELS.read_text().replace('"phantom_net.safetensors"',
-                                           f'"{DEMO_MODELS.parent / "phantom_net.safetensors"}"')
+    demo = DEMO_MODELS.read_text().replace(
+        '"phantom_net.safetensors"', f'"{DEMO_MODELS.parent / "phantom_net.safetensors"}"'
+    )
     demo = demo.replace('"labels.txt"', f'"{DEMO_MODELS.parent / "labels.txt"}"')
     path.write_text(demo + '\n[models.slow]\narch = "resnet50"\nnum_classes = 10\n')
     return path
@@ -62,11 +63,26 @@ class EngineProcess:
         self.metrics_dir.mkdir()
         read_fd, write_fd = os.pipe()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.engine.process", "--socket", self.socket,
-             "--device", "cpu", "--ready-fd", str(write_fd)],
-            pass_fds=(write_fd,), cwd=REPO,
-            env={**os.environ, "GRADCAM_TORCH_THREADS": "2",
-                 "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir), **env})
+            [
+                sys.executable,
+                "-m",
+                "service.engine.process",
+                "--socket",
+                self.socket,
+                "--device",
+                "cpu",
+                "--ready-fd",
+                str(write_fd),
+            ],
+            pass_fds=(write_fd,),
+            cwd=REPO,
+            env={
+                **os.environ,
+                "GRADCAM_TORCH_THREADS": "2",
+                "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+                **env,
+            },
+        )
         os.close(write_fd)
         with os.fdopen(read_fd, "rb") as ready:
             line = ready.readline()  # blocks until ready (or EOF if it died)
@@ -77,8 +93,12 @@ class EngineProcess:
     def batches(self) -> float:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.metrics_dir))  # type: ignore[no-untyped-call]
-        return sum(sample.value for metric in registry.collect() for sample in metric.samples
-                   if sample.name == "gradcam_batch_size_images_count")
+        return sum(
+            sample.value
+            for metric in registry.collect()
+            for sample in metric.samples
+            if sample.name == "gradcam_batch_size_images_count"
+        )
 
     def stop(self) -> None:
         self.pool.close()
@@ -88,8 +108,10 @@ class EngineProcess:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory, models_file: Path) -> Iterator[EngineProcess]:
-    process = EngineProcess(tmp_path_factory.mktemp("engine"),
-                            {"GRADCAM_MODELS_FILE": str(models_file), "GRADCAM_MAX_QUEUE": "3"})
+    process = EngineProcess(
+        tmp_path_factory.mktemp("engine"),
+        {"GRADCAM_MODELS_FILE": str(models_file), "GRADCAM_MAX_QUEUE": "3"},
+    )
     yield process
     process.stop()
     assert not Path(process.socket).exists()  # removed on a clean stop
@@ -102,8 +124,14 @@ def _phantom_pixels(seed: int) -> np.ndarray:
 
 def _phantom_job(n: int = 2) -> Job:
     images = [_phantom_pixels(seed) for seed in range(2, 2 + n)]
-    return Job("phantom", "features", images, [None] * n, [[None], [0, 2]][:n] * (n // 2 or 1),
-               ["gradcam", "layercam"][:n] * (n // 2 or 1))
+    return Job(
+        "phantom",
+        "features",
+        images,
+        [None] * n,
+        [[None], [0, 2]][:n] * (n // 2 or 1),
+        ["gradcam", "layercam"][:n] * (n // 2 or 1),
+    )
 
 
 def _slow_job(n: int = 8) -> Job:
@@ -112,14 +140,18 @@ def _slow_job(n: int = 8) -> Job:
     return Job("slow", "layer4", images, [None] * n, [[None]] * n, ["gradcam"] * n)
 
 
-def test_a_round_trip_equals_the_in_process_engine(engine: EngineProcess,
-                                                    runtime: Runtime) -> None:
+def test_a_round_trip_equals_the_in_process_engine(engine: EngineProcess, runtime: Runtime) -> None:
     fine = np.linspace(0, 1, 128 * 128, dtype=np.float32).reshape(128, 128, 1)
     letterboxed = _phantom_pixels(5).copy()
     letterboxed[:20] = 0
-    job = Job("phantom", "features", [_phantom_pixels(2), fine, letterboxed],
-              [None, None, (0, 20, 128, 128)], [[None], [0, 2], [3]],
-              ["gradcam", "layercam", "gradcam++"])
+    job = Job(
+        "phantom",
+        "features",
+        [_phantom_pixels(2), fine, letterboxed],
+        [None, None, (0, 20, 128, 128)],
+        [[None], [0, 2], [3]],
+        ["gradcam", "layercam", "gradcam++"],
+    )
     deadline = time.monotonic() + 30
     remote, local = engine.pool.run(job, deadline), runtime.run(job, deadline)
     assert remote.targets == local.targets
@@ -175,8 +207,9 @@ def test_one_bad_job_in_a_batch_fails_alone(engine: EngineProcess) -> None:
     busy = connection.submit(_slow_job(), deadline)
     time.sleep(0.05)
     good = connection.submit(_phantom_job(), deadline)
-    wrong = Job("phantom", "features", [np.zeros((64, 64, 1), np.uint8)], [None], [[None]],
-                ["gradcam"])
+    wrong = Job(
+        "phantom", "features", [np.zeros((64, 64, 1), np.uint8)], [None], [[None]], ["gradcam"]
+    )
     bad = connection.submit(wrong, deadline)
     also_good = connection.submit(_phantom_job(), deadline)
     busy.result(60)
@@ -190,19 +223,23 @@ def test_one_bad_job_in_a_batch_fails_alone(engine: EngineProcess) -> None:
 # --- serve: supervision ------------------------------------------------------------
 
 
-def _explain(url: str, body: dict[str, Any], timeout: float = 60) -> tuple[int, dict[str, Any],
-                                                                          float]:
+def _explain(
+    url: str, body: dict[str, Any], timeout: float = 60
+) -> tuple[int, dict[str, Any], float]:
     started = time.monotonic()
     response = requests.post(f"{url}/v1/explain", json=body, timeout=timeout)
     return response.status_code, response.json(), time.monotonic() - started
 
 
-SMALL = {"images": [encode(phantom_png(2, 96, 96))], "heatmap": {"format": "array",
-                                                                  "size": "layer"}}
+SMALL = {
+    "images": [encode(phantom_png(2, 96, 96))],
+    "heatmap": {"format": "array", "size": "layer"},
+}
 
 
-def _concurrently(url: str, body: dict[str, Any], count: int) -> list[tuple[int, dict[str, Any],
-                                                                           float]]:
+def _concurrently(
+    url: str, body: dict[str, Any], count: int
+) -> list[tuple[int, dict[str, Any], float]]:
     with ThreadPoolExecutor(count) as pool:
         return list(pool.map(lambda _: _explain(url, body), range(count)))
 
@@ -277,8 +314,9 @@ def test_an_engine_killed_under_load_gives_503s_then_200s_without_a_restart_of_s
         live.stop()
 
 
-def _timed_load(url: str, clients: int, stop: threading.Event,
-                out: list[tuple[float, float, int, str]]) -> ThreadPoolExecutor:
+def _timed_load(
+    url: str, clients: int, stop: threading.Event, out: list[tuple[float, float, int, str]]
+) -> ThreadPoolExecutor:
     """``clients`` threads posting SMALL until ``stop``: (started, ended, status, code)."""
 
     def client() -> None:
@@ -314,8 +352,11 @@ def test_a_stopped_engine_fails_fast_and_is_replaced() -> None:
         stopped = time.monotonic()
         _wait_for(lambda: not _ready(live.url), 3, "/readyz to turn 503")
         unready_after = time.monotonic() - stopped
-        _wait_for(lambda: live.engine_pids() and live.engine_pids() != [engine_pid], 15,
-                  "the supervisor to replace the stopped engine")
+        _wait_for(
+            lambda: live.engine_pids() and live.engine_pids() != [engine_pid],
+            15,
+            "the supervisor to replace the stopped engine",
+        )
         _wait_for(lambda: _ready(live.url), 30, "the new engine")
         time.sleep(1.0)
         stop.set()
@@ -329,8 +370,9 @@ def test_a_stopped_engine_fails_fast_and_is_replaced() -> None:
         for started, ended, _, _ in failed:
             assert ended - max(started, stopped) < 2.0, (started - stopped, ended - stopped)
         after = [o for o in outcomes if o[0] > stopped + 2.0 and o[1] < stopped + 4.0]
-        assert after and all(status == 503 and ended - started < 0.5
-                             for started, ended, status, _ in after)
+        assert after and all(
+            status == 503 and ended - started < 0.5 for started, ended, status, _ in after
+        )
         assert outcomes[-1][2] == 200
         assert "has not run for" in live.read_log()
     finally:
@@ -361,12 +403,13 @@ def test_repeated_kills_of_a_loading_engine_do_not_grow_the_outage() -> None:
         pool.shutdown(wait=True)
         assert live.process.poll() is None  # serve did not give up
         log = live.read_log()
-        print(f"back {back_after:.1f} s after the last kill; "
-              f"{log.count('while loading; restarting it now')} kill(s) while loading")
+        print(
+            f"back {back_after:.1f} s after the last kill; "
+            f"{log.count('while loading; restarting it now')} kill(s) while loading"
+        )
         # One engine load (~4 s here) after the last kill, never a grown back-off.
         assert back_after < 10.0, back_after
-        assert {code for *_, status, code in outcomes if status != 200} <= {
-            "engine_unavailable"}
+        assert {code for *_, status, code in outcomes if status != 200} <= {"engine_unavailable"}
     finally:
         stop.set()
         live.stop()
@@ -390,8 +433,11 @@ def test_serve_gives_up_after_repeated_engine_crashes() -> None:
 def test_sigterm_drains_requests_in_flight_then_stops_everything(models_file: Path) -> None:
     live = LiveServer(env={"GRADCAM_MODELS_FILE": str(models_file)})
     try:
-        slow = {"model": "slow", "images": [encode(phantom_png(s, 224, 224)) for s in range(8)],
-                "heatmap": {"format": "none"}}
+        slow = {
+            "model": "slow",
+            "images": [encode(phantom_png(s, 224, 224)) for s in range(8)],
+            "heatmap": {"format": "none"},
+        }
         with ThreadPoolExecutor(2) as pool:
             running = [pool.submit(_explain, live.url, slow) for _ in range(2)]
             time.sleep(0.3)
@@ -403,17 +449,24 @@ def test_sigterm_drains_requests_in_flight_then_stops_everything(models_file: Pa
             requests.get(f"{live.url}/healthz", timeout=2)
         log = live.read_log()
         assert "stopping (HTTP first, then the engines)" in log and "engine stopped" in log
-        socket_path = next(line.split("engine serving on ")[1].split(" ")[0]
-                           for line in log.splitlines() if "engine serving on " in line)
+        socket_path = next(
+            line.split("engine serving on ")[1].split(" ")[0]
+            for line in log.splitlines()
+            if "engine serving on " in line
+        )
         assert not Path(socket_path).parent.exists()  # the socket folder is gone
     finally:
         live.stop()
 
 
 def test_sigterm_while_the_engine_still_loads_stops_everything(tmp_path: Path) -> None:
-    process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        start_new_session=True,
+    )
     assert process.stdout is not None
     lines = []
     # A gate, not a sleep: once the engine is starting it is far from ready (torch).
@@ -424,17 +477,24 @@ def test_sigterm_while_the_engine_still_loads_stops_everything(tmp_path: Path) -
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
     log = "".join(lines) + process.stdout.read().decode()
-    pid = next(line.split("pid ")[1].rstrip(")") for line in log.splitlines()
-               if "engine 0 starting" in line)
+    pid = next(
+        line.split("pid ")[1].rstrip(")")
+        for line in log.splitlines()
+        if "engine 0 starting" in line
+    )
     assert not Path(f"/proc/{pid}").exists(), log  # the engine went too
 
 
 def test_a_broken_models_file_stops_serve_with_its_message(tmp_path: Path) -> None:
     path = tmp_path / "models.toml"
     path.write_text('[models.x]\narch = "resnet18"\nchannels = 7\n')
-    done = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--models", str(path),
-                           "--port", "1"], capture_output=True, timeout=120, check=False,
-                          cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--models", str(path), "--port", "1"],
+        capture_output=True,
+        timeout=120,
+        check=False,
+        cwd=REPO,
+    )
     assert done.returncode == 2
     assert b"model 'x'" in done.stderr and b"channels" in done.stderr
     assert b"gunicorn" not in done.stderr
@@ -442,8 +502,11 @@ def test_a_broken_models_file_stops_serve_with_its_message(tmp_path: Path) -> No
 
 @pytest.fixture(scope="module")
 def busy_server(models_file: Path) -> Iterator[LiveServer]:
-    live = LiveServer(workers=2, threads=16, env={"GRADCAM_MODELS_FILE": str(models_file),
-                                                  "GRADCAM_MAX_QUEUE": "3"})
+    live = LiveServer(
+        workers=2,
+        threads=16,
+        env={"GRADCAM_MODELS_FILE": str(models_file), "GRADCAM_MAX_QUEUE": "3"},
+    )
     yield live
     live.stop()
 
@@ -452,13 +515,19 @@ def busy_server(models_file: Path) -> Iterator[LiveServer]:
 def test_overload_is_a_quick_503_and_shows_in_the_queue_depth(busy_server: LiveServer) -> None:
     # Small images (the model input is 224² anyway): what a refusal costs is then the
     # queue's answer, not decoding on two cores the engine keeps busy.
-    slow = {"model": "slow", "images": [encode(phantom_png(s, 64, 64)) for s in range(4)],
-            "heatmap": {"format": "none"}}
+    slow = {
+        "model": "slow",
+        "images": [encode(phantom_png(s, 64, 64)) for s in range(4)],
+        "heatmap": {"format": "none"},
+    }
 
     def depth() -> list[float]:
         text = requests.get(f"{busy_server.url}/metrics", timeout=10).text
-        return [float(line.split()[-1]) for line in text.splitlines()
-                if line.startswith("gradcam_queue_depth ")]
+        return [
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("gradcam_queue_depth ")
+        ]
 
     results, depths = _sampling(depth, lambda: _concurrently(busy_server.url, slow, 12))
     refused = [(body, took) for status, body, took in results if status == 503]
@@ -470,11 +539,13 @@ def test_overload_is_a_quick_503_and_shows_in_the_queue_depth(busy_server: LiveS
 
 
 @pytest.mark.slow
-def test_a_client_that_leaves_is_answered_499_and_not_computed(
-        busy_server: LiveServer) -> None:
+def test_a_client_that_leaves_is_answered_499_and_not_computed(busy_server: LiveServer) -> None:
     url = busy_server.url
-    slow = {"model": "slow", "images": [encode(phantom_png(s, 224, 224)) for s in range(8)],
-            "heatmap": {"format": "none"}}
+    slow = {
+        "model": "slow",
+        "images": [encode(phantom_png(s, 224, 224)) for s in range(8)],
+        "heatmap": {"format": "none"},
+    }
     metrics_before = requests.get(f"{url}/metrics", timeout=10).text
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(_explain, url, slow)
@@ -482,22 +553,35 @@ def test_a_client_that_leaves_is_answered_499_and_not_computed(
         # A client that sends its request and hangs up while it waits in the queue.
         body = json.dumps(SMALL).encode()
         with socket.create_connection(("127.0.0.1", busy_server.port)) as sock:
-            sock.sendall(b"POST /v1/explain HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                         b"application/json\r\nContent-Length: " + str(len(body)).encode()
-                         + b"\r\n\r\n" + body)
+            sock.sendall(
+                b"POST /v1/explain HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                b"application/json\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
             time.sleep(0.1)
         assert busy.result()[0] == 200
 
     def closed(text: str) -> float:
-        return sum(float(line.split()[-1]) for line in text.splitlines()
-                   if line.startswith('gradcam_errors_total{code="client_closed"}'))
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith('gradcam_errors_total{code="client_closed"}')
+        )
 
     def explained(text: str) -> float:
-        return sum(float(line.split()[-1]) for line in text.splitlines()
-                   if line.startswith('gradcam_images_explained_total{model="phantom"}'))
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith('gradcam_images_explained_total{model="phantom"}')
+        )
 
-    _wait_for(lambda: closed(requests.get(f"{url}/metrics", timeout=10).text)
-              > closed(metrics_before), 10, "the 499")
+    _wait_for(
+        lambda: closed(requests.get(f"{url}/metrics", timeout=10).text) > closed(metrics_before),
+        10,
+        "the 499",
+    )
     assert explained(requests.get(f"{url}/metrics", timeout=10).text) == explained(metrics_before)
 
 
@@ -508,17 +592,27 @@ def _cpu_seconds(pid: int) -> float:
 
 @pytest.mark.slow
 def test_two_engines_share_the_work_and_cover_for_each_other(models_file: Path) -> None:
-    live = LiveServer(workers=2, env={"GRADCAM_ENGINES": "2", "GRADCAM_TORCH_THREADS": "1",
-                                      "GRADCAM_MODELS_FILE": str(models_file)})
+    live = LiveServer(
+        workers=2,
+        env={
+            "GRADCAM_ENGINES": "2",
+            "GRADCAM_TORCH_THREADS": "1",
+            "GRADCAM_MODELS_FILE": str(models_file),
+        },
+    )
     try:
         engines = live.engine_pids()
         assert len(engines) == 2
         before = [_cpu_seconds(pid) for pid in engines]
-        slow = {"model": "slow", "images": [encode(phantom_png(s, 224, 224)) for s in range(2)],
-                "heatmap": {"format": "none"}}
+        slow = {
+            "model": "slow",
+            "images": [encode(phantom_png(s, 224, 224)) for s in range(2)],
+            "heatmap": {"format": "none"},
+        }
         with ThreadPoolExecutor(4) as pool:
-            assert {s for s, _, _ in pool.map(lambda _: _explain(live.url, slow), range(12))} \
-                == {200}
+            assert {s for s, _, _ in pool.map(lambda _: _explain(live.url, slow), range(12))} == {
+                200
+            }
         used = [_cpu_seconds(pid) - b for pid, b in zip(engines, before, strict=True)]
         assert min(used) > 0.2 * max(used), used  # both did real work
         os.kill(engines[0], signal.SIGKILL)
@@ -531,26 +625,40 @@ def test_two_engines_share_the_work_and_cover_for_each_other(models_file: Path) 
 
 @pytest.mark.slow
 def test_requests_waiting_for_a_worker_thread_are_counted_and_refused_in_time(
-        models_file: Path) -> None:
-    live = LiveServer(workers=1, threads=2, env={"GRADCAM_MODELS_FILE": str(models_file),
-                                                  "GRADCAM_MAX_QUEUE_WAIT_S": "0.5"})
+    models_file: Path,
+) -> None:
+    live = LiveServer(
+        workers=1,
+        threads=2,
+        env={"GRADCAM_MODELS_FILE": str(models_file), "GRADCAM_MAX_QUEUE_WAIT_S": "0.5"},
+    )
     try:
-        slow = {"model": "slow", "images": [encode(phantom_png(s, 224, 224)) for s in range(8)],
-                "heatmap": {"format": "none"}}
+        slow = {
+            "model": "slow",
+            "images": [encode(phantom_png(s, 224, 224)) for s in range(8)],
+            "heatmap": {"format": "none"},
+        }
 
         def waiting() -> list[float]:
             # /metrics needs a thread too: read the files as a scrape would aggregate them.
             registry = CollectorRegistry()
-            MultiProcessCollector(registry,  # type: ignore[no-untyped-call]
-                                  path=live.metrics_dir())
-            return [sample.value for metric in registry.collect() for sample in metric.samples
-                    if sample.name == "gradcam_requests_waiting_for_thread"]
+            MultiProcessCollector(
+                registry,  # type: ignore[no-untyped-call]
+                path=live.metrics_dir(),
+            )
+            return [
+                sample.value
+                for metric in registry.collect()
+                for sample in metric.samples
+                if sample.name == "gradcam_requests_waiting_for_thread"
+            ]
 
         results, samples = _sampling(waiting, lambda: _concurrently(live.url, slow, 8))
         statuses = [status for status, _, _ in results]
         assert 200 in statuses and 503 in statuses, statuses
-        assert {body["error"]["code"] for status, body, _ in results if status == 503} \
-            == {"overloaded"}
+        assert {body["error"]["code"] for status, body, _ in results if status == 503} == {
+            "overloaded"
+        }
         assert max(samples) >= 2
         text = requests.get(f"{live.url}/metrics", timeout=10).text
         assert 'gradcam_stage_duration_seconds_count{stage="thread_wait"}' in text

@@ -38,25 +38,34 @@ def test_the_service_names_no_code_outside_the_list() -> None:
     for path in sorted((ROOT / "service").rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
-            if (isinstance(node, ast.keyword) and node.arg == "code"
-                    and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+            if (
+                isinstance(node, ast.keyword)
+                and node.arg == "code"
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)
+            ):
                 strays.append(f"{path.name}:{node.value.lineno} code={node.value.value!r}")
             if isinstance(node, ast.Dict):
                 for key, value in zip(node.keys, node.values, strict=True):
-                    if (isinstance(key, ast.Constant) and key.value == "code"
-                            and isinstance(value, ast.Constant) and isinstance(value.value, str)):
+                    if (
+                        isinstance(key, ast.Constant)
+                        and key.value == "code"
+                        and isinstance(value, ast.Constant)
+                        and isinstance(value.value, str)
+                    ):
                         strays.append(f"{path.name}:{value.lineno} 'code': {value.value!r}")
-            if (isinstance(node, ast.Assign) and any(
-                    isinstance(t, ast.Name) and t.id == "default_code" for t in node.targets)
-                    and isinstance(node.value, ast.Constant)):
+            if (
+                isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "default_code" for t in node.targets)
+                and isinstance(node.value, ast.Constant)
+            ):
                 strays.append(f"{path.name}:{node.lineno} default_code = {node.value.value!r}")
     assert strays == []
 
 
 def test_a_code_crosses_the_process_boundary_as_itself() -> None:
     for code in ErrorCode:
-        error = ServiceError.from_wire({"status": code.status, "code": code.value,
-                                        "message": "m"})
+        error = ServiceError.from_wire({"status": code.status, "code": code.value, "message": "m"})
         assert error.code is code
         assert error.status == code.status or type(error) is ServiceError
     broken = ServiceError.from_wire({"status": 422, "code": "made_up", "message": "m"})
@@ -66,8 +75,8 @@ def test_a_code_crosses_the_process_boundary_as_itself() -> None:
 
 def test_the_readme_lists_every_code_in_its_status_row() -> None:
     text = (ROOT / "README.md").read_text()
-    table = text[text.index("| status | codes |"):]
-    table = table[:table.index("\n\n")]
+    table = text[text.index("| status | codes |") :]
+    table = table[: table.index("\n\n")]
     listed: dict[str, int] = {}
     for row in table.splitlines()[2:]:
         status = int(row.split("|")[1])
@@ -76,7 +85,8 @@ def test_the_readme_lists_every_code_in_its_status_row() -> None:
                 listed.setdefault(code, status)
     assert set(listed) == {c.value for c in ErrorCode}
     assert {code: status for code, status in listed.items()} == {
-        c.value: c.status for c in ErrorCode}
+        c.value: c.status for c in ErrorCode
+    }
 
 
 def test_openapi_lists_exactly_the_codes() -> None:

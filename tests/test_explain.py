@@ -35,8 +35,9 @@ def _decode_png(data: str) -> Image.Image:
 @pytest.mark.parametrize("size", ["original", "input", "layer"])
 @pytest.mark.parametrize("fmt", ["array", "png", "overlay", "gray", "none"])
 def test_every_format_and_size(runtime: Runtime, fmt: str, size: str) -> None:
-    body = _explain(runtime, images=[encode(phantom_png(3, 300, 220))],
-                    heatmap={"format": fmt, "size": size})
+    body = _explain(
+        runtime, images=[encode(phantom_png(3, 300, 220))], heatmap={"format": fmt, "size": size}
+    )
     result = body["results"][0]
     assert (result["width"], result["height"]) == (300, 220)
     expected = {"original": (300, 220), "input": (128, 128), "layer": (16, 16)}[size]
@@ -57,8 +58,11 @@ def test_every_format_and_size(runtime: Runtime, fmt: str, size: str) -> None:
 
 
 def test_predictions_targets_and_defaults(runtime: Runtime) -> None:
-    body = _explain(runtime, images=[encode(phantom_png(3)), encode(phantom_png(2))],
-                    targets=[["tube", 1, "nodule"], None])
+    body = _explain(
+        runtime,
+        images=[encode(phantom_png(3)), encode(phantom_png(2))],
+        targets=[["tube", 1, "nodule"], None],
+    )
     assert body["model"] == "phantom" and body["method"] == "gradcam"
     assert body["layer"] == "features"
     first, second = body["results"]
@@ -84,8 +88,12 @@ def test_heatmap_lies_on_an_odd_non_square_image(runtime: Runtime) -> None:
     for seed in (3, 25, 37):
         scene = phantom(seed, 517, 389)
         kinds = sorted({f.kind for f in scene.findings})
-        body = _explain(runtime, images=[encode(png_bytes(to_uint8(scene.image)))],
-                        targets=[kinds], heatmap={"format": "array", "size": "original"})
+        body = _explain(
+            runtime,
+            images=[encode(png_bytes(to_uint8(scene.image)))],
+            targets=[kinds],
+            heatmap={"format": "array", "size": "original"},
+        )
         for explanation in body["results"][0]["explanations"]:
             values = np.array(explanation["heatmap"]["values"])
             assert values.shape == (389, 517)
@@ -121,10 +129,15 @@ def image_variants() -> dict[str, tuple[bytes, tuple[int, int]]]:
 @pytest.mark.parametrize("name", list(image_variants()))
 def test_image_formats_give_the_same_answer(runtime: Runtime, name: str) -> None:
     data, size = image_variants()[name]
-    reference = _explain(runtime, images=[encode(image_variants()["png-gray"][0])], top_k=4,
-                         heatmap={"format": "array", "size": "layer"})["results"][0]
-    result = _explain(runtime, images=[encode(data)], top_k=4,
-                      heatmap={"format": "array", "size": "layer"})["results"][0]
+    reference = _explain(
+        runtime,
+        images=[encode(image_variants()["png-gray"][0])],
+        top_k=4,
+        heatmap={"format": "array", "size": "layer"},
+    )["results"][0]
+    result = _explain(
+        runtime, images=[encode(data)], top_k=4, heatmap={"format": "array", "size": "layer"}
+    )["results"][0]
     assert (result["width"], result["height"]) == size
     ours = {p["label"]: p["score"] for p in result["predictions"]}
     theirs = {p["label"]: p["score"] for p in reference["predictions"]}
@@ -141,8 +154,11 @@ def test_exif_orientation_is_applied(runtime: Runtime) -> None:
     exif[0x0112] = 6
     buffer = io.BytesIO()
     Image.fromarray(gray).save(buffer, format="JPEG", exif=exif.tobytes())
-    body = _explain(runtime, images=[encode(buffer.getvalue())],
-                    heatmap={"format": "overlay", "size": "original"})
+    body = _explain(
+        runtime,
+        images=[encode(buffer.getvalue())],
+        heatmap={"format": "overlay", "size": "original"},
+    )
     result = body["results"][0]
     assert (result["width"], result["height"]) == (180, 240)
     assert _decode_png(result["explanations"][0]["heatmap"]["data"]).size == (180, 240)
@@ -150,7 +166,9 @@ def test_exif_orientation_is_applied(runtime: Runtime) -> None:
 
 def test_data_url_and_whitespace(runtime: Runtime) -> None:
     text = encode(phantom_png(2, 64, 64))
-    wrapped = "data:image/png;base64," + "\n".join(text[i:i + 76] for i in range(0, len(text), 76))
+    wrapped = "data:image/png;base64," + "\n".join(
+        text[i : i + 76] for i in range(0, len(text), 76)
+    )
     body = _explain(runtime, images=[wrapped, text.rstrip("=")])
     assert body["results"][0]["predictions"] == body["results"][1]["predictions"]
 
@@ -165,19 +183,21 @@ BAD_REQUESTS: list[tuple[dict, int, str]] = [
     ({"images": [encode(phantom_png(1, 32, 32))] * 33}, 413, "too_many_images"),
     ({"images": ["aGk="], "model": "nope"}, 404, "unknown_model"),
     ({"images": ["aGk="], "layer": "features.stage9"}, 422, "unknown_layer"),
-    ({"images": [encode(phantom_png(1, 32, 32))], "targets": ["pneumonia"]}, 422,
-     "unknown_label"),
+    ({"images": [encode(phantom_png(1, 32, 32))], "targets": ["pneumonia"]}, 422, "unknown_label"),
     ({"images": [encode(phantom_png(1, 32, 32))], "targets": [4]}, 422, "target_out_of_range"),
-    ({"images": [encode(phantom_png(1, 32, 32))], "targets": [[0, -1]]}, 422,
-     "target_out_of_range"),
+    (
+        {"images": [encode(phantom_png(1, 32, 32))], "targets": [[0, -1]]},
+        422,
+        "target_out_of_range",
+    ),
     ({"images": ["aGk="], "targets": [None, None]}, 422, "targets_length"),
 ]
 
 
-@pytest.mark.parametrize("body,status,code", BAD_REQUESTS,
-                         ids=[c for _, _, c in BAD_REQUESTS])
-def test_bad_input_is_a_clear_client_error(runtime: Runtime, body: dict, status: int,
-                                           code: str) -> None:
+@pytest.mark.parametrize("body,status,code", BAD_REQUESTS, ids=[c for _, _, c in BAD_REQUESTS])
+def test_bad_input_is_a_clear_client_error(
+    runtime: Runtime, body: dict, status: int, code: str
+) -> None:
     with pytest.raises(ServiceError) as info:
         explain(ExplainRequest.model_validate(body), runtime, runtime.settings)
     assert (info.value.status, info.value.code) == (status, code), info.value.message
@@ -211,24 +231,29 @@ def test_malformed_bodies_name_the_field(body: bytes, status: int, field: str) -
 
 
 def test_an_rgb_upload_keeps_its_colours_under_a_one_channel_models_overlay(
-        runtime: Runtime) -> None:
+    runtime: Runtime,
+) -> None:
     gray = np.asarray(Image.open(io.BytesIO(phantom_png(8, 160, 120))))
     tint = np.stack([gray, (gray * 0.6).astype(np.uint8), (gray * 0.3).astype(np.uint8)], -1)
     rgb = png_bytes(tint)
     as_gray = png_bytes(np.asarray(Image.fromarray(tint).convert("L")))
-    coloured = _explain(runtime, images=[encode(rgb)], heatmap={"format": "overlay"},
-                        include=["image"])["results"][0]
-    plain = _explain(runtime, images=[encode(as_gray)],
-                     heatmap={"format": "overlay"})["results"][0]
+    coloured = _explain(
+        runtime, images=[encode(rgb)], heatmap={"format": "overlay"}, include=["image"]
+    )["results"][0]
+    plain = _explain(runtime, images=[encode(as_gray)], heatmap={"format": "overlay"})["results"][0]
     # The model saw the same gray image either way...
     assert coloured["predictions"] == plain["predictions"]
     # ...and the overlay and the image are drawn on the colour original.
     shown = np.asarray(_decode_png(coloured["image"]["data"]))
     assert np.array_equal(shown, tint)
     overlay = np.asarray(_decode_png(coloured["explanations"][0]["heatmap"]["data"]))
-    levels = np.asarray(_decode_png(_explain(runtime, images=[encode(rgb)],
-                                             heatmap={"format": "gray"})["results"][0][
-        "explanations"][0]["heatmap"]["data"]))
+    levels = np.asarray(
+        _decode_png(
+            _explain(runtime, images=[encode(rgb)], heatmap={"format": "gray"})["results"][0][
+                "explanations"
+            ][0]["heatmap"]["data"]
+        )
+    )
     cold = levels == 0
     assert cold.any() and np.array_equal(overlay[cold], tint[cold])
 
@@ -243,8 +268,10 @@ def test_a_frame_per_image(runtime: Runtime) -> None:
 
     def overlay(images: list[str], frame: object) -> list[np.ndarray]:
         body = _explain(runtime, images=images, frame=frame, heatmap={"format": "overlay"})
-        return [np.asarray(_decode_png(r["explanations"][0]["heatmap"]["data"]))
-                for r in body["results"]]
+        return [
+            np.asarray(_decode_png(r["explanations"][0]["heatmap"]["data"]))
+            for r in body["results"]
+        ]
 
     first, second = overlay([two], 0)[0], overlay([two], 1)[0]
 

@@ -71,18 +71,21 @@ def test_the_folded_model_computes_the_same_function(pair: tuple[nn.Module, nn.M
     assert [n for n, _ in folded.named_modules()] == [n for n, _ in plain.named_modules()]
 
 
-@pytest.mark.parametrize("layer", [
-    "layer4",  # a block that contains folded pairs
-    "layer3.1.bn2",  # a batch norm, now an Identity returning the folded convolution
-    "layer3.1.conv2",  # a folded convolution: explained before the batch norm it absorbed
-    "conv1",
-    "layer2.0.downsample.0",
-    "layer3.1.relu",  # not part of any pair (runs twice per block: refused either way)
-])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        "layer4",  # a block that contains folded pairs
+        "layer3.1.bn2",  # a batch norm, now an Identity returning the folded convolution
+        "layer3.1.conv2",  # a folded convolution: explained before the batch norm it absorbed
+        "conv1",
+        "layer2.0.downsample.0",
+        "layer3.1.relu",  # not part of any pair (runs twice per block: refused either way)
+    ],
+)
 @pytest.mark.parametrize("method", METHODS)
-def test_every_kind_of_layer_gives_the_same_maps(pair: tuple[nn.Module, nn.Module],
-                                                 pair64: tuple[nn.Module, nn.Module], layer: str,
-                                                 method: str) -> None:
+def test_every_kind_of_layer_gives_the_same_maps(
+    pair: tuple[nn.Module, nn.Module], pair64: tuple[nn.Module, nn.Module], layer: str, method: str
+) -> None:
     inputs = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))
     plain, folded = pair
     try:
@@ -93,8 +96,11 @@ def test_every_kind_of_layer_gives_the_same_maps(pair: tuple[nn.Module, nn.Modul
         return
     # The algebra, in float64: folding and undoing it change nothing but the last bits.
     plain64, folded64 = pair64
-    for a, b in zip(_maps(plain64, inputs.double(), layer, method),
-                    _maps(folded64, inputs.double(), layer, method), strict=True):
+    for a, b in zip(
+        _maps(plain64, inputs.double(), layer, method),
+        _maps(folded64, inputs.double(), layer, method),
+        strict=True,
+    ):
         assert float((a - b).abs().max()) <= 1e-9 * max(float(a.abs().max()), 1e-12)
     # In float32 the two round differently: a pre-activation within rounding of zero may
     # then fall on the other side of a ReLU (here, once in layer2.1), which moves the
@@ -152,8 +158,9 @@ def test_a_batch_norm_that_cannot_be_undone_or_a_model_that_does_not_trace_stays
 
 def _runtime(folder: Path, fold: bool) -> Runtime:
     folder.mkdir(parents=True, exist_ok=True)
-    text = DEMO.read_text().replace('"phantom_net.safetensors"',
-                                    f'"{DEMO.parent / "phantom_net.safetensors"}"')
+    text = DEMO.read_text().replace(
+        '"phantom_net.safetensors"', f'"{DEMO.parent / "phantom_net.safetensors"}"'
+    )
     text = text.replace('"labels.txt"', f'"{DEMO.parent / "labels.txt"}"')
     text += f"fold_batch_norm = {'true' if fold else 'false'}\n"
     (folder / "models.toml").write_text(text)
@@ -169,8 +176,9 @@ def test_the_service_folds_unless_told_not_to_and_answers_the_same(tmp_path: Pat
         # The layers the model detail lists were found before folding: unchanged.
         assert folded.catalog().get("phantom").layers == plain.catalog().get("phantom").layers
         images = [encode(phantom_png(seed, 128, 128)) for seed in range(4)]
-        request = ExplainRequest.model_validate({"images": images, "heatmap": {
-            "format": "array", "size": "layer"}})
+        request = ExplainRequest.model_validate(
+            {"images": images, "heatmap": {"format": "array", "size": "layer"}}
+        )
         a, b = (explain(request, rt, rt.settings) for rt in (folded, plain))
         for x, y in zip(a["results"], b["results"], strict=True):
             assert [p["index"] for p in x["predictions"]] == [p["index"] for p in y["predictions"]]

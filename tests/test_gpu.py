@@ -62,8 +62,9 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return float(np.corrcoef(x, y)[0, 1]), float(np.abs(x - y).max() / x.max())
 
 
-def _both(models: tuple[torch.nn.Module, torch.nn.Module], method: str,
-          seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _both(
+    models: tuple[torch.nn.Module, torch.nn.Module], method: str, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     cpu, gpu = models
     torch.manual_seed(seed)
     inputs = torch.randn(32, 3, 224, 224)
@@ -76,20 +77,24 @@ def _both(models: tuple[torch.nn.Module, torch.nn.Module], method: str,
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_cuda_maps_equal_cpu_maps_without_tf32(models: tuple[torch.nn.Module, torch.nn.Module],
-                                               method: str, no_tf32: None) -> None:
+def test_cuda_maps_equal_cpu_maps_without_tf32(
+    models: tuple[torch.nn.Module, torch.nn.Module], method: str, no_tf32: None
+) -> None:
     for a, b in _both(models, method, seed=0):
         scale = float(a.abs().max()) or 1.0
         assert torch.allclose(a, b, atol=2e-4 * scale, rtol=1e-3), method
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_cuda_maps_keep_their_shape_with_tf32(models: tuple[torch.nn.Module, torch.nn.Module],
-                                              method: str) -> None:
+def test_cuda_maps_keep_their_shape_with_tf32(
+    models: tuple[torch.nn.Module, torch.nn.Module], method: str
+) -> None:
     worst = [_agreement(a, b) for a, b in _both(models, method, seed=0)]
     correlation, difference = min(c for c, _ in worst), max(d for _, d in worst)
-    print(f"{method}, TF32 vs CPU float32: min Pearson {correlation:.5f}, "
-          f"max difference {difference:.4f} of the peak")
+    print(
+        f"{method}, TF32 vs CPU float32: min Pearson {correlation:.5f}, "
+        f"max difference {difference:.4f} of the peak"
+    )
     assert correlation >= 0.999 and difference <= 0.02
 
 
@@ -102,20 +107,23 @@ def test_autocast_heatmaps_stay_close(models: tuple[torch.nn.Module, torch.nn.Mo
     half = GradCAM(gpu, "cuda", autocast=True)(inputs, "layer4", targets, ["gradcam"] * 32)
     worst = [_agreement(a[0], b[0]) for a, b in zip(full.cams, half.cams, strict=True)]
     correlation, difference = min(c for c, _ in worst), max(d for _, d in worst)
-    print(f"autocast float16 vs float32: min Pearson {correlation:.5f}, "
-          f"max difference {difference:.4f} of the peak")
+    print(
+        f"autocast float16 vs float32: min Pearson {correlation:.5f}, "
+        f"max difference {difference:.4f} of the peak"
+    )
     assert correlation >= 0.99
 
 
-def test_batch_invariance_on_cuda(models: tuple[torch.nn.Module, torch.nn.Module],
-                                  no_tf32: None) -> None:
+def test_batch_invariance_on_cuda(
+    models: tuple[torch.nn.Module, torch.nn.Module], no_tf32: None
+) -> None:
     _, gpu = models
     torch.manual_seed(2)
     inputs = torch.randn(8, 3, 224, 224)
     engine = GradCAM(gpu, "cuda")
     batch = engine(inputs, "layer4", [[i] for i in range(8)], ["gradcam"] * 8)
     for i in range(8):
-        alone = engine(inputs[i:i + 1], "layer4", [[i]], ["gradcam"])
+        alone = engine(inputs[i : i + 1], "layer4", [[i]], ["gradcam"])
         # cuDNN may pick another algorithm for another batch size: same maths,
         # another summation order.
         scale = float(alone.cams[0][0].abs().max()) or 1.0
@@ -132,20 +140,29 @@ def cuda_server() -> Iterator[LiveServer]:
 def test_server_on_cuda(cuda_server: LiveServer) -> None:
     detail = requests.get(f"{cuda_server.url}/v1/models/phantom", timeout=10).json()
     assert detail["device"].startswith("cuda")
-    response = requests.post(f"{cuda_server.url}/v1/explain", timeout=60, json={
-        "images": [encode(phantom_png(2, 300, 240))], "heatmap": {"format": "overlay"}})
+    response = requests.post(
+        f"{cuda_server.url}/v1/explain",
+        timeout=60,
+        json={"images": [encode(phantom_png(2, 300, 240))], "heatmap": {"format": "overlay"}},
+    )
     assert response.status_code == 200, response.text
     result = response.json()["results"][0]
     assert result["predictions"][0]["label"] == "nodule"
-    assert (result["explanations"][0]["heatmap"]["width"],
-            result["explanations"][0]["heatmap"]["height"]) == (300, 240)
+    assert (
+        result["explanations"][0]["heatmap"]["width"],
+        result["explanations"][0]["heatmap"]["height"],
+    ) == (300, 240)
 
 
 def test_only_the_engine_holds_the_gpu(cuda_server: LiveServer) -> None:
     try:
         listed = subprocess.run(
             ["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30, check=True).stdout.split()
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         pytest.skip("nvidia-smi cannot list compute processes here")
     if not listed:
@@ -169,8 +186,9 @@ def folded_gpu() -> torch.nn.Module:
     return model.cuda()
 
 
-def _graph_against_eager(engine: GradCAM, cache: GraphCache, method: str, layer: str,
-                         batch: int, seed: int) -> tuple[float, float]:
+def _graph_against_eager(
+    engine: GradCAM, cache: GraphCache, method: str, layer: str, batch: int, seed: int
+) -> tuple[float, float]:
     """One graphed batch (top-1 for image 0, given classes for the others) against the
     eager engine on the same inputs: the lowest Pearson and largest difference."""
     torch.manual_seed(seed)
@@ -194,8 +212,9 @@ def test_cuda_graphs_replay_the_eager_maps(folded_gpu: torch.nn.Module, method: 
             # The first call captures (on these inputs), the second replays new ones:
             # a graph that kept its capture's inputs or outputs would fail here.
             for seed in (0, 1):
-                correlation, difference = _graph_against_eager(engine, cache, method, layer,
-                                                               batch, seed)
+                correlation, difference = _graph_against_eager(
+                    engine, cache, method, layer, batch, seed
+                )
                 assert correlation >= 0.9999 and difference <= 1e-3, (layer, batch, seed)
     assert cache.replays == len(GRAPH_LAYERS) * 2 * 2
 
@@ -204,8 +223,7 @@ def test_cuda_graphs_under_float16_autocast(folded_gpu: torch.nn.Module) -> None
     engine, cache = GradCAM(folded_gpu, "cuda", autocast=True), GraphCache()
     assert engine.dtype == torch.float16
     for seed in (0, 1):
-        correlation, difference = _graph_against_eager(engine, cache, "gradcam", "layer4", 8,
-                                                       seed)
+        correlation, difference = _graph_against_eager(engine, cache, "gradcam", "layer4", 8, seed)
         print(f"graph vs eager, float16: Pearson {correlation:.6f}, difference {difference:.5f}")
         assert correlation >= 0.999
     assert cache.replays == 2
@@ -241,11 +259,15 @@ def test_a_graphed_runtime_answers_as_its_eager_path(tf32: bool) -> None:
                 runtime._graphs = graphs
                 assert x.targets == y.targets
                 np.testing.assert_allclose(y.scores, x.scores, atol=1e-4)
-                worst = [_agreement(torch.from_numpy(a[0]), torch.from_numpy(b[0]))
-                         for a, b in zip(x.maps, y.maps, strict=True)]
+                worst = [
+                    _agreement(torch.from_numpy(a[0]), torch.from_numpy(b[0]))
+                    for a, b in zip(x.maps, y.maps, strict=True)
+                ]
                 correlation, difference = min(c for c, _ in worst), max(d for _, d in worst)
-                print(f"TF32 {tf32}, batch {n}, {method}: graph vs eager Pearson "
-                      f"{correlation:.6f}, largest difference {difference:.5f} of the peak")
+                print(
+                    f"TF32 {tf32}, batch {n}, {method}: graph vs eager Pearson "
+                    f"{correlation:.6f}, largest difference {difference:.5f} of the peak"
+                )
                 if tf32:
                     assert correlation >= 0.999
                 else:
@@ -258,8 +280,7 @@ def test_a_graphed_runtime_answers_as_its_eager_path(tf32: bool) -> None:
 
 
 def _metric(text: str, name: str) -> float:
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}{{[^}}]*}}\s+(\S+)$", text,
-                                            re.M))
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}{{[^}}]*}}\s+(\S+)$", text, re.M))
 
 
 def test_server_with_cuda_graphs(cuda_server: LiveServer) -> None:
@@ -267,9 +288,12 @@ def test_server_with_cuda_graphs(cuda_server: LiveServer) -> None:
     try:
         body: dict[str, Any] = {
             "images": [encode(phantom_png(seed, 200, 160)) for seed in range(3)],
-            "heatmap": {"format": "array", "size": "layer"}}
-        answers = [requests.post(f"{live.url}/v1/explain", json=body, timeout=60)
-                   for live in (cuda_server, graphed)]
+            "heatmap": {"format": "array", "size": "layer"},
+        }
+        answers = [
+            requests.post(f"{live.url}/v1/explain", json=body, timeout=60)
+            for live in (cuda_server, graphed)
+        ]
         assert all(a.status_code == 200 for a in answers), answers[1].text
         for x, y in zip(*(a.json()["results"] for a in answers), strict=True):
             assert [p["label"] for p in x["predictions"]] == [p["label"] for p in y["predictions"]]

@@ -48,8 +48,13 @@ def test_info_routes(server: LiveServer) -> None:
     assert detail["input_size"] == [128, 128] and detail["channels"] == 1
     layers = requests.get(f"{server.url}/v1/models/phantom/layers", timeout=5).json()
     assert layers["default_layer"] == "features"
-    assert {"name": "features", "kind": "Sequential", "channels": 128, "height": 16,
-            "width": 16} in layers["layers"]
+    assert {
+        "name": "features",
+        "kind": "Sequential",
+        "channels": 128,
+        "height": 16,
+        "width": 16,
+    } in layers["layers"]
     missing = requests.get(f"{server.url}/v1/models/nope/layers", timeout=5)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_model"
 
@@ -57,8 +62,10 @@ def test_info_routes(server: LiveServer) -> None:
 @pytest.mark.parametrize("size", ["original", "input", "layer"])
 @pytest.mark.parametrize("fmt", ["array", "png", "overlay", "gray", "none"])
 def test_formats_and_sizes(server: LiveServer, fmt: str, size: str) -> None:
-    body = _ok(server, {"images": [encode(phantom_png(3, 210, 170))],
-                        "heatmap": {"format": fmt, "size": size}})
+    body = _ok(
+        server,
+        {"images": [encode(phantom_png(3, 210, 170))], "heatmap": {"format": fmt, "size": size}},
+    )
     heatmap = body["results"][0]["explanations"][0]["heatmap"]
     expected = {"original": (210, 170), "input": (128, 128), "layer": (16, 16)}[size]
     assert (heatmap["width"], heatmap["height"]) == expected
@@ -72,8 +79,13 @@ def test_formats_and_sizes(server: LiveServer, fmt: str, size: str) -> None:
 @pytest.mark.parametrize("encoding,kind", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
 @pytest.mark.parametrize("fmt", ["png", "overlay", "gray"])
 def test_heatmap_encodings(server: LiveServer, fmt: str, encoding: str, kind: str) -> None:
-    body = _ok(server, {"images": [encode(phantom_png(3, 210, 170))],
-                        "heatmap": {"format": fmt, "encoding": encoding}})
+    body = _ok(
+        server,
+        {
+            "images": [encode(phantom_png(3, 210, 170))],
+            "heatmap": {"format": fmt, "encoding": encoding},
+        },
+    )
     heatmap = body["results"][0]["explanations"][0]["heatmap"]
     assert heatmap["encoding"] == encoding
     image = Image.open(io.BytesIO(base64.b64decode(heatmap["data"])))
@@ -81,13 +93,21 @@ def test_heatmap_encodings(server: LiveServer, fmt: str, encoding: str, kind: st
 
 
 def test_http_response_equals_the_cli_output(server: LiveServer, tmp_path: Path) -> None:
-    request = {"images": [encode(phantom_png(3, 150, 120)), encode(phantom_png(2, 90, 90))],
-               "targets": [["mass", 3], None], "method": "xgradcam", "top_k": 2,
-               "heatmap": {"format": "array", "size": "original"}}
+    request = {
+        "images": [encode(phantom_png(3, 150, 120)), encode(phantom_png(2, 90, 90))],
+        "targets": [["mass", 3], None],
+        "method": "xgradcam",
+        "top_k": 2,
+        "heatmap": {"format": "array", "size": "original"},
+    }
     path = tmp_path / "request.json"
     path.write_text(json.dumps(request))
-    cli = subprocess.run([str(Path(sys.executable).with_name("gradcam-service")), "explain",
-                          "--request", str(path)], capture_output=True, timeout=120, check=True)
+    cli = subprocess.run(
+        [str(Path(sys.executable).with_name("gradcam-service")), "explain", "--request", str(path)],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     http = _post(server, request)
     assert http.status_code == 200
     assert json.loads(cli.stdout) == http.json()
@@ -95,9 +115,14 @@ def test_http_response_equals_the_cli_output(server: LiveServer, tmp_path: Path)
 
 def test_heatmap_lies_on_an_odd_sized_image(server: LiveServer) -> None:
     scene = phantom(25, 517, 389)
-    body = _ok(server, {"images": [encode(png_bytes(to_uint8(scene.image)))],
-                        "targets": [["nodule", "opacity"]],
-                        "heatmap": {"format": "array", "size": "original"}})
+    body = _ok(
+        server,
+        {
+            "images": [encode(png_bytes(to_uint8(scene.image)))],
+            "targets": [["nodule", "opacity"]],
+            "heatmap": {"format": "array", "size": "original"},
+        },
+    )
     for explanation in body["results"][0]["explanations"]:
         values = np.array(explanation["heatmap"]["values"])
         assert values.shape == (389, 517)
@@ -125,26 +150,33 @@ def test_dicom_files(server: LiveServer, name: str, frame: int | None) -> None:
     path = get_testdata_file(name)
     assert path is not None, f"pydicom ships {name}"
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    body = {"images": [encode(Path(path).read_bytes())],
-            "heatmap": {"format": "overlay", "size": "original"}}
+    body = {
+        "images": [encode(Path(path).read_bytes())],
+        "heatmap": {"format": "overlay", "size": "original"},
+    }
     if frame is not None:
         body["frame"] = frame
     result = _ok(server, body)["results"][0]
     assert (result["width"], result["height"]) == (ds.Columns, ds.Rows)
-    overlay = Image.open(io.BytesIO(base64.b64decode(
-        result["explanations"][0]["heatmap"]["data"])))
+    overlay = Image.open(io.BytesIO(base64.b64decode(result["explanations"][0]["heatmap"]["data"])))
     assert overlay.size == (ds.Columns, ds.Rows)
 
 
 def test_every_image_format_in_one_request(server: LiveServer) -> None:
     variants = image_variants()
-    body = _ok(server, {"images": [encode(data) for data, _ in variants.values()],
-                        "heatmap": {"format": "gray", "size": "original"}})
+    body = _ok(
+        server,
+        {
+            "images": [encode(data) for data, _ in variants.values()],
+            "heatmap": {"format": "gray", "size": "original"},
+        },
+    )
     assert len(body["results"]) == len(variants)
     for (name, (_, size)), result in zip(variants.items(), body["results"], strict=True):
         assert (result["width"], result["height"]) == size, name
-        gray = Image.open(io.BytesIO(base64.b64decode(
-            result["explanations"][0]["heatmap"]["data"])))
+        gray = Image.open(
+            io.BytesIO(base64.b64decode(result["explanations"][0]["heatmap"]["data"]))
+        )
         assert gray.size == size and gray.mode == "L", name
 
 
@@ -159,8 +191,7 @@ def test_multiframe_dicom_needs_a_frame(server: LiveServer) -> None:
 
 
 def test_request_id_is_echoed(server: LiveServer) -> None:
-    response = requests.get(f"{server.url}/healthz", headers={"X-Request-ID": "abc-123"},
-                            timeout=5)
+    response = requests.get(f"{server.url}/healthz", headers={"X-Request-ID": "abc-123"}, timeout=5)
     assert response.headers["X-Request-ID"] == "abc-123"
     generated = requests.get(f"{server.url}/healthz", timeout=5).headers["X-Request-ID"]
     assert len(generated) == 16

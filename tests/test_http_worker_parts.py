@@ -35,9 +35,14 @@ def _incoming(limit: int = 4 * MAX_BODY) -> Incoming:
 
 
 def _post(body: bytes, *extra: bytes) -> bytes:
-    return (b"POST /v1/explain?x=1 HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"
-            + b"".join(extra) + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-            + body)
+    return (
+        b"POST /v1/explain?x=1 HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"
+        + b"".join(extra)
+        + b"Content-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
 
 
 def _feed(incoming: Incoming, data: bytes) -> list[Step | Refusal]:
@@ -54,7 +59,7 @@ def test_a_request_in_one_byte_pieces() -> None:
     incoming, data = _incoming(), _post(b'{"images": []}')
     seen: list[Step | Refusal] = []
     for i in range(len(data)):
-        seen += _feed(incoming, data[i:i + 1])
+        seen += _feed(incoming, data[i : i + 1])
     assert seen.count(Step.HEADERS) == 1 and seen[-1] is Step.COMPLETE
     assert set(seen) == {Step.NEED_DATA, Step.HEADERS, Step.COMPLETE}
     assert incoming.request is not None and incoming.request.target == b"/v1/explain?x=1"
@@ -69,21 +74,29 @@ def test_a_client_that_stalls_mid_body_leaves_it_waiting() -> None:
     assert _feed(incoming, b"6789") == [Step.COMPLETE]
 
 
-@pytest.mark.parametrize("data, code", [
-    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40), ErrorCode.BAD_REQUEST),  # TLS
-    (b"GET / HTTP/1.1\r\nHost: a\r\nHost\r\n\r\n", ErrorCode.BAD_REQUEST),
-    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", ErrorCode.HTTP_VERSION_NOT_SUPPORTED),
-    (b"GET /" + b"a" * TARGET_LIMIT_BYTES + b" HTTP/1.1\r\nHost: a\r\n\r\n",
-     ErrorCode.URI_TOO_LONG),
-    (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * HEADER_LIMIT_BYTES + b"\r\n\r\n",
-     ErrorCode.HEADERS_TOO_LARGE),
-    (_post(b"{}", b"Transfer-Encoding: chunked\r\n"), ErrorCode.BAD_REQUEST),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
-     ErrorCode.UNSUPPORTED_TRANSFER_ENCODING),
-    (_post(b"x" * (MAX_BODY + 1)), ErrorCode.REQUEST_TOO_LARGE),
-])
-def test_garbage_and_oversize_are_refused_with_the_envelope(data: bytes,
-                                                            code: ErrorCode) -> None:
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40), ErrorCode.BAD_REQUEST),  # TLS
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost\r\n\r\n", ErrorCode.BAD_REQUEST),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", ErrorCode.HTTP_VERSION_NOT_SUPPORTED),
+        (
+            b"GET /" + b"a" * TARGET_LIMIT_BYTES + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+            ErrorCode.URI_TOO_LONG,
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * HEADER_LIMIT_BYTES + b"\r\n\r\n",
+            ErrorCode.HEADERS_TOO_LARGE,
+        ),
+        (_post(b"{}", b"Transfer-Encoding: chunked\r\n"), ErrorCode.BAD_REQUEST),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+            ErrorCode.UNSUPPORTED_TRANSFER_ENCODING,
+        ),
+        (_post(b"x" * (MAX_BODY + 1)), ErrorCode.REQUEST_TOO_LARGE),
+    ],
+)
+def test_garbage_and_oversize_are_refused_with_the_envelope(data: bytes, code: ErrorCode) -> None:
     steps = _feed(_incoming(), data)
     refusal = steps[-1]
     assert isinstance(refusal, Refusal) and refusal.code == code, steps
@@ -101,7 +114,7 @@ def test_garbage_and_oversize_are_refused_with_the_envelope(data: bytes,
 
 def test_a_declared_oversize_body_is_refused_before_it_is_sent() -> None:
     incoming = _incoming()
-    headers = _post(b"x" * (MAX_BODY + 1))[:-(MAX_BODY + 1)]
+    headers = _post(b"x" * (MAX_BODY + 1))[: -(MAX_BODY + 1)]
     (refusal,) = _feed(incoming, headers)
     assert isinstance(refusal, Refusal) and refusal.code == ErrorCode.REQUEST_TOO_LARGE
     assert incoming.reservation.size == 0  # nothing was held for it
@@ -198,8 +211,13 @@ def _request(target: bytes, *headers: tuple[bytes, bytes]) -> h11.Request:
 
 
 def test_the_environ_of_a_request() -> None:
-    request = _request(b"http://example.org/v1/a%20b?k=v&x", (b"Content-Type", b"text/x"),
-                       (b"X-Thing", b"1"), (b"X-Thing", b"2"), (b"X_Sneaky", b"no"))
+    request = _request(
+        b"http://example.org/v1/a%20b?k=v&x",
+        (b"Content-Type", b"text/x"),
+        (b"X-Thing", b"1"),
+        (b"X-Thing", b"2"),
+        (b"X_Sneaky", b"no"),
+    )
     environ = environ_for(request, bytearray(b"body"), PEER)
     assert environ["PATH_INFO"] == "/v1/a b" and environ["QUERY_STRING"] == "k=v&x"
     assert environ["CONTENT_TYPE"] == "text/x" and environ["CONTENT_LENGTH"] == "4"
@@ -223,7 +241,11 @@ def test_run_app_collects_the_answer_and_the_thread_wait() -> None:
 
     answer = run_app(app, environ_for(_request(b"/"), b"", PEER), queued=0.0)
     assert (answer.status, answer.reason, answer.body, answer.request_id) == (
-        201, b"Created", b"onetwo", "r1")
+        201,
+        b"Created",
+        b"onetwo",
+        "r1",
+    )
     assert closed.is_set() and waits[0] is not None and waits[0][0] == 0.0
     assert thread_wait() is None  # cleared after the request
 

@@ -27,8 +27,9 @@ def metrics_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_workers(metrics_dir: Path) -> Iterator[LiveServer]:
-    live = LiveServer(workers=2, env={"GRADCAM_TORCH_THREADS": "1",
-                                      "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    live = LiveServer(
+        workers=2, env={"GRADCAM_TORCH_THREADS": "1", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    )
     yield live
     live.stop()
 
@@ -46,11 +47,15 @@ def _metric(text: str, name: str, labels: str = "") -> float:
 
 
 def test_concurrent_requests_each_get_their_own_heatmap(two_workers: LiveServer) -> None:
-    bodies = [{"images": [encode(phantom_png(seed, 96 + seed, 80 + seed))],
-               "targets": [FINDINGS[seed % 4]],
-               "method": ("gradcam", "layercam", "hirescam", "gradcam++")[seed % 4],
-               "heatmap": {"format": "array", "size": "layer"}}
-              for seed in range(32)]
+    bodies = [
+        {
+            "images": [encode(phantom_png(seed, 96 + seed, 80 + seed))],
+            "targets": [FINDINGS[seed % 4]],
+            "method": ("gradcam", "layercam", "hirescam", "gradcam++")[seed % 4],
+            "heatmap": {"format": "array", "size": "layer"},
+        }
+        for seed in range(32)
+    ]
     alone = [_explain(two_workers, body) for body in bodies]
     before = requests.get(f"{two_workers.url}/metrics", timeout=10).text
     with ThreadPoolExecutor(32) as pool:
@@ -63,29 +68,37 @@ def test_concurrent_requests_each_get_their_own_heatmap(two_workers: LiveServer)
         assert single["method"] == concurrent["method"]
     after = requests.get(f"{two_workers.url}/metrics", timeout=10).text
     # Batches of more than one image happened under that load.
-    batched = [_metric(t, "gradcam_batch_size_images_count")
-               - _metric(t, "gradcam_batch_size_images_bucket", '{le="1.0"}')
-               for t in (before, after)]
+    batched = [
+        _metric(t, "gradcam_batch_size_images_count")
+        - _metric(t, "gradcam_batch_size_images_bucket", '{le="1.0"}')
+        for t in (before, after)
+    ]
     assert batched[1] > batched[0]
 
 
-def test_metrics_move_and_aggregate_both_workers(two_workers: LiveServer,
-                                                 metrics_dir: Path) -> None:
+def test_metrics_move_and_aggregate_both_workers(
+    two_workers: LiveServer, metrics_dir: Path
+) -> None:
     url = two_workers.url
     before = requests.get(f"{url}/metrics", timeout=10).text
     # Both workers report their model info, model load time and warm-up.
-    assert len(re.findall(r'^gradcam_model_info\{.*model="phantom".*\} 1\.0$', before,
-                          re.M)) >= 1
+    assert len(re.findall(r'^gradcam_model_info\{.*model="phantom".*\} 1\.0$', before, re.M)) >= 1
     for _ in range(6):
         _explain(two_workers, {"images": [encode(phantom_png(2, 64, 64))] * 2})
     requests.post(f"{url}/v1/explain", json={"images": ["@@"]}, timeout=10)
     requests.get(f"{url}/v1/nothing", timeout=10)
     after = requests.get(f"{url}/metrics", timeout=10).text
-    assert _metric(after, "gradcam_images_explained_total", '{model="phantom"}') - _metric(
-        before, "gradcam_images_explained_total", '{model="phantom"}') == 12
+    assert (
+        _metric(after, "gradcam_images_explained_total", '{model="phantom"}')
+        - _metric(before, "gradcam_images_explained_total", '{model="phantom"}')
+        == 12
+    )
     route = '{method="POST",route="/v1/explain",status="200"}'
-    assert _metric(after, "gradcam_request_duration_seconds_count", route) - _metric(
-        before, "gradcam_request_duration_seconds_count", route) == 6
+    assert (
+        _metric(after, "gradcam_request_duration_seconds_count", route)
+        - _metric(before, "gradcam_request_duration_seconds_count", route)
+        == 6
+    )
     assert _metric(after, "gradcam_errors_total", '{code="invalid_base64"}') >= 1
     assert _metric(after, "gradcam_errors_total", '{code="not_found"}') >= 1
     assert 'route="unmatched"' in after and "/v1/nothing" not in after
@@ -98,6 +111,7 @@ def test_metrics_move_and_aggregate_both_workers(two_workers: LiveServer,
     # Each worker loaded the model once: the warm-ups of both are in the counts.
     assert _metric(after, "gradcam_batch_size_images_count") >= 2
 
+
 def test_promtool_accepts_a_real_scrape(two_workers: LiveServer) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -105,7 +119,12 @@ def test_promtool_accepts_a_real_scrape(two_workers: LiveServer) -> None:
     _explain(two_workers, {"images": [encode(phantom_png(3, 64, 64))]})
     scrape = requests.get(f"{two_workers.url}/metrics", timeout=10)
     assert scrape.headers["Content-Type"].startswith("text/plain; version=")
-    done = subprocess.run([promtool, "check", "metrics"], input=scrape.content,
-                          capture_output=True, timeout=30, check=False)
+    done = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=scrape.content,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr).decode()
     assert not done.stdout.strip() and not done.stderr.strip(), done.stdout + done.stderr

@@ -17,13 +17,34 @@ TASKS = {"array/layer", "png/original", "overlay/original", "4 images × 2 targe
 
 
 @pytest.mark.slow
-def test_the_locustfile_runs_clean_against_a_live_server(server: LiveServer,
-                                                          tmp_path: Path) -> None:
+def test_the_locustfile_runs_clean_against_a_live_server(
+    server: LiveServer, tmp_path: Path
+) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--host", server.url,
-         "--headless", "--users", "4", "--spawn-rate", "4", "--run-time", "6s",
-         "--csv", str(tmp_path / "run"), "--only-summary"],
-        capture_output=True, text=True, timeout=90, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(LOCUSTFILE),
+            "--host",
+            server.url,
+            "--headless",
+            "--users",
+            "4",
+            "--spawn-rate",
+            "4",
+            "--run-time",
+            "6s",
+            "--csv",
+            str(tmp_path / "run"),
+            "--only-summary",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     with (tmp_path / "run_stats.csv").open(newline="") as handle:
         rows = {row["Name"]: row for row in csv.DictReader(handle)}

@@ -38,13 +38,19 @@ def small_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # (models file body, text the error must contain) for each kind of mistake.
 BAD_FILES = [
     ('[models.m]\narch = "resnet999"\n', ["model 'm'", "key 'arch'", "resnet999"]),
-    ('[models.m]\narch = "no_such_pkg.mod:factory"\n',
-     ["model 'm'", "key 'arch'", "cannot import"]),
+    (
+        '[models.m]\narch = "no_such_pkg.mod:factory"\n',
+        ["model 'm'", "key 'arch'", "cannot import"],
+    ),
     ('[models.m]\narch = "service.demo.model:nothing_here"\n', ["key 'arch'", "nothing_here"]),
-    ('[models.m]\narch = "resnet18"\nweights = "missing.pt"\n',
-     ["model 'm'", "key 'weights'", "does not exist"]),
-    ('[models.m]\narch = "resnet18"\nweights = "IMAGENET9K_V9"\n',
-     ["key 'weights'", "IMAGENET1K_V1"]),
+    (
+        '[models.m]\narch = "resnet18"\nweights = "missing.pt"\n',
+        ["model 'm'", "key 'weights'", "does not exist"],
+    ),
+    (
+        '[models.m]\narch = "resnet18"\nweights = "IMAGENET9K_V9"\n',
+        ["key 'weights'", "IMAGENET1K_V1"],
+    ),
     ('[models.m]\narch = "resnet18"\nchannels = "3"\n', ["model 'm'", "key 'channels'"]),
     ('[models.m]\narch = "resnet18"\nchannels = 2\n', ["model 'm'", "channels must be 1 or 3"]),
     ('[models.m]\narch = "resnet18"\ninput_size = [224]\n', ["model 'm'", "key 'input_size'"]),
@@ -53,22 +59,32 @@ BAD_FILES = [
     ('[models.m]\narch = "resnet18"\nmean = [0.5]\n', ["model 'm'", "mean has 1 values"]),
     ('[models.m]\narch = "resnet18"\nresize = "squash"\n', ["model 'm'", "key 'resize'"]),
     ('[models.m]\narch = "resnet18"\nlayers = "layer4"\n', ["model 'm'", "key 'layers'"]),
-    ('[models.m]\narch = "resnet18"\nnum_classes = 3\nlayer = "layer9"\n',
-     ["model 'm'", "key 'layer'", "layer9"]),
-    ('[models.m]\narch = "resnet18"\nnum_classes = 3\nlayer = "fc"\n',
-     ["model 'm'", "key 'layer'", "(N, C, H, W)"]),
-    ('[models.m]\narch = "service.demo.model:phantom_net"\nchannels = 3\n',
-     ["model 'm'", "key 'input_size'", "check 'channels' and 'input_size'"]),
-    ('[models.a]\narch = "resnet18"\ndefault = true\n[models.b]\narch = "resnet18"\n'
-     'default = true\n', ["more than one model has default = true"]),
-    ('[models]\n', ["key 'models'"]),
+    (
+        '[models.m]\narch = "resnet18"\nnum_classes = 3\nlayer = "layer9"\n',
+        ["model 'm'", "key 'layer'", "layer9"],
+    ),
+    (
+        '[models.m]\narch = "resnet18"\nnum_classes = 3\nlayer = "fc"\n',
+        ["model 'm'", "key 'layer'", "(N, C, H, W)"],
+    ),
+    (
+        '[models.m]\narch = "service.demo.model:phantom_net"\nchannels = 3\n',
+        ["model 'm'", "key 'input_size'", "check 'channels' and 'input_size'"],
+    ),
+    (
+        '[models.a]\narch = "resnet18"\ndefault = true\n[models.b]\narch = "resnet18"\n'
+        "default = true\n",
+        ["more than one model has default = true"],
+    ),
+    ("[models]\n", ["key 'models'"]),
     ('[models.m\narch = "resnet18"\n', ["not valid TOML"]),
 ]
 
 
 @pytest.mark.parametrize("body,expected", BAD_FILES, ids=[str(i) for i in range(len(BAD_FILES))])
-def test_bad_models_file_names_model_and_key(tmp_path: Path, body: str,
-                                             expected: list[str]) -> None:
+def test_bad_models_file_names_model_and_key(
+    tmp_path: Path, body: str, expected: list[str]
+) -> None:
     path = _write(tmp_path, body)
     with pytest.raises(ConfigError) as info:
         config = load_models_file(path)
@@ -93,20 +109,27 @@ def test_corrupt_weights(tmp_path: Path) -> None:
 
 
 def test_weights_that_do_not_fit(tmp_path: Path, small_weights: Path) -> None:
-    path = _write(tmp_path, f'[models.m]\narch = "resnet34"\nnum_classes = 3\n'
-                  f'weights = "{small_weights}"\n')
+    path = _write(
+        tmp_path, f'[models.m]\narch = "resnet34"\nnum_classes = 3\nweights = "{small_weights}"\n'
+    )
     with pytest.raises(ConfigError, match=r"key 'weights'.*does not fit.*(missing|unexpected)"):
         _load(path)
     path = _write(tmp_path, f'[models.m]\narch = "resnet18"\nweights = "{small_weights}"\n')
-    with pytest.raises(ConfigError, match=r"key 'weights'.*fc.weight: \(3, 512\) in the file, "
-                       r"\(1000, 512\) in the model.*set num_classes = 3"):
+    with pytest.raises(
+        ConfigError,
+        match=r"key 'weights'.*fc.weight: \(3, 512\) in the file, "
+        r"\(1000, 512\) in the model.*set num_classes = 3",
+    ):
         _load(path)  # 1000 classes by default, the weights have 3
 
 
 def test_labels_must_match_outputs(tmp_path: Path, small_weights: Path) -> None:
     (tmp_path / "labels.txt").write_text("a\nb\n")
-    path = _write(tmp_path, f'[models.m]\narch = "resnet18"\nnum_classes = 3\n'
-                  f'weights = "{small_weights}"\nlabels = "labels.txt"\n')
+    path = _write(
+        tmp_path,
+        f'[models.m]\narch = "resnet18"\nnum_classes = 3\n'
+        f'weights = "{small_weights}"\nlabels = "labels.txt"\n',
+    )
     with pytest.raises(ConfigError, match=r"model 'm', key 'labels': 2 labels but num_classes = 3"):
         _load(path)
     (tmp_path / "labels.txt").write_text("a\nb\na\n")
@@ -130,15 +153,22 @@ def _refuse(*args: object, **kwargs: object) -> None:
     raise OSError("network is unreachable (test)")
 
 
-def test_good_files_load(tmp_path: Path, small_weights: Path,
-                         caplog: pytest.LogCaptureFixture) -> None:
+def test_good_files_load(
+    tmp_path: Path, small_weights: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     reference = seeded_model("resnet18", num_classes=3)
-    save_file({k: v.contiguous() for k, v in reference.state_dict().items()},
-              str(tmp_path / "w.safetensors"))
-    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}},
-               tmp_path / "wrapped.pth")
+    save_file(
+        {k: v.contiguous() for k, v in reference.state_dict().items()},
+        str(tmp_path / "w.safetensors"),
+    )
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}},
+        tmp_path / "wrapped.pth",
+    )
     (tmp_path / "labels.txt").write_text("cat\ndog\nbird\n")
-    path = _write(tmp_path, f"""
+    path = _write(
+        tmp_path,
+        f"""
         [models.pt]
         arch = "resnet18"
         weights = "{small_weights}"
@@ -162,7 +192,8 @@ def test_good_files_load(tmp_path: Path, small_weights: Path,
         channels = 1
         num_classes = 2
         input_size = [64, 64]
-    """)
+    """,
+    )
     config = load_models_file(path)
     assert config.default_model == "safe"
     with caplog.at_level(logging.INFO, logger="service.engine.models"):

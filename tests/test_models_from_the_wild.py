@@ -26,9 +26,22 @@ from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
 from tests.helpers import encode, phantom_png, png_bytes
 
-FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
-            "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",
-            "Pleural_Thickening", "Hernia"]
+FINDINGS = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+]
 
 # A CheXNet-style model as such projects write it: torchvision's DenseNet-121 inside
 # a class of their own, and a head that ends in a Sigmoid. Written next to the models
@@ -121,8 +134,16 @@ def _chexnet_checkpoint(folder: Path, module: str) -> Path:
         sys.modules.pop(module, None)
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
     path = folder / "model.pth.tar"
-    torch.save({"epoch": 7, "arch": "densenet121", "state_dict": state, "best_loss": 0.19,
-                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}}, path)
+    torch.save(
+        {
+            "epoch": 7,
+            "arch": "densenet121",
+            "state_dict": state,
+            "best_loss": 0.19,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]},
+        },
+        path,
+    )
     return path
 
 
@@ -139,16 +160,16 @@ def _spec(module: str, factory: str, weights: str, output: str | None) -> str:
         '''
 
 
-def _serve(folder: Path, module: str, factory: str, weights: str,
-           output: str | None) -> Runtime:
+def _serve(folder: Path, module: str, factory: str, weights: str, output: str | None) -> Runtime:
     path = _models_file(folder, _spec(module, factory, weights, output))
     return Runtime(Settings(device="cpu", models_file=path)).start()
 
 
 def _answer(runtime: Runtime, image: bytes) -> tuple[np.ndarray, np.ndarray, int]:
     """(scores by class, the top-1 class's heatmap at layer size, the top-1 class)."""
-    request = ExplainRequest.model_validate({"images": [encode(image)], "top_k": 14,
-                                             "heatmap": {"format": "array", "size": "layer"}})
+    request = ExplainRequest.model_validate(
+        {"images": [encode(image)], "top_k": 14, "heatmap": {"format": "array", "size": "layer"}}
+    )
     result = explain(request, runtime, runtime.settings)["results"][0]
     scores = np.zeros(len(FINDINGS))
     for prediction in result["predictions"]:
@@ -159,7 +180,8 @@ def _answer(runtime: Runtime, image: bytes) -> tuple[np.ndarray, np.ndarray, int
 
 @pytest.mark.slow
 def test_a_chexnet_checkpoint_loads_as_it_was_shared(
-        project: tuple[Path, str], caplog: pytest.LogCaptureFixture) -> None:
+    project: tuple[Path, str], caplog: pytest.LogCaptureFixture
+) -> None:
     folder, module = project
     _chexnet_checkpoint(folder, module)
     image = phantom_png(5, 80, 64)
@@ -183,7 +205,8 @@ def test_a_chexnet_checkpoint_loads_as_it_was_shared(
 
 
 def test_probabilities_taken_for_logits_are_warned_about(
-        project: tuple[Path, str], caplog: pytest.LogCaptureFixture) -> None:
+    project: tuple[Path, str], caplog: pytest.LogCaptureFixture
+) -> None:
     folder, module = project
     _chexnet_checkpoint(folder, module)
     with caplog.at_level(logging.WARNING):
@@ -198,8 +221,9 @@ def test_probabilities_taken_for_logits_are_warned_about(
 
 
 @pytest.mark.slow
-def test_a_functional_sigmoid_is_undone(project: tuple[Path, str],
-                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_a_functional_sigmoid_is_undone(
+    project: tuple[Path, str], caplog: pytest.LogCaptureFixture
+) -> None:
     folder, module = project
     _chexnet_checkpoint(folder, module)
     image = phantom_png(6, 64, 64)
@@ -224,12 +248,15 @@ def test_a_prefix_that_does_not_fit_is_shown_briefly(project: tuple[Path, str]) 
     keys that still differ (its head is a Sequential), not 700 keys."""
     folder, module = project
     _chexnet_checkpoint(folder, module)
-    path = _models_file(folder, '''
+    path = _models_file(
+        folder,
+        """
         [models.m]
         arch = "densenet121"
         num_classes = 14
         weights = "model.pth.tar"
-        ''')
+        """,
+    )
     with pytest.raises(ConfigError) as refused:
         load_model("m", load_models_file(path))
     message = str(refused.value)
@@ -248,24 +275,34 @@ def test_checkpoints_are_read_by_content(tmp_path: Path) -> None:
         "plain.pt": lambda p: torch.save(state, p),
         "wrapped.pth.tar": lambda p: torch.save({"epoch": 1, "state_dict": state}, p),
         "lightning.ckpt": lambda p: torch.save(
-            {"epoch": 1, "global_step": 10, "pytorch-lightning_version": "2.4.0",
-             "state_dict": {f"model.{k}": v for k, v in state.items()},
-             "hyper_parameters": {"lr": 0.01}}, p),
+            {
+                "epoch": 1,
+                "global_step": 10,
+                "pytorch-lightning_version": "2.4.0",
+                "state_dict": {f"model.{k}": v for k, v in state.items()},
+                "hyper_parameters": {"lr": 0.01},
+            },
+            p,
+        ),
         "net.bin": lambda p: torch.save({"net": state, "optimizer": {}}, p),
         "model-key.pth": lambda p: torch.save({"model": state, "args": {"arch": "x"}}, p),
         "safetensors-named.pt": lambda p: save_file(
-            {k: v.contiguous() for k, v in state.items()}, str(p)),
+            {k: v.contiguous() for k, v in state.items()}, str(p)
+        ),
         "no-extension": lambda p: torch.save(state, p),
     }
     for name, write in files.items():
         write(tmp_path / name)
-        path = _models_file(tmp_path, f'''
+        path = _models_file(
+            tmp_path,
+            f'''
             [models.m]
             arch = "resnet18"
             num_classes = 3
             weights = "{name}"
             input_size = [64, 64]
-            ''')
+            ''',
+        )
         loaded = load_model("m", load_models_file(path))
         for key, value in loaded.module.state_dict().items():
             assert torch.equal(value, state[key]), (name, key)
@@ -273,12 +310,15 @@ def test_checkpoints_are_read_by_content(tmp_path: Path) -> None:
 
 def test_a_pickled_model_is_refused_with_a_way_out(tmp_path: Path) -> None:
     torch.save(torchvision_resnet(), tmp_path / "whole-model.pth")
-    path = _models_file(tmp_path, '''
+    path = _models_file(
+        tmp_path,
+        """
         [models.m]
         arch = "resnet18"
         num_classes = 3
         weights = "whole-model.pth"
-        ''')
+        """,
+    )
     with pytest.raises(ConfigError) as refused:
         load_model("m", load_models_file(path))
     assert "save model.state_dict() instead" in str(refused.value)
@@ -292,12 +332,15 @@ def torchvision_resnet() -> nn.Module:
 
 def test_factories_next_to_the_models_file_need_no_pythonpath(project: tuple[Path, str]) -> None:
     folder, module = project
-    path = _models_file(folder, f'''
+    path = _models_file(
+        folder,
+        f'''
         [models.m]
         arch = "{module}:chexnet_logits"
         num_classes = 14
         input_size = [64, 64]
-        ''')
+        ''',
+    )
     import sys
 
     assert str(folder) not in sys.path
@@ -309,18 +352,22 @@ def test_factories_next_to_the_models_file_need_no_pythonpath(project: tuple[Pat
 def test_one_ranking_when_scores_saturate_and_tie(project: tuple[Path, str]) -> None:
     """predictions[0] is the class explained by default, even when every score is 1.0."""
     folder, module = project
-    path = _models_file(folder, f'''
+    path = _models_file(
+        folder,
+        f'''
         [models.m]
         arch = "{module}:saturated"
         num_classes = 3
         multilabel = true
         channels = 1
         input_size = [32, 32]
-        ''')
+        ''',
+    )
     runtime = Runtime(Settings(device="cpu", models_file=path)).start()
     try:
-        request = ExplainRequest.model_validate({"images": [encode(phantom_png(1, 40, 40))],
-                                                 "heatmap": {"format": "none"}})
+        request = ExplainRequest.model_validate(
+            {"images": [encode(phantom_png(1, 40, 40))], "heatmap": {"format": "none"}}
+        )
         result = explain(request, runtime, runtime.settings)["results"][0]
     finally:
         runtime.close()
@@ -333,7 +380,7 @@ def test_one_ranking_when_scores_saturate_and_tie(project: tuple[Path, str]) -> 
 # the package, the weights from a file converted once where the internet is (its own
 # download needs GitHub), its calibration (op_threshs) kept, its preprocessing as
 # models-file keys: 1 channel, (2·x − 1)·1024 = (x − 0.5) / (1/2048), centre crop.
-_XRV_FACTORY = '''
+_XRV_FACTORY = """
 import torch
 import torchxrayvision as xrv
 
@@ -347,7 +394,7 @@ def densenet_all(num_classes=18):
 
 def densenet_logits(num_classes=18):
     return xrv.models.DenseNet(weights=None, num_classes=num_classes)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -370,7 +417,9 @@ def test_a_torchxrayvision_model_with_its_own_preprocessing(tmp_path: Path) -> N
         reference.classifier.bias -= reference(inputs).mean()
     reference.op_threshs = torch.tensor(thresholds)
     torch.save(reference.state_dict(), tmp_path / "xrv-densenet121-all.pt")
-    path = _models_file(tmp_path, '''
+    path = _models_file(
+        tmp_path,
+        """
         [models.xrv]
         arch = "xrv_models:densenet_all"
         weights = "xrv-densenet121-all.pt"
@@ -382,12 +431,17 @@ def test_a_torchxrayvision_model_with_its_own_preprocessing(tmp_path: Path) -> N
         mean = [0.5]
         std = [0.00048828125]
         resize = "crop"
-        ''')
+        """,
+    )
     runtime = Runtime(Settings(device="cpu", models_file=path)).start()
     try:
-        request = ExplainRequest.model_validate({
-            "images": [encode(png_bytes(image))], "top_k": 18,
-            "heatmap": {"format": "array", "size": "layer"}})
+        request = ExplainRequest.model_validate(
+            {
+                "images": [encode(png_bytes(image))],
+                "top_k": 18,
+                "heatmap": {"format": "array", "size": "layer"},
+            }
+        )
         result = explain(request, runtime, runtime.settings)["results"][0]
     finally:
         runtime.close()
@@ -407,16 +461,27 @@ def test_a_torchxrayvision_model_with_its_own_preprocessing(tmp_path: Path) -> N
     state = reference.state_dict()
     del state["op_threshs"]
     torch.save(state, tmp_path / "xrv-logits.pt")
-    text = path.read_text().replace("densenet_all", "densenet_logits").replace(
-        "xrv-densenet121-all.pt", "xrv-logits.pt").replace('output = "probabilities"', "")
+    text = (
+        path.read_text()
+        .replace("densenet_all", "densenet_logits")
+        .replace("xrv-densenet121-all.pt", "xrv-logits.pt")
+        .replace('output = "probabilities"', "")
+    )
     path.write_text(text)
     runtime = Runtime(Settings(device="cpu", models_file=path)).start()
     try:
         target = result["explanations"][0]["target"]["index"]
-        logits_result = explain(ExplainRequest.model_validate({
-            "images": [encode(png_bytes(image))], "targets": [target],
-            "heatmap": {"format": "array", "size": "layer"}}), runtime,
-            runtime.settings)["results"][0]
+        logits_result = explain(
+            ExplainRequest.model_validate(
+                {
+                    "images": [encode(png_bytes(image))],
+                    "targets": [target],
+                    "heatmap": {"format": "array", "size": "layer"},
+                }
+            ),
+            runtime,
+            runtime.settings,
+        )["results"][0]
     finally:
         runtime.close()
     plain = np.asarray(logits_result["explanations"][0]["heatmap"]["values"])

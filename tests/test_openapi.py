@@ -34,8 +34,12 @@ def test_routes_match_the_app(runtime: Runtime) -> None:
             continue
         path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
         ours |= {(path, m.lower()) for m in rule.methods - {"HEAD", "OPTIONS"}}
-    documented = {(path, method) for path, item in SPEC["paths"].items() for method in item
-                  if method in ("get", "post", "put", "patch", "delete")}
+    documented = {
+        (path, method)
+        for path, item in SPEC["paths"].items()
+        for method in item
+        if method in ("get", "post", "put", "patch", "delete")
+    }
     assert ours == documented
 
 
@@ -50,8 +54,7 @@ def _schema_for(path: str, method: str, status: int) -> dict[str, Any]:
 
 def _check(path: str, method: str, response: requests.Response) -> None:
     # The document's components ride along, so "#/components/..." refs resolve.
-    schema = {**_schema_for(path, method, response.status_code),
-              "components": SPEC["components"]}
+    schema = {**_schema_for(path, method, response.status_code), "components": SPEC["components"]}
     validator = Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(response.json()), key=str)
     assert not errors, f"{method.upper()} {path} {response.status_code}: {errors[0].message}"
@@ -64,39 +67,67 @@ def test_real_responses_match_the_document(server: LiveServer) -> None:
         response = requests.post(f"{server.url}/v1/explain", json=body, timeout=60)
         assert response.status_code == 200
         _check("/v1/explain", "post", response)
-    dicom = encode((Path(__file__).resolve().parents[1] / "examples/phantom_nodule.dcm")
-                   .read_bytes())
-    for images, fmt in (([image], "gray"), ([dicom], "gray"), ([dicom], "dicom-sc"),
-                        ([dicom], "dicom-pm"), ([image], "dicom-sc")):
+    dicom = encode(
+        (Path(__file__).resolve().parents[1] / "examples/phantom_nodule.dcm").read_bytes()
+    )
+    for images, fmt in (
+        ([image], "gray"),
+        ([dicom], "gray"),
+        ([dicom], "dicom-sc"),
+        ([dicom], "dicom-pm"),
+        ([image], "dicom-sc"),
+    ):
         body = {"images": images, "include": ["image", "dicom"], "heatmap": {"format": fmt}}
         response = requests.post(f"{server.url}/v1/explain", json=body, timeout=60)
         assert response.status_code == 200
         _check("/v1/explain", "post", response)
-    for body in ({"images": ["!!"]}, {"images": [image], "model": "x"}, {"images": []},
-                 {"images": [image] * 40}):
+    for body in (
+        {"images": ["!!"]},
+        {"images": [image], "model": "x"},
+        {"images": []},
+        {"images": [image] * 40},
+    ):
         response = requests.post(f"{server.url}/v1/explain", json=body, timeout=60)
         assert response.status_code in (404, 413, 422)
         _check("/v1/explain", "post", response)
-    for path, url in [("/v1/models", "/v1/models"), ("/v1/models/{name}", "/v1/models/phantom"),
-                      ("/v1/models/{name}/layers", "/v1/models/phantom/layers"),
-                      ("/v1/models/{name}", "/v1/models/none"), ("/healthz", "/healthz"),
-                      ("/readyz", "/readyz")]:
+    for path, url in [
+        ("/v1/models", "/v1/models"),
+        ("/v1/models/{name}", "/v1/models/phantom"),
+        ("/v1/models/{name}/layers", "/v1/models/phantom/layers"),
+        ("/v1/models/{name}", "/v1/models/none"),
+        ("/healthz", "/healthz"),
+        ("/readyz", "/readyz"),
+    ]:
         _check(path, "get", requests.get(f"{server.url}{url}", timeout=10))
 
 
 def test_schemathesis_finds_nothing(server: LiveServer, tmp_path: Path) -> None:
     command = [
-        str(Path(sys.executable).with_name("schemathesis")), "run", str(SPEC_PATH),
-        "--url", server.url, "--max-examples", "30", "--checks", "all",
+        str(Path(sys.executable).with_name("schemathesis")),
+        "run",
+        str(SPEC_PATH),
+        "--url",
+        server.url,
+        "--max-examples",
+        "30",
+        "--checks",
+        "all",
         # A schema-valid random string is still not an image: positive data is
         # not expected to succeed.
-        "--exclude-checks", "positive_data_acceptance",
+        "--exclude-checks",
+        "positive_data_acceptance",
         # One worker: schemathesis' own generator is not thread-safe on Python 3.11
         # (seen here: a SystemError from ast.parse with --workers 2).
-        "--seed", "1", "--request-timeout", "30", "--workers", "1",
+        "--seed",
+        "1",
+        "--request-timeout",
+        "30",
+        "--workers",
+        "1",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=420, cwd=tmp_path,
-                          check=False)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=420, cwd=tmp_path, check=False
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     assert "Traceback" not in server.read_log()

@@ -49,10 +49,15 @@ def _assert_same_maps(ours: np.ndarray, reference: np.ndarray, minimum: float) -
     assert informative >= 3
 
 
-@pytest.fixture(scope="module", params=[
-    # VGG-11's 224² maps cost seconds per method: out of the developer loop.
-    pytest.param(c, marks=pytest.mark.slow) if c[0] == "vgg11" else c for c in CASES],
-    ids=[arch for arch, _ in CASES])
+@pytest.fixture(
+    scope="module",
+    params=[
+        # VGG-11's 224² maps cost seconds per method: out of the developer loop.
+        pytest.param(c, marks=pytest.mark.slow) if c[0] == "vgg11" else c
+        for c in CASES
+    ],
+    ids=[arch for arch, _ in CASES],
+)
 def case(request: pytest.FixtureRequest) -> dict[str, Any]:
     arch, layer = request.param
     model = seeded_model(arch)
@@ -68,8 +73,14 @@ def case(request: pytest.FixtureRequest) -> dict[str, Any]:
     targets: list[int] = []
     for row in logits:
         targets.append(next(int(c) for c in row.argsort(descending=True) if int(c) not in targets))
-    return {"arch": arch, "layer": layer, "model": model, "reference": reference_model,
-            "inputs": inputs, "targets": targets}
+    return {
+        "arch": arch,
+        "layer": layer,
+        "model": model,
+        "reference": reference_model,
+        "inputs": inputs,
+        "targets": targets,
+    }
 
 
 def _ours(case: dict[str, Any], method: str) -> np.ndarray:
@@ -96,8 +107,12 @@ def _pytorch_grad_cam(case: dict[str, Any], method: str) -> np.ndarray:
 
 def test_gradcam_matches_captum(case: dict[str, Any]) -> None:
     layer = resolve_layer(case["reference"], case["layer"])
-    reference = LayerGradCam(case["reference"], layer).attribute(
-        case["inputs"], target=case["targets"], relu_attributions=True).detach()[:, 0].numpy()
+    reference = (
+        LayerGradCam(case["reference"], layer)
+        .attribute(case["inputs"], target=case["targets"], relu_attributions=True)
+        .detach()[:, 0]
+        .numpy()
+    )
     _assert_same_maps(_ours(case, "gradcam"), reference, 0.999)
 
 

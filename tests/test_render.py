@@ -29,8 +29,9 @@ def test_resample_to_input_equals_torch_bilinear() -> None:
     cam = torch.rand(7, 9)
     geometry = fit_geometry(300, 200, (224, 288), "stretch")
     ours = resample(cam.numpy(), geometry, "input")
-    theirs = F.interpolate(cam[None, None], size=(224, 288), mode="bilinear",
-                           align_corners=False)[0, 0]
+    theirs = F.interpolate(cam[None, None], size=(224, 288), mode="bilinear", align_corners=False)[
+        0, 0
+    ]
     assert np.allclose(ours, theirs.numpy(), atol=1e-5)
 
 
@@ -38,8 +39,9 @@ def test_stretch_original_equals_torch_bilinear_at_the_image_size() -> None:
     cam = torch.rand(16, 16)
     geometry = fit_geometry(517, 389, (128, 128), "stretch")
     ours = resample(cam.numpy(), geometry, "original")
-    theirs = F.interpolate(cam[None, None], size=(389, 517), mode="bilinear",
-                           align_corners=False)[0, 0]
+    theirs = F.interpolate(cam[None, None], size=(389, 517), mode="bilinear", align_corners=False)[
+        0, 0
+    ]
     assert ours.shape == (389, 517)
     assert np.allclose(ours, theirs.numpy(), atol=1e-5)
 
@@ -67,8 +69,9 @@ def test_crop_leaves_unseen_pixels_at_zero_and_box_is_the_seen_part() -> None:
     geometry = fit_geometry(400, 200, (100, 100), "crop")
     x0, y0, x1, y1 = geometry.box
     assert (x0, y0, x1, y1) == pytest.approx((100, 0, 300, 200))
-    heat = heatmap(1 + np.random.default_rng(0).random((4, 4), dtype=np.float32), geometry,
-                   "original")
+    heat = heatmap(
+        1 + np.random.default_rng(0).random((4, 4), dtype=np.float32), geometry, "original"
+    )
     assert heat[:, :99].max() == 0 and heat[:, 301:].max() == 0
     assert heat[:, 101:299].min() >= 0 and heat.max() == pytest.approx(1.0)
 
@@ -112,8 +115,11 @@ def test_colour_map_and_pngs() -> None:
     base = np.full((60, 80, 3), 100, dtype=np.uint8)
     blended = blend(base, heat)
     assert (blended[0, 0] == 100).all()  # value 0: the image unchanged
-    for array, mode in [(colorize(heat), "RGB"), (blended, "RGB"),
-                        ((heat * 255).astype(np.uint8), "L")]:
+    for array, mode in [
+        (colorize(heat), "RGB"),
+        (blended, "RGB"),
+        ((heat * 255).astype(np.uint8), "L"),
+    ]:
         decoded = Image.open(io.BytesIO(encode_png(array)))
         assert decoded.mode == mode and decoded.size == (80, 60)
 

@@ -33,11 +33,13 @@ DEMO = Path(__file__).resolve().parents[1] / "service" / "demo" / "models.toml"
 def _runtime(folder: Path, **options: str) -> Runtime:
     """The demo model with ``options`` added to its table."""
     folder.mkdir(parents=True, exist_ok=True)
-    text = DEMO.read_text().replace('"phantom_net.safetensors"',
-                                    f'"{DEMO.parent / "phantom_net.safetensors"}"')
+    text = DEMO.read_text().replace(
+        '"phantom_net.safetensors"', f'"{DEMO.parent / "phantom_net.safetensors"}"'
+    )
     text = text.replace('"labels.txt"', f'"{DEMO.parent / "labels.txt"}"')
-    text = "".join(line for line in text.splitlines(keepends=True)
-                   if not line.startswith("memory_format"))  # each test sets its own
+    text = "".join(
+        line for line in text.splitlines(keepends=True) if not line.startswith("memory_format")
+    )  # each test sets its own
     text += "".join(f'{key} = "{value}"\n' for key, value in options.items())
     (folder / "models.toml").write_text(text)
     return Runtime(Settings(models_file=folder / "models.toml", device="cpu")).start()
@@ -54,8 +56,9 @@ def test_channels_last_gives_the_same_maps(resnet: torch.nn.Module) -> None:
     plain = GradCAM(resnet, "cpu")(inputs, "layer3", [[None]] * 4, ["gradcam"] * 4)
     resnet.to(memory_format=torch.channels_last)
     try:
-        nhwc = GradCAM(resnet, "cpu", channels_last=True)(inputs, "layer3", [[None]] * 4,
-                                                          ["gradcam"] * 4)
+        nhwc = GradCAM(resnet, "cpu", channels_last=True)(
+            inputs, "layer3", [[None]] * 4, ["gradcam"] * 4
+        )
     finally:
         resnet.to(memory_format=torch.contiguous_format)
     torch.testing.assert_close(nhwc.logits, plain.logits, rtol=1e-4, atol=1e-4)
@@ -63,24 +66,24 @@ def test_channels_last_gives_the_same_maps(resnet: torch.nn.Module) -> None:
         assert _pearson(a[0].numpy(), b[0].numpy()) > 0.99999
 
 
-def test_the_probe_keeps_the_faster_format(resnet: torch.nn.Module,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_probe_keeps_the_faster_format(
+    resnet: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
     inputs = tuning.probe_inputs(3, (64, 64), torch.device("cpu"))
     # Whatever the timings, the model is left in the format that was chosen.
-    chosen, why = tuning.choose_memory_format(resnet, torch.device("cpu"), inputs, "layer4",
-                                              "auto")
+    chosen, why = tuning.choose_memory_format(resnet, torch.device("cpu"), inputs, "layer4", "auto")
     weight = resnet.conv1.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) == chosen
     assert "probe images" in why
     # Told which, it does as told.
-    assert tuning.choose_memory_format(resnet, torch.device("cpu"), inputs, "layer4",
-                                       "contiguous") == (False, "set in the models file")
+    assert tuning.choose_memory_format(
+        resnet, torch.device("cpu"), inputs, "layer4", "contiguous"
+    ) == (False, "set in the models file")
     resnet.to(memory_format=torch.contiguous_format)
     # A format that is never faster is not kept.
     clock = iter([0.0, 1.0, 1.0, 3.0] * 10)  # contiguous 1 s, channels_last 2 s, ...
     monkeypatch.setattr(tuning.time, "perf_counter", lambda: next(clock))
-    chosen, _ = tuning.choose_memory_format(resnet, torch.device("cpu"), inputs, "layer4",
-                                            "auto")
+    chosen, _ = tuning.choose_memory_format(resnet, torch.device("cpu"), inputs, "layer4", "auto")
     assert not chosen and resnet.conv1.weight.is_contiguous()
 
 
@@ -92,8 +95,9 @@ def test_bf16_is_checked_against_fp32_and_answers_close(tmp_path: Path) -> None:
         assert bf16.catalog().get("phantom").precision == "bf16"
         assert fp32.catalog().get("phantom").precision == "fp32"
         images = [encode(phantom_png(seed, 128, 128)) for seed in range(8)]
-        request = ExplainRequest.model_validate({"images": images, "heatmap": {
-            "format": "array", "size": "layer"}})
+        request = ExplainRequest.model_validate(
+            {"images": images, "heatmap": {"format": "array", "size": "layer"}}
+        )
         a, b = (explain(request, rt, rt.settings) for rt in (fp32, bf16))
         ExplainResponse.model_validate(b)
         assert a["precision"] == "fp32" and b["precision"] == "bf16"
@@ -109,8 +113,8 @@ def test_bf16_is_checked_against_fp32_and_answers_close(tmp_path: Path) -> None:
 
 
 def test_a_model_that_fails_the_check_runs_in_fp32(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(tuning, "MIN_PEARSON", 1.5)  # no map can pass
     before = metrics.PRECISION_FALLBACKS.labels("phantom")._value.get()
     with caplog.at_level(logging.WARNING):
@@ -118,14 +122,17 @@ def test_a_model_that_fails_the_check_runs_in_fp32(
     try:
         assert runtime.catalog().get("phantom").precision == "fp32"
         assert metrics.PRECISION_FALLBACKS.labels("phantom")._value.get() == before + 1
-        assert any("runs in float32" in r.message and "failed its check" in r.message
-                   for r in caplog.records)
+        assert any(
+            "runs in float32" in r.message and "failed its check" in r.message
+            for r in caplog.records
+        )
     finally:
         runtime.close()
 
 
 def test_auto_takes_bf16_only_where_the_hardware_has_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(tuning, "native_bf16", lambda device: False)
     runtime = _runtime(tmp_path, precision="auto", memory_format="contiguous")
     try:

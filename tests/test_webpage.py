@@ -36,8 +36,9 @@ def _client(runtime: Runtime, **settings: object) -> FlaskClient:
 
 
 def _page_config(html: str) -> dict:
-    found = re.search(r'<script id="page-config" type="application/json">(.*?)</script>', html,
-                      re.S)
+    found = re.search(
+        r'<script id="page-config" type="application/json">(.*?)</script>', html, re.S
+    )
     assert found, "the page carries its configuration"
     config: dict = json.loads(found.group(1))
     return config
@@ -101,8 +102,12 @@ def _picture(encoded: dict) -> np.ndarray:
 
 def test_include_image_returns_what_overlays_are_drawn_on(runtime: Runtime) -> None:
     png = phantom_png(4, 300, 220)
-    body = _explain(runtime, images=[encode(png)], include=["image"],
-                    heatmap={"format": "gray", "size": "input"})
+    body = _explain(
+        runtime,
+        images=[encode(png)],
+        include=["image"],
+        heatmap={"format": "gray", "size": "input"},
+    )
     result = body["results"][0]
     assert (result["image"]["width"], result["image"]["height"]) == (300, 220)
     assert "dicom" not in result
@@ -119,16 +124,20 @@ def test_include_image_returns_what_overlays_are_drawn_on(runtime: Runtime) -> N
 
 def test_include_dicom_shows_what_a_viewer_would(runtime: Runtime) -> None:
     data = (EXAMPLES / "phantom_nodule.dcm").read_bytes()
-    body = _explain(runtime, images=[encode(data)], include=["image", "dicom"],
-                    heatmap={"format": "none"})
+    body = _explain(
+        runtime, images=[encode(data)], include=["image", "dicom"], heatmap={"format": "none"}
+    )
     result = body["results"][0]
     fields = result["dicom"]
     ds = pydicom.dcmread(EXAMPLES / "phantom_nodule.dcm")
     assert fields["PatientName"] == str(ds.PatientName) and fields["PatientID"] == ds.PatientID
     assert fields["Modality"] == "CR" and fields["PhotometricInterpretation"] == "MONOCHROME1"
     assert (fields["Columns"], fields["Rows"]) == (ds.Columns, ds.Rows)
-    assert fields["window"] == {"source": "file", "center": float(ds.WindowCenter),
-                                "width": float(ds.WindowWidth)}
+    assert fields["window"] == {
+        "source": "file",
+        "center": float(ds.WindowCenter),
+        "width": float(ds.WindowWidth),
+    }
     assert fields["TransferSyntax"] == "Explicit VR Little Endian" and fields["frame"] == 0
     # The picture is the windowed, inverted image (MONOCHROME1: white is 0 in the file).
     shown = _picture(result["image"])[..., 0].astype(np.float64)
@@ -143,8 +152,12 @@ def test_include_dicom_shows_what_a_viewer_would(runtime: Runtime) -> None:
 
 
 def test_include_dicom_is_null_for_other_formats(runtime: Runtime) -> None:
-    body = _explain(runtime, images=[encode(phantom_png(1, 64, 64))], include=["dicom"],
-                    heatmap={"format": "none"})
+    body = _explain(
+        runtime,
+        images=[encode(phantom_png(1, 64, 64))],
+        include=["dicom"],
+        heatmap={"format": "none"},
+    )
     assert body["results"][0]["dicom"] is None and "image" not in body["results"][0]
 
 
@@ -154,13 +167,13 @@ def test_the_image_counts_towards_the_pixels_drawn(runtime: Runtime) -> None:
     request = {"images": [image, image], "heatmap": {"format": "none"}}
     explain(ExplainRequest.model_validate(request), runtime, settings)
     with pytest.raises(PayloadTooLarge) as refused:
-        explain(ExplainRequest.model_validate({**request, "include": ["image"]}), runtime,
-                settings)
+        explain(ExplainRequest.model_validate({**request, "include": ["image"]}), runtime, settings)
     assert refused.value.code == "output_too_large"
 
 
 def test_include_takes_known_extras_only(runtime: Runtime) -> None:
     client = _client(runtime)
-    answer = client.post("/v1/explain", json={"images": [encode(phantom_png(1, 64, 64))],
-                                               "include": ["patient"]})
+    answer = client.post(
+        "/v1/explain", json={"images": [encode(phantom_png(1, 64, 64))], "include": ["patient"]}
+    )
     assert answer.status_code == 422 and answer.json["error"]["field"] == "include[0]"

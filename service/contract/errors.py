@@ -76,8 +76,7 @@ class ErrorCode(StrEnum):
     OVER_MEMORY_BUDGET = "over_memory_budget", 413, "more memory than the budget leaves"
     URI_TOO_LONG = "uri_too_long", 414, "the request target is too long"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415, "the body is not JSON"
-    UNSUPPORTED_CONTENT_ENCODING = ("unsupported_content_encoding", 415,
-                                    "a compressed body")
+    UNSUPPORTED_CONTENT_ENCODING = ("unsupported_content_encoding", 415, "a compressed body")
     UNSUPPORTED_IMAGE = "unsupported_image", 415, "an image format the service does not read"
     INVALID_BODY = "invalid_body", 422, "the body is not a JSON object"
     INVALID_FIELD = "invalid_field", 422, "a field with a wrong value (see field)"
@@ -96,8 +95,11 @@ class ErrorCode(StrEnum):
     HEADERS_TOO_LARGE = "headers_too_large", 431, "request line and headers over 32 KiB"
     CLIENT_CLOSED = "client_closed", 499, "the client left first (logs and metrics only)"
     INTERNAL = "internal", 500, "the server failed (logged with the request id)"
-    UNSUPPORTED_TRANSFER_ENCODING = ("unsupported_transfer_encoding", 501,
-                                     "a transfer coding other than chunked")
+    UNSUPPORTED_TRANSFER_ENCODING = (
+        "unsupported_transfer_encoding",
+        501,
+        "a transfer coding other than chunked",
+    )
     BAD_GATEWAY = "bad_gateway", 502, "a server this one called failed"
     DICOMWEB_UNREACHABLE = "dicomweb_unreachable", 502, "the DICOMweb server cannot be reached"
     DICOMWEB_FAILED = "dicomweb_failed", 502, "the DICOMweb server failed"
@@ -106,8 +108,7 @@ class ErrorCode(StrEnum):
     ENGINE_UNAVAILABLE = "engine_unavailable", 503, "no engine process answers"
     INSUFFICIENT_MEMORY = "insufficient_memory", 503, "the server ran out of memory"
     DEADLINE_EXCEEDED = "deadline_exceeded", 504, "still queued at the request's deadline"
-    HTTP_VERSION_NOT_SUPPORTED = ("http_version_not_supported", 505,
-                                  "not HTTP/1.0 or 1.1")
+    HTTP_VERSION_NOT_SUPPORTED = ("http_version_not_supported", 505, "not HTTP/1.0 or 1.1")
 
 
 class ServiceError(Exception):
@@ -121,8 +122,14 @@ class ServiceError(Exception):
         super().__init_subclass__(**kwargs)
         cls.status = cls.default_code.status
 
-    def __init__(self, message: str, *, code: ErrorCode | None = None, image: int | None = None,
-                 field: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        image: int | None = None,
+        field: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
@@ -140,9 +147,14 @@ class ServiceError(Exception):
 
     def to_wire(self) -> dict[str, Any]:
         """Everything needed to raise the same error in another process."""
-        return {"status": self.status, "code": self.code, "message": self.message,
-                "image": self.image, "field": self.field,
-                "retry_after_s": getattr(self, "retry_after_s", None)}
+        return {
+            "status": self.status,
+            "code": self.code,
+            "message": self.message,
+            "image": self.image,
+            "field": self.field,
+            "retry_after_s": getattr(self, "retry_after_s", None),
+        }
 
     @staticmethod
     def from_wire(data: dict[str, Any]) -> ServiceError:
@@ -151,12 +163,14 @@ class ServiceError(Exception):
         code = _CODES.get(str(data.get("code")), ErrorCode.INTERNAL)
         kind = _by_code().get(code, _BY_STATUS.get(status, ServiceError))
         if issubclass(kind, Unavailable):
-            error: ServiceError = kind(str(data["message"]),
-                                       retry_after_s=int(data.get("retry_after_s") or 1))
+            error: ServiceError = kind(
+                str(data["message"]), retry_after_s=int(data.get("retry_after_s") or 1)
+            )
             error.code = code
             return error
-        return kind(str(data["message"]), code=code, image=data.get("image"),
-                    field=data.get("field"))
+        return kind(
+            str(data["message"]), code=code, image=data.get("image"), field=data.get("field")
+        )
 
 
 class BadRequest(ServiceError):
@@ -251,9 +265,17 @@ def _by_code() -> dict[str, type[ServiceError]]:
 
 
 _BY_STATUS: dict[int, type[ServiceError]] = {
-    400: BadRequest, 403: Forbidden, 404: NotFound, 405: MethodNotAllowed,
-    413: PayloadTooLarge, 415: UnsupportedMediaType, 422: InvalidField, 499: ClientClosed,
-    502: BadGateway, 503: Unavailable, 504: DeadlineExceeded,
+    400: BadRequest,
+    403: Forbidden,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    422: InvalidField,
+    499: ClientClosed,
+    502: BadGateway,
+    503: Unavailable,
+    504: DeadlineExceeded,
 }
 
 

@@ -51,14 +51,19 @@ class HeatmapOptions(BaseModel):
     @model_validator(mode="after")
     def _encoding_needs_a_picture(self) -> HeatmapOptions:
         if "encoding" in self.model_fields_set and self.format in ("array", "none", "dicom-pm"):
-            raise ValueError(f"encoding applies to the png, overlay, gray and dicom-sc formats, "
-                             f"not to '{self.format}'")
+            raise ValueError(
+                f"encoding applies to the png, overlay, gray and dicom-sc formats, "
+                f"not to '{self.format}'"
+            )
         if self.format == "dicom-sc" and self.encoding == "webp":
-            raise ValueError("a dicom-sc object is uncompressed (encoding png) or JPEG (jpeg); "
-                             "DICOM has no WebP")
+            raise ValueError(
+                "a dicom-sc object is uncompressed (encoding png) or JPEG (jpeg); DICOM has no WebP"
+            )
         if self.format in DICOM_FORMATS and self.size != "original":
-            raise ValueError(f"a {self.format} object lies on the source image's own pixel grid: "
-                             "size must be 'original'")
+            raise ValueError(
+                f"a {self.format} object lies on the source image's own pixel grid: "
+                "size must be 'original'"
+            )
         return self
 
 
@@ -102,17 +107,20 @@ class ExplainRequest(BaseModel):
     top_k: Annotated[StrictInt, Field(ge=1)] = 5
     heatmap: HeatmapOptions = HeatmapOptions()
     # Which frame of multi-frame images: one for all, or one per image (null: the default).
-    frame: (Annotated[StrictInt, Field(ge=0)]
-            | Annotated[list[Annotated[StrictInt, Field(ge=0)] | None], Field(min_length=1)]
-            | None) = None
+    frame: (
+        Annotated[StrictInt, Field(ge=0)]
+        | Annotated[list[Annotated[StrictInt, Field(ge=0)] | None], Field(min_length=1)]
+        | None
+    ) = None
     include: Annotated[list[Include], Field(max_length=2)] = []
     store: StoreOptions | None = None
 
     @model_validator(mode="after")
     def _store_needs_dicom(self) -> ExplainRequest:
         if self.store is not None and self.heatmap.format not in DICOM_FORMATS:
-            raise ValueError("store sends DICOM objects: heatmap.format must be 'dicom-sc' or "
-                             "'dicom-pm'")
+            raise ValueError(
+                "store sends DICOM objects: heatmap.format must be 'dicom-sc' or 'dicom-pm'"
+            )
         return self
 
 
@@ -217,10 +225,13 @@ def parse_explain_request(body: bytes) -> ExplainRequest:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as error:
         if "depth limit" in str(error):
-            raise BadRequest(f"The body nests JSON deeper than {JSON_MAX_DEPTH} levels.",
-                             code=ErrorCode.JSON_TOO_DEEP) from None
-        raise BadRequest(f"The body is not valid JSON: {error}.",
-                         code=ErrorCode.INVALID_JSON) from None
+            raise BadRequest(
+                f"The body nests JSON deeper than {JSON_MAX_DEPTH} levels.",
+                code=ErrorCode.JSON_TOO_DEEP,
+            ) from None
+        raise BadRequest(
+            f"The body is not valid JSON: {error}.", code=ErrorCode.INVALID_JSON
+        ) from None
     if not isinstance(data, dict):
         raise InvalidField("The body must be a JSON object.", code=ErrorCode.INVALID_BODY)
     try:
@@ -233,8 +244,12 @@ def invalid_field(error: ValidationError) -> InvalidField:
     """The first problem pydantic found, as a 422 that names the field."""
     first = error.errors()[0]
     loc = first["loc"]
-    known = (set(ExplainRequest.model_fields) | set(HeatmapOptions.model_fields)
-             | set(DicomWebImage.model_fields) | set(DicomWebInstance.model_fields))
+    known = (
+        set(ExplainRequest.model_fields)
+        | set(HeatmapOptions.model_fields)
+        | set(DicomWebImage.model_fields)
+        | set(DicomWebInstance.model_fields)
+    )
     path = ""
     for position, part in enumerate(loc):
         if isinstance(part, int):
@@ -244,8 +259,11 @@ def invalid_field(error: ValidationError) -> InvalidField:
         else:
             break  # a union member's type name, not part of the JSON path
     field = path.lstrip(".") or "body"
-    image = loc[1] if len(loc) > 1 and loc[0] in ("images", "targets") and isinstance(
-        loc[1], int) else None
+    image = (
+        loc[1]
+        if len(loc) > 1 and loc[0] in ("images", "targets") and isinstance(loc[1], int)
+        else None
+    )
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown field"

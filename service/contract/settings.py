@@ -47,7 +47,9 @@ class ModelSpec(BaseModel):
     channels: Annotated[StrictInt, Field(ge=1, le=3)] = 3
     # [height, width] of the model input, as torch orders a tensor's last two dims.
     input_size: tuple[Annotated[StrictInt, Field(ge=8)], Annotated[StrictInt, Field(ge=8)]] = (
-        224, 224)
+        224,
+        224,
+    )
     mean: tuple[StrictFloat | StrictInt, ...] | None = None
     std: tuple[StrictFloat | StrictInt, ...] | None = None
     layer: Annotated[StrictStr, Field(min_length=1)] | None = None
@@ -70,8 +72,7 @@ class ModelSpec(BaseModel):
         for key in ("mean", "std"):
             values = getattr(self, key)
             if values is not None and len(values) != self.channels:
-                raise ValueError(
-                    f"{key} has {len(values)} values but channels = {self.channels}")
+                raise ValueError(f"{key} has {len(values)} values but channels = {self.channels}")
         if self.std is not None and any(v <= 0 for v in self.std):
             raise ValueError("std values must be positive")
         return self
@@ -115,12 +116,14 @@ def _describe_validation_error(error: ValidationError, path: Path) -> str:
 def parse_models_file(data: Mapping[str, object], path: Path) -> ModelsFile:
     """Validate parsed TOML ``data``; relative paths resolve against ``path``'s folder."""
     defaults = [
-        name for name, table in (data.get("models") or {}).items()  # type: ignore[attr-defined]
+        name
+        for name, table in (data.get("models") or {}).items()  # type: ignore[attr-defined]
         if isinstance(table, Mapping) and table.get("default") is True
     ]
     if len(defaults) > 1:
         raise ConfigError(
-            f"models file {path}: more than one model has default = true: {', '.join(defaults)}")
+            f"models file {path}: more than one model has default = true: {', '.join(defaults)}"
+        )
     try:
         return ModelsFile.model_validate({**data, "base_dir": path.resolve().parent})
     except ValidationError as error:
@@ -248,8 +251,7 @@ class Settings(BaseModel):
     @model_validator(mode="after")
     def _hang_after_heartbeat(self) -> Settings:
         if self.engine_hang_restart_s <= self.engine_heartbeat_timeout_s:
-            raise ValueError("engine_hang_restart_s must be longer than "
-                             "engine_heartbeat_timeout_s")
+            raise ValueError("engine_hang_restart_s must be longer than engine_heartbeat_timeout_s")
         return self
 
     @field_validator("dicomweb_servers")
@@ -263,8 +265,10 @@ class Settings(BaseModel):
             except ValueError:
                 valid = False
             if not valid:
-                raise ValueError(f"'{url}' is not an http(s) base URL (scheme, host, optional "
-                                 "port from 1 to 65535, path)")
+                raise ValueError(
+                    f"'{url}' is not an http(s) base URL (scheme, host, optional "
+                    "port from 1 to 65535, path)"
+                )
         return value
 
     @classmethod
@@ -281,7 +285,8 @@ class Settings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as error:
             problems = "; ".join(
-                f"GRADCAM_{str(item['loc'][0]).upper()}: {item['msg']}" for item in error.errors())
+                f"GRADCAM_{str(item['loc'][0]).upper()}: {item['msg']}" for item in error.errors()
+            )
             raise ConfigError(f"invalid settings: {problems}") from None
 
     def models_config(self) -> ModelsFile:

@@ -26,7 +26,7 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
         end = start
         while end + 1 < len(sorted_scores) and sorted_scores[end + 1] == sorted_scores[start]:
             end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
         start = end + 1
     rank_sum = ranks[positives].sum()
     return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
@@ -41,8 +41,9 @@ def mean_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(per_class_auc(scores, labels)))
 
 
-def peak_in_boxes(heatmap: np.ndarray, boxes: Sequence[tuple[float, float, float, float]],
-                  grow_px: float) -> bool:
+def peak_in_boxes(
+    heatmap: np.ndarray, boxes: Sequence[tuple[float, float, float, float]], grow_px: float
+) -> bool:
     """Pointing game hit: the heatmap's maximum lies in one of ``boxes`` grown by ``grow_px``.
 
     ``heatmap`` is ``(H, W)`` on the image's pixel grid; boxes are ``(x0, y0, x1, y1)``
@@ -50,5 +51,7 @@ def peak_in_boxes(heatmap: np.ndarray, boxes: Sequence[tuple[float, float, float
     """
     y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     cx, cy = x + 0.5, y + 0.5
-    return any(x0 - grow_px <= cx <= x1 + grow_px and y0 - grow_px <= cy <= y1 + grow_px
-               for x0, y0, x1, y1 in boxes)
+    return any(
+        x0 - grow_px <= cx <= x1 + grow_px and y0 - grow_px <= cy <= y1 + grow_px
+        for x0, y0, x1, y1 in boxes
+    )

@@ -27,8 +27,9 @@ def _stage(in_channels: int, out_channels: int) -> nn.Sequential:
     # tile it stands for, which is what heatmap upsampling assumes. (A stride-2,
     # padding-1 conv centres cell j on pixel 2j, not 2j + 0.5: after three of
     # them the map sits 3.5 input pixels off, enough to miss a small nodule.)
-    return nn.Sequential(nn.MaxPool2d(2), _conv(in_channels, out_channels),
-                         _conv(out_channels, out_channels))
+    return nn.Sequential(
+        nn.MaxPool2d(2), _conv(in_channels, out_channels), _conv(out_channels, out_channels)
+    )
 
 
 class PhantomNet(nn.Module):
@@ -46,15 +47,18 @@ class PhantomNet(nn.Module):
     Grad-CAM map at ``features`` is exactly the class score map.)
     """
 
-    def __init__(self, num_classes: int = 4, channels: int = 1, width: int = 32,
-                 sharpness: float = 4.0) -> None:
+    def __init__(
+        self, num_classes: int = 4, channels: int = 1, width: int = 32, sharpness: float = 4.0
+    ) -> None:
         super().__init__()
-        self.features = nn.Sequential(OrderedDict(
-            stem=_conv(channels, width // 2),
-            stage1=_stage(width // 2, width),
-            stage2=_stage(width, 2 * width),
-            stage3=_stage(2 * width, 4 * width),
-        ))
+        self.features = nn.Sequential(
+            OrderedDict(
+                stem=_conv(channels, width // 2),
+                stage1=_stage(width // 2, width),
+                stage2=_stage(width, 2 * width),
+                stage3=_stage(2 * width, 4 * width),
+            )
+        )
         self.classifier = nn.Conv2d(4 * width, num_classes, 1)
         self.sharpness = sharpness
 

@@ -66,20 +66,27 @@ class _Scene:
     tubes: tuple[tuple[tuple[float, float], ...], ...]  # bezier control points
 
 
-def _point_in_lung(rng: np.random.Generator, lungs: tuple[tuple[float, float, float, float], ...],
-                   margin: float) -> tuple[float, float]:
+def _point_in_lung(
+    rng: np.random.Generator, lungs: tuple[tuple[float, float, float, float], ...], margin: float
+) -> tuple[float, float]:
     cx, cy, rx, ry = lungs[int(rng.integers(len(lungs)))]
     # Uniform in a shrunken ellipse, so the finding sits inside the lung field.
     angle = rng.uniform(0, 2 * np.pi)
     radius = np.sqrt(rng.uniform(0, 1))
-    return (cx + (rx - margin) * radius * np.cos(angle),
-            cy + (ry - margin) * radius * np.sin(angle))
+    return (
+        cx + (rx - margin) * radius * np.cos(angle),
+        cy + (ry - margin) * radius * np.sin(angle),
+    )
 
 
 def _sample_scene(rng: np.random.Generator) -> _Scene:
     lungs = tuple(
-        (cx + rng.uniform(-0.02, 0.02), 0.47 + rng.uniform(-0.03, 0.03),
-         rng.uniform(0.12, 0.15), rng.uniform(0.25, 0.3))
+        (
+            cx + rng.uniform(-0.02, 0.02),
+            0.47 + rng.uniform(-0.03, 0.03),
+            rng.uniform(0.12, 0.15),
+            rng.uniform(0.25, 0.3),
+        )
         for cx in (0.31, 0.69)
     )
     nodules: list[tuple[float, float, float]] = []
@@ -126,7 +133,7 @@ def _smooth_field(seed: int, width: int, height: int, cells: int = 6) -> np.ndar
     c01 = coarse[y0][:, x0 + 1]
     c10 = coarse[y0 + 1][:, x0]
     c11 = coarse[y0 + 1][:, x0 + 1]
-    return (c00 * (1 - fx) * (1 - fy) + c01 * fx * (1 - fy) + c10 * (1 - fx) * fy + c11 * fx * fy)
+    return c00 * (1 - fx) * (1 - fy) + c01 * fx * (1 - fy) + c10 * (1 - fx) * fy + c11 * fx * fy
 
 
 def _soft_step(distance: np.ndarray, edge: float) -> np.ndarray:
@@ -159,8 +166,12 @@ def _render(scene: _Scene, width: int, height: int) -> Phantom:
     findings: list[Finding] = []
 
     def box(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
-        return (max(0.0, float(x0) * width), max(0.0, float(y0) * height),
-                min(float(width), float(x1) * width), min(float(height), float(y1) * height))
+        return (
+            max(0.0, float(x0) * width),
+            max(0.0, float(y0) * height),
+            min(float(width), float(x1) * width),
+            min(float(height), float(y1) * height),
+        )
 
     for cx, cy, r in scene.nodules:
         d = np.hypot(xs - cx, ys - cy) - r

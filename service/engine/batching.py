@@ -103,21 +103,30 @@ def merge_jobs(jobs: Sequence[Job]) -> Job:
     """One job of every image of ``jobs`` (same model and layer), in order."""
     if len(jobs) == 1:
         return jobs[0]
-    return Job(model=jobs[0].model, layer=jobs[0].layer,
-               images=[image for job in jobs for image in job.images],
-               boxes=[box for job in jobs for box in job.boxes],
-               targets=[t for job in jobs for t in job.targets],
-               methods=[m for job in jobs for m in job.methods])
+    return Job(
+        model=jobs[0].model,
+        layer=jobs[0].layer,
+        images=[image for job in jobs for image in job.images],
+        boxes=[box for job in jobs for box in job.boxes],
+        targets=[t for job in jobs for t in job.targets],
+        methods=[m for job in jobs for m in job.methods],
+    )
 
 
 class MicroBatcher:
-    def __init__(self, compute: ComputeFn, *, max_batch_size: int = 16,
-                 max_batch_delay_s: float = 0.0, max_queue: int = 256,
-                 max_queue_wait_s: float = 0.0,
-                 on_batch: Callable[[BatchStats], None] | None = None,
-                 on_queue_depth: Callable[[int], None] | None = None,
-                 on_idle: Callable[[float], None] | None = None,
-                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(
+        self,
+        compute: ComputeFn,
+        *,
+        max_batch_size: int = 16,
+        max_batch_delay_s: float = 0.0,
+        max_queue: int = 256,
+        max_queue_wait_s: float = 0.0,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+        on_idle: Callable[[float], None] | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_batch_delay_s < 0 or max_queue_wait_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, the waits >= 0")
         self._compute = compute
@@ -158,13 +167,17 @@ class MicroBatcher:
                 raise Overloaded("The server is shutting down; retry on another replica.")
             if self._pending:
                 if len(self._pending) >= self.max_queue:
-                    raise Overloaded(f"The queue is full ({self.max_queue} requests waiting); "
-                                     "retry shortly.", retry_after_s=1)
+                    raise Overloaded(
+                        f"The queue is full ({self.max_queue} requests waiting); retry shortly.",
+                        retry_after_s=1,
+                    )
                 wait_s = self._expected_wait_s()
                 if wait_s is not None and wait_s > self.max_queue_wait_s:
                     raise Overloaded(
                         f"The model is {wait_s:.1f} s behind (limit {self.max_queue_wait_s:g} s);"
-                        " retry shortly.", retry_after_s=max(1, round(wait_s)))
+                        " retry shortly.",
+                        retry_after_s=max(1, round(wait_s)),
+                    )
             self._pending.append(item)
             self._report_depth()
             self._cond.notify()
@@ -246,9 +259,12 @@ class MicroBatcher:
                 if not item.future.set_running_or_notify_cancel():
                     continue  # cancelled: the client went away
                 if now > item.deadline:
-                    item.future.set_exception(DeadlineExceeded(
-                        "The request waited past its deadline before it could be computed; "
-                        "the server is overloaded."))
+                    item.future.set_exception(
+                        DeadlineExceeded(
+                            "The request waited past its deadline before it could be computed; "
+                            "the server is overloaded."
+                        )
+                    )
                     continue
                 live.append(item)
             if live:
@@ -274,8 +290,9 @@ class MicroBatcher:
     def _execute(self, items: Sequence[WorkItem], started_wait: float) -> None:
         started = time.monotonic()
         try:
-            result = self._compute(merge_jobs([item.job for item in items]),
-                                   lambda: _all_given_up(items))
+            result = self._compute(
+                merge_jobs([item.job for item in items]), lambda: _all_given_up(items)
+            )
         except Abandoned:
             _fail_given_up(items)
             return
@@ -283,12 +300,15 @@ class MicroBatcher:
             if len(items) == 1:
                 items[0].future.set_exception(error)
                 return
-            logger.warning("a batch of %d requests failed (%s at %s); retrying them one by one",
-                           len(items), type(error).__name__, where(error))
+            logger.warning(
+                "a batch of %d requests failed (%s at %s); retrying them one by one",
+                len(items),
+                type(error).__name__,
+                where(error),
+            )
             for item in items:
                 try:
-                    item.future.set_result(self._compute(item.job, partial(_all_given_up,
-                                                                           [item])))
+                    item.future.set_result(self._compute(item.job, partial(_all_given_up, [item])))
                 except Abandoned:
                     _fail_given_up([item])
                 except Exception as single:
@@ -297,19 +317,29 @@ class MicroBatcher:
         compute_s = time.monotonic() - started
         images = sum(item.size for item in items)
         pace = compute_s / images
-        self._seconds_per_image = pace if self._seconds_per_image is None else (
-            (1 - _PACE_SMOOTHING) * self._seconds_per_image + _PACE_SMOOTHING * pace)
+        self._seconds_per_image = (
+            pace
+            if self._seconds_per_image is None
+            else ((1 - _PACE_SMOOTHING) * self._seconds_per_image + _PACE_SMOOTHING * pace)
+        )
         offset = 0
         for item in items:
-            timings = JobTimings(queue_wait_s=started_wait - item.enqueued_at,
-                                 compute_s=compute_s, batch_images=images)
+            timings = JobTimings(
+                queue_wait_s=started_wait - item.enqueued_at,
+                compute_s=compute_s,
+                batch_images=images,
+            )
             item.future.set_result(result.slice(offset, offset + item.size, timings))
             offset += item.size
         if self._on_batch is not None:
-            self._on_batch(BatchStats(
-                images=images, items=len(items),
-                queue_waits_s=tuple(started_wait - i.enqueued_at for i in items),
-                compute_s=compute_s))
+            self._on_batch(
+                BatchStats(
+                    images=images,
+                    items=len(items),
+                    queue_waits_s=tuple(started_wait - i.enqueued_at for i in items),
+                    compute_s=compute_s,
+                )
+            )
 
 
 def _all_given_up(items: Sequence[WorkItem]) -> bool:
@@ -321,12 +351,14 @@ def _fail_given_up(items: Sequence[WorkItem]) -> None:
     """Answer requests whose computation was abandoned (nobody reads it: for the record)."""
     logger.info("stopped a batch of %d request(s): all of them were given up", len(items))
     for item in items:
-        item.future.set_exception(DeadlineExceeded(
-            "The request was given up (client gone or deadline passed) while it was computed."))
+        item.future.set_exception(
+            DeadlineExceeded(
+                "The request was given up (client gone or deadline passed) while it was computed."
+            )
+        )
 
 
 def _fail(items: Sequence[WorkItem], error: Exception) -> None:
     for item in items:
         if item.future.set_running_or_notify_cancel():
             item.future.set_exception(error)
-

@@ -23,8 +23,19 @@ import torch
 from torch import Tensor
 
 # Keys under which training scripts keep the weights, most specific first.
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "net", "network",
-                 "weights", "params", "module", "ema_state_dict", "ema")
+_WRAPPER_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model_state",
+    "model",
+    "net",
+    "network",
+    "weights",
+    "params",
+    "module",
+    "ema_state_dict",
+    "ema",
+)
 _SHOWN = 3  # mismatches named in an error
 
 
@@ -52,10 +63,13 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
     except Exception as error:
         hint = ""
         if "weights_only" in str(error):
-            hint = (" The file holds more than tensors (a pickled model or training objects);"
-                    " save model.state_dict() instead.")
-        raise CheckpointError(f"cannot read {path}: {type(error).__name__}: "
-                              f"{str(error).splitlines()[0]}.{hint}") from None
+            hint = (
+                " The file holds more than tensors (a pickled model or training objects);"
+                " save model.state_dict() instead."
+            )
+        raise CheckpointError(
+            f"cannot read {path}: {type(error).__name__}: {str(error).splitlines()[0]}.{hint}"
+        ) from None
     return _unwrap(loaded, path)
 
 
@@ -83,8 +97,10 @@ def _unwrap(loaded: Any, path: Path, depth: int = 0) -> dict[str, Tensor]:
             return _unwrap(nested[0], path, depth + 1)
     shown = ", ".join(map(str, list(loaded)[:8])) if isinstance(loaded, Mapping) else ""
     what = f"a mapping with keys {shown}" if shown else type(loaded).__name__
-    raise CheckpointError(f"{path} holds {what}, not a state_dict (a mapping of names to "
-                          f"tensors, possibly under one of {', '.join(_WRAPPER_KEYS[:5])}, ...)")
+    raise CheckpointError(
+        f"{path} holds {what}, not a state_dict (a mapping of names to "
+        f"tensors, possibly under one of {', '.join(_WRAPPER_KEYS[:5])}, ...)"
+    )
 
 
 @dataclass(frozen=True)
@@ -133,32 +149,51 @@ def fit_keys(state: dict[str, Tensor], expected: Mapping[str, Tensor]) -> Fitted
     raise CheckpointError(_mismatch(state, *best, wanted=wanted))
 
 
-def _mismatch(state: Mapping[str, Tensor], renamed: Mapping[str, Tensor], strip: str, add: str,
-              *, wanted: set[str]) -> str:
+def _mismatch(
+    state: Mapping[str, Tensor],
+    renamed: Mapping[str, Tensor],
+    strip: str,
+    add: str,
+    *,
+    wanted: set[str],
+) -> str:
     missing = sorted(wanted - set(renamed))
     unexpected = sorted(set(renamed) - wanted)
-    parts = [f"{len(missing)} of the model's {len(wanted)} keys are missing and "
-             f"{len(unexpected)} of the file's {len(state)} keys are unexpected"]
+    parts = [
+        f"{len(missing)} of the model's {len(wanted)} keys are missing and "
+        f"{len(unexpected)} of the file's {len(state)} keys are unexpected"
+    ]
     if strip or add:
-        change = " and ".join(x for x in (f"stripping '{strip}'" if strip else "",
-                                          f"adding '{add}'" if add else "") if x)
+        change = " and ".join(
+            x
+            for x in (f"stripping '{strip}'" if strip else "", f"adding '{add}'" if add else "")
+            if x
+        )
         parts.append(f"after {change} (the likely prefix)")
     if missing:
-        parts.append("missing: " + ", ".join(missing[:_SHOWN]) + (", ..." if len(missing) > _SHOWN
-                                                                   else ""))
+        parts.append(
+            "missing: " + ", ".join(missing[:_SHOWN]) + (", ..." if len(missing) > _SHOWN else "")
+        )
     if unexpected:
-        parts.append("unexpected: " + ", ".join(unexpected[:_SHOWN]) + (
-            ", ..." if len(unexpected) > _SHOWN else ""))
+        parts.append(
+            "unexpected: "
+            + ", ".join(unexpected[:_SHOWN])
+            + (", ..." if len(unexpected) > _SHOWN else "")
+        )
     return "; ".join(parts)
 
 
 def check_shapes(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> None:
     """``CheckpointError`` naming the first tensors whose shapes differ from the model's."""
-    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
-             if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    wrong = [
+        (k, tuple(v.shape), tuple(expected[k].shape))
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
     if wrong:
-        shown = "; ".join(f"{k}: {got} in the file, {want} in the model"
-                          for k, got, want in wrong[:_SHOWN])
+        shown = "; ".join(
+            f"{k}: {got} in the file, {want} in the model" for k, got, want in wrong[:_SHOWN]
+        )
         more = f" (and {len(wrong) - _SHOWN} more)" if len(wrong) > _SHOWN else ""
         hint = ""
         head = list(expected)[-2:]  # the classifier's weight and bias, in most models

@@ -83,9 +83,18 @@ class CudaGraph:
 class CapturedCam:
     """One (model, layer, method, batch size) as a graph, with its static buffers."""
 
-    def __init__(self, model: nn.Module, layer: str, method: str, batch: int,
-                 shape: tuple[int, int, int], device: torch.device, graph: Graph,
-                 dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str,
+        method: str,
+        batch: int,
+        shape: tuple[int, int, int],
+        device: torch.device,
+        graph: Graph,
+        dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+    ) -> None:
         self.inputs = torch.zeros(batch, *shape, device=device)
         if channels_last:
             self.inputs = self.inputs.contiguous(memory_format=torch.channels_last)
@@ -108,9 +117,16 @@ class CapturedCam:
         try:
             # No autocast cache: a cast cached during capture would be replayed stale
             # (the CUDA graph documentation asks for cache_enabled=False).
-            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(
-                    self.inputs.device.type, dtype=self._dtype or torch.bfloat16,
-                    enabled=self._dtype is not None, cache_enabled=False):
+            with (
+                torch.inference_mode(False),
+                torch.enable_grad(),
+                torch.autocast(
+                    self.inputs.device.type,
+                    dtype=self._dtype or torch.bfloat16,
+                    enabled=self._dtype is not None,
+                    cache_enabled=False,
+                ),
+            ):
                 logits = self._model(self.inputs)
                 (activation,) = captured
                 index = torch.where(self.given >= 0, self.given, logits.argmax(dim=1))
@@ -138,8 +154,9 @@ class GraphCache:
         self._make_graph = make_graph
         self.replays = 0
 
-    def run(self, key: Key, engine: GradCAM, inputs: Tensor,
-            given: Tensor) -> tuple[Tensor, Tensor] | None:
+    def run(
+        self, key: Key, engine: GradCAM, inputs: Tensor, given: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
         """(logits, maps) from the key's graph, or None: run it eagerly."""
         if key in self._eager:
             return None
@@ -157,26 +174,45 @@ class GraphCache:
     def _capture(self, key: Key, engine: GradCAM, inputs: Tensor) -> CapturedCam | None:
         model_name, layer, method, batch = key
         try:
-            captured = CapturedCam(engine.model, layer, method, batch,
-                                   tuple(inputs.shape[1:]),  # type: ignore[arg-type]
-                                   engine.device, self._make_graph(engine.device),
-                                   engine.dtype, engine.channels_last)
+            captured = CapturedCam(
+                engine.model,
+                layer,
+                method,
+                batch,
+                tuple(inputs.shape[1:]),  # type: ignore[arg-type]
+                engine.device,
+                self._make_graph(engine.device),
+                engine.dtype,
+                engine.channels_last,
+            )
             # The check: the graph's answer on these inputs equals the eager engine's.
             given = torch.full((batch,), -1, dtype=torch.long, device=engine.device)
             logits, maps = captured(inputs, given)
             eager_logits, eager_maps = top1_maps(engine, inputs, layer, method)
-            if not torch.allclose(logits.cpu(), eager_logits, rtol=1e-3, atol=1e-3) or \
-                    pearson(maps.cpu(), eager_maps) < MIN_PEARSON:
+            if (
+                not torch.allclose(logits.cpu(), eager_logits, rtol=1e-3, atol=1e-3)
+                or pearson(maps.cpu(), eager_maps) < MIN_PEARSON
+            ):
                 raise ValueError("the graph's answer differs from the eager engine's")
         except Exception as error:
             self._eager.add(key)
             metrics.CUDA_GRAPH_FALLBACKS.labels(model_name).inc()
-            log_failure(logger, f"model '{model_name}', layer '{layer}', {method}, batch "
-                        f"{batch}: no CUDA graph, eager instead", error, logging.WARNING)
+            log_failure(
+                logger,
+                f"model '{model_name}', layer '{layer}', {method}, batch "
+                f"{batch}: no CUDA graph, eager instead",
+                error,
+                logging.WARNING,
+            )
             return None
         self._graphs[key] = captured
         while len(self._graphs) > MAX_GRAPHS:
             self._graphs.popitem(last=False)
-        logger.info("model '%s', layer '%s', %s, batch %d: captured as a CUDA graph",
-                    model_name, layer, method, batch)
+        logger.info(
+            "model '%s', layer '%s', %s, batch %d: captured as a CUDA graph",
+            model_name,
+            layer,
+            method,
+            batch,
+        )
         return captured

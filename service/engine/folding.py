@@ -41,8 +41,7 @@ def _pairs(model: nn.Module) -> list[tuple[str, str]]:
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as error:  # any Python the tracer cannot follow
-        logger.info("batch norm not folded: the model does not trace (%s)",
-                    type(error).__name__)
+        logger.info("batch norm not folded: the model does not trace (%s)", type(error).__name__)
         return []
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
@@ -57,8 +56,12 @@ def _pairs(model: nn.Module) -> list[tuple[str, str]]:
         if len(users) != 1 or users[0].op != "call_module" or users[0].args != (node,):
             continue
         conv, norm = str(node.target), str(users[0].target)
-        if (isinstance(modules.get(norm), nn.BatchNorm2d) and not users[0].kwargs
-                and calls[conv] == 1 and calls[norm] == 1):
+        if (
+            isinstance(modules.get(norm), nn.BatchNorm2d)
+            and not users[0].kwargs
+            and calls[conv] == 1
+            and calls[norm] == 1
+        ):
             found.append((conv, norm))
     return found
 

@@ -117,9 +117,14 @@ class GradCAM:
     does both); the engine never changes either.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device | str = "cpu",
-                 autocast: bool = False, dtype: torch.dtype | None = None,
-                 channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device | str = "cpu",
+        autocast: bool = False,
+        dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+    ) -> None:
         self.model = model
         self.device = torch.device(device)
         # Mixed precision for the forward pass and the gradient: ``dtype`` (bfloat16,
@@ -131,9 +136,14 @@ class GradCAM:
         # Inputs in NHWC, for a model whose weights are (tuning.py).
         self.channels_last = channels_last
 
-    def __call__(self, inputs: Tensor, layer: str, targets: Sequence[Sequence[int | None]],
-                 methods: Sequence[str],
-                 should_stop: Callable[[], bool] | None = None) -> CamBatch:
+    def __call__(
+        self,
+        inputs: Tensor,
+        layer: str,
+        targets: Sequence[Sequence[int | None]],
+        methods: Sequence[str],
+        should_stop: Callable[[], bool] | None = None,
+    ) -> CamBatch:
         """Explain ``inputs`` ``(N, C, H, W) float32``.
 
         ``targets[i]`` lists the classes to explain for image ``i`` (``None`` = its
@@ -156,10 +166,12 @@ class GradCAM:
             if not isinstance(output, Tensor) or output.dim() != 4:
                 shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
                 raise LayerOutputError(
-                    f"layer '{layer}' returns {shape}, not an (N, C, H, W) feature map")
+                    f"layer '{layer}' returns {shape}, not an (N, C, H, W) feature map"
+                )
             if captured:
                 raise LayerOutputError(
-                    f"layer '{layer}' runs more than once per forward pass; choose another layer")
+                    f"layer '{layer}' runs more than once per forward pass; choose another layer"
+                )
             leaf, passed_on = explained_activation(mod, output)
             captured.append(leaf)
             return passed_on
@@ -167,9 +179,15 @@ class GradCAM:
         handle = module.register_forward_hook(capture)
         try:
             # Grad-CAM needs autograd even when a caller sits in no_grad/inference_mode.
-            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(
-                    self.device.type, dtype=self.dtype or torch.bfloat16,
-                    enabled=self.dtype is not None):
+            with (
+                torch.inference_mode(False),
+                torch.enable_grad(),
+                torch.autocast(
+                    self.device.type,
+                    dtype=self.dtype or torch.bfloat16,
+                    enabled=self.dtype is not None,
+                ),
+            ):
                 x = inputs.to(self.device, non_blocking=True)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -183,9 +201,14 @@ class GradCAM:
             handle.remove()
             captured.clear()
 
-    def _explain(self, logits: Tensor, activation: Tensor,
-                 targets: Sequence[Sequence[int | None]], methods: Sequence[str],
-                 should_stop: Callable[[], bool] | None) -> CamBatch:
+    def _explain(
+        self,
+        logits: Tensor,
+        activation: Tensor,
+        targets: Sequence[Sequence[int | None]],
+        methods: Sequence[str],
+        should_stop: Callable[[], bool] | None,
+    ) -> CamBatch:
         n, classes = logits.shape
         for i, image_targets in enumerate(targets):
             for t in image_targets:
@@ -201,8 +224,13 @@ class GradCAM:
             if k and should_stop is not None and should_stop():
                 raise Abandoned(f"stopped after {k} of {rounds} target rounds")
             rows = [i for i in range(n) if len(targets[i]) > k]
-            given = torch.tensor([targets[i][k] if len(targets[i]) > k and targets[i][k] is not None
-                                  else -1 for i in range(n)], device=logits.device)
+            given = torch.tensor(
+                [
+                    targets[i][k] if len(targets[i]) > k and targets[i][k] is not None else -1
+                    for i in range(n)
+                ],
+                device=logits.device,
+            )
             index = torch.where(given >= 0, given, top1)
             scores = logits.gather(1, index[:, None]).squeeze(1).float()
             if len(rows) < n:

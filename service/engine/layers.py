@@ -55,6 +55,7 @@ def probe_layers(model: nn.Module, channels: int, input_size: tuple[int, int]) -
                 order.append(name)
                 if isinstance(output, Tensor) and output.dim() == 4:
                     shapes[name] = tuple(output.shape[1:])
+
         return hook
 
     for name, module in model.named_modules():
@@ -76,8 +77,9 @@ def probe_layers(model: nn.Module, channels: int, input_size: tuple[int, int]) -
     ]
 
 
-def default_layer(candidates: list[LayerInfo], model: nn.Module,
-                  num_classes: int | None = None) -> str | None:
+def default_layer(
+    candidates: list[LayerInfo], model: nn.Module, num_classes: int | None = None
+) -> str | None:
     """The name of the default target layer among ``candidates`` (see module docstring).
 
     With ``num_classes``, maps with exactly that many channels are passed over
@@ -85,8 +87,11 @@ def default_layer(candidates: list[LayerInfo], model: nn.Module,
     head (SqueezeNet, CAM-style heads), not features.
     """
     modules = dict(model.named_modules())
-    spatial = [c for c in candidates
-               if (c.height > 1 or c.width > 1) and not isinstance(modules[c.name], _POOLING)]
+    spatial = [
+        c
+        for c in candidates
+        if (c.height > 1 or c.width > 1) and not isinstance(modules[c.name], _POOLING)
+    ]
     features = [c for c in spatial if c.channels != num_classes]
     spatial = features or spatial
     if not spatial:

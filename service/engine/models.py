@@ -65,12 +65,20 @@ class LoadedModel:
     def info(self) -> ModelInfo:
         """What the HTTP side needs to know of this model (no weights, no torch)."""
         return ModelInfo(
-            name=self.name, arch=self.spec.arch, labels=self.labels,
-            multilabel=self.spec.multilabel, channels=self.channels,
-            input_size=self.input_size, mean=self.mean, std=self.std, resize=self.spec.resize,
-            default_layer=self.default_layer, layers=self.layers,
+            name=self.name,
+            arch=self.spec.arch,
+            labels=self.labels,
+            multilabel=self.spec.multilabel,
+            channels=self.channels,
+            input_size=self.input_size,
+            mean=self.mean,
+            std=self.std,
+            resize=self.spec.resize,
+            default_layer=self.default_layer,
+            layers=self.layers,
             modules=tuple(name for name, _ in self.module.named_modules() if name),
-            device=str(self.device))
+            device=str(self.device),
+        )
 
 
 class _ModelConfigError(ConfigError):
@@ -90,15 +98,18 @@ def _import_factory(name: str, spec: ModelSpec, base_dir: Path) -> Any:
         return getattr(importlib.import_module(module_name), factory_name)
     except (ImportError, AttributeError) as error:
         raise _ModelConfigError(
-            name, "arch", f"cannot import '{spec.arch}' (looked in {folder} and on sys.path): "
-            f"{error}") from None
+            name,
+            "arch",
+            f"cannot import '{spec.arch}' (looked in {folder} and on sys.path): {error}",
+        ) from None
     finally:
         if added:
             sys.path.remove(folder)
 
 
-def _build_architecture(name: str, spec: ModelSpec, num_classes: int | None,
-                        base_dir: Path) -> nn.Module:
+def _build_architecture(
+    name: str, spec: ModelSpec, num_classes: int | None, base_dir: Path
+) -> nn.Module:
     kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if ":" in spec.arch:
         factory = _import_factory(name, spec, base_dir)
@@ -106,16 +117,21 @@ def _build_architecture(name: str, spec: ModelSpec, num_classes: int | None,
             model = factory(**kwargs)
         except Exception as error:
             raise _ModelConfigError(
-                name, "arch", f"'{spec.arch}'({kwargs}) failed: {error}") from None
+                name, "arch", f"'{spec.arch}'({kwargs}) failed: {error}"
+            ) from None
         if not isinstance(model, nn.Module):
             raise _ModelConfigError(
-                name, "arch", f"'{spec.arch}' returned {type(model).__name__}, not a torch module")
+                name, "arch", f"'{spec.arch}' returned {type(model).__name__}, not a torch module"
+            )
         return model
     available = torchvision.models.list_models(module=torchvision.models)
     if spec.arch not in available:
         raise _ModelConfigError(
-            name, "arch", f"unknown architecture '{spec.arch}'. torchvision classification models "
-            f"are: {', '.join(sorted(available))}; or give 'package.module:factory'")
+            name,
+            "arch",
+            f"unknown architecture '{spec.arch}'. torchvision classification models "
+            f"are: {', '.join(sorted(available))}; or give 'package.module:factory'",
+        )
     try:
         return torchvision.models.get_model(spec.arch, weights=None, **kwargs)
     except (TypeError, ValueError) as error:
@@ -125,8 +141,12 @@ def _build_architecture(name: str, spec: ModelSpec, num_classes: int | None,
 def _torchvision_weights(name: str, spec: ModelSpec, models: ModelsFile) -> Any | None:
     """The torchvision weights enum member named by ``spec.weights``, if it is one (a
     file of that name, whatever its extension, is a file)."""
-    if (spec.weights is None or ":" in spec.arch or _looks_like_path(spec.weights)
-            or models.resolve_path(spec.weights).exists()):
+    if (
+        spec.weights is None
+        or ":" in spec.arch
+        or _looks_like_path(spec.weights)
+        or models.resolve_path(spec.weights).exists()
+    ):
         return None
     try:
         enum = torchvision.models.get_model_weights(spec.arch)
@@ -138,8 +158,11 @@ def _torchvision_weights(name: str, spec: ModelSpec, models: ModelsFile) -> Any 
     if member in enum.__members__:
         return enum[member]
     raise _ModelConfigError(
-        name, "weights", f"'{spec.weights}' is neither a file nor a weights name of "
-        f"{spec.arch}: {', '.join(enum.__members__)}")
+        name,
+        "weights",
+        f"'{spec.weights}' is neither a file nor a weights name of "
+        f"{spec.arch}: {', '.join(enum.__members__)}",
+    )
 
 
 # Extensions checkpoints are shared with (the content decides how a file is read).
@@ -157,11 +180,13 @@ def _download_state_dict(name: str, spec: ModelSpec, weights: Any) -> dict[str, 
     except (OSError, RuntimeError) as error:
         # URLError is an OSError; torch.hub raises RuntimeError on a bad hash.
         raise _ModelConfigError(
-            name, "weights",
+            name,
+            "weights",
             f"could not download torchvision weights {spec.arch} {weights.name} from "
             f"{weights.url} ({error}). Without internet access, download that file on a "
-            "machine that has it and give its path: weights = \"/path/to/file.pth\" "
-            "(or copy it into torch's hub cache, $TORCH_HOME/hub/checkpoints/)") from None
+            'machine that has it and give its path: weights = "/path/to/file.pth" '
+            "(or copy it into torch's hub cache, $TORCH_HOME/hub/checkpoints/)",
+        ) from None
 
 
 def _read_state_dict(name: str, path: Path) -> dict[str, Tensor]:
@@ -187,9 +212,16 @@ def _adapt_input_channels(model: nn.Module, channels: int) -> None:
         return
     path, conv = found
     replacement = nn.Conv2d(
-        channels, conv.out_channels, conv.kernel_size,  # type: ignore[arg-type]
-        stride=conv.stride, padding=conv.padding, dilation=conv.dilation,  # type: ignore[arg-type]
-        groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode)
+        channels,
+        conv.out_channels,
+        conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
     parent_name, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, replacement)
@@ -206,8 +238,9 @@ def _fit_first_conv(model: nn.Module, state: dict[str, Tensor], channels: int) -
         state[key] = weight.sum(dim=1, keepdim=True)
 
 
-def _load_weights(name: str, model: nn.Module, state: dict[str, Tensor], source: str,
-                  channels: int) -> None:
+def _load_weights(
+    name: str, model: nn.Module, state: dict[str, Tensor], source: str, channels: int
+) -> None:
     expected = model.state_dict()
     try:
         fitted = fit_keys(state, expected)
@@ -216,22 +249,26 @@ def _load_weights(name: str, model: nn.Module, state: dict[str, Tensor], source:
         check_shapes(state, expected)
     except CheckpointError as error:
         raise _ModelConfigError(
-            name, "weights", f"{source} does not fit the architecture: {error}") from None
+            name, "weights", f"{source} does not fit the architecture: {error}"
+        ) from None
     if fitted.change:
-        logger.info("model '%s': %s of every key of %s to fit the architecture", name,
-                    fitted.change, source)
+        logger.info(
+            "model '%s': %s of every key of %s to fit the architecture", name, fitted.change, source
+        )
     try:
         result = model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         # torch lists every missing/unexpected key and shape mismatch; keep the first lines.
         detail = "; ".join(line.strip() for line in str(error).splitlines()[1:6] if line.strip())
         raise _ModelConfigError(
-            name, "weights", f"{source} does not fit the architecture: {detail}") from None
+            name, "weights", f"{source} does not fit the architecture: {detail}"
+        ) from None
     del result
 
 
-def _read_labels(name: str, spec: ModelSpec, models: ModelsFile,
-                 weights: Any | None) -> tuple[str, ...] | None:
+def _read_labels(
+    name: str, spec: ModelSpec, models: ModelsFile, weights: Any | None
+) -> tuple[str, ...] | None:
     if spec.labels is not None:
         path = models.resolve_path(spec.labels)
         try:
@@ -255,14 +292,17 @@ _ACTIVATIONS = (nn.Sigmoid, nn.Softmax)
 _EPS = 1e-7
 
 
-def _final_activation(model: nn.Module, inputs: Tensor
-                      ) -> tuple[tuple[str, nn.Module] | None, Any]:
+def _final_activation(model: nn.Module, inputs: Tensor) -> tuple[tuple[str, nn.Module] | None, Any]:
     """One forward pass on ``inputs``: the Sigmoid or Softmax module whose output is the
     model's output, if there is one, and that output (None if the forward failed)."""
     seen: dict[str, Tensor] = {}
-    handles = [module.register_forward_hook(
-        lambda _m, _i, out, key=module_name: seen.__setitem__(key, out))
-        for module_name, module in model.named_modules() if isinstance(module, _ACTIVATIONS)]
+    handles = [
+        module.register_forward_hook(
+            lambda _m, _i, out, key=module_name: seen.__setitem__(key, out)
+        )
+        for module_name, module in model.named_modules()
+        if isinstance(module, _ACTIVATIONS)
+    ]
     try:
         with torch.no_grad():
             out = model(inputs)
@@ -298,12 +338,20 @@ def _expose_logits(name: str, model: nn.Module, spec: ModelSpec) -> None:
         module_name, module = final
         module.register_forward_hook(_return_input)
         kind = type(module).__name__
-        logger.info("model '%s': output = \"probabilities\": scores from the input of its final "
-                    "%s ('%s')", name, kind, module_name)
+        logger.info(
+            "model '%s': output = \"probabilities\": scores from the input of its final %s ('%s')",
+            name,
+            kind,
+            module_name,
+        )
         if (kind == "Softmax") == spec.multilabel:
-            logger.warning("model '%s' ends in a %s but multilabel = %s: check 'multilabel' "
-                           "(true for independent sigmoid scores)", name, kind,
-                           str(spec.multilabel).lower())
+            logger.warning(
+                "model '%s' ends in a %s but multilabel = %s: check 'multilabel' "
+                "(true for independent sigmoid scores)",
+                name,
+                kind,
+                str(spec.multilabel).lower(),
+            )
         return
     # A functional sigmoid/softmax in forward(): no module to read before; undo it.
     model.register_forward_hook(_inverse_sigmoid if spec.multilabel else _log_probabilities)
@@ -311,28 +359,43 @@ def _expose_logits(name: str, model: nn.Module, spec: ModelSpec) -> None:
         "model '%s': output = \"probabilities\" but no final Sigmoid/Softmax module was found; "
         "its outputs are turned back into %s, and saturated scores (exactly 0 or 1) give no "
         "gradient. A model that returns logits (or ends in an nn.Sigmoid/nn.Softmax module) "
-        "avoids this", name, "log-odds" if spec.multilabel else "log-probabilities")
+        "avoids this",
+        name,
+        "log-odds" if spec.multilabel else "log-probabilities",
+    )
 
 
 def _warn_if_probabilities(name: str, model: nn.Module, spec: ModelSpec) -> None:
     """A model declared to return logits whose outputs look like probabilities would get
     a second sigmoid/softmax (every score squeezed near 0.5–0.73): say so at load."""
     generator = torch.Generator().manual_seed(0)
-    probes = torch.cat([torch.zeros(1, spec.channels, *spec.input_size),
-                        torch.full((1, spec.channels, *spec.input_size), 0.5),
-                        torch.randn(2, spec.channels, *spec.input_size, generator=generator)])
+    probes = torch.cat(
+        [
+            torch.zeros(1, spec.channels, *spec.input_size),
+            torch.full((1, spec.channels, *spec.input_size), 0.5),
+            torch.randn(2, spec.channels, *spec.input_size, generator=generator),
+        ]
+    )
     final, out = _final_activation(model, probes)
     if final is not None:
-        logger.warning("model '%s' ends in a %s module ('%s'): its outputs are probabilities. "
-                       "Set output = \"probabilities\" in the models file, or every score gets a "
-                       "second %s", name, type(final[1]).__name__, final[0],
-                       "sigmoid" if spec.multilabel else "softmax")
+        logger.warning(
+            "model '%s' ends in a %s module ('%s'): its outputs are probabilities. "
+            'Set output = "probabilities" in the models file, or every score gets a '
+            "second %s",
+            name,
+            type(final[1]).__name__,
+            final[0],
+            "sigmoid" if spec.multilabel else "softmax",
+        )
         return
     if isinstance(out, Tensor) and out.numel() and bool(((out >= 0) & (out <= 1)).all()):
-        logger.warning("model '%s': its outputs on test inputs all lie in [0, 1], as "
-                       "probabilities do. If it returns probabilities, set output = "
-                       "\"probabilities\" in the models file (else each score gets a second %s)",
-                       name, "sigmoid" if spec.multilabel else "softmax")
+        logger.warning(
+            "model '%s': its outputs on test inputs all lie in [0, 1], as "
+            "probabilities do. If it returns probabilities, set output = "
+            '"probabilities" in the models file (else each score gets a second %s)',
+            name,
+            "sigmoid" if spec.multilabel else "softmax",
+        )
 
 
 def _output_classes(name: str, model: nn.Module, spec: ModelSpec) -> int:
@@ -341,9 +404,12 @@ def _output_classes(name: str, model: nn.Module, spec: ModelSpec) -> int:
             out = model(torch.zeros(1, spec.channels, *spec.input_size))
     except Exception as error:
         raise _ModelConfigError(
-            name, "input_size", f"a forward pass on a (1, {spec.channels}, "
+            name,
+            "input_size",
+            f"a forward pass on a (1, {spec.channels}, "
             f"{spec.input_size[0]}, {spec.input_size[1]}) input failed ({error}); check "
-            "'channels' and 'input_size'") from None
+            "'channels' and 'input_size'",
+        ) from None
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
         raise _ModelConfigError(name, "arch", "the model's output is not an (N, classes) tensor")
     return int(out.shape[1])
@@ -360,15 +426,15 @@ def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu"
         num_classes = len(labels)
     if labels is not None and num_classes is not None and len(labels) != num_classes:
         raise _ModelConfigError(
-            name, "labels", f"{len(labels)} labels but num_classes = {num_classes}")
+            name, "labels", f"{len(labels)} labels but num_classes = {num_classes}"
+        )
 
     model = _build_architecture(name, spec, num_classes, models.base_dir)
     if ":" not in spec.arch:
         _adapt_input_channels(model, spec.channels)
     if weights_enum is not None:
         state = _download_state_dict(name, spec, weights_enum)
-        _load_weights(name, model, state, f"torchvision weights {weights_enum.name}",
-                      spec.channels)
+        _load_weights(name, model, state, f"torchvision weights {weights_enum.name}", spec.channels)
     elif spec.weights is not None:
         path = models.resolve_path(spec.weights)
         _load_weights(name, model, _read_state_dict(name, path), str(path), spec.channels)
@@ -384,7 +450,8 @@ def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu"
     classes = _output_classes(name, model, spec)
     if num_classes is not None and classes != num_classes:
         raise _ModelConfigError(
-            name, "num_classes", f"the model has {classes} outputs, not {num_classes}")
+            name, "num_classes", f"the model has {classes} outputs, not {num_classes}"
+        )
     if labels is None:
         labels = tuple(str(i) for i in range(classes))
 
@@ -396,30 +463,50 @@ def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu"
             raise _ModelConfigError(name, "layer", str(error)) from None
         if spec.layer not in {layer.name for layer in layers}:
             raise _ModelConfigError(
-                name, "layer", f"layer '{spec.layer}' does not return an (N, C, H, W) feature "
-                "map exactly once per forward pass")
+                name,
+                "layer",
+                f"layer '{spec.layer}' does not return an (N, C, H, W) feature "
+                "map exactly once per forward pass",
+            )
         layer = spec.layer
     else:
         found = default_layer(list(layers), model, classes)
         if found is None:
             raise _ModelConfigError(
-                name, "layer", "no layer returns a spatial feature map; name one with 'layer'")
+                name, "layer", "no layer returns a spatial feature map; name one with 'layer'"
+            )
         layer = found
         info = next(x for x in layers if x.name == layer)
-        logger.info("model '%s': default target layer '%s' (%s, %d×%d×%d)", name, layer,
-                    info.kind, info.channels, info.height, info.width)
+        logger.info(
+            "model '%s': default target layer '%s' (%s, %d×%d×%d)",
+            name,
+            layer,
+            info.kind,
+            info.channels,
+            info.height,
+            info.width,
+        )
 
     mean, std = _normalisation(spec, weights_enum)
     torch_device = torch.device(device)
     model.to(torch_device)
     return LoadedModel(
-        name=name, spec=spec, module=model, labels=labels, mean=mean, std=std,
-        default_layer=layer, layers=layers, device=torch_device,
-        load_seconds=time.monotonic() - started)
+        name=name,
+        spec=spec,
+        module=model,
+        labels=labels,
+        mean=mean,
+        std=std,
+        default_layer=layer,
+        layers=layers,
+        device=torch_device,
+        load_seconds=time.monotonic() - started,
+    )
 
 
-def _normalisation(spec: ModelSpec, weights: Any | None) -> tuple[tuple[float, ...],
-                                                                   tuple[float, ...]]:
+def _normalisation(
+    spec: ModelSpec, weights: Any | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     mean: tuple[float, ...] = _IMAGENET_MEAN
     std: tuple[float, ...] = _IMAGENET_STD
     if weights is not None:
@@ -428,6 +515,7 @@ def _normalisation(spec: ModelSpec, weights: Any | None) -> tuple[tuple[float, .
         std = tuple(getattr(transform, "std", std))
     if spec.channels == 1:
         mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-    return (tuple(float(v) for v in spec.mean) if spec.mean is not None else mean,
-            tuple(float(v) for v in spec.std) if spec.std is not None else std)
-
+    return (
+        tuple(float(v) for v in spec.mean) if spec.mean is not None else mean,
+        tuple(float(v) for v in spec.std) if spec.std is not None else std,
+    )

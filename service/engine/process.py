@@ -100,8 +100,9 @@ class EngineServer:
         self._listener.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._sender = threading.Thread(target=self._send_loop, name="gradcam-send-loop",
-                                        daemon=True)
+        self._sender = threading.Thread(
+            target=self._send_loop, name="gradcam-send-loop", daemon=True
+        )
         self._sender.start()
 
     # --- receive loop ----------------------------------------------------------
@@ -123,8 +124,12 @@ class EngineServer:
                 else:
                     self._receive(key.data)
             if self._stopping and drainer is None:
-                drainer = threading.Thread(target=self._drain, args=(shutdown_timeout_s, drained),
-                                           name="gradcam-drain", daemon=True)
+                drainer = threading.Thread(
+                    target=self._drain,
+                    args=(shutdown_timeout_s, drained),
+                    name="gradcam-drain",
+                    daemon=True,
+                )
                 drainer.start()
         self._outbox.put((None, None))  # type: ignore[arg-type]
         self._sender.join(shutdown_timeout_s)
@@ -184,8 +189,9 @@ class EngineServer:
             connection.sock.shutdown(socket.SHUT_RDWR)
         self._outbox.put((connection, "close"))
 
-    def _handle(self, connection: _Connection, header: dict[str, Any],
-                frames: list[np.ndarray]) -> None:
+    def _handle(
+        self, connection: _Connection, header: dict[str, Any], frames: list[np.ndarray]
+    ) -> None:
         op, request_id = header.get("op"), int(header.get("id", 0))
         if op == "explain":
             self._submit(connection, request_id, header, frames)
@@ -194,21 +200,45 @@ class EngineServer:
             if future is not None:
                 future.cancel()
         elif op == "ping":
-            self._reply(connection, ipc.encode({"id": request_id,
-                                                "healthy": self.runtime.healthy,
-                                                "queue": self.runtime.queue_depth}))
+            self._reply(
+                connection,
+                ipc.encode(
+                    {
+                        "id": request_id,
+                        "healthy": self.runtime.healthy,
+                        "queue": self.runtime.queue_depth,
+                    }
+                ),
+            )
         elif op == "hello":
-            self._reply(connection, ipc.encode({
-                "id": request_id, "catalog": self.runtime.catalog().to_dict(),
-                "pid": os.getpid(), "device": str(self.runtime.device)}))
+            self._reply(
+                connection,
+                ipc.encode(
+                    {
+                        "id": request_id,
+                        "catalog": self.runtime.catalog().to_dict(),
+                        "pid": os.getpid(),
+                        "device": str(self.runtime.device),
+                    }
+                ),
+            )
         else:
             self._reply(connection, ipc.encode_error(request_id, ValueError(f"unknown op {op!r}")))
 
-    def _submit(self, connection: _Connection, request_id: int, header: dict[str, Any],
-                frames: list[np.ndarray]) -> None:
+    def _submit(
+        self,
+        connection: _Connection,
+        request_id: int,
+        header: dict[str, Any],
+        frames: list[np.ndarray],
+    ) -> None:
         if self._stopping:
-            self._reply(connection, ipc.encode_error(request_id, Overloaded(
-                "The server is shutting down; retry on another replica.")))
+            self._reply(
+                connection,
+                ipc.encode_error(
+                    request_id, Overloaded("The server is shutting down; retry on another replica.")
+                ),
+            )
             return
         try:
             job = ipc.decode_job(header, frames)
@@ -234,13 +264,16 @@ class EngineServer:
                 try:
                     self._send(connection, what)
                 except Exception as error:  # one bad reply must not silence the engine
-                    log_failure(logger, "could not send a reply; dropping that connection",
-                                error)
+                    log_failure(logger, "could not send a reply; dropping that connection", error)
                     self._abandon(connection)
         except BaseException as error:
             # Without its send loop the engine would take work and answer nothing.
-            log_failure(logger, "the send loop died; exiting so the supervisor restarts the "
-                        "engine", error, logging.CRITICAL)
+            log_failure(
+                logger,
+                "the send loop died; exiting so the supervisor restarts the engine",
+                error,
+                logging.CRITICAL,
+            )
             logging.shutdown()
             os._exit(ENGINE_EXIT_MODEL_LOOP_DIED)
 

@@ -55,9 +55,14 @@ def pad_job(job: Job, size: int) -> Job:
         return job
     blank = np.zeros_like(job.images[-1])
     top1: list[int | None] = [None]
-    return Job(job.model, job.layer, [*job.images, *[blank] * extra],
-               [*job.boxes, *[None] * extra], [*job.targets, *[top1] * extra],
-               [*job.methods, *[job.methods[0]] * extra])
+    return Job(
+        job.model,
+        job.layer,
+        [*job.images, *[blank] * extra],
+        [*job.boxes, *[None] * extra],
+        [*job.targets, *[top1] * extra],
+        [*job.methods, *[job.methods[0]] * extra],
+    )
 
 
 def unpad_result(result: JobResult, n: int) -> JobResult:
@@ -80,8 +85,10 @@ def choose_device(setting: str) -> torch.device:
     device = torch.device(setting)
     if device.type == "cuda" and device.index is not None:
         if device.index >= torch.cuda.device_count():
-            raise ConfigError(f"GRADCAM_DEVICE is '{setting}' but only "
-                              f"{torch.cuda.device_count()} CUDA device(s) are visible")
+            raise ConfigError(
+                f"GRADCAM_DEVICE is '{setting}' but only "
+                f"{torch.cuda.device_count()} CUDA device(s) are visible"
+            )
         torch.cuda.set_device(device)
     return device
 
@@ -101,8 +108,12 @@ class InvalidJob(ServiceError):
 class Runtime:
     """Loaded models, their engines, and the batcher every engine call goes through."""
 
-    def __init__(self, settings: Settings | None = None, device: str | None = None,
-                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        device: str | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.settings = settings or Settings.from_env()
         self._device_setting = device or self.settings.device
         self.models: dict[str, LoadedModel] = {}
@@ -139,43 +150,79 @@ class Runtime:
             execution = self._tune(model)
             self._executions[name] = execution
             self._engines[name] = GradCAM(
-                model.module, self.device, self.settings.autocast,
+                model.module,
+                self.device,
+                self.settings.autocast,
                 dtype=torch.bfloat16 if execution.precision == "bf16" else None,
-                channels_last=execution.channels_last)
+                channels_last=execution.channels_last,
+            )
             shape = (1, -1, 1, 1)
             self._normalisers[name] = (
                 torch.tensor(model.mean, dtype=torch.float32, device=self.device).view(shape),
-                torch.tensor(model.std, dtype=torch.float32, device=self.device).view(shape))
+                torch.tensor(model.std, dtype=torch.float32, device=self.device).view(shape),
+            )
             metrics.MODEL_LOAD_SECONDS.labels(name).set(model.load_seconds)
-            metrics.MODEL_INFO.labels(name, model.spec.arch, model.default_layer,
-                                      str(self.device)).set(1)
-            logger.info("loaded model '%s' (%s) on %s in %.2f s", name, model.spec.arch,
-                        self.device, model.load_seconds)
+            metrics.MODEL_INFO.labels(
+                name, model.spec.arch, model.default_layer, str(self.device)
+            ).set(1)
+            logger.info(
+                "loaded model '%s' (%s) on %s in %.2f s",
+                name,
+                model.spec.arch,
+                self.device,
+                model.load_seconds,
+            )
         self.default_model = config.default_model
-        self._catalog = Catalog({name: replace(
-            m.info(), precision=self._executions[name].precision,
-            memory_format="channels_last" if self._executions[name].channels_last
-            else "contiguous") for name, m in self.models.items()}, self.default_model)
+        self._catalog = Catalog(
+            {
+                name: replace(
+                    m.info(),
+                    precision=self._executions[name].precision,
+                    memory_format="channels_last"
+                    if self._executions[name].channels_last
+                    else "contiguous",
+                )
+                for name, m in self.models.items()
+            },
+            self.default_model,
+        )
         self._batcher = MicroBatcher(
-            self._compute, max_batch_size=self.settings.max_batch_size,
+            self._compute,
+            max_batch_size=self.settings.max_batch_size,
             max_batch_delay_s=self.settings.max_batch_delay_s,
-            max_queue=self.settings.max_queue, max_queue_wait_s=self.settings.max_queue_wait_s,
-            on_batch=_record_batch, on_queue_depth=metrics.QUEUE_DEPTH.set,
+            max_queue=self.settings.max_queue,
+            max_queue_wait_s=self.settings.max_queue_wait_s,
+            on_batch=_record_batch,
+            on_queue_depth=metrics.QUEUE_DEPTH.set,
             on_idle=metrics.ENGINE_IDLE.inc,
-            on_fatal=self._on_fatal)
+            on_fatal=self._on_fatal,
+        )
         for model in self.models.values():
             self._warm_up(model)
         self.started = True
-        logger.info("engine ready: %d model(s) on %s, %d torch threads, pid %d", len(self.models),
-                    self.device, torch.get_num_threads(), os.getpid())
+        logger.info(
+            "engine ready: %d model(s) on %s, %d torch threads, pid %d",
+            len(self.models),
+            self.device,
+            torch.get_num_threads(),
+            os.getpid(),
+        )
         return self
 
     def _tune(self, model: LoadedModel) -> Execution:
         """Memory format and precision for ``model`` (``tuning.py``), logged."""
         spec = model.spec
-        execution = tune(model.module, self.device, model.channels, model.input_size,
-                         model.default_layer, spec.memory_format, spec.precision,
-                         spec.multilabel, spec.fold_batch_norm)
+        execution = tune(
+            model.module,
+            self.device,
+            model.channels,
+            model.input_size,
+            model.default_layer,
+            spec.memory_format,
+            spec.precision,
+            spec.multilabel,
+            spec.fold_batch_norm,
+        )
         if execution.fell_back:
             metrics.PRECISION_FALLBACKS.labels(model.name).inc()
             logger.warning("model '%s' runs in float32: %s", model.name, execution.why)
@@ -193,12 +240,22 @@ class Runtime:
         blank = np.zeros((*model.input_size, model.channels), dtype=np.uint8)
         started = time.monotonic()
         for size in sizes:
-            job = Job(model.name, model.default_layer, [blank] * size, [None] * size,
-                      [[None]] * size, ["gradcam"] * size)
+            job = Job(
+                model.name,
+                model.default_layer,
+                [blank] * size,
+                [None] * size,
+                [[None]] * size,
+                ["gradcam"] * size,
+            )
             self.run(job, time.monotonic() + 600)
         if len(sizes) > 1:
-            logger.info("model '%s' warmed up at %d batch sizes in %.1f s", model.name,
-                        len(sizes), time.monotonic() - started)
+            logger.info(
+                "model '%s' warmed up at %d batch sizes in %.1f s",
+                model.name,
+                len(sizes),
+                time.monotonic() - started,
+            )
 
     # --- the Engine protocol (in-process) ---------------------------------------
 
@@ -213,8 +270,9 @@ class Runtime:
             raise RuntimeError("the runtime is not started")
         return self._batcher.submit(WorkItem(job=job, deadline=deadline))
 
-    def run(self, job: Job, deadline: float,
-            disconnected: Callable[[], bool] | None = None) -> JobResult:
+    def run(
+        self, job: Job, deadline: float, disconnected: Callable[[], bool] | None = None
+    ) -> JobResult:
         return wait_for(self.submit(job, deadline), deadline, disconnected)
 
     @property
@@ -237,12 +295,17 @@ class Runtime:
         """``(N, C, H, W) float32`` normalised on the device from the job's raw pixels."""
         height, width = model.input_size
         for i, image in enumerate(job.images):
-            if (image.ndim != 3 or image.shape[:2] != (height, width)
-                    or image.shape[2] not in (1, model.channels)
-                    or image.dtype not in (np.uint8, np.float32)):
+            if (
+                image.ndim != 3
+                or image.shape[:2] != (height, width)
+                or image.shape[2] not in (1, model.channels)
+                or image.dtype not in (np.uint8, np.float32)
+            ):
                 channels = "1" if model.channels == 1 else f"1 or {model.channels}"
-                raise InvalidJob(f"image {i} of the job is {image.dtype}{list(image.shape)}, not "
-                                 f"({height}, {width}, {channels}) uint8 or float32")
+                raise InvalidJob(
+                    f"image {i} of the job is {image.dtype}{list(image.shape)}, not "
+                    f"({height}, {width}, {channels}) uint8 or float32"
+                )
         cuda = self.device.type == "cuda"
         groups: dict[tuple[str, int], list[int]] = {}
         for i, image in enumerate(job.images):
@@ -274,44 +337,56 @@ class Runtime:
             # A few fixed shapes: cuDNN's per-shape algorithm search (cudnn.benchmark)
             # and any per-shape capture happen once per bucket, at warm-up.
             n = len(job.images)
-            return unpad_result(self._compute_exact(
-                pad_job(job, bucket_for(n, self._buckets)), should_stop), n)
+            return unpad_result(
+                self._compute_exact(pad_job(job, bucket_for(n, self._buckets)), should_stop), n
+            )
         return self._compute_exact(job, should_stop)
 
-    def _compute_exact(self, job: Job,
-                       should_stop: Callable[[], bool] | None = None) -> JobResult:
+    def _compute_exact(self, job: Job, should_stop: Callable[[], bool] | None = None) -> JobResult:
         model = self.models[job.model]
         inputs = self._inputs(model, job)
         graphed = self._graphed(model, job, inputs)
         if graphed is not None:
             return graphed
-        batch = self._engines[job.model](inputs, job.layer, job.targets, job.methods,
-                                         should_stop)
+        batch = self._engines[job.model](inputs, job.layer, job.targets, job.methods, should_stop)
         scores = _scores(model, batch.logits)
-        return JobResult(scores=scores.numpy(), logits=batch.logits.numpy(),
-                         targets=batch.targets,
-                         maps=[[cam.numpy() for cam in cams] for cams in batch.cams])
+        return JobResult(
+            scores=scores.numpy(),
+            logits=batch.logits.numpy(),
+            targets=batch.targets,
+            maps=[[cam.numpy() for cam in cams] for cams in batch.cams],
+        )
 
     def _graphed(self, model: LoadedModel, job: Job, inputs: Tensor) -> JobResult | None:
         """The job's answer from a CUDA graph (``cuda_graphs.py``), or None: eager."""
         n = len(job.images)
-        if (self._graphs is None or n not in self._buckets or len(set(job.methods)) != 1
-                or any(len(t) != 1 for t in job.targets)
-                or any(t[0] is not None and not 0 <= t[0] < model.num_classes
-                       for t in job.targets)):
+        if (
+            self._graphs is None
+            or n not in self._buckets
+            or len(set(job.methods)) != 1
+            or any(len(t) != 1 for t in job.targets)
+            or any(t[0] is not None and not 0 <= t[0] < model.num_classes for t in job.targets)
+        ):
             return None
-        given = torch.tensor([-1 if t[0] is None else t[0] for t in job.targets],
-                             dtype=torch.long)
-        out = self._graphs.run((job.model, job.layer, job.methods[0], n),
-                               self._engines[job.model], inputs, given.to(self.device))
+        given = torch.tensor([-1 if t[0] is None else t[0] for t in job.targets], dtype=torch.long)
+        out = self._graphs.run(
+            (job.model, job.layer, job.methods[0], n),
+            self._engines[job.model],
+            inputs,
+            given.to(self.device),
+        )
         if out is None:
             return None
         logits, maps = (tensor.cpu() for tensor in out)
         scores = _scores(model, logits)
         top1 = logits.argmax(dim=1).tolist()
         targets = [[top1[i] if t[0] is None else t[0]] for i, t in enumerate(job.targets)]
-        return JobResult(scores=scores.numpy(), logits=logits.numpy(), targets=targets,
-                         maps=[[m.numpy()] for m in maps])
+        return JobResult(
+            scores=scores.numpy(),
+            logits=logits.numpy(),
+            targets=targets,
+            maps=[[m.numpy()] for m in maps],
+        )
 
     def close(self, drain: bool = False, timeout_s: float = 10.0) -> None:
         self.started = False

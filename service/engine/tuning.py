@@ -55,8 +55,14 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), "").split()
+        flags = next(
+            (
+                line
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+            ),
+            "",
+        ).split()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -66,13 +72,15 @@ def probe_inputs(channels: int, size: tuple[int, int], device: torch.device) -> 
     """Seeded smooth random images, normalised: the same probe at every start."""
     generator = torch.Generator().manual_seed(20261204)
     coarse = torch.rand(_PROBE_IMAGES, channels, 8, 8, generator=generator)
-    images = torch.nn.functional.interpolate(coarse, size=size, mode="bilinear",
-                                             align_corners=False)
+    images = torch.nn.functional.interpolate(
+        coarse, size=size, mode="bilinear", align_corners=False
+    )
     return ((images - 0.45) / 0.25).to(device)
 
 
-def top1_maps(engine: GradCAM, inputs: Tensor, layer: str,
-              method: str = "gradcam") -> tuple[Tensor, Tensor]:
+def top1_maps(
+    engine: GradCAM, inputs: Tensor, layer: str, method: str = "gradcam"
+) -> tuple[Tensor, Tensor]:
     """(logits, maps) of ``engine``'s explanation of each input's top-1 class."""
     n = inputs.shape[0]
     batch = engine(inputs, layer, [[None]] * n, [method] * n)
@@ -89,8 +97,9 @@ def pearson(a: Tensor, b: Tensor) -> float:
     return float((x * y).sum()) / denominator
 
 
-def fidelity(reference: tuple[Tensor, Tensor], candidate: tuple[Tensor, Tensor],
-             multilabel: bool) -> tuple[bool, str]:
+def fidelity(
+    reference: tuple[Tensor, Tensor], candidate: tuple[Tensor, Tensor], multilabel: bool
+) -> tuple[bool, str]:
     """Whether ``candidate`` (logits, maps) agrees with ``reference``, and the figures."""
     (ref_logits, ref_maps), (logits, maps) = reference, candidate
     lowest = min(pearson(ref_maps[i], maps[i]) for i in range(ref_maps.shape[0]))
@@ -101,8 +110,10 @@ def fidelity(reference: tuple[Tensor, Tensor], candidate: tuple[Tensor, Tensor],
 
     difference = float((scores(ref_logits) - scores(logits)).abs().max())
     ok = lowest >= MIN_PEARSON and same_top1 and difference <= MAX_PROBABILITY_DIFFERENCE
-    return ok, (f"maps Pearson ≥ {lowest:.5f}, top-1 {'same' if same_top1 else 'DIFFERENT'}, "
-                f"probabilities within {difference:.4f}")
+    return ok, (
+        f"maps Pearson ≥ {lowest:.5f}, top-1 {'same' if same_top1 else 'DIFFERENT'}, "
+        f"probabilities within {difference:.4f}"
+    )
 
 
 def _timed(engine: GradCAM, inputs: Tensor, layer: str) -> float:
@@ -113,8 +124,9 @@ def _timed(engine: GradCAM, inputs: Tensor, layer: str) -> float:
     return time.perf_counter() - started
 
 
-def choose_memory_format(model: torch.nn.Module, device: torch.device, inputs: Tensor,
-                         layer: str, setting: str) -> tuple[bool, str]:
+def choose_memory_format(
+    model: torch.nn.Module, device: torch.device, inputs: Tensor, layer: str, setting: str
+) -> tuple[bool, str]:
     """(channels_last, why). Leaves ``model`` in the chosen format."""
     if setting == "contiguous":
         return False, "set in the models file"
@@ -139,17 +151,25 @@ def choose_memory_format(model: torch.nn.Module, device: torch.device, inputs: T
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         times[True].append(_timed(nhwc, timed, layer))
     plain, fast = min(times[False]), min(times[True])
-    why = f"{len(timed)} probe images: contiguous {plain * 1000:.0f} ms, " \
-          f"channels_last {fast * 1000:.0f} ms"
+    why = (
+        f"{len(timed)} probe images: contiguous {plain * 1000:.0f} ms, "
+        f"channels_last {fast * 1000:.0f} ms"
+    )
     if fast <= plain * (1 - _FASTER_BY):
         return True, why
     model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return False, why
 
 
-def choose_precision(model: torch.nn.Module, device: torch.device, inputs: Tensor, layer: str,
-                     setting: str, channels_last: bool,
-                     multilabel: bool) -> tuple[str, bool, str]:
+def choose_precision(
+    model: torch.nn.Module,
+    device: torch.device,
+    inputs: Tensor,
+    layer: str,
+    setting: str,
+    channels_last: bool,
+    multilabel: bool,
+) -> tuple[str, bool, str]:
     """("fp32" | "bf16", fell back, why): bf16 only if asked for (or native, with "auto")
     and faithful on the probe inputs."""
     if setting == "fp32":
@@ -159,17 +179,26 @@ def choose_precision(model: torch.nn.Module, device: torch.device, inputs: Tenso
     if setting == "auto" and not native_bf16(device):
         return "fp32", False, "auto: this device has no native bfloat16"
     reference = top1_maps(GradCAM(model, device, channels_last=channels_last), inputs, layer)
-    candidate = top1_maps(GradCAM(model, device, channels_last=channels_last,
-                                  dtype=torch.bfloat16), inputs, layer)
+    candidate = top1_maps(
+        GradCAM(model, device, channels_last=channels_last, dtype=torch.bfloat16), inputs, layer
+    )
     ok, figures = fidelity(reference, candidate, multilabel)
     if ok:
         return "bf16", False, f"bfloat16 autocast: {figures}"
     return "fp32", True, f"bfloat16 failed its check against float32 ({figures})"
 
 
-def tune(model: torch.nn.Module, device: torch.device, channels: int,
-         input_size: tuple[int, int], layer: str, memory_format: str, precision: str,
-         multilabel: bool, fold_batch_norm: bool = True) -> Execution:
+def tune(
+    model: torch.nn.Module,
+    device: torch.device,
+    channels: int,
+    input_size: tuple[int, int],
+    layer: str,
+    memory_format: str,
+    precision: str,
+    multilabel: bool,
+    fold_batch_norm: bool = True,
+) -> Execution:
     """How a model with these models-file options runs on ``device`` (module text);
     ``model`` is left in the chosen memory format, its batch norms folded if asked and
     it runs in float32 (folded, bfloat16 drifted further from float32 than its check
@@ -178,13 +207,17 @@ def tune(model: torch.nn.Module, device: torch.device, channels: int,
     if fold_batch_norm and precision == "fp32":
         folded = fold_batch_norms(model)  # first, so the format probe times the folded model
     inputs = probe_inputs(channels, input_size, device)
-    channels_last, format_why = choose_memory_format(model, device, inputs, layer,
-                                                     memory_format)
-    chosen, fell_back, precision_why = choose_precision(model, device, inputs, layer,
-                                                        precision, channels_last, multilabel)
+    channels_last, format_why = choose_memory_format(model, device, inputs, layer, memory_format)
+    chosen, fell_back, precision_why = choose_precision(
+        model, device, inputs, layer, precision, channels_last, multilabel
+    )
     if fold_batch_norm and precision != "fp32" and chosen == "fp32":
         folded = fold_batch_norms(model)
     layout = "channels_last" if channels_last else "contiguous"
-    return Execution(channels_last, chosen, fell_back,
-                     f"{layout} ({format_why}); {precision_why}; "
-                     f"{len(folded)} batch norm(s) folded into their convolutions")
+    return Execution(
+        channels_last,
+        chosen,
+        fell_back,
+        f"{layout} ({format_why}); {precision_why}; "
+        f"{len(folded)} batch norm(s) folded into their convolutions",
+    )

@@ -33,8 +33,15 @@ _DATA_URL = re.compile(r"^data:([\w/+.-]*)((?:;[\w=.-]+)*?);base64,", re.IGNOREC
 _WHITESPACE = re.compile(r"\s+")
 
 # Leading bytes of the formats we read: such data is an image, perhaps a damaged one.
-_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM",
-               b"II*\x00", b"MM\x00*")
+_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+)
 
 
 def _looks_like_image(data: bytes) -> bool:
@@ -50,19 +57,27 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 def decode_base64(text: str, index: int) -> bytes:
     """Raw base64 or a ``data:`` URL (standard or URL-safe alphabet, whitespace allowed)."""
     match = _DATA_URL.match(text.lstrip())
-    body = text.lstrip()[match.end():] if match else text
+    body = text.lstrip()[match.end() :] if match else text
     body = _WHITESPACE.sub("", body)
     if not body:
-        raise InvalidField(f"Image {index} is empty.", code=ErrorCode.EMPTY_IMAGE, image=index,
-                           field=f"images[{index}]")
+        raise InvalidField(
+            f"Image {index} is empty.",
+            code=ErrorCode.EMPTY_IMAGE,
+            image=index,
+            field=f"images[{index}]",
+        )
     body += "=" * (-len(body) % 4)
     try:
         if "-" in body or "_" in body:
             return base64.urlsafe_b64decode(body.encode("ascii"))
         return base64.b64decode(body.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
-        raise InvalidField(f"Image {index} is not valid base64.", code=ErrorCode.INVALID_BASE64,
-                           image=index, field=f"images[{index}]") from None
+        raise InvalidField(
+            f"Image {index} is not valid base64.",
+            code=ErrorCode.INVALID_BASE64,
+            image=index,
+            field=f"images[{index}]",
+        ) from None
 
 
 def _to_model_mode(image: Image.Image, channels: int, index: int) -> Image.Image:
@@ -90,12 +105,13 @@ def _is_gray(image: Image.Image) -> bool:
     if image.mode in ("1", "L", "LA"):
         return True
     palette = image.getpalette() or []
-    triples = [palette[i:i + 3] for i in range(0, len(palette), 3)]
+    triples = [palette[i : i + 3] for i in range(0, len(palette), 3)]
     return all(r == g == b for r, g, b in triples)
 
 
-def decode_image(data: bytes, index: int, channels: int, admit: Admit,
-                 frame: int | None = None) -> Image.Image:
+def decode_image(
+    data: bytes, index: int, channels: int, admit: Admit, frame: int | None = None
+) -> Image.Image:
     """Decode image bytes: DICOM or one of ``PILLOW_FORMATS``; ``frame`` picks one
     frame of a multi-frame file (DICOM, TIFF, GIF, WebP; default the first).
 
@@ -104,8 +120,9 @@ def decode_image(data: bytes, index: int, channels: int, admit: Admit,
     """
     field = f"images[{index}]"
     if not data:
-        raise InvalidField(f"Image {index} is empty.", code=ErrorCode.EMPTY_IMAGE, image=index,
-                           field=field)
+        raise InvalidField(
+            f"Image {index} is empty.", code=ErrorCode.EMPTY_IMAGE, image=index, field=field
+        )
     if is_dicom(data):
         return decode_dicom(data, index, channels, admit, frame)
     try:
@@ -114,21 +131,39 @@ def decode_image(data: bytes, index: int, channels: int, admit: Admit,
         if _looks_like_image(data):
             raise InvalidField(
                 f"Image {index} starts like an image file but cannot be read. Is it complete?",
-                code=ErrorCode.INVALID_IMAGE, image=index, field=field) from None
+                code=ErrorCode.INVALID_IMAGE,
+                image=index,
+                field=field,
+            ) from None
         raise UnsupportedMediaType(
             f"Image {index} is not in a supported image format (PNG, JPEG, TIFF, BMP, WebP, "
             "GIF, DICOM).",
-            code=ErrorCode.UNSUPPORTED_IMAGE, image=index, field=field) from None
+            code=ErrorCode.UNSUPPORTED_IMAGE,
+            image=index,
+            field=field,
+        ) from None
     except Image.DecompressionBombError as error:
-        raise PayloadTooLarge(f"Image {index} is far too large: {error}",
-                              code=ErrorCode.IMAGE_TOO_LARGE, image=index, field=field) from None
+        raise PayloadTooLarge(
+            f"Image {index} is far too large: {error}",
+            code=ErrorCode.IMAGE_TOO_LARGE,
+            image=index,
+            field=field,
+        ) from None
     except (OSError, ValueError, SyntaxError) as error:
-        raise InvalidField(f"Image {index} could not be read: {error}.",
-                           code=ErrorCode.INVALID_IMAGE, image=index, field=field) from None
+        raise InvalidField(
+            f"Image {index} could not be read: {error}.",
+            code=ErrorCode.INVALID_IMAGE,
+            image=index,
+            field=field,
+        ) from None
     width, height = image.size
     if width < 1 or height < 1:
-        raise InvalidField(f"Image {index} has no pixels ({width}×{height}).",
-                           code=ErrorCode.INVALID_IMAGE, image=index, field=field)
+        raise InvalidField(
+            f"Image {index} has no pixels ({width}×{height}).",
+            code=ErrorCode.INVALID_IMAGE,
+            image=index,
+            field=field,
+        )
     admit(width, height)
     _seek(image, index, frame)
     try:
@@ -137,7 +172,10 @@ def decode_image(data: bytes, index: int, channels: int, admit: Admit,
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
         raise InvalidField(
             f"Image {index} could not be decoded ({error}). Is the file complete?",
-            code=ErrorCode.INVALID_IMAGE, image=index, field=field) from None
+            code=ErrorCode.INVALID_IMAGE,
+            image=index,
+            field=field,
+        ) from None
 
 
 def _seek(image: Image.Image, index: int, frame: int | None) -> None:
@@ -147,10 +185,18 @@ def _seek(image: Image.Image, index: int, frame: int | None) -> None:
         return
     frames = getattr(image, "n_frames", 1)
     if frame >= frames:
-        raise InvalidField(f"Image {index} has {frames} frame(s); frame {frame} does not exist.",
-                           code=ErrorCode.FRAME_OUT_OF_RANGE, image=index, field="frame")
+        raise InvalidField(
+            f"Image {index} has {frames} frame(s); frame {frame} does not exist.",
+            code=ErrorCode.FRAME_OUT_OF_RANGE,
+            image=index,
+            field="frame",
+        )
     try:
         image.seek(frame)
     except (OSError, ValueError, EOFError) as error:
-        raise InvalidField(f"Image {index}: frame {frame} could not be read ({error}).",
-                           code=ErrorCode.INVALID_IMAGE, image=index, field="frame") from None
+        raise InvalidField(
+            f"Image {index}: frame {frame} could not be read ({error}).",
+            code=ErrorCode.INVALID_IMAGE,
+            image=index,
+            field="frame",
+        ) from None

@@ -46,10 +46,25 @@ def _first(value: Any) -> float:
 
 
 # What ``describe_dicom`` reports: who and what the image is, and how it was shown.
-_DESCRIBED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-              "StudyDescription", "SeriesDescription", "Modality", "BodyPartExamined",
-              "ViewPosition", "PhotometricInterpretation", "Rows", "Columns",
-              "NumberOfFrames", "BitsStored", "RescaleSlope", "RescaleIntercept")
+_DESCRIBED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyDescription",
+    "SeriesDescription",
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "BitsStored",
+    "RescaleSlope",
+    "RescaleIntercept",
+)
 
 
 def _plain(value: Any) -> str | int | float | None:
@@ -84,8 +99,11 @@ def describe_dicom(ds: Any, frame: int | None) -> dict[str, Any]:
     described["frame"] = frame or 0
     window: dict[str, Any] = {"source": "full_range"}
     if "WindowCenter" in ds and "WindowWidth" in ds and _first(ds.WindowWidth) >= 1:
-        window = {"source": "file", "center": _first(ds.WindowCenter),
-                  "width": _first(ds.WindowWidth)}
+        window = {
+            "source": "file",
+            "center": _first(ds.WindowCenter),
+            "width": _first(ds.WindowWidth),
+        }
     elif "VOILUTSequence" in ds:
         window = {"source": "voi_lut"}
     described["window"] = window
@@ -110,8 +128,9 @@ def _voi(array: np.ndarray, ds: Any) -> np.ndarray:
     return ((array - low) / (high - low)).astype(np.float32)
 
 
-def decode_dicom(data: bytes, index: int, channels: int,
-                 admit: Callable[[int, int], None], frame: int | None) -> Image.Image:
+def decode_dicom(
+    data: bytes, index: int, channels: int, admit: Callable[[int, int], None], frame: int | None
+) -> Image.Image:
     """Decode one frame of a DICOM file to mode ``F`` (gray) or ``RGB``.
 
     ``admit(columns, rows)`` checks the size before any pixel is decoded; a
@@ -125,32 +144,55 @@ def decode_dicom(data: bytes, index: int, channels: int,
         raise UnsupportedMediaType(
             f"Image {index} is a deflated DICOM file (transfer syntax 1.2.840.10008.1.2.1.99), "
             "which is not accepted; send it uncompressed or with a JPEG, JPEG-LS, JPEG 2000 "
-            "or RLE transfer syntax.", code=ErrorCode.UNSUPPORTED_IMAGE, image=index, field=field)
+            "or RLE transfer syntax.",
+            code=ErrorCode.UNSUPPORTED_IMAGE,
+            image=index,
+            field=field,
+        )
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except _NOT_THE_FILES_FAULT:
         raise
     except BaseException as error:  # any reader failure means a damaged file
-        raise InvalidField(f"Image {index} is not a readable DICOM file ({error}).",
-                           code=ErrorCode.INVALID_IMAGE, image=index, field=field) from None
+        raise InvalidField(
+            f"Image {index} is not a readable DICOM file ({error}).",
+            code=ErrorCode.INVALID_IMAGE,
+            image=index,
+            field=field,
+        ) from None
     if "PixelData" not in ds:
-        raise InvalidField(f"Image {index} is a DICOM file without pixel data.",
-                           code=ErrorCode.INVALID_IMAGE, image=index, field=field)
+        raise InvalidField(
+            f"Image {index} is a DICOM file without pixel data.",
+            code=ErrorCode.INVALID_IMAGE,
+            image=index,
+            field=field,
+        )
     rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if rows < 1 or columns < 1:
-        raise InvalidField(f"Image {index} is a DICOM file with {columns}×{rows} pixels.",
-                           code=ErrorCode.INVALID_IMAGE, image=index, field=field)
+        raise InvalidField(
+            f"Image {index} is a DICOM file with {columns}×{rows} pixels.",
+            code=ErrorCode.INVALID_IMAGE,
+            image=index,
+            field=field,
+        )
     admit(columns, rows)
     if frames > 1 and frame is None:
         raise InvalidField(
             f"Image {index} is a DICOM file with {frames} frames; say which one to explain "
-            f"with \"frame\" (0..{frames - 1}).", code=ErrorCode.FRAME_REQUIRED, image=index,
-            field="frame")
+            f'with "frame" (0..{frames - 1}).',
+            code=ErrorCode.FRAME_REQUIRED,
+            image=index,
+            field="frame",
+        )
     chosen = frame or 0
     if chosen >= frames:
-        raise InvalidField(f"Image {index} has {frames} frame(s); frame {chosen} does not exist.",
-                           code=ErrorCode.FRAME_OUT_OF_RANGE, image=index, field="frame")
+        raise InvalidField(
+            f"Image {index} has {frames} frame(s); frame {chosen} does not exist.",
+            code=ErrorCode.FRAME_OUT_OF_RANGE,
+            image=index,
+            field="frame",
+        )
     _check_codestream(ds, index, chosen, frames, rows, columns)
     try:
         array = pixel_array(ds, index=chosen if frames > 1 else None)
@@ -159,12 +201,18 @@ def decode_dicom(data: bytes, index: int, channels: int,
     except BaseException as error:  # decoder plugins raise many types; Rust ones panic
         raise InvalidField(
             f"Image {index}: the DICOM pixel data could not be decoded ({error}).",
-            code=ErrorCode.INVALID_IMAGE, image=index, field=field) from None
+            code=ErrorCode.INVALID_IMAGE,
+            image=index,
+            field=field,
+        ) from None
     if array.shape[:2] != (rows, columns):
         raise InvalidField(
             f"Image {index}: the pixel data decodes to {array.shape[1]}×{array.shape[0]}, not "
-            f"the {columns}×{rows} its header states.", code=ErrorCode.INVALID_IMAGE, image=index,
-            field=field)
+            f"the {columns}×{rows} its header states.",
+            code=ErrorCode.INVALID_IMAGE,
+            image=index,
+            field=field,
+        )
 
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         bits = int(ds.get("BitsStored", 8))
@@ -178,8 +226,9 @@ def decode_dicom(data: bytes, index: int, channels: int,
     return Image.fromarray(np.ascontiguousarray(shown, dtype=np.float32))
 
 
-def _check_codestream(ds: Any, index: int, chosen: int, frames: int, rows: int,
-                      columns: int) -> None:
+def _check_codestream(
+    ds: Any, index: int, chosen: int, frames: int, rows: int, columns: int
+) -> None:
     """Refuse a compressed frame whose codestream declares another size than the dataset."""
     from pydicom.encaps import get_frame
 
@@ -191,12 +240,19 @@ def _check_codestream(ds: Any, index: int, chosen: int, frames: int, rows: int,
     except _NOT_THE_FILES_FAULT:
         raise
     except BaseException as error:  # a broken item structure
-        raise InvalidField(f"Image {index}: frame {chosen} cannot be found in the "
-                           f"encapsulated pixel data ({error}).", code=ErrorCode.INVALID_IMAGE,
-                           image=index, field=f"images[{index}]") from None
+        raise InvalidField(
+            f"Image {index}: frame {chosen} cannot be found in the "
+            f"encapsulated pixel data ({error}).",
+            code=ErrorCode.INVALID_IMAGE,
+            image=index,
+            field=f"images[{index}]",
+        ) from None
     size = declared_size(data)
     if size is not None and (size[0] != columns or (size[1] not in (rows, 0))):
         raise InvalidField(
             f"Image {index}: the compressed frame declares {size[0]}×{size[1]} pixels but the "
-            f"DICOM header {columns}×{rows}; refusing to decode it.", code=ErrorCode.INVALID_IMAGE,
-            image=index, field=f"images[{index}]")
+            f"DICOM header {columns}×{rows}; refusing to decode it.",
+            code=ErrorCode.INVALID_IMAGE,
+            image=index,
+            field=f"images[{index}]",
+        )

@@ -49,12 +49,22 @@ _LOSSY_SYNTAXES = {
 
 # Storage SOP classes of single-frame images: CR, DX/MG/IO (presentation and processing),
 # CT, MR, US, Secondary Capture, PET.
-_SINGLE_FRAME = frozenset({
-    "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",
-    "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1", "1.2.840.10008.5.1.4.1.1.1.3",
-    "1.2.840.10008.5.1.4.1.1.1.3.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4",
-    "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.128",
-})
+_SINGLE_FRAME = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.2",
+        "1.2.840.10008.5.1.4.1.1.1.2.1",
+        "1.2.840.10008.5.1.4.1.1.1.3",
+        "1.2.840.10008.5.1.4.1.1.1.3.1",
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.5.1.4.1.1.4",
+        "1.2.840.10008.5.1.4.1.1.6.1",
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.5.1.4.1.1.128",
+    }
+)
 
 
 class DerivedObjectImpossible(ValueError):
@@ -67,8 +77,27 @@ _ISO_DATE = re.compile(r"(\d{4})[-./](\d{2})[-./](\d{2})")
 _ISO_TIME = re.compile(r"(\d{2}):(\d{2})(?::(\d{2}(?:\.\d{1,6})?))?")
 _SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
 # Value representations whose values are text the standard constrains.
-_CHECKED_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH",
-                          "ST", "TM", "UC", "UI", "UR", "UT"})
+_CHECKED_VRS = frozenset(
+    {
+        "AE",
+        "AS",
+        "CS",
+        "DA",
+        "DS",
+        "DT",
+        "IS",
+        "LO",
+        "LT",
+        "PN",
+        "SH",
+        "ST",
+        "TM",
+        "UC",
+        "UI",
+        "UR",
+        "UT",
+    }
+)
 
 
 def _corrected(vr: str, keyword: str, value: str) -> str:
@@ -105,8 +134,7 @@ def _conform(dataset: Dataset) -> None:
             continue
         if element.VR not in _CHECKED_VRS or element.value in (None, ""):
             continue
-        values = list(element.value) if isinstance(element.value, MultiValue) else [
-            element.value]
+        values = list(element.value) if isinstance(element.value, MultiValue) else [element.value]
         texts = [str(v) for v in values]
         try:
             for text in texts:
@@ -118,7 +146,8 @@ def _conform(dataset: Dataset) -> None:
             pass
         if element.VR == "UI":
             raise DerivedObjectImpossible(
-                f"the source's {element.keyword or element.tag} is not a valid DICOM UID")
+                f"the source's {element.keyword or element.tag} is not a valid DICOM UID"
+            )
         fixed = [_corrected(element.VR, element.keyword, text) for text in texts]
         element.value = fixed[0] if len(fixed) == 1 else fixed
 
@@ -155,8 +184,9 @@ def _orientation_letters(vector: Sequence[float]) -> str:
     """A direction cosine vector as patient-orientation letters (PS3.3 C.7.6.1.1.1)."""
     letters = (("L", "R"), ("P", "A"), ("H", "F"))
     order = sorted(range(3), key=lambda axis: -abs(vector[axis]))
-    return "".join(letters[axis][0 if vector[axis] > 0 else 1] for axis in order
-                   if abs(vector[axis]) > 1e-4)
+    return "".join(
+        letters[axis][0 if vector[axis] > 0 else 1] for axis in order if abs(vector[axis]) > 1e-4
+    )
 
 
 def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
@@ -198,8 +228,9 @@ def _source_was_lossy(source: Dataset) -> tuple[str, str | None]:
     return "00", None
 
 
-def _common(dataset: Dataset, source: Dataset, made: DerivedFrom, frame: int | None,
-            description: str) -> None:
+def _common(
+    dataset: Dataset, source: Dataset, made: DerivedFrom, frame: int | None, description: str
+) -> None:
     dataset.SeriesDescription = f"Grad-CAM {made.label}"[:64]
     dataset.DerivationDescription = description[:1024]
     dataset.SourceImageSequence = [_source_reference(source, frame)]
@@ -213,8 +244,9 @@ def _common(dataset: Dataset, source: Dataset, made: DerivedFrom, frame: int | N
         dataset.Laterality = ""
 
 
-def secondary_capture(source: Dataset, overlay: np.ndarray, made: DerivedFrom,
-                      frame: int | None, encoding: str) -> bytes:
+def secondary_capture(
+    source: Dataset, overlay: np.ndarray, made: DerivedFrom, frame: int | None, encoding: str
+) -> bytes:
     """``overlay`` ``(Rows, Columns, 3) uint8`` as a Secondary Capture of ``source``."""
     import highdicom as hd
     from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
@@ -224,23 +256,36 @@ def secondary_capture(source: Dataset, overlay: np.ndarray, made: DerivedFrom,
     given = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
     spacing = (float(given[0]), float(given[1])) if given and len(given) == 2 else None
     image = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=np.ascontiguousarray(overlay),
-        photometric_interpretation="YBR_FULL_422" if jpeg else "RGB", bits_allocated=8,
-        coordinate_system="PATIENT", series_instance_uid=made.series_uid,
-        series_number=SC_SERIES_NUMBER, sop_instance_uid=made.instance_uid,
-        instance_number=made.instance_number, manufacturer=MANUFACTURER,
+        ref_dataset=source,
+        pixel_array=np.ascontiguousarray(overlay),
+        photometric_interpretation="YBR_FULL_422" if jpeg else "RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=made.series_uid,
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=made.instance_uid,
+        instance_number=made.instance_number,
+        manufacturer=MANUFACTURER,
         pixel_spacing=spacing,  # type: ignore[arg-type]  # mm, floats (its hint says int)
         # highdicom takes one letter per axis; the real value is set below.
         patient_orientation=("L", "F"),
-        transfer_syntax_uid=JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian)
-    _common(image, source, made, frame, f"Grad-CAM ({made.method}, layer {made.layer}, model "
-            f"{made.model}) of class '{made.label}' blended over the image as displayed")
+        transfer_syntax_uid=JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian,
+    )
+    _common(
+        image,
+        source,
+        made,
+        frame,
+        f"Grad-CAM ({made.method}, layer {made.layer}, model "
+        f"{made.model}) of class '{made.label}' blended over the image as displayed",
+    )
     image.ImageType = ["DERIVED", "SECONDARY"]
     # Type 2C: the source's orientation, oblique ones included ("LP"), or empty if unknown.
     orientation = _patient_orientation(source)
     image.PatientOrientation = list(orientation) if orientation else []  # [] writes empty
-    image.BurnedInAnnotation = "YES" if str(source.get("BurnedInAnnotation", "NO")) == "YES" \
-        else "NO"
+    image.BurnedInAnnotation = (
+        "YES" if str(source.get("BurnedInAnnotation", "NO")) == "YES" else "NO"
+    )
     lossy, method = _source_was_lossy(source)
     if jpeg:
         lossy, method = "01", "ISO_10918_1"
@@ -262,34 +307,62 @@ def parametric_map(source: Dataset, heat: np.ndarray, made: DerivedFrom) -> byte
 
     source = conformant_header(source)
     mapping = hd.pm.RealWorldValueMapping(
-        lut_label="GRADCAM", lut_explanation=f"Grad-CAM of {made.label}"[:64],
-        unit=codes.UCUM.NoUnits, value_range=(0.0, 1.0), slope=1.0, intercept=0.0)
+        lut_label="GRADCAM",
+        lut_explanation=f"Grad-CAM of {made.label}"[:64],
+        unit=codes.UCUM.NoUnits,
+        value_range=(0.0, 1.0),
+        slope=1.0,
+        intercept=0.0,
+    )
     result = hd.pm.ParametricMap(
-        source_images=[source], pixel_array=np.ascontiguousarray(heat, dtype=np.float32),
-        series_instance_uid=made.series_uid, series_number=PM_SERIES_NUMBER,
-        sop_instance_uid=made.instance_uid, instance_number=made.instance_number,
-        manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER,
-        software_versions=_version(), device_serial_number="0",
-        contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],
+        source_images=[source],
+        pixel_array=np.ascontiguousarray(heat, dtype=np.float32),
+        series_instance_uid=made.series_uid,
+        series_number=PM_SERIES_NUMBER,
+        sop_instance_uid=made.instance_uid,
+        instance_number=made.instance_number,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=_version(),
+        device_serial_number="0",
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
-        content_label="GRADCAM", content_description=f"Grad-CAM {made.label}"[:64])
-    _common(result, source, made, None, f"Grad-CAM ({made.method}, layer {made.layer}, model "
-            f"{made.model}) of class '{made.label}', normalised to [0, 1]")
+        content_label="GRADCAM",
+        content_description=f"Grad-CAM {made.label}"[:64],
+    )
+    _common(
+        result,
+        source,
+        made,
+        None,
+        f"Grad-CAM ({made.method}, layer {made.layer}, model "
+        f"{made.model}) of class '{made.label}', normalised to [0, 1]",
+    )
     return _bytes(result)
 
 
 def parametric_map_problem(source: Dataset) -> str | None:
     """Why ``source`` cannot carry a Parametric Map, or None."""
-    missing = [key for key in ("FrameOfReferenceUID", "ImagePositionPatient",
-                               "ImageOrientationPatient", "PixelSpacing")
-               if source.get(key) in (None, "")]
+    missing = [
+        key
+        for key in (
+            "FrameOfReferenceUID",
+            "ImagePositionPatient",
+            "ImageOrientationPatient",
+            "PixelSpacing",
+        )
+        if source.get(key) in (None, "")
+    ]
     if int(source.get("SamplesPerPixel", 1)) != 1:
         return "a Parametric Map needs a grayscale source image"
     if missing:
         modality = source.get("Modality", "this")
-        return (f"a Parametric Map lies on the source's plane in a Frame of Reference, which "
-                f"this {modality} image does not have (no {', '.join(missing)}); ask for "
-                "'dicom-sc' instead")
+        return (
+            f"a Parametric Map lies on the source's plane in a Frame of Reference, which "
+            f"this {modality} image does not have (no {', '.join(missing)}); ask for "
+            "'dicom-sc' instead"
+        )
     if int(source.get("NumberOfFrames", 1) or 1) > 1:
         return "a Parametric Map of one frame of a multi-frame source is not supported"
     return None

@@ -57,8 +57,12 @@ def _pillow_png(image: Image.Image) -> bytes:
 def encode_png(array: np.ndarray) -> bytes:
     """``(H, W)`` gray or ``(H, W, 3)`` RGB ``uint8`` → PNG bytes, lossless."""
     array = np.ascontiguousarray(array)
-    if (_fpng is not None and array.dtype == np.uint8 and array.ndim == 3
-            and array.shape[2] in (3, 4)):
+    if (
+        _fpng is not None
+        and array.dtype == np.uint8
+        and array.ndim == 3
+        and array.shape[2] in (3, 4)
+    ):
         data: bytes = _fpng.from_ndarray(array)
         if data:  # it returns b"" for what it cannot encode
             return data

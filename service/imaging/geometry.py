@@ -42,13 +42,17 @@ class Geometry:
     def box(self) -> tuple[float, float, float, float]:
         """The part of the original image (its pixel coordinates) the model input covers."""
         # "0.0 -" rather than unary minus: no -0.0 in the JSON.
-        return (0.0 - self.offset_x / self.scale_x, 0.0 - self.offset_y / self.scale_y,
-                (self.input_width - self.offset_x) / self.scale_x,
-                (self.input_height - self.offset_y) / self.scale_y)
+        return (
+            0.0 - self.offset_x / self.scale_x,
+            0.0 - self.offset_y / self.scale_y,
+            (self.input_width - self.offset_x) / self.scale_x,
+            (self.input_height - self.offset_y) / self.scale_y,
+        )
 
 
-def fit_geometry(width: int, height: int, input_size: tuple[int, int],
-                 resize: ResizeMode) -> Geometry:
+def fit_geometry(
+    width: int, height: int, input_size: tuple[int, int], resize: ResizeMode
+) -> Geometry:
     """How an image of ``width`` × ``height`` is fitted to ``input_size`` (height, width)."""
     input_height, input_width = input_size
     if resize == "stretch":
@@ -59,9 +63,16 @@ def fit_geometry(width: int, height: int, input_size: tuple[int, int],
         new_w = max(1, round(width * scale))
         new_h = max(1, round(height * scale))
     return Geometry(
-        resize=resize, width=width, height=height, input_width=input_width,
-        input_height=input_height, scale_x=new_w / width, scale_y=new_h / height,
-        offset_x=float((input_width - new_w) // 2), offset_y=float((input_height - new_h) // 2))
+        resize=resize,
+        width=width,
+        height=height,
+        input_width=input_width,
+        input_height=input_height,
+        scale_x=new_w / width,
+        scale_y=new_h / height,
+        offset_x=float((input_width - new_w) // 2),
+        offset_y=float((input_height - new_h) // 2),
+    )
 
 
 def _placement(geometry: Geometry) -> tuple[Box, Box]:
@@ -75,8 +86,9 @@ def _placement(geometry: Geometry) -> tuple[Box, Box]:
     return (x0, y0, x1, y1), (x0 - ox, y0 - oy, x1 - ox, y1 - oy)
 
 
-def to_model_pixels(image: Image.Image, input_size: tuple[int, int],
-                    resize: ResizeMode) -> tuple[np.ndarray, Box | None, Geometry]:
+def to_model_pixels(
+    image: Image.Image, input_size: tuple[int, int], resize: ResizeMode
+) -> tuple[np.ndarray, Box | None, Geometry]:
     """The model input as raw pixels, where the image lies on it, and the geometry.
 
     Pixels: ``(H_in, W_in, c)`` with ``c`` 1 (modes ``L``, ``F``) or 3 (``RGB``);
@@ -91,15 +103,19 @@ def to_model_pixels(image: Image.Image, input_size: tuple[int, int],
     # its place: a crop never resizes what it throws away (a 60000 × 1 strip is
     # not first scaled to 13 million × 224). Pillow's bilinear filter widens its
     # support when shrinking, so downscaling is antialiased, in mode F too.
-    source = (u0 / geometry.scale_x, v0 / geometry.scale_y,
-              u1 / geometry.scale_x, v1 / geometry.scale_y)
-    resized = np.asarray(image.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR,
-                                      box=source))
+    source = (
+        u0 / geometry.scale_x,
+        v0 / geometry.scale_y,
+        u1 / geometry.scale_x,
+        v1 / geometry.scale_y,
+    )
+    resized = np.asarray(image.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR, box=source))
     if resized.ndim == 2:
         resized = resized[:, :, None]
     if (x0, y0, x1, y1) == (0, 0, geometry.input_width, geometry.input_height):
         return np.ascontiguousarray(resized), None, geometry
-    canvas = np.zeros((geometry.input_height, geometry.input_width, resized.shape[2]),
-                      dtype=resized.dtype)
+    canvas = np.zeros(
+        (geometry.input_height, geometry.input_width, resized.shape[2]), dtype=resized.dtype
+    )
     canvas[y0:y1, x0:x1] = resized
     return canvas, (x0, y0, x1, y1), geometry

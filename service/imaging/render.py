@@ -77,8 +77,9 @@ class _AxisWeights:
     seen: np.ndarray
 
 
-def _axis_weights(out_n: int, layer_n: int, input_n: int, scale: float,
-                  offset: float) -> _AxisWeights:
+def _axis_weights(
+    out_n: int, layer_n: int, input_n: int, scale: float, offset: float
+) -> _AxisWeights:
     """Weights from a layer axis of ``layer_n`` cells to ``out_n`` output pixels.
 
     Output pixel ``i`` has its centre at ``(i + 0.5) * scale + offset`` in model-input
@@ -87,8 +88,7 @@ def _axis_weights(out_n: int, layer_n: int, input_n: int, scale: float,
     centre = (np.arange(out_n, dtype=np.float64) + 0.5) * scale + offset
     u = np.clip(centre * layer_n / input_n - 0.5, 0, layer_n - 1)
     lower = np.minimum(np.floor(u).astype(np.intp), layer_n - 1)
-    return _AxisWeights(lower, (u - lower).astype(np.float32),
-                        (centre >= 0) & (centre <= input_n))
+    return _AxisWeights(lower, (u - lower).astype(np.float32), (centre >= 0) & (centre <= input_n))
 
 
 def _steps(values: np.ndarray, axis: int) -> np.ndarray:
@@ -111,10 +111,12 @@ def resample(cam: np.ndarray, geometry: Geometry, size: HeatmapSize) -> np.ndarr
         ry = _axis_weights(geometry.input_height, h, geometry.input_height, 1.0, 0.0)
         rx = _axis_weights(geometry.input_width, w, geometry.input_width, 1.0, 0.0)
     else:
-        ry = _axis_weights(geometry.height, h, geometry.input_height, geometry.scale_y,
-                           geometry.offset_y)
-        rx = _axis_weights(geometry.width, w, geometry.input_width, geometry.scale_x,
-                           geometry.offset_x)
+        ry = _axis_weights(
+            geometry.height, h, geometry.input_height, geometry.scale_y, geometry.offset_y
+        )
+        rx = _axis_weights(
+            geometry.width, w, geometry.input_width, geometry.scale_x, geometry.offset_x
+        )
     wide = cam[:, rx.lower] + rx.frac * _steps(cam, axis=1)[:, rx.lower]
     wide[:, ~rx.seen] = 0
     steps = _steps(wide, axis=0)
@@ -180,8 +182,7 @@ def colorize(heat: np.ndarray) -> np.ndarray:
 
 def blend(base: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """Overlay ``heat`` on ``base`` ``(H, W, 3) uint8``: colour at opacity 0.6 × value."""
-    return np.asarray(overlay_image(Image.fromarray(np.ascontiguousarray(base)),
-                                    to_uint8(heat)))
+    return np.asarray(overlay_image(Image.fromarray(np.ascontiguousarray(base)), to_uint8(heat)))
 
 
 def to_rgb_image(image: Image.Image) -> Image.Image:

@@ -16,7 +16,11 @@ def finite(values: np.ndarray, index: int) -> np.ndarray:
     if mask.all():
         return values
     if not mask.any():
-        raise InvalidField(f"Image {index} has no finite pixel values (only NaN or infinity).",
-                           code=ErrorCode.INVALID_IMAGE, image=index, field=f"images[{index}]")
+        raise InvalidField(
+            f"Image {index} has no finite pixel values (only NaN or infinity).",
+            code=ErrorCode.INVALID_IMAGE,
+            image=index,
+            field=f"images[{index}]",
+        )
     low, high = float(values[mask].min()), float(values[mask].max())
     return np.nan_to_num(values, nan=low, posinf=high, neginf=low)

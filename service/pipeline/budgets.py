@@ -81,7 +81,9 @@ class RequestBudget:
             raise PayloadTooLarge(
                 f"The request asks for {total} explanations (targets over all images); the "
                 f"limit is {limit}. Split it into several requests.",
-                code=ErrorCode.TOO_MANY_TARGETS, field="targets")
+                code=ErrorCode.TOO_MANY_TARGETS,
+                field="targets",
+            )
 
     def admit_image(self, index: int, width: int, height: int, explanations: int) -> None:
         """Charge image ``index`` (size from its header) and its heatmaps, or refuse it."""
@@ -90,21 +92,34 @@ class RequestBudget:
         if width > side or height > side:
             raise PayloadTooLarge(
                 f"Image {index} is {width}×{height}; neither side may exceed {side} pixels.",
-                code=ErrorCode.IMAGE_TOO_LARGE, image=index, field=field_name)
+                code=ErrorCode.IMAGE_TOO_LARGE,
+                image=index,
+                field=field_name,
+            )
         pixels = width * height
         if pixels > self.settings.max_image_pixels:
             raise PayloadTooLarge(
                 f"Image {index} has {width}×{height} = {pixels} pixels; the limit is "
-                f"{self.settings.max_image_pixels}.", code=ErrorCode.IMAGE_TOO_LARGE, image=index,
-                field=field_name)
+                f"{self.settings.max_image_pixels}.",
+                code=ErrorCode.IMAGE_TOO_LARGE,
+                image=index,
+                field=field_name,
+            )
         self.pixels_used += pixels
         if self.pixels_used > self.settings.max_request_pixels:
             raise PayloadTooLarge(
                 f"Images 0..{index} have {self.pixels_used} pixels together; the limit for one "
                 f"request is {self.settings.max_request_pixels}. Send fewer or smaller images "
-                "per request.", code=ErrorCode.TOO_MANY_PIXELS, image=index, field=field_name)
-        drawn = 0 if self.options.format == "none" else (
-            explanations * self._heatmap_pixels(width, height))
+                "per request.",
+                code=ErrorCode.TOO_MANY_PIXELS,
+                image=index,
+                field=field_name,
+            )
+        drawn = (
+            0
+            if self.options.format == "none"
+            else (explanations * self._heatmap_pixels(width, height))
+        )
         # ``include: ["image"]`` draws the image itself at its size too.
         self.output_used += drawn + (width * height if self.with_image else 0)
         if self.output_used > self.settings.max_output_pixels:
@@ -113,7 +128,10 @@ class RequestBudget:
                 f"pixels; the limit for one request is {self.settings.max_output_pixels}. Ask for "
                 "heatmap.size 'input' or 'layer', fewer targets, or fewer images per request"
                 f"{', or no image in include' if self.with_image else ''}.",
-                code=ErrorCode.OUTPUT_TOO_LARGE, image=index, field="heatmap.size")
+                code=ErrorCode.OUTPUT_TOO_LARGE,
+                image=index,
+                field="heatmap.size",
+            )
         if self.options.format == "array":
             self.array_used += drawn
             if self.array_used > self.settings.max_array_values:
@@ -121,8 +139,11 @@ class RequestBudget:
                     f"The 'array' heatmaps of images 0..{index} would hold {self.array_used} "
                     f"numbers; the limit for one request is {self.settings.max_array_values}. "
                     "Ask for heatmap.size 'input' or 'layer', or a 'gray' PNG (the same levels, "
-                    "a fraction of the bytes).", code=ErrorCode.ARRAY_TOO_LARGE, image=index,
-                    field="heatmap.format")
+                    "a fraction of the bytes).",
+                    code=ErrorCode.ARRAY_TOO_LARGE,
+                    image=index,
+                    field="heatmap.format",
+                )
         if self.memory is not None:
             self.memory.need(self._memory_bytes(index, pixels, drawn, explanations))
 
@@ -149,8 +170,11 @@ class RequestBudget:
         if self.keeps_display:
             self._held_bytes += pixels * KEPT_BYTES_PER_PIXEL
         one_heatmap = drawn // max(1, explanations)
-        self._peak_step_bytes = max(self._peak_step_bytes, pixels * DECODE_BYTES_PER_PIXEL,
-                                    one_heatmap * DRAW_BYTES_PER_PIXEL)
+        self._peak_step_bytes = max(
+            self._peak_step_bytes,
+            pixels * DECODE_BYTES_PER_PIXEL,
+            one_heatmap * DRAW_BYTES_PER_PIXEL,
+        )
         return self._total_bytes()
 
     def _total_bytes(self) -> int:

@@ -70,8 +70,11 @@ class DicomWebServers:
 
     def __init__(self, allowed: str) -> None:
         # Settings.from_env has checked that each one parses.
-        self._allowed = {_normalised(url): url.strip().rstrip("/")
-                         for url in allowed.replace(",", " ").split() if url.strip()}
+        self._allowed = {
+            _normalised(url): url.strip().rstrip("/")
+            for url in allowed.replace(",", " ").split()
+            if url.strip()
+        }
 
     def base(self, url: str, where: str, subject: str, image: int | None = None) -> str:
         """``url`` as an allowed base URL, or ``Forbidden``; ``subject`` starts the message
@@ -82,23 +85,33 @@ class DicomWebServers:
                 raise ValueError("not an http(s) URL with a host")
             normalised = _normalised(url)
         except ValueError:
-            raise InvalidField(f"{subject}: '{url[:200]}' is not a valid http(s) URL (scheme, "
-                               "host, and a port from 1 to 65535 if given).", field=where,
-                               image=image) from None
+            raise InvalidField(
+                f"{subject}: '{url[:200]}' is not a valid http(s) URL (scheme, "
+                "host, and a port from 1 to 65535 if given).",
+                field=where,
+                image=image,
+            ) from None
         found = self._allowed.get(normalised)
         if found is None:
             allowed = ", ".join(self._allowed.values()) or "none are configured"
-            raise Forbidden(f"{subject}: this service may not call {url[:200]}; the DICOMweb "
-                            f"servers it may call are set by GRADCAM_DICOMWEB_SERVERS "
-                            f"({allowed}).", code=ErrorCode.DICOMWEB_NOT_ALLOWED, field=where,
-                            image=image)
+            raise Forbidden(
+                f"{subject}: this service may not call {url[:200]}; the DICOMweb "
+                f"servers it may call are set by GRADCAM_DICOMWEB_SERVERS "
+                f"({allowed}).",
+                code=ErrorCode.DICOMWEB_NOT_ALLOWED,
+                field=where,
+                image=image,
+            )
         return found
 
 
 def _check_uid(value: str, what: str, index: int) -> str:
     if len(value) > 64 or not _UID.fullmatch(value):
-        raise InvalidField(f"Image {index}: {what} '{value[:80]}' is not a DICOM UID.",
-                           field=f"images[{index}].dicomweb.{what}", image=index)
+        raise InvalidField(
+            f"Image {index}: {what} '{value[:80]}' is not a DICOM UID.",
+            field=f"images[{index}].dicomweb.{what}",
+            image=index,
+        )
     return value
 
 
@@ -110,8 +123,9 @@ def _session() -> Any:
     return session
 
 
-def fetch_instance(ref: InstanceRef, servers: DicomWebServers, index: int, limit_bytes: int,
-                   timeout_s: float) -> bytes:
+def fetch_instance(
+    ref: InstanceRef, servers: DicomWebServers, index: int, limit_bytes: int, timeout_s: float
+) -> bytes:
     """The Part 10 bytes of ``ref`` (WADO-RS, any transfer syntax)."""
     import requests
 
@@ -119,39 +133,69 @@ def fetch_instance(ref: InstanceRef, servers: DicomWebServers, index: int, limit
     deadline = time.monotonic() + timeout_s
     where = f"images[{index}].dicomweb"
     base = servers.base(ref.url, f"{where}.url", f"Image {index}", index)
-    path = "/".join((f"studies/{_check_uid(ref.study, 'study', index)}",
-                     f"series/{_check_uid(ref.series, 'series', index)}",
-                     f"instances/{_check_uid(ref.instance, 'instance', index)}"))
+    path = "/".join(
+        (
+            f"studies/{_check_uid(ref.study, 'study', index)}",
+            f"series/{_check_uid(ref.series, 'series', index)}",
+            f"instances/{_check_uid(ref.instance, 'instance', index)}",
+        )
+    )
     try:
-        with _session() as session, session.get(
-                f"{base}/{path}", headers={"Accept": _ACCEPT}, stream=True,
-                allow_redirects=False, timeout=max(timeout_s, 0.1)) as response:
+        with (
+            _session() as session,
+            session.get(
+                f"{base}/{path}",
+                headers={"Accept": _ACCEPT},
+                stream=True,
+                allow_redirects=False,
+                timeout=max(timeout_s, 0.1),
+            ) as response,
+        ):
             if response.status_code == 404:
-                raise InvalidField(f"Image {index}: {base} has no instance {ref.instance} in "
-                                   f"series {ref.series} of study {ref.study}.",
-                                   code=ErrorCode.DICOMWEB_NOT_FOUND, image=index, field=where)
+                raise InvalidField(
+                    f"Image {index}: {base} has no instance {ref.instance} in "
+                    f"series {ref.series} of study {ref.study}.",
+                    code=ErrorCode.DICOMWEB_NOT_FOUND,
+                    image=index,
+                    field=where,
+                )
             if response.status_code != 200:
-                raise BadGateway(f"Image {index}: {base} answered {response.status_code} to "
-                                 "the WADO-RS retrieve.", code=ErrorCode.DICOMWEB_FAILED,
-                                 image=index)
+                raise BadGateway(
+                    f"Image {index}: {base} answered {response.status_code} to "
+                    "the WADO-RS retrieve.",
+                    code=ErrorCode.DICOMWEB_FAILED,
+                    image=index,
+                )
             body = bytearray()
             for chunk in response.iter_content(_CHUNK):
                 body += chunk
                 if time.monotonic() > deadline:
-                    raise DeadlineExceeded(f"Image {index}: fetching it from {base} took longer "
-                                           "than the request's deadline.")
+                    raise DeadlineExceeded(
+                        f"Image {index}: fetching it from {base} took longer "
+                        "than the request's deadline."
+                    )
                 if len(body) > limit_bytes:
-                    raise PayloadTooLarge(f"Image {index}: the instance on {base} is larger "
-                                          f"than {limit_bytes} bytes.",
-                                          code=ErrorCode.IMAGE_TOO_LARGE, image=index, field=where)
+                    raise PayloadTooLarge(
+                        f"Image {index}: the instance on {base} is larger "
+                        f"than {limit_bytes} bytes.",
+                        code=ErrorCode.IMAGE_TOO_LARGE,
+                        image=index,
+                        field=where,
+                    )
             content_type = response.headers.get("Content-Type", "")
     except requests.RequestException as error:
-        raise BadGateway(f"Image {index}: {base} could not be reached ({type(error).__name__})."
-                         , code=ErrorCode.DICOMWEB_UNREACHABLE, image=index) from None
+        raise BadGateway(
+            f"Image {index}: {base} could not be reached ({type(error).__name__}).",
+            code=ErrorCode.DICOMWEB_UNREACHABLE,
+            image=index,
+        ) from None
     parts = _parts(content_type, bytes(body))
     if not parts:
-        raise BadGateway(f"Image {index}: {base} sent no DICOM part in its answer.",
-                         code=ErrorCode.DICOMWEB_FAILED, image=index)
+        raise BadGateway(
+            f"Image {index}: {base} sent no DICOM part in its answer.",
+            code=ErrorCode.DICOMWEB_FAILED,
+            image=index,
+        )
     return parts[0]
 
 
@@ -160,7 +204,8 @@ def _parts(content_type: str, body: bytes) -> list[bytes]:
     if not content_type.lower().startswith("multipart/"):
         return [body] if body else []
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
     found = []
     for part in message.iter_parts():
         payload = part.get_payload(decode=True)
@@ -169,8 +214,9 @@ def _parts(content_type: str, body: bytes) -> list[bytes]:
     return found
 
 
-def store(objects: Sequence[tuple[str, bytes]], url: str, servers: DicomWebServers,
-          timeout_s: float) -> list[Stored]:
+def store(
+    objects: Sequence[tuple[str, bytes]], url: str, servers: DicomWebServers, timeout_s: float
+) -> list[Stored]:
     """STOW-RS ``objects`` (SOP Instance UID, Part 10 bytes) to ``url``, in one call."""
     import requests
 
@@ -181,12 +227,19 @@ def store(objects: Sequence[tuple[str, bytes]], url: str, servers: DicomWebServe
         body += (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode()
         body += data + b"\r\n"
     body += f"--{boundary}--\r\n".encode()
-    headers = {"Content-Type": f'multipart/related; type="application/dicom"; '
-                               f"boundary={boundary}", "Accept": "application/dicom+json"}
+    headers = {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json",
+    }
     try:
         with _session() as session:
-            response = session.post(f"{base}/studies", data=bytes(body), headers=headers,
-                                    allow_redirects=False, timeout=max(timeout_s, 0.1))
+            response = session.post(
+                f"{base}/studies",
+                data=bytes(body),
+                headers=headers,
+                allow_redirects=False,
+                timeout=max(timeout_s, 0.1),
+            )
     except requests.RequestException as error:
         message = f"{base} could not be reached ({type(error).__name__})"
         return [Stored(False, message) for _ in objects]

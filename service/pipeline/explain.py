@@ -105,14 +105,21 @@ def _class_index(ref: ClassRef, model: ModelInfo, index: int) -> int:
         found = model.class_index(ref)
         if found is None:
             shown = ", ".join(model.labels[:20]) + (", ..." if model.num_classes > 20 else "")
-            raise InvalidField(f"Image {index}: model '{model.name}' has no class '{ref}'. "
-                               f"Its labels: {shown}.", code=ErrorCode.UNKNOWN_LABEL, image=index,
-                               field=field)
+            raise InvalidField(
+                f"Image {index}: model '{model.name}' has no class '{ref}'. Its labels: {shown}.",
+                code=ErrorCode.UNKNOWN_LABEL,
+                image=index,
+                field=field,
+            )
         return found
     if not 0 <= ref < model.num_classes:
-        raise InvalidField(f"Image {index}: class index {ref} is outside 0..{model.num_classes - 1}"
-                           f" for model '{model.name}'.", code=ErrorCode.TARGET_OUT_OF_RANGE,
-                           image=index, field=field)
+        raise InvalidField(
+            f"Image {index}: class index {ref} is outside 0..{model.num_classes - 1}"
+            f" for model '{model.name}'.",
+            code=ErrorCode.TARGET_OUT_OF_RANGE,
+            image=index,
+            field=field,
+        )
     return ref
 
 
@@ -124,10 +131,17 @@ def resolve_targets(spec: TargetSpec, model: ModelInfo, index: int) -> list[int 
     return list(dict.fromkeys(_class_index(ref, model, index) for ref in refs))
 
 
-def prepare_image(data: bytes, index: int, model: ModelInfo, admit: Admit,
-                  targets: list[int | None], frame: int | None = None,
-                  keep_display: bool = False, describe: bool = False,
-                  keep_header: bool = False) -> PreparedImage:
+def prepare_image(
+    data: bytes,
+    index: int,
+    model: ModelInfo,
+    admit: Admit,
+    targets: list[int | None],
+    frame: int | None = None,
+    keep_display: bool = False,
+    describe: bool = False,
+    keep_header: bool = False,
+) -> PreparedImage:
     """Decode and fit one image; every problem raises a ``ServiceError`` naming ``index``.
 
     ``admit(width, height)`` checks the size from the header first (``budgets.py``);
@@ -144,8 +158,17 @@ def prepare_image(data: bytes, index: int, model: ModelInfo, admit: Admit,
     # The header is read once, for the attributes shown and for derived DICOM objects.
     header = read_header(data) if (describe or keep_header) and is_dicom(data) else None
     dicom = describe_dicom(header, frame) if describe and header is not None else None
-    return PreparedImage(index, display, pixels, box, geometry, targets, dicom,
-                         header if keep_header else None, frame)
+    return PreparedImage(
+        index,
+        display,
+        pixels,
+        box,
+        geometry,
+        targets,
+        dicom,
+        header if keep_header else None,
+        frame,
+    )
 
 
 def choose_layer(model: ModelInfo, layer: str | None) -> str:
@@ -157,31 +180,54 @@ def choose_layer(model: ModelInfo, layer: str | None) -> str:
     if layer not in model.modules:
         close = model.suggest_modules(layer)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise InvalidField(f"Model '{model.name}': the model has no layer '{layer}'.{hint}",
-                           code=ErrorCode.UNKNOWN_LAYER, field="layer")
-    raise InvalidField(f"Layer '{layer}' of model '{model.name}' does not return an (N, C, H, W) "
-                       "feature map exactly once per forward pass; GET the model's layers for "
-                       "the ones that do.", code=ErrorCode.UNSUPPORTED_LAYER, field="layer")
+        raise InvalidField(
+            f"Model '{model.name}': the model has no layer '{layer}'.{hint}",
+            code=ErrorCode.UNKNOWN_LAYER,
+            field="layer",
+        )
+    raise InvalidField(
+        f"Layer '{layer}' of model '{model.name}' does not return an (N, C, H, W) "
+        "feature map exactly once per forward pass; GET the model's layers for "
+        "the ones that do.",
+        code=ErrorCode.UNSUPPORTED_LAYER,
+        field="layer",
+    )
 
 
-def run(engine: Engine, model: ModelInfo, layer: str, method: str,
-        prepared: Sequence[PreparedImage], deadline: float,
-        disconnected: Callable[[], bool] | None = None) -> list[ExplainedImage]:
+def run(
+    engine: Engine,
+    model: ModelInfo,
+    layer: str,
+    method: str,
+    prepared: Sequence[PreparedImage],
+    deadline: float,
+    disconnected: Callable[[], bool] | None = None,
+) -> list[ExplainedImage]:
     """One engine call for all ``prepared`` images (batched there with other requests)."""
-    job = Job(model=model.name, layer=layer, images=[p.pixels for p in prepared],
-              boxes=[p.box for p in prepared], targets=[p.targets for p in prepared],
-              methods=[method] * len(prepared))
+    job = Job(
+        model=model.name,
+        layer=layer,
+        images=[p.pixels for p in prepared],
+        boxes=[p.box for p in prepared],
+        targets=[p.targets for p in prepared],
+        methods=[method] * len(prepared),
+    )
     result = engine.run(job, deadline, disconnected)
-    return [ExplainedImage(p, result.scores[i], class_order(result.logits[i]), result.targets[i],
-                           result.maps[i]) for i, p in enumerate(prepared)]
+    return [
+        ExplainedImage(
+            p, result.scores[i], class_order(result.logits[i]), result.targets[i], result.maps[i]
+        )
+        for i, p in enumerate(prepared)
+    ]
 
 
 def _prediction(model: ModelInfo, index: int, scores: np.ndarray) -> dict[str, Any]:
     return {"index": index, "label": model.labels[index], "score": float(scores[index])}
 
 
-def overlay_base(prepared: PreparedImage, size: str, shape: tuple[int, int],
-                 model: ModelInfo) -> Image.Image:
+def overlay_base(
+    prepared: PreparedImage, size: str, shape: tuple[int, int], model: ModelInfo
+) -> Image.Image:
     """The image under an overlay of ``size`` (``shape`` = (H, W)), in RGB."""
     if size == "original":
         if prepared.display is None:
@@ -206,8 +252,9 @@ def overlay_base(prepared: PreparedImage, size: str, shape: tuple[int, int],
     return base
 
 
-def draw_heatmap(heat: np.ndarray, prepared: PreparedImage, options: HeatmapOptions,
-                 model: ModelInfo) -> np.ndarray:
+def draw_heatmap(
+    heat: np.ndarray, prepared: PreparedImage, options: HeatmapOptions, model: ModelInfo
+) -> np.ndarray:
     """The picture of a ``png``, ``gray`` or ``overlay`` heatmap: ``(H, W[, 3]) uint8``."""
     levels = to_uint8(heat)
     if options.format == "gray":
@@ -218,12 +265,21 @@ def draw_heatmap(heat: np.ndarray, prepared: PreparedImage, options: HeatmapOpti
     return np.asarray(overlay_image(base, levels))
 
 
-def render_heatmap(cam: np.ndarray, prepared: PreparedImage, options: HeatmapOptions,
-                   model: ModelInfo, derived: DerivedFrom | None = None) -> dict[str, Any]:
+def render_heatmap(
+    cam: np.ndarray,
+    prepared: PreparedImage,
+    options: HeatmapOptions,
+    model: ModelInfo,
+    derived: DerivedFrom | None = None,
+) -> dict[str, Any]:
     """One heatmap object of the response (``values`` stay a numpy array for orjson)."""
     height, width = output_shape(cam, prepared.geometry, options.size)
-    out: dict[str, Any] = {"format": options.format, "width": width, "height": height,
-                           "raw_max": float(cam.max())}
+    out: dict[str, Any] = {
+        "format": options.format,
+        "width": width,
+        "height": height,
+        "raw_max": float(cam.max()),
+    }
     if options.format == "none":
         return out
     if options.format in DICOM_FORMATS:
@@ -238,24 +294,32 @@ def render_heatmap(cam: np.ndarray, prepared: PreparedImage, options: HeatmapOpt
             if options.format == "dicom-pm":
                 data = parametric_map(prepared.header, heat, derived)
             else:
-                overlay = draw_heatmap(heat, prepared, options.model_copy(
-                    update={"format": "overlay"}), model)
-                data = secondary_capture(prepared.header, overlay, derived, prepared.frame,
-                                         options.encoding)
+                overlay = draw_heatmap(
+                    heat, prepared, options.model_copy(update={"format": "overlay"}), model
+                )
+                data = secondary_capture(
+                    prepared.header, overlay, derived, prepared.frame, options.encoding
+                )
         except DerivedObjectImpossible as impossible:
             out["reason"] = str(impossible)
             return out
         except (ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
             # The header came from the client: what it holds must not become a 500. The
             # type and place are logged, never the text (it may quote header values).
-            log_failure(logger, f"image {prepared.index}: {options.format} not made", error,
-                        logging.WARNING)
-            out["reason"] = (f"the source's DICOM header could not be carried into a "
-                             f"{options.format} object ({type(error).__name__})")
+            log_failure(
+                logger, f"image {prepared.index}: {options.format} not made", error, logging.WARNING
+            )
+            out["reason"] = (
+                f"the source's DICOM header could not be carried into a "
+                f"{options.format} object ({type(error).__name__})"
+            )
             return out
         out["data"] = _b64(data)
-        out["uids"] = {"study": str(prepared.header.StudyInstanceUID),
-                       "series": derived.series_uid, "instance": derived.instance_uid}
+        out["uids"] = {
+            "study": str(prepared.header.StudyInstanceUID),
+            "series": derived.series_uid,
+            "instance": derived.instance_uid,
+        }
     elif options.format == "array":
         out["values"] = heat
     else:
@@ -268,8 +332,10 @@ def render_heatmap(cam: np.ndarray, prepared: PreparedImage, options: HeatmapOpt
 def _dicom_problem(prepared: PreparedImage, fmt: str) -> str | None:
     """Why ``fmt`` cannot be made for this image (the explanation says so), or None."""
     if prepared.header is None:
-        return (f"{fmt} is a DICOM object derived from a DICOM source image; image "
-                f"{prepared.index} is not DICOM (ask for 'overlay' or 'png')")
+        return (
+            f"{fmt} is a DICOM object derived from a DICOM source image; image "
+            f"{prepared.index} is not DICOM (ask for 'overlay' or 'png')"
+        )
     if fmt == "dicom-pm":
         return parametric_map_problem(prepared.header)
     return None
@@ -279,44 +345,76 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def render_result(result: ExplainedImage, model: ModelInfo, top_k: int,
-                  options: HeatmapOptions, include: Sequence[str] = (), method: str = "gradcam",
-                  layer: str | None = None) -> dict[str, Any]:
+def render_result(
+    result: ExplainedImage,
+    model: ModelInfo,
+    top_k: int,
+    options: HeatmapOptions,
+    include: Sequence[str] = (),
+    method: str = "gradcam",
+    layer: str | None = None,
+) -> dict[str, Any]:
     geometry = result.prepared.geometry
     # DICOM objects: one new series per source image, one instance per explanation.
     series_uid = new_uid() if options.format in DICOM_FORMATS else ""
-    order = result.order[:min(top_k, model.num_classes)]
+    order = result.order[: min(top_k, model.num_classes)]
     extras: dict[str, Any] = {}
     if "image" in include:
-        picture = overlay_base(result.prepared, "original", (geometry.height, geometry.width),
-                               model)
-        extras["image"] = {"width": picture.width, "height": picture.height,
-                           "encoding": options.encoding,
-                           "data": _b64(encode_image(np.asarray(picture), options.encoding))}
+        picture = overlay_base(
+            result.prepared, "original", (geometry.height, geometry.width), model
+        )
+        extras["image"] = {
+            "width": picture.width,
+            "height": picture.height,
+            "encoding": options.encoding,
+            "data": _b64(encode_image(np.asarray(picture), options.encoding)),
+        }
     if "dicom" in include:
         extras["dicom"] = result.prepared.dicom
     return {
         "width": geometry.width,
         "height": geometry.height,
-        "geometry": {"resize": geometry.resize, "input_width": geometry.input_width,
-                     "input_height": geometry.input_height, "box": list(geometry.box)},
+        "geometry": {
+            "resize": geometry.resize,
+            "input_width": geometry.input_width,
+            "input_height": geometry.input_height,
+            "box": list(geometry.box),
+        },
         "predictions": [_prediction(model, int(i), result.scores) for i in order],
         "explanations": [
-            {"target": _prediction(model, target, result.scores),
-             "heatmap": render_heatmap(cam, result.prepared, options, model, DerivedFrom(
-                 label=model.labels[target], method=method, layer=layer or model.default_layer,
-                 model=model.name, instance_number=k + 1, series_uid=series_uid,
-                 instance_uid=new_uid() if series_uid else ""))}
+            {
+                "target": _prediction(model, target, result.scores),
+                "heatmap": render_heatmap(
+                    cam,
+                    result.prepared,
+                    options,
+                    model,
+                    DerivedFrom(
+                        label=model.labels[target],
+                        method=method,
+                        layer=layer or model.default_layer,
+                        model=model.name,
+                        instance_number=k + 1,
+                        series_uid=series_uid,
+                        instance_uid=new_uid() if series_uid else "",
+                    ),
+                ),
+            }
             for k, (target, cam) in enumerate(zip(result.targets, result.cams, strict=True))
         ],
         **extras,
     }
 
 
-def explain(request: ExplainRequest, engine: Engine, limits: Settings,
-            disconnected: Callable[[], bool] | None = None,
-            started: float | None = None, memory: RequestMemory | None = None,
-            body_bytes: int = 0) -> dict[str, Any]:
+def explain(
+    request: ExplainRequest,
+    engine: Engine,
+    limits: Settings,
+    disconnected: Callable[[], bool] | None = None,
+    started: float | None = None,
+    memory: RequestMemory | None = None,
+    body_bytes: int = 0,
+) -> dict[str, Any]:
     """The response body for ``request`` (see ``schemas.ExplainResponse``).
 
     ``disconnected`` tells whether the client has gone; a request whose client
@@ -326,23 +424,40 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
     """
     deadline = (started if started is not None else time.monotonic()) + limits.request_timeout_s
     if len(request.images) > limits.max_images_per_request:
-        raise PayloadTooLarge(f"The request has {len(request.images)} images; the limit is "
-                              f"{limits.max_images_per_request}.", code=ErrorCode.TOO_MANY_IMAGES,
-                              field="images")
+        raise PayloadTooLarge(
+            f"The request has {len(request.images)} images; the limit is "
+            f"{limits.max_images_per_request}.",
+            code=ErrorCode.TOO_MANY_IMAGES,
+            field="images",
+        )
     if request.targets is not None and len(request.targets) != len(request.images):
-        raise InvalidField(f"The targets list has {len(request.targets)} entries for "
-                           f"{len(request.images)} images; give one per image (null for the "
-                           "top-1 class).", code=ErrorCode.TARGETS_LENGTH, field="targets")
+        raise InvalidField(
+            f"The targets list has {len(request.targets)} entries for "
+            f"{len(request.images)} images; give one per image (null for the "
+            "top-1 class).",
+            code=ErrorCode.TARGETS_LENGTH,
+            field="targets",
+        )
     frames = _frames(request)
     model = engine.catalog().get(request.model)
     layer = choose_layer(model, request.layer)
     specs: list[TargetSpec] = list(request.targets or [None] * len(request.images))
     targets = [resolve_targets(spec, model, i) for i, spec in enumerate(specs)]
-    keep_display = "image" in request.include or request.heatmap.format == "dicom-sc" or (
-        request.heatmap.format == "overlay" and request.heatmap.size == "original")
-    budget = RequestBudget(limits, model, layer, request.heatmap,
-                           with_image="image" in request.include, keeps_display=keep_display,
-                           memory=memory, body_bytes=body_bytes)
+    keep_display = (
+        "image" in request.include
+        or request.heatmap.format == "dicom-sc"
+        or (request.heatmap.format == "overlay" and request.heatmap.size == "original")
+    )
+    budget = RequestBudget(
+        limits,
+        model,
+        layer,
+        request.heatmap,
+        with_image="image" in request.include,
+        keeps_display=keep_display,
+        memory=memory,
+        body_bytes=body_bytes,
+    )
     budget.check_explanations([len(t) for t in targets])
     servers = DicomWebServers(limits.dicomweb_servers)
     if request.store is not None:
@@ -352,17 +467,27 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
         if isinstance(given, str):
             return decode_base64(given, index)
         ref = given.dicomweb
-        return fetch_instance(InstanceRef(ref.url, ref.study, ref.series, ref.instance),
-                              servers, index, limits.max_request_bytes,
-                              deadline - time.monotonic())
+        return fetch_instance(
+            InstanceRef(ref.url, ref.study, ref.series, ref.instance),
+            servers,
+            index,
+            limits.max_request_bytes,
+            deadline - time.monotonic(),
+        )
 
     with metrics.STAGE_DURATION.labels("decode").time():
         prepared = [
-            prepare_image(image_bytes(text, i), i, model,
-                          partial(budget.admit_image, i, explanations=len(targets[i])),
-                          targets[i], frames[i], keep_display,
-                          describe="dicom" in request.include,
-                          keep_header=request.heatmap.format in DICOM_FORMATS)
+            prepare_image(
+                image_bytes(text, i),
+                i,
+                model,
+                partial(budget.admit_image, i, explanations=len(targets[i])),
+                targets[i],
+                frames[i],
+                keep_display,
+                describe="dicom" in request.include,
+                keep_header=request.heatmap.format in DICOM_FORMATS,
+            )
             for i, text in enumerate(request.images)
         ]
     results = run(engine, model, layer, request.method, prepared, deadline, disconnected)
@@ -376,25 +501,45 @@ def explain(request: ExplainRequest, engine: Engine, limits: Settings,
                 raise DeadlineExceeded("The request took longer than its deadline.")
             if disconnected is not None and disconnected():
                 raise ClientClosed("The client disconnected before the answer was drawn.")
-            rendered.append(render_result(result, model, request.top_k, request.heatmap,
-                                          request.include, request.method, layer))
+            rendered.append(
+                render_result(
+                    result,
+                    model,
+                    request.top_k,
+                    request.heatmap,
+                    request.include,
+                    request.method,
+                    layer,
+                )
+            )
             budget.pictures_encoded(result.prepared.index, _base64_chars(rendered[-1]))
     if request.store is not None:
         _store(rendered, request.store.url, servers, deadline)
-    return {"model": model.name, "method": request.method, "layer": layer,
-            "precision": model.precision, "results": rendered}
+    return {
+        "model": model.name,
+        "method": request.method,
+        "layer": layer,
+        "precision": model.precision,
+        "results": rendered,
+    }
 
 
-def _store(rendered: list[dict[str, Any]], url: str, servers: DicomWebServers,
-           deadline: float) -> None:
+def _store(
+    rendered: list[dict[str, Any]], url: str, servers: DicomWebServers, deadline: float
+) -> None:
     """STOW-RS every DICOM object of the answer to ``url``; each heatmap says how it went."""
-    made = [explanation["heatmap"] for result in rendered
-            for explanation in result["explanations"] if "data" in explanation["heatmap"]]
+    made = [
+        explanation["heatmap"]
+        for result in rendered
+        for explanation in result["explanations"]
+        if "data" in explanation["heatmap"]
+    ]
     if not made:
         return
     objects = [(h["uids"]["instance"], base64.b64decode(h["data"])) for h in made]
-    for picture, outcome in zip(made, store(objects, url, servers, deadline - time.monotonic()),
-                                strict=True):
+    for picture, outcome in zip(
+        made, store(objects, url, servers, deadline - time.monotonic()), strict=True
+    ):
         picture["stored"] = {"ok": outcome.ok, "message": outcome.message}
 
 
@@ -409,10 +554,13 @@ def _frames(request: ExplainRequest) -> list[int | None]:
     if not isinstance(request.frame, list):
         return [request.frame] * len(request.images)
     if len(request.frame) != len(request.images):
-        raise InvalidField(f"The frame list has {len(request.frame)} entries for "
-                           f"{len(request.images)} images; give one per image (null for the "
-                           "default) or one number for all.", code=ErrorCode.FRAMES_LENGTH,
-                           field="frame")
+        raise InvalidField(
+            f"The frame list has {len(request.frame)} entries for "
+            f"{len(request.images)} images; give one per image (null for the "
+            "default) or one number for all.",
+            code=ErrorCode.FRAMES_LENGTH,
+            field="frame",
+        )
     return list(request.frame)
 
 

@@ -30,9 +30,13 @@ from service.transport.interface import Engine
 logger = logging.getLogger(__name__)
 
 # Werkzeug's own errors, in the same envelope with stable codes.
-_HTTP_CODES = {400: ErrorCode.BAD_REQUEST, 404: ErrorCode.NOT_FOUND,
-               405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.REQUEST_TOO_LARGE,
-               415: ErrorCode.UNSUPPORTED_MEDIA_TYPE}
+_HTTP_CODES = {
+    400: ErrorCode.BAD_REQUEST,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.REQUEST_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+}
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # How long a starting worker waits for an engine's greeting before it serves anyway.
 _ENGINE_GREETING_S = 5.0
@@ -59,8 +63,7 @@ def _http_error(error: HTTPException) -> Response:
     messages = {
         404: f"There is no route {request.path}.",
         405: f"The route {request.path} does not accept {request.method}.",
-        413: "The request body is larger than the limit of "
-             f"{request.max_content_length} bytes.",
+        413: f"The request body is larger than the limit of {request.max_content_length} bytes.",
     }
     body = {"error": {"code": code, "message": messages.get(status, error.description or "")}}
     metrics.ERRORS.labels(code).inc()
@@ -79,13 +82,22 @@ def _unexpected_error(error: Exception) -> Response:
         # Too little memory for this request now: the server's fault, and a retry
         # (here, later, or on another replica) may well succeed.
         logger.error("out of memory on a request")
-        return _service_error(InsufficientMemory(
-            "The server ran out of memory on this request; retry later or send less per "
-            "request.", retry_after_s=5))
+        return _service_error(
+            InsufficientMemory(
+                "The server ran out of memory on this request; retry later or send less per "
+                "request.",
+                retry_after_s=5,
+            )
+        )
     logs.log_failure(logger, "unexpected error", error)
     metrics.ERRORS.labels(ErrorCode.INTERNAL).inc()
-    body = {"error": {"code": ErrorCode.INTERNAL, "message": "The server failed to handle this "
-                      f"request (request id {logs.request_id.get()}); it has been logged."}}
+    body = {
+        "error": {
+            "code": ErrorCode.INTERNAL,
+            "message": "The server failed to handle this "
+            f"request (request id {logs.request_id.get()}); it has been logged.",
+        }
+    }
     return json_response(body, status=500)
 
 
@@ -101,8 +113,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         # A worker (re)started under load accepts requests only once it can pass them
         # on: else its first requests would get 503s while its connection is greeted.
         if not pool.wait_connected(_ENGINE_GREETING_S):
-            logger.warning("no engine greeted this worker within %.0f s; it answers 503 "
-                           "until one does", _ENGINE_GREETING_S)
+            logger.warning(
+                "no engine greeted this worker within %.0f s; it answers 503 until one does",
+                _ENGINE_GREETING_S,
+            )
         engine = pool
     app.extensions["gradcam_engine"] = engine
     # serve's memory budget, shared with the other processes (None outside serve).
@@ -114,9 +128,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     # The page's files hold no data: a browser loads them before it can send a token.
-    policy = (AccessPolicy(settings, open_paths=(PAGE_PATH,), open_prefixes=(ASSETS_PREFIX,))
-              if settings.web_page else AccessPolicy(settings))
+    policy = (
+        AccessPolicy(settings, open_paths=(PAGE_PATH,), open_prefixes=(ASSETS_PREFIX,))
+        if settings.web_page
+        else AccessPolicy(settings)
+    )
     if not settings.metrics_port:  # else the supervisor serves it on its own port
+
         @app.get("/metrics")
         def metrics_view() -> Response:
             body, content_type = metrics.scrape()
@@ -153,8 +171,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.REQUEST_DURATION.labels(
             route, metrics.http_method(request.method), str(response.status_code)
-        ).observe(
-            time.perf_counter() - g.get("started", time.perf_counter()))
+        ).observe(time.perf_counter() - g.get("started", time.perf_counter()))
         return response
 
     @app.teardown_request

@@ -41,13 +41,21 @@ access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms id=%({x-request-id}
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"request_id": {"()": "service.logs.RequestIdFilter"},
-                "library_text": {"()": "service.logs.LibraryTextFilter"}},
-    "formatters": {"default": {"()": "service.logs.JsonFormatter"} if json_lines()
-                   else {"format": LOG_FORMAT}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "default",
-                             "filters": ["request_id", "library_text"],
-                             "stream": "ext://sys.stderr"}},
+    "filters": {
+        "request_id": {"()": "service.logs.RequestIdFilter"},
+        "library_text": {"()": "service.logs.LibraryTextFilter"},
+    },
+    "formatters": {
+        "default": {"()": "service.logs.JsonFormatter"} if json_lines() else {"format": LOG_FORMAT}
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "default",
+            "filters": ["request_id", "library_text"],
+            "stream": "ext://sys.stderr",
+        }
+    },
     "root": {"level": "INFO", "handlers": ["console"]},
     "loggers": {
         "gunicorn.error": {"level": "INFO", "handlers": ["console"], "propagate": False},

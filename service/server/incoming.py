@@ -30,10 +30,16 @@ from service.server.buffers import Reservation
 HEADER_LIMIT_BYTES = 32 * 1024
 TARGET_LIMIT_BYTES = 8 * 1024
 
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
-            414: "URI Too Long", 431: "Request Header Fields Too Large",
-            501: "Not Implemented", 503: "Service Unavailable",
-            505: "HTTP Version Not Supported"}
+_REASONS = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
 
 
 def error_body(code: ErrorCode, message: str) -> bytes:
@@ -72,8 +78,12 @@ class Refusal:
             headers.append((b"Retry-After", str(self.retry_after_s).encode()))
         headers.append((b"Content-Length", str(len(body)).encode()))
         status_line = f"HTTP/1.1 {self.status} {_REASONS.get(self.status, 'Error')}\r\n"
-        return (status_line.encode() + b"".join(k + b": " + v + b"\r\n" for k, v in headers)
-                + b"\r\n" + body)
+        return (
+            status_line.encode()
+            + b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+            + b"\r\n"
+            + body
+        )
 
 
 class Incoming:
@@ -97,9 +107,10 @@ class Incoming:
             try:
                 event = self.http.next_event()
             except h11.RemoteProtocolError as error:
-                code = {431: ErrorCode.HEADERS_TOO_LARGE,
-                        501: ErrorCode.UNSUPPORTED_TRANSFER_ENCODING}.get(
-                    error.error_status_hint, ErrorCode.BAD_REQUEST)
+                code = {
+                    431: ErrorCode.HEADERS_TOO_LARGE,
+                    501: ErrorCode.UNSUPPORTED_TRANSFER_ENCODING,
+                }.get(error.error_status_hint, ErrorCode.BAD_REQUEST)
                 # h11's messages end with the raw bytes (": bytearray(b'...')"): dropped.
                 reason = str(error).split(": bytearray(", 1)[0]
                 return Refusal(code, f"The request is not valid HTTP/1.1: {reason}.")
@@ -121,21 +132,29 @@ class Incoming:
 
     def _check_headers(self, request: h11.Request) -> Refusal | None:
         if request.http_version not in (b"1.0", b"1.1"):
-            return Refusal(ErrorCode.HTTP_VERSION_NOT_SUPPORTED,
-                           "Only HTTP/1.0 and HTTP/1.1 are served here.")
+            return Refusal(
+                ErrorCode.HTTP_VERSION_NOT_SUPPORTED, "Only HTTP/1.0 and HTTP/1.1 are served here."
+            )
         if len(request.target) > TARGET_LIMIT_BYTES:
-            return Refusal(ErrorCode.URI_TOO_LONG,
-                           f"The request target is longer than {TARGET_LIMIT_BYTES} bytes.")
+            return Refusal(
+                ErrorCode.URI_TOO_LONG,
+                f"The request target is longer than {TARGET_LIMIT_BYTES} bytes.",
+            )
         # h11 bounds headers that arrive in pieces; these arrived in one read.
         size = len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
         if size > HEADER_LIMIT_BYTES:
-            return Refusal(ErrorCode.HEADERS_TOO_LARGE, f"The request line and headers are "
-                           f"{size} bytes; the limit is {HEADER_LIMIT_BYTES}.")
+            return Refusal(
+                ErrorCode.HEADERS_TOO_LARGE,
+                f"The request line and headers are "
+                f"{size} bytes; the limit is {HEADER_LIMIT_BYTES}.",
+            )
         length = content_length(request)
         if length is not None and any(k == b"transfer-encoding" for k, _ in request.headers):
             # Two framings: the classic request-smuggling shape, refused outright.
-            return Refusal(ErrorCode.BAD_REQUEST, "The request has both Content-Length and "
-                           "Transfer-Encoding; send one.")
+            return Refusal(
+                ErrorCode.BAD_REQUEST,
+                "The request has both Content-Length and Transfer-Encoding; send one.",
+            )
         if length is not None and length > self.max_body_bytes:
             return self.too_large()
         if not self.reservation.grow_to(length or 0):
@@ -158,14 +177,20 @@ class Incoming:
         self.request, self.body = None, bytearray()
 
     def too_large(self) -> Refusal:
-        return Refusal(ErrorCode.REQUEST_TOO_LARGE, "The request body is larger than the "
-                       f"limit of {self.max_body_bytes} bytes.")
+        return Refusal(
+            ErrorCode.REQUEST_TOO_LARGE,
+            f"The request body is larger than the limit of {self.max_body_bytes} bytes.",
+        )
 
     @staticmethod
     def busy() -> Refusal:
-        return Refusal(ErrorCode.OVERLOADED, "The server has no room for this request's body "
-                       "right now (its memory budget or its buffers are taken by other "
-                       "requests); retry shortly.", retry_after_s=1)
+        return Refusal(
+            ErrorCode.OVERLOADED,
+            "The server has no room for this request's body "
+            "right now (its memory budget or its buffers are taken by other "
+            "requests); retry shortly.",
+            retry_after_s=1,
+        )
 
 
 def content_length(request: h11.Request) -> int | None:

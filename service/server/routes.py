@@ -72,61 +72,80 @@ def explain_view() -> Response:
     if request.mimetype != "application/json":
         raise UnsupportedMediaType(
             f"Send the request as JSON (Content-Type: application/json), not "
-            f"'{request.mimetype or 'no content type'}'.", code=ErrorCode.UNSUPPORTED_MEDIA_TYPE)
+            f"'{request.mimetype or 'no content type'}'.",
+            code=ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+        )
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(
             f"The body has Content-Encoding '{encoding}'; send it uncompressed.",
-            code=ErrorCode.UNSUPPORTED_CONTENT_ENCODING)
+            code=ErrorCode.UNSUPPORTED_CONTENT_ENCODING,
+        )
     settings = _settings()
     waited = g.get("thread_wait_s", 0.0)
     if settings.max_queue_wait_s and waited > settings.max_queue_wait_s:
         # It sat in the worker's queue for a thread: the engine's queue is surely no shorter.
-        raise Overloaded(f"The server is {waited:.1f} s behind (limit "
-                         f"{settings.max_queue_wait_s:g} s); retry shortly.",
-                         retry_after_s=max(1, round(waited)))
+        raise Overloaded(
+            f"The server is {waited:.1f} s behind (limit "
+            f"{settings.max_queue_wait_s:g} s); retry shortly.",
+            retry_after_s=max(1, round(waited)),
+        )
     data = request.get_data(cache=False)
     memory_wait_s = max(0.0, settings.max_queue_wait_s - waited)
     with RequestMemory(current_app.extensions.get("gradcam_memory"), memory_wait_s) as memory:
         memory.need(BODY_COPIES * len(data))  # before the JSON is parsed
         body = parse_explain_request(data)
         started = g.get("started_monotonic", time.monotonic())
-        return json_response(explain(body, _engine(), settings, _client_disconnected, started,
-                                     memory, len(data)))
+        return json_response(
+            explain(body, _engine(), settings, _client_disconnected, started, memory, len(data))
+        )
 
 
 @api.get("/v1/models")
 def models_view() -> Response:
     catalog = _catalog()
-    return json_response({"models": [_model_summary(m, catalog.default_model)
-                                     for m in catalog.models.values()]})
+    return json_response(
+        {"models": [_model_summary(m, catalog.default_model) for m in catalog.models.values()]}
+    )
 
 
 @api.get("/v1/models/<name>")
 def model_view(name: str) -> Response:
     catalog = _catalog()
     model = catalog.get(name)
-    return json_response({
-        **_model_summary(model, catalog.default_model),
-        "labels": list(model.labels),
-        "mean": list(model.mean),
-        "std": list(model.std),
-        "resize": model.resize,
-        "device": model.device,
-        "precision": model.precision,
-        "memory_format": model.memory_format,
-    })
+    return json_response(
+        {
+            **_model_summary(model, catalog.default_model),
+            "labels": list(model.labels),
+            "mean": list(model.mean),
+            "std": list(model.std),
+            "resize": model.resize,
+            "device": model.device,
+            "precision": model.precision,
+            "memory_format": model.memory_format,
+        }
+    )
 
 
 @api.get("/v1/models/<name>/layers")
 def layers_view(name: str) -> Response:
     model = _catalog().get(name)
-    return json_response({
-        "model": model.name,
-        "default_layer": model.default_layer,
-        "layers": [{"name": layer.name, "kind": layer.kind, "channels": layer.channels,
-                    "height": layer.height, "width": layer.width} for layer in model.layers],
-    })
+    return json_response(
+        {
+            "model": model.name,
+            "default_layer": model.default_layer,
+            "layers": [
+                {
+                    "name": layer.name,
+                    "kind": layer.kind,
+                    "channels": layer.channels,
+                    "height": layer.height,
+                    "width": layer.width,
+                }
+                for layer in model.layers
+            ],
+        }
+    )
 
 
 @api.get("/healthz")

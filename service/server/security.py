@@ -64,18 +64,25 @@ def _read_tokens_file(path: Path) -> list[str]:
 def _checked(tokens: list[str], where: str) -> tuple[bytes, ...]:
     short = [t for t in tokens if len(t) < MIN_TOKEN_LENGTH]
     if short:
-        raise ConfigError(f"{where}: {len(short)} token(s) shorter than {MIN_TOKEN_LENGTH} "
-                          "characters; use long random tokens (e.g. `openssl rand -hex 32`)")
+        raise ConfigError(
+            f"{where}: {len(short)} token(s) shorter than {MIN_TOKEN_LENGTH} "
+            "characters; use long random tokens (e.g. `openssl rand -hex 32`)"
+        )
     return tuple(t.encode("utf-8") for t in tokens)
 
 
 class AccessPolicy:
     """The tokens, open paths and CORS origins of one worker."""
 
-    def __init__(self, settings: Settings, open_paths: Iterable[str] = (),
-                 open_prefixes: tuple[str, ...] = ()) -> None:
-        self._env_tokens = _checked(_split(settings.auth_tokens.get_secret_value()),
-                                    "GRADCAM_AUTH_TOKENS")
+    def __init__(
+        self,
+        settings: Settings,
+        open_paths: Iterable[str] = (),
+        open_prefixes: tuple[str, ...] = (),
+    ) -> None:
+        self._env_tokens = _checked(
+            _split(settings.auth_tokens.get_secret_value()), "GRADCAM_AUTH_TOKENS"
+        )
         self._file = settings.auth_tokens_file
         self._file_tokens: tuple[bytes, ...] = ()
         self._file_mtime: float | None = None
@@ -103,14 +110,16 @@ class AccessPolicy:
                 mtime = os.stat(self._file).st_mtime
             except OSError:
                 if force:
-                    raise ConfigError(f"GRADCAM_AUTH_TOKENS_FILE {self._file} does not "
-                                      "exist") from None
+                    raise ConfigError(
+                        f"GRADCAM_AUTH_TOKENS_FILE {self._file} does not exist"
+                    ) from None
                 return
             if mtime == self._file_mtime:
                 return
             try:
-                self._file_tokens = _checked(_read_tokens_file(self._file),
-                                             f"GRADCAM_AUTH_TOKENS_FILE {self._file}")
+                self._file_tokens = _checked(
+                    _read_tokens_file(self._file), f"GRADCAM_AUTH_TOKENS_FILE {self._file}"
+                )
             except ConfigError:
                 if force:
                     raise
@@ -125,8 +134,11 @@ class AccessPolicy:
             self._reload()
         scheme, _, token = (authorization or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("This server needs a bearer token: send the header "
-                               "'Authorization: Bearer <token>'.", invalid=False)
+            raise Unauthorized(
+                "This server needs a bearer token: send the header "
+                "'Authorization: Bearer <token>'.",
+                invalid=False,
+            )
         given = token.strip().encode("utf-8", "replace")
         matched = False
         for known in self._env_tokens + self._file_tokens:
@@ -147,10 +159,17 @@ class AccessPolicy:
         allowed = self.allowed_origin(origin)
         if allowed is None:
             return {}
-        headers = {"Access-Control-Allow-Origin": allowed, "Vary": "Origin",
-                   "Access-Control-Expose-Headers": "X-Request-ID, Retry-After"}
+        headers = {
+            "Access-Control-Allow-Origin": allowed,
+            "Vary": "Origin",
+            "Access-Control-Expose-Headers": "X-Request-ID, Retry-After",
+        }
         if preflight:
-            headers.update({"Access-Control-Allow-Methods": _CORS_METHODS,
-                            "Access-Control-Allow-Headers": _CORS_HEADERS,
-                            "Access-Control-Max-Age": "600"})
+            headers.update(
+                {
+                    "Access-Control-Allow-Methods": _CORS_METHODS,
+                    "Access-Control-Allow-Headers": _CORS_HEADERS,
+                    "Access-Control-Max-Age": "600",
+                }
+            )
         return headers

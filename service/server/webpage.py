@@ -31,12 +31,18 @@ ASSETS_PREFIX = "/page/"
 
 _ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}
 # Names the page shows for the API's methods.
-_METHOD_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
-                  "layercam": "Layer-CAM", "hirescam": "HiResCAM"}
+_METHOD_TITLES = {
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "xgradcam": "XGrad-CAM",
+    "layercam": "Layer-CAM",
+    "hirescam": "HiResCAM",
+}
 _HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-        "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"),
+        "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+    ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     # Revalidated on each load (ETag): a new release is seen at once.
@@ -54,8 +60,10 @@ def _read(name: str) -> bytes:
 def _index() -> bytes:
     """index.html with the page's configuration: the colour map heatmaps are drawn
     with (the one ``png`` and ``overlay`` use) and the methods, from their one home."""
-    config = {"colormap": COLORMAP.tolist(),
-              "methods": [[name, _METHOD_TITLES.get(name, name)] for name in METHODS]}
+    config = {
+        "colormap": COLORMAP.tolist(),
+        "methods": [[name, _METHOD_TITLES.get(name, name)] for name in METHODS],
+    }
     return _read("index.html").replace(b"{{CONFIG}}", orjson.dumps(config))
 
 

@@ -127,8 +127,9 @@ class BufferingWorker(Worker):
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
         self.wake_writer.setblocking(False)
-        self.pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.threads),
-                                       thread_name_prefix="request")
+        self.pool = ThreadPoolExecutor(
+            max_workers=max(1, self.cfg.threads), thread_name_prefix="request"
+        )
         self.trim = _malloc_trim()
         self.trim_due = False
         self.trimmed_at = 0.0
@@ -152,13 +153,16 @@ class BufferingWorker(Worker):
             listener.setblocking(False)
         # Read once: the listeners close on SIGTERM while requests are still served.
         address = self.sockets[0].getsockname() if self.sockets else ("", 0)
-        self.server_name, self.server_port = ((str(address[0]), str(address[1]))
-                                              if isinstance(address, tuple) else ("unix", "0"))
+        self.server_name, self.server_port = (
+            (str(address[0]), str(address[1])) if isinstance(address, tuple) else ("unix", "0")
+        )
         self._set_accepting(True)
         while self.alive:
             self.notify()
-            self._set_accepting(len(self.connections) < self.cfg.worker_connections
-                                and time.monotonic() >= self.accept_paused_until)
+            self._set_accepting(
+                len(self.connections) < self.cfg.worker_connections
+                and time.monotonic() >= self.accept_paused_until
+            )
             self._turn(1.0)
             if os.getppid() != self.ppid:
                 self.log.info("Parent changed, shutting down: %s", self)
@@ -241,9 +245,11 @@ class BufferingWorker(Worker):
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer, port = (address[0], address[1]) if isinstance(address, tuple) else ("", 0)
-            conn = _Connection(sock, Peer(peer, port, self.server_name, self.server_port),
-                               Incoming(self.settings.max_request_bytes,
-                                        self.buffers.reservation()))
+            conn = _Connection(
+                sock,
+                Peer(peer, port, self.server_name, self.server_port),
+                Incoming(self.settings.max_request_bytes, self.buffers.reservation()),
+            )
             self.connections[sock.fileno()] = conn
             self._await_request(conn, time.monotonic() + self.client_timeout_s)
 
@@ -376,16 +382,23 @@ class BufferingWorker(Worker):
     # --- writing ------------------------------------------------------------------
 
     def _respond(self, conn: _Connection, answer: Answer) -> None:
-        headers = [(k, v) for k, v in answer.headers
-                   if k.lower() not in (b"content-length", b"transfer-encoding", b"connection")]
+        headers = [
+            (k, v)
+            for k, v in answer.headers
+            if k.lower() not in (b"content-length", b"transfer-encoding", b"connection")
+        ]
         headers.append((b"Content-Length", str(len(answer.body)).encode()))
         if not self.alive:
             headers.append((b"Connection", b"close"))
         request = conn.incoming.request
         head = request is not None and request.method == b"HEAD"
         try:
-            data = conn.http.send(h11.Response(status_code=answer.status, reason=answer.reason,
-                                               headers=headers)) or b""
+            data = (
+                conn.http.send(
+                    h11.Response(status_code=answer.status, reason=answer.reason, headers=headers)
+                )
+                or b""
+            )
             if answer.body and not head:
                 data += conn.http.send(h11.Data(data=answer.body)) or b""
             data += conn.http.send(h11.EndOfMessage()) or b""
@@ -426,8 +439,7 @@ class BufferingWorker(Worker):
     def _sent(self, conn: _Connection) -> None:
         conn.out = None
         if conn.answer is not None and self.cfg.accesslog:
-            log_access(self.log.access_log, conn.peer.address, conn.incoming.request,
-                       conn.answer)
+            log_access(self.log.access_log, conn.peer.address, conn.incoming.request, conn.answer)
         conn.answer = None
         conn.incoming.reservation.release()
         self.trim_due = True
@@ -450,8 +462,9 @@ class BufferingWorker(Worker):
     def _refuse(self, conn: _Connection, refusal: Refusal) -> None:
         """Answer a request the loop itself rejects, then close the connection."""
         metrics.ERRORS.labels(refusal.code).inc()
-        self.log.warning("refused a request from %s: %s %s", conn.peer.address,
-                         refusal.status, refusal.code)
+        self.log.warning(
+            "refused a request from %s: %s %s", conn.peer.address, refusal.status, refusal.code
+        )
         conn.answer = Answer(refusal.status, b"", [], refusal.body(), time.monotonic())
         # Written raw; h11's state is not DONE afterwards, so _sent closes the connection.
         self._watch(conn, 0)
@@ -475,11 +488,15 @@ class BufferingWorker(Worker):
             if conn.deadline > now or conn.phase == "handling":
                 continue
             if conn.phase == "reading":
-                self._refuse(conn, Refusal(
-                    ErrorCode.REQUEST_TIMEOUT,
-                    "The request did not arrive in time (headers within "
-                    f"{self.client_timeout_s:g} s, a body without a pause that long "
-                    f"and within {self.settings.request_timeout_s:g} s in all)."))
+                self._refuse(
+                    conn,
+                    Refusal(
+                        ErrorCode.REQUEST_TIMEOUT,
+                        "The request did not arrive in time (headers within "
+                        f"{self.client_timeout_s:g} s, a body without a pause that long "
+                        f"and within {self.settings.request_timeout_s:g} s in all).",
+                    ),
+                )
             else:
                 self._close(conn)  # idle, lingering, or an answer the client stopped reading
 

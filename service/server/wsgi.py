@@ -46,9 +46,15 @@ class Answer:
 
 
 def failed_answer(started: float) -> Answer:
-    return Answer(500, b"Internal Server Error", [(b"Content-Type", b"application/json")],
-                  error_body(ErrorCode.INTERNAL, "The server failed to handle this request; "
-                             "it has been logged."), started)
+    return Answer(
+        500,
+        b"Internal Server Error",
+        [(b"Content-Type", b"application/json")],
+        error_body(
+            ErrorCode.INTERNAL, "The server failed to handle this request; it has been logged."
+        ),
+        started,
+    )
 
 
 def thread_wait() -> tuple[float, float] | None:
@@ -68,8 +74,9 @@ class Peer:
     server_port: str
 
 
-def environ_for(request: h11.Request, body: bytes | bytearray, peer: Peer,
-                sock: object = None) -> dict[str, Any]:
+def environ_for(
+    request: h11.Request, body: bytes | bytearray, peer: Peer, sock: object = None
+) -> dict[str, Any]:
     """The WSGI environ of a complete request (``body`` de-chunked, all of it)."""
     path, _, query = bytes(request.target).partition(b"?")
     if not path.startswith(b"/"):  # absolute-form: http://host/path
@@ -118,8 +125,9 @@ def run_app(app: WSGIApp, environ: dict[str, Any], queued: float) -> Answer:
     headers: list[tuple[str, str]] = []
     chunks: list[bytes] = []
 
-    def start_response(status: str, response_headers: list[tuple[str, str]],
-                       exc_info: Any = None) -> Callable[[bytes], None]:
+    def start_response(
+        status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
         status_line[:] = [status]
         headers[:] = response_headers
         return chunks.append
@@ -134,9 +142,14 @@ def run_app(app: WSGIApp, environ: dict[str, Any], queued: float) -> Answer:
                 close()
         code, _, reason = status_line[0].partition(" ")
         request_id = next((v for k, v in headers if k.lower() == "x-request-id"), "-")
-        return Answer(int(code), reason.encode("latin-1"),
-                      [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
-                      b"".join(chunks), started, request_id)
+        return Answer(
+            int(code),
+            reason.encode("latin-1"),
+            [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            b"".join(chunks),
+            started,
+            request_id,
+        )
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as error:  # e.g. a native library's panic: still an answer

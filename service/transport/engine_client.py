@@ -74,8 +74,9 @@ class EngineConnection:
         self._ids = itertools.count(1)
         self._connected = threading.Event()
         self._closed = False
-        self._reader = threading.Thread(target=self._run, name=f"gradcam-engine-{path}",
-                                        daemon=True)
+        self._reader = threading.Thread(
+            target=self._run, name=f"gradcam-engine-{path}", daemon=True
+        )
         self._reader.start()
 
     @property
@@ -96,15 +97,21 @@ class EngineConnection:
             if fresh:
                 logger.warning("engine %s: its heartbeat is back", self.path)
             else:
-                logger.warning("engine %s: no heartbeat for %.1f s (limit %.1f s): new "
-                               "requests get 503 until it is back", self.path, age,
-                               self.heartbeat_timeout_s)
+                logger.warning(
+                    "engine %s: no heartbeat for %.1f s (limit %.1f s): new "
+                    "requests get 503 until it is back",
+                    self.path,
+                    age,
+                    self.heartbeat_timeout_s,
+                )
         return fresh
 
     def _hung_error(self) -> EngineUnavailable:
         age = self._heartbeat.age_s() if self._heartbeat is not None else float("inf")
-        return EngineUnavailable(f"The engine has not run for {age:.1f} s (hung or stopped; it "
-                                 "is restarted if it does not recover); retry shortly.")
+        return EngineUnavailable(
+            f"The engine has not run for {age:.1f} s (hung or stopped; it "
+            "is restarted if it does not recover); retry shortly."
+        )
 
     @property
     def outstanding(self) -> int:
@@ -135,15 +142,18 @@ class EngineConnection:
             return answer
         except TimeoutError:
             self._forget(request_id)
-            raise EngineUnavailable(f"The engine did not answer '{op}' within "
-                                    f"{timeout_s:g} s.") from None
+            raise EngineUnavailable(
+                f"The engine did not answer '{op}' within {timeout_s:g} s."
+            ) from None
 
     def _register(self, kind: str) -> tuple[int, Future[Any]]:
         future: Future[Any] = Future()
         with self._state:
             if not self._connected.is_set():
-                raise EngineUnavailable("The engine is not running (starting, or restarting "
-                                        "after a failure); retry shortly.")
+                raise EngineUnavailable(
+                    "The engine is not running (starting, or restarting "
+                    "after a failure); retry shortly."
+                )
             if kind == "job" and not self.responsive:
                 raise self._hung_error()
             request_id = next(self._ids)
@@ -244,9 +254,12 @@ class EngineConnection:
                 del self._pending[request_id]
         if not jobs:
             return
-        logger.warning("engine %s: no heartbeat for %.1f s; %d waiting request(s) failed",
-                       self.path, self._heartbeat.age_s() if self._heartbeat else -1.0,
-                       len(jobs))
+        logger.warning(
+            "engine %s: no heartbeat for %.1f s; %d waiting request(s) failed",
+            self.path,
+            self._heartbeat.age_s() if self._heartbeat else -1.0,
+            len(jobs),
+        )
         failure = self._hung_error()
         for request_id, future in jobs:
             with contextlib.suppress(InvalidStateError):
@@ -265,8 +278,9 @@ class EngineConnection:
             # The old map is left to the garbage collector: a thread may be reading it.
             self._heartbeat = heartbeat
             self._connected.set()
-        logger.info("engine %s: connected (pid %d, %s)", self.path, self.engine_pid,
-                    header.get("device"))
+        logger.info(
+            "engine %s: connected (pid %d, %s)", self.path, self.engine_pid, header.get("device")
+        )
         return True
 
     def _dispatch(self, header: dict[str, Any], frames: list[np.ndarray]) -> None:
@@ -289,8 +303,11 @@ class EngineConnection:
                     future.set_result(header)
         except Exception:
             with contextlib.suppress(InvalidStateError):
-                future.set_exception(EngineUnavailable("The engine sent a reply this worker "
-                                                       "could not read; retry shortly."))
+                future.set_exception(
+                    EngineUnavailable(
+                        "The engine sent a reply this worker could not read; retry shortly."
+                    )
+                )
             raise
 
     def _fail_connection(self, sock: socket.socket, reason: str) -> None:
@@ -306,10 +323,15 @@ class EngineConnection:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
         if was_connected:
-            logger.warning("engine %s: disconnected (%s); %d request(s) failed", self.path,
-                           reason, len(pending))
-        failure = EngineUnavailable("The engine stopped while this request waited (it is "
-                                    "restarting); retry shortly.")
+            logger.warning(
+                "engine %s: disconnected (%s); %d request(s) failed",
+                self.path,
+                reason,
+                len(pending),
+            )
+        failure = EngineUnavailable(
+            "The engine stopped while this request waited (it is restarting); retry shortly."
+        )
         for _, future in pending:
             with contextlib.suppress(InvalidStateError):
                 future.set_exception(failure)
@@ -336,8 +358,10 @@ class EnginePool:
         value = os.environ.get(ENGINE_SOCKETS_ENV, "")
         paths = [p for p in value.split(os.pathsep) if p]
         if not paths:
-            raise RuntimeError(f"{ENGINE_SOCKETS_ENV} is not set: start the server with "
-                               "`gradcam-service serve`, which starts the engines")
+            raise RuntimeError(
+                f"{ENGINE_SOCKETS_ENV} is not set: start the server with "
+                "`gradcam-service serve`, which starts the engines"
+            )
         return cls(paths, heartbeat_timeout_s)
 
     def wait_connected(self, timeout_s: float) -> bool:
@@ -358,28 +382,31 @@ class EnginePool:
                 self._catalog = connection.catalog
                 break
         if self._catalog is None:
-            raise EngineUnavailable("No engine is ready yet (the models are loading); "
-                                    "retry shortly.")
+            raise EngineUnavailable(
+                "No engine is ready yet (the models are loading); retry shortly."
+            )
         return self._catalog
 
-    def run(self, job: Job, deadline: float,
-            disconnected: Callable[[], bool] | None = None) -> JobResult:
+    def run(
+        self, job: Job, deadline: float, disconnected: Callable[[], bool] | None = None
+    ) -> JobResult:
         sent = time.monotonic()
         result = wait_for(self._submit(job, deadline), deadline, disconnected)
         in_engine = result.timings.queue_wait_s + result.timings.compute_s
         metrics.STAGE_DURATION.labels("transport").observe(
-            max(0.0, time.monotonic() - sent - in_engine))
+            max(0.0, time.monotonic() - sent - in_engine)
+        )
         return result
 
     def _submit(self, job: Job, deadline: float) -> Future[JobResult]:
         """To the connected engine with the fewest requests outstanding; the next one if
         that connection breaks while sending."""
-        live = sorted((c for c in self.connections if c.responsive),
-                      key=lambda c: c.outstanding)
+        live = sorted((c for c in self.connections if c.responsive), key=lambda c: c.outstanding)
         if not live:  # connected but hung: say so
             live = [c for c in self.connections if c.connected][:1]
-        failure = EngineUnavailable("No engine is running (starting, or restarting after a "
-                                    "failure); retry shortly.")
+        failure = EngineUnavailable(
+            "No engine is running (starting, or restarting after a failure); retry shortly."
+        )
         for connection in live:
             try:
                 return connection.submit(job, deadline)

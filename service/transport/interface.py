@@ -93,15 +93,17 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
-        return cls(**{
-            **data,
-            "labels": tuple(data["labels"]),
-            "input_size": tuple(data["input_size"]),
-            "mean": tuple(data["mean"]),
-            "std": tuple(data["std"]),
-            "layers": tuple(LayerInfo(**layer) for layer in data["layers"]),
-            "modules": tuple(data["modules"]),
-        })
+        return cls(
+            **{
+                **data,
+                "labels": tuple(data["labels"]),
+                "input_size": tuple(data["input_size"]),
+                "mean": tuple(data["mean"]),
+                "std": tuple(data["std"]),
+                "layers": tuple(LayerInfo(**layer) for layer in data["layers"]),
+                "modules": tuple(data["modules"]),
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -117,12 +119,15 @@ class Catalog:
             return self.models[key]
         except KeyError:
             known = ", ".join(sorted(self.models))
-            raise UnknownModel(f"There is no model '{key}'. Models served: {known}.",
-                               field="model") from None
+            raise UnknownModel(
+                f"There is no model '{key}'. Models served: {known}.", field="model"
+            ) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"default_model": self.default_model,
-                "models": [m.to_dict() for m in self.models.values()]}
+        return {
+            "default_model": self.default_model,
+            "models": [m.to_dict() for m in self.models.values()],
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Catalog:
@@ -183,8 +188,13 @@ class JobResult:
 
     def slice(self, start: int, stop: int, timings: JobTimings) -> JobResult:
         """Images ``start:stop`` of a batch result, as one request's result."""
-        return JobResult(self.scores[start:stop], self.logits[start:stop],
-                         self.targets[start:stop], self.maps[start:stop], timings)
+        return JobResult(
+            self.scores[start:stop],
+            self.logits[start:stop],
+            self.targets[start:stop],
+            self.maps[start:stop],
+            timings,
+        )
 
 
 def class_order(logits: np.ndarray) -> np.ndarray:
@@ -204,8 +214,9 @@ class Engine(Protocol):
         """The models served; ``EngineUnavailable`` while no engine can answer."""
         ...
 
-    def run(self, job: Job, deadline: float,
-            disconnected: Callable[[], bool] | None = None) -> JobResult:
+    def run(
+        self, job: Job, deadline: float, disconnected: Callable[[], bool] | None = None
+    ) -> JobResult:
         """Explain ``job``; waits until ``deadline`` (``time.monotonic()``) at most.
 
         Raises ``Overloaded`` (queue full), ``DeadlineExceeded``, ``ClientClosed``
@@ -219,8 +230,12 @@ class Engine(Protocol):
         ...
 
 
-def wait_for(future: Future[JobResult], deadline: float,
-             disconnected: Callable[[], bool] | None = None, poll_s: float = 0.05) -> JobResult:
+def wait_for(
+    future: Future[JobResult],
+    deadline: float,
+    disconnected: Callable[[], bool] | None = None,
+    poll_s: float = 0.05,
+) -> JobResult:
     """Wait for ``future`` until ``deadline`` (monotonic), cancelling it if the client left.
 
     ``DeadlineExceeded`` at the deadline, ``ClientClosed`` once ``disconnected()``

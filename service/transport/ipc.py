@@ -44,8 +44,7 @@ PREFIX = struct.Struct("<II")
 MAX_HEADER_BYTES = 64 * 2**20
 MAX_FRAMES = 4096
 MAX_MESSAGE_BYTES = 8 * 2**30
-_DTYPES: dict[str, np.dtype[Any]] = {"uint8": np.dtype(np.uint8),
-                                      "float32": np.dtype(np.float32)}
+_DTYPES: dict[str, np.dtype[Any]] = {"uint8": np.dtype(np.uint8), "float32": np.dtype(np.float32)}
 # dtype.char → wire name: a dict lookup, where dtype.name costs microseconds per call.
 _NAMES = {dtype.char: name for name, dtype in _DTYPES.items()}
 _ITEMSIZES = {name: dtype.itemsize for name, dtype in _DTYPES.items()}
@@ -139,7 +138,7 @@ class MessageReader:
         done: list[Message] = []
         while not self.eof:
             try:
-                got = sock.recv_into(self._view[self._filled:])
+                got = sock.recv_into(self._view[self._filled :])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -204,9 +203,13 @@ def _parse_header(raw: bytes, frame_count: int) -> dict[str, Any]:
         raise ProtocolError("header does not describe its frames")
     total = 0
     for spec in specs:
-        if (not isinstance(spec, list) or len(spec) != 2 or spec[0] not in _DTYPES
-                or not isinstance(spec[1], list)
-                or not all(isinstance(d, int) and d >= 0 for d in spec[1])):
+        if (
+            not isinstance(spec, list)
+            or len(spec) != 2
+            or spec[0] not in _DTYPES
+            or not isinstance(spec[1], list)
+            or not all(isinstance(d, int) and d >= 0 for d in spec[1])
+        ):
             raise ProtocolError(f"bad frame description {spec!r}")
         total += math.prod(spec[1]) * _ITEMSIZES[spec[0]]
     if total > MAX_MESSAGE_BYTES:
@@ -228,32 +231,49 @@ def connect(path: str) -> socket.socket:
 
 # --- the messages of an explain job, each encoder beside its decoder ------------
 
+
 def encode_job(request_id: int, job: Job, deadline: float) -> list[memoryview]:
     """A worker's request: the job, its id and its deadline (``time.monotonic()``)."""
-    header = {"op": "explain", "id": request_id, "model": job.model, "layer": job.layer,
-              "deadline": deadline, "targets": job.targets, "methods": job.methods,
-              "boxes": job.boxes}
+    header = {
+        "op": "explain",
+        "id": request_id,
+        "model": job.model,
+        "layer": job.layer,
+        "deadline": deadline,
+        "targets": job.targets,
+        "methods": job.methods,
+        "boxes": job.boxes,
+    }
     return encode(header, job.images)
 
 
 def decode_job(header: dict[str, Any], frames: Sequence[np.ndarray]) -> Job:
     boxes = [tuple(box) if box is not None else None for box in header["boxes"]]
-    return Job(model=str(header["model"]), layer=str(header["layer"]), images=list(frames),
-               boxes=boxes,
-               targets=[list(t) for t in header["targets"]],
-               methods=[str(m) for m in header["methods"]])
+    return Job(
+        model=str(header["model"]),
+        layer=str(header["layer"]),
+        images=list(frames),
+        boxes=boxes,
+        targets=[list(t) for t in header["targets"]],
+        methods=[str(m) for m in header["methods"]],
+    )
 
 
 def encode_result(request_id: int, result: JobResult) -> list[memoryview]:
     """The reply buffers for a finished job."""
     maps = [m for per_image in result.maps for m in per_image]
     timings = result.timings
-    header = {"id": request_id, "targets": result.targets,
-              "counts": [len(per_image) for per_image in result.maps],
-              "timings": [timings.queue_wait_s, timings.compute_s, timings.batch_images]}
-    frames = [np.ascontiguousarray(result.scores, dtype=np.float32),
-              np.ascontiguousarray(result.logits, dtype=np.float32),
-              np.stack(maps).astype(np.float32, copy=False)]
+    header = {
+        "id": request_id,
+        "targets": result.targets,
+        "counts": [len(per_image) for per_image in result.maps],
+        "timings": [timings.queue_wait_s, timings.compute_s, timings.batch_images],
+    }
+    frames = [
+        np.ascontiguousarray(result.scores, dtype=np.float32),
+        np.ascontiguousarray(result.logits, dtype=np.float32),
+        np.stack(maps).astype(np.float32, copy=False),
+    ]
     return encode(header, frames)
 
 
@@ -262,17 +282,22 @@ def decode_result(header: dict[str, Any], frames: Sequence[np.ndarray]) -> JobRe
     maps: list[list[np.ndarray]] = []
     offset = 0
     for count in header["counts"]:
-        maps.append(list(stacked[offset:offset + count]))
+        maps.append(list(stacked[offset : offset + count]))
         offset += count
     queue_wait_s, compute_s, batch_images = header["timings"]
-    return JobResult(scores=scores, logits=logits, targets=[list(t) for t in header["targets"]],
-                     maps=maps,
-                     timings=JobTimings(float(queue_wait_s), float(compute_s), int(batch_images)))
+    return JobResult(
+        scores=scores,
+        logits=logits,
+        targets=[list(t) for t in header["targets"]],
+        maps=maps,
+        timings=JobTimings(float(queue_wait_s), float(compute_s), int(batch_images)),
+    )
 
 
 def _internal(error: BaseException) -> dict[str, Any]:
-    message = (f"The model failed on this request ({type(error).__name__}: {error}); "
-               "it has been logged.")
+    message = (
+        f"The model failed on this request ({type(error).__name__}: {error}); it has been logged."
+    )
     return {"status": 500, "code": ErrorCode.INTERNAL, "message": message}
 
 

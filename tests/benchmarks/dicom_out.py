@@ -45,14 +45,28 @@ def main() -> None:
     try:
         overlay = _median_ms(runtime, cr, {"format": "overlay"}, runs)
         array = _median_ms(runtime, ct, {"format": "array"}, runs)
-        rows = [("CR 420×380", "overlay (PNG)", overlay, overlay),
-                ("CR 420×380", "dicom-sc", _median_ms(runtime, cr, {"format": "dicom-sc"},
-                                                      runs), overlay),
-                ("CR 420×380", "dicom-sc (JPEG)", _median_ms(
-                    runtime, cr, {"format": "dicom-sc", "encoding": "jpeg"}, runs), overlay),
-                ("CT 128×128", "array", array, array),
-                ("CT 128×128", "dicom-pm", _median_ms(runtime, ct, {"format": "dicom-pm"},
-                                                      runs), array)]
+        rows = [
+            ("CR 420×380", "overlay (PNG)", overlay, overlay),
+            (
+                "CR 420×380",
+                "dicom-sc",
+                _median_ms(runtime, cr, {"format": "dicom-sc"}, runs),
+                overlay,
+            ),
+            (
+                "CR 420×380",
+                "dicom-sc (JPEG)",
+                _median_ms(runtime, cr, {"format": "dicom-sc", "encoding": "jpeg"}, runs),
+                overlay,
+            ),
+            ("CT 128×128", "array", array, array),
+            (
+                "CT 128×128",
+                "dicom-pm",
+                _median_ms(runtime, ct, {"format": "dicom-pm"}, runs),
+                array,
+            ),
+        ]
     finally:
         runtime.close()
     print(f"{'image':12s} {'format':18s} {'median':>9s} {'ratio':>6s}")

@@ -24,8 +24,14 @@ from __future__ import annotations
 import os
 
 # One core, one thread: set before numpy or any codec library is imported.
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-             "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS"):
+for _var in (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "BLIS_NUM_THREADS",
+):
     os.environ[_var] = "1"
 if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {0})
@@ -58,18 +64,22 @@ ROOT = Path(__file__).resolve().parents[2]
 PHANTOM = ROOT / "examples" / "phantom_four_findings.png"
 SIZE = 1024
 
+
 def make_images() -> dict[str, np.ndarray]:
     """``overlay`` (H, W, 3), ``heatmap`` (H, W, 3) and ``gray`` (H, W), all uint8."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64) / SIZE
     blobs = ((0.35, 0.40, 0.12, 1.0), (0.65, 0.62, 0.08, 0.8), (0.55, 0.25, 0.18, 0.5))
-    value = sum(w * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))
-                for cx, cy, s, w in blobs)
+    value = sum(
+        w * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s)) for cx, cy, s, w in blobs
+    )
     value = value / value.max()
     gray = np.round(value * 255).astype(np.uint8)
     heat = COLORMAP[gray]
     with Image.open(PHANTOM) as im:
-        photo = np.asarray(im.convert("L").resize((SIZE, SIZE), Image.Resampling.BILINEAR)
-                           .convert("RGB"), dtype=np.float64)
+        photo = np.asarray(
+            im.convert("L").resize((SIZE, SIZE), Image.Resampling.BILINEAR).convert("RGB"),
+            dtype=np.float64,
+        )
     alpha = (OVERLAY_MAX_OPACITY * value)[:, :, None]
     overlay = np.round(photo * (1 - alpha) + heat * alpha).clip(0, 255).astype(np.uint8)
     return {"overlay": overlay, "heatmap": np.ascontiguousarray(heat), "gray": gray}
@@ -77,11 +87,13 @@ def make_images() -> dict[str, np.ndarray]:
 
 # -- encoders: each takes an array and returns the encoded bytes ----------------------
 
+
 def _pillow(fmt: str, **params: object) -> Callable[[np.ndarray], bytes]:
     def encode(array: np.ndarray) -> bytes:
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format=fmt, **params)
         return buffer.getvalue()
+
     return encode
 
 
@@ -100,25 +112,48 @@ def build_encoders(webp_methods: tuple[int, ...]) -> list[tuple[str, str, Callab
     if imagecodecs is not None:
         ic = imagecodecs
         encoders += [
-            ("imagecodecs.png_encode level 1", "png",
-             lambda a: ic.png_encode(a, level=1), everything),
-            ("imagecodecs.png_encode L1 RLE+SUB", "png",
-             lambda a: ic.png_encode(a, level=1, strategy=ic.PNG.STRATEGY.RLE,
-                                     filter=ic.PNG.FILTER.SUB), everything),
-            ("imagecodecs.spng_encode level 1", "png",
-             lambda a: ic.spng_encode(a, level=1), everything),
-            ("imagecodecs.apng_encode level 1", "png",
-             lambda a: ic.apng_encode(a, level=1), everything),
+            (
+                "imagecodecs.png_encode level 1",
+                "png",
+                lambda a: ic.png_encode(a, level=1),
+                everything,
+            ),
+            (
+                "imagecodecs.png_encode L1 RLE+SUB",
+                "png",
+                lambda a: ic.png_encode(
+                    a, level=1, strategy=ic.PNG.STRATEGY.RLE, filter=ic.PNG.FILTER.SUB
+                ),
+                everything,
+            ),
+            (
+                "imagecodecs.spng_encode level 1",
+                "png",
+                lambda a: ic.spng_encode(a, level=1),
+                everything,
+            ),
+            (
+                "imagecodecs.apng_encode level 1",
+                "png",
+                lambda a: ic.apng_encode(a, level=1),
+                everything,
+            ),
         ]
-    encoders.append(("JPEG (Pillow, quality 90)", "lossy",
-                     _pillow("JPEG", quality=90), colour))
+    encoders.append(("JPEG (Pillow, quality 90)", "lossy", _pillow("JPEG", quality=90), colour))
     for method in webp_methods:
-        encoders.append((f"WebP (Pillow, q85, method {method})", "lossy",
-                         _pillow("WEBP", lossless=False, quality=85, method=method), colour))
+        encoders.append(
+            (
+                f"WebP (Pillow, q85, method {method})",
+                "lossy",
+                _pillow("WEBP", lossless=False, quality=85, method=method),
+                colour,
+            )
+        )
     return encoders
 
 
 # -- measuring ------------------------------------------------------------------------
+
 
 def round_trip(encoded: bytes, array: np.ndarray) -> str:
     try:
@@ -169,8 +204,11 @@ def fpng_facts(images: dict[str, np.ndarray]) -> list[str]:
         expected = array.astype(np.uint8) if array.dtype != np.uint8 else array
         verdict = round_trip(encoded, np.ascontiguousarray(expected))
         if array.dtype != np.uint8:
-            verdict += ("; silently cast to uint8 (wraps mod 256)"
-                        if np.any(array > 255) and verdict == "OK" else "")
+            verdict += (
+                "; silently cast to uint8 (wraps mod 256)"
+                if np.any(array > 255) and verdict == "OK"
+                else ""
+            )
         facts.append(f"{label}: {len(encoded) // 1024} KiB, round trip {verdict}")
     return facts
 
@@ -178,8 +216,9 @@ def fpng_facts(images: dict[str, np.ndarray]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=21, help="timed runs per cell (≥ 15)")
-    parser.add_argument("--webp-methods", default="0,4",
-                        help="comma-separated WebP methods to time (0 fastest … 6)")
+    parser.add_argument(
+        "--webp-methods", default="0,4", help="comma-separated WebP methods to time (0 fastest … 6)"
+    )
     args = parser.parse_args()
     if args.repeats < 15:
         parser.error("--repeats must be at least 15")
@@ -187,20 +226,29 @@ def main() -> None:
 
     images = make_images()
     names = list(images)
-    versions = [f"Python {platform.python_version()}", f"numpy {np.__version__}",
-                f"Pillow {PIL.__version__}"]
+    versions = [
+        f"Python {platform.python_version()}",
+        f"numpy {np.__version__}",
+        f"Pillow {PIL.__version__}",
+    ]
     if fpng is not None:
         versions.append(f"fpng {fpng.__version__}")
     if imagecodecs is not None:
         v = imagecodecs.version(dict)
-        versions.append(f"imagecodecs {imagecodecs.__version__} (libpng {v.get('libpng')}, "
-                        f"libspng {v.get('libspng')}, zlib {v.get('zlib')})")
+        versions.append(
+            f"imagecodecs {imagecodecs.__version__} (libpng {v.get('libpng')}, "
+            f"libspng {v.get('libspng')}, zlib {v.get('zlib')})"
+        )
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
     print(f"{platform.processor() or platform.machine()}, CPUs {cpus}; " + ", ".join(versions))
-    print(f"images {SIZE}×{SIZE}: " + ", ".join(
-        f"{n} {images[n].shape} {images[n].nbytes // 1024} KiB raw" for n in names))
-    print(f"median of {args.repeats} runs after one warm-up; round trip = Pillow decode, "
-          "exact compare\n")
+    print(
+        f"images {SIZE}×{SIZE}: "
+        + ", ".join(f"{n} {images[n].shape} {images[n].nbytes // 1024} KiB raw" for n in names)
+    )
+    print(
+        f"median of {args.repeats} runs after one warm-up; round trip = Pillow decode, "
+        "exact compare\n"
+    )
 
     header = "| encoder | " + " | ".join(f"{n} ms | {n} KiB | {n} RT" for n in names) + " |"
     print(header)

@@ -42,8 +42,9 @@ def _timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - started
 
 
-def bench(arch: str, batches: list[int], repeats: int, size: int, device: str,
-          with_reference: bool) -> list[str]:
+def bench(
+    arch: str, batches: list[int], repeats: int, size: int, device: str, with_reference: bool
+) -> list[str]:
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch, weights=None).eval().requires_grad_(False)
     layer = default_layer(probe_layers(model, 3, (size, size)), model)
@@ -54,8 +55,9 @@ def bench(arch: str, batches: list[int], repeats: int, size: int, device: str,
 
         # pytorch-grad-cam needs parameters that require grad; give it its own copy.
         reference_model = copy.deepcopy(model).requires_grad_(True).to(device)
-        reference = ReferenceGradCAM(model=reference_model,
-                                     target_layers=[resolve_layer(reference_model, layer)])
+        reference = ReferenceGradCAM(
+            model=reference_model, target_layers=[resolve_layer(reference_model, layer)]
+        )
     model.to(device)
     engine = GradCAM(model, device)
     folded_model = copy.deepcopy(model)
@@ -75,15 +77,26 @@ def bench(arch: str, batches: list[int], repeats: int, size: int, device: str,
         def ours_folded(x: torch.Tensor = x, n: int = batch) -> None:
             folded(x, layer, [[None]] * n, ["gradcam"] * n)
 
-        runners: dict[str, Callable[[], None]] = {"forward": forward, "ours": ours,
-                                                  "ours folded": ours_folded}
+        runners: dict[str, Callable[[], None]] = {
+            "forward": forward,
+            "ours": ours,
+            "ours folded": ours_folded,
+        }
         if device == "cuda":
-            captured = CapturedCam(folded_model, layer, "gradcam", batch, (3, size, size),
-                                   torch.device(device), CudaGraph(torch.device(device)))
+            captured = CapturedCam(
+                folded_model,
+                layer,
+                "gradcam",
+                batch,
+                (3, size, size),
+                torch.device(device),
+                CudaGraph(torch.device(device)),
+            )
             top1 = torch.full((batch,), -1, dtype=torch.long, device=device)
 
-            def graphed(x: torch.Tensor = x, cam: CapturedCam = captured,
-                        given: torch.Tensor = top1) -> None:
+            def graphed(
+                x: torch.Tensor = x, cam: CapturedCam = captured, given: torch.Tensor = top1
+            ) -> None:
                 logits, maps = cam(x, given)
                 logits.cpu(), maps.cpu()
 
@@ -96,20 +109,29 @@ def bench(arch: str, batches: list[int], repeats: int, size: int, device: str,
         times: dict[str, list[float]] = {name: [] for name in runners}
         for r in range(repeats):
             names = list(runners)
-            names = names[r % len(names):] + names[:r % len(names)]
+            names = names[r % len(names) :] + names[: r % len(names)]
             for name in names:
                 times[name].append(_timed(runners[name], device))
         med = {name: statistics.median(values) * 1000 for name, values in times.items()}
-        ratios = {name: statistics.median(o / f for o, f in zip(values, times["forward"],
-                                                                strict=True))
-                  for name, values in times.items()}
-        theirs = (f"{med['pytorch-grad-cam']:.1f} | {ratios['pytorch-grad-cam']:.2f}×"
-                  if reference is not None else "– | –")
-        graph = (f" {med['ours, CUDA graph']:.1f} | **{ratios['ours, CUDA graph']:.2f}×** |"
-                 if device == "cuda" else "")
-        rows.append(f"| {arch} | {layer} | {batch} | {med['forward']:.1f} | {med['ours']:.1f} | "
-                    f"{ratios['ours']:.2f}× | {med['ours folded']:.1f} | "
-                    f"**{ratios['ours folded']:.2f}×** | {theirs} |{graph}")
+        ratios = {
+            name: statistics.median(o / f for o, f in zip(values, times["forward"], strict=True))
+            for name, values in times.items()
+        }
+        theirs = (
+            f"{med['pytorch-grad-cam']:.1f} | {ratios['pytorch-grad-cam']:.2f}×"
+            if reference is not None
+            else "– | –"
+        )
+        graph = (
+            f" {med['ours, CUDA graph']:.1f} | **{ratios['ours, CUDA graph']:.2f}×** |"
+            if device == "cuda"
+            else ""
+        )
+        rows.append(
+            f"| {arch} | {layer} | {batch} | {med['forward']:.1f} | {med['ours']:.1f} | "
+            f"{ratios['ours']:.2f}× | {med['ours folded']:.1f} | "
+            f"**{ratios['ours folded']:.2f}×** | {theirs} |{graph}"
+        )
         print(rows[-1], flush=True)
     if reference is not None:
         reference.activations_and_grads.release()
@@ -124,18 +146,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--no-reference", action="store_true",
-                        help="skip pytorch-grad-cam")
+    parser.add_argument("--no-reference", action="store_true", help="skip pytorch-grad-cam")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True  # as the engine process sets it
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads"
-    print(f"torch {torch.__version__}, {where}, {args.size}², "
-          f"median of {args.repeats} paired repetitions (ms)")
+    print(
+        f"torch {torch.__version__}, {where}, {args.size}², "
+        f"median of {args.repeats} paired repetitions (ms)"
+    )
     graph = " ours, CUDA graph | graph / forward |" if args.device == "cuda" else ""
-    print("| model | layer | batch | forward | ours | ours / forward | ours, batch norm folded | "
-          f"folded / forward | pytorch-grad-cam | pytorch-grad-cam / forward |{graph}")
+    print(
+        "| model | layer | batch | forward | ours | ours / forward | ours, batch norm folded | "
+        f"folded / forward | pytorch-grad-cam | pytorch-grad-cam / forward |{graph}"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if graph else ""))
     for arch in args.archs:
         bench(arch, args.batches, args.repeats, args.size, args.device, not args.no_reference)

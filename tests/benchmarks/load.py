@@ -104,10 +104,17 @@ _LOGS: dict[int, Path] = {}
 
 
 def _start(command: list[str], env: dict[str, str], url: str, probe: str) -> subprocess.Popen:
-    log = tempfile.NamedTemporaryFile(prefix="gradcam-load-server-", suffix=".log",  # noqa: SIM115
-                                      delete=False)
-    process = subprocess.Popen(command, env={**os.environ, **env}, cwd=REPO,
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+        prefix="gradcam-load-server-", suffix=".log", delete=False
+    )
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, **env},
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     log.close()
     _LOGS[process.pid] = Path(log.name)
     deadline = time.monotonic() + 120
@@ -127,8 +134,9 @@ def _log_tail(process: subprocess.Popen, chars: int = 6000) -> str:
     if path is None or not path.exists():
         return ""
     lines = path.read_text(errors="replace").splitlines()
-    return "\n".join(line for line in lines if '"POST /v1/' not in line
-                     and '"GET /' not in line)[-chars:]
+    return "\n".join(line for line in lines if '"POST /v1/' not in line and '"GET /' not in line)[
+        -chars:
+    ]
 
 
 # (answered req/s, p50 ms, p99 ms, share refused with 503): 503 is the service
@@ -136,8 +144,9 @@ def _log_tail(process: subprocess.Popen, chars: int = 6000) -> str:
 LoadResult = tuple[float, float, float, float]
 
 
-def _closed_loop(url: str, body: bytes, concurrency: int, duration_s: float,
-                 warmup_s: float = 2.0) -> LoadResult:
+def _closed_loop(
+    url: str, body: bytes, concurrency: int, duration_s: float, warmup_s: float = 2.0
+) -> LoadResult:
     """The requests completed in ``duration_s`` after ``warmup_s``."""
     latencies: list[float] = []
     failures: list[int] = []
@@ -176,24 +185,42 @@ def _closed_loop(url: str, body: bytes, concurrency: int, duration_s: float,
         raise RuntimeError(f"{len(failures)} failed requests: {sorted(set(failures))}")
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-    return (len(latencies) / duration_s, statistics.median(latencies) * 1000, p99 * 1000,
-            refused / max(1, refused + len(latencies)))
+    return (
+        len(latencies) / duration_s,
+        statistics.median(latencies) * 1000,
+        p99 * 1000,
+        refused / max(1, refused + len(latencies)),
+    )
 
 
-def _hey(hey: str, url: str, body: bytes, concurrency: int, duration_s: float,
-         warmup_s: float = 2.0) -> LoadResult:
+def _hey(
+    hey: str, url: str, body: bytes, concurrency: int, duration_s: float, warmup_s: float = 2.0
+) -> LoadResult:
     """The same figures from ``hey`` (a warm-up run first, then the measured one; its
     percentiles include any 503s)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as handle:
         handle.write(body)
         handle.flush()
-        command = [hey, "-m", "POST", "-T", "application/json", "-D", handle.name,
-                   "-c", str(concurrency), "-t", "300"]
+        command = [
+            hey,
+            "-m",
+            "POST",
+            "-T",
+            "application/json",
+            "-D",
+            handle.name,
+            "-c",
+            str(concurrency),
+            "-t",
+            "300",
+        ]
         subprocess.run([*command, "-z", f"{warmup_s}s", url], capture_output=True, check=True)
-        out = subprocess.run([*command, "-z", f"{duration_s}s", url], capture_output=True,
-                             text=True, check=True).stdout
-    statuses = {code: int(count) for code, count in
-                re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
+        out = subprocess.run(
+            [*command, "-z", f"{duration_s}s", url], capture_output=True, text=True, check=True
+        ).stdout
+    statuses = {
+        code: int(count) for code, count in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)
+    }
     if set(statuses) - {"200", "503"} or "Error distribution" in out:
         raise RuntimeError(f"hey saw failures: {statuses}\n{out[-2000:]}")
     completed = sum(statuses.values())
@@ -208,8 +235,11 @@ def _hey(hey: str, url: str, body: bytes, concurrency: int, duration_s: float,
     total_s = seconds(r"Total:\s+([0-9.]+) secs")
     p50 = seconds(r"50%+ in ([0-9.]+) secs")
     # Under 100 requests hey prints no 99th percentile: the slowest stands in for it.
-    p99 = seconds(r"99%+ in ([0-9.]+) secs") if completed >= 100 else seconds(
-        r"Slowest:\s+([0-9.]+) secs")
+    p99 = (
+        seconds(r"99%+ in ([0-9.]+) secs")
+        if completed >= 100
+        else seconds(r"Slowest:\s+([0-9.]+) secs")
+    )
     answered = statuses.get("200", 0)
     return answered / total_s, p50 * 1000, p99 * 1000, 1 - answered / max(1, completed)
 
@@ -226,16 +256,29 @@ def _warm_up(url: str, image: str, max_batch: int) -> None:
             requests.post(url + "/v1/explain", json=body, timeout=300).raise_for_status()
             times.append(time.perf_counter() - started)
         slowest = max(range(max_batch), key=times.__getitem__)
-        print(f"warm-up, {sweep} sweep (one request of k images, k = 1..{max_batch}): "
-              f"{sum(times):.1f} s, slowest k = {slowest + 1} {times[slowest] * 1000:.0f} ms; "
-              f"ms: {' '.join(f'{t * 1000:.0f}' for t in times)}", flush=True)
+        print(
+            f"warm-up, {sweep} sweep (one request of k images, k = 1..{max_batch}): "
+            f"{sum(times):.1f} s, slowest k = {slowest + 1} {times[slowest] * 1000:.0f} ms; "
+            f"ms: {' '.join(f'{t * 1000:.0f}' for t in times)}",
+            flush=True,
+        )
 
 
 def _forward(args: argparse.Namespace, threads: int) -> tuple[float, float]:
     """Plain forward in a separate process: (img/s at the forward batch, batch-1 seconds)."""
     done = subprocess.run(
-        [sys.executable, "-c", _FORWARD, str(threads), args.device, str(args.forward_batch),
-         "1" if args.autocast else "0"], capture_output=True, text=True)
+        [
+            sys.executable,
+            "-c",
+            _FORWARD,
+            str(threads),
+            args.device,
+            str(args.forward_batch),
+            "1" if args.autocast else "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"the plain forward failed:\n{done.stderr[-4000:]}")
     out = done.stdout.split()
@@ -249,8 +292,11 @@ def _batch_counts(url: str) -> tuple[float, float, float]:
     def total(name: str) -> float:
         return sum(float(v) for v in re.findall(rf"^{name} ([0-9.e+]+)$", text, re.M))
 
-    return (total("gradcam_batch_size_images_sum"), total("gradcam_batch_size_images_count"),
-            total("gradcam_batch_duration_seconds_sum"))
+    return (
+        total("gradcam_batch_size_images_sum"),
+        total("gradcam_batch_size_images_count"),
+        total("gradcam_batch_duration_seconds_sum"),
+    )
 
 
 _NEIGHBOUR = "while True: pass"
@@ -267,8 +313,9 @@ class _WindowCPU(threading.Thread):
     """CPU seconds spent by each process of a server's tree and by this process (the
     client) inside the measured window: sampled when it opens and when it closes."""
 
-    def __init__(self, root: int, roles: dict[int, str], warmup_s: float,
-                 duration_s: float) -> None:
+    def __init__(
+        self, root: int, roles: dict[int, str], warmup_s: float, duration_s: float
+    ) -> None:
         super().__init__(daemon=True)
         self.root, self.roles, self.warmup_s, self.duration_s = root, roles, warmup_s, duration_s
         self.spent: dict[str, float] = {}
@@ -300,37 +347,63 @@ def _peer_comparison(args: argparse.Namespace) -> None:
     weights = folder / "resnet50.pt"
     torch.save(torchvision.models.resnet50(num_classes=10).state_dict(), weights)
     extra = "".join(f"{key} = {value}\n" for key, value in (args.model_option or []))
-    (folder / "models.toml").write_text(f'[models.resnet50]\narch = "resnet50"\n'
-                                        f'num_classes = 10\nweights = "{weights}"\n{extra}')
-    body = json.dumps({"images": [_jpeg(224)], "top_k": 5,
-                       "heatmap": {"format": "array", "size": "layer"}}).encode()
+    (folder / "models.toml").write_text(
+        f'[models.resnet50]\narch = "resnet50"\nnum_classes = 10\nweights = "{weights}"\n{extra}'
+    )
+    body = json.dumps(
+        {"images": [_jpeg(224)], "top_k": 5, "heatmap": {"format": "array", "size": "layer"}}
+    ).encode()
     concurrency = max(args.concurrency) if args.concurrency != [1, 4, 16] else 16
     forward_ips, forward_1_s = _forward(args, args.torch_threads)
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores; resnet50 (10 classes), 224² "
-          f"JPEG, array/layer, top_k 5, {concurrency} clients, {args.duration:g} s after 4 s; "
-          f"neighbour: {'yes' if args.neighbour else 'no'}; models file options: "
-          f"{extra.strip() or 'none'}")
-    print(f"plain forward, {args.torch_threads} torch threads: batch {args.forward_batch} "
-          f"{forward_ips:.1f} img/s, batch 1 {forward_1_s * 1000:.1f} ms", flush=True)
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} cores; resnet50 (10 classes), 224² "
+        f"JPEG, array/layer, top_k 5, {concurrency} clients, {args.duration:g} s after 4 s; "
+        f"neighbour: {'yes' if args.neighbour else 'no'}; models file options: "
+        f"{extra.strip() or 'none'}"
+    )
+    print(
+        f"plain forward, {args.torch_threads} torch threads: batch {args.forward_batch} "
+        f"{forward_ips:.1f} img/s, batch 1 {forward_1_s * 1000:.1f} ms",
+        flush=True,
+    )
 
     def ours() -> tuple[subprocess.Popen, str]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {"GRADCAM_TORCH_THREADS": str(args.torch_threads)}
-        return _start([sys.executable, "-m", "service.cli", "serve", "--models",
-                       str(folder / "models.toml"), "--port", str(port)], env, url,
-                      "/readyz"), url
+        return _start(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--models",
+                str(folder / "models.toml"),
+                "--port",
+                str(port),
+            ],
+            env,
+            url,
+            "/readyz",
+        ), url
 
     def peer() -> tuple[subprocess.Popen, str]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        env = {"PEER_WEIGHTS": str(weights), "PEER_PORT": str(port), "PEER_CLASSES": "10",
-               "PEER_TORCH_THREADS": str(args.torch_threads)}
-        return _start([sys.executable, str(REPO / "tests" / "benchmarks" / "peer_litserve.py")],
-                      env, url, "/health"), url
+        env = {
+            "PEER_WEIGHTS": str(weights),
+            "PEER_PORT": str(port),
+            "PEER_CLASSES": "10",
+            "PEER_TORCH_THREADS": str(args.torch_threads),
+        }
+        return _start(
+            [sys.executable, str(REPO / "tests" / "benchmarks" / "peer_litserve.py")],
+            env,
+            url,
+            "/health",
+        ), url
 
-    neighbour = (subprocess.Popen([sys.executable, "-c", _NEIGHBOUR])
-                 if args.neighbour else None)
+    neighbour = subprocess.Popen([sys.executable, "-c", _NEIGHBOUR]) if args.neighbour else None
     results: dict[str, list[LoadResult]] = {"ours": [], "peer": []}
     p50_1: list[float] = []
     cpu: tuple[list[float], list[float]] = ([], [])  # our engine's user, system (cores)
@@ -342,30 +415,39 @@ def _peer_comparison(args: argparse.Namespace) -> None:
                 try:
                     engine = processes(server.pid).get("engine") if name == "ours" else None
                     before = _cpu_seconds(engine) if engine else (0.0, 0.0)
-                    roles = {pid: ("http workers" if role.startswith("worker") else role)
-                             for role, pid in processes(server.pid).items()}
-                    window = _WindowCPU(server.pid, roles if name == "ours" else {}, 4.0,
-                                        args.duration)
+                    roles = {
+                        pid: ("http workers" if role.startswith("worker") else role)
+                        for role, pid in processes(server.pid).items()
+                    }
+                    window = _WindowCPU(
+                        server.pid, roles if name == "ours" else {}, 4.0, args.duration
+                    )
                     window.start()
                     started = time.monotonic()
-                    result = _closed_loop(url + "/v1/explain", body, concurrency,
-                                          args.duration, warmup_s=4.0)
+                    result = _closed_loop(
+                        url + "/v1/explain", body, concurrency, args.duration, warmup_s=4.0
+                    )
                     window.join()
                     results[name].append(result)
                     served = max(1.0, result[0] * args.duration)
-                    spent[name].append({role: seconds / served
-                                        for role, seconds in window.spent.items()})
+                    spent[name].append(
+                        {role: seconds / served for role, seconds in window.spent.items()}
+                    )
                     if engine:
                         after, took = _cpu_seconds(engine), time.monotonic() - started
                         cpu[0].append((after[0] - before[0]) / took)
                         cpu[1].append((after[1] - before[1]) / took)
                     if name == "ours" and not args.neighbour:
-                        p50_1.append(_closed_loop(url + "/v1/explain", body, 1, 5.0,
-                                                  warmup_s=1.0)[1])
+                        p50_1.append(
+                            _closed_loop(url + "/v1/explain", body, 1, 5.0, warmup_s=1.0)[1]
+                        )
                 finally:
                     stop(server)
-                print(f"  pair {pair + 1}, {name}: {result[0]:.2f} req/s, p50 {result[1]:.0f} ms, "
-                      f"p99 {result[2]:.0f} ms, 503s {result[3]:.0%}", flush=True)
+                print(
+                    f"  pair {pair + 1}, {name}: {result[0]:.2f} req/s, p50 {result[1]:.0f} ms, "
+                    f"p99 {result[2]:.0f} ms, 503s {result[3]:.0%}",
+                    flush=True,
+                )
     finally:
         if neighbour is not None:
             neighbour.kill()
@@ -374,27 +456,41 @@ def _peer_comparison(args: argparse.Namespace) -> None:
     print("\n| pair | ours req/s | peer req/s | ours / peer |\n|---|---|---|---|")
     for i, (a, b, r) in enumerate(zip(results["ours"], results["peer"], ratios, strict=True)):
         print(f"| {i + 1} | {a[0]:.2f} | {b[0]:.2f} | {r:.2f}× |")
-    print(f"\npaired median: ours / peer = **{statistics.median(ratios):.2f}×** "
-          f"({len(ratios)} pairs, {concurrency} clients"
-          f"{', beside a core-bound neighbour' if args.neighbour else ''})")
+    print(
+        f"\npaired median: ours / peer = **{statistics.median(ratios):.2f}×** "
+        f"({len(ratios)} pairs, {concurrency} clients"
+        f"{', beside a core-bound neighbour' if args.neighbour else ''})"
+    )
     if cpu[0]:
         user, system = statistics.median(cpu[0]), statistics.median(cpu[1])
-        print(f"our engine's CPU under load (median): user {user:.0%}, system {system:.0%} of "
-              f"one core; system {system / max(1e-9, user + system):.0%} of its CPU")
+        print(
+            f"our engine's CPU under load (median): user {user:.0%}, system {system:.0%} of "
+            f"one core; system {system / max(1e-9, user + system):.0%} of its CPU"
+        )
+
     def server_ms(runs: list[dict[str, float]]) -> float:
-        return statistics.median(sum(s for r, s in run.items() if r != "client")
-                                 for run in runs) * 1000
+        return (
+            statistics.median(sum(s for r, s in run.items() if r != "client") for run in runs)
+            * 1000
+        )
 
     print("\nCPU per request inside the window (core-ms, medians over the pairs):")
     for name, runs in spent.items():
         roles = sorted({role for run in runs for role in run})
-        print(f"  {name}: " + ", ".join(
-            f"{role} {statistics.median(run.get(role, 0.0) for run in runs) * 1000:.0f}"
-            for role in roles) + f"; server total {server_ms(runs):.0f}")
+        print(
+            f"  {name}: "
+            + ", ".join(
+                f"{role} {statistics.median(run.get(role, 0.0) for run in runs) * 1000:.0f}"
+                for role in roles
+            )
+            + f"; server total {server_ms(runs):.0f}"
+        )
     if p50_1:
         bound = 1.2 * forward_1_s * 1000 + 15
-        print(f"ours at concurrency 1: p50 {statistics.median(p50_1):.0f} ms against the target "
-              f"1.2 × {forward_1_s * 1000:.0f} + 15 = {bound:.0f} ms")
+        print(
+            f"ours at concurrency 1: p50 {statistics.median(p50_1):.0f} ms against the target "
+            f"1.2 × {forward_1_s * 1000:.0f} + 15 = {bound:.0f} ms"
+        )
 
 
 def main() -> None:
@@ -403,35 +499,66 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--workers", type=int, help="HTTP workers (default: serve's)")
     parser.add_argument("--threads", type=int, help="threads per worker (default: serve's)")
-    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
-                        help="the engine's (and the plain forward's) torch threads")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="the engine's (and the plain forward's) torch threads",
+    )
     parser.add_argument("--client", choices=["python", "hey"], default="python")
-    parser.add_argument("--compare-with", type=Path, metavar="CHECKOUT",
-                        help="another checkout of this repository (e.g. a git worktree of "
-                        "the last release): its serve under the same load, alternately")
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        metavar="CHECKOUT",
+        help="another checkout of this repository (e.g. a git worktree of "
+        "the last release): its serve under the same load, alternately",
+    )
     parser.add_argument("--hey", default="hey", help="path of the hey binary")
-    parser.add_argument("--compare-request", type=int, choices=[0, 1], default=0,
-                        help="--compare-with: 0 = the 224² array request, 1 = the 1024² overlay")
-    parser.add_argument("--arch", default="resnet50",
-                        help="torchvision model served (seeded random weights)")
+    parser.add_argument(
+        "--compare-request",
+        type=int,
+        choices=[0, 1],
+        default=0,
+        help="--compare-with: 0 = the 224² array request, 1 = the 1024² overlay",
+    )
+    parser.add_argument(
+        "--arch", default="resnet50", help="torchvision model served (seeded random weights)"
+    )
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--autocast", action="store_true", help="float16 forward (CUDA)")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--forward-batch", type=int, default=8)
-    parser.add_argument("--warm-up", action="store_true",
-                        help="before measuring, one request of k images for each k up to "
-                        "--max-batch-size (twice, timed)")
-    parser.add_argument("--paired-repeats", type=int, default=3,
-                        help="forward/service pairs at the top concurrency for the median ratio")
-    parser.add_argument("--peer", action="store_true",
-                        help="only ours against the LitServe + torchcam peer (module text)")
-    parser.add_argument("--pairs", type=int, default=3,
-                        help="--peer and --compare-with: alternating pairs")
-    parser.add_argument("--neighbour", action="store_true",
-                        help="--peer: a core-bound process beside both arms")
-    parser.add_argument("--model-option", nargs=2, action="append", metavar=("KEY", "VALUE"),
-                        help="--peer: a models-file option for ours, e.g. precision '\"bf16\"'")
+    parser.add_argument(
+        "--warm-up",
+        action="store_true",
+        help="before measuring, one request of k images for each k up to "
+        "--max-batch-size (twice, timed)",
+    )
+    parser.add_argument(
+        "--paired-repeats",
+        type=int,
+        default=3,
+        help="forward/service pairs at the top concurrency for the median ratio",
+    )
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="only ours against the LitServe + torchcam peer (module text)",
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=3, help="--peer and --compare-with: alternating pairs"
+    )
+    parser.add_argument(
+        "--neighbour", action="store_true", help="--peer: a core-bound process beside both arms"
+    )
+    parser.add_argument(
+        "--model-option",
+        nargs=2,
+        action="append",
+        metavar=("KEY", "VALUE"),
+        help="--peer: a models-file option for ours, e.g. precision '\"bf16\"'",
+    )
     args = parser.parse_args()
     if args.peer:
         _peer_comparison(args)
@@ -451,25 +578,36 @@ def main() -> None:
     weights = folder / f"{args.arch}.pt"
     torch.save(getattr(torchvision.models, args.arch)().state_dict(), weights)
     (folder / "models.toml").write_text(
-        f'[models.{args.arch}]\narch = "{args.arch}"\nweights = "{weights}"\n')
+        f'[models.{args.arch}]\narch = "{args.arch}"\nweights = "{weights}"\n'
+    )
     payloads = {
-        "array/layer, 224² JPEG": {"images": [_jpeg(224)],
-                                   "heatmap": {"format": "array", "size": "layer"}},
-        "overlay/original, 1024² JPEG": {"images": [_jpeg(1024)],
-                                         "heatmap": {"format": "overlay", "size": "original"}},
+        "array/layer, 224² JPEG": {
+            "images": [_jpeg(224)],
+            "heatmap": {"format": "array", "size": "layer"},
+        },
+        "overlay/original, 1024² JPEG": {
+            "images": [_jpeg(1024)],
+            "heatmap": {"format": "overlay", "size": "original"},
+        },
     }
     bodies = {name: json.dumps(p).encode() for name, p in payloads.items()}
 
     forward_ips, forward_1_s = _forward(args, total_threads)
     paired: list[float] = []
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    layout = (f"{args.workers or 'default'} worker(s) × {args.threads or 'default'} threads, "
-              f"engine with {args.torch_threads} torch threads")
-    print(f"torch {torch.__version__} on {device}{' with autocast' if args.autocast else ''}; "
-          f"service: {layout}, max batch {args.max_batch_size}; {os.cpu_count()} cores; "
-          f"client: {args.client}")
-    print(f"plain forward, resnet50, {total_threads} torch threads: batch {args.forward_batch} "
-          f"**{forward_ips:.1f} img/s**, batch 1 {forward_1_s * 1000:.1f} ms\n")
+    layout = (
+        f"{args.workers or 'default'} worker(s) × {args.threads or 'default'} threads, "
+        f"engine with {args.torch_threads} torch threads"
+    )
+    print(
+        f"torch {torch.__version__} on {device}{' with autocast' if args.autocast else ''}; "
+        f"service: {layout}, max batch {args.max_batch_size}; {os.cpu_count()} cores; "
+        f"client: {args.client}"
+    )
+    print(
+        f"plain forward, resnet50, {total_threads} torch threads: batch {args.forward_batch} "
+        f"**{forward_ips:.1f} img/s**, batch 1 {forward_1_s * 1000:.1f} ms\n"
+    )
 
     rows: dict[tuple[str, str, int], tuple[float, float, float, float, float, float]] = {}
 
@@ -477,17 +615,37 @@ def main() -> None:
         """``serve`` from this checkout, or from another one (``--compare-with``)."""
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        flags = [flag for name, value in (("--workers", args.workers),
-                                          ("--threads", args.threads))
-                 if value for flag in (name, str(value))]
-        env = {"GRADCAM_TORCH_THREADS": str(args.torch_threads),
-               "GRADCAM_AUTOCAST": "true" if args.autocast else "false",
-               "GRADCAM_MAX_BATCH_SIZE": str(args.max_batch_size)}
+        flags = [
+            flag
+            for name, value in (("--workers", args.workers), ("--threads", args.threads))
+            if value
+            for flag in (name, str(value))
+        ]
+        env = {
+            "GRADCAM_TORCH_THREADS": str(args.torch_threads),
+            "GRADCAM_AUTOCAST": "true" if args.autocast else "false",
+            "GRADCAM_MAX_BATCH_SIZE": str(args.max_batch_size),
+        }
         if checkout is not None:
             env["PYTHONPATH"] = str(checkout)
-        server = _start([sys.executable, "-m", "service.cli", "serve", "--models",
-                         str(folder / "models.toml"), "--port", str(port), *flags,
-                         "--device", args.device], env, url, "/readyz")
+        server = _start(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--models",
+                str(folder / "models.toml"),
+                "--port",
+                str(port),
+                *flags,
+                "--device",
+                args.device,
+            ],
+            env,
+            url,
+            "/readyz",
+        )
         return server, url
 
     server, url = start_service()
@@ -505,12 +663,17 @@ def main() -> None:
                 batch_ms = (after[2] - before[2]) / batches * 1000
                 rows[("service", name, concurrency)] = (*result, mean_batch, batch_ms)
                 # As it comes, so that a later failure leaves the figures so far.
-                print(f"  {name}, concurrency {concurrency}: {result[0]:.1f} req/s, p50 "
-                      f"{result[1]:.0f} ms, p99 {result[2]:.0f} ms, 503s {result[3]:.0%}, "
-                      f"mean batch {mean_batch:.1f}, engine {batch_ms:.1f} ms per batch",
-                      flush=True)
-        graphs = [line for line in requests.get(url + "/metrics", timeout=10).text.splitlines()
-                  if line.startswith("gradcam_cuda_graph_")]
+                print(
+                    f"  {name}, concurrency {concurrency}: {result[0]:.1f} req/s, p50 "
+                    f"{result[1]:.0f} ms, p99 {result[2]:.0f} ms, 503s {result[3]:.0%}, "
+                    f"mean batch {mean_batch:.1f}, engine {batch_ms:.1f} ms per batch",
+                    flush=True,
+                )
+        graphs = [
+            line
+            for line in requests.get(url + "/metrics", timeout=10).text.splitlines()
+            if line.startswith("gradcam_cuda_graph_")
+        ]
         if graphs:  # GRADCAM_CUDA_GRAPHS: were the batches replayed, or did they fall back?
             print("  " + "\n  ".join(graphs), flush=True)
         # The forward figure drifts between runs on a small machine: pair it with
@@ -535,24 +698,41 @@ def main() -> None:
         first_body = bodies[list(bodies)[args.compare_request]]
         top = max(args.concurrency)
         for _ in range(args.pairs):
-            for label, checkout in (("this checkout", None),
-                                    (str(args.compare_with), args.compare_with)):
+            for label, checkout in (
+                ("this checkout", None),
+                (str(args.compare_with), args.compare_with),
+            ):
                 other, other_url = start_service(checkout)
                 try:
                     load(other_url + "/v1/explain", first_body, top)  # warm-up
                     compared.setdefault(label, []).append(
-                        load(other_url + "/v1/explain", first_body, top)[0])
+                        load(other_url + "/v1/explain", first_body, top)[0]
+                    )
                 finally:
                     stop(other)
 
     if not args.skip_naive:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        naive = _start([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}",
-                        "--pythonpath", str(REPO / "tests" / "benchmarks"), "--timeout", "300",
-                        "naive_app:app"],
-                       {"NAIVE_WEIGHTS": str(weights), "NAIVE_TORCH_THREADS": "1"}, url,
-                       "/v1/explain")
+        naive = _start(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-w",
+                "2",
+                "-b",
+                f"127.0.0.1:{port}",
+                "--pythonpath",
+                str(REPO / "tests" / "benchmarks"),
+                "--timeout",
+                "300",
+                "naive_app:app",
+            ],
+            {"NAIVE_WEIGHTS": str(weights), "NAIVE_TORCH_THREADS": "1"},
+            url,
+            "/v1/explain",
+        )
         try:
             for name, body in bodies.items():
                 for concurrency in args.concurrency:
@@ -561,26 +741,34 @@ def main() -> None:
         finally:
             stop(naive)
 
-    print("| server | request | concurrency | req/s | p50 ms | p99 ms | 503s | mean batch | "
-          "engine ms per batch |")
+    print(
+        "| server | request | concurrency | req/s | p50 ms | p99 ms | 503s | mean batch | "
+        "engine ms per batch |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for (system, name, concurrency), (rps, p50, p99, shed, batch, batch_ms) in rows.items():
-        print(f"| {system} | {name} | {concurrency} | {rps:.1f} | {p50:.0f} | {p99:.0f} | "
-              f"{shed:.0%} | {batch:.1f} | {batch_ms:.1f} |")
+        print(
+            f"| {system} | {name} | {concurrency} | {rps:.1f} | {p50:.0f} | {p99:.0f} | "
+            f"{shed:.0%} | {batch:.1f} | {batch_ms:.1f} |"
+        )
     print()
     if paired:
         ratios = ", ".join(f"{r:.2f}" for r in paired)
-        print(f"{next(iter(bodies))}, concurrency {max(args.concurrency)}, {len(paired)} paired "
-              f"repeats (forward, then service): service / forward = {ratios}; "
-              f"median **{statistics.median(paired):.2f}×**")
+        print(
+            f"{next(iter(bodies))}, concurrency {max(args.concurrency)}, {len(paired)} paired "
+            f"repeats (forward, then service): service / forward = {ratios}; "
+            f"median **{statistics.median(paired):.2f}×**"
+        )
     if compared:
         (mine, theirs) = compared.values()
         ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
-        print(f"{list(bodies)[args.compare_request]} ({args.arch}), concurrency "
-              f"{max(args.concurrency)}: this checkout "
-              f"{', '.join(f'{r:.1f}' for r in mine)} req/s, {args.compare_with} "
-              f"{', '.join(f'{r:.1f}' for r in theirs)} req/s; ratio median "
-              f"**{statistics.median(ratios):.2f}×**")
+        print(
+            f"{list(bodies)[args.compare_request]} ({args.arch}), concurrency "
+            f"{max(args.concurrency)}: this checkout "
+            f"{', '.join(f'{r:.1f}' for r in mine)} req/s, {args.compare_with} "
+            f"{', '.join(f'{r:.1f}' for r in theirs)} req/s; ratio median "
+            f"**{statistics.median(ratios):.2f}×**"
+        )
     for name in bodies:
         top = max(args.concurrency)
         service = rows[("service", name, top)][0]
@@ -591,8 +779,10 @@ def main() -> None:
         if 1 in args.concurrency:
             p50 = rows[("service", name, 1)][1]
             bound = 1.2 * forward_1_s * 1000 + 15
-            print(f"{name}, concurrency 1: p50 {p50:.0f} ms against the target "
-                  f"1.2 × {forward_1_s * 1000:.0f} + 15 = {bound:.0f} ms")
+            print(
+                f"{name}, concurrency 1: p50 {p50:.0f} ms against the target "
+                f"1.2 × {forward_1_s * 1000:.0f} + 15 = {bound:.0f} ms"
+            )
 
 
 if __name__ == "__main__":

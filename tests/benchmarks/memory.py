@@ -54,11 +54,18 @@ def _png16(size: int) -> bytes:
 
 def _requests() -> dict[str, bytes]:
     def body(images: list[bytes], fmt: str) -> bytes:
-        return json.dumps({"images": [base64.b64encode(i).decode() for i in images],
-                           "heatmap": {"format": fmt, "size": "original"}}).encode()
-    return {"4 × 16 MP overlay": body([_jpeg(4000)] * 4, "overlay"),
-            "25 MP 16-bit overlay": body([_png16(5000)], "overlay"),
-            "4 Mi array": body([_jpeg(2048)], "array")}
+        return json.dumps(
+            {
+                "images": [base64.b64encode(i).decode() for i in images],
+                "heatmap": {"format": fmt, "size": "original"},
+            }
+        ).encode()
+
+    return {
+        "4 × 16 MP overlay": body([_jpeg(4000)] * 4, "overlay"),
+        "25 MP 16-bit overlay": body([_png16(5000)], "overlay"),
+        "4 Mi array": body([_jpeg(2048)], "array"),
+    }
 
 
 def _sample(pids: dict[str, int], peaks: dict[str, float], stop: threading.Event) -> None:
@@ -78,17 +85,25 @@ def measure(checkout: Path, bodies: dict[str, bytes]) -> dict[str, dict[str, tup
             sampler = threading.Thread(target=_sample, args=(pids, peaks, finished))
             sampler.start()
             started = time.monotonic()
-            response = requests.post(f"{url}/v1/explain", data=body, timeout=300,
-                                     headers={"Content-Type": "application/json"})
+            response = requests.post(
+                f"{url}/v1/explain",
+                data=body,
+                timeout=300,
+                headers={"Content-Type": "application/json"},
+            )
             took = time.monotonic() - started
             finished.set()
             sampler.join()
             time.sleep(2)
             pids = processes(process.pid)  # a worker may have been replaced
             settled = {role: rss_mb(pid) for role, pid in pids.items()}
-            rows[name] = {"status": (response.status_code, len(response.content) / 1e6, took),
-                          **{role: (peaks.get(role, 0.0), settled.get(role, 0.0))
-                             for role in ("supervisor", "master", "worker 0", "engine")}}
+            rows[name] = {
+                "status": (response.status_code, len(response.content) / 1e6, took),
+                **{
+                    role: (peaks.get(role, 0.0), settled.get(role, 0.0))
+                    for role in ("supervisor", "master", "worker 0", "engine")
+                },
+            }
     finally:
         stop(process)
     return rows
@@ -103,16 +118,20 @@ def main() -> None:
     checkouts = [("this checkout", ROOT)]
     if args.compare_with:
         checkouts.append((str(args.compare_with), args.compare_with.resolve()))
-    print("| server | request | status | answer MB | s | worker peak / after MB "
-          "| engine peak / after MB | master, supervisor peak MB |")
+    print(
+        "| server | request | status | answer MB | s | worker peak / after MB "
+        "| engine peak / after MB | master, supervisor peak MB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label, checkout in checkouts:
         for name, row in measure(checkout, bodies).items():
             status, size, took = row["status"]
-            print(f"| {label} | {name} | {status} | {size:.1f} | {took:.1f} | "
-                  f"{row['worker 0'][0]:.0f} / {row['worker 0'][1]:.0f} | "
-                  f"{row['engine'][0]:.0f} / {row['engine'][1]:.0f} | "
-                  f"{row['master'][0]:.0f}, {row['supervisor'][0]:.0f} |")
+            print(
+                f"| {label} | {name} | {status} | {size:.1f} | {took:.1f} | "
+                f"{row['worker 0'][0]:.0f} / {row['worker 0'][1]:.0f} | "
+                f"{row['engine'][0]:.0f} / {row['engine'][1]:.0f} | "
+                f"{row['master'][0]:.0f}, {row['supervisor'][0]:.0f} |"
+            )
 
 
 if __name__ == "__main__":

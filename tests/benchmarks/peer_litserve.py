@@ -27,16 +27,18 @@ STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 class GradCamAPI(ls.LitAPI):
     def setup(self, device):
         torch.set_num_threads(int(os.environ.get("PEER_TORCH_THREADS", "2")))
-        self.model = torchvision.models.resnet50(num_classes=int(os.environ.get(
-            "PEER_CLASSES", "1000")))
+        self.model = torchvision.models.resnet50(
+            num_classes=int(os.environ.get("PEER_CLASSES", "1000"))
+        )
         self.model.load_state_dict(torch.load(os.environ["PEER_WEIGHTS"], weights_only=True))
         self.model.eval()
         self.cam = GradCAM(self.model, "layer4")
 
     def decode_request(self, request):
         image = Image.open(io.BytesIO(base64.b64decode(request["images"][0]))).convert("RGB")
-        pixels = torch.frombuffer(bytearray(image.resize((224, 224)).tobytes()),
-                                  dtype=torch.uint8).view(224, 224, 3)
+        pixels = torch.frombuffer(
+            bytearray(image.resize((224, 224)).tobytes()), dtype=torch.uint8
+        ).view(224, 224, 3)
         return (pixels.permute(2, 0, 1).float() / 255 - MEAN) / STD
 
     def batch(self, inputs):
@@ -48,9 +50,16 @@ class GradCamAPI(ls.LitAPI):
         (maps,) = self.cam(top1, logits)  # (N, 7, 7) for layer4
         scores = torch.softmax(logits.detach(), dim=1)
         top = scores.topk(min(5, scores.shape[1]), dim=1)
-        return [{"predictions": [{"index": int(i), "score": float(s)}
-                                 for i, s in zip(top.indices[n], top.values[n], strict=True)],
-                 "heatmap": maps[n].tolist()} for n in range(x.shape[0])]
+        return [
+            {
+                "predictions": [
+                    {"index": int(i), "score": float(s)}
+                    for i, s in zip(top.indices[n], top.values[n], strict=True)
+                ],
+                "heatmap": maps[n].tolist(),
+            }
+            for n in range(x.shape[0])
+        ]
 
     def unbatch(self, output):
         return output
@@ -62,5 +71,6 @@ class GradCamAPI(ls.LitAPI):
 if __name__ == "__main__":
     api = GradCamAPI(max_batch_size=8, batch_timeout=0.01, api_path="/v1/explain")
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1)
-    server.run(port=int(os.environ.get("PEER_PORT", "8001")), host="127.0.0.1",
-               generate_client_file=False)
+    server.run(
+        port=int(os.environ.get("PEER_PORT", "8001")), host="127.0.0.1", generate_client_file=False
+    )

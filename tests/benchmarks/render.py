@@ -65,19 +65,20 @@ def main() -> None:
     heat224 = rng.random((224, 224), dtype=np.float32)
     body = {"values": heat224}
     t_json = median_ms(lambda: json.dumps({"values": heat224.tolist()}), args.repeats)
-    t_orjson = median_ms(lambda: orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
-                          args.repeats)
+    t_orjson = median_ms(
+        lambda: orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), args.repeats
+    )
     print("| 224×224 array as JSON | ms |\n|---|---|")
     print(f"| stdlib json (tolist) | {t_json:.1f} |\n| orjson from numpy | {t_orjson:.2f} |")
     print(f"| ratio | **{t_json / t_orjson:.0f}×** |\n")
 
     # A 16×16 map over a 1024×1024 phantom radiograph, like a real overlay.
-    gray = Image.fromarray(to_uint8(sample_phantom(np.random.default_rng(3), 1024,
-                                                   1024).image))
+    gray = Image.fromarray(to_uint8(sample_phantom(np.random.default_rng(3), 1024, 1024).image))
     geometry = fit_geometry(1024, 1024, (128, 128), "stretch")
     prepared = PreparedImage(0, gray, np.zeros((128, 128, 1), np.uint8), None, geometry, [None])
-    model = ModelInfo("m", "a", ("x",), False, 1, (128, 128), (0.5,), (0.25,), "stretch",
-                      "l", (), (), "cpu")
+    model = ModelInfo(
+        "m", "a", ("x",), False, 1, (128, 128), (0.5,), (0.25,), "stretch", "l", (), (), "cpu"
+    )
     cam = rng.random((16, 16), dtype=np.float32)
 
     def service_path(fmt: str, encoding: str = "png") -> Callable[[], str]:
@@ -87,17 +88,21 @@ def main() -> None:
             heat = heatmap(cam, geometry, "original")
             picture = draw_heatmap(heat, prepared, options, model)
             return base64.b64encode(encode_image(picture, options.encoding)).decode("ascii")
+
         return render
 
-    print("| 1024×1024 render, one core | before: float + Pillow PNG | service | ratio | "
-          "KiB (service) |\n|---|---|---|---|---|")
+    print(
+        "| 1024×1024 render, one core | before: float + Pillow PNG | service | ratio | "
+        "KiB (service) |\n|---|---|---|---|---|"
+    )
     for fmt in ("png", "overlay", "gray"):
         before = median_ms(lambda fmt=fmt: _float_path(cam, prepared, fmt), args.repeats)
         render = service_path(fmt)
         after = median_ms(render, args.repeats)
         size = len(base64.b64decode(render())) / 1024
-        print(f"| {fmt} | {before:.1f} ms | **{after:.1f} ms** | {before / after:.1f}× | "
-              f"{size:.0f} |")
+        print(
+            f"| {fmt} | {before:.1f} ms | **{after:.1f} ms** | {before / after:.1f}× | {size:.0f} |"
+        )
     print("\n| 1024×1024 render, one core | ms | KiB |\n|---|---|---|")
     for fmt in ("png", "overlay", "gray"):
         for encoding in ("jpeg", "webp"):

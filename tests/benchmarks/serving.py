@@ -25,18 +25,38 @@ def free_port() -> int:
     return port
 
 
-def serve(checkout: Path = REPO, *, workers: int = 1, threads: int | None = None,
-          env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def serve(
+    checkout: Path = REPO,
+    *,
+    workers: int = 1,
+    threads: int | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen, str]:
     """``gradcam-service serve`` on the CPU from ``checkout`` (its own code: it runs
     there, with it first on the path), once ``/readyz`` answers 200."""
     port = free_port()
-    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port),
-               "--workers", str(workers), "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--device",
+        "cpu",
+    ]
     if threads:
         command += ["--threads", str(threads)]
     process = subprocess.Popen(
-        command, cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, env={**os.environ, "PYTHONPATH": str(checkout), **(env or {})})
+        command,
+        cwd=checkout,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(checkout), **(env or {})},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

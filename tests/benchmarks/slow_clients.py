@@ -52,14 +52,20 @@ def main() -> None:
     checkouts = [("this checkout", ROOT)]
     if args.compare_with:
         checkouts.append((str(args.compare_with), args.compare_with.resolve()))
-    print(f"{args.per_kind} clients of each of 5 kinds, {args.threads} request threads, "
-          "1 worker; slowest of 5 answers (s)")
-    print(f"{'server':<28} {'healthz calm':>12} {'explain calm':>12} {'healthz abused':>15} "
-          f"{'explain abused':>15}")
+    print(
+        f"{args.per_kind} clients of each of 5 kinds, {args.threads} request threads, "
+        "1 worker; slowest of 5 answers (s)"
+    )
+    print(
+        f"{'server':<28} {'healthz calm':>12} {'explain calm':>12} {'healthz abused':>15} "
+        f"{'explain abused':>15}"
+    )
     for label, checkout in checkouts:
         calm, abused = measure(checkout, args.threads, args.per_kind)
-        print(f"{label:<28} {calm['healthz']:>12.3f} {calm['explain']:>12.3f} "
-              f"{abused['healthz']:>15.3f} {abused['explain']:>15.3f}")
+        print(
+            f"{label:<28} {calm['healthz']:>12.3f} {calm['explain']:>12.3f} "
+            f"{abused['healthz']:>15.3f} {abused['explain']:>15.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -54,11 +54,13 @@ def _mix() -> list[tuple[str, bytes, int]]:
         return json.dumps(fields).encode()
 
     return [
-        ("array/layer", body(images=[_png(1, 224)], heatmap={"format": "array",
-                                                             "size": "layer"}), 200),
+        (
+            "array/layer",
+            body(images=[_png(1, 224)], heatmap={"format": "array", "size": "layer"}),
+            200,
+        ),
         ("overlay 1024²", body(images=[_png(2, 1024)], heatmap={"format": "overlay"}), 200),
-        ("8 images png", body(images=[_png(s, 256) for s in range(8)],
-                              targets=[[0, 1]] * 8), 200),
+        ("8 images png", body(images=[_png(s, 256) for s in range(8)], targets=[[0, 1]] * 8), 200),
         ("dicom overlay", body(images=[dicom], heatmap={"format": "overlay"}), 200),
         ("bad base64", body(images=["%%%"]), 422),
         ("unknown label", body(images=[_png(3, 64)], targets=["cat"]), 422),
@@ -90,8 +92,12 @@ def main() -> int:
                     busy[0] += 1
                 name, body, expected = mix[int(rng.integers(len(mix)))]
                 try:
-                    status = session.post(f"{url}/v1/explain", data=body, timeout=120, headers={
-                        "Content-Type": "application/json"}).status_code
+                    status = session.post(
+                        f"{url}/v1/explain",
+                        data=body,
+                        timeout=120,
+                        headers={"Content-Type": "application/json"},
+                    ).status_code
                 except requests.RequestException as error:
                     status = 0
                     unexpected.append(f"{name}: {type(error).__name__}")
@@ -121,8 +127,12 @@ def main() -> int:
         while time.monotonic() < end:
             if idle_at_warm is None and time.monotonic() - started > min(60, args.minutes * 15):
                 idle_at_warm = idle_rss()
-            samples.append((time.monotonic() - started,
-                            {role: rss_mb(pid) for role, pid in processes(server.pid).items()}))
+            samples.append(
+                (
+                    time.monotonic() - started,
+                    {role: rss_mb(pid) for role, pid in processes(server.pid).items()},
+                )
+            )
             time.sleep(2)
         idle_at_end = idle_rss()
         finish.set()
@@ -132,15 +142,19 @@ def main() -> int:
         stop(server)
 
     total = sum(counts.values())
-    print(f"{args.minutes:g} min, {args.clients} clients, {total} requests "
-          f"({total / (args.minutes * 60):.1f}/s)")
+    print(
+        f"{args.minutes:g} min, {args.clients} clients, {total} requests "
+        f"({total / (args.minutes * 60):.1f}/s)"
+    )
     for (name, status), count in sorted(counts.items()):
         print(f"  {name:<14} {status}: {count}")
     # Under load each sample includes requests' temporaries; a leak shows when idle.
     # So: every process's RSS with nothing in flight after warm-up and at the end.
     assert idle_at_warm is not None
-    print("| process | idle RSS after warm-up MB | idle RSS at the end MB | growth | "
-          "peak under load MB |")
+    print(
+        "| process | idle RSS after warm-up MB | idle RSS at the end MB | growth | "
+        "peak under load MB |"
+    )
     print("|---|---|---|---|---|")
     worst = 0.0
     for role in sorted(idle_at_end):

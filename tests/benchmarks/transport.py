@@ -87,13 +87,22 @@ class Case:
 
 
 CASES: tuple[Case, ...] = (
-    Case("1: 224×224×3 u8 → 1000 + 7×7 f32",
-         (((224, 224, 3), "uint8"),), (((1000,), "float32"), ((7, 7), "float32"))),
-    Case("2: 32×224×224×3 u8 → 32×(1000 + 7×7) f32",
-         (((32, 224, 224, 3), "uint8"),), (((32, 1000), "float32"), ((32, 7, 7), "float32")),
-         reducible=True),
-    Case("3: 1×512×512 f32 → 14 + 16×16 f32",
-         (((1, 512, 512), "float32"),), (((14,), "float32"), ((16, 16), "float32"))),
+    Case(
+        "1: 224×224×3 u8 → 1000 + 7×7 f32",
+        (((224, 224, 3), "uint8"),),
+        (((1000,), "float32"), ((7, 7), "float32")),
+    ),
+    Case(
+        "2: 32×224×224×3 u8 → 32×(1000 + 7×7) f32",
+        (((32, 224, 224, 3), "uint8"),),
+        (((32, 1000), "float32"), ((32, 7, 7), "float32")),
+        reducible=True,
+    ),
+    Case(
+        "3: 1×512×512 f32 → 14 + 16×16 f32",
+        (((1, 512, 512), "float32"),),
+        (((14,), "float32"), ((16, 16), "float32")),
+    ),
 )
 
 # What the service sets on both ends (service/engine/process.py imports torch, so copied).
@@ -123,8 +132,9 @@ def _reply_pattern(case: Case, crcs: Sequence[int]) -> list[Array]:
     return [rng.standard_normal(shape).astype(dtype) for shape, dtype in case.reply]
 
 
-def _echo(case_index: int, verify: bool, frames: Sequence[Array],
-          replies: Sequence[list[Array]]) -> tuple[list[int] | None, list[Array]]:
+def _echo(
+    case_index: int, verify: bool, frames: Sequence[Array], replies: Sequence[list[Array]]
+) -> tuple[list[int] | None, list[Array]]:
     """The engine's answer to a request: (crcs of the frames if verify, reply arrays)."""
     if not verify:
         return None, replies[case_index]
@@ -133,8 +143,12 @@ def _echo(case_index: int, verify: bool, frames: Sequence[Array],
 
 
 def _random_request(case: Case, rng: np.random.Generator) -> list[Array]:
-    return [rng.integers(0, 256, size=shape, dtype=dtype) if np.dtype(dtype).kind == "u"
-            else rng.standard_normal(shape).astype(dtype) for shape, dtype in case.request]
+    return [
+        rng.integers(0, 256, size=shape, dtype=dtype)
+        if np.dtype(dtype).kind == "u"
+        else rng.standard_normal(shape).astype(dtype)
+        for shape, dtype in case.request
+    ]
 
 
 def _shm_buf(shm: shared_memory.SharedMemory) -> memoryview:
@@ -178,8 +192,9 @@ def _unix_engine(ready: Event, path: str, sndbuf: int) -> None:
             for header, frames in reader.read(conn):
                 crcs, reply = _echo(header["c"], header["v"], frames, replies)
                 try:
-                    ipc.send_message(conn, ipc.encode({"id": header["id"], "crc": crcs}, reply),
-                                     SEND_TIMEOUT_S)
+                    ipc.send_message(
+                        conn, ipc.encode({"id": header["id"], "crc": crcs}, reply), SEND_TIMEOUT_S
+                    )
                 except ipc.PeerGone:
                     return
 
@@ -196,11 +211,16 @@ def _zmq_engine(ready: Event, address: str) -> None:
         header = msgpack.unpackb(raw_header.bytes)
         if header.get("stop"):
             break
-        frames = [np.frombuffer(p.buffer, dtype=d).reshape(s)
-                  for p, (_, d, s) in zip(parts, header["f"], strict=True)]
+        frames = [
+            np.frombuffer(p.buffer, dtype=d).reshape(s)
+            for p, (_, d, s) in zip(parts, header["f"], strict=True)
+        ]
         crcs, reply = _echo(header["c"], header["v"], frames, replies)
-        out = {"id": header["id"], "crc": crcs,
-               "f": [[a.nbytes, a.dtype.str, list(a.shape)] for a in reply]}
+        out = {
+            "id": header["id"],
+            "crc": crcs,
+            "f": [[a.nbytes, a.dtype.str, list(a.shape)] for a in reply],
+        }
         sock.send_multipart([identity, msgpack.packb(out), *reply], copy=False)
     sock.close()
     context.term()
@@ -212,8 +232,10 @@ def _padded(spec: Spec) -> int:
 
 def _slot_views(shm: shared_memory.SharedMemory, specs: Sequence[Spec]) -> list[Array]:
     offsets = itertools.accumulate(map(_padded, specs), initial=META_BYTES)
-    return [np.ndarray(shape, dtype=dtype, buffer=_shm_buf(shm), offset=offset)
-            for (shape, dtype), offset in zip(specs, offsets, strict=False)]
+    return [
+        np.ndarray(shape, dtype=dtype, buffer=_shm_buf(shm), offset=offset)
+        for (shape, dtype), offset in zip(specs, offsets, strict=False)
+    ]
 
 
 def _shm_engine(ready: Event, path: str, request_name: str, reply_name: str) -> None:
@@ -321,15 +343,21 @@ class ZmqTransport:
 
     def roundtrip(self, case_index: int, frames: Sequence[Array], verify: bool) -> Reply:
         request_id = next(self.ids)
-        header = {"id": request_id, "c": case_index, "v": verify,
-                  "f": [[a.nbytes, a.dtype.str, list(a.shape)] for a in frames]}
+        header = {
+            "id": request_id,
+            "c": case_index,
+            "v": verify,
+            "f": [[a.nbytes, a.dtype.str, list(a.shape)] for a in frames],
+        }
         self.sock.send_multipart([msgpack.packb(header), *frames], copy=False)
         raw_header, *parts = self.sock.recv_multipart(copy=False)
         reply_header = msgpack.unpackb(raw_header.bytes)
         if reply_header["id"] != request_id:
             raise RuntimeError("reply to another request")
-        reply = [np.frombuffer(p.buffer, dtype=d).reshape(s)
-                 for p, (_, d, s) in zip(parts, reply_header["f"], strict=True)]
+        reply = [
+            np.frombuffer(p.buffer, dtype=d).reshape(s)
+            for p, (_, d, s) in zip(parts, reply_header["f"], strict=True)
+        ]
         return reply, reply_header.get("crc")
 
     def close(self) -> None:
@@ -469,8 +497,9 @@ def _check_reply(name: str, case: Case, reply: Sequence[Array], expected: Sequen
             raise RuntimeError(f"{name}, case {case.label}: reply differs from what was sent")
 
 
-def bench_case(transport: Transport, case_index: int, trips: int, warmup: int,
-               rng: np.random.Generator) -> str:
+def bench_case(
+    transport: Transport, case_index: int, trips: int, warmup: int, rng: np.random.Generator
+) -> str:
     """One row of the Markdown table."""
     case = CASES[case_index]
     frames = _random_request(case, rng)
@@ -491,8 +520,10 @@ def bench_case(transport: Transport, case_index: int, trips: int, warmup: int,
     _verify(transport, case_index, rng)
     p50, p99 = np.percentile(times, [50, 99])
     print(f"{transport.name} | {case.label}: p50 {p50 * 1e3:.3f} ms", file=sys.stderr)
-    return (f"| {transport.name} | {case.label} (n={trips}) | {p50 * 1e3:.3f} | {p99 * 1e3:.3f}"
-            f" | {sum(map(_nbytes, case.request)) / p50 / 1e6:,.0f} |")
+    return (
+        f"| {transport.name} | {case.label} (n={trips}) | {p50 * 1e3:.3f} | {p99 * 1e3:.3f}"
+        f" | {sum(map(_nbytes, case.request)) / p50 / 1e6:,.0f} |"
+    )
 
 
 def bench_threaded(workdir: str, threads: int, trips: int, sndbuf: int) -> list[str]:
@@ -529,7 +560,8 @@ def bench_threaded(workdir: str, threads: int, trips: int, sndbuf: int) -> list[
                 f"threaded unix (service.transport.ipc, {client.label}), case 1,"
                 f" {count} thread(s) × {trips} trips, one socket + reader thread:"
                 f" **{count * trips / elapsed:,.0f} round trips/s** total"
-                f" (per request p50 {p50:.3f} ms, p99 {p99:.3f} ms)")
+                f" (per request p50 {p50:.3f} ms, p99 {p99:.3f} ms)"
+            )
     finally:
         client.close()
         _stop(process)
@@ -540,10 +572,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trips", type=int, default=300, help="timed round trips per case")
     parser.add_argument("--warmup", type=int, default=30, help="untimed round trips first")
-    parser.add_argument("--sndbuf", type=int, nargs="+", default=[0, SOCKET_BUFFER_BYTES],
-                        help="SO_SNDBUF values for the unix rows (0 = kernel default)")
-    parser.add_argument("--threaded-sndbuf", type=int, nargs="+", default=[0],
-                        help="SO_SNDBUF values for the threaded-client lines")
+    parser.add_argument(
+        "--sndbuf",
+        type=int,
+        nargs="+",
+        default=[0, SOCKET_BUFFER_BYTES],
+        help="SO_SNDBUF values for the unix rows (0 = kernel default)",
+    )
+    parser.add_argument(
+        "--threaded-sndbuf",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="SO_SNDBUF values for the threaded-client lines",
+    )
     parser.add_argument("--threads", type=int, default=8, help="threads sharing one socket")
     args = parser.parse_args(argv)
 
@@ -561,18 +603,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         for factory in factories:
             transport = factory()
             try:
-                rows += [bench_case(transport, case_index, args.trips, args.warmup, rng)
-                         for case_index in range(len(CASES))]
+                rows += [
+                    bench_case(transport, case_index, args.trips, args.warmup, rng)
+                    for case_index in range(len(CASES))
+                ]
             finally:
                 transport.close()
-        threaded = [line for sndbuf in args.threaded_sndbuf
-                    for line in bench_threaded(workdir, args.threads, args.trips, sndbuf)]
+        threaded = [
+            line
+            for sndbuf in args.threaded_sndbuf
+            for line in bench_threaded(workdir, args.threads, args.trips, sndbuf)
+        ]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"Python {platform.python_version()}, numpy {np.__version__}, pyzmq {zmq.__version__},"
-          f" {os.cpu_count()} CPUs, Linux {platform.release()}; all replies verified by crc32;"
-          f" run took {time.perf_counter() - started:.0f} s\n")
+    print(
+        f"Python {platform.python_version()}, numpy {np.__version__}, pyzmq {zmq.__version__},"
+        f" {os.cpu_count()} CPUs, Linux {platform.release()}; all replies verified by crc32;"
+        f" run took {time.perf_counter() - started:.0f} s\n"
+    )
     print("| transport | case | p50 ms | p99 ms | MB/s in |")
     print("|---|---|---:|---:|---:|")
     print("\n".join([*rows, "", *threaded]))

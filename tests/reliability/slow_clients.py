@@ -29,8 +29,10 @@ def _body(size: int, fmt: str) -> bytes:
 
 
 def _request(body: bytes) -> bytes:
-    return (b"POST /v1/explain HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    return (
+        b"POST /v1/explain HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
 
 
 @dataclass
@@ -65,13 +67,17 @@ class SlowClients:
                 if kind == "header_trickle":
                     sock.sendall(b"POST /v1/explain HTTP/1.1\r\nHost: test\r\nX-Slow: ")
                 elif kind == "body_trickle":
-                    sock.sendall(b"POST /v1/explain HTTP/1.1\r\nHost: test\r\n"
-                                 b"Content-Type: application/json\r\nContent-Length: 100000\r\n"
-                                 b"\r\n{")
+                    sock.sendall(
+                        b"POST /v1/explain HTTP/1.1\r\nHost: test\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 100000\r\n"
+                        b"\r\n{"
+                    )
                 elif kind == "short_body":
-                    sock.sendall(b"POST /v1/explain HTTP/1.1\r\nHost: test\r\n"
-                                 b"Content-Type: application/json\r\nContent-Length: 1000\r\n"
-                                 b"\r\n{\"images\": [")
+                    sock.sendall(
+                        b"POST /v1/explain HTTP/1.1\r\nHost: test\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 1000\r\n"
+                        b'\r\n{"images": ['
+                    )
                 opened.append(sock)
             self.sockets[kind] = opened
         self._thread = threading.Thread(target=self._trickle, daemon=True)
@@ -107,8 +113,15 @@ def answer_times(url: str, repeats: int = 5) -> dict[str, float]:
                 if name == "healthz":
                     ok = requests.get(f"{url}/healthz", timeout=10).status_code == 200
                 else:
-                    ok = requests.post(f"{url}/v1/explain", data=small, timeout=10, headers={
-                        "Content-Type": "application/json"}).status_code == 200
+                    ok = (
+                        requests.post(
+                            f"{url}/v1/explain",
+                            data=small,
+                            timeout=10,
+                            headers={"Content-Type": "application/json"},
+                        ).status_code
+                        == 200
+                    )
             except requests.RequestException:
                 ok = False
             took = time.monotonic() - started if ok else 99.0

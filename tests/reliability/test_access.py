@@ -39,11 +39,15 @@ def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def locked(tokens_file: Path) -> Iterator[tuple[LiveServer, int]]:
     metrics_port = _free_port()
-    live = LiveServer(env={"GRADCAM_AUTH_TOKENS": TOKEN_ENV,
-                           "GRADCAM_AUTH_TOKENS_FILE": str(tokens_file),
-                           "GRADCAM_CORS_ORIGINS": ORIGIN,
-                           "GRADCAM_METRICS_PORT": str(metrics_port),
-                           "GRADCAM_LOG_FORMAT": "json"})
+    live = LiveServer(
+        env={
+            "GRADCAM_AUTH_TOKENS": TOKEN_ENV,
+            "GRADCAM_AUTH_TOKENS_FILE": str(tokens_file),
+            "GRADCAM_CORS_ORIGINS": ORIGIN,
+            "GRADCAM_METRICS_PORT": str(metrics_port),
+            "GRADCAM_LOG_FORMAT": "json",
+        }
+    )
     yield live, metrics_port
     live.stop()
 
@@ -61,71 +65,98 @@ def test_probes_are_open_and_the_api_needs_a_token(locked: tuple[LiveServer, int
     assert missing.headers["WWW-Authenticate"] == 'Bearer realm="gradcam-service"'
     assert missing.json()["error"]["code"] == "unauthorized"
     wrong = requests.get(f"{server.url}/v1/models", headers=_bearer("x" * 26), timeout=5)
-    assert wrong.status_code == 401 and 'error="invalid_token"' in wrong.headers[
-        "WWW-Authenticate"]
+    assert wrong.status_code == 401 and 'error="invalid_token"' in wrong.headers["WWW-Authenticate"]
     basic = requests.get(f"{server.url}/v1/models", auth=("user", TOKEN_ENV), timeout=5)
     assert basic.status_code == 401
     # Unknown routes too: nothing is learnt without a token.
     assert requests.get(f"{server.url}/v9/nothing", timeout=5).status_code == 401
     for token in (TOKEN_ENV, TOKEN_FILE):
-        assert requests.get(f"{server.url}/v1/models", headers=_bearer(token),
-                            timeout=5).status_code == 200
+        assert (
+            requests.get(f"{server.url}/v1/models", headers=_bearer(token), timeout=5).status_code
+            == 200
+        )
     body = {"images": [encode(phantom_png(1, 64, 64))], "heatmap": {"format": "none"}}
-    assert requests.post(f"{server.url}/v1/explain", json=body, timeout=30,
-                         headers=_bearer(TOKEN_FILE)).status_code == 200
+    assert (
+        requests.post(
+            f"{server.url}/v1/explain", json=body, timeout=30, headers=_bearer(TOKEN_FILE)
+        ).status_code
+        == 200
+    )
 
 
-def test_a_rotated_tokens_file_is_picked_up(locked: tuple[LiveServer, int],
-                                            tokens_file: Path) -> None:
+def test_a_rotated_tokens_file_is_picked_up(
+    locked: tuple[LiveServer, int], tokens_file: Path
+) -> None:
     server, _ = locked
     rotated = "rotated-token-0123456789abcdef"
     tokens_file.write_text(f"{rotated}\n")
     os.utime(tokens_file, (time.time() + 5, time.time() + 5))
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        if requests.get(f"{server.url}/v1/models", headers=_bearer(rotated),
-                        timeout=5).status_code == 200:
+        if (
+            requests.get(f"{server.url}/v1/models", headers=_bearer(rotated), timeout=5).status_code
+            == 200
+        ):
             break
         time.sleep(0.5)
     else:
         raise AssertionError("the rotated token was never accepted")
-    assert requests.get(f"{server.url}/v1/models", headers=_bearer(TOKEN_FILE),
-                        timeout=5).status_code == 401
-    assert requests.get(f"{server.url}/v1/models", headers=_bearer(TOKEN_ENV),
-                        timeout=5).status_code == 200
+    assert (
+        requests.get(f"{server.url}/v1/models", headers=_bearer(TOKEN_FILE), timeout=5).status_code
+        == 401
+    )
+    assert (
+        requests.get(f"{server.url}/v1/models", headers=_bearer(TOKEN_ENV), timeout=5).status_code
+        == 200
+    )
 
 
 def test_cors_only_for_the_listed_origin(locked: tuple[LiveServer, int]) -> None:
     server, _ = locked
-    preflight = requests.options(f"{server.url}/v1/explain", timeout=5, headers={
-        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type"})
+    preflight = requests.options(
+        f"{server.url}/v1/explain",
+        timeout=5,
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
     assert preflight.status_code == 204
     assert preflight.headers["Access-Control-Allow-Origin"] == ORIGIN
     assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
-    other = requests.options(f"{server.url}/v1/explain", timeout=5, headers={
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    other = requests.options(
+        f"{server.url}/v1/explain",
+        timeout=5,
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
     assert "Access-Control-Allow-Origin" not in other.headers
-    simple = requests.get(f"{server.url}/v1/models", headers={**_bearer(TOKEN_ENV),
-                                                              "Origin": ORIGIN}, timeout=5)
+    simple = requests.get(
+        f"{server.url}/v1/models", headers={**_bearer(TOKEN_ENV), "Origin": ORIGIN}, timeout=5
+    )
     assert simple.headers["Access-Control-Allow-Origin"] == ORIGIN
     assert simple.headers["Vary"] == "Origin"
 
 
 def test_metrics_on_their_own_port(locked: tuple[LiveServer, int]) -> None:
     server, metrics_port = locked
-    assert requests.get(f"{server.url}/metrics", headers=_bearer(TOKEN_ENV),
-                        timeout=5).status_code == 404
+    assert (
+        requests.get(f"{server.url}/metrics", headers=_bearer(TOKEN_ENV), timeout=5).status_code
+        == 404
+    )
     scrape = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
     assert scrape.status_code == 200
     assert "gradcam_requests_total" in scrape.text or "gradcam_request_duration" in scrape.text
 
 
-def test_logs_are_json_lines_without_tokens_or_image_bytes(
-        locked: tuple[LiveServer, int]) -> None:
+def test_logs_are_json_lines_without_tokens_or_image_bytes(locked: tuple[LiveServer, int]) -> None:
     server, _ = locked
-    requests.post(f"{server.url}/v1/explain", timeout=30, headers=_bearer(TOKEN_ENV),
-                  json={"images": [MARKER], "model": MARKER})
+    requests.post(
+        f"{server.url}/v1/explain",
+        timeout=30,
+        headers=_bearer(TOKEN_ENV),
+        json={"images": [MARKER], "model": MARKER},
+    )
     requests.get(f"{server.url}/v1/models", headers=_bearer("wrong-" + TOKEN_ENV), timeout=5)
     log = server.read_log()
     for secret in (TOKEN_ENV, TOKEN_FILE, MARKER):
@@ -140,7 +171,10 @@ def test_logs_are_json_lines_without_tokens_or_image_bytes(
 def test_a_short_token_stops_serve_with_its_message() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "service.cli", "serve", "--port", str(_free_port())],
-        env={**os.environ, "GRADCAM_AUTH_TOKENS": "short"}, capture_output=True, text=True,
-        timeout=60)
+        env={**os.environ, "GRADCAM_AUTH_TOKENS": "short"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "shorter than 16 characters" in result.stderr

@@ -50,7 +50,7 @@ def test_crop_resizes_only_what_it_keeps() -> None:
     assert pixels.shape == (224, 224, 1) and box is None
     expected = np.asarray(image.resize(geometry.resized_size, Image.Resampling.BILINEAR))
     u0 = (geometry.resized_size[0] - 224) // 2
-    reference = expected[:, u0:u0 + 224]
+    reference = expected[:, u0 : u0 + 224]
     assert np.abs(pixels[:, :, 0].astype(int) - reference.astype(int)).max() <= 1
 
 
@@ -63,23 +63,42 @@ def _explain(runtime: Runtime, settings: Settings, **body: object) -> dict:
     return explain(ExplainRequest.model_validate(body), runtime, settings)
 
 
-@pytest.mark.parametrize("settings,body,code", [
-    (Settings(max_explanations_per_request=3), {"images": ["A"] * 2, "targets": [[0, 1], [2, 3]]},
-     "too_many_targets"),
-    (Settings(max_image_side=200), {"images": [encode(phantom_png(1, 201, 50))]},
-     "image_too_large"),
-    (Settings(max_request_pixels=150 * 150), {"images": [encode(phantom_png(1, 100, 100))] * 3},
-     "too_many_pixels"),
-    (Settings(max_output_pixels=3 * 100 * 100),
-     {"images": [encode(phantom_png(1, 100, 100))], "targets": [[0, 1, 2, 3]]},
-     "output_too_large"),
-    (Settings(max_array_values=128 * 128),
-     {"images": [encode(phantom_png(1, 64, 64))] * 2, "heatmap": {"format": "array",
-                                                                 "size": "input"}},
-     "array_too_large"),
-])
-def test_budgets_refuse_before_any_work(runtime: Runtime, settings: Settings, body: dict,
-                                        code: str) -> None:
+@pytest.mark.parametrize(
+    "settings,body,code",
+    [
+        (
+            Settings(max_explanations_per_request=3),
+            {"images": ["A"] * 2, "targets": [[0, 1], [2, 3]]},
+            "too_many_targets",
+        ),
+        (
+            Settings(max_image_side=200),
+            {"images": [encode(phantom_png(1, 201, 50))]},
+            "image_too_large",
+        ),
+        (
+            Settings(max_request_pixels=150 * 150),
+            {"images": [encode(phantom_png(1, 100, 100))] * 3},
+            "too_many_pixels",
+        ),
+        (
+            Settings(max_output_pixels=3 * 100 * 100),
+            {"images": [encode(phantom_png(1, 100, 100))], "targets": [[0, 1, 2, 3]]},
+            "output_too_large",
+        ),
+        (
+            Settings(max_array_values=128 * 128),
+            {
+                "images": [encode(phantom_png(1, 64, 64))] * 2,
+                "heatmap": {"format": "array", "size": "input"},
+            },
+            "array_too_large",
+        ),
+    ],
+)
+def test_budgets_refuse_before_any_work(
+    runtime: Runtime, settings: Settings, body: dict, code: str
+) -> None:
     with pytest.raises(PayloadTooLarge) as caught:
         _explain(runtime, settings, **body)
     assert caught.value.code == code and caught.value.status == 413
@@ -87,12 +106,16 @@ def test_budgets_refuse_before_any_work(runtime: Runtime, settings: Settings, bo
 
 def test_budgets_are_not_charged_for_what_is_not_drawn(runtime: Runtime) -> None:
     settings = Settings(max_output_pixels=100, max_array_values=100)
-    body = _explain(runtime, settings, images=[encode(phantom_png(1, 100, 100))],
-                    heatmap={"format": "none"})
+    body = _explain(
+        runtime, settings, images=[encode(phantom_png(1, 100, 100))], heatmap={"format": "none"}
+    )
     assert body["results"][0]["explanations"][0]["heatmap"]["format"] == "none"
-    layer = _explain(runtime, Settings(max_array_values=16 * 16),
-                     images=[encode(phantom_png(1, 100, 100))],
-                     heatmap={"format": "array", "size": "layer"})
+    layer = _explain(
+        runtime,
+        Settings(max_array_values=16 * 16),
+        images=[encode(phantom_png(1, 100, 100))],
+        heatmap={"format": "array", "size": "layer"},
+    )
     assert len(layer["results"][0]["explanations"][0]["heatmap"]["values"]) == 16
 
 
@@ -104,7 +127,7 @@ def _jpeg(width: int, height: int) -> bytes:
 
 def _with_sof_size(jpeg: bytes, width: int, height: int) -> bytes:
     at = jpeg.index(b"\xff\xc0")
-    return jpeg[:at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9:]
+    return jpeg[: at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9 :]
 
 
 def test_codestream_sizes_are_read_from_the_headers() -> None:
@@ -143,8 +166,9 @@ def test_a_dicom_codestream_bomb_is_refused_before_decoding() -> None:
 
 
 def test_a_deflated_dicom_is_refused_unread() -> None:
-    data = _jpeg_dicom(_jpeg(8, 8), 8, 8).replace(JPEGBaseline8Bit.encode(),
-                                                  b"1.2.840.10008.1.2.1.99")
+    data = _jpeg_dicom(_jpeg(8, 8), 8, 8).replace(
+        JPEGBaseline8Bit.encode(), b"1.2.840.10008.1.2.1.99"
+    )
     with pytest.raises(UnsupportedMediaType, match="deflated"):
         decode_image(data, 0, 1, _any_size)
 
@@ -196,8 +220,17 @@ def test_explaining_stops_between_target_rounds_when_nobody_waits() -> None:
     from service.engine.gradcam import GradCAM
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(4, 6)).eval().requires_grad_(False)
+    model = (
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 6),
+        )
+        .eval()
+        .requires_grad_(False)
+    )
     cam = GradCAM(model)
     inputs = torch.rand(2, 1, 16, 16)
     asked: list[int] = []

@@ -28,30 +28,46 @@ from tests.helpers import LiveServer, bomb_png, encode, phantom_png
 from tests.reliability.test_bounded_work import _jpeg, _jpeg_dicom, _with_sof_size
 
 CLIENT_TIMEOUT_S = 2.0
-LIMITS = {"GRADCAM_MAX_REQUEST_BYTES": str(8 * 2**20),
-          "GRADCAM_MAX_EXPLANATIONS_PER_REQUEST": "8",
-          "GRADCAM_MAX_REQUEST_PIXELS": "50000",
-          "GRADCAM_CLIENT_TIMEOUT_S": str(CLIENT_TIMEOUT_S),
-          # Allowed, never reached: its requests are refused before any call.
-          "GRADCAM_DICOMWEB_SERVERS": "http://127.0.0.1:9/dicom-web"}
+LIMITS = {
+    "GRADCAM_MAX_REQUEST_BYTES": str(8 * 2**20),
+    "GRADCAM_MAX_EXPLANATIONS_PER_REQUEST": "8",
+    "GRADCAM_MAX_REQUEST_PIXELS": "50000",
+    "GRADCAM_CLIENT_TIMEOUT_S": str(CLIENT_TIMEOUT_S),
+    # Allowed, never reached: its requests are refused before any call.
+    "GRADCAM_DICOMWEB_SERVERS": "http://127.0.0.1:9/dicom-web",
+}
 PACS = "http://127.0.0.1:9/dicom-web"
 
 
-def _dicomweb(url: str = PACS, study: str = "1.2", series: str = "1.2",
-              instance: str = "1.2") -> bytes:
-    return _raw({"images": [{"dicomweb": {"url": url, "study": study, "series": series,
-                                          "instance": instance}}]})
+def _dicomweb(
+    url: str = PACS, study: str = "1.2", series: str = "1.2", instance: str = "1.2"
+) -> bytes:
+    return _raw(
+        {
+            "images": [
+                {"dicomweb": {"url": url, "study": study, "series": series, "instance": instance}}
+            ]
+        }
+    )
+
 
 GOOD = encode(phantom_png(2, 64, 64))
 PNG = phantom_png(1, 64, 64)
 
 
-def _raw(payload: Any, content_type: str = "application/json", method: str = "POST",
-         path: str = "/v1/explain", headers: str = "") -> bytes:
+def _raw(
+    payload: Any,
+    content_type: str = "application/json",
+    method: str = "POST",
+    path: str = "/v1/explain",
+    headers: str = "",
+) -> bytes:
     """An HTTP/1.1 request carrying ``payload`` (JSON-encoded unless bytes)."""
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    head = (f"{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n{headers}\r\n").encode()
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n{headers}\r\n"
+    ).encode()
     return head + body
 
 
@@ -79,8 +95,9 @@ def _png_with_width(width: int, height: int) -> bytes:
 
 
 CHUNKED = "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
-DEFLATED = _jpeg_dicom(_jpeg(8, 8), 8, 8).replace(b"1.2.840.10008.1.2.4.50",
-                                                  b"1.2.840.10008.1.2.1.99")
+DEFLATED = _jpeg_dicom(_jpeg(8, 8), 8, 8).replace(
+    b"1.2.840.10008.1.2.4.50", b"1.2.840.10008.1.2.1.99"
+)
 
 # (name, raw request, status, error code)
 CATALOGUE: list[tuple[str, bytes, int, str]] = [
@@ -95,13 +112,27 @@ CATALOGUE: list[tuple[str, bytes, int, str]] = [
     ("not UTF-8", _raw(b'{"images": ["\xff\xfe"]}'), 400, "invalid_json"),
     ("UTF-16", _raw(json.dumps({"images": [GOOD]}).encode("utf-16")), 400, "invalid_json"),
     ("nested 5000 deep", _raw(b"[" * 5000 + b"]" * 5000), 400, "json_too_deep"),
-    ("gzip body", _raw(gzip.compress(json.dumps({"images": [GOOD]}).encode()),
-                       headers="Content-Encoding: gzip\r\n"), 415,
-     "unsupported_content_encoding"),
-    ("wrong content type", _raw({"images": [GOOD]}, content_type="text/plain"), 415,
-     "unsupported_media_type"),
-    ("form content type", _raw(b"images=1", content_type="application/x-www-form-urlencoded"),
-     415, "unsupported_media_type"),
+    (
+        "gzip body",
+        _raw(
+            gzip.compress(json.dumps({"images": [GOOD]}).encode()),
+            headers="Content-Encoding: gzip\r\n",
+        ),
+        415,
+        "unsupported_content_encoding",
+    ),
+    (
+        "wrong content type",
+        _raw({"images": [GOOD]}, content_type="text/plain"),
+        415,
+        "unsupported_media_type",
+    ),
+    (
+        "form content type",
+        _raw(b"images=1", content_type="application/x-www-form-urlencoded"),
+        415,
+        "unsupported_media_type",
+    ),
     # --- fields ------------------------------------------------------------------------
     ("missing images", _raw({"top_k": 2}), 422, "invalid_field"),
     ("images not a list", _raw({"images": GOOD}), 422, "invalid_field"),
@@ -110,163 +141,342 @@ CATALOGUE: list[tuple[str, bytes, int, str]] = [
     ("top_k a string", _raw({"images": [GOOD], "top_k": "3"}), 422, "invalid_field"),
     ("top_k zero", _raw({"images": [GOOD], "top_k": 0}), 422, "invalid_field"),
     ("top_k a float", _raw({"images": [GOOD], "top_k": 2.5}), 422, "invalid_field"),
-    ("top_k 10^30", _raw(b'{"images": ["x"], "top_k": 1000000000000000000000000000000}'), 422,
-     "invalid_field"),
+    (
+        "top_k 10^30",
+        _raw(b'{"images": ["x"], "top_k": 1000000000000000000000000000000}'),
+        422,
+        "invalid_field",
+    ),
     ("unknown field", _raw({"images": [GOOD], "colour": 1}), 422, "invalid_field"),
-    ("unknown heatmap field", _raw({"images": [GOOD], "heatmap": {"alpha": 1}}), 422,
-     "invalid_field"),
+    (
+        "unknown heatmap field",
+        _raw({"images": [GOOD], "heatmap": {"alpha": 1}}),
+        422,
+        "invalid_field",
+    ),
     ("unknown method", _raw({"images": [GOOD], "method": "scorecam"}), 422, "invalid_field"),
     ("method null", _raw({"images": [GOOD], "method": None}), 422, "invalid_field"),
-    ("unknown format", _raw({"images": [GOOD], "heatmap": {"format": "jpeg"}}), 422,
-     "invalid_field"),
-    ("unknown size", _raw({"images": [GOOD], "heatmap": {"size": "huge"}}), 422,
-     "invalid_field"),
-    ("unknown encoding", _raw({"images": [GOOD], "heatmap": {"encoding": "gif"}}), 422,
-     "invalid_field"),
-    ("encoding of an array", _raw({"images": [GOOD], "heatmap": {"format": "array",
-                                                                 "encoding": "jpeg"}}),
-     422, "invalid_field"),
+    (
+        "unknown format",
+        _raw({"images": [GOOD], "heatmap": {"format": "jpeg"}}),
+        422,
+        "invalid_field",
+    ),
+    ("unknown size", _raw({"images": [GOOD], "heatmap": {"size": "huge"}}), 422, "invalid_field"),
+    (
+        "unknown encoding",
+        _raw({"images": [GOOD], "heatmap": {"encoding": "gif"}}),
+        422,
+        "invalid_field",
+    ),
+    (
+        "encoding of an array",
+        _raw({"images": [GOOD], "heatmap": {"format": "array", "encoding": "jpeg"}}),
+        422,
+        "invalid_field",
+    ),
     ("empty layer", _raw({"images": [GOOD], "layer": ""}), 422, "invalid_field"),
     # --- DICOMweb, include, frames, DICOM formats, the page ----------------------------
-    ("dicomweb to the metadata service", _raw({"images": [{"dicomweb": {
-        "url": "http://169.254.169.254/latest", "study": "1.2", "series": "1.2",
-        "instance": "1.2"}}]}), 403, "dicomweb_not_allowed"),
-    ("dicomweb file url", _raw({"images": [{"dicomweb": {
-        "url": "file:///etc/passwd", "study": "1.2", "series": "1.2", "instance": "1.2"}}]}),
-     422, "invalid_field"),
-    ("dicomweb without uids", _raw({"images": [{"dicomweb": {"url": "http://pacs/"}}]}), 422,
-     "invalid_field"),
-    ("dicomweb with headers", _raw({"images": [{"dicomweb": {
-        "url": "http://pacs/", "study": "1", "series": "1", "instance": "1",
-        "headers": {"Authorization": "x"}}}]}), 422, "invalid_field"),
-    ("store a png heatmap", _raw({"images": [GOOD], "store": {"url": "http://pacs/"}}), 422,
-     "invalid_field"),
-    ("store to the metadata service", _raw({"images": [GOOD], "heatmap": {"format": "dicom-sc"},
-                                            "store": {"url": "http://169.254.169.254/"}}),
-     403, "dicomweb_not_allowed"),
+    (
+        "dicomweb to the metadata service",
+        _raw(
+            {
+                "images": [
+                    {
+                        "dicomweb": {
+                            "url": "http://169.254.169.254/latest",
+                            "study": "1.2",
+                            "series": "1.2",
+                            "instance": "1.2",
+                        }
+                    }
+                ]
+            }
+        ),
+        403,
+        "dicomweb_not_allowed",
+    ),
+    (
+        "dicomweb file url",
+        _raw(
+            {
+                "images": [
+                    {
+                        "dicomweb": {
+                            "url": "file:///etc/passwd",
+                            "study": "1.2",
+                            "series": "1.2",
+                            "instance": "1.2",
+                        }
+                    }
+                ]
+            }
+        ),
+        422,
+        "invalid_field",
+    ),
+    (
+        "dicomweb without uids",
+        _raw({"images": [{"dicomweb": {"url": "http://pacs/"}}]}),
+        422,
+        "invalid_field",
+    ),
+    (
+        "dicomweb with headers",
+        _raw(
+            {
+                "images": [
+                    {
+                        "dicomweb": {
+                            "url": "http://pacs/",
+                            "study": "1",
+                            "series": "1",
+                            "instance": "1",
+                            "headers": {"Authorization": "x"},
+                        }
+                    }
+                ]
+            }
+        ),
+        422,
+        "invalid_field",
+    ),
+    (
+        "store a png heatmap",
+        _raw({"images": [GOOD], "store": {"url": "http://pacs/"}}),
+        422,
+        "invalid_field",
+    ),
+    (
+        "store to the metadata service",
+        _raw(
+            {
+                "images": [GOOD],
+                "heatmap": {"format": "dicom-sc"},
+                "store": {"url": "http://169.254.169.254/"},
+            }
+        ),
+        403,
+        "dicomweb_not_allowed",
+    ),
     ("include unknown", _raw({"images": [GOOD], "include": ["patient"]}), 422, "invalid_field"),
-    ("include thrice", _raw({"images": [GOOD], "include": ["image"] * 3}), 422,
-     "invalid_field"),
-    ("frames for other images", _raw({"images": [GOOD], "frame": [0, 1]}), 422,
-     "frames_length"),
-    ("negative frame in a list", _raw({"images": [GOOD], "frame": [-1]}), 422,
-     "invalid_field"),
-    ("dicomweb port out of range", _dicomweb("http://127.0.0.1:99999/dicom-web"), 422,
-     "invalid_field"),
-    ("dicomweb port not a number", _dicomweb("http://127.0.0.1:abc/dicom-web"), 422,
-     "invalid_field"),
+    ("include thrice", _raw({"images": [GOOD], "include": ["image"] * 3}), 422, "invalid_field"),
+    ("frames for other images", _raw({"images": [GOOD], "frame": [0, 1]}), 422, "frames_length"),
+    ("negative frame in a list", _raw({"images": [GOOD], "frame": [-1]}), 422, "invalid_field"),
+    (
+        "dicomweb port out of range",
+        _dicomweb("http://127.0.0.1:99999/dicom-web"),
+        422,
+        "invalid_field",
+    ),
+    (
+        "dicomweb port not a number",
+        _dicomweb("http://127.0.0.1:abc/dicom-web"),
+        422,
+        "invalid_field",
+    ),
     ("dicomweb broken ipv6", _dicomweb("http://[::1/dicom-web"), 422, "invalid_field"),
     ("dicomweb ipv6 bad port", _dicomweb("http://[::1]:x/dicom-web"), 422, "invalid_field"),
-    ("store url port out of range", _raw({"images": [GOOD], "heatmap": {"format": "dicom-sc"},
-                                          "store": {"url": "http://127.0.0.1:70000/"}}),
-     422, "invalid_field"),
+    (
+        "store url port out of range",
+        _raw(
+            {
+                "images": [GOOD],
+                "heatmap": {"format": "dicom-sc"},
+                "store": {"url": "http://127.0.0.1:70000/"},
+            }
+        ),
+        422,
+        "invalid_field",
+    ),
     ("uid ending in a newline", _dicomweb(study="1.2\n"), 422, "invalid_field"),
     ("uid with a path", _dicomweb(series="1.2/../../x"), 422, "invalid_field"),
     ("uid with a leading zero", _dicomweb(instance="1.02"), 422, "invalid_field"),
-    ("dicom-sc at input size", _raw({"images": [GOOD], "heatmap": {"format": "dicom-sc",
-                                                                  "size": "input"}}),
-     422, "invalid_field"),
-    ("page file outside the page", _raw(b"", method="GET", path="/page/..%2f..%2fetc%2fpasswd"),
-     404, "not_found"),
+    (
+        "dicom-sc at input size",
+        _raw({"images": [GOOD], "heatmap": {"format": "dicom-sc", "size": "input"}}),
+        422,
+        "invalid_field",
+    ),
+    (
+        "page file outside the page",
+        _raw(b"", method="GET", path="/page/..%2f..%2fetc%2fpasswd"),
+        404,
+        "not_found",
+    ),
     ("negative frame", _raw({"images": [GOOD], "frame": -1}), 422, "invalid_field"),
-    ("targets nested 3 deep", _raw({"images": [GOOD], "targets": [[[0]]]}), 422,
-     "invalid_field"),
+    ("targets nested 3 deep", _raw({"images": [GOOD], "targets": [[[0]]]}), 422, "invalid_field"),
     ("unknown model", _raw({"images": [GOOD], "model": "resnet"}), 404, "unknown_model"),
-    ("model path", _raw({"images": [GOOD], "model": "../../etc/passwd"}), 404,
-     "unknown_model"),
+    ("model path", _raw({"images": [GOOD], "model": "../../etc/passwd"}), 404, "unknown_model"),
     ("unknown layer", _raw({"images": [GOOD], "layer": "layer4"}), 422, "unknown_layer"),
     ("unknown label", _raw({"images": [GOOD], "targets": ["cat"]}), 422, "unknown_label"),
-    ("target out of range", _raw({"images": [GOOD], "targets": [7]}), 422,
-     "target_out_of_range"),
-    ("negative target", _raw({"images": [GOOD], "targets": [[-1]]}), 422,
-     "target_out_of_range"),
-    ("targets wrong length", _raw({"images": [GOOD], "targets": [None, None]}), 422,
-     "targets_length"),
+    ("target out of range", _raw({"images": [GOOD], "targets": [7]}), 422, "target_out_of_range"),
+    ("negative target", _raw({"images": [GOOD], "targets": [[-1]]}), 422, "target_out_of_range"),
+    (
+        "targets wrong length",
+        _raw({"images": [GOOD], "targets": [None, None]}),
+        422,
+        "targets_length",
+    ),
     # --- budgets -----------------------------------------------------------------------
     ("too many images", _raw({"images": [GOOD] * 33}), 413, "too_many_images"),
-    ("too many targets", _raw({"images": [GOOD] * 3, "targets": [[0, 1, 2]] * 3}), 413,
-     "too_many_targets"),
-    ("too many pixels", _raw({"images": [encode(phantom_png(1, 150, 150))] * 3}), 413,
-     "too_many_pixels"),
-    ("bomb header", _raw({"images": [encode(bomb_png(60_000, 60_000))]}), 413,
-     "image_too_large"),
-    ("64 million by 1", _raw({"images": [encode(bomb_png(64_000_000, 1))]}), 413,
-     "image_too_large"),
+    (
+        "too many targets",
+        _raw({"images": [GOOD] * 3, "targets": [[0, 1, 2]] * 3}),
+        413,
+        "too_many_targets",
+    ),
+    (
+        "too many pixels",
+        _raw({"images": [encode(phantom_png(1, 150, 150))] * 3}),
+        413,
+        "too_many_pixels",
+    ),
+    ("bomb header", _raw({"images": [encode(bomb_png(60_000, 60_000))]}), 413, "image_too_large"),
+    (
+        "64 million by 1",
+        _raw({"images": [encode(bomb_png(64_000_000, 1))]}),
+        413,
+        "image_too_large",
+    ),
     ("side over 16384", _raw({"images": [encode(bomb_png(20_000, 2))]}), 413, "image_too_large"),
     ("body over the limit", _raw({"images": ["A" * (9 * 2**20)]}), 413, "request_too_large"),
     # --- images ------------------------------------------------------------------------
     ("not base64", _raw({"images": ["%%%% not base64"]}), 422, "invalid_base64"),
     ("zero bytes", _raw({"images": [""]}), 422, "empty_image"),
     ("whitespace only", _raw({"images": [" \n\t "]}), 422, "empty_image"),
-    ("text file", _raw({"images": [encode(b"just some text\n" * 20)]}), 415,
-     "unsupported_image"),
-    ("svg", _raw({"images": [encode(b'<svg xmlns="http://www.w3.org/2000/svg"/>')]}), 415,
-     "unsupported_image"),
-    ("eps", _raw({"images": [encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\n")]}),
-     415, "unsupported_image"),
-    ("data url of text", _raw({"images": ["data:text/plain;base64," + encode(b"hi" * 40)]}),
-     415, "unsupported_image"),
+    ("text file", _raw({"images": [encode(b"just some text\n" * 20)]}), 415, "unsupported_image"),
+    (
+        "svg",
+        _raw({"images": [encode(b'<svg xmlns="http://www.w3.org/2000/svg"/>')]}),
+        415,
+        "unsupported_image",
+    ),
+    (
+        "eps",
+        _raw({"images": [encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\n")]}),
+        415,
+        "unsupported_image",
+    ),
+    (
+        "data url of text",
+        _raw({"images": ["data:text/plain;base64," + encode(b"hi" * 40)]}),
+        415,
+        "unsupported_image",
+    ),
     ("truncated png", _raw({"images": [encode(PNG[: len(PNG) // 2])]}), 422, "invalid_image"),
     ("header-only png", _raw({"images": [encode(PNG[:33])]}), 422, "invalid_image"),
     ("png 0 wide", _raw({"images": [encode(_png_with_width(0, 8))]}), 422, "invalid_image"),
     ("truncated jpeg", _raw({"images": [encode(_jpeg(64, 64)[:200])]}), 422, "invalid_image"),
-    ("all-NaN float tiff", _raw({"images": [encode(_tiff(np.full((8, 8), np.nan)))]}), 422,
-     "invalid_image"),
-    ("gif frame 3 of 2", _raw({"images": [encode(_gif_frames(2))], "frame": 3}), 422,
-     "frame_out_of_range"),
+    (
+        "all-NaN float tiff",
+        _raw({"images": [encode(_tiff(np.full((8, 8), np.nan)))]}),
+        422,
+        "invalid_image",
+    ),
+    (
+        "gif frame 3 of 2",
+        _raw({"images": [encode(_gif_frames(2))], "frame": 3}),
+        422,
+        "frame_out_of_range",
+    ),
     ("png frame 1", _raw({"images": [GOOD], "frame": 1}), 422, "frame_out_of_range"),
-    ("dicom codestream bomb", _raw({"images": [encode(_jpeg_dicom(
-        _with_sof_size(_jpeg(16, 16), 65535, 65535), 16, 16))]}), 422, "invalid_image"),
+    (
+        "dicom codestream bomb",
+        _raw(
+            {"images": [encode(_jpeg_dicom(_with_sof_size(_jpeg(16, 16), 65535, 65535), 16, 16))]}
+        ),
+        422,
+        "invalid_image",
+    ),
     ("deflated dicom", _raw({"images": [encode(DEFLATED)]}), 415, "unsupported_image"),
-    ("dicom preamble only", _raw({"images": [encode(b"\0" * 128 + b"DICM" + b"\0" * 10)]}),
-     422, "invalid_image"),
+    (
+        "dicom preamble only",
+        _raw({"images": [encode(b"\0" * 128 + b"DICM" + b"\0" * 10)]}),
+        422,
+        "invalid_image",
+    ),
     # --- routes ------------------------------------------------------------------------
     ("wrong method", _raw(b"", method="DELETE"), 405, "method_not_allowed"),
     ("unknown route", _raw(b"", method="GET", path="/v2/explain"), 404, "not_found"),
-    ("unknown model info", _raw(b"", method="GET", path="/v1/models/nope"), 404,
-     "unknown_model"),
+    ("unknown model info", _raw(b"", method="GET", path="/v1/models/nope"), 404, "unknown_model"),
     # --- HTTP itself -------------------------------------------------------------------
     ("bad chunk size", _head(CHUNKED) + b"zz\r\n", 400, "bad_request"),
     ("chunk without CRLF", _head(CHUNKED) + b"3\r\nabcXX", 400, "bad_request"),
     ("chunk size 2^64-1", _head(CHUNKED) + b"ffffffffffffffff\r\nab", 408, "request_timeout"),
-    ("chunked over the limit", _head(CHUNKED) + b"900000\r\n" + b"a" * 0x900000 + b"\r\n",
-     413, "request_too_large"),
-    ("body shorter than its length", _head("Content-Type: application/json\r\n"
-                                           "Content-Length: 100\r\n") + b'{"images": [',
-     408, "request_timeout"),
+    (
+        "chunked over the limit",
+        _head(CHUNKED) + b"900000\r\n" + b"a" * 0x900000 + b"\r\n",
+        413,
+        "request_too_large",
+    ),
+    (
+        "body shorter than its length",
+        _head("Content-Type: application/json\r\nContent-Length: 100\r\n") + b'{"images": [',
+        408,
+        "request_timeout",
+    ),
     ("length not a number", _head("Content-Length: ten\r\n"), 400, "bad_request"),
     ("negative length", _head("Content-Length: -5\r\n"), 400, "bad_request"),
-    ("two lengths", _head("Content-Length: 3\r\nContent-Length: 4\r\n") + b"abcd", 400,
-     "bad_request"),
-    ("length and chunked", _head("Content-Length: 5\r\n" + CHUNKED) + b"0\r\n\r\n", 400,
-     "bad_request"),
-    ("length over the limit", _head("Content-Length: 999999999999\r\n"), 413,
-     "request_too_large"),
-    ("expect-continue over the limit", _head("Expect: 100-continue\r\n"
-                                             "Content-Length: 99999999\r\n"), 413,
-     "request_too_large"),
-    ("gzip transfer coding", _head("Transfer-Encoding: gzip\r\n"), 501,
-     "unsupported_transfer_encoding"),
+    (
+        "two lengths",
+        _head("Content-Length: 3\r\nContent-Length: 4\r\n") + b"abcd",
+        400,
+        "bad_request",
+    ),
+    (
+        "length and chunked",
+        _head("Content-Length: 5\r\n" + CHUNKED) + b"0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    ("length over the limit", _head("Content-Length: 999999999999\r\n"), 413, "request_too_large"),
+    (
+        "expect-continue over the limit",
+        _head("Expect: 100-continue\r\nContent-Length: 99999999\r\n"),
+        413,
+        "request_too_large",
+    ),
+    (
+        "gzip transfer coding",
+        _head("Transfer-Encoding: gzip\r\n"),
+        501,
+        "unsupported_transfer_encoding",
+    ),
     ("100 KB header", _head("X-Big: " + "a" * 100_000 + "\r\n"), 431, "headers_too_large"),
-    ("1000 headers", _head("".join(f"X-H{i}: {'v' * 30}\r\n" for i in range(1000))), 431,
-     "headers_too_large"),
-    ("50 KB url", b"GET /" + b"a" * 50_000 + b" HTTP/1.1\r\nHost: test\r\n\r\n", 414,
-     "uri_too_long"),
+    (
+        "1000 headers",
+        _head("".join(f"X-H{i}: {'v' * 30}\r\n" for i in range(1000))),
+        431,
+        "headers_too_large",
+    ),
+    (
+        "50 KB url",
+        b"GET /" + b"a" * 50_000 + b" HTTP/1.1\r\nHost: test\r\n\r\n",
+        414,
+        "uri_too_long",
+    ),
     ("no Host", b"GET /healthz HTTP/1.1\r\n\r\n", 400, "bad_request"),
-    ("NUL in a header", b"GET /healthz HTTP/1.1\r\nHost: t\r\nX: a\x00b\r\n\r\n", 400,
-     "bad_request"),
-    ("space in a header name", b"GET /healthz HTTP/1.1\r\nHost: t\r\nBad Name: x\r\n\r\n", 400,
-     "bad_request"),
+    (
+        "NUL in a header",
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nX: a\x00b\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    (
+        "space in a header name",
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nBad Name: x\r\n\r\n",
+        400,
+        "bad_request",
+    ),
     ("bad method", b"G(T / HTTP/1.1\r\nHost: t\r\n\r\n", 400, "bad_request"),
     ("HTTP/0.9", b"GET /\r\n\r\n", 400, "bad_request"),
     ("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, "http_version_not_supported"),
-    ("TLS hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 60, 400,
-     "bad_request"),
+    ("TLS hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 60, 400, "bad_request"),
 ]
 
 
-def _exchange(port: int, data: bytes, timeout: float = 15.0) -> tuple[int, dict[str, str],
-                                                                      bytes]:
+def _exchange(port: int, data: bytes, timeout: float = 15.0) -> tuple[int, dict[str, str], bytes]:
     """Send ``data``; read one answer (status, headers, body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         # The server may answer and close before taking it all: then read that answer.
@@ -299,8 +509,9 @@ def hostile_server() -> Iterator[LiveServer]:
 
 
 def _good(server: LiveServer) -> dict[str, Any]:
-    status, _, body = _exchange(server.port, _raw(
-        {"images": [GOOD], "heatmap": {"format": "array", "size": "layer"}}))
+    status, _, body = _exchange(
+        server.port, _raw({"images": [GOOD], "heatmap": {"format": "array", "size": "layer"}})
+    )
     assert status == 200, body
     result: dict[str, Any] = json.loads(body)
     return result
@@ -312,8 +523,9 @@ def test_the_catalogue_is_large() -> None:
 
 
 @pytest.mark.parametrize("name,data,status,code", CATALOGUE, ids=[c[0] for c in CATALOGUE])
-def test_a_bad_request_gets_a_clean_json_error(hostile_server: LiveServer, name: str,
-                                               data: bytes, status: int, code: str) -> None:
+def test_a_bad_request_gets_a_clean_json_error(
+    hostile_server: LiveServer, name: str, data: bytes, status: int, code: str
+) -> None:
     started = time.monotonic()
     got, headers, body = _exchange(hostile_server.port, data)
     took = time.monotonic() - started
@@ -339,16 +551,21 @@ def test_the_server_is_unchanged_after_the_catalogue(hostile_server: LiveServer)
 
 
 def test_duplicate_keys_take_the_last_value(hostile_server: LiveServer) -> None:
-    status, _, body = _exchange(hostile_server.port, _raw(
-        b'{"images": ["not an image"], "images": ["' + GOOD.encode() + b'"]}'))
+    status, _, body = _exchange(
+        hostile_server.port,
+        _raw(b'{"images": ["not an image"], "images": ["' + GOOD.encode() + b'"]}'),
+    )
     assert status == 200, body
 
 
 def test_thousands_of_repeated_targets_cost_one_explanation_each(
-        hostile_server: LiveServer) -> None:
+    hostile_server: LiveServer,
+) -> None:
     started = time.monotonic()
-    status, _, body = _exchange(hostile_server.port, _raw(
-        {"images": [GOOD], "targets": [[0, 1, 2, 3] * 5000], "heatmap": {"format": "none"}}))
+    status, _, body = _exchange(
+        hostile_server.port,
+        _raw({"images": [GOOD], "targets": [[0, 1, 2, 3] * 5000], "heatmap": {"format": "none"}}),
+    )
     assert status == 200, body
     assert len(json.loads(body)["results"][0]["explanations"]) == 4
     assert time.monotonic() - started < 5
@@ -357,8 +574,10 @@ def test_thousands_of_repeated_targets_cost_one_explanation_each(
 def test_nan_in_a_float_tiff_still_gives_finite_numbers(hostile_server: LiveServer) -> None:
     values = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     values[:4] = np.nan
-    status, _, body = _exchange(hostile_server.port, _raw(
-        {"images": [base64.b64encode(_tiff(values)).decode()], "heatmap": {"format": "none"}}))
+    status, _, body = _exchange(
+        hostile_server.port,
+        _raw({"images": [base64.b64encode(_tiff(values)).decode()], "heatmap": {"format": "none"}}),
+    )
     assert status == 200, body
     result = json.loads(body)["results"][0]
     assert all(np.isfinite(p["score"]) for p in result["predictions"])

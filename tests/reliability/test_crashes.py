@@ -13,8 +13,7 @@ import requests
 
 from tests.helpers import LiveServer, encode, phantom_png
 
-BODY = {"images": [encode(phantom_png(2, 96, 96))], "heatmap": {"format": "array",
-                                                                 "size": "layer"}}
+BODY = {"images": [encode(phantom_png(2, 96, 96))], "heatmap": {"format": "array", "size": "layer"}}
 
 
 @dataclass(frozen=True)
@@ -43,8 +42,12 @@ class Load:
             started = time.monotonic()
             try:
                 response = requests.post(f"{self.url}/v1/explain", json=BODY, timeout=30)
-                outcome = Outcome(started, time.monotonic(), response.status_code,
-                                  response.json().get("error", {}).get("code", ""))
+                outcome = Outcome(
+                    started,
+                    time.monotonic(),
+                    response.status_code,
+                    response.json().get("error", {}).get("code", ""),
+                )
             except requests.RequestException as error:
                 outcome = Outcome(started, time.monotonic(), 0, type(error).__name__)
                 time.sleep(0.05)
@@ -67,7 +70,8 @@ def test_a_worker_killed_under_load_loses_only_its_requests_in_flight() -> None:
         os.kill(victim, signal.SIGKILL)
         deadline = killed_at + 10
         while time.monotonic() < deadline and (
-                len(live.worker_pids()) < 2 or victim in live.worker_pids()):
+            len(live.worker_pids()) < 2 or victim in live.worker_pids()
+        ):
             time.sleep(0.1)
         time.sleep(2.0)
         outcomes = load.finish()
@@ -97,7 +101,8 @@ def test_sigterm_under_load_finishes_what_was_accepted() -> None:
         # Everything that started well before the signal was answered, and answered 200.
         earlier = [o for o in outcomes if o.started < sent_at - 0.5]
         assert earlier and all(o.status == 200 for o in earlier), [
-            o for o in earlier if o.status != 200]
+            o for o in earlier if o.status != 200
+        ]
         # Nothing hung: what was not served was refused at once (never a 500).
         assert all(o.status in (0, 200, 503) for o in outcomes)
         assert all(o.ended - o.started < 5 for o in outcomes if o.status != 200)

@@ -24,8 +24,12 @@ from service.pipeline.explain import explain
 from tests.helpers import phantom_png
 
 LIMITS = Settings(max_image_pixels=4_000_000, max_request_pixels=8_000_000)
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def _admit(width: int, height: int) -> None:
@@ -43,12 +47,18 @@ def _seeds() -> list[bytes]:
     gray = Image.fromarray(np.arange(48 * 40, dtype=np.uint8).reshape(40, 48))
     rgb = Image.merge("RGB", [gray, gray.transpose(Image.Transpose.FLIP_LEFT_RIGHT), gray])
     deep = Image.fromarray((np.arange(24 * 20, dtype=np.uint16) * 100).reshape(20, 24))
-    return [phantom_png(1, 40, 32), _encoded(rgb, "JPEG"), _encoded(gray, "GIF"),
-            _encoded(rgb, "WEBP"), _encoded(gray, "BMP"), _encoded(deep, "TIFF"),
-            _encoded(deep, "PNG"),
-            Path(get_testdata_file("CT_small.dcm")).read_bytes(),
-            Path(get_testdata_file("JPEG2000.dcm")).read_bytes(),
-            Path(get_testdata_file("MR_small_RLE.dcm")).read_bytes()]
+    return [
+        phantom_png(1, 40, 32),
+        _encoded(rgb, "JPEG"),
+        _encoded(gray, "GIF"),
+        _encoded(rgb, "WEBP"),
+        _encoded(gray, "BMP"),
+        _encoded(deep, "TIFF"),
+        _encoded(deep, "PNG"),
+        Path(get_testdata_file("CT_small.dcm")).read_bytes(),
+        Path(get_testdata_file("JPEG2000.dcm")).read_bytes(),
+        Path(get_testdata_file("MR_small_RLE.dcm")).read_bytes(),
+    ]
 
 
 SEEDS = _seeds()
@@ -64,7 +74,7 @@ def damaged(draw: st.DrawFn) -> bytes:
         if action == "flip":
             data[at] = draw(st.integers(0, 255))
         elif action == "cut":
-            del data[at:at + draw(st.integers(1, 64))]
+            del data[at : at + draw(st.integers(1, 64))]
         else:
             data[at:at] = draw(st.binary(min_size=1, max_size=16))
         if not data:
@@ -87,36 +97,56 @@ def _decode_or_client_error(data: bytes, frame: int | None) -> None:
 
 
 @FUZZ
-@given(data=st.one_of(damaged(), st.binary(max_size=512)),
-       frame=st.one_of(st.none(), st.integers(0, 3)))
+@given(
+    data=st.one_of(damaged(), st.binary(max_size=512)),
+    frame=st.one_of(st.none(), st.integers(0, 3)),
+)
 def test_any_bytes_decode_or_are_a_client_error(data: bytes, frame: int | None) -> None:
     _decode_or_client_error(data, frame)
 
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
     | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=20)
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
 GOOD = base64.b64encode(phantom_png(2, 48, 48)).decode()
 # Plausible values per field, mostly meant, some mistaken; any field may also be
 # any JSON at all (request_bodies).
 FIELDS = {
-    "images": st.lists(st.one_of(st.just(GOOD), st.just(GOOD), st.just(GOOD),
-                                 st.text(max_size=12)), min_size=1, max_size=3),
+    "images": st.lists(
+        st.one_of(st.just(GOOD), st.just(GOOD), st.just(GOOD), st.text(max_size=12)),
+        min_size=1,
+        max_size=3,
+    ),
     "model": st.sampled_from(["phantom", "phantom", "resnet"]),
-    "targets": st.lists(st.one_of(st.none(), st.integers(0, 4),
-                                  st.sampled_from(["nodule", "tube", "cat"]),
-                                  st.lists(st.integers(0, 4), min_size=1, max_size=6)),
-                        min_size=1, max_size=1),
+    "targets": st.lists(
+        st.one_of(
+            st.none(),
+            st.integers(0, 4),
+            st.sampled_from(["nodule", "tube", "cat"]),
+            st.lists(st.integers(0, 4), min_size=1, max_size=6),
+        ),
+        min_size=1,
+        max_size=1,
+    ),
     "method": st.sampled_from(["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]),
     "layer": st.sampled_from(["features", "features", "head"]),
     "top_k": st.integers(0, 10),
-    "heatmap": st.fixed_dictionaries({}, optional={
-        "format": st.sampled_from(["array", "png", "overlay", "gray", "none"]),
-        "size": st.sampled_from(["original", "input", "layer"]),
-        "encoding": st.sampled_from(["png", "jpeg", "webp"])}),
+    "heatmap": st.fixed_dictionaries(
+        {},
+        optional={
+            "format": st.sampled_from(["array", "png", "overlay", "gray", "none"]),
+            "size": st.sampled_from(["original", "input", "layer"]),
+            "encoding": st.sampled_from(["png", "jpeg", "webp"]),
+        },
+    ),
     "frame": st.sampled_from([None, 0, 1]),
 }
 

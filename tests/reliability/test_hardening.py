@@ -36,11 +36,17 @@ PACS = "http://127.0.0.1:9/dicom-web"
 # Canaries in every attribute that identifies a person or a study. "Valid" ones are
 # conformant values; "malformed" ones break their value representation.
 VALID = {
-    "PatientName": "CANARYPN^VALID", "PatientID": "CANARYPID1", "PatientBirthDate": "19111111",
-    "AccessionNumber": "CANARYACC1", "StudyID": "CANARYSID1",
-    "ReferringPhysicianName": "CANARYDOC^VALID", "InstitutionName": "CANARYINST1",
-    "StudyDescription": "CANARYSTUDY1", "OperatorsName": "CANARYOP^VALID",
-    "OtherPatientIDs": "CANARYOPID1", "PatientAddress": "CANARYADDR1",
+    "PatientName": "CANARYPN^VALID",
+    "PatientID": "CANARYPID1",
+    "PatientBirthDate": "19111111",
+    "AccessionNumber": "CANARYACC1",
+    "StudyID": "CANARYSID1",
+    "ReferringPhysicianName": "CANARYDOC^VALID",
+    "InstitutionName": "CANARYINST1",
+    "StudyDescription": "CANARYSTUDY1",
+    "OperatorsName": "CANARYOP^VALID",
+    "OtherPatientIDs": "CANARYOPID1",
+    "PatientAddress": "CANARYADDR1",
 }
 MALFORMED = {
     "PatientName": "CANARYPN" * 10,  # a PN component over 64 characters
@@ -68,8 +74,9 @@ def _with(path: Path, values: dict[str, str]) -> bytes:
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[LiveServer]:
-    server = LiveServer(env={"GRADCAM_AUTH_TOKENS": TOKEN, "GRADCAM_DICOMWEB_SERVERS": PACS},
-                        workers=1)
+    server = LiveServer(
+        env={"GRADCAM_AUTH_TOKENS": TOKEN, "GRADCAM_DICOMWEB_SERVERS": PACS}, workers=1
+    )
     yield server
     server.stop()
 
@@ -87,8 +94,7 @@ def _scrape(server: LiveServer) -> str:
 
 
 def _series(scrape: str) -> set[str]:
-    return {line.split(" ")[0] for line in scrape.splitlines()
-            if line and not line.startswith("#")}
+    return {line.split(" ")[0] for line in scrape.splitlines() if line and not line.startswith("#")}
 
 
 def _raw(port: int, request: bytes) -> bytes:
@@ -111,16 +117,21 @@ def test_random_methods_and_paths_add_no_metric_series(live: LiveServer) -> None
     # One of each kind first (with and without a token), so that its series exist.
     for auth in ("", bearer):
         for method, path in (("FOO", "/v1/explain"), ("GET", "/nowhere"), ("BREW", "/x")):
-            _raw(live.port, f"{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}"
-                            "Content-Length: 0\r\n\r\n".encode())
+            _raw(
+                live.port,
+                f"{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Length: 0\r\n\r\n".encode(),
+            )
     _scrape(live)
     before = _series(_scrape(live))
     for i in range(1000):
         method = token(rng.randint(3, 12))
         path = "/" + "/".join(token(rng.randint(1, 8)) for _ in range(rng.randint(1, 4)))
         auth = bearer if i % 2 else ""
-        answer = _raw(live.port, f"{method} {path}?q={token(5)} HTTP/1.1\r\nHost: t\r\n"
-                                 f"{auth}Content-Length: 0\r\n\r\n".encode())
+        answer = _raw(
+            live.port,
+            f"{method} {path}?q={token(5)} HTTP/1.1\r\nHost: t\r\n"
+            f"{auth}Content-Length: 0\r\n\r\n".encode(),
+        )
         assert answer.startswith((b"HTTP/1.1 4", b"HTTP/1.1 5")), answer[:100]
         assert not answer.startswith(b"HTTP/1.1 500")
     after = _series(_scrape(live))
@@ -138,22 +149,32 @@ def test_a_token_in_the_query_string_is_not_logged(live: LiveServer) -> None:
 
 
 @pytest.mark.parametrize("values", [VALID, MALFORMED], ids=["valid", "malformed"])
-def test_canaries_reach_no_log_metric_or_error(live: LiveServer, values: dict[str, str],
-                                               tmp_path: Path) -> None:
+def test_canaries_reach_no_log_metric_or_error(
+    live: LiveServer, values: dict[str, str], tmp_path: Path
+) -> None:
     cr, ct = encode(_with(CR, values)), encode(_with(CT, values))
     outputs = []
     for fmt in ("overlay", "array", "gray", "none", "dicom-sc", "dicom-pm"):
         for image in (cr, ct):
-            outputs.append(_explain(live, images=[image], heatmap={"format": fmt},
-                                    include=["dicom", "image"] if fmt == "overlay" else []))
-    outputs.append(_explain(live, images=[ct], heatmap={"format": "dicom-sc",
-                                                        "encoding": "jpeg"}))
+            outputs.append(
+                _explain(
+                    live,
+                    images=[image],
+                    heatmap={"format": fmt},
+                    include=["dicom", "image"] if fmt == "overlay" else [],
+                )
+            )
+    outputs.append(_explain(live, images=[ct], heatmap={"format": "dicom-sc", "encoding": "jpeg"}))
     stored = _explain(live, images=[ct], heatmap={"format": "dicom-pm"}, store={"url": PACS})
     for answer in [*outputs, stored]:
         assert answer.status_code == 200, answer.text[:300]
     assert stored.json()["results"][0]["explanations"][0]["heatmap"]["stored"]["ok"] is False
-    made = [e["heatmap"] for answer in outputs for e in answer.json()["results"][0]["explanations"]
-            if e["heatmap"]["format"].startswith("dicom")]
+    made = [
+        e["heatmap"]
+        for answer in outputs
+        for e in answer.json()["results"][0]["explanations"]
+        if e["heatmap"]["format"].startswith("dicom")
+    ]
     assert len(made) >= 5 and all("data" in h for h in made if "reason" not in h)
     assert sum("data" in h for h in made) >= 4
     for heatmap in made:
@@ -176,8 +197,12 @@ def test_canaries_reach_no_log_metric_or_error(live: LiveServer, values: dict[st
         _explain(live, images=[cr, ct], targets=[None]),
         _explain(live, images=[cr[: len(cr) // 2]]),  # a truncated file
         _explain(live, images=[cr], heatmap={"format": "dicom-sc", "size": "input"}),
-        _explain(live, images=[{"dicomweb": {"url": PACS, "study": "1.2", "series": "1.2",
-                                             "instance": "1.2\n"}}]),
+        _explain(
+            live,
+            images=[
+                {"dicomweb": {"url": PACS, "study": "1.2", "series": "1.2", "instance": "1.2\n"}}
+            ],
+        ),
         requests.post(f"{live.url}/v1/explain", json={"images": [cr]}, timeout=10),  # no token
     ]
     for answer in errors:
@@ -207,17 +232,20 @@ def test_a_malformed_header_gives_valid_objects(live: LiveServer, tmp_path: Path
         heatmap = answer.json()["results"][0]["explanations"][0]["heatmap"]
         path = tmp_path / f"{fmt}.dcm"
         path.write_bytes(base64.b64decode(heatmap["data"]))
-        report = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True,
-                                timeout=60, check=False)
-        errors = [line for line in (report.stdout + report.stderr).splitlines()
-                  if line.startswith("Error")]
+        report = subprocess.run(
+            [dciodvfy, str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
+        errors = [
+            line
+            for line in (report.stdout + report.stderr).splitlines()
+            if line.startswith("Error")
+        ]
         assert not errors, report.stdout + report.stderr
 
 
 def test_an_invalid_uid_is_a_reason_naming_the_attribute(live: LiveServer) -> None:
     data = _with(CT, {"StudyInstanceUID": "1.2.CANARY.3"})
-    answer = _explain(live, images=[encode(data)], heatmap={"format": "dicom-sc"},
-                      include=[])
+    answer = _explain(live, images=[encode(data)], heatmap={"format": "dicom-sc"}, include=[])
     assert answer.status_code == 200, answer.text[:300]
     heatmap = answer.json()["results"][0]["explanations"][0]["heatmap"]
     assert "StudyInstanceUID" in heatmap["reason"] and "CANARY" not in heatmap["reason"]
@@ -226,7 +254,8 @@ def test_an_invalid_uid_is_a_reason_naming_the_attribute(live: LiveServer) -> No
 
 
 def test_a_good_request_still_answers(live: LiveServer) -> None:
-    answer = _explain(live, images=[encode(phantom_png(1, 64, 64))],
-                      heatmap={"format": "array", "size": "layer"})
+    answer = _explain(
+        live, images=[encode(phantom_png(1, 64, 64))], heatmap={"format": "array", "size": "layer"}
+    )
     assert answer.status_code == 200
     assert json.loads(answer.text)["results"][0]["predictions"]

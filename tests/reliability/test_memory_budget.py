@@ -64,15 +64,21 @@ def test_twenty_requests_at_the_limits_stay_within_the_budget() -> None:
     live = LiveServer(workers=2, threads=16, env={"GRADCAM_MEMORY_BUDGET_MB": str(BUDGET_MB)})
     try:
         images = [base64.b64encode(_jpeg(4000, seed)).decode() for seed in range(4)]
-        body = json.dumps({"images": images, "heatmap": {"format": "overlay",
-                                                         "size": "original"}})
+        body = json.dumps({"images": images, "heatmap": {"format": "overlay", "size": "original"}})
         sampler = TreeSampler(live.process.pid)
 
         def send(_: int) -> tuple[int, str, str | None]:
-            response = requests.post(f"{live.url}/v1/explain", data=body, timeout=120,
-                                     headers={"Content-Type": "application/json"})
-            code = response.json().get("error", {}).get("code", "") if response.status_code \
-                != 200 else ""
+            response = requests.post(
+                f"{live.url}/v1/explain",
+                data=body,
+                timeout=120,
+                headers={"Content-Type": "application/json"},
+            )
+            code = (
+                response.json().get("error", {}).get("code", "")
+                if response.status_code != 200
+                else ""
+            )
             return response.status_code, code, response.headers.get("Retry-After")
 
         with ThreadPoolExecutor(20) as pool:
@@ -80,8 +86,10 @@ def test_twenty_requests_at_the_limits_stay_within_the_budget() -> None:
         peak = sampler.stop()
         hwm = sum(resident_bytes(p, peak=True) for p in _tree(live.process.pid))
         statuses = sorted(status for status, _, _ in answers)
-        print(f"peak RSS of the tree {peak / MB:.0f} MB (sum of each process's peak "
-              f"{hwm / MB:.0f} MB), budget {BUDGET_MB} MB; answers {statuses}")
+        print(
+            f"peak RSS of the tree {peak / MB:.0f} MB (sum of each process's peak "
+            f"{hwm / MB:.0f} MB), budget {BUDGET_MB} MB; answers {statuses}"
+        )
         assert set(statuses) <= {200, 503}, answers
         assert 200 in statuses
         for status, code, retry_after in answers:
@@ -98,8 +106,11 @@ def test_twenty_requests_at_the_limits_stay_within_the_budget() -> None:
 def _reserved(live: LiveServer) -> int:
     from service.memory import MemoryBudget
 
-    folder = next(line.split("engine serving on ")[1].split(" ")[0]
-                  for line in live.read_log().splitlines() if "engine serving on " in line)
+    folder = next(
+        line.split("engine serving on ")[1].split(" ")[0]
+        for line in live.read_log().splitlines()
+        if "engine serving on " in line
+    )
     deadline = time.monotonic() + 5
     while True:
         reserved = MemoryBudget(str(Path(folder).parent / "memory.budget")).reserved_bytes()
@@ -112,12 +123,18 @@ def test_a_request_that_could_never_fit_is_a_413() -> None:
     live = LiveServer(env={"GRADCAM_MEMORY_BUDGET_MB": "1600"})
     try:
         images = [base64.b64encode(_jpeg(4000, 0)).decode()] * 4
-        answer = requests.post(f"{live.url}/v1/explain", timeout=60, json={
-            "images": images, "heatmap": {"format": "overlay", "size": "original"}})
+        answer = requests.post(
+            f"{live.url}/v1/explain",
+            timeout=60,
+            json={"images": images, "heatmap": {"format": "overlay", "size": "original"}},
+        )
         assert answer.status_code == 413, answer.text[:300]
         assert answer.json()["error"]["code"] == "over_memory_budget"
-        small = requests.post(f"{live.url}/v1/explain", timeout=60, json={
-            "images": [base64.b64encode(_jpeg(256, 0)).decode()]})
+        small = requests.post(
+            f"{live.url}/v1/explain",
+            timeout=60,
+            json={"images": [base64.b64encode(_jpeg(256, 0)).decode()]},
+        )
         assert small.status_code == 200, small.text[:300]
         assert _reserved(live) == 0
     finally:

@@ -41,13 +41,18 @@ def _read_all(sock: socket.socket) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("opening", [
-    b"POST /v1/explain HTTP/1.1\r\nHost: t\r\nX-Slow: a",
-    b"POST /v1/explain HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-    b"Content-Length: 100\r\n\r\n{",
-], ids=["headers", "body"])
-def test_a_stalled_request_gets_408_after_the_client_timeout(slow_server: LiveServer,
-                                                             opening: bytes) -> None:
+@pytest.mark.parametrize(
+    "opening",
+    [
+        b"POST /v1/explain HTTP/1.1\r\nHost: t\r\nX-Slow: a",
+        b"POST /v1/explain HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{",
+    ],
+    ids=["headers", "body"],
+)
+def test_a_stalled_request_gets_408_after_the_client_timeout(
+    slow_server: LiveServer, opening: bytes
+) -> None:
     with socket.create_connection(("127.0.0.1", slow_server.port), timeout=10) as sock:
         started = time.monotonic()
         sock.sendall(opening)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from service.contract.settings import DEMO_MODELS_FILE, Settings
 from service.demo.metrics import peak_in_boxes, per_class_auc
 from service.demo.phantom import FINDINGS, make_dataset, to_uint8
 from service.engine.gradcam import METHODS
@@ -27,7 +28,6 @@ from service.engine.runtime import Runtime
 from service.imaging.geometry import to_model_pixels
 from service.imaging.render import heatmap
 from service.transport.interface import Job
-from service.contract.settings import DEMO_MODELS_FILE, Settings
 
 CARD_PATH = Path(__file__).resolve().parents[2] / "service" / "demo" / "MODEL_CARD.md"
 EVALUATION_SEED = 2026
@@ -54,9 +54,14 @@ class Evaluation:
         return sum(self.hits.values()) / max(1, sum(self.positives.values()))
 
 
-def evaluate(runtime: Runtime, count: int = 400, seed: int = EVALUATION_SEED,
-             size: tuple[int, int] = (256, 256), grow_px: float = 8.0,
-             method: str = "gradcam") -> Evaluation:
+def evaluate(
+    runtime: Runtime,
+    count: int = 400,
+    seed: int = EVALUATION_SEED,
+    size: tuple[int, int] = (256, 256),
+    grow_px: float = 8.0,
+    method: str = "gradcam",
+) -> Evaluation:
     """AUC and pointing game of the runtime's default model on ``count`` fresh phantoms."""
     model = runtime.catalog().get(None)
     phantoms = make_dataset(count, seed, size)
@@ -64,18 +69,28 @@ def evaluate(runtime: Runtime, count: int = 400, seed: int = EVALUATION_SEED,
     hits = dict.fromkeys(FINDINGS, 0)
     positives = dict.fromkeys(FINDINGS, 0)
     for start in range(0, count, _BATCH):
-        chunk = phantoms[start:start + _BATCH]
-        prepared = [to_model_pixels(Image.fromarray(to_uint8(p.image)), model.input_size,
-                                    model.resize) for p in chunk]
+        chunk = phantoms[start : start + _BATCH]
+        prepared = [
+            to_model_pixels(Image.fromarray(to_uint8(p.image)), model.input_size, model.resize)
+            for p in chunk
+        ]
         # Explain every finding present (one heatmap each); top-1 where none is.
         targets: list[list[int | None]] = [
-            [k for k in range(len(FINDINGS)) if p.labels[k] > 0] or [None] for p in chunk]
-        job = Job(model.name, model.default_layer, [pixels for pixels, _, _ in prepared],
-                  [box for _, box, _ in prepared], targets, [method] * len(chunk))
+            [k for k in range(len(FINDINGS)) if p.labels[k] > 0] or [None] for p in chunk
+        ]
+        job = Job(
+            model.name,
+            model.default_layer,
+            [pixels for pixels, _, _ in prepared],
+            [box for _, box, _ in prepared],
+            targets,
+            [method] * len(chunk),
+        )
         batch = runtime.run(job, time.monotonic() + 600)
         all_scores.append(batch.scores)
-        for p, (_, _, geometry), image_targets, cams in zip(chunk, prepared, targets, batch.maps,
-                                                            strict=True):
+        for p, (_, _, geometry), image_targets, cams in zip(
+            chunk, prepared, targets, batch.maps, strict=True
+        ):
             for target, cam in zip(image_targets, cams, strict=True):
                 if target is None:
                     continue
@@ -85,28 +100,36 @@ def evaluate(runtime: Runtime, count: int = 400, seed: int = EVALUATION_SEED,
                 hits[kind] += peak_in_boxes(heat, p.boxes(kind), grow_px)
     labels = np.stack([p.labels for p in phantoms])
     aucs = per_class_auc(np.concatenate(all_scores), labels)
-    return Evaluation(count, seed, size, grow_px, method, dict(zip(FINDINGS, aucs, strict=True)),
-                      hits, positives)
+    return Evaluation(
+        count, seed, size, grow_px, method, dict(zip(FINDINGS, aucs, strict=True)), hits, positives
+    )
 
 
 def format_table(result: Evaluation) -> str:
     rows = ["| finding | AUC | pointing game |", "|---|---|---|"]
     for kind in FINDINGS:
-        rows.append(f"| {kind} | {result.auc[kind]:.4f} | {result.hits[kind]}/"
-                    f"{result.positives[kind]} = "
-                    f"{result.hits[kind] / max(1, result.positives[kind]):.1%} |")
+        rows.append(
+            f"| {kind} | {result.auc[kind]:.4f} | {result.hits[kind]}/"
+            f"{result.positives[kind]} = "
+            f"{result.hits[kind] / max(1, result.positives[kind]):.1%} |"
+        )
     rows.append(f"| **all** | **{result.mean_auc:.4f}** (mean) | **{result.pointing_game:.1%}** |")
     return "\n".join(rows)
 
 
 def write_card(result: Evaluation, runtime: Runtime, path: Path = CARD_PATH) -> None:
-    by_method = [result if method == result.method else
-                 evaluate(runtime, result.count, result.seed, result.size, result.grow_px, method)
-                 for method in METHODS]
+    by_method = [
+        result
+        if method == result.method
+        else evaluate(runtime, result.count, result.seed, result.size, result.grow_px, method)
+        for method in METHODS
+    ]
     method_rows = "\n".join(
-        f"| {r.method} | " + " | ".join(f"{r.hits[k] / max(1, r.positives[k]):.1%}"
-                                        for k in FINDINGS) + f" | **{r.pointing_game:.1%}** |"
-        for r in by_method)
+        f"| {r.method} | "
+        + " | ".join(f"{r.hits[k] / max(1, r.positives[k]):.1%}" for k in FINDINGS)
+        + f" | **{r.pointing_game:.1%}** |"
+        for r in by_method
+    )
     weights = DEMO_MODELS_FILE.parent / "phantom_net.safetensors"
     params = sum(p.numel() for p in runtime.models[runtime.default_model].module.parameters())
     text = f"""# Model card: `phantom` (the bundled demo model)

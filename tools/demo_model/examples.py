@@ -88,22 +88,29 @@ def write_examples(out: Path) -> None:
         phantom = sample_phantom(np.random.default_rng(seed), width, height)
         (out / f"{name}.png").write_bytes(_png(phantom.image))
         findings[f"{name}.png"] = {
-            "width": width, "height": height,
-            "findings": [{"kind": f.kind, "box": [round(v, 1) for v in f.box]}
-                         for f in phantom.findings],
+            "width": width,
+            "height": height,
+            "findings": [
+                {"kind": f.kind, "box": [round(v, 1) for v in f.box]} for f in phantom.findings
+            ],
         }
     name, seed, width, height = DICOM_EXAMPLE
     phantom = sample_phantom(np.random.default_rng(seed), width, height)
     (out / f"{name}.dcm").write_bytes(_dicom(phantom.image, name))
     findings[f"{name}.dcm"] = {
-        "width": width, "height": height,
-        "findings": [{"kind": f.kind, "box": [round(v, 1) for v in f.box]}
-                     for f in phantom.findings],
+        "width": width,
+        "height": height,
+        "findings": [
+            {"kind": f.kind, "box": [round(v, 1) for v in f.box]} for f in phantom.findings
+        ],
     }
     (out / "findings.json").write_text(json.dumps(findings, indent=2) + "\n")
     first = (out / f"{EXAMPLES[0][0]}.png").read_bytes()
-    request = {"images": [base64.b64encode(first).decode("ascii")], "top_k": 4,
-               "heatmap": {"format": "overlay", "size": "original"}}
+    request = {
+        "images": [base64.b64encode(first).decode("ascii")],
+        "top_k": 4,
+        "heatmap": {"format": "overlay", "size": "original"},
+    }
     (out / "request.json").write_text(json.dumps(request) + "\n")
 
 

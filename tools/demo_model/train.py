@@ -46,21 +46,23 @@ def train(train_count: int, epochs: int, batch_size: int, out: Path) -> None:
     started = time.monotonic()
     train_x, train_y = _to_tensors(make_dataset(train_count, TRAIN_SEED, INPUT_SIZE))
     val_x, val_y = _to_tensors(make_dataset(1000, VALIDATION_SEED, INPUT_SIZE))
-    logger.info("generated %d + %d phantoms in %.0f s", len(train_x), len(val_x),
-                time.monotonic() - started)
+    logger.info(
+        "generated %d + %d phantoms in %.0f s", len(train_x), len(val_x), time.monotonic() - started
+    )
 
     model = phantom_net(num_classes=len(FINDINGS))
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     steps_per_epoch = (len(train_x) + batch_size - 1) // batch_size
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=3e-3, total_steps=epochs * steps_per_epoch, pct_start=0.2)
+        optimiser, max_lr=3e-3, total_steps=epochs * steps_per_epoch, pct_start=0.2
+    )
     generator = torch.Generator().manual_seed(TRAIN_SEED)
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(train_x), generator=generator)
         total = 0.0
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             x = train_x[idx]
             # Horizontal flips: the scene is left/right symmetric, labels unchanged.
             flip = torch.rand(len(idx), generator=generator) < 0.5
@@ -73,14 +75,21 @@ def train(train_count: int, epochs: int, batch_size: int, out: Path) -> None:
             total += float(loss.detach()) * len(idx)
         model.eval()
         with torch.inference_mode():
-            scores = torch.cat([model(val_x[i:i + 256]) for i in range(0, len(val_x), 256)])
+            scores = torch.cat([model(val_x[i : i + 256]) for i in range(0, len(val_x), 256)])
         auc = mean_auc(scores.numpy(), val_y.numpy())
-        logger.info("epoch %d/%d: loss %.4f, validation mean AUC %.4f, %.0f s", epoch + 1,
-                    epochs, total / len(train_x), auc, time.monotonic() - started)
+        logger.info(
+            "epoch %d/%d: loss %.4f, validation mean AUC %.4f, %.0f s",
+            epoch + 1,
+            epochs,
+            total / len(train_x),
+            auc,
+            time.monotonic() - started,
+        )
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out))
-    logger.info("wrote %s (%.1f kB) after %.0f s", out, out.stat().st_size / 1e3,
-                time.monotonic() - started)
+    logger.info(
+        "wrote %s (%.1f kB) after %.0f s", out, out.stat().st_size / 1e3, time.monotonic() - started
+    )
 
 
 def main() -> None:
