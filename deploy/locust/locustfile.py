@@ -26,8 +26,10 @@ from pathlib import Path
 from locust import HttpUser, between, task
 
 _DEFAULT = str(Path(__file__).resolve().parents[2] / "examples" / "*.png")
-_IMAGES = [base64.b64encode(Path(name).read_bytes()).decode("ascii")
-           for name in sorted(glob.glob(os.environ.get("GRADCAM_LOCUST_IMAGES", _DEFAULT)))]
+_IMAGES = [
+    base64.b64encode(Path(name).read_bytes()).decode("ascii")
+    for name in sorted(glob.glob(os.environ.get("GRADCAM_LOCUST_IMAGES", _DEFAULT)))
+]
 if not _IMAGES:
     raise SystemExit("no images: set GRADCAM_LOCUST_IMAGES to a glob of image files")
 
@@ -46,8 +48,7 @@ class ExplainUser(HttpUser):
             self.client.headers["Authorization"] = f"Bearer {token}"
 
     def _explain(self, name: str, body: bytes) -> None:
-        with self.client.post("/v1/explain", data=body, name=name,
-                              catch_response=True) as response:
+        with self.client.post("/v1/explain", data=body, name=name, catch_response=True) as response:
             if response.status_code == 200:
                 response.success()
             else:
@@ -59,8 +60,10 @@ class ExplainUser(HttpUser):
 
     @task(4)
     def array_at_layer_size(self) -> None:
-        self._explain("array/layer", _body([random.choice(_IMAGES)],
-                                           heatmap={"format": "array", "size": "layer"}))
+        self._explain(
+            "array/layer",
+            _body([random.choice(_IMAGES)], heatmap={"format": "array", "size": "layer"}),
+        )
 
     @task(3)
     def png_at_image_size(self) -> None:
@@ -68,11 +71,13 @@ class ExplainUser(HttpUser):
 
     @task(2)
     def overlay_at_image_size(self) -> None:
-        self._explain("overlay/original", _body([random.choice(_IMAGES)],
-                                                heatmap={"format": "overlay"}))
+        self._explain(
+            "overlay/original", _body([random.choice(_IMAGES)], heatmap={"format": "overlay"})
+        )
 
     @task(1)
     def four_images_two_targets(self) -> None:
         images = random.choices(_IMAGES, k=4)
-        self._explain("4 images × 2 targets", _body(images, targets=[[0, 1]] * 4,
-                                                     heatmap={"format": "gray"}))
+        self._explain(
+            "4 images × 2 targets", _body(images, targets=[[0, 1]] * 4, heatmap={"format": "gray"})
+        )
