@@ -519,7 +519,10 @@ def main() -> None:
         type=int,
         choices=[0, 1],
         default=0,
-        help="--compare-with: 0 = the 224² array request, 1 = the 1024² overlay",
+        help="--compare-with: 0 = the 224² array request, 1 = the overlay",
+    )
+    parser.add_argument(
+        "--overlay-size", type=int, default=1024, help="side of the overlay request's JPEG"
     )
     parser.add_argument(
         "--arch", default="resnet50", help="torchvision model served (seeded random weights)"
@@ -585,8 +588,8 @@ def main() -> None:
             "images": [_jpeg(224)],
             "heatmap": {"format": "array", "size": "layer"},
         },
-        "overlay/original, 1024² JPEG": {
-            "images": [_jpeg(1024)],
+        f"overlay/original, {args.overlay_size}² JPEG": {
+            "images": [_jpeg(args.overlay_size)],
             "heatmap": {"format": "overlay", "size": "original"},
         },
     }
