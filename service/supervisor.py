@@ -65,15 +65,12 @@ from service.allocator import engine_allocator_env
 from service.contract.errors import ConfigError
 from service.contract.settings import Settings, available_cores
 from service.memory import BUDGET_FILE_ENV, MB, MemoryBudget, default_budget_bytes, held_bytes
+from service.restart_policy import Exit, RestartPolicy
 from service.transport.heartbeat import Heartbeat, heartbeat_path
 from service.transport.interface import ENGINE_EXIT_CONFIG, ENGINE_SOCKETS_ENV
 
 logger = logging.getLogger("service.supervisor")
 
-# An engine that stays up this long has recovered: its crash count starts again.
-_STABLE_S = 60.0
-# Kills of a still-loading engine allowed in a row, per allowed crash (see above).
-_LOADING_KILLS_FACTOR = 3
 _PR_SET_PDEATHSIG = 1
 
 
@@ -83,14 +80,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _backoff_s(crashes: int) -> float:
-    """0, 1, 1, 2, 3, 5 … seconds for the 1st, 2nd … crash in a row."""
-    a, b = 0, 1
-    for _ in range(max(0, crashes - 1)):
-        a, b = b, a + b
-    return float(a)
-
-
 @dataclass
 class EngineSlot:
     """One engine process: its device, socket, the process and its restart state."""
@@ -98,12 +87,11 @@ class EngineSlot:
     index: int
     device: str
     socket: str
+    policy: RestartPolicy  # its crash history: when to restart it (restart_policy.py)
     process: subprocess.Popen[bytes] | None = None
     ready_pipe: int | None = None
     started_at: float = 0.0
     ready_at: float | None = None
-    crashes: int = 0
-    loading_kills: int = 0
     restart_at: float | None = None
     heartbeat: Heartbeat | None = None
     hang_killed: bool = False
@@ -174,7 +162,12 @@ class Supervisor:
 
     def _start(self) -> int | None:
         """Engine 0 (and one per further GPU), then gunicorn; an exit code on failure."""
-        first = EngineSlot(0, self.settings.device, str(self.runtime_dir / "engine-0.sock"))
+        first = EngineSlot(
+            0,
+            self.settings.device,
+            str(self.runtime_dir / "engine-0.sock"),
+            RestartPolicy(self.settings.engine_max_restarts),
+        )
         self.engines.append(first)
         self._launch(first)
         ready = self._wait_ready(first)
@@ -188,7 +181,12 @@ class Supervisor:
             count = max(1, self.settings.engines)
         for index in range(1, count):
             gpu = f"cuda:{index % cuda_devices}" if device.startswith("cuda") else device
-            slot = EngineSlot(index, gpu, str(self.runtime_dir / f"engine-{index}.sock"))
+            slot = EngineSlot(
+                index,
+                gpu,
+                str(self.runtime_dir / f"engine-{index}.sock"),
+                RestartPolicy(self.settings.engine_max_restarts),
+            )
             self.engines.append(slot)
             self._launch(slot)
         for slot in self.engines[1:]:
@@ -308,50 +306,42 @@ class Supervisor:
         if slot.ready_pipe is not None:
             os.close(slot.ready_pipe)
             slot.ready_pipe = None
-        if code == ENGINE_EXIT_CONFIG:
-            logger.critical(
-                "engine %d cannot load its models any more (see above): giving up", slot.index
-            )
-            return False
-        if slot.ready_at is None and code < 0 and not slot.hang_killed:
-            # Killed from outside while loading: it never ran, so this is no crash loop.
-            slot.loading_kills += 1
-            allowed = _LOADING_KILLS_FACTOR * max(1, self.settings.engine_max_restarts)
-            if slot.loading_kills <= allowed:
-                logger.error(
-                    "engine %d (pid %d) was killed by signal %d while loading; restarting it now",
-                    slot.index,
-                    slot.process.pid,
-                    -code,
-                )
-                slot.process, slot.restart_at = None, now
-                return True
+        pid = slot.process.pid
         served = slot.heartbeat is not None and slot.heartbeat.answered() > 0
-        if served or (slot.ready_at is not None and now - slot.ready_at >= _STABLE_S):
-            slot.crashes = 0  # it served: a new incident, not the same one
-        if slot.ready_at is not None:
-            slot.loading_kills = 0
-        slot.crashes += 1
-        if slot.crashes > self.settings.engine_max_restarts:
-            logger.critical(
-                "engine %d exited with code %d, its %d crash in a row: giving up",
-                slot.index,
-                code,
-                slot.crashes,
-            )
+        decision = slot.policy.after(Exit(code, slot.ready_at, served, slot.hang_killed), now)
+        if decision.at is None:
+            if code == ENGINE_EXIT_CONFIG:
+                logger.critical(
+                    "engine %d cannot load its models any more (see above): giving up",
+                    slot.index,
+                )
+            else:
+                logger.critical(
+                    "engine %d exited with code %d, its %d crash in a row: giving up",
+                    slot.index,
+                    code,
+                    decision.crashes,
+                )
             return False
-        delay = _backoff_s(slot.crashes)
-        logger.error(
-            "engine %d (pid %d) exited with code %d; restarting it in %.0f s "
-            "(crash %d of %d allowed in a row)",
-            slot.index,
-            slot.process.pid,
-            code,
-            delay,
-            slot.crashes,
-            self.settings.engine_max_restarts,
-        )
-        slot.process, slot.restart_at = None, now + delay
+        if not decision.counted:
+            logger.error(
+                "engine %d (pid %d) was killed by signal %d while loading; restarting it now",
+                slot.index,
+                pid,
+                -code,
+            )
+        else:
+            logger.error(
+                "engine %d (pid %d) exited with code %d; restarting it in %.0f s "
+                "(crash %d of %d allowed in a row)",
+                slot.index,
+                pid,
+                code,
+                decision.at - now,
+                decision.crashes,
+                self.settings.engine_max_restarts,
+            )
+        slot.process, slot.restart_at = None, decision.at
         return True
 
     # --- gunicorn --------------------------------------------------------------
