@@ -4,6 +4,7 @@ a stream that hands out its bytes in whatever pieces the test chooses."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import orjson
@@ -40,11 +41,11 @@ class Stream:
         return size
 
 
-def _wire(header: dict[str, object], frames: list[np.ndarray]) -> bytes:
+def _wire(header: dict[str, Any], frames: list[np.ndarray]) -> bytes:
     return b"".join(bytes(b) for b in ipc.encode(header, frames))
 
 
-FRAMES = [
+FRAMES: list[np.ndarray] = [
     np.arange(60, dtype=np.uint8).reshape(3, 4, 5),
     np.linspace(0, 1, 7, dtype=np.float32),
     np.zeros((0, 3), dtype=np.uint8),  # an empty frame: no bytes on the wire
@@ -52,7 +53,7 @@ FRAMES = [
 ]
 
 
-def _same(message: ipc.Message, header: dict[str, object], frames: list[np.ndarray]) -> None:
+def _same(message: ipc.Message, header: dict[str, Any], frames: list[np.ndarray]) -> None:
     got_header, got_frames = message
     assert {k: v for k, v in got_header.items() if k != "frames"} == header
     assert len(got_frames) == len(frames)
@@ -63,7 +64,7 @@ def _same(message: ipc.Message, header: dict[str, object], frames: list[np.ndarr
 
 @pytest.mark.parametrize("piece", [1, 2, 3, 7, 64, 10_000])
 def test_a_message_split_anywhere_is_reassembled(piece: int) -> None:
-    header = {"op": "explain", "id": 3}
+    header: dict[str, Any] = {"op": "explain", "id": 3}
     wire = _wire(header, FRAMES)
     stream, reader, done = Stream(), ipc.MessageReader(), []
     for start in range(0, len(wire), piece):
@@ -77,7 +78,9 @@ def test_a_message_split_anywhere_is_reassembled(piece: int) -> None:
 
 def test_many_messages_in_random_pieces_come_out_in_order() -> None:
     rng = random.Random(7)
-    sent = [({"id": i}, FRAMES[: i % 5]) for i in range(40)]
+    sent: list[tuple[dict[str, Any], list[np.ndarray]]] = [
+        ({"id": i}, FRAMES[: i % 5]) for i in range(40)
+    ]
     wire = b"".join(_wire(h, f) for h, f in sent)
     stream, reader, done = Stream(), ipc.MessageReader(), []
     position = 0
