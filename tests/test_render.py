@@ -16,13 +16,23 @@ from service.imaging.geometry import fit_geometry, to_model_pixels
 from service.imaging.render import (
     COLORMAP,
     OVERLAY_MAX_OPACITY,
-    blend,
-    colorize,
+    colour_image,
     heatmap,
     normalise,
+    overlay_image,
     resample,
     to_uint8,
 )
+
+
+def colorize(heat: np.ndarray) -> np.ndarray:
+    """``(H, W)`` in [0, 1] → ``(H, W, 3) uint8``, the service's way (``colour_image``)."""
+    return np.asarray(colour_image(to_uint8(heat)))
+
+
+def blend(base: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """``heat`` over ``base`` ``(H, W, 3) uint8``, the service's way (``overlay_image``)."""
+    return np.asarray(overlay_image(Image.fromarray(np.ascontiguousarray(base)), to_uint8(heat)))
 
 
 def test_resample_to_input_equals_torch_bilinear() -> None:

@@ -175,16 +175,6 @@ def overlay_image(base: Image.Image, levels: np.ndarray) -> Image.Image:
     return Image.composite(colour_image(levels), base, mask)
 
 
-def colorize(heat: np.ndarray) -> np.ndarray:
-    """``(H, W)`` in [0, 1] → ``(H, W, 3) uint8`` through ``COLORMAP``."""
-    return np.asarray(colour_image(to_uint8(heat)))
-
-
-def blend(base: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """Overlay ``heat`` on ``base`` ``(H, W, 3) uint8``: colour at opacity 0.6 × value."""
-    return np.asarray(overlay_image(Image.fromarray(np.ascontiguousarray(base)), to_uint8(heat)))
-
-
 def to_rgb_image(image: Image.Image) -> Image.Image:
     """A decoded image (``L``, ``RGB`` or float ``F`` in [0, 1]) as an 8-bit RGB image."""
     if image.mode == "F":
