@@ -40,16 +40,15 @@ from service.contract.settings import Settings
 from service.imaging.encoders import encode_png
 from service.imaging.render import colour_image, heatmap, overlay_image, to_uint8
 from service.pipeline.budgets import RequestBudget
-from service.pipeline.explain import (
+from service.pipeline.explain import explain
+from service.pipeline.images import (
     PreparedImage,
     choose_layer,
-    dumps,
-    explain,
     prepare_image,
-    render_result,
     resolve_targets,
     run,
 )
+from service.pipeline.results import dumps, render_result
 from service.server.security import AccessPolicy
 from service.transport.interface import ModelInfo
 

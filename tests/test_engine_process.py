@@ -293,11 +293,14 @@ def test_an_engine_killed_under_load_gives_503s_then_200s_without_a_restart_of_s
         with ThreadPoolExecutor(4) as pool:
             for _ in range(4):
                 pool.submit(client)
-            time.sleep(1.0)
+            _wait_for(lambda: any(s == 200 for s, _, _ in statuses), 30, "answers")
             os.kill(engine_pid, signal.SIGKILL)
             _wait_for(lambda: not _ready(live.url), 5, "/readyz to turn 503")
             _wait_for(lambda: _ready(live.url), 60, "the engine to come back")
-            time.sleep(1.0)
+            served = len(statuses)
+            _wait_for(
+                lambda: any(s == 200 for s, _, _ in statuses[served:]), 30, "answers after it"
+            )
             stop.set()
         assert live.process.poll() is None  # serve itself never restarted
         [new_pid] = live.engine_pids()
@@ -312,6 +315,11 @@ def test_an_engine_killed_under_load_gives_503s_then_200s_without_a_restart_of_s
         assert "Traceback" not in live.read_log()
     finally:
         live.stop()
+
+
+def _answered_since(outcomes: list[tuple[float, float, int, str]], since: float) -> bool:
+    """A request started after ``since`` (``time.monotonic()``) was answered 200."""
+    return any(status == 200 and started > since for started, _, status, _ in list(outcomes))
 
 
 def _timed_load(
@@ -347,7 +355,7 @@ def test_a_stopped_engine_fails_fast_and_is_replaced() -> None:
     try:
         [engine_pid] = live.engine_pids()
         pool = _timed_load(live.url, 4, stop, outcomes)
-        time.sleep(1.0)
+        _wait_for(lambda: _answered_since(outcomes, 0.0), 30, "answers")
         os.kill(engine_pid, signal.SIGSTOP)
         stopped = time.monotonic()
         _wait_for(lambda: not _ready(live.url), 3, "/readyz to turn 503")
@@ -358,7 +366,8 @@ def test_a_stopped_engine_fails_fast_and_is_replaced() -> None:
             "the supervisor to replace the stopped engine",
         )
         _wait_for(lambda: _ready(live.url), 30, "the new engine")
-        time.sleep(1.0)
+        back = time.monotonic()
+        _wait_for(lambda: _answered_since(outcomes, back), 30, "answers from the new engine")
         stop.set()
         pool.shutdown(wait=True)
         assert live.process.poll() is None
@@ -391,14 +400,14 @@ def test_repeated_kills_of_a_loading_engine_do_not_grow_the_outage() -> None:
     outcomes: list[tuple[float, float, int, str]] = []
     try:
         pool = _timed_load(live.url, 4, stop, outcomes)
-        time.sleep(1.0)
+        _wait_for(lambda: _answered_since(outcomes, 0.0), 30, "answers")
         for _ in range(5):
             os.kill(live.engine_pids()[0], signal.SIGKILL)
             last_kill = time.monotonic()
             time.sleep(3.0)
         _wait_for(lambda: _ready(live.url), 30, "the engine after the last kill")
         back_after = time.monotonic() - last_kill
-        time.sleep(0.5)
+        _wait_for(lambda: _answered_since(outcomes, last_kill + back_after), 30, "answers after it")
         stop.set()
         pool.shutdown(wait=True)
         assert live.process.poll() is None  # serve did not give up

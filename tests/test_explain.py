@@ -15,7 +15,8 @@ from service.contract.schemas import ExplainRequest, ExplainResponse, parse_expl
 from service.demo.metrics import peak_in_boxes
 from service.demo.phantom import to_uint8
 from service.engine.runtime import Runtime
-from service.pipeline.explain import dumps, explain
+from service.pipeline.explain import explain
+from service.pipeline.results import dumps
 from tests.helpers import bomb_png, encode, phantom, phantom_png, png_bytes
 
 

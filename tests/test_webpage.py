@@ -23,7 +23,8 @@ from service.contract.settings import Settings
 from service.engine.runtime import Runtime
 from service.imaging.dicom import decode_dicom
 from service.imaging.render import COLORMAP
-from service.pipeline.explain import dumps, explain
+from service.pipeline.explain import explain
+from service.pipeline.results import dumps
 from service.server.app import create_app
 from tests.helpers import encode, phantom_png
 

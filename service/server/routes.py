@@ -13,7 +13,8 @@ from service.contract.schemas import parse_explain_request
 from service.contract.settings import Settings
 from service.memory import RequestMemory
 from service.pipeline.budgets import BODY_COPIES
-from service.pipeline.explain import dumps, explain
+from service.pipeline.explain import explain
+from service.pipeline.results import dumps
 from service.server.worker import draining
 from service.transport.interface import Catalog, Engine, ModelInfo
 

@@ -33,7 +33,8 @@ from service.demo.phantom import sample_phantom, to_uint8
 from service.imaging.encoders import encode_image
 from service.imaging.geometry import fit_geometry
 from service.imaging.render import COLORMAP, OVERLAY_MAX_OPACITY, heatmap
-from service.pipeline.explain import PreparedImage, draw_heatmap
+from service.pipeline.images import PreparedImage
+from service.pipeline.results import draw_heatmap
 from service.transport.interface import ModelInfo
 
 

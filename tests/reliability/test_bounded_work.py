@@ -22,7 +22,8 @@ from service.imaging.codestream import declared_size
 from service.imaging.decoding import decode_image
 from service.imaging.geometry import fit_geometry, to_model_pixels
 from service.imaging.render import resample
-from service.pipeline.explain import explain, resolve_targets
+from service.pipeline.explain import explain
+from service.pipeline.images import resolve_targets
 from tests.helpers import encode, phantom_png
 
 

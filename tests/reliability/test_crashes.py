@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -35,7 +36,17 @@ class Load:
         self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
         for thread in self._threads:
             thread.start()
-        time.sleep(1.5)
+        # Flowing: an answer to a request that started over half a second ago.
+        self.wait_until(
+            lambda o: o.status == 200 and o.started < time.monotonic() - 0.5, "the load to flow"
+        )
+
+    def wait_until(self, done: Callable[[Outcome], bool], what: str, timeout_s: float = 30) -> None:
+        """Until an outcome for which ``done`` holds (a gate on what the test needs)."""
+        deadline = time.monotonic() + timeout_s
+        while not any(done(o) for o in list(self.outcomes)):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.02)
 
     def _client(self) -> None:
         while not self._stop.is_set():
@@ -73,7 +84,10 @@ def test_a_worker_killed_under_load_loses_only_its_requests_in_flight() -> None:
             len(live.worker_pids()) < 2 or victim in live.worker_pids()
         ):
             time.sleep(0.1)
-        time.sleep(2.0)
+        load.wait_until(
+            lambda o: o.status == 200 and o.started > killed_at + 0.5 and o.ended > killed_at + 2,
+            "answers after the kill",
+        )
         outcomes = load.finish()
         failed = [o for o in outcomes if o.status != 200]
         # Only requests already running when the worker died, at most one per client.

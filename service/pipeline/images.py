@@ -1,0 +1,182 @@
+"""An image's way to the engine: decoded and fitted to the model, its targets resolved,
+before any compute (so one bad image never fails a batch), then one engine call for
+all the images of a request (``run``), batched there with other requests."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from service.contract.errors import (
+    ErrorCode,
+    InvalidField,
+)
+from service.contract.schemas import (
+    ClassRef,
+    TargetSpec,
+)
+from service.imaging.decoding import Admit, decode_image
+from service.imaging.dicom import describe_dicom, is_dicom, read_header
+from service.imaging.geometry import Geometry, to_model_pixels
+from service.imaging.render import (
+    to_rgb_image,
+)
+from service.transport.interface import Box, Engine, Job, ModelInfo, class_order
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image, decoded and fitted to the model, with its targets resolved."""
+
+    index: int
+    # The image as displayed (EXIF orientation applied) in 8 bits, mode L or RGB;
+    # kept only where a picture is drawn over it at its own size.
+    display: Image.Image | None
+    pixels: np.ndarray  # (H_in, W_in, 1 or 3) uint8, or float32 in [0, 1]
+    box: Box | None  # where the image lies on the input, if not all of it
+    geometry: Geometry
+    targets: list[int | None]  # None = the top-1 class
+    dicom: dict[str, Any] | None = None  # a DICOM file's attributes, when asked for
+    header: Dataset | None = None  # a DICOM source's header, for dicom-sc/dicom-pm output
+    frame: int | None = None  # the frame explained (multi-frame sources)
+
+
+@dataclass(frozen=True)
+class ExplainedImage:
+    prepared: PreparedImage
+    scores: np.ndarray  # (K,) probabilities (softmax) or sigmoid scores (multilabel)
+    order: np.ndarray  # (K,) class indices, most likely first (interface.class_order)
+    targets: list[int]
+    cams: list[np.ndarray]  # (h, w) raw maps, one per target
+
+
+def _class_index(ref: ClassRef, model: ModelInfo, index: int) -> int:
+    field = f"targets[{index}]"
+    if isinstance(ref, str):
+        found = model.class_index(ref)
+        if found is None:
+            shown = ", ".join(model.labels[:20]) + (", ..." if model.num_classes > 20 else "")
+            raise InvalidField(
+                f"Image {index}: model '{model.name}' has no class '{ref}'. Its labels: {shown}.",
+                code=ErrorCode.UNKNOWN_LABEL,
+                image=index,
+                field=field,
+            )
+        return found
+    if not 0 <= ref < model.num_classes:
+        raise InvalidField(
+            f"Image {index}: class index {ref} is outside 0..{model.num_classes - 1}"
+            f" for model '{model.name}'.",
+            code=ErrorCode.TARGET_OUT_OF_RANGE,
+            image=index,
+            field=field,
+        )
+    return ref
+
+
+def resolve_targets(spec: TargetSpec, model: ModelInfo, index: int) -> list[int | None]:
+    """The distinct classes to explain for one image, in the order given."""
+    if spec is None:
+        return [None]
+    refs = spec if isinstance(spec, list) else [spec]
+    return list(dict.fromkeys(_class_index(ref, model, index) for ref in refs))
+
+
+def prepare_image(
+    data: bytes,
+    index: int,
+    model: ModelInfo,
+    admit: Admit,
+    targets: list[int | None],
+    frame: int | None = None,
+    keep_display: bool = False,
+    describe: bool = False,
+    keep_header: bool = False,
+) -> PreparedImage:
+    """Decode and fit one image; every problem raises a ``ServiceError`` naming ``index``.
+
+    ``admit(width, height)`` checks the size from the header first (``budgets.py``);
+    ``describe`` reads a DICOM file's attributes too.
+    """
+    # Overlays are drawn on the colour original, even for a 1-channel model.
+    colour = keep_display and model.channels == 1
+    image = decode_image(data, index, 3 if colour else model.channels, admit, frame)
+    # The full-size image leaves here as 8 bits, or not at all.
+    display = to_rgb_image(image) if keep_display else None
+    if colour and image.mode == "RGB":
+        image = image.convert("L")  # as decode_image converts for a 1-channel model
+    pixels, box, geometry = to_model_pixels(image, model.input_size, model.resize)
+    # The header is read once, for the attributes shown and for derived DICOM objects.
+    header = read_header(data) if (describe or keep_header) and is_dicom(data) else None
+    dicom = describe_dicom(header, frame) if describe and header is not None else None
+    return PreparedImage(
+        index,
+        display,
+        pixels,
+        box,
+        geometry,
+        targets,
+        dicom,
+        header if keep_header else None,
+        frame,
+    )
+
+
+def choose_layer(model: ModelInfo, layer: str | None) -> str:
+    """The requested layer if it can be explained, else the model's default."""
+    if layer is None:
+        return model.default_layer
+    if layer in model.layer_names():
+        return layer
+    if layer not in model.modules:
+        close = model.suggest_modules(layer)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise InvalidField(
+            f"Model '{model.name}': the model has no layer '{layer}'.{hint}",
+            code=ErrorCode.UNKNOWN_LAYER,
+            field="layer",
+        )
+    raise InvalidField(
+        f"Layer '{layer}' of model '{model.name}' does not return an (N, C, H, W) "
+        "feature map exactly once per forward pass; GET the model's layers for "
+        "the ones that do.",
+        code=ErrorCode.UNSUPPORTED_LAYER,
+        field="layer",
+    )
+
+
+def run(
+    engine: Engine,
+    model: ModelInfo,
+    layer: str,
+    method: str,
+    prepared: Sequence[PreparedImage],
+    deadline: float,
+    disconnected: Callable[[], bool] | None = None,
+) -> list[ExplainedImage]:
+    """One engine call for all ``prepared`` images (batched there with other requests)."""
+    job = Job(
+        model=model.name,
+        layer=layer,
+        images=[p.pixels for p in prepared],
+        boxes=[p.box for p in prepared],
+        targets=[p.targets for p in prepared],
+        methods=[method] * len(prepared),
+    )
+    result = engine.run(job, deadline, disconnected)
+    return [
+        ExplainedImage(
+            p, result.scores[i], class_order(result.logits[i]), result.targets[i], result.maps[i]
+        )
+        for i, p in enumerate(prepared)
+    ]
