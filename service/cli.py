@@ -28,15 +28,9 @@ from typing import TYPE_CHECKING, get_args
 import numpy as np
 
 from service.contract.errors import ConfigError, ServiceError
-from service.contract.schemas import (
-    METHODS,
-    HeatmapEncoding,
-    HeatmapFormat,
-    HeatmapOptions,
-    HeatmapSize,
-    parse_explain_request,
-)
+from service.contract.schemas import HeatmapOptions, parse_explain_request
 from service.contract.settings import Settings
+from service.contract.terms import METHODS, HeatmapEncoding, HeatmapFormat, HeatmapSize
 from service.imaging.encoders import encode_png
 from service.imaging.render import colour_image, heatmap, overlay_image, to_uint8
 from service.pipeline.budgets import RequestBudget

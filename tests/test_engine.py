@@ -62,9 +62,9 @@ def test_several_targets_per_image_match_single_target_calls(resnet: nn.Module) 
 
 
 def test_the_api_offers_exactly_the_engine_methods() -> None:
-    from service.contract import schemas
+    from service.contract import terms
 
-    assert set(schemas.METHODS) == set(METHODS)
+    assert set(terms.METHODS) == set(METHODS)
 
 
 def test_no_hooks_and_no_parameter_gradients_after_a_call(resnet: nn.Module) -> None:

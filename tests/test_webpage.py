@@ -18,8 +18,9 @@ from flask.testing import FlaskClient
 from PIL import Image
 
 from service.contract.errors import PayloadTooLarge
-from service.contract.schemas import METHODS, ExplainRequest, ExplainResponse
+from service.contract.schemas import ExplainRequest, ExplainResponse
 from service.contract.settings import Settings
+from service.contract.terms import METHODS
 from service.engine.runtime import Runtime
 from service.imaging.dicom import decode_dicom
 from service.imaging.render import COLORMAP

@@ -6,7 +6,7 @@ response, so both stay one contract (see ``openapi.yaml``).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
@@ -20,18 +20,15 @@ from pydantic import (
 )
 
 from service.contract.errors import BadRequest, ErrorCode, InvalidField
-
-Method = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
-METHODS: tuple[str, ...] = get_args(Method)  # the engine's formulas; a test keeps them equal
-HeatmapFormat = Literal["array", "png", "overlay", "gray", "none", "dicom-sc", "dicom-pm"]
-# DICOM objects of a DICOM source, on its pixel grid (imaging/dicom_out.py).
-DICOM_FORMATS = ("dicom-sc", "dicom-pm")
-HeatmapSize = Literal["original", "input", "layer"]
-HeatmapEncoding = Literal["png", "jpeg", "webp"]
-# Extras a result may carry on request: the picture heatmaps are drawn over (for
-# clients that cannot decode the upload, DICOM above all) and a DICOM file's
-# patient, study and display attributes.
-Include = Literal["image", "dicom"]
+from service.contract.terms import (
+    DICOM_FORMATS,
+    HeatmapEncoding,
+    HeatmapFormat,
+    HeatmapSize,
+    Include,
+    Method,
+    ResizeMode,
+)
 
 # A class given by index or by label.
 ClassRef = StrictInt | Annotated[StrictStr, Field(min_length=1)]
@@ -164,7 +161,7 @@ class Geometry(BaseModel):
     possibly beyond its edges for ``letterbox``) that the model input covers.
     """
 
-    resize: Literal["stretch", "letterbox", "crop"]
+    resize: ResizeMode
     input_width: int
     input_height: int
     box: tuple[float, float, float, float]

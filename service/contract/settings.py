@@ -29,8 +29,8 @@ from pydantic import (
 )
 
 from service.contract.errors import ConfigError
+from service.contract.terms import ResizeMode
 
-ResizeMode = Literal["stretch", "letterbox", "crop"]
 DEMO_MODELS_FILE = Path(__file__).resolve().parents[1] / "demo" / "models.toml"
 
 

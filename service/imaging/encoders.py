@@ -23,14 +23,15 @@ from __future__ import annotations
 import io
 import logging
 from types import ModuleType
-from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from service.contract.terms import HeatmapEncoding
+
 logger = logging.getLogger(__name__)
 
-Encoding = Literal["png", "jpeg", "webp"]
+Encoding = HeatmapEncoding
 PNG_COMPRESS_LEVEL = 1
 JPEG_QUALITY = 90
 WEBP_QUALITY = 85

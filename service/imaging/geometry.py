@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from service.contract.settings import ResizeMode
+from service.contract.terms import ResizeMode
 from service.transport.interface import Box
 
 

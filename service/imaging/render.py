@@ -31,14 +31,12 @@ colours are bit-exact with the float formula, blends within one level of it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from service.contract.terms import HeatmapSize
 from service.imaging.geometry import Geometry
-
-HeatmapSize = Literal["original", "input", "layer"]
 
 _ANCHORS = (
     (0.00, (24, 16, 92)),

@@ -30,12 +30,12 @@ from service.contract.errors import (
     PayloadTooLarge,
 )
 from service.contract.schemas import (
-    DICOM_FORMATS,
     DicomWebImage,
     ExplainRequest,
     TargetSpec,
 )
 from service.contract.settings import Settings
+from service.contract.terms import DICOM_FORMATS
 from service.imaging.decoding import decode_base64
 from service.memory import RequestMemory
 from service.pipeline.budgets import RequestBudget

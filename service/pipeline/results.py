@@ -13,10 +13,8 @@ import numpy as np
 import orjson
 from PIL import Image
 
-from service.contract.schemas import (
-    DICOM_FORMATS,
-    HeatmapOptions,
-)
+from service.contract.schemas import HeatmapOptions
+from service.contract.terms import DICOM_FORMATS
 from service.imaging.dicom_out import (
     DerivedFrom,
     DerivedObjectImpossible,

@@ -22,7 +22,7 @@ import orjson
 from flask import Blueprint, Response, request
 from werkzeug.exceptions import NotFound
 
-from service.contract.schemas import METHODS
+from service.contract.terms import METHODS
 from service.imaging.render import COLORMAP
 
 # Open without a token (security.AccessPolicy): the page and its own files.

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.contract.errors import ClientClosed, DeadlineExceeded, UnknownModel
-from service.contract.settings import ResizeMode
+from service.contract.terms import ResizeMode
 
 # How `gradcam-service serve` tells the HTTP workers where the engines listen:
 # their Unix socket paths, os.pathsep-separated.

@@ -1,0 +1,26 @@
+"""The API's vocabulary, each word list defined once.
+
+Plain ``typing.Literal``s (no pydantic): the request and response models
+(``schemas.py``), the settings and models file (``settings.py``), the imaging code,
+the transport and the command line all take them from here, so a new method, format
+or resize mode is one edit. The engine's CAM formulas must match ``METHODS`` (a test
+keeps them equal).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Method = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
+METHODS: tuple[str, ...] = get_args(Method)
+HeatmapFormat = Literal["array", "png", "overlay", "gray", "none", "dicom-sc", "dicom-pm"]
+# DICOM objects of a DICOM source, on its pixel grid (imaging/dicom_out.py).
+DICOM_FORMATS = ("dicom-sc", "dicom-pm")
+HeatmapSize = Literal["original", "input", "layer"]
+HeatmapEncoding = Literal["png", "jpeg", "webp"]
+# Extras a result may carry on request: the picture heatmaps are drawn over (for
+# clients that cannot decode the upload, DICOM above all) and a DICOM file's
+# patient, study and display attributes.
+Include = Literal["image", "dicom"]
+# How an image is fitted to the model's input (imaging/geometry.py).
+ResizeMode = Literal["stretch", "letterbox", "crop"]
