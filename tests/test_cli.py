@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import subprocess
 import sys
@@ -14,7 +16,9 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from service.cli import main
-from service.contract.schemas import ErrorResponse, ExplainResponse
+from service.contract.schemas import ErrorResponse, ExplainRequest, ExplainResponse
+from service.engine.runtime import Runtime
+from service.pipeline.explain import explain
 from tests.helpers import LiveServer, encode, phantom_png
 
 
@@ -260,3 +264,30 @@ def test_an_internal_failure_is_one_line_and_exit_code_70(
     assert err == (
         "error: internal failure: RuntimeError: something no one expected (-v shows where)\n"
     )
+
+
+@pytest.mark.parametrize("fmt, kind", [("overlay", "overlay"), ("png", "heatmap")])
+def test_files_written_by_the_cli_equal_the_api_pictures(
+    runtime: Runtime, tmp_path: Path, fmt: str, kind: str
+) -> None:
+    """File mode and the JSON API draw through the same stages: pixel-equal pictures."""
+    path = tmp_path / "scan.png"
+    path.write_bytes(phantom_png(6, 230, 170))
+    out = tmp_path / "out"
+    assert main(["explain", str(path), "--out", str(out)]) == 0  # the top-1 class
+    request = ExplainRequest.model_validate(
+        {
+            "images": [encode(path.read_bytes())],
+            "heatmap": {"format": fmt, "size": "original", "encoding": "png"},
+        }
+    )
+    answer = explain(request, runtime, runtime.settings)
+    data = base64.b64decode(answer["results"][0]["explanations"][0]["heatmap"]["data"])
+    from_api = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    label = answer["results"][0]["explanations"][0]["target"]["label"]
+    from_cli = np.asarray(Image.open(out / f"scan.{label}.{kind}.png").convert("RGB"))
+    assert from_api.shape == from_cli.shape == (170, 230, 3)
+    assert np.array_equal(from_api, from_cli)
+    # A picture with a map in it (a class the model does not see has an empty map).
+    plain = np.asarray(Image.open(path).convert("RGB"))
+    assert not np.array_equal(from_cli, plain) and from_cli.std() > 1
