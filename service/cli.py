@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
@@ -100,6 +101,10 @@ class OutputExists(Exception):
     """An output file is there already and ``--force`` was not given."""
 
 
+class Usage(Exception):
+    """A command line that cannot be run as given (exit code 2)."""
+
+
 _OUTPUT_KINDS = ("overlay", "heatmap")
 
 
@@ -144,19 +149,35 @@ def _write_outputs(
     return written
 
 
-def _explain_files(args: argparse.Namespace, runtime: Runtime) -> int:
+@dataclass(frozen=True)
+class FilePlan:
+    """What file mode can settle before a model loads: each input's frame and the stem of
+    its output names."""
+
+    frames: list[int | None]
+    stems: list[str]
+
+
+def _plan_files(args: argparse.Namespace) -> FilePlan:
+    """Raises ``Usage`` or ``OutputExists``: a mistake costs no model load."""
+    plan = FilePlan(
+        _frames(args.frame, len(args.images)), _stems([Path(name) for name in args.images])
+    )
+    if not args.force:
+        _refuse_existing(Path(args.out), plan.stems)
+    return plan
+
+
+def _explain_files(args: argparse.Namespace, runtime: Runtime, plan: FilePlan) -> int:
     model: ModelInfo = runtime.catalog().get(args.model)
     layer = choose_layer(model, args.layer)
     targets = [_target_ref(t) for t in args.target] if args.target else None
-    frames = _frames(args.frame, len(args.images))
+    frames, stems = plan.frames, plan.stems
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     options = HeatmapOptions(format="none", size="original")
     prepared: list[tuple[Path, str, PreparedImage]] = []
-    stems = _stems([Path(name) for name in args.images])
-    if not args.force:
-        _refuse_existing(out, stems)
     for i, name in enumerate(args.images):
         path = Path(name)
         try:
@@ -219,10 +240,6 @@ def _frames(given: list[int] | None, n: int) -> list[int | None]:
             "(every input) or once per input"
         )
     return list(given)
-
-
-class Usage(Exception):
-    """A command line that cannot be run as given (exit code 2)."""
 
 
 def _layers(args: argparse.Namespace, runtime: Runtime) -> int:
@@ -439,25 +456,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
+    plan: FilePlan | None = None
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "explain" and args.images:
+            plan = _plan_files(args)
         runtime = _runtime(args)
     except (ConfigError, Usage) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        if args.command == "layers":
-            return _layers(args, runtime)
-        if args.request:
-            return _explain_request(args, runtime)
-        return _explain_files(args, runtime)
-    except Usage as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except OutputExists as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_EXISTS
+    try:
+        if args.command == "layers":
+            return _layers(args, runtime)
+        if plan is None:
+            return _explain_request(args, runtime)
+        return _explain_files(args, runtime, plan)
     except OSError as error:  # the output folder cannot be written, say
         print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         return EXIT_INPUT
