@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import signal
 import socket
 import struct
@@ -187,3 +188,10 @@ class LiveServer:
                 self.process.wait(timeout=10)
         self.log.close()
         os.unlink(self.log.name)
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """The sum of a Prometheus text exposition's samples of ``name`` with exactly ``labels``
+    (e.g. ``'{model="phantom"}'``; "" for none)."""
+    pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)}\s+([0-9.eE+-]+)$", re.M)
+    return sum(float(m) for m in pattern.findall(text))

@@ -13,7 +13,6 @@ its peak everywhere, which is what a user of the default sees.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from service.engine.cuda_graphs import GraphCache
 from service.engine.folding import fold_batch_norms
 from service.engine.gradcam import METHODS, GradCAM
 from service.engine.runtime import Runtime
-from tests.helpers import LiveServer, encode, phantom_png, seeded_model
+from tests.helpers import LiveServer, encode, metric_value, phantom_png, seeded_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -279,10 +278,6 @@ def test_a_graphed_runtime_answers_as_its_eager_path(tf32: bool) -> None:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _metric(text: str, name: str) -> float:
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}{{[^}}]*}}\s+(\S+)$", text, re.M))
-
-
 def test_server_with_cuda_graphs(cuda_server: LiveServer) -> None:
     graphed = LiveServer(device="cuda", env={"GRADCAM_CUDA_GRAPHS": "on"})
     try:
@@ -301,7 +296,7 @@ def test_server_with_cuda_graphs(cuda_server: LiveServer) -> None:
             b = np.array(y["explanations"][0]["heatmap"]["values"])
             assert np.abs(a - b).max() <= 1e-3
         text = requests.get(f"{graphed.url}/metrics", timeout=10).text
-        assert _metric(text, "gradcam_cuda_graph_replays_total") >= 1
-        assert _metric(text, "gradcam_cuda_graph_fallbacks_total") == 0
+        assert metric_value(text, "gradcam_cuda_graph_replays_total", '{model="phantom"}') >= 1
+        assert metric_value(text, "gradcam_cuda_graph_fallbacks_total", '{model="phantom"}') == 0
     finally:
         graphed.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -16,6 +17,7 @@ import orjson
 import pytest
 
 from service.contract.errors import ErrorCode
+from service.memory import MemoryBudget
 from service.server.access_log import LOGGED_PATH_BYTES, log_access
 from service.server.buffers import BufferBudget
 from service.server.incoming import (
@@ -171,34 +173,18 @@ def test_pipelined_requests_come_one_after_the_other() -> None:
 # --- buffers -----------------------------------------------------------------------
 
 
-class _Memory:
-    """Stands in for the service's memory budget (``service.memory``)."""
-
-    def __init__(self, free: int) -> None:
-        self.free = free
-
-    def try_reserve(self, nbytes: int, force: bool = False) -> bool:
-        if nbytes > self.free and not force:
-            return False
-        self.free -= nbytes
-        return True
-
-    def release(self, nbytes: int) -> None:
-        self.free += nbytes
-
-
-def test_reservations_grow_release_and_obey_both_budgets() -> None:
-    memory = _Memory(600)
-    budget = BufferBudget(1000, memory)  # type: ignore[arg-type]
+def test_reservations_grow_release_and_obey_both_budgets(tmp_path: Path) -> None:
+    memory = MemoryBudget(str(tmp_path / "budget"), 600)  # the service's, shared by processes
+    budget = BufferBudget(1000, memory)
     a, b = budget.reservation(), budget.reservation()
     assert a.grow_to(400) and a.grow_to(300) and a.size == 400  # never shrinks by growing
     assert not b.grow_to(300)  # the worker has room (600 left), the service has 200
     assert b.size == 0 and budget.held == 400
     assert b.grow_to(300, force=True)  # an answer already made is counted regardless
-    assert budget.held == 700 and memory.free == -100
+    assert budget.held == 700 and memory.reserved_bytes() == 700
     a.release()
     b.release()
-    assert budget.held == 0 and memory.free == 600 and a.size == b.size == 0
+    assert budget.held == 0 and memory.reserved_bytes() == 0 and a.size == b.size == 0
 
 
 # --- the WSGI adapter ----------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from service.demo.phantom import FINDINGS
-from tests.helpers import LiveServer, encode, missing_tool, phantom_png
+from tests.helpers import LiveServer, encode, metric_value, missing_tool, phantom_png
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +41,6 @@ def _explain(server: LiveServer, body: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _metric(text: str, name: str, labels: str = "") -> float:
-    pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)}\s+([0-9.eE+-]+)$", re.M)
-    return sum(float(m) for m in pattern.findall(text))
-
-
 def test_concurrent_requests_each_get_their_own_heatmap(two_workers: LiveServer) -> None:
     bodies = [
         {
@@ -69,8 +64,8 @@ def test_concurrent_requests_each_get_their_own_heatmap(two_workers: LiveServer)
     after = requests.get(f"{two_workers.url}/metrics", timeout=10).text
     # Batches of more than one image happened under that load.
     batched = [
-        _metric(t, "gradcam_batch_size_images_count")
-        - _metric(t, "gradcam_batch_size_images_bucket", '{le="1.0"}')
+        metric_value(t, "gradcam_batch_size_images_count")
+        - metric_value(t, "gradcam_batch_size_images_bucket", '{le="1.0"}')
         for t in (before, after)
     ]
     assert batched[1] > batched[0]
@@ -89,27 +84,29 @@ def test_metrics_move_and_aggregate_both_workers(
     requests.get(f"{url}/v1/nothing", timeout=10)
     after = requests.get(f"{url}/metrics", timeout=10).text
     assert (
-        _metric(after, "gradcam_images_explained_total", '{model="phantom"}')
-        - _metric(before, "gradcam_images_explained_total", '{model="phantom"}')
+        metric_value(after, "gradcam_images_explained_total", '{model="phantom"}')
+        - metric_value(before, "gradcam_images_explained_total", '{model="phantom"}')
         == 12
     )
     route = '{method="POST",route="/v1/explain",status="200"}'
     assert (
-        _metric(after, "gradcam_request_duration_seconds_count", route)
-        - _metric(before, "gradcam_request_duration_seconds_count", route)
+        metric_value(after, "gradcam_request_duration_seconds_count", route)
+        - metric_value(before, "gradcam_request_duration_seconds_count", route)
         == 6
     )
-    assert _metric(after, "gradcam_errors_total", '{code="invalid_base64"}') >= 1
-    assert _metric(after, "gradcam_errors_total", '{code="not_found"}') >= 1
+    assert metric_value(after, "gradcam_errors_total", '{code="invalid_base64"}') >= 1
+    assert metric_value(after, "gradcam_errors_total", '{code="not_found"}') >= 1
     assert 'route="unmatched"' in after and "/v1/nothing" not in after
     for stage in ("decode", "queue_wait", "compute", "render"):
-        assert _metric(after, "gradcam_stage_duration_seconds_count", f'{{stage="{stage}"}}') > 0
-    assert _metric(after, "gradcam_queue_depth") == 0
+        assert (
+            metric_value(after, "gradcam_stage_duration_seconds_count", f'{{stage="{stage}"}}') > 0
+        )
+    assert metric_value(after, "gradcam_queue_depth") == 0
     # Both workers write their own files (one scrape sums them); the stale file is gone.
     pids = {path.stem.rsplit("_", 1)[1] for path in metrics_dir.glob("*.db")}
     assert len(pids) >= 2 and "99999" not in pids
     # Each worker loaded the model once: the warm-ups of both are in the counts.
-    assert _metric(after, "gradcam_batch_size_images_count") >= 2
+    assert metric_value(after, "gradcam_batch_size_images_count") >= 2
 
 
 def test_promtool_accepts_a_real_scrape(two_workers: LiveServer) -> None:
