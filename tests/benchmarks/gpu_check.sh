@@ -78,32 +78,33 @@ if step engine; then
         2>&1 | tee "$OUT/engine.log" || status=1
 fi
 
+# The load benchmark with the flags every load step shares: run_load LOG LIMIT_S [FLAG ...].
+run_load() {
+    local log=$1 limit=$2
+    shift 2
+    timeout -s INT -k 15 "$limit" $PY tests/benchmarks/load.py --device "$DEVICE" --client hey \
+        --skip-naive --duration "$DURATION" --max-batch-size 32 \
+        --forward-batch "$FORWARD_BATCH" --torch-threads 4 --warm-up "$@" 2>&1 \
+        | tee "$OUT/$log" || status=1
+}
+
 if step load; then
     elapsed "load: float32"
     # shellcheck disable=SC2086
-    timeout -s INT -k 15 170 $PY tests/benchmarks/load.py --device "$DEVICE" --client hey \
-        --skip-naive --duration "$DURATION" --concurrency $CONCURRENCY --max-batch-size 32 \
-        --forward-batch "$FORWARD_BATCH" --torch-threads 4 --paired-repeats 1 --warm-up 2>&1 \
-        | tee "$OUT/load.log" || status=1
+    run_load load.log 170 --concurrency $CONCURRENCY --paired-repeats 1
 fi
 
 if [ "$DEVICE" = cuda ] && step graphs; then
     elapsed "load: float32, CUDA graphs"
+    export GRADCAM_CUDA_GRAPHS=on  # the server inherits it
     # shellcheck disable=SC2086
-    GRADCAM_CUDA_GRAPHS=on timeout -s INT -k 15 170 $PY tests/benchmarks/load.py \
-        --device cuda --client hey --skip-naive --duration "$DURATION" \
-        --concurrency $CONCURRENCY --max-batch-size 32 --forward-batch "$FORWARD_BATCH" \
-        --torch-threads 4 --paired-repeats 0 --warm-up 2>&1 \
-        | tee "$OUT/load_graphs.log" || status=1
+    run_load load_graphs.log 170 --concurrency $CONCURRENCY --paired-repeats 0
+    unset GRADCAM_CUDA_GRAPHS
 fi
 
 if [ "$DEVICE" = cuda ] && step autocast; then
     elapsed "load: float16 autocast"
-    timeout -s INT -k 15 110 $PY tests/benchmarks/load.py --device cuda --client hey --skip-naive \
-        --duration "$DURATION" --concurrency "$top" --max-batch-size 32 \
-        --forward-batch "$FORWARD_BATCH" --torch-threads 4 --paired-repeats 0 --autocast \
-        --warm-up 2>&1 \
-        | tee "$OUT/load_autocast.log" || status=1
+    run_load load_autocast.log 110 --concurrency "$top" --paired-repeats 0 --autocast
 fi
 elapsed "done (status $status)"
 exit $status
