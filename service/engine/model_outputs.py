@@ -1,0 +1,154 @@
+"""What a loaded model's forward pass returns: logits or probabilities, and how many.
+
+Grad-CAM needs the score before the final sigmoid/softmax. A model declared to
+return probabilities is made to return the logits they come from (the input of
+its final Sigmoid/Softmax module, or its output turned back); one declared to
+return logits whose outputs look like probabilities gets a warning. The number of
+outputs is read from one forward pass, which also checks ``channels`` and
+``input_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from service.contract.settings import ModelSpec
+from service.engine.model_errors import ModelConfigError
+
+# Logged under the name of the module that loads models, as before this part was split
+# from it: log filters and level settings for "service.engine.models" still apply.
+logger = logging.getLogger("service.engine.models")
+
+
+# Heads that turn logits into probabilities, as modules (a hook can read their input).
+_ACTIVATIONS = (nn.Sigmoid, nn.Softmax)
+# Probabilities turned back into logits (a functional activation): kept off 0 and 1.
+_EPS = 1e-7
+
+
+def _final_activation(model: nn.Module, inputs: Tensor) -> tuple[tuple[str, nn.Module] | None, Any]:
+    """One forward pass on ``inputs``: the Sigmoid or Softmax module whose output is the
+    model's output, if there is one, and that output (None if the forward failed)."""
+    seen: dict[str, Tensor] = {}
+    handles = [
+        module.register_forward_hook(
+            lambda _m, _i, out, key=module_name: seen.__setitem__(key, out)
+        )
+        for module_name, module in model.named_modules()
+        if isinstance(module, _ACTIVATIONS)
+    ]
+    try:
+        with torch.no_grad():
+            out = model(inputs)
+    except Exception:
+        return None, None  # output_classes reports a forward that fails
+    finally:
+        for handle in handles:
+            handle.remove()
+    for module_name, value in seen.items():
+        if value is out:
+            return (module_name, model.get_submodule(module_name)), out
+    return None, out
+
+
+def _return_input(_module: nn.Module, inputs: tuple[Any, ...], _output: Tensor) -> Tensor:
+    result: Tensor = inputs[0]
+    return result
+
+
+def _inverse_sigmoid(_module: nn.Module, _inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+    return torch.logit(output, eps=_EPS)
+
+
+def _log_probabilities(_module: nn.Module, _inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+    return torch.log(output.clamp_min(_EPS))
+
+
+def expose_logits(name: str, model: nn.Module, spec: ModelSpec) -> None:
+    """Make a model that returns probabilities return the logits they come from, so
+    Grad-CAM's score is taken before the activation and the service applies it once."""
+    final, _ = _final_activation(model, torch.zeros(1, spec.channels, *spec.input_size))
+    if final is not None:
+        module_name, module = final
+        module.register_forward_hook(_return_input)
+        kind = type(module).__name__
+        logger.info(
+            "model '%s': output = \"probabilities\": scores from the input of its final %s ('%s')",
+            name,
+            kind,
+            module_name,
+        )
+        if (kind == "Softmax") == spec.multilabel:
+            logger.warning(
+                "model '%s' ends in a %s but multilabel = %s: check 'multilabel' "
+                "(true for independent sigmoid scores)",
+                name,
+                kind,
+                str(spec.multilabel).lower(),
+            )
+        return
+    # A functional sigmoid/softmax in forward(): no module to read before; undo it.
+    model.register_forward_hook(_inverse_sigmoid if spec.multilabel else _log_probabilities)
+    logger.warning(
+        "model '%s': output = \"probabilities\" but no final Sigmoid/Softmax module was found; "
+        "its outputs are turned back into %s, and saturated scores (exactly 0 or 1) give no "
+        "gradient. A model that returns logits (or ends in an nn.Sigmoid/nn.Softmax module) "
+        "avoids this",
+        name,
+        "log-odds" if spec.multilabel else "log-probabilities",
+    )
+
+
+def warn_if_probabilities(name: str, model: nn.Module, spec: ModelSpec) -> None:
+    """A model declared to return logits whose outputs look like probabilities would get
+    a second sigmoid/softmax (every score squeezed near 0.5–0.73): say so at load."""
+    generator = torch.Generator().manual_seed(0)
+    probes = torch.cat(
+        [
+            torch.zeros(1, spec.channels, *spec.input_size),
+            torch.full((1, spec.channels, *spec.input_size), 0.5),
+            torch.randn(2, spec.channels, *spec.input_size, generator=generator),
+        ]
+    )
+    final, out = _final_activation(model, probes)
+    if final is not None:
+        logger.warning(
+            "model '%s' ends in a %s module ('%s'): its outputs are probabilities. "
+            'Set output = "probabilities" in the models file, or every score gets a '
+            "second %s",
+            name,
+            type(final[1]).__name__,
+            final[0],
+            "sigmoid" if spec.multilabel else "softmax",
+        )
+        return
+    if isinstance(out, Tensor) and out.numel() and bool(((out >= 0) & (out <= 1)).all()):
+        logger.warning(
+            "model '%s': its outputs on test inputs all lie in [0, 1], as "
+            "probabilities do. If it returns probabilities, set output = "
+            '"probabilities" in the models file (else each score gets a second %s)',
+            name,
+            "sigmoid" if spec.multilabel else "softmax",
+        )
+
+
+def output_classes(name: str, model: nn.Module, spec: ModelSpec) -> int:
+    """The number of outputs of one forward pass on a zero input of the spec's shape."""
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, spec.channels, *spec.input_size))
+    except Exception as error:
+        raise ModelConfigError(
+            name,
+            "input_size",
+            f"a forward pass on a (1, {spec.channels}, "
+            f"{spec.input_size[0]}, {spec.input_size[1]}) input failed ({error}); check "
+            "'channels' and 'input_size'",
+        ) from None
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        raise ModelConfigError(name, "arch", "the model's output is not an (N, classes) tensor")
+    return int(out.shape[1])
