@@ -26,24 +26,26 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
-import numpy as np
+import orjson
 
 from service.contract.errors import ConfigError, ServiceError
-from service.contract.schemas import HeatmapOptions, parse_explain_request
+from service.contract.requests import HeatmapOptions, parse_explain_request
+from service.contract.responses import ImageResult, to_json
 from service.contract.settings import Settings
 from service.contract.terms import METHODS, HeatmapEncoding, HeatmapFormat, HeatmapSize
 from service.imaging.encoders import encode_png
-from service.imaging.render import colour_image, heatmap, overlay_image, to_uint8
+from service.imaging.render import heatmap
 from service.pipeline.budgets import RequestBudget
 from service.pipeline.explain import explain
 from service.pipeline.images import (
+    ExplainedImage,
     PreparedImage,
     choose_layer,
     prepare_image,
     resolve_targets,
     run,
 )
-from service.pipeline.results import dumps, render_result
+from service.pipeline.results import draw_heatmap, render_result
 from service.server.security import AccessPolicy
 from service.transport.interface import ModelInfo
 
@@ -74,9 +76,9 @@ def _explain_request(args: argparse.Namespace, runtime: Runtime) -> int:
     try:
         response = explain(parse_explain_request(body), runtime, runtime.settings)
     except ServiceError as error:
-        sys.stdout.buffer.write(dumps(error.to_dict()) + b"\n")
+        sys.stdout.buffer.write(to_json(error.to_response()) + b"\n")
         return 1
-    sys.stdout.buffer.write(dumps(response) + b"\n")
+    sys.stdout.buffer.write(to_json(response) + b"\n")
     return 0
 
 
@@ -132,20 +134,25 @@ def _refuse_existing(out: Path, stems: Sequence[str]) -> None:
                 raise OutputExists(f"{entry} exists (--force overwrites, or choose another --out)")
 
 
+# File mode draws the two pictures the API draws for format overlay and png.
+_PICTURES = (
+    HeatmapOptions(format="overlay", size="original"),
+    HeatmapOptions(format="png", size="original"),
+)
+
+
 def _write_outputs(
-    result: dict, prepared: PreparedImage, cams: Sequence, paths: Sequence[tuple[Path, Path]]
+    result: ExplainedImage,
+    answer: ImageResult,
+    model: ModelInfo,
+    paths: Sequence[tuple[Path, Path]],
 ) -> list[str]:
     written = []
-    base = prepared.display
-    assert base is not None  # prepared with keep_display
-    for explanation, cam, (overlay_path, heatmap_path) in zip(
-        result["explanations"], cams, paths, strict=True
-    ):
-        heat = heatmap(cam, prepared.geometry, "original")
-        levels = to_uint8(heat)
-        overlay_path.write_bytes(encode_png(np.asarray(overlay_image(base, levels))))
-        heatmap_path.write_bytes(encode_png(np.asarray(colour_image(levels))))
-        written.append(f"{explanation['target']['label']} → {overlay_path}")
+    for explanation, cam, pair in zip(answer.explanations, result.cams, paths, strict=True):
+        heat = heatmap(cam, result.prepared.geometry, "original")
+        for options, path in zip(_PICTURES, pair, strict=True):
+            path.write_bytes(encode_png(draw_heatmap(heat, result.prepared, options, model)))
+        written.append(f"{explanation.target.label} → {pair[0]}")
     return written
 
 
@@ -212,11 +219,11 @@ def _explain_files(args: argparse.Namespace, runtime: Runtime, plan: FilePlan) -
         chunk = prepared[start : start + _CHUNK]
         deadline = time.monotonic() + runtime.settings.request_timeout_s
         results = run(runtime, model, layer, args.method, [p for _, _, p in chunk], deadline)
-        for (path, stem, item), result in zip(chunk, results, strict=True):
-            body = render_result(result, model, args.top_k, options)
-            scores = ", ".join(f"{p['label']} {p['score']:.3f}" for p in body["predictions"])
-            paths = _output_paths(out, stem, [e["target"]["label"] for e in body["explanations"]])
-            lines = _write_outputs(body, item, result.cams, paths)
+        for (path, stem, _), result in zip(chunk, results, strict=True):
+            answer = render_result(result, model, args.top_k, options)
+            scores = ", ".join(f"{p.label} {p.score:.3f}" for p in answer.predictions)
+            paths = _output_paths(out, stem, [e.target.label for e in answer.explanations])
+            lines = _write_outputs(result, answer, model, paths)
             message = f"{path}: {scores}\n" + "".join(f"  {line}\n" for line in lines)
             if progress is not None:
                 progress.write(message.rstrip("\n"))
@@ -319,11 +326,11 @@ def _body(args: argparse.Namespace) -> int:
     }
     body = {"images": images, **{k: v for k, v in fields.items() if v is not None}}
     try:
-        parse_explain_request(dumps(body))
+        request = parse_explain_request(orjson.dumps(body))
     except ServiceError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
-    data = dumps(body) + b"\n"
+    data = to_json(request) + b"\n"
     if args.output:
         Path(args.output).write_bytes(data)
     else:

@@ -18,15 +18,18 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
+import orjson
 import pytest
 import requests
 import torch
 import torchvision
 from PIL import Image
+from pydantic import BaseModel
 
+from service.contract.responses import to_json
 from service.demo.phantom import Phantom, sample_phantom, to_uint8
 from service.memory import children
 
@@ -195,3 +198,12 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     (e.g. ``'{model="phantom"}'``; "" for none)."""
     pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)}\s+([0-9.eE+-]+)$", re.M)
     return sum(float(m) for m in pattern.findall(text))
+
+
+def as_json(answer: BaseModel) -> dict[str, Any]:
+    """An answer as a client reads it: its JSON bytes, parsed (and read back into its own
+    model on the way, so what the server writes is what the contract says)."""
+    data = to_json(answer)
+    type(answer).model_validate_json(data)
+    parsed: dict[str, Any] = orjson.loads(data)
+    return parsed

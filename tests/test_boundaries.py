@@ -26,7 +26,8 @@ SERVER_SIDE = [
     "service.supervisor",
     "service.cli",
     "service.metrics",
-    "service.contract.schemas",
+    "service.contract.requests",
+    "service.contract.responses",
 ]
 ENGINE_SIDE = [
     "service.engine.process",

@@ -11,15 +11,19 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+import requests
 from PIL import Image
 from pydicom.data import get_testdata_file
 
 from service.cli import main
-from service.contract.schemas import ErrorResponse, ExplainRequest, ExplainResponse
+from service.contract.errors import ErrorResponse
+from service.contract.requests import ExplainRequest
+from service.contract.responses import ExplainResponse
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
-from tests.helpers import LiveServer, encode, phantom_png
+from tests.helpers import LiveServer, as_json, encode, phantom_png
 
 
 def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -281,7 +285,7 @@ def test_files_written_by_the_cli_equal_the_api_pictures(
             "heatmap": {"format": fmt, "size": "original", "encoding": "png"},
         }
     )
-    answer = explain(request, runtime, runtime.settings)
+    answer = as_json(explain(request, runtime, runtime.settings))
     data = base64.b64decode(answer["results"][0]["explanations"][0]["heatmap"]["data"])
     from_api = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     label = answer["results"][0]["explanations"][0]["target"]["label"]
@@ -291,3 +295,48 @@ def test_files_written_by_the_cli_equal_the_api_pictures(
     # A picture with a map in it (a class the model does not see has an empty map).
     plain = np.asarray(Image.open(path).convert("RGB"))
     assert not np.array_equal(from_cli, plain) and from_cli.std() > 1
+
+
+@pytest.mark.parametrize(
+    "heatmap",
+    [{"format": "array", "size": "input"}, {"format": "dicom-sc"}, {"format": "dicom-pm"}],
+    ids=["array", "dicom-sc", "dicom-pm"],
+)
+def test_the_cli_and_the_server_answer_one_request_alike(
+    server: LiveServer, tmp_path: Path, heatmap: dict[str, str]
+) -> None:
+    """``explain --request`` and ``POST /v1/explain`` run one pipeline: the same scores,
+    the same heatmap arrays, DICOM objects with the same pixels (only their new UIDs and
+    creation times differ)."""
+    # A CT: it has the Frame of Reference a Parametric Map needs.
+    dicom = encode(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    png = encode(phantom_png(4, 150, 120))
+    images = [dicom, png] if heatmap["format"] == "array" else [dicom]
+    body = {"images": images, "targets": [["nodule", 0]] * len(images), "heatmap": heatmap}
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(body))
+    done = _cli("explain", "--request", str(path))
+    assert done.returncode == 0, done.stderr.decode()
+    from_cli = ExplainResponse.model_validate_json(done.stdout)
+    answered = requests.post(f"{server.url}/v1/explain", json=body, timeout=60)
+    assert answered.status_code == 200, answered.text
+    from_http = ExplainResponse.model_validate_json(answered.content)
+    for a, b in zip(from_cli.results, from_http.results, strict=True):
+        assert [p.index for p in a.predictions] == [p.index for p in b.predictions]
+        assert np.allclose(
+            [p.score for p in a.predictions], [p.score for p in b.predictions], atol=1e-6
+        )
+        for x, y in zip(a.explanations, b.explanations, strict=True):
+            assert x.target == y.target or abs(x.target.score - y.target.score) <= 1e-6
+            if heatmap["format"] == "array":
+                assert x.heatmap.values is not None and y.heatmap.values is not None
+                assert np.abs(x.heatmap.values - y.heatmap.values).max() <= 1e-6
+                continue
+            assert x.heatmap.data and y.heatmap.data, (x.heatmap.reason, y.heatmap.reason)
+            one, other = (
+                pydicom.dcmread(io.BytesIO(base64.b64decode(h.data)))  # type: ignore[arg-type]
+                for h in (x.heatmap, y.heatmap)
+            )
+            assert one.SOPClassUID == other.SOPClassUID
+            assert one.SOPInstanceUID != other.SOPInstanceUID
+            assert np.array_equal(one.pixel_array, other.pixel_array)

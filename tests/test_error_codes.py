@@ -91,6 +91,11 @@ def test_the_readme_lists_every_code_in_its_status_row() -> None:
 
 def test_openapi_lists_exactly_the_codes() -> None:
     spec = yaml.safe_load((ROOT / "openapi.yaml").read_text())
-    envelope = spec["components"]["schemas"]["ErrorResponse"]
-    enum = envelope["properties"]["error"]["properties"]["code"]["enum"]
-    assert sorted(enum) == sorted(c.value for c in ErrorCode)
+    schemas = spec["components"]["schemas"]
+    body = schemas["ErrorResponse"]["properties"]["error"]["$ref"].rsplit("/", 1)[1]
+    code = schemas[body]["properties"]["code"]["$ref"].rsplit("/", 1)[1]
+    assert sorted(schemas[code]["enum"]) == sorted(c.value for c in ErrorCode)
+    # Each code with its status and its meaning, as the enum says.
+    assert schemas[code]["x-status"] == {c.value: c.status for c in ErrorCode}
+    for c in ErrorCode:
+        assert f"`{c.value}` ({c.status}): {c.meaning}" in schemas[code]["description"]

@@ -6,25 +6,21 @@ import base64
 import io
 
 import numpy as np
-import orjson
 import pytest
 from PIL import Image
 
 from service.contract.errors import ServiceError
-from service.contract.schemas import ExplainRequest, ExplainResponse, parse_explain_request
+from service.contract.requests import ExplainRequest, parse_explain_request
 from service.demo.metrics import peak_in_boxes
 from service.demo.phantom import to_uint8
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
-from service.pipeline.results import dumps
-from tests.helpers import bomb_png, encode, phantom, phantom_png, png_bytes
+from tests.helpers import as_json, bomb_png, encode, phantom, phantom_png, png_bytes
 
 
 def _explain(runtime: Runtime, **body: object) -> dict:
-    response = explain(ExplainRequest.model_validate(body), runtime, runtime.settings)
     # Whatever the path returns must serialise and match the response model.
-    ExplainResponse.model_validate_json(dumps(response))
-    return orjson.loads(dumps(response))
+    return as_json(explain(ExplainRequest.model_validate(body), runtime, runtime.settings))
 
 
 def _decode_png(data: str) -> Image.Image:

@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from service.contract.schemas import ExplainRequest
+from service.contract.requests import ExplainRequest
 from service.contract.settings import Settings
 from service.engine.folding import fold_batch_norms, folded_affine
 from service.engine.gradcam import METHODS, GradCAM
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
-from tests.helpers import encode, phantom_png, seeded_model
+from tests.helpers import as_json, encode, phantom_png, seeded_model
 
 DEMO = Path(__file__).resolve().parents[1] / "service" / "demo" / "models.toml"
 
@@ -179,7 +179,7 @@ def test_the_service_folds_unless_told_not_to_and_answers_the_same(tmp_path: Pat
         request = ExplainRequest.model_validate(
             {"images": images, "heatmap": {"format": "array", "size": "layer"}}
         )
-        a, b = (explain(request, rt, rt.settings) for rt in (folded, plain))
+        a, b = (as_json(explain(request, rt, rt.settings)) for rt in (folded, plain))
         for x, y in zip(a["results"], b["results"], strict=True):
             assert [p["index"] for p in x["predictions"]] == [p["index"] for p in y["predictions"]]
             for p, q in zip(x["predictions"], y["predictions"], strict=True):

@@ -16,7 +16,7 @@ import requests
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from service.contract.schemas import ExplainResponse
+from service.contract.responses import ExplainResponse
 from service.demo.metrics import peak_in_boxes
 from service.demo.phantom import to_uint8
 from tests.helpers import LiveServer, encode, phantom, phantom_png, png_bytes

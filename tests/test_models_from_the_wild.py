@@ -19,12 +19,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from service.contract.errors import ConfigError
-from service.contract.schemas import ExplainRequest
+from service.contract.requests import ExplainRequest
 from service.contract.settings import Settings, load_models_file
 from service.engine.models import load_model
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
-from tests.helpers import encode, phantom_png, png_bytes
+from tests.helpers import as_json, encode, phantom_png, png_bytes
 
 FINDINGS = [
     "Atelectasis",
@@ -170,7 +170,7 @@ def _answer(runtime: Runtime, image: bytes) -> tuple[np.ndarray, np.ndarray, int
     request = ExplainRequest.model_validate(
         {"images": [encode(image)], "top_k": 14, "heatmap": {"format": "array", "size": "layer"}}
     )
-    result = explain(request, runtime, runtime.settings)["results"][0]
+    result = as_json(explain(request, runtime, runtime.settings))["results"][0]
     scores = np.zeros(len(FINDINGS))
     for prediction in result["predictions"]:
         scores[prediction["index"]] = prediction["score"]
@@ -368,7 +368,7 @@ def test_one_ranking_when_scores_saturate_and_tie(project: tuple[Path, str]) -> 
         request = ExplainRequest.model_validate(
             {"images": [encode(phantom_png(1, 40, 40))], "heatmap": {"format": "none"}}
         )
-        result = explain(request, runtime, runtime.settings)["results"][0]
+        result = as_json(explain(request, runtime, runtime.settings))["results"][0]
     finally:
         runtime.close()
     assert [p["score"] for p in result["predictions"]] == [1.0, 1.0, 1.0]
@@ -442,7 +442,7 @@ def test_a_torchxrayvision_model_with_its_own_preprocessing(tmp_path: Path) -> N
                 "heatmap": {"format": "array", "size": "layer"},
             }
         )
-        result = explain(request, runtime, runtime.settings)["results"][0]
+        result = as_json(explain(request, runtime, runtime.settings))["results"][0]
     finally:
         runtime.close()
     assert result["geometry"]["box"] == [56.0, 0.0, 504.0, 448.0]  # the centre square
@@ -471,16 +471,18 @@ def test_a_torchxrayvision_model_with_its_own_preprocessing(tmp_path: Path) -> N
     runtime = Runtime(Settings(device="cpu", models_file=path)).start()
     try:
         target = result["explanations"][0]["target"]["index"]
-        logits_result = explain(
-            ExplainRequest.model_validate(
-                {
-                    "images": [encode(png_bytes(image))],
-                    "targets": [target],
-                    "heatmap": {"format": "array", "size": "layer"},
-                }
-            ),
-            runtime,
-            runtime.settings,
+        logits_result = as_json(
+            explain(
+                ExplainRequest.model_validate(
+                    {
+                        "images": [encode(png_bytes(image))],
+                        "targets": [target],
+                        "heatmap": {"format": "array", "size": "layer"},
+                    }
+                ),
+                runtime,
+                runtime.settings,
+            )
         )["results"][0]
     finally:
         runtime.close()

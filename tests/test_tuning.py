@@ -12,13 +12,13 @@ import torch
 import torchvision
 
 from service import metrics
-from service.contract.schemas import ExplainRequest, ExplainResponse
+from service.contract.requests import ExplainRequest
 from service.contract.settings import Settings
 from service.engine import tuning
 from service.engine.gradcam import GradCAM
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
-from tests.helpers import encode, phantom_png
+from tests.helpers import as_json, encode, phantom_png
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -98,8 +98,7 @@ def test_bf16_is_checked_against_fp32_and_answers_close(tmp_path: Path) -> None:
         request = ExplainRequest.model_validate(
             {"images": images, "heatmap": {"format": "array", "size": "layer"}}
         )
-        a, b = (explain(request, rt, rt.settings) for rt in (fp32, bf16))
-        ExplainResponse.model_validate(b)
+        a, b = (as_json(explain(request, rt, rt.settings)) for rt in (fp32, bf16))
         assert a["precision"] == "fp32" and b["precision"] == "bf16"
         for x, y in zip(a["results"], b["results"], strict=True):
             assert x["predictions"][0]["index"] == y["predictions"][0]["index"]

@@ -11,23 +11,21 @@ import re
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pydicom
 import pytest
 from flask.testing import FlaskClient
 from PIL import Image
 
 from service.contract.errors import PayloadTooLarge
-from service.contract.schemas import ExplainRequest, ExplainResponse
+from service.contract.requests import ExplainRequest
 from service.contract.settings import Settings
 from service.contract.terms import METHODS
 from service.engine.runtime import Runtime
 from service.imaging.dicom import decode_dicom
 from service.imaging.render import COLORMAP
 from service.pipeline.explain import explain
-from service.pipeline.results import dumps
 from service.server.app import create_app
-from tests.helpers import encode, phantom_png
+from tests.helpers import as_json, encode, phantom_png
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TOKEN = "page-test-token-0123456789abcdef"
@@ -93,9 +91,7 @@ def test_the_page_can_be_turned_off(runtime: Runtime) -> None:
 
 
 def _explain(runtime: Runtime, **body: object) -> dict:
-    response = explain(ExplainRequest.model_validate(body), runtime, runtime.settings)
-    ExplainResponse.model_validate_json(dumps(response))
-    return orjson.loads(dumps(response))
+    return as_json(explain(ExplainRequest.model_validate(body), runtime, runtime.settings))
 
 
 def _picture(encoded: dict) -> np.ndarray:

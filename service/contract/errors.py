@@ -36,7 +36,10 @@ with ``from_wire()``.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 
 class ErrorCode(StrEnum):
@@ -136,14 +139,14 @@ class ServiceError(Exception):
         self.image = image
         self.field = field
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_response(self) -> ErrorResponse:
         """The JSON error envelope: ``{"error": {"code", "message", "image"?, "field"?}}``."""
-        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        body = ErrorBody(code=self.code, message=self.message)
         if self.image is not None:
-            body["image"] = self.image
+            body.image = self.image
         if self.field is not None:
-            body["field"] = self.field
-        return {"error": body}
+            body.field = self.field
+        return ErrorResponse(error=body)
 
     def to_wire(self) -> dict[str, Any]:
         """Everything needed to raise the same error in another process."""
@@ -281,3 +284,26 @@ _BY_STATUS: dict[int, type[ServiceError]] = {
 
 class ConfigError(Exception):
     """A models file or setting that cannot work; raised at start-up, never per request."""
+
+
+class ErrorBody(BaseModel):
+    """What went wrong; ``image`` and ``field`` only where they apply (absent otherwise)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: ErrorCode
+    message: str = Field(description="A sentence for a person.")
+    image: Annotated[int, Field(ge=0)] | SkipJsonSchema[None] = Field(
+        default=None, description="The index of the image at fault, where one is."
+    )
+    field: str | SkipJsonSchema[None] = Field(
+        default=None, description="The request field at fault, as a JSON path (targets[0])."
+    )
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer, whatever its status."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorBody

@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from service.contract.errors import ConfigError
-from service.contract.terms import ResizeMode
+from service.contract.terms import MemoryFormat, Precision, ResizeMode
 
 DEMO_MODELS_FILE = Path(__file__).resolve().parents[1] / "demo" / "models.toml"
 
@@ -59,8 +59,8 @@ class ModelSpec(BaseModel):
     output: Literal["logits", "probabilities"] = "logits"
     # How it runs (engine/tuning.py): bfloat16 autocast if asked for ("auto": where the
     # hardware has it), after a fidelity check; NHWC if a timed probe finds it faster.
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
-    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
+    precision: Precision | Literal["auto"] = "fp32"
+    memory_format: MemoryFormat | Literal["auto"] = "auto"
     # Batch norms folded into the convolutions before them at load (engine/folding.py).
     fold_batch_norm: StrictBool = True
     default: StrictBool = False

@@ -24,3 +24,7 @@ HeatmapEncoding = Literal["png", "jpeg", "webp"]
 Include = Literal["image", "dicom"]
 # How an image is fitted to the model's input (imaging/geometry.py).
 ResizeMode = Literal["stretch", "letterbox", "crop"]
+# What computes a model's answers: float32, or bfloat16 autocast (engine/tuning.py).
+Precision = Literal["fp32", "bf16"]
+# How a model's activations are laid out in memory (engine/tuning.py).
+MemoryFormat = Literal["contiguous", "channels_last"]

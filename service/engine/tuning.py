@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from service.contract.terms import Precision
 from service.engine.folding import fold_batch_norms
 from service.engine.gradcam import GradCAM
 
@@ -45,7 +46,7 @@ class Execution:
     """How a model runs: the memory format of its inputs and weights, its precision."""
 
     channels_last: bool
-    precision: str  # "fp32" or "bf16"
+    precision: Precision
     fell_back: bool  # bf16 was asked for but failed its check
     why: str  # for the log
 
@@ -169,8 +170,8 @@ def choose_precision(
     setting: str,
     channels_last: bool,
     multilabel: bool,
-) -> tuple[str, bool, str]:
-    """("fp32" | "bf16", fell back, why): bf16 only if asked for (or native, with "auto")
+) -> tuple[Precision, bool, str]:
+    """(precision, fell back, why): bf16 only if asked for (or native, with "auto")
     and faithful on the probe inputs."""
     if setting == "fp32":
         return "fp32", False, "float32 (the default)"

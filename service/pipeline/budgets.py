@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from service.contract.errors import ErrorCode, PayloadTooLarge
-from service.contract.schemas import HeatmapOptions
+from service.contract.requests import HeatmapOptions
 from service.contract.settings import Settings
 from service.memory import RequestMemory
 from service.transport.interface import ModelInfo

@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
 
 from service import metrics
 from service.contract.errors import (
@@ -29,11 +28,8 @@ from service.contract.errors import (
     InvalidField,
     PayloadTooLarge,
 )
-from service.contract.schemas import (
-    DicomWebImage,
-    ExplainRequest,
-    TargetSpec,
-)
+from service.contract.requests import DicomWebImage, ExplainRequest, TargetSpec
+from service.contract.responses import ExplainResponse, Heatmap, ImageResult, StoreOutcome
 from service.contract.settings import Settings
 from service.contract.terms import DICOM_FORMATS
 from service.imaging.decoding import decode_base64
@@ -49,9 +45,6 @@ from service.pipeline.images import (
 from service.pipeline.results import base64_chars, render_result
 from service.transport.interface import Engine
 
-if TYPE_CHECKING:
-    pass
-
 logger = logging.getLogger(__name__)
 
 
@@ -63,8 +56,8 @@ def explain(
     started: float | None = None,
     memory: RequestMemory | None = None,
     body_bytes: int = 0,
-) -> dict[str, Any]:
-    """The response body for ``request`` (see ``schemas.ExplainResponse``).
+) -> ExplainResponse:
+    """The answer to ``request``.
 
     ``disconnected`` tells whether the client has gone; a request whose client
     left is not computed. The deadline is ``limits.request_timeout_s`` after
@@ -141,7 +134,7 @@ def explain(
         ]
     results = run(engine, model, layer, request.method, prepared, deadline, disconnected)
     metrics.IMAGES_EXPLAINED.labels(model.name).inc(len(results))
-    rendered = []
+    rendered: list[ImageResult] = []
     with metrics.STAGE_DURATION.labels("render").time():
         for result in results:
             # Big pictures take a while each: stop between them for a client that
@@ -164,32 +157,31 @@ def explain(
             budget.pictures_encoded(result.prepared.index, base64_chars(rendered[-1]))
     if request.store is not None:
         _store(rendered, request.store.url, servers, deadline)
-    return {
-        "model": model.name,
-        "method": request.method,
-        "layer": layer,
-        "precision": model.precision,
-        "results": rendered,
-    }
+    return ExplainResponse(
+        model=model.name,
+        method=request.method,
+        layer=layer,
+        precision=model.precision,
+        results=rendered,
+    )
 
 
 def _store(
-    rendered: list[dict[str, Any]], url: str, servers: DicomWebServers, deadline: float
+    rendered: list[ImageResult], url: str, servers: DicomWebServers, deadline: float
 ) -> None:
     """STOW-RS every DICOM object of the answer to ``url``; each heatmap says how it went."""
-    made = [
-        explanation["heatmap"]
-        for result in rendered
-        for explanation in result["explanations"]
-        if "data" in explanation["heatmap"]
-    ]
+    made: list[tuple[Heatmap, str, bytes]] = []
+    for result in rendered:
+        for explanation in result.explanations:
+            heat = explanation.heatmap
+            if heat.data is not None and heat.uids is not None:
+                made.append((heat, heat.uids.instance, base64.b64decode(heat.data)))
     if not made:
         return
-    objects = [(h["uids"]["instance"], base64.b64decode(h["data"])) for h in made]
-    for picture, outcome in zip(
-        made, store(objects, url, servers, deadline - time.monotonic()), strict=True
-    ):
-        picture["stored"] = {"ok": outcome.ok, "message": outcome.message}
+    objects = [(uid, data) for _, uid, data in made]
+    outcomes = store(objects, url, servers, deadline - time.monotonic())
+    for (heat, _, _), outcome in zip(made, outcomes, strict=True):
+        heat.stored = StoreOutcome(ok=outcome.ok, message=outcome.message)
 
 
 def _frames(request: ExplainRequest) -> list[int | None]:

@@ -16,7 +16,7 @@ from service.contract.errors import (
     ErrorCode,
     InvalidField,
 )
-from service.contract.schemas import (
+from service.contract.requests import (
     ClassRef,
     TargetSpec,
 )

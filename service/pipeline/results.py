@@ -1,19 +1,26 @@
-"""An engine's answer as the response: predictions, heatmaps in the requested format
-and size (arrays, PNG, overlays), DICOM objects (Secondary Capture, Parametric Map),
-and the JSON bytes."""
+"""An engine's answer as the response models: predictions, heatmaps in the requested
+format and size (arrays, PNG, overlays), DICOM objects (Secondary Capture, Parametric
+Map)."""
 
 from __future__ import annotations
 
 import base64
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import orjson
 from PIL import Image
 
-from service.contract.schemas import HeatmapOptions
+from service.contract.requests import HeatmapOptions
+from service.contract.responses import (
+    DicomUids,
+    Explanation,
+    Geometry,
+    Heatmap,
+    ImageResult,
+    Picture,
+    Prediction,
+)
 from service.contract.terms import DICOM_FORMATS
 from service.imaging.dicom_out import (
     DerivedFrom,
@@ -35,14 +42,11 @@ from service.logs import log_failure
 from service.pipeline.images import ExplainedImage, PreparedImage
 from service.transport.interface import ModelInfo
 
-if TYPE_CHECKING:
-    pass
-
 logger = logging.getLogger(__name__)
 
 
-def _prediction(model: ModelInfo, index: int, scores: np.ndarray) -> dict[str, Any]:
-    return {"index": index, "label": model.labels[index], "score": float(scores[index])}
+def _prediction(model: ModelInfo, index: int, scores: np.ndarray) -> Prediction:
+    return Prediction(index=index, label=model.labels[index], score=float(scores[index]))
 
 
 def overlay_base(
@@ -91,21 +95,16 @@ def render_heatmap(
     options: HeatmapOptions,
     model: ModelInfo,
     derived: DerivedFrom | None = None,
-) -> dict[str, Any]:
-    """One heatmap object of the response (``values`` stay a numpy array for orjson)."""
+) -> Heatmap:
+    """One heatmap of the response (``values`` stay a numpy array for orjson)."""
     height, width = output_shape(cam, prepared.geometry, options.size)
-    out: dict[str, Any] = {
-        "format": options.format,
-        "width": width,
-        "height": height,
-        "raw_max": float(cam.max()),
-    }
+    out = Heatmap(format=options.format, width=width, height=height, raw_max=float(cam.max()))
     if options.format == "none":
         return out
     if options.format in DICOM_FORMATS:
         reason = dicom_problem(prepared, options.format)
         if reason is not None:
-            out["reason"] = reason
+            out.reason = reason
             return out
     heat = heatmap(cam, prepared.geometry, options.size)
     if options.format in DICOM_FORMATS:
@@ -121,7 +120,7 @@ def render_heatmap(
                     prepared.header, overlay, derived, prepared.frame, options.encoding
                 )
         except DerivedObjectImpossible as impossible:
-            out["reason"] = str(impossible)
+            out.reason = str(impossible)
             return out
         except (ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
             # The header came from the client: what it holds must not become a 500. The
@@ -129,23 +128,23 @@ def render_heatmap(
             log_failure(
                 logger, f"image {prepared.index}: {options.format} not made", error, logging.WARNING
             )
-            out["reason"] = (
+            out.reason = (
                 f"the source's DICOM header could not be carried into a "
                 f"{options.format} object ({type(error).__name__})"
             )
             return out
-        out["data"] = _b64(data)
-        out["uids"] = {
-            "study": str(prepared.header.StudyInstanceUID),
-            "series": derived.series_uid,
-            "instance": derived.instance_uid,
-        }
+        out.data = _b64(data)
+        out.uids = DicomUids(
+            study=str(prepared.header.StudyInstanceUID),
+            series=derived.series_uid,
+            instance=derived.instance_uid,
+        )
     elif options.format == "array":
-        out["values"] = heat
+        out.values = heat
     else:
         picture = draw_heatmap(heat, prepared, options, model)
-        out["encoding"] = options.encoding
-        out["data"] = _b64(encode_image(picture, options.encoding))
+        out.encoding = options.encoding
+        out.data = _b64(encode_image(picture, options.encoding))
     return out
 
 
@@ -173,38 +172,25 @@ def render_result(
     include: Sequence[str] = (),
     method: str = "gradcam",
     layer: str | None = None,
-) -> dict[str, Any]:
+) -> ImageResult:
     geometry = result.prepared.geometry
     # DICOM objects: one new series per source image, one instance per explanation.
     series_uid = new_uid() if options.format in DICOM_FORMATS else ""
     order = result.order[: min(top_k, model.num_classes)]
-    extras: dict[str, Any] = {}
-    if "image" in include:
-        picture = overlay_base(
-            result.prepared, "original", (geometry.height, geometry.width), model
-        )
-        extras["image"] = {
-            "width": picture.width,
-            "height": picture.height,
-            "encoding": options.encoding,
-            "data": _b64(encode_image(np.asarray(picture), options.encoding)),
-        }
-    if "dicom" in include:
-        extras["dicom"] = result.prepared.dicom
-    return {
-        "width": geometry.width,
-        "height": geometry.height,
-        "geometry": {
-            "resize": geometry.resize,
-            "input_width": geometry.input_width,
-            "input_height": geometry.input_height,
-            "box": list(geometry.box),
-        },
-        "predictions": [_prediction(model, int(i), result.scores) for i in order],
-        "explanations": [
-            {
-                "target": _prediction(model, target, result.scores),
-                "heatmap": render_heatmap(
+    answer = ImageResult(
+        width=geometry.width,
+        height=geometry.height,
+        geometry=Geometry(
+            resize=geometry.resize,
+            input_width=geometry.input_width,
+            input_height=geometry.input_height,
+            box=list(geometry.box),
+        ),
+        predictions=[_prediction(model, int(i), result.scores) for i in order],
+        explanations=[
+            Explanation(
+                target=_prediction(model, target, result.scores),
+                heatmap=render_heatmap(
                     cam,
                     result.prepared,
                     options,
@@ -219,19 +205,26 @@ def render_result(
                         instance_uid=new_uid() if series_uid else "",
                     ),
                 ),
-            }
+            )
             for k, (target, cam) in enumerate(zip(result.targets, result.cams, strict=True))
         ],
-        **extras,
-    }
+    )
+    if "image" in include:
+        picture = overlay_base(
+            result.prepared, "original", (geometry.height, geometry.width), model
+        )
+        answer.image = Picture(
+            width=picture.width,
+            height=picture.height,
+            encoding=options.encoding,
+            data=_b64(encode_image(np.asarray(picture), options.encoding)),
+        )
+    if "dicom" in include:
+        answer.dicom = result.prepared.dicom
+    return answer
 
 
-def base64_chars(result: dict[str, Any]) -> int:
+def base64_chars(result: ImageResult) -> int:
     """Characters of the encoded pictures (and DICOM objects) in one rendered result."""
-    pictures = [e["heatmap"].get("data", "") for e in result["explanations"]]
-    return sum(map(len, pictures)) + len(result.get("image", {}).get("data", ""))
-
-
-def dumps(body: dict[str, Any]) -> bytes:
-    """Serialise a response; heatmap arrays go straight from numpy (orjson)."""
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    pictures = [e.heatmap.data or "" for e in result.explanations]
+    return sum(map(len, pictures)) + (len(result.image.data) if result.image else 0)

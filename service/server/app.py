@@ -17,7 +17,13 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from service import logs, metrics
-from service.contract.errors import ErrorCode, InsufficientMemory, ServiceError
+from service.contract.errors import (
+    ErrorBody,
+    ErrorCode,
+    ErrorResponse,
+    InsufficientMemory,
+    ServiceError,
+)
 from service.contract.settings import Settings
 from service.memory import MemoryBudget
 from service.server.routes import api, json_response
@@ -44,7 +50,7 @@ _ENGINE_GREETING_S = 5.0
 
 def _service_error(error: ServiceError) -> Response:
     metrics.ERRORS.labels(error.code).inc()
-    response = json_response(error.to_dict(), status=error.status)
+    response = json_response(error.to_response(), status=error.status)
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
@@ -65,9 +71,9 @@ def _http_error(error: HTTPException) -> Response:
         405: f"The route {request.path} does not accept {request.method}.",
         413: f"The request body is larger than the limit of {request.max_content_length} bytes.",
     }
-    body = {"error": {"code": code, "message": messages.get(status, error.description or "")}}
+    body = ErrorBody(code=code, message=messages.get(status, error.description or ""))
     metrics.ERRORS.labels(code).inc()
-    response = json_response(body, status=status)
+    response = json_response(ErrorResponse(error=body), status=status)
     # Keep Werkzeug's headers that matter (Allow on 405).
     for name, value in error.get_headers():
         if name.lower() != "content-type":
@@ -91,14 +97,12 @@ def _unexpected_error(error: Exception) -> Response:
         )
     logs.log_failure(logger, "unexpected error", error)
     metrics.ERRORS.labels(ErrorCode.INTERNAL).inc()
-    body = {
-        "error": {
-            "code": ErrorCode.INTERNAL,
-            "message": "The server failed to handle this "
-            f"request (request id {logs.request_id.get()}); it has been logged.",
-        }
-    }
-    return json_response(body, status=500)
+    body = ErrorBody(
+        code=ErrorCode.INTERNAL,
+        message="The server failed to handle this "
+        f"request (request id {logs.request_id.get()}); it has been logged.",
+    )
+    return json_response(ErrorResponse(error=body), status=500)
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Flask:

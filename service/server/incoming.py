@@ -21,9 +21,9 @@ import enum
 from dataclasses import dataclass
 
 import h11
-import orjson
 
-from service.contract.errors import ErrorCode
+from service.contract.errors import ErrorBody, ErrorCode, ErrorResponse
+from service.contract.responses import to_json
 from service.server.buffers import Reservation
 
 # Request line and headers together (431 past it), and the target alone (414).
@@ -44,7 +44,7 @@ _REASONS = {
 
 def error_body(code: ErrorCode, message: str) -> bytes:
     """The service's JSON error envelope."""
-    return orjson.dumps({"error": {"code": code, "message": message}})
+    return to_json(ErrorResponse(error=ErrorBody(code=code, message=message)))
 
 
 class Step(enum.Enum):

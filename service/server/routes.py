@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
+from pydantic import BaseModel
 
 from service.contract.errors import ErrorCode, Overloaded, UnsupportedMediaType
-from service.contract.schemas import parse_explain_request
+from service.contract.requests import parse_explain_request
+from service.contract.responses import (
+    Layers,
+    LayerShape,
+    ModelDetail,
+    ModelList,
+    ModelSummary,
+    Status,
+    to_json,
+)
 from service.contract.settings import Settings
 from service.memory import RequestMemory
 from service.pipeline.budgets import BODY_COPIES
 from service.pipeline.explain import explain
-from service.pipeline.results import dumps
 from service.server.worker import draining
 from service.transport.interface import Catalog, Engine, ModelInfo
 
@@ -35,11 +43,11 @@ def _catalog() -> Catalog:
     return _engine().catalog()
 
 
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(dumps(body), status=status, mimetype="application/json")
+def json_response(answer: BaseModel, status: int = 200) -> Response:
+    return Response(to_json(answer), status=status, mimetype="application/json")
 
 
-def _model_summary(model: ModelInfo, default: str) -> dict[str, Any]:
+def _summary_fields(model: ModelInfo, default: str) -> dict[str, object]:
     return {
         "name": model.name,
         "arch": model.arch,
@@ -47,7 +55,7 @@ def _model_summary(model: ModelInfo, default: str) -> dict[str, Any]:
         "num_classes": model.num_classes,
         "multilabel": model.multilabel,
         "channels": model.channels,
-        "input_size": list(model.input_size),
+        "input_size": model.input_size,
         "default_layer": model.default_layer,
     }
 
@@ -106,7 +114,12 @@ def explain_view() -> Response:
 def models_view() -> Response:
     catalog = _catalog()
     return json_response(
-        {"models": [_model_summary(m, catalog.default_model) for m in catalog.models.values()]}
+        ModelList(
+            models=[
+                ModelSummary.model_validate(_summary_fields(m, catalog.default_model))
+                for m in catalog.models.values()
+            ]
+        )
     )
 
 
@@ -115,16 +128,18 @@ def model_view(name: str) -> Response:
     catalog = _catalog()
     model = catalog.get(name)
     return json_response(
-        {
-            **_model_summary(model, catalog.default_model),
-            "labels": list(model.labels),
-            "mean": list(model.mean),
-            "std": list(model.std),
-            "resize": model.resize,
-            "device": model.device,
-            "precision": model.precision,
-            "memory_format": model.memory_format,
-        }
+        ModelDetail.model_validate(
+            {
+                **_summary_fields(model, catalog.default_model),
+                "labels": list(model.labels),
+                "mean": list(model.mean),
+                "std": list(model.std),
+                "resize": model.resize,
+                "device": model.device,
+                "precision": model.precision,
+                "memory_format": model.memory_format,
+            }
+        )
     )
 
 
@@ -132,26 +147,26 @@ def model_view(name: str) -> Response:
 def layers_view(name: str) -> Response:
     model = _catalog().get(name)
     return json_response(
-        {
-            "model": model.name,
-            "default_layer": model.default_layer,
-            "layers": [
-                {
-                    "name": layer.name,
-                    "kind": layer.kind,
-                    "channels": layer.channels,
-                    "height": layer.height,
-                    "width": layer.width,
-                }
+        Layers(
+            model=model.name,
+            default_layer=model.default_layer,
+            layers=[
+                LayerShape(
+                    name=layer.name,
+                    kind=layer.kind,
+                    channels=layer.channels,
+                    height=layer.height,
+                    width=layer.width,
+                )
                 for layer in model.layers
             ],
-        }
+        )
     )
 
 
 @api.get("/healthz")
 def healthz() -> Response:
-    return json_response({"status": "ok"})
+    return json_response(Status(status="ok"))
 
 
 @api.get("/readyz")
@@ -159,7 +174,7 @@ def readyz() -> Response:
     """200 while an engine answers a ping with its models loaded and its model loop alive,
     and this worker is not stopping (a load balancer then sends no new work here)."""
     if draining():
-        return json_response({"status": "draining"}, status=503)
+        return json_response(Status(status="draining"), status=503)
     if _engine().ready():
-        return json_response({"status": "ready"})
-    return json_response({"status": "unavailable"}, status=503)
+        return json_response(Status(status="ready"))
+    return json_response(Status(status="unavailable"), status=503)

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.contract.errors import ClientClosed, DeadlineExceeded, UnknownModel
-from service.contract.terms import ResizeMode
+from service.contract.terms import MemoryFormat, Precision, ResizeMode
 
 # How `gradcam-service serve` tells the HTTP workers where the engines listen:
 # their Unix socket paths, os.pathsep-separated.
@@ -69,8 +69,8 @@ class ModelInfo:
     layers: tuple[LayerInfo, ...]
     modules: tuple[str, ...]  # every named module, for "did you mean" on unknown layers
     device: str
-    precision: str = "fp32"  # what answers: "fp32" or "bf16" (engine/tuning.py)
-    memory_format: str = "contiguous"  # or "channels_last"
+    precision: Precision = "fp32"  # what answers (engine/tuning.py)
+    memory_format: MemoryFormat = "contiguous"
 
     @property
     def num_classes(self) -> int:

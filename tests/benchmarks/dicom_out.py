@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydicom.data import get_testdata_file
 
-from service.contract.schemas import ExplainRequest
+from service.contract.requests import ExplainRequest
 from service.contract.settings import Settings
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain

@@ -28,7 +28,7 @@ import orjson
 from PIL import Image
 from timing import median_ms
 
-from service.contract.schemas import HeatmapOptions
+from service.contract.requests import HeatmapOptions
 from service.demo.phantom import sample_phantom, to_uint8
 from service.imaging.encoders import encode_image
 from service.imaging.geometry import fit_geometry

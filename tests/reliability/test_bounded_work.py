@@ -15,7 +15,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from service.contract.errors import InvalidField, PayloadTooLarge, UnsupportedMediaType
-from service.contract.schemas import ExplainRequest
+from service.contract.requests import ExplainRequest
 from service.contract.settings import Settings
 from service.engine.runtime import Runtime
 from service.imaging.codestream import declared_size
@@ -24,7 +24,7 @@ from service.imaging.geometry import fit_geometry, to_model_pixels
 from service.imaging.render import resample
 from service.pipeline.explain import explain
 from service.pipeline.images import resolve_targets
-from tests.helpers import encode, phantom_png
+from tests.helpers import as_json, encode, phantom_png
 
 
 def _any_size(width: int, height: int) -> None:
@@ -61,7 +61,7 @@ def test_targets_are_deduplicated_in_order(runtime: Runtime) -> None:
 
 
 def _explain(runtime: Runtime, settings: Settings, **body: object) -> dict:
-    return explain(ExplainRequest.model_validate(body), runtime, settings)
+    return as_json(explain(ExplainRequest.model_validate(body), runtime, settings))
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.contract.schemas import ErrorResponse
+from service.contract.errors import ErrorResponse
 from tests.helpers import LiveServer, bomb_png, encode, phantom_png
 from tests.reliability.test_bounded_work import _jpeg, _jpeg_dicom, _with_sof_size
 

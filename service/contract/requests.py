@@ -1,12 +1,14 @@
-"""pydantic models of the HTTP boundary: the ``/v1/explain`` request and response.
+"""The ``POST /v1/explain`` request: its pydantic models and the one parser.
 
-The CLI's ``explain --request`` reads the same request model and prints the same
-response, so both stay one contract (see ``openapi.yaml``).
+The HTTP route, the web page and the CLI's ``explain --request`` parse bodies here;
+``openapi.yaml``'s request schemas are generated from these models
+(``python -m service.contract.openapi``), so the field descriptions below are what
+API users read.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 import orjson
 from pydantic import (
@@ -27,23 +29,47 @@ from service.contract.terms import (
     HeatmapSize,
     Include,
     Method,
-    ResizeMode,
 )
 
 # A class given by index or by label.
 ClassRef = StrictInt | Annotated[StrictStr, Field(min_length=1)]
 # Per image: null (top-1 class), one class, or a list of classes (one explanation each).
 TargetSpec = ClassRef | Annotated[list[ClassRef], Field(min_length=1)] | None
+_Frame = Annotated[StrictInt, Field(ge=0)]
 
 
 class HeatmapOptions(BaseModel):
+    """What each heatmap of the answer is: its format, size and picture encoding."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: HeatmapFormat = "png"
-    size: HeatmapSize = "original"
-    # How png, overlay and gray pictures are encoded: lossless PNG, or the smaller,
-    # lossy JPEG / WebP (a JPEG gray map dithers levels: use PNG to read values).
-    encoding: HeatmapEncoding = "png"
+    format: HeatmapFormat = Field(
+        default="png",
+        description=(
+            "array, png, overlay, gray, none; or, for DICOM sources, dicom-sc (a Secondary "
+            "Capture of the overlay) or dicom-pm (a float Parametric Map, for images with a "
+            "Frame of Reference), both at size original, in a new series of the source's "
+            "study. Where a DICOM format cannot be made for an image, its heatmap carries a "
+            "reason instead of data."
+        ),
+    )
+    size: HeatmapSize = Field(
+        default="original",
+        description=(
+            "original: the image's own pixel grid; input: the model input's; layer: the "
+            "explained layer's (no upsampling)."
+        ),
+    )
+    # A JPEG gray map dithers levels: use PNG to read values.
+    encoding: HeatmapEncoding = Field(
+        default="png",
+        description=(
+            "How png, overlay and gray pictures are encoded: lossless PNG, or the smaller, "
+            "lossy JPEG (quality 90) or WebP (quality 85); for dicom-sc, png means "
+            "uncompressed and jpeg JPEG Baseline (no webp). Only with those formats; with "
+            "array, none or dicom-pm it is a 422."
+        ),
+    )
 
     @model_validator(mode="after")
     def _encoding_needs_a_picture(self) -> HeatmapOptions:
@@ -69,7 +95,9 @@ class DicomWebInstance(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    url: Annotated[StrictStr, Field(min_length=1, max_length=2048)]
+    url: Annotated[StrictStr, Field(min_length=1, max_length=2048)] = Field(
+        description="The DICOMweb root."
+    )
     study: Annotated[StrictStr, Field(min_length=1, max_length=64)]
     series: Annotated[StrictStr, Field(min_length=1, max_length=64)]
     instance: Annotated[StrictStr, Field(min_length=1, max_length=64)]
@@ -96,21 +124,60 @@ class ExplainRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    model: Annotated[StrictStr, Field(min_length=1)] | None = None
-    images: Annotated[list[StrictStr | DicomWebImage], Field(min_length=1)]
-    targets: list[TargetSpec] | None = None
+    model: Annotated[StrictStr, Field(min_length=1)] | None = Field(
+        default=None, description="A model of the models file; default the file's default model."
+    )
+    images: Annotated[list[StrictStr | DicomWebImage], Field(min_length=1)] = Field(
+        description=(
+            "Base64 (or a data: URL) of PNG (8/16-bit), JPEG, TIFF, BMP, WebP, GIF or DICOM "
+            "images (other formats are a 415), or an instance on a DICOMweb server named by "
+            "its UIDs (fetched with WADO-RS; only servers in GRADCAM_DICOMWEB_SERVERS, else "
+            "403 dicomweb_not_allowed). At most GRADCAM_MAX_IMAGES_PER_REQUEST (default 32; "
+            "more is a 413); see the limits above for pixels."
+        )
+    )
+    targets: list[TargetSpec] | None = Field(
+        default=None,
+        description=(
+            "One entry per image: null (the top-1 class), a class by index or label, or a "
+            "list of classes (one explanation each); repeated classes are explained once. "
+            "At most GRADCAM_MAX_EXPLANATIONS_PER_REQUEST (default 128) over all images."
+        ),
+    )
     method: Method = "gradcam"
-    layer: Annotated[StrictStr, Field(min_length=1)] | None = None
+    layer: Annotated[StrictStr, Field(min_length=1)] | None = Field(
+        default=None,
+        description="A layer name as GET /v1/models/{name}/layers lists; default the model's.",
+    )
     top_k: Annotated[StrictInt, Field(ge=1)] = 5
     heatmap: HeatmapOptions = HeatmapOptions()
-    # Which frame of multi-frame images: one for all, or one per image (null: the default).
-    frame: (
-        Annotated[StrictInt, Field(ge=0)]
-        | Annotated[list[Annotated[StrictInt, Field(ge=0)] | None], Field(min_length=1)]
-        | None
-    ) = None
-    include: Annotated[list[Include], Field(max_length=2)] = []
-    store: StoreOptions | None = None
+    frame: _Frame | Annotated[list[_Frame | None], Field(min_length=1)] | None = Field(
+        default=None,
+        description=(
+            "Which frame of a multi-frame image to explain: one number for every image, or "
+            "a list with one entry per image (null: that image's default; another length is "
+            "a 422 frames_length). Required for multi-frame DICOM; TIFF, GIF and WebP "
+            "default to the first; past the last frame is a 422 frame_out_of_range."
+        ),
+    )
+    include: Annotated[list[Include], Field(max_length=2)] = Field(
+        default=[],
+        description=(
+            'Extras for each result: "image", the picture heatmaps are drawn over (original '
+            "size, 8-bit, after EXIF orientation and DICOM rescale, window and MONOCHROME1; "
+            "for clients that cannot decode the upload; counts towards the pixels drawn); "
+            '"dicom", a DICOM file\'s patient, study and display attributes (null for other '
+            "formats)."
+        ),
+    )
+    store: StoreOptions | None = Field(
+        default=None,
+        description=(
+            "Store the dicom-sc / dicom-pm objects on a DICOMweb server (STOW-RS, one of "
+            "GRADCAM_DICOMWEB_SERVERS); each heatmap then says how it went in `stored`. Only "
+            "with those formats (else 422)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _store_needs_dicom(self) -> ExplainRequest:
@@ -119,97 +186,6 @@ class ExplainRequest(BaseModel):
                 "store sends DICOM objects: heatmap.format must be 'dicom-sc' or 'dicom-pm'"
             )
         return self
-
-
-class Prediction(BaseModel):
-    index: int
-    label: str
-    score: float
-
-
-class Heatmap(BaseModel):
-    """A heatmap: ``values`` (format ``array``) or ``data`` (a base64 picture in ``encoding``,
-    or a DICOM Part 10 file for ``dicom-sc``/``dicom-pm``), or neither (``none``, or a
-    ``reason`` why that format cannot be made for this image).
-
-    ``raw_max`` is the map's maximum before min-max normalisation (in units of the
-    score's gradient times the activation): 0 means the map was all zero.
-    """
-
-    format: HeatmapFormat
-    width: int
-    height: int
-    raw_max: float
-    values: list[list[float]] | None = None
-    data: str | None = None
-    encoding: HeatmapEncoding | None = None
-    reason: str | None = None
-    # dicom-sc/dicom-pm: the object's UIDs, and what storing it did (``store``).
-    uids: dict[str, str] | None = None
-    stored: dict[str, Any] | None = None
-
-
-class Explanation(BaseModel):
-    target: Prediction
-    heatmap: Heatmap
-
-
-class Geometry(BaseModel):
-    """How the image was fitted to the model input.
-
-    ``box`` is the part of the original image (``x0, y0, x1, y1`` in its pixels,
-    possibly beyond its edges for ``letterbox``) that the model input covers.
-    """
-
-    resize: ResizeMode
-    input_width: int
-    input_height: int
-    box: tuple[float, float, float, float]
-
-
-class Picture(BaseModel):
-    """The image as overlays are drawn on it (``include: ["image"]``): its original
-    pixel grid, 8-bit, after EXIF orientation, DICOM rescale, window and
-    MONOCHROME1 inversion; encoded like the heatmaps (``heatmap.encoding``)."""
-
-    width: int
-    height: int
-    encoding: HeatmapEncoding
-    data: str
-
-
-class ImageResult(BaseModel):
-    width: int
-    height: int
-    geometry: Geometry
-    predictions: list[Prediction]
-    explanations: list[Explanation]
-    image: Picture | None = None
-    # ``include: ["dicom"]``: the DICOM attributes read (null for other formats).
-    dicom: dict[str, Any] | None = None
-
-
-class ExplainResponse(BaseModel):
-    """Body of a 200 answer to ``POST /v1/explain``."""
-
-    model_config = ConfigDict(protected_namespaces=())
-
-    model: str
-    method: Method
-    layer: str
-    precision: Literal["fp32", "bf16"]
-    results: list[ImageResult]
-
-
-class ErrorBody(BaseModel):
-    code: str
-    message: str
-    image: int | None = None
-    field: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
 
 
 # orjson refuses deeper nesting itself (a request needs 3 levels): no parse can recurse away.

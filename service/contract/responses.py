@@ -1,0 +1,258 @@
+"""What the service answers: the pydantic models of every JSON body it returns, and the
+one serialiser.
+
+The server, the web page's requests and the CLI build these models and nothing else
+(``to_json``); ``openapi.yaml``'s response schemas are generated from them
+(``python -m service.contract.openapi``), so the descriptions below are what API users
+read. Error bodies are ``errors.ErrorResponse``.
+
+A field that does not apply is absent from the JSON, not null: optional fields are
+typed ``X | Absent`` and left unset, and ``to_json`` writes only the fields that were
+set (``dicom`` is the exception: asked for and not DICOM, it is a real null).
+Heatmap arrays stay numpy arrays until orjson writes them (a 1024² map as a list of
+Python floats would cost more than drawing it).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic.json_schema import SkipJsonSchema
+
+from service.contract.terms import (
+    HeatmapEncoding,
+    HeatmapFormat,
+    MemoryFormat,
+    Method,
+    Precision,
+    ResizeMode,
+)
+
+# A field left out of the JSON when it does not apply (never written as null).
+Absent = SkipJsonSchema[None]
+_Count = Annotated[int, Field(ge=1)]
+_Base64 = Annotated[str, WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
+
+
+def _grid(value: Any) -> np.ndarray:
+    """A heatmap array: the engine's float array as it is, or rows read back from JSON."""
+    grid = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=np.float32)
+    if grid.ndim != 2:
+        raise ValueError(f"a heatmap array has rows of values, not {grid.ndim} dimensions")
+    return grid
+
+
+HeatmapValues = Annotated[
+    np.ndarray,
+    PlainValidator(_grid),
+    PlainSerializer(lambda grid: grid.tolist(), when_used="json"),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}},
+        }
+    ),
+]
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Prediction(_Answer):
+    """A class and the model's score for it (softmax, or sigmoid for multi-label models)."""
+
+    index: int = Field(ge=0)
+    label: str
+    score: float = Field(ge=0, le=1)
+
+
+class DicomUids(_Answer):
+    study: str
+    series: str
+    instance: str
+
+
+class StoreOutcome(_Answer):
+    ok: bool
+    message: str
+
+
+class Heatmap(_Answer):
+    """A heatmap: ``values`` (format ``array``) or ``data`` (a base64 picture in
+    ``encoding``, or a DICOM Part 10 file for ``dicom-sc``/``dicom-pm``), or neither
+    (``none``, or a ``reason`` why that format cannot be made for this image)."""
+
+    format: HeatmapFormat
+    width: _Count
+    height: _Count
+    raw_max: float = Field(
+        ge=0,
+        description=(
+            "The map's maximum before min-max normalisation (in units of the score's "
+            "gradient times the activation): 0 means the map was all zero."
+        ),
+    )
+    values: HeatmapValues | Absent = Field(
+        default=None, description="format array: rows of floats in [0, 1]."
+    )
+    encoding: HeatmapEncoding | Absent = Field(
+        default=None, description="format png, overlay, gray: how `data` is encoded."
+    )
+    data: _Base64 | Absent = Field(
+        default=None,
+        description=(
+            "format png, overlay, gray: the base64 picture, in `encoding`; dicom-sc, "
+            "dicom-pm: a base64 DICOM Part 10 file (application/dicom)."
+        ),
+    )
+    reason: str | Absent = Field(
+        default=None,
+        description="dicom-sc, dicom-pm: why that object cannot be made for this image.",
+    )
+    uids: DicomUids | Absent = Field(
+        default=None,
+        description="dicom-sc, dicom-pm: the object's study, series and instance UIDs.",
+    )
+    stored: StoreOutcome | Absent = Field(
+        default=None, description="With store: whether the DICOMweb server took the object."
+    )
+
+
+class Explanation(_Answer):
+    target: Prediction
+    heatmap: Heatmap
+
+
+class Geometry(_Answer):
+    """How the image was fitted to the model input."""
+
+    resize: ResizeMode
+    input_width: _Count
+    input_height: _Count
+    box: Annotated[list[float], Field(min_length=4, max_length=4)] = Field(
+        description=(
+            "The part of the image (x0, y0, x1, y1 in its pixels, possibly beyond its edges "
+            "for letterbox) that the model input covers."
+        )
+    )
+
+
+class Picture(_Answer):
+    """include "image": the image as overlays are drawn on it (its original pixel grid,
+    8-bit, after EXIF orientation, DICOM rescale, window and MONOCHROME1 inversion),
+    encoded like the heatmaps (heatmap.encoding)."""
+
+    width: _Count
+    height: _Count
+    encoding: HeatmapEncoding
+    data: _Base64
+
+
+class ImageResult(_Answer):
+    """One image's answer: its size, how it was fitted, the top classes, and one
+    explanation per target."""
+
+    width: _Count
+    height: _Count
+    geometry: Geometry
+    predictions: list[Prediction]
+    explanations: Annotated[list[Explanation], Field(min_length=1)]
+    image: Picture | Absent = None
+    dicom: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            'include "dicom": the DICOM attributes read (PatientName, PatientID, StudyDate, '
+            "Modality, Rows, Columns, ... by DICOM keyword, those the file has), "
+            "TransferSyntax, frame, and window (source file / voi_lut / full_range, with "
+            "center and width from the file); null for other formats."
+        ),
+    )
+
+
+class ExplainResponse(_Answer):
+    """Body of a 200 answer to ``POST /v1/explain``: one result per image, in the order
+    of ``images``."""
+
+    model: str
+    method: Method
+    layer: str
+    precision: Precision = Field(
+        description=(
+            "What computed the answer: float32, or bfloat16 autocast (the model's "
+            "`precision` in the models file, after its check against float32 at load)."
+        )
+    )
+    results: list[ImageResult]
+
+
+class ModelSummary(_Answer):
+    """A served model, as ``GET /v1/models`` lists it."""
+
+    name: str
+    arch: str
+    default: bool = Field(description="Whether requests without `model` get this one.")
+    num_classes: _Count
+    multilabel: bool
+    channels: Literal[1, 3]
+    input_size: Annotated[list[_Count], Field(min_length=2, max_length=2)] = Field(
+        description="[height, width]"
+    )
+    default_layer: str
+
+
+class ModelDetail(ModelSummary):
+    """A served model with its labels, normalisation and where it runs."""
+
+    labels: list[str]
+    mean: list[float]
+    std: list[float]
+    resize: ResizeMode
+    device: str
+    precision: Precision
+    memory_format: MemoryFormat
+
+
+class ModelList(_Answer):
+    models: list[ModelSummary]
+
+
+class LayerShape(_Answer):
+    """A layer that can be explained, with the shape of its output for one image."""
+
+    name: str
+    kind: str
+    channels: _Count
+    height: _Count
+    width: _Count
+
+
+class Layers(_Answer):
+    model: str
+    default_layer: str
+    layers: list[LayerShape]
+
+
+class Status(_Answer):
+    status: Literal["ok", "ready", "draining", "unavailable"] = Field(
+        description=(
+            "ok (alive); ready (an engine answers); draining (shutting down: send new "
+            "requests elsewhere); unavailable (no engine answers yet)."
+        ),
+    )
+
+
+def _set_fields(answer: Any) -> dict[str, Any]:
+    """orjson's fallback for our models: the fields that were set, in declared order."""
+    if isinstance(answer, BaseModel):
+        chosen = answer.model_fields_set
+        return {name: value for name, value in answer.__dict__.items() if name in chosen}
+    raise TypeError(f"{type(answer).__name__} is not part of the contract")
+
+
+def to_json(answer: BaseModel) -> bytes:
+    """The one way a response becomes bytes (numpy arrays written by orjson directly)."""
+    return orjson.dumps(answer, default=_set_fields, option=orjson.OPT_SERIALIZE_NUMPY)
