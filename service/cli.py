@@ -19,44 +19,32 @@ import base64
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 import orjson
 
 from service.contract.errors import ConfigError, ServiceError
-from service.contract.requests import HeatmapOptions, parse_explain_request
-from service.contract.responses import ImageResult, to_json
+from service.contract.requests import parse_explain_request
+from service.contract.responses import to_json
 from service.contract.settings import Settings
 from service.contract.terms import METHODS, HeatmapEncoding, HeatmapFormat, HeatmapSize
-from service.imaging.encoders import encode_png
-from service.imaging.render import heatmap
-from service.pipeline.budgets import RequestBudget
-from service.pipeline.explain import explain
-from service.pipeline.images import (
-    ExplainedImage,
-    PreparedImage,
-    choose_layer,
-    prepare_image,
-    resolve_targets,
-    run,
+from service.explain_files import (
+    FilePlan,
+    OutputExists,
+    Usage,
+    explain_files,
+    plan_files,
+    target_ref,
 )
-from service.pipeline.results import draw_heatmap, render_result
+from service.pipeline.explain import explain
 from service.server.security import AccessPolicy
-from service.transport.interface import ModelInfo
 
 if TYPE_CHECKING:  # torch is imported only by the commands that run the model here
     from service.engine.runtime import Runtime
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_EXISTS, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
-
-# Images per engine call in file mode: big enough to batch, small enough to show progress.
-_CHUNK = 8
-_PROGRESS_FROM = 5
 
 
 def _runtime(args: argparse.Namespace) -> Runtime:
@@ -65,10 +53,6 @@ def _runtime(args: argparse.Namespace) -> Runtime:
 
     settings = Settings.from_env(models_file=args.models, device=args.device)
     return Runtime(settings).start()
-
-
-def _target_ref(text: str) -> int | str:
-    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def _explain_request(args: argparse.Namespace, runtime: Runtime) -> int:
@@ -80,173 +64,6 @@ def _explain_request(args: argparse.Namespace, runtime: Runtime) -> int:
         return 1
     sys.stdout.buffer.write(to_json(response) + b"\n")
     return 0
-
-
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
-
-
-def _stems(paths: Sequence[Path]) -> list[str]:
-    """Output name stems, one per input, never shared: inputs with the same name (from
-    different folders, or the same file twice) get ``-2``, ``-3``, ... in input order."""
-    stems: list[str] = []
-    for path in paths:
-        stem, n = path.stem, 1
-        while stem in stems:
-            n += 1
-            stem = f"{path.stem}-{n}"
-        stems.append(stem)
-    return stems
-
-
-class OutputExists(Exception):
-    """An output file is there already and ``--force`` was not given."""
-
-
-class Usage(Exception):
-    """A command line that cannot be run as given (exit code 2)."""
-
-
-_OUTPUT_KINDS = ("overlay", "heatmap")
-
-
-def _output_paths(out: Path, stem: str, labels: Sequence[str]) -> list[tuple[Path, Path]]:
-    return [
-        (out / f"{stem}.{_safe(label)}.overlay.png", out / f"{stem}.{_safe(label)}.heatmap.png")
-        for label in labels
-    ]
-
-
-def _refuse_existing(out: Path, stems: Sequence[str]) -> None:
-    """Before any work: stop if an output of these inputs is there already, whatever its
-    label (the labels of top-1 targets are known only afterwards)."""
-    if not out.is_dir():
-        return
-    for entry in sorted(out.iterdir()):
-        for stem in stems:
-            rest = entry.name.removeprefix(stem + ".")
-            label, _, kind = rest.partition(".")
-            if (
-                rest != entry.name
-                and label == _safe(label)
-                and kind in {f"{k}.png" for k in _OUTPUT_KINDS}
-            ):
-                raise OutputExists(f"{entry} exists (--force overwrites, or choose another --out)")
-
-
-# File mode draws the two pictures the API draws for format overlay and png.
-_PICTURES = (
-    HeatmapOptions(format="overlay", size="original"),
-    HeatmapOptions(format="png", size="original"),
-)
-
-
-def _write_outputs(
-    result: ExplainedImage,
-    answer: ImageResult,
-    model: ModelInfo,
-    paths: Sequence[tuple[Path, Path]],
-) -> list[str]:
-    written = []
-    for explanation, cam, pair in zip(answer.explanations, result.cams, paths, strict=True):
-        heat = heatmap(cam, result.prepared.geometry, "original")
-        for options, path in zip(_PICTURES, pair, strict=True):
-            path.write_bytes(encode_png(draw_heatmap(heat, result.prepared, options, model)))
-        written.append(f"{explanation.target.label} → {pair[0]}")
-    return written
-
-
-@dataclass(frozen=True)
-class FilePlan:
-    """What file mode can settle before a model loads: each input's frame and the stem of
-    its output names."""
-
-    frames: list[int | None]
-    stems: list[str]
-
-
-def _plan_files(args: argparse.Namespace) -> FilePlan:
-    """Raises ``Usage`` or ``OutputExists``: a mistake costs no model load."""
-    plan = FilePlan(
-        _frames(args.frame, len(args.images)), _stems([Path(name) for name in args.images])
-    )
-    if not args.force:
-        _refuse_existing(Path(args.out), plan.stems)
-    return plan
-
-
-def _explain_files(args: argparse.Namespace, runtime: Runtime, plan: FilePlan) -> int:
-    model: ModelInfo = runtime.catalog().get(args.model)
-    layer = choose_layer(model, args.layer)
-    targets = [_target_ref(t) for t in args.target] if args.target else None
-    frames, stems = plan.frames, plan.stems
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    options = HeatmapOptions(format="none", size="original")
-    prepared: list[tuple[Path, str, PreparedImage]] = []
-    for i, name in enumerate(args.images):
-        path = Path(name)
-        try:
-            # Each file is its own request: the per-image limits apply, not a total.
-            budget = RequestBudget(runtime.settings, model, layer, options)
-            admit = partial(budget.admit_image, i, explanations=len(targets or [None]))
-            prepared.append(
-                (
-                    path,
-                    stems[i],
-                    prepare_image(
-                        path.read_bytes(),
-                        i,
-                        model,
-                        admit,
-                        resolve_targets(targets, model, i),
-                        frame=frames[i],
-                        keep_display=True,
-                    ),
-                )
-            )
-        except (OSError, ServiceError) as error:
-            message = error.message if isinstance(error, ServiceError) else error.strerror
-            print(f"error: {path}: {message}", file=sys.stderr)
-            failures += 1
-    progress = None
-    if len(prepared) >= _PROGRESS_FROM:
-        from tqdm import tqdm
-
-        progress = tqdm(total=len(prepared), unit="image", file=sys.stderr)
-    for start in range(0, len(prepared), _CHUNK):
-        chunk = prepared[start : start + _CHUNK]
-        deadline = time.monotonic() + runtime.settings.request_timeout_s
-        results = run(runtime, model, layer, args.method, [p for _, _, p in chunk], deadline)
-        for (path, stem, _), result in zip(chunk, results, strict=True):
-            answer = render_result(result, model, args.top_k, options)
-            scores = ", ".join(f"{p.label} {p.score:.3f}" for p in answer.predictions)
-            paths = _output_paths(out, stem, [e.target.label for e in answer.explanations])
-            lines = _write_outputs(result, answer, model, paths)
-            message = f"{path}: {scores}\n" + "".join(f"  {line}\n" for line in lines)
-            if progress is not None:
-                progress.write(message.rstrip("\n"))
-                progress.update(1)
-            else:
-                sys.stdout.write(message)
-    if progress is not None:
-        progress.close()
-    return EXIT_INPUT if failures else EXIT_OK
-
-
-def _frames(given: list[int] | None, n: int) -> list[int | None]:
-    """``--frame``: none (each file's default), one for every input, or one per input."""
-    if not given:
-        return [None] * n
-    if len(given) == 1:
-        return [given[0]] * n
-    if len(given) != n:
-        raise Usage(
-            f"--frame was given {len(given)} times for {n} inputs: give it once "
-            "(every input) or once per input"
-        )
-    return list(given)
 
 
 def _layers(args: argparse.Namespace, runtime: Runtime) -> int:
@@ -322,7 +139,7 @@ def _body(args: argparse.Namespace) -> int:
         "top_k": args.top_k,
         "frame": args.frame,
         "heatmap": heatmap or None,
-        "targets": [[_target_ref(t) for t in args.target]] * len(images) if args.target else None,
+        "targets": [[target_ref(t) for t in args.target]] * len(images) if args.target else None,
     }
     body = {"images": images, **{k: v for k, v in fields.items() if v is not None}}
     try:
@@ -468,7 +285,7 @@ def _command(args: argparse.Namespace) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "explain" and args.images:
-            plan = _plan_files(args)
+            plan = plan_files(args)
         runtime = _runtime(args)
     except (ConfigError, Usage) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -481,7 +298,7 @@ def _command(args: argparse.Namespace) -> int:
             return _layers(args, runtime)
         if plan is None:
             return _explain_request(args, runtime)
-        return _explain_files(args, runtime, plan)
+        return EXIT_INPUT if explain_files(args, runtime, plan) else EXIT_OK
     except OSError as error:  # the output folder cannot be written, say
         print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         return EXIT_INPUT
