@@ -39,6 +39,7 @@ from service.explain_files import (
     target_ref,
 )
 from service.pipeline.explain import explain
+from service.preflight import preflight
 from service.server.security import AccessPolicy
 
 if TYPE_CHECKING:  # torch is imported only by the commands that run the model here
@@ -98,8 +99,11 @@ def _serve(args: argparse.Namespace) -> int:
         "threads": args.threads,
         "engines": args.engines,
     }
-    # A bad flag, variable or tokens file stops here, with its name.
-    AccessPolicy(Settings.from_env(**overrides))
+    # A bad flag, variable, tokens file, models file, weights file, device or a port in
+    # use stops here, with its name, before any process starts (preflight.py).
+    settings = Settings.from_env(**overrides)
+    AccessPolicy(settings)
+    preflight(settings)
     env = dict(os.environ)
     for name, value in overrides.items():
         if value is not None:

@@ -109,6 +109,14 @@ def wait_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: T
     return False
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
 class LiveServer:
     """A real ``gradcam-service serve`` (gunicorn) on 127.0.0.1, stopped by its PID."""
 
@@ -119,9 +127,7 @@ class LiveServer:
         device: str = "cpu",
         threads: int = 8,
     ) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
             sys.executable,

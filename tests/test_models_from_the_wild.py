@@ -322,6 +322,8 @@ def test_a_pickled_model_is_refused_with_a_way_out(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as refused:
         load_model("m", load_models_file(path))
     assert "save model.state_dict() instead" in str(refused.value)
+    # Never torch's advice to unpickle anyway (that would run code from the file).
+    assert "weights_only" not in str(refused.value)
 
 
 def torchvision_resnet() -> nn.Module:

@@ -137,7 +137,10 @@ def load_models_file(path: Path | str) -> ModelsFile:
         with path.open("rb") as handle:
             data = tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"models file {path} does not exist") from None
+        raise ConfigError(
+            f"models file {path} does not exist (--models or GRADCAM_MODELS_FILE; leave both "
+            "unset for the bundled demo model)"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"models file {path} is not valid TOML: {error}") from None
     if "base_dir" in data:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from service.checkpoint_format import HEAD_BYTES, checkpoint_format, not_a_checkpoint
+
 # Keys under which training scripts keep the weights, most specific first.
 _WRAPPER_KEYS = (
     "state_dict",
@@ -43,32 +45,32 @@ class CheckpointError(ValueError):
     """A file that holds no usable weights, or weights that do not fit (the message says why)."""
 
 
-def _is_safetensors(head: bytes) -> bool:
-    # An 8-byte little-endian header length, then the JSON header.
-    return len(head) > 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 28
-
-
 def read_checkpoint(path: Path) -> dict[str, Tensor]:
     """The state_dict in ``path``, by content: safetensors, or torch's zip or legacy
     pickle format (loaded with ``weights_only``: no code from the file runs)."""
     with path.open("rb") as handle:
-        head = handle.read(16)
+        head = handle.read(HEAD_BYTES)
+    kind = checkpoint_format(head)
+    if kind is None:
+        raise CheckpointError(not_a_checkpoint(path, head))
     try:
-        if _is_safetensors(head):
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             loaded: Any = load_file(str(path), device="cpu")
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        hint = ""
         if "weights_only" in str(error):
-            hint = (
-                " The file holds more than tensors (a pickled model or training objects);"
-                " save model.state_dict() instead."
-            )
+            # Never pass on torch's advice to load with weights_only=False: that runs
+            # whatever code the file holds, and a state_dict needs none.
+            raise CheckpointError(
+                f"{path} holds more than tensors (a pickled model or training objects), "
+                "which the service does not unpickle (that could run code from the file): "
+                "save model.state_dict() instead, or convert it to safetensors"
+            ) from None
         raise CheckpointError(
-            f"cannot read {path}: {type(error).__name__}: {str(error).splitlines()[0]}.{hint}"
+            f"cannot read {path}: {type(error).__name__}: {str(error).splitlines()[0]}"
         ) from None
     return _unwrap(loaded, path)
 

@@ -16,6 +16,7 @@ from typing import Any
 import torchvision
 from torch import Tensor, nn
 
+from service.checkpoint_format import weights_file
 from service.contract.settings import ModelsFile, ModelSpec
 from service.engine.checkpoints import CheckpointError, check_shapes, fit_keys, read_checkpoint
 from service.engine.model_architecture import first_conv
@@ -29,12 +30,7 @@ logger = logging.getLogger("service.engine.models")
 def torchvision_weights(name: str, spec: ModelSpec, models: ModelsFile) -> Any | None:
     """The torchvision weights enum member named by ``spec.weights``, if it is one (a
     file of that name, whatever its extension, is a file)."""
-    if (
-        spec.weights is None
-        or ":" in spec.arch
-        or _looks_like_path(spec.weights)
-        or models.resolve_path(spec.weights).exists()
-    ):
+    if spec.weights is None or weights_file(spec, models) is not None:
         return None
     try:
         enum = torchvision.models.get_model_weights(spec.arch)
@@ -51,14 +47,6 @@ def torchvision_weights(name: str, spec: ModelSpec, models: ModelsFile) -> Any |
         f"'{spec.weights}' is neither a file nor a weights name of "
         f"{spec.arch}: {', '.join(enum.__members__)}",
     )
-
-
-# Extensions checkpoints are shared with (the content decides how a file is read).
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".tar", ".ckpt", ".safetensors", ".bin", ".pkl")
-
-
-def _looks_like_path(value: str) -> bool:
-    return value.lower().endswith(_CHECKPOINT_SUFFIXES) or "/" in value or "\\" in value
 
 
 def download_state_dict(name: str, spec: ModelSpec, weights: Any) -> dict[str, Tensor]:
