@@ -32,6 +32,9 @@ SERVER_SIDE = [
 ENGINE_SIDE = [
     "service.engine.process",
     "service.engine.runtime",
+    "service.engine.buckets",
+    "service.engine.batch_inputs",
+    "service.engine.warm_up",
     "service.engine.gradcam",
     "service.engine.models",
     "service.engine.layers",

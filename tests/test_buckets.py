@@ -8,7 +8,8 @@ import time
 import numpy as np
 
 from service.contract.settings import Settings
-from service.engine.runtime import Runtime, bucket_for, bucket_sizes, pad_job
+from service.engine.buckets import bucket_for, bucket_sizes, pad_job
+from service.engine.runtime import Runtime
 from service.transport.interface import Job
 
 

@@ -1,75 +1,41 @@
 """The engine of one device: loaded models, their Grad-CAM engines, the micro-batcher.
 
 ``start()`` loads every model of the models file, starts the model loop, and
-runs one warm-up explanation per model, so the first real request pays no
-one-time cost; ``ready()`` turns true only after that.
+runs one warm-up explanation per model (``warm_up``), so the first real request
+pays no one-time cost; ``ready()`` turns true only after that.
 
 A ``Runtime`` is the ``interface.Engine`` of an in-process caller (the CLI,
 tests) and what the engine process (``engine.process``) serves over its socket.
-Jobs arrive as raw pixels at the model's input size; normalisation happens
-here, on the device, after one copy of the (usually 8-bit) batch to it.
+Jobs arrive as raw pixels at the model's input size; normalisation happens on
+the device, after one copy of the (usually 8-bit) batch to it (``batch_inputs``).
+Batches run at bucketed sizes when buckets are on (``buckets``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import replace
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from service import metrics
-from service.contract.errors import ConfigError, ServiceError
+from service.contract.errors import ConfigError
 from service.contract.settings import ModelsFile, Settings
+from service.engine.batch_inputs import batch_inputs, normaliser
 from service.engine.batching import BatchStats, MicroBatcher, WorkItem
+from service.engine.buckets import bucket_for, bucket_sizes, pad_job, unpad_result
 from service.engine.cuda_graphs import CudaGraph, Graph, GraphCache
 from service.engine.gradcam import GradCAM
 from service.engine.models import LoadedModel, load_model
 from service.engine.tuning import Execution, tune
+from service.engine.warm_up import warm_up
 from service.transport.interface import Catalog, Job, JobResult, wait_for
 
 logger = logging.getLogger(__name__)
-
-
-def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
-    """The batch sizes a bucketed engine runs: powers of two, and the largest batch."""
-    sizes = {1 << k for k in range(max_batch_size.bit_length()) if 1 << k < max_batch_size}
-    return tuple(sorted(sizes | {max_batch_size}))
-
-
-def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
-    """The smallest bucket that holds ``n`` images (``n`` itself past the largest)."""
-    return next((size for size in buckets if size >= n), n)
-
-
-def pad_job(job: Job, size: int) -> Job:
-    """``job`` with blank images added up to ``size`` (each explains its top-1 class with
-    the first image's method; their results are dropped by ``unpad_result``)."""
-    extra = size - len(job.images)
-    if extra <= 0:
-        return job
-    blank = np.zeros_like(job.images[-1])
-    top1: list[int | None] = [None]
-    return Job(
-        job.model,
-        job.layer,
-        [*job.images, *[blank] * extra],
-        [*job.boxes, *[None] * extra],
-        [*job.targets, *[top1] * extra],
-        [*job.methods, *[job.methods[0]] * extra],
-    )
-
-
-def unpad_result(result: JobResult, n: int) -> JobResult:
-    """The first ``n`` images' part of ``result``."""
-    if len(result.targets) == n:
-        return result
-    return result.slice(0, n, result.timings)
 
 
 def _scores(model: LoadedModel, logits: Tensor) -> Tensor:
@@ -99,10 +65,6 @@ def _record_batch(stats: BatchStats) -> None:
     for waited in stats.queue_waits_s:
         metrics.STAGE_DURATION.labels("queue_wait").observe(waited)
         metrics.STAGE_DURATION.labels("compute").observe(stats.compute_s)
-
-
-class InvalidJob(ServiceError):
-    """A job whose pixels do not fit the model: a bug on the sending side, not the client's."""
 
 
 class Runtime:
@@ -156,11 +118,7 @@ class Runtime:
                 dtype=torch.bfloat16 if execution.precision == "bf16" else None,
                 channels_last=execution.channels_last,
             )
-            shape = (1, -1, 1, 1)
-            self._normalisers[name] = (
-                torch.tensor(model.mean, dtype=torch.float32, device=self.device).view(shape),
-                torch.tensor(model.std, dtype=torch.float32, device=self.device).view(shape),
-            )
+            self._normalisers[name] = normaliser(model, self.device)
             metrics.MODEL_LOAD_SECONDS.labels(name).set(model.load_seconds)
             metrics.MODEL_INFO.labels(
                 name, model.spec.arch, model.default_layer, str(self.device)
@@ -198,7 +156,7 @@ class Runtime:
             on_fatal=self._on_fatal,
         )
         for model in self.models.values():
-            self._warm_up(model)
+            warm_up(model, self.device, self._buckets, self.settings.max_batch_size, self.run)
         self.started = True
         logger.info(
             "engine ready: %d model(s) on %s, %d torch threads, pid %d",
@@ -228,34 +186,6 @@ class Runtime:
             logger.warning("model '%s' runs in float32: %s", model.name, execution.why)
         logger.info("model '%s': %s", model.name, execution.why)
         return execution
-
-    def _warm_up(self, model: LoadedModel) -> None:
-        """One explanation per batch shape the engine will meet first under load: on a
-        CPU batch 1; on CUDA each bucket, or each batch size up to the largest (cuDNN's
-        search took 0.7-1.4 s per new batch size on an H200: live requests paid it)."""
-        if self.device.type != "cuda":
-            sizes: tuple[int, ...] = (1,)
-        else:
-            sizes = self._buckets or tuple(range(1, self.settings.max_batch_size + 1))
-        blank = np.zeros((*model.input_size, model.channels), dtype=np.uint8)
-        started = time.monotonic()
-        for size in sizes:
-            job = Job(
-                model.name,
-                model.default_layer,
-                [blank] * size,
-                [None] * size,
-                [[None]] * size,
-                ["gradcam"] * size,
-            )
-            self.run(job, time.monotonic() + 600)
-        if len(sizes) > 1:
-            logger.info(
-                "model '%s' warmed up at %d batch sizes in %.1f s",
-                model.name,
-                len(sizes),
-                time.monotonic() - started,
-            )
 
     # --- the Engine protocol (in-process) ---------------------------------------
 
@@ -291,47 +221,6 @@ class Runtime:
 
     # --- the model loop's work --------------------------------------------------
 
-    def _inputs(self, model: LoadedModel, job: Job) -> Tensor:
-        """``(N, C, H, W) float32`` normalised on the device from the job's raw pixels."""
-        height, width = model.input_size
-        for i, image in enumerate(job.images):
-            if (
-                image.ndim != 3
-                or image.shape[:2] != (height, width)
-                or image.shape[2] not in (1, model.channels)
-                or image.dtype not in (np.uint8, np.float32)
-            ):
-                channels = "1" if model.channels == 1 else f"1 or {model.channels}"
-                raise InvalidJob(
-                    f"image {i} of the job is {image.dtype}{list(image.shape)}, not "
-                    f"({height}, {width}, {channels}) uint8 or float32"
-                )
-        cuda = self.device.type == "cuda"
-        groups: dict[tuple[str, int], list[int]] = {}
-        for i, image in enumerate(job.images):
-            groups.setdefault((image.dtype.name, image.shape[2]), []).append(i)
-        inputs = torch.empty(len(job.images), model.channels, height, width, device=self.device)
-        for (dtype, _), indices in groups.items():
-            # One host array and one copy per kind of image (usually a single uint8 one).
-            host = torch.from_numpy(np.stack([job.images[i] for i in indices]))
-            if cuda:
-                host = host.pin_memory()
-            pixels = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-            if dtype == "uint8":
-                pixels = pixels / 255.0
-            index = torch.tensor(indices, device=self.device)
-            inputs.index_copy_(0, index, pixels.expand(-1, model.channels, -1, -1))
-        mean, std = self._normalisers[model.name]
-        inputs = (inputs - mean) / std
-        for i, box in enumerate(job.boxes):
-            if box is not None:
-                # Letterbox: what lies outside the image is exactly 0 after normalisation.
-                x0, y0, x1, y1 = box
-                keep = inputs[i, :, y0:y1, x0:x1].clone()
-                inputs[i].zero_()
-                inputs[i, :, y0:y1, x0:x1] = keep
-        return inputs
-
     def _compute(self, job: Job, should_stop: Callable[[], bool] | None = None) -> JobResult:
         if self._buckets:
             # A few fixed shapes: cuDNN's per-shape algorithm search (cudnn.benchmark)
@@ -344,7 +233,7 @@ class Runtime:
 
     def _compute_exact(self, job: Job, should_stop: Callable[[], bool] | None = None) -> JobResult:
         model = self.models[job.model]
-        inputs = self._inputs(model, job)
+        inputs = batch_inputs(model, job, self.device, self._normalisers[model.name])
         graphed = self._graphed(model, job, inputs)
         if graphed is not None:
             return graphed

@@ -16,11 +16,11 @@ import argparse
 import torch
 import torchvision
 
+from service.engine.buckets import bucket_sizes
 from service.engine.cuda_graphs import GraphCache
 from service.engine.folding import fold_batch_norms
 from service.engine.gradcam import GradCAM
 from service.engine.layers import default_layer, probe_layers
-from service.engine.runtime import bucket_sizes
 
 
 def main() -> None:
