@@ -15,7 +15,7 @@ of it all, and the watch loop, are the supervisor's (``supervisor.py``).
   request, or stayed up a minute, starts a new count. An engine killed by a signal
   while still loading (before it said ready) is restarted at once and not counted
   as a crash (a fast crash loop it is not: it never ran), up to
-  ``_LOADING_KILLS_FACTOR`` × ``engine_max_restarts`` times in a row. After
+  ``LOADING_KILLS_FACTOR`` × ``engine_max_restarts`` times in a row. After
   ``engine_max_restarts`` crashes in a row serve stops everything and exits 1, so
   an orchestrator restarts the pod.
 - **Hangs.** An engine whose heartbeat (``service.transport.heartbeat``) is older than

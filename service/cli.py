@@ -21,14 +21,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import orjson
 
 from service.contract.errors import ConfigError, ServiceError
 from service.contract.requests import parse_explain_request
 from service.contract.responses import to_json
-from service.contract.settings import Settings
+from service.contract.settings import Device, Settings
+from service.contract.suggestions import close_matches, did_you_mean
 from service.contract.terms import METHODS, HeatmapEncoding, HeatmapFormat, HeatmapSize
 from service.explain_files import (
     FilePlan,
@@ -159,6 +160,22 @@ def _body(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_of(options: Sequence[str]) -> dict[str, Any]:
+    """argparse keywords for a value from ``options``: a mistake names the close matches
+    ("'gradcm' is not one of ...: did you mean 'gradcam'?"), which ``choices`` does not."""
+
+    def parse(value: str) -> str:
+        if value in options:
+            return value
+        raise argparse.ArgumentTypeError(
+            f"'{value}' is not one of {', '.join(options)}."
+            f"{did_you_mean(close_matches(value, options))}"
+        )
+
+    parse.__name__ = "value"  # argparse's "invalid value" if the message is lost
+    return {"type": parse, "metavar": "{" + ",".join(options) + "}"}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradcam-service",
@@ -173,7 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--models", help="models file (TOML); default: the bundled demo model")
         p.add_argument("--model", help="model name; default: the models file's default")
-        p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto")
+        p.add_argument("--device", **_one_of(get_args(Device)), help="default: auto")
         p.add_argument("-v", "--verbose", action="store_true", help="log model loading")
 
     explain_p = sub.add_parser("explain", help="explain images (files or a JSON request)")
@@ -184,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     common(explain_p)
     explain_p.add_argument("--layer", help="target layer (dotted name); default: the model's")
-    explain_p.add_argument("--method", choices=METHODS, default="gradcam")
+    explain_p.add_argument("--method", **_one_of(METHODS), default="gradcam")
     explain_p.add_argument(
         "--target",
         action="append",
@@ -220,11 +237,11 @@ def _parser() -> argparse.ArgumentParser:
         help="class index or label to explain for "
         "every image (repeat for several); default: the top-1 class",
     )
-    body_p.add_argument("--method", choices=METHODS)
+    body_p.add_argument("--method", **_one_of(METHODS))
     body_p.add_argument("--layer", help="target layer (dotted name); default: the model's")
-    body_p.add_argument("--format", choices=get_args(HeatmapFormat), help="default png")
-    body_p.add_argument("--size", choices=get_args(HeatmapSize), help="default original")
-    body_p.add_argument("--encoding", choices=get_args(HeatmapEncoding), help="default png")
+    body_p.add_argument("--format", **_one_of(get_args(HeatmapFormat)), help="default png")
+    body_p.add_argument("--size", **_one_of(get_args(HeatmapSize)), help="default original")
+    body_p.add_argument("--encoding", **_one_of(get_args(HeatmapEncoding)), help="default png")
     body_p.add_argument("--top-k", type=int)
     body_p.add_argument("--frame", type=int, help="frame of multi-frame images")
     body_p.add_argument("-o", "--output", help="write the body here instead of stdout")
@@ -307,8 +324,10 @@ def _command(args: argparse.Namespace) -> int:
         print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         return EXIT_INPUT
     except ServiceError as error:
+        # Not one input's: the --model or --layer given (each input's errors are caught
+        # where it is explained), so nothing was done.
         print(f"error: {error.message}", file=sys.stderr)
-        return EXIT_INPUT
+        return EXIT_USAGE
     finally:
         runtime.close()
 

@@ -57,6 +57,18 @@ def test_info_routes(server: LiveServer) -> None:
     } in layers["layers"]
     missing = requests.get(f"{server.url}/v1/models/nope/layers", timeout=5)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_model"
+    # A typo: the close matches in the message and in the body, through the real server.
+    typo = requests.post(
+        f"{server.url}/v1/explain",
+        json={"model": "phantm", "images": [encode(phantom_png(1, 40, 40))], "method": "gradcam"},
+        timeout=30,
+    ).json()["error"]
+    assert typo["code"] == "unknown_model" and typo["suggestions"] == ["phantom"]
+    assert "Did you mean 'phantom'?" in typo["message"]
+    typo = requests.post(
+        f"{server.url}/v1/explain", json={"images": ["aGk="], "method": "gradcm"}, timeout=30
+    ).json()["error"]
+    assert typo["field"] == "method" and typo["suggestions"][0] == "gradcam"
 
 
 @pytest.mark.parametrize("size", ["original", "input", "layer"])

@@ -132,12 +132,15 @@ class ServiceError(Exception):
         code: ErrorCode | None = None,
         image: int | None = None,
         field: str | None = None,
+        suggestions: list[str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
         self.image = image
         self.field = field
+        # Close matches to a name that does not exist (contract/suggestions.py).
+        self.suggestions = suggestions or None
 
     def to_response(self) -> ErrorResponse:
         """The JSON error envelope: ``{"error": {"code", "message", "image"?, "field"?}}``."""
@@ -146,6 +149,8 @@ class ServiceError(Exception):
             body.image = self.image
         if self.field is not None:
             body.field = self.field
+        if self.suggestions:
+            body.suggestions = list(self.suggestions)
         return ErrorResponse(error=body)
 
     def to_wire(self) -> dict[str, Any]:
@@ -156,6 +161,7 @@ class ServiceError(Exception):
             "message": self.message,
             "image": self.image,
             "field": self.field,
+            "suggestions": self.suggestions,
             "retry_after_s": getattr(self, "retry_after_s", None),
         }
 
@@ -172,7 +178,11 @@ class ServiceError(Exception):
             error.code = code
             return error
         return kind(
-            str(data["message"]), code=code, image=data.get("image"), field=data.get("field")
+            str(data["message"]),
+            code=code,
+            image=data.get("image"),
+            field=data.get("field"),
+            suggestions=data.get("suggestions"),
         )
 
 
@@ -298,6 +308,13 @@ class ErrorBody(BaseModel):
     )
     field: str | SkipJsonSchema[None] = Field(
         default=None, description="The request field at fault, as a JSON path (targets[0])."
+    )
+    suggestions: list[str] | SkipJsonSchema[None] = Field(
+        default=None,
+        description=(
+            "Where the request named something that does not exist (a model, layer, class "
+            "label, method, format ...): the close matches, closest first."
+        ),
     )
 
 

@@ -8,6 +8,7 @@ API users read.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import orjson
@@ -22,6 +23,7 @@ from pydantic import (
 )
 
 from service.contract.errors import BadRequest, ErrorCode, InvalidField
+from service.contract.suggestions import close_matches, did_you_mean
 from service.contract.terms import (
     DICOM_FORMATS,
     HeatmapEncoding,
@@ -214,8 +216,20 @@ def parse_explain_request(body: bytes) -> ExplainRequest:
 
 
 def invalid_field(error: ValidationError) -> InvalidField:
-    """The first problem pydantic found, as a 422 that names the field."""
-    first = error.errors()[0]
+    """The first problem pydantic found, as a 422 that names the field. A required field
+    that is missing because its name was misspelt ("imges") is told as the misspelling."""
+    problems = error.errors()
+    first = problems[0]
+    if first["type"] == "missing":
+        wanted = str(first["loc"][-1])
+        first = next(
+            (
+                p
+                for p in problems
+                if p["type"] == "extra_forbidden" and close_matches(str(p["loc"][-1]), [wanted])
+            ),
+            first,
+        )
     loc = first["loc"]
     known = (
         set(ExplainRequest.model_fields)
@@ -238,7 +252,20 @@ def invalid_field(error: ValidationError) -> InvalidField:
         else None
     )
     message = first["msg"]
+    close: list[str] = []
     if first["type"] == "extra_forbidden":
         message = "unknown field"
-    more = f" (and {len(error.errors()) - 1} more problem(s))" if len(error.errors()) > 1 else ""
-    return InvalidField(f"Field '{field}': {message}{more}.", field=field, image=image)
+        model = HeatmapOptions if field.startswith("heatmap.") else ExplainRequest
+        known = set(model.model_fields)
+        close = close_matches(str(loc[-1]), known)
+    elif first["type"] == "literal_error" and isinstance(first.get("input"), str):
+        # A method, format, size, encoding or include value with a typo.
+        expected = re.findall(r"'([^']*)'", str(first.get("ctx", {}).get("expected", "")))
+        close = close_matches(first["input"], expected)
+    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    return InvalidField(
+        f"Field '{field}': {message}.{did_you_mean(close)}{more}".replace("?.", "?"),
+        field=field,
+        image=image,
+        suggestions=close,
+    )

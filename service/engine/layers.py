@@ -10,12 +10,12 @@ same tensor, the outer one.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from service.contract.suggestions import close_matches, did_you_mean
 from service.transport.interface import LayerInfo
 
 # Pooling modules whose output only resamples their input: never a default.
@@ -31,9 +31,8 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name in modules and name != "":
         return modules[name]
-    close = difflib.get_close_matches(name, [n for n in modules if n], n=3, cutoff=0.6)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise UnknownLayerError(f"the model has no layer '{name}'.{hint}")
+    close = close_matches(name, [n for n in modules if n])
+    raise UnknownLayerError(f"the model has no layer '{name}'.{did_you_mean(close)}")
 
 
 def probe_layers(model: nn.Module, channels: int, input_size: tuple[int, int]) -> list[LayerInfo]:

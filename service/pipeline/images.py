@@ -20,6 +20,7 @@ from service.contract.requests import (
     ClassRef,
     TargetSpec,
 )
+from service.contract.suggestions import close_matches, did_you_mean
 from service.imaging.decoding import Admit, decode_image
 from service.imaging.dicom import describe_dicom, is_dicom, read_header
 from service.imaging.geometry import Geometry, to_model_pixels
@@ -65,12 +66,18 @@ def _class_index(ref: ClassRef, model: ModelInfo, index: int) -> int:
     if isinstance(ref, str):
         found = model.class_index(ref)
         if found is None:
-            shown = ", ".join(model.labels[:20]) + (", ..." if model.num_classes > 20 else "")
+            close = close_matches(ref, model.labels)
+            if close:
+                known = did_you_mean(close)
+            else:
+                shown = ", ".join(model.labels[:20]) + (", ..." if model.num_classes > 20 else "")
+                known = f" Its labels: {shown}."
             raise InvalidField(
-                f"Image {index}: model '{model.name}' has no class '{ref}'. Its labels: {shown}.",
+                f"Image {index}: model '{model.name}' has no class '{ref}'.{known}",
                 code=ErrorCode.UNKNOWN_LABEL,
                 image=index,
                 field=field,
+                suggestions=close,
             )
         return found
     if not 0 <= ref < model.num_classes:
@@ -139,12 +146,13 @@ def choose_layer(model: ModelInfo, layer: str | None) -> str:
     if layer in model.layer_names():
         return layer
     if layer not in model.modules:
-        close = model.suggest_modules(layer)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        # The explainable layers first: those are what a caller can use.
+        close = close_matches(layer, model.layer_names()) or close_matches(layer, model.modules)
         raise InvalidField(
-            f"Model '{model.name}': the model has no layer '{layer}'.{hint}",
+            f"Model '{model.name}': the model has no layer '{layer}'.{did_you_mean(close)}",
             code=ErrorCode.UNKNOWN_LAYER,
             field="layer",
+            suggestions=close,
         )
     raise InvalidField(
         f"Layer '{layer}' of model '{model.name}' does not return an (N, C, H, W) "

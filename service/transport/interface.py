@@ -17,7 +17,6 @@ travel only these plain types:
 
 from __future__ import annotations
 
-import difflib
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -27,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.contract.errors import ClientClosed, DeadlineExceeded, UnknownModel
+from service.contract.suggestions import close_matches, did_you_mean
 from service.contract.terms import MemoryFormat, Precision, ResizeMode
 
 # How `gradcam-service serve` tells the HTTP workers where the engines listen:
@@ -85,9 +85,6 @@ class ModelInfo:
         except ValueError:
             return None
 
-    def suggest_modules(self, name: str) -> list[str]:
-        return difflib.get_close_matches(name, list(self.modules), n=3, cutoff=0.6)
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -119,8 +116,11 @@ class Catalog:
             return self.models[key]
         except KeyError:
             known = ", ".join(sorted(self.models))
+            close = close_matches(key, self.models)
             raise UnknownModel(
-                f"There is no model '{key}'. Models served: {known}.", field="model"
+                f"There is no model '{key}'.{did_you_mean(close)} Models served: {known}.",
+                field="model",
+                suggestions=close,
             ) from None
 
     def to_dict(self) -> dict[str, Any]:
