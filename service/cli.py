@@ -39,6 +39,7 @@ from service.explain_files import (
     plan_files,
     target_ref,
 )
+from service.imaging.decoding import image_format
 from service.pipeline.explain import explain
 from service.preflight import preflight
 from service.server.security import AccessPolicy
@@ -127,7 +128,16 @@ def _body(args: argparse.Namespace) -> int:
         ]
     except OSError as error:
         print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    for name, text in zip(args.images, images, strict=True):
+        # Only the header is read: a server decodes the rest (and says what is wrong).
+        if image_format(base64.b64decode(text)) is None:
+            print(
+                f"error: {'stdin' if name == '-' else name}: not an image the service reads "
+                "(PNG, JPEG, TIFF, BMP, WebP, GIF, DICOM)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
     heatmap = {
         key: value
         for key, value in (
@@ -151,7 +161,7 @@ def _body(args: argparse.Namespace) -> int:
         request = parse_explain_request(orjson.dumps(body))
     except ServiceError as error:
         print(f"error: {error.message}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     data = to_json(request) + b"\n"
     if args.output:
         Path(args.output).write_bytes(data)
@@ -179,7 +189,7 @@ def _one_of(options: Sequence[str]) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradcam-service",
-        description=__doc__.splitlines()[0],
+        description="Serve the HTTP API, explain images, list layers.",
         epilog="exit codes: 0 done; 1 some inputs got an error (each on one line), the others "
         "done; 2 bad usage, settings or models file; 3 an output file exists (--force); "
         "70 internal failure; 130 interrupted",

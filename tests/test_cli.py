@@ -164,6 +164,7 @@ def test_body_prints_a_request_a_server_answers(server: LiveServer, tmp_path: Pa
     [
         (["nope.png"], b"nope.png: No such file"),
         ([str(EXAMPLES / "phantom_nodule.png"), "--top-k", "0"], b"top_k"),
+        ([str(EXAMPLES.parent / "README.md")], b"README.md: not an image the service reads"),
     ],
 )
 def test_body_refuses_what_no_server_would_take(args: list[str], message: bytes) -> None:
@@ -340,3 +341,13 @@ def test_the_cli_and_the_server_answer_one_request_alike(
             assert one.SOPClassUID == other.SOPClassUID
             assert one.SOPInstanceUID != other.SOPInstanceUID
             assert np.array_equal(one.pixel_array, other.pixel_array)
+
+
+@pytest.mark.parametrize("command", [[], ["explain"], ["body"], ["layers"], ["serve"]])
+def test_help_is_plain_text(command: list[str]) -> None:
+    done = _cli(*command, "--help")
+    assert done.returncode == 0
+    text = done.stdout.decode()
+    assert "usage: gradcam-service" in text
+    for markup in ("``", "::", "**", ".. "):
+        assert markup not in text, f"reStructuredText {markup!r} in {command} --help"

@@ -225,3 +225,23 @@ def test_settings_from_env_name_the_variable() -> None:
         Settings.from_env({"GRADCAM_MAX_IMAGES_PER_REQUEST": "many"})
     with pytest.raises(ConfigError, match="GRADCAM_DEVICE"):
         Settings.from_env({"GRADCAM_DEVICE": "tpu"})
+
+
+def test_local_torchvision_weights_get_torchvision_class_names(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No internet, a checkpoint file, no labels file: the ImageNet names torchvision
+    ships with its weight enums are used (offline), not class indices."""
+    torch.save(seeded_model("squeezenet1_1", num_classes=1000).state_dict(), tmp_path / "w.pth")
+    path = _write(tmp_path, '[models.m]\narch = "squeezenet1_1"\nweights = "w.pth"\n')
+    with caplog.at_level(logging.INFO, logger="service.engine.models"):
+        model = load_model("m", load_models_file(path))
+    assert len(model.labels) == 1000
+    assert model.labels[0] == "tench" and model.labels[207] == "golden retriever"
+    assert "class names from torchvision's" in caplog.text
+    # Another number of outputs: indices, as before (the names would be wrong).
+    torch.save(seeded_model("squeezenet1_1", num_classes=3).state_dict(), tmp_path / "w3.pth")
+    path = _write(
+        tmp_path, '[models.m]\narch = "squeezenet1_1"\nweights = "w3.pth"\nnum_classes = 3\n'
+    )
+    assert load_model("m", load_models_file(path)).labels == ("0", "1", "2")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torchvision
 from torch import nn
 
 from service.contract.settings import ModelsFile, ModelSpec
@@ -109,6 +110,30 @@ def _read_labels(
     return None
 
 
+def _torchvision_class_names(name: str, spec: ModelSpec, classes: int) -> tuple[str, ...] | None:
+    """For a torchvision architecture whose weights came from a file without labels: the
+    class names torchvision ships with its weights' metadata (offline, no download), if
+    the model has as many outputs as they have names (ImageNet's 1000, say)."""
+    if ":" in spec.arch:
+        return None
+    try:
+        members = list(torchvision.models.get_model_weights(spec.arch))
+    except (KeyError, ValueError):
+        return None
+    for member in members:
+        names = member.meta.get("categories")
+        if names and len(names) == classes:
+            logger.info(
+                "model '%s': class names from torchvision's %s metadata (%d classes; a "
+                "labels file overrides them)",
+                name,
+                member,
+                classes,
+            )
+            return tuple(names)
+    return None
+
+
 def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu") -> LoadedModel:
     """Build, load and check model ``name`` of ``models``; ``ConfigError`` on any mistake."""
     started = time.monotonic()
@@ -146,6 +171,8 @@ def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu"
         raise ModelConfigError(
             name, "num_classes", f"the model has {classes} outputs, not {num_classes}"
         )
+    if labels is None:
+        labels = _torchvision_class_names(name, spec, classes)
     if labels is None:
         labels = tuple(str(i) for i in range(classes))
 

@@ -109,6 +109,18 @@ def _is_gray(image: Image.Image) -> bool:
     return all(r == g == b for r, g, b in triples)
 
 
+def image_format(data: bytes) -> str | None:
+    """The format of image bytes the service reads ("DICOM", "PNG", "JPEG", ...), from
+    their header alone (nothing decoded); None if it reads no such format."""
+    if is_dicom(data):
+        return "DICOM"
+    try:
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
+            return str(image.format)
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
 def decode_image(
     data: bytes, index: int, channels: int, admit: Admit, frame: int | None = None
 ) -> Image.Image:
