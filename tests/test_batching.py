@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from service.contract.errors import DeadlineExceeded, EngineUnavailable, Overloaded
-from service.engine.batching import BatchKey, BatchStats, MicroBatcher, WorkItem
+from service.engine.batching import MicroBatcher
+from service.engine.work_items import BatchKey, BatchStats, WorkItem
 from service.transport.interface import Job, JobResult, wait_for
 
 KEY: BatchKey = ("m", "layer")

@@ -39,6 +39,7 @@ ENGINE_SIDE = [
     "service.engine.models",
     "service.engine.layers",
     "service.engine.batching",
+    "service.engine.work_items",
 ]
 
 

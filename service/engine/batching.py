@@ -20,6 +20,8 @@ so one poisoned image cannot fail its neighbours. ``close()`` fails what is queu
 ``drain=True`` lets the model loop finish it first. If the model loop itself
 dies (a bug outside the model call), ``alive`` turns false, queued requests
 fail, and ``on_fatal`` runs: the engine process exits and is restarted.
+
+The queued items, their futures and ``Abandoned`` are ``work_items``'s.
 """
 
 from __future__ import annotations
@@ -30,87 +32,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from functools import partial
 
 from service.contract.errors import DeadlineExceeded, EngineUnavailable, Overloaded
+from service.engine.work_items import Abandoned, BatchKey, BatchStats, WorkItem, merge_jobs
 from service.logs import log_failure, where
 from service.transport.interface import Job, JobResult, JobTimings
 
 logger = logging.getLogger(__name__)
 
-# Items batch together only under the same key: (model name, layer).
-BatchKey = tuple[str, str]
 # A job (one or several requests merged, in order) and a "should I stop?" question it
 # asks between its expensive steps → its result, all on the CPU.
 ComputeFn = Callable[[Job, Callable[[], bool]], JobResult]
 # The pace estimate follows recent batches without jumping at one odd one.
 _PACE_SMOOTHING = 0.2
-
-
-class Abandoned(Exception):
-    """Raised by a compute function whose ``should_stop()`` said yes: every request of
-    the job was given up (client gone, deadline passed), so the rest was not computed."""
-
-
-class ItemFuture(Future[JobResult]):
-    """A request's future. ``Future.cancel()`` cannot stop a running one; this one then
-    marks it ``abandoned``, which the model loop checks between target rounds."""
-
-    abandoned = False
-
-    def cancel(self) -> bool:
-        if super().cancel():
-            return True
-        if not self.done():
-            self.abandoned = True
-        return False
-
-
-@dataclass
-class WorkItem:
-    """One request's job; ``future`` receives its ``JobResult``."""
-
-    job: Job
-    deadline: float  # time.monotonic() after which the result is useless
-    future: ItemFuture = field(default_factory=ItemFuture)
-    enqueued_at: float = field(default_factory=time.monotonic)
-
-    def given_up(self, now: float) -> bool:
-        """Nobody wants the result any more (cancelled while running, or too late)."""
-        return self.future.abandoned or now > self.deadline
-
-    @property
-    def key(self) -> BatchKey:
-        return (self.job.model, self.job.layer)
-
-    @property
-    def size(self) -> int:
-        return self.job.size
-
-
-@dataclass(frozen=True)
-class BatchStats:
-    """What one executed batch looked like, for metrics."""
-
-    images: int
-    items: int
-    queue_waits_s: tuple[float, ...]
-    compute_s: float
-
-
-def merge_jobs(jobs: Sequence[Job]) -> Job:
-    """One job of every image of ``jobs`` (same model and layer), in order."""
-    if len(jobs) == 1:
-        return jobs[0]
-    return Job(
-        model=jobs[0].model,
-        layer=jobs[0].layer,
-        images=[image for job in jobs for image in job.images],
-        boxes=[box for job in jobs for box in job.boxes],
-        targets=[t for job in jobs for t in job.targets],
-        methods=[m for job in jobs for m in job.methods],
-    )
 
 
 class MicroBatcher:

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from service.engine.batching import Abandoned
 from service.engine.folding import explained_activation
 from service.engine.layers import resolve_layer
+from service.engine.work_items import Abandoned
 
 # (N, C, h, w) activations, (N, C, h, w) gradients → (N, h, w) map before ReLU.
 CamFormula = Callable[[Tensor, Tensor], Tensor]

@@ -26,13 +26,14 @@ from service import metrics
 from service.contract.errors import ConfigError
 from service.contract.settings import ModelsFile, Settings
 from service.engine.batch_inputs import batch_inputs, normaliser
-from service.engine.batching import BatchStats, MicroBatcher, WorkItem
+from service.engine.batching import MicroBatcher
 from service.engine.buckets import bucket_for, bucket_sizes, pad_job, unpad_result
 from service.engine.cuda_graphs import CudaGraph, Graph, GraphCache
 from service.engine.gradcam import GradCAM
 from service.engine.models import LoadedModel, load_model
 from service.engine.tuning import Execution, tune
 from service.engine.warm_up import warm_up
+from service.engine.work_items import BatchStats, WorkItem
 from service.transport.interface import Catalog, Job, JobResult, wait_for
 
 logger = logging.getLogger(__name__)

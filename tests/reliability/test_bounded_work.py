@@ -217,8 +217,8 @@ def test_explaining_stops_between_target_rounds_when_nobody_waits() -> None:
     import torch
     from torch import nn
 
-    from service.engine.batching import Abandoned
     from service.engine.gradcam import GradCAM
+    from service.engine.work_items import Abandoned
 
     torch.manual_seed(0)
     model = (
