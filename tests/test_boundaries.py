@@ -31,6 +31,7 @@ SERVER_SIDE = [
 ]
 ENGINE_SIDE = [
     "service.engine.process",
+    "service.engine.engine_server",
     "service.engine.runtime",
     "service.engine.buckets",
     "service.engine.batch_inputs",
