@@ -11,154 +11,49 @@
   viewers such as OHIF overlay it on the source.
 
 Every object is built from the source's header only (read without pixel data), and
-from a conformant copy of it (``conformant_header``): values the standard's value
-representations forbid (an ISO birth date ``1911-11-11``, a time ``10:11:12``, a sex
-``male``, an over-long name) are corrected where the intended value is certain
-(``19111111``, ``101112``, ``M``) and blanked otherwise, as Type 2 attributes may be;
-an invalid UID makes the object impossible (``DerivedObjectImpossible``, which names
-the attribute, never its value).
+from a conformant copy of it (``source_header``: values corrected or blanked where
+the standard forbids them; an invalid UID makes the object impossible,
+``DerivedObjectImpossible``).
 """
 
 from __future__ import annotations
 
 import io
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.imaging.source_header import (
+    DerivedObjectImpossible,
+    conformant_header,
+    patient_orientation,
+    source_reference,
+    source_was_lossy,
+)
+
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
+
+# What callers use. ``DerivedObjectImpossible`` is among it: the builders below raise it
+# (through ``conformant_header``), so their callers catch it from here.
+__all__ = [
+    "MANUFACTURER",
+    "PM_SERIES_NUMBER",
+    "SC_SERIES_NUMBER",
+    "DerivedFrom",
+    "DerivedObjectImpossible",
+    "new_uid",
+    "parametric_map",
+    "parametric_map_problem",
+    "secondary_capture",
+]
 
 MANUFACTURER = "gradcam-service"
 # Series numbers of what the service adds to a study (high, so they list last).
 SC_SERIES_NUMBER = 9901
 PM_SERIES_NUMBER = 9902
 _JPEG_QUALITY = 90
-
-# Transfer syntaxes whose compression loses information (the derived object inherits it).
-_LOSSY_SYNTAXES = {
-    "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG Baseline
-    "1.2.840.10008.1.2.4.51": "ISO_10918_1",  # JPEG Extended
-    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS near-lossless
-    "1.2.840.10008.1.2.4.91": "ISO_15444_1",  # JPEG 2000
-}
-
-
-# Storage SOP classes of single-frame images: CR, DX/MG/IO (presentation and processing),
-# CT, MR, US, Secondary Capture, PET.
-_SINGLE_FRAME = frozenset(
-    {
-        "1.2.840.10008.5.1.4.1.1.1",
-        "1.2.840.10008.5.1.4.1.1.1.1",
-        "1.2.840.10008.5.1.4.1.1.1.1.1",
-        "1.2.840.10008.5.1.4.1.1.1.2",
-        "1.2.840.10008.5.1.4.1.1.1.2.1",
-        "1.2.840.10008.5.1.4.1.1.1.3",
-        "1.2.840.10008.5.1.4.1.1.1.3.1",
-        "1.2.840.10008.5.1.4.1.1.2",
-        "1.2.840.10008.5.1.4.1.1.4",
-        "1.2.840.10008.5.1.4.1.1.6.1",
-        "1.2.840.10008.5.1.4.1.1.7",
-        "1.2.840.10008.5.1.4.1.1.128",
-    }
-)
-
-
-class DerivedObjectImpossible(ValueError):
-    """The source's header cannot be carried into a derived object; the message names the
-    attribute (never its value) and is shown to the client as the heatmap's reason."""
-
-
-# Separators that make a common non-DICOM date or time: 1911-11-11, 1911/11/11, 10:11:12.
-_ISO_DATE = re.compile(r"(\d{4})[-./](\d{2})[-./](\d{2})")
-_ISO_TIME = re.compile(r"(\d{2}):(\d{2})(?::(\d{2}(?:\.\d{1,6})?))?")
-_SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
-# Value representations whose values are text the standard constrains.
-_CHECKED_VRS = frozenset(
-    {
-        "AE",
-        "AS",
-        "CS",
-        "DA",
-        "DS",
-        "DT",
-        "IS",
-        "LO",
-        "LT",
-        "PN",
-        "SH",
-        "ST",
-        "TM",
-        "UC",
-        "UI",
-        "UR",
-        "UT",
-    }
-)
-
-
-def _corrected(vr: str, keyword: str, value: str) -> str:
-    """``value`` made conformant where its meaning is certain; else "" (blank)."""
-    from pydicom.config import RAISE
-    from pydicom.valuerep import validate_value
-
-    candidate = value.strip()
-    if vr == "DA" and (found := _ISO_DATE.fullmatch(candidate)):
-        candidate = "".join(found.groups())
-    elif vr == "TM" and (found := _ISO_TIME.fullmatch(candidate)):
-        candidate = "".join(part for part in found.groups() if part)
-    elif vr == "CS":
-        candidate = candidate.upper()
-        if keyword == "PatientSex":
-            candidate = _SEX.get(candidate, "")
-    try:
-        validate_value(vr, candidate, RAISE)
-    except (ValueError, TypeError):
-        return ""
-    return candidate
-
-
-def _conform(dataset: Dataset) -> None:
-    """Every checked value of ``dataset`` (and its sequences) conformant, in place."""
-    from pydicom.config import RAISE
-    from pydicom.multival import MultiValue
-    from pydicom.valuerep import validate_value
-
-    for element in dataset:
-        if element.VR == "SQ":
-            for item in element.value or []:
-                _conform(item)
-            continue
-        if element.VR not in _CHECKED_VRS or element.value in (None, ""):
-            continue
-        values = list(element.value) if isinstance(element.value, MultiValue) else [element.value]
-        texts = [str(v) for v in values]
-        try:
-            for text in texts:
-                validate_value(element.VR, text, RAISE)
-            if element.keyword == "PatientSex" and texts[0] not in ("M", "F", "O"):
-                raise ValueError("not M, F or O")  # highdicom's enumeration
-            continue
-        except (ValueError, TypeError):
-            pass
-        if element.VR == "UI":
-            raise DerivedObjectImpossible(
-                f"the source's {element.keyword or element.tag} is not a valid DICOM UID"
-            )
-        fixed = [_corrected(element.VR, element.keyword, text) for text in texts]
-        element.value = fixed[0] if len(fixed) == 1 else fixed
-
-
-def conformant_header(source: Dataset) -> Dataset:
-    """A copy of ``source`` whose values a derived object may carry (module text)."""
-    import copy
-
-    header = copy.deepcopy(source)
-    _conform(header)
-    return header
 
 
 @dataclass(frozen=True)
@@ -180,60 +75,12 @@ def new_uid() -> str:
     return str(generate_uid())
 
 
-def _orientation_letters(vector: Sequence[float]) -> str:
-    """A direction cosine vector as patient-orientation letters (PS3.3 C.7.6.1.1.1)."""
-    letters = (("L", "R"), ("P", "A"), ("H", "F"))
-    order = sorted(range(3), key=lambda axis: -abs(vector[axis]))
-    return "".join(
-        letters[axis][0 if vector[axis] > 0 else 1] for axis in order if abs(vector[axis]) > 1e-4
-    )
-
-
-def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
-    """The source's Patient Orientation (rows, columns), or from its direction cosines."""
-    given = source.get("PatientOrientation")
-    if given is not None and len(given) == 2 and all(given):
-        return str(given[0]), str(given[1])
-    cosines = source.get("ImageOrientationPatient")
-    if cosines is not None and len(cosines) == 6:
-        values = [float(v) for v in cosines]
-        return _orientation_letters(values[:3]), _orientation_letters(values[3:])
-    return None
-
-
-def _source_reference(source: Dataset, frame: int | None) -> Dataset:
-    from pydicom.dataset import Dataset
-
-    item = Dataset()
-    item.ReferencedSOPClassUID = source.SOPClassUID
-    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    # The frame is named for multi-frame SOP classes only (the standard forbids it for
-    # single-frame ones, even where a file of such a class carries several frames).
-    if int(source.get("NumberOfFrames", 1) or 1) > 1 and source.SOPClassUID not in _SINGLE_FRAME:
-        item.ReferencedFrameNumber = (frame or 0) + 1
-    return item
-
-
-def _source_was_lossy(source: Dataset) -> tuple[str, str | None]:
-    """("01", method) when the source's pixels went through lossy compression."""
-    syntax = str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", ""))
-    if syntax in _LOSSY_SYNTAXES:
-        return "01", _LOSSY_SYNTAXES[syntax]
-    if str(source.get("LossyImageCompression", "00")) == "01":
-        methods = source.get("LossyImageCompressionMethod")
-        method = None
-        if methods:
-            method = str(methods[0] if not isinstance(methods, str) else methods)
-        return "01", method
-    return "00", None
-
-
 def _common(
     dataset: Dataset, source: Dataset, made: DerivedFrom, frame: int | None, description: str
 ) -> None:
     dataset.SeriesDescription = f"Grad-CAM {made.label}"[:64]
     dataset.DerivationDescription = description[:1024]
-    dataset.SourceImageSequence = [_source_reference(source, frame)]
+    dataset.SourceImageSequence = [source_reference(source, frame)]
     # General Series: Laterality is Type 2C, needed for a paired body part. Copied from
     # the source; with no body part to tell, present and empty (validators ask for it).
     if "Laterality" in source:
@@ -281,12 +128,12 @@ def secondary_capture(
     )
     image.ImageType = ["DERIVED", "SECONDARY"]
     # Type 2C: the source's orientation, oblique ones included ("LP"), or empty if unknown.
-    orientation = _patient_orientation(source)
+    orientation = patient_orientation(source)
     image.PatientOrientation = list(orientation) if orientation else []  # [] writes empty
     image.BurnedInAnnotation = (
         "YES" if str(source.get("BurnedInAnnotation", "NO")) == "YES" else "NO"
     )
-    lossy, method = _source_was_lossy(source)
+    lossy, method = source_was_lossy(source)
     if jpeg:
         lossy, method = "01", "ISO_10918_1"
     image.LossyImageCompression = lossy
