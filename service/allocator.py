@@ -2,8 +2,8 @@
 
 An engine allocates and frees a batch's activations (tens of MB each) every batch.
 glibc's malloc served them with fresh ``mmap``s and returned them at once: the
-engine spent up to 44 % of a core in the kernel on page faults (README,
-"Performance"). tcmalloc keeps them; where it is not installed, glibc is told to.
+engine spent up to 44 % of a core in the kernel on page faults (docs/performance.md).
+tcmalloc keeps them; where it is not installed, glibc is told to.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from service.contract.errors import ConfigError
 # glibc's malloc, told to keep what it has: a batch's activations (tens of MB) come
 # from the heap instead of fresh mmaps (the largest threshold glibc allows, 32 MB),
 # freed memory stays for the next batch (trim at 4 GB) and the heap grows in 256 MB
-# steps. Without it the engine spent 22-27 % of its CPU in page faults (README,
-# "Performance"); the memory budget counts the engine at its peak in any case.
+# steps. Without it the engine spent 22-27 % of its CPU in page faults (docs/performance.md);
+# the memory budget counts the engine at its peak in any case.
 GLIBC_KEEP_PAGES = (
     "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold="
     "4294967296:glibc.malloc.top_pad=268435456"

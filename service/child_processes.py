@@ -82,7 +82,7 @@ def engine_env(
     threads = settings.torch_threads or max(1, cores // engines)
     env["GRADCAM_TORCH_THREADS"] = str(threads)
     # OpenMP threads that sleep at their barriers instead of spinning: the HTTP
-    # workers share the cores with the model on a CPU machine (README, "Under load").
+    # workers share the cores with the model on a CPU machine (docs/performance.md, "Under load").
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.update(allocator)
     return env

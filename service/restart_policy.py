@@ -3,7 +3,7 @@
 Pure decisions, no processes and no clock of their own: the supervisor passes the
 time (``now``, ``time.monotonic()``) and what it knows of the dead process, and
 gets back when to start it again, or ``None`` (give up: serve exits so that an
-orchestrator replaces the pod). The rules (the README's "Supervision"):
+orchestrator replaces the pod). The rules (docs/architecture.md, "Supervision"):
 
 - a crash is restarted after 0, 1, 1, 2, 3, 5 … s for the 1st, 2nd … in a row;
   more than ``max_restarts`` in a row and the supervisor gives up;

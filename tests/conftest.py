@@ -34,8 +34,8 @@ def server() -> Iterator[LiveServer]:
 
 
 # Modules whose tests start processes (serve, gunicorn, an engine, Orthanc, a browser,
-# the CLI): the developer loop leaves them out with -m "not process" (README,
-# "Development"). Tests elsewhere that use the live ``server`` fixture are marked too.
+# the CLI): the developer loop leaves them out with -m "not process" (docs/development.md).
+# Tests elsewhere that use the live ``server`` fixture are marked too.
 _PROCESS_MODULES = {
     "test_access",
     "test_allocator",

@@ -9,7 +9,7 @@ finding's known box, the page's blend equals the service's own overlay, and
 axe-core finds no accessibility violation. The page's Content Security Policy
 stays on (Playwright's evaluate runs outside it), and any console error fails.
 
-``GRADCAM_PAGE_SCREENSHOT=docs/web-page.png`` keeps the screenshot for the README.
+``GRADCAM_PAGE_SCREENSHOT=docs/web-page.png`` keeps the screenshot for docs/web-page.md.
 """
 
 from __future__ import annotations

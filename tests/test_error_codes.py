@@ -1,5 +1,5 @@
 """One list of error codes (``service.contract.errors.ErrorCode``): each code has one status, the
-service names codes only through the list, and the README and ``openapi.yaml`` list
+service names codes only through the list, and docs/api.md and ``openapi.yaml`` list
 exactly these codes, each in its status's row."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def test_a_code_crosses_the_process_boundary_as_itself() -> None:
 
 
 def test_the_readme_lists_every_code_in_its_status_row() -> None:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "api.md").read_text()
     table = text[text.index("| status | codes |") :]
     table = table[: table.index("\n\n")]
     listed: dict[str, int] = {}

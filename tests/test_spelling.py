@@ -10,7 +10,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ["README.md", "CONTRIBUTING.md", "openapi.yaml", "service", "deploy", "Dockerfile"]
+DOCUMENTS = [
+    "README.md",
+    "docs",
+    "CONTRIBUTING.md",
+    "openapi.yaml",
+    "service",
+    "deploy",
+    "Dockerfile",
+]
 # Real words codespell does not know: an author (Draelos & Carin), a JPEG 2000 marker.
 KNOWN = "carin,siz"
 _DOUBLED = re.compile(r"(?<![-\w])([A-Za-z]{2,}) \1\b")
@@ -39,6 +47,7 @@ def test_codespell_finds_no_misspelling() -> None:
 
 def test_no_doubled_words() -> None:
     paths = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "openapi.yaml"]
+    paths += sorted((ROOT / "docs").glob("*.md"))
     paths += sorted((ROOT / "service").rglob("*.py")) + sorted((ROOT / "service").rglob("*.md"))
     found = [
         f"{path.relative_to(ROOT)}:{number}: {match.group(0)!r}"

@@ -45,7 +45,7 @@ from pydantic.json_schema import SkipJsonSchema
 class ErrorCode(StrEnum):
     """Every machine code an error response may carry: its HTTP status and what it means.
 
-    The one list: ``openapi.yaml`` and the README's error table are checked against it
+    The one list: ``openapi.yaml`` and docs/api.md's error table are checked against it
     (``tests/test_error_codes.py``), and the service names codes only through it.
     """
 

@@ -228,7 +228,7 @@ class Settings(BaseModel):
     # What the whole process tree may use (memory.py); 0 = 90 % of the cgroup's memory
     # limit, else 75 % of the machine's RAM.
     memory_budget_mb: Annotated[int, Field(ge=0)] = 0
-    # What one request may cost (budgets.py; README "Limits"): checked before the work.
+    # What one request may cost (budgets.py; docs/reliability.md): checked before the work.
     max_images_per_request: PositiveInt = 32
     max_explanations_per_request: PositiveInt = 128
     max_image_pixels: PositiveInt = 25_000_000

@@ -24,7 +24,7 @@ from service.contract.errors import ErrorCode, InvalidField, PayloadTooLarge, Un
 from service.imaging.dicom import decode_dicom, is_dicom
 from service.imaging.values import finite
 
-# The formats the README promises (JPEG includes MPO, which many phone cameras write).
+# The formats docs/api.md promises (JPEG includes MPO, which many phone cameras write).
 PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")
 # Called with an image's (width, height) from its header; raises to refuse it.
 Admit = Callable[[int, int], None]

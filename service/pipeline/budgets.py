@@ -27,7 +27,7 @@ drawn, and its answer (each picture at half its uncompressed size once encoded, 
 base64, times the copies the answer passes through on its way out). A picture that
 encodes larger than that (noise does not compress) has the difference reserved as
 soon as its image is drawn (``pictures_encoded``). The constants are upper bounds of
-what ``tests/benchmarks/memory.py`` measures (README, "Limits and reliability").
+what ``tests/benchmarks/memory.py`` measures (docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The one explain path: ``ExplainRequest`` → response JSON, shared by CLI and HTTP.
 
-Stages (README, "Architecture"): validate the request as a whole, then each image (decode,
+Stages (docs/architecture.md): validate the request as a whole, then each image (decode,
 fit to the model input, resolve its targets) *before* any compute, so a batch
 never fails because of one bad image; one engine call for the batch; then
 render each result in the requested format and size.

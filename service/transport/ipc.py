@@ -10,8 +10,8 @@ A message is::
 Arrays are written with one ``sendmsg`` over memoryviews (no join of large
 buffers) and read with ``recv_into`` straight into freshly allocated numpy
 arrays (no copy after the kernel's). Measured against ZeroMQ, shared memory and
-``multiprocessing.Queue`` by ``tests/benchmarks/transport.py`` (README,
-"Performance"). A plain stream socket also tells each side at once when the
+``multiprocessing.Queue`` by ``tests/benchmarks/transport.py`` (docs/performance.md).
+A plain stream socket also tells each side at once when the
 other has died (EOF), which is how a worker fails its waiting requests with
 ``engine_unavailable`` within milliseconds of an engine crash.
 
