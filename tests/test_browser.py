@@ -74,9 +74,9 @@ def browser() -> Iterator[object]:
 class PageUnderTest:
     """One tab on the page, collecting what the browser console says."""
 
-    def __init__(self, browser: object, url: str) -> None:
+    def __init__(self, browser: object, url: str, viewport: tuple[int, int] = (1280, 900)) -> None:
         self.context = browser.new_context(  # type: ignore[attr-defined]
-            viewport={"width": 1280, "height": 900}, accept_downloads=True
+            viewport={"width": viewport[0], "height": viewport[1]}, accept_downloads=True
         )
         self.page = self.context.new_page()
         self.errors: list[str] = []
@@ -104,7 +104,7 @@ class PageUnderTest:
 
     def canvas(self, name: str, index: int = 0) -> np.ndarray:
         """The pixels of a figure's canvas, as the page drew them."""
-        canvas = self.card(name).locator("canvas").nth(index)  # type: ignore[attr-defined]
+        canvas = self.card(name).locator(".figure canvas").nth(index)  # type: ignore[attr-defined]
         data_url = canvas.evaluate("canvas => canvas.toDataURL('image/png')")
         png = base64.b64decode(data_url.split(",", 1)[1])
         return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
@@ -112,7 +112,7 @@ class PageUnderTest:
     def wait_explained(self, name: str, figures: int, target: str) -> None:
         card = self.card(name)
         expect(card.locator(".figure")).to_have_count(figures)  # type: ignore[attr-defined]
-        for caption in card.locator("figcaption").all():  # type: ignore[attr-defined]
+        for caption in card.locator(".figure figcaption").all():  # type: ignore[attr-defined]
             expect(caption).to_contain_text(f"· {target} (")
         expect(card).not_to_have_attribute("aria-busy", "true")  # type: ignore[arg-type]
 
@@ -236,11 +236,12 @@ def test_methods_side_by_side_several_images_and_a_bad_file(
     page.set_input_files("#files", [str(EXAMPLES / n) for n in names] + [str(bad)])
     for name, kind in zip(names, ["nodule", "mass"], strict=True):
         tab.wait_explained(name, 3, kind)
-        captions = tab.card(name).locator("figcaption").all_inner_texts()  # type: ignore[attr-defined]
+        captions = tab.card(name).locator(".figure figcaption").all_inner_texts()  # type: ignore[attr-defined]
         assert [c.split(" · ")[0] for c in captions] == ["Grad-CAM", "Grad-CAM++", "Layer-CAM"]
     # The API's own message, not a generic failure; the other images are unaffected.
     error = tab.card("notes.png").locator(".card-error")  # type: ignore[attr-defined]
-    expect(error).to_contain_text("not in a supported image format")
+    # ... naming the file, not "Image 0" (each card sends its image alone).
+    expect(error).to_contain_text("notes.png is not in a supported image format")
     expect(error).to_contain_text("unsupported_image")
     expect(page.locator("#status")).to_contain_text("1 of 3 image(s) failed")
     tab.set_opacity(100)
@@ -369,7 +370,7 @@ def test_dropped_before_the_token_then_another_layer(tab: PageUnderTest) -> None
     )
     other = next(value for value, selected in layers if not selected)
     page.select_option("#layer", other)
-    expect(tab.card(name).locator("figcaption")).to_contain_text(  # type: ignore[attr-defined]
+    expect(tab.card(name).locator(".figure figcaption")).to_contain_text(  # type: ignore[attr-defined]
         f"layer {other}"
     )
     tab.wait_explained(name, 1, "opacity")
@@ -399,3 +400,104 @@ def test_a_multiframe_dicom_has_a_frame_chooser(tab: PageUnderTest) -> None:
     tab.page.evaluate("() => new Promise(requestAnimationFrame)")
     assert np.array_equal(tab.canvas(path.name), frames[1])
     assert not tab.axe_violations(), tab.axe_violations()
+
+
+def test_buttons_wait_until_they_can_act(tab: PageUnderTest) -> None:
+    page = tab.page
+    expect(page.locator("#use-token")).to_be_disabled()
+    expect(page.locator("#explain")).to_be_disabled()
+    page.fill("#token", TOKEN)
+    expect(page.locator("#use-token")).to_be_enabled()
+    page.click("#use-token")
+    expect(page.locator("#layer option")).not_to_have_count(0)
+    expect(page.locator("#explain")).to_be_disabled()  # nothing to explain yet
+    page.set_input_files("#files", str(EXAMPLES / "phantom_nodule.png"))
+    tab.wait_explained("phantom_nodule.png", 1, "nodule")
+    expect(page.locator("#explain")).to_be_enabled()
+
+
+def test_each_card_shows_its_progress_and_large_pictures(tab: PageUnderTest) -> None:
+    """Reading, uploading, computing, rendering, then the time taken; the overlay at least
+    512 px wide at 1280 px, beside the image as the model read it; long names in tooltips."""
+    page = tab.page
+    tab.connect()
+    for select in ("#model", "#layer", "#target"):
+        title = page.locator(select).get_attribute("title")
+        chosen = page.locator(select).evaluate("s => s.options[s.selectedIndex].textContent")
+        assert title == chosen and title
+    name = "phantom_mass_tube.png"
+    page.set_input_files("#files", str(EXAMPLES / name))
+    tab.wait_explained(name, 1, "mass")
+    card = tab.card(name)
+    expect(card.locator(".card-progress")).to_contain_text("Explained in")  # type: ignore[attr-defined]
+    stages = card.get_attribute("data-stages").split()  # type: ignore[attr-defined]
+    assert stages == ["reading", "upload", "computing", "rendering"], stages
+    overlay = card.locator(".figure canvas").first.bounding_box()  # type: ignore[attr-defined]
+    original = card.locator(".original canvas").bounding_box()  # type: ignore[attr-defined]
+    assert overlay["width"] >= 512 and original["width"] >= 512
+    assert abs(overlay["y"] - original["y"]) < 1 and original["x"] < overlay["x"]
+    tab.set_opacity(0)
+    assert np.array_equal(tab.canvas(name), np.asarray(Image.open(EXAMPLES / name).convert("RGB")))
+    assert not tab.axe_violations(), tab.axe_violations()
+
+
+def test_a_dicom_result_downloads_as_dicom(tab: PageUnderTest) -> None:
+    import pydicom
+
+    tab.connect()
+    name = "phantom_nodule.dcm"
+    tab.page.set_input_files("#files", str(EXAMPLES / name))
+    tab.wait_explained(name, 1, "nodule")
+    button = tab.card(name).locator(".download-dicom")  # type: ignore[attr-defined]
+    expect(button).to_be_visible()
+    with tab.page.expect_download() as download:
+        button.click()
+    assert download.value.suggested_filename == "phantom_nodule-gradcam-nodule.dcm"
+    made = pydicom.dcmread(download.value.path())
+    assert made.SOPClassUID.name.startswith("Secondary Capture")
+    assert (made.Rows, made.Columns) == (FINDINGS[name]["height"], FINDINGS[name]["width"])
+    # A PNG has no DICOM to derive from: no such button.
+    tab.page.set_input_files("#files", str(EXAMPLES / "phantom_nodule.png"))
+    tab.wait_explained("phantom_nodule.png", 1, "nodule")
+    expect(tab.card("phantom_nodule.png").locator(".download-dicom")).to_be_hidden()  # type: ignore[attr-defined]
+
+
+SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
+
+
+@pytest.mark.parametrize("width, height", [(1280, 800), (390, 844)])
+def test_the_page_looks_as_it_did(
+    live: LiveServer, browser: object, width: int, height: int
+) -> None:
+    """The page at a desktop and a phone viewport, against a stored picture (moving text
+    masked). GRADCAM_UPDATE_SCREENSHOTS=1 stores new references after a deliberate change."""
+    tab = PageUnderTest(browser, live.url + "/", viewport=(width, height))
+    try:
+        tab.connect()
+        name = "phantom_mass_tube.png"
+        tab.page.set_input_files("#files", str(EXAMPLES / name))
+        tab.wait_explained(name, 1, "mass")
+        tab.page.locator("#files").blur()
+        # The card at the top of the window: the results are what this picture is about.
+        tab.card(name).evaluate("card => card.scrollIntoView({block: 'start'})")  # type: ignore[attr-defined]
+        tab.page.evaluate("() => new Promise(requestAnimationFrame)")
+        shot = tab.page.screenshot(
+            mask=[tab.page.locator("#status"), tab.page.locator(".card-progress")],
+            animations="disabled",
+            caret="hide",
+        )
+        assert not tab.errors, tab.errors
+    finally:
+        tab.close()
+    taken = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"), dtype=np.int16)
+    reference_path = SCREENSHOTS / f"page-{width}x{height}.png"
+    if os.environ.get("GRADCAM_UPDATE_SCREENSHOTS") == "1" or not reference_path.exists():
+        reference_path.parent.mkdir(exist_ok=True)
+        Image.fromarray(taken.astype(np.uint8)).save(reference_path, optimize=True)
+        if os.environ.get("GRADCAM_UPDATE_SCREENSHOTS") != "1":
+            pytest.fail(f"no reference: stored {reference_path}; look at it and commit it")
+    reference = np.asarray(Image.open(reference_path).convert("RGB"), dtype=np.int16)
+    assert taken.shape == reference.shape
+    difference = np.abs(taken - reference).max(axis=2)
+    # Font hinting and resampling move a few levels; a changed layout moves many pixels.
+    assert (difference > 48).mean() < 0.01, f"{(difference > 48).mean():.2%} of pixels changed"

@@ -18,7 +18,7 @@ const ui = {
   modelInfo: $("model-info"), layer: $("layer"), target: $("target"), topK: $("top-k"),
   methods: $("methods"), opacity: $("opacity"), opacityValue: $("opacity-value"),
   files: $("files"), dropZone: $("drop-zone"), notice: $("notice"), status: $("status"),
-  results: $("results"),
+  results: $("results"), explain: $("explain"),
 };
 
 const state = {
@@ -70,6 +70,44 @@ async function api(path, body) {
   return payload;
 }
 
+// A POST whose progress a card shows: "uploading n%" while the body goes out, then
+// "computing" until the answer starts to arrive (fetch cannot tell the two apart).
+function post(path, body, onStage = () => {}) {
+  return new Promise((resolve, reject) => {
+    const request = new XMLHttpRequest();
+    request.open("POST", path);
+    request.setRequestHeader("Content-Type", "application/json");
+    if (state.token) request.setRequestHeader("Authorization", `Bearer ${state.token}`);
+    request.upload.addEventListener("progress", (event) => {
+      if (event.lengthComputable) onStage("upload", Math.round((100 * event.loaded) / event.total));
+    });
+    request.upload.addEventListener("load", () => onStage("computing"));
+    request.addEventListener("error", () => reject(new ApiError("unreachable",
+      "The service could not be reached.", 0)));
+    request.addEventListener("load", () => {
+      let payload = null;
+      try {
+        payload = JSON.parse(request.responseText);
+      } catch {
+        payload = null;
+      }
+      if (request.status >= 200 && request.status < 300 && payload) {
+        resolve(payload);
+        return;
+      }
+      const error = payload && payload.error;
+      if (error && error.message) {
+        reject(new ApiError(error.code, error.message, request.status));
+      } else {
+        reject(new ApiError(`http_${request.status}`,
+          `The service answered ${request.status} ${request.statusText}.`, request.status));
+      }
+    });
+    onStage("upload", 0);
+    request.send(JSON.stringify(body));
+  });
+}
+
 function describeError(error) {
   if (error instanceof ApiError) {
     const retry = error.status === 503 ? " The service is busy: try again in a moment." : "";
@@ -83,6 +121,12 @@ function showNotice(message) {
 }
 
 // --- models, layers, methods ----------------------------------------------------
+
+// Long model and layer names: the whole name in a tooltip as well as in the list.
+function titleSelect(select) {
+  const chosen = select.options[select.selectedIndex];
+  select.title = chosen ? chosen.textContent : "";
+}
 
 function option(value, text, selected = false) {
   const element = document.createElement("option");
@@ -108,6 +152,7 @@ async function loadModels() {
   }
   ui.model.replaceChildren(...listing.models.map(
     (m) => option(m.name, `${m.name} (${m.arch})`, m.default)));
+  titleSelect(ui.model);
   return loadModel();
 }
 
@@ -135,12 +180,15 @@ async function loadModel() {
     layer.name === layers.default_layer)));
   ui.target.replaceChildren(option("", "The top prediction", true),
     ...model.labels.map((label, index) => option(String(index), `${index}: ${label}`)));
+  titleSelect(ui.layer);
+  titleSelect(ui.target);
   ui.topK.max = String(model.num_classes);
   ui.topK.value = String(Math.min(model.multilabel ? model.num_classes : 5, model.num_classes));
   for (const item of state.items) {
     item.picture = null; // a 1-channel model shows the image in gray: ask again
     item.target = null;
   }
+  updateButtons();
   return true;
 }
 
@@ -207,14 +255,48 @@ async function addFiles(files) {
     };
     card.querySelector(".card-title").textContent = file.name;
     state.items.push(item);
+    showStage(item, "reading");
     try {
       item.dataUrl = await readAsDataUrl(file);
       added.push(item);
     } catch (error) {
+      showStage(item, "");
       card.querySelector(".card-error").textContent = `${file.name} could not be read: ${error.message}`;
     }
   }
+  updateButtons();
   await explainItems(added);
+}
+
+// --- progress, per image --------------------------------------------------------
+
+const STAGES = {
+  reading: () => "Reading the file…",
+  upload: (percent) => `Uploading… ${percent}%`,
+  computing: () => "Computing (queued or running on the model)…",
+  rendering: () => "Rendering…",
+  waiting: () => "Waiting for the models to be listed…",
+};
+
+// Each stage also goes into data-stages (in order), which the page's tests read.
+function showStage(item, stage, detail) {
+  const line = item.card.querySelector(".card-progress");
+  line.textContent = stage in STAGES ? STAGES[stage](detail) : stage;
+  if (stage in STAGES) {
+    const seen = (item.card.dataset.stages || "").split(" ").filter(Boolean);
+    if (seen[seen.length - 1] !== stage) seen.push(stage);
+    item.card.dataset.stages = seen.join(" ");
+  }
+}
+
+// An error about "Image 0" (each card sends one image) names the file instead.
+function errorText(item, error) {
+  return describeError(error).replace(/\bImage 0\b/g, item.name);
+}
+
+function updateButtons() {
+  ui.explain.disabled = !(state.model && state.items.some((item) => item.dataUrl));
+  ui.useToken.disabled = ui.token.value.trim() === "" && state.token === "";
 }
 
 // --- explaining -----------------------------------------------------------------
@@ -238,6 +320,7 @@ async function explainItems(items) {
   if (!items.length) return;
   if (!state.model) {
     ui.status.textContent = "The images will be explained once the models are listed (see above).";
+    items.forEach((item) => showStage(item, "waiting"));
     return;
   }
   const started = performance.now();
@@ -256,10 +339,15 @@ async function explainItem(item) {
   const errorBox = item.card.querySelector(".card-error");
   errorBox.textContent = "";
   item.card.setAttribute("aria-busy", "true");
+  const started = performance.now();
+  const stage = (name, detail) => {
+    if (generation === item.generation) showStage(item, name, detail);
+  };
   try {
     // The first answer brings the picture (and DICOM fields) the others reuse.
-    const first = await api("v1/explain", explainBody(item, methods[0], !item.picture));
+    const first = await post("v1/explain", explainBody(item, methods[0], !item.picture), stage);
     if (generation !== item.generation) return true; // settings changed meanwhile
+    stage("rendering");
     if (!item.picture) {
       const result = first.results[0];
       const bitmap = await decodePicture(result.image.encoding, result.image.data);
@@ -267,14 +355,18 @@ async function explainItem(item) {
       item.dicom = result.dicom;
     }
     const rest = await Promise.all(methods.slice(1).map(
-      (method) => api("v1/explain", explainBody(item, method, false))));
+      (method) => post("v1/explain", explainBody(item, method, false))));
     if (generation !== item.generation) return true;
     await showResults(item, [first, ...rest]);
+    const seconds = ((performance.now() - started) / 1000).toFixed(1);
+    showStage(item, `Explained in ${seconds} s.`);
     return true;
   } catch (error) {
     if (generation === item.generation) {
-      errorBox.textContent = describeError(error);
-      item.card.querySelector(".figures").replaceChildren();
+      showStage(item, "");
+      errorBox.textContent = errorText(item, error);
+      item.card.querySelector(".figures").replaceChildren(item.card.querySelector(".original"));
+      item.card.querySelector(".original").hidden = true;
       item.card.querySelector(".predictions-box").hidden = true;
     }
     return false;
@@ -295,8 +387,12 @@ async function showResults(item, answers) {
     for (let i = 0; i < levels.length; i++) levels[i] = rgba[i * 4];
     figures.push(makeFigure(item, answer.method, answer.layer, explanation, levels));
   }
-  item.card.querySelector(".figures").replaceChildren(...figures.map((f) => f.element));
+  const original = item.card.querySelector(".original");
+  original.hidden = false;
+  original.querySelector("canvas").setAttribute("aria-label", `${item.name}, without a heatmap`);
+  item.card.querySelector(".figures").replaceChildren(original, ...figures.map((f) => f.element));
   item.figures = figures;
+  drawOriginal(item);
   drawItem(item);
   showPredictions(item, answers[0].results[0], answers[0].results[0].explanations[0].target);
 }
@@ -321,6 +417,11 @@ function makeFigure(item, method, layer, explanation, levels) {
     method, target.label));
   element.querySelector(".download").setAttribute("aria-label",
     `Download the ${methodTitle(method)} overlay of ${target.label} for ${item.name} as PNG`);
+  const dicom = element.querySelector(".download-dicom");
+  dicom.hidden = !item.dicom; // a DICOM result is made from a DICOM source only
+  dicom.setAttribute("aria-label", `Download the ${methodTitle(method)} overlay of `
+    + `${target.label} for ${item.name} as a DICOM Secondary Capture`);
+  dicom.addEventListener("click", () => downloadDicom(item, method, target));
   return { element, canvas, levels };
 }
 
@@ -457,14 +558,50 @@ function redrawAll() {
   });
 }
 
+function drawOriginal(item) {
+  const canvas = item.card.querySelector(".original canvas");
+  canvas.width = item.picture.width;
+  canvas.height = item.picture.height;
+  const context = canvas.getContext("2d");
+  const image = context.createImageData(canvas.width, canvas.height);
+  image.data.set(item.picture.pixels);
+  context.putImageData(image, 0, 0);
+}
+
+function saveFile(blob, name) {
+  const link = document.createElement("a");
+  link.download = name.replace(/[^\w.+-]+/g, "_");
+  link.href = URL.createObjectURL(blob);
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+}
+
+// The service makes the DICOM object (a Secondary Capture of the overlay, in a new
+// series of the source's study): asked for when the button is pressed.
+async function downloadDicom(item, method, target) {
+  const errorBox = item.card.querySelector(".card-error");
+  errorBox.textContent = "";
+  const body = { ...explainBody(item, method, false), targets: [target.index] };
+  body.heatmap = { format: "dicom-sc", size: "original" };
+  try {
+    const answer = await post("v1/explain", body);
+    const heatmap = answer.results[0].explanations[0].heatmap;
+    if (!heatmap.data) {
+      errorBox.textContent = `No DICOM object for ${item.name}: ${heatmap.reason}`;
+      return;
+    }
+    const bytes = Uint8Array.from(atob(heatmap.data), (c) => c.charCodeAt(0));
+    const stem = item.name.replace(/\.[^.]*$/, "");
+    saveFile(new Blob([bytes], { type: "application/dicom" }), `${stem}-${method}-${target.label}.dcm`);
+  } catch (error) {
+    errorBox.textContent = errorText(item, error);
+  }
+}
+
 function download(item, canvas, method, label) {
   canvas.toBlob((blob) => {
-    const link = document.createElement("a");
     const stem = item.name.replace(/\.[^.]*$/, "");
-    link.download = `${stem}-${method}-${label}.png`.replace(/[^\w.+-]+/g, "_");
-    link.href = URL.createObjectURL(blob);
-    link.click();
-    setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+    saveFile(blob, `${stem}-${method}-${label}.png`);
   }, "image/png");
 }
 
@@ -495,11 +632,19 @@ ui.useToken.addEventListener("click", async () => {
     await reexplainAll();
   }
 });
+ui.token.addEventListener("input", updateButtons);
 ui.model.addEventListener("change", async () => {
+  titleSelect(ui.model);
   if (await loadModel()) await reexplainAll();
 });
-ui.layer.addEventListener("change", () => reexplainAll());
-ui.target.addEventListener("change", () => reexplainAll({ resetTargets: true }));
+ui.layer.addEventListener("change", () => {
+  titleSelect(ui.layer);
+  reexplainAll();
+});
+ui.target.addEventListener("change", () => {
+  titleSelect(ui.target);
+  reexplainAll({ resetTargets: true });
+});
 ui.topK.addEventListener("change", () => reexplainAll());
 ui.methods.addEventListener("change", () => reexplainAll());
 ui.opacity.addEventListener("input", redrawAll);
@@ -525,4 +670,5 @@ ui.dropZone.addEventListener("drop", (event) => {
 });
 
 buildMethods();
+updateButtons();
 loadModels();
