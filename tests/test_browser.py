@@ -498,6 +498,14 @@ def test_the_page_looks_as_it_did(
             pytest.fail(f"no reference: stored {reference_path}; look at it and commit it")
     reference = np.asarray(Image.open(reference_path).convert("RGB"), dtype=np.int16)
     assert taken.shape == reference.shape
-    difference = np.abs(taken - reference).max(axis=2)
-    # Font hinting and resampling move a few levels; a changed layout moves many pixels.
-    assert (difference > 48).mean() < 0.01, f"{(difference > 48).mean():.2%} of pixels changed"
+    # Compared at a quarter of the size: another machine's font hinting or anti-aliasing
+    # moves single pixels, a changed layout moves whole blocks.
+    difference = np.abs(_quarter(taken) - _quarter(reference)).max(axis=2)
+    changed = (difference > 32).mean()
+    assert changed < 0.01, f"{changed:.2%} of the page changed (see {reference_path})"
+
+
+def _quarter(pixels: np.ndarray) -> np.ndarray:
+    height, width = (pixels.shape[0] // 4) * 4, (pixels.shape[1] // 4) * 4
+    blocks = pixels[:height, :width].reshape(height // 4, 4, width // 4, 4, 3)
+    return blocks.mean(axis=(1, 3))
