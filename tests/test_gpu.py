@@ -25,11 +25,11 @@ import torch
 
 from service import metrics
 from service.contract.settings import Settings
-from service.engine.batching import Job
 from service.engine.cuda_graphs import GraphCache
 from service.engine.folding import fold_batch_norms
 from service.engine.gradcam import METHODS, GradCAM
 from service.engine.runtime import Runtime
+from service.transport.interface import Job
 from tests.helpers import LiveServer, encode, metric_value, phantom_png, seeded_model
 
 pytestmark = [

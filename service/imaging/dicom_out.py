@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service.imaging.source_header import (
-    DerivedObjectImpossible,
     conformant_header,
     patient_orientation,
     source_reference,
@@ -35,25 +34,10 @@ from service.imaging.source_header import (
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-# What callers use. ``DerivedObjectImpossible`` is among it: the builders below raise it
-# (through ``conformant_header``), so their callers catch it from here.
-__all__ = [
-    "MANUFACTURER",
-    "PM_SERIES_NUMBER",
-    "SC_SERIES_NUMBER",
-    "DerivedFrom",
-    "DerivedObjectImpossible",
-    "new_uid",
-    "parametric_map",
-    "parametric_map_problem",
-    "secondary_capture",
-]
-
 MANUFACTURER = "gradcam-service"
 # Series numbers of what the service adds to a study (high, so they list last).
 SC_SERIES_NUMBER = 9901
 PM_SERIES_NUMBER = 9902
-_JPEG_QUALITY = 90
 
 
 @dataclass(frozen=True)

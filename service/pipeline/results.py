@@ -24,7 +24,6 @@ from service.contract.responses import (
 from service.contract.terms import DICOM_FORMATS
 from service.imaging.dicom_out import (
     DerivedFrom,
-    DerivedObjectImpossible,
     new_uid,
     parametric_map,
     parametric_map_problem,
@@ -38,6 +37,7 @@ from service.imaging.render import (
     overlay_image,
     to_uint8,
 )
+from service.imaging.source_header import DerivedObjectImpossible
 from service.logs import log_failure
 from service.pipeline.images import ExplainedImage, PreparedImage
 from service.transport.interface import ModelInfo
