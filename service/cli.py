@@ -15,15 +15,12 @@ done; 3 an output file exists (``--force`` overwrites); 70 an internal failure
 from __future__ import annotations
 
 import argparse
-import base64
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
-
-import orjson
 
 from service.contract.errors import ConfigError, ServiceError
 from service.contract.requests import parse_explain_request
@@ -37,11 +34,10 @@ from service.explain_files import (
     Usage,
     explain_files,
     plan_files,
-    target_ref,
 )
-from service.imaging.decoding import image_format
 from service.pipeline.explain import explain
 from service.preflight import preflight
+from service.request_body import BodyRefused, request_body
 from service.server.security import AccessPolicy
 
 if TYPE_CHECKING:  # torch is imported only by the commands that run the model here
@@ -117,57 +113,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _body(args: argparse.Namespace) -> int:
-    """Print a request body for image files: valid against the request schema, so a
-    server only has its own checks left (model, labels, sizes)."""
+    """Print (or write) a request body for image files (``request_body.py``)."""
     try:
-        images = [
-            base64.b64encode(
-                sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
-            ).decode("ascii")
-            for name in args.images
-        ]
-    except OSError as error:
-        print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
+        data = request_body(args)
+    except BodyRefused as error:
+        print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    for name, text in zip(args.images, images, strict=True):
-        # Only the header is read: a server decodes the rest (and says what is wrong).
-        if image_format(base64.b64decode(text)) is None:
-            print(
-                f"error: {'stdin' if name == '-' else name}: not an image the service reads "
-                "(PNG, JPEG, TIFF, BMP, WebP, GIF, DICOM)",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
-    heatmap = {
-        key: value
-        for key, value in (
-            ("format", args.format),
-            ("size", args.size),
-            ("encoding", args.encoding),
-        )
-        if value
-    }
-    fields = {
-        "model": args.model,
-        "method": args.method,
-        "layer": args.layer,
-        "top_k": args.top_k,
-        "frame": args.frame,
-        "heatmap": heatmap or None,
-        "targets": [[target_ref(t) for t in args.target]] * len(images) if args.target else None,
-    }
-    body = {"images": images, **{k: v for k, v in fields.items() if v is not None}}
-    try:
-        request = parse_explain_request(orjson.dumps(body))
-    except ServiceError as error:
-        print(f"error: {error.message}", file=sys.stderr)
-        return EXIT_USAGE
-    data = to_json(request) + b"\n"
     if args.output:
         Path(args.output).write_bytes(data)
     else:
         sys.stdout.buffer.write(data)
-    return 0
+    return EXIT_OK
 
 
 def _one_of(options: Sequence[str]) -> dict[str, Any]:
