@@ -556,9 +556,23 @@ def test_a_client_that_leaves_is_answered_499_and_not_computed(busy_server: Live
         "heatmap": {"format": "none"},
     }
     metrics_before = requests.get(f"{url}/metrics", timeout=10).text
-    with ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(_explain, url, slow)
-        time.sleep(0.3)
+
+    def queued() -> float:
+        text = requests.get(f"{url}/metrics", timeout=10).text
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("gradcam_queue_depth ")
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        # Two slow requests that cannot share a batch (other layers): once one waits
+        # behind the other, the engine has work for a while (a gate, not a guess of how
+        # long the first one takes to arrive).
+        busy = [
+            pool.submit(_explain, url, {**slow, "layer": layer}) for layer in ("layer4", "layer3")
+        ]
+        _wait_for(lambda: queued() >= 1, 30, "a slow request queued behind the other")
         # A client that sends its request and hangs up while it waits in the queue.
         body = json.dumps(SMALL).encode()
         with socket.create_connection(("127.0.0.1", busy_server.port)) as sock:
@@ -570,7 +584,7 @@ def test_a_client_that_leaves_is_answered_499_and_not_computed(busy_server: Live
                 + body
             )
             time.sleep(0.1)
-        assert busy.result()[0] == 200
+        assert [b.result()[0] for b in busy] == [200, 200]
 
     def closed(text: str) -> float:
         return sum(
