@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
+from service import package_version
 from service.contract.errors import ConfigError, ServiceError
 from service.contract.requests import parse_explain_request
 from service.contract.responses import to_json
@@ -150,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         "done; 2 bad usage, settings or models file; 3 an output file exists (--force); "
         "70 internal failure; 130 interrupted",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -227,15 +228,6 @@ def _parser() -> argparse.ArgumentParser:
         "--engines", type=int, help="engine processes; default: one per GPU, or one on the CPU"
     )
     return parser
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gradcam-service")
-    except PackageNotFoundError:  # run from a checkout that is not installed
-        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

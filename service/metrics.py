@@ -35,8 +35,9 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 REQUEST_DURATION = Histogram(
     "gradcam_request_duration_seconds",
-    "HTTP request latency, by route template and status.",
-    ["route", "method", "status"],
+    "HTTP request latency, by protocol (gradcam: /v1 and the rest; open_inference: /v2), "
+    "route template and status.",
+    ["protocol", "route", "method", "status"],
     buckets=_LATENCY_BUCKETS,
 )
 STAGE_DURATION = Histogram(
@@ -113,6 +114,11 @@ MODEL_INFO = Gauge(
 
 # The methods the routes accept; any other token is counted as "other".
 _METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS"})
+
+
+def protocol(path: str) -> str:
+    """Which door a request came through: the Open Inference Protocol's ``/v2`` or ours."""
+    return "open_inference" if path == "/v2" or path.startswith("/v2/") else "gradcam"
 
 
 def http_method(method: str) -> str:

@@ -88,7 +88,7 @@ def test_metrics_move_and_aggregate_both_workers(
         - metric_value(before, "gradcam_images_explained_total", '{model="phantom"}')
         == 12
     )
-    route = '{method="POST",route="/v1/explain",status="200"}'
+    route = '{method="POST",protocol="gradcam",route="/v1/explain",status="200"}'
     assert (
         metric_value(after, "gradcam_request_duration_seconds_count", route)
         - metric_value(before, "gradcam_request_duration_seconds_count", route)

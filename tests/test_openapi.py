@@ -120,8 +120,24 @@ def test_real_responses_match_the_document(server: LiveServer) -> None:
         ("/v1/models/{name}", "/v1/models/none"),
         ("/healthz", "/healthz"),
         ("/readyz", "/readyz"),
+        ("/v2", "/v2"),
+        ("/v2/health/live", "/v2/health/live"),
+        ("/v2/health/ready", "/v2/health/ready"),
+        ("/v2/models/{name}", "/v2/models/phantom"),
+        ("/v2/models/{name}", "/v2/models/none"),
+        ("/v2/models/{name}/ready", "/v2/models/phantom/ready"),
+        ("/v2/models/{name}/config", "/v2/models/phantom/config"),
     ]:
         _check(path, "get", requests.get(f"{server.url}{url}", timeout=10))
+    tensor = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [image]}
+    for body in (
+        {"inputs": [tensor]},
+        {"inputs": [tensor], "outputs": [{"name": "labels"}, {"name": "target"}]},
+        {"inputs": [{**tensor, "data": ["!!"]}]},
+        {"inputs": [tensor], "outputs": [{"name": "nothing"}]},
+    ):
+        response = requests.post(f"{server.url}/v2/models/phantom/infer", json=body, timeout=60)
+        _check("/v2/models/{name}/infer", "post", response)
 
 
 def test_schemathesis_finds_nothing(server: LiveServer, tmp_path: Path) -> None:

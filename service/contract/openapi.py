@@ -26,6 +26,17 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from service.contract.errors import ErrorCode, ErrorResponse
+from service.contract.inference_protocol import (
+    InferRequest,
+    InferResponse,
+    ModelConfig,
+    ModelMetadata,
+    ModelReady,
+    ProtocolError,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+)
 from service.contract.requests import ExplainRequest
 from service.contract.responses import ExplainResponse, Layers, ModelDetail, ModelList, Status
 
@@ -44,6 +55,15 @@ _MODELS: tuple[tuple[type[BaseModel], JsonSchemaMode], ...] = (
     (Layers, "serialization"),
     (Status, "serialization"),
     (ErrorResponse, "serialization"),
+    (InferRequest, "validation"),
+    (InferResponse, "serialization"),
+    (ModelMetadata, "serialization"),
+    (ModelConfig, "serialization"),
+    (ModelReady, "serialization"),
+    (ServerLive, "serialization"),
+    (ServerMetadata, "serialization"),
+    (ServerReady, "serialization"),
+    (ProtocolError, "serialization"),
 )
 
 

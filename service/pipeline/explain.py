@@ -18,6 +18,7 @@ import base64
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 from service import metrics
@@ -37,15 +38,28 @@ from service.memory import RequestMemory
 from service.pipeline.budgets import RequestBudget
 from service.pipeline.dicomweb import DicomWebServers, InstanceRef, fetch_instance, store
 from service.pipeline.images import (
+    ExplainedImage,
     choose_layer,
     prepare_image,
     resolve_targets,
     run,
 )
 from service.pipeline.results import base64_chars, render_result
-from service.transport.interface import Engine
+from service.transport.interface import Engine, ModelInfo
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Computed:
+    """A request's images explained, before anything is drawn."""
+
+    model: ModelInfo
+    layer: str
+    results: list[ExplainedImage]
+    budget: RequestBudget
+    servers: DicomWebServers
+    deadline: float
 
 
 def explain(
@@ -64,6 +78,56 @@ def explain(
     ``started`` (``time.monotonic()``; default now). ``memory``, if given, reserves
     the request's estimated cost (its body was ``body_bytes``) image by image.
     """
+    computed = compute(request, engine, limits, disconnected, started, memory, body_bytes)
+    model, layer, deadline = computed.model, computed.layer, computed.deadline
+    rendered: list[ImageResult] = []
+    with metrics.STAGE_DURATION.labels("render").time():
+        for result in computed.results:
+            # Big pictures take a while each: stop between them for a client that
+            # left or a deadline that passed.
+            check_still_wanted(deadline, disconnected)
+            rendered.append(
+                render_result(
+                    result,
+                    model,
+                    request.top_k,
+                    request.heatmap,
+                    request.include,
+                    request.method,
+                    layer,
+                )
+            )
+            computed.budget.pictures_encoded(result.prepared.index, base64_chars(rendered[-1]))
+    if request.store is not None:
+        _store(rendered, request.store.url, computed.servers, deadline)
+    return ExplainResponse(
+        model=model.name,
+        method=request.method,
+        layer=layer,
+        precision=model.precision,
+        results=rendered,
+    )
+
+
+def check_still_wanted(deadline: float, disconnected: Callable[[], bool] | None) -> None:
+    """Raise if the deadline passed or the client left (between drawn results)."""
+    if time.monotonic() > deadline:
+        raise DeadlineExceeded("The request took longer than its deadline.")
+    if disconnected is not None and disconnected():
+        raise ClientClosed("The client disconnected before the answer was drawn.")
+
+
+def compute(
+    request: ExplainRequest,
+    engine: Engine,
+    limits: Settings,
+    disconnected: Callable[[], bool] | None = None,
+    started: float | None = None,
+    memory: RequestMemory | None = None,
+    body_bytes: int = 0,
+) -> Computed:
+    """Every stage before drawing: checks, decoding and fitting, the engine call (the
+    arguments as for ``explain``). The protocol door (``protocol.py``) draws its own."""
     deadline = (started if started is not None else time.monotonic()) + limits.request_timeout_s
     if len(request.images) > limits.max_images_per_request:
         raise PayloadTooLarge(
@@ -134,36 +198,7 @@ def explain(
         ]
     results = run(engine, model, layer, request.method, prepared, deadline, disconnected)
     metrics.IMAGES_EXPLAINED.labels(model.name).inc(len(results))
-    rendered: list[ImageResult] = []
-    with metrics.STAGE_DURATION.labels("render").time():
-        for result in results:
-            # Big pictures take a while each: stop between them for a client that
-            # left or a deadline that passed.
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded("The request took longer than its deadline.")
-            if disconnected is not None and disconnected():
-                raise ClientClosed("The client disconnected before the answer was drawn.")
-            rendered.append(
-                render_result(
-                    result,
-                    model,
-                    request.top_k,
-                    request.heatmap,
-                    request.include,
-                    request.method,
-                    layer,
-                )
-            )
-            budget.pictures_encoded(result.prepared.index, base64_chars(rendered[-1]))
-    if request.store is not None:
-        _store(rendered, request.store.url, servers, deadline)
-    return ExplainResponse(
-        model=model.name,
-        method=request.method,
-        layer=layer,
-        precision=model.precision,
-        results=rendered,
-    )
+    return Computed(model, layer, results, budget, servers, deadline)
 
 
 def _store(

@@ -24,8 +24,10 @@ from service.contract.errors import (
     InsufficientMemory,
     ServiceError,
 )
+from service.contract.inference_protocol import ProtocolError
 from service.contract.settings import Settings
 from service.memory import MemoryBudget
+from service.server.protocol_routes import protocol
 from service.server.routes import api, json_response
 from service.server.security import AccessPolicy, Unauthorized
 from service.server.webpage import ASSETS_PREFIX, PAGE_PATH, page
@@ -48,9 +50,17 @@ _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _ENGINE_GREETING_S = 5.0
 
 
+def _error_response(body: ErrorBody, status: int) -> Response:
+    """Our error envelope, or on the Open Inference Protocol's routes its own shape
+    (``{"error": message}``), which its clients read."""
+    if metrics.protocol(request.path) == "open_inference":
+        return json_response(ProtocolError(error=body.message), status=status)
+    return json_response(ErrorResponse(error=body), status=status)
+
+
 def _service_error(error: ServiceError) -> Response:
     metrics.ERRORS.labels(error.code).inc()
-    response = json_response(error.to_response(), status=error.status)
+    response = _error_response(error.to_response().error, error.status)
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
@@ -73,7 +83,7 @@ def _http_error(error: HTTPException) -> Response:
     }
     body = ErrorBody(code=code, message=messages.get(status, error.description or ""))
     metrics.ERRORS.labels(code).inc()
-    response = json_response(ErrorResponse(error=body), status=status)
+    response = _error_response(body, status)
     # Keep Werkzeug's headers that matter (Allow on 405).
     for name, value in error.get_headers():
         if name.lower() != "content-type":
@@ -102,7 +112,7 @@ def _unexpected_error(error: Exception) -> Response:
         message="The server failed to handle this "
         f"request (request id {logs.request_id.get()}); it has been logged.",
     )
-    return json_response(ErrorResponse(error=body), status=500)
+    return _error_response(body, 500)
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Flask:
@@ -126,6 +136,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     # serve's memory budget, shared with the other processes (None outside serve).
     app.extensions["gradcam_memory"] = MemoryBudget.from_env()
     app.register_blueprint(api)
+    app.register_blueprint(protocol)
     if settings.web_page:
         app.register_blueprint(page)
     app.register_error_handler(ServiceError, _service_error)
@@ -174,7 +185,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         # The route template, never the raw path: label values stay bounded.
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.REQUEST_DURATION.labels(
-            route, metrics.http_method(request.method), str(response.status_code)
+            metrics.protocol(request.path),
+            route,
+            metrics.http_method(request.method),
+            str(response.status_code),
         ).observe(time.perf_counter() - g.get("started", time.perf_counter()))
         return response
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from flask import Blueprint, Response, current_app, g, request
 from pydantic import BaseModel
@@ -29,18 +31,18 @@ from service.transport.interface import Catalog, Engine, ModelInfo
 api = Blueprint("api", __name__)
 
 
-def _engine() -> Engine:
+def current_engine() -> Engine:
     engine: Engine = current_app.extensions["gradcam_engine"]
     return engine
 
 
-def _settings() -> Settings:
+def current_settings() -> Settings:
     settings: Settings = current_app.extensions["gradcam_settings"]
     return settings
 
 
 def _catalog() -> Catalog:
-    return _engine().catalog()
+    return current_engine().catalog()
 
 
 def json_response(answer: BaseModel, status: int = 200) -> Response:
@@ -60,7 +62,7 @@ def _summary_fields(model: ModelInfo, default: str) -> dict[str, object]:
     }
 
 
-def _client_disconnected() -> bool:
+def client_disconnected() -> bool:
     """True once the client has closed its connection (gunicorn exposes the socket)."""
     sock = request.environ.get("gunicorn.socket")
     if sock is None:
@@ -84,13 +86,28 @@ def explain_view() -> Response:
             f"'{request.mimetype or 'no content type'}'.",
             code=ErrorCode.UNSUPPORTED_MEDIA_TYPE,
         )
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise UnsupportedMediaType(
-            f"The body has Content-Encoding '{encoding}'; send it uncompressed.",
-            code=ErrorCode.UNSUPPORTED_CONTENT_ENCODING,
+    refuse_compressed_body()
+    with admitted_body() as (data, memory, started):
+        body = parse_explain_request(data)
+        return json_response(
+            explain(
+                body,
+                current_engine(),
+                current_settings(),
+                client_disconnected,
+                started,
+                memory,
+                len(data),
+            )
         )
-    settings = _settings()
+
+
+@contextmanager
+def admitted_body() -> Iterator[tuple[bytes, RequestMemory, float]]:
+    """The body of a request that asks for compute, once the server can take it: not
+    too far behind (else 503 at once), and with memory reserved for the body's copies.
+    Yields the body, the request's memory reservation and when its deadline counts from."""
+    settings = current_settings()
     waited = g.get("thread_wait_s", 0.0)
     if settings.max_queue_wait_s and waited > settings.max_queue_wait_s:
         # It sat in the worker's queue for a thread: the engine's queue is surely no shorter.
@@ -102,11 +119,16 @@ def explain_view() -> Response:
     data = request.get_data(cache=False)
     memory_wait_s = max(0.0, settings.max_queue_wait_s - waited)
     with RequestMemory(current_app.extensions.get("gradcam_memory"), memory_wait_s) as memory:
-        memory.need(BODY_COPIES * len(data))  # before the JSON is parsed
-        body = parse_explain_request(data)
-        started = g.get("started_monotonic", time.monotonic())
-        return json_response(
-            explain(body, _engine(), settings, _client_disconnected, started, memory, len(data))
+        memory.need(BODY_COPIES * len(data))  # before the body is parsed
+        yield data, memory, g.get("started_monotonic", time.monotonic())
+
+
+def refuse_compressed_body() -> None:
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(
+            f"The body has Content-Encoding '{encoding}'; send it uncompressed.",
+            code=ErrorCode.UNSUPPORTED_CONTENT_ENCODING,
         )
 
 
@@ -175,6 +197,6 @@ def readyz() -> Response:
     and this worker is not stopping (a load balancer then sends no new work here)."""
     if draining():
         return json_response(Status(status="draining"), status=503)
-    if _engine().ready():
+    if current_engine().ready():
         return json_response(Status(status="ready"))
     return json_response(Status(status="unavailable"), status=503)

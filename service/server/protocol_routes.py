@@ -1,0 +1,180 @@
+"""The Open Inference Protocol's REST routes (``/v2``), beside ``/v1``.
+
+Thin views as in ``routes.py``: health, metadata, and ``infer``, which goes through the
+same admission (queue wait, memory), pipeline, engine batching, limits and auth as
+``POST /v1/explain`` (``pipeline/protocol.py``). Errors take the protocol's shape in
+``app.py``. ``/v2/models/{name}/config`` is Triton's model configuration, which
+``perf_analyzer`` asks for.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, request
+
+from service import package_version
+from service.contract.binary_tensors import HEADER_LENGTH, split_body
+from service.contract.errors import UnknownModel
+from service.contract.inference_protocol import (
+    IMAGE_INPUT,
+    OUTPUTS,
+    TARGET_INPUT,
+    ModelConfig,
+    ModelMetadata,
+    ModelReady,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+    TensorConfig,
+    TensorMetadata,
+)
+from service.contract.terms import METHODS
+from service.pipeline.protocol import MODEL_VERSION, infer, parse_infer_request, response_body
+from service.server.routes import (
+    admitted_body,
+    client_disconnected,
+    current_engine,
+    current_settings,
+    json_response,
+    refuse_compressed_body,
+)
+from service.server.worker import draining
+from service.transport.interface import ModelInfo
+
+protocol = Blueprint("protocol", __name__)
+PLATFORM = "gradcam-service"
+# The protocol's extensions this server speaks (as Triton names them).
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+
+
+def _model(name: str, version: str | None) -> ModelInfo:
+    model = current_engine().catalog().get(name)
+    if version is not None and version != MODEL_VERSION:
+        raise UnknownModel(
+            f"Model '{name}' has only version {MODEL_VERSION}, not '{version}'.",
+            field="version",
+        )
+    return model
+
+
+def _ready() -> bool:
+    return not draining() and current_engine().ready()
+
+
+def _shapes(model: ModelInfo) -> dict[str, list[int]]:
+    """Each output's shape, -1 where a request decides (image count, map size, top_k)."""
+    return {
+        "probabilities": [-1, model.num_classes],
+        "heatmap": [-1, -1, -1],
+        "heatmap_png": [-1],
+        "labels": [-1, -1],
+        "target": [-1],
+    }
+
+
+@protocol.get("/v2")
+def server_metadata() -> Response:
+    return json_response(
+        ServerMetadata(name=PLATFORM, version=package_version(), extensions=EXTENSIONS)
+    )
+
+
+@protocol.get("/v2/health/live")
+def server_live() -> Response:
+    return json_response(ServerLive(live=True))
+
+
+@protocol.get("/v2/health/ready")
+def server_ready() -> Response:
+    ready = _ready()
+    return json_response(ServerReady(ready=ready), status=200 if ready else 503)
+
+
+@protocol.get("/v2/models/<name>/ready")
+@protocol.get("/v2/models/<name>/versions/<version>/ready")
+def model_ready(name: str, version: str | None = None) -> Response:
+    model = _model(name, version)
+    ready = _ready()
+    return json_response(ModelReady(name=model.name, ready=ready), status=200 if ready else 503)
+
+
+@protocol.get("/v2/models/<name>")
+@protocol.get("/v2/models/<name>/versions/<version>")
+def model_metadata(name: str, version: str | None = None) -> Response:
+    model = _model(name, version)
+    shapes = _shapes(model)
+    return json_response(
+        ModelMetadata(
+            name=model.name,
+            versions=[MODEL_VERSION],
+            platform=PLATFORM,
+            inputs=[
+                TensorMetadata(name=IMAGE_INPUT, datatype="BYTES", shape=[-1]),
+                TensorMetadata(name=TARGET_INPUT, datatype="INT64", shape=[-1]),
+            ],
+            outputs=[
+                TensorMetadata(name=output, datatype=datatype, shape=shapes[output])
+                for output, datatype in OUTPUTS.items()
+            ],
+            parameters={
+                "methods": list(METHODS),
+                "layers": list(model.layer_names()),
+                "default_layer": model.default_layer,
+                "heatmap_sizes": ["input", "layer", "original"],
+                "input_size": list(model.input_size),
+                "labels": list(model.labels),
+            },
+        )
+    )
+
+
+@protocol.get("/v2/models/<name>/config")
+@protocol.get("/v2/models/<name>/versions/<version>/config")
+def model_config(name: str, version: str | None = None) -> Response:
+    model = _model(name, version)
+    shapes = _shapes(model)
+    return json_response(
+        ModelConfig(
+            name=model.name,
+            platform=PLATFORM,
+            max_batch_size=0,
+            input=[
+                TensorConfig(name=IMAGE_INPUT, data_type="TYPE_STRING", dims=[-1]),
+                TensorConfig(name=TARGET_INPUT, data_type="TYPE_INT64", dims=[-1], optional=True),
+            ],
+            output=[
+                TensorConfig(
+                    name=output,
+                    data_type="TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}",
+                    dims=shapes[output],
+                )
+                for output, datatype in OUTPUTS.items()
+            ],
+        )
+    )
+
+
+@protocol.post("/v2/models/<name>/infer")
+@protocol.post("/v2/models/<name>/versions/<version>/infer")
+def model_infer(name: str, version: str | None = None) -> Response:
+    refuse_compressed_body()
+    model = _model(name, version)
+    with admitted_body() as (data, memory, started):
+        header, binary = split_body(data, request.headers.get(HEADER_LENGTH))
+        parsed = parse_infer_request(header)
+        answer, tensors = infer(
+            model.name,
+            parsed,
+            binary,
+            current_engine(),
+            current_settings(),
+            client_disconnected,
+            started,
+            memory,
+            len(data),
+        )
+    body, header_length = response_body(answer, tensors)
+    if header_length is None:
+        return Response(body, mimetype="application/json")
+    response = Response(body, mimetype="application/octet-stream")
+    response.headers[HEADER_LENGTH] = str(header_length)
+    return response
