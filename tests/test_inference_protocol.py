@@ -220,11 +220,13 @@ def test_bytes_tensors_pack_and_unpack() -> None:
     elements = [b"", b"\x00\xff" * 3, b"png"]
     packed = pack_bytes(elements)
     assert packed[:4] == struct.pack("<I", 0)
-    assert unpack_bytes(packed, "x") == elements
+    assert unpack_bytes(packed, "x", 3) == elements
     with pytest.raises(BadRequest, match="inside an element's length"):
-        unpack_bytes(packed + b"\x01", "x")
+        unpack_bytes(packed + b"\x01", "x", 4)
+    with pytest.raises(BadRequest, match="more than the 3 elements"):
+        unpack_bytes(packed + b"\x01", "x", 3)
     with pytest.raises(BadRequest, match="runs past"):
-        unpack_bytes(struct.pack("<I", 10) + b"abc", "x")
+        unpack_bytes(struct.pack("<I", 10) + b"abc", "x", 1)
 
 
 # --- errors: the protocol's shape, our statuses and messages -----------------------
@@ -272,6 +274,26 @@ def test_bytes_tensors_pack_and_unpack() -> None:
             ["Did you mean 'original'"],
         ),
         ({"inputs": [_image_input(*[phantom_png(1, 32, 32)] * 5)]}, 413, ["limit is 4"]),
+        (
+            {"inputs": [{**_image_input(phantom_png(1, 32, 32)), "shape": [10**10, 10**10]}]},
+            413,
+            ["limit is 4"],
+        ),
+        (
+            {"inputs": [{**_image_input(), "data": [[[[[[[[[[]]]]]]]]]] * 3, "shape": [0]}]},
+            422,
+            ["at least 1 item"],
+        ),
+        (
+            {
+                "inputs": [
+                    _image_input(phantom_png(1, 64, 64)),
+                    {"name": "target", "shape": [1], "datatype": "FP32", "data": [1.5]},
+                ]
+            },
+            422,
+            ["one integer class per image"],
+        ),
         (
             {
                 "parameters": {"heatmap_size": "original"},

@@ -79,12 +79,18 @@ def binary_inputs(request: InferRequest, binary: bytes) -> dict[str, bytes]:
     return found
 
 
-def unpack_bytes(raw: bytes, name: str) -> list[bytes]:
-    """The elements of a binary BYTES tensor."""
+def unpack_bytes(raw: bytes, name: str, count: int) -> list[bytes]:
+    """The ``count`` elements of a binary BYTES tensor (its shape says how many)."""
     elements: list[bytes] = []
     offset = 0
     view = memoryview(raw)
     while offset < len(raw):
+        if len(elements) == count:
+            raise BadRequest(
+                f"Input '{name}': its binary data holds more than the {count} elements "
+                "its shape gives.",
+                code=ErrorCode.BAD_REQUEST,
+            )
         if offset + _LENGTH.size > len(raw):
             raise BadRequest(
                 f"Input '{name}': its binary BYTES data ends inside an element's length.",

@@ -10,7 +10,8 @@ output tensors: ``probabilities``, ``heatmap``, ``heatmap_png``, ``labels``, ``t
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 
 from service import metrics
 from service.contract.binary_tensors import binary_inputs, numbers, pack_bytes, unpack_bytes
-from service.contract.errors import BadRequest, ErrorCode, InvalidField
+from service.contract.errors import BadRequest, ErrorCode, InvalidField, PayloadTooLarge
 from service.contract.inference_protocol import (
     IMAGE_INPUT,
     OUTPUTS,
@@ -80,19 +81,38 @@ def _input(request: InferRequest, name: str) -> RequestInput | None:
     return next((tensor for tensor in request.inputs if tensor.name == name), None)
 
 
-def _flat(data: Any) -> list[Any]:
-    """JSON tensor data, nested or flat, as a flat row-major list."""
-    if not isinstance(data, list):
-        return [data]
-    return [item for part in data for item in _flat(part)]
+def _flat(data: list[Any]) -> list[Any]:
+    """JSON tensor data, nested or flat, as a flat row-major list (a loop, not recursion:
+    the JSON may nest as deep as the parser allows)."""
+    flat: list[Any] = []
+    stack: list[Iterator[Any]] = [iter(data)]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            stack.append(iter(item))
+        else:
+            flat.append(item)
+    return flat
 
 
-def _elements(tensor: RequestInput, raw: dict[str, bytes]) -> list[Any]:
+_END = object()
+
+
+def _elements(tensor: RequestInput, raw: dict[str, bytes], most: int) -> list[Any]:
     """A tensor's elements (bytes for binary BYTES, numbers or strings otherwise),
-    checked against its shape."""
+    checked against its shape; more than ``most`` is a 413 before any is read."""
+    expected = math.prod(tensor.shape)
+    if expected > most:
+        raise PayloadTooLarge(
+            f"Input '{tensor.name}' has {expected} elements; the limit is {most} (one per image).",
+            code=ErrorCode.TOO_MANY_IMAGES,
+            field=f"inputs.{tensor.name}.shape",
+        )
     if tensor.name in raw:
         if tensor.datatype == "BYTES":
-            found: list[Any] = list(unpack_bytes(raw[tensor.name], tensor.name))
+            found: list[Any] = unpack_bytes(raw[tensor.name], tensor.name, expected)
         else:
             found = numbers(raw[tensor.name], tensor.datatype, tensor.name).tolist()
     elif tensor.data is not None:
@@ -102,7 +122,6 @@ def _elements(tensor: RequestInput, raw: dict[str, bytes]) -> list[Any]:
             f"Input '{tensor.name}' has neither data nor binary_data_size.",
             field=f"inputs.{tensor.name}.data",
         )
-    expected = int(np.prod(tensor.shape)) if tensor.shape else 1
     if len(found) != expected:
         raise InvalidField(
             f"Input '{tensor.name}' has shape {tensor.shape} ({expected} elements) but "
@@ -112,7 +131,7 @@ def _elements(tensor: RequestInput, raw: dict[str, bytes]) -> list[Any]:
     return found
 
 
-def _images(request: InferRequest, raw: dict[str, bytes]) -> list[str]:
+def _images(request: InferRequest, raw: dict[str, bytes], most: int) -> list[str]:
     """The image files as base64 (JSON BYTES elements are base64 already)."""
     tensor = _input(request, IMAGE_INPUT)
     if tensor is None or tensor.datatype != "BYTES":
@@ -126,7 +145,7 @@ def _images(request: InferRequest, raw: dict[str, bytes]) -> list[str]:
         )
     return [
         base64.b64encode(item).decode("ascii") if isinstance(item, bytes) else str(item)
-        for item in _elements(tensor, raw)
+        for item in _elements(tensor, raw, most)
     ]
 
 
@@ -137,7 +156,7 @@ def _targets(
     ``target`` parameter for all, or None (each image's top class)."""
     tensor = _input(request, TARGET_INPUT)
     if tensor is not None:
-        values = _elements(tensor, raw)
+        values = _elements(tensor, raw, count)
         if len(values) != count or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in values
         ):
@@ -178,9 +197,13 @@ def _wanted(request: InferRequest) -> dict[str, bool]:
 
 
 def _explain_request(
-    model: str, request: InferRequest, raw: dict[str, bytes], wanted: dict[str, bool]
+    model: str,
+    request: InferRequest,
+    raw: dict[str, bytes],
+    wanted: dict[str, bool],
+    limits: Settings,
 ) -> ExplainRequest:
-    images = _images(request, raw)
+    images = _images(request, raw, limits.max_images_per_request)
     size = request.parameters.get("heatmap_size", "input")
     if size not in _HEATMAP_SIZES:
         close = close_matches(str(size), _HEATMAP_SIZES)
@@ -222,7 +245,7 @@ def infer(
     header (the binary tensor extension), empty without it."""
     raw = binary_inputs(request, binary)
     wanted = _wanted(request)
-    explain_request = _explain_request(model, request, raw, wanted)
+    explain_request = _explain_request(model, request, raw, wanted, limits)
     computed = compute(explain_request, engine, limits, disconnected, started, memory, body_bytes)
     info, results = computed.model, computed.results
     size = explain_request.heatmap.size

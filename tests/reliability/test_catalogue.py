@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from service.contract.errors import ErrorResponse
+from service.contract.inference_protocol import ProtocolError
 from tests.helpers import LiveServer, bomb_png, encode, phantom_png
 from tests.reliability.test_bounded_work import _jpeg, _jpeg_dicom, _with_sof_size
 
@@ -398,7 +399,7 @@ CATALOGUE: list[tuple[str, bytes, int, str]] = [
     ),
     # --- routes ------------------------------------------------------------------------
     ("wrong method", _raw(b"", method="DELETE"), 405, "method_not_allowed"),
-    ("unknown route", _raw(b"", method="GET", path="/v2/explain"), 404, "not_found"),
+    ("unknown route", _raw(b"", method="GET", path="/v3/explain"), 404, "not_found"),
     ("unknown model info", _raw(b"", method="GET", path="/v1/models/nope"), 404, "unknown_model"),
     # --- HTTP itself -------------------------------------------------------------------
     ("bad chunk size", _head(CHUNKED) + b"zz\r\n", 400, "bad_request"),
@@ -501,6 +502,167 @@ def _exchange(port: int, data: bytes, timeout: float = 15.0) -> tuple[int, dict[
     return status, headers, body[:length]
 
 
+# --- the Open Inference Protocol door: the same limits, errors as {"error": ...} ---------
+INFER = "/v2/models/phantom/infer"
+
+
+def _image_tensor(data: list[Any], shape: list[int] | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "image",
+        "shape": shape or [len(data)],
+        "datatype": "BYTES",
+        "data": data,
+        **extra,
+    }
+
+
+def _binary(header: dict[str, Any], blob: bytes, length: str | None = None) -> bytes:
+    text = json.dumps(header).encode()
+    return _raw(
+        text + blob,
+        content_type="application/octet-stream",
+        path=INFER,
+        headers=f"Inference-Header-Content-Length: {length or len(text)}\r\n",
+    )
+
+
+def _deep(levels: int) -> str:
+    return '{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ' + (
+        "[" * levels + '"x"' + "]" * levels + "}]}"
+    )
+
+
+_BLOB = struct.pack("<I", len(PNG)) + PNG
+PROTOCOL_CATALOGUE: list[tuple[str, bytes, int]] = [
+    ("v2 not JSON", _raw(b"{nope", path=INFER), 400),
+    ("v2 JSON too deep", _raw(_deep(2000).encode(), path=INFER), 400),
+    ("v2 deep but allowed nesting", _raw(_deep(1000).encode(), path=INFER), 422),
+    ("v2 no inputs", _raw({"inputs": []}, path=INFER), 422),
+    ("v2 inputs not a list", _raw({"inputs": "image"}, path=INFER), 422),
+    (
+        "v2 unknown datatype",
+        _raw({"inputs": [_image_tensor([GOOD], datatype="TEXT")]}, path=INFER),
+        422,
+    ),
+    ("v2 negative shape", _raw({"inputs": [_image_tensor([GOOD], [-1])]}, path=INFER), 422),
+    (
+        "v2 shape of 10^20",
+        _raw({"inputs": [_image_tensor([GOOD], [10**10, 10**10])]}, path=INFER),
+        413,
+    ),
+    ("v2 shape and data differ", _raw({"inputs": [_image_tensor([GOOD], [3])]}, path=INFER), 422),
+    ("v2 image not base64", _raw({"inputs": [_image_tensor(["@@"])]}, path=INFER), 422),
+    ("v2 image a number", _raw({"inputs": [_image_tensor([7])]}, path=INFER), 422),
+    ("v2 image an object", _raw({"inputs": [_image_tensor([{"b64": GOOD}])]}, path=INFER), 422),
+    ("v2 not an image", _raw({"inputs": [_image_tensor([encode(b"text")])]}, path=INFER), 415),
+    (
+        "v2 no image input",
+        _raw({"inputs": [{**_image_tensor([GOOD]), "name": "x"}]}, path=INFER),
+        422,
+    ),
+    (
+        "v2 unknown output",
+        _raw({"inputs": [_image_tensor([GOOD])], "outputs": [{"name": "x"}]}, path=INFER),
+        422,
+    ),
+    (
+        "v2 parameter of a wrong type",
+        _raw({"inputs": [_image_tensor([GOOD])], "parameters": {"top_k": "five"}}, path=INFER),
+        422,
+    ),
+    (
+        "v2 parameter an object",
+        _raw({"inputs": [_image_tensor([GOOD])], "parameters": {"layer": {"a": 1}}}, path=INFER),
+        422,
+    ),
+    ("v2 unknown model", _raw({"inputs": [_image_tensor([GOOD])]}, path="/v2/models/x/infer"), 404),
+    (
+        "v2 unknown version",
+        _raw({"inputs": [_image_tensor([GOOD])]}, path="/v2/models/phantom/versions/7/infer"),
+        404,
+    ),
+    ("v2 header length not a number", _binary({"inputs": []}, b"", "ten"), 400),
+    ("v2 header length past the body", _binary({"inputs": []}, b"", "999999"), 400),
+    ("v2 header length zero", _binary({"inputs": []}, b"", "0"), 400),
+    (
+        "v2 binary size past the body",
+        _binary(
+            {"inputs": [_image_tensor([], [1], parameters={"binary_data_size": 10**9})]}, _BLOB
+        ),
+        400,
+    ),
+    (
+        "v2 binary size negative",
+        _binary({"inputs": [_image_tensor([], [1], parameters={"binary_data_size": -4})]}, _BLOB),
+        422,
+    ),
+    (
+        "v2 bytes after the binary inputs",
+        _binary(
+            {"inputs": [_image_tensor([], [1], parameters={"binary_data_size": len(_BLOB)})]},
+            _BLOB + b"junk",
+        ),
+        400,
+    ),
+    (
+        "v2 element length past the tensor",
+        _binary(
+            {"inputs": [_image_tensor([], [1], parameters={"binary_data_size": 8})]},
+            struct.pack("<I", 2**31) + b"abcd",
+        ),
+        400,
+    ),
+    (
+        "v2 more elements than the shape",
+        _binary(
+            {"inputs": [_image_tensor([], [1], parameters={"binary_data_size": 2 * len(_BLOB)})]},
+            _BLOB * 2,
+        ),
+        400,
+    ),
+    (
+        "v2 binary target of FP32",
+        _binary(
+            {
+                "inputs": [
+                    _image_tensor([GOOD]),
+                    {
+                        "name": "target",
+                        "shape": [1],
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 4},
+                    },
+                ]
+            },
+            struct.pack("<f", 1.0),
+        ),
+        422,
+    ),
+    (
+        "v2 binary target out of range",
+        _binary(
+            {
+                "inputs": [
+                    _image_tensor([GOOD]),
+                    {
+                        "name": "target",
+                        "shape": [1],
+                        "datatype": "INT64",
+                        "parameters": {"binary_data_size": 8},
+                    },
+                ]
+            },
+            struct.pack("<q", 2**62),
+        ),
+        422,
+    ),
+    ("v2 too many images", _raw({"inputs": [_image_tensor([GOOD] * 40)]}, path=INFER), 413),
+    ("v2 compressed body", _raw(b"x", path=INFER, headers="Content-Encoding: gzip\r\n"), 415),
+    ("v2 unknown route", _raw(b"", method="GET", path="/v2/nothing"), 404),
+    ("v2 wrong method", _raw(b"", method="DELETE", path=INFER), 405),
+]
+
+
 @pytest.fixture(scope="module")
 def hostile_server() -> Iterator[LiveServer]:
     live = LiveServer(env=LIMITS, workers=2)
@@ -537,12 +699,27 @@ def test_a_bad_request_gets_a_clean_json_error(
     assert took < (CLIENT_TIMEOUT_S + 3 if status == 408 else 5), took
 
 
+@pytest.mark.parametrize(
+    "name,data,status", PROTOCOL_CATALOGUE, ids=[c[0] for c in PROTOCOL_CATALOGUE]
+)
+def test_a_bad_protocol_request_gets_a_clean_protocol_error(
+    hostile_server: LiveServer, name: str, data: bytes, status: int
+) -> None:
+    got, headers, body = _exchange(hostile_server.port, data)
+    assert got == status, (got, body[:300])
+    assert headers["content-type"] == "application/json"
+    error = ProtocolError.model_validate_json(body).error
+    assert error and error[0].isupper(), error
+
+
 def test_the_server_is_unchanged_after_the_catalogue(hostile_server: LiveServer) -> None:
     workers = sorted(hostile_server.worker_pids())
     before = _good(hostile_server)
     for _, data, _, _ in CATALOGUE:
         if b"ffffffffffffffff" not in data and b"Content-Length: 100\r\n" not in data:
             _exchange(hostile_server.port, data)
+    for _, data, _ in PROTOCOL_CATALOGUE:
+        _exchange(hostile_server.port, data)
     assert _good(hostile_server) == before
     status, _, _ = _exchange(hostile_server.port, _raw(b"", method="GET", path="/readyz"))
     assert status == 200
