@@ -12,6 +12,9 @@ import base64
 import io
 import json
 import struct
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -404,3 +407,18 @@ def server_v1(server: LiveServer, image: bytes) -> dict[str, Any]:
     assert answer.status_code == 200, answer.text
     result: dict[str, Any] = answer.json()["results"][0]
     return result
+
+
+def test_perf_analyzers_input_data_holds_each_file_as_a_bytes_tensor(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "deploy/perf_analyzer/input_data.py"
+    files = [tmp_path / "a.png", tmp_path / "b.png"]
+    for seed, path in enumerate(files):
+        path.write_bytes(phantom_png(seed, 32, 32))
+    done = subprocess.run(
+        [sys.executable, str(script), *map(str, files)], capture_output=True, check=True
+    )
+    entries = json.loads(done.stdout)["data"]
+    for entry, path in zip(entries, files, strict=True):
+        tensor = base64.b64decode(entry["image"]["b64"])
+        assert unpack_bytes(tensor, "image", 1) == [path.read_bytes()]
+    assert subprocess.run([sys.executable, str(script)], capture_output=True).returncode == 2

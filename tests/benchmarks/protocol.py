@@ -5,12 +5,13 @@
 
 One run, on 127.0.0.1, with the real server (``gradcam-service serve``):
 
-1. **JSON vs binary heatmaps**: the demo model, one PNG of 224² and one of 1024²,
-   ``heatmap_size: original`` (a float map of the image's size), asked through
+1. **JSON vs binary heatmaps**: resnet50 (seeded weights: maps with values everywhere,
+   as real images give, not the demo model's mostly-zero maps), one JPEG of 224² and one
+   of 1024², ``heatmap_size: original`` (a float map of the image's size), asked through
    ``tritonclient.http`` with the outputs as JSON and as binary data, alternately,
    ``--repeats`` times each; the median time of ``infer`` + ``as_numpy`` on the client
    and the bytes of the answer.
-2. **/v2 vs /v1 under load**: resnet50 (seeded weights) on a 224² JPEG, the headline
+2. **/v2 vs /v1 under load**: the same server, on a 224² JPEG, the headline
    request (``{format: array, size: layer}``, ``top_k`` 5) through ``POST /v1/explain``
    and the same through ``/v2/models/resnet50/infer`` (image base64 in the JSON,
    ``probabilities`` and ``heatmap`` back as binary data, ``heatmap_size: layer``),
@@ -25,6 +26,7 @@ import base64
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,20 +38,14 @@ import torch
 import torchvision
 import tritonclient.http as triton
 from load import _closed_loop, _jpeg, _start
-from serving import free_port, stop
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from tests.helpers import phantom_png  # noqa: E402
+from serving import descendants, free_port, stop
 
 
-def _serve(models: Path | None, torch_threads: int) -> tuple[object, str]:
+def _serve(models: Path, torch_threads: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
-    if models is not None:
-        command += ["--models", str(models)]
+    command += ["--models", str(models)]
     server = _start(command, {"GRADCAM_TORCH_THREADS": str(torch_threads)}, url, "/readyz")
     return server, url
 
@@ -59,7 +55,7 @@ def _wire(url: str, repeats: int) -> None:
     print("|---|---|---|---|")
     with triton.InferenceServerClient(url.removeprefix("http://")) as client:
         for side in (224, 1024):
-            image = phantom_png(2, side, side)
+            image = base64.b64decode(_jpeg(side))
             sent = triton.InferInput("image", [1], "BYTES")
             sent.set_data_from_numpy(np.array([image], dtype=np.object_))
             times: dict[bool, list[float]] = {True: [], False: []}
@@ -68,7 +64,7 @@ def _wire(url: str, repeats: int) -> None:
                     wanted = [triton.InferRequestedOutput("heatmap", binary_data=binary)]
                     started = time.perf_counter()
                     result = client.infer(
-                        "phantom", [sent], outputs=wanted, parameters={"heatmap_size": "original"}
+                        "resnet50", [sent], outputs=wanted, parameters={"heatmap_size": "original"}
                     )
                     heat = result.as_numpy("heatmap")
                     times[binary].append(time.perf_counter() - started)
@@ -86,14 +82,27 @@ def _wire(url: str, repeats: int) -> None:
                     "parameters": {"heatmap_size": "original"},
                     "outputs": [{"name": "heatmap", "parameters": {"binary_data": binary}}],
                 }
-                size = len(requests.post(f"{url}/v2/models/phantom/infer", json=body).content)
+                size = len(requests.post(f"{url}/v2/models/resnet50/infer", json=body).content)
                 print(
                     f"| {side}² FP32 | {'binary' if binary else 'JSON'} | {size:,} | "
                     f"{statistics.median(times[binary]) * 1000:.1f} |"
                 )
 
 
-def _doors(url: str, args: argparse.Namespace) -> None:
+def _cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of serve's live processes (a throughput ratio on a noisy
+    2-core machine moves by ±5 %; the CPU each request costs moves far less)."""
+    total = 0.0
+    for pid in descendants(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _doors(server_pid: int, url: str, args: argparse.Namespace) -> None:
     image = _jpeg(224)
     v1 = json.dumps(
         {"images": [image], "top_k": 5, "heatmap": {"format": "array", "size": "layer"}}
@@ -111,6 +120,7 @@ def _doors(url: str, args: argparse.Namespace) -> None:
     for _ in range(2):  # warm-up
         requests.post(f"{url}/v1/explain", data=v1, headers={"Content-Type": "application/json"})
     rates: dict[str, list[float]] = {"v1": [], "v2": []}
+    costs: dict[str, list[float]] = {"v1": [], "v2": []}
     for pair in range(args.pairs):
         order = ("v1", "v2") if pair % 2 == 0 else ("v2", "v1")
         for door in order:
@@ -119,19 +129,27 @@ def _doors(url: str, args: argparse.Namespace) -> None:
                 if door == "v1"
                 else (f"{url}/v2/models/resnet50/infer", v2)
             )
-            rate, p50, p99, refused = _closed_loop(target, body, args.concurrency, args.duration)
+            cpu_before = _cpu_seconds(server_pid)
+            rate, p50, p99, refused = _closed_loop(
+                target, body, args.concurrency, args.duration, warmup_s=0
+            )
+            # All of the window's CPU over the requests completed in it.
+            cpu = (_cpu_seconds(server_pid) - cpu_before) / max(1.0, rate * args.duration)
             rates[door].append(rate)
+            costs[door].append(cpu)
             print(
                 f"  {door}: {rate:.1f} req/s, p50 {p50:.0f} ms, p99 {p99:.0f} ms, "
-                f"503s {refused:.0%}",
+                f"503s {refused:.0%}, server CPU {cpu * 1000:.1f} ms per request",
                 flush=True,
             )
     ratios = [b / a for a, b in zip(rates["v1"], rates["v2"], strict=True)]
+    cpu = [b / a for a, b in zip(costs["v1"], costs["v2"], strict=True)]
     print(
         f"resnet50, 224² JPEG, array/layer, concurrency {args.concurrency}: /v1 "
         f"{', '.join(f'{r:.1f}' for r in rates['v1'])} req/s, /v2 "
         f"{', '.join(f'{r:.1f}' for r in rates['v2'])} req/s; v2 / v1 paired median "
-        f"**{statistics.median(ratios):.2f}×**"
+        f"**{statistics.median(ratios):.2f}×**; server CPU per request v2 / v1, paired "
+        f"median **{statistics.median(cpu):.3f}×**"
     )
 
 
@@ -145,12 +163,6 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, engine {args.torch_threads} threads")
 
-    server, url = _serve(None, args.torch_threads)
-    try:
-        _wire(url, args.repeats)
-    finally:
-        stop(server)
-
     folder = Path(tempfile.mkdtemp(prefix="gradcam-protocol-"))
     torch.manual_seed(0)
     weights = folder / "resnet50.pt"
@@ -159,7 +171,8 @@ def main() -> None:
     models.write_text(f'[models.resnet50]\narch = "resnet50"\nweights = "{weights}"\n')
     server, url = _serve(models, args.torch_threads)
     try:
-        _doors(url, args)
+        _wire(url, args.repeats)
+        _doors(server.pid, url, args)
     finally:
         stop(server)
 
