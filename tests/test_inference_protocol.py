@@ -8,6 +8,7 @@ binary tensor extension independently of our code.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -422,3 +423,43 @@ def test_perf_analyzers_input_data_holds_each_file_as_a_bytes_tensor(tmp_path: P
         tensor = base64.b64decode(entry["image"]["b64"])
         assert unpack_bytes(tensor, "image", 1) == [path.read_bytes()]
     assert subprocess.run([sys.executable, str(script)], capture_output=True).returncode == 2
+
+
+def test_kserves_rest_client_against_the_real_server(server: LiveServer) -> None:
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+    from kserve.protocol.infer_type import RequestedOutput
+
+    image = phantom_png(6, 128, 128)
+    v1 = server_v1(server, image)
+
+    async def ask() -> list[dict[str, np.ndarray]]:
+        client = InferenceRESTClient(config=RESTConfig(protocol="v2", retries=0, timeout=60))
+        try:
+            assert await client.is_server_ready(server.url)
+            assert await client.is_model_ready(server.url, MODEL)
+            as_text = InferInput("image", [1], "BYTES", data=[encode(image)])
+            as_bytes = InferInput("image", [1], "BYTES")
+            as_bytes.set_data_from_numpy(np.array([image], dtype=np.object_), binary_data=True)
+            answers = []
+            for sent, binary in ((as_text, False), (as_bytes, True)):
+                request = InferRequest(
+                    model_name=MODEL,
+                    infer_inputs=[sent],
+                    request_outputs=[
+                        RequestedOutput(name, parameters={"binary_data": binary})
+                        for name in ("probabilities", "heatmap")
+                    ],
+                )
+                response = await client.infer(server.url, request, model_name=MODEL)
+                answers.append({o.name: o.as_numpy() for o in response.outputs})
+            return answers
+        finally:
+            await client.close()
+
+    for outputs in asyncio.run(ask()):
+        for prediction in v1["predictions"]:
+            score = outputs["probabilities"][0, prediction["index"]]
+            assert score == pytest.approx(prediction["score"], abs=1e-6)
+        np.testing.assert_allclose(
+            outputs["heatmap"][0], v1["explanations"][0]["heatmap"]["values"], atol=1e-6
+        )
