@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import requests
 import tritonclient.http as triton
 from flask.testing import FlaskClient
 from PIL import Image
@@ -30,7 +31,7 @@ from service.contract.errors import BadRequest
 from service.contract.settings import Settings
 from service.engine.runtime import Runtime
 from service.server.app import create_app
-from tests.helpers import LiveServer, encode, phantom_png
+from tests.helpers import LiveServer, encode, metric_value, phantom_png
 
 MODEL = "phantom"
 INFER = f"/v2/models/{MODEL}/infer"
@@ -391,11 +392,15 @@ def test_tritons_http_client_against_the_real_server(server: LiveServer) -> None
         assert [p.get_result().get_response()["id"] for p in pending] == ["0", "1", "2", "3"]
         with pytest.raises(InferenceServerException, match="no model"):
             tc.infer("nope", [sent])
+    # The door's requests in the same latency family, labelled by protocol.
+    scrape = requests.get(f"{server.url}/metrics", timeout=10).text
+    labels = (
+        '{method="POST",protocol="open_inference",route="/v2/models/<name>/infer",status="200"}'
+    )
+    assert metric_value(scrape, "gradcam_request_duration_seconds_count", labels) >= 6
 
 
 def server_v1(server: LiveServer, image: bytes) -> dict[str, Any]:
-    import requests
-
     answer = requests.post(
         f"{server.url}/v1/explain",
         json={
