@@ -193,7 +193,7 @@ def test_compose_and_kubernetes_files_parse() -> None:
     assert "GRADCAM_AUTH_TOKENS" in compose["services"]["gradcam"]["environment"]
     from service.contract.settings import Settings
 
-    assert Settings().auth_exempt == "/healthz,/readyz"
+    assert Settings().auth_exempt == "/healthz,/readyz,/v2/health/live,/v2/health/ready"
 
 
 def test_the_dockerfile_is_hadolint_clean() -> None:

@@ -468,3 +468,20 @@ def test_kserves_rest_client_against_the_real_server(server: LiveServer) -> None
         np.testing.assert_allclose(
             outputs["heatmap"][0], v1["explanations"][0]["heatmap"]["values"], atol=1e-6
         )
+
+
+def test_tokens_guard_the_door_but_not_its_probes(runtime: Runtime) -> None:
+    app = create_app(
+        Settings(device="cpu", auth_tokens="a-long-enough-test-token-0123456789"), engine=runtime
+    ).test_client()
+    assert app.get("/v2/health/ready").status_code == 200  # probes carry no token
+    assert app.get("/v2/health/live").status_code == 200
+    body = {"inputs": [_image_input(phantom_png(1, 64, 64))]}
+    refused = app.post(INFER, json=body)
+    _assert_protocol_error(refused, 401)
+    assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    _assert_protocol_error(app.get(f"/v2/models/{MODEL}"), 401)
+    allowed = app.post(
+        INFER, json=body, headers={"Authorization": "Bearer a-long-enough-test-token-0123456789"}
+    )
+    assert allowed.status_code == 200, allowed.json

@@ -241,7 +241,7 @@ class Settings(BaseModel):
     # open without one, the web origins allowed to call (CORS; none by default).
     auth_tokens: SecretStr = SecretStr("")
     auth_tokens_file: Path | None = None
-    auth_exempt: str = "/healthz,/readyz"
+    auth_exempt: str = "/healthz,/readyz,/v2/health/live,/v2/health/ready"
     cors_origins: str = ""
     # /metrics on its own port (served by serve's supervisor) instead of the API's.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0

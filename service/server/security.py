@@ -8,9 +8,10 @@ one. The file is re-read when it changes (a Kubernetes Secret updated in place),
 at most every few seconds. A token is compared with every configured token in
 constant time, so neither timing nor order tells an attacker anything.
 
-Paths in ``GRADCAM_AUTH_EXEMPT`` (default ``/healthz,/readyz``, for probes that
-carry no token) are open; ``/metrics`` needs a token on the API port unless it is
-exempted or served on its own port (``GRADCAM_METRICS_PORT``).
+Paths in ``GRADCAM_AUTH_EXEMPT`` (default ``/healthz,/readyz`` and the Open Inference
+Protocol's ``/v2/health/live,/v2/health/ready``, for probes that carry no token) are
+open; ``/metrics`` needs a token on the API port unless it is exempted or served on its
+own port (``GRADCAM_METRICS_PORT``).
 
 CORS is off by default (no ``Access-Control-*`` header, so browsers allow same
 origin only); ``GRADCAM_CORS_ORIGINS`` lists the origins a web page may call from.
