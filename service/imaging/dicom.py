@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -21,6 +21,9 @@ from PIL import Image
 from service.contract.errors import ErrorCode, InvalidField, UnsupportedMediaType
 from service.imaging.codestream import declared_size
 from service.imaging.values import finite
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 # Deflated Explicit VR Little Endian: pydicom inflates the whole dataset in one
 # call, with no bound on the size it grows to (a zip bomb), so it is refused.
@@ -128,6 +131,22 @@ def _voi(array: np.ndarray, ds: Any) -> np.ndarray:
     return ((array - low) / (high - low)).astype(np.float32)
 
 
+def _count(ds: Dataset, keyword: str, default: int, index: int) -> int:
+    """A whole-number attribute of the header; a value that is none (pydicom keeps an
+    invalid IS such as "1A" as text) is the file's fault, a 422, not a crash."""
+    value = ds.get(keyword, default)
+    try:
+        return int(value if value not in (None, "") else default)
+    except (TypeError, ValueError):
+        # The value itself is not quoted: headers are the client's data.
+        raise InvalidField(
+            f"Image {index} is a DICOM file whose {keyword} is not a whole number.",
+            code=ErrorCode.INVALID_IMAGE,
+            image=index,
+            field=f"images[{index}]",
+        ) from None
+
+
 def decode_dicom(
     data: bytes, index: int, channels: int, admit: Callable[[int, int], None], frame: int | None
 ) -> Image.Image:
@@ -167,8 +186,8 @@ def decode_dicom(
             image=index,
             field=field,
         )
-    rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    rows, columns = _count(ds, "Rows", 0, index), _count(ds, "Columns", 0, index)
+    frames = _count(ds, "NumberOfFrames", 1, index) or 1
     if rows < 1 or columns < 1:
         raise InvalidField(
             f"Image {index} is a DICOM file with {columns}×{rows} pixels.",

@@ -53,6 +53,72 @@ class DerivedFrom:
     instance_uid: str
 
 
+# Body Part Examined defined terms of structures that are not paired (PS3.16 Annex L):
+# a derived object of such a part carries no Laterality.
+UNPAIRED_BODY_PARTS = frozenset(
+    {
+        "ABDOMEN",
+        "ABDOMENPELVIS",
+        "AORTA",
+        "APPENDIX",
+        "BLADDER",
+        "BRAIN",
+        "CERVIX",
+        "CHEST",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "CIRCLEOFWILLIS",
+        "COCCYX",
+        "COLON",
+        "CORONARYARTERY",
+        "CSPINE",
+        "CTSPINE",
+        "DUODENUM",
+        "ESOPHAGUS",
+        "GALLBLADDER",
+        "HEAD",
+        "HEADNECK",
+        "HEART",
+        "JEJUNUM",
+        "LARYNX",
+        "LIVER",
+        "LSPINE",
+        "LSSPINE",
+        "MEDIASTINUM",
+        "MOUTH",
+        "NECK",
+        "NECKCHEST",
+        "NECKCHESTABDOMEN",
+        "NECKCHESTABDPELV",
+        "NOSE",
+        "PANCREAS",
+        "PELVIS",
+        "PENIS",
+        "PHARYNX",
+        "PROSTATE",
+        "RECTUM",
+        "SACRUM",
+        "SCALP",
+        "SKULL",
+        "SPINE",
+        "SPLEEN",
+        "STERNUM",
+        "STOMACH",
+        "THYMUS",
+        "THYROID",
+        "TLSPINE",
+        "TONGUE",
+        "TRACHEA",
+        "TSPINE",
+        "URETHRA",
+        "UTERUS",
+        "VAGINA",
+        "VULVA",
+        "WHOLEBODY",
+    }
+)
+
+
 def new_uid() -> str:
     from pydicom.uid import generate_uid
 
@@ -65,14 +131,16 @@ def _common(
     dataset.SeriesDescription = f"Grad-CAM {made.label}"[:64]
     dataset.DerivationDescription = description[:1024]
     dataset.SourceImageSequence = [source_reference(source, frame)]
-    # General Series: Laterality is Type 2C, needed for a paired body part. Copied from
-    # the source; with no body part to tell, present and empty (validators ask for it).
-    if "Laterality" in source:
-        dataset.Laterality = source.Laterality
-    if "BodyPartExamined" in source:
-        dataset.BodyPartExamined = source.BodyPartExamined
-    elif "Laterality" not in source:
-        dataset.Laterality = ""
+    # General Series: Laterality is Type 2C: absent for an unpaired body part, else
+    # present (the source's value, or empty when unknown). A defined term written with
+    # spaces ("WHOLE BODY") is written as the term.
+    part = str(source.get("BodyPartExamined", "") or "")
+    if part.replace(" ", "").upper() in UNPAIRED_BODY_PARTS:
+        dataset.BodyPartExamined = part.replace(" ", "").upper()
+    else:
+        if part:
+            dataset.BodyPartExamined = part
+        dataset.Laterality = source.get("Laterality", "") or ""
 
 
 def secondary_capture(
@@ -86,6 +154,8 @@ def secondary_capture(
     jpeg = encoding == "jpeg"
     given = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
     spacing = (float(given[0]), float(given[1])) if given and len(given) == 2 else None
+    if spacing is not None and min(spacing) <= 0:
+        spacing = None  # a spacing of zero (seen in real files) says nothing: leave it out
     image = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=np.ascontiguousarray(overlay),
@@ -196,6 +266,12 @@ def parametric_map_problem(source: Dataset) -> str | None:
         )
     if int(source.get("NumberOfFrames", 1) or 1) > 1:
         return "a Parametric Map of one frame of a multi-frame source is not supported"
+    if str(source.FrameOfReferenceUID) == str(source.get("StudyInstanceUID", "")):
+        # A defect of the source (seen in real files); a map carrying it would be invalid.
+        return (
+            "the source's Frame of Reference UID is its Study Instance UID, which the "
+            "standard forbids, so a map on that frame would be invalid; ask for 'dicom-sc'"
+        )
     return None
 
 

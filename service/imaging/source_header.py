@@ -28,6 +28,9 @@ class DerivedObjectImpossible(ValueError):
 _ISO_DATE = re.compile(r"(\d{4})[-./](\d{2})[-./](\d{2})")
 _ISO_TIME = re.compile(r"(\d{2}):(\d{2})(?::(\d{2}(?:\.\d{1,6})?))?")
 _SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
+# A UID is an OID: its first component is 0, 1 or 2 (ISO/IEC 8824; pydicom checks only
+# the characters, and files with "999.999..." UIDs exist).
+_UID_ROOTS = frozenset({"0", "1", "2"})
 # Value representations whose values are text the standard constrains.
 _CHECKED_VRS = frozenset(
     {
@@ -91,6 +94,8 @@ def _conform(dataset: Dataset) -> None:
         try:
             for text in texts:
                 validate_value(element.VR, text, RAISE)
+                if element.VR == "UI" and text.split(".", 1)[0] not in _UID_ROOTS:
+                    raise ValueError("a UID's first component is 0, 1 or 2")
             if element.keyword == "PatientSex" and texts[0] not in ("M", "F", "O"):
                 raise ValueError("not M, F or O")  # highdicom's enumeration
             continue

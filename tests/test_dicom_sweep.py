@@ -1,0 +1,82 @@
+"""Every DICOM file pydicom and pydicom-data bundle, explained as a Secondary Capture and
+as a Parametric Map: a clear 4xx or objects that pass dciodvfy, never a 5xx.
+
+Real files break what hand-made ones do not (an IS of "1A", a Pixel Spacing of zero,
+"999.999..." UIDs, a Frame of Reference UID equal to the Study UID, "WHOLE BODY" with a
+space); this sweep is where they were found (#20).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from flask.testing import FlaskClient
+from pydicom.data import get_testdata_files
+from pydicom.misc import is_dicom
+
+from service.contract.settings import Settings
+from service.engine.runtime import Runtime
+from service.server.app import create_app
+from tests.test_dicom_out import _dciodvfy
+
+
+def _files() -> list[str]:
+    found = sorted(f for f in get_testdata_files("**/*") if os.path.isfile(f) and is_dicom(f))
+    # pydicom's own files (~90) plus pydicom-data's (~130): the sweep is meant for both.
+    assert len(found) > 200, "pip install pydicom-data (in the dev extras)"
+    return found
+
+
+@pytest.fixture(scope="module")
+def client(runtime: Runtime) -> FlaskClient:
+    return create_app(Settings(device="cpu"), engine=runtime).test_client()
+
+
+@pytest.mark.slow
+def test_every_bundled_dicom_file_gets_a_4xx_or_valid_objects(
+    client: FlaskClient, tmp_path: Path
+) -> None:
+    validator = _dciodvfy()
+    outcomes: Counter[tuple[str, str]] = Counter()
+    invalid: list[tuple[str, str, list[str]]] = []
+    for path in _files():
+        image = base64.b64encode(Path(path).read_bytes()).decode()
+        name = Path(path).name
+        for fmt in ("dicom-sc", "dicom-pm"):
+            answer = client.post(
+                "/v1/explain", json={"images": [image], "heatmap": {"format": fmt}, "frame": 0}
+            )
+            body = answer.json
+            assert answer.status_code < 500, (name, fmt, body)
+            if answer.status_code != 200:
+                error = body["error"]
+                assert error["code"] and error["message"][0].isupper(), (name, error)
+                outcomes[(fmt, error["code"])] += 1
+                continue
+            heat = body["results"][0]["explanations"][0]["heatmap"]
+            if "data" not in heat:
+                assert heat["reason"], (name, fmt)
+                outcomes[(fmt, "reason")] += 1
+                continue
+            outcomes[(fmt, "made")] += 1
+            made = tmp_path / "made.dcm"
+            made.write_bytes(base64.b64decode(heat["data"]))
+            report = subprocess.run(
+                [validator, str(made)], capture_output=True, text=True, timeout=60, check=False
+            )
+            errors = [
+                line
+                for line in (report.stdout + report.stderr).splitlines()
+                if line.startswith("Error")
+            ]
+            if errors:
+                invalid.append((name, fmt, errors[:3]))
+    assert not invalid, invalid
+    # Most files make objects: the sweep is not passing by refusing everything.
+    assert outcomes[("dicom-sc", "made")] >= 120, outcomes
+    assert outcomes[("dicom-pm", "made")] >= 20, outcomes
