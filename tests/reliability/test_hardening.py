@@ -89,6 +89,16 @@ def _explain(server: LiveServer, **body: object) -> requests.Response:
     return requests.post(f"{server.url}/v1/explain", json=body, headers=_auth(), timeout=60)
 
 
+def _infer(server: LiveServer, images: list[str], **body: object) -> requests.Response:
+    tensor = {"name": "image", "shape": [len(images)], "datatype": "BYTES", "data": images}
+    return requests.post(
+        f"{server.url}/v2/models/phantom/infer",
+        json={"inputs": [tensor], **body},
+        headers=_auth(),
+        timeout=60,
+    )
+
+
 def _scrape(server: LiveServer) -> str:
     return requests.get(f"{server.url}/metrics", headers=_auth(), timeout=10).text
 
@@ -204,7 +214,15 @@ def test_canaries_reach_no_log_metric_or_error(
             ],
         ),
         requests.post(f"{live.url}/v1/explain", json={"images": [cr]}, timeout=10),  # no token
+        # The Open Inference Protocol door's error paths, with the same files.
+        _infer(live, [ct], parameters={"target": "no-such-class"}),
+        _infer(live, [cr], parameters={"frame": 7}),
+        _infer(live, [cr[: len(cr) // 2]]),
     ]
+    answer = _infer(live, [cr, ct], outputs=[{"name": "labels"}, {"name": "heatmap_png"}])
+    assert answer.status_code == 200, answer.text[:300]
+    for canary in CANARIES:
+        assert canary not in answer.text
     for answer in errors:
         assert 400 <= answer.status_code < 500, (answer.status_code, answer.text[:200])
         for canary in CANARIES:
