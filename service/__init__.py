@@ -3,9 +3,10 @@
 from importlib.metadata import PackageNotFoundError, version
 
 
-def package_version() -> str:
-    """The installed distribution's version (what ``--version`` and ``GET /v2`` say)."""
+def package_version(fallback: str = "unknown (not installed)") -> str:
+    """The installed distribution's version (what ``--version``, ``GET /v2`` and the
+    DICOM objects' Software Versions say); ``fallback`` from a checkout not installed."""
     try:
         return version("gradcam-service")
-    except PackageNotFoundError:  # run from a checkout that is not installed
-        return "unknown (not installed)"
+    except PackageNotFoundError:
+        return fallback

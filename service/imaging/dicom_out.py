@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service import package_version
 from service.imaging.source_header import (
     conformant_header,
     patient_orientation,
@@ -224,7 +225,7 @@ def parametric_map(source: Dataset, heat: np.ndarray, made: DerivedFrom) -> byte
         instance_number=made.instance_number,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MANUFACTURER,
-        software_versions=_version(),
+        software_versions=package_version(fallback="0"),
         device_serial_number="0",
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
@@ -273,15 +274,6 @@ def parametric_map_problem(source: Dataset) -> str | None:
             "standard forbids, so a map on that frame would be invalid; ask for 'dicom-sc'"
         )
     return None
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gradcam-service")
-    except PackageNotFoundError:
-        return "0"
 
 
 def _bytes(dataset: Any) -> bytes:
