@@ -44,6 +44,12 @@ TensorData = Annotated[
 # What each model takes and gives (name, datatype, shape; -1 = any length).
 IMAGE_INPUT = "image"
 TARGET_INPUT = "target"
+INPUTS: dict[str, Literal["BYTES", "INT64"]] = {
+    IMAGE_INPUT: "BYTES",  # [n]: one encoded image file per element
+    TARGET_INPUT: "INT64",  # [n], optional: the class to explain per image, -1 the top one
+}
+# The ``heatmap_size`` parameter's values, the default first.
+HEATMAP_SIZES = ("input", "layer", "original")
 OUTPUTS: dict[str, Literal["FP32", "BYTES", "INT64"]] = {
     "probabilities": "FP32",  # [n, classes]: softmax, or sigmoid for multi-label models
     "heatmap": "FP32",  # [n, h, w] in [0, 1]

@@ -9,7 +9,7 @@ API users read.
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 from pydantic import (
@@ -194,8 +194,9 @@ class ExplainRequest(BaseModel):
 JSON_MAX_DEPTH = 1024
 
 
-def parse_explain_request(body: bytes) -> ExplainRequest:
-    """Parse and validate a request body; errors become 400 (not JSON) or 422 (invalid field)."""
+def json_object(body: bytes) -> dict[str, Any]:
+    """A body as a JSON object: 400 when it is not JSON (or nests too deep), 422 when it
+    is JSON but not an object. Both doors (/v1 and /v2) read their bodies here."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as error:
@@ -209,6 +210,12 @@ def parse_explain_request(body: bytes) -> ExplainRequest:
         ) from None
     if not isinstance(data, dict):
         raise InvalidField("The body must be a JSON object.", code=ErrorCode.INVALID_BODY)
+    return data
+
+
+def parse_explain_request(body: bytes) -> ExplainRequest:
+    """Parse and validate a request body; errors become 400 (not JSON) or 422 (invalid field)."""
+    data = json_object(body)
     try:
         return ExplainRequest.model_validate(data)
     except ValidationError as error:

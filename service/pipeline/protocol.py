@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 from pydantic import ValidationError
 
 from service import metrics
 from service.contract.binary_tensors import binary_inputs, numbers, pack_bytes, unpack_bytes
-from service.contract.errors import BadRequest, ErrorCode, InvalidField, PayloadTooLarge
+from service.contract.errors import ErrorCode, InvalidField, PayloadTooLarge
 from service.contract.inference_protocol import (
+    HEATMAP_SIZES,
     IMAGE_INPUT,
     OUTPUTS,
     TARGET_INPUT,
@@ -31,7 +31,7 @@ from service.contract.inference_protocol import (
     RequestInput,
     ResponseOutput,
 )
-from service.contract.requests import ExplainRequest, invalid_field
+from service.contract.requests import ExplainRequest, invalid_field, json_object
 from service.contract.responses import to_json
 from service.contract.settings import Settings
 from service.contract.suggestions import close_matches, did_you_mean
@@ -44,7 +44,6 @@ from service.transport.interface import Engine
 
 # The one version each model has: the models file holds one set of weights per key.
 MODEL_VERSION = "1"
-_HEATMAP_SIZES = ("input", "layer", "original")
 
 
 @dataclass(frozen=True)
@@ -59,14 +58,7 @@ class OutputTensor:
 
 def parse_infer_request(header: bytes) -> InferRequest:
     """The JSON header, validated; problems are 400 (not JSON) or 422 (a field)."""
-    try:
-        data = orjson.loads(header)
-    except orjson.JSONDecodeError as error:
-        raise BadRequest(
-            f"The body is not valid JSON: {error}.", code=ErrorCode.INVALID_JSON
-        ) from None
-    if not isinstance(data, dict):
-        raise InvalidField("The body must be a JSON object.", code=ErrorCode.INVALID_BODY)
+    data = json_object(header)
     try:
         return InferRequest.model_validate(data)
     except ValidationError as error:
@@ -205,10 +197,10 @@ def _explain_request(
 ) -> ExplainRequest:
     images = _images(request, raw, limits.max_images_per_request)
     size = request.parameters.get("heatmap_size", "input")
-    if size not in _HEATMAP_SIZES:
-        close = close_matches(str(size), _HEATMAP_SIZES)
+    if size not in HEATMAP_SIZES:
+        close = close_matches(str(size), HEATMAP_SIZES)
         raise InvalidField(
-            f"Parameter 'heatmap_size' is one of {', '.join(_HEATMAP_SIZES)}, not "
+            f"Parameter 'heatmap_size' is one of {', '.join(HEATMAP_SIZES)}, not "
             f"'{size}'.{did_you_mean(close)}",
             field="parameters.heatmap_size",
             suggestions=close,

@@ -15,9 +15,10 @@ from service import package_version
 from service.contract.binary_tensors import HEADER_LENGTH, split_body
 from service.contract.errors import UnknownModel
 from service.contract.inference_protocol import (
+    HEATMAP_SIZES,
     IMAGE_INPUT,
+    INPUTS,
     OUTPUTS,
-    TARGET_INPUT,
     ModelConfig,
     ModelMetadata,
     ModelReady,
@@ -54,6 +55,18 @@ def _model(name: str, version: str | None) -> ModelInfo:
             field="version",
         )
     return model
+
+
+def _triton_type(datatype: str) -> str:
+    """A protocol datatype as Triton's configuration names it (BYTES is TYPE_STRING)."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def _input_config(name: str, datatype: str) -> TensorConfig:
+    config = TensorConfig(name=name, data_type=_triton_type(datatype), dims=[-1])
+    if name != IMAGE_INPUT:
+        config.optional = True  # written only where set: the image is required
+    return config
 
 
 def _ready() -> bool:
@@ -108,8 +121,8 @@ def model_metadata(name: str, version: str | None = None) -> Response:
             versions=[MODEL_VERSION],
             platform=PLATFORM,
             inputs=[
-                TensorMetadata(name=IMAGE_INPUT, datatype="BYTES", shape=[-1]),
-                TensorMetadata(name=TARGET_INPUT, datatype="INT64", shape=[-1]),
+                TensorMetadata(name=name, datatype=datatype, shape=[-1])
+                for name, datatype in INPUTS.items()
             ],
             outputs=[
                 TensorMetadata(name=output, datatype=datatype, shape=shapes[output])
@@ -119,7 +132,7 @@ def model_metadata(name: str, version: str | None = None) -> Response:
                 "methods": list(METHODS),
                 "layers": list(model.layer_names()),
                 "default_layer": model.default_layer,
-                "heatmap_sizes": ["input", "layer", "original"],
+                "heatmap_sizes": list(HEATMAP_SIZES),
                 "input_size": list(model.input_size),
                 "labels": list(model.labels),
             },
@@ -137,16 +150,9 @@ def model_config(name: str, version: str | None = None) -> Response:
             name=model.name,
             platform=PLATFORM,
             max_batch_size=0,
-            input=[
-                TensorConfig(name=IMAGE_INPUT, data_type="TYPE_STRING", dims=[-1]),
-                TensorConfig(name=TARGET_INPUT, data_type="TYPE_INT64", dims=[-1], optional=True),
-            ],
+            input=[_input_config(name, datatype) for name, datatype in INPUTS.items()],
             output=[
-                TensorConfig(
-                    name=output,
-                    data_type="TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}",
-                    dims=shapes[output],
-                )
+                TensorConfig(name=output, data_type=_triton_type(datatype), dims=shapes[output])
                 for output, datatype in OUTPUTS.items()
             ],
         )
