@@ -8,6 +8,7 @@ import base64
 import io
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -40,6 +41,18 @@ def missing_tool(what: str, packages: str) -> NoReturn:
     if os.environ.get("CI"):
         pytest.fail(f"{what} is missing: .ci/run installs Debian's {packages}")
     pytest.skip(f"{what} is not installed (apt-get install {packages})")
+
+
+def dciodvfy_errors(path: Path) -> tuple[list[str], str]:
+    """dicom3tools' ``dciodvfy`` on a DICOM file: its error lines, and its whole report."""
+    found = shutil.which("dciodvfy")
+    if found is None:
+        missing_tool("dciodvfy", "dicom3tools")
+    checked = subprocess.run(
+        [found, str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    report = checked.stdout + checked.stderr
+    return [line for line in report.splitlines() if line.startswith("Error")], report
 
 
 def png_bytes(array: np.ndarray, **save_args: object) -> bytes:

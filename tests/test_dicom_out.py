@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from service.contract.errors import InvalidField
 from service.contract.requests import ExplainRequest, parse_explain_request
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
-from tests.helpers import LiveServer, as_json, encode, missing_tool
+from tests.helpers import LiveServer, as_json, dciodvfy_errors, encode
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CR = EXAMPLES / "phantom_nodule.dcm"  # MONOCHROME1, windowed, no Frame of Reference
@@ -32,22 +30,11 @@ JPEG_RGB = Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))  # a lossy-compresse
 MULTIFRAME = Path(get_testdata_file("SC_rgb_rle_2frame.dcm"))  # 2 RGB frames, RLE
 
 
-def _dciodvfy() -> str:
-    found = shutil.which("dciodvfy")
-    if found is None:
-        missing_tool("dciodvfy", "dicom3tools")
-    return found
-
-
 def _valid(data: bytes, tmp_path: Path) -> pydicom.Dataset:
     """``data`` passes dciodvfy without an error; returned as read back by pydicom."""
     path = tmp_path / "object.dcm"
     path.write_bytes(data)
-    checked = subprocess.run(
-        [_dciodvfy(), str(path)], capture_output=True, text=True, timeout=60, check=False
-    )
-    report = checked.stdout + checked.stderr
-    errors = [line for line in report.splitlines() if line.startswith("Error")]
+    errors, report = dciodvfy_errors(path)
     assert not errors, report
     return pydicom.dcmread(path)
 

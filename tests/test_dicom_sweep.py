@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import os
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from pydicom.misc import is_dicom
 from service.contract.settings import Settings
 from service.engine.runtime import Runtime
 from service.server.app import create_app
-from tests.test_dicom_out import _dciodvfy
+from tests.helpers import dciodvfy_errors
 
 
 def _files() -> list[str]:
@@ -41,7 +40,6 @@ def client(runtime: Runtime) -> FlaskClient:
 def test_every_bundled_dicom_file_gets_a_4xx_or_valid_objects(
     client: FlaskClient, tmp_path: Path
 ) -> None:
-    validator = _dciodvfy()
     outcomes: Counter[tuple[str, str]] = Counter()
     invalid: list[tuple[str, str, list[str]]] = []
     for path in _files():
@@ -66,14 +64,7 @@ def test_every_bundled_dicom_file_gets_a_4xx_or_valid_objects(
             outcomes[(fmt, "made")] += 1
             made = tmp_path / "made.dcm"
             made.write_bytes(base64.b64decode(heat["data"]))
-            report = subprocess.run(
-                [validator, str(made)], capture_output=True, text=True, timeout=60, check=False
-            )
-            errors = [
-                line
-                for line in (report.stdout + report.stderr).splitlines()
-                if line.startswith("Error")
-            ]
+            errors, _ = dciodvfy_errors(made)
             if errors:
                 invalid.append((name, fmt, errors[:3]))
     assert not invalid, invalid
