@@ -175,6 +175,12 @@ def _parser() -> argparse.ArgumentParser:
         help="class index or label to explain (repeat for several); default: the top-1 class",
     )
     explain_p.add_argument("--top-k", type=int, default=5, help="predictions to print")
+    explain_p.add_argument(
+        "--faithfulness",
+        action="store_true",
+        help="print each explanation's deletion and insertion AUCs (docs/trust.md; "
+        "39 more forward passes each)",
+    )
     explain_p.add_argument("--out", default="gradcam-out", help="folder for the PNGs")
     explain_p.add_argument(
         "--frame",

@@ -119,7 +119,16 @@ def _write_outputs(
         heat = heatmap(cam, result.prepared.geometry, "original")
         for options, path in zip(_PICTURES, pair, strict=True):
             path.write_bytes(encode_png(draw_heatmap(heat, result.prepared, options, model)))
-        written.append(f"{explanation.target.label} → {pair[0]}")
+        faithful = explanation.faithfulness
+        written.append(
+            f"{explanation.target.label} → {pair[0]}"
+            + (
+                f"  (deletion AUC {faithful.deletion_auc:.3f}, "
+                f"insertion AUC {faithful.insertion_auc:.3f})"
+                if faithful is not None
+                else ""
+            )
+        )
     return written
 
 
@@ -158,6 +167,7 @@ def explain_files(args: argparse.Namespace, runtime: Runtime, plan: FilePlan) ->
         try:
             # Each file is its own request: the per-image limits apply, not a total.
             budget = RequestBudget(runtime.settings, model, layer, options)
+            budget.check_explanations([len(targets or [None])], args.faithfulness)
             admit = partial(budget.admit_image, i, explanations=len(targets or [None]))
             prepared.append(
                 (
@@ -186,7 +196,15 @@ def explain_files(args: argparse.Namespace, runtime: Runtime, plan: FilePlan) ->
     for start in range(0, len(prepared), _CHUNK):
         chunk = prepared[start : start + _CHUNK]
         deadline = time.monotonic() + runtime.settings.request_timeout_s
-        results = run(runtime, model, layer, args.method, [p for _, _, p in chunk], deadline)
+        results = run(
+            runtime,
+            model,
+            layer,
+            args.method,
+            [p for _, _, p in chunk],
+            deadline,
+            faithfulness=args.faithfulness,
+        )
         for (path, stem, _), result in zip(chunk, results, strict=True):
             answer = render_result(result, model, args.top_k, options)
             scores = ", ".join(f"{p.label} {p.score:.3f}" for p in answer.predictions)

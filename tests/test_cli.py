@@ -351,3 +351,21 @@ def test_help_is_plain_text(command: list[str]) -> None:
     assert "usage: gradcam-service" in text
     for markup in ("``", "::", "**", ".. "):
         assert markup not in text, f"reStructuredText {markup!r} in {command} --help"
+
+
+def test_explain_files_prints_faithfulness_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "scan.png").write_bytes(phantom_png(3, 128, 128))
+    args = ["explain", str(tmp_path / "scan.png"), "--target", "nodule", "--target", "mass"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--faithfulness"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "→" in line]
+    assert len(lines) == 2
+    for line in lines:
+        deletion, insertion = (
+            float(line.split(f"{kind} AUC ")[1][:5]) for kind in ("deletion", "insertion")
+        )
+        assert 0 <= deletion <= 1 and 0 <= insertion <= 1
+    # Without the flag: no curves computed, none printed.
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert "AUC" not in capsys.readouterr().out

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from service.transport import ipc
-from service.transport.interface import Job
+from service.transport.interface import Job, JobResult
 
 
 class Stream:
@@ -135,18 +135,43 @@ def test_a_job_survives_the_wire() -> None:
         [None, (1, 0, 4, 3)],
         [[None], [2, 0]],
         ["gradcam", "layercam"],
+        [False, True],
     )
     stream, reader = Stream(), ipc.MessageReader()
     stream.feed(b"".join(bytes(b) for b in ipc.encode_job(9, job, deadline=123.5)))
     ((header, frames),) = reader.read(stream)  # type: ignore[arg-type]
     assert header["id"] == 9 and header["deadline"] == 123.5
     back = ipc.decode_job(header, frames)
-    assert (back.model, back.layer, back.boxes, back.targets, back.methods) == (
-        job.model,
-        job.layer,
-        job.boxes,
-        job.targets,
-        job.methods,
-    )
+    assert (
+        back.model,
+        back.layer,
+        back.boxes,
+        back.targets,
+        back.methods,
+        back.faithfulness,
+    ) == (job.model, job.layer, job.boxes, job.targets, job.methods, job.faithfulness)
     for a, b in zip(back.images, job.images, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("with_curves", [False, True])
+def test_a_result_survives_the_wire(with_curves: bool) -> None:
+    curves = [[np.arange(42, dtype=np.float32).reshape(2, 21)] * 2, []] if with_curves else []
+    result = JobResult(
+        scores=np.full((2, 4), 0.25, np.float32),
+        logits=np.arange(8, dtype=np.float32).reshape(2, 4),
+        targets=[[1, 3], [0]],
+        maps=[[np.ones((2, 2), np.float32)] * 2, [np.zeros((2, 2), np.float32)]],
+        curves=curves,
+    )
+    stream, reader = Stream(), ipc.MessageReader()
+    stream.feed(b"".join(bytes(b) for b in ipc.encode_result(7, result)))
+    ((header, frames),) = reader.read(stream)  # type: ignore[arg-type]
+    back = ipc.decode_result(header, frames)
+    assert back.targets == result.targets
+    np.testing.assert_array_equal(back.logits, result.logits)
+    assert [len(m) for m in back.maps] == [2, 1]
+    assert [len(c) for c in back.curves] == [len(c) for c in curves]
+    for got, sent in zip(back.curves, curves, strict=True):
+        for a, b in zip(got, sent, strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,13 @@ import requests
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from service.contract.requests import ExplainRequest
 from service.contract.responses import ExplainResponse
 from service.demo.metrics import peak_in_boxes
 from service.demo.phantom import to_uint8
-from tests.helpers import LiveServer, encode, phantom, phantom_png, png_bytes
+from service.engine.runtime import Runtime
+from service.pipeline.explain import explain
+from tests.helpers import LiveServer, as_json, encode, phantom, phantom_png, png_bytes
 from tests.test_explain import image_variants
 
 TIMEOUT = 60
@@ -207,3 +211,31 @@ def test_request_id_is_echoed(server: LiveServer) -> None:
     assert response.headers["X-Request-ID"] == "abc-123"
     generated = requests.get(f"{server.url}/healthz", timeout=5).headers["X-Request-ID"]
     assert len(generated) == 16
+
+
+def test_faithfulness_through_the_server_equals_the_in_process_answer(
+    server: LiveServer, runtime: Runtime
+) -> None:
+    """The curves cross the engine's socket intact, and a request that asked for none
+    gets none while it shares the engine with one that did."""
+    asked = {
+        "images": [encode(phantom_png(seed, 128, 128)) for seed in (3, 5)],
+        "targets": [["nodule", "mass"], None],
+        "include": ["faithfulness"],
+        "heatmap": {"format": "none"},
+    }
+    plain = {"images": [encode(phantom_png(7, 128, 128))] * 4, "heatmap": {"format": "none"}}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda body: _ok(server, body), [asked, plain, asked, plain]))
+    local = as_json(explain(ExplainRequest.model_validate(asked), runtime, runtime.settings))
+    for answer in answers[0], answers[2]:
+        for got, want in zip(answer["results"], local["results"], strict=True):
+            for e, w in zip(got["explanations"], want["explanations"], strict=True):
+                assert e["faithfulness"]["deletion"] == pytest.approx(
+                    w["faithfulness"]["deletion"], abs=1e-4
+                )
+                assert e["faithfulness"]["insertion_auc"] == pytest.approx(
+                    w["faithfulness"]["insertion_auc"], abs=1e-4
+                )
+    for answer in answers[1], answers[3]:
+        assert all("faithfulness" not in e for r in answer["results"] for e in r["explanations"])

@@ -162,14 +162,16 @@ class ExplainRequest(BaseModel):
             "default to the first; past the last frame is a 422 frame_out_of_range."
         ),
     )
-    include: Annotated[list[Include], Field(max_length=2)] = Field(
+    include: Annotated[list[Include], Field(max_length=3)] = Field(
         default=[],
         description=(
             'Extras for each result: "image", the picture heatmaps are drawn over (original '
             "size, 8-bit, after EXIF orientation and DICOM rescale, window and MONOCHROME1; "
             "for clients that cannot decode the upload; counts towards the pixels drawn); "
             '"dicom", a DICOM file\'s patient, study and display attributes (null for other '
-            "formats)."
+            'formats); "faithfulness", each explanation\'s deletion and insertion curves and '
+            "their areas (39 more forward passes per explanation; at most "
+            "GRADCAM_MAX_FAITHFULNESS_PER_REQUEST, default 32, explanations)."
         ),
     )
     store: StoreOptions | None = Field(

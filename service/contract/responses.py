@@ -122,9 +122,35 @@ class Heatmap(_Answer):
     )
 
 
+_Curve = Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=21, max_length=21)]
+
+
+class Faithfulness(_Answer):
+    """How faithful the heatmap is to the model (RISE deletion and insertion, Petsiuk et
+    al. 2018; the definition is in docs/trust.md): the explained class's score while the
+    pixels the heatmap ranks highest are replaced by a blurred copy of the image
+    (deletion), or put back into the blurred copy (insertion), in 20 steps of 5 %."""
+
+    deletion_auc: float = Field(
+        ge=0, le=1, description="Area under the deletion curve: lower is more faithful."
+    )
+    insertion_auc: float = Field(
+        ge=0, le=1, description="Area under the insertion curve: higher is more faithful."
+    )
+    deletion: _Curve = Field(
+        description="The score after replacing 0 %, 5 %, … 100 % of the pixels (21 values)."
+    )
+    insertion: _Curve = Field(
+        description="The score after putting back 0 %, 5 %, … 100 % of the pixels (21 values)."
+    )
+
+
 class Explanation(_Answer):
     target: Prediction
     heatmap: Heatmap
+    faithfulness: Faithfulness | Absent = Field(
+        default=None, description='With include "faithfulness".'
+    )
 
 
 class Geometry(_Answer):

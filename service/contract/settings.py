@@ -231,6 +231,8 @@ class Settings(BaseModel):
     # What one request may cost (budgets.py; docs/reliability.md): checked before the work.
     max_images_per_request: PositiveInt = 32
     max_explanations_per_request: PositiveInt = 128
+    # include "faithfulness": 39 forward passes per explanation (engine/faithfulness.py).
+    max_faithfulness_per_request: PositiveInt = 32
     max_image_pixels: PositiveInt = 25_000_000
     max_image_side: PositiveInt = 16384
     max_request_pixels: PositiveInt = 100_000_000

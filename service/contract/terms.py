@@ -20,8 +20,9 @@ HeatmapSize = Literal["original", "input", "layer"]
 HeatmapEncoding = Literal["png", "jpeg", "webp"]
 # Extras a result may carry on request: the picture heatmaps are drawn over (for
 # clients that cannot decode the upload, DICOM above all) and a DICOM file's
-# patient, study and display attributes.
-Include = Literal["image", "dicom"]
+# patient, study and display attributes; and each explanation's faithfulness (deletion
+# and insertion curves, engine/faithfulness.py).
+Include = Literal["image", "dicom", "faithfulness"]
 # How an image is fitted to the model's input (imaging/geometry.py).
 ResizeMode = Literal["stretch", "letterbox", "crop"]
 # What computes a model's answers: float32, or bfloat16 autocast (engine/tuning.py).

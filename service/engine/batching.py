@@ -8,9 +8,10 @@ clock. Items for different keys (model, layer) go to different batches;
 different methods and targets share one (the method is post-processing).
 
 A full queue refuses at once (``Overloaded``, 503): full means ``max_queue``
-requests waiting, or more queued images than the model gets through in
-``max_queue_wait_s`` at its measured pace, so an overloaded service answers
-503 in milliseconds instead of letting every request wait towards its deadline.
+requests waiting, or more queued work than the model gets through in
+``max_queue_wait_s`` at its measured pace (images weighed by ``Job.work``: faithfulness
+curves cost more), so an overloaded service answers 503 in milliseconds instead
+of letting every request wait towards its deadline.
 A lone request is always taken. An item past its deadline is dropped before
 compute (``DeadlineExceeded``, 504); a cancelled item (its client went away) is
 skipped; once running, a cancelled item is marked abandoned, and a batch whose
@@ -122,7 +123,7 @@ class MicroBatcher:
         """How long a new item would wait before its compute starts, at the recent pace."""
         if not self.max_queue_wait_s or self._seconds_per_image is None:
             return None
-        return sum(item.size for item in self._pending) * self._seconds_per_image
+        return sum(item.work for item in self._pending) * self._seconds_per_image
 
     def close(self, timeout_s: float = 10.0, drain: bool = False) -> None:
         """Stop taking work; fail what is queued (or, with ``drain``, compute it first);
@@ -251,7 +252,8 @@ class MicroBatcher:
             return
         compute_s = time.monotonic() - started
         images = sum(item.size for item in items)
-        pace = compute_s / images
+        # Per plain explanation: a batch with faithfulness curves is not a slow engine.
+        pace = compute_s / sum(item.work for item in items)
         self._seconds_per_image = (
             pace
             if self._seconds_per_image is None

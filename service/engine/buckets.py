@@ -39,6 +39,7 @@ def pad_job(job: Job, size: int) -> Job:
         [*job.boxes, *[None] * extra],
         [*job.targets, *[top1] * extra],
         [*job.methods, *[job.methods[0]] * extra],
+        [*job.faithfulness, *[False] * extra] if job.faithfulness else [],
     )
 
 

@@ -201,6 +201,25 @@ class GradCAM:
             handle.remove()
             captured.clear()
 
+    def logits(self, inputs: Tensor) -> Tensor:
+        """``(n, K) float32`` raw outputs for ``inputs`` (normalised, on the device), without
+        gradients, in this engine's precision and memory format: the forward passes of the
+        faithfulness curves (``faithfulness.py``)."""
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                self.device.type,
+                dtype=self.dtype or torch.bfloat16,
+                enabled=self.dtype is not None,
+            ),
+        ):
+            x = (
+                inputs.contiguous(memory_format=torch.channels_last)
+                if self.channels_last
+                else inputs
+            )
+            return self.model(x).float()
+
     def _explain(
         self,
         logits: Tensor,

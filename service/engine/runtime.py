@@ -25,6 +25,7 @@ from torch import Tensor
 from service import metrics
 from service.contract.errors import ConfigError
 from service.contract.settings import ModelsFile, Settings
+from service.engine import faithfulness
 from service.engine.batch_inputs import batch_inputs, normaliser
 from service.engine.batching import MicroBatcher
 from service.engine.buckets import bucket_for, bucket_sizes, pad_job, unpad_result
@@ -235,16 +236,31 @@ class Runtime:
     def _compute_exact(self, job: Job, should_stop: Callable[[], bool] | None = None) -> JobResult:
         model = self.models[job.model]
         inputs = batch_inputs(model, job, self.device, self._normalisers[model.name])
-        graphed = self._graphed(model, job, inputs)
-        if graphed is not None:
-            return graphed
-        batch = self._engines[job.model](inputs, job.layer, job.targets, job.methods, should_stop)
-        scores = _scores(model, batch.logits)
-        return JobResult(
-            scores=scores.numpy(),
-            logits=batch.logits.numpy(),
-            targets=batch.targets,
-            maps=[[cam.numpy() for cam in cams] for cams in batch.cams],
+        result = self._graphed(model, job, inputs)
+        if result is None:
+            batch = self._engines[job.model](
+                inputs, job.layer, job.targets, job.methods, should_stop
+            )
+            result = JobResult(
+                scores=_scores(model, batch.logits).numpy(),
+                logits=batch.logits.numpy(),
+                targets=batch.targets,
+                maps=[[cam.numpy() for cam in cams] for cams in batch.cams],
+            )
+        if not any(job.faithfulness):
+            return result
+        engine = self._engines[job.model]
+        return replace(
+            result,
+            curves=faithfulness.curves(
+                lambda x: _scores(model, engine.logits(x)),
+                inputs,
+                torch.from_numpy(result.scores),
+                [[torch.from_numpy(m) for m in maps] for maps in result.maps],
+                result.targets,
+                job.faithfulness,
+                should_stop,
+            ),
         )
 
     def _graphed(self, model: LoadedModel, job: Job, inputs: Tensor) -> JobResult | None:

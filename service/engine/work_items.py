@@ -56,6 +56,10 @@ class WorkItem:
     def size(self) -> int:
         return self.job.size
 
+    @property
+    def work(self) -> float:
+        return self.job.work
+
 
 @dataclass(frozen=True)
 class BatchStats:
@@ -78,4 +82,9 @@ def merge_jobs(jobs: Sequence[Job]) -> Job:
         boxes=[box for job in jobs for box in job.boxes],
         targets=[t for job in jobs for t in job.targets],
         methods=[m for job in jobs for m in job.methods],
+        faithfulness=(
+            [f for job in jobs for f in job.wants_faithfulness()]
+            if any(job.faithfulness for job in jobs)
+            else []
+        ),
     )

@@ -9,6 +9,7 @@ limit (setting)                    default                code
 =================================  =====================  ==========================
 images per request                 32                     ``too_many_images``
 explanations (targets) per request 128                    ``too_many_targets``
+... with include "faithfulness"    32                     ``too_many_targets``
 pixels of one image                25 MP                  ``image_too_large``
 either side of one image           16384                  ``image_too_large``
 pixels of all images together      100 MP                 ``too_many_pixels``
@@ -73,9 +74,18 @@ class RequestBudget:
     _peak_step_bytes: int = field(default=0, init=False)  # the largest decode or drawing
     _expected_base64: dict[int, int] = field(default_factory=dict, init=False)
 
-    def check_explanations(self, counts: list[int]) -> None:
-        """``counts[i]``: explanations asked for image ``i`` (distinct targets)."""
+    def check_explanations(self, counts: list[int], faithfulness: bool = False) -> None:
+        """``counts[i]``: explanations asked for image ``i`` (distinct targets);
+        ``faithfulness``: each of them also gets its curves (39 forward passes)."""
         total = sum(counts)
+        limit = self.settings.max_faithfulness_per_request
+        if faithfulness and total > limit:
+            raise PayloadTooLarge(
+                f"The request asks for faithfulness curves of {total} explanations; the limit "
+                f"is {limit} (each costs 39 forward passes). Split it into several requests.",
+                code=ErrorCode.TOO_MANY_TARGETS,
+                field="include",
+            )
         limit = self.settings.max_explanations_per_request
         if total > limit:
             raise PayloadTooLarge(

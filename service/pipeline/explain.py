@@ -164,7 +164,7 @@ def compute(
         memory=memory,
         body_bytes=body_bytes,
     )
-    budget.check_explanations([len(t) for t in targets])
+    budget.check_explanations([len(t) for t in targets], "faithfulness" in request.include)
     servers = DicomWebServers(limits.dicomweb_servers)
     if request.store is not None:
         servers.base(request.store.url, "store.url", "The store URL")  # before any work
@@ -196,7 +196,16 @@ def compute(
             )
             for i, text in enumerate(request.images)
         ]
-    results = run(engine, model, layer, request.method, prepared, deadline, disconnected)
+    results = run(
+        engine,
+        model,
+        layer,
+        request.method,
+        prepared,
+        deadline,
+        disconnected,
+        faithfulness="faithfulness" in request.include,
+    )
     metrics.IMAGES_EXPLAINED.labels(model.name).inc(len(results))
     return Computed(model, layer, results, budget, servers, deadline)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -59,6 +59,8 @@ class ExplainedImage:
     order: np.ndarray  # (K,) class indices, most likely first (interface.class_order)
     targets: list[int]
     cams: list[np.ndarray]  # (h, w) raw maps, one per target
+    # (2, 21) deletion and insertion curves, one per target, if asked for (else empty)
+    curves: list[np.ndarray] = field(default_factory=list)
 
 
 def _class_index(ref: ClassRef, model: ModelInfo, index: int) -> int:
@@ -171,8 +173,10 @@ def run(
     prepared: Sequence[PreparedImage],
     deadline: float,
     disconnected: Callable[[], bool] | None = None,
+    faithfulness: bool = False,
 ) -> list[ExplainedImage]:
-    """One engine call for all ``prepared`` images (batched there with other requests)."""
+    """One engine call for all ``prepared`` images (batched there with other requests);
+    with ``faithfulness``, every explanation's deletion and insertion curves too."""
     job = Job(
         model=model.name,
         layer=layer,
@@ -180,11 +184,17 @@ def run(
         boxes=[p.box for p in prepared],
         targets=[p.targets for p in prepared],
         methods=[method] * len(prepared),
+        faithfulness=[True] * len(prepared) if faithfulness else [],
     )
     result = engine.run(job, deadline, disconnected)
     return [
         ExplainedImage(
-            p, result.scores[i], class_order(result.logits[i]), result.targets[i], result.maps[i]
+            p,
+            result.scores[i],
+            class_order(result.logits[i]),
+            result.targets[i],
+            result.maps[i],
+            result.curves[i] if result.curves else [],
         )
         for i, p in enumerate(prepared)
     ]

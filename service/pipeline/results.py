@@ -39,6 +39,7 @@ from service.imaging.render import (
 )
 from service.imaging.source_header import DerivedObjectImpossible
 from service.logs import log_failure
+from service.pipeline.faithfulness import faithfulness
 from service.pipeline.images import ExplainedImage, PreparedImage
 from service.transport.interface import ModelInfo
 
@@ -209,6 +210,8 @@ def render_result(
             for k, (target, cam) in enumerate(zip(result.targets, result.cams, strict=True))
         ],
     )
+    for explanation, curves in zip(answer.explanations, result.curves, strict=False):
+        explanation.faithfulness = faithfulness(curves)
     if "image" in include:
         picture = overlay_base(
             result.prepared, "original", (geometry.height, geometry.width), model

@@ -36,6 +36,10 @@ ENGINE_SOCKETS_ENV = "GRADCAM_ENGINE_SOCKETS"
 ENGINE_EXIT_CONFIG = 2  # a broken models file or setting: not worth a restart
 ENGINE_EXIT_MODEL_LOOP_DIED = 3  # restart it
 
+# What one explanation's faithfulness curves cost, in explanations (``Job.work``):
+# 39 forward passes, at about a third of a forward-and-backward each.
+FAITHFULNESS_WORK = 13
+
 # (x0, y0, x1, y1) in model-input pixels: the part of the input the image covers,
 # when it does not cover all of it (letterbox). Outside it the normalised input is 0.
 Box = tuple[int, int, int, int]
@@ -142,7 +146,9 @@ class Job:
     ``images[i]``: ``(H_in, W_in, c) uint8`` or ``float32`` in [0, 1], with ``c`` 1 or 3
     (a gray image for a colour model travels as one channel); ``boxes[i]``: where
     the image lies in the input when it does not fill it; ``targets[i]``: class
-    indices to explain (``None`` = the top-1 class); ``methods[i]``: its CAM variant.
+    indices to explain (``None`` = the top-1 class); ``methods[i]``: its CAM variant;
+    ``faithfulness[i]``: whether image ``i``'s explanations get deletion and insertion
+    curves (``engine/faithfulness.py``; empty: none do).
     """
 
     model: str
@@ -151,10 +157,25 @@ class Job:
     boxes: list[Box | None]
     targets: list[list[int | None]]
     methods: list[str]
+    faithfulness: list[bool] = field(default_factory=list)
 
     @property
     def size(self) -> int:
         return len(self.images)
+
+    def wants_faithfulness(self) -> list[bool]:
+        """One flag per image (``faithfulness`` filled in when empty)."""
+        return self.faithfulness or [False] * len(self.images)
+
+    @property
+    def work(self) -> float:
+        """The job's cost in images, for the engine's pace estimate: an explanation with
+        faithfulness curves adds 39 forward passes without gradients (about 13 images'
+        forward and backward)."""
+        if not self.faithfulness:
+            return len(self.images)
+        extra = sum(len(t) for t, f in zip(self.targets, self.faithfulness, strict=True) if f)
+        return len(self.images) + FAITHFULNESS_WORK * extra
 
 
 @dataclass(frozen=True)
@@ -177,7 +198,9 @@ class JobResult:
       engine's top-1 did;
     - ``targets[i]``: the classes explained for image ``i`` (top-1 resolved);
     - ``maps[i][j]``: ``(h, w) float32 >= 0``, image ``i``'s map for target ``j`` at
-      the layer's resolution, before normalisation.
+      the layer's resolution, before normalisation;
+    - ``curves[i][j]``: ``(2, 21) float32``, deletion and insertion scores of that map
+      (only for the images whose job asked for faithfulness; empty list: none did).
     """
 
     scores: np.ndarray
@@ -185,6 +208,7 @@ class JobResult:
     targets: list[list[int]]
     maps: list[list[np.ndarray]]
     timings: JobTimings = field(default_factory=JobTimings)
+    curves: list[list[np.ndarray]] = field(default_factory=list)
 
     def slice(self, start: int, stop: int, timings: JobTimings) -> JobResult:
         """Images ``start:stop`` of a batch result, as one request's result."""
@@ -194,6 +218,7 @@ class JobResult:
             self.targets[start:stop],
             self.maps[start:stop],
             timings,
+            self.curves[start:stop],
         )
 
 

@@ -243,6 +243,7 @@ def encode_job(request_id: int, job: Job, deadline: float) -> list[memoryview]:
         "targets": job.targets,
         "methods": job.methods,
         "boxes": job.boxes,
+        "faithfulness": job.faithfulness,
     }
     return encode(header, job.images)
 
@@ -256,6 +257,7 @@ def decode_job(header: dict[str, Any], frames: Sequence[np.ndarray]) -> Job:
         boxes=boxes,
         targets=[list(t) for t in header["targets"]],
         methods=[str(m) for m in header["methods"]],
+        faithfulness=[bool(f) for f in header.get("faithfulness", [])],
     )
 
 
@@ -268,30 +270,40 @@ def encode_result(request_id: int, result: JobResult) -> list[memoryview]:
         "targets": result.targets,
         "counts": [len(per_image) for per_image in result.maps],
         "timings": [timings.queue_wait_s, timings.compute_s, timings.batch_images],
+        "curve_counts": [len(per_image) for per_image in result.curves],
     }
     frames = [
         np.ascontiguousarray(result.scores, dtype=np.float32),
         np.ascontiguousarray(result.logits, dtype=np.float32),
         np.stack(maps).astype(np.float32, copy=False),
     ]
+    curves = [c for per_image in result.curves for c in per_image]
+    if curves:
+        frames.append(np.stack(curves).astype(np.float32, copy=False))
     return encode(header, frames)
 
 
 def decode_result(header: dict[str, Any], frames: Sequence[np.ndarray]) -> JobResult:
-    scores, logits, stacked = frames
-    maps: list[list[np.ndarray]] = []
-    offset = 0
-    for count in header["counts"]:
-        maps.append(list(stacked[offset : offset + count]))
-        offset += count
+    scores, logits, stacked, *rest = frames
     queue_wait_s, compute_s, batch_images = header["timings"]
     return JobResult(
         scores=scores,
         logits=logits,
         targets=[list(t) for t in header["targets"]],
-        maps=maps,
+        maps=_split(stacked, header["counts"]),
         timings=JobTimings(float(queue_wait_s), float(compute_s), int(batch_images)),
+        curves=_split(rest[0], header["curve_counts"]) if rest else [],
     )
+
+
+def _split(stacked: np.ndarray, counts: Sequence[int]) -> list[list[np.ndarray]]:
+    """Per image, its ``counts[i]`` arrays of one stacked frame."""
+    out: list[list[np.ndarray]] = []
+    offset = 0
+    for count in counts:
+        out.append(list(stacked[offset : offset + count]))
+        offset += count
+    return out
 
 
 def _internal(error: BaseException) -> dict[str, Any]:
