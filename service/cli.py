@@ -233,7 +233,73 @@ def _parser() -> argparse.ArgumentParser:
     serve_p.add_argument(
         "--engines", type=int, help="engine processes; default: one per GPU, or one on the CPU"
     )
+    _audit_parser(sub, common)
     return parser
+
+
+def _audit_parser(sub: Any, common: Any) -> None:
+    audit_p = sub.add_parser(
+        "audit",
+        help="where a model looks over a dataset: report.json and report.html, "
+        "flagging heatmaps outside their boxes or on the border (docs/trust.md)",
+    )
+    audit_p.add_argument(
+        "--images", nargs="+", default=[], help="folders (searched recursively) and image files"
+    )
+    audit_p.add_argument(
+        "--dicomweb",
+        help="a file of DICOMweb studies to audit, one BASE/studies/STUDY-UID per line",
+    )
+    audit_p.add_argument(
+        "--boxes", help="CSV image,label,x0,y0,x1,y1: where each image's evidence lies"
+    )
+    audit_p.add_argument("--out", required=True, help="folder for the log and the reports")
+    common(audit_p)
+    audit_p.add_argument("--layer", help="target layer (dotted name); default: the model's")
+    audit_p.add_argument("--method", **_one_of(METHODS), default="gradcam")
+    audit_p.add_argument("--target", help="class index or label to explain; default: top-1")
+    audit_p.add_argument(
+        "--faithfulness", action="store_true", help="deletion and insertion AUCs per image"
+    )
+    audit_p.add_argument("--max-outside", type=float, default=0.5, help="default 0.5")
+    audit_p.add_argument("--max-border", type=float, default=0.5, help="default 0.5")
+    audit_p.add_argument("--flag-share", type=float, default=0.25, help="default 0.25")
+    audit_p.add_argument(
+        "--min-score", type=float, default=0.5, help="judge only explanations scoring this much"
+    )
+    audit_p.add_argument(
+        "--restart", action="store_true", help="start over instead of resuming in --out"
+    )
+    audit_p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """``gradcam-service audit`` (``trust/audit.py``): inputs and boxes are checked before
+    a model loads."""
+    from service.trust.audit import AuditUsage, audit, dicomweb_inputs, find_inputs, read_boxes
+
+    try:
+        items = find_inputs(args.images)
+        if args.dicomweb:
+            items += dicomweb_inputs(Path(args.dicomweb), Settings.from_env().request_timeout_s)
+        if not items:
+            raise AuditUsage("nothing to audit: give --images or --dicomweb")
+        if args.boxes:
+            read_boxes(Path(args.boxes))
+        runtime = _runtime(args)
+        return EXIT_INPUT if audit(args, runtime, items) else EXIT_OK
+    except (AuditUsage, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ServiceError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(
+            f"interrupted; run the same command again to resume from {args.out}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "body":  # no model, no logging: just the JSON
         return _body(args)
+    if args.command == "audit":
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+        return _audit(args)
     verbose = bool(getattr(args, "verbose", False))
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
