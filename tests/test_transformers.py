@@ -23,6 +23,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.reshape_transforms import vit_reshape_transform
 from torch import Tensor, nn
 
+from service.cli import main
 from service.contract.errors import ConfigError
 from service.contract.settings import load_models_file
 from service.engine.cuda_graphs import CapturedCam
@@ -314,6 +315,30 @@ def test_cuda_graph_step_explains_tokens(inputs: Tensor) -> None:
     eager = GradCAM(model)(inputs, layer, [[None], [2]], ["gradcam"] * 2)
     torch.testing.assert_close(logits, eager.logits)
     torch.testing.assert_close(maps, torch.stack([c[0] for c in eager.cams]))
+
+
+def test_layers_command_shows_what_a_grid_was_made_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _models_file(
+        tmp_path,
+        """
+        [models.vit]
+        arch = "tests.tiny_transformers:tiny_vit"
+        input_size = [32, 32]
+        memory_format = "contiguous"
+        [models.swin]
+        arch = "tests.tiny_transformers:tiny_swin"
+        input_size = [32, 32]
+        memory_format = "contiguous"
+        """,
+    )
+    assert main(["layers", "--models", str(path), "--model", "vit"]) == 0
+    out = capsys.readouterr().out
+    assert "* encoder.layers.encoder_layer_1.ln_1" in out and "16×4×4  (from tokens)" in out
+    assert main(["layers", "--models", str(path), "--model", "swin"]) == 0
+    out = capsys.readouterr().out
+    assert "* features.3.1.norm1" in out and "16×4×4  (from H×W×C)" in out
 
 
 # The models issue #21 names, at their real sizes: seconds each on a CPU.
