@@ -66,6 +66,9 @@ def _explain_request(args: argparse.Namespace, runtime: Runtime) -> int:
     return 0
 
 
+_LAYOUT_WORDS = {"nhwc": "H×W×C", "tokens": "tokens"}
+
+
 def _layers(args: argparse.Namespace, runtime: Runtime) -> int:
     model = runtime.catalog().get(args.model)
     print(
@@ -75,9 +78,11 @@ def _layers(args: argparse.Namespace, runtime: Runtime) -> int:
     width = max(len(layer.name) for layer in model.layers)
     for layer in model.layers:
         mark = "*" if layer.name == model.default_layer else " "
+        # A transformer's layers: the grid's shape, and what it was made from.
+        made_from = "" if layer.layout == "nchw" else f"  (from {_LAYOUT_WORDS[layer.layout]})"
         print(
             f"{mark} {layer.name:<{width}}  {layer.kind:<20} "
-            f"{layer.channels}×{layer.height}×{layer.width}"
+            f"{layer.channels}×{layer.height}×{layer.width}{made_from}"
         )
     return 0
 

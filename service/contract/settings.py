@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from service.contract.errors import ConfigError
-from service.contract.terms import MemoryFormat, Precision, ResizeMode
+from service.contract.terms import LayoutSetting, MemoryFormat, Precision, ResizeMode
 
 DEMO_MODELS_FILE = Path(__file__).resolve().parents[1] / "demo" / "models.toml"
 
@@ -63,6 +63,11 @@ class ModelSpec(BaseModel):
     memory_format: MemoryFormat | Literal["auto"] = "auto"
     # Batch norms folded into the convolutions before them at load (engine/folding.py).
     fold_batch_norm: StrictBool = True
+    # How its layers' outputs hold their feature maps (engine/layouts.py): "auto" knows
+    # torchvision's CNNs, ViT and Swin; the others declare a model that "auto" does not know.
+    layout: LayoutSetting = "auto"
+    # With layout = "tokens": the tokens before the grid (class, distillation, register).
+    prefix_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     default: StrictBool = False
 
     @model_validator(mode="after")
@@ -75,6 +80,8 @@ class ModelSpec(BaseModel):
                 raise ValueError(f"{key} has {len(values)} values but channels = {self.channels}")
         if self.std is not None and any(v <= 0 for v in self.std):
             raise ValueError("std values must be positive")
+        if self.prefix_tokens is not None and self.layout != "tokens":
+            raise ValueError('prefix_tokens is only read with layout = "tokens"')
         return self
 
 

@@ -33,6 +33,7 @@ from service import metrics
 from service.engine.folding import explained_activation
 from service.engine.gradcam import GradCAM, cam_formula
 from service.engine.layers import resolve_layer
+from service.engine.layouts import Layout, layer_layout
 from service.engine.tuning import pearson, top1_maps
 from service.logs import log_failure
 
@@ -99,18 +100,24 @@ class CapturedCam:
         if channels_last:
             self.inputs = self.inputs.contiguous(memory_format=torch.channels_last)
         self.given = torch.full((batch,), -1, dtype=torch.long, device=device)
-        self._model, self._module = model, resolve_layer(model, layer)
+        self._model, self._layer, self._module = model, layer, resolve_layer(model, layer)
         self._formula = cam_formula(method)
         self._dtype = dtype
         self._graph = graph
         self.logits, self.maps = graph.capture(self._step)
 
     def _step(self) -> tuple[Tensor, Tensor]:
-        captured: list[Tensor] = []
+        captured: list[tuple[Tensor, Layout]] = []
+        input_size = (self.inputs.shape[2], self.inputs.shape[3])
 
         def capture(module: nn.Module, __: object, output: Tensor) -> Tensor:
+            # A layer the probe listed (requests name no other): None would be a bug,
+            # and a capture that raises falls back to the eager engine.
+            layout = layer_layout(self._model, self._layer, module, output, input_size)
+            if layout is None:
+                raise ValueError(f"layer '{self._layer}' holds no feature map")
             leaf, passed_on = explained_activation(module, output)
-            captured.append(leaf)
+            captured.append((leaf, layout))
             return passed_on
 
         handle = self._module.register_forward_hook(capture)
@@ -128,11 +135,12 @@ class CapturedCam:
                 ),
             ):
                 logits = self._model(self.inputs)
-                (activation,) = captured
+                ((activation, layout),) = captured
                 index = torch.where(self.given >= 0, self.given, logits.argmax(dim=1))
                 score = logits.gather(1, index[:, None]).float().sum()
                 (grad,) = torch.autograd.grad(score, activation)
-                maps = self._formula(activation.detach().float(), grad.float()).clamp(min=0)
+                a = layout.to_grid(activation.detach()).float()
+                maps = self._formula(a, layout.to_grid(grad).float()).clamp(min=0)
             return logits.detach().float(), maps
         finally:
             handle.remove()

@@ -20,6 +20,9 @@ How it stays cheap and exact:
 - Each CAM variant is only its weighting formula (``_CAM_FORMULAS``) applied to
   the same activations and gradients, in float32, on the device; the maps come
   back to the CPU in one copy at the end.
+- A transformer layer's tokens or channels-last map (``layouts.py``) is captured as
+  the layer returns it; the activation and its gradient are then viewed alike as
+  ``(N, C, h, w)`` (class token dropped), so the formulas never see the difference.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 
 from service.engine.folding import explained_activation
 from service.engine.layers import resolve_layer
+from service.engine.layouts import Layout, layer_layout
 from service.engine.work_items import Abandoned
 
 # (N, C, h, w) activations, (N, C, h, w) gradients → (N, h, w) map before ReLU.
@@ -88,7 +92,7 @@ def cam_formula(method: str) -> CamFormula:
 
 
 class LayerOutputError(ValueError):
-    """The target layer's output cannot be explained (not ``(N, C, H, W)``, or runs twice)."""
+    """The target layer's output cannot be explained (no feature map, or runs twice)."""
 
 
 class TargetError(ValueError):
@@ -160,20 +164,23 @@ class GradCAM:
         if unknown:
             raise ValueError(f"unknown CAM method(s): {', '.join(sorted(unknown))}")
         module = resolve_layer(self.model, layer)
-        captured: list[Tensor] = []
+        input_size = (inputs.shape[2], inputs.shape[3])
+        captured: list[tuple[Tensor, Layout]] = []
 
         def capture(mod: nn.Module, args: object, output: object) -> Tensor:
-            if not isinstance(output, Tensor) or output.dim() != 4:
+            layout = layer_layout(self.model, layer, mod, output, input_size)
+            if layout is None or not isinstance(output, Tensor):
                 shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
                 raise LayerOutputError(
-                    f"layer '{layer}' returns {shape}, not an (N, C, H, W) feature map"
+                    f"layer '{layer}' returns {shape}, not an (N, C, H, W) feature map "
+                    "or a transformer's tokens"
                 )
             if captured:
                 raise LayerOutputError(
                     f"layer '{layer}' runs more than once per forward pass; choose another layer"
                 )
             leaf, passed_on = explained_activation(mod, output)
-            captured.append(leaf)
+            captured.append((leaf, layout))
             return passed_on
 
         handle = module.register_forward_hook(capture)
@@ -196,7 +203,7 @@ class GradCAM:
                     raise LayerOutputError("the model's output is not an (N, classes) tensor")
                 if not captured:
                     raise LayerOutputError(f"layer '{layer}' did not run in the forward pass")
-                return self._explain(logits, captured[0], targets, methods, should_stop)
+                return self._explain(logits, *captured[0], targets, methods, should_stop)
         finally:
             handle.remove()
             captured.clear()
@@ -224,6 +231,7 @@ class GradCAM:
         self,
         logits: Tensor,
         activation: Tensor,
+        layout: Layout,
         targets: Sequence[Sequence[int | None]],
         methods: Sequence[str],
         should_stop: Callable[[], bool] | None,
@@ -234,7 +242,7 @@ class GradCAM:
                 # Checked here, not left to gather: on CUDA a bad index kills the context.
                 if t is not None and not 0 <= t < classes:
                     raise TargetError(f"image {i}: class {t} is outside 0..{classes - 1}")
-        a = activation.detach().float()
+        a = layout.to_grid(activation.detach()).float()
         top1 = logits.detach().argmax(dim=1)
         rounds = max(len(t) for t in targets)
         maps: list[Tensor] = []
@@ -255,7 +263,8 @@ class GradCAM:
             if len(rows) < n:
                 scores = scores[rows]
             (grad,) = torch.autograd.grad(scores.sum(), activation, retain_graph=k + 1 < rounds)
-            g = grad.float()
+            # The gradient w.r.t. the leaf as the layer returned it, viewed as the activation is.
+            g = layout.to_grid(grad).float()
             for method in dict.fromkeys(methods[i] for i in rows):
                 chosen = [i for i in rows if methods[i] == method]
                 cams = _CAM_FORMULAS[method](a[chosen], g[chosen]).clamp(min=0)

@@ -2,10 +2,15 @@
 
 Candidates are found by one probe forward pass with a hook on every module:
 a module qualifies when it runs exactly once per forward pass and returns a
-``(N, C, H, W)`` tensor. The default is the last one to run whose output still
-has spatial extent (more than 1×1), i.e. the end of the feature extractor just
-before global pooling; of a ``Sequential`` and its last child, which return the
-same tensor, the outer one.
+feature map: ``(N, C, H, W)``, or a transformer's tokens or channels-last map
+(``layouts.py``), listed with the shape of its grid.
+
+The default of a CNN is the last candidate to run whose output still has spatial
+extent (more than 1×1), i.e. the end of the feature extractor just before global
+pooling; of a ``Sequential`` and its last child, which return the same tensor, the
+outer one. The default of a transformer is the first LayerNorm of its last block
+that holds an attention module: the normalised input of its last attention (see
+``default_layer``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from service.contract.suggestions import close_matches, did_you_mean
+from service.engine.layouts import layer_layout
 from service.transport.interface import LayerInfo
 
 # Pooling modules whose output only resamples their input: never a default.
@@ -43,7 +49,7 @@ def probe_layers(model: nn.Module, channels: int, input_size: tuple[int, int]) -
     configured input should fail here, at start-up.
     """
     calls: dict[str, int] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
+    found: dict[str, LayerInfo] = {}
     order: list[str] = []
     handles = []
 
@@ -52,8 +58,10 @@ def probe_layers(model: nn.Module, channels: int, input_size: tuple[int, int]) -
             calls[name] = calls.get(name, 0) + 1
             if calls[name] == 1:
                 order.append(name)
-                if isinstance(output, Tensor) and output.dim() == 4:
-                    shapes[name] = tuple(output.shape[1:])
+                layout = layer_layout(model, name, module, output, input_size)
+                if layout is not None and isinstance(output, Tensor):
+                    shape = layout.grid_shape(tuple(output.shape))
+                    found[name] = LayerInfo(name, type(module).__name__, *shape, layout.kind)
 
         return hook
 
@@ -68,12 +76,7 @@ def probe_layers(model: nn.Module, channels: int, input_size: tuple[int, int]) -
         for handle in handles:
             handle.remove()
 
-    modules = dict(model.named_modules())
-    return [
-        LayerInfo(name, type(modules[name]).__name__, *shapes[name])
-        for name in order
-        if name in shapes and calls[name] == 1
-    ]
+    return [found[name] for name in order if name in found and calls[name] == 1]
 
 
 def default_layer(
@@ -86,6 +89,9 @@ def default_layer(
     head (SqueezeNet, CAM-style heads), not features.
     """
     modules = dict(model.named_modules())
+    attention_input = _last_attention_input(candidates, modules)
+    if attention_input is not None:
+        return attention_input
     spatial = [
         c
         for c in candidates
@@ -98,3 +104,43 @@ def default_layer(
     # Hooks fire children first, so the last candidate to run is the outermost
     # module ending there: ``layer4`` rather than ``layer4.1``.
     return spatial[-1].name
+
+
+def _is_attention(module: nn.Module) -> bool:
+    # torch's MultiheadAttention (torchvision's ViT); torchvision's Swin, timm and
+    # Hugging Face name theirs ...Attention.
+    return isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention")
+
+
+def _last_attention_input(candidates: list[LayerInfo], modules: dict[str, nn.Module]) -> str | None:
+    """For a transformer (a candidate that is tokens or channels-last): the first
+    LayerNorm of the last block that holds an attention module, i.e. what its last
+    attention reads (``ln_1`` of a torchvision ViT's last encoder block, ``norm1`` of a
+    Swin's last block); None for a CNN, or if no block holds an attention module.
+
+    Why there, the layer pytorch-grad-cam's documentation recommends for both: a ViT's
+    head reads the class token alone, and after the last attention no token mixes with
+    another, so every later layer's patch tokens have zero gradient (all-zero maps);
+    the last attention's input is the last place where every patch still reaches the
+    class token. A Swin averages every position into its head, so its later layers
+    (``norm``) have maps too; the same place is chosen for both, as the reference does.
+    """
+    if all(c.layout == "nchw" for c in candidates):
+        return None
+    names = {c.name for c in candidates}
+    last_block: str | None = None
+    for c in candidates:
+        if c.layout == "nchw" or not isinstance(modules[c.name], nn.LayerNorm):
+            continue
+        parent = c.name.rpartition(".")[0]
+        if any(_is_attention(child) for child in modules[parent].children()):
+            last_block = parent
+    if last_block is None:
+        return None
+    # Registration order, not execution order: Hugging Face's ViT layer registers its
+    # attention first but still names its first LayerNorm first (layernorm_before).
+    for child_name, child in modules[last_block].named_children():
+        name = f"{last_block}.{child_name}" if last_block else child_name
+        if isinstance(child, nn.LayerNorm) and name in names:
+            return name
+    return None

@@ -24,6 +24,7 @@ from torch import nn
 
 from service.contract.settings import ModelsFile, ModelSpec
 from service.engine.layers import UnknownLayerError, default_layer, probe_layers, resolve_layer
+from service.engine.layouts import declare_layout
 from service.engine.model_architecture import adapt_input_channels, build_architecture
 from service.engine.model_errors import ModelConfigError
 from service.engine.model_outputs import expose_logits, output_classes, warn_if_probabilities
@@ -149,6 +150,7 @@ def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu"
         )
 
     model = build_architecture(name, spec, num_classes, models.base_dir)
+    declare_layout(model, spec.layout, spec.prefix_tokens)
     if ":" not in spec.arch:
         adapt_input_channels(model, spec.channels)
     if weights_enum is not None:
@@ -186,26 +188,30 @@ def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu"
             raise ModelConfigError(
                 name,
                 "layer",
-                f"layer '{spec.layer}' does not return an (N, C, H, W) feature "
-                "map exactly once per forward pass",
+                f"layer '{spec.layer}' does not return a feature map (N, C, H, W), or "
+                "a transformer's tokens, exactly once per forward pass",
             )
         layer = spec.layer
     else:
         found = default_layer(list(layers), model, classes)
         if found is None:
             raise ModelConfigError(
-                name, "layer", "no layer returns a spatial feature map; name one with 'layer'"
+                name,
+                "layer",
+                "no layer returns a spatial feature map; name one with 'layer' (and "
+                "'layout' if the model is a transformer, see docs/models.md)",
             )
         layer = found
         info = next(x for x in layers if x.name == layer)
         logger.info(
-            "model '%s': default target layer '%s' (%s, %d×%d×%d)",
+            "model '%s': default target layer '%s' (%s, %d×%d×%d, %s)",
             name,
             layer,
             info.kind,
             info.channels,
             info.height,
             info.width,
+            info.layout,
         )
 
     mean, std = _normalisation(spec, weights_enum)

@@ -27,7 +27,7 @@ import numpy as np
 
 from service.contract.errors import ClientClosed, DeadlineExceeded, UnknownModel
 from service.contract.suggestions import close_matches, did_you_mean
-from service.contract.terms import MemoryFormat, Precision, ResizeMode
+from service.contract.terms import LayerLayout, MemoryFormat, Precision, ResizeMode
 
 # How `gradcam-service serve` tells the HTTP workers where the engines listen:
 # their Unix socket paths, os.pathsep-separated.
@@ -47,13 +47,15 @@ Box = tuple[int, int, int, int]
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A candidate target layer and its output shape ``(C, H, W)`` for one input image."""
+    """A candidate target layer and its map's shape ``(C, H, W)`` for one input image;
+    ``layout``: how the layer's output holds that map (``engine/layouts.py``)."""
 
     name: str
     kind: str
     channels: int
     height: int
     width: int
+    layout: LayerLayout = "nchw"
 
 
 @dataclass(frozen=True)
