@@ -19,7 +19,7 @@ from service.imaging.render import colour_image, normalise, to_uint8
 from service.transport.interface import ModelInfo
 from service.trust.audit import ImageRecord, Thresholds
 
-_MEASURES = ("mass_in_box", "mass_on_border", "deletion_auc", "insertion_auc")
+_MEASURES = ("mass_in_box", "mass_near_box", "mass_on_border", "deletion_auc", "insertion_auc")
 _BINS = 20
 
 
@@ -60,7 +60,8 @@ def summarise(
     explained = [r for r in records if r.error is None]
     by_class: dict[str, list[ImageRecord]] = {}
     for record in explained:
-        by_class.setdefault(record.explained, []).append(record)
+        if record.judged:  # a class the model does not see in the image says nothing
+            by_class.setdefault(record.explained, []).append(record)
     classes: dict[str, Any] = {}
     for label, rows in sorted(by_class.items()):
         flagged = sum(r.flagged for r in rows)
@@ -77,6 +78,7 @@ def summarise(
         "flagged_classes": flagged_classes,
         "images": len(records),
         "explained": len(explained),
+        "judged": sum(r.judged for r in explained),
         "flagged_images": sum(r.flagged for r in explained),
         "errors": len(records) - len(explained),
     }
@@ -236,13 +238,20 @@ def _html(
             for m in _MEASURES
             if c[m] is not None
         )
+        # Each histogram with its flag threshold.
+        lines = {
+            "mass_near_box": 1 - thresholds["max_outside"],
+            "mass_on_border": thresholds["max_border"],
+        }
         histograms = "".join(
             _histogram_svg(
                 c[m]["histogram"],
-                (1 - thresholds["max_outside"]) if m == "mass_in_box" else thresholds["max_border"],
+                (1 - thresholds["max_outside"])
+                if m == "mass_near_box"
+                else thresholds["max_border"],
                 m,
             )
-            for m in ("mass_in_box", "mass_on_border")
+            for m in lines
             if c[m] is not None
         )
         picture = (
@@ -268,7 +277,7 @@ def _html(
             f'<td><img src="{thumb}" alt=""></td><td>{e(r.key)}</td>'
             f"<td>{e(r.predicted)}</td>{_cell(r.predicted_score)}"
             f"<td>{e(r.explained)}</td>{_cell(r.explained_score)}"
-            f"{_cell(r.mass_in_box)}{_cell(r.mass_on_border)}"
+            f"{_cell(r.mass_in_box)}{_cell(r.mass_near_box)}{_cell(r.mass_on_border)}"
             f"<td>{r.peak[0] if r.peak else ''}, {r.peak[1] if r.peak else ''}</td>"
             f"{_cell(r.deletion_auc)}{_cell(r.insertion_auc)}"
             f'<td data-v="{int(r.flagged)}">{e("; ".join(r.why)) if r.flagged else ""}</td></tr>'
@@ -291,10 +300,13 @@ def _html(
 <html lang="en"><head><meta charset="utf-8"><title>Grad-CAM audit: {e(settings["model"])}</title>
 <style>{_STYLE}</style></head><body>
 <h1>Grad-CAM audit</h1>
-<p>{described}. {verdict["images"]} images. An image is flagged when more than
-{thresholds["max_outside"]:.0%} of its heatmap's mass lies outside its boxes for the explained
-class, or more than {thresholds["max_border"]:.0%} on the outer 10 % border; a class when at
-least {thresholds["flag_share"]:.0%} of its images are.</p>
+<p>{described}. {verdict["images"]} images, {verdict["judged"]} judged (the explained
+class scores at least {thresholds["min_score"]:g}). A judged image is flagged when more than
+{thresholds["max_outside"]:.0%} of its heatmap's mass lies away from its boxes for the
+explained class (each box grown by one cell of the layer, the blur of a perfect map), or,
+without boxes for it, more than {thresholds["max_border"]:.0%} on the outer 10 % border; a
+class when at least {thresholds["flag_share"]:.0%} of its judged images are. The class
+figures below are over judged images.</p>
 {headline}
 <h2>Per class: mean heatmap (at the model input), shares, histograms</h2>
 <div class="classes">{"".join(cards)}</div>
@@ -302,7 +314,8 @@ least {thresholds["flag_share"]:.0%} of its images are.</p>
 <p><label><input type="checkbox" id="only-flagged"> only flagged images</label>
 (click a column to sort)</p>
 <table id="images" class="sortable"><thead><tr><th>overlay</th><th>image</th><th>predicted</th>
-<th>score</th><th>explained</th><th>score</th><th>mass in box</th><th>mass on border</th>
+<th>score</th><th>explained</th><th>score</th><th>mass in box</th><th>near box</th>
+<th>on border</th>
 <th>peak (x, y)</th><th>deletion AUC</th><th>insertion AUC</th><th>flagged</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
 {error_table}
