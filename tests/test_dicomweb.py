@@ -280,3 +280,34 @@ def test_allowed_urls_are_compared_normalised() -> None:
         servers.base("file:///etc/passwd", "x", "X")
     with pytest.raises(Forbidden):
         DicomWebServers("").base("http://pacs.example/dicom-web", "x", "X")
+
+
+def test_audit_a_study_list_from_dicomweb(
+    orthanc: Orthanc, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``gradcam-service audit --dicomweb``: QIDO-RS finds every instance of the listed
+    studies, WADO-RS fetches each; a study that is not there is a clear error."""
+    from service.cli import EXIT_OK, EXIT_USAGE, main
+
+    cr = pydicom.dcmread(CR, stop_before_pixels=True)
+    ct = pydicom.dcmread(CT, stop_before_pixels=True)
+    studies = tmp_path / "studies.txt"
+    studies.write_text(
+        f"# the phantom and the CT\n{orthanc.url}/studies/{cr.StudyInstanceUID}\n"
+        f"{orthanc.url}/studies/{ct.StudyInstanceUID}/\n"
+    )
+    out = tmp_path / "out"
+    assert main(["audit", "--dicomweb", str(studies), "-q", "--out", str(out)]) == EXIT_OK
+    report = json.loads((out / "report.json").read_text())
+    keys = {r["key"]: r for r in report["images"]}
+    phantom_key = f"{cr.StudyInstanceUID}/{cr.SeriesInstanceUID}/{cr.SOPInstanceUID}"
+    assert set(keys) == {
+        phantom_key,
+        f"{ct.StudyInstanceUID}/{ct.SeriesInstanceUID}/{ct.SOPInstanceUID}",
+    }
+    assert keys[phantom_key]["explained"] == "nodule" and keys[phantom_key]["error"] is None
+    studies.write_text(f"{orthanc.url}/studies/1.2.3.4\n")
+    assert main(["audit", "--dicomweb", str(studies), "-q", "--out", str(tmp_path / "o")]) == (
+        EXIT_USAGE
+    )
+    assert "lists no instance of that study" in capsys.readouterr().err

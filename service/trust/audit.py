@@ -501,7 +501,10 @@ def dicomweb_inputs(path: Path, timeout_s: float) -> list[AuditInput]:
         base, _, study = url.rstrip("/").rpartition("/studies/")
         if not base or not study:
             raise AuditUsage(f"{path}: '{url}' is not BASE/studies/STUDY-UID")
-        for series, instance in study_instances(base, study, timeout_s):
+        instances = study_instances(base, study, timeout_s)
+        if not instances:
+            raise AuditUsage(f"{url}: the server lists no instance of that study")
+        for series, instance in instances:
             found.append(
                 AuditInput(f"{study}/{series}/{instance}", dicomweb=(base, study, series, instance))
             )
