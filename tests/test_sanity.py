@@ -1,11 +1,13 @@
 """The sanity check (``service/trust/``): its measures against independent references,
-the cascade on the demo model (the correlation falls at step 1), and negative controls
-that make it fail."""
+the cascade on the demo model (the correlation falls at step 1), negative controls
+that make it fail, and the command end to end."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +15,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from service.cli import EXIT_EXISTS, EXIT_INPUT, EXIT_OK, EXIT_USAGE, main
 from service.contract.settings import Settings
-from service.demo.phantom import make_dataset
+from service.demo.phantom import make_dataset, to_uint8
 from service.engine.batch_inputs import normaliser
 from service.engine.folding import fold_batch_norms, folded_affine
 from service.engine.models import LoadedModel, load_model
@@ -263,6 +266,78 @@ def test_a_map_blind_to_the_layers_above_it_fails(demo: LoadedModel) -> None:
     assert result.steps[1].spearman_spread.median == pytest.approx(1.0)
     assert result.first_below is not None and result.first_below > 1
     assert not result.passed and "falls below only at step" in result.verdict()
+
+
+# --- the command ---------------------------------------------------------------------
+
+
+def _write_phantoms(folder: Path, count: int) -> list[Path]:
+    folder.mkdir()
+    paths = []
+    for i, phantom in enumerate(make_dataset(count, _SEED, (150, 130))):
+        path = folder / f"phantom_{i}.png"
+        Image.fromarray(to_uint8(phantom.image)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_the_command_writes_the_table_plot_and_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _write_phantoms(tmp_path / "in", 5)
+    (tmp_path / "in" / "notes.txt").write_text("not an image: a folder's other files are skipped")
+    out = tmp_path / "out"
+    argv = ["sanity", "--images", str(tmp_path / "in"), "--out", str(out), "--depth", "2"]
+    assert main(argv) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "Spearman median [IQR]" in printed and "features.stage3" in printed
+    assert printed.strip().splitlines()[-1].startswith("PASS")
+    data = json.loads((out / "sanity.json").read_text())
+    assert data["passed"] is True and data["model"] == "phantom" and data["layer"] == "features"
+    assert [s["layer"] for s in data["steps"]] == [
+        None,
+        "classifier",
+        "features.stage3",
+        "features.stage2",
+        "features.stage1",
+        "features.stem",
+    ]
+    assert len(data["images"]) + len(data["skipped_constant_original"]) == len(images)
+    first = data["steps"][1]
+    assert len(first["per_image"]) == len(data["images"])
+    assert first["spearman"]["median"] == pytest.approx(
+        float(np.median([p["spearman"] for p in first["per_image"]]))
+    )
+    with Image.open(out / "sanity.png") as plot:
+        assert plot.format == "PNG" and plot.width >= 600 and plot.height >= 400
+
+    # Outputs there already: nothing done without --force.
+    assert main(argv) == EXIT_EXISTS
+    assert "--force" in capsys.readouterr().err
+    # A list of files, one unreadable: told, the others checked (exit code 1).
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    files = [str(p) for p in images[:3]] + [str(broken)]
+    again = ["sanity", "--images", *files, "--out", str(out), "--force", "--max-images", "3"]
+    assert main(again) == EXIT_OK  # --max-images 3: the broken file is past the limit
+    assert main([*again[:-2], "--max-images", "4"]) == EXIT_INPUT
+    assert f"error: {broken}:" in capsys.readouterr().err
+
+
+def test_the_command_refuses_bad_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images = _write_phantoms(tmp_path / "in", 1)
+    out = str(tmp_path / "out")
+    assert main(["sanity", "--images", str(tmp_path / "nowhere"), "--out", out]) == EXIT_USAGE
+    assert "no such file" in capsys.readouterr().err
+    bad_layer = ["sanity", "--images", str(images[0]), "--out", out, "--layer", "featurs"]
+    assert main(bad_layer) == EXIT_USAGE
+    assert "Did you mean 'features'" in capsys.readouterr().err
+    assert (
+        main(["sanity", "--images", str(images[0]), "--out", out, "--target", "nodle"])
+        == EXIT_USAGE
+    )
+    assert "Did you mean 'nodule'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_plot_draws_both_verdicts(report: SanityReport, demo: LoadedModel) -> None:
