@@ -5,6 +5,7 @@
     gradcam-service explain --request BODY.json      the exact JSON the HTTP API returns
     gradcam-service layers                           candidate target layers and shapes
     gradcam-service body IMAGE... [--target T]       a POST /v1/explain body, for curl & co.
+    gradcam-service sanity --images DIR [--out DIR]  the maps after cascading randomisation
 
 Exit codes (``EXIT_*``): 0 done; 1 some inputs (or the request) got an error, each
 told on one line, the others done; 2 bad usage, settings or models file, nothing
@@ -18,7 +19,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -132,6 +133,52 @@ def _body(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sanity(args: argparse.Namespace) -> int:
+    """The model-parameter randomisation test (``trust/command.py``); no runtime."""
+    from service.trust.command import sanity
+
+    try:
+        failures = sanity(args)
+    except (ConfigError, Usage) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except OutputExists as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_EXISTS
+    except OSError as error:  # the output folder cannot be written, say
+        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_INPUT
+    return EXIT_INPUT if failures else EXIT_OK
+
+
+def _add_sanity(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    sanity_p = sub.add_parser(
+        "sanity",
+        help="check that the maps change when the model's layers are randomised, "
+        "from the output down (Adebayo et al., 2018): table, sanity.png, sanity.json",
+    )
+    sanity_p.add_argument("--images", nargs="+", required=True, help="image folders and/or files")
+    common(sanity_p)
+    sanity_p.add_argument("--layer", help="target layer (dotted name); default: the model's")
+    sanity_p.add_argument("--method", **_one_of(METHODS), default="gradcam")
+    sanity_p.add_argument(
+        "--target", help="class index or label to explain; default: each image's top-1 class"
+    )
+    sanity_p.add_argument("--out", default="sanity-out", help="folder for the PNG and JSON")
+    sanity_p.add_argument("--max-images", type=int, default=32, help="default 32")
+    sanity_p.add_argument("--seed", type=int, default=0, help="of the re-initialisation")
+    sanity_p.add_argument(
+        "--depth",
+        type=int,
+        help="randomise blocks: modules grouped by the first N parts of their names; "
+        "default: one layer (with its norm) per step",
+    )
+    sanity_p.add_argument("--force", action="store_true", help="overwrite sanity.png/.json")
+
+
 def _one_of(options: Sequence[str]) -> dict[str, Any]:
     """argparse keywords for a value from ``options``: a mistake names the close matches
     ("'gradcm' is not one of ...: did you mean 'gradcam'?"), which ``choices`` does not."""
@@ -226,6 +273,8 @@ def _parser() -> argparse.ArgumentParser:
 
     layers_p = sub.add_parser("layers", help="list candidate target layers with output shapes")
     common(layers_p)
+
+    _add_sanity(sub, common)
 
     serve_p = sub.add_parser("serve", help="run the HTTP API on gunicorn")
     common(serve_p)
@@ -343,6 +392,8 @@ def _command(args: argparse.Namespace) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "sanity":
+            return _sanity(args)
         if args.command == "explain" and args.images:
             plan = plan_files(args)
         runtime = _runtime(args)

@@ -130,3 +130,13 @@ def explained_activation(module: nn.Module, output: Tensor) -> tuple[Tensor, Ten
     scale, shift = (value.to(output.dtype) for value in affine)
     leaf = ((output.detach() - shift) / scale).requires_grad_(True)
     return leaf, leaf * scale + shift
+
+
+def forget_folded(module: nn.Module) -> None:
+    """Drop the (scale, shift) a folded convolution keeps, once its weights are replaced
+    by ones that absorbed no batch norm (the sanity check's re-initialisation, where the
+    batch norm it stood for goes back to its initial state, the identity): there is
+    nothing left to undo for ``explained_activation``."""
+    for name in (_SCALE, _SHIFT):
+        if name in module._buffers:
+            delattr(module, name)
