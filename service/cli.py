@@ -6,6 +6,7 @@
     gradcam-service layers                           candidate target layers and shapes
     gradcam-service body IMAGE... [--target T]       a POST /v1/explain body, for curl & co.
     gradcam-service sanity --images DIR [--out DIR]  the maps after cascading randomisation
+    gradcam-service audit --images DIR --out DIR     where the model looks over a dataset
 
 Exit codes (``EXIT_*``): 0 done; 1 some inputs (or the request) got an error, each
 told on one line, the others done; 2 bad usage, settings or models file, nothing
@@ -287,11 +288,11 @@ def _parser() -> argparse.ArgumentParser:
     serve_p.add_argument(
         "--engines", type=int, help="engine processes; default: one per GPU, or one on the CPU"
     )
-    _audit_parser(sub, common)
+    _add_audit(sub, common)
     return parser
 
 
-def _audit_parser(sub: Any, common: Any) -> None:
+def _add_audit(sub: Any, common: Any) -> None:
     audit_p = sub.add_parser(
         "audit",
         help="where a model looks over a dataset: report.json and report.html, "

@@ -59,14 +59,11 @@ from service.pipeline.images import (
 )
 from service.pipeline.results import draw_heatmap
 from service.transport.interface import ModelInfo
+from service.trust.inputs import NoSuchInput, image_files
 
 if TYPE_CHECKING:
     from service.engine.runtime import Runtime
 
-# Image files a folder is searched for (DICOM files often have no suffix: name them).
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
-)
 BORDER = 0.10  # the frame's width, as a share of each side
 THUMBNAIL_SIDE = 160
 LOG_NAME = "audit.jsonl"
@@ -124,24 +121,12 @@ class ImageRecord:
 # --- inputs and boxes ----------------------------------------------------------------
 
 
-def find_inputs(paths: Sequence[str]) -> list[AuditInput]:
-    """Folders (searched recursively for ``IMAGE_SUFFIXES``, sorted) and files, in order;
-    a folder's images are keyed by their path inside it, a file by its path as given."""
-    found: list[AuditInput] = []
-    for given in paths:
-        path = Path(given)
-        if path.is_dir():
-            for entry in sorted(path.rglob("*")):
-                if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
-                    found.append(AuditInput(entry.relative_to(path).as_posix(), entry))
-        elif path.is_file():
-            found.append(AuditInput(given, path))
-        else:
-            raise AuditUsage(f"{given}: no such file or folder")
-    keys = [i.key for i in found]
-    if len(set(keys)) != len(keys):
-        raise AuditUsage("two inputs have the same name; give one folder, or distinct files")
-    return found
+def find_inputs(names: Sequence[str]) -> list[AuditInput]:
+    """Folders (searched recursively) and files, in order (``inputs.image_files``)."""
+    try:
+        return [AuditInput(key, path) for key, path in image_files(names)]
+    except NoSuchInput as error:
+        raise AuditUsage(str(error)) from None
 
 
 def read_boxes(path: Path) -> dict[str, list[tuple[str, list[float]]]]:

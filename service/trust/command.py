@@ -29,32 +29,20 @@ from service.explain_files import OutputExists, Usage, target_ref
 from service.pipeline.budgets import RequestBudget
 from service.pipeline.images import PreparedImage, prepare_image
 from service.transport.interface import Job
+from service.trust.inputs import NoSuchInput, image_files
 from service.trust.plot import draw_plot
 from service.trust.sanity import NothingToCompare, run_sanity
 
-# What a folder's files are taken as images by (anything given by name is tried).
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
-)
 OUTPUTS = ("sanity.png", "sanity.json")
 
 
 def image_paths(names: list[str], limit: int) -> list[Path]:
-    """Each folder's image files (by suffix, sorted by name, not recursive) and each file
-    given, in order, the first ``limit``; ``Usage`` if there is none."""
-    paths: list[Path] = []
-    for name in names:
-        path = Path(name)
-        if path.is_dir():
-            paths.extend(
-                sorted(
-                    p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                )
-            )
-        elif path.exists():
-            paths.append(path)
-        else:
-            raise Usage(f"{path}: no such file or folder")
+    """The images of ``names`` (``inputs.image_files``), the first ``limit``; ``Usage``
+    if there is none."""
+    try:
+        paths = [path for _, path in image_files(names)]
+    except NoSuchInput as error:
+        raise Usage(str(error)) from None
     if not paths:
         raise Usage(f"no image files in {', '.join(names)}")
     return paths[:limit]
