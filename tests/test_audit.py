@@ -162,6 +162,14 @@ def test_an_interrupted_audit_resumes_where_it_stopped(
     keys = [json.loads(line)["key"] for line in (out / "audit.jsonl").read_text().splitlines()[1:]]
     assert sorted(keys) == [f"img{i:03d}.png" for i in range(40)]  # each exactly once
     assert len(_report(out)["images"]) == 40
+    # An image that failed is tried again on the next run (here: it is readable now).
+    broken = tmp_path / "set" / "late.png"
+    broken.write_bytes(b"not yet")
+    assert main(args) == 1
+    Image.open(tmp_path / "set" / "img000.png").save(broken)
+    assert main(args) == EXIT_OK
+    report = _report(out)
+    assert len(report["images"]) == 41 and report["verdict"]["errors"] == 0
     # Other settings into the same folder are refused; --restart starts over.
     assert main([*args, "--method", "layercam"]) == EXIT_USAGE
     assert "other settings (method)" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 import time
@@ -413,9 +414,11 @@ def audit(args: argparse.Namespace, runtime: Runtime, items: Sequence[AuditInput
             f"{out} holds an audit with other settings ({', '.join(changed)}); choose another "
             "--out, or --restart to start over"
         )
-    finished = {r.key for r in done}
+    # An image that failed (a file that could not be read, a server that did not answer)
+    # is tried again; the last line of a key is its answer.
+    finished = {r.key for r in done if r.error is None}
     todo = [item for item in items if item.key not in finished]
-    if done:
+    if finished:
         print(f"resuming: {len(finished)} of {len(items)} images already audited", file=sys.stderr)
     log = _Log(log_path, settings, fresh=previous is None)
     progress = None
@@ -460,7 +463,9 @@ def audit(args: argparse.Namespace, runtime: Runtime, items: Sequence[AuditInput
         if progress is not None:
             progress.close()
     elapsed = time.monotonic() - started
-    _, records = read_log(log_path)
+    _, logged = read_log(log_path)
+    latest = {r.key: r for r in logged}
+    records = [latest[item.key] for item in items if item.key in latest]
     summary = write_reports(out, settings, records, model, thresholds)
     rate = f" in {elapsed:.1f} s ({len(todo) / elapsed:.1f} images/s)" if todo and elapsed else ""
     print(f"audited {len(records)} images{rate}; {summary}")
@@ -470,7 +475,9 @@ def audit(args: argparse.Namespace, runtime: Runtime, items: Sequence[AuditInput
 
 def _thumb_name(key: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-    return f"{safe}.jpg" if len(safe) < 120 else f"{abs(hash(key)):x}.jpg"
+    if len(safe) < 120:
+        return f"{safe}.jpg"
+    return hashlib.sha256(key.encode()).hexdigest()[:32] + ".jpg"
 
 
 def dicomweb_inputs(path: Path, timeout_s: float) -> list[AuditInput]:
