@@ -139,8 +139,10 @@ class LiveServer:
         workers: int = 1,
         device: str = "cpu",
         threads: int = 8,
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        # A given port: a restart where clients (Orthanc's router) expect it.
+        self.port = free_port() if port is None else port
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
             sys.executable,
