@@ -1,7 +1,7 @@
 /** OHIF viewer configuration for gradcam-service's radiology pipeline.
  *
  * OHIF reads studies from DICOMweb at /dicom-web on its own origin: deploy/ohif/serve.py
- * (no containers) and the compose profile "pacs" (nginx.conf.template) pass that path to
+ * (no containers) and the compose profile "pacs" (nginx.conf) pass that path to
  * Orthanc, so the browser needs no CORS. Pinned: @ohif/app 3.13.2 (deploy/ohif/VERSION).
  * @type {AppTypes.Config}
  */

@@ -15,10 +15,10 @@ which Orthanc does not, so this serves both under one address:
 
 Only the standard library. It listens on 127.0.0.1 by default and adds no
 authentication: whoever reaches it reads the DICOMweb server. The compose profile
-``pacs`` does the same with OHIF's own image and nginx (``nginx.conf.template``).
+``pacs`` does the same with OHIF's own image and nginx (``nginx.conf``).
 
     python3 deploy/ohif/serve.py --dist .cache/ohif/3.13.2/dist \\
-        --dicomweb http://127.0.0.1:8042/dicom-web --port 3000
+        --dicomweb http://127.0.0.1:8042/dicom-web --port 3001
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def make_server(
     config: Path,
     dicomweb: str,
     host: str = "127.0.0.1",
-    port: int = 3000,
+    port: int = 3001,
     timeout_s: float = 60.0,
     verbose: bool = False,
 ) -> http.server.ThreadingHTTPServer:
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         help="the DICOMweb root passed through at /dicom-web (default: %(default)s)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
-    parser.add_argument("--port", type=int, default=3000, help="default: %(default)s")
+    parser.add_argument("--port", type=int, default=3001, help="default: %(default)s")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="per DICOMweb request")
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
