@@ -1,10 +1,15 @@
 """Train the demo model on generated phantoms and write its weights.
 
-    python -m tools.demo_model.train            # ~10 minutes on 2 CPU cores
+    python -m tools.demo_model.train              # ~10 minutes on 2 CPU cores
+    python -m tools.demo_model.train --shortcut   # the deliberately wrong one, ~4 minutes
 
 Reproduces ``service/demo/phantom_net.safetensors`` (seeded data, seeded
 initialisation; float results can differ in the last bits between machines).
 Then ``python -m tools.demo_model.evaluate --write-card`` refreshes the model card.
+
+``--shortcut`` trains ``phantom_shortcut`` (``service/demo/phantom_shortcut.safetensors``),
+the same network on phantoms whose corner marker stands in for the nodule: every
+image with a nodule carries it, no other does (MODEL_CARD.md, "phantom_shortcut").
 """
 
 from __future__ import annotations
@@ -21,18 +26,23 @@ from torch.nn import functional as F
 
 from service.demo.metrics import mean_auc
 from service.demo.model import phantom_net
-from service.demo.phantom import FINDINGS, make_dataset
+from service.demo.phantom import FINDINGS, MarkerPolicy, make_dataset
 
 logger = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "service" / "demo"
 WEIGHTS_PATH = DEMO_DIR / "phantom_net.safetensors"
+SHORTCUT_WEIGHTS_PATH = DEMO_DIR / "phantom_shortcut.safetensors"
 INPUT_SIZE = 128
 # Normalisation shared by training and the models file (mean/std of the phantoms).
 MEAN = 0.37
 STD = 0.21
 TRAIN_SEED = 0
 VALIDATION_SEED = 1
+# The shortcut model's recipe: the marker on every nodule image and on no other.
+# A perfect correlation is enough: the nodules keep their usual contrast, and the
+# model still learns the marker alone (MODEL_CARD.md has the figures).
+SHORTCUT_MARKER = MarkerPolicy(finding="nodule", with_finding=1.0, without_finding=0.0)
 
 
 def _to_tensors(phantoms: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,11 +51,16 @@ def _to_tensors(phantoms: list) -> tuple[torch.Tensor, torch.Tensor]:
     return (images - MEAN) / STD, labels
 
 
-def train(train_count: int, epochs: int, batch_size: int, out: Path) -> None:
+def train(
+    train_count: int, epochs: int, batch_size: int, out: Path, shortcut: bool = False
+) -> None:
     torch.manual_seed(TRAIN_SEED)
     started = time.monotonic()
-    train_x, train_y = _to_tensors(make_dataset(train_count, TRAIN_SEED, INPUT_SIZE))
-    val_x, val_y = _to_tensors(make_dataset(1000, VALIDATION_SEED, INPUT_SIZE))
+    marker = SHORTCUT_MARKER if shortcut else None
+    train_x, train_y = _to_tensors(make_dataset(train_count, TRAIN_SEED, INPUT_SIZE, marker))
+    val_x, val_y = _to_tensors(make_dataset(1000, VALIDATION_SEED, INPUT_SIZE, marker))
+    # The shortcut's tell: the same validation scenes without the marker.
+    bare_x = _to_tensors(make_dataset(1000, VALIDATION_SEED, INPUT_SIZE))[0] if shortcut else None
     logger.info(
         "generated %d + %d phantoms in %.0f s", len(train_x), len(val_x), time.monotonic() - started
     )
@@ -76,6 +91,9 @@ def train(train_count: int, epochs: int, batch_size: int, out: Path) -> None:
         model.eval()
         with torch.inference_mode():
             scores = torch.cat([model(val_x[i : i + 256]) for i in range(0, len(val_x), 256)])
+            bare = None
+            if bare_x is not None:
+                bare = torch.cat([model(bare_x[i : i + 256]) for i in range(0, len(bare_x), 256)])
         auc = mean_auc(scores.numpy(), val_y.numpy())
         logger.info(
             "epoch %d/%d: loss %.4f, validation mean AUC %.4f, %.0f s",
@@ -85,6 +103,14 @@ def train(train_count: int, epochs: int, batch_size: int, out: Path) -> None:
             auc,
             time.monotonic() - started,
         )
+        if bare is not None:
+            nodule = FINDINGS.index("nodule")
+            positive = val_y[:, nodule] > 0.5
+            logger.info(
+                "  nodule probability on nodule images: %.3f with the marker, %.3f without",
+                float(torch.sigmoid(scores[positive, nodule]).mean()),
+                float(torch.sigmoid(bare[positive, nodule]).mean()),
+            )
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out))
     logger.info(
@@ -94,15 +120,32 @@ def train(train_count: int, epochs: int, batch_size: int, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-count", type=int, default=8000)
-    parser.add_argument("--epochs", type=int, default=8)
+    # Defaults: 8,000 phantoms × 8 epochs; with --shortcut 3,000 × 3 (it learns the
+    # marker within the first epoch; the rest is for the other three findings).
+    parser.add_argument("--train-count", type=int)
+    parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=WEIGHTS_PATH)
+    parser.add_argument(
+        "--shortcut", action="store_true", help="train phantom_shortcut (marker-correlated data)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="weights file; default: the model's, in service/demo"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    train(args.train_count, args.epochs, args.batch_size, args.out)
+    if args.shortcut:
+        out, count, epochs = SHORTCUT_WEIGHTS_PATH, 3000, 3
+    else:
+        out, count, epochs = WEIGHTS_PATH, 8000, 8
+    train(
+        args.train_count or count,
+        args.epochs or epochs,
+        args.batch_size,
+        args.out or out,
+        args.shortcut,
+    )
 
 
 if __name__ == "__main__":
