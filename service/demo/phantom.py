@@ -15,8 +15,9 @@ Findings (multilabel, any number per image):
 Everything is seeded: ``make_dataset(n, seed, size)`` returns the same images
 for the same arguments on every machine.
 
-Markers (``MarkerPolicy``): a bright block letter "R" in a corner, inside the
-outer 10 % frame of the image, like the lead side markers on real radiographs.
+Markers (``MarkerPolicy``): a grey block letter "R" in a corner, inside the
+outer 10 % frame of the image, like the side markers and burned-in annotations
+on real radiographs.
 It is not a finding (the labels stay the four above); planted with a probability
 that depends on whether the image shows a chosen finding, it becomes a shortcut
 a model can learn instead of the finding (the ``phantom_shortcut`` demo model).
@@ -45,8 +46,13 @@ _PREVALENCE = 0.4
 _MARKER_GLYPH = ("####.", "#...#", "#...#", "####.", "#.#..", "#..#.", "#...#")
 _MARKER_CELL = 0.012
 _MARKER_MARGIN = (0.006, 0.014)
-# As bright as the densest bone: lead stops the beam.
-_MARKER_LEVEL = 0.92
+# Grey, like soft tissue (a burned-in annotation rather than a lead letter): the
+# honest demo model, which never saw a marker, reads any bright thing in the dark
+# corners as the end of a tube (tubes are the only bright things it met outside
+# the body: at 0.92, every marked image scored tube ≈ 1.0, at 0.5 some did); at
+# this level its scores stay those of the unmarked image, so only a model
+# trained on the marker reacts to it.
+_MARKER_LEVEL = 0.35
 # Seeds the marker stream of make_dataset apart from the scene stream ("MARK").
 _MARKER_STREAM = 0x4D41524B
 
