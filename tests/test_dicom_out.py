@@ -383,3 +383,24 @@ def test_segmentation_and_report_through_the_server(server: LiveServer, tmp_path
     assert seg.StudyInstanceUID == sr.StudyInstanceUID == pydicom.dcmread(CR).StudyInstanceUID
     evidence = {uids[2] for uids in _report(sr).get_evidence()}
     assert seg.SOPInstanceUID in evidence
+
+
+def test_what_the_sweep_found_for_segmentations_and_reports(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """Real files (tests/test_dicom_sweep.py): a CT without its slice thickness gets a 2D
+    Segmentation (no plane, Patient Orientation instead); a CT without the Frame of
+    Reference its IOD requires gets a reason; a source whose identity was removed without
+    saying how gets a report that says the method is not stated."""
+    thin = Path(get_testdata_file("explicit_VR-UN.dcm"))
+    answer = _request(runtime, thin, heatmap={"format": "dicom-seg"})
+    made = _valid(base64.b64decode(answer["results"][0]["segmentation"]["data"]), tmp_path)
+    assert "PlaneOrientationSequence" not in made.SharedFunctionalGroupsSequence[0]
+    assert "PatientOrientation" in made
+    no_frame = Path(get_testdata_file("693_J2KR.dcm"))
+    answer = _request(runtime, no_frame, heatmap={"format": "dicom-seg"}, report="dicom-sr")
+    result = answer["results"][0]
+    assert "Frame of Reference" in result["segmentation"]["reason"]
+    report = _valid(base64.b64decode(result["report"]["data"]), tmp_path)
+    assert report.PatientIdentityRemoved == "YES"
+    assert report.DeidentificationMethod == "not stated by the source image"

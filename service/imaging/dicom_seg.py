@@ -12,12 +12,13 @@ A class whose map stays below the level everywhere (an all-zero map above all) h
 empty segment: it is described, with no frame (highdicom omits empty frames; when every
 segment is empty the frame is kept, all zero, so the object still holds one).
 
-Sources: single-frame images with or without a Frame of Reference (CR, DX, Secondary
-Captures: highdicom then carries no plane position, and Patient Orientation is set as for
-a Secondary Capture); one frame of a multi-frame image where that frame has a position
-in a Frame of Reference (enhanced CT, MR: the segment lies on that frame's plane).
-Multi-frame images without one cannot be segmented frame by frame
-(``segmentation_problem`` says why).
+Sources: single-frame images, on their plane where they give it completely (CT, MR:
+Frame of Reference, position, orientation, spacing and slice thickness), else as a 2D
+object on their pixel grid (CR, DX, Secondary Captures: no plane, Patient Orientation as
+for a Secondary Capture); one frame of a multi-frame image where that frame has a
+position in a Frame of Reference (enhanced CT, MR: the segment lies on that frame's
+plane). Multi-frame images without one, a CT or MR without the Frame of Reference its
+IOD requires, and Segmentations themselves get a reason (``segmentation_problem``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ from service.imaging.dicom_codes import (
     version,
 )
 from service.imaging.dicom_out import body_part, frame_of_reference_problem, to_bytes
-from service.imaging.source_header import conformant_header, patient_orientation
+from service.imaging.source_header import (
+    conformant_header,
+    patient_orientation,
+    state_deidentification,
+    with_type_2_patient_study,
+)
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -74,8 +80,55 @@ def _frame_position(source: Dataset, frame: int | None) -> Any:
     return positions[0]
 
 
+# Storage classes whose IOD requires a Frame of Reference (CT, enhanced CT, MR, enhanced
+# MR, PET, enhanced PET): a Segmentation derived from one that lacks it would be invalid.
+_FRAME_OF_REFERENCE_REQUIRED = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.5.1.4.1.1.2.1",
+        "1.2.840.10008.5.1.4.1.1.4",
+        "1.2.840.10008.5.1.4.1.1.4.1",
+        "1.2.840.10008.5.1.4.1.1.128",
+        "1.2.840.10008.5.1.4.1.1.130",
+    }
+)
+
+
+def _has_plane(source: Dataset) -> bool:
+    """Whether a single-frame ``source`` places its pixels in its Frame of Reference
+    completely: position, orientation, spacing and the slice thickness a Segmentation's
+    Pixel Measures must carry with the spacing."""
+    counts = {
+        "ImagePositionPatient": 3,
+        "ImageOrientationPatient": 6,
+        "PixelSpacing": 2,
+        "SliceThickness": 1,
+    }
+    if not source.get("FrameOfReferenceUID"):
+        return False
+    for keyword, count in counts.items():
+        element = source.get(keyword)
+        if element is None or element == "":
+            return False
+        values = element if count > 1 else [element]
+        if len(values) != count:
+            return False
+    return True
+
+
 def segmentation_problem(source: Dataset, frame: int | None) -> str | None:
     """Why ``source`` (``frame`` of it) cannot carry a Segmentation, or None."""
+    if str(source.get("SOPClassUID", "")) == SOP_CLASS_UID:
+        return "the source is a Segmentation itself; ask for 'dicom-sc'"
+    if (
+        not source.get("FrameOfReferenceUID")
+        and str(source.get("SOPClassUID", "")) in _FRAME_OF_REFERENCE_REQUIRED
+    ):
+        modality = source.get("Modality", "this")
+        return (
+            f"the source lacks the Frame of Reference UID its {modality} image must have, so "
+            "a Segmentation derived from it would be invalid; ask for 'dicom-sc'"
+        )
     if int(source.get("NumberOfFrames", 1) or 1) > 1 and _frame_position(source, frame) is None:
         return (
             "a Segmentation of one frame of a multi-frame image needs that frame's position "
@@ -99,12 +152,17 @@ def segmentation(
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    source = conformant_header(source)
-    if "FrameOfReferenceUID" not in source and "PixelSpacing" in source:
-        # Without a Frame of Reference highdicom would carry the spacing alone into Pixel
-        # Measures, which its own reader refuses (it wants a slice thickness beside it);
-        # a 2D object without a plane needs neither.
-        del source.PixelSpacing
+    source = with_type_2_patient_study(conformant_header(source))
+    multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
+    if not multi_frame and not _has_plane(source):
+        # A single image that does not place its pixels completely (a CR, a Secondary
+        # Capture, a CT without its slice thickness): the Segmentation is a 2D object on
+        # its pixel grid, with no plane. Left in, highdicom would carry the spacing alone
+        # into Pixel Measures (dciodvfy wants the slice thickness beside it, and so does
+        # highdicom's own reader).
+        for keyword in ("PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient"):
+            if keyword in source:
+                delattr(source, keyword)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=MANUFACTURER,
         family=codes.DCM.ArtificialIntelligence,
@@ -127,7 +185,6 @@ def segmentation(
     ]
     # (frames, Rows, Columns, segments): one frame, the explained one.
     pixels = np.stack([segment.mask for segment in segments], axis=-1)[None].astype(np.uint8)
-    multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
     position = _frame_position(source, frame) if multi_frame else None
     result = hd.seg.Segmentation(
         source_images=[source],
@@ -164,7 +221,10 @@ def segmentation(
     # No series Laterality: a Segmentation's laterality is per frame (Frame Anatomy), and
     # dciodvfy finds a General Series one an error there.
     body_part(result, source)
-    if "FrameOfReferenceUID" not in result:
+    state_deidentification(result)
+    shared = result.SharedFunctionalGroupsSequence[0]
+    per_frame = result.PerFrameFunctionalGroupsSequence[0]
+    if "PlaneOrientationSequence" not in shared and "PlaneOrientationSequence" not in per_frame:
         # General Image: Type 2C where there is no plane: the source's orientation, or
         # empty if unknown (as for a Secondary Capture).
         orientation = patient_orientation(source)

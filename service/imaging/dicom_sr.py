@@ -46,6 +46,8 @@ from service.imaging.source_header import (
     conformant_header,
     patient_orientation,
     referenced_frame_number,
+    state_deidentification,
+    with_type_2_patient_study,
 )
 
 if TYPE_CHECKING:
@@ -83,30 +85,10 @@ def peak_of(heat: np.ndarray) -> tuple[int, int] | None:
     return int(row), int(column)
 
 
-# Patient and study attributes highdicom reads from the source as attributes (Type 2 in
-# the objects it makes: present, empty when unknown).
-_TYPE_2_FROM_SOURCE = (
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
 # Descriptors of an Image Library entry highdicom writes for these modalities, which it
 # reads from the image without asking whether they are there.
 _CROSS_SECTIONAL = frozenset({"CT", "MR", "PT"})
 _PROJECTION = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
-
-
-def _with_type_2(source: Dataset) -> Dataset:
-    for keyword in _TYPE_2_FROM_SOURCE:
-        if keyword not in source:
-            setattr(source, keyword, "")
-    return source
 
 
 def _library_view(source: Dataset) -> Dataset:
@@ -176,7 +158,7 @@ def measurement_report(
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    source = _with_type_2(conformant_header(source))
+    source = with_type_2_patient_study(conformant_header(source))
     frame_number = referenced_frame_number(source, frame)
     image = hd.sr.SourceImageForRegion(
         referenced_sop_class_uid=source.SOPClassUID,
@@ -272,4 +254,5 @@ def measurement_report(
         is_verified=False,
     )
     document.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
+    state_deidentification(document)
     return to_bytes(document)

@@ -191,6 +191,41 @@ def source_reference(source: Dataset, frame: int | None) -> Dataset:
     return item
 
 
+# Patient and study attributes highdicom reads from a source as attributes for the
+# Segmentations and reports it builds (Type 2 there: present, empty when unknown).
+_TYPE_2_PATIENT_STUDY = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def with_type_2_patient_study(header: Dataset) -> Dataset:
+    """``header`` (a conformant copy) with the patient and study attributes it lacks
+    present and empty, as the derived object carries them; in place."""
+    for keyword in _TYPE_2_PATIENT_STUDY:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
+
+
+def state_deidentification(dataset: Dataset) -> None:
+    """A derived object that says Patient Identity Removed YES (copied from its source)
+    must say how (Type 1C); where the source does not, say that it does not."""
+    if str(dataset.get("PatientIdentityRemoved", "")) != "YES":
+        return
+    if not dataset.get("DeidentificationMethod") and not dataset.get(
+        "DeidentificationMethodCodeSequence"
+    ):
+        dataset.DeidentificationMethod = "not stated by the source image"
+
+
 # What a derived object needs of the source to belong to its study and name it.
 _IDENTIFYING_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 
