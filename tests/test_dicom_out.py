@@ -396,7 +396,7 @@ def test_what_the_sweep_found_for_segmentations_and_reports(
     answer = _request(runtime, thin, heatmap={"format": "dicom-seg"})
     made = _valid(base64.b64decode(answer["results"][0]["segmentation"]["data"]), tmp_path)
     assert "PlaneOrientationSequence" not in made.SharedFunctionalGroupsSequence[0]
-    assert "PatientOrientation" in made
+    assert list(made.PatientOrientation) == ["L", "A"]  # from its direction cosines
     no_frame = Path(get_testdata_file("693_J2KR.dcm"))
     answer = _request(runtime, no_frame, heatmap={"format": "dicom-seg"}, report="dicom-sr")
     result = answer["results"][0]

@@ -154,6 +154,7 @@ def segmentation(
 
     source = with_type_2_patient_study(conformant_header(source))
     multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
+    orientation = patient_orientation(source)  # (before its cosines may be taken out)
     if not multi_frame and not _has_plane(source):
         # A single image that does not place its pixels completely (a CR, a Secondary
         # Capture, a CT without its slice thickness): the Segmentation is a 2D object on
@@ -227,6 +228,5 @@ def segmentation(
     if "PlaneOrientationSequence" not in shared and "PlaneOrientationSequence" not in per_frame:
         # General Image: Type 2C where there is no plane: the source's orientation, or
         # empty if unknown (as for a Secondary Capture).
-        orientation = patient_orientation(source)
         result.PatientOrientation = list(orientation) if orientation else []
     return to_bytes(result)
