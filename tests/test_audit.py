@@ -290,7 +290,7 @@ def test_the_audit_flags_the_shortcut_model_and_not_the_honest_one(
             assert nodule["mass_on_border"]["median"] < 0.05
         else:
             assert report["verdict"]["flagged_classes"] == ["nodule"]
-            assert nodule["flagged_images"] == 30
+            assert nodule["flagged_images"] == len(nodule["flagged_keys"]) == 30
             assert nodule["mass_near_box"]["median"] < 0.05
             assert nodule["mass_on_border"]["median"] > 0.8
     assert "FLAGGED" in capsys.readouterr().out
