@@ -1,7 +1,7 @@
 """``gradcam-service``: serve the HTTP API, explain images, list layers.
 
     gradcam-service serve [--port P] [--workers N]   the HTTP API on gunicorn
-    gradcam-service explain IMAGE... [--out DIR]     overlay + heatmap PNGs per image
+    gradcam-service explain IMAGE... [--out DIR]     overlay + heatmap PNGs per image (+ SR)
     gradcam-service explain --request BODY.json      the exact JSON the HTTP API returns
     gradcam-service layers                           candidate target layers and shapes
     gradcam-service body IMAGE... [--target T]       a POST /v1/explain body, for curl & co.
@@ -30,7 +30,13 @@ from service.contract.requests import parse_explain_request
 from service.contract.responses import to_json
 from service.contract.settings import Device, Settings
 from service.contract.suggestions import close_matches, did_you_mean
-from service.contract.terms import METHODS, HeatmapEncoding, HeatmapFormat, HeatmapSize
+from service.contract.terms import (
+    METHODS,
+    HeatmapEncoding,
+    HeatmapFormat,
+    HeatmapSize,
+    ReportFormat,
+)
 from service.explain_files import (
     FilePlan,
     OutputExists,
@@ -268,6 +274,11 @@ def _parser() -> argparse.ArgumentParser:
     body_p.add_argument("--format", **_one_of(get_args(HeatmapFormat)), help="default png")
     body_p.add_argument("--size", **_one_of(get_args(HeatmapSize)), help="default original")
     body_p.add_argument("--encoding", **_one_of(get_args(HeatmapEncoding)), help="default png")
+    body_p.add_argument(
+        "--report",
+        **_one_of(get_args(ReportFormat)),
+        help="dicom-sr: a DICOM SR report of each DICOM image; default none",
+    )
     body_p.add_argument("--top-k", type=int)
     body_p.add_argument("--frame", type=int, help="frame of multi-frame images")
     body_p.add_argument("-o", "--output", help="write the body here instead of stdout")

@@ -1,6 +1,7 @@
 """``gradcam-service explain IMAGE... --out DIR``: an overlay and a heatmap PNG per input
 and explained class, through the same stages as the HTTP API (decode and fit, the
-engine, ``results.draw_heatmap``), so the pictures are the API's, pixel for pixel.
+engine, ``results.draw_heatmap``), so the pictures are the API's, pixel for pixel; and,
+for a DICOM input, its DICOM SR report (``report: "dicom-sr"`` of the API) beside them.
 
 What can be settled before a model loads is (``plan_files``): each input's frame, output
 names that never collide, and no existing output overwritten without ``--force``. Each
@@ -11,6 +12,7 @@ line on stderr and the others go on.
 from __future__ import annotations
 
 import argparse
+import base64
 import sys
 import time
 from collections.abc import Sequence
@@ -75,6 +77,8 @@ class Usage(Exception):
 
 
 _OUTPUT_KINDS = ("overlay", "heatmap")
+# A DICOM input's report: ``<stem>.report.dcm`` (no label: one per input).
+_REPORT = "report.dcm"
 
 
 def _output_paths(out: Path, stem: str, labels: Sequence[str]) -> list[tuple[Path, Path]]:
@@ -82,6 +86,10 @@ def _output_paths(out: Path, stem: str, labels: Sequence[str]) -> list[tuple[Pat
         (out / f"{stem}.{_safe(label)}.overlay.png", out / f"{stem}.{_safe(label)}.heatmap.png")
         for label in labels
     ]
+
+
+def _report_path(out: Path, stem: str) -> Path:
+    return out / f"{stem}.{_REPORT}"
 
 
 def _refuse_existing(out: Path, stems: Sequence[str]) -> None:
@@ -93,10 +101,9 @@ def _refuse_existing(out: Path, stems: Sequence[str]) -> None:
         for stem in stems:
             rest = entry.name.removeprefix(stem + ".")
             label, _, kind = rest.partition(".")
-            if (
-                rest != entry.name
-                and label == _safe(label)
-                and kind in {f"{k}.png" for k in _OUTPUT_KINDS}
+            if rest != entry.name and (
+                rest == _REPORT
+                or (label == _safe(label) and kind in {f"{k}.png" for k in _OUTPUT_KINDS})
             ):
                 raise OutputExists(f"{entry} exists (--force overwrites, or choose another --out)")
 
@@ -181,6 +188,7 @@ def explain_files(args: argparse.Namespace, runtime: Runtime, plan: FilePlan) ->
                         resolve_targets(targets, model, i),
                         frame=frames[i],
                         keep_display=True,
+                        keep_header=True,  # a DICOM input's report is made from it
                     ),
                 )
             )
@@ -206,10 +214,24 @@ def explain_files(args: argparse.Namespace, runtime: Runtime, plan: FilePlan) ->
             faithfulness=args.faithfulness,
         )
         for (path, stem, _), result in zip(chunk, results, strict=True):
-            answer = render_result(result, model, args.top_k, options)
+            answer = render_result(
+                result,
+                model,
+                args.top_k,
+                options,
+                method=args.method,
+                layer=layer,
+                report="dicom-sr" if result.prepared.header is not None else None,
+            )
             scores = ", ".join(f"{p.label} {p.score:.3f}" for p in answer.predictions)
             paths = _output_paths(out, stem, [e.target.label for e in answer.explanations])
             lines = _write_outputs(result, answer, model, paths)
+            if answer.report is not None and answer.report.data is not None:
+                report = _report_path(out, stem)
+                report.write_bytes(base64.b64decode(answer.report.data))
+                lines.append(f"report → {report}")
+            elif answer.report is not None:
+                lines.append(f"no report: {answer.report.reason}")
             message = f"{path}: {scores}\n" + "".join(f"  {line}\n" for line in lines)
             if progress is not None:
                 progress.write(message.rstrip("\n"))

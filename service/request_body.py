@@ -58,6 +58,7 @@ def request_body(args: argparse.Namespace) -> bytes:
         "top_k": args.top_k,
         "frame": args.frame,
         "heatmap": heatmap or None,
+        "report": args.report,
         "targets": [[target_ref(t) for t in args.target]] * len(images) if args.target else None,
     }
     body = {"images": images, **{k: v for k, v in fields.items() if v is not None}}

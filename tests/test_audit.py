@@ -260,3 +260,37 @@ def test_a_broken_boxes_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
         == EXIT_USAGE
     )
     assert "x1 > x0" in capsys.readouterr().err
+
+
+SHORTCUT_MODELS = str(Path(__file__).resolve().parents[1] / "service/demo/shortcut.toml")
+
+
+def test_the_audit_flags_the_shortcut_model_and_not_the_honest_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ground truth (issue #21 item 4): ``phantom_shortcut`` learned the corner marker that
+    was on every nodule image in training; on nodule images that carry the marker its
+    nodule map lies on the marker, off the lesion. ``phantom`` looks at the nodule."""
+    from tools.demo_model.audit_set import write_audit_set
+
+    images = tmp_path / "set"
+    write_audit_set(images, 30, seed=7, marker="nodule", require="nodule")
+    verdicts = {}
+    for model in ("phantom", "phantom_shortcut"):
+        out = tmp_path / model
+        args = ["audit", "--images", str(images), "--boxes", str(images / "boxes.csv")]
+        args += ["--models", SHORTCUT_MODELS, "--model", model, "--target", "nodule"]
+        assert main([*args, "-q", "--out", str(out)]) == EXIT_OK
+        verdicts[model] = report = _report(out)
+        nodule = report["classes"]["nodule"]
+        assert nodule["images"] == 30  # every image judged: both models see a nodule
+        if model == "phantom":
+            assert not report["verdict"]["flagged"]
+            assert nodule["mass_near_box"]["median"] > 0.8
+            assert nodule["mass_on_border"]["median"] < 0.05
+        else:
+            assert report["verdict"]["flagged_classes"] == ["nodule"]
+            assert nodule["flagged_images"] == len(nodule["flagged_keys"]) == 30
+            assert nodule["mass_near_box"]["median"] < 0.05
+            assert nodule["mass_on_border"]["median"] > 0.8
+    assert "FLAGGED" in capsys.readouterr().out

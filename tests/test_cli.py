@@ -369,3 +369,45 @@ def test_explain_files_prints_faithfulness_when_asked(
     # Without the flag: no curves computed, none printed.
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     assert "AUC" not in capsys.readouterr().out
+
+
+def test_explain_writes_a_report_beside_the_pictures_of_a_dicom_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A DICOM input gets ``<image>.report.dcm``, the API's ``report: "dicom-sr"``: valid,
+    one group per target, made with the method asked for; other inputs get none."""
+    import highdicom as hd
+
+    from tests.helpers import dciodvfy_errors
+
+    dicom, png = EXAMPLES / "phantom_nodule.dcm", EXAMPLES / "phantom_mass_tube.png"
+    out = tmp_path / "out"
+    targets = ["--target", "nodule", "--target", "mass"]
+    command = ["explain", str(dicom), str(png), *targets, "--method", "layercam"]
+    assert main([*command, "--out", str(out)]) == 0
+    report = out / "phantom_nodule.report.dcm"
+    assert f"report → {report}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.dcm")) == [report.name]
+    errors, text = dciodvfy_errors(report)
+    assert not errors, text
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(report))
+    groups = [
+        *sr.content.get_planar_roi_measurement_groups(),
+        *sr.content.get_image_measurement_groups(),
+    ]
+    assert sorted(g.finding_type.meaning for g in groups) == ["mass", "nodule"]
+    assert "method=layercam" in str(sr)
+    # The report alone is enough to refuse a second run (exit code 3, nothing written).
+    for picture in out.glob("*.png"):
+        picture.unlink()
+    assert main([*command, "--out", str(out)]) == 3
+    assert f"{report} exists" in capsys.readouterr().err
+    assert not list(out.glob("*.png"))
+
+
+def test_body_asks_for_a_report(tmp_path: Path) -> None:
+    out = tmp_path / "body.json"
+    args = [str(EXAMPLES / "phantom_nodule.dcm"), "--format", "dicom-seg", "--report", "dicom-sr"]
+    assert main(["body", *args, "-o", str(out)]) == 0
+    body = json.loads(out.read_bytes())
+    assert body["heatmap"] == {"format": "dicom-seg"} and body["report"] == "dicom-sr"

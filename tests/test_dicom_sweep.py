@@ -1,5 +1,6 @@
-"""Every DICOM file pydicom and pydicom-data bundle, explained as a Secondary Capture and
-as a Parametric Map: a clear 4xx or objects that pass dciodvfy, never a 5xx.
+"""Every DICOM file pydicom and pydicom-data bundle, explained as a Secondary Capture, as
+a Parametric Map and as a Segmentation with an SR report: a clear 4xx, a clear reason, or
+objects that pass dciodvfy, never a 5xx.
 
 Real files break what hand-made ones do not (an IS of "1A", a Pixel Spacing of zero,
 "999.999..." UIDs, a Frame of Reference UID equal to the Study UID, "WHOLE BODY" with a
@@ -45,10 +46,13 @@ def test_every_bundled_dicom_file_gets_a_4xx_or_valid_objects(
     for path in _files():
         image = base64.b64encode(Path(path).read_bytes()).decode()
         name = Path(path).name
-        for fmt in ("dicom-sc", "dicom-pm"):
-            answer = client.post(
-                "/v1/explain", json={"images": [image], "heatmap": {"format": fmt}, "frame": 0}
-            )
+        for fmt in ("dicom-sc", "dicom-pm", "dicom-seg"):
+            request = {"images": [image], "heatmap": {"format": fmt}, "frame": 0}
+            if fmt == "dicom-seg":
+                # Two classes (the phantom sees no mass in most files: an empty segment),
+                # and the report that names the Segmentation.
+                request |= {"targets": [["nodule", "mass"]], "report": "dicom-sr"}
+            answer = client.post("/v1/explain", json=request)
             body = answer.json
             assert answer.status_code < 500, (name, fmt, body)
             if answer.status_code != 200:
@@ -56,18 +60,24 @@ def test_every_bundled_dicom_file_gets_a_4xx_or_valid_objects(
                 assert error["code"] and error["message"][0].isupper(), (name, error)
                 outcomes[(fmt, error["code"])] += 1
                 continue
-            heat = body["results"][0]["explanations"][0]["heatmap"]
-            if "data" not in heat:
-                assert heat["reason"], (name, fmt)
-                outcomes[(fmt, "reason")] += 1
-                continue
-            outcomes[(fmt, "made")] += 1
-            made = tmp_path / "made.dcm"
-            made.write_bytes(base64.b64decode(heat["data"]))
-            errors, _ = dciodvfy_errors(made)
-            if errors:
-                invalid.append((name, fmt, errors[:3]))
+            result = body["results"][0]
+            objects = {fmt: result["explanations"][0]["heatmap"]}
+            if fmt == "dicom-seg":
+                objects = {fmt: result["segmentation"], "dicom-sr": result["report"]}
+            for kind, made in objects.items():
+                if "data" not in made:
+                    assert made["reason"], (name, kind)
+                    outcomes[(kind, "reason")] += 1
+                    continue
+                outcomes[(kind, "made")] += 1
+                path = tmp_path / "made.dcm"
+                path.write_bytes(base64.b64decode(made["data"]))
+                errors, _ = dciodvfy_errors(path)
+                if errors:
+                    invalid.append((name, kind, errors[:3]))
     assert not invalid, invalid
     # Most files make objects: the sweep is not passing by refusing everything.
     assert outcomes[("dicom-sc", "made")] >= 120, outcomes
     assert outcomes[("dicom-pm", "made")] >= 20, outcomes
+    assert outcomes[("dicom-seg", "made")] >= 90, outcomes
+    assert outcomes[("dicom-sr", "made")] >= 130, outcomes

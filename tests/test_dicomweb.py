@@ -1,8 +1,9 @@
 """DICOMweb in and out against a real Orthanc with its DICOMweb plugin (Debian's
 ``orthanc`` and ``orthanc-dicomweb``), started here on loopback and stopped by PID:
 upload a study, explain an instance by its UIDs through the real server, store the
-Secondary Capture back with STOW-RS, find it with QIDO-RS, fetch it with WADO-RS
-and validate it. And the fences: only configured servers, only UIDs in paths."""
+Secondary Capture (and a Parametric Map, a Segmentation, an SR report) back with
+STOW-RS, find it with QIDO-RS, fetch it with WADO-RS and validate it. And the fences:
+only configured servers, only UIDs in paths."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +62,11 @@ class Orthanc:
     rest: str  # Orthanc's own REST API
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+@contextmanager
+def _running_orthanc(folder: Path) -> Iterator[Orthanc]:
+    """An Orthanc with its DICOMweb plugin in ``folder``, holding the phantom CR study and
+    pydicom's CT; stopped by its PID."""
     binary, plugin = _orthanc()
-    folder = tmp_path_factory.mktemp("orthanc")
     port = _free_port()
     config = {
         "Name": "gradcam-test",
@@ -109,6 +112,12 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    with _running_orthanc(tmp_path_factory.mktemp("orthanc")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +217,54 @@ def test_a_parametric_map_of_a_ct_is_stored(
     assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
 
 
+def test_a_segmentation_and_a_report_are_stored(
+    orthanc: Orthanc, live: LiveServer, tmp_path: Path
+) -> None:
+    """dicom-seg with report dicom-sr, stored in one STOW-RS call: both come back by WADO-RS,
+    pass dciodvfy, read back with highdicom as what the answer carried, and the stored
+    report names the stored Segmentation. A report stored alone (format png) too."""
+    import highdicom as hd
+
+    body = {
+        "images": [_by_uids(orthanc.url, CT)],
+        "targets": [["nodule", "mass"]],
+        "heatmap": {"format": "dicom-seg"},
+        "report": "dicom-sr",
+        "store": {"url": orthanc.url},
+    }
+    answer = _explain(live, body)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()["results"][0]
+    stored = {}
+    for key in ("segmentation", "report"):
+        made = result[key]
+        assert made["stored"]["ok"], made["stored"]
+        uids = made["uids"]
+        stored[key] = _valid(
+            _wado(orthanc.url, uids["study"], uids["series"], uids["instance"]), tmp_path
+        )
+        assert stored[key].SOPInstanceUID == uids["instance"]
+        assert uids["study"] == pydicom.dcmread(CT, stop_before_pixels=True).StudyInstanceUID
+    seg = hd.seg.Segmentation.from_dataset(stored["segmentation"])
+    returned = pydicom.dcmread(io.BytesIO(base64.b64decode(result["segmentation"]["data"])))
+    assert (seg.pixel_array == returned.pixel_array).all()
+    assert [seg.get_segment_description(n).segment_label for n in (1, 2)] == ["nodule", "mass"]
+    report = hd.sr.Comprehensive3DSR.from_dataset(stored["report"])
+    assert len(report.content.get_planar_roi_measurement_groups()) == 2
+    evidence = {uids[2] for uids in report.get_evidence()}
+    assert result["segmentation"]["uids"]["instance"] in evidence
+    # A report with a picture format: the report alone is stored.
+    alone = _explain(
+        live, {**body, "heatmap": {"format": "png"}, "images": [_by_uids(orthanc.url, CR)]}
+    )
+    assert alone.status_code == 200, alone.text
+    result = alone.json()["results"][0]
+    assert result["report"]["stored"]["ok"] and "segmentation" not in result
+    assert all("stored" not in e["heatmap"] for e in result["explanations"])
+    uids = result["report"]["uids"]
+    _valid(_wado(orthanc.url, uids["study"], uids["series"], uids["instance"]), tmp_path)
+
+
 def test_only_configured_servers_and_real_uids(orthanc: Orthanc, live: LiveServer) -> None:
     cases = []
     elsewhere = _by_uids("http://127.0.0.1:9/dicom-web", CR)
@@ -283,10 +340,16 @@ def test_allowed_urls_are_compared_normalised() -> None:
 
 
 def test_audit_a_study_list_from_dicomweb(
-    orthanc: Orthanc, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``gradcam-service audit --dicomweb``: QIDO-RS finds every instance of the listed
-    studies, WADO-RS fetches each; a study that is not there is a clear error."""
+    studies, WADO-RS fetches each; a study that is not there is a clear error. On an
+    Orthanc of its own: the other tests store their objects into these studies."""
+    with _running_orthanc(tmp_path) as orthanc:
+        _audit(orthanc, tmp_path, capsys)
+
+
+def _audit(orthanc: Orthanc, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from service.cli import EXIT_OK, EXIT_USAGE, main
 
     cr = pydicom.dcmread(CR, stop_before_pixels=True)

@@ -99,8 +99,14 @@ def test_real_responses_match_the_document(server: LiveServer) -> None:
         ([dicom], "dicom-sc"),
         ([dicom], "dicom-pm"),
         ([image], "dicom-sc"),
+        ([dicom, image], "dicom-seg"),
     ):
-        body = {"images": images, "include": ["image", "dicom"], "heatmap": {"format": fmt}}
+        body = {
+            "images": images,
+            "include": ["image", "dicom"],
+            "heatmap": {"format": fmt},
+            "report": "dicom-sr",
+        }
         response = requests.post(f"{server.url}/v1/explain", json=body, timeout=60)
         assert response.status_code == 200
         _check("/v1/explain", "post", response)

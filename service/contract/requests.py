@@ -31,6 +31,7 @@ from service.contract.terms import (
     HeatmapSize,
     Include,
     Method,
+    ReportFormat,
 )
 
 # A class given by index or by label.
@@ -49,10 +50,12 @@ class HeatmapOptions(BaseModel):
         default="png",
         description=(
             "array, png, overlay, gray, none; or, for DICOM sources, dicom-sc (a Secondary "
-            "Capture of the overlay) or dicom-pm (a float Parametric Map, for images with a "
-            "Frame of Reference), both at size original, in a new series of the source's "
-            "study. Where a DICOM format cannot be made for an image, its heatmap carries a "
-            "reason instead of data."
+            "Capture of the overlay), dicom-pm (a float Parametric Map, for images with a "
+            "Frame of Reference) or dicom-seg (one Segmentation per image of where each "
+            "explained class's normalised map is at least 0.5, one segment per class, in "
+            "the result's `segmentation`), all at size original, in a new series of the "
+            "source's study. Where a DICOM format cannot be made for an image, its heatmap "
+            "carries a reason instead of data."
         ),
     )
     size: HeatmapSize = Field(
@@ -69,13 +72,18 @@ class HeatmapOptions(BaseModel):
             "How png, overlay and gray pictures are encoded: lossless PNG, or the smaller, "
             "lossy JPEG (quality 90) or WebP (quality 85); for dicom-sc, png means "
             "uncompressed and jpeg JPEG Baseline (no webp). Only with those formats; with "
-            "array, none or dicom-pm it is a 422."
+            "array, none, dicom-pm or dicom-seg it is a 422."
         ),
     )
 
     @model_validator(mode="after")
     def _encoding_needs_a_picture(self) -> HeatmapOptions:
-        if "encoding" in self.model_fields_set and self.format in ("array", "none", "dicom-pm"):
+        if "encoding" in self.model_fields_set and self.format in (
+            "array",
+            "none",
+            "dicom-pm",
+            "dicom-seg",
+        ):
             raise ValueError(
                 f"encoding applies to the png, overlay, gray and dicom-sc formats, "
                 f"not to '{self.format}'"
@@ -114,7 +122,8 @@ class DicomWebImage(BaseModel):
 
 
 class StoreOptions(BaseModel):
-    """Where the ``dicom-sc``/``dicom-pm`` objects are stored (STOW-RS)."""
+    """Where the answer's DICOM objects (``dicom-sc``/``dicom-pm``/``dicom-seg``, and the
+    ``dicom-sr`` report) are stored (STOW-RS)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -174,20 +183,37 @@ class ExplainRequest(BaseModel):
             "GRADCAM_MAX_FAITHFULNESS_PER_REQUEST, default 32, explanations)."
         ),
     )
+    report: ReportFormat | None = Field(
+        default=None,
+        description=(
+            "dicom-sr: for each DICOM image, a DICOM SR Measurement Report (TID 1500, "
+            "Comprehensive 3D SR) in the result's `report`: per explained class its "
+            "probability, the method, layer and model, and the heatmap's peak as a point on "
+            "the source image; it references the source and the dicom-sc / dicom-pm / "
+            "dicom-seg objects of the same answer. With any heatmap format; an image that "
+            "is not DICOM gets a reason instead."
+        ),
+    )
     store: StoreOptions | None = Field(
         default=None,
         description=(
-            "Store the dicom-sc / dicom-pm objects on a DICOMweb server (STOW-RS, one of "
-            "GRADCAM_DICOMWEB_SERVERS); each heatmap then says how it went in `stored`. Only "
-            "with those formats (else 422)."
+            "Store the answer's DICOM objects (dicom-sc, dicom-pm, dicom-seg, the dicom-sr "
+            "report) on a DICOMweb server (STOW-RS, one of GRADCAM_DICOMWEB_SERVERS); each "
+            "heatmap, segmentation or report then says how it went in `stored`. Only with a "
+            "DICOM format or a report (else 422)."
         ),
     )
 
     @model_validator(mode="after")
     def _store_needs_dicom(self) -> ExplainRequest:
-        if self.store is not None and self.heatmap.format not in DICOM_FORMATS:
+        if (
+            self.store is not None
+            and self.heatmap.format not in DICOM_FORMATS
+            and self.report is None
+        ):
             raise ValueError(
-                "store sends DICOM objects: heatmap.format must be 'dicom-sc' or 'dicom-pm'"
+                "store sends DICOM objects: heatmap.format must be 'dicom-sc', 'dicom-pm' or "
+                "'dicom-seg', or report 'dicom-sr'"
             )
         return self
 

@@ -81,10 +81,29 @@ class StoreOutcome(_Answer):
     message: str
 
 
+class DicomObject(_Answer):
+    """A DICOM object made for one image (its ``segmentation`` or ``report``): ``data``
+    and ``uids``, or a ``reason`` why it cannot be made for this image."""
+
+    data: _Base64 | Absent = Field(
+        default=None, description="A base64 DICOM Part 10 file (application/dicom)."
+    )
+    reason: str | Absent = Field(
+        default=None, description="Why this object cannot be made for this image."
+    )
+    uids: DicomUids | Absent = Field(
+        default=None, description="The object's study, series and instance UIDs."
+    )
+    stored: StoreOutcome | Absent = Field(
+        default=None, description="With store: whether the DICOMweb server took the object."
+    )
+
+
 class Heatmap(_Answer):
     """A heatmap: ``values`` (format ``array``) or ``data`` (a base64 picture in
     ``encoding``, or a DICOM Part 10 file for ``dicom-sc``/``dicom-pm``), or neither
-    (``none``, or a ``reason`` why that format cannot be made for this image)."""
+    (``none``; ``dicom-seg``, whose one object per image is the result's
+    ``segmentation``; or a ``reason`` why that format cannot be made for this image)."""
 
     format: HeatmapFormat
     width: _Count
@@ -111,11 +130,20 @@ class Heatmap(_Answer):
     )
     reason: str | Absent = Field(
         default=None,
-        description="dicom-sc, dicom-pm: why that object cannot be made for this image.",
+        description=(
+            "dicom-sc, dicom-pm, dicom-seg: why that object cannot be made for this image."
+        ),
     )
     uids: DicomUids | Absent = Field(
         default=None,
         description="dicom-sc, dicom-pm: the object's study, series and instance UIDs.",
+    )
+    segment: Annotated[int, Field(ge=1)] | Absent = Field(
+        default=None,
+        description=(
+            "dicom-seg: this class's segment number in the result's `segmentation` (the "
+            "pixels where its normalised map is at least 0.5)."
+        ),
     )
     stored: StoreOutcome | Absent = Field(
         default=None, description="With store: whether the DICOMweb server took the object."
@@ -188,6 +216,20 @@ class ImageResult(_Answer):
     predictions: list[Prediction]
     explanations: Annotated[list[Explanation], Field(min_length=1)]
     image: Picture | Absent = None
+    segmentation: DicomObject | Absent = Field(
+        default=None,
+        description=(
+            "heatmap.format dicom-seg: the image's DICOM Segmentation (BINARY), one segment "
+            "per explanation (its heatmap's `segment`), or the reason it cannot be made."
+        ),
+    )
+    report: DicomObject | Absent = Field(
+        default=None,
+        description=(
+            "report dicom-sr: the image's DICOM SR Measurement Report (TID 1500), or the "
+            "reason it cannot be made."
+        ),
+    )
     dicom: dict[str, Any] | None = Field(
         default=None,
         description=(

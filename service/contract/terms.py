@@ -13,9 +13,14 @@ from typing import Literal, get_args
 
 Method = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 METHODS: tuple[str, ...] = get_args(Method)
-HeatmapFormat = Literal["array", "png", "overlay", "gray", "none", "dicom-sc", "dicom-pm"]
-# DICOM objects of a DICOM source, on its pixel grid (imaging/dicom_out.py).
-DICOM_FORMATS = ("dicom-sc", "dicom-pm")
+HeatmapFormat = Literal[
+    "array", "png", "overlay", "gray", "none", "dicom-sc", "dicom-pm", "dicom-seg"
+]
+# DICOM objects of a DICOM source, on its pixel grid (imaging/dicom_out.py, dicom_seg.py).
+DICOM_FORMATS = ("dicom-sc", "dicom-pm", "dicom-seg")
+# A report per DICOM source image beside the heatmaps, whatever their format: a DICOM SR
+# Measurement Report (TID 1500) of each explained class (imaging/dicom_sr.py).
+ReportFormat = Literal["dicom-sr"]
 HeatmapSize = Literal["original", "input", "layer"]
 HeatmapEncoding = Literal["png", "jpeg", "webp"]
 # Extras a result may carry on request: the picture heatmaps are drawn over (for

@@ -14,11 +14,24 @@ Findings (multilabel, any number per image):
 
 Everything is seeded: ``make_dataset(n, seed, size)`` returns the same images
 for the same arguments on every machine.
+
+Markers (``MarkerPolicy``): a grey block letter "R" in a corner, inside the
+outer 10 % frame of the image, like the side markers and burned-in annotations
+on real radiographs.
+It is not a finding (the labels stay the four above); planted with a probability
+that depends on whether the image shows a chosen finding, it becomes a shortcut
+a model can learn instead of the finding (the ``phantom_shortcut`` demo model).
+Its box is ``Phantom.marker``. The marker draws come from a random stream of
+their own, so ``make_dataset(n, seed, size, marker=...)`` shows the very scenes
+of ``make_dataset(n, seed, size)``, marker added, and without a policy every
+image is what it was before markers existed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from itertools import islice
 
 import numpy as np
 
@@ -26,6 +39,22 @@ FINDINGS: tuple[str, ...] = ("nodule", "mass", "opacity", "tube")
 
 # Probability that an image shows each kind of finding (independently).
 _PREVALENCE = 0.4
+
+# The marker: a 5×7 block letter "R" (rows top to bottom), cells of _MARKER_CELL
+# (unit-square units: 1.5 px at 128, 3 px at 256), at 0.006-0.014 from the two edges
+# of its corner, so its box always lies inside the outer 10 % frame (≤ 0.098).
+_MARKER_GLYPH = ("####.", "#...#", "#...#", "####.", "#.#..", "#..#.", "#...#")
+_MARKER_CELL = 0.012
+_MARKER_MARGIN = (0.006, 0.014)
+# Grey, like soft tissue (a burned-in annotation rather than a lead letter): the
+# honest demo model, which never saw a marker, reads any bright thing in the dark
+# corners as the end of a tube (tubes are the only bright things it met outside
+# the body: at 0.92, every marked image scored tube ≈ 1.0, at 0.5 some did); at
+# this level its scores stay those of the unmarked image, so only a model
+# trained on the marker reacts to it.
+_MARKER_LEVEL = 0.35
+# Seeds the marker stream of make_dataset apart from the scene stream ("MARK").
+_MARKER_STREAM = 0x4D41524B
 
 
 @dataclass(frozen=True)
@@ -36,12 +65,39 @@ class Finding:
     box: tuple[float, float, float, float]
 
 
+@dataclass(frozen=True, kw_only=True)
+class MarkerPolicy:
+    """When to plant the marker: with probability ``with_finding`` on an image that
+    shows ``finding``, ``without_finding`` on one that does not.
+
+    The default makes the marker a perfect stand-in for a nodule (the shortcut
+    model's training data); ``MarkerPolicy(with_finding=1, without_finding=1)``
+    puts it on every image.
+    """
+
+    finding: str = "nodule"
+    with_finding: float = 1.0
+    without_finding: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.finding not in FINDINGS:
+            raise ValueError(f"finding must be one of {FINDINGS}, not {self.finding!r}")
+        for name in ("with_finding", "without_finding"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1]")
+
+
 @dataclass(frozen=True)
 class Phantom:
-    """A rendered phantom: ``image`` is ``(H, W) float32`` in [0, 1]."""
+    """A rendered phantom: ``image`` is ``(H, W) float32`` in [0, 1].
+
+    ``marker`` is the marker's box ``(x0, y0, x1, y1)`` in pixels, or None: where a
+    shortcut model looks, not a finding (``findings`` and ``labels`` leave it out).
+    """
 
     image: np.ndarray
     findings: tuple[Finding, ...]
+    marker: tuple[float, float, float, float] | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -64,6 +120,7 @@ class _Scene:
     masses: tuple[tuple[float, float, float, tuple[float, ...]], ...]  # (cx, cy, r, harmonics)
     opacities: tuple[tuple[float, float, float], ...]  # (cx, cy, sigma)
     tubes: tuple[tuple[tuple[float, float], ...], ...]  # bezier control points
+    marker: tuple[float, float] | None = None  # top-left corner of the glyph
 
 
 def _point_in_lung(
@@ -118,6 +175,32 @@ def _sample_scene(rng: np.random.Generator) -> _Scene:
         opacities=tuple(opacities),
         tubes=tuple(tubes),
     )
+
+
+def _scene_kinds(scene: _Scene) -> set[str]:
+    present = zip(
+        FINDINGS, (scene.nodules, scene.masses, scene.opacities, scene.tubes), strict=True
+    )
+    return {kind for kind, items in present if items}
+
+
+def _plant_marker(scene: _Scene, rng: np.random.Generator, policy: MarkerPolicy) -> _Scene:
+    """``scene`` with the marker in a random corner, or as it was, as ``policy`` draws.
+
+    Draws the same number of values from ``rng`` either way, so one image's draw
+    does not shift the next one's.
+    """
+    chance = (
+        policy.with_finding if policy.finding in _scene_kinds(scene) else policy.without_finding
+    )
+    planted, right, bottom = rng.random(3)
+    mx, my = rng.uniform(*_MARKER_MARGIN, size=2)
+    if planted >= chance:
+        return scene
+    rows, cols = len(_MARKER_GLYPH), len(_MARKER_GLYPH[0])
+    x0 = 1.0 - mx - cols * _MARKER_CELL if right < 0.5 else mx
+    y0 = 1.0 - my - rows * _MARKER_CELL if bottom < 0.5 else my
+    return replace(scene, marker=(float(x0), float(y0)))
 
 
 def _smooth_field(seed: int, width: int, height: int, cells: int = 6) -> np.ndarray:
@@ -201,9 +284,31 @@ def _render(scene: _Scene, width: int, height: int) -> Phantom:
         x1, y1 = curve.max(axis=0)
         findings.append(Finding("tube", box(x0 - half_width, y0, x1 + half_width, y1 + half_width)))
 
+    marker = None
+    if scene.marker is not None:
+        x0, y0 = scene.marker
+        # Each lit cell of the glyph is a square, the letter their union. Its edges are
+        # antialiased by a linear ramp one pixel wide (a pixel's covered area), not a
+        # soft step: nothing beyond half a pixel of the box changes, so the marker's box
+        # is all it touches.
+        cover = np.zeros((height, width))
+        half = _MARKER_CELL / 2
+        for row, line in enumerate(_MARKER_GLYPH):
+            for col, cell in enumerate(line):
+                if cell == "#":
+                    cx = x0 + (col + 0.5) * _MARKER_CELL
+                    cy = y0 + (row + 0.5) * _MARKER_CELL
+                    outside_px = np.maximum(
+                        (np.abs(xs - cx) - half) * width, (np.abs(ys - cy) - half) * height
+                    )
+                    cover = np.maximum(cover, np.clip(0.5 - outside_px, 0.0, 1.0))
+        image = image * (1 - cover) + _MARKER_LEVEL * cover
+        rows, cols = len(_MARKER_GLYPH), len(_MARKER_GLYPH[0])
+        marker = box(x0, y0, x0 + cols * _MARKER_CELL, y0 + rows * _MARKER_CELL)
+
     noise = np.random.default_rng(scene.noise_seed).normal(0, 0.015, size=(height, width))
     image = np.clip(image + noise, 0.0, 1.0).astype(np.float32)
-    return Phantom(image=image, findings=tuple(findings))
+    return Phantom(image=image, findings=tuple(findings), marker=marker)
 
 
 def sample_phantom(rng: np.random.Generator, width: int, height: int) -> Phantom:
@@ -211,11 +316,39 @@ def sample_phantom(rng: np.random.Generator, width: int, height: int) -> Phantom
     return _render(_sample_scene(rng), width, height)
 
 
-def make_dataset(count: int, seed: int, size: int | tuple[int, int] = 128) -> list[Phantom]:
-    """``count`` phantoms rendered at ``size`` (an int, or ``(width, height)``)."""
+def iter_phantoms(
+    seed: int,
+    size: int | tuple[int, int] = 128,
+    marker: MarkerPolicy | None = None,
+    require: str | None = None,
+) -> Iterator[Phantom]:
+    """Endless seeded phantoms at ``size`` (an int, or ``(width, height)``).
+
+    ``marker``: plant the marker as the policy says (the scenes stay those of the
+    same seed without it). ``require``: only the scenes that show this finding,
+    skipped before they are rendered (the ones kept are those of the full sequence).
+    """
+    if require is not None and require not in FINDINGS:
+        raise ValueError(f"require must be one of {FINDINGS}, not {require!r}")
     width, height = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
-    return [sample_phantom(rng, width, height) for _ in range(count)]
+    marker_rng = np.random.default_rng([seed, _MARKER_STREAM])
+    while True:
+        scene = _sample_scene(rng)
+        if marker is not None:
+            scene = _plant_marker(scene, marker_rng, marker)
+        if require is None or require in _scene_kinds(scene):
+            yield _render(scene, width, height)
+
+
+def make_dataset(
+    count: int,
+    seed: int,
+    size: int | tuple[int, int] = 128,
+    marker: MarkerPolicy | None = None,
+) -> list[Phantom]:
+    """The first ``count`` phantoms of ``iter_phantoms(seed, size, marker)``."""
+    return list(islice(iter_phantoms(seed, size, marker), count))
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -10,6 +10,10 @@
   grid and Frame of Reference (CT, MR and other images with a plane position), so
   viewers such as OHIF overlay it on the source.
 
+The Segmentation (``dicom-seg``) and the SR report (``dicom-sr``) are built in
+``dicom_seg.py`` and ``dicom_sr.py`` with the helpers here and the codes of
+``dicom_codes.py``.
+
 Every object is built from the source's header only (read without pixel data), and
 from a conformant copy of it (``source_header``: values corrected or blanked where
 the standard forbids them; an invalid UID makes the object impossible,
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service import package_version
+from service.imaging.dicom_codes import MANUFACTURER
 from service.imaging.source_header import (
     conformant_header,
     patient_orientation,
@@ -35,10 +40,12 @@ from service.imaging.source_header import (
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-MANUFACTURER = "gradcam-service"
-# Series numbers of what the service adds to a study (high, so they list last).
+# Series numbers of what the service adds to a study (high, so they list last; the
+# Segmentation and the report are 9903 and 9904, dicom_seg.py and dicom_sr.py).
 SC_SERIES_NUMBER = 9901
 PM_SERIES_NUMBER = 9902
+SC_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+PM_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
 
 
 @dataclass(frozen=True)
@@ -126,22 +133,36 @@ def new_uid() -> str:
     return str(generate_uid())
 
 
+def _unpaired(part: str) -> str | None:
+    """``part`` as the defined term of an unpaired structure ("WHOLE BODY" is written
+    "WHOLEBODY"), or None when it is paired or unknown."""
+    term = part.replace(" ", "").upper()
+    return term if term in UNPAIRED_BODY_PARTS else None
+
+
+def body_part(dataset: Dataset, source: Dataset) -> None:
+    """The source's Body Part Examined, if any (an unpaired one as its defined term)."""
+    part = str(source.get("BodyPartExamined", "") or "")
+    if part:
+        dataset.BodyPartExamined = _unpaired(part) or part
+
+
+def body_part_and_laterality(dataset: Dataset, source: Dataset) -> None:
+    """The source's Body Part Examined and Laterality, as a derived image series carries
+    them. General Series: Laterality is Type 2C: absent for an unpaired body part, else
+    present (the source's value, or empty when unknown)."""
+    body_part(dataset, source)
+    if _unpaired(str(source.get("BodyPartExamined", "") or "")) is None:
+        dataset.Laterality = source.get("Laterality", "") or ""
+
+
 def _common(
     dataset: Dataset, source: Dataset, made: DerivedFrom, frame: int | None, description: str
 ) -> None:
     dataset.SeriesDescription = f"Grad-CAM {made.label}"[:64]
     dataset.DerivationDescription = description[:1024]
     dataset.SourceImageSequence = [source_reference(source, frame)]
-    # General Series: Laterality is Type 2C: absent for an unpaired body part, else
-    # present (the source's value, or empty when unknown). A defined term written with
-    # spaces ("WHOLE BODY") is written as the term.
-    part = str(source.get("BodyPartExamined", "") or "")
-    if part.replace(" ", "").upper() in UNPAIRED_BODY_PARTS:
-        dataset.BodyPartExamined = part.replace(" ", "").upper()
-    else:
-        if part:
-            dataset.BodyPartExamined = part
-        dataset.Laterality = source.get("Laterality", "") or ""
+    body_part_and_laterality(dataset, source)
 
 
 def secondary_capture(
@@ -198,7 +219,7 @@ def secondary_capture(
             image.LossyImageCompressionRatio = f"{raw / max(len(image.PixelData), 1):.2f}"[:16]
         if method:
             image.LossyImageCompressionMethod = method
-    return _bytes(image)
+    return to_bytes(image)
 
 
 def parametric_map(source: Dataset, heat: np.ndarray, made: DerivedFrom) -> bytes:
@@ -241,7 +262,7 @@ def parametric_map(source: Dataset, heat: np.ndarray, made: DerivedFrom) -> byte
         f"Grad-CAM ({made.method}, layer {made.layer}, model "
         f"{made.model}) of class '{made.label}', normalised to [0, 1]",
     )
-    return _bytes(result)
+    return to_bytes(result)
 
 
 def parametric_map_problem(source: Dataset) -> str | None:
@@ -267,16 +288,23 @@ def parametric_map_problem(source: Dataset) -> str | None:
         )
     if int(source.get("NumberOfFrames", 1) or 1) > 1:
         return "a Parametric Map of one frame of a multi-frame source is not supported"
-    if str(source.FrameOfReferenceUID) == str(source.get("StudyInstanceUID", "")):
-        # A defect of the source (seen in real files); a map carrying it would be invalid.
+    return frame_of_reference_problem(source, "a map")
+
+
+def frame_of_reference_problem(source: Dataset, what: str) -> str | None:
+    """Why an object on ``source``'s Frame of Reference would be invalid, or None."""
+    frame_of_reference = str(source.get("FrameOfReferenceUID", "") or "")
+    if frame_of_reference and frame_of_reference == str(source.get("StudyInstanceUID", "")):
+        # A defect of the source (seen in real files); an object carrying it is invalid.
         return (
-            "the source's Frame of Reference UID is its Study Instance UID, which the "
-            "standard forbids, so a map on that frame would be invalid; ask for 'dicom-sc'"
+            f"the source's Frame of Reference UID is its Study Instance UID, which the "
+            f"standard forbids, so {what} on that frame would be invalid; ask for 'dicom-sc'"
         )
     return None
 
 
-def _bytes(dataset: Any) -> bytes:
+def to_bytes(dataset: Any) -> bytes:
+    """``dataset`` as a DICOM Part 10 file."""
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()

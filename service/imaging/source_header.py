@@ -168,6 +168,16 @@ def patient_orientation(source: Dataset) -> tuple[str, str] | None:
     return None
 
 
+def referenced_frame_number(source: Dataset, frame: int | None) -> int | None:
+    """The (1-based) frame number a reference to ``frame`` of ``source`` carries, or None.
+
+    Named for multi-frame SOP classes only: the standard forbids it for single-frame ones,
+    even where a file of such a class carries several frames."""
+    if int(source.get("NumberOfFrames", 1) or 1) > 1 and source.SOPClassUID not in _SINGLE_FRAME:
+        return (frame or 0) + 1
+    return None
+
+
 def source_reference(source: Dataset, frame: int | None) -> Dataset:
     """The Source Image Sequence item that names ``source`` (and its frame, if allowed)."""
     from pydicom.dataset import Dataset
@@ -175,11 +185,60 @@ def source_reference(source: Dataset, frame: int | None) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    # The frame is named for multi-frame SOP classes only (the standard forbids it for
-    # single-frame ones, even where a file of such a class carries several frames).
-    if int(source.get("NumberOfFrames", 1) or 1) > 1 and source.SOPClassUID not in _SINGLE_FRAME:
-        item.ReferencedFrameNumber = (frame or 0) + 1
+    number = referenced_frame_number(source, frame)
+    if number is not None:
+        item.ReferencedFrameNumber = number
     return item
+
+
+# Patient and study attributes highdicom reads from a source as attributes for the
+# Segmentations and reports it builds (Type 2 there: present, empty when unknown).
+_TYPE_2_PATIENT_STUDY = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def with_type_2_patient_study(header: Dataset) -> Dataset:
+    """``header`` (a conformant copy) with the patient and study attributes it lacks
+    present and empty, as the derived object carries them; in place."""
+    for keyword in _TYPE_2_PATIENT_STUDY:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
+
+
+def state_deidentification(dataset: Dataset) -> None:
+    """A derived object that says Patient Identity Removed YES (copied from its source)
+    must say how (Type 1C); where the source does not, say that it does not."""
+    if str(dataset.get("PatientIdentityRemoved", "")) != "YES":
+        return
+    if not dataset.get("DeidentificationMethod") and not dataset.get(
+        "DeidentificationMethodCodeSequence"
+    ):
+        dataset.DeidentificationMethod = "not stated by the source image"
+
+
+# What a derived object needs of the source to belong to its study and name it.
+_IDENTIFYING_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def missing_uids(source: Dataset) -> str | None:
+    """Why ``source`` cannot be referenced (the UIDs it lacks, by keyword), or None."""
+    missing = [key for key in _IDENTIFYING_UIDS if not str(source.get(key, "") or "")]
+    if missing:
+        return (
+            f"the source has no {', '.join(missing)}, so no object derived from it can "
+            "belong to its study or name it"
+        )
+    return None
 
 
 def source_was_lossy(source: Dataset) -> tuple[str, str | None]:

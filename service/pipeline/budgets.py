@@ -65,6 +65,8 @@ class RequestBudget:
     options: HeatmapOptions
     with_image: bool = False
     keeps_display: bool = False  # an 8-bit copy of each image is kept to draw on
+    # report "dicom-sr": each map is also drawn at the image's own size (for its peak)
+    reports: bool = False
     memory: RequestMemory | None = None
     body_bytes: int = 0
     pixels_used: int = field(default=0, init=False)
@@ -180,6 +182,8 @@ class RequestBudget:
         if self.keeps_display:
             self._held_bytes += pixels * KEPT_BYTES_PER_PIXEL
         one_heatmap = drawn // max(1, explanations)
+        if self.reports:
+            one_heatmap = max(one_heatmap, pixels)
         self._peak_step_bytes = max(
             self._peak_step_bytes,
             pixels * DECODE_BYTES_PER_PIXEL,

@@ -30,7 +30,13 @@ from service.contract.errors import (
     PayloadTooLarge,
 )
 from service.contract.requests import DicomWebImage, ExplainRequest, TargetSpec
-from service.contract.responses import ExplainResponse, Heatmap, ImageResult, StoreOutcome
+from service.contract.responses import (
+    DicomObject,
+    ExplainResponse,
+    Heatmap,
+    ImageResult,
+    StoreOutcome,
+)
 from service.contract.settings import Settings
 from service.contract.terms import DICOM_FORMATS
 from service.imaging.decoding import decode_base64
@@ -95,6 +101,7 @@ def explain(
                     request.include,
                     request.method,
                     layer,
+                    request.report,
                 )
             )
             computed.budget.pictures_encoded(result.prepared.index, base64_chars(rendered[-1]))
@@ -161,6 +168,7 @@ def compute(
         request.heatmap,
         with_image="image" in request.include,
         keeps_display=keep_display,
+        reports=request.report is not None,
         memory=memory,
         body_bytes=body_bytes,
     )
@@ -192,7 +200,7 @@ def compute(
                 frames[i],
                 keep_display,
                 describe="dicom" in request.include,
-                keep_header=request.heatmap.format in DICOM_FORMATS,
+                keep_header=request.heatmap.format in DICOM_FORMATS or request.report is not None,
             )
             for i, text in enumerate(request.images)
         ]
@@ -213,19 +221,24 @@ def compute(
 def _store(
     rendered: list[ImageResult], url: str, servers: DicomWebServers, deadline: float
 ) -> None:
-    """STOW-RS every DICOM object of the answer to ``url``; each heatmap says how it went."""
-    made: list[tuple[Heatmap, str, bytes]] = []
+    """STOW-RS every DICOM object of the answer to ``url`` in one call: the heatmaps'
+    objects, the Segmentations, then the reports that name them; each says how it went."""
+    holders: list[Heatmap | DicomObject] = []
     for result in rendered:
-        for explanation in result.explanations:
-            heat = explanation.heatmap
-            if heat.data is not None and heat.uids is not None:
-                made.append((heat, heat.uids.instance, base64.b64decode(heat.data)))
+        holders += [explanation.heatmap for explanation in result.explanations]
+        holders += [result.segmentation] if result.segmentation is not None else []
+    holders += [result.report for result in rendered if result.report is not None]
+    made = [
+        (holder, holder.uids.instance, base64.b64decode(holder.data))
+        for holder in holders
+        if holder.data is not None and holder.uids is not None
+    ]
     if not made:
         return
     objects = [(uid, data) for _, uid, data in made]
     outcomes = store(objects, url, servers, deadline - time.monotonic())
-    for (heat, _, _), outcome in zip(made, outcomes, strict=True):
-        heat.stored = StoreOutcome(ok=outcome.ok, message=outcome.message)
+    for (holder, _, _), outcome in zip(made, outcomes, strict=True):
+        holder.stored = StoreOutcome(ok=outcome.ok, message=outcome.message)
 
 
 def _frames(request: ExplainRequest) -> list[int | None]:

@@ -1,18 +1,19 @@
 """An engine's answer as the response models: predictions, heatmaps in the requested
 format and size (arrays, PNG, overlays), DICOM objects (Secondary Capture, Parametric
-Map)."""
+Map, Segmentation) and the DICOM SR report of each image."""
 
 from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from service.contract.requests import HeatmapOptions
 from service.contract.responses import (
+    DicomObject,
     DicomUids,
     Explanation,
     Geometry,
@@ -21,8 +22,12 @@ from service.contract.responses import (
     Picture,
     Prediction,
 )
-from service.contract.terms import DICOM_FORMATS
+from service.contract.terms import DICOM_FORMATS, ReportFormat
+from service.imaging import dicom_seg, dicom_sr
+from service.imaging.dicom_codes import Explained
 from service.imaging.dicom_out import (
+    PM_SOP_CLASS_UID,
+    SC_SOP_CLASS_UID,
     DerivedFrom,
     new_uid,
     parametric_map,
@@ -37,7 +42,7 @@ from service.imaging.render import (
     overlay_image,
     to_uint8,
 )
-from service.imaging.source_header import DerivedObjectImpossible
+from service.imaging.source_header import DerivedObjectImpossible, missing_uids
 from service.logs import log_failure
 from service.pipeline.faithfulness import faithfulness
 from service.pipeline.images import ExplainedImage, PreparedImage
@@ -96,8 +101,11 @@ def render_heatmap(
     options: HeatmapOptions,
     model: ModelInfo,
     derived: DerivedFrom | None = None,
+    heat: np.ndarray | None = None,
 ) -> Heatmap:
-    """One heatmap of the response (``values`` stay a numpy array for orjson)."""
+    """One heatmap of the response (``values`` stay a numpy array for orjson); ``heat``,
+    if given, is the map already drawn at ``options.size``. A ``dicom-seg`` heatmap is
+    only its size here: its segment is set with the image's Segmentation."""
     height, width = output_shape(cam, prepared.geometry, options.size)
     out = Heatmap(format=options.format, width=width, height=height, raw_max=float(cam.max()))
     if options.format == "none":
@@ -105,38 +113,36 @@ def render_heatmap(
     if options.format in DICOM_FORMATS:
         reason = dicom_problem(prepared, options.format)
         if reason is not None:
-            out.reason = reason
+            out.reason = reason  # (set only when there is one: a set field is written)
             return out
-    heat = heatmap(cam, prepared.geometry, options.size)
+        if options.format == "dicom-seg":
+            return out
+    if heat is None:
+        heat = heatmap(cam, prepared.geometry, options.size)
     if options.format in DICOM_FORMATS:
         assert prepared.header is not None and derived is not None
-        try:
-            if options.format == "dicom-pm":
-                data = parametric_map(prepared.header, heat, derived)
-            else:
-                overlay = draw_heatmap(
-                    heat, prepared, options.model_copy(update={"format": "overlay"}), model
-                )
-                data = secondary_capture(
-                    prepared.header, overlay, derived, prepared.frame, options.encoding
-                )
-        except DerivedObjectImpossible as impossible:
-            out.reason = str(impossible)
-            return out
-        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
-            # The header came from the client: what it holds must not become a 500. The
-            # type and place are logged, never the text (it may quote header values).
-            log_failure(
-                logger, f"image {prepared.index}: {options.format} not made", error, logging.WARNING
+        header = prepared.header
+        if options.format == "dicom-pm":
+            data, reason = _build(
+                prepared, "dicom-pm", lambda: parametric_map(header, heat, derived)
             )
-            out.reason = (
-                f"the source's DICOM header could not be carried into a "
-                f"{options.format} object ({type(error).__name__})"
+        else:
+            overlay = draw_heatmap(
+                heat, prepared, options.model_copy(update={"format": "overlay"}), model
             )
+            data, reason = _build(
+                prepared,
+                "dicom-sc",
+                lambda: secondary_capture(
+                    header, overlay, derived, prepared.frame, options.encoding
+                ),
+            )
+        if data is None:
+            out.reason = reason
             return out
         out.data = _b64(data)
         out.uids = DicomUids(
-            study=str(prepared.header.StudyInstanceUID),
+            study=str(header.StudyInstanceUID),
             series=derived.series_uid,
             instance=derived.instance_uid,
         )
@@ -149,16 +155,123 @@ def render_heatmap(
     return out
 
 
-def dicom_problem(prepared: PreparedImage, fmt: str) -> str | None:
-    """Why ``fmt`` cannot be made for this image (the explanation says so), or None."""
+def _build(
+    prepared: PreparedImage, what: str, build: Callable[[], bytes]
+) -> tuple[bytes | None, str]:
+    """``build()``'s DICOM object, or None and the reason it cannot be made."""
+    try:
+        return build(), ""
+    except DerivedObjectImpossible as impossible:
+        return None, str(impossible)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
+        # The header came from the client: what it holds must not become a 500. The
+        # type and place are logged, never the text (it may quote header values).
+        log_failure(logger, f"image {prepared.index}: {what} not made", error, logging.WARNING)
+        return None, (
+            f"the source's DICOM header could not be carried into a {what} object "
+            f"({type(error).__name__})"
+        )
+
+
+def _not_dicom(prepared: PreparedImage, what: str) -> str | None:
+    """Why no DICOM object derived from this image can be made at all, or None."""
     if prepared.header is None:
         return (
-            f"{fmt} is a DICOM object derived from a DICOM source image; image "
+            f"{what} is a DICOM object derived from a DICOM source image; image "
             f"{prepared.index} is not DICOM (ask for 'overlay' or 'png')"
         )
+    return missing_uids(prepared.header)
+
+
+def dicom_problem(prepared: PreparedImage, fmt: str) -> str | None:
+    """Why ``fmt`` cannot be made for this image (the explanation says so), or None."""
+    reason = _not_dicom(prepared, fmt)
+    if reason is not None or prepared.header is None:
+        return reason
     if fmt == "dicom-pm":
         return parametric_map_problem(prepared.header)
+    if fmt == "dicom-seg":
+        return dicom_seg.segmentation_problem(prepared.header, prepared.frame)
     return None
+
+
+def _segmentation(
+    prepared: PreparedImage,
+    segments: Sequence[dicom_seg.Segment],
+    how: Explained,
+    explanations: Sequence[Explanation],
+) -> DicomObject:
+    """The image's Segmentation (one segment per explanation, in their order); each
+    heatmap gets its segment number, or the reason."""
+    reason = dicom_problem(prepared, "dicom-seg")
+    out = DicomObject()
+    if reason is None:
+        assert prepared.header is not None
+        header = prepared.header
+        series, instance = new_uid(), new_uid()
+        data, reason = _build(
+            prepared,
+            "dicom-seg",
+            lambda: dicom_seg.segmentation(header, segments, how, prepared.frame, series, instance),
+        )
+        if data is not None:
+            out.data = _b64(data)
+            out.uids = DicomUids(
+                study=str(header.StudyInstanceUID), series=series, instance=instance
+            )
+            for number, explanation in enumerate(explanations, start=1):
+                explanation.heatmap.segment = number
+            return out
+    out.reason = reason
+    for explanation in explanations:
+        explanation.heatmap.reason = reason
+    return out
+
+
+def _made_with(answer: ImageResult) -> list[dicom_sr.MadeObject]:
+    """The DICOM objects of ``answer`` (for its report to name)."""
+    made = []
+    for explanation in answer.explanations:
+        heat = explanation.heatmap
+        if heat.data is not None and heat.uids is not None:
+            sop_class = SC_SOP_CLASS_UID if heat.format == "dicom-sc" else PM_SOP_CLASS_UID
+            made.append(dicom_sr.MadeObject(sop_class, heat.uids.series, heat.uids.instance))
+    segmentation = answer.segmentation
+    if segmentation is not None and segmentation.uids is not None:
+        made.append(
+            dicom_sr.MadeObject(
+                dicom_seg.SOP_CLASS_UID, segmentation.uids.series, segmentation.uids.instance
+            )
+        )
+    return made
+
+
+def _report(
+    prepared: PreparedImage,
+    findings: Sequence[dicom_sr.Finding],
+    how: Explained,
+    made: Sequence[dicom_sr.MadeObject],
+) -> DicomObject:
+    """The image's DICOM SR Measurement Report, or the reason it cannot be made."""
+    reason = _not_dicom(prepared, "dicom-sr")
+    if reason is not None:
+        return DicomObject(reason=reason)
+    assert prepared.header is not None
+    header = prepared.header
+    series, instance = new_uid(), new_uid()
+    data, reason = _build(
+        prepared,
+        "dicom-sr",
+        lambda: dicom_sr.measurement_report(
+            header, findings, how, made, prepared.frame, series, instance
+        ),
+    )
+    if data is None:
+        return DicomObject(reason=reason)
+    return DicomObject(
+        data=_b64(data),
+        uids=DicomUids(study=str(header.StudyInstanceUID), series=series, instance=instance),
+    )
 
 
 def _b64(data: bytes) -> str:
@@ -173,10 +286,52 @@ def render_result(
     include: Sequence[str] = (),
     method: str = "gradcam",
     layer: str | None = None,
+    report: ReportFormat | None = None,
 ) -> ImageResult:
-    geometry = result.prepared.geometry
-    # DICOM objects: one new series per source image, one instance per explanation.
-    series_uid = new_uid() if options.format in DICOM_FORMATS else ""
+    prepared = result.prepared
+    geometry = prepared.geometry
+    how = Explained(method=method, layer=layer or model.default_layer, model=model.name)
+    # dicom-sc, dicom-pm: one new series per source image, one instance per explanation.
+    series_uid = new_uid() if options.format in ("dicom-sc", "dicom-pm") else ""
+    segmenting = options.format == "dicom-seg" and dicom_problem(prepared, "dicom-seg") is None
+    reporting = report is not None and _not_dicom(prepared, "dicom-sr") is None
+    segments: list[dicom_seg.Segment] = []
+    findings: list[dicom_sr.Finding] = []
+    explanations = []
+    for k, (target, cam) in enumerate(zip(result.targets, result.cams, strict=True)):
+        label = model.labels[target]
+        # The Segmentation and the report read the map at the source's own pixel grid:
+        # drawn once, and shared with the heatmap when it is drawn at that size too.
+        original = heatmap(cam, geometry, "original") if segmenting or reporting else None
+        derived = DerivedFrom(
+            label=label,
+            method=method,
+            layer=how.layer,
+            model=model.name,
+            instance_number=k + 1,
+            series_uid=series_uid,
+            instance_uid=new_uid() if series_uid else "",
+        )
+        drawn = render_heatmap(
+            cam,
+            prepared,
+            options,
+            model,
+            derived,
+            heat=original if options.size == "original" else None,
+        )
+        explanations.append(
+            Explanation(target=_prediction(model, target, result.scores), heatmap=drawn)
+        )
+        if original is not None and segmenting:
+            segments.append(dicom_seg.Segment(target, label, dicom_seg.mask_of(original)))
+        if original is not None and reporting:
+            findings.append(
+                dicom_sr.Finding(
+                    target, label, float(result.scores[target]), dicom_sr.peak_of(original)
+                )
+            )
+        del original  # one map at full size at a time
     order = result.order[: min(top_k, model.num_classes)]
     answer = ImageResult(
         width=geometry.width,
@@ -188,34 +343,16 @@ def render_result(
             box=list(geometry.box),
         ),
         predictions=[_prediction(model, int(i), result.scores) for i in order],
-        explanations=[
-            Explanation(
-                target=_prediction(model, target, result.scores),
-                heatmap=render_heatmap(
-                    cam,
-                    result.prepared,
-                    options,
-                    model,
-                    DerivedFrom(
-                        label=model.labels[target],
-                        method=method,
-                        layer=layer or model.default_layer,
-                        model=model.name,
-                        instance_number=k + 1,
-                        series_uid=series_uid,
-                        instance_uid=new_uid() if series_uid else "",
-                    ),
-                ),
-            )
-            for k, (target, cam) in enumerate(zip(result.targets, result.cams, strict=True))
-        ],
+        explanations=explanations,
     )
     for explanation, curves in zip(answer.explanations, result.curves, strict=False):
         explanation.faithfulness = faithfulness(curves)
+    if options.format == "dicom-seg":
+        answer.segmentation = _segmentation(prepared, segments, how, answer.explanations)
+    if report is not None:
+        answer.report = _report(prepared, findings, how, _made_with(answer))
     if "image" in include:
-        picture = overlay_base(
-            result.prepared, "original", (geometry.height, geometry.width), model
-        )
+        picture = overlay_base(prepared, "original", (geometry.height, geometry.width), model)
         answer.image = Picture(
             width=picture.width,
             height=picture.height,
@@ -223,11 +360,12 @@ def render_result(
             data=_b64(encode_image(np.asarray(picture), options.encoding)),
         )
     if "dicom" in include:
-        answer.dicom = result.prepared.dicom
+        answer.dicom = prepared.dicom
     return answer
 
 
 def base64_chars(result: ImageResult) -> int:
     """Characters of the encoded pictures (and DICOM objects) in one rendered result."""
     pictures = [e.heatmap.data or "" for e in result.explanations]
+    pictures += [(made.data or "") for made in (result.segmentation, result.report) if made]
     return sum(map(len, pictures)) + (len(result.image.data) if result.image else 0)

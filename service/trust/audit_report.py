@@ -70,6 +70,7 @@ def summarise(
             "flagged_images": flagged,
             "flagged_share": round(flagged / len(rows), 4),
             "flagged": flagged / len(rows) >= thresholds.flag_share,
+            "flagged_keys": [r.key for r in rows if r.flagged],
             **{m: _spread(_values(rows, m)) for m in _MEASURES},
         }
     flagged_classes = [label for label, c in classes.items() if c["flagged"]]

@@ -3,8 +3,9 @@
     python tests/benchmarks/dicom_out.py [--runs 15]
 
 One explain call in-process on the demo model (CPU), median of ``--runs``: the CR
-example as an ``overlay`` PNG and as a ``dicom-sc`` (uncompressed and JPEG), and
-pydicom's CT as an ``array`` and as a ``dicom-pm``; ratios to the picture formats.
+example as an ``overlay`` PNG, as a ``dicom-sc`` (uncompressed and JPEG), as a
+``dicom-seg`` and as an ``overlay`` with ``report: "dicom-sr"``, and pydicom's CT as an
+``array``, a ``dicom-pm`` and a ``dicom-seg``; ratios to the picture formats.
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ from service.pipeline.explain import explain
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def _median_ms(runtime: Runtime, image: str, heatmap: dict, runs: int) -> float:
-    request = ExplainRequest.model_validate({"images": [image], "heatmap": heatmap})
+def _median_ms(
+    runtime: Runtime, image: str, heatmap: dict, runs: int, report: str | None = None
+) -> float:
+    request = ExplainRequest.model_validate(
+        {"images": [image], "heatmap": heatmap, "report": report}
+    )
     times = []
     for _ in range(runs):
         started = time.perf_counter()
@@ -59,11 +64,29 @@ def main() -> None:
                 _median_ms(runtime, cr, {"format": "dicom-sc", "encoding": "jpeg"}, runs),
                 overlay,
             ),
+            (
+                "CR 420×380",
+                "dicom-seg",
+                _median_ms(runtime, cr, {"format": "dicom-seg"}, runs),
+                overlay,
+            ),
+            (
+                "CR 420×380",
+                "overlay + dicom-sr",
+                _median_ms(runtime, cr, {"format": "overlay"}, runs, report="dicom-sr"),
+                overlay,
+            ),
             ("CT 128×128", "array", array, array),
             (
                 "CT 128×128",
                 "dicom-pm",
                 _median_ms(runtime, ct, {"format": "dicom-pm"}, runs),
+                array,
+            ),
+            (
+                "CT 128×128",
+                "dicom-seg",
+                _median_ms(runtime, ct, {"format": "dicom-seg"}, runs),
                 array,
             ),
         ]

@@ -28,6 +28,7 @@ from service.engine.runtime import Runtime
 from service.imaging.geometry import to_model_pixels
 from service.imaging.render import heatmap
 from service.transport.interface import Job
+from tools.demo_model.shortcut import CARD_SECTION
 
 CARD_PATH = Path(__file__).resolve().parents[2] / "service" / "demo" / "MODEL_CARD.md"
 EVALUATION_SEED = 2026
@@ -118,6 +119,9 @@ def format_table(result: Evaluation) -> str:
 
 
 def write_card(result: Evaluation, runtime: Runtime, path: Path = CARD_PATH) -> None:
+    """Rewrite the card up to its ``phantom_shortcut`` section (``shortcut.py`` writes that)."""
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    kept = CARD_SECTION + old.split(CARD_SECTION, 1)[1] if CARD_SECTION in old else ""
     by_method = [
         result
         if method == result.method
@@ -182,7 +186,7 @@ Made by `python -m tools.demo_model.evaluate --write-card`. The test suite check
 mean AUC ≥ 0.95 and pointing game ≥ 90% on another fresh set
 (`tests/test_demo_model.py`).
 """
-    path.write_text(text, encoding="utf-8")
+    path.write_text(f"{text}\n{kept}" if kept else text, encoding="utf-8")
 
 
 def main() -> None:

@@ -1,0 +1,258 @@
+"""``report: "dicom-sr"``: a DICOM SR Measurement Report (TID 1500) of one source image.
+
+A Comprehensive 3D SR document (built with highdicom) in a new series (``SERIES_NUMBER``)
+of the source's study, observed by the service as a device. For each explained class one
+measurement group:
+
+- where the class's map has a maximum (a map that is not all zero): a Planar ROI group
+  (TID 1410) whose region is a SCOORD POINT at the centre of the first pixel (in row-major
+  order) where the map at the source's pixel grid is highest, on the source image (and
+  its frame), so viewers that read TID 1500 (OHIF among them) draw it; its tracking
+  identifier says "Grad-CAM peak: <label>";
+- where the map is all zero (no peak to point at): a group without a region (TID 1501).
+
+Each group carries the class as its finding type (``dicom_codes.class_code``), DCM 130403
+"Gradient-weighted class activation" as its method, an Algorithm Identification naming
+the service with the method, layer and model as parameters, and the class's probability
+(DCM 122157, the model's softmax or sigmoid score, no units) as a measurement whose own
+algorithm is the model.
+
+The document lists the source image in its Image Library (OHIF needs one) and, as the
+Current Requested Procedure Evidence, the source and every DICOM object made with it in
+the same answer (Secondary Captures, Parametric Maps, the Segmentation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service.imaging.dicom_codes import (
+    MANUFACTURER,
+    Explained,
+    class_code,
+    coding_scheme_identification,
+    gradient_weighted_class_activation,
+    label_text,
+    probability,
+    version,
+)
+from service.imaging.dicom_out import to_bytes
+from service.imaging.source_header import (
+    DerivedObjectImpossible,
+    conformant_header,
+    patient_orientation,
+    referenced_frame_number,
+    state_deidentification,
+    with_type_2_patient_study,
+)
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+SERIES_NUMBER = 9904
+SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One explained class, as the report states it."""
+
+    index: int  # the class's index among the model's outputs
+    label: str
+    probability: float
+    peak: tuple[int, int] | None  # (row, column) of the map's maximum; None: all zero
+
+
+@dataclass(frozen=True)
+class MadeObject:
+    """A DICOM object made from the same source in the same answer."""
+
+    sop_class_uid: str
+    series_uid: str
+    instance_uid: str
+
+
+def peak_of(heat: np.ndarray) -> tuple[int, int] | None:
+    """``heat`` ``(H, W)`` in [0, 1]: (row, column) of its first maximum in row-major order,
+    or None for a map that is all zero (it points nowhere)."""
+    if heat.size == 0 or not float(heat.max()) > 0:
+        return None
+    row, column = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return int(row), int(column)
+
+
+# Descriptors of an Image Library entry highdicom writes for these modalities, which it
+# reads from the image without asking whether they are there.
+_CROSS_SECTIONAL = frozenset({"CT", "MR", "PT"})
+_PROJECTION = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
+
+
+def _library_view(source: Dataset) -> Dataset:
+    """What the Image Library says of ``source``: its class, instance, size and Frame of
+    Reference, and the modality's descriptors (pixel spacing, position, orientation) when
+    the source has them all; else the entry goes without them (they are optional)."""
+    from pydicom.dataset import Dataset
+
+    view = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID"):
+        if keyword in source:
+            setattr(view, keyword, source[keyword].value)
+    modality = str(source.get("Modality", "") or "")
+    if modality in _CROSS_SECTIONAL:
+        needed = {
+            "PixelSpacing": 2,
+            "ImageOrientationPatient": 6,
+            "ImagePositionPatient": 3,
+            "SliceThickness": 1,
+        }
+    elif modality in _PROJECTION:
+        needed = {"ImagerPixelSpacing": 2}
+        orientation = patient_orientation(source)
+        if orientation is not None:
+            view.PatientOrientation = list(orientation)
+        else:
+            needed["PatientOrientation"] = 2  # not there: no descriptors
+    else:
+        needed = {}
+    complete = all(
+        source.get(keyword) not in (None, "")
+        and len(source[keyword].value if source[keyword].VM > 1 else [source[keyword].value])
+        == count
+        for keyword, count in needed.items()
+    )
+    for keyword in needed if complete else ():
+        if keyword in source:
+            setattr(view, keyword, source[keyword].value)
+    # highdicom picks the descriptors by Modality; an empty one picks none.
+    view.Modality = modality if complete else ""
+    return view
+
+
+def _evidence(source: Dataset, made: MadeObject) -> Dataset:
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.StudyInstanceUID = source.StudyInstanceUID
+    item.SeriesInstanceUID = made.series_uid
+    item.SOPInstanceUID = made.instance_uid
+    item.SOPClassUID = made.sop_class_uid
+    return item
+
+
+def measurement_report(
+    source: Dataset,
+    findings: Sequence[Finding],
+    how: Explained,
+    made: Sequence[MadeObject],
+    frame: int | None,
+    series_uid: str,
+    instance_uid: str,
+) -> bytes:
+    """The report (module text) of ``findings`` on ``source`` (``frame`` of it), naming
+    the objects ``made`` with it."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    source = with_type_2_patient_study(conformant_header(source))
+    frame_number = referenced_frame_number(source, frame)
+    image = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
+        referenced_frame_numbers=[frame_number] if frame_number is not None else None,
+    )
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=MANUFACTURER,
+        version=version(),
+        parameters=[f"{key}={value}" for key, value in how.parameters().items()],
+    )
+    # The probability is the model's output: its algorithm is the model.
+    model = hd.sr.AlgorithmIdentification(name=label_text(how.model), version="unversioned")
+    groups: list[
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = []
+    for finding in findings:
+        label = label_text(finding.label)
+        common = {
+            "finding_type": class_code(finding.index, finding.label),
+            "method": gradient_weighted_class_activation(),
+            "algorithm_id": algorithm,
+            "measurements": [
+                hd.sr.Measurement(
+                    name=probability(),
+                    value=round(float(finding.probability), 6),
+                    unit=codes.UCUM.NoUnits,
+                    algorithm_id=model,
+                )
+            ],
+        }
+        if finding.peak is None:
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=hd.UID(), identifier=f"Grad-CAM: {label}"[:64]
+                    ),
+                    **common,  # type: ignore[arg-type]
+                )
+            )
+            continue
+        row, column = finding.peak
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=hd.UID(), identifier=f"Grad-CAM peak: {label}"[:64]
+                ),
+                # Image coordinates: (column, row), the centre of the top left pixel at
+                # (0.5, 0.5).
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POINT,
+                    graphic_data=np.array([[column + 0.5, row + 0.5]]),
+                    source_image=image,
+                ),
+                **common,  # type: ignore[arg-type]
+            )
+        )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            # The same UID for every report of the service: it names the device.
+            uid=str(generate_uid(entropy_srcs=[MANUFACTURER])),
+            name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER,
+            model_name=label_text(how.model),
+        ),
+    )
+    try:
+        report = hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+            procedure_reported=codes.SCT.ImagingProcedure,
+            imaging_measurements=groups,
+            referenced_images=[_library_view(source)],
+        )
+    except ValueError:
+        # highdicom's Image Library knows the storage classes of images by modality.
+        raise DerivedObjectImpossible(
+            f"a report's image library cannot describe an image of SOP class {source.SOPClassUID}"
+        ) from None
+    document = hd.sr.Comprehensive3DSR(
+        evidence=[source, *(_evidence(source, item) for item in made)],
+        content=report[0],
+        series_instance_uid=series_uid,
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        series_description=f"Grad-CAM report ({how.model})"[:64],
+        is_complete=True,
+        # Made by a machine, verified by no one.
+        is_final=False,
+        is_verified=False,
+    )
+    document.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
+    state_deidentification(document)
+    return to_bytes(document)
