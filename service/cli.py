@@ -146,16 +146,18 @@ def _sanity(args: argparse.Namespace) -> int:
 
     try:
         failures = sanity(args)
-    except (ConfigError, Usage) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except OutputExists as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_EXISTS
-    except OSError as error:  # the output folder cannot be written, say
+    except (ConfigError, Usage, OutputExists, OSError) as error:
+        return _told(error)
+    return EXIT_INPUT if failures else EXIT_OK
+
+
+def _told(error: ConfigError | Usage | OutputExists | OSError) -> int:
+    """One line on stderr for a command that could not go on, and its exit code."""
+    if isinstance(error, OSError):  # the output folder cannot be written, say
         print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         return EXIT_INPUT
-    return EXIT_INPUT if failures else EXIT_OK
+    print(f"error: {error}", file=sys.stderr)
+    return EXIT_EXISTS if isinstance(error, OutputExists) else EXIT_USAGE
 
 
 def _add_sanity(
@@ -409,21 +411,16 @@ def _command(args: argparse.Namespace) -> int:
         if args.command == "explain" and args.images:
             plan = plan_files(args)
         runtime = _runtime(args)
-    except (ConfigError, Usage) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except OutputExists as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_EXISTS
+    except (ConfigError, Usage, OutputExists) as error:
+        return _told(error)
     try:
         if args.command == "layers":
             return _layers(args, runtime)
         if plan is None:
             return _explain_request(args, runtime)
         return EXIT_INPUT if explain_files(args, runtime, plan) else EXIT_OK
-    except OSError as error:  # the output folder cannot be written, say
-        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
-        return EXIT_INPUT
+    except OSError as error:
+        return _told(error)
     except ServiceError as error:
         # Not one input's: the --model or --layer given (each input's errors are caught
         # where it is explained), so nothing was done.

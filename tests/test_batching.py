@@ -258,6 +258,29 @@ def test_a_full_queue_by_time_answers_overloaded_at_once() -> None:
     batcher.close()
 
 
+def test_faithfulness_is_weighed_in_the_pace_not_taken_for_a_slow_engine() -> None:
+    """A job with faithfulness curves counts as 13 images more per explanation
+    (``Job.work``): one that takes 0.05 s sets a pace of 0.05 / 14 s per image, so six
+    plain requests queued after it are far from the 0.2 s limit (at 0.05 s per image
+    they would be over it)."""
+    plain = _item(0.0).job
+    curves = Job(**{**plain.__dict__, "faithfulness": [True]})
+    two_targets = Job(**{**curves.__dict__, "targets": [[0, 1]]})
+    assert (plain.work, curves.work, two_targets.work) == (1, 14, 27)
+    engine = FakeEngine(delay_s=0.05)
+    batcher = MicroBatcher(engine, max_batch_size=1, max_queue=100, max_queue_wait_s=0.2)
+    batcher.submit(WorkItem(job=curves, deadline=time.monotonic() + 10)).result(5)
+    engine.gate.clear()
+    engine.entered.clear()
+    running = batcher.submit(_item(0.0))
+    engine.busy()
+    queued = [batcher.submit(_item(1.0)) for _ in range(6)]  # no Overloaded
+    engine.gate.set()
+    for future in [running, *queued]:
+        future.result(5)
+    batcher.close()
+
+
 def test_close_with_drain_computes_what_is_queued() -> None:
     engine = FakeEngine()
     engine.gate.clear()
