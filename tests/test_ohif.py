@@ -5,10 +5,13 @@ DICOMweb from one origin by deploy/ohif/serve.py with deploy/ohif/app-config.js,
 headless Chromium (Debian's, driven by Playwright).
 
 Checked on what OHIF draws, not only on its page: the study browser lists each result
-series by its modality and description; the Secondary Capture, opened in the
-viewport, is drawn with the service's own colours where the service put them (the
-viewport's canvas, sampled on the image's grid, equals the stored object's pixels); and
-the Parametric Map of a CT is laid over the CT in colour where the map is high.
+series by its modality and description (OT, PMAP, SEG, SR); the Secondary Capture,
+opened in the viewport, is drawn with the service's own colours where the service put
+them (the viewport's canvas, sampled on the image's grid, equals the stored object's
+pixels); the SR report's peak is drawn on the nodule with the class's probability; a
+CT's Parametric Map is laid over the CT in colour where the map is high, and its
+Segmentation in the segment's colour inside the segment only. A radiograph's 2D
+Segmentation is what OHIF 3.13.2 cannot show (a strict xfail, which says when it can).
 
 OHIF's files come from ``deploy/ohif/fetch.sh`` (npm; ``.ci/run`` runs it), in
 ``.cache/ohif/<version>/dist`` or ``GRADCAM_OHIF_DIST``; without them the tests are
@@ -19,6 +22,7 @@ for the README.
 from __future__ import annotations
 
 import base64
+import collections
 import io
 import json
 import os
@@ -27,9 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pydicom
@@ -50,6 +55,7 @@ TIMEOUT_MS = 60_000
 CHROMA = 40
 
 pytestmark = pytest.mark.slow
+T = TypeVar("T")
 expect = playwright_api.expect
 
 
@@ -66,33 +72,34 @@ def _dist() -> Path:
 
 @dataclass(frozen=True)
 class Stored:
-    """One object the service stored: its UIDs, and the object as answered."""
+    """One object the service stored: its study, and the object as answered."""
 
     study: str
-    series: str
     dataset: pydicom.Dataset
 
 
 @dataclass(frozen=True)
 class Results:
-    cr_sc: Stored  # the phantom radiograph's Secondary Capture (nodule)
-    ct_sc: Stored  # pydicom's CT slice: a Secondary Capture
-    ct_pm: Stored  # and a Parametric Map
+    cr_sc: Stored  # the phantom radiograph: a Secondary Capture (nodule), series 9901
+    cr_seg: Stored  # its 2D Segmentation (9903)
+    cr_sr: Stored  # and its SR report (9904), from the same answer
+    ct_pm: Stored  # pydicom's CT slice: a Parametric Map (opacity), 9902
+    ct_seg: Stored  # and a Segmentation on its plane, 9903
 
 
-def _store(live: LiveServer, pacs: Orthanc, source: Path, form: str, target: str) -> Stored:
-    body = {
-        "images": [_by_uids(pacs.url, source)],
-        "targets": [[target]],
-        "heatmap": {"format": form},
-        "store": {"url": pacs.url},
-    }
+def _explain(live: LiveServer, pacs: Orthanc, source: Path, **asked: object) -> dict:
+    body = {"images": [_by_uids(pacs.url, source)], "store": {"url": pacs.url}, **asked}
     answer = requests.post(f"{live.url}/v1/explain", json=body, timeout=120)
     assert answer.status_code == 200, answer.text
-    heatmap = answer.json()["results"][0]["explanations"][0]["heatmap"]
-    assert heatmap["stored"]["ok"], heatmap["stored"]
-    dataset = pydicom.dcmread(io.BytesIO(base64.b64decode(heatmap["data"])))
-    return Stored(heatmap["uids"]["study"], heatmap["uids"]["series"], dataset)
+    result: dict = answer.json()["results"][0]
+    return result
+
+
+def _stored(part: dict) -> Stored:
+    """A heatmap, segmentation or report of an answer, once stored."""
+    assert part.get("stored", {}).get("ok"), part.get("stored") or part.get("reason")
+    dataset = pydicom.dcmread(io.BytesIO(base64.b64decode(part["data"])))
+    return Stored(part["uids"]["study"], dataset)
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +109,26 @@ def results(orthanc: Orthanc) -> Results:  # noqa: F811 (the imported fixture)
     _dist()
     live = LiveServer(env={"GRADCAM_DICOMWEB_SERVERS": orthanc.url})
     try:
-        return Results(
-            cr_sc=_store(live, orthanc, CR, "dicom-sc", "nodule"),
-            ct_sc=_store(live, orthanc, CT, "dicom-sc", "opacity"),
-            ct_pm=_store(live, orthanc, CT, "dicom-pm", "opacity"),
+        cr_sc = _explain(live, orthanc, CR, targets=[["nodule"]], heatmap={"format": "dicom-sc"})
+        cr_seg = _explain(
+            live,
+            orthanc,
+            CR,
+            targets=[["nodule"]],
+            heatmap={"format": "dicom-seg"},
+            report="dicom-sr",
         )
+        ct_pm = _explain(live, orthanc, CT, targets=[["opacity"]], heatmap={"format": "dicom-pm"})
+        ct_seg = _explain(live, orthanc, CT, targets=[["opacity"]], heatmap={"format": "dicom-seg"})
     finally:
         live.stop()
+    return Results(
+        cr_sc=_stored(cr_sc["explanations"][0]["heatmap"]),
+        cr_seg=_stored(cr_seg["segmentation"]),
+        cr_sr=_stored(cr_seg["report"]),
+        ct_pm=_stored(ct_pm["explanations"][0]["heatmap"]),
+        ct_seg=_stored(ct_seg["segmentation"]),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +178,13 @@ class Viewer:
         self.page.set_default_timeout(TIMEOUT_MS)
         self.errors: list[str] = []
         self.page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
+        self.page.on("console", self._console)
         self.url = url
+        self.resized = 0
+
+    def _console(self, message: object) -> None:
+        if message.type == "error":  # type: ignore[attr-defined]
+            self.errors.append(message.text)  # type: ignore[attr-defined]
 
     def open_study(self, study: str) -> None:
         """The viewer on one study, as a person gets there: past OHIF's notice (it is for
@@ -166,7 +192,7 @@ class Viewer:
         self.page.goto(f"{self.url}/viewer?StudyInstanceUIDs={study}")
         self.page.get_by_role("button", name="Confirm and hide").click()
         self.page.get_by_text("Skip all").click()
-        expect(self.thumbnails().first).to_be_visible()
+        expect(self.thumbnails().first).to_be_visible(timeout=TIMEOUT_MS)
 
     def thumbnails(self) -> object:
         return self.page.locator('[data-cy^="study-browser-thumbnail"]')
@@ -185,7 +211,18 @@ class Viewer:
         item.dblclick()
         if description is not None:
             overlay = self.page.locator('[data-cy="viewport-overlay-top-left"]')
-            expect(overlay).to_contain_text(description)
+            expect(overlay).to_contain_text(description, timeout=TIMEOUT_MS)
+
+    def confirm(self) -> None:
+        """Say yes to what OHIF asks (load this Segmentation?), unless the page fails
+        before it asks."""
+        button = self.page.get_by_role("button", name="Yes")
+        deadline = time.monotonic() + TIMEOUT_MS / 1000
+        while not button.is_visible():
+            assert not self.errors, self.errors
+            assert time.monotonic() < deadline, "OHIF asked nothing"
+            self.page.wait_for_timeout(100)
+        button.click()
 
     def canvas(self) -> np.ndarray:
         """The viewport's pixels, as OHIF drew them: (H, W, 3) uint8."""
@@ -194,18 +231,48 @@ class Viewer:
         png = base64.b64decode(data_url.split(",", 1)[1])
         return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
-    def wait_canvas(self, ready: object, what: str) -> np.ndarray:
-        """The viewport's pixels once ``ready(pixels)`` holds (OHIF draws asynchronously)."""
-        deadline = time.monotonic() + TIMEOUT_MS / 1000
-        while True:
+    def wait_canvas(
+        self, ready: Callable[[np.ndarray], bool], what: str, nudge: bool = False
+    ) -> np.ndarray:
+        """The viewport's pixels once ``ready(pixels)`` holds (see ``until``)."""
+
+        def drawn() -> np.ndarray | None:
             pixels = self.canvas()
-            if ready(pixels):  # type: ignore[operator]
-                return pixels
-            if time.monotonic() > deadline:
+            return pixels if ready(pixels) else None
+
+        return self.until(drawn, what, nudge)
+
+    def until(self, probe: Callable[[], T | None], what: str, nudge: bool = False) -> T:
+        """What ``probe()`` returns once it is not None: OHIF draws asynchronously, and an
+        error on the page ends the wait. With ``nudge``, the window is resized once after
+        five seconds without it (``resize``): what a person does when the screen lags."""
+        start = time.monotonic()
+        while True:
+            assert not self.errors, self.errors
+            found = probe()
+            if found is not None:
+                return found
+            waited = time.monotonic() - start
+            if nudge and not self.resized and waited > 5:
+                self.resize()
+            if waited > TIMEOUT_MS / 1000:
                 shot = Path(tempfile.mkdtemp(prefix="ohif-")) / "viewer.png"
                 self.page.screenshot(path=str(shot))
                 pytest.fail(f"the viewport never showed {what} (the page: {shot})")
             self.page.wait_for_timeout(200)
+
+    def resize(self) -> None:
+        """The browser window made one pixel wider and back, so OHIF draws its viewport
+        again. OHIF 3.13.2 does not always draw what it has loaded: a Parametric Map's
+        colours (in about a third of the runs here; the map's volume is loaded and in the
+        viewport) and the report's point (every run, on the radiograph with the SC and SEG
+        beside it). Any change of the viewport, this one included, draws them."""
+        size = self.page.viewport_size
+        assert size is not None
+        self.page.set_viewport_size({"width": size["width"] + 1, "height": size["height"]})
+        self.page.wait_for_timeout(500)
+        self.page.set_viewport_size(size)
+        self.resized += 1
 
     def close(self) -> None:
         self.context.close()
@@ -236,11 +303,17 @@ def _on_image_grid(pixels: np.ndarray, rows: int, columns: int) -> np.ndarray:
     return pixels[np.ix_(ys, xs)]
 
 
+def _listed(ohif: Viewer, *expected: str) -> None:
+    listed = ohif.listed()
+    for item in expected:
+        assert any(entry.startswith(item) for entry in listed), (item, listed)
+
+
 def test_the_study_list_finds_both_studies(ohif: Viewer, results: Results) -> None:
     ohif.page.goto(ohif.url + "/")
     ohif.page.get_by_role("button", name="Confirm and hide").click()
     for patient in ("PHANTOM, NODULE", "CompressedSamples"):
-        expect(ohif.page.get_by_text(patient)).to_be_visible()
+        expect(ohif.page.get_by_text(patient)).to_be_visible(timeout=TIMEOUT_MS)
 
 
 def test_the_secondary_capture_is_drawn_with_the_heatmap_colours(
@@ -248,9 +321,14 @@ def test_the_secondary_capture_is_drawn_with_the_heatmap_colours(
 ) -> None:
     sc = results.cr_sc.dataset
     ohif.open_study(results.cr_sc.study)
-    listed = ohif.listed()
-    assert any("PA (synthetic)" in item and "S:1" in item for item in listed), listed
-    assert any(item.startswith("OT | Grad-CAM nodule | S:9901") for item in listed), listed
+    # The source, and each result by what OHIF calls it: OT, SEG, SR.
+    _listed(
+        ohif,
+        "CR | PA (synthetic) | S:1",
+        "OT | Grad-CAM nodule | S:9901",
+        "SEG | Grad-CAM >= 0.5 (phantom) | S:9903",
+        "SR | Grad-CAM report (phantom) | S:9904",
+    )
     # The source first (OHIF's default): grey, no colour anywhere.
     source = ohif.wait_canvas(lambda p: p.mean() > 20, "the source image")
     assert _coloured(source).mean() < 0.001
@@ -267,25 +345,89 @@ def test_the_secondary_capture_is_drawn_with_the_heatmap_colours(
     # And those colours lie on the nodule: its box holds the reddest pixel.
     redness = seen[..., 0] - seen[..., 1:].max(axis=-1)
     y, x = np.unravel_index(np.argmax(redness), redness.shape)
-    boxes = [f["box"] for f in FINDINGS["phantom_nodule.dcm"]["findings"] if f["kind"] == "nodule"]
-    assert any(x0 - 8 <= x <= x1 + 8 and y0 - 8 <= y <= y1 + 8 for x0, y0, x1, y1 in boxes)
     assert redness.max() > 80
+    assert _in_nodule_box(x, y)
     shot = os.environ.get("GRADCAM_OHIF_SCREENSHOT")
     if shot:
         ohif.page.screenshot(path=shot)
 
 
+def _in_nodule_box(x: float, y: float, margin: float = 8) -> bool:
+    boxes = [f["box"] for f in FINDINGS["phantom_nodule.dcm"]["findings"] if f["kind"] == "nodule"]
+    return any(
+        x0 - margin <= x <= x1 + margin and y0 - margin <= y <= y1 + margin
+        for x0, y0, x1, y1 in boxes
+    )
+
+
+def test_the_report_points_at_the_peak_with_the_probability(ohif: Viewer, results: Results) -> None:
+    """OHIF reads the TID 1500 report: the peak, drawn on the radiograph, on the nodule,
+    labelled with the class's probability."""
+    ohif.open_study(results.cr_sr.study)
+    ohif.wait_canvas(lambda p: p.mean() > 20, "the radiograph")
+    ohif.show(9904)
+    # OHIF offers to track the report's measurements: a person says yes.
+    ohif.confirm()
+    # Its label is drawn in the viewport's drawing layer (SVG, over the canvas), once
+    # OHIF draws the viewport again (see Viewer.resize).
+    label = ohif.page.locator("svg.svg-layer text")
+    ohif.until(lambda: label.count() or None, "the report's point", nudge=True)
+    expect(label.first).to_contain_text("Probability: 1.00", timeout=TIMEOUT_MS)
+    # The point the report holds is the one drawn: on the nodule.
+    (group,) = [
+        item
+        for item in results.cr_sr.dataset.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "126010"  # Imaging Measurements
+    ]
+    points = [
+        node
+        for measurement in group.ContentSequence
+        for node in _walk(measurement)
+        if getattr(node, "GraphicType", None) == "POINT"
+    ]
+    assert len(points) == 1
+    x, y = points[0].GraphicData
+    assert _in_nodule_box(x, y, margin=0)
+    # OHIF draws it as an arrow whose head's three strokes end at the point: there, on
+    # the image's grid (the drawing layer lies exactly over the canvas).
+    layer = ohif.page.locator("svg.svg-layer").first
+    lines = layer.evaluate(
+        "svg => [...svg.querySelectorAll('line')]"
+        ".map(l => [l.x2.baseVal.value, l.y2.baseVal.value])"
+    )
+    ends = collections.Counter((round(ex, 3), round(ey, 3)) for ex, ey in lines)
+    (tip, strokes), *_ = ends.most_common(1)
+    assert strokes == 3, ends
+    sr = results.cr_sr.dataset
+    source = pydicom.dcmread(CR, stop_before_pixels=True)
+    canvas = ohif.canvas()
+    scale = min(canvas.shape[1] / source.Columns, canvas.shape[0] / source.Rows)
+    left = (canvas.shape[1] - source.Columns * scale) / 2
+    top = (canvas.shape[0] - source.Rows * scale) / 2
+    drawn_at = ((tip[0] - left) / scale, (tip[1] - top) / scale)
+    assert abs(drawn_at[0] - x) < 1 and abs(drawn_at[1] - y) < 1, (drawn_at, (x, y))
+    assert sr.Manufacturer == "gradcam-service"
+
+
+def _walk(item: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
+    yield item
+    for child in item.get("ContentSequence", []):
+        yield from _walk(child)
+
+
 def test_the_parametric_map_is_laid_over_the_ct(ohif: Viewer, results: Results) -> None:
     pm = results.ct_pm.dataset
     ohif.open_study(results.ct_pm.study)
-    listed = ohif.listed()
-    assert any(item.startswith("CT | S:1") for item in listed), listed
-    assert any(item.startswith("OT | Grad-CAM opacity | S:9901") for item in listed), listed
-    assert any(item.startswith("PMAP | Grad-CAM opacity | S:9902") for item in listed), listed
+    _listed(
+        ohif,
+        "CT | S:1",
+        "PMAP | Grad-CAM opacity | S:9902",
+        "SEG | Grad-CAM >= 0.5 (phantom) | S:9903",
+    )
     ct = ohif.wait_canvas(lambda p: p.mean() > 20, "the CT")
     assert _coloured(ct).mean() < 0.001
     ohif.show(9902)
-    fused = ohif.wait_canvas(lambda p: _coloured(p).mean() > 0.05, "the map's colours")
+    fused = ohif.wait_canvas(lambda p: _coloured(p).mean() > 0.05, "the map's colours", nudge=True)
     values = pm.pixel_array.astype(np.float32)
     seen = _coloured(_on_image_grid(fused, pm.Rows, pm.Columns))
     # Colour where the map is high, the CT's grey where it is nothing.
@@ -293,9 +435,46 @@ def test_the_parametric_map_is_laid_over_the_ct(ohif: Viewer, results: Results) 
     assert seen[values <= 0.02].mean() < 0.02, seen[values <= 0.02].mean()
 
 
-@pytest.mark.skip(
-    reason="needs the dicom-seg and dicom-sr results (branch dicomseg), not in main yet"
+def test_the_segmentation_is_laid_over_the_ct(ohif: Viewer, results: Results) -> None:
+    seg = results.ct_seg.dataset
+    ohif.open_study(results.ct_seg.study)
+    ohif.wait_canvas(lambda p: p.mean() > 20, "the CT")
+    ohif.show(9903)
+    # OHIF asks before it loads a Segmentation into the viewport; a person says yes.
+    ohif.confirm()
+    drawn = ohif.wait_canvas(lambda p: _coloured(p).mean() > 0.05, "the segment")
+    mask = seg.pixel_array.reshape(seg.Rows, seg.Columns).astype(bool)
+    assert 0.05 < mask.mean() < 0.95
+    seen = _on_image_grid(drawn, seg.Rows, seg.Columns).astype(np.int16)
+    tinted = seen[..., 0] - seen[..., 1:].max(axis=-1) > 20
+    # The segment's colour inside it (its outline, drawn on the edge pixels, aside), the
+    # CT's grey outside.
+    inner = mask & np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1)
+    inner &= np.roll(mask, -1, 1)
+    outer = ~mask & ~np.roll(mask, 1, 0) & ~np.roll(mask, -1, 0) & ~np.roll(mask, 1, 1)
+    outer &= ~np.roll(mask, -1, 1)
+    assert tinted[inner].mean() > 0.95, tinted[inner].mean()
+    assert tinted[outer].mean() < 0.02, tinted[outer].mean()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="OHIF 3.13.2 overlays a Segmentation only where it has a plane: its loader reads "
+    "the SEG's Pixel Measures and then its Plane Orientation (checkOrientation), and a "
+    "radiograph's 2D Segmentation has neither (the radiograph gives no plane, and the "
+    "service does not invent one); the viewer throws and stays blank. An OHIF that shows "
+    "it makes this pass: then say so in the README.",
 )
-def test_the_segmentation_is_overlaid_and_the_report_listed() -> None:
-    """Once the service stores a Segmentation and an SR report: both listed in the study
-    browser (SEG, SR), and the SEG laid over the radiograph in its segment's colour."""
+def test_the_segmentation_of_a_radiograph_is_laid_over_it(ohif: Viewer, results: Results) -> None:
+    seg = results.cr_seg.dataset
+    ohif.open_study(results.cr_seg.study)
+    ohif.wait_canvas(lambda p: p.mean() > 20, "the radiograph")
+    ohif.show(9903)
+    try:
+        ohif.confirm()
+        drawn = ohif.wait_canvas(lambda p: _coloured(p).mean() > 0.001, "the segment")
+    finally:
+        ohif.errors.clear()  # what OHIF logged is this test's outcome, not its teardown's
+    mask = seg.pixel_array.reshape(seg.Rows, seg.Columns).astype(bool)
+    seen = _on_image_grid(drawn, seg.Rows, seg.Columns).astype(np.int16)
+    assert (seen[..., 0] - seen[..., 1:].max(axis=-1) > 20)[mask].mean() > 0.9
