@@ -15,14 +15,15 @@ Segmentation is what OHIF 3.13.2 cannot show (a strict xfail, which says when it
 
 OHIF's files come from ``deploy/ohif/fetch.sh`` (npm; ``.ci/run`` runs it), in
 ``.cache/ohif/<version>/dist`` or ``GRADCAM_OHIF_DIST``; without them the tests are
-skipped (failed in CI). ``GRADCAM_OHIF_SCREENSHOT=docs/ohif.png`` keeps the screenshot
-for the README.
+skipped (failed in CI). ``GRADCAM_OHIF_SCREENSHOTS=docs/ohif`` keeps the screenshots of
+the README there.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import io
 import json
 import os
@@ -45,6 +46,7 @@ from PIL import Image
 from tests.helpers import LiveServer, free_port
 from tests.test_browser import browser, playwright_api  # noqa: F401 (the fixture)
 from tests.test_dicomweb import CR, CT, Orthanc, _by_uids, orthanc  # noqa: F401 (the fixture)
+from tests.test_orthanc_routing import make_series, send_cstore, start_orthanc, wait_routed
 
 REPO = Path(__file__).resolve().parents[1]
 OHIF = REPO / "deploy" / "ohif"
@@ -133,7 +135,14 @@ def results(orthanc: Orthanc) -> Results:  # noqa: F811 (the imported fixture)
 
 @pytest.fixture(scope="module")
 def viewer(orthanc: Orthanc) -> Iterator[str]:  # noqa: F811
-    """deploy/ohif/serve.py on a free port: OHIF's files, and Orthanc at /dicom-web."""
+    with _serving_ohif(orthanc.url) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serving_ohif(dicomweb: str) -> Iterator[str]:
+    """deploy/ohif/serve.py on a free port: OHIF's files, and ``dicomweb`` at /dicom-web;
+    stopped by its PID."""
     dist = _dist()
     port = free_port()
     process = subprocess.Popen(
@@ -143,7 +152,7 @@ def viewer(orthanc: Orthanc) -> Iterator[str]:  # noqa: F811
             "--dist",
             str(dist),
             "--dicomweb",
-            orthanc.url,
+            dicomweb,
             "--port",
             str(port),
         ],
@@ -347,9 +356,18 @@ def test_the_secondary_capture_is_drawn_with_the_heatmap_colours(
     y, x = np.unravel_index(np.argmax(redness), redness.shape)
     assert redness.max() > 80
     assert _in_nodule_box(x, y)
-    shot = os.environ.get("GRADCAM_OHIF_SCREENSHOT")
-    if shot:
-        ohif.page.screenshot(path=shot)
+    _keep(ohif, "secondary-capture")
+
+
+def _keep(ohif: Viewer, name: str) -> None:
+    """The page as a PNG in ``$GRADCAM_OHIF_SCREENSHOTS``, if set (the README's figures)."""
+    folder = os.environ.get("GRADCAM_OHIF_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shot = Image.open(io.BytesIO(ohif.page.screenshot()))
+        # 256 colours are enough for a screen of flat panels and one colour map, at a
+        # third of the bytes.
+        shot.convert("RGB").quantize(256).save(Path(folder) / f"{name}.png", optimize=True)
 
 
 def _in_nodule_box(x: float, y: float, margin: float = 8) -> bool:
@@ -428,6 +446,7 @@ def test_the_parametric_map_is_laid_over_the_ct(ohif: Viewer, results: Results) 
     assert _coloured(ct).mean() < 0.001
     ohif.show(9902)
     fused = ohif.wait_canvas(lambda p: _coloured(p).mean() > 0.05, "the map's colours", nudge=True)
+    _keep(ohif, "parametric-map")
     values = pm.pixel_array.astype(np.float32)
     seen = _coloured(_on_image_grid(fused, pm.Rows, pm.Columns))
     # Colour where the map is high, the CT's grey where it is nothing.
@@ -443,6 +462,7 @@ def test_the_segmentation_is_laid_over_the_ct(ohif: Viewer, results: Results) ->
     # OHIF asks before it loads a Segmentation into the viewport; a person says yes.
     ohif.confirm()
     drawn = ohif.wait_canvas(lambda p: _coloured(p).mean() > 0.05, "the segment")
+    _keep(ohif, "segmentation")
     mask = seg.pixel_array.reshape(seg.Rows, seg.Columns).astype(bool)
     assert 0.05 < mask.mean() < 0.95
     seen = _on_image_grid(drawn, seg.Rows, seg.Columns).astype(np.int16)
@@ -478,3 +498,56 @@ def test_the_segmentation_of_a_radiograph_is_laid_over_it(ohif: Viewer, results:
     mask = seg.pixel_array.reshape(seg.Rows, seg.Columns).astype(bool)
     seen = _on_image_grid(drawn, seg.Rows, seg.Columns).astype(np.int16)
     assert (seen[..., 0] - seen[..., 1:].max(axis=-1) > 20)[mask].mean() > 0.9
+
+
+def test_a_study_sent_to_the_recipes_orthanc_is_seen_in_ohif(
+    browser: object,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The pipeline as the README sets it up without containers: Orthanc with the
+    recipe (deploy/orthanc/, a report asked for), the service, OHIF on that Orthanc. A
+    radiograph sent by C-STORE is routed, and OHIF shows its Secondary Capture in colour
+    and its report's point, with nobody calling the service."""
+    _dist()
+    http_port = free_port()
+    dicomweb = f"http://127.0.0.1:{http_port}/dicom-web"
+    live = LiveServer(env={"GRADCAM_DICOMWEB_SERVERS": dicomweb})
+    try:
+        pacs = start_orthanc(
+            tmp_path / "orthanc", http_port, live.url, GRADCAM_ROUTER_REPORT="dicom-sr"
+        )
+        try:
+            sent = make_series(tmp_path / "sent", 1)
+            send_cstore(pacs, sent)
+            (state,) = wait_routed(pacs, [sent], 120).values()
+            assert state["state"] == "done" and state["with_results"] == 1, state
+            with _serving_ohif(pacs.dicomweb) as url:
+                tab = Viewer(browser, url)
+                try:
+                    _seen_routed(tab, sent.study)
+                finally:
+                    tab.close()
+        finally:
+            pacs.stop()
+    finally:
+        live.stop()
+
+
+def _seen_routed(tab: Viewer, study: str) -> None:
+    tab.open_study(study)
+    _listed(
+        tab,
+        "CR | PA (synthetic) | S:1",
+        "OT | Grad-CAM nodule | S:9901",
+        "SR | Grad-CAM report (phantom) | S:9904",
+    )
+    tab.wait_canvas(lambda p: p.mean() > 20, "the radiograph")
+    tab.show(9901, "Grad-CAM nodule")
+    tab.wait_canvas(lambda p: _coloured(p).sum() > 500, "the heatmap's colours")
+    tab.show(9904)
+    tab.confirm()
+    label = tab.page.locator("svg.svg-layer text")
+    tab.until(lambda: label.count() or None, "the report's point", nudge=True)
+    expect(label.first).to_contain_text("Probability: 1.00", timeout=TIMEOUT_MS)
+    _keep(tab, "pipeline")
+    assert not tab.errors, tab.errors
