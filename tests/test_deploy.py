@@ -332,6 +332,7 @@ def test_the_pacs_profile_wires_orthanc_ohif_and_the_service() -> None:
     assert config["RemoteAccessAllowed"] is True and config["StableAge"] == 10
     router = config["GradcamRouter"]
     assert router["ServiceUrl"] == "http://gradcam:8000" and router["ServiceToken"] == token
+    assert router["Report"] == "dicom-sr" and router["Format"] == "dicom-sc"
     # The service may use the DICOMweb root the router gives it, and nothing else.
     assert service["environment"]["GRADCAM_DICOMWEB_SERVERS"] == router["DicomWebUrl"]
     assert router["DicomWebUrl"] == f"http://orthanc:{config['HttpPort']}/dicom-web"
