@@ -462,6 +462,8 @@ def test_the_segmentation_is_laid_over_the_ct(ohif: Viewer, results: Results) ->
     # OHIF asks before it loads a Segmentation into the viewport; a person says yes.
     ohif.confirm()
     drawn = ohif.wait_canvas(lambda p: _coloured(p).mean() > 0.05, "the segment")
+    # In the colour the Segmentation recommends (red): OHIF does not fall back to its own.
+    assert not ohif.page.get_by_text("RecommendedDisplayCIELabValue not found").count()
     _keep(ohif, "segmentation")
     mask = seg.pixel_array.reshape(seg.Rows, seg.Columns).astype(bool)
     assert 0.05 < mask.mean() < 0.95
