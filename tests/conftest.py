@@ -34,8 +34,8 @@ def server() -> Iterator[LiveServer]:
 
 
 # Modules whose tests start processes (serve, gunicorn, an engine, Orthanc, a browser,
-# the CLI): the developer loop leaves them out with -m "not process" (docs/development.md).
-# Tests elsewhere that use the live ``server`` fixture are marked too.
+# OHIF's server, the CLI): the developer loop leaves them out with -m "not process"
+# (docs/development.md). Tests elsewhere that use the live ``server`` fixture are marked too.
 _PROCESS_MODULES = {
     "test_access",
     "test_allocator",
@@ -53,6 +53,7 @@ _PROCESS_MODULES = {
     "test_load",
     "test_locust",
     "test_memory_budget",
+    "test_ohif",
     "test_openapi",
     "test_orthanc_routing",
     "test_slow_clients",

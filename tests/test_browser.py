@@ -448,18 +448,34 @@ def test_a_dicom_result_downloads_as_dicom(tab: PageUnderTest) -> None:
     name = "phantom_nodule.dcm"
     tab.page.set_input_files("#files", str(EXAMPLES / name))
     tab.wait_explained(name, 1, "nodule")
-    button = tab.card(name).locator(".download-dicom")  # type: ignore[attr-defined]
-    expect(button).to_be_visible()
-    with tab.page.expect_download() as download:
-        button.click()
-    assert download.value.suggested_filename == "phantom_nodule-gradcam-nodule.dcm"
-    made = pydicom.dcmread(download.value.path())
-    assert made.SOPClassUID.name.startswith("Secondary Capture")
-    assert (made.Rows, made.Columns) == (FINDINGS[name]["height"], FINDINGS[name]["width"])
-    # A PNG has no DICOM to derive from: no such button.
+    source = pydicom.dcmread(EXAMPLES / name)
+    made = {}
+    for kind, suffix in (("sc", ""), ("seg", "-seg"), ("sr", "-report")):
+        button = tab.card(name).locator(f'.download-dicom[data-kind="{kind}"]')  # type: ignore[attr-defined]
+        expect(button).to_be_visible()
+        with tab.page.expect_download() as download:
+            button.click()
+        assert download.value.suggested_filename == f"phantom_nodule-gradcam-nodule{suffix}.dcm"
+        made[kind] = pydicom.dcmread(download.value.path())
+        # Each in a new series of the source's study, referencing the source.
+        assert made[kind].StudyInstanceUID == source.StudyInstanceUID
+        assert made[kind].SeriesInstanceUID != source.SeriesInstanceUID
+        assert source.SOPInstanceUID in str(made[kind])
+    assert made["sc"].SOPClassUID.name.startswith("Secondary Capture")
+    assert (made["sc"].Rows, made["sc"].Columns) == (
+        FINDINGS[name]["height"],
+        FINDINGS[name]["width"],
+    )
+    assert made["seg"].SOPClassUID.name == "Segmentation Storage"
+    assert made["seg"].SegmentSequence[0].SegmentLabel == "nodule"
+    assert made["sr"].SOPClassUID.name == "Comprehensive 3D SR Storage"
+    assert "nodule" in str(made["sr"].ContentSequence)
+    assert not tab.card(name).locator(".card-error").inner_text()  # type: ignore[attr-defined]
+    # A PNG has no DICOM to derive from: no such buttons.
     tab.page.set_input_files("#files", str(EXAMPLES / "phantom_nodule.png"))
     tab.wait_explained("phantom_nodule.png", 1, "nodule")
-    expect(tab.card("phantom_nodule.png").locator(".download-dicom")).to_be_hidden()  # type: ignore[attr-defined]
+    for button in tab.card("phantom_nodule.png").locator(".download-dicom").all():  # type: ignore[attr-defined]
+        expect(button).to_be_hidden()
 
 
 SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"

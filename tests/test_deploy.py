@@ -1,19 +1,28 @@
-"""deploy/: Prometheus config and rules pass promtool; every metric they use exists."""
+"""deploy/: Prometheus config and rules pass promtool; every metric they use exists; the
+Kubernetes manifests and compose files validate; the compose profile "pacs" (Orthanc,
+OHIF, the service) is wired together, and OHIF's nginx configuration runs in nginx."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import ClassVar
 
+import requests
 import yaml
 
 from service import metrics
-from tests.helpers import missing_tool
+from tests.helpers import free_port, missing_tool
+from tests.test_orthanc_recipe import substituted
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -175,7 +184,16 @@ def test_scaling_fits_the_deployments_and_the_service() -> None:
 
 def test_compose_and_kubernetes_files_parse() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    assert set(compose["services"]) == {"gradcam", "prometheus", "grafana"}
+    by_profile = {
+        name: tuple(service.get("profiles", ())) for name, service in compose["services"].items()
+    }
+    assert by_profile == {
+        "gradcam": (),
+        "prometheus": (),
+        "grafana": (),
+        "orthanc": ("pacs",),
+        "ohif": ("pacs",),
+    }
     for service in compose["services"].values():
         assert ":" in service["image"] and not service["image"].endswith(":latest")
     documents = _documents("gradcam.yaml")
@@ -226,10 +244,14 @@ def _compose() -> list[str]:
     missing_tool("docker compose", "docker-compose")
 
 
-def _compose_config(*files: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _compose_config(
+    *files: str, env: dict[str, str], profiles: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     command = [*_compose(), "--project-directory", str(DEPLOY)]
     for name in files:
         command += ["-f", str(DEPLOY / name)]
+    for profile in profiles:
+        command += ["--profile", profile]
     # HOME: compose reads the user's docker config; keep the test's own.
     return subprocess.run(
         [*command, "config"],
@@ -265,3 +287,172 @@ def test_compose_files_pass_docker_compose_config() -> None:
     # Without a token the file refuses to start, with its message.
     refused = _compose_config("docker-compose.yml", env={})
     assert refused.returncode != 0 and "set GRADCAM_AUTH_TOKENS" in refused.stderr
+
+
+def _published(service: dict) -> dict[int, str]:
+    """A resolved service's ports: container port → the host address and port."""
+    found = {}
+    for port in service["ports"]:
+        if isinstance(port, dict):  # Compose v2
+            found[int(port["target"])] = f"{port.get('host_ip', '')}:{port['published']}"
+        else:  # docker-compose 1.x: "127.0.0.1:3001:8080/tcp"
+            host, published, target = port.split("/")[0].rsplit(":", 2)
+            found[int(target)] = f"{host}:{published}"
+    return found
+
+
+def test_the_pacs_profile_wires_orthanc_ohif_and_the_service() -> None:
+    """``--profile pacs``: Orthanc runs the recipe (deploy/orthanc/) and calls the service
+    with its token; the service may read and store on that Orthanc; OHIF's nginx reads
+    it at /dicom-web; the files mounted exist; the OHIF image is deploy/ohif/VERSION's."""
+    token = "compose-test-token-0123456789"
+    resolved = _compose_config(
+        "docker-compose.yml", env={"GRADCAM_AUTH_TOKENS": token}, profiles=("pacs",)
+    )
+    assert resolved.returncode == 0, resolved.stderr
+    services = yaml.safe_load(resolved.stdout)["services"]
+    assert {"gradcam", "orthanc", "ohif"} <= set(services)
+    mounts = {}
+    for name in ("orthanc", "ohif"):
+        for volume in services[name]["volumes"]:
+            if isinstance(volume, str):
+                volume = dict(zip(("source", "target"), volume.split(":")[:2], strict=True))
+            mounts[volume["target"]] = volume["source"]
+            if volume["source"].startswith("/"):  # a file of deploy/, not a named volume
+                assert Path(volume["source"]).exists(), (name, volume)
+    orthanc, ohif, service = services["orthanc"], services["ohif"], services["gradcam"]
+    assert orthanc["image"].startswith("orthancteam/orthanc:")
+    assert ohif["image"] == "ohif/app:v" + (DEPLOY / "ohif/VERSION").read_text().strip()
+    # Orthanc's configuration as it starts there: the recipe, with the compose environment.
+    env = orthanc["environment"]
+    config = json.loads(substituted((DEPLOY / "orthanc/orthanc.json").read_text(), env))
+    assert Path(mounts["/etc/orthanc/orthanc.json"]).name == "orthanc.json"
+    assert Path(mounts[config["PythonScript"]]).name == "gradcam_router.py"
+    assert mounts[config["StorageDirectory"]] == "orthanc-db"
+    assert config["RemoteAccessAllowed"] is True and config["StableAge"] == 10
+    router = config["GradcamRouter"]
+    assert router["ServiceUrl"] == "http://gradcam:8000" and router["ServiceToken"] == token
+    assert router["Report"] == "dicom-sr" and router["Format"] == "dicom-sc"
+    # The service may use the DICOMweb root the router gives it, and nothing else.
+    assert service["environment"]["GRADCAM_DICOMWEB_SERVERS"] == router["DicomWebUrl"]
+    assert router["DicomWebUrl"] == f"http://orthanc:{config['HttpPort']}/dicom-web"
+    # On this host's loopback only (no authentication on Orthanc or OHIF).
+    assert _published(orthanc) == {8042: "127.0.0.1:8042", 4242: "127.0.0.1:4242"}
+    assert config["HttpPort"] == 8042 and config["DicomPort"] == 4242
+    nginx = (DEPLOY / "ohif/nginx.conf").read_text()
+    assert _published(ohif) == {8080: "127.0.0.1:3001"} and "listen 8080;" in nginx
+    assert f"set $orthanc http://orthanc:{config['HttpPort']};" in nginx
+    assert mounts["/etc/nginx/conf.d/default.conf"].endswith("deploy/ohif/nginx.conf")
+    assert mounts["/usr/share/nginx/html/app-config.js"].endswith("deploy/ohif/app-config.js")
+    app_config = (DEPLOY / "ohif/app-config.js").read_text()
+    assert "qidoRoot: '/dicom-web'" in app_config and "wadoRoot: '/dicom-web'" in app_config
+    # Without the profile, neither starts.
+    plain = _compose_config("docker-compose.yml", env={"GRADCAM_AUTH_TOKENS": token})
+    assert plain.returncode == 0, plain.stderr
+
+
+def _nginx() -> str:
+    found = shutil.which("nginx")
+    if found is None and Path("/usr/sbin/nginx").exists():  # not on a user's PATH
+        found = "/usr/sbin/nginx"
+    if found is None:
+        missing_tool("nginx", "nginx")
+    return found
+
+
+class _StandInOrthanc(http.server.BaseHTTPRequestHandler):
+    """Answers any GET with a DICOM JSON list, keeping the path and Host it was asked."""
+
+    seen: ClassVar[list[tuple[str, str]]] = []
+
+    def do_GET(self) -> None:
+        self.seen.append((self.path, self.headers["Host"]))
+        data = b"[]"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_ohifs_nginx_serves_the_viewer_and_passes_dicomweb_to_orthanc(tmp_path: Path) -> None:
+    """deploy/ohif/nginx.conf run by Debian's nginx, with what the container gives it
+    changed for this machine: its port, OHIF's files (a stand-in dist/) and Orthanc's
+    address (a stand-in DICOMweb server)."""
+    nginx = _nginx()
+    dist = tmp_path / "html"
+    dist.mkdir()
+    (dist / "index.html").write_text("<title>OHIF</title>")
+    (dist / "app.bundle.js").write_text("'app'")
+    shutil.copy(DEPLOY / "ohif/app-config.js", dist / "app-config.js")  # the compose mount
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StandInOrthanc)
+    threading.Thread(target=upstream.serve_forever, args=(0.05,), daemon=True).start()
+    port = free_port()
+    text = (DEPLOY / "ohif/nginx.conf").read_text()
+    for old, new in (
+        ("listen 8080;", f"listen 127.0.0.1:{port};"),
+        ("root /usr/share/nginx/html;", f"root {dist};"),
+        ("http://orthanc:8042;", f"http://127.0.0.1:{upstream.server_address[1]};"),
+    ):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    (tmp_path / "default.conf").write_text(text)
+    temp = {kind: tmp_path / kind for kind in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    (tmp_path / "nginx.conf").write_text(
+        f"daemon off;\nmaster_process off;\npid {tmp_path}/nginx.pid;\n"
+        f"error_log {tmp_path}/error.log;\nevents {{ worker_connections 64; }}\n"
+        "http {\n  include /etc/nginx/mime.types;\n  access_log off;\n"
+        f"  client_body_temp_path {temp['body']};\n  proxy_temp_path {temp['proxy']};\n"
+        f"  fastcgi_temp_path {temp['fastcgi']};\n  uwsgi_temp_path {temp['uwsgi']};\n"
+        f"  scgi_temp_path {temp['scgi']};\n  include {tmp_path}/default.conf;\n}}\n"
+    )
+    checked = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+    process = subprocess.Popen(
+        [nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, (tmp_path / "error.log").read_text()
+            try:
+                requests.get(f"{url}/index.html", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "nginx did not answer in 20 s"
+                time.sleep(0.05)
+        # OHIF's routes are the application; its configuration is deploy's, not cached.
+        page = requests.get(f"{url}/viewer?StudyInstanceUIDs=1.2.3", timeout=10)
+        assert page.status_code == 200 and page.text == "<title>OHIF</title>"
+        config = requests.get(f"{url}/app-config.js", timeout=10)
+        assert config.text == (DEPLOY / "ohif/app-config.js").read_text()
+        assert config.headers["Cache-Control"] == "no-cache"
+        assert requests.get(f"{url}/1234.bundle.js", timeout=10).status_code == 404
+        # DICOMweb goes to Orthanc with its path and query, and the browser's Host.
+        path = "/dicom-web/studies?PatientName=PHANTOM*&limit=101"
+        studies = requests.get(url + path, headers={"Host": "viewer.example:3001"}, timeout=10)
+        assert studies.status_code == 200 and studies.json() == []
+        assert _StandInOrthanc.seen[-1] == (path, "viewer.example:3001")
+        # UIDs end in digits after a dot: still DICOMweb, not a missing file.
+        frames = "/dicom-web/studies/1.2.3/series/4.5.6/instances/7.8.9/frames/1"
+        assert requests.get(url + frames, timeout=10).status_code == 200
+        assert _StandInOrthanc.seen[-1][0] == frames
+        assert requests.get(url + "/dicom-web/studies/1.2.3", timeout=10).status_code == 200
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+        upstream.shutdown()
+        upstream.server_close()

@@ -226,6 +226,10 @@ def test_segmentation_of_the_heatmap(runtime: Runtime, tmp_path: Path, source: P
         assert algorithm.AlgorithmParameters == (
             "method=gradcam++,layer=features,model=phantom,level=0.5"
         )
+        # A colour of its own for a viewer to draw it in: red, then green.
+        colour = hd.color.CIELabColor.from_dicom_value(described.RecommendedDisplayCIELabValue)
+        (red, green, blue) = colour.to_rgb()
+        assert (red > 200 > green and red > 200 > blue) if number == 1 else green > 150 > red
     pixels = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[original.SOPInstanceUID], segment_numbers=[1, 2]
     )[0]

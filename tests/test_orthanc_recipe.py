@@ -55,6 +55,7 @@ def test_the_configuration_parses_with_defaults_and_with_the_environment() -> No
     assert settings.service_url == SERVICE
     assert settings.dicomweb_url == DICOMWEB  # Orthanc's own port and DICOMweb root
     assert settings.format == "dicom-sc" and settings.skip_manufacturers == ("gradcam-service",)
+    assert settings.report == ""  # no report unless asked
     environ = {
         "ORTHANC_HTTP_PORT": "9042",
         "ORTHANC_DICOM_PORT": "5242",
@@ -62,6 +63,7 @@ def test_the_configuration_parses_with_defaults_and_with_the_environment() -> No
         "GRADCAM_SERVICE_URL": "http://gradcam:8000/",
         "GRADCAM_ROUTER_DICOMWEB_URL": "http://orthanc:9042/dicom-web",
         "GRADCAM_ROUTER_FORMAT": "dicom-pm",
+        "GRADCAM_ROUTER_REPORT": "dicom-sr",
         "GRADCAM_ROUTER_MAX_IMAGES": "4",
         "GRADCAM_ROUTER_RETRIES": "3",
     }
@@ -75,6 +77,7 @@ def test_the_configuration_parses_with_defaults_and_with_the_environment() -> No
         4,
         3,
     )
+    assert settings.report == "dicom-sr"
 
 
 @pytest.mark.parametrize(
@@ -85,6 +88,7 @@ def test_the_configuration_parses_with_defaults_and_with_the_environment() -> No
         ("Retries", "many", "GradcamRouter.Retries"),
         ("SkipManufacturers", "gradcam-service", "GradcamRouter.SkipManufacturers"),
         ("StateProperty", 12, "GradcamRouter.StateProperty"),
+        ("Report", "dicom-seg", "GradcamRouter.Report"),
     ],
 )
 def test_a_wrong_setting_is_named(key: str, value: object, named: str) -> None:
@@ -284,9 +288,18 @@ def test_a_series_goes_in_batches_by_uids_and_is_marked_done() -> None:
         "instance": uids[0],
     }
     assert body["store"] == {"url": DICOMWEB} and body["heatmap"] == {"format": "dicom-sc"}
+    assert "report" not in body
     state = orthanc.state("s1")
     assert state["state"] == "done" and state["with_results"] == 5 and state["seconds"] == 10.0
     assert sleeps == [] and orthanc.warnings == []
+
+
+def test_a_report_is_asked_for_when_configured() -> None:
+    router, orthanc, service, _ = make(report="dicom-sr")
+    orthanc.add_series("s1", 1)
+    assert router.route("s1", 0.0) == "done"
+    (body,) = service.bodies
+    assert body["report"] == "dicom-sr" and body["heatmap"] == {"format": "dicom-sc"}
 
 
 def test_its_own_results_and_non_images_are_never_routed() -> None:

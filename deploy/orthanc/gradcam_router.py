@@ -6,7 +6,9 @@ An Orthanc Python plugin script (Debian's ``orthanc-python``), configured by the
 
 - Orthanc's change callback only queues the series; worker threads do the work. A
   series is sent in requests of at most ``MaxImagesPerRequest`` images, each image a
-  ``dicomweb`` reference to this Orthanc, with ``store`` back to it.
+  ``dicomweb`` reference to this Orthanc, with ``store`` back to it, for ``Format``
+  (a Secondary Capture or Parametric Map per image) and, with ``Report`` "dicom-sr",
+  an SR report per image.
 - Its own results are never routed: a series whose Manufacturer is one of
   ``SkipManufacturers`` (the service writes "gradcam-service") is skipped, and so is
   a series of a non-image modality (``SkipModalities``).
@@ -68,6 +70,7 @@ class RouterSettings:
     dicomweb_url: str
     model: str = ""
     format: str = "dicom-sc"
+    report: str = ""  # "dicom-sr": an SR report with each image's results, or none
     max_images_per_request: int = 8
     workers: int = 2
     retries: int = 8
@@ -128,12 +131,16 @@ class RouterSettings:
             dicomweb_url = f"http://127.0.0.1:{port}/{root.strip('/')}"
         if not dicomweb_url.startswith(("http://", "https://")):
             raise ConfigError(f"{SECTION}.DicomWebUrl must be an http(s) URL")
+        report = text("Report", "")
+        if report not in ("", "dicom-sr"):
+            raise ConfigError(f"{SECTION}.Report must be 'dicom-sr' or empty, not {report!r}")
         first = number("FirstRetryDelaySeconds", cls.first_retry_delay_s, 0, 3600)
         return cls(
             service_url=service_url,
             dicomweb_url=dicomweb_url,
             model=text("Model", ""),
             format=text("Format", cls.format) or cls.format,
+            report=report,
             max_images_per_request=int(
                 number("MaxImagesPerRequest", cls.max_images_per_request, 1, 32)
             ),
@@ -444,6 +451,8 @@ class Router:
         }
         if settings.model:
             body["model"] = settings.model
+        if settings.report:
+            body["report"] = settings.report
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if settings.service_token:
             headers["Authorization"] = f"Bearer {settings.service_token}"
@@ -710,7 +719,8 @@ def install(module: Any) -> Router:
     module.RegisterRestCallback("/gradcam/router", status)
     module.RegisterRestCallback("/gradcam/router/retry", retry)
     module.LogWarning(
-        f"gradcam router: stable series go to {settings.service_url} as {settings.format}, "
+        f"gradcam router: stable series go to {settings.service_url} as {settings.format}"
+        f"{' with ' + settings.report if settings.report else ''}, "
         f"read from and stored to {settings.dicomweb_url}"
     )
     return router

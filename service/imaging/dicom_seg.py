@@ -4,7 +4,8 @@ The "cheap segmentation" use of Grad-CAM: the normalised map at the source's pix
 at least ``LEVEL`` (0.5), is a segment. One BINARY Segmentation per source image, one
 segment per explained class (its label the class label, its type the class's code,
 ``dicom_codes``), algorithm type AUTOMATIC with an Algorithm Identification naming the
-service, method, layer, model and level. A new series (``SERIES_NUMBER``) in the
+service, method, layer, model and level, and a recommended display colour
+(``DISPLAY_COLOURS``). A new series (``SERIES_NUMBER``) in the
 source's study, derived from the source image (and its frame), so viewers such as OHIF
 overlay it on the source.
 
@@ -52,6 +53,17 @@ SERIES_NUMBER = 9903
 SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
 # The segment of a class: its normalised map at the source's pixel grid, at least this.
 LEVEL = 0.5
+# The colour a viewer should draw each segment in (sRGB, by segment number, cycling):
+# distinct hues, the first red, the hot end of the heatmaps' colour map. Without one a
+# viewer picks its own (and OHIF says so each time it loads the object).
+DISPLAY_COLOURS = (
+    (255, 0, 0),
+    (0, 200, 0),
+    (0, 120, 255),
+    (255, 200, 0),
+    (200, 0, 255),
+    (0, 210, 210),
+)
 
 
 @dataclass(frozen=True)
@@ -181,6 +193,9 @@ def segmentation(
             segmented_property_type=class_code(segment.index, segment.label),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
+            display_color=hd.color.CIELabColor.from_rgb(
+                *DISPLAY_COLOURS[(number - 1) % len(DISPLAY_COLOURS)]
+            ),
         )
         for number, segment in enumerate(segments, start=1)
     ]

@@ -417,11 +417,13 @@ function makeFigure(item, method, layer, explanation, levels) {
     method, target.label));
   element.querySelector(".download").setAttribute("aria-label",
     `Download the ${methodTitle(method)} overlay of ${target.label} for ${item.name} as PNG`);
-  const dicom = element.querySelector(".download-dicom");
-  dicom.hidden = !item.dicom; // a DICOM result is made from a DICOM source only
-  dicom.setAttribute("aria-label", `Download the ${methodTitle(method)} overlay of `
-    + `${target.label} for ${item.name} as a DICOM Secondary Capture`);
-  dicom.addEventListener("click", () => downloadDicom(item, method, target));
+  for (const button of element.querySelectorAll(".download-dicom")) {
+    const kind = DICOM_OBJECTS[button.dataset.kind];
+    button.hidden = !item.dicom; // a DICOM result is made from a DICOM source only
+    button.setAttribute("aria-label", `Download the ${methodTitle(method)} ${kind.what} of `
+      + `${target.label} for ${item.name} as ${kind.as}`);
+    button.addEventListener("click", () => downloadDicom(item, method, target, kind));
+  }
   return { element, canvas, levels };
 }
 
@@ -576,23 +578,41 @@ function saveFile(blob, name) {
   setTimeout(() => URL.revokeObjectURL(link.href), 10000);
 }
 
-// The service makes the DICOM object (a Secondary Capture of the overlay, in a new
-// series of the source's study): asked for when the button is pressed.
-async function downloadDicom(item, method, target) {
+// The DICOM objects the service makes of one explanation, each in a new series of the
+// source's study, asked for when its button is pressed: the overlay as a Secondary
+// Capture, where the map is at least 0.5 as a Segmentation, or an SR report of the class
+// (its probability and where the map peaks).
+const DICOM_OBJECTS = {
+  sc: {
+    what: "overlay", as: "a DICOM Secondary Capture", suffix: "", heatmap: "dicom-sc",
+    object: (result) => result.explanations[0].heatmap,
+  },
+  seg: {
+    what: "region", as: "a DICOM Segmentation", suffix: "-seg", heatmap: "dicom-seg",
+    object: (result) => result.segmentation,
+  },
+  sr: {
+    what: "report", as: "a DICOM SR", suffix: "-report", heatmap: "gray", report: "dicom-sr",
+    object: (result) => result.report,
+  },
+};
+
+async function downloadDicom(item, method, target, kind) {
   const errorBox = item.card.querySelector(".card-error");
   errorBox.textContent = "";
   const body = { ...explainBody(item, method, false), targets: [target.index] };
-  body.heatmap = { format: "dicom-sc", size: "original" };
+  body.heatmap = { format: kind.heatmap, size: "original" };
+  if (kind.report) body.report = kind.report;
   try {
-    const answer = await post("v1/explain", body);
-    const heatmap = answer.results[0].explanations[0].heatmap;
-    if (!heatmap.data) {
-      errorBox.textContent = `No DICOM object for ${item.name}: ${heatmap.reason}`;
+    const made = kind.object((await post("v1/explain", body)).results[0]);
+    if (!made.data) {
+      errorBox.textContent = `No DICOM ${kind.what} for ${item.name}: ${made.reason}`;
       return;
     }
-    const bytes = Uint8Array.from(atob(heatmap.data), (c) => c.charCodeAt(0));
+    const bytes = Uint8Array.from(atob(made.data), (c) => c.charCodeAt(0));
     const stem = item.name.replace(/\.[^.]*$/, "");
-    saveFile(new Blob([bytes], { type: "application/dicom" }), `${stem}-${method}-${target.label}.dcm`);
+    saveFile(new Blob([bytes], { type: "application/dicom" }),
+      `${stem}-${method}-${target.label}${kind.suffix}.dcm`);
   } catch (error) {
     errorBox.textContent = errorText(item, error);
   }
