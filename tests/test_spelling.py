@@ -19,8 +19,9 @@ DOCUMENTS = [
     "deploy",
     "Dockerfile",
 ]
-# Real words codespell does not know: an author (Draelos & Carin), a JPEG 2000 marker.
-KNOWN = "carin,siz"
+# Real words codespell does not know: an author (Draelos & Carin), a JPEG 2000 marker,
+# the DICOM modality OT (other) and the HTTP header TE.
+KNOWN = "carin,siz,ot,te"
 _DOUBLED = re.compile(r"(?<![-\w])([A-Za-z]{2,}) \1\b")
 _LITERALS = re.compile(r"``[^`]*``|`[^`]*`")
 
