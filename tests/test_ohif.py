@@ -12,6 +12,8 @@ pixels); the SR report's peak is drawn on the nodule with the class's probabilit
 CT's Parametric Map is laid over the CT in colour where the map is high, and its
 Segmentation in the segment's colour inside the segment only. A radiograph's 2D
 Segmentation is what OHIF 3.13.2 cannot show (a strict xfail, which says when it can).
+And the pipeline end to end: a radiograph sent by C-STORE to Orthanc running the recipe
+of deploy/orthanc/ is routed through the service and seen in OHIF.
 
 OHIF's files come from ``deploy/ohif/fetch.sh`` (npm; ``.ci/run`` runs it), in
 ``.cache/ohif/<version>/dist`` or ``GRADCAM_OHIF_DIST``; without them the tests are
