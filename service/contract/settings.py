@@ -34,6 +34,20 @@ from service.contract.terms import LayoutSetting, MemoryFormat, Precision, Resiz
 DEMO_MODELS_FILE = Path(__file__).resolve().parents[1] / "demo" / "models.toml"
 
 
+class ClassCode(BaseModel):
+    """A coded concept for one class (``[models.<name>.codes]``), as DICOM Segmentations
+    and SR reports write the class: e.g. SNOMED CT ``{scheme = "SCT", value =
+    "27925004", meaning = "Nodule"}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Coding Scheme Designator (SH), Code Value (SH, or a Long Code Value up to 64) and
+    # Code Meaning (LO): no backslash, the DICOM value separator.
+    scheme: Annotated[StrictStr, Field(min_length=1, max_length=16, pattern=r"^[^\\]+$")]
+    value: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[^\\]+$")]
+    meaning: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[^\\]+$")]
+
+
 class ModelSpec(BaseModel):
     """One ``[models.<name>]`` table of the models file."""
 
@@ -68,6 +82,9 @@ class ModelSpec(BaseModel):
     layout: LayoutSetting = "auto"
     # With layout = "tokens": the tokens before the grid (class, distillation, register).
     prefix_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    # Class label -> its code in DICOM Segmentations and SR reports (dicom_codes.py);
+    # a class without one gets the service's own scheme, 99GRADCAM.
+    codes: dict[StrictStr, ClassCode] = Field(default_factory=dict)
     default: StrictBool = False
 
     @model_validator(mode="after")

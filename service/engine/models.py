@@ -88,6 +88,10 @@ class LoadedModel:
             layers=self.layers,
             modules=tuple(name for name, _ in self.module.named_modules() if name),
             device=str(self.device),
+            codes={
+                label: (code.scheme, code.value, code.meaning)
+                for label, code in self.spec.codes.items()
+            },
         )
 
 
@@ -177,6 +181,14 @@ def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu"
         labels = _torchvision_class_names(name, spec, classes)
     if labels is None:
         labels = tuple(str(i) for i in range(classes))
+    unknown = [label for label in spec.codes if label not in labels]
+    if unknown:
+        raise ModelConfigError(
+            name,
+            "codes",
+            f"{', '.join(map(repr, unknown))} is not one of the model's labels "
+            f"({', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''})",
+        )
 
     layers = tuple(probe_layers(model, spec.channels, spec.input_size))
     if spec.layer is not None:

@@ -2,17 +2,18 @@
 
 Standard codes where DICOM has one: DCM 130403 "Gradient-weighted class activation" (the
 kind of map, for every method: they all weight a layer's activations by the class
-score's gradient) and DCM 122157 "Probability". The explained classes have no standard
-code (the models file names a label, nothing more), so they are coded in a scheme of our
-own, ``99GRADCAM`` (PS3.16 8.2: designators starting "99" are private): the code value
-is the class's index among the model's outputs, the meaning its label, and the model is
-named beside it (algorithm parameters). Each object that uses the scheme identifies it
-in its Coding Scheme Identification Sequence.
+score's gradient) and DCM 122157 "Probability". An explained class has the code the
+models file gives it (``[models.<name>.codes]``, e.g. SNOMED CT); one without is coded in
+a scheme of our own, ``99GRADCAM`` (PS3.16 8.2: designators starting "99" are private):
+the code value is the class's index among the model's outputs, the meaning its label,
+and the model is named beside it (algorithm parameters). Each object that uses that
+scheme identifies it in its Coding Scheme Identification Sequence.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from service import package_version
@@ -32,10 +33,26 @@ class Explained:
     method: str
     layer: str
     model: str
+    # The model's class codes from the models file: label -> (scheme, value, meaning).
+    codes: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
 
     def parameters(self) -> dict[str, str]:
         """As algorithm parameters (``name=value``)."""
         return {"method": self.method, "layer": self.layer, "model": self.model}
+
+    def class_code(self, index: int, label: str) -> Code:
+        """The explained class's code: the models file's, else ``99GRADCAM``'s."""
+        from pydicom.sr.coding import Code
+
+        given = self.codes.get(label)
+        if given is None:
+            return class_code(index, label)
+        scheme, value, meaning = given
+        return Code(value, scheme, meaning)
+
+    def uses_own_scheme(self, labels: Iterable[str]) -> bool:
+        """Whether any of ``labels`` is coded in ``99GRADCAM`` (no code of its own)."""
+        return any(label not in self.codes for label in labels)
 
 
 def version() -> str:

@@ -33,7 +33,6 @@ import numpy as np
 from service.imaging.dicom_codes import (
     MANUFACTURER,
     Explained,
-    class_code,
     coding_scheme_identification,
     label_text,
     version,
@@ -190,7 +189,7 @@ def segmentation(
             # The segment is a region of the image (where the model's evidence for the
             # class lies), not the finding itself: a spatial concept, typed by the class.
             segmented_property_category=codes.SCT.SpatialAndRelationalConcept,
-            segmented_property_type=class_code(segment.index, segment.label),
+            segmented_property_type=how.class_code(segment.index, segment.label),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
             display_color=hd.color.CIELabColor.from_rgb(
@@ -233,7 +232,8 @@ def segmentation(
         ),
     )
     result.SeriesDescription = f"Grad-CAM >= {LEVEL} ({how.model})"[:64]
-    result.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
+    if how.uses_own_scheme(segment.label for segment in segments):
+        result.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
     # No series Laterality: a Segmentation's laterality is per frame (Frame Anatomy), and
     # dciodvfy finds a General Series one an error there.
     body_part(result, source)

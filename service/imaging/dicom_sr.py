@@ -11,7 +11,7 @@ measurement group:
   identifier says "Grad-CAM peak: <label>";
 - where the map is all zero (no peak to point at): a group without a region (TID 1501).
 
-Each group carries the class as its finding type (``dicom_codes.class_code``), DCM 130403
+Each group carries the class as its finding type (``Explained.class_code``), DCM 130403
 "Gradient-weighted class activation" as its method, an Algorithm Identification naming
 the service with the method, layer and model as parameters, and the class's probability
 (DCM 122157, the model's softmax or sigmoid score, no units) as a measurement whose own
@@ -33,7 +33,6 @@ import numpy as np
 from service.imaging.dicom_codes import (
     MANUFACTURER,
     Explained,
-    class_code,
     coding_scheme_identification,
     gradient_weighted_class_activation,
     label_text,
@@ -179,7 +178,7 @@ def measurement_report(
     for finding in findings:
         label = label_text(finding.label)
         common = {
-            "finding_type": class_code(finding.index, finding.label),
+            "finding_type": how.class_code(finding.index, finding.label),
             "method": gradient_weighted_class_activation(),
             "algorithm_id": algorithm,
             "measurements": [
@@ -253,6 +252,7 @@ def measurement_report(
         is_final=False,
         is_verified=False,
     )
-    document.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
+    if how.uses_own_scheme(finding.label for finding in findings):
+        document.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
     state_deidentification(document)
     return to_bytes(document)

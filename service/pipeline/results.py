@@ -290,7 +290,9 @@ def render_result(
 ) -> ImageResult:
     prepared = result.prepared
     geometry = prepared.geometry
-    how = Explained(method=method, layer=layer or model.default_layer, model=model.name)
+    how = Explained(
+        method=method, layer=layer or model.default_layer, model=model.name, codes=model.codes
+    )
     # dicom-sc, dicom-pm: one new series per source image, one instance per explanation.
     series_uid = new_uid() if options.format in ("dicom-sc", "dicom-pm") else ""
     segmenting = options.format == "dicom-seg" and dicom_problem(prepared, "dicom-seg") is None

@@ -77,6 +77,8 @@ class ModelInfo:
     device: str
     precision: Precision = "fp32"  # what answers (engine/tuning.py)
     memory_format: MemoryFormat = "contiguous"
+    # Label -> (scheme, value, meaning): the models file's codes for its classes.
+    codes: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -105,6 +107,7 @@ class ModelInfo:
                 "std": tuple(data["std"]),
                 "layers": tuple(LayerInfo(**layer) for layer in data["layers"]),
                 "modules": tuple(data["modules"]),
+                "codes": {label: tuple(code) for label, code in data.get("codes", {}).items()},
             }
         )
 
