@@ -191,7 +191,6 @@ class Viewer:
         self.page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
         self.page.on("console", self._console)
         self.url = url
-        self.resized = 0
 
     def _console(self, message: object) -> None:
         if message.type == "error":  # type: ignore[attr-defined]
@@ -255,17 +254,20 @@ class Viewer:
 
     def until(self, probe: Callable[[], T | None], what: str, nudge: bool = False) -> T:
         """What ``probe()`` returns once it is not None: OHIF draws asynchronously, and an
-        error on the page ends the wait. With ``nudge``, the window is resized once after
-        five seconds without it (``resize``): what a person does when the screen lags."""
+        error on the page ends the wait. With ``nudge``, the window is resized after five
+        seconds without it, and every ten seconds after (``resize``): what a person does
+        when the screen lags."""
         start = time.monotonic()
+        nudged = 0
         while True:
             assert not self.errors, self.errors
             found = probe()
             if found is not None:
                 return found
             waited = time.monotonic() - start
-            if nudge and not self.resized and waited > 5:
+            if nudge and waited > 5 + 10 * nudged:
                 self.resize()
+                nudged += 1
             if waited > TIMEOUT_MS / 1000:
                 shot = Path(tempfile.mkdtemp(prefix="ohif-")) / "viewer.png"
                 self.page.screenshot(path=str(shot))
@@ -283,7 +285,6 @@ class Viewer:
         self.page.set_viewport_size({"width": size["width"] + 1, "height": size["height"]})
         self.page.wait_for_timeout(500)
         self.page.set_viewport_size(size)
-        self.resized += 1
 
     def close(self) -> None:
         self.context.close()
