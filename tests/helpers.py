@@ -108,18 +108,23 @@ def proc_cmdline(pid: int) -> str:
         return ""
 
 
-def wait_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
-    """Whether ``url``/readyz answers 200 within ``timeout_s`` (False at once once
-    ``alive()`` turns false)."""
+def wait_answering(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Whether a GET of ``url`` answers 200 within ``timeout_s`` (False at once once
+    ``alive()`` turns false): a server a test started is up."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and alive():
         try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if requests.get(url, timeout=2).status_code == 200:
                 return True
         except requests.RequestException:
             pass
-        time.sleep(0.3)
+        time.sleep(0.1)
     return False
+
+
+def wait_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Whether the service at ``url`` says it is ready (``/readyz``) within ``timeout_s``."""
+    return wait_answering(f"{url}/readyz", timeout_s, alive)
 
 
 def free_port() -> int:

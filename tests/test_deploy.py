@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,7 +20,7 @@ import requests
 import yaml
 
 from service import metrics
-from tests.helpers import free_port, missing_tool
+from tests.helpers import free_port, missing_tool, wait_answering
 from tests.test_orthanc_recipe import substituted
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -425,15 +424,9 @@ def test_ohifs_nginx_serves_the_viewer_and_passes_dicomweb_to_orthanc(tmp_path: 
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, (tmp_path / "error.log").read_text()
-            try:
-                requests.get(f"{url}/index.html", timeout=2)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, "nginx did not answer in 20 s"
-                time.sleep(0.05)
+        answered = wait_answering(f"{url}/index.html", 20, lambda: process.poll() is None)
+        assert process.poll() is None, (tmp_path / "error.log").read_text()
+        assert answered, "nginx did not answer in 20 s"
         # OHIF's routes are the application; its configuration is deploy's, not cached.
         page = requests.get(f"{url}/viewer?StudyInstanceUIDs=1.2.3", timeout=10)
         assert page.status_code == 200 and page.text == "<title>OHIF</title>"

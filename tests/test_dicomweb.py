@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pydicom.data import get_testdata_file
 
 from service.contract.errors import Forbidden, InvalidField
 from service.pipeline.dicomweb import DicomWebServers, _parts
-from tests.helpers import LiveServer, encode, missing_tool
+from tests.helpers import LiveServer, encode, missing_tool, wait_answering
 from tests.test_dicom_out import _valid
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -90,16 +89,8 @@ def _running_orthanc(folder: Path) -> Iterator[Orthanc]:
         )
     rest = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{rest}/system", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
+        if not wait_answering(f"{rest}/system", 30, lambda: process.poll() is None):
             assert process.poll() is None, (folder / "log").read_text()
-            time.sleep(0.2)
-        else:
             pytest.fail("Orthanc did not start in 30 s: " + (folder / "log").read_text())
         # The phantom study (and a CT), uploaded with Orthanc's own API.
         for path in (CR, CT):

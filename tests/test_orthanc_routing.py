@@ -29,7 +29,7 @@ import requests
 from pydicom.uid import generate_uid
 
 from service.pipeline.dicomweb import DicomWebServers, store
-from tests.helpers import LiveServer, free_port, metric_value, missing_tool
+from tests.helpers import LiveServer, free_port, metric_value, missing_tool, wait_answering
 from tests.test_orthanc_recipe import RECIPE
 from tests.test_orthanc_recipe import router_module as ROUTER
 
@@ -125,16 +125,10 @@ def start_orthanc(folder: Path, http_port: int, service_url: str, **env: str) ->
             start_new_session=True,
         )
     orthanc = Orthanc(process, f"http://127.0.0.1:{http_port}", dicom_port, log)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"Orthanc exited: {log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{orthanc.rest}/gradcam/router", timeout=2).ok:
-                return orthanc
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
+    if wait_answering(f"{orthanc.rest}/gradcam/router", 30, lambda: process.poll() is None):
+        return orthanc
+    if process.poll() is not None:
+        pytest.fail(f"Orthanc exited: {log.read_text()[-3000:]}")
     orthanc.stop()
     pytest.fail(f"Orthanc did not start in 30 s: {log.read_text()[-3000:]}")
 
