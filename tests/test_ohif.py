@@ -45,7 +45,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.helpers import LiveServer, free_port
+from tests.helpers import LiveServer, free_port, wait_answering
 from tests.test_browser import browser, playwright_api  # noqa: F401 (the fixture)
 from tests.test_dicomweb import CR, CT, Orthanc, _by_uids, orthanc  # noqa: F401 (the fixture)
 from tests.test_orthanc_routing import make_series, send_cstore, start_orthanc, wait_routed
@@ -164,15 +164,8 @@ def _serving_ohif(dicomweb: str) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        if not wait_answering(f"{url}/app-config.js", 20, lambda: process.poll() is None):
             assert process.poll() is None, process.stderr.read().decode()  # type: ignore[union-attr]
-            try:
-                if requests.get(f"{url}/app-config.js", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.1)
-        else:
             pytest.fail("serve.py did not answer in 20 s")
         yield url
     finally:
@@ -227,12 +220,18 @@ class Viewer:
         """Say yes to what OHIF asks (load this Segmentation?), unless the page fails
         before it asks."""
         button = self.page.get_by_role("button", name="Yes")
-        deadline = time.monotonic() + TIMEOUT_MS / 1000
-        while not button.is_visible():
-            assert not self.errors, self.errors
-            assert time.monotonic() < deadline, "OHIF asked nothing"
-            self.page.wait_for_timeout(100)
+        self.until(lambda: button if button.is_visible() else None, "OHIF's question")
         button.click()
+
+    def open_report(self, series_number: int) -> object:
+        """Show an SR series and say yes to tracking its measurements; its first label
+        (drawn in the viewport's SVG layer, over the canvas, once OHIF draws the
+        viewport again: see ``resize``)."""
+        self.show(series_number)
+        self.confirm()
+        labels = self.page.locator("svg.svg-layer text")
+        self.until(lambda: labels.count() or None, "the report's point", nudge=True)
+        return labels.first
 
     def canvas(self) -> np.ndarray:
         """The viewport's pixels, as OHIF drew them: (H, W, 3) uint8."""
@@ -304,12 +303,18 @@ def _coloured(pixels: np.ndarray) -> np.ndarray:
     return (wide.max(axis=-1) - wide.min(axis=-1)) > CHROMA  # type: ignore[no-any-return]
 
 
-def _on_image_grid(pixels: np.ndarray, rows: int, columns: int) -> np.ndarray:
-    """The viewport sampled at the centre of each image pixel, for an image shown whole
-    and centred (OHIF's default: fit to the viewport)."""
+def _fit(pixels: np.ndarray, rows: int, columns: int) -> tuple[float, float, float]:
+    """(scale, top, left) of an image of ``rows`` × ``columns`` shown whole and centred
+    in the viewport ``pixels`` (OHIF's default: fit to the viewport)."""
     height, width = pixels.shape[:2]
     scale = min(width / columns, height / rows)
-    top, left = (height - rows * scale) / 2, (width - columns * scale) / 2
+    return scale, (height - rows * scale) / 2, (width - columns * scale) / 2
+
+
+def _on_image_grid(pixels: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """The viewport sampled at the centre of each image pixel (see ``_fit``)."""
+    height, width = pixels.shape[:2]
+    scale, top, left = _fit(pixels, rows, columns)
     ys = np.clip((top + (np.arange(rows) + 0.5) * scale).astype(int), 0, height - 1)
     xs = np.clip((left + (np.arange(columns) + 0.5) * scale).astype(int), 0, width - 1)
     return pixels[np.ix_(ys, xs)]
@@ -386,14 +391,9 @@ def test_the_report_points_at_the_peak_with_the_probability(ohif: Viewer, result
     labelled with the class's probability."""
     ohif.open_study(results.cr_sr.study)
     ohif.wait_canvas(lambda p: p.mean() > 20, "the radiograph")
-    ohif.show(9904)
     # OHIF offers to track the report's measurements: a person says yes.
-    ohif.confirm()
-    # Its label is drawn in the viewport's drawing layer (SVG, over the canvas), once
-    # OHIF draws the viewport again (see Viewer.resize).
-    label = ohif.page.locator("svg.svg-layer text")
-    ohif.until(lambda: label.count() or None, "the report's point", nudge=True)
-    expect(label.first).to_contain_text("Probability: 1.00", timeout=TIMEOUT_MS)
+    label = ohif.open_report(9904)
+    expect(label).to_contain_text("Probability: 1.00", timeout=TIMEOUT_MS)
     # The point the report holds is the one drawn: on the nodule.
     (group,) = [
         item
@@ -421,10 +421,7 @@ def test_the_report_points_at_the_peak_with_the_probability(ohif: Viewer, result
     assert strokes == 3, ends
     sr = results.cr_sr.dataset
     source = pydicom.dcmread(CR, stop_before_pixels=True)
-    canvas = ohif.canvas()
-    scale = min(canvas.shape[1] / source.Columns, canvas.shape[0] / source.Rows)
-    left = (canvas.shape[1] - source.Columns * scale) / 2
-    top = (canvas.shape[0] - source.Rows * scale) / 2
+    scale, top, left = _fit(ohif.canvas(), source.Rows, source.Columns)
     drawn_at = ((tip[0] - left) / scale, (tip[1] - top) / scale)
     assert abs(drawn_at[0] - x) < 1 and abs(drawn_at[1] - y) < 1, (drawn_at, (x, y))
     assert sr.Manufacturer == "gradcam-service"
@@ -549,10 +546,7 @@ def _seen_routed(tab: Viewer, study: str) -> None:
     tab.wait_canvas(lambda p: p.mean() > 20, "the radiograph")
     tab.show(9901, "Grad-CAM nodule")
     tab.wait_canvas(lambda p: _coloured(p).sum() > 500, "the heatmap's colours")
-    tab.show(9904)
-    tab.confirm()
-    label = tab.page.locator("svg.svg-layer text")
-    tab.until(lambda: label.count() or None, "the report's point", nudge=True)
-    expect(label.first).to_contain_text("Probability: 1.00", timeout=TIMEOUT_MS)
+    label = tab.open_report(9904)
+    expect(label).to_contain_text("Probability: 1.00", timeout=TIMEOUT_MS)
     _keep(tab, "pipeline")
     assert not tab.errors, tab.errors
