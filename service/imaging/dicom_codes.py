@@ -46,7 +46,7 @@ class Explained:
 
         given = self.codes.get(label)
         if given is None:
-            return class_code(index, label)
+            return _own_code(index, label)
         scheme, value, meaning = given
         return Code(value, scheme, meaning)
 
@@ -66,7 +66,7 @@ def _text(value: str, limit: int) -> str:
     return cleaned.strip()[:limit] or "?"
 
 
-def class_code(index: int, label: str) -> Code:
+def _own_code(index: int, label: str) -> Code:
     """The explained class as a code of the ``99GRADCAM`` scheme (module text)."""
     from pydicom.sr.coding import Code
 
