@@ -76,7 +76,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         # STOW-RS (OHIF can store what a user draws); nothing else is written here.
-        if self._path() == PREFIX or self._path().startswith(PREFIX + "/"):
+        if self._is_dicomweb():
             self._proxy()
         else:
             self._plain(405, "only DICOMweb takes POST here")
@@ -84,9 +84,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _path(self) -> str:
         return urllib.parse.urlsplit(self.path).path
 
+    def _is_dicomweb(self) -> bool:
+        path = self._path()
+        return path == PREFIX or path.startswith(PREFIX + "/")
+
     def _route(self, body: bool) -> None:
         path = self._path()
-        if path == PREFIX or path.startswith(PREFIX + "/"):
+        if self._is_dicomweb():
             self._proxy()
         elif path == "/app-config.js":
             self._file(self.config, body)
