@@ -10,7 +10,7 @@
     ├── MethodNotAllowed            405 method_not_allowed
     ├── PayloadTooLarge             413 request_too_large, image_too_large, too_many_images,
     │                                   too_many_targets, too_many_pixels, output_too_large,
-    │                                   array_too_large, over_memory_budget
+    │                                   array_too_large, over_memory_budget, json_too_complex
     ├── UnsupportedMediaType        415 unsupported_media_type, unsupported_image,
     │                                   unsupported_content_encoding
     ├── InvalidField                422 invalid_field, unknown_layer, unknown_method,
@@ -77,6 +77,11 @@ class ErrorCode(StrEnum):
     OUTPUT_TOO_LARGE = "output_too_large", 413, "the answer would be too large"
     ARRAY_TOO_LARGE = "array_too_large", 413, "a heatmap array over the value limit"
     OVER_MEMORY_BUDGET = "over_memory_budget", 413, "more memory than the budget leaves"
+    JSON_TOO_COMPLEX = (
+        "json_too_complex",
+        413,
+        "JSON of over 100000 values, or an object of over 256 keys",
+    )
     URI_TOO_LONG = "uri_too_long", 414, "the request target is too long"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415, "the body is not JSON"
     UNSUPPORTED_CONTENT_ENCODING = ("unsupported_content_encoding", 415, "a compressed body")

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
 from pydantic.json_schema import WithJsonSchema
 
 # The protocol's element types (those a client may name; we produce BYTES, FP32, INT64).
@@ -34,7 +42,8 @@ Datatype = Literal[
     "BYTES",
 ]
 ParameterValue = StrictBool | StrictInt | StrictFloat | StrictStr
-Parameters = dict[str, ParameterValue]
+# Stops at its first bad value (json_body.py bounds the keys).
+Parameters = Annotated[dict[str, ParameterValue], Field(fail_fast=True)]
 # JSON tensor data: row-major, flat or nested; BYTES elements are strings. Elements are
 # checked where they are read (pipeline/protocol.py), by the input they belong to.
 TensorData = Annotated[
@@ -70,7 +79,7 @@ class RequestInput(_Message):
     """An input tensor: ``data`` in the JSON, or ``binary_data_size`` bytes after it."""
 
     name: StrictStr
-    shape: list[Annotated[StrictInt, Field(ge=0)]]
+    shape: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(fail_fast=True)]
     datatype: Datatype
     parameters: Parameters = {}
     data: TensorData | None = None
@@ -97,8 +106,9 @@ class InferRequest(_Message):
             "size), frame (of multi-frame images), binary_data_output."
         ),
     )
-    inputs: Annotated[list[RequestInput], Field(min_length=1)]
-    outputs: list[RequestOutput] | None = Field(
+    # Lists stop at their first bad item: the error report stays small (json_body.py).
+    inputs: Annotated[list[RequestInput], Field(min_length=1, fail_fast=True)]
+    outputs: Annotated[list[RequestOutput], Field(fail_fast=True)] | None = Field(
         default=None, description="The outputs to return; all of them when absent."
     )
 

@@ -9,9 +9,9 @@ API users read.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated
 
-import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -22,7 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from service.contract.errors import BadRequest, ErrorCode, InvalidField
+from service.contract.errors import InvalidField
+from service.contract.json_body import json_object
 from service.contract.suggestions import close_matches, did_you_mean
 from service.contract.terms import (
     DICOM_FORMATS,
@@ -37,7 +38,9 @@ from service.contract.terms import (
 # A class given by index or by label.
 ClassRef = StrictInt | Annotated[StrictStr, Field(min_length=1)]
 # Per image: null (top-1 class), one class, or a list of classes (one explanation each).
-TargetSpec = ClassRef | Annotated[list[ClassRef], Field(min_length=1)] | None
+# Lists stop at their first bad item (fail_fast): a long list of wrong items costs one
+# error, not one each (json_body.py).
+TargetSpec = ClassRef | Annotated[list[ClassRef], Field(min_length=1, fail_fast=True)] | None
 _Frame = Annotated[StrictInt, Field(ge=0)]
 
 
@@ -138,7 +141,7 @@ class ExplainRequest(BaseModel):
     model: Annotated[StrictStr, Field(min_length=1)] | None = Field(
         default=None, description="A model of the models file; default the file's default model."
     )
-    images: Annotated[list[StrictStr | DicomWebImage], Field(min_length=1)] = Field(
+    images: Annotated[list[StrictStr | DicomWebImage], Field(min_length=1, fail_fast=True)] = Field(
         description=(
             "Base64 (or a data: URL) of PNG (8/16-bit), JPEG, TIFF, BMP, WebP, GIF or DICOM "
             "images (other formats are a 415), or an instance on a DICOMweb server named by "
@@ -147,7 +150,7 @@ class ExplainRequest(BaseModel):
             "more is a 413); see the limits above for pixels."
         )
     )
-    targets: list[TargetSpec] | None = Field(
+    targets: Annotated[list[TargetSpec], Field(fail_fast=True)] | None = Field(
         default=None,
         description=(
             "One entry per image: null (the top-1 class), a class by index or label, or a "
@@ -162,16 +165,18 @@ class ExplainRequest(BaseModel):
     )
     top_k: Annotated[StrictInt, Field(ge=1)] = 5
     heatmap: HeatmapOptions = HeatmapOptions()
-    frame: _Frame | Annotated[list[_Frame | None], Field(min_length=1)] | None = Field(
-        default=None,
-        description=(
-            "Which frame of a multi-frame image to explain: one number for every image, or "
-            "a list with one entry per image (null: that image's default; another length is "
-            "a 422 frames_length). Required for multi-frame DICOM; TIFF, GIF and WebP "
-            "default to the first; past the last frame is a 422 frame_out_of_range."
-        ),
+    frame: _Frame | Annotated[list[_Frame | None], Field(min_length=1, fail_fast=True)] | None = (
+        Field(
+            default=None,
+            description=(
+                "Which frame of a multi-frame image to explain: one number for every image, or "
+                "a list with one entry per image (null: that image's default; another length is "
+                "a 422 frames_length). Required for multi-frame DICOM; TIFF, GIF and WebP "
+                "default to the first; past the last frame is a 422 frame_out_of_range."
+            ),
+        )
     )
-    include: Annotated[list[Include], Field(max_length=3)] = Field(
+    include: Annotated[list[Include], Field(max_length=3, fail_fast=True)] = Field(
         default=[],
         description=(
             'Extras for each result: "image", the picture heatmaps are drawn over (original '
@@ -218,32 +223,12 @@ class ExplainRequest(BaseModel):
         return self
 
 
-# orjson refuses deeper nesting itself (a request needs 3 levels): no parse can recurse away.
-JSON_MAX_DEPTH = 1024
-
-
-def json_object(body: bytes) -> dict[str, Any]:
-    """A body as a JSON object: 400 when it is not JSON (or nests too deep), 422 when it
-    is JSON but not an object. Both doors (/v1 and /v2) read their bodies here."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as error:
-        if "depth limit" in str(error):
-            raise BadRequest(
-                f"The body nests JSON deeper than {JSON_MAX_DEPTH} levels.",
-                code=ErrorCode.JSON_TOO_DEEP,
-            ) from None
-        raise BadRequest(
-            f"The body is not valid JSON: {error}.", code=ErrorCode.INVALID_JSON
-        ) from None
-    if not isinstance(data, dict):
-        raise InvalidField("The body must be a JSON object.", code=ErrorCode.INVALID_BODY)
-    return data
-
-
-def parse_explain_request(body: bytes) -> ExplainRequest:
-    """Parse and validate a request body; errors become 400 (not JSON) or 422 (invalid field)."""
-    data = json_object(body)
+def parse_explain_request(
+    body: bytes, reserve: Callable[[int], None] | None = None
+) -> ExplainRequest:
+    """Parse and validate a request body; errors become 400 (not JSON), 413 (too many
+    values) or 422 (invalid field). ``reserve``: as ``json_body.json_object``'s."""
+    data = json_object(body, reserve)
     try:
         return ExplainRequest.model_validate(data)
     except ValidationError as error:

@@ -31,7 +31,8 @@ from service.contract.inference_protocol import (
     RequestInput,
     ResponseOutput,
 )
-from service.contract.requests import ExplainRequest, invalid_field, json_object
+from service.contract.json_body import json_object
+from service.contract.requests import ExplainRequest, invalid_field
 from service.contract.responses import to_json
 from service.contract.settings import Settings
 from service.contract.suggestions import close_matches, did_you_mean
@@ -56,9 +57,12 @@ class OutputTensor:
     binary: bool
 
 
-def parse_infer_request(header: bytes) -> InferRequest:
-    """The JSON header, validated; problems are 400 (not JSON) or 422 (a field)."""
-    data = json_object(header)
+def parse_infer_request(
+    header: bytes, reserve: Callable[[int], None] | None = None
+) -> InferRequest:
+    """The JSON header, validated; problems are 400 (not JSON), 413 (too many values) or
+    422 (a field). ``reserve``: as ``json_body.json_object``'s."""
+    data = json_object(header, reserve)
     try:
         return InferRequest.model_validate(data)
     except ValidationError as error:

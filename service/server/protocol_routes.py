@@ -36,6 +36,7 @@ from service.server.routes import (
     current_engine,
     current_settings,
     json_response,
+    parsing_charge,
     refuse_compressed_body,
 )
 from service.server.worker import draining
@@ -166,7 +167,7 @@ def model_infer(name: str, version: str | None = None) -> Response:
     model = _model(name, version)
     with admitted_body() as (data, memory, started):
         header, binary = split_body(data, request.headers.get(HEADER_LENGTH))
-        parsed = parse_infer_request(header)
+        parsed = parse_infer_request(header, parsing_charge(memory, len(data)))
         answer, tensors = infer(
             model.name,
             parsed,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from flask import Blueprint, Response, current_app, g, request
@@ -88,7 +88,7 @@ def explain_view() -> Response:
         )
     refuse_compressed_body()
     with admitted_body() as (data, memory, started):
-        body = parse_explain_request(data)
+        body = parse_explain_request(data, parsing_charge(memory, len(data)))
         return json_response(
             explain(
                 body,
@@ -121,6 +121,12 @@ def admitted_body() -> Iterator[tuple[bytes, RequestMemory, float]]:
     with RequestMemory(current_app.extensions.get("gradcam_memory"), memory_wait_s) as memory:
         memory.need(BODY_COPIES * len(data))  # before the body is parsed
         yield data, memory, g.get("started_monotonic", time.monotonic())
+
+
+def parsing_charge(memory: RequestMemory, body_bytes: int) -> Callable[[int], None]:
+    """What ``json_object`` calls before it parses: the body's copies and the parse's own
+    bytes reserved together (the parsed values are gone once the request is validated)."""
+    return lambda parsed_bytes: memory.need(BODY_COPIES * body_bytes + parsed_bytes)
 
 
 def refuse_compressed_body() -> None:

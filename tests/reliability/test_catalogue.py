@@ -25,8 +25,10 @@ from PIL import Image
 
 from service.contract.errors import ErrorResponse
 from service.contract.inference_protocol import ProtocolError
+from service.memory import MB, resident_bytes
 from tests.helpers import LiveServer, bomb_png, encode, phantom_png
 from tests.reliability.test_bounded_work import _jpeg, _jpeg_dicom, _with_sof_size
+from tests.reliability.test_memory_budget import TreeSampler, _tree
 
 CLIENT_TIMEOUT_S = 2.0
 LIMITS = {
@@ -113,6 +115,24 @@ CATALOGUE: list[tuple[str, bytes, int, str]] = [
     ("not UTF-8", _raw(b'{"images": ["\xff\xfe"]}'), 400, "invalid_json"),
     ("UTF-16", _raw(json.dumps({"images": [GOOD]}).encode("utf-16")), 400, "invalid_json"),
     ("nested 5000 deep", _raw(b"[" * 5000 + b"]" * 5000), 400, "json_too_deep"),
+    (
+        "a million items",
+        _raw(b'{"images": ["AAAA"' + b",0" * 10**6 + b"]}"),
+        413,
+        "json_too_complex",
+    ),
+    (
+        "an object of 300 keys",
+        _raw({"images": [GOOD], **{f"k{i}": 0 for i in range(300)}}),
+        413,
+        "json_too_complex",
+    ),
+    (
+        "40 000 wrong targets",
+        _raw({"images": [GOOD], "targets": [[1.5]] * 40_000}),
+        422,
+        "invalid_field",
+    ),
     (
         "gzip body",
         _raw(
@@ -543,6 +563,32 @@ PROTOCOL_CATALOGUE: list[tuple[str, bytes, int]] = [
     ("v2 JSON too deep", _raw(_deep(2000).encode(), path=INFER), 400),
     ("v2 deep but allowed nesting", _raw(_deep(1000).encode(), path=INFER), 422),
     ("v2 no inputs", _raw({"inputs": []}, path=INFER), 422),
+    (
+        "v2 a million data items",
+        _raw(
+            b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ['
+            + b",".join([b"[]"] * 10**6)
+            + b"]}]}",
+            path=INFER,
+        ),
+        413,
+    ),
+    (
+        "v2 parameters of 300 keys",
+        _raw(
+            {"inputs": [_image_tensor([GOOD])], "parameters": {f"p{i}": i for i in range(300)}},
+            path=INFER,
+        ),
+        413,
+    ),
+    (
+        "v2 200 wrong parameters",
+        _raw(
+            {"inputs": [_image_tensor([GOOD])], "parameters": {f"p{i}": [i] for i in range(200)}},
+            path=INFER,
+        ),
+        422,
+    ),
     ("v2 inputs not a list", _raw({"inputs": "image"}, path=INFER), 422),
     (
         "v2 unknown datatype",
@@ -730,6 +776,61 @@ def test_the_server_is_unchanged_after_the_catalogue(hostile_server: LiveServer)
     assert status == 200
     assert sorted(hostile_server.worker_pids()) == workers
     assert "Traceback" not in hostile_server.read_log()
+
+
+def _many(prefix: bytes, item: bytes, count: int, suffix: bytes) -> bytes:
+    return prefix + b",".join([item] * count) + suffix
+
+
+# Bodies of millions of JSON values, each within the 8 MiB limit (issue: a 2 MB one took
+# a worker to 2.9 GB and 13 s; 10^6 unknown keys stalled /healthz for 4.9 s).
+_TENSOR = b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["A"]}], '
+MANY_VALUES = {
+    "a million numbers": _many(b'{"images": ["AAAA",', b"0", 10**6, b"]}"),
+    "3.5 million numbers": _many(b'{"images": ["AAAA",', b"0", 3_500_000, b"]}"),
+    "a million float targets": _many(b'{"images": ["A"], "targets": [', b"[1.5]", 10**6, b"]}"),
+    "two million objects": _many(b'{"images": [', b"{}", 2 * 10**6, b"]}"),
+    "600 000 unknown keys": b'{"images": ["A"], '
+    + b",".join(b'"k%d": 0' % i for i in range(600_000))
+    + b"}",
+    "v2 500 000 parameters": _TENSOR[:-2]
+    + b', "parameters": {'
+    + b",".join(b'"p%d": [0]' % i for i in range(500_000))
+    + b"}}",
+    "v2 two million nested lists": _many(
+        b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [',
+        b"[]",
+        2 * 10**6,
+        b"]}]}",
+    ),
+}
+
+
+def test_bodies_of_millions_of_values_cost_neither_memory_nor_time(
+    hostile_server: LiveServer,
+) -> None:
+    """Each is refused in under a second, /healthz answers beside it, and serve's process
+    tree grows by at most 100 MB over all of them (its peak, sampled every 10 ms)."""
+    tree = _tree(hostile_server.process.pid)
+    before = sum(resident_bytes(pid) for pid in tree)
+    sampler = TreeSampler(hostile_server.process.pid)
+    took: dict[str, float] = {}
+    try:
+        for name, body in MANY_VALUES.items():
+            assert len(body) < 8 * 2**20, name
+            path = INFER if body.startswith(b'{"inputs"') else "/v1/explain"
+            started = time.monotonic()
+            status, _, answer = _exchange(hostile_server.port, _raw(body, path=path))
+            took[name] = time.monotonic() - started
+            assert status == 413, (name, status, answer[:200])
+            status, _, _ = _exchange(hostile_server.port, _raw(b"", method="GET", path="/healthz"))
+            assert status == 200
+    finally:
+        peak = sampler.stop()
+    grew_mb = (peak - before) / MB
+    print(f"tree grew {grew_mb:.0f} MB; seconds: {took}")
+    assert max(took.values()) < 1.0, took
+    assert grew_mb <= 100
 
 
 def test_duplicate_keys_take_the_last_value(hostile_server: LiveServer) -> None:
