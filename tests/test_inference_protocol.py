@@ -287,7 +287,18 @@ def test_bytes_tensors_pack_and_unpack() -> None:
         (
             {"inputs": [{**_image_input(), "data": [[[[[[[[[[]]]]]]]]]] * 3, "shape": [0]}]},
             422,
-            ["at least 1 item"],
+            ["nests its data otherwise than its shape [0]"],
+        ),
+        ({"inputs": [{**_image_input(), "data": [], "shape": [0]}]}, 422, ["at least 1 item"]),
+        (
+            {"inputs": [{**_image_input(), "data": [[[encode(b"x")]]], "shape": [1, 1]}]},
+            422,
+            ["nests its data otherwise than its shape [1, 1]"],
+        ),
+        (
+            {"inputs": [{"name": "image", "shape": [1, 2], "datatype": "FP32", "data": [0, 1]}]},
+            422,
+            ["Input 'image' is FP32; it must be BYTES"],
         ),
         (
             {
@@ -316,8 +327,44 @@ def test_bad_requests_get_a_protocol_error_that_says_why(
     _assert_protocol_error(client.post(INFER, json=body), status, *words)
 
 
+def test_data_nested_as_its_shape_reads_as_flat_data(client: FlaskClient) -> None:
+    image = encode(phantom_png(1, 64, 64))
+    flat = client.post(INFER, json={"inputs": [{**_image_input(), "data": [image], "shape": [1]}]})
+    nested = client.post(
+        INFER, json={"inputs": [{**_image_input(), "data": [[image]], "shape": [1, 1]}]}
+    )
+    assert flat.status_code == nested.status_code == 200, (flat.json, nested.json)
+    assert flat.json["outputs"] == nested.json["outputs"]
+
+
+def test_the_default_outputs_are_charged_for_the_float_map_and_the_png(runtime: Runtime) -> None:
+    """By default an infer returns both the float map and its PNG: at original size a
+    large image's map is past the array limit, as when only ``heatmap`` is asked for
+    (it used to go out, 70-160 MB of JSON for a 4000² JPEG)."""
+    client = create_app(
+        Settings(device="cpu", max_array_values=64 * 64 - 1), engine=runtime
+    ).test_client()
+    image = _image_input(phantom_png(1, 64, 64))
+    original = {"heatmap_size": "original"}
+    for outputs in (None, [{"name": "heatmap"}], [{"name": "heatmap"}, {"name": "heatmap_png"}]):
+        body: dict[str, Any] = {"inputs": [image], "parameters": original}
+        if outputs is not None:
+            body["outputs"] = outputs
+        _assert_protocol_error(client.post(INFER, json=body), 413, "'array' heatmaps")
+    only_png = {"inputs": [image], "parameters": original, "outputs": [{"name": "heatmap_png"}]}
+    assert client.post(INFER, json=only_png).status_code == 200
+    at_input = {"inputs": [image], "parameters": {"heatmap_size": "layer"}}
+    assert client.post(INFER, json=at_input).status_code == 200
+
+
 def test_bad_framing_unknown_models_and_routes_are_protocol_errors(client: FlaskClient) -> None:
     _assert_protocol_error(client.post(INFER, data=b"{", content_type="application/json"), 400)
+    for nines in ("²", "9" * 5000, "٣"):
+        _assert_protocol_error(
+            client.post(INFER, data=b"{}", headers={"Inference-Header-Content-Length": nines}),
+            400,
+            "Inference-Header-Content-Length",
+        )
     body, headers = _binary_request({"inputs": [_image_input(b"x")]})
     _assert_protocol_error(
         client.post(

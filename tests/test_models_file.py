@@ -77,6 +77,12 @@ BAD_FILES = [
         ["more than one model has default = true"],
     ),
     ("[models]\n", ["key 'models'"]),
+    # A name is a URL path segment (/v1/models/<name>, /v2/models/<name>/infer).
+    ('[models."a/b"]\narch = "resnet18"\n', ["model name 'a/b' is not one path segment"]),
+    ('[models.".."]\narch = "resnet18"\n', ["model name '..'"]),
+    ('[models."x y"]\narch = "resnet18"\n', ["model name 'x y'"]),
+    ('[models."%2F"]\narch = "resnet18"\n', ["model name '%2F'"]),
+    (f'[models.{"m" * 65}]\narch = "resnet18"\n', ["up to 64 characters"]),
     ('[models.m\narch = "resnet18"\n', ["not valid TOML"]),
 ]
 

@@ -41,7 +41,13 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
     text = header_length.strip()
-    if not text.isdigit() or not 0 < int(text) <= len(body):
+    # ASCII digits only ("²" and "٣" pass isdigit() but not int()), and no more of them
+    # than the body's own length has (int() refuses over 4300 digits).
+    if (
+        not (text.isascii() and text.isdigit())
+        or len(text.lstrip("0")) > len(str(len(body)))
+        or not 0 < int(text) <= len(body)
+    ):
         raise BadRequest(
             f"The {HEADER_LENGTH} header must be the JSON header's length in bytes, "
             f"between 1 and the body's {len(body)}; it is '{header_length[:32]}'.",

@@ -7,6 +7,7 @@ message that names the setting, or the model and key, at fault.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,7 @@ from service.contract.errors import ConfigError
 from service.contract.terms import LayoutSetting, MemoryFormat, Precision, ResizeMode
 
 DEMO_MODELS_FILE = Path(__file__).resolve().parents[1] / "demo" / "models.toml"
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class ClassCode(BaseModel):
@@ -110,6 +112,19 @@ class ModelsFile(BaseModel):
     models: dict[str, ModelSpec] = Field(min_length=1)
     # Where relative paths in the file are resolved from.
     base_dir: Path = Path(".")
+
+    @field_validator("models")
+    @classmethod
+    def _names_are_path_segments(cls, models: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        # A name is a segment of /v1/models/<name> and /v2/models/<name>/infer, and a
+        # Triton or KServe model name: "a/b" would load and be unreachable there.
+        for name in models:
+            if not MODEL_NAME.fullmatch(name):
+                raise ValueError(
+                    f"model name {name!r} is not one path segment: use letters, digits, "
+                    "'_', '-' and '.', starting with a letter or digit, up to 64 characters"
+                )
+        return models
 
     @property
     def default_model(self) -> str:

@@ -69,12 +69,19 @@ class RequestBudget:
     reports: bool = False
     memory: RequestMemory | None = None
     body_bytes: int = 0
+    # The maps also go out as numbers: the ``array`` format, or the Open Inference
+    # Protocol's ``heatmap`` output beside its ``heatmap_png`` (None: from the format).
+    arrays: bool | None = None
     pixels_used: int = field(default=0, init=False)
     output_used: int = field(default=0, init=False)
     array_used: int = field(default=0, init=False)
     _held_bytes: int = field(default=0, init=False)  # kept pictures and answers
     _peak_step_bytes: int = field(default=0, init=False)  # the largest decode or drawing
     _expected_base64: dict[int, int] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        if self.arrays is None:
+            self.arrays = self.options.format == "array"
 
     def check_explanations(self, counts: list[int], faithfulness: bool = False) -> None:
         """``counts[i]``: explanations asked for image ``i`` (distinct targets);
@@ -144,7 +151,7 @@ class RequestBudget:
                 image=index,
                 field="heatmap.size",
             )
-        if self.options.format == "array":
+        if self.arrays:
             self.array_used += drawn
             if self.array_used > self.settings.max_array_values:
                 raise PayloadTooLarge(
@@ -171,9 +178,9 @@ class RequestBudget:
     def _memory_bytes(self, index: int, pixels: int, drawn: int, explanations: int) -> int:
         """The request's estimated peak memory with this image added (module text)."""
         pictures = 0
-        if self.options.format == "array":
+        if self.arrays:
             self._held_bytes += drawn * ARRAY_ANSWER_BYTES_PER_VALUE
-        elif self.options.format != "none":
+        if self.options.format not in ("array", "none"):
             pictures += drawn
         if self.with_image:
             pictures += pixels

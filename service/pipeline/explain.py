@@ -132,9 +132,12 @@ def compute(
     started: float | None = None,
     memory: RequestMemory | None = None,
     body_bytes: int = 0,
+    arrays: bool | None = None,
 ) -> Computed:
     """Every stage before drawing: checks, decoding and fitting, the engine call (the
-    arguments as for ``explain``). The protocol door (``protocol.py``) draws its own."""
+    arguments as for ``explain``). The protocol door (``protocol.py``) draws its own;
+    ``arrays``: its maps also go out as numbers beside the format's pictures (the
+    budget charges both)."""
     deadline = (started if started is not None else time.monotonic()) + limits.request_timeout_s
     if len(request.images) > limits.max_images_per_request:
         raise PayloadTooLarge(
@@ -171,6 +174,7 @@ def compute(
         reports=request.report is not None,
         memory=memory,
         body_bytes=body_bytes,
+        arrays=arrays,
     )
     budget.check_explanations([len(t) for t in targets], "faithfulness" in request.include)
     servers = DicomWebServers(limits.dicomweb_servers)

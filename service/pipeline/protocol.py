@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,23 +77,25 @@ def _input(request: InferRequest, name: str) -> RequestInput | None:
     return next((tensor for tensor in request.inputs if tensor.name == name), None)
 
 
-def _flat(data: list[Any]) -> list[Any]:
-    """JSON tensor data, nested or flat, as a flat row-major list (a loop, not recursion:
-    the JSON may nest as deep as the parser allows)."""
-    flat: list[Any] = []
-    stack: list[Iterator[Any]] = [iter(data)]
-    while stack:
-        item = next(stack[-1], _END)
-        if item is _END:
-            stack.pop()
-        elif isinstance(item, list):
-            stack.append(iter(item))
-        else:
-            flat.append(item)
-    return flat
-
-
-_END = object()
+def _flat(tensor: RequestInput, data: list[Any]) -> list[Any]:
+    """JSON tensor data as a flat row-major list: given flat, or nested exactly as the
+    tensor's shape (each level as long as its dimension). Level by level, not recursion:
+    the JSON may nest as deep as the parser allows."""
+    if not any(isinstance(item, list) for item in data):
+        return data
+    level: list[Any] = [data]
+    for size in tensor.shape:
+        if any(not isinstance(part, list) or len(part) != size for part in level):
+            break
+        level = [item for part in level for item in part]
+    else:
+        if not any(isinstance(item, list) for item in level):
+            return level
+    raise InvalidField(
+        f"Input '{tensor.name}' nests its data otherwise than its shape {tensor.shape}; "
+        "send the elements flat (row-major) or nested as the shape.",
+        field=f"inputs.{tensor.name}.data",
+    )
 
 
 def _elements(tensor: RequestInput, raw: dict[str, bytes], most: int) -> list[Any]:
@@ -112,7 +114,7 @@ def _elements(tensor: RequestInput, raw: dict[str, bytes], most: int) -> list[An
         else:
             found = numbers(raw[tensor.name], tensor.datatype, tensor.name).tolist()
     elif tensor.data is not None:
-        found = _flat(tensor.data)
+        found = _flat(tensor, tensor.data)
     else:
         raise InvalidField(
             f"Input '{tensor.name}' has neither data nor binary_data_size.",
@@ -130,7 +132,13 @@ def _elements(tensor: RequestInput, raw: dict[str, bytes], most: int) -> list[An
 def _images(request: InferRequest, raw: dict[str, bytes], most: int) -> list[str]:
     """The image files as base64 (JSON BYTES elements are base64 already)."""
     tensor = _input(request, IMAGE_INPUT)
-    if tensor is None or tensor.datatype != "BYTES":
+    if tensor is not None and tensor.datatype != "BYTES":
+        raise InvalidField(
+            f"Input '{IMAGE_INPUT}' is {tensor.datatype}; it must be BYTES, one encoded image "
+            "file (PNG, JPEG, TIFF, DICOM, ...) per element: pixel tensors are not read.",
+            field=f"inputs.{IMAGE_INPUT}.datatype",
+        )
+    if tensor is None:
         names = [t.name for t in request.inputs]
         close = close_matches(IMAGE_INPUT, names)
         rename = f" Rename '{close[0]}' to '{IMAGE_INPUT}'." if close else ""
@@ -209,7 +217,8 @@ def _explain_request(
             field="parameters.heatmap_size",
             suggestions=close,
         )
-    # What the budget charges for: a picture if one is drawn, else the array, or nothing.
+    # What the budget charges for: a picture if one is drawn, else the array, or nothing
+    # (the array beside a picture is charged too: ``compute``'s ``arrays``).
     charged = "png" if "heatmap_png" in wanted else "array" if "heatmap" in wanted else "none"
     fields: dict[str, Any] = {
         "model": model,
@@ -242,7 +251,16 @@ def infer(
     raw = binary_inputs(request, binary)
     wanted = _wanted(request)
     explain_request = _explain_request(model, request, raw, wanted, limits)
-    computed = compute(explain_request, engine, limits, disconnected, started, memory, body_bytes)
+    computed = compute(
+        explain_request,
+        engine,
+        limits,
+        disconnected,
+        started,
+        memory,
+        body_bytes,
+        arrays="heatmap" in wanted,
+    )
     info, results = computed.model, computed.results
     size = explain_request.heatmap.size
     maps: list[np.ndarray] = []

@@ -174,12 +174,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             preflight = Response(status=204)
             preflight.headers.update(policy.cors_headers(request.headers.get("Origin"), True))
             return preflight
+        policy.check_origin(
+            request.method, request.mimetype, request.headers.get("Origin"), request.host
+        )
         policy.check(request.path, request.headers.get("Authorization"))
         return None
 
     @app.after_request
     def _finish(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id", "-")
+        # Browsers take each answer as what its Content-Type says, never a guess.
+        response.headers["X-Content-Type-Options"] = "nosniff"
         if request.method != "OPTIONS":
             response.headers.update(policy.cors_headers(request.headers.get("Origin"), False))
         # The route template, never the raw path: label values stay bounded.

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, request
 
 from service import package_version
 from service.contract.binary_tensors import HEADER_LENGTH, split_body
-from service.contract.errors import UnknownModel
+from service.contract.errors import ErrorCode, UnknownModel, UnsupportedMediaType
 from service.contract.inference_protocol import (
     HEATMAP_SIZES,
     IMAGE_INPUT,
@@ -44,6 +44,9 @@ from service.transport.interface import ModelInfo
 
 protocol = Blueprint("protocol", __name__)
 PLATFORM = "gradcam-service"
+# What an infer body may be: Triton's client sends no Content-Type at all (a page on
+# another origin cannot: security.py refuses that), KServe's names JSON or octet-stream.
+_BODY_TYPES = ("application/json", "application/octet-stream", "")
 # The protocol's extensions this server speaks (as Triton names them).
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 
@@ -163,6 +166,12 @@ def model_config(name: str, version: str | None = None) -> Response:
 @protocol.post("/v2/models/<name>/infer")
 @protocol.post("/v2/models/<name>/versions/<version>/infer")
 def model_infer(name: str, version: str | None = None) -> Response:
+    if request.mimetype not in _BODY_TYPES:
+        raise UnsupportedMediaType(
+            f"Send the request as JSON (Content-Type: application/json), or with binary "
+            f"tensors as application/octet-stream, not '{request.mimetype}'.",
+            code=ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+        )
     refuse_compressed_body()
     model = _model(name, version)
     with admitted_body() as (data, memory, started):

@@ -16,7 +16,11 @@ own port (``GRADCAM_METRICS_PORT``).
 CORS is off by default (no ``Access-Control-*`` header, so browsers allow same
 origin only); ``GRADCAM_CORS_ORIGINS`` lists the origins a web page may call from.
 Preflight requests are answered before authentication, as browsers send them
-without credentials. Tokens are never logged.
+without credentials. CORS only hides the answer from a page, though: a POST with no
+Content-Type, or a form's, reaches the server without a preflight, and with auth off it
+would make the engine work for any page a user opens. So such a POST from another
+origin (its ``Origin`` is neither this server nor a listed one) is refused, 403.
+Tokens are never logged.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ import hmac
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 
-from service.contract.errors import ConfigError, ErrorCode, ServiceError
+from service.contract.errors import ConfigError, ErrorCode, Forbidden, ServiceError
 from service.contract.settings import Settings
 
 # The shortest token accepted: guessing must be hopeless, not just slow.
@@ -36,6 +41,10 @@ MIN_TOKEN_LENGTH = 16
 _RELOAD_EVERY_S = 5.0
 _CORS_METHODS = "GET, POST, OPTIONS"
 _CORS_HEADERS = "Authorization, Content-Type, X-Request-ID"
+# The content types a browser sends to another origin without a preflight ("" for none).
+_UNASKED_CONTENT_TYPES = frozenset(
+    {"", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"}
+)
 
 
 class Unauthorized(ServiceError):
@@ -147,6 +156,19 @@ class AccessPolicy:
             matched |= hmac.compare_digest(given, known)
         if not matched:
             raise Unauthorized("The bearer token is not valid.", invalid=True)
+
+    def check_origin(self, method: str, content_type: str, origin: str | None, host: str) -> None:
+        """Raise ``Forbidden`` for a POST that a page on another origin could send without
+        a preflight (``content_type``: the media type alone, lower case)."""
+        if method != "POST" or not origin or content_type not in _UNASKED_CONTENT_TYPES:
+            return
+        if urllib.parse.urlsplit(origin).netloc == host or self.allowed_origin(origin):
+            return
+        raise Forbidden(
+            f"A page on another origin ({origin[:100]}) may not send this request without "
+            "asking first: send it with Content-Type application/json (browsers then ask), "
+            "or list that origin in GRADCAM_CORS_ORIGINS."
+        )
 
     def allowed_origin(self, origin: str | None) -> str | None:
         """The value for ``Access-Control-Allow-Origin``, or None for no CORS headers."""

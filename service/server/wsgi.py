@@ -49,7 +49,7 @@ def failed_answer(started: float) -> Answer:
     return Answer(
         500,
         b"Internal Server Error",
-        [(b"Content-Type", b"application/json")],
+        [(b"Content-Type", b"application/json"), (b"X-Content-Type-Options", b"nosniff")],
         error_body(
             ErrorCode.INTERNAL, "The server failed to handle this request; it has been logged."
         ),

@@ -178,3 +178,62 @@ def test_a_short_token_stops_serve_with_its_message() -> None:
     )
     assert result.returncode == 2
     assert "shorter than 16 characters" in result.stderr
+
+
+def test_a_page_on_another_origin_cannot_make_the_engine_work(server: LiveServer) -> None:
+    """With auth off, a page a user opens could POST to the service without asking (no
+    Content-Type, or a form's: no CORS preflight); such a POST from another origin is a
+    403. The server's own page, a listed origin and clients that send no Origin (Triton's
+    client sends no Content-Type either) are served."""
+    infer = f"{server.url}/v2/models/phantom/infer"
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "data": [encode(phantom_png(1, 64, 64))],
+                }
+            ]
+        }
+    )
+    for origin in ("https://evil.example", "null", "http://127.0.0.1:1"):
+        for kind in ({}, {"Content-Type": "text/plain"}):
+            answer = requests.post(infer, data=body, headers={"Origin": origin, **kind}, timeout=30)
+            assert answer.status_code == 403, (origin, kind, answer.text)
+            assert "GRADCAM_CORS_ORIGINS" in answer.json()["error"]
+    own = requests.post(infer, data=body, headers={"Origin": server.url}, timeout=30)
+    assert own.status_code == 200, own.text
+    assert requests.post(infer, data=body, timeout=30).status_code == 200
+    form = requests.post(
+        f"{server.url}/v1/explain",
+        data={"images": "x"},
+        headers={"Origin": "https://evil.example"},
+        timeout=30,
+    )
+    assert form.status_code == 403
+    assert form.json()["error"]["code"] == "forbidden"
+
+
+def test_a_listed_origin_may_post_without_asking(locked: tuple[LiveServer, int]) -> None:
+    server, _ = locked
+    answer = requests.post(
+        f"{server.url}/v2/models/phantom/infer",
+        data=json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [1],
+                        "datatype": "BYTES",
+                        "data": [encode(phantom_png(1, 64, 64))],
+                    }
+                ]
+            }
+        ),
+        headers={"Origin": ORIGIN, **_bearer(TOKEN_ENV)},
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["Access-Control-Allow-Origin"] == ORIGIN
