@@ -241,25 +241,71 @@ def test_bad_usage_costs_no_model_load(
     assert says in capsys.readouterr().err
 
 
-def test_a_broken_boxes_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+_HEADER = b"image,label,x0,y0,x1,y1\n"
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (_HEADER + b"img000.png,nodule,10,10,5,20\n", "boxes.csv:2: a box needs x1 > x0"),
+        (
+            _HEADER + b"img000.png,nodule,nan,10,20,20\n",
+            "boxes.csv:2: x0, y0, x1, y1 must be finite",
+        ),
+        (_HEADER + b"img000.png,nodule,0,0,inf,20\n", "must be finite"),
+        (_HEADER + b"img000.png,nodule,0,0,1e999,20\n", "must be finite"),
+        (_HEADER + b"img000.png,nodule,0,0,x,20\n", "must be numbers"),
+        (_HEADER + b"img\xff.png,nodule,0,0,9,9\n", "not UTF-8 text"),
+        (_HEADER + b"img000.png," + b"a" * 140_000 + b",0,0,9,9\n", "not a CSV file of boxes"),
+        (_HEADER + b"img000.png,nodule,0,0,9,9\x00\n", "must be numbers"),
+        (b"image,x0\n", "the first line must name the columns"),
+        (None, "No such file or directory"),
+        ("folder", "Is a directory"),
+    ],
+    ids=[
+        "x1<x0",
+        "nan",
+        "inf",
+        "1e999",
+        "word",
+        "latin-1",
+        "128 KiB field",
+        "NUL",
+        "header",
+        "missing",
+        "folder",
+    ],
+)
+def test_a_broken_boxes_file_is_refused_before_a_model_loads(
+    tmp_path: Path, content: bytes | str | None, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     _dataset(tmp_path / "set", 1)
     bad = tmp_path / "boxes.csv"
-    bad.write_text("image,label,x0,y0,x1,y1\nimg000.png,nodule,10,10,5,20\n")
-    assert (
-        main(
-            [
-                "audit",
-                "--images",
-                str(tmp_path / "set"),
-                "--boxes",
-                str(bad),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == EXIT_USAGE
-    )
-    assert "x1 > x0" in capsys.readouterr().err
+    if content == "folder":
+        bad.mkdir()
+    elif isinstance(content, bytes):
+        bad.write_bytes(content)
+    arguments = ["--images", str(tmp_path / "set"), "--boxes", str(bad)]
+    assert main(["audit", *arguments, "--out", str(tmp_path / "o")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [(b"\xff\xfe", "not UTF-8 text"), (None, "No such file or directory"), ("folder", "Is a")],
+)
+def test_a_broken_dicomweb_list_is_refused(
+    tmp_path: Path, content: bytes | str | None, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    studies = tmp_path / "studies.txt"
+    if content == "folder":
+        studies.mkdir()
+    elif isinstance(content, bytes):
+        studies.write_bytes(content)
+    assert main(["audit", "--dicomweb", str(studies), "--out", str(tmp_path / "o")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
 
 
 SHORTCUT_MODELS = str(Path(__file__).resolve().parents[1] / "service/demo/shortcut.toml")

@@ -33,6 +33,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -132,23 +133,35 @@ def find_inputs(names: Sequence[str]) -> list[AuditInput]:
 
 def read_boxes(path: Path) -> dict[str, list[tuple[str, list[float]]]]:
     """``image,label,x0,y0,x1,y1`` rows (a header line; ``label`` empty: any class) →
-    per image key, its (label, box) list. Coordinates are the image's own pixels."""
+    per image key, its (label, box) list. Coordinates are the image's own pixels, finite.
+    Any problem with the file is an ``AuditUsage`` naming it (and the line)."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return _box_rows(path, csv.DictReader(f))
+    except OSError as error:
+        raise AuditUsage(f"{path}: {error.strerror or type(error).__name__}") from None
+    except UnicodeDecodeError as error:
+        raise AuditUsage(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except csv.Error as error:
+        raise AuditUsage(f"{path}: not a CSV file of boxes ({error})") from None
+
+
+def _box_rows(path: Path, reader: csv.DictReader[str]) -> dict[str, list[tuple[str, list[float]]]]:
     boxes: dict[str, list[tuple[str, list[float]]]] = {}
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        needed = {"image", "x0", "y0", "x1", "y1"}
-        if reader.fieldnames is None or not needed <= set(reader.fieldnames):
-            raise AuditUsage(
-                f"{path}: the first line must name the columns image,label,x0,y0,x1,y1"
-            )
-        for line, row in enumerate(reader, start=2):
-            try:
-                box = [float(row[k]) for k in ("x0", "y0", "x1", "y1")]
-            except (TypeError, ValueError):
-                raise AuditUsage(f"{path}:{line}: x0, y0, x1, y1 must be numbers") from None
-            if box[2] <= box[0] or box[3] <= box[1]:
-                raise AuditUsage(f"{path}:{line}: a box needs x1 > x0 and y1 > y0")
-            boxes.setdefault(row["image"], []).append(((row.get("label") or "").strip(), box))
+    needed = {"image", "x0", "y0", "x1", "y1"}
+    if reader.fieldnames is None or not needed <= set(reader.fieldnames):
+        raise AuditUsage(f"{path}: the first line must name the columns image,label,x0,y0,x1,y1")
+    for row in reader:
+        line = reader.line_num
+        try:
+            box = [float(row[k]) for k in ("x0", "y0", "x1", "y1")]
+        except (TypeError, ValueError):
+            raise AuditUsage(f"{path}:{line}: x0, y0, x1, y1 must be numbers") from None
+        if not all(math.isfinite(value) for value in box):
+            raise AuditUsage(f"{path}:{line}: x0, y0, x1, y1 must be finite numbers")
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise AuditUsage(f"{path}:{line}: a box needs x1 > x0 and y1 > y0")
+        boxes.setdefault(row["image"], []).append(((row.get("label") or "").strip(), box))
     return boxes
 
 
@@ -486,7 +499,13 @@ def dicomweb_inputs(path: Path, timeout_s: float) -> list[AuditInput]:
     from service.pipeline.dicomweb import study_instances
 
     found: list[AuditInput] = []
-    for line in path.read_text().splitlines():
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise AuditUsage(f"{path}: {error.strerror or type(error).__name__}") from None
+    except UnicodeDecodeError as error:
+        raise AuditUsage(f"{path}: not UTF-8 text (byte {error.start})") from None
+    for line in lines:
         url = line.strip()
         if not url or url.startswith("#"):
             continue
