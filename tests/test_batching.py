@@ -11,13 +11,15 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
 
 from service.contract.errors import DeadlineExceeded, EngineUnavailable, Overloaded
 from service.engine.batching import MicroBatcher
-from service.engine.work_items import BatchKey, BatchStats, WorkItem
+from service.engine.work_items import BatchKey, BatchStats, FollowUp, WorkItem
 from service.transport.interface import Job, JobResult, wait_for
 
 KEY: BatchKey = ("m", "layer")
@@ -238,14 +240,16 @@ def test_many_threads_each_get_their_own_result() -> None:
 
 
 def test_a_full_queue_by_time_answers_overloaded_at_once() -> None:
-    engine = FakeEngine(delay_s=0.05)
-    batcher = MicroBatcher(engine, max_batch_size=1, max_queue=100, max_queue_wait_s=0.2)
-    batcher.submit(_item(0.0)).result(5)  # measures the pace: ~0.05 s per image
+    """The work ahead counts the step running now: one running and two queued at
+    0.1 s each is past 0.25 s (the queued ones alone, 0.2 s, would not be)."""
+    engine = FakeEngine(delay_s=0.1)
+    batcher = MicroBatcher(engine, max_batch_size=1, max_queue=100, max_queue_wait_s=0.25)
+    batcher.submit(_item(0.0)).result(5)  # measures the pace: ~0.1 s per image
     engine.gate.clear()
     engine.entered.clear()
     running = batcher.submit(_item(0.0))
     engine.busy()
-    queued = [batcher.submit(_item(1.0)) for _ in range(4)]  # 4 × 0.05 s ahead: the limit
+    queued = [batcher.submit(_item(1.0)) for _ in range(2)]
     started = time.monotonic()
     with pytest.raises(Overloaded) as info:
         batcher.submit(_item(2.0))
@@ -327,3 +331,179 @@ def test_a_running_item_cancelled_is_abandoned_and_its_batch_told_to_stop() -> N
     assert float(kept.result(5).maps[0][0][0, 0]) == 1.0
     assert engine.stop_answers == [True, False]
     batcher.close()
+
+
+# --- follow-up rounds: heavy requests share the model with light ones ------------------
+
+
+class FakeRounds:
+    """Follow-up rounds for jobs with faithfulness: ``rounds`` per request, each logged
+    as (the request's first pixel, round number) and each held at ``gate`` while it is
+    closed; a pixel of -2 makes round 1 fail. ``log`` may be shared with an engine's
+    batches (``LoggingEngine``), to see the order of the model loop's steps."""
+
+    def __init__(self, rounds: int = 3, work: float = 13.0) -> None:
+        self.rounds = rounds
+        self.work = work
+        self.log: list[tuple[float, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()  # a round has started (and waits if gated)
+        self.closed: list[float] = []
+
+    def __call__(self, job: Job, result: JobResult) -> FollowUp | None:
+        if not any(job.faithfulness):
+            return None
+        return self._rounds(float(job.images[0].reshape(-1)[0]), result)
+
+    def _rounds(self, name: float, result: JobResult) -> FollowUp:
+        try:
+            for number in range(self.rounds):
+                if number:
+                    yield self.work
+                self.entered.set()
+                assert self.gate.wait(10)
+                if name == -2 and number == 1:
+                    raise ValueError("a round failed")
+                self.log.append((name, number))
+            return replace(result, curves=[[np.full((2, 21), name, np.float32)]])
+        finally:
+            if len([n for n, _ in self.log if n == name]) < self.rounds:
+                self.closed.append(name)
+
+
+class LoggingEngine(FakeEngine):
+    """A ``FakeEngine`` that logs each batch as ("batch", its first pixel) in ``log``."""
+
+    def __init__(self, log: list[Any]) -> None:
+        super().__init__()
+        self.log = log
+
+    def __call__(self, job: Job, should_stop: Callable[[], bool] | None = None) -> JobResult:
+        result = super().__call__(job, should_stop)
+        self.log.append(("batch", float(job.images[0].reshape(-1)[0])))
+        return result
+
+
+def _heavy(value: float, rounds: int = 3, timeout_s: float = 10) -> WorkItem:
+    """A request of one image with faithfulness curves for ``rounds`` classes."""
+    item = _item(value, timeout_s=timeout_s)
+    job = replace(item.job, targets=[list(range(rounds))], faithfulness=[True])
+    return WorkItem(job=job, deadline=item.deadline)
+
+
+def test_a_light_request_runs_between_a_heavy_requests_rounds() -> None:
+    rounds = FakeRounds(rounds=4)
+    engine = LoggingEngine(rounds.log)
+    batcher = MicroBatcher(engine, follow_up=rounds, max_batch_size=8)
+    rounds.gate.clear()
+    heavy = batcher.submit(_heavy(7.0, rounds=4))
+    assert rounds.entered.wait(10)  # its first round has begun
+    light = batcher.submit(_item(1.0))
+    rounds.gate.set()
+    assert float(light.result(5).maps[0][0][0, 0]) == 1.0
+    done = heavy.result(5)
+    assert float(done.curves[0][0][0, 0]) == 7.0 and float(done.maps[0][0][0, 0]) == 7.0
+    # The light one went in after the heavy one's first round, not after its last.
+    assert rounds.log == [
+        ("batch", 7.0),
+        (7.0, 0),
+        ("batch", 1.0),
+        (7.0, 1),
+        (7.0, 2),
+        (7.0, 3),
+    ]
+    batcher.close()
+
+
+def test_heavy_requests_take_their_rounds_in_turn() -> None:
+    rounds = FakeRounds(rounds=3)
+    engine = LoggingEngine(rounds.log)
+    engine.gate.clear()
+    batcher = MicroBatcher(engine, follow_up=rounds, max_batch_size=1)
+    first = batcher.submit(_heavy(1.0))
+    engine.busy()
+    second = batcher.submit(_heavy(2.0))
+    engine.gate.set()
+    first.result(5)
+    second.result(5)
+    # A batch and a round take turns; the continuing requests' rounds go round-robin.
+    assert rounds.log == [
+        ("batch", 1.0),
+        (1.0, 0),
+        ("batch", 2.0),
+        (1.0, 1),
+        (2.0, 0),
+        (1.0, 2),
+        (2.0, 1),
+        (2.0, 2),
+    ]
+    batcher.close()
+
+
+def test_admission_counts_the_rounds_still_to_come() -> None:
+    """At 0.01 s per image, a continuing request's rounds (3 × 13 images) are ~0.4 s of
+    work: a second heavy request, whose rounds would share the model with them, is over
+    a 0.2 s limit; a light one waits for one round only and is taken."""
+    engine, rounds = FakeEngine(delay_s=0.01), FakeRounds(rounds=3, work=13.0)
+    batcher = MicroBatcher(
+        engine, follow_up=rounds, max_batch_size=1, max_queue=100, max_queue_wait_s=0.2
+    )
+    batcher.submit(_item(0.0)).result(5)  # the pace: ~0.01 s per image
+    rounds.gate.clear()
+    heavy = batcher.submit(_heavy(1.0))
+    assert rounds.entered.wait(10)  # its first round runs (and waits at the gate)
+    with pytest.raises(Overloaded, match="behind"):
+        batcher.submit(_heavy(2.0))
+    light = batcher.submit(_item(3.0))
+    rounds.gate.set()
+    light.result(5)
+    heavy.result(5)
+    batcher.close()
+
+
+def test_a_request_given_up_between_rounds_stops_and_the_others_go_on() -> None:
+    engine, rounds = FakeEngine(), FakeRounds(rounds=3)
+    batcher = MicroBatcher(engine, follow_up=rounds, max_batch_size=1)
+    rounds.gate.clear()
+    leaving = batcher.submit(_heavy(1.0))
+    _eventually(lambda: engine.calls, "the first batch")
+    staying = batcher.submit(_heavy(2.0))
+    leaving.cancel()  # running: marked abandoned, stopped before its next round
+    rounds.gate.set()
+    with pytest.raises(DeadlineExceeded, match="given up"):
+        leaving.result(5)
+    assert float(staying.result(5).curves[0][0][0, 0]) == 2.0
+    assert rounds.closed == [1.0] and (1.0, 2) not in rounds.log
+    batcher.close()
+
+
+def test_a_failing_round_fails_its_request_only() -> None:
+    engine, rounds = FakeEngine(), FakeRounds(rounds=3)
+    batcher = MicroBatcher(engine, follow_up=rounds, max_batch_size=1)
+    failing = batcher.submit(_heavy(-2.0))
+    fine = batcher.submit(_heavy(2.0))
+    with pytest.raises(ValueError, match="a round failed"):
+        failing.result(5)
+    assert float(fine.result(5).curves[0][0][0, 0]) == 2.0
+    assert batcher.alive
+    batcher.close()
+
+
+@pytest.mark.parametrize("drain", [False, True])
+def test_close_fails_or_finishes_the_continuing_requests(drain: bool) -> None:
+    engine, rounds = FakeEngine(), FakeRounds(rounds=3)
+    batcher = MicroBatcher(engine, follow_up=rounds, max_batch_size=1)
+    rounds.gate.clear()
+    heavy = batcher.submit(_heavy(1.0))
+    _eventually(lambda: engine.calls, "its batch")
+    closer = threading.Thread(target=batcher.close, kwargs={"drain": drain})
+    closer.start()
+    _eventually(lambda: not batcher.alive, "close() to begin")
+    rounds.gate.set()
+    closer.join(5)
+    if drain:
+        assert float(heavy.result(5).curves[0][0][0, 0]) == 1.0
+    else:
+        with pytest.raises(Overloaded, match="shutting down"):
+            heavy.result(5)

@@ -7,12 +7,21 @@ request, a busy one batches whatever arrived meanwhile. ``max_batch_delay_s``
 clock. Items for different keys (model, layer) go to different batches;
 different methods and targets share one (the method is post-processing).
 
+A request whose work goes on after its batch (faithfulness curves: 39 forward passes
+per explanation) gets that work done in rounds (``follow_up``: one explanation each),
+and the model loop takes turns: a batch of what is queued, then one round of the next
+continuing request, then a batch again, the continuing requests round-robin. So a
+light request waits for at most one round, not for a heavy request's whole work, and
+heavy requests share the rounds among themselves.
+
 A full queue refuses at once (``Overloaded``, 503): full means ``max_queue``
-requests waiting, or more queued work than the model gets through in
-``max_queue_wait_s`` at its measured pace (images weighed by ``Job.work``: faithfulness
-curves cost more), so an overloaded service answers 503 in milliseconds instead
-of letting every request wait towards its deadline.
-A lone request is always taken. An item past its deadline is dropped before
+requests waiting, or more work ahead of the new request than the model gets through
+in ``max_queue_wait_s`` at its measured pace: what is left of the step running now,
+the batches queued, a round beside each of them while requests continue, and, for a
+request with rounds of its own, the rounds of those already continuing (which its
+rounds share the model with). So an overloaded service answers 503 in milliseconds
+instead of letting every request wait towards its deadline. An idle engine always
+takes a request. An item past its deadline is dropped before
 compute (``DeadlineExceeded``, 504); a cancelled item (its client went away) is
 skipped; once running, a cancelled item is marked abandoned, and a batch whose
 items are all abandoned or late stops between its target rounds (the compute
@@ -36,7 +45,15 @@ from concurrent.futures import Future
 from functools import partial
 
 from service.contract.errors import DeadlineExceeded, EngineUnavailable, Overloaded
-from service.engine.work_items import Abandoned, BatchKey, BatchStats, WorkItem, merge_jobs
+from service.engine.work_items import (
+    Abandoned,
+    BatchKey,
+    BatchStats,
+    Continuing,
+    FollowUp,
+    WorkItem,
+    merge_jobs,
+)
 from service.logs import log_failure, where
 from service.transport.interface import Job, JobResult, JobTimings
 
@@ -45,6 +62,8 @@ logger = logging.getLogger(__name__)
 # A job (one or several requests merged, in order) and a "should I stop?" question it
 # asks between its expensive steps → its result, all on the CPU.
 ComputeFn = Callable[[Job, Callable[[], bool]], JobResult]
+# One request's job and its batch's result → its follow-up rounds, or None: it is done.
+FollowUpFn = Callable[[Job, JobResult], FollowUp | None]
 # The pace estimate follows recent batches without jumping at one odd one.
 _PACE_SMOOTHING = 0.2
 
@@ -54,6 +73,7 @@ class MicroBatcher:
         self,
         compute: ComputeFn,
         *,
+        follow_up: FollowUpFn | None = None,
         max_batch_size: int = 16,
         max_batch_delay_s: float = 0.0,
         max_queue: int = 256,
@@ -66,6 +86,7 @@ class MicroBatcher:
         if max_batch_size < 1 or max_queue < 1 or max_batch_delay_s < 0 or max_queue_wait_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, the waits >= 0")
         self._compute = compute
+        self._follow_up = follow_up
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue = max_queue
@@ -82,6 +103,11 @@ class MicroBatcher:
         self._dead = False
         self._seconds_per_image: float | None = None
         self._running: list[WorkItem] = []
+        self._continuing: deque[Continuing] = deque()
+        self._batch_turn = True  # the next step is a batch, if one is queued
+        # The step running now: when it started, what it costs in images, and the
+        # continuing request whose round it is (None: a batch).
+        self._step: tuple[float, float, Continuing | None] | None = None
         self._thread = threading.Thread(target=self._run, name="gradcam-model-loop", daemon=True)
         self._thread.start()
 
@@ -101,13 +127,13 @@ class MicroBatcher:
         with self._cond:
             if self._closed or self._dead:
                 raise Overloaded("The server is shutting down; retry on another replica.")
-            if self._pending:
+            if self._pending or self._continuing or self._step is not None:
                 if len(self._pending) >= self.max_queue:
                     raise Overloaded(
                         f"The queue is full ({self.max_queue} requests waiting); retry shortly.",
                         retry_after_s=1,
                     )
-                wait_s = self._expected_wait_s()
+                wait_s = self._expected_wait_s(item)
                 if wait_s is not None and wait_s > self.max_queue_wait_s:
                     raise Overloaded(
                         f"The model is {wait_s:.1f} s behind (limit {self.max_queue_wait_s:g} s);"
@@ -119,11 +145,31 @@ class MicroBatcher:
             self._cond.notify()
         return item.future
 
-    def _expected_wait_s(self) -> float | None:
-        """How long a new item would wait before its compute starts, at the recent pace."""
-        if not self.max_queue_wait_s or self._seconds_per_image is None:
+    def _expected_wait_s(self, item: WorkItem) -> float | None:
+        """The work ahead of ``item`` at the recent pace (module text), in seconds."""
+        pace = self._seconds_per_image
+        if not self.max_queue_wait_s or pace is None:
             return None
-        return sum(item.work for item in self._pending) * self._seconds_per_image
+        running, batch_next = 0.0, self._batch_turn
+        rounds = [(c.remaining_work, c.item.round_work) for c in self._continuing]
+        if self._step is not None:
+            started, work, continuing = self._step
+            running = max(0.0, work * pace - (time.monotonic() - started))
+            batch_next = continuing is not None
+            if continuing is not None:
+                rounds.append((continuing.remaining_work - work, continuing.item.round_work))
+        rounds += [(w.work - w.size, w.round_work) for w in self._pending if w.work > w.size]
+        later = sum(left for left, _ in rounds)
+        queued = sum(waiting.size for waiting in self._pending)
+        ahead = float(queued)
+        if later > 0:
+            # A batch and a round take turns: a round runs after each batch ahead.
+            between = -(-queued // self.max_batch_size) + (0 if batch_next else 1)
+            each = max(size for _, size in rounds)
+            ahead += min(later, between * each)
+            if item.work > item.size:
+                ahead += later  # its own rounds share the model with all of these
+        return running + ahead * pace
 
     def close(self, timeout_s: float = 10.0, drain: bool = False) -> None:
         """Stop taking work; fail what is queued (or, with ``drain``, compute it first);
@@ -132,11 +178,15 @@ class MicroBatcher:
             self._closed = True
             self._drain = drain
             pending = [] if drain else list(self._pending)
+            continuing = [] if drain else list(self._continuing)
             if not drain:
                 self._pending.clear()
+                self._continuing.clear()
             self._report_depth()
             self._cond.notify_all()
-        _fail(pending, Overloaded("The server is shutting down; retry on another replica."))
+        shutting_down = Overloaded("The server is shutting down; retry on another replica.")
+        _fail(pending, shutting_down)
+        _stop(continuing, shutting_down)
         self._thread.join(timeout_s)
 
     # --- the model loop --------------------------------------------------------
@@ -145,35 +195,52 @@ class MicroBatcher:
         if self._on_queue_depth is not None:
             self._on_queue_depth(len(self._pending))
 
-    def _take_batch(self) -> list[WorkItem] | None:
+    def _next_step(self) -> list[WorkItem] | Continuing | None:
+        """What the model loop does next: a batch of what is queued, or one round of a
+        continuing request, taking turns while there are both; None: closed."""
         with self._cond:
-            idle_from = time.monotonic() if not self._pending else None
-            while not self._pending and not self._closed:
+            idle_from = time.monotonic() if not self._pending and not self._continuing else None
+            while not self._pending and not self._continuing and not self._closed:
                 self._cond.wait()
             if idle_from is not None and self._on_idle is not None:
                 self._on_idle(time.monotonic() - idle_from)
-            if not self._pending or (self._closed and not self._drain):
+            if (self._closed and not self._drain) or not (self._pending or self._continuing):
                 return None
-            first = self._pending[0]
-            if self.max_batch_delay_s > 0 and not self._closed:
-                until = first.enqueued_at + self.max_batch_delay_s
-                while not self._closed and self._queued_images(first.key) < self.max_batch_size:
-                    remaining = until - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-            batch: list[WorkItem] = []
-            images = 0
-            for item in list(self._pending):
-                if item.key != first.key:
-                    continue
-                if batch and images + item.size > self.max_batch_size:
+            if self._pending and (self._batch_turn or not self._continuing):
+                self._batch_turn = False
+                batch = self._take_batch()
+                work = sum(i.size if self._follow_up else i.work for i in batch)
+                self._step = (time.monotonic(), float(work), None)
+                return batch
+            self._batch_turn = True
+            continuing = self._continuing.popleft()
+            work = min(continuing.item.round_work, continuing.remaining_work)
+            self._step = (time.monotonic(), work or continuing.remaining_work, continuing)
+            return continuing
+
+    def _take_batch(self) -> list[WorkItem]:
+        """The queued items that batch with the first one, up to ``max_batch_size``
+        images (called with the lock held and something queued)."""
+        first = self._pending[0]
+        if self.max_batch_delay_s > 0 and not self._closed and not self._continuing:
+            until = first.enqueued_at + self.max_batch_delay_s
+            while not self._closed and self._queued_images(first.key) < self.max_batch_size:
+                remaining = until - time.monotonic()
+                if remaining <= 0:
                     break
-                batch.append(item)
-                images += item.size
-                self._pending.remove(item)
-            self._report_depth()
-            return batch
+                self._cond.wait(remaining)
+        batch: list[WorkItem] = []
+        images = 0
+        for item in list(self._pending):
+            if item.key != first.key:
+                continue
+            if batch and images + item.size > self.max_batch_size:
+                break
+            batch.append(item)
+            images += item.size
+            self._pending.remove(item)
+        self._report_depth()
+        return batch
 
     def _queued_images(self, key: BatchKey) -> int:
         return sum(item.size for item in self._pending if item.key == key)
@@ -186,40 +253,107 @@ class MicroBatcher:
 
     def _loop(self) -> None:
         while True:
-            batch = self._take_batch()
-            if batch is None:
+            step = self._next_step()
+            if step is None:
+                self._fail_leftovers()
                 return
-            now = time.monotonic()
-            live: list[WorkItem] = []
-            for item in batch:
-                if not item.future.set_running_or_notify_cancel():
-                    continue  # cancelled: the client went away
-                if now > item.deadline:
-                    item.future.set_exception(
-                        DeadlineExceeded(
-                            "The request waited past its deadline before it could be computed; "
-                            "the server is overloaded."
-                        )
+            if isinstance(step, Continuing):
+                self._running = [step.item]
+                self._round(step)
+            else:
+                self._batch(step)
+            self._running = []
+            self._step = None
+
+    def _batch(self, batch: list[WorkItem]) -> None:
+        now = time.monotonic()
+        live: list[WorkItem] = []
+        for item in batch:
+            if not item.future.set_running_or_notify_cancel():
+                continue  # cancelled: the client went away
+            if now > item.deadline:
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        "The request waited past its deadline before it could be computed; "
+                        "the server is overloaded."
                     )
-                    continue
-                live.append(item)
-            if live:
-                self._running = live
-                self._execute(live, now)
-                self._running = []
+                )
+                continue
+            live.append(item)
+        if live:
+            self._running = live
+            self._execute(live, now)
+
+    def _fail_leftovers(self) -> None:
+        """Closed without draining: what the last step put back is failed too."""
+        with self._cond:
+            pending, continuing = list(self._pending), list(self._continuing)
+            self._pending.clear()
+            self._continuing.clear()
+        shutting_down = Overloaded("The server is shutting down; retry on another replica.")
+        _fail(pending, shutting_down)
+        _stop(continuing, shutting_down)
+
+    def _round(self, continuing: Continuing) -> None:
+        """One round of a continuing request; it goes to the back of the line, or is
+        answered when its last round is done."""
+        item = continuing.item
+        started = time.monotonic()
+        if item.given_up(started):
+            _stop([continuing], _given_up())
+            return
+        try:
+            work = next(continuing.rounds)
+        except StopIteration as done:
+            continuing.compute_s += time.monotonic() - started
+            self._learn_pace(time.monotonic() - started, continuing.remaining_work)
+            timings = JobTimings(
+                queue_wait_s=continuing.queue_wait_s,
+                compute_s=continuing.compute_s,
+                batch_images=continuing.batch_images,
+            )
+            item.future.set_result(done.value.slice(0, item.size, timings))
+            return
+        except Abandoned:
+            _fail_given_up([item])
+            return
+        except Exception as error:  # this request's alone: the others go on
+            log_failure(logger, "a follow-up round failed", error, logging.WARNING)
+            item.future.set_exception(error)
+            return
+        took = time.monotonic() - started
+        continuing.compute_s += took
+        continuing.remaining_work = max(0.0, continuing.remaining_work - work)
+        self._learn_pace(took, work)
+        with self._cond:
+            self._continuing.append(continuing)
+
+    def _learn_pace(self, seconds: float, work: float) -> None:
+        """Fold one step's seconds per image into the pace estimate."""
+        if work <= 0:
+            return
+        pace = seconds / work
+        self._seconds_per_image = (
+            pace
+            if self._seconds_per_image is None
+            else ((1 - _PACE_SMOOTHING) * self._seconds_per_image + _PACE_SMOOTHING * pace)
+        )
 
     def _die(self, error: BaseException) -> None:
         log_failure(logger, "the model loop died", error, logging.CRITICAL)
         with self._cond:
             self._dead = True
             pending = list(self._pending)
+            continuing = list(self._continuing)
             self._pending.clear()
+            self._continuing.clear()
             self._report_depth()
         failure = EngineUnavailable("The engine failed and is restarting; retry shortly.")
         for item in self._running:
             if not item.future.done():
                 item.future.set_exception(failure)
         _fail(pending, failure)
+        _stop(continuing, failure)
         if self._on_fatal is not None:
             self._on_fatal(error)
 
@@ -243,21 +377,27 @@ class MicroBatcher:
                 where(error),
             )
             for item in items:
+                one_started = time.monotonic()
                 try:
-                    item.future.set_result(self._compute(item.job, partial(_all_given_up, [item])))
+                    single_result = self._compute(item.job, partial(_all_given_up, [item]))
                 except Abandoned:
                     _fail_given_up([item])
+                    continue
                 except Exception as single:
                     item.future.set_exception(single)
+                    continue
+                timings = JobTimings(
+                    queue_wait_s=started_wait - item.enqueued_at,
+                    compute_s=time.monotonic() - one_started,
+                    batch_images=item.size,
+                )
+                self._done_or_continue(item, single_result.slice(0, item.size, timings))
             return
         compute_s = time.monotonic() - started
         images = sum(item.size for item in items)
         # Per plain explanation: a batch with faithfulness curves is not a slow engine.
-        pace = compute_s / sum(item.work for item in items)
-        self._seconds_per_image = (
-            pace
-            if self._seconds_per_image is None
-            else ((1 - _PACE_SMOOTHING) * self._seconds_per_image + _PACE_SMOOTHING * pace)
+        self._learn_pace(
+            compute_s, sum(item.size if self._follow_up else item.work for item in items)
         )
         offset = 0
         for item in items:
@@ -266,7 +406,7 @@ class MicroBatcher:
                 compute_s=compute_s,
                 batch_images=images,
             )
-            item.future.set_result(result.slice(offset, offset + item.size, timings))
+            self._done_or_continue(item, result.slice(offset, offset + item.size, timings))
             offset += item.size
         if self._on_batch is not None:
             self._on_batch(
@@ -278,6 +418,37 @@ class MicroBatcher:
                 )
             )
 
+    def _done_or_continue(self, item: WorkItem, result: JobResult) -> None:
+        """Answer ``item`` with its batch's ``result``, or line it up for its rounds."""
+        rounds = self._follow_up(item.job, result) if self._follow_up is not None else None
+        if rounds is None:
+            item.future.set_result(result)
+            return
+        continuing = Continuing(
+            item=item,
+            rounds=rounds,
+            remaining_work=item.work - item.size,
+            queue_wait_s=result.timings.queue_wait_s,
+            compute_s=result.timings.compute_s,
+            batch_images=result.timings.batch_images,
+        )
+        with self._cond:
+            self._continuing.append(continuing)
+
+
+def _given_up() -> DeadlineExceeded:
+    return DeadlineExceeded(
+        "The request was given up (client gone or deadline passed) while it was computed."
+    )
+
+
+def _stop(continuing: Sequence[Continuing], error: Exception) -> None:
+    """Fail continuing requests with ``error`` and drop their rounds."""
+    for entry in continuing:
+        entry.rounds.close()
+        if not entry.item.future.done():
+            entry.item.future.set_exception(error)
+
 
 def _all_given_up(items: Sequence[WorkItem]) -> bool:
     now = time.monotonic()
@@ -288,11 +459,7 @@ def _fail_given_up(items: Sequence[WorkItem]) -> None:
     """Answer requests whose computation was abandoned (nobody reads it: for the record)."""
     logger.info("stopped a batch of %d request(s): all of them were given up", len(items))
     for item in items:
-        item.future.set_exception(
-            DeadlineExceeded(
-                "The request was given up (client gone or deadline passed) while it was computed."
-            )
-        )
+        item.future.set_exception(_given_up())
 
 
 def _fail(items: Sequence[WorkItem], error: Exception) -> None:

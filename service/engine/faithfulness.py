@@ -26,13 +26,14 @@ layout and removes the detail (docs/trust.md shows both).
 
 The engine computes the curves in batches, one explanation's 38 intermediate images
 (plus its image's substrate, once) per forward pass, without gradients, in the
-model's precision and memory format (``GradCAM.logits``).
+model's precision and memory format (``GradCAM.logits``); one explanation is one round
+of the model loop, with other requests' batches between rounds (``batching.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import numpy as np
 import torch
@@ -88,41 +89,67 @@ def curves(
     should_stop: Callable[[], bool] | None = None,
     substrate_of: Callable[[Tensor], Tensor] = gaussian_blur,
 ) -> list[list[np.ndarray]]:
-    """The deletion and insertion curves of every explanation of the images ``wanted``.
+    """The deletion and insertion curves of every explanation of the images ``wanted``,
+    all at once (``curve_rounds`` has the arguments); ``should_stop`` is asked before each
+    explanation."""
+    rounds = curve_rounds(probabilities, inputs, scores, cams, targets, wanted, substrate_of)
+    while True:
+        if should_stop is not None and should_stop():
+            rounds.close()
+            raise Abandoned("stopped while computing faithfulness curves")
+        try:
+            next(rounds)
+        except StopIteration as done:
+            return done.value
+
+
+def curve_rounds(
+    probabilities: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    scores: Tensor,
+    cams: Sequence[Sequence[Tensor]],
+    targets: Sequence[Sequence[int]],
+    wanted: Sequence[bool],
+    substrate_of: Callable[[Tensor], Tensor] = gaussian_blur,
+) -> Generator[None, None, list[list[np.ndarray]]]:
+    """The curves one explanation at a time: each ``next()`` computes one explanation's
+    (one batched forward pass of 38 images, with its image's substrate the first time),
+    and the last returns them all, so the engine can run other requests in between.
 
     ``probabilities``: ``(n, C, H, W)`` normalised inputs → ``(n, K)`` scores, no
     gradients; ``inputs``: the batch as the model saw it; ``scores``: ``(N, K)`` its
     scores; ``cams[i][j]``: image ``i``'s map for class ``targets[i][j]``. Returns, per
     image, one ``(2, STEPS + 1) float32`` array (deletion, insertion) per target, or no
-    arrays for an image not wanted. ``should_stop`` is asked before each explanation;
-    ``substrate_of`` makes the substrate of a ``(1, C, H, W)`` input (other substrates are
-    for comparing them: ``tests/benchmarks/faithfulness.py``).
+    arrays for an image not wanted. ``substrate_of`` makes the substrate of a
+    ``(1, C, H, W)`` input (other substrates are for comparing them:
+    ``tests/benchmarks/faithfulness.py``).
     """
     size = (inputs.shape[2], inputs.shape[3])
-    out: list[list[np.ndarray]] = []
-    for i, image_cams in enumerate(cams):
-        if not wanted[i]:
-            out.append([])
-            continue
+    out: list[list[np.ndarray]] = [[] for _ in cams]
+    explanations = [
+        (i, cam, target)
+        for i, image_cams in enumerate(cams)
+        if wanted[i]
+        for cam, target in zip(image_cams, targets[i], strict=True)
+    ]
+    substrates: dict[int, tuple[Tensor, Tensor | None]] = {}
+    for number, (i, cam, target) in enumerate(explanations):
+        if number:
+            yield
         x = inputs[i : i + 1].float()
-        substrate = substrate_of(x)
-        substrate_scores: Tensor | None = None  # (K,): every class's, for every target
-        per_target: list[np.ndarray] = []
-        for cam, target in zip(image_cams, targets[i], strict=True):
-            if should_stop is not None and should_stop():
-                raise Abandoned("stopped while computing faithfulness curves")
-            masks = step_masks(cam.to(inputs.device), size)[1:STEPS]  # the 19 in between
-            batch = [torch.where(masks, substrate, x), torch.where(masks, x, substrate)]
-            if substrate_scores is None:
-                batch.append(substrate)
-            probs = probabilities(torch.cat(batch)).float().cpu()
-            if substrate_scores is None:
-                substrate_scores = probs[-1]
-            between = probs[: 2 * (STEPS - 1), target]
-            original = scores[i, target].float().cpu().view(1)
-            blurred = substrate_scores[target].view(1)
-            deletion = torch.cat([original, between[: STEPS - 1], blurred])
-            insertion = torch.cat([blurred, between[STEPS - 1 :], original])
-            per_target.append(torch.stack([deletion, insertion]).numpy())
-        out.append(per_target)
+        substrate, substrate_scores = substrates.get(i) or (substrate_of(x), None)
+        masks = step_masks(cam.to(inputs.device), size)[1:STEPS]  # the 19 in between
+        batch = [torch.where(masks, substrate, x), torch.where(masks, x, substrate)]
+        if substrate_scores is None:
+            batch.append(substrate)  # every class's score on it, once per image
+        probs = probabilities(torch.cat(batch)).float().cpu()
+        if substrate_scores is None:
+            substrate_scores = probs[-1]
+        substrates[i] = (substrate, substrate_scores)
+        between = probs[: 2 * (STEPS - 1), target]
+        original = scores[i, target].float().cpu().view(1)
+        blurred = substrate_scores[target].view(1)
+        deletion = torch.cat([original, between[: STEPS - 1], blurred])
+        insertion = torch.cat([blurred, between[STEPS - 1 :], original])
+        out[i].append(torch.stack([deletion, insertion]).numpy())
     return out

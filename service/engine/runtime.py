@@ -34,8 +34,8 @@ from service.engine.gradcam import GradCAM
 from service.engine.models import LoadedModel, load_model
 from service.engine.tuning import Execution, tune
 from service.engine.warm_up import warm_up
-from service.engine.work_items import BatchStats, WorkItem
-from service.transport.interface import Catalog, Job, JobResult, wait_for
+from service.engine.work_items import BatchStats, FollowUp, WorkItem
+from service.transport.interface import FAITHFULNESS_WORK, Catalog, Job, JobResult, wait_for
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class Runtime:
         )
         self._batcher = MicroBatcher(
             self._compute,
+            follow_up=self._follow_up,
             max_batch_size=self.settings.max_batch_size,
             max_batch_delay_s=self.settings.max_batch_delay_s,
             max_queue=self.settings.max_queue,
@@ -237,31 +238,40 @@ class Runtime:
         model = self.models[job.model]
         inputs = batch_inputs(model, job, self.device, self._normalisers[model.name])
         result = self._graphed(model, job, inputs)
-        if result is None:
-            batch = self._engines[job.model](
-                inputs, job.layer, job.targets, job.methods, should_stop
-            )
-            result = JobResult(
-                scores=_scores(model, batch.logits).numpy(),
-                logits=batch.logits.numpy(),
-                targets=batch.targets,
-                maps=[[cam.numpy() for cam in cams] for cams in batch.cams],
-            )
-        if not any(job.faithfulness):
+        if result is not None:
             return result
-        engine = self._engines[job.model]
-        return replace(
-            result,
-            curves=faithfulness.curves(
-                lambda x: _scores(model, engine.logits(x)),
-                inputs,
-                torch.from_numpy(result.scores),
-                [[torch.from_numpy(m) for m in maps] for maps in result.maps],
-                result.targets,
-                job.faithfulness,
-                should_stop,
-            ),
+        batch = self._engines[job.model](inputs, job.layer, job.targets, job.methods, should_stop)
+        return JobResult(
+            scores=_scores(model, batch.logits).numpy(),
+            logits=batch.logits.numpy(),
+            targets=batch.targets,
+            maps=[[cam.numpy() for cam in cams] for cams in batch.cams],
         )
+
+    def _follow_up(self, job: Job, result: JobResult) -> FollowUp | None:
+        """One request's faithfulness curves after its batch, one explanation a round
+        (the batcher runs other requests between rounds), or None if it wants none."""
+        if not any(job.faithfulness):
+            return None
+        return self._curve_rounds(job, result)
+
+    def _curve_rounds(self, job: Job, result: JobResult) -> FollowUp:
+        model = self.models[job.model]
+        engine = self._engines[job.model]
+        rounds = faithfulness.curve_rounds(
+            lambda x: _scores(model, engine.logits(x)),
+            batch_inputs(model, job, self.device, self._normalisers[model.name]),
+            torch.from_numpy(result.scores),
+            [[torch.from_numpy(m) for m in maps] for maps in result.maps],
+            result.targets,
+            job.faithfulness,
+        )
+        while True:
+            try:
+                next(rounds)
+            except StopIteration as done:
+                return replace(result, curves=done.value)
+            yield FAITHFULNESS_WORK
 
     def _graphed(self, model: LoadedModel, job: Job, inputs: Tensor) -> JobResult | None:
         """The job's answer from a CUDA graph (``cuda_graphs.py``), or None: eager."""

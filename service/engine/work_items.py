@@ -1,12 +1,13 @@
 """What the micro-batcher queues and hands back: one request's work item (its job,
 deadline and future, and whether it was given up), the key batches form under, a
-batch's merged job and its statistics, and ``Abandoned``, which a compute function
-raises when every request of its job was given up."""
+batch's merged job and its statistics, a request's follow-up rounds after its batch,
+and ``Abandoned``, which a compute function raises when every request of its job was
+given up."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -59,6 +60,31 @@ class WorkItem:
     @property
     def work(self) -> float:
         return self.job.work
+
+    @property
+    def round_work(self) -> float:
+        """What each of its follow-up rounds costs, in images (0: it has none)."""
+        rounds = self.job.rounds
+        return (self.work - self.size) / rounds if rounds else 0.0
+
+
+# A request's work after its batch (faithfulness curves; later the gradient-free
+# methods), in rounds: each ``next()`` computes one round and yields the work it was (in
+# images, as ``Job.work`` counts), so the model loop can run other requests between
+# rounds; the generator returns the request's whole result.
+FollowUp = Generator[float, None, JobResult]
+
+
+@dataclass
+class Continuing:
+    """A request whose batch is done and whose follow-up rounds are not."""
+
+    item: WorkItem
+    rounds: FollowUp
+    remaining_work: float  # what its rounds still cost, in images
+    queue_wait_s: float  # before its batch started
+    compute_s: float  # its batch's, then its rounds' too
+    batch_images: int
 
 
 @dataclass(frozen=True)

@@ -177,10 +177,15 @@ class Job:
         """The job's cost in images, for the engine's pace estimate: an explanation with
         faithfulness curves adds 39 forward passes without gradients (about 13 images'
         forward and backward)."""
+        return len(self.images) + FAITHFULNESS_WORK * self.rounds
+
+    @property
+    def rounds(self) -> int:
+        """The rounds of work after the job's batch: one per explanation with
+        faithfulness curves (the engine runs other jobs between them)."""
         if not self.faithfulness:
-            return len(self.images)
-        extra = sum(len(t) for t, f in zip(self.targets, self.faithfulness, strict=True) if f)
-        return len(self.images) + FAITHFULNESS_WORK * extra
+            return 0
+        return sum(len(t) for t, f in zip(self.targets, self.faithfulness, strict=True) if f)
 
 
 @dataclass(frozen=True)
