@@ -139,10 +139,11 @@ class FakeOrthanc:
         }
         return uids
 
-    def add_result(self, source_uid: str) -> None:
-        """What the service stores for one source image: a series referencing it."""
+    def add_result(self, source_uid: str, modality: str = "OT") -> None:
+        """What the service stores for one source image: a series referencing it (a
+        Secondary Capture, or with "SR" a report)."""
         series_id = f"derived-{len(self.series)}"
-        self.add_series(series_id, 1, manufacturer="gradcam-service", modality="OT")
+        self.add_series(series_id, 1, manufacturer="gradcam-service", modality=modality)
         self.instances[f"{series_id}-i1"]["refs"] = [source_uid]
 
     def results_of(self, source_uid: str) -> list[str]:
@@ -213,7 +214,8 @@ class FakeOrthanc:
 
 class FakeService:
     """Answers /v1/explain as scripted (a list of replies or exceptions, then 200s
-    that store a result per image into the fake Orthanc).
+    that store what was asked for each image into the fake Orthanc: its heatmap's
+    object unless the format is "none", and its report if one was asked for).
     ``refuse(uids)``, when given, answers a reply instead (a 413 for a request the
     service finds too large)."""
 
@@ -243,9 +245,15 @@ class FakeService:
         refused = self.refuse(uids) if self.refuse is not None else None
         if refused is not None:
             return refused
+        heatmap = request["heatmap"]["format"] != "none"
+        report = "report" in request
         for uid in uids:
-            self.orthanc.add_result(uid)
-        return reply(200, {"results": [stored() for _ in uids]})
+            if heatmap:
+                self.orthanc.add_result(uid)
+            if report:
+                self.orthanc.add_result(uid, modality="SR")
+        results = [stored(True if heatmap else None, True if report else None) for _ in uids]
+        return reply(200, {"results": results})
 
     def sent(self) -> list[str]:
         return [i["dicomweb"]["instance"] for body in self.bodies for i in body["images"]]
@@ -258,9 +266,16 @@ def reply(status: int, body: dict[str, Any], retry_after: str | None = None) -> 
     return router_module.Reply(status, json.dumps(body).encode(), retry_after)
 
 
-def stored(ok: bool = True) -> dict[str, Any]:
-    heatmap = {"format": "dicom-sc", "stored": {"ok": ok, "message": "m"}}
-    return {"explanations": [{"heatmap": heatmap}]}
+def stored(ok: bool | None = True, report: bool | None = None) -> dict[str, Any]:
+    """One image's result: its Secondary Capture stored or not (None: format "none",
+    nothing asked), and with ``report`` its report stored or not."""
+    heatmap: dict[str, Any] = {"format": "dicom-sc" if ok is not None else "none"}
+    if ok is not None:
+        heatmap["stored"] = {"ok": ok, "message": "m"}
+    result: dict[str, Any] = {"explanations": [{"heatmap": heatmap}]}
+    if report is not None:
+        result["report"] = {"stored": {"ok": report, "message": "m"}}
+    return result
 
 
 def error(status: int, code: str, image: int | None = None, field: str = "") -> Any:
@@ -527,6 +542,44 @@ def test_splitting_is_bounded_when_no_request_passes() -> None:
     assert sorted(state["left_out"]) == sorted(uids)
     assert state["left_out_codes"] == {"request_too_large": 8}
     assert sleeps == []
+
+
+def test_a_report_not_stored_is_retried_alone() -> None:
+    """With a report asked for, an image is done when its report is stored too; a report
+    whose store failed is asked for again, alone (heatmap format "none"), so the image
+    gets no second Secondary Capture."""
+    router, orthanc, service, sleeps = make(report="dicom-sr")
+    (uid,) = orthanc.add_series("s1", 1)
+
+    def report_lost(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> Any:
+        if service.bodies:
+            return service(url, body, headers, timeout_s)
+        service.bodies.append(json.loads(body))
+        orthanc.add_result(uid)  # the Secondary Capture was stored, the report not
+        return reply(200, {"results": [stored(True, report=False)]})
+
+    router._post = report_lost
+    assert router.route("s1", 0.0) == "done"
+    first, again = service.bodies
+    assert first["heatmap"] == {"format": "dicom-sc"} and first["report"] == "dicom-sr"
+    assert again["heatmap"] == {"format": "none"} and again["report"] == "dicom-sr"
+    assert again["images"] == first["images"] and len(sleeps) == 1
+    assert orthanc.results_of(uid) == ["OT", "SR"]
+    state = orthanc.state("s1")
+    assert state["with_results"] == 1 and state["retries"] == 1
+
+
+def test_an_image_with_its_heatmap_but_no_report_is_sent_for_the_report() -> None:
+    """Exactly once, by kind: a Secondary Capture stored before (a report asked for
+    since, or its store lost) leaves only the report to make."""
+    router, orthanc, service, _ = make(report="dicom-sr")
+    uids = orthanc.add_series("s1", 2)
+    orthanc.add_result(uids[0])
+    assert router.route("s1", 0.0) == "done"
+    assert [
+        (b["heatmap"]["format"], b["images"][0]["dicomweb"]["instance"]) for b in service.bodies
+    ] == [("none", uids[0]), ("dicom-sc", uids[1])]
+    assert orthanc.results_of(uids[0]) == orthanc.results_of(uids[1]) == ["OT", "SR"]
 
 
 @pytest.fixture

@@ -13,9 +13,12 @@ An Orthanc Python plugin script (Debian's ``orthanc-python``), configured by the
   ``SkipManufacturers`` (the service writes "gradcam-service") is skipped, and so is
   a series of a non-image modality (``SkipModalities``).
 - Exactly once: before each request the study's objects from those manufacturers are
-  read for the instances they reference (cached per instance), and an instance that
-  already has one is not sent again. The stored objects are the state: a retry after a
-  failure, a restart of the service, or an answer lost after the store adds nothing.
+  read for the instances they reference (cached per instance), an SR (the report)
+  apart from the others (the heatmap's object), and an instance is sent again only for
+  the kind it lacks. The stored objects are the state: a retry after a failure, a
+  restart of the service, or an answer lost after the store adds nothing.
+- Every object asked for is checked in the answer (each heatmap's, and the report's
+  ``stored``): an image is done when all of them were stored.
 - A refused, cut or timed-out connection and the statuses 408, 429, 502, 503 and 504
   are retried with exponential back-off (``FirstRetryDelaySeconds`` doubling up to
   ``MaxRetryDelaySeconds``, ``Retry-After`` as a floor), at most ``Retries`` times in a
@@ -62,6 +65,9 @@ _IMAGE_STATUSES = frozenset({413, 415, 422})
 # The one 413 about an image alone (its pixels, a side, its bytes); every other 413 is
 # about what the request's images add up to, and a smaller request may pass.
 _IMAGE_TOO_LARGE = "image_too_large"
+# What the router asks the service to store for each image: the heatmap's object (the
+# Format's) and, with Report, an SR report; told apart in Orthanc by the SR modality.
+_MAP, _REPORT = "map", "report"
 _REFERENCED_SOP_INSTANCE_UID = "0008,1155"
 _UNKNOWN_RESOURCE = 17  # Orthanc's error code for a resource that does not exist
 _CACHED_INSTANCES = 100_000
@@ -293,6 +299,12 @@ class Router:
         self._started = False
         self._threads: list[threading.Thread] = []
         self._references: collections.OrderedDict[str, frozenset[str]] = collections.OrderedDict()
+        # The kinds of object each image should have: the heatmap's (unless Format is
+        # "none" with a report) and, with Report, the report.
+        wanted = {_REPORT} if settings.report else set()
+        if settings.format != "none" or not settings.report:
+            wanted.add(_MAP)
+        self._wanted = frozenset(wanted)
 
     # Orthanc's side: callbacks, start and stop.
 
@@ -436,15 +448,15 @@ class Router:
         failures = 0
         while True:
             have = self._referenced(study_id)
-            todo = [
-                uid
-                for uid in progress.instances
-                if uid not in have and uid not in progress.skipped and uid not in progress.explained
-            ]
-            if not todo:
+            missing: dict[str, frozenset[str]] = {}  # in Instance Number order
+            for uid in progress.instances:
+                lacks = self._wanted - have.get(uid, frozenset())
+                if lacks and uid not in progress.skipped and uid not in progress.explained:
+                    missing[uid] = lacks
+            if not missing:
                 return self._finish(series_id, stable_at, progress, have)
-            batch, from_part = self._next_batch(todo, parts, progress)
-            attempt = self._explain(study_uid, series_uid, batch)
+            batch, from_part = self._next_batch(missing, parts, progress)
+            attempt = self._explain(study_uid, series_uid, batch, missing[batch[0]])
             progress.requests += 1
             if attempt.answered and progress.fits is not None:
                 progress.fits = max(progress.fits, len(batch))
@@ -489,14 +501,18 @@ class Router:
             return "failed"
 
     def _next_batch(
-        self, todo: list[str], parts: list[list[str]], progress: _Progress
+        self, missing: dict[str, frozenset[str]], parts: list[list[str]], progress: _Progress
     ) -> tuple[list[str], bool]:
-        """The next request's images, and whether they are a part of a split batch."""
+        """The next request's images, all lacking the same kinds of object, and whether
+        they are a part of a split batch."""
         while parts:
-            part = [uid for uid in parts.pop(0) if uid in todo]
+            part = [uid for uid in parts.pop(0) if uid in missing]
             if part:
-                return part, True
-        return todo[: progress.batch_size(self.settings.max_images_per_request)], False
+                # Images whose kinds differ (one of them stored meanwhile) come later.
+                return [uid for uid in part if missing[uid] == missing[part[0]]], True
+        first = missing[next(iter(missing))]
+        alike = [uid for uid, lacks in missing.items() if lacks == first]
+        return alike[: progress.batch_size(self.settings.max_images_per_request)], False
 
     def _delay(self, failures: int, retry_after_s: float) -> float:
         """Seconds before attempt ``failures`` + 1: doubling, half of it random."""
@@ -506,7 +522,10 @@ class Router:
         delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
         return float(max(delay, min(retry_after_s, settings.max_retry_delay_s)))
 
-    def _explain(self, study: str, series: str, batch: list[str]) -> _Attempt:
+    def _explain(
+        self, study: str, series: str, batch: list[str], kinds: frozenset[str]
+    ) -> _Attempt:
+        """Ask the service for ``kinds`` of object for each image of ``batch``."""
         settings = self.settings
         body: dict[str, Any] = {
             "images": [
@@ -520,13 +539,13 @@ class Router:
                 }
                 for uid in batch
             ],
-            "heatmap": {"format": settings.format},
+            "heatmap": {"format": settings.format if _MAP in kinds else "none"},
             "store": {"url": settings.dicomweb_url},
             "top_k": 1,
         }
         if settings.model:
             body["model"] = settings.model
-        if settings.report:
+        if _REPORT in kinds:
             body["report"] = settings.report
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if settings.service_token:
@@ -546,7 +565,7 @@ class Router:
         except ValueError:
             answer = None
         if reply.status == 200 and isinstance(answer, dict):
-            return _answered(answer, len(batch))
+            return _answered(answer, len(batch), kinds)
         found = answer.get("error") if isinstance(answer, dict) else None
         error: dict[str, Any] = found if isinstance(found, dict) else {}
         code = str(error.get("code") or reply.status)[:60]
@@ -563,16 +582,19 @@ class Router:
             return _Attempt("image", about_one, code, image=named)
         return _Attempt("fatal", reason, code)
 
-    def _referenced(self, study_id: str) -> set[str]:
-        """SOP Instance UIDs that the study's objects from the service reference."""
-        found: set[str] = set()
+    def _referenced(self, study_id: str) -> dict[str, frozenset[str]]:
+        """SOP Instance UIDs that the study's objects from the service reference, each
+        with the kinds of object that reference it (an SR is a report, the rest maps)."""
+        found: dict[str, set[str]] = collections.defaultdict(set)
         for series in self._orthanc.get(f"/studies/{study_id}/series"):
-            manufacturer = (series.get("MainDicomTags") or {}).get("Manufacturer", "")
-            if manufacturer not in self.settings.skip_manufacturers:
+            tags = series.get("MainDicomTags") or {}
+            if tags.get("Manufacturer", "") not in self.settings.skip_manufacturers:
                 continue
+            kind = _REPORT if tags.get("Modality", "") == "SR" else _MAP
             for instance_id in series.get("Instances") or []:
-                found |= self._references_of(instance_id)
-        return found
+                for uid in self._references_of(instance_id):
+                    found[uid].add(kind)
+        return {uid: frozenset(kinds) for uid, kinds in found.items()}
 
     def _references_of(self, instance_id: str) -> frozenset[str]:
         with self._lock:
@@ -595,13 +617,13 @@ class Router:
         series_id: str,
         stable_at: float,
         progress: _Progress,
-        have: set[str],
+        have: dict[str, frozenset[str]],
     ) -> str:
         """Every image has its objects or was left out: "done", or "partial" if any was."""
         now = self._clock()
         outcome = "partial" if progress.skipped else "done"
         codes = progress.left_out_codes()
-        with_results = sum(uid in have for uid in progress.instances)
+        with_results = sum(self._wanted <= have.get(uid, frozenset()) for uid in progress.instances)
         self._write(
             series_id,
             {
@@ -676,31 +698,43 @@ class Router:
         self._orthanc.put(f"/series/{series_id}/metadata/{METADATA}", json.dumps(state))
 
 
-def _answered(answer: dict[str, Any], count: int) -> _Attempt:
-    """A 200 answer: which images have a stored object, which have none (and why); an
-    image whose store failed makes the attempt transient (the images stored are not
-    sent again)."""
+def _answered(answer: dict[str, Any], count: int, kinds: frozenset[str]) -> _Attempt:
+    """A 200 answer: which images have every object of ``kinds`` stored, which cannot
+    have one (and why); an object not stored makes the attempt transient (what was
+    stored is not asked for again)."""
     attempt = _Attempt("ok", answered=True)
     results = answer.get("results") or []
     unstored = ""
     for index in range(count):
         result = results[index] if index < len(results) else {}
-        reasons, failed = [], ""
-        for explanation in result.get("explanations") or []:
-            heatmap = explanation.get("heatmap") or {}
-            stored = heatmap.get("stored")
-            if isinstance(stored, dict) and stored.get("ok"):
-                attempt.stored.add(index)
-            elif isinstance(stored, dict):
-                failed = str(stored.get("message", "")) or "refused"
-            elif heatmap.get("reason"):
-                reasons.append(str(heatmap["reason"]))
-        if index in attempt.stored:
-            continue
-        if reasons and not failed:
-            attempt.no_object[index] = ("no_object", "; ".join(reasons))
+        holders = {
+            # dicom-seg: the heatmaps carry neither, the segmentation is the object.
+            _MAP: [
+                *((e.get("heatmap") or {}) for e in result.get("explanations") or []),
+                *([result["segmentation"]] if isinstance(result.get("segmentation"), dict) else []),
+            ],
+            _REPORT: [result["report"]] if isinstance(result.get("report"), dict) else [],
+        }
+        failed, reasons = "", {}
+        for kind in sorted(kinds):
+            made = [h for h in holders[kind] if "stored" in h or "reason" in h]
+            why = [str(h["reason"]) for h in made if h.get("reason")]
+            outcomes = [h["stored"] for h in made if isinstance(h.get("stored"), dict)]
+            if why:
+                reasons[kind] = "; ".join(why)
+            elif not outcomes:
+                failed = failed or f"no {kind} object in the answer"
+            for outcome in outcomes:
+                if not outcome.get("ok"):
+                    failed = failed or str(outcome.get("message", "")) or "refused"
+        if failed:
+            unstored = unstored or failed
+        elif _MAP in reasons:
+            attempt.no_object[index] = ("no_object", reasons[_MAP])
+        elif _REPORT in reasons:
+            attempt.no_object[index] = ("no_report", f"report: {reasons[_REPORT]}")
         else:
-            unstored = unstored or failed or "no object in the answer"
+            attempt.stored.add(index)
     if unstored:
         attempt.kind = "transient"
         attempt.code = "store_failed"
