@@ -311,6 +311,59 @@ def test_studies_sent_by_stow_and_by_cstore_get_one_set_of_results(
     assert orthanc.get("/gradcam/router")["failed"] == {}
 
 
+def results_of(orthanc: Orthanc, study: str, source: str) -> list[str]:
+    """The modality of each object from the service in ``study`` that references
+    ``source``: OT a Secondary Capture, SR a report."""
+    found = []
+    for series in orthanc.get(f"/studies/{orthanc.lookup(study)}/series"):
+        if series["MainDicomTags"].get("Manufacturer") != "gradcam-service":
+            continue
+        for instance in series["Instances"]:
+            tags = orthanc.get(f"/instances/{instance}/tags?short")
+            if source in ROUTER._values_of(tags, "0008,1155"):
+                found.append(series["MainDicomTags"]["Modality"])
+    return sorted(found)
+
+
+def test_a_report_asked_for_later_is_made_alone(folder: Path) -> None:
+    """Images routed without a report, then again with GRADCAM_ROUTER_REPORT=dicom-sr:
+    the router tells the service's report (SR) from its Secondary Capture and asks for
+    the report alone, which the service makes and stores; each image ends with one of
+    each, and the report is checked as stored."""
+    http_port = free_port()
+    live = LiveServer(env=_servers(http_port))
+    orthanc = None
+    try:
+        orthanc = start_orthanc(folder / "first", http_port, live.url)
+        one = make_series(folder / "stow", 2)
+        send_stow(orthanc, one)
+        assert wait_routed(orthanc, [one], 120)[one.uid]["state"] == "done"
+        wait_quiet(orthanc)
+        orthanc.stop()
+        orthanc = start_orthanc(
+            folder / "second",
+            http_port,
+            live.url,
+            ORTHANC_STORAGE=str(folder / "first" / "db"),
+            GRADCAM_ROUTER_REPORT="dicom-sr",
+        )
+        series_id = orthanc.lookup(one.uid)
+        again = requests.post(
+            f"{orthanc.rest}/gradcam/router/retry", json=[series_id], timeout=30
+        ).json()
+        assert again == {"queued": [series_id]}
+        wait_quiet(orthanc)
+        state = orthanc.state(one.uid)
+        assert state is not None and state["state"] == "done", state
+        assert state["explained_now"] == 2 and state["requests"] == 1, state
+        for uid in one.instances:
+            assert results_of(orthanc, one.study, uid) == ["OT", "SR"]
+    finally:
+        if orthanc is not None:
+            orthanc.stop()
+        live.stop()
+
+
 def test_a_service_that_is_down_leaves_a_failure_an_operator_can_retry(folder: Path) -> None:
     http_port, service_port = free_port(), free_port()
     orthanc = start_orthanc(
