@@ -139,11 +139,21 @@ class FakeOrthanc:
         }
         return uids
 
-    def add_result(self, source_uid: str) -> None:
-        """What the service stores for one source image: a series referencing it."""
+    def add_result(self, source_uid: str, modality: str = "OT") -> None:
+        """What the service stores for one source image: a series referencing it (a
+        Secondary Capture, or with "SR" a report)."""
         series_id = f"derived-{len(self.series)}"
-        self.add_series(series_id, 1, manufacturer="gradcam-service", modality="OT")
+        self.add_series(series_id, 1, manufacturer="gradcam-service", modality=modality)
         self.instances[f"{series_id}-i1"]["refs"] = [source_uid]
+
+    def results_of(self, source_uid: str) -> list[str]:
+        """The modality of each object from the service that references ``source_uid``."""
+        return sorted(
+            series["MainDicomTags"]["Modality"]
+            for series in self.series.values()
+            if series["MainDicomTags"]["Manufacturer"] == "gradcam-service"
+            and source_uid in self.instances[series["Instances"][0]]["refs"]
+        )
 
     def get(self, uri: str) -> Any:
         path, _, _ = uri.partition("?")
@@ -182,6 +192,12 @@ class FakeOrthanc:
 
     def set_property(self, index: int, value: str) -> None:
         self.properties[index] = value
+        self.written.set()
+
+    def saved(self) -> dict[str, Any]:
+        """What the router keeps across a restart of Orthanc."""
+        found: dict[str, Any] = json.loads(self.properties.get(4602, "{}"))
+        return found
 
     def warning(self, message: str) -> None:
         self.warnings.append(message)
@@ -198,11 +214,20 @@ class FakeOrthanc:
 
 class FakeService:
     """Answers /v1/explain as scripted (a list of replies or exceptions, then 200s
-    that store a result per image into the fake Orthanc)."""
+    that store what was asked for each image into the fake Orthanc: its heatmap's
+    object unless the format is "none", and its report if one was asked for).
+    ``refuse(uids)``, when given, answers a reply instead (a 413 for a request the
+    service finds too large)."""
 
-    def __init__(self, orthanc: FakeOrthanc, script: list[Any] | None = None) -> None:
+    def __init__(
+        self,
+        orthanc: FakeOrthanc,
+        script: list[Any] | None = None,
+        refuse: Any = None,
+    ) -> None:
         self.orthanc = orthanc
         self.script = list(script or [])
+        self.refuse = refuse
         self.bodies: list[dict[str, Any]] = []
 
     def __call__(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> Any:
@@ -210,26 +235,47 @@ class FakeService:
         assert headers["Content-Type"] == "application/json"
         request = json.loads(body)
         self.bodies.append(request)
+        assert len(self.bodies) <= 100, "the router does not stop asking"
         if self.script:
             step = self.script.pop(0)
             if isinstance(step, Exception):
                 raise step
             return step
-        for image in request["images"]:
-            self.orthanc.add_result(image["dicomweb"]["instance"])
-        return reply(200, {"results": [stored() for _ in request["images"]]})
+        uids = [image["dicomweb"]["instance"] for image in request["images"]]
+        refused = self.refuse(uids) if self.refuse is not None else None
+        if refused is not None:
+            return refused
+        heatmap = request["heatmap"]["format"] != "none"
+        report = "report" in request
+        for uid in uids:
+            if heatmap:
+                self.orthanc.add_result(uid)
+            if report:
+                self.orthanc.add_result(uid, modality="SR")
+        results = [stored(True if heatmap else None, True if report else None) for _ in uids]
+        return reply(200, {"results": results})
 
     def sent(self) -> list[str]:
         return [i["dicomweb"]["instance"] for body in self.bodies for i in body["images"]]
+
+    def sizes(self) -> list[int]:
+        return [len(body["images"]) for body in self.bodies]
 
 
 def reply(status: int, body: dict[str, Any], retry_after: str | None = None) -> Any:
     return router_module.Reply(status, json.dumps(body).encode(), retry_after)
 
 
-def stored(ok: bool = True) -> dict[str, Any]:
-    heatmap = {"format": "dicom-sc", "stored": {"ok": ok, "message": "m"}}
-    return {"explanations": [{"heatmap": heatmap}]}
+def stored(ok: bool | None = True, report: bool | None = None) -> dict[str, Any]:
+    """One image's result: its Secondary Capture stored or not (None: format "none",
+    nothing asked), and with ``report`` its report stored or not."""
+    heatmap: dict[str, Any] = {"format": "dicom-sc" if ok is not None else "none"}
+    if ok is not None:
+        heatmap["stored"] = {"ok": ok, "message": "m"}
+    result: dict[str, Any] = {"explanations": [{"heatmap": heatmap}]}
+    if report is not None:
+        result["report"] = {"stored": {"ok": report, "message": "m"}}
+    return result
 
 
 def error(status: int, code: str, image: int | None = None, field: str = "") -> Any:
@@ -258,10 +304,10 @@ class Sleeps(list[float]):
 
 
 def make(
-    script: list[Any] | None = None, **changes: Any
+    script: list[Any] | None = None, refuse: Any = None, **changes: Any
 ) -> tuple[Any, FakeOrthanc, FakeService, Sleeps]:
     orthanc = FakeOrthanc()
-    service = FakeService(orthanc, script)
+    service = FakeService(orthanc, script, refuse)
     sleeps = Sleeps()
     router = router_module.Router(
         settings(**changes),
@@ -370,13 +416,18 @@ def test_the_service_message_is_kept_in_orthanc_not_logged() -> None:
     assert "PHANTOM" not in orthanc.warnings[0]
 
 
-def test_an_image_the_service_refuses_is_left_out_with_its_reason() -> None:
-    router, orthanc, service, sleeps = make([error(422, "invalid_image", image=1)])
+@pytest.mark.parametrize(("status", "code"), [(422, "invalid_image"), (413, "image_too_large")])
+def test_an_image_the_service_refuses_is_left_out_with_its_reason(status: int, code: str) -> None:
+    """An error about one image (image_too_large is the one 413 that is) leaves it out
+    at once: the batch is not split for it."""
+    router, orthanc, service, sleeps = make([error(status, code, image=1)])
     uids = orthanc.add_series("s1", 3)
-    assert router.route("s1", 0.0) == "done"
+    assert router.route("s1", 0.0) == "partial"
     assert service.sent() == [uids[0], uids[1], uids[0], uids[2]]
     state = orthanc.state("s1")
-    assert list(state["left_out"]) == [uids[1]] and "invalid_image" in state["left_out"][uids[1]]
+    assert state["state"] == "partial" and state["splits"] == 0
+    assert list(state["left_out"]) == [uids[1]] and code in state["left_out"][uids[1]]
+    assert state["left_out_codes"] == {code: 1}
     assert state["with_results"] == 2 and sleeps == []
 
 
@@ -404,9 +455,131 @@ def test_an_image_with_no_object_is_left_out_not_retried() -> None:
         [reply(200, {"results": [no_object]})], format="dicom-pm"
     )
     (uid,) = orthanc.add_series("s1", 1)
-    assert router.route("s1", 0.0) == "done"
+    assert router.route("s1", 0.0) == "partial"
     assert orthanc.state("s1")["left_out"] == {uid: "no plane"}
+    assert orthanc.state("s1")["left_out_codes"] == {"no_object": 1}
     assert sleeps == [] and len(service.bodies) == 1
+
+
+def over(most: int, code: str = "output_too_large", named: bool = True) -> Any:
+    """A service whose limit of one request is ``most`` images: a 413 with ``code``
+    for more, naming (``named``) the first image over it, as the service's budgets do."""
+
+    def refuse(uids: list[str]) -> Any:
+        if len(uids) <= most:
+            return None
+        return error(413, code, image=most if named else None, field="heatmap.size")
+
+    return refuse
+
+
+@pytest.mark.parametrize(
+    ("code", "named", "sizes"),
+    [
+        # Split before the image named: 7 fit; the series goes on 7 at a time.
+        ("output_too_large", True, [8, 7, 1, 7, 1]),
+        ("too_many_pixels", True, [8, 7, 1, 7, 1]),
+        # No image named (memory, the body, the image count): in halves, then 4 at a time.
+        ("over_memory_budget", False, [8, 4, 4, 4, 4]),
+        ("too_many_images", False, [8, 4, 4, 4, 4]),
+    ],
+)
+def test_a_batch_over_a_limit_of_the_request_is_split_and_every_image_explained(
+    code: str, named: bool, sizes: list[int]
+) -> None:
+    """The 16 radiographs of 2900² that lost 9 images: a 413 about the whole request
+    (its pictures, pixels, memory, images together) is not any one image's fault."""
+    router, orthanc, service, sleeps = make(refuse=over(7, code, named), max_images_per_request=8)
+    uids = orthanc.add_series("s1", 16)
+    assert router.route("s1", 0.0) == "done"
+    assert service.sizes() == sizes
+    assert sorted(set(service.sent())) == sorted(uids)
+    assert all(orthanc.results_of(uid) == ["OT"] for uid in uids)  # one each
+    state = orthanc.state("s1")
+    assert state["state"] == "done" and state["left_out"] == {}
+    assert state["with_results"] == 16 and state["splits"] == 1
+    assert sleeps == [] and orthanc.warnings == []
+    assert router.status()["partial"] == {}
+
+
+def test_an_image_refused_alone_is_left_out_and_the_series_is_partial() -> None:
+    """An image whose request is too large even alone is left out with the code, the
+    rest of its batch goes on; the series ends "partial", said once at WARNING by code
+    and count, and listed by the status page for an operator to retry."""
+    router, orthanc, service, sleeps = make(max_images_per_request=4)
+    uids = orthanc.add_series("s1", 6)
+    huge = uids[1]
+    secret = {"error": {"code": "over_memory_budget", "message": "PHANTOM^NODULE 9000 MB"}}
+    service.refuse = lambda sent: reply(413, secret) if huge in sent else None
+    assert router.route("s1", 0.0) == "partial"
+    # [0 1 2 3] refused; halves: [0 1] refused, [0] taken, [1] refused alone: left
+    # out; [2 3] taken; then the rest 2 at a time (the largest batch taken).
+    assert service.sizes() == [4, 2, 1, 1, 2, 2]
+    state = orthanc.state("s1")
+    assert state["state"] == "partial" and state["splits"] == 2
+    assert list(state["left_out"]) == [huge] and "PHANTOM" in state["left_out"][huge]
+    assert state["left_out_codes"] == {"over_memory_budget": 1}
+    assert state["with_results"] == 5 and orthanc.results_of(huge) == []
+    (warning,) = orthanc.warnings
+    assert "series s1 partial" in warning and "over_memory_budget: 1" in warning
+    assert "1 of 6" in warning and "PHANTOM" not in warning and huge not in warning
+    status = router.status()
+    assert status["partial"] == {"s1": {"over_memory_budget": 1}}
+    assert status["left_out"] == {"over_memory_budget": 1} and status["failed"] == {}
+    assert sleeps == []
+    assert router.retry(None) == ["s1"]  # the retry route routes it again
+
+
+def test_splitting_is_bounded_when_no_request_passes() -> None:
+    """A service that refuses every request as too large: each image is tried alone
+    once, a batch of n costs 2n - 1 requests, and the series ends partial."""
+    refused = reply(413, {"error": {"code": "request_too_large", "message": "no"}})
+    router, orthanc, service, sleeps = make(refuse=lambda uids: refused, max_images_per_request=8)
+    uids = orthanc.add_series("s1", 8)
+    assert router.route("s1", 0.0) == "partial"
+    assert len(service.bodies) == 15 and service.sizes().count(1) == 8
+    state = orthanc.state("s1")
+    assert sorted(state["left_out"]) == sorted(uids)
+    assert state["left_out_codes"] == {"request_too_large": 8}
+    assert sleeps == []
+
+
+def test_a_report_not_stored_is_retried_alone() -> None:
+    """With a report asked for, an image is done when its report is stored too; a report
+    whose store failed is asked for again, alone (heatmap format "none"), so the image
+    gets no second Secondary Capture."""
+    router, orthanc, service, sleeps = make(report="dicom-sr")
+    (uid,) = orthanc.add_series("s1", 1)
+
+    def report_lost(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> Any:
+        if service.bodies:
+            return service(url, body, headers, timeout_s)
+        service.bodies.append(json.loads(body))
+        orthanc.add_result(uid)  # the Secondary Capture was stored, the report not
+        return reply(200, {"results": [stored(True, report=False)]})
+
+    router._post = report_lost
+    assert router.route("s1", 0.0) == "done"
+    first, again = service.bodies
+    assert first["heatmap"] == {"format": "dicom-sc"} and first["report"] == "dicom-sr"
+    assert again["heatmap"] == {"format": "none"} and again["report"] == "dicom-sr"
+    assert again["images"] == first["images"] and len(sleeps) == 1
+    assert orthanc.results_of(uid) == ["OT", "SR"]
+    state = orthanc.state("s1")
+    assert state["with_results"] == 1 and state["retries"] == 1
+
+
+def test_an_image_with_its_heatmap_but_no_report_is_sent_for_the_report() -> None:
+    """Exactly once, by kind: a Secondary Capture stored before (a report asked for
+    since, or its store lost) leaves only the report to make."""
+    router, orthanc, service, _ = make(report="dicom-sr")
+    uids = orthanc.add_series("s1", 2)
+    orthanc.add_result(uids[0])
+    assert router.route("s1", 0.0) == "done"
+    assert [
+        (b["heatmap"]["format"], b["images"][0]["dicomweb"]["instance"]) for b in service.bodies
+    ] == [("none", uids[0]), ("dicom-sc", uids[1])]
+    assert orthanc.results_of(uids[0]) == orthanc.results_of(uids[1]) == ["OT", "SR"]
 
 
 @pytest.fixture
@@ -432,10 +605,38 @@ def test_workers_route_what_becomes_stable_and_what_a_restart_left_pending(
         orthanc.written.clear()
     router.stop()
     assert orthanc.state("s2")["stable_at"] == 5.0
-    assert json.loads(orthanc.properties[4602]) == {"pending": {}, "failed": {}}
+    assert json.loads(orthanc.properties[4602]) == {"pending": {}, "failed": {}, "partial": {}}
     assert sorted(service.sent()) == sorted(
         orthanc.instances[f"{s}-i1"]["uid"] for s in ("s1", "s2")
     )
+
+
+def test_a_partial_series_stays_listed_until_a_retry_routes_it_whole(
+    running: tuple[Any, FakeOrthanc, FakeService],
+) -> None:
+    router, orthanc, service = running
+    uids = orthanc.add_series("s1", 3)
+    service.refuse = lambda sent: error(413, "too_many_pixels") if uids[2] in sent else None
+    router.start()
+    router.on_stable("s1")
+    # Saved once the worker is through with it: a restart of Orthanc keeps it listed.
+    wait_until(orthanc, lambda: orthanc.saved().get("partial") == {"s1": {"too_many_pixels": 1}})
+    assert orthanc.state("s1")["state"] == "partial"
+    assert router.status()["partial"] == {"s1": {"too_many_pixels": 1}}
+    # The service's limit raised; the operator retries every failed and partial series.
+    service.refuse = None
+    assert router.retry(None) == ["s1"]
+    wait_until(orthanc, lambda: orthanc.saved() == {"pending": {}, "failed": {}, "partial": {}})
+    assert orthanc.state("s1")["state"] == "done"
+    assert router.status()["partial"] == {} and router.status()["left_out"] == {}
+    assert orthanc.results_of(uids[2]) == ["OT"]
+
+
+def wait_until(orthanc: FakeOrthanc, condition: Any) -> None:
+    """Until ``condition()`` holds, checked each time the router writes to Orthanc."""
+    while not condition():
+        assert orthanc.written.wait(10), (orthanc.metadata, orthanc.properties)
+        orthanc.written.clear()
 
 
 def test_the_retry_route_refuses_what_is_not_a_list_of_ids() -> None:
@@ -483,5 +684,6 @@ def test_the_retry_route_refuses_what_is_not_a_list_of_ids() -> None:
     assert output.answer == (405, "POST")
     output = Output()
     status(output, "/gradcam/router", method="GET")
-    assert output.answer[1]["failed"] == {}
+    assert output.answer[1]["failed"] == {} and output.answer[1]["partial"] == {}
+    assert output.answer[1]["left_out"] == {}
     assert "dicom-sc" in calls["log"][0]

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 import requests
-from pydicom.uid import generate_uid
+from pydicom.uid import RLELossless, generate_uid
 
 from service.pipeline.dicomweb import DicomWebServers, store
 from tests.helpers import LiveServer, free_port, metric_value, missing_tool, wait_answering
@@ -141,14 +142,14 @@ class Series:
     files: tuple[Path, ...]
 
 
-def make_series(folder: Path, count: int, study: str | None = None) -> Series:
-    """``count`` copies of the CR example with new UIDs: one new series."""
+def make_series(folder: Path, count: int, study: str | None = None, source: Path = CR) -> Series:
+    """``count`` copies of ``source`` (the CR example) with new UIDs: one new series."""
     study = study or str(generate_uid())
     series_uid = str(generate_uid())
     folder.mkdir(parents=True, exist_ok=True)
     files, uids = [], []
     for number in range(1, count + 1):
-        ds = pydicom.dcmread(CR)
+        ds = pydicom.dcmread(source)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uid
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = str(generate_uid())
         ds.InstanceNumber = number
@@ -157,6 +158,22 @@ def make_series(folder: Path, count: int, study: str | None = None) -> Series:
         files.append(path)
         uids.append(str(ds.SOPInstanceUID))
     return Series(study, series_uid, tuple(uids), tuple(files))
+
+
+def large_radiograph(path: Path, side: int) -> Path:
+    """The CR example's header over ``side``×``side`` pixels of a phantom made of flat
+    regions (a body, two lungs, a nodule), RLE Lossless: many pixels, few bytes on disk."""
+    ds = pydicom.dcmread(CR)
+    y, x = (axis / side for axis in np.ogrid[:side, :side])
+    pixels = np.full((side, side), 3600, np.uint16)  # MONOCHROME1: high is dark
+    pixels[((x - 0.5) / 0.42) ** 2 + ((y - 0.5) / 0.46) ** 2 < 1] = 1800
+    for centre in (0.3, 0.7):
+        pixels[((x - centre) / 0.14) ** 2 + ((y - 0.48) / 0.3) ** 2 < 1] = 2900
+    pixels[(x - 0.64) ** 2 + (y - 0.4) ** 2 < 0.03**2] = 1500
+    ds.Rows = ds.Columns = side
+    ds.compress(RLELossless, pixels)
+    ds.save_as(path)
+    return path
 
 
 def send_stow(orthanc: Orthanc, series: Series) -> None:
@@ -188,14 +205,14 @@ def send_cstore(orthanc: Orthanc, series: Series) -> None:
 
 
 def wait_routed(orthanc: Orthanc, series: list[Series], timeout_s: float) -> dict[str, dict]:
-    """Each series' router state once every one is done or failed."""
+    """Each series' router state once every one is done, partial or failed."""
     deadline = time.monotonic() + timeout_s
     states: dict[str, dict] = {}
     while time.monotonic() < deadline:
         for one in series:
             if one.uid not in states:
                 state = orthanc.state(one.uid)
-                if state is not None and state["state"] in ("done", "failed"):
+                if state is not None and state["state"] in ("done", "partial", "failed"):
                     states[one.uid] = state
         if len(states) == len(series):
             return states
@@ -294,6 +311,59 @@ def test_studies_sent_by_stow_and_by_cstore_get_one_set_of_results(
     assert orthanc.get("/gradcam/router")["failed"] == {}
 
 
+def results_of(orthanc: Orthanc, study: str, source: str) -> list[str]:
+    """The modality of each object from the service in ``study`` that references
+    ``source``: OT a Secondary Capture, SR a report."""
+    found = []
+    for series in orthanc.get(f"/studies/{orthanc.lookup(study)}/series"):
+        if series["MainDicomTags"].get("Manufacturer") != "gradcam-service":
+            continue
+        for instance in series["Instances"]:
+            tags = orthanc.get(f"/instances/{instance}/tags?short")
+            if source in ROUTER._values_of(tags, "0008,1155"):
+                found.append(series["MainDicomTags"]["Modality"])
+    return sorted(found)
+
+
+def test_a_report_asked_for_later_is_made_alone(folder: Path) -> None:
+    """Images routed without a report, then again with GRADCAM_ROUTER_REPORT=dicom-sr:
+    the router tells the service's report (SR) from its Secondary Capture and asks for
+    the report alone, which the service makes and stores; each image ends with one of
+    each, and the report is checked as stored."""
+    http_port = free_port()
+    live = LiveServer(env=_servers(http_port))
+    orthanc = None
+    try:
+        orthanc = start_orthanc(folder / "first", http_port, live.url)
+        one = make_series(folder / "stow", 2)
+        send_stow(orthanc, one)
+        assert wait_routed(orthanc, [one], 120)[one.uid]["state"] == "done"
+        wait_quiet(orthanc)
+        orthanc.stop()
+        orthanc = start_orthanc(
+            folder / "second",
+            http_port,
+            live.url,
+            ORTHANC_STORAGE=str(folder / "first" / "db"),
+            GRADCAM_ROUTER_REPORT="dicom-sr",
+        )
+        series_id = orthanc.lookup(one.uid)
+        again = requests.post(
+            f"{orthanc.rest}/gradcam/router/retry", json=[series_id], timeout=30
+        ).json()
+        assert again == {"queued": [series_id]}
+        wait_quiet(orthanc)
+        state = orthanc.state(one.uid)
+        assert state is not None and state["state"] == "done", state
+        assert state["explained_now"] == 2 and state["requests"] == 1, state
+        for uid in one.instances:
+            assert results_of(orthanc, one.study, uid) == ["OT", "SR"]
+    finally:
+        if orthanc is not None:
+            orthanc.stop()
+        live.stop()
+
+
 def test_a_service_that_is_down_leaves_a_failure_an_operator_can_retry(folder: Path) -> None:
     http_port, service_port = free_port(), free_port()
     orthanc = start_orthanc(
@@ -334,6 +404,35 @@ def test_a_service_that_is_down_leaves_a_failure_an_operator_can_retry(folder: P
         orthanc.stop()
         if live is not None:
             live.stop()
+
+
+@pytest.mark.slow
+def test_series_of_large_radiographs_are_routed_whole(
+    stack: tuple[Orthanc, LiveServer], folder: Path
+) -> None:
+    """16 and 8 CR images of 2900×2900 (8.4 MP each): the service, at its default limits,
+    draws at most 64 MP for one request (GRADCAM_MAX_OUTPUT_PIXELS), 7 such images, and
+    refuses a batch of 8 (``output_too_large``, naming the 8th). That is the request's
+    limit, not the image's: the router sends smaller batches and every image gets its
+    Secondary Capture."""
+    orthanc, live = stack
+    template = large_radiograph(folder / "large.dcm", 2900)
+    assert template.stat().st_size < 1_000_000
+    sixteen = make_series(folder / "sixteen", 16, source=template)
+    eight = make_series(folder / "eight", 8, source=template)
+    send_stow(orthanc, sixteen)
+    send_stow(orthanc, eight)
+    states = wait_routed(orthanc, [sixteen, eight], 600)
+    for one in (sixteen, eight):
+        state = states[one.uid]
+        assert state["state"] == "done", state
+        assert state["left_out"] == {} and state["with_results"] == len(one.instances), state
+    wait_quiet(orthanc)
+    assert_one_set_each(orthanc, [sixteen, eight])
+    status = orthanc.get("/gradcam/router")
+    assert status["failed"] == {} and status["partial"] == {}, status
+    text = requests.get(f"{live.url}/metrics", timeout=30).text
+    assert metric_value(text, "gradcam_images_explained_total", '{model="phantom"}') == 24
 
 
 @dataclass(frozen=True)

@@ -13,19 +13,28 @@ An Orthanc Python plugin script (Debian's ``orthanc-python``), configured by the
   ``SkipManufacturers`` (the service writes "gradcam-service") is skipped, and so is
   a series of a non-image modality (``SkipModalities``).
 - Exactly once: before each request the study's objects from those manufacturers are
-  read for the instances they reference (cached per instance), and an instance that
-  already has one is not sent again. The stored objects are the state: a retry after a
-  failure, a restart of the service, or an answer lost after the store adds nothing.
+  read for the instances they reference (cached per instance), an SR (the report)
+  apart from the others (the heatmap's object), and an instance is sent again only for
+  the kind it lacks. The stored objects are the state: a retry after a failure, a
+  restart of the service, or an answer lost after the store adds nothing.
+- Every object asked for is checked in the answer (each heatmap's, and the report's
+  ``stored``): an image is done when all of them were stored.
 - A refused, cut or timed-out connection and the statuses 408, 429, 502, 503 and 504
   are retried with exponential back-off (``FirstRetryDelaySeconds`` doubling up to
   ``MaxRetryDelaySeconds``, ``Retry-After`` as a floor), at most ``Retries`` times in a
-  row; so is a store the service reports as failed. An error that names an image
-  (unreadable, not an image, gone) leaves that image out, with its reason; any other
-  error fails the series at once.
+  row; so is a store the service reports as failed.
+- A 413 other than ``image_too_large`` is a limit of the whole request (the pixels or
+  pictures of its images together, its memory): the batch is split (before the image
+  the service names, else in halves) and the parts sent, down to one image; the series
+  then goes on in batches of the largest part the service took. An image refused
+  alone, and an error that names an image (too large, unreadable, not an image, gone),
+  leave that image out, with its code and reason; any other error fails the series at
+  once.
 - Each routed series gets the metadata ``GradcamRouter``: JSON with its ``state``
-  ("done" or "failed"), the ``reason`` of a failure, the images left out and why, and
-  times. A failure is also logged at WARNING and listed by ``GET /gradcam/router``;
-  ``POST /gradcam/router/retry`` routes failed series again.
+  ("done"; "partial": some images left out; or "failed"), the ``reason`` of a failure,
+  the images left out and why, and times. A partial series and a failure are also
+  logged at WARNING (codes and counts only) and listed by ``GET /gradcam/router``;
+  ``POST /gradcam/router/retry`` routes them again.
 - Series queued or in progress are kept in an Orthanc global property
   (``StateProperty``), so a restart of Orthanc routes them again.
 
@@ -53,6 +62,12 @@ METADATA = "GradcamRouter"  # the series metadata this writes (declared in UserM
 _TRANSIENT = frozenset({408, 429, 502, 503, 504})
 # Statuses that, with an image index, are about that image alone.
 _IMAGE_STATUSES = frozenset({413, 415, 422})
+# The one 413 about an image alone (its pixels, a side, its bytes); every other 413 is
+# about what the request's images add up to, and a smaller request may pass.
+_IMAGE_TOO_LARGE = "image_too_large"
+# What the router asks the service to store for each image: the heatmap's object (the
+# Format's) and, with Report, an SR report; told apart in Orthanc by the SR modality.
+_MAP, _REPORT = "map", "report"
 _REFERENCED_SOP_INSTANCE_UID = "0008,1155"
 _UNKNOWN_RESOURCE = 17  # Orthanc's error code for a resource that does not exist
 _CACHED_INSTANCES = 100_000
@@ -214,13 +229,17 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> Re
 class _Attempt:
     """What one request to the service came to."""
 
-    kind: str  # "ok", "transient", "image" (one image refused), "fatal"
+    # "ok", "transient", "image" (one image refused), "too_large" (the request over a
+    # limit of the whole request), "fatal"
+    kind: str
     reason: str = ""
     code: str = ""  # the service's error code, or the kind of transport failure
     image: int | None = None
     retry_after_s: float = 0.0
-    stored: set[int] = field(default_factory=set)  # batch indices with a stored object
-    no_object: dict[int, str] = field(default_factory=dict)  # batch index -> why none
+    answered: bool = False  # a 200: the service took the whole batch
+    stored: set[int] = field(default_factory=set)  # batch indices with every object stored
+    # batch index -> (code, why) an object asked for cannot be made for that image
+    no_object: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -229,9 +248,24 @@ class _Progress:
 
     instances: list[str]
     skipped: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> reason
+    codes: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> its code
     explained: set[str] = field(default_factory=set)
     requests: int = 0
     retries: int = 0
+    splits: int = 0
+    # After the service refused a batch as too large: the largest batch it took since
+    # (0: none yet). The series goes on in batches of that size, not the refused one.
+    fits: int | None = None
+
+    def leave_out(self, uid: str, code: str, why: str) -> None:
+        self.skipped[uid] = why
+        self.codes[uid] = code
+
+    def batch_size(self, most: int) -> int:
+        return min(most, self.fits or most)
+
+    def left_out_codes(self) -> dict[str, int]:
+        return dict(sorted(collections.Counter(self.codes.values()).items()))
 
 
 class Router:
@@ -261,9 +295,16 @@ class Router:
         self._again: set[str] = set()
         self._pending: dict[str, float] = {}  # series id -> when it became stable
         self._failed: dict[str, str] = {}  # series id -> the reason's first line
+        self._partial: dict[str, dict[str, int]] = {}  # series id -> {code: images left out}
         self._started = False
         self._threads: list[threading.Thread] = []
         self._references: collections.OrderedDict[str, frozenset[str]] = collections.OrderedDict()
+        # The kinds of object each image should have: the heatmap's (unless Format is
+        # "none" with a report) and, with Report, the report.
+        wanted = {_REPORT} if settings.report else set()
+        if settings.format != "none" or not settings.report:
+            wanted.add(_MAP)
+        self._wanted = frozenset(wanted)
 
     # Orthanc's side: callbacks, start and stop.
 
@@ -278,6 +319,7 @@ class Router:
             for series_id, stable_at in (saved.get("pending") or {}).items():
                 self._pending.setdefault(series_id, float(stable_at))
             self._failed.update(saved.get("failed") or {})
+            self._partial.update(saved.get("partial") or {})
             for series_id in self._pending:
                 self._enqueue_locked(series_id)
             self._started = True
@@ -309,19 +351,26 @@ class Router:
                 self._save_locked()
 
     def status(self) -> dict[str, Any]:
-        """What ``GET /gradcam/router`` answers."""
+        """What ``GET /gradcam/router`` answers: series queued and in progress, failed
+        ones with their reason, partial ones with their images left out by code, and
+        those images by code over all partial series."""
         with self._lock:
+            left_out: collections.Counter[str] = collections.Counter()
+            for codes in self._partial.values():
+                left_out.update(codes)
             return {
                 "service": self.settings.service_url,
                 "queued": sorted(self._queued),
                 "active": sorted(self._active),
                 "failed": dict(sorted(self._failed.items())),
+                "partial": dict(sorted(self._partial.items())),
+                "left_out": dict(sorted(left_out.items())),
             }
 
     def retry(self, series_ids: list[str] | None) -> list[str]:
-        """Route failed series again (all of them when ``series_ids`` is None)."""
+        """Route series again: the failed and partial ones when ``series_ids`` is None."""
         with self._lock:
-            chosen = list(self._failed) if series_ids is None else series_ids
+            chosen = [*self._failed, *self._partial] if series_ids is None else series_ids
             for series_id in chosen:
                 self._pending[series_id] = self._clock()
                 self._enqueue_locked(series_id)
@@ -336,7 +385,7 @@ class Router:
             self._queue.put(series_id)
 
     def _save_locked(self) -> None:
-        state = {"pending": self._pending, "failed": self._failed}
+        state = {"pending": self._pending, "failed": self._failed, "partial": self._partial}
         self._orthanc.set_property(self.settings.state_property, json.dumps(state))
 
     def _work(self) -> None:
@@ -364,15 +413,21 @@ class Router:
                         self._enqueue_locked(series_id)
                     elif outcome != "interrupted":
                         self._pending.pop(series_id, None)
-                    if outcome != "failed":
-                        self._failed.pop(series_id, None)
+                    # An interrupted series is routed again at the next start; until
+                    # then its last outcome stands.
+                    if outcome != "interrupted":
+                        if outcome != "failed":
+                            self._failed.pop(series_id, None)
+                        if outcome != "partial":
+                            self._partial.pop(series_id, None)
                     self._save_locked()
 
     # The routing itself.
 
     def route(self, series_id: str, stable_at: float) -> str:
-        """Route one series: "done", "failed", "skipped" (not for the service), "gone"
-        (deleted meanwhile) or "interrupted" (the router is stopping)."""
+        """Route one series: "done", "partial" (some images left out), "failed",
+        "skipped" (not for the service), "gone" (deleted meanwhile) or "interrupted"
+        (the router is stopping)."""
         try:
             series = self._orthanc.get(f"/series/{series_id}")
         except LookupError:
@@ -388,40 +443,76 @@ class Router:
         series_uid = tags["SeriesInstanceUID"]
         listed = self._orthanc.get(f"/series/{series_id}/instances")
         progress = _Progress(_in_order(listed))
+        # Parts of a batch the service refused as too large, sent before anything else.
+        parts: list[list[str]] = []
         failures = 0
         while True:
             have = self._referenced(study_id)
-            todo = [
-                uid
-                for uid in progress.instances
-                if uid not in have and uid not in progress.skipped and uid not in progress.explained
-            ]
-            if not todo:
-                self._done(series_id, stable_at, progress, have)
-                return "done"
-            batch = todo[: self.settings.max_images_per_request]
-            attempt = self._explain(study_uid, series_uid, batch)
+            missing: dict[str, frozenset[str]] = {}  # in Instance Number order
+            for uid in progress.instances:
+                lacks = self._wanted - have.get(uid, frozenset())
+                if lacks and uid not in progress.skipped and uid not in progress.explained:
+                    missing[uid] = lacks
+            if not missing:
+                return self._finish(series_id, stable_at, progress, have)
+            batch, from_part = self._next_batch(missing, parts, progress)
+            attempt = self._explain(study_uid, series_uid, batch, missing[batch[0]])
             progress.requests += 1
+            if attempt.answered and progress.fits is not None:
+                progress.fits = max(progress.fits, len(batch))
             for index in attempt.stored:
                 progress.explained.add(batch[index])
-            for index, why in attempt.no_object.items():
-                progress.skipped[batch[index]] = why
+            for index, (code, why) in attempt.no_object.items():
+                progress.leave_out(batch[index], code, why)
             if attempt.kind == "ok":
                 failures = 0
                 continue
+            if attempt.kind == "too_large":
+                if len(batch) == 1:
+                    progress.leave_out(batch[0], attempt.code, attempt.reason)
+                    continue
+                # Before the image the service names, the images fit (its limits add
+                # up image by image); without one, in halves. Each part is smaller than
+                # its batch, so a batch of n costs at most 2n - 1 requests.
+                cut = attempt.image
+                if cut is None or not 0 < cut < len(batch):
+                    cut = (len(batch) + 1) // 2
+                parts[:0] = [batch[:cut], batch[cut:]]
+                progress.splits += 1
+                progress.fits = 0
+                continue
             if attempt.kind == "image" and attempt.image is not None:
-                progress.skipped[batch[attempt.image]] = attempt.reason
+                progress.leave_out(batch[attempt.image], attempt.code, attempt.reason)
+                rest = batch[: attempt.image] + batch[attempt.image + 1 :]
+                if from_part and rest:
+                    parts.insert(0, rest)  # still within the size the service took
                 continue
             if attempt.kind == "transient":
                 failures += 1
                 if failures <= self.settings.retries:
                     progress.retries += 1
+                    if from_part:
+                        parts.insert(0, batch)  # what is still missing of it, again
                     if self._sleep(self._delay(failures, attempt.retry_after_s)):
                         return "interrupted"
                     continue
                 attempt.reason += f" ({failures} attempts)"
             self._fail(series_id, stable_at, progress, attempt.reason, attempt.code)
             return "failed"
+
+    def _next_batch(
+        self, missing: dict[str, frozenset[str]], parts: list[list[str]], progress: _Progress
+    ) -> tuple[list[str], bool]:
+        """The next request's images, all lacking the same kinds of object, and whether
+        they are a part of a split batch."""
+        while parts:
+            part = [uid for uid in parts.pop(0) if uid in missing]
+            if part:
+                # Images whose kinds differ (one of them stored meanwhile) come later.
+                return [uid for uid in part if missing[uid] == missing[part[0]]], True
+        first = missing[next(iter(missing))]
+        alike = [uid for uid, lacks in missing.items() if lacks == first]
+        return alike[: progress.batch_size(self.settings.max_images_per_request)], False
 
     def _delay(self, failures: int, retry_after_s: float) -> float:
         """Seconds before attempt ``failures`` + 1: doubling, half of it random."""
@@ -431,7 +522,10 @@ class Router:
         delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
         return float(max(delay, min(retry_after_s, settings.max_retry_delay_s)))
 
-    def _explain(self, study: str, series: str, batch: list[str]) -> _Attempt:
+    def _explain(
+        self, study: str, series: str, batch: list[str], kinds: frozenset[str]
+    ) -> _Attempt:
+        """Ask the service for ``kinds`` of object for each image of ``batch``."""
         settings = self.settings
         body: dict[str, Any] = {
             "images": [
@@ -445,13 +539,13 @@ class Router:
                 }
                 for uid in batch
             ],
-            "heatmap": {"format": settings.format},
+            "heatmap": {"format": settings.format if _MAP in kinds else "none"},
             "store": {"url": settings.dicomweb_url},
             "top_k": 1,
         }
         if settings.model:
             body["model"] = settings.model
-        if settings.report:
+        if _REPORT in kinds:
             body["report"] = settings.report
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if settings.service_token:
@@ -471,34 +565,36 @@ class Router:
         except ValueError:
             answer = None
         if reply.status == 200 and isinstance(answer, dict):
-            return _answered(answer, len(batch))
+            return _answered(answer, len(batch), kinds)
         found = answer.get("error") if isinstance(answer, dict) else None
         error: dict[str, Any] = found if isinstance(found, dict) else {}
-        code = str(error.get("code") or reply.status)
+        code = str(error.get("code") or reply.status)[:60]
         reason = f"the service answered {reply.status} {code}: {error.get('message', '')}"
         if reply.status in _TRANSIENT:
             return _Attempt("transient", reason, code, retry_after_s=_seconds(reply.retry_after))
         image = error.get("image")
+        named = image if isinstance(image, int) and 0 <= image < len(batch) else None
         where = str(error.get("field") or "")
-        if (
-            reply.status in _IMAGE_STATUSES
-            and isinstance(image, int)
-            and 0 <= image < len(batch)
-            and not where.endswith(".url")
-        ):
-            return _Attempt("image", f"{code}: {error.get('message', '')}", code, image=image)
+        about_one = f"{code}: {error.get('message', '')}"
+        if reply.status == 413 and (code != _IMAGE_TOO_LARGE or named is None):
+            return _Attempt("too_large", about_one, code, image=named)
+        if reply.status in _IMAGE_STATUSES and named is not None and not where.endswith(".url"):
+            return _Attempt("image", about_one, code, image=named)
         return _Attempt("fatal", reason, code)
 
-    def _referenced(self, study_id: str) -> set[str]:
-        """SOP Instance UIDs that the study's objects from the service reference."""
-        found: set[str] = set()
+    def _referenced(self, study_id: str) -> dict[str, frozenset[str]]:
+        """SOP Instance UIDs that the study's objects from the service reference, each
+        with the kinds of object that reference it (an SR is a report, the rest maps)."""
+        found: dict[str, set[str]] = collections.defaultdict(set)
         for series in self._orthanc.get(f"/studies/{study_id}/series"):
-            manufacturer = (series.get("MainDicomTags") or {}).get("Manufacturer", "")
-            if manufacturer not in self.settings.skip_manufacturers:
+            tags = series.get("MainDicomTags") or {}
+            if tags.get("Manufacturer", "") not in self.settings.skip_manufacturers:
                 continue
+            kind = _REPORT if tags.get("Modality", "") == "SR" else _MAP
             for instance_id in series.get("Instances") or []:
-                found |= self._references_of(instance_id)
-        return found
+                for uid in self._references_of(instance_id):
+                    found[uid].add(kind)
+        return {uid: frozenset(kinds) for uid, kinds in found.items()}
 
     def _references_of(self, instance_id: str) -> frozenset[str]:
         with self._lock:
@@ -516,28 +612,47 @@ class Router:
                 self._references.popitem(last=False)
         return found
 
-    def _done(self, series_id: str, stable_at: float, progress: _Progress, have: set[str]) -> None:
+    def _finish(
+        self,
+        series_id: str,
+        stable_at: float,
+        progress: _Progress,
+        have: dict[str, frozenset[str]],
+    ) -> str:
+        """Every image has its objects or was left out: "done", or "partial" if any was."""
         now = self._clock()
+        outcome = "partial" if progress.skipped else "done"
+        codes = progress.left_out_codes()
+        with_results = sum(self._wanted <= have.get(uid, frozenset()) for uid in progress.instances)
         self._write(
             series_id,
             {
-                "state": "done",
+                "state": outcome,
                 "stable_at": stable_at,
                 "finished_at": now,
                 "seconds": round(now - stable_at, 3),
                 "instances": len(progress.instances),
-                "with_results": sum(uid in have for uid in progress.instances),
+                "with_results": with_results,
                 "explained_now": len(progress.explained),
                 "requests": progress.requests,
                 "retries": progress.retries,
+                "splits": progress.splits,
                 "left_out": progress.skipped,
+                "left_out_codes": codes,
             },
         )
-        if progress.skipped:
-            self._orthanc.info(
-                f"gradcam router: series {series_id} done, {len(progress.skipped)} "
-                f"image(s) left out (GET /series/{series_id}/metadata/{METADATA})"
+        if outcome == "partial":
+            with self._lock:
+                self._partial[series_id] = codes
+            # Codes and counts only: the reasons may quote the image's header.
+            counted = ", ".join(f"{code}: {count}" for code, count in codes.items())
+            self._orthanc.warning(
+                f"gradcam router: series {series_id} partial, {len(progress.skipped)} of "
+                f"{len(progress.instances)} image(s) left out ({counted}); "
+                f"GET /series/{series_id}/metadata/{METADATA} says which, "
+                "POST /gradcam/router/retry routes it again"
             )
+        return outcome
 
     def _fail(
         self,
@@ -559,7 +674,9 @@ class Router:
                 "explained_now": len(progress.explained),
                 "requests": progress.requests,
                 "retries": progress.retries,
+                "splits": progress.splits,
                 "left_out": progress.skipped,
+                "left_out_codes": progress.left_out_codes(),
             }
         try:
             self._write(series_id, state)
@@ -581,31 +698,43 @@ class Router:
         self._orthanc.put(f"/series/{series_id}/metadata/{METADATA}", json.dumps(state))
 
 
-def _answered(answer: dict[str, Any], count: int) -> _Attempt:
-    """A 200 answer: which images have a stored object, which have none (and why); an
-    image whose store failed makes the attempt transient (the images stored are not
-    sent again)."""
-    attempt = _Attempt("ok")
+def _answered(answer: dict[str, Any], count: int, kinds: frozenset[str]) -> _Attempt:
+    """A 200 answer: which images have every object of ``kinds`` stored, which cannot
+    have one (and why); an object not stored makes the attempt transient (what was
+    stored is not asked for again)."""
+    attempt = _Attempt("ok", answered=True)
     results = answer.get("results") or []
     unstored = ""
     for index in range(count):
         result = results[index] if index < len(results) else {}
-        reasons, failed = [], ""
-        for explanation in result.get("explanations") or []:
-            heatmap = explanation.get("heatmap") or {}
-            stored = heatmap.get("stored")
-            if isinstance(stored, dict) and stored.get("ok"):
-                attempt.stored.add(index)
-            elif isinstance(stored, dict):
-                failed = str(stored.get("message", "")) or "refused"
-            elif heatmap.get("reason"):
-                reasons.append(str(heatmap["reason"]))
-        if index in attempt.stored:
-            continue
-        if reasons and not failed:
-            attempt.no_object[index] = "; ".join(reasons)
+        holders = {
+            # dicom-seg: the heatmaps carry neither, the segmentation is the object.
+            _MAP: [
+                *((e.get("heatmap") or {}) for e in result.get("explanations") or []),
+                *([result["segmentation"]] if isinstance(result.get("segmentation"), dict) else []),
+            ],
+            _REPORT: [result["report"]] if isinstance(result.get("report"), dict) else [],
+        }
+        failed, reasons = "", {}
+        for kind in sorted(kinds):
+            made = [h for h in holders[kind] if "stored" in h or "reason" in h]
+            why = [str(h["reason"]) for h in made if h.get("reason")]
+            outcomes = [h["stored"] for h in made if isinstance(h.get("stored"), dict)]
+            if why:
+                reasons[kind] = "; ".join(why)
+            elif not outcomes:
+                failed = failed or f"no {kind} object in the answer"
+            for outcome in outcomes:
+                if not outcome.get("ok"):
+                    failed = failed or str(outcome.get("message", "")) or "refused"
+        if failed:
+            unstored = unstored or failed
+        elif _MAP in reasons:
+            attempt.no_object[index] = ("no_object", reasons[_MAP])
+        elif _REPORT in reasons:
+            attempt.no_object[index] = ("no_report", f"report: {reasons[_REPORT]}")
         else:
-            unstored = unstored or failed or "no object in the answer"
+            attempt.stored.add(index)
     if unstored:
         attempt.kind = "transient"
         attempt.code = "store_failed"
