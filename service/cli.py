@@ -45,9 +45,9 @@ from service.explain_files import (
     plan_files,
 )
 from service.pipeline.explain import explain
-from service.preflight import preflight
 from service.request_body import BodyRefused, request_body
 from service.server.security import AccessPolicy
+from service.supervision.preflight import preflight
 
 if TYPE_CHECKING:  # torch is imported only by the commands that run the model here
     from service.engine.runtime import Runtime
@@ -122,7 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
             env[f"GRADCAM_{name.upper()}"] = str(value)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "service.supervisor"], env)
+    os.execve(sys.executable, [sys.executable, "-m", "service.supervision"], env)
     return 0  # not reached
 
 

@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from service.contract.responses import to_json
 from service.demo.phantom import Phantom, sample_phantom, to_uint8
 from service.memory import children
+from service.transport.interface import ENGINE_MODULE
 
 
 def missing_tool(what: str, packages: str) -> NoReturn:
@@ -201,7 +202,7 @@ class LiveServer:
         return [pid for pid in children(self.process.pid) if marker in proc_cmdline(pid)]
 
     def engine_pids(self) -> list[int]:
-        return self.children("service.engine.process")
+        return self.children(f"-m {ENGINE_MODULE} ")
 
     def worker_pids(self) -> list[int]:
         masters = self.children("gunicorn")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service import allocator
 from service.contract.errors import ConfigError
+from service.supervision import allocator
 from tests.helpers import LiveServer
 
 

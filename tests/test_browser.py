@@ -27,7 +27,7 @@ import pytest
 import requests
 from PIL import Image
 
-from service.demo.metrics import peak_in_boxes
+from service.demo.evaluation import peak_in_boxes
 from service.imaging.render import COLORMAP
 from tests.helpers import LiveServer, encode, missing_tool
 

@@ -18,9 +18,10 @@ import pytest
 import requests
 
 from service.contract.errors import ConfigError
+from service.contract.models_file import DEMO_MODELS_FILE, load_models_file
 from service.contract.requests import ExplainRequest
-from service.contract.settings import DEMO_MODELS_FILE, Settings, load_models_file
-from service.engine.models import load_model
+from service.contract.settings import Settings
+from service.engine.loading.models import load_model
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
 from service.transport.interface import ModelInfo

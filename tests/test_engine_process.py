@@ -1,7 +1,7 @@
 """The engine process across its socket, and serve's supervision of it.
 
 The protocol tests talk to a real engine process (``python -m
-service.engine.process``) through the HTTP workers' own client (``EnginePool``);
+service.engine``) through the HTTP workers' own client (``EnginePool``);
 the supervision tests run a real ``gradcam-service serve`` and kill, stop and
 overload it. A second model, a random-weight resnet50 ("slow"), keeps the engine
 busy for a while when a test needs a queue.
@@ -34,7 +34,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from service.contract.errors import DeadlineExceeded, Overloaded, ServiceError
 from service.engine.runtime import Runtime
 from service.transport.engine_client import EnginePool
-from service.transport.interface import Job
+from service.transport.interface import Job, engine_command
 from tests.helpers import LiveServer, encode, phantom_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,17 +63,7 @@ class EngineProcess:
         self.metrics_dir.mkdir()
         read_fd, write_fd = os.pipe()
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service.engine.process",
-                "--socket",
-                self.socket,
-                "--device",
-                "cpu",
-                "--ready-fd",
-                str(write_fd),
-            ],
+            engine_command(self.socket, "cpu", write_fd),
             pass_fds=(write_fd,),
             cwd=REPO,
             env={

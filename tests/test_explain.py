@@ -11,7 +11,7 @@ from PIL import Image
 
 from service.contract.errors import ServiceError
 from service.contract.requests import ExplainRequest, parse_explain_request
-from service.demo.metrics import peak_in_boxes
+from service.demo.evaluation import peak_in_boxes
 from service.demo.phantom import to_uint8
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain

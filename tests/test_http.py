@@ -19,7 +19,7 @@ from pydicom.data import get_testdata_file
 
 from service.contract.requests import ExplainRequest
 from service.contract.responses import ExplainResponse
-from service.demo.metrics import peak_in_boxes
+from service.demo.evaluation import peak_in_boxes
 from service.demo.phantom import to_uint8
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain

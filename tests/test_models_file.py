@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from service.contract.errors import ConfigError
-from service.contract.settings import Settings, load_models_file
-from service.engine.models import load_model
+from service.contract.models_file import load_models_file
+from service.contract.settings import Settings
+from service.engine.loading.models import load_model
 from tests.helpers import seeded_model
 
 
@@ -206,7 +207,7 @@ def test_good_files_load(
     )
     config = load_models_file(path)
     assert config.default_model == "safe"
-    with caplog.at_level(logging.INFO, logger="service.engine.models"):
+    with caplog.at_level(logging.INFO, logger="service.engine.loading"):
         models = {name: load_model(name, config) for name in config.models}
     assert "default target layer 'layer4'" in caplog.text
     assert models["safe"].labels == ("cat", "dog", "bird")
@@ -240,7 +241,7 @@ def test_local_torchvision_weights_get_torchvision_class_names(
     ships with its weight enums are used (offline), not class indices."""
     torch.save(seeded_model("squeezenet1_1", num_classes=1000).state_dict(), tmp_path / "w.pth")
     path = _write(tmp_path, '[models.m]\narch = "squeezenet1_1"\nweights = "w.pth"\n')
-    with caplog.at_level(logging.INFO, logger="service.engine.models"):
+    with caplog.at_level(logging.INFO, logger="service.engine.loading"):
         model = load_model("m", load_models_file(path))
     assert len(model.labels) == 1000
     assert model.labels[0] == "tench" and model.labels[207] == "golden retriever"

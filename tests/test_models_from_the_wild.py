@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from service.contract.errors import ConfigError
+from service.contract.models_file import load_models_file
 from service.contract.requests import ExplainRequest
-from service.contract.settings import Settings, load_models_file
-from service.engine.models import load_model
+from service.contract.settings import Settings
+from service.engine.loading.models import load_model
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
 from tests.helpers import as_json, encode, phantom_png, png_bytes

@@ -1,4 +1,4 @@
-"""``serve``'s checks before it starts anything (service/preflight.py): each mistake is
+"""``serve``'s checks before it starts anything (service/supervision/preflight.py): each mistake is
 one line naming the file or setting and the fix."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from service.contract.errors import ConfigError
-from service.contract.settings import Settings, load_models_file
-from service.preflight import check_device, check_model_files, check_port, preflight
+from service.contract.models_file import load_models_file
+from service.contract.settings import Settings
+from service.supervision.preflight import check_device, check_model_files, check_port, preflight
 from tests.helpers import free_port
 
 DEMO = Path(__file__).resolve().parents[1] / "service" / "demo"
@@ -96,7 +97,9 @@ def test_torchvision_weight_names_are_left_to_the_engine(tmp_path: Path) -> None
 
 
 def test_cuda_without_a_gpu_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("service.preflight._GPU_DEVICES", (Path("/nonexistent/nvidiactl"),))
+    monkeypatch.setattr(
+        "service.supervision.preflight._GPU_DEVICES", (Path("/nonexistent/nvidiactl"),)
+    )
     with pytest.raises(ConfigError, match=r"device cuda was asked for.*--device cpu"):
         check_device("cuda")
     check_device("cpu")

@@ -1,11 +1,11 @@
-"""The supervisor's restart policy (``service/restart_policy.py``), with the clock in
+"""The supervisor's restart policy (``service/supervision/restart_policy.py``), with the clock in
 the test's hands: no processes, no sleeps."""
 
 from __future__ import annotations
 
 import signal
 
-from service.restart_policy import (
+from service.supervision.restart_policy import (
     LOADING_KILLS_FACTOR,
     STABLE_S,
     Exit,

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.contract.settings import DEMO_MODELS_FILE, Settings, load_models_file
+from service.contract.models_file import DEMO_MODELS_FILE, load_models_file
+from service.contract.settings import Settings
 from service.demo.phantom import FINDINGS, MarkerPolicy, make_dataset, to_uint8
 from service.engine.runtime import Runtime
 from tools.demo_model.audit_set import write_audit_set

@@ -26,12 +26,12 @@ from torch import Tensor, nn
 
 from service.cli import main
 from service.contract.errors import ConfigError
-from service.contract.settings import load_models_file
+from service.contract.models_file import load_models_file
 from service.engine.cuda_graphs import CapturedCam
 from service.engine.gradcam import GradCAM
 from service.engine.layers import default_layer, probe_layers, resolve_layer
 from service.engine.layouts import token_grid
-from service.engine.models import load_model
+from service.engine.loading.models import load_model
 from tests.helpers import LiveServer, encode, phantom_png, seeded_model
 from tests.test_buckets import EagerGraph
 from tests.tiny_transformers import tiny_swin, tiny_vit

@@ -1,14 +1,12 @@
-"""Settings (``GRADCAM_*`` environment variables) and the models file (TOML).
+"""Settings (``GRADCAM_*`` environment variables), and the machine's usable cores.
 
-Both are validated once, at start-up: a mistake raises ``ConfigError`` with a
-message that names the setting, or the model and key, at fault.
+Validated once, at start-up: a mistake raises ``ConfigError`` with a message that names
+the setting at fault. The models file they point to is ``models_file.py``'s.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
@@ -20,172 +18,13 @@ from pydantic import (
     Field,
     PositiveInt,
     SecretStr,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from service.contract.errors import ConfigError
-from service.contract.terms import LayoutSetting, MemoryFormat, Precision, ResizeMode
-
-DEMO_MODELS_FILE = Path(__file__).resolve().parents[1] / "demo" / "models.toml"
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-class ClassCode(BaseModel):
-    """A coded concept for one class (``[models.<name>.codes]``), as DICOM Segmentations
-    and SR reports write the class: e.g. SNOMED CT ``{scheme = "SCT", value =
-    "27925004", meaning = "Nodule"}``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # Coding Scheme Designator (SH), Code Value (SH, or a Long Code Value up to 64) and
-    # Code Meaning (LO): no backslash, the DICOM value separator.
-    scheme: Annotated[StrictStr, Field(min_length=1, max_length=16, pattern=r"^[^\\]+$")]
-    value: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[^\\]+$")]
-    meaning: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[^\\]+$")]
-
-
-class ModelSpec(BaseModel):
-    """One ``[models.<name>]`` table of the models file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    arch: Annotated[StrictStr, Field(min_length=1)]
-    weights: Annotated[StrictStr, Field(min_length=1)] | None = None
-    labels: Annotated[StrictStr, Field(min_length=1)] | None = None
-    num_classes: Annotated[StrictInt, Field(gt=0)] | None = None
-    multilabel: StrictBool = False
-    channels: Annotated[StrictInt, Field(ge=1, le=3)] = 3
-    # [height, width] of the model input, as torch orders a tensor's last two dims.
-    input_size: tuple[Annotated[StrictInt, Field(ge=8)], Annotated[StrictInt, Field(ge=8)]] = (
-        224,
-        224,
-    )
-    mean: tuple[StrictFloat | StrictInt, ...] | None = None
-    std: tuple[StrictFloat | StrictInt, ...] | None = None
-    layer: Annotated[StrictStr, Field(min_length=1)] | None = None
-    resize: ResizeMode = "stretch"
-    # What the model returns: raw "logits" (the service applies softmax/sigmoid), or
-    # "probabilities" (its head ends in one; Grad-CAM still takes the score before it).
-    output: Literal["logits", "probabilities"] = "logits"
-    # How it runs (engine/tuning.py): bfloat16 autocast if asked for ("auto": where the
-    # hardware has it), after a fidelity check; NHWC if a timed probe finds it faster.
-    precision: Precision | Literal["auto"] = "fp32"
-    memory_format: MemoryFormat | Literal["auto"] = "auto"
-    # Batch norms folded into the convolutions before them at load (engine/folding.py).
-    fold_batch_norm: StrictBool = True
-    # How its layers' outputs hold their feature maps (engine/layouts.py): "auto" knows
-    # torchvision's CNNs, ViT and Swin; the others declare a model that "auto" does not know.
-    layout: LayoutSetting = "auto"
-    # With layout = "tokens": the tokens before the grid (class, distillation, register).
-    prefix_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
-    # Class label -> its code in DICOM Segmentations and SR reports (dicom_codes.py);
-    # a class without one gets the service's own scheme, 99GRADCAM.
-    codes: dict[StrictStr, ClassCode] = Field(default_factory=dict)
-    default: StrictBool = False
-
-    @model_validator(mode="after")
-    def _check_normalisation(self) -> ModelSpec:
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, not {self.channels}")
-        for key in ("mean", "std"):
-            values = getattr(self, key)
-            if values is not None and len(values) != self.channels:
-                raise ValueError(f"{key} has {len(values)} values but channels = {self.channels}")
-        if self.std is not None and any(v <= 0 for v in self.std):
-            raise ValueError("std values must be positive")
-        if self.prefix_tokens is not None and self.layout != "tokens":
-            raise ValueError('prefix_tokens is only read with layout = "tokens"')
-        return self
-
-
-class ModelsFile(BaseModel):
-    """The whole models file: ``[models.<name>]`` tables, in file order."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    models: dict[str, ModelSpec] = Field(min_length=1)
-    # Where relative paths in the file are resolved from.
-    base_dir: Path = Path(".")
-
-    @field_validator("models")
-    @classmethod
-    def _names_are_path_segments(cls, models: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
-        # A name is a segment of /v1/models/<name> and /v2/models/<name>/infer, and a
-        # Triton or KServe model name: "a/b" would load and be unreachable there.
-        for name in models:
-            if not MODEL_NAME.fullmatch(name):
-                raise ValueError(
-                    f"model name {name!r} is not one path segment: use letters, digits, "
-                    "'_', '-' and '.', starting with a letter or digit, up to 64 characters"
-                )
-        return models
-
-    @property
-    def default_model(self) -> str:
-        defaults = [name for name, spec in self.models.items() if spec.default]
-        return defaults[0] if defaults else next(iter(self.models))
-
-    def resolve_path(self, value: str) -> Path:
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else self.base_dir / path
-
-
-def _describe_validation_error(error: ValidationError, path: Path) -> str:
-    lines = []
-    for item in error.errors():
-        loc = [str(part) for part in item["loc"]]
-        if len(loc) >= 2 and loc[0] == "models":
-            where = f"model '{loc[1]}'"
-            if len(loc) > 2:
-                where += f", key '{loc[2]}'"
-            if len(loc) > 3:
-                where += f" item {'.'.join(loc[3:])}"
-        else:
-            where = f"key '{'.'.join(loc)}'" if loc else "the file"
-        lines.append(f"{where}: {item['msg']}")
-    return f"models file {path}: " + "; ".join(lines)
-
-
-def parse_models_file(data: Mapping[str, object], path: Path) -> ModelsFile:
-    """Validate parsed TOML ``data``; relative paths resolve against ``path``'s folder."""
-    defaults = [
-        name
-        for name, table in (data.get("models") or {}).items()  # type: ignore[attr-defined]
-        if isinstance(table, Mapping) and table.get("default") is True
-    ]
-    if len(defaults) > 1:
-        raise ConfigError(
-            f"models file {path}: more than one model has default = true: {', '.join(defaults)}"
-        )
-    try:
-        return ModelsFile.model_validate({**data, "base_dir": path.resolve().parent})
-    except ValidationError as error:
-        raise ConfigError(_describe_validation_error(error, path)) from None
-
-
-def load_models_file(path: Path | str) -> ModelsFile:
-    """Read and validate a models file; every mistake is a ``ConfigError``."""
-    path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"models file {path} does not exist (--models or GRADCAM_MODELS_FILE; leave both "
-            "unset for the bundled demo model)"
-        ) from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"models file {path} is not valid TOML: {error}") from None
-    if "base_dir" in data:
-        raise ConfigError(f"models file {path}: key 'base_dir' is not allowed at the top level")
-    return parse_models_file(data, path)
-
+from service.contract.models_file import DEMO_MODELS_FILE, ModelsFile, load_models_file
 
 Device = Literal["auto", "cpu", "cuda"]
 

@@ -41,3 +41,8 @@ LayerLayout = Literal["nchw", "nhwc", "tokens"]
 # The models file's ``layout``: "auto" (known by the model's types), or one layout
 # declared for the whole model.
 LayoutSetting = Literal["auto", "nchw", "nhwc", "tokens"]
+
+# (x0, y0, x1, y1) in model-input pixels: the part of the input an image covers, when it
+# does not cover all of it (letterbox); outside it the normalised input is 0. Fitted in
+# imaging/geometry.py, carried by the engine's jobs (transport/interface.py).
+Box = tuple[int, int, int, int]

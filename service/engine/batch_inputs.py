@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from service.contract.errors import ServiceError
-from service.engine.models import LoadedModel
+from service.engine.loading.models import LoadedModel
 from service.transport.interface import Job
 
 

@@ -43,8 +43,7 @@ from service.transport import ipc
 from service.transport.heartbeat import BEAT_EVERY_S, Heartbeat, heartbeat_path
 from service.transport.interface import ENGINE_EXIT_MODEL_LOOP_DIED, JobResult
 
-# The engine process's name: its log lines read as they did when the server lived there.
-logger = logging.getLogger("service.engine.process")
+logger = logging.getLogger(__name__)
 
 # A worker that reads nothing of its reply for this long is treated as gone.
 _SEND_TIMEOUT_S = 10.0

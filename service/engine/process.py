@@ -1,6 +1,6 @@
 """The engine process: one per device, the only process that runs torch.
 
-    python -m service.engine.process --socket PATH [--device cuda:0] [--ready-fd FD]
+    python -m service.engine --socket PATH [--device cuda:0] [--ready-fd FD]
 
 ``gradcam-service serve`` starts it from a fresh interpreter (never a fork of
 a process that touched CUDA) and supervises it. It loads the ``Runtime`` and hands
@@ -33,8 +33,7 @@ from service.engine.engine_server import EngineServer
 from service.engine.runtime import Runtime
 from service.transport.interface import ENGINE_EXIT_CONFIG, ENGINE_EXIT_MODEL_LOOP_DIED
 
-# Named, not __name__: run with ``python -m`` this module is ``__main__``.
-logger = logging.getLogger("service.engine.process")
+logger = logging.getLogger(__name__)
 
 
 def _announce_ready(fd: int | None, runtime: Runtime) -> None:
@@ -80,7 +79,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.serve(settings.shutdown_timeout_s)
     logger.info("engine stopped after %.0f s", time.monotonic() - started)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

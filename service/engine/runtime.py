@@ -24,14 +24,15 @@ from torch import Tensor
 
 from service import metrics
 from service.contract.errors import ConfigError
-from service.contract.settings import ModelsFile, Settings
+from service.contract.models_file import ModelsFile
+from service.contract.settings import Settings
 from service.engine import faithfulness
 from service.engine.batch_inputs import batch_inputs, normaliser
 from service.engine.batching import MicroBatcher
 from service.engine.buckets import bucket_for, bucket_sizes, pad_job, unpad_result
 from service.engine.cuda_graphs import CudaGraph, Graph, GraphCache
 from service.engine.gradcam import GradCAM
-from service.engine.models import LoadedModel, load_model
+from service.engine.loading.models import LoadedModel, load_model
 from service.engine.tuning import Execution, tune
 from service.engine.warm_up import warm_up
 from service.engine.work_items import BatchStats, FollowUp, WorkItem

@@ -10,11 +10,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from service.engine.models import LoadedModel
+from service.engine.loading.models import LoadedModel
 from service.transport.interface import Job, JobResult
 
-# The runtime's name: these lines read as they did when the runtime warmed up itself.
-logger = logging.getLogger("service.engine.runtime")
+logger = logging.getLogger(__name__)
 
 
 def warm_up(

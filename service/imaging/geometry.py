@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from service.contract.terms import ResizeMode
-from service.transport.interface import Box
+from service.contract.terms import Box, ResizeMode
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,14 @@ from service.contract.requests import (
     TargetSpec,
 )
 from service.contract.suggestions import close_matches, did_you_mean
+from service.contract.terms import Box
 from service.imaging.decoding import Admit, decode_image
 from service.imaging.dicom import describe_dicom, is_dicom, read_header
 from service.imaging.geometry import Geometry, to_model_pixels
 from service.imaging.render import (
     to_rgb_image,
 )
-from service.transport.interface import Box, Engine, Job, ModelInfo, class_order
+from service.transport.interface import Engine, Job, ModelInfo, class_order
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset

@@ -30,9 +30,7 @@ from service.server.access_log import log_access
 from service.server.incoming import Incoming, Refusal, Step
 from service.server.wsgi import Answer, Peer, environ_for, failed_answer, run_app
 
-# The worker's logger, as before this part was split from it: its lines keep the
-# name "service.server.worker" that log filters and readers know.
-logger = logging.getLogger("service.server.worker")
+logger = logging.getLogger(__name__)
 
 # How long a refused request's remaining input is read and dropped before closing.
 LINGER_S = 2.0

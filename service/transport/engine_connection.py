@@ -35,9 +35,7 @@ from service.transport.engine_liveness import EngineLiveness
 from service.transport.heartbeat import BEAT_EVERY_S, Heartbeat, heartbeat_path
 from service.transport.interface import Catalog, Job, JobResult
 
-# The logger of the module this class was split from: its lines keep the name
-# "service.transport.engine_client" that log filters and readers know.
-logger = logging.getLogger("service.transport.engine_client")
+logger = logging.getLogger(__name__)
 
 _RECONNECT_S = 0.1
 # A send that cannot complete for this long means the engine is stuck, not busy.

@@ -15,9 +15,7 @@ import time
 from service.contract.errors import EngineUnavailable
 from service.transport.heartbeat import Heartbeat
 
-# The connection's logger, as before this part was split from it: its lines keep the
-# name "service.transport.engine_client" that log filters and readers know.
-logger = logging.getLogger("service.transport.engine_client")
+logger = logging.getLogger(__name__)
 
 
 class EngineLiveness:

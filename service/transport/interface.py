@@ -17,6 +17,7 @@ travel only these plain types:
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -27,22 +28,38 @@ import numpy as np
 
 from service.contract.errors import ClientClosed, DeadlineExceeded, UnknownModel
 from service.contract.suggestions import close_matches, did_you_mean
-from service.contract.terms import LayerLayout, MemoryFormat, Precision, ResizeMode
+from service.contract.terms import Box, LayerLayout, MemoryFormat, Precision, ResizeMode
 
 # How `gradcam-service serve` tells the HTTP workers where the engines listen:
 # their Unix socket paths, os.pathsep-separated.
 ENGINE_SOCKETS_ENV = "GRADCAM_ENGINE_SOCKETS"
+# The engine process: ``python -m service.engine`` (``engine/process.py``).
+ENGINE_MODULE = "service.engine"
 # Exit codes of the engine process that its supervisor acts on.
 ENGINE_EXIT_CONFIG = 2  # a broken models file or setting: not worth a restart
 ENGINE_EXIT_MODEL_LOOP_DIED = 3  # restart it
 
+
+def engine_command(socket: str, device: str, ready_fd: int) -> list[str]:
+    """The command line of one engine process: it serves on ``socket``, computes on
+    ``device`` and writes its ready word to ``ready_fd`` (serve's supervisor and the
+    tests start engines with it)."""
+    return [
+        sys.executable,
+        "-m",
+        ENGINE_MODULE,
+        "--socket",
+        socket,
+        "--device",
+        device,
+        "--ready-fd",
+        str(ready_fd),
+    ]
+
+
 # What one explanation's faithfulness curves cost, in explanations (``Job.work``):
 # 39 forward passes, at about a third of a forward-and-backward each.
 FAITHFULNESS_WORK = 13
-
-# (x0, y0, x1, y1) in model-input pixels: the part of the input the image covers,
-# when it does not cover all of it (letterbox). Outside it the normalised input is 0.
-Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)

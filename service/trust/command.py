@@ -23,7 +23,7 @@ from service.contract.requests import HeatmapOptions
 from service.contract.settings import Settings
 from service.contract.suggestions import close_matches, did_you_mean
 from service.engine.batch_inputs import batch_inputs, normaliser
-from service.engine.models import LoadedModel, load_model
+from service.engine.loading.models import LoadedModel, load_model
 from service.engine.runtime import choose_device
 from service.explain_files import OutputExists, Usage, target_ref
 from service.pipeline.budgets import RequestBudget

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from service.engine.folding import forget_folded
 from service.engine.gradcam import GradCAM
 from service.engine.layers import resolve_layer
-from service.engine.models import LoadedModel
+from service.engine.loading.models import LoadedModel
 from service.imaging.geometry import fit_geometry
 from service.imaging.render import normalise, resample
 from service.trust.report import SanityReport, Step

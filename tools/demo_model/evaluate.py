@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.contract.settings import DEMO_MODELS_FILE, Settings
-from service.demo.metrics import peak_in_boxes, per_class_auc
+from service.contract.models_file import DEMO_MODELS_FILE
+from service.contract.settings import Settings
+from service.demo.evaluation import peak_in_boxes, per_class_auc
 from service.demo.phantom import FINDINGS, make_dataset, to_uint8
 from service.engine.gradcam import METHODS
 from service.engine.runtime import Runtime

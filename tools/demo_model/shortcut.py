@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from service.contract.settings import Settings
-from service.demo.metrics import peak_in_boxes
+from service.demo.evaluation import peak_in_boxes
 from service.demo.phantom import FINDINGS, MarkerPolicy, Phantom, make_dataset, to_uint8
 from service.engine.runtime import Runtime
 from service.imaging.geometry import to_model_pixels

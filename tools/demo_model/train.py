@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.nn import functional as F
 
-from service.demo.metrics import mean_auc
+from service.demo.evaluation import mean_auc
 from service.demo.model import phantom_net
 from service.demo.phantom import FINDINGS, MarkerPolicy, Phantom, make_dataset, to_uint8
 from service.imaging.geometry import to_model_pixels

@@ -16,12 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from service.contract.settings import ModelSpec
-from service.engine.model_errors import ModelConfigError
+from service.contract.models_file import ModelSpec
+from service.engine.loading.errors import ModelConfigError
 
-# Logged under the name of the module that loads models, as before this part was split
-# from it: log filters and level settings for "service.engine.models" still apply.
-logger = logging.getLogger("service.engine.models")
+logger = logging.getLogger(__name__)
 
 
 # Heads that turn logits into probabilities, as modules (a hook can read their input).

@@ -15,14 +15,15 @@ import errno
 import socket
 from pathlib import Path
 
-from service.checkpoint_format import (
+from service.contract.checkpoint_format import (
     HEAD_BYTES,
     checkpoint_format,
     not_a_checkpoint,
     weights_file,
 )
 from service.contract.errors import ConfigError
-from service.contract.settings import ModelsFile, Settings
+from service.contract.models_file import ModelsFile
+from service.contract.settings import Settings
 
 # Where a GPU driver shows itself whenever torch's "cuda" device can work: NVIDIA's
 # control device, or AMD's (ROCm builds of torch call their GPUs "cuda" too).

@@ -16,15 +16,18 @@ from typing import Any
 import torchvision
 from torch import Tensor, nn
 
-from service.checkpoint_format import weights_file
-from service.contract.settings import ModelsFile, ModelSpec
-from service.engine.checkpoints import CheckpointError, check_shapes, fit_keys, read_checkpoint
-from service.engine.model_architecture import first_conv
-from service.engine.model_errors import ModelConfigError
+from service.contract.checkpoint_format import weights_file
+from service.contract.models_file import ModelsFile, ModelSpec
+from service.engine.loading.architecture import first_conv
+from service.engine.loading.checkpoints import (
+    CheckpointError,
+    check_shapes,
+    fit_keys,
+    read_checkpoint,
+)
+from service.engine.loading.errors import ModelConfigError
 
-# Logged under the name of the module that loads models, as before this part was split
-# from it: log filters and level settings for "service.engine.models" still apply.
-logger = logging.getLogger("service.engine.models")
+logger = logging.getLogger(__name__)
 
 
 def torchvision_weights(name: str, spec: ModelSpec, models: ModelsFile) -> Any | None:

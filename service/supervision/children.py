@@ -1,7 +1,7 @@
 """The supervisor's children, one at a time: an engine process, and what every child gets.
 
 An engine's ``EngineSlot`` is started (``launch_engine``: ``python -m
-service.engine.process``, a fresh interpreter, with a pipe on which it says
+service.engine``, a fresh interpreter, with a pipe on which it says
 ``ready <device> <cuda devices>``), read (``read_ready``), and when it exits its
 restart is planned (``engine_exited``, by ``restart_policy``); one whose heartbeat
 is too old is killed (``kill_if_hung``). Every child, gunicorn too, runs in a
@@ -32,19 +32,16 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from types import ModuleType
 
 from service.contract.settings import Settings
-from service.restart_policy import Exit, RestartPolicy
+from service.supervision.restart_policy import Exit, RestartPolicy
 from service.transport.heartbeat import Heartbeat, heartbeat_path
-from service.transport.interface import ENGINE_EXIT_CONFIG
+from service.transport.interface import ENGINE_EXIT_CONFIG, engine_command
 
-# The supervisor's logger, as before this part was split from it: its lines keep
-# the name "service.supervisor" that log filters and readers know.
-logger = logging.getLogger("service.supervisor")
+logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -91,19 +88,8 @@ def engine_env(
 def launch_engine(slot: EngineSlot, env: dict[str, str]) -> None:
     """Start ``slot``'s engine process, with a pipe for its ready word."""
     read_fd, write_fd = os.pipe()
-    command = [
-        sys.executable,
-        "-m",
-        "service.engine.process",
-        "--socket",
-        slot.socket,
-        "--device",
-        slot.device,
-        "--ready-fd",
-        str(write_fd),
-    ]
     slot.process = subprocess.Popen(
-        command,
+        engine_command(slot.socket, slot.device, write_fd),
         env=env,
         pass_fds=(write_fd,),
         start_new_session=True,

@@ -1,10 +1,10 @@
 """``gradcam-service serve``: start the engines and gunicorn, watch them, stop them in order.
 
-``serve`` execs ``python -m service.supervisor`` with its flags as ``GRADCAM_*``
+``serve`` execs ``python -m service.supervision`` with its flags as ``GRADCAM_*``
 variables::
 
     serve (this process: no torch, no Flask)
-     ├─ engine 0 … engine N-1   python -m service.engine.process, one per device
+     ├─ engine 0 … engine N-1   python -m service.engine, one per device
      └─ gunicorn master         HTTP workers, one per core (no torch)
 
 Why a supervisor of our own: gunicorn's master reaps every child it has, so an
@@ -48,8 +48,11 @@ from pathlib import Path
 from types import ModuleType
 
 from service import logs
-from service.allocator import engine_allocator_env
-from service.child_processes import (
+from service.contract.errors import ConfigError
+from service.contract.settings import Settings, available_cores
+from service.memory import BUDGET_FILE_ENV, MB, MemoryBudget, default_budget_bytes
+from service.supervision.allocator import engine_allocator_env
+from service.supervision.children import (
     EngineSlot,
     die_with_parent,
     engine_env,
@@ -60,14 +63,11 @@ from service.child_processes import (
     read_ready,
     terminate,
 )
-from service.contract.errors import ConfigError
-from service.contract.settings import Settings, available_cores
-from service.idle_memory import IdleMemoryRecorder
-from service.memory import BUDGET_FILE_ENV, MB, MemoryBudget, default_budget_bytes
-from service.restart_policy import RestartPolicy
+from service.supervision.idle_memory import IdleMemoryRecorder
+from service.supervision.restart_policy import RestartPolicy
 from service.transport.interface import ENGINE_SOCKETS_ENV
 
-logger = logging.getLogger("service.supervisor")
+logger = logging.getLogger(__name__)
 
 
 class Supervisor:
@@ -306,7 +306,3 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return supervisor.run()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

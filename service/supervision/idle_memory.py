@@ -14,9 +14,7 @@ import os
 
 from service.memory import MB, MemoryBudget, held_bytes
 
-# The supervisor's logger, as before this part was split from it: its lines keep
-# the name "service.supervisor" that log filters and readers know.
-logger = logging.getLogger("service.supervisor")
+logger = logging.getLogger(__name__)
 
 
 class IdleMemoryRecorder:

@@ -22,13 +22,13 @@ import torch
 import torchvision
 from torch import nn
 
-from service.contract.settings import ModelsFile, ModelSpec
+from service.contract.models_file import ModelsFile, ModelSpec
 from service.engine.layers import UnknownLayerError, default_layer, probe_layers, resolve_layer
 from service.engine.layouts import declare_layout
-from service.engine.model_architecture import adapt_input_channels, build_architecture
-from service.engine.model_errors import ModelConfigError
-from service.engine.model_outputs import expose_logits, output_classes, warn_if_probabilities
-from service.engine.model_weights import (
+from service.engine.loading.architecture import adapt_input_channels, build_architecture
+from service.engine.loading.errors import ModelConfigError
+from service.engine.loading.outputs import expose_logits, output_classes, warn_if_probabilities
+from service.engine.loading.weights import (
     download_state_dict,
     load_weights,
     read_state_dict,

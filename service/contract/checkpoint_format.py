@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from service.contract.settings import ModelsFile, ModelSpec
+from service.contract.models_file import ModelsFile, ModelSpec
 
 CheckpointFormat = Literal["safetensors", "torch-zip", "torch-pickle"]
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from service.checkpoint_format import HEAD_BYTES, checkpoint_format, not_a_checkpoint
+from service.contract.checkpoint_format import HEAD_BYTES, checkpoint_format, not_a_checkpoint
 
 # Keys under which training scripts keep the weights, most specific first.
 _WRAPPER_KEYS = (

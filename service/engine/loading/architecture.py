@@ -16,8 +16,8 @@ from typing import Any
 import torchvision
 from torch import nn
 
-from service.contract.settings import ModelSpec
-from service.engine.model_errors import ModelConfigError
+from service.contract.models_file import ModelSpec
+from service.engine.loading.errors import ModelConfigError
 
 
 def _import_factory(name: str, spec: ModelSpec, base_dir: Path) -> Any:
