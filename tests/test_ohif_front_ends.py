@@ -13,6 +13,7 @@ traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import itertools
@@ -538,7 +539,10 @@ def test_a_viewer_reads_studies_through_it(
     status, _, body = _get(front_end, instance + "/bulk/7fe00010")
     assert status == 200 and len(body) > 128 * 128 * 2
     status, _, body = _get(front_end, f"/dicom-web/studies/{ct.study}/series?Modality=CT")
-    assert status == 200 and json.loads(body)[0]["0020000E"]["Value"] == [ct.series]
+    # (With the series STOW-RS stored through either front end, in the other test.)
+    assert status == 200 and ct.series in {
+        item["0020000E"]["Value"][0] for item in json.loads(body)
+    }
 
 
 def _multipart(dicom: bytes) -> tuple[str, bytes]:
@@ -601,8 +605,11 @@ def _threads(pid: int) -> int:
 
 
 def _sockets(pid: int) -> int:
-    folder = Path(f"/proc/{pid}/fd")
-    return sum(1 for fd in folder.iterdir() if os.readlink(fd).startswith("socket:"))
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed since it was listed
+            count += os.readlink(fd).startswith("socket:")
+    return count
 
 
 def test_idle_connections_hold_no_thread_and_keep_no_one_out(
