@@ -54,6 +54,7 @@ _PROCESS_MODULES = {
     "test_locust",
     "test_memory_budget",
     "test_ohif",
+    "test_ohif_front_ends",
     "test_openapi",
     "test_orthanc_routing",
     "test_slow_clients",

@@ -62,9 +62,10 @@ class Orthanc:
 
 
 @contextmanager
-def _running_orthanc(folder: Path) -> Iterator[Orthanc]:
+def _running_orthanc(folder: Path, *options: str) -> Iterator[Orthanc]:
     """An Orthanc with its DICOMweb plugin in ``folder``, holding the phantom CR study and
-    pydicom's CT; stopped by its PID."""
+    pydicom's CT; stopped by its PID. ``options`` go on its command line (its log is
+    ``folder/log``)."""
     binary, plugin = _orthanc()
     port = _free_port()
     config = {
@@ -82,7 +83,7 @@ def _running_orthanc(folder: Path) -> Iterator[Orthanc]:
     (folder / "config.json").write_text(json.dumps(config))
     with (folder / "log").open("wb") as log:
         process = subprocess.Popen(
-            [binary, str(folder / "config.json")],
+            [binary, *options, str(folder / "config.json")],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -1,8 +1,9 @@
 """deploy/ohif/serve.py, in-process against a fake OHIF ``dist/`` and a fake DICOMweb
 server: files with their types, the single-page fallback, no path out of ``dist/``, the
 configuration from deploy/ohif/, DICOMweb passed through (path, query, body, the
-browser's Host, chunked answers) and a server that is down. The real viewer on a real
-Orthanc is in ``test_ohif.py``."""
+browser's Host, chunked answers) and a server that is down. What it refuses, and its
+limits, in front of a real Orthanc: ``test_ohif_front_ends.py``; the real viewer on a
+real Orthanc: ``test_ohif.py``."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class _FakeDicomWeb(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         self.seen.requests.append((self.command, self.path, dict(self.headers.items()), body))
-        if self.path.startswith("/dicom-web/chunked"):
+        if self.path.endswith("/metadata"):
             self.send_response(200)
             self.send_header("Content-Type", "application/dicom+json")
             self.send_header("Transfer-Encoding", "chunked")
@@ -95,6 +96,7 @@ def running(tmp_path: Path) -> Iterator[Running]:
     (dist / "codec.wasm").write_bytes(b"\0asm\1\0\0\0")
     (dist / "app-config.js").write_text("window.config = {name: 'the package default'};")
     (tmp_path / "secret.txt").write_text("outside dist")
+    (dist / "link.txt").symlink_to(tmp_path / "secret.txt")
     seen = Seen()
     upstream = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), type("Fake", (_FakeDicomWeb,), {"seen": seen})
@@ -102,7 +104,11 @@ def running(tmp_path: Path) -> Iterator[Running]:
     _start(upstream)
     config = OHIF / "app-config.js"
     viewer = serve.make_server(
-        dist, config, f"http://127.0.0.1:{upstream.server_address[1]}/dicom-web", port=free_port()
+        dist,
+        config,
+        f"http://127.0.0.1:{upstream.server_address[1]}/dicom-web",
+        port=free_port(),
+        allowed_hosts=("viewer.example:3000",),
     )
     _start(viewer)
     yield Running(viewer.server_address[1], seen, config)
@@ -113,10 +119,17 @@ def running(tmp_path: Path) -> Iterator[Running]:
 
 
 def _get(
-    port: int, path: str, method: str = "GET", body: bytes | None = None, host: str = ""
+    port: int,
+    path: str,
+    method: str = "GET",
+    body: bytes | None = None,
+    host: str = "",
+    kind: str = "",
 ) -> tuple[int, dict[str, str], bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     headers = {"Host": host} if host else {}
+    if kind:
+        headers["Content-Type"] = kind
     try:
         connection.request(method, path, body=body, headers=headers)
         answer = connection.getresponse()
@@ -145,10 +158,13 @@ def test_files_have_their_types_and_the_application_its_routes(running: Running)
 
 
 def test_nothing_outside_dist_is_served(running: Running) -> None:
+    # A dot segment is not a normalised path: refused before a file is looked for.
     for path in ("/../secret.txt", "/%2e%2e/secret.txt", "/assets/../../secret.txt"):
         status, _, body = _get(running.port, path)
-        assert b"outside dist" not in body, path
-        assert status in (200, 404), path  # 200: the application, for a path with no file
+        assert (status, body) == (400, b"not a normalised path\n"), path
+    # A link in dist/ to a file outside it is no file of dist/.
+    status, _, body = _get(running.port, "/link.txt")
+    assert status == 404 and b"outside dist" not in body
 
 
 def test_the_configuration_is_deploys_not_the_packages(running: Running) -> None:
@@ -167,13 +183,19 @@ def test_dicomweb_is_passed_through_with_the_browsers_host(running: Running) -> 
     assert (method, sent_path) == ("GET", path)
     # Orthanc writes URLs for the Host it was asked on: the viewer's, not its own.
     assert sent_headers["Host"] == "viewer.example:3000"
-    status, headers, body = _get(running.port, "/dicom-web/chunked/series")
+    # An answer in chunks goes on in chunks, as they come.
+    status, headers, body = _get(running.port, "/dicom-web/studies/1.2/series/3.4/metadata")
     assert (status, body) == (200, b'[{"a": 1}]')
-    assert headers["Content-Length"] == str(len(body))
+    assert headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in headers
     # STOW-RS goes through with its body; nothing else takes a POST.
-    status, _, _ = _get(running.port, "/dicom-web/studies", method="POST", body=b"multipart")
+    stow = 'multipart/related; type="application/dicom"; boundary=x'
+    status, _, _ = _get(running.port, "/dicom-web/studies", "POST", b"multipart", kind=stow)
     assert status == 202 and running.seen.requests[-1][3] == b"multipart"
+    assert running.seen.requests[-1][2]["Content-Type"] == stow
+    before = len(running.seen.requests)
+    assert _get(running.port, "/dicom-web/studies", "POST", b"x", kind="text/plain")[0] == 415
     assert _get(running.port, "/viewer", method="POST", body=b"x")[0] == 405
+    assert len(running.seen.requests) == before
     # A path that only starts like the prefix is a file path, not DICOMweb.
     before = len(running.seen.requests)
     assert _get(running.port, "/dicom-webby.js")[0] == 404
