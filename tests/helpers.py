@@ -31,7 +31,8 @@ from PIL import Image
 from pydantic import BaseModel
 
 from service.contract.responses import to_json
-from service.demo.phantom import Phantom, sample_phantom, to_uint8
+from service.demo.phantom import Phantom, sample_phantom
+from service.imaging.values import to_uint8
 from service.memory import children
 from service.transport.interface import ENGINE_MODULE
 

@@ -15,9 +15,10 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from service.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
-from service.demo.phantom import sample_phantom, to_uint8
+from service.demo.phantom import sample_phantom
+from service.imaging.values import to_uint8
 from service.trust import audit as audit_module
-from service.trust.audit import ImageRecord, Thresholds, judge, shares
+from service.trust.audit_records import ImageRecord, Shares, Thresholds, judge, shares
 
 
 def test_shares_of_a_hand_made_map() -> None:
@@ -36,7 +37,7 @@ def test_shares_of_a_hand_made_map() -> None:
     edge[9, 100] = edge[10, 100] = edge[50, 19] = edge[50, 20] = 1.0
     assert shares(edge, []).on_border == pytest.approx(0.5)
     assert shares(edge, []).in_box is None
-    assert shares(np.zeros((4, 4)), [[0, 0, 2, 2]]) == audit_module.Shares(None, None, None)
+    assert shares(np.zeros((4, 4)), [[0, 0, 2, 2]]) == Shares(None, None, None)
 
 
 def test_judging_rules() -> None:
@@ -139,7 +140,7 @@ def test_an_interrupted_audit_resumes_where_it_stopped(
         "--out",
         str(out),
     ]
-    real_record = audit_module._record
+    real_record = audit_module.measure
     calls = {"n": 0}
 
     def interrupted(*a: object, **k: object) -> object:
@@ -148,7 +149,7 @@ def test_an_interrupted_audit_resumes_where_it_stopped(
             raise KeyboardInterrupt
         return real_record(*a, **k)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(audit_module, "_record", interrupted)
+    monkeypatch.setattr(audit_module, "measure", interrupted)
     assert main(args) == EXIT_INTERRUPTED
     assert "run the same command again to resume" in capsys.readouterr().err
     lines = (out / "audit.jsonl").read_text().splitlines()
@@ -156,7 +157,7 @@ def test_an_interrupted_audit_resumes_where_it_stopped(
     # A line cut short by a kill is dropped and its image done again.
     with (out / "audit.jsonl").open("a") as f:
         f.write('{"key": "img020.png", "err')
-    monkeypatch.setattr(audit_module, "_record", real_record)
+    monkeypatch.setattr(audit_module, "measure", real_record)
     assert main(args) == EXIT_OK
     assert "resuming: 20 of 40 images already audited" in capsys.readouterr().err
     keys = [json.loads(line)["key"] for line in (out / "audit.jsonl").read_text().splitlines()[1:]]

@@ -258,12 +258,12 @@ def test_frames_per_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_an_internal_failure_is_one_line_and_exit_code_70(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import service.cli
+    from service.cli import common
 
     def broken(args: object) -> None:
         raise RuntimeError("something no one expected")
 
-    monkeypatch.setattr(service.cli, "_runtime", broken)
+    monkeypatch.setattr(common, "runtime", broken)
     assert main(["layers"]) == 70
     err = capsys.readouterr().err
     assert err == (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import _parser
+from service.cli.main import parser as cli_parser
 from service.contract.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def _shell_commands(text: str) -> list[list[str]]:
 def test_every_command_shown_is_accepted(document: Path) -> None:
     """gradcam-service lines parse with the real argument parser; scripts and files the
     commands name exist."""
-    parser = _parser()
+    parser = cli_parser()
     wrong = []
     for words in _shell_commands(document.read_text()):
         if words and words[0] == "gradcam-service":
@@ -120,4 +120,4 @@ def test_the_command_check_sees_the_commands_and_refuses_a_wrong_one() -> None:
     ]
     assert len(shown) >= 8
     with pytest.raises(SystemExit):
-        _parser().parse_args(["explain", "x.png", "--method", "gradcm"])
+        cli_parser().parse_args(["explain", "x.png", "--method", "gradcm"])

@@ -12,8 +12,8 @@ from PIL import Image
 from service.contract.errors import ServiceError
 from service.contract.requests import ExplainRequest, parse_explain_request
 from service.demo.evaluation import peak_in_boxes
-from service.demo.phantom import to_uint8
 from service.engine.runtime import Runtime
+from service.imaging.values import to_uint8
 from service.pipeline.explain import explain
 from tests.helpers import as_json, bomb_png, encode, phantom, phantom_png, png_bytes
 

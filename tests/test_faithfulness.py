@@ -13,9 +13,10 @@ from scipy.ndimage import gaussian_filter
 from service.contract.errors import PayloadTooLarge
 from service.contract.requests import ExplainRequest
 from service.contract.settings import Settings
-from service.demo.phantom import FINDINGS, to_uint8
+from service.demo.phantom import FINDINGS
 from service.engine import faithfulness as engine_faithfulness
 from service.engine.runtime import Runtime
+from service.imaging.values import to_uint8
 from service.pipeline.explain import explain
 from service.pipeline.faithfulness import auc
 from service.transport.interface import Job
@@ -148,7 +149,7 @@ def test_gradcam_is_more_faithful_than_a_random_or_centred_map(runtime: Runtime)
     finding are skipped (nothing to delete). Where the blurred substrate keeps the class's
     score (an opacity is a haze: a blur leaves it), every map's curves are flat at the
     top and tie: those are reported apart, not counted as wins or losses."""
-    engine = runtime._engines["phantom"]
+    engine = runtime._explainers["phantom"]
     pictures = [p for p in (phantom(seed, 128, 128) for seed in range(100, 140)) if p.findings]
     images = [to_uint8(p.image)[:, :, None] for p in pictures]
     n = len(images)

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from service.contract.requests import ExplainRequest
 from service.contract.settings import Settings
+from service.contract.terms import METHODS
 from service.engine.folding import fold_batch_norms, folded_affine
-from service.engine.gradcam import METHODS, GradCAM
+from service.engine.gradcam import GradCAM
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
 from tests.helpers import as_json, encode, phantom_png, seeded_model

@@ -25,9 +25,10 @@ import torch
 
 from service import metrics
 from service.contract.settings import Settings
+from service.contract.terms import METHODS
 from service.engine.cuda_graphs import GraphCache
 from service.engine.folding import fold_batch_norms
-from service.engine.gradcam import METHODS, GradCAM
+from service.engine.gradcam import GradCAM
 from service.engine.runtime import Runtime
 from service.transport.interface import Job
 from tests.helpers import LiveServer, encode, metric_value, phantom_png, seeded_model

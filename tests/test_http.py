@@ -20,8 +20,8 @@ from pydicom.data import get_testdata_file
 from service.contract.requests import ExplainRequest
 from service.contract.responses import ExplainResponse
 from service.demo.evaluation import peak_in_boxes
-from service.demo.phantom import to_uint8
 from service.engine.runtime import Runtime
+from service.imaging.values import to_uint8
 from service.pipeline.explain import explain
 from tests.helpers import LiveServer, as_json, encode, phantom, phantom_png, png_bytes
 from tests.test_explain import image_variants

@@ -27,7 +27,8 @@ from service.server.incoming import (
     Refusal,
     Step,
 )
-from service.server.wsgi import Answer, Peer, environ_for, run_app, thread_wait
+from service.server.environ import DRAINING, draining, thread_wait
+from service.server.wsgi import Answer, Peer, environ_for, run_app
 
 MAX_BODY = 1000
 
@@ -221,11 +222,12 @@ def test_run_app_collects_the_answer_and_the_thread_wait() -> None:
             closed.set()
 
     def app(environ: dict[str, Any], start_response: Any) -> Result:
-        waits.append(thread_wait())
+        waits.append(thread_wait(environ))
         start_response("201 Created", [("X-Request-Id", "r1"), ("Content-Type", "a/b")])
         return Result([b"one", b"two"])
 
-    answer = run_app(app, environ_for(_request(b"/"), b"", PEER), queued=0.0)
+    environ = environ_for(_request(b"/"), b"", PEER)
+    answer = run_app(app, environ, queued=0.0)
     assert (answer.status, answer.reason, answer.body, answer.request_id) == (
         201,
         b"Created",
@@ -233,7 +235,16 @@ def test_run_app_collects_the_answer_and_the_thread_wait() -> None:
         "r1",
     )
     assert closed.is_set() and waits[0] is not None and waits[0][0] == 0.0
-    assert thread_wait() is None  # cleared after the request
+    assert thread_wait(environ) is None  # the environ is cleared after the request
+
+
+def test_the_app_reads_the_workers_state_from_the_environ_only() -> None:
+    stopping = threading.Event()
+    environ: dict[str, Any] = {DRAINING: stopping.is_set}
+    assert not draining(environ)
+    stopping.set()
+    assert draining(environ)
+    assert not draining({}) and thread_wait({}) is None  # another WSGI server
 
 
 def test_an_app_that_fails_outside_its_handlers_still_answers(caplog) -> None:  # type: ignore[no-untyped-def]

@@ -21,8 +21,8 @@ from service.imaging.render import (
     normalise,
     overlay_image,
     resample,
-    to_uint8,
 )
+from service.imaging.values import to_uint8
 
 
 def colorize(heat: np.ndarray) -> np.ndarray:

@@ -17,10 +17,11 @@ from torch import Tensor, nn
 
 from service.cli import EXIT_EXISTS, EXIT_INPUT, EXIT_OK, EXIT_USAGE, main
 from service.contract.settings import Settings
-from service.demo.phantom import make_dataset, to_uint8
+from service.demo.phantom import make_dataset
 from service.engine.batch_inputs import normaliser
 from service.engine.folding import fold_batch_norms, folded_affine
 from service.engine.loading.models import LoadedModel, load_model
+from service.imaging.values import to_uint8
 from service.trust.plot import draw_plot
 from service.trust.report import SanityReport
 from service.trust.sanity import layer_groups, randomise, run_sanity

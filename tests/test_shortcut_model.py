@@ -17,8 +17,9 @@ from PIL import Image
 
 from service.contract.models_file import DEMO_MODELS_FILE, load_models_file
 from service.contract.settings import Settings
-from service.demo.phantom import FINDINGS, MarkerPolicy, make_dataset, to_uint8
+from service.demo.phantom import FINDINGS, MarkerPolicy, make_dataset
 from service.engine.runtime import Runtime
+from service.imaging.values import to_uint8
 from tools.demo_model.audit_set import write_audit_set
 from tools.demo_model.evaluate import EVALUATION_SEED
 from tools.demo_model.shortcut import SHORTCUT_MODELS_FILE, SHORTCUT_SEED, border_mask, measure

@@ -7,7 +7,7 @@ the setting at fault. The models file they point to is ``models_file.py``'s.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -171,6 +171,17 @@ class Settings(BaseModel):
                 f"GRADCAM_{str(item['loc'][0]).upper()}: {item['msg']}" for item in error.errors()
             )
             raise ConfigError(f"invalid settings: {problems}") from None
+
+    def to_env(self, names: Iterable[str]) -> dict[str, str]:
+        """The named settings as the ``GRADCAM_*`` variables ``from_env`` reads back: what
+        ``serve`` hands the processes it starts (``{"GRADCAM_PORT": "8000", ...}``)."""
+        env = {}
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"GRADCAM_{name.upper()}"] = str(value)
+        return env
 
     def models_config(self) -> ModelsFile:
         """The configured models file, or the bundled demo model's."""

@@ -349,8 +349,3 @@ def make_dataset(
 ) -> list[Phantom]:
     """The first ``count`` phantoms of ``iter_phantoms(seed, size, marker)``."""
     return list(islice(iter_phantoms(seed, size, marker), count))
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """``(H, W) float32`` in [0, 1] → ``(H, W) uint8`` for saving as PNG."""
-    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)

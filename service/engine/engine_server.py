@@ -45,12 +45,6 @@ from service.transport.interface import ENGINE_EXIT_MODEL_LOOP_DIED, JobResult
 
 logger = logging.getLogger(__name__)
 
-# A worker that reads nothing of its reply for this long is treated as gone.
-_SEND_TIMEOUT_S = 10.0
-# Socket buffers: replies and requests of a few hundred KiB go in one write
-# (tests/benchmarks/transport.py: 256 KiB took 7-20% off a 4.6 MiB batch).
-SOCKET_BUFFER_BYTES = 256 * 1024
-
 
 @dataclass(eq=False)
 class _Connection:
@@ -148,7 +142,7 @@ class EngineServer:
         except (BlockingIOError, InterruptedError):
             return
         sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ipc.SOCKET_BUFFER_BYTES)
         connection = _Connection(sock)
         self._selector.register(sock, selectors.EVENT_READ, connection)
 
@@ -284,7 +278,7 @@ class EngineServer:
         if connection.closed:
             return
         try:
-            ipc.send_message(connection.sock, buffers, _SEND_TIMEOUT_S)
+            ipc.send_message(connection.sock, buffers, ipc.SEND_TIMEOUT_S)
         except ipc.PeerGone as gone:
             logger.warning("a worker stopped reading its replies (%s); dropping it", gone)
             self._abandon(connection)

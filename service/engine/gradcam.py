@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from service.contract.terms import Method
 from service.engine.folding import explained_activation
 from service.engine.layers import resolve_layer
 from service.engine.layouts import Layout, layer_layout
@@ -76,19 +77,24 @@ def _hirescam(a: Tensor, g: Tensor) -> Tensor:
     return (g * a).sum(dim=1)
 
 
-_CAM_FORMULAS: dict[str, CamFormula] = {
+# One formula for each of the API's methods (``contract.terms.METHODS``, the one list).
+_CAM_FORMULAS: dict[Method, CamFormula] = {
     "gradcam": _gradcam,
     "gradcam++": _gradcam_plus_plus,
     "xgradcam": _xgradcam,
     "layercam": _layercam,
     "hirescam": _hirescam,
 }
-METHODS: tuple[str, ...] = tuple(_CAM_FORMULAS)
 
 
 def cam_formula(method: str) -> CamFormula:
     """The weighting formula of ``method`` (one of ``METHODS``)."""
-    return _CAM_FORMULAS[method]
+    return _CAM_FORMULAS[method]  # type: ignore[index]  # a method the contract checked
+
+
+def formula_methods() -> tuple[str, ...]:
+    """The methods the engine has a formula for (a test keeps them ``METHODS``)."""
+    return tuple(_CAM_FORMULAS)
 
 
 class LayerOutputError(ValueError):
@@ -267,7 +273,7 @@ class GradCAM:
             g = layout.to_grid(grad).float()
             for method in dict.fromkeys(methods[i] for i in rows):
                 chosen = [i for i in rows if methods[i] == method]
-                cams = _CAM_FORMULAS[method](a[chosen], g[chosen]).clamp(min=0)
+                cams = cam_formula(method)(a[chosen], g[chosen]).clamp(min=0)
                 maps.extend(cams.unbind(0))
                 slots.extend((i, k) for i in chosen)
         # One copy back for everything the caller needs.

@@ -84,7 +84,7 @@ class Runtime:
         self.models: dict[str, LoadedModel] = {}
         self.default_model = ""
         self.device = torch.device("cpu")
-        self._engines: dict[str, GradCAM] = {}
+        self._explainers: dict[str, GradCAM] = {}
         self._executions: dict[str, Execution] = {}
         self._buckets: tuple[int, ...] = ()
         self._graphs: GraphCache | None = None
@@ -114,7 +114,7 @@ class Runtime:
             self.models[name] = model
             execution = self._tune(model)
             self._executions[name] = execution
-            self._engines[name] = GradCAM(
+            self._explainers[name] = GradCAM(
                 model.module,
                 self.device,
                 self.settings.autocast,
@@ -241,7 +241,9 @@ class Runtime:
         result = self._graphed(model, job, inputs)
         if result is not None:
             return result
-        batch = self._engines[job.model](inputs, job.layer, job.targets, job.methods, should_stop)
+        batch = self._explainers[job.model](
+            inputs, job.layer, job.targets, job.methods, should_stop
+        )
         return JobResult(
             scores=_scores(model, batch.logits).numpy(),
             logits=batch.logits.numpy(),
@@ -258,9 +260,9 @@ class Runtime:
 
     def _curve_rounds(self, job: Job, result: JobResult) -> FollowUp:
         model = self.models[job.model]
-        engine = self._engines[job.model]
+        explainer = self._explainers[job.model]
         rounds = faithfulness.curve_rounds(
-            lambda x: _scores(model, engine.logits(x)),
+            lambda x: _scores(model, explainer.logits(x)),
             batch_inputs(model, job, self.device, self._normalisers[model.name]),
             torch.from_numpy(result.scores),
             [[torch.from_numpy(m) for m in maps] for maps in result.maps],
@@ -288,7 +290,7 @@ class Runtime:
         given = torch.tensor([-1 if t[0] is None else t[0] for t in job.targets], dtype=torch.long)
         out = self._graphs.run(
             (job.model, job.layer, job.methods[0], n),
-            self._engines[job.model],
+            self._explainers[job.model],
             inputs,
             given.to(self.device),
         )
@@ -311,4 +313,4 @@ class Runtime:
             self._batcher.close(timeout_s, drain=drain)
             self._batcher = None
         self.models.clear()
-        self._engines.clear()
+        self._explainers.clear()

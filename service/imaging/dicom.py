@@ -20,7 +20,7 @@ from PIL import Image
 
 from service.contract.errors import ErrorCode, InvalidField, UnsupportedMediaType
 from service.imaging.codestream import declared_size
-from service.imaging.values import finite
+from service.imaging.values import finite, to_uint8
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -236,7 +236,7 @@ def decode_dicom(
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         bits = int(ds.get("BitsStored", 8))
         rgb = array.astype(np.float32) / float(2**bits - 1)
-        image = Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+        image = Image.fromarray(to_uint8(rgb))
         return image.convert("L") if channels == 1 else image
     gray = finite(apply_modality_lut(array, ds).astype(np.float32), index)
     shown = _voi(gray, ds)

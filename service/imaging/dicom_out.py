@@ -31,7 +31,7 @@ import numpy as np
 from service import package_version
 from service.imaging.dicom_codes import MANUFACTURER
 from service.imaging.source_header import (
-    conformant_header,
+    DicomSource,
     patient_orientation,
     source_reference,
     source_was_lossy,
@@ -166,13 +166,13 @@ def _common(
 
 
 def secondary_capture(
-    source: Dataset, overlay: np.ndarray, made: DerivedFrom, frame: int | None, encoding: str
+    dicom: DicomSource, overlay: np.ndarray, made: DerivedFrom, encoding: str
 ) -> bytes:
-    """``overlay`` ``(Rows, Columns, 3) uint8`` as a Secondary Capture of ``source``."""
+    """``overlay`` ``(Rows, Columns, 3) uint8`` as a Secondary Capture of ``dicom``."""
     import highdicom as hd
     from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
-    source = conformant_header(source)
+    source, frame = dicom.carried(), dicom.frame
     jpeg = encoding == "jpeg"
     given = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
     spacing = (float(given[0]), float(given[1])) if given and len(given) == 2 else None
@@ -222,13 +222,13 @@ def secondary_capture(
     return to_bytes(image)
 
 
-def parametric_map(source: Dataset, heat: np.ndarray, made: DerivedFrom) -> bytes:
-    """``heat`` ``(Rows, Columns)`` in [0, 1] as a float Parametric Map on ``source``'s
+def parametric_map(dicom: DicomSource, heat: np.ndarray, made: DerivedFrom) -> bytes:
+    """``heat`` ``(Rows, Columns)`` in [0, 1] as a float Parametric Map on ``dicom``'s
     plane; the caller checks ``parametric_map_problem`` first."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    source = conformant_header(source)
+    source = dicom.carried()
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="GRADCAM",
         lut_explanation=f"Grad-CAM of {made.label}"[:64],

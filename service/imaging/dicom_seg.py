@@ -39,10 +39,9 @@ from service.imaging.dicom_codes import (
 )
 from service.imaging.dicom_out import body_part, frame_of_reference_problem, to_bytes
 from service.imaging.source_header import (
-    conformant_header,
+    DicomSource,
     patient_orientation,
     state_deidentification,
-    with_type_2_patient_study,
 )
 
 if TYPE_CHECKING:
@@ -150,20 +149,19 @@ def segmentation_problem(source: Dataset, frame: int | None) -> str | None:
 
 
 def segmentation(
-    source: Dataset,
+    dicom: DicomSource,
     segments: Sequence[Segment],
     how: Explained,
-    frame: int | None,
     series_uid: str,
     instance_uid: str,
 ) -> bytes:
-    """``segments`` (one per explained class, at ``source``'s Rows × Columns) as one
-    BINARY Segmentation of ``source`` (``frame`` of it); the caller checks
+    """``segments`` (one per explained class, at the source's Rows × Columns) as one
+    BINARY Segmentation of ``dicom`` (its frame); the caller checks
     ``segmentation_problem`` first."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    source = with_type_2_patient_study(conformant_header(source))
+    source, frame = dicom.carried_copy(), dicom.frame
     multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
     orientation = patient_orientation(source)  # (before its cosines may be taken out)
     if not multi_frame and not _has_plane(source):

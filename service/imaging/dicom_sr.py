@@ -42,11 +42,10 @@ from service.imaging.dicom_codes import (
 from service.imaging.dicom_out import to_bytes
 from service.imaging.source_header import (
     DerivedObjectImpossible,
-    conformant_header,
+    DicomSource,
     patient_orientation,
     referenced_frame_number,
     state_deidentification,
-    with_type_2_patient_study,
 )
 
 if TYPE_CHECKING:
@@ -143,21 +142,20 @@ def _evidence(source: Dataset, made: MadeObject) -> Dataset:
 
 
 def measurement_report(
-    source: Dataset,
+    dicom: DicomSource,
     findings: Sequence[Finding],
     how: Explained,
     made: Sequence[MadeObject],
-    frame: int | None,
     series_uid: str,
     instance_uid: str,
 ) -> bytes:
-    """The report (module text) of ``findings`` on ``source`` (``frame`` of it), naming
-    the objects ``made`` with it."""
+    """The report (module text) of ``findings`` on ``dicom`` (its frame), naming the
+    objects ``made`` with it."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    source = with_type_2_patient_study(conformant_header(source))
+    source, frame = dicom.carried_copy(), dicom.frame
     frame_number = referenced_frame_number(source, frame)
     image = hd.sr.SourceImageForRegion(
         referenced_sop_class_uid=source.SOPClassUID,

@@ -37,6 +37,7 @@ from PIL import Image
 
 from service.contract.terms import HeatmapSize
 from service.imaging.geometry import Geometry
+from service.imaging.values import to_uint8
 
 _ANCHORS = (
     (0.00, (24, 16, 92)),
@@ -152,13 +153,6 @@ def heatmap(cam: np.ndarray, geometry: Geometry, size: HeatmapSize) -> np.ndarra
     return normalise(resample(cam, geometry, size))
 
 
-def to_uint8(heat: np.ndarray) -> np.ndarray:
-    """``(H, W)`` in [0, 1] → ``(H, W) uint8`` levels, rounded half to even."""
-    scaled = np.multiply(heat, 255, dtype=np.float32)
-    np.rint(scaled, out=scaled)
-    return scaled.astype(np.uint8)
-
-
 def colour_image(levels: np.ndarray) -> Image.Image:
     """``(H, W) uint8`` levels → an RGB image through ``COLORMAP`` (a palette lookup)."""
     height, width = levels.shape
@@ -176,6 +170,5 @@ def overlay_image(base: Image.Image, levels: np.ndarray) -> Image.Image:
 def to_rgb_image(image: Image.Image) -> Image.Image:
     """A decoded image (``L``, ``RGB`` or float ``F`` in [0, 1]) as an 8-bit RGB image."""
     if image.mode == "F":
-        gray = np.round(np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255)
-        image = Image.fromarray(gray.astype(np.uint8))
+        image = Image.fromarray(to_uint8(np.asarray(image, dtype=np.float32)))
     return image if image.mode == "RGB" else image.convert("RGB")

@@ -11,6 +11,7 @@ impossible (``DerivedObjectImpossible``, which names the attribute, never its va
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -111,11 +112,39 @@ def _conform(dataset: Dataset) -> None:
 
 def conformant_header(source: Dataset) -> Dataset:
     """A copy of ``source`` whose values a derived object may carry (module text)."""
-    import copy
-
     header = copy.deepcopy(source)
     _conform(header)
     return header
+
+
+class DicomSource:
+    """A DICOM source image as the objects derived from it read it: its header as
+    received, the frame explained, and the conformant copy they all carry, made once per
+    image (on first use, inside the first object's build, whose errors it raises; again
+    for each later object, without making it again)."""
+
+    def __init__(self, header: Dataset, frame: int | None) -> None:
+        self.header = header
+        self.frame = frame
+        self._carried: Dataset | None = None
+        self._failure: Exception | None = None
+
+    def carried(self) -> Dataset:
+        """The conformant copy: read it, never change it (``carried_copy`` to change)."""
+        if self._failure is not None:
+            raise self._failure
+        if self._carried is None:
+            try:
+                self._carried = conformant_header(self.header)
+            except Exception as failure:
+                self._failure = failure
+                raise
+        return self._carried
+
+    def carried_copy(self) -> Dataset:
+        """A copy of the conformant header to change, with the patient and study
+        attributes it lacks present and empty (``with_type_2_patient_study``)."""
+        return with_type_2_patient_study(copy.deepcopy(self.carried()))
 
 
 # Transfer syntaxes whose compression loses information (the derived object inherits it).

@@ -1,4 +1,5 @@
-"""Pixel values that arithmetic can trust: no NaN or infinity reaches the model."""
+"""Pixel values that arithmetic can trust: no NaN or infinity reaches the model; values
+in [0, 1] as 8-bit levels, one rounding everywhere."""
 
 from __future__ import annotations
 
@@ -24,3 +25,14 @@ def finite(values: np.ndarray, index: int) -> np.ndarray:
         )
     low, high = float(values[mask].min()), float(values[mask].max())
     return np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (clipped) as ``uint8`` levels ``round(v × 255)``, half to even,
+    computed in the values' own float type (a float32 map in float32): every picture,
+    heatmap and saved phantom is made 8-bit here."""
+    kind = values.dtype if values.dtype.kind == "f" else np.dtype(np.float64)
+    scaled = np.multiply(values, 255, dtype=kind)
+    np.clip(scaled, 0, 255, out=scaled)
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.uint8)

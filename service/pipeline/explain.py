@@ -8,23 +8,20 @@ render each result in the requested format and size.
 No torch here: the engine is an ``interface.Engine`` (the engine process over
 its socket for the HTTP workers, an in-process ``Runtime`` for the CLI), and
 everything this pipeline does to images is numpy and Pillow. The stages live in
-``images.py`` (decode, fit, targets, the engine call) and ``results.py`` (rendering,
-DICOM objects, JSON); this module runs them for one request and stores the results.
+``images.py`` (decode, fit, targets), ``engine_call.py`` (the engine call) and
+``results.py`` (rendering, DICOM objects, JSON); this module runs them for one request,
+within its ``RequestContext``, and stores the results.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 from service import metrics
 from service.contract.errors import (
-    ClientClosed,
-    DeadlineExceeded,
     ErrorCode,
     InvalidField,
     PayloadTooLarge,
@@ -40,17 +37,12 @@ from service.contract.responses import (
 from service.contract.settings import Settings
 from service.contract.terms import DICOM_FORMATS
 from service.imaging.decoding import decode_base64
-from service.memory import RequestMemory
 from service.pipeline.budgets import RequestBudget
+from service.pipeline.context import RequestContext
 from service.pipeline.dicomweb import DicomWebServers, InstanceRef, fetch_instance, store
-from service.pipeline.images import (
-    ExplainedImage,
-    choose_layer,
-    prepare_image,
-    resolve_targets,
-    run,
-)
-from service.pipeline.results import base64_chars, render_result
+from service.pipeline.engine_call import ExplainedImage, call_engine
+from service.pipeline.images import choose_layer, prepare_image, resolve_targets
+from service.pipeline.results import RenderOptions, base64_chars, render_result
 from service.transport.interface import Engine, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -65,48 +57,43 @@ class Computed:
     results: list[ExplainedImage]
     budget: RequestBudget
     servers: DicomWebServers
-    deadline: float
 
 
 def explain(
     request: ExplainRequest,
     engine: Engine,
-    limits: Settings,
-    disconnected: Callable[[], bool] | None = None,
-    started: float | None = None,
-    memory: RequestMemory | None = None,
-    body_bytes: int = 0,
+    settings: Settings,
+    context: RequestContext | None = None,
 ) -> ExplainResponse:
-    """The answer to ``request``.
-
-    ``disconnected`` tells whether the client has gone; a request whose client
-    left is not computed. The deadline is ``limits.request_timeout_s`` after
-    ``started`` (``time.monotonic()``; default now). ``memory``, if given, reserves
-    the request's estimated cost (its body was ``body_bytes``) image by image.
-    """
-    computed = compute(request, engine, limits, disconnected, started, memory, body_bytes)
-    model, layer, deadline = computed.model, computed.layer, computed.deadline
+    """The answer to ``request``, within ``context`` (its deadline, its client, its
+    memory reservation; default: a request that arrives now, with no client to lose and
+    no budget)."""
+    context = context or RequestContext.start(settings)
+    computed = compute(request, engine, settings, context)
+    model, layer = computed.model, computed.layer
     rendered: list[ImageResult] = []
     with metrics.STAGE_DURATION.labels("render").time():
         for result in computed.results:
             # Big pictures take a while each: stop between them for a client that
             # left or a deadline that passed.
-            check_still_wanted(deadline, disconnected)
+            context.check_still_wanted()
             rendered.append(
                 render_result(
                     result,
                     model,
-                    request.top_k,
-                    request.heatmap,
-                    request.include,
-                    request.method,
-                    layer,
-                    request.report,
+                    RenderOptions(
+                        top_k=request.top_k,
+                        heatmap=request.heatmap,
+                        include=tuple(request.include),
+                        method=request.method,
+                        layer=layer,
+                        report=request.report,
+                    ),
                 )
             )
             computed.budget.pictures_encoded(result.prepared.index, base64_chars(rendered[-1]))
     if request.store is not None:
-        _store(rendered, request.store.url, computed.servers, deadline)
+        _store(rendered, request.store.url, computed.servers, context)
     return ExplainResponse(
         model=model.name,
         method=request.method,
@@ -116,33 +103,20 @@ def explain(
     )
 
 
-def check_still_wanted(deadline: float, disconnected: Callable[[], bool] | None) -> None:
-    """Raise if the deadline passed or the client left (between drawn results)."""
-    if time.monotonic() > deadline:
-        raise DeadlineExceeded("The request took longer than its deadline.")
-    if disconnected is not None and disconnected():
-        raise ClientClosed("The client disconnected before the answer was drawn.")
-
-
 def compute(
     request: ExplainRequest,
     engine: Engine,
-    limits: Settings,
-    disconnected: Callable[[], bool] | None = None,
-    started: float | None = None,
-    memory: RequestMemory | None = None,
-    body_bytes: int = 0,
+    settings: Settings,
+    context: RequestContext,
     arrays: bool | None = None,
 ) -> Computed:
-    """Every stage before drawing: checks, decoding and fitting, the engine call (the
-    arguments as for ``explain``). The protocol door (``protocol.py``) draws its own;
-    ``arrays``: its maps also go out as numbers beside the format's pictures (the
-    budget charges both)."""
-    deadline = (started if started is not None else time.monotonic()) + limits.request_timeout_s
-    if len(request.images) > limits.max_images_per_request:
+    """Every stage before drawing: checks, decoding and fitting, the engine call. The
+    protocol door (``protocol.py``) draws its own; ``arrays``: its maps also go out as
+    numbers beside the format's pictures (the budget charges both)."""
+    if len(request.images) > settings.max_images_per_request:
         raise PayloadTooLarge(
             f"The request has {len(request.images)} images; the limit is "
-            f"{limits.max_images_per_request}.",
+            f"{settings.max_images_per_request}.",
             code=ErrorCode.TOO_MANY_IMAGES,
             field="images",
         )
@@ -165,19 +139,19 @@ def compute(
         or (request.heatmap.format == "overlay" and request.heatmap.size == "original")
     )
     budget = RequestBudget(
-        limits,
+        settings,
         model,
         layer,
         request.heatmap,
         with_image="image" in request.include,
         keeps_display=keep_display,
         reports=request.report is not None,
-        memory=memory,
-        body_bytes=body_bytes,
+        memory=context.memory,
+        body_bytes=context.body_bytes,
         arrays=arrays,
     )
     budget.check_explanations([len(t) for t in targets], "faithfulness" in request.include)
-    servers = DicomWebServers(limits.dicomweb_servers)
+    servers = DicomWebServers(settings.dicomweb_servers)
     if request.store is not None:
         servers.base(request.store.url, "store.url", "The store URL")  # before any work
 
@@ -189,8 +163,8 @@ def compute(
             InstanceRef(ref.url, ref.study, ref.series, ref.instance),
             servers,
             index,
-            limits.max_request_bytes,
-            deadline - time.monotonic(),
+            settings.max_request_bytes,
+            context.remaining_s(),
         )
 
     with metrics.STAGE_DURATION.labels("decode").time():
@@ -208,22 +182,21 @@ def compute(
             )
             for i, text in enumerate(request.images)
         ]
-    results = run(
+    results = call_engine(
         engine,
         model,
         layer,
         request.method,
         prepared,
-        deadline,
-        disconnected,
+        context,
         faithfulness="faithfulness" in request.include,
     )
     metrics.IMAGES_EXPLAINED.labels(model.name).inc(len(results))
-    return Computed(model, layer, results, budget, servers, deadline)
+    return Computed(model, layer, results, budget, servers)
 
 
 def _store(
-    rendered: list[ImageResult], url: str, servers: DicomWebServers, deadline: float
+    rendered: list[ImageResult], url: str, servers: DicomWebServers, context: RequestContext
 ) -> None:
     """STOW-RS every DICOM object of the answer to ``url`` in one call: the heatmaps'
     objects, the Segmentations, then the reports that name them; each says how it went."""
@@ -240,7 +213,7 @@ def _store(
     if not made:
         return
     objects = [(uid, data) for _, uid, data in made]
-    outcomes = store(objects, url, servers, deadline - time.monotonic())
+    outcomes = store(objects, url, servers, context.remaining_s())
     for (holder, _, _), outcome in zip(made, outcomes, strict=True):
         holder.stored = StoreOutcome(ok=outcome.ok, message=outcome.message)
 

@@ -1,12 +1,11 @@
-"""An image's way to the engine: decoded and fitted to the model, its targets resolved,
-before any compute (so one bad image never fails a batch), then one engine call for
-all the images of a request (``run``), batched there with other requests."""
+"""An image's way to the engine: decoded and fitted to the model, its targets resolved
+and its layer chosen, before any compute, so one bad image never fails a batch (the
+engine call itself is ``engine_call.py``'s)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,10 +27,11 @@ from service.imaging.geometry import Geometry, to_model_pixels
 from service.imaging.render import (
     to_rgb_image,
 )
-from service.transport.interface import Engine, Job, ModelInfo, class_order
+from service.imaging.source_header import DicomSource
+from service.transport.interface import ModelInfo
 
 if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -49,19 +49,9 @@ class PreparedImage:
     geometry: Geometry
     targets: list[int | None]  # None = the top-1 class
     dicom: dict[str, Any] | None = None  # a DICOM file's attributes, when asked for
-    header: Dataset | None = None  # a DICOM source's header, for dicom-sc/dicom-pm output
+    # A DICOM source, for the DICOM objects derived from it (dicom-sc, -pm, -seg, -sr).
+    source: DicomSource | None = None
     frame: int | None = None  # the frame explained (multi-frame sources)
-
-
-@dataclass(frozen=True)
-class ExplainedImage:
-    prepared: PreparedImage
-    scores: np.ndarray  # (K,) probabilities (softmax) or sigmoid scores (multilabel)
-    order: np.ndarray  # (K,) class indices, most likely first (interface.class_order)
-    targets: list[int]
-    cams: list[np.ndarray]  # (h, w) raw maps, one per target
-    # (2, 21) deletion and insertion curves, one per target, if asked for (else empty)
-    curves: list[np.ndarray] = field(default_factory=list)
 
 
 def _class_index(ref: ClassRef, model: ModelInfo, index: int) -> int:
@@ -137,7 +127,7 @@ def prepare_image(
         geometry,
         targets,
         dicom,
-        header if keep_header else None,
+        DicomSource(header, frame) if keep_header and header is not None else None,
         frame,
     )
 
@@ -164,38 +154,3 @@ def choose_layer(model: ModelInfo, layer: str | None) -> str:
         code=ErrorCode.UNSUPPORTED_LAYER,
         field="layer",
     )
-
-
-def run(
-    engine: Engine,
-    model: ModelInfo,
-    layer: str,
-    method: str,
-    prepared: Sequence[PreparedImage],
-    deadline: float,
-    disconnected: Callable[[], bool] | None = None,
-    faithfulness: bool = False,
-) -> list[ExplainedImage]:
-    """One engine call for all ``prepared`` images (batched there with other requests);
-    with ``faithfulness``, every explanation's deletion and insertion curves too."""
-    job = Job(
-        model=model.name,
-        layer=layer,
-        images=[p.pixels for p in prepared],
-        boxes=[p.box for p in prepared],
-        targets=[p.targets for p in prepared],
-        methods=[method] * len(prepared),
-        faithfulness=[True] * len(prepared) if faithfulness else [],
-    )
-    result = engine.run(job, deadline, disconnected)
-    return [
-        ExplainedImage(
-            p,
-            result.scores[i],
-            class_order(result.logits[i]),
-            result.targets[i],
-            result.maps[i],
-            result.curves[i] if result.curves else [],
-        )
-        for i, p in enumerate(prepared)
-    ]

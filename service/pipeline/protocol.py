@@ -37,10 +37,11 @@ from service.contract.responses import to_json
 from service.contract.settings import Settings
 from service.contract.suggestions import close_matches, did_you_mean
 from service.imaging.encoders import encode_image
-from service.imaging.render import colour_image, heatmap, to_uint8
-from service.memory import RequestMemory
-from service.pipeline.explain import check_still_wanted, compute
-from service.pipeline.images import ExplainedImage
+from service.imaging.render import colour_image, heatmap
+from service.imaging.values import to_uint8
+from service.pipeline.context import RequestContext
+from service.pipeline.engine_call import ExplainedImage
+from service.pipeline.explain import compute
 from service.transport.interface import Engine
 
 # The one version each model has: the models file holds one set of weights per key.
@@ -205,9 +206,9 @@ def _explain_request(
     request: InferRequest,
     raw: dict[str, bytes],
     wanted: dict[str, bool],
-    limits: Settings,
+    settings: Settings,
 ) -> ExplainRequest:
-    images = _images(request, raw, limits.max_images_per_request)
+    images = _images(request, raw, settings.max_images_per_request)
     size = request.parameters.get("heatmap_size", "input")
     if size not in HEATMAP_SIZES:
         close = close_matches(str(size), HEATMAP_SIZES)
@@ -240,34 +241,24 @@ def infer(
     request: InferRequest,
     binary: bytes,
     engine: Engine,
-    limits: Settings,
-    disconnected: Callable[[], bool] | None = None,
-    started: float | None = None,
-    memory: RequestMemory | None = None,
-    body_bytes: int = 0,
+    settings: Settings,
+    context: RequestContext | None = None,
 ) -> tuple[InferResponse, list[OutputTensor]]:
-    """The answer to ``request`` for ``model``; ``binary`` is the body after the JSON
-    header (the binary tensor extension), empty without it."""
+    """The answer to ``request`` for ``model``, within ``context`` (as ``explain``'s);
+    ``binary`` is the body after the JSON header (the binary tensor extension), empty
+    without it."""
+    context = context or RequestContext.start(settings)
     raw = binary_inputs(request, binary)
     wanted = _wanted(request)
-    explain_request = _explain_request(model, request, raw, wanted, limits)
-    computed = compute(
-        explain_request,
-        engine,
-        limits,
-        disconnected,
-        started,
-        memory,
-        body_bytes,
-        arrays="heatmap" in wanted,
-    )
+    explain_request = _explain_request(model, request, raw, wanted, settings)
+    computed = compute(explain_request, engine, settings, context, arrays="heatmap" in wanted)
     info, results = computed.model, computed.results
     size = explain_request.heatmap.size
     maps: list[np.ndarray] = []
     pngs: list[bytes] = []
     with metrics.STAGE_DURATION.labels("render").time():
         for result in results:
-            check_still_wanted(computed.deadline, disconnected)
+            context.check_still_wanted()
             heat = heatmap(result.cams[0], result.prepared.geometry, size)
             maps.append(heat)
             if "heatmap_png" in wanted:

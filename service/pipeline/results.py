@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -40,12 +41,13 @@ from service.imaging.render import (
     heatmap,
     output_shape,
     overlay_image,
-    to_uint8,
 )
 from service.imaging.source_header import DerivedObjectImpossible, missing_uids
+from service.imaging.values import to_uint8
 from service.logs import log_failure
+from service.pipeline.engine_call import ExplainedImage
 from service.pipeline.faithfulness import faithfulness
-from service.pipeline.images import ExplainedImage, PreparedImage
+from service.pipeline.images import PreparedImage
 from service.transport.interface import ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -67,11 +69,11 @@ def overlay_base(
     # left no image (the colour those areas normalise to zero from).
     pixels = prepared.pixels
     if pixels.dtype != np.uint8:
-        pixels = np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+        pixels = to_uint8(pixels)
     view = np.empty((*pixels.shape[:2], 3), dtype=np.uint8)
     if prepared.box is not None:
         mean = np.broadcast_to(np.asarray(model.mean, dtype=np.float64), (3,))
-        view[...] = np.round(np.clip(mean, 0, 1) * 255).astype(np.uint8)
+        view[...] = to_uint8(mean)
         x0, y0, x1, y1 = prepared.box
         view[y0:y1, x0:x1] = pixels[y0:y1, x0:x1]
     else:
@@ -120,11 +122,11 @@ def render_heatmap(
     if heat is None:
         heat = heatmap(cam, prepared.geometry, options.size)
     if options.format in DICOM_FORMATS:
-        assert prepared.header is not None and derived is not None
-        header = prepared.header
+        assert prepared.source is not None and derived is not None
+        source, header = prepared.source, prepared.source.header
         if options.format == "dicom-pm":
             data, reason = _build(
-                prepared, "dicom-pm", lambda: parametric_map(header, heat, derived)
+                prepared, "dicom-pm", lambda: parametric_map(source, heat, derived)
             )
         else:
             overlay = draw_heatmap(
@@ -133,9 +135,7 @@ def render_heatmap(
             data, reason = _build(
                 prepared,
                 "dicom-sc",
-                lambda: secondary_capture(
-                    header, overlay, derived, prepared.frame, options.encoding
-                ),
+                lambda: secondary_capture(source, overlay, derived, options.encoding),
             )
         if data is None:
             out.reason = reason
@@ -175,23 +175,23 @@ def _build(
 
 def _not_dicom(prepared: PreparedImage, what: str) -> str | None:
     """Why no DICOM object derived from this image can be made at all, or None."""
-    if prepared.header is None:
+    if prepared.source is None:
         return (
             f"{what} is a DICOM object derived from a DICOM source image; image "
             f"{prepared.index} is not DICOM (ask for 'overlay' or 'png')"
         )
-    return missing_uids(prepared.header)
+    return missing_uids(prepared.source.header)
 
 
 def dicom_problem(prepared: PreparedImage, fmt: str) -> str | None:
     """Why ``fmt`` cannot be made for this image (the explanation says so), or None."""
     reason = _not_dicom(prepared, fmt)
-    if reason is not None or prepared.header is None:
+    if reason is not None or prepared.source is None:
         return reason
     if fmt == "dicom-pm":
-        return parametric_map_problem(prepared.header)
+        return parametric_map_problem(prepared.source.header)
     if fmt == "dicom-seg":
-        return dicom_seg.segmentation_problem(prepared.header, prepared.frame)
+        return dicom_seg.segmentation_problem(prepared.source.header, prepared.frame)
     return None
 
 
@@ -206,13 +206,13 @@ def _segmentation(
     reason = dicom_problem(prepared, "dicom-seg")
     out = DicomObject()
     if reason is None:
-        assert prepared.header is not None
-        header = prepared.header
+        assert prepared.source is not None
+        source, header = prepared.source, prepared.source.header
         series, instance = new_uid(), new_uid()
         data, reason = _build(
             prepared,
             "dicom-seg",
-            lambda: dicom_seg.segmentation(header, segments, how, prepared.frame, series, instance),
+            lambda: dicom_seg.segmentation(source, segments, how, series, instance),
         )
         if data is not None:
             out.data = _b64(data)
@@ -256,15 +256,13 @@ def _report(
     reason = _not_dicom(prepared, "dicom-sr")
     if reason is not None:
         return DicomObject(reason=reason)
-    assert prepared.header is not None
-    header = prepared.header
+    assert prepared.source is not None
+    source, header = prepared.source, prepared.source.header
     series, instance = new_uid(), new_uid()
     data, reason = _build(
         prepared,
         "dicom-sr",
-        lambda: dicom_sr.measurement_report(
-            header, findings, how, made, prepared.frame, series, instance
-        ),
+        lambda: dicom_sr.measurement_report(source, findings, how, made, series, instance),
     )
     if data is None:
         return DicomObject(reason=reason)
@@ -278,17 +276,27 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def render_result(
-    result: ExplainedImage,
-    model: ModelInfo,
-    top_k: int,
-    options: HeatmapOptions,
-    include: Sequence[str] = (),
-    method: str = "gradcam",
-    layer: str | None = None,
-    report: ReportFormat | None = None,
-) -> ImageResult:
+@dataclass(frozen=True)
+class RenderOptions:
+    """What a request asks of each image's result besides the engine's answer: its
+    heatmaps' format and size, how many predictions, the extras (``include``), the
+    method and layer the DICOM objects name, and a report."""
+
+    heatmap: HeatmapOptions
+    top_k: int = 5
+    include: tuple[str, ...] = ()
+    method: str = "gradcam"
+    layer: str | None = None  # None: the model's default
+    report: ReportFormat | None = None
+
+
+def render_result(result: ExplainedImage, model: ModelInfo, render: RenderOptions) -> ImageResult:
+    """One image's part of the answer: its top predictions, each explanation's heatmap as
+    ``render.heatmap`` asks (array, picture or DICOM object; a reason instead where it
+    cannot be made), its Segmentation and report, and the extras asked for."""
     prepared = result.prepared
+    options, method, report = render.heatmap, render.method, render.report
+    layer = render.layer
     geometry = prepared.geometry
     how = Explained(
         method=method, layer=layer or model.default_layer, model=model.name, codes=model.codes
@@ -334,7 +342,7 @@ def render_result(
                 )
             )
         del original  # one map at full size at a time
-    order = result.order[: min(top_k, model.num_classes)]
+    order = result.order[: min(render.top_k, model.num_classes)]
     answer = ImageResult(
         width=geometry.width,
         height=geometry.height,
@@ -353,7 +361,7 @@ def render_result(
         answer.segmentation = _segmentation(prepared, segments, how, answer.explanations)
     if report is not None:
         answer.report = _report(prepared, findings, how, _made_with(answer))
-    if "image" in include:
+    if "image" in render.include:
         picture = overlay_base(prepared, "original", (geometry.height, geometry.width), model)
         answer.image = Picture(
             width=picture.width,
@@ -361,7 +369,7 @@ def render_result(
             encoding=options.encoding,
             data=_b64(encode_image(np.asarray(picture), options.encoding)),
         )
-    if "dicom" in include:
+    if "dicom" in render.include:
         answer.dicom = prepared.dicom
     return answer
 

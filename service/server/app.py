@@ -27,11 +27,11 @@ from service.contract.errors import (
 from service.contract.inference_protocol import ProtocolError
 from service.contract.settings import Settings
 from service.memory import MemoryBudget
+from service.server.environ import thread_wait
 from service.server.protocol_routes import protocol
 from service.server.routes import api, json_response
 from service.server.security import AccessPolicy, Unauthorized
 from service.server.webpage import ASSETS_PREFIX, PAGE_PATH, page
-from service.server.wsgi import thread_wait
 from service.transport.engine_client import EnginePool
 from service.transport.interface import Engine
 
@@ -160,7 +160,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         g.started = time.perf_counter()
         g.started_monotonic = time.monotonic()
         g.thread_wait_s = 0.0
-        wait = thread_wait()
+        wait = thread_wait(request.environ)
         if wait is not None:
             # The deadline counts from when the request queued for a thread.
             g.started_monotonic, g.thread_wait_s = wait

@@ -17,6 +17,7 @@ import logging
 import queue
 import selectors
 import socket
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import h11
 from service import metrics
 from service.contract.settings import Settings
 from service.server.access_log import log_access
+from service.server.environ import DRAINING
 from service.server.incoming import Incoming, Refusal, Step
 from service.server.wsgi import Answer, Peer, environ_for, failed_answer, run_app
 
@@ -73,6 +75,7 @@ class ConnectionIO:
     wake_writer: socket.socket
     pool: ThreadPoolExecutor
     trim_due: bool
+    draining: threading.Event  # told to stop: each request's environ asks it (environ.py)
     # Set by gunicorn's Worker: running (False once told to stop), its config, its
     # logger, the application.
     alive: bool
@@ -172,6 +175,7 @@ class ConnectionIO:
         request = conn.incoming.request
         assert request is not None
         environ = environ_for(request, conn.incoming.take_body(), conn.peer, conn.sock)
+        environ[DRAINING] = self.draining.is_set
         future = self.pool.submit(self._handle, environ, queued)
         future.add_done_callback(lambda done: self._finished(conn, done))
 

@@ -30,16 +30,14 @@ from service.contract.inference_protocol import (
 )
 from service.contract.terms import METHODS
 from service.pipeline.protocol import MODEL_VERSION, infer, parse_infer_request, response_body
+from service.server.environ import draining
 from service.server.routes import (
     admitted_body,
-    client_disconnected,
     current_engine,
     current_settings,
     json_response,
-    parsing_charge,
     refuse_compressed_body,
 )
-from service.server.worker import draining
 from service.transport.interface import ModelInfo
 
 protocol = Blueprint("protocol", __name__)
@@ -74,7 +72,7 @@ def _input_config(name: str, datatype: str) -> TensorConfig:
 
 
 def _ready() -> bool:
-    return not draining() and current_engine().ready()
+    return not draining(request.environ) and current_engine().ready()
 
 
 def _shapes(model: ModelInfo) -> dict[str, list[int]]:
@@ -174,19 +172,11 @@ def model_infer(name: str, version: str | None = None) -> Response:
         )
     refuse_compressed_body()
     model = _model(name, version)
-    with admitted_body() as (data, memory, started):
+    with admitted_body() as (data, context):
         header, binary = split_body(data, request.headers.get(HEADER_LENGTH))
-        parsed = parse_infer_request(header, parsing_charge(memory, len(data)))
+        parsed = parse_infer_request(header, context.reserve_parsing)
         answer, tensors = infer(
-            model.name,
-            parsed,
-            binary,
-            current_engine(),
-            current_settings(),
-            client_disconnected,
-            started,
-            memory,
-            len(data),
+            model.name, parsed, binary, current_engine(), current_settings(), context
         )
     body, header_length = response_body(answer, tensors)
     if header_length is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from flask import Blueprint, Response, current_app, g, request
@@ -24,8 +24,9 @@ from service.contract.responses import (
 from service.contract.settings import Settings
 from service.memory import RequestMemory
 from service.pipeline.budgets import BODY_COPIES
+from service.pipeline.context import RequestContext
 from service.pipeline.explain import explain
-from service.server.worker import draining
+from service.server.environ import draining
 from service.transport.interface import Catalog, Engine, ModelInfo
 
 api = Blueprint("api", __name__)
@@ -87,26 +88,17 @@ def explain_view() -> Response:
             code=ErrorCode.UNSUPPORTED_MEDIA_TYPE,
         )
     refuse_compressed_body()
-    with admitted_body() as (data, memory, started):
-        body = parse_explain_request(data, parsing_charge(memory, len(data)))
-        return json_response(
-            explain(
-                body,
-                current_engine(),
-                current_settings(),
-                client_disconnected,
-                started,
-                memory,
-                len(data),
-            )
-        )
+    with admitted_body() as (data, context):
+        body = parse_explain_request(data, context.reserve_parsing)
+        return json_response(explain(body, current_engine(), current_settings(), context))
 
 
 @contextmanager
-def admitted_body() -> Iterator[tuple[bytes, RequestMemory, float]]:
+def admitted_body() -> Iterator[tuple[bytes, RequestContext]]:
     """The body of a request that asks for compute, once the server can take it: not
     too far behind (else 503 at once), and with memory reserved for the body's copies.
-    Yields the body, the request's memory reservation and when its deadline counts from."""
+    Yields the body and the request's context (its deadline counts from when it
+    arrived, or queued for a thread; its client; its memory reservation)."""
     settings = current_settings()
     waited = g.get("thread_wait_s", 0.0)
     if settings.max_queue_wait_s and waited > settings.max_queue_wait_s:
@@ -120,13 +112,8 @@ def admitted_body() -> Iterator[tuple[bytes, RequestMemory, float]]:
     memory_wait_s = max(0.0, settings.max_queue_wait_s - waited)
     with RequestMemory(current_app.extensions.get("gradcam_memory"), memory_wait_s) as memory:
         memory.need(BODY_COPIES * len(data))  # before the body is parsed
-        yield data, memory, g.get("started_monotonic", time.monotonic())
-
-
-def parsing_charge(memory: RequestMemory, body_bytes: int) -> Callable[[int], None]:
-    """What ``json_object`` calls before it parses: the body's copies and the parse's own
-    bytes reserved together (the parsed values are gone once the request is validated)."""
-    return lambda parsed_bytes: memory.need(BODY_COPIES * body_bytes + parsed_bytes)
+        started = g.get("started_monotonic", time.monotonic())
+        yield data, RequestContext.start(settings, started, client_disconnected, memory, len(data))
 
 
 def refuse_compressed_body() -> None:
@@ -201,7 +188,7 @@ def healthz() -> Response:
 def readyz() -> Response:
     """200 while an engine answers a ping with its models loaded and its model loop alive,
     and this worker is not stopping (a load balancer then sends no new work here)."""
-    if draining():
+    if draining(request.environ):
         return json_response(Status(status="draining"), status=503)
     if current_engine().ready():
         return json_response(Status(status="ready"))

@@ -70,13 +70,6 @@ STOP_LINGER_S = 1.0
 # After answers, freed memory is handed back to the system at most this often.
 _TRIM_EVERY_S = 1.0
 
-_draining = threading.Event()
-
-
-def draining() -> bool:
-    """True once this worker has been told to stop (``/readyz`` then answers 503)."""
-    return _draining.is_set()
-
 
 def _malloc_trim() -> Callable[[], None]:
     """glibc's ``malloc_trim(0)``: hands freed heap back to the system (else a big
@@ -114,6 +107,8 @@ class BufferingWorker(ConnectionIO, Worker):
         self.trimmed_at = 0.0
         self.accepting = False
         self.accept_paused_until = 0.0
+        # Set once this worker has been told to stop; each request's environ asks it.
+        self.draining = threading.Event()
         super().init_process()
 
     # --- signals ------------------------------------------------------------------
@@ -121,7 +116,7 @@ class BufferingWorker(ConnectionIO, Worker):
     def handle_exit(self, sig: int, frame: Any) -> None:
         """SIGTERM: stop accepting and drain (the loop does the work)."""
         self.alive = False
-        _draining.set()
+        self.draining.set()
 
     # --- the loop -----------------------------------------------------------------
 
@@ -149,7 +144,7 @@ class BufferingWorker(ConnectionIO, Worker):
         self._drain()
 
     def _drain(self) -> None:
-        _draining.set()
+        self.draining.set()
         self._set_accepting(False)
         for listener in self.sockets:
             listener.close()  # with the master's copy closed too, connections are refused

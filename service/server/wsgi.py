@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import logging
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,13 +23,12 @@ import h11
 
 from service.contract.errors import ErrorCode
 from service.logs import log_failure
+from service.server.environ import THREAD_WAIT
 from service.server.incoming import error_body
 
 logger = logging.getLogger(__name__)
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Callable[[bytes], None]]], Iterable[bytes]]
-
-_current = threading.local()
 
 
 @dataclass
@@ -55,13 +53,6 @@ def failed_answer(started: float) -> Answer:
         ),
         started,
     )
-
-
-def thread_wait() -> tuple[float, float] | None:
-    """For the request this thread handles: when it was queued for a thread
-    (``time.monotonic()``) and how long it waited for one; None outside a worker."""
-    value: tuple[float, float] | None = getattr(_current, "wait", None)
-    return value
 
 
 @dataclass(frozen=True)
@@ -120,7 +111,7 @@ def environ_for(
 def run_app(app: WSGIApp, environ: dict[str, Any], queued: float) -> Answer:
     """In a request thread: run ``app`` on a complete request queued at ``queued``."""
     started = time.monotonic()
-    _current.wait = (queued, started - queued)
+    environ[THREAD_WAIT] = (queued, started - queued)
     status_line: list[str] = []
     headers: list[tuple[str, str]] = []
     chunks: list[bytes] = []
@@ -156,5 +147,4 @@ def run_app(app: WSGIApp, environ: dict[str, Any], queued: float) -> Answer:
         log_failure(logger, "the application failed outside its error handlers", error)
         return failed_answer(started)
     finally:
-        _current.wait = None
         environ.clear()

@@ -74,10 +74,12 @@ def engine_env(
 ) -> dict[str, str]:
     """The environment of an engine process: the supervisor's, with its torch threads
     (the cores shared between the engines), passive OpenMP waits and the allocator."""
-    env = dict(base)
     engines = max(1, settings.engines)
     threads = settings.torch_threads or max(1, cores // engines)
-    env["GRADCAM_TORCH_THREADS"] = str(threads)
+    env = {
+        **base,
+        **settings.model_copy(update={"torch_threads": threads}).to_env(["torch_threads"]),
+    }
     # OpenMP threads that sleep at their barriers instead of spinning: the HTTP
     # workers share the cores with the model on a CPU machine (docs/performance.md, "Under load").
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")

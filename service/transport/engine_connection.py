@@ -38,9 +38,6 @@ from service.transport.interface import Catalog, Job, JobResult
 logger = logging.getLogger(__name__)
 
 _RECONNECT_S = 0.1
-# A send that cannot complete for this long means the engine is stuck, not busy.
-_SEND_TIMEOUT_S = 10.0
-_SOCKET_BUFFER_BYTES = 256 * 1024
 _HELLO_ID = 0
 
 
@@ -125,7 +122,7 @@ class EngineConnection:
 
     def _send(self, request_id: int, buffers: list[memoryview]) -> None:
         try:
-            self._write(buffers, _SEND_TIMEOUT_S)
+            self._write(buffers, ipc.SEND_TIMEOUT_S)
         except ipc.PeerGone:
             self._forget(request_id)
             raise EngineUnavailable("The engine connection broke; retry shortly.") from None
@@ -169,7 +166,7 @@ class EngineConnection:
                 time.sleep(_RECONNECT_S)
                 continue
             logged_down = False
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ipc.SOCKET_BUFFER_BYTES)
             try:
                 self._serve(sock)
             finally:
@@ -186,7 +183,7 @@ class EngineConnection:
             self._pending[_HELLO_ID] = ("header", hello)
         reason = "the engine closed the connection"
         try:
-            self._write(ipc.encode({"op": "hello", "id": _HELLO_ID}), _SEND_TIMEOUT_S)
+            self._write(ipc.encode({"op": "hello", "id": _HELLO_ID}), ipc.SEND_TIMEOUT_S)
             poller = select.poll()
             poller.register(sock, select.POLLIN)
             greeted = False

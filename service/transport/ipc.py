@@ -51,6 +51,13 @@ _ITEMSIZES = {name: dtype.itemsize for name, dtype in _DTYPES.items()}
 # sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
 _MAX_IOV = 512
 
+# Both ends of an engine socket: its buffers, so that requests and replies of a few
+# hundred KiB go in one write (tests/benchmarks/transport.py: 256 KiB took 7-20 % off a
+# 4.6 MiB batch), and how long a send may not progress before the other end counts as
+# stuck or gone (a peer that reads nothing for 10 s is not just busy).
+SOCKET_BUFFER_BYTES = 256 * 1024
+SEND_TIMEOUT_S = 10.0
+
 Message = tuple[dict[str, Any], list[np.ndarray]]
 
 

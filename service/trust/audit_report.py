@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.imaging.render import colour_image, normalise, to_uint8
+from service.imaging.render import colour_image, normalise
+from service.imaging.values import to_uint8
 from service.transport.interface import ModelInfo
-from service.trust.audit import ImageRecord, Thresholds
+from service.trust.audit_records import ImageRecord, Thresholds
 
 _MEASURES = ("mass_in_box", "mass_near_box", "mass_on_border", "deletion_auc", "insertion_auc")
 _BINS = 20

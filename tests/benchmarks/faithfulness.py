@@ -27,9 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from service.contract.settings import Settings
-from service.demo.phantom import FINDINGS, sample_phantom, to_uint8
+from service.demo.phantom import FINDINGS, sample_phantom
 from service.engine import faithfulness
 from service.engine.runtime import Runtime
+from service.imaging.values import to_uint8
 from service.pipeline.faithfulness import auc
 from service.transport.interface import Job
 
@@ -59,7 +60,7 @@ def main() -> None:
     torch.set_num_threads(2)
     runtime = Runtime(Settings(device="cpu")).start()
     model = runtime.models["phantom"]
-    engine = runtime._engines["phantom"]
+    engine = runtime._explainers["phantom"]
     pictures = []
     seed = 0
     while len(pictures) < args.images:

@@ -63,7 +63,8 @@ import torchvision
 from PIL import Image
 from serving import descendants, free_port, processes, stop
 
-from service.demo.phantom import sample_phantom, to_uint8
+from service.demo.phantom import sample_phantom
+from service.imaging.values import to_uint8
 
 REPO = Path(__file__).resolve().parents[2]
 

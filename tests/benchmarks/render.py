@@ -29,10 +29,11 @@ from PIL import Image
 from timing import median_ms
 
 from service.contract.requests import HeatmapOptions
-from service.demo.phantom import sample_phantom, to_uint8
+from service.demo.phantom import sample_phantom
 from service.imaging.encoders import encode_image
 from service.imaging.geometry import fit_geometry
 from service.imaging.render import COLORMAP, OVERLAY_MAX_OPACITY, heatmap
+from service.imaging.values import to_uint8
 from service.pipeline.images import PreparedImage
 from service.pipeline.results import draw_heatmap
 from service.transport.interface import ModelInfo

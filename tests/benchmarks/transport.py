@@ -14,7 +14,7 @@ torch), which replies with arrays of the size a classifier would return. Transpo
   arrays) after ``select.poll`` says readable, on non-blocking sockets on both
   sides. The echo engine replies inline (the real one has a send thread). One row
   per ``SO_SNDBUF``, set on both ends: 0 = kernel default, 256 KiB = the service's
-  (``SOCKET_BUFFER_BYTES``, ``service/engine/engine_server.py``); the effective value (the
+  (``SOCKET_BUFFER_BYTES``, ``service/transport/ipc.py``); the effective value (the
   kernel doubles it, capped at ``net.core.wmem_max``) is in the row's name.
 * ``zmq ipc``: ZeroMQ DEALER → ROUTER over ``ipc://``, a msgpack header frame plus
   raw frames, ``send_multipart(copy=False)`` (pyzmq still copies frames under its
@@ -106,7 +106,8 @@ CASES: tuple[Case, ...] = (
 )
 
 # What the service sets on both ends (service/engine/process.py imports torch, so copied).
-SOCKET_BUFFER_BYTES = 256 * 1024
+from service.transport.ipc import SOCKET_BUFFER_BYTES  # noqa: E402
+
 SEND_TIMEOUT_S = 10.0  # as the service's send loops
 RECV_TIMEOUT_S = 60.0
 META_BYTES = 64  # id + crcs at the start of each shared-memory slot

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import requests
 
-from service.demo.phantom import to_uint8
+from service.imaging.values import to_uint8
 from tests.helpers import phantom, png_bytes
 
 KINDS = ("silent", "header_trickle", "body_trickle", "short_body", "no_reader")

@@ -32,7 +32,8 @@ from typing import Literal
 
 from PIL import Image
 
-from service.demo.phantom import FINDINGS, MarkerPolicy, iter_phantoms, to_uint8
+from service.demo.phantom import FINDINGS, MarkerPolicy, iter_phantoms
+from service.imaging.values import to_uint8
 
 MarkerMode = Literal["none", "nodule", "all"]
 _POLICIES: dict[MarkerMode, MarkerPolicy | None] = {

@@ -22,12 +22,13 @@ from PIL import Image
 
 from service.contract.models_file import DEMO_MODELS_FILE
 from service.contract.settings import Settings
+from service.contract.terms import METHODS
 from service.demo.evaluation import peak_in_boxes, per_class_auc
-from service.demo.phantom import FINDINGS, make_dataset, to_uint8
-from service.engine.gradcam import METHODS
+from service.demo.phantom import FINDINGS, make_dataset
 from service.engine.runtime import Runtime
 from service.imaging.geometry import to_model_pixels
 from service.imaging.render import heatmap
+from service.imaging.values import to_uint8
 from service.transport.interface import Job
 from tools.demo_model.shortcut import CARD_SECTION
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.demo.phantom import sample_phantom, to_uint8
+from service.demo.phantom import sample_phantom
+from service.imaging.values import to_uint8
 
 # (name, seed, width, height): square ones like the training data, and odd
 # non-square sizes to show that heatmaps follow any pixel grid.

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from service.demo.phantom import make_dataset, to_uint8
+from service.demo.phantom import make_dataset
+from service.imaging.values import to_uint8
 from tools.demo_model.evaluate import EVALUATION_SEED
 
 

@@ -29,10 +29,11 @@ from PIL import Image
 
 from service.contract.settings import Settings
 from service.demo.evaluation import peak_in_boxes
-from service.demo.phantom import FINDINGS, MarkerPolicy, Phantom, make_dataset, to_uint8
+from service.demo.phantom import FINDINGS, MarkerPolicy, Phantom, make_dataset
 from service.engine.runtime import Runtime
 from service.imaging.geometry import to_model_pixels
 from service.imaging.render import heatmap
+from service.imaging.values import to_uint8
 from service.transport.interface import Job
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "service" / "demo"

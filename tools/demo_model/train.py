@@ -27,8 +27,9 @@ from torch.nn import functional as F
 
 from service.demo.evaluation import mean_auc
 from service.demo.model import phantom_net
-from service.demo.phantom import FINDINGS, MarkerPolicy, Phantom, make_dataset, to_uint8
+from service.demo.phantom import FINDINGS, MarkerPolicy, Phantom, make_dataset
 from service.imaging.geometry import to_model_pixels
+from service.imaging.values import to_uint8
 
 logger = logging.getLogger(__name__)
 

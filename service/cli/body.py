@@ -2,7 +2,7 @@
 curl, load tools and other clients. Checked as a server would check it before any
 work (each file is an image the service reads, by its header; the body is valid
 against the request model), so a server only has its own checks left (model, labels,
-sizes). No model is loaded.
+sizes). No model is loaded, and nothing but the JSON is printed.
 """
 
 from __future__ import annotations
@@ -11,18 +11,75 @@ import argparse
 import base64
 import sys
 from pathlib import Path
+from typing import get_args
 
 import orjson
 
+from service.cli import common
+from service.cli.common import EXIT_OK, EXIT_USAGE, Subparsers
 from service.contract.errors import ServiceError
 from service.contract.requests import parse_explain_request
 from service.contract.responses import to_json
-from service.explain_files import target_ref
+from service.contract.terms import (
+    METHODS,
+    HeatmapEncoding,
+    HeatmapFormat,
+    HeatmapSize,
+    ReportFormat,
+)
 from service.imaging.decoding import image_format
+from service.pipeline.offline import target_ref
 
 
 class BodyRefused(Exception):
     """A file that cannot be read or is no image, or a value the request model refuses."""
+
+
+def add_parser(sub: Subparsers) -> None:
+    parser = sub.add_parser(
+        "body",
+        help="print a POST /v1/explain body for image files "
+        "(for curl --data-binary @file, locust, other clients)",
+    )
+    parser.add_argument(
+        "images", nargs="+", help="image files (PNG, JPEG, DICOM, ...; - reads one from stdin)"
+    )
+    parser.add_argument("--model", help="model name; default: the server's default")
+    parser.add_argument(
+        "--target",
+        action="append",
+        help="class index or label to explain for "
+        "every image (repeat for several); default: the top-1 class",
+    )
+    parser.add_argument("--method", **common.one_of(METHODS))
+    parser.add_argument("--layer", help="target layer (dotted name); default: the model's")
+    parser.add_argument("--format", **common.one_of(get_args(HeatmapFormat)), help="default png")
+    parser.add_argument("--size", **common.one_of(get_args(HeatmapSize)), help="default original")
+    parser.add_argument(
+        "--encoding", **common.one_of(get_args(HeatmapEncoding)), help="default png"
+    )
+    parser.add_argument(
+        "--report",
+        **common.one_of(get_args(ReportFormat)),
+        help="dicom-sr: a DICOM SR report of each DICOM image; default none",
+    )
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--frame", type=int, help="frame of multi-frame images")
+    parser.add_argument("-o", "--output", help="write the body here instead of stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print (or write) the body."""
+    try:
+        data = request_body(args)
+    except BodyRefused as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.output:
+        Path(args.output).write_bytes(data)
+    else:
+        sys.stdout.buffer.write(data)
+    return EXIT_OK
 
 
 def _read(name: str) -> bytes:

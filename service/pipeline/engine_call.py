@@ -1,0 +1,60 @@
+"""The engine call of a request: its prepared images as one ``Job``, batched in the engine
+with other requests, and the answer as one ``ExplainedImage`` per image. The HTTP path
+(``explain.compute``) and the command line (``offline.py``) both call the engine here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.pipeline.context import RequestContext
+from service.pipeline.images import PreparedImage
+from service.transport.interface import Engine, Job, ModelInfo, class_order
+
+
+@dataclass(frozen=True)
+class ExplainedImage:
+    prepared: PreparedImage
+    scores: np.ndarray  # (K,) probabilities (softmax) or sigmoid scores (multilabel)
+    order: np.ndarray  # (K,) class indices, most likely first (interface.class_order)
+    targets: list[int]
+    cams: list[np.ndarray]  # (h, w) raw maps, one per target
+    # (2, 21) deletion and insertion curves, one per target, if asked for (else empty)
+    curves: list[np.ndarray] = field(default_factory=list)
+
+
+def call_engine(
+    engine: Engine,
+    model: ModelInfo,
+    layer: str,
+    method: str,
+    prepared: Sequence[PreparedImage],
+    context: RequestContext,
+    faithfulness: bool = False,
+) -> list[ExplainedImage]:
+    """One engine call for all ``prepared`` images (batched there with other requests),
+    within the request's deadline and while its client waits; with ``faithfulness``,
+    every explanation's deletion and insertion curves too."""
+    job = Job(
+        model=model.name,
+        layer=layer,
+        images=[p.pixels for p in prepared],
+        boxes=[p.box for p in prepared],
+        targets=[p.targets for p in prepared],
+        methods=[method] * len(prepared),
+        faithfulness=[True] * len(prepared) if faithfulness else [],
+    )
+    result = engine.run(job, context.deadline, context.disconnected)
+    return [
+        ExplainedImage(
+            p,
+            result.scores[i],
+            class_order(result.logits[i]),
+            result.targets[i],
+            result.maps[i],
+            result.curves[i] if result.curves else [],
+        )
+        for i, p in enumerate(prepared)
+    ]

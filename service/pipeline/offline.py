@@ -1,0 +1,111 @@
+"""Files explained without a server: the one path of the command line's ``explain``,
+``sanity`` and ``audit``.
+
+The choices a request makes are made as the HTTP path makes them (``choose_layer``,
+``resolve_targets``: the same errors, the same did-you-mean). Each file is then its own
+request: decoded and fitted by ``prepare_image`` under the per-image limits of a fresh
+``RequestBudget`` (not a total over the files); a file that cannot be read or refused
+becomes one line to tell, and the others go on. The prepared images go to the engine in
+chunks (``call_engine``), each within its own deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+from service.contract.errors import ServiceError
+from service.contract.requests import ClassRef, HeatmapOptions
+from service.contract.settings import Settings
+from service.pipeline.budgets import RequestBudget
+from service.pipeline.context import RequestContext
+from service.pipeline.engine_call import ExplainedImage, call_engine
+from service.pipeline.images import PreparedImage, choose_layer, prepare_image, resolve_targets
+from service.transport.interface import Engine, ModelInfo
+
+# A file's images are charged for nothing drawn: the commands draw what they write.
+_NOTHING_DRAWN = HeatmapOptions(format="none", size="original")
+
+
+def target_ref(text: str) -> int | str:
+    """A target given on the command line: a class index, or a label."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+@dataclass(frozen=True)
+class OfflinePlan:
+    """What every file of one command is explained with."""
+
+    model: ModelInfo
+    layer: str
+    targets: list[int | None]  # for each image (None: its top-1 class)
+    method: str
+    faithfulness: bool
+    settings: Settings
+
+
+def plan(
+    model: ModelInfo,
+    settings: Settings,
+    layer: str | None = None,
+    targets: Sequence[str] | None = None,
+    method: str = "gradcam",
+    faithfulness: bool = False,
+) -> OfflinePlan:
+    """The layer and targets as the HTTP path chooses them (``ServiceError`` for a layer
+    or class the model does not have, or more explanations than a request may ask)."""
+    chosen = choose_layer(model, layer)
+    refs: list[ClassRef] | None = [target_ref(t) for t in targets] if targets else None
+    resolved = resolve_targets(refs, model, 0)
+    budget = RequestBudget(settings, model, chosen, _NOTHING_DRAWN)
+    budget.check_explanations([len(resolved)], faithfulness)
+    return OfflinePlan(model, chosen, resolved, method, faithfulness, settings)
+
+
+def prepare_file(
+    plan: OfflinePlan,
+    data: bytes,
+    index: int,
+    frame: int | None = None,
+    keep_display: bool = False,
+    keep_header: bool = False,
+) -> PreparedImage:
+    """One file's image, decoded and fitted as a request of its own (``ServiceError``)."""
+    budget = RequestBudget(plan.settings, plan.model, plan.layer, _NOTHING_DRAWN)
+    admit = partial(budget.admit_image, index, explanations=len(plan.targets))
+    return prepare_image(
+        data,
+        index,
+        plan.model,
+        admit,
+        plan.targets,
+        frame,
+        keep_display=keep_display,
+        keep_header=keep_header,
+    )
+
+
+def problem(error: OSError | ServiceError) -> str:
+    """What to tell of a file that failed: the service's sentence, or the system's."""
+    if isinstance(error, ServiceError):
+        return error.message
+    return error.strerror or str(error)
+
+
+def explain_prepared(
+    engine: Engine, plan: OfflinePlan, prepared: Sequence[PreparedImage], deadline_s: float
+) -> list[ExplainedImage]:
+    """One engine call for a chunk of prepared images, within ``deadline_s`` from now."""
+    context = RequestContext.start(
+        plan.settings.model_copy(update={"request_timeout_s": deadline_s})
+    )
+    return call_engine(
+        engine,
+        plan.model,
+        plan.layer,
+        plan.method,
+        prepared,
+        context,
+        faithfulness=plan.faithfulness,
+    )
