@@ -1,10 +1,8 @@
-"""Shared fixtures: the demo model's runtime and one live server (helpers in ``helpers.py``);
-the ``process`` marker on every test that starts a process of its own."""
+"""Shared fixtures: the demo model's runtime and one live server (helpers in ``helpers.py``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,37 +31,8 @@ def server() -> Iterator[LiveServer]:
     live.stop()
 
 
-# Modules whose tests start processes (serve, gunicorn, an engine, Orthanc, a browser,
-# OHIF's server, the CLI): the developer loop leaves them out with -m "not process"
-# (docs/development.md). Tests elsewhere that use the live ``server`` fixture are marked too.
-_PROCESS_MODULES = {
-    "test_access",
-    "test_allocator",
-    "test_boundaries",
-    "test_browser",
-    "test_catalogue",
-    "test_cli",
-    "test_crashes",
-    "test_deploy",
-    "test_dicomweb",
-    "test_docker",
-    "test_engine_process",
-    "test_hardening",
-    "test_http",
-    "test_load",
-    "test_locust",
-    "test_memory_budget",
-    "test_ohif",
-    "test_ohif_front_ends",
-    "test_openapi",
-    "test_orthanc_routing",
-    "test_slow_clients",
-}
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Until the tests that use the live ``server`` are split out of tests/unit/.
     for item in items:
-        if Path(str(item.fspath)).stem in _PROCESS_MODULES or "server" in getattr(
-            item, "fixturenames", ()
-        ):
+        if "server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.process)

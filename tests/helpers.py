@@ -36,6 +36,10 @@ from service.imaging.values import to_uint8
 from service.memory import children
 from service.transport.interface import ENGINE_MODULE
 
+# The repository's root (tests/helpers.py is one folder below it) and its examples.
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
 
 def missing_tool(what: str, packages: str) -> NoReturn:
     """A test needs ``what``, from Debian's ``packages``: in CI that is a failure

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.test_orthanc_routing import route_fifty
+from tests.process.pacs.test_orthanc_routing import route_fifty
 
 
 def main() -> None:
