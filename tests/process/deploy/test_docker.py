@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import REPO, wait_ready
+from tests.helpers import REPO, answering, wait_until
 
 TAG = "localhost/gradcam-service:0.1.0"
 LIMITS = ["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
@@ -77,7 +77,12 @@ def test_the_image_builds_runs_answers_and_stops() -> None:
     assert run.returncode == 0, run.stderr
     try:
         url = f"http://127.0.0.1:{port}"
-        assert wait_ready(url, 120), _podman("logs", name).stdout[-3000:]
+        wait_until(
+            answering(f"{url}/readyz"),
+            120,
+            "the container ready",
+            detail=lambda: _podman("logs", name).stdout[-3000:],
+        )
         body = subprocess.run(
             [
                 str(Path(os.sys.executable).with_name("gradcam-service")),

@@ -28,7 +28,7 @@ from pydicom.data import get_testdata_file
 
 from service.contract.errors import Forbidden, InvalidField
 from service.pipeline.dicomweb import DicomWebServers, _parts
-from tests.helpers import REPO, LiveServer, encode, missing_tool, wait_answering
+from tests.helpers import REPO, LiveServer, answering, encode, missing_tool, wait_until
 from tests.unit.imaging.test_dicom_out import _valid
 
 EXAMPLES = REPO / "examples"
@@ -90,9 +90,12 @@ def _running_orthanc(folder: Path, *options: str) -> Iterator[Orthanc]:
         )
     rest = f"http://127.0.0.1:{port}"
     try:
-        if not wait_answering(f"{rest}/system", 30, lambda: process.poll() is None):
-            assert process.poll() is None, (folder / "log").read_text()
-            pytest.fail("Orthanc did not start in 30 s: " + (folder / "log").read_text())
+        wait_until(
+            answering(f"{rest}/system", process),
+            30,
+            "Orthanc answering",
+            detail=(folder / "log").read_text,
+        )
         # The phantom study (and a CT), uploaded with Orthanc's own API.
         for path in (CR, CT):
             assert requests.post(f"{rest}/instances", data=path.read_bytes(), timeout=30).ok

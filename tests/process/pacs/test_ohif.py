@@ -45,7 +45,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.helpers import REPO, LiveServer, free_port, wait_answering
+from tests.helpers import REPO, LiveServer, answering, free_port, wait_until
 from tests.process.browser.test_browser import browser, playwright_api  # noqa: F401 (the fixture)
 from tests.process.pacs.test_dicomweb import CR, CT, Orthanc, _by_uids, orthanc  # noqa: F401 (the fixture)
 from tests.process.pacs.test_orthanc_routing import (
@@ -168,13 +168,23 @@ def _serving_ohif(dicomweb: str) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        if not wait_answering(f"{url}/app-config.js", 20, lambda: process.poll() is None):
-            assert process.poll() is None, process.stderr.read().decode()  # type: ignore[union-attr]
-            pytest.fail("serve.py did not answer in 20 s")
+        wait_until(
+            answering(f"{url}/app-config.js", process),
+            20,
+            "OHIF's serve.py answering",
+            detail=lambda: _stderr_once_exited(process),
+        )
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=20)
+
+
+def _stderr_once_exited(process: subprocess.Popen[bytes]) -> str:
+    # A pipe read while the process runs would block.
+    if process.poll() is None or process.stderr is None:
+        return "(still running)"
+    return process.stderr.read().decode(errors="replace")
 
 
 class Viewer:

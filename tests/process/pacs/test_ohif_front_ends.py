@@ -36,9 +36,9 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
-from tests.helpers import REPO, free_port, wait_answering
+from tests.helpers import REPO, answering, free_port, wait_until
+from tests.process.deploy.test_ohif_nginx import running_ohif_nginx
 from tests.process.pacs.test_dicomweb import CR, CT, Orthanc, _running_orthanc
-from tests.unit.deploy.test_deploy import running_ohif_nginx
 
 OHIF = REPO / "deploy" / "ohif"
 T = TypeVar("T")
@@ -156,10 +156,12 @@ def _serve_py(folder: Path, dist: Path, dicomweb: str, *options: str) -> Iterato
             start_new_session=True,
         )
     try:
-        if not wait_answering(
-            f"http://127.0.0.1:{port}/index.html", 20, lambda: process.poll() is None
-        ):
-            pytest.fail(f"serve.py did not answer in 20 s: {stderr.read_text()}")
+        wait_until(
+            answering(f"http://127.0.0.1:{port}/index.html", process),
+            20,
+            "OHIF's serve.py answering",
+            detail=stderr.read_text,
+        )
         yield FrontEnd("serve.py", port, stderr, process.pid)
     finally:
         os.killpg(process.pid, signal.SIGTERM)

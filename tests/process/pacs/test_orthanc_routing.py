@@ -30,7 +30,15 @@ import requests
 from pydicom.uid import RLELossless, generate_uid
 
 from service.pipeline.dicomweb import DicomWebServers, store
-from tests.helpers import REPO, LiveServer, free_port, metric_value, missing_tool, wait_answering
+from tests.helpers import (
+    REPO,
+    LiveServer,
+    answering,
+    free_port,
+    metric_value,
+    missing_tool,
+    wait_until,
+)
 from tests.unit.deploy.test_orthanc_recipe import RECIPE
 from tests.unit.deploy.test_orthanc_recipe import router_module as ROUTER
 
@@ -126,12 +134,17 @@ def start_orthanc(folder: Path, http_port: int, service_url: str, **env: str) ->
             start_new_session=True,
         )
     orthanc = Orthanc(process, f"http://127.0.0.1:{http_port}", dicom_port, log)
-    if wait_answering(f"{orthanc.rest}/gradcam/router", 30, lambda: process.poll() is None):
-        return orthanc
-    if process.poll() is not None:
-        pytest.fail(f"Orthanc exited: {log.read_text()[-3000:]}")
-    orthanc.stop()
-    pytest.fail(f"Orthanc did not start in 30 s: {log.read_text()[-3000:]}")
+    try:
+        wait_until(
+            answering(f"{orthanc.rest}/gradcam/router", process),
+            30,
+            "Orthanc and its router answering",
+            detail=lambda: log.read_text()[-3000:],
+        )
+    except AssertionError:
+        orthanc.stop()
+        raise
+    return orthanc
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""On a CUDA device: the same heatmaps as on the CPU, autocast's difference, the server.
+"""On a CUDA device: the same heatmaps as on the CPU, autocast's difference, CUDA graphs
+(the server on CUDA: ``tests/process/server/test_gpu.py``).
 
 Marked ``gpu``: skipped where CUDA is missing; ``tests/benchmarks/gpu_check.sh``
 runs them on a GPU machine.
@@ -13,14 +14,11 @@ its peak everywhere, which is what a user of the default sees.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pytest
-import requests
 import torch
 
 from service import metrics
@@ -31,7 +29,7 @@ from service.engine.folding import fold_batch_norms
 from service.engine.gradcam import GradCAM
 from service.engine.runtime import Runtime
 from service.transport.interface import Job
-from tests.helpers import LiveServer, encode, metric_value, phantom_png, seeded_model
+from tests.helpers import seeded_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -128,48 +126,6 @@ def test_batch_invariance_on_cuda(
         # another summation order.
         scale = float(alone.cams[0][0].abs().max()) or 1.0
         assert torch.allclose(alone.cams[0][0], batch.cams[i][0], atol=2e-4 * scale, rtol=1e-3)
-
-
-@pytest.fixture(scope="module")
-def cuda_server() -> Iterator[LiveServer]:
-    live = LiveServer(device="cuda", workers=2)
-    yield live
-    live.stop()
-
-
-def test_server_on_cuda(cuda_server: LiveServer) -> None:
-    detail = requests.get(f"{cuda_server.url}/v1/models/phantom", timeout=10).json()
-    assert detail["device"].startswith("cuda")
-    response = requests.post(
-        f"{cuda_server.url}/v1/explain",
-        timeout=60,
-        json={"images": [encode(phantom_png(2, 300, 240))], "heatmap": {"format": "overlay"}},
-    )
-    assert response.status_code == 200, response.text
-    result = response.json()["results"][0]
-    assert result["predictions"][0]["label"] == "nodule"
-    assert (
-        result["explanations"][0]["heatmap"]["width"],
-        result["explanations"][0]["heatmap"]["height"],
-    ) == (300, 240)
-
-
-def test_only_the_engine_holds_the_gpu(cuda_server: LiveServer) -> None:
-    try:
-        listed = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        pytest.skip("nvidia-smi cannot list compute processes here")
-    if not listed:
-        pytest.skip("nvidia-smi lists no processes (a container without the host's PIDs)")
-    holders = {int(pid) for pid in listed}
-    assert set(cuda_server.engine_pids()) <= holders
-    assert not holders & set(cuda_server.worker_pids())
 
 
 # --- CUDA graphs (engine/cuda_graphs.py): the replayed answer is the eager one ---------
@@ -277,27 +233,3 @@ def test_a_graphed_runtime_answers_as_its_eager_path(tf32: bool) -> None:
         runtime._graphs = graphs
         runtime.close()
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def test_server_with_cuda_graphs(cuda_server: LiveServer) -> None:
-    graphed = LiveServer(device="cuda", env={"GRADCAM_CUDA_GRAPHS": "on"})
-    try:
-        body: dict[str, Any] = {
-            "images": [encode(phantom_png(seed, 200, 160)) for seed in range(3)],
-            "heatmap": {"format": "array", "size": "layer"},
-        }
-        answers = [
-            requests.post(f"{live.url}/v1/explain", json=body, timeout=60)
-            for live in (cuda_server, graphed)
-        ]
-        assert all(a.status_code == 200 for a in answers), answers[1].text
-        for x, y in zip(*(a.json()["results"] for a in answers), strict=True):
-            assert [p["label"] for p in x["predictions"]] == [p["label"] for p in y["predictions"]]
-            a = np.array(x["explanations"][0]["heatmap"]["values"])
-            b = np.array(y["explanations"][0]["heatmap"]["values"])
-            assert np.abs(a - b).max() <= 1e-3
-        text = requests.get(f"{graphed.url}/metrics", timeout=10).text
-        assert metric_value(text, "gradcam_cuda_graph_replays_total", '{model="phantom"}') >= 1
-        assert metric_value(text, "gradcam_cuda_graph_fallbacks_total", '{model="phantom"}') == 0
-    finally:
-        graphed.stop()

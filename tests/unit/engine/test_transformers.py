@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 import torch
 from pytorch_grad_cam import GradCAM as ReferenceGradCAM
 from pytorch_grad_cam import GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
@@ -32,7 +31,7 @@ from service.engine.gradcam import GradCAM
 from service.engine.layers import default_layer, probe_layers, resolve_layer
 from service.engine.layouts import token_grid
 from service.engine.loading.models import load_model
-from tests.helpers import LiveServer, encode, phantom_png, seeded_model
+from tests.helpers import seeded_model
 from tests.tiny_transformers import tiny_swin, tiny_vit
 from tests.unit.engine.test_buckets import EagerGraph
 
@@ -376,43 +375,3 @@ def test_torchvision_transformers_match_pytorch_grad_cam(arch: str) -> None:
     methods = [method for method in REFERENCE_CLASSES if method != "gradcam++"]
     found = _assert_match(model, layer, inputs, reshape, methods)
     print(arch, {method: round(r, 6) for method, r in found.items()})
-
-
-@pytest.mark.slow
-@pytest.mark.process
-def test_vit_b_16_served_over_http(tmp_path: Path) -> None:
-    path = _models_file(
-        tmp_path,
-        """
-        [models.vit]
-        arch = "vit_b_16"
-        memory_format = "contiguous"  # no timed probe at start-up
-        """,
-    )
-    server = LiveServer(env={"GRADCAM_MODELS_FILE": str(path)})
-    try:
-        layers = requests.get(f"{server.url}/v1/models/vit/layers", timeout=10).json()
-        assert layers["default_layer"] == "encoder.layers.encoder_layer_11.ln_1"
-        assert {
-            "name": "encoder.layers.encoder_layer_11.ln_1",
-            "kind": "LayerNorm",
-            "channels": 768,
-            "height": 14,
-            "width": 14,
-        } in layers["layers"]
-        response = requests.post(
-            f"{server.url}/v1/explain",
-            json={
-                "images": [encode(phantom_png(3, 300, 240))],
-                "heatmap": {"format": "array", "size": "layer"},
-            },
-            timeout=60,
-        )
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert body["layer"] == "encoder.layers.encoder_layer_11.ln_1"
-        heatmap = body["results"][0]["explanations"][0]["heatmap"]
-        assert (heatmap["width"], heatmap["height"]) == (14, 14)
-        assert np.array(heatmap["values"]).shape == (14, 14)
-    finally:
-        server.stop()

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import requests
 
 from service.contract.errors import ConfigError
 from service.contract.models_file import DEMO_MODELS_FILE, load_models_file
@@ -25,7 +24,7 @@ from service.engine.loading.models import load_model
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
 from service.transport.interface import ModelInfo
-from tests.helpers import REPO, LiveServer, as_json, dciodvfy_errors, encode
+from tests.helpers import REPO, as_json, dciodvfy_errors, encode
 
 EXAMPLES = REPO / "examples"
 CR = EXAMPLES / "phantom_nodule.dcm"
@@ -182,23 +181,3 @@ def test_the_codes_cross_the_engine_socket(tmp_path: Path) -> None:
     info = load_model("phantom", load_models_file(_models_file(tmp_path, CODES))).info()
     assert info.codes == {"nodule": NODULE, "mass": MASS}
     assert ModelInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info
-
-
-@pytest.mark.process
-@pytest.mark.slow
-def test_a_served_models_file_codes_the_report(tmp_path: Path) -> None:
-    """Through the real server, its engine in another process: the SR names SNOMED's
-    nodule."""
-    live = LiveServer(env={"GRADCAM_MODELS_FILE": str(_models_file(tmp_path, CODES))})
-    try:
-        body = {
-            "images": [encode(CR.read_bytes())],
-            "targets": [["nodule"]],
-            "report": "dicom-sr",
-        }
-        answer = requests.post(f"{live.url}/v1/explain", json=body, timeout=120)
-        assert answer.status_code == 200, answer.text
-        data = answer.json()["results"][0]["report"]["data"]
-        assert _finding_types(pydicom.dcmread(io.BytesIO(base64.b64decode(data)))) == [NODULE]
-    finally:
-        live.stop()

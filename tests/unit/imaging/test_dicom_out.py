@@ -15,7 +15,6 @@ import numpy as np
 import orjson
 import pydicom
 import pytest
-import requests
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -23,7 +22,7 @@ from service.contract.errors import InvalidField
 from service.contract.requests import ExplainRequest, parse_explain_request
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
-from tests.helpers import REPO, LiveServer, as_json, dciodvfy_errors, encode
+from tests.helpers import REPO, as_json, dciodvfy_errors, encode
 
 EXAMPLES = REPO / "examples"
 CR = EXAMPLES / "phantom_nodule.dcm"  # MONOCHROME1, windowed, no Frame of Reference
@@ -168,19 +167,6 @@ def test_dicom_formats_take_only_what_dicom_can_hold(heatmap: dict) -> None:
     body = f'{{"images": ["AAAA"], "heatmap": {str(heatmap).replace(chr(39), chr(34))}}}'
     with pytest.raises(InvalidField):
         parse_explain_request(body.encode())
-
-
-def test_dicom_sc_through_the_server(server: LiveServer, tmp_path: Path) -> None:
-    body = {
-        "images": [encode(CR.read_bytes())],
-        "targets": ["nodule"],
-        "heatmap": {"format": "dicom-sc"},
-    }
-    answer = requests.post(f"{server.url}/v1/explain", json=body, timeout=60)
-    assert answer.status_code == 200, answer.text
-    data = answer.json()["results"][0]["explanations"][0]["heatmap"]["data"]
-    sc = _valid(base64.b64decode(data), tmp_path)
-    assert sc.StudyInstanceUID == pydicom.dcmread(CR).StudyInstanceUID
 
 
 def _values(runtime: Runtime, source: Path, targets: list, **body: object) -> list[np.ndarray]:
@@ -370,23 +356,6 @@ def test_segmentations_and_reports_take_only_what_they_can_hold(body: dict) -> N
     # A report alone may be stored (the SR is a DICOM object).
     stored = {"images": ["AAAA"], "report": "dicom-sr", "store": {"url": "http://pacs/x"}}
     assert parse_explain_request(orjson.dumps(stored)).report == "dicom-sr"
-
-
-def test_segmentation_and_report_through_the_server(server: LiveServer, tmp_path: Path) -> None:
-    body = {
-        "images": [encode(CR.read_bytes())],
-        "targets": [["nodule", "mass"]],
-        "heatmap": {"format": "dicom-seg"},
-        "report": "dicom-sr",
-    }
-    answer = requests.post(f"{server.url}/v1/explain", json=body, timeout=60)
-    assert answer.status_code == 200, answer.text
-    result = answer.json()["results"][0]
-    seg = _valid(base64.b64decode(result["segmentation"]["data"]), tmp_path)
-    sr = _valid(base64.b64decode(result["report"]["data"]), tmp_path)
-    assert seg.StudyInstanceUID == sr.StudyInstanceUID == pydicom.dcmread(CR).StudyInstanceUID
-    evidence = {uids[2] for uids in _report(sr).get_evidence()}
-    assert seg.SOPInstanceUID in evidence
 
 
 def test_what_the_sweep_found_for_segmentations_and_reports(

@@ -1,14 +1,12 @@
 """The Open Inference Protocol door (``/v2``): metadata, JSON and binary tensors, errors
 in the protocol's shape, and results equal to ``/v1`` for the same image.
 
-In-process tests use Flask's client on the demo model's runtime; the live tests drive
-the real server with Triton's own client (``tritonclient.http``), which parses the
-binary tensor extension independently of our code.
+In-process, with Flask's client on the demo model's runtime; the real server, driven by
+Triton's and KServe's own clients, in ``tests/process/server/test_inference_protocol.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -20,18 +18,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-import requests
 import tritonclient.http as triton
 from flask.testing import FlaskClient
 from PIL import Image
-from tritonclient.utils import InferenceServerException
 
 from service.contract.binary_tensors import pack_bytes, unpack_bytes
 from service.contract.errors import BadRequest
 from service.contract.settings import Settings
 from service.engine.runtime import Runtime
 from service.server.app import create_app
-from tests.helpers import REPO, LiveServer, encode, metric_value, phantom_png
+from tests.helpers import REPO, encode, phantom_png
 
 MODEL = "phantom"
 INFER = f"/v2/models/{MODEL}/infer"
@@ -398,70 +394,6 @@ def test_bad_framing_unknown_models_and_routes_are_protocol_errors(client: Flask
     assert "code" in client.get("/v1/nothing").json["error"]
 
 
-# --- the real server, with Triton's client ------------------------------------------
-
-
-def test_tritons_http_client_against_the_real_server(server: LiveServer) -> None:
-    url = server.url.removeprefix("http://")
-    with triton.InferenceServerClient(url, concurrency=2) as tc:
-        assert tc.is_server_live() and tc.is_server_ready() and tc.is_model_ready(MODEL)
-        assert tc.get_model_metadata(MODEL)["outputs"][0]["name"] == "probabilities"
-        assert tc.get_model_config(MODEL)["max_batch_size"] == 0
-        image = phantom_png(5, 128, 128)
-        v1 = server_v1(server, image)
-        for binary in (True, False):
-            sent = triton.InferInput("image", [1], "BYTES")
-            if binary:
-                sent.set_data_from_numpy(np.array([image], dtype=np.object_))
-            else:  # JSON has no bytes: base64 text, as the README says
-                sent.set_data_from_numpy(np.array([encode(image)], dtype=np.object_), False)
-            wanted = [
-                triton.InferRequestedOutput(name, binary_data=binary)
-                for name in ("probabilities", "heatmap", "labels")
-            ]
-            result = tc.infer(MODEL, [sent], outputs=wanted, parameters={"method": "gradcam"})
-            scores = result.as_numpy("probabilities")
-            for prediction in v1["predictions"]:
-                assert scores[0, prediction["index"]] == pytest.approx(
-                    prediction["score"], abs=1e-6
-                )
-            np.testing.assert_allclose(
-                result.as_numpy("heatmap")[0],
-                v1["explanations"][0]["heatmap"]["values"],
-                atol=1e-6,
-            )
-        # Requests in flight together (gevent's greenlets), answered in their own order.
-        pending = []
-        for seed in range(4):
-            sent = triton.InferInput("image", [1], "BYTES")
-            sent.set_data_from_numpy(np.array([phantom_png(seed, 96, 96)], dtype=np.object_))
-            pending.append(tc.async_infer(MODEL, [sent], request_id=str(seed)))
-        assert [p.get_result().get_response()["id"] for p in pending] == ["0", "1", "2", "3"]
-        with pytest.raises(InferenceServerException, match="no model"):
-            tc.infer("nope", [sent])
-    # The door's requests in the same latency family, labelled by protocol.
-    scrape = requests.get(f"{server.url}/metrics", timeout=10).text
-    labels = (
-        '{method="POST",protocol="open_inference",route="/v2/models/<name>/infer",status="200"}'
-    )
-    assert metric_value(scrape, "gradcam_request_duration_seconds_count", labels) >= 6
-
-
-def server_v1(server: LiveServer, image: bytes) -> dict[str, Any]:
-    answer = requests.post(
-        f"{server.url}/v1/explain",
-        json={
-            "images": [encode(image)],
-            "top_k": 4,
-            "heatmap": {"format": "array", "size": "input"},
-        },
-        timeout=60,
-    )
-    assert answer.status_code == 200, answer.text
-    result: dict[str, Any] = answer.json()["results"][0]
-    return result
-
-
 def test_perf_analyzers_input_data_holds_each_file_as_a_bytes_tensor(tmp_path: Path) -> None:
     script = REPO / "deploy/perf_analyzer/input_data.py"
     files = [tmp_path / "a.png", tmp_path / "b.png"]
@@ -475,46 +407,6 @@ def test_perf_analyzers_input_data_holds_each_file_as_a_bytes_tensor(tmp_path: P
         tensor = base64.b64decode(entry["image"]["b64"])
         assert unpack_bytes(tensor, "image", 1) == [path.read_bytes()]
     assert subprocess.run([sys.executable, str(script)], capture_output=True).returncode == 2
-
-
-def test_kserves_rest_client_against_the_real_server(server: LiveServer) -> None:
-    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
-    from kserve.protocol.infer_type import RequestedOutput
-
-    image = phantom_png(6, 128, 128)
-    v1 = server_v1(server, image)
-
-    async def ask() -> list[dict[str, np.ndarray]]:
-        client = InferenceRESTClient(config=RESTConfig(protocol="v2", retries=0, timeout=60))
-        try:
-            assert await client.is_server_ready(server.url)
-            assert await client.is_model_ready(server.url, MODEL)
-            as_text = InferInput("image", [1], "BYTES", data=[encode(image)])
-            as_bytes = InferInput("image", [1], "BYTES")
-            as_bytes.set_data_from_numpy(np.array([image], dtype=np.object_), binary_data=True)
-            answers = []
-            for sent, binary in ((as_text, False), (as_bytes, True)):
-                request = InferRequest(
-                    model_name=MODEL,
-                    infer_inputs=[sent],
-                    request_outputs=[
-                        RequestedOutput(name, parameters={"binary_data": binary})
-                        for name in ("probabilities", "heatmap")
-                    ],
-                )
-                response = await client.infer(server.url, request, model_name=MODEL)
-                answers.append({o.name: o.as_numpy() for o in response.outputs})
-            return answers
-        finally:
-            await client.close()
-
-    for outputs in asyncio.run(ask()):
-        for prediction in v1["predictions"]:
-            score = outputs["probabilities"][0, prediction["index"]]
-            assert score == pytest.approx(prediction["score"], abs=1e-6)
-        np.testing.assert_allclose(
-            outputs["heatmap"][0], v1["explanations"][0]["heatmap"]["values"], atol=1e-6
-        )
 
 
 def test_tokens_guard_the_door_but_not_its_probes(runtime: Runtime) -> None:

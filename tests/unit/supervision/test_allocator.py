@@ -3,13 +3,10 @@ glibc's malloc told to keep its pages; what the environment sets is kept."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from service.contract.errors import ConfigError
 from service.supervision import allocator
-from tests.helpers import LiveServer
 
 
 def test_auto_prefers_tcmalloc_then_tuned_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,21 +25,3 @@ def test_auto_prefers_tcmalloc_then_tuned_glibc(monkeypatch: pytest.MonkeyPatch)
     assert allocator.engine_allocator_env("auto", {"LD_PRELOAD": "/x.so"}) == {}
     assert allocator.engine_allocator_env("auto", {"GLIBC_TUNABLES": "a=1"}) == {}
     assert allocator.engine_allocator_env("system", {}) == {}
-
-
-def test_the_engine_runs_with_it_and_the_workers_do_not() -> None:
-    live = LiveServer(env={"GRADCAM_ENGINE_ALLOCATOR": "glibc"})
-    try:
-        [engine] = live.engine_pids()
-        environ = Path(f"/proc/{engine}/environ").read_bytes().split(b"\0")
-        # (glibc rewrites the variable in place as it parses it: its start remains.)
-        assert any(
-            entry.startswith(b"GLIBC_TUNABLES=glibc.malloc.mmap_threshold=") for entry in environ
-        )
-        for worker in live.worker_pids():
-            assert not any(
-                entry.startswith(b"GLIBC_TUNABLES=")
-                for entry in Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
-            )
-    finally:
-        live.stop()
