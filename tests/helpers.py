@@ -29,7 +29,11 @@ import requests
 import torch
 import torchvision
 from PIL import Image
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel
+from pydicom.data import get_testdata_file
+from werkzeug.test import TestResponse
 
 from service.contract.responses import to_json
 from service.contract.settings import Settings
@@ -62,6 +66,14 @@ def dciodvfy_errors(path: Path) -> tuple[list[str], str]:
     )
     report = checked.stdout + checked.stderr
     return [line for line in report.splitlines() if line.startswith("Error")], report
+
+
+def pydicom_file(name: str) -> Path:
+    """A file of pydicom's test data (``get_testdata_file`` is typed to return a dataset
+    too)."""
+    found = get_testdata_file(name)
+    assert isinstance(found, str), f"pydicom has no test file {name}"
+    return Path(found)
 
 
 def png_bytes(array: np.ndarray, **save_args: object) -> bytes:
@@ -118,7 +130,7 @@ def proc_cmdline(pid: int) -> str:
 
 
 def wait_until(
-    condition: Callable[[], T],
+    condition: Callable[[], T | None],
     timeout_s: float,
     what: str,
     *,
@@ -239,6 +251,13 @@ class LiveServer:
                 return entry.split(b"=", 1)[1].decode()
         raise LookupError("serve has no metrics folder")
 
+    def metric(self, name: str, labels: str = "") -> float:
+        """A metric as /metrics would give it, read from serve's multiprocess files: no
+        request (and no thread of the server) needed, none counted."""
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.metrics_dir())  # type: ignore[no-untyped-call]
+        return metric_value(generate_latest(registry).decode(), name, labels)
+
     def children(self, marker: str) -> list[int]:
         """PIDs of serve's children whose command line contains ``marker``."""
         return [pid for pid in children(self.process.pid) if marker in proc_cmdline(pid)]
@@ -308,6 +327,13 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     (e.g. ``'{model="phantom"}'``; "" for none)."""
     pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)}\s+([0-9.eE+-]+)$", re.M)
     return sum(float(m) for m in pattern.findall(text))
+
+
+def json_of(response: TestResponse) -> Any:
+    """A Flask test client's answer, parsed (its ``.json`` is typed ``Any | None``)."""
+    data = response.get_json(silent=True)
+    assert data is not None, response.data[:300]
+    return data
 
 
 def as_json(answer: BaseModel) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ from PIL import Image
 
 from service.demo.evaluation import peak_in_boxes
 from service.imaging.render import COLORMAP
-from tests.helpers import REPO, LiveServer, encode, missing_tool
+from tests.helpers import REPO, LiveServer, ServerFactory, encode, missing_tool, pydicom_file
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -54,10 +55,8 @@ def _chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def live() -> Iterator[LiveServer]:
-    server = LiveServer(env={"GRADCAM_AUTH_TOKENS": TOKEN})
-    yield server
-    server.stop()
+def live(module_live_server: ServerFactory) -> LiveServer:
+    return module_live_server(auth_tokens=TOKEN)
 
 
 @pytest.fixture(scope="module")
@@ -99,22 +98,22 @@ class PageUnderTest:
         expect(self.page.locator("#layer option")).not_to_have_count(0)
         expect(self.page.locator("#notice")).to_be_empty()
 
-    def card(self, name: str) -> object:
+    def card(self, name: str) -> Any:
         return self.page.locator(".card", has=self.page.locator(".card-title", has_text=name))
 
     def canvas(self, name: str, index: int = 0) -> np.ndarray:
         """The pixels of a figure's canvas, as the page drew them."""
-        canvas = self.card(name).locator(".figure canvas").nth(index)  # type: ignore[attr-defined]
+        canvas = self.card(name).locator(".figure canvas").nth(index)
         data_url = canvas.evaluate("canvas => canvas.toDataURL('image/png')")
         png = base64.b64decode(data_url.split(",", 1)[1])
         return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
     def wait_explained(self, name: str, figures: int, target: str) -> None:
         card = self.card(name)
-        expect(card.locator(".figure")).to_have_count(figures)  # type: ignore[attr-defined]
-        for caption in card.locator(".figure figcaption").all():  # type: ignore[attr-defined]
+        expect(card.locator(".figure")).to_have_count(figures)
+        for caption in card.locator(".figure figcaption").all():
             expect(caption).to_contain_text(f"· {target} (")
-        expect(card).not_to_have_attribute("aria-busy", "true")  # type: ignore[arg-type]
+        expect(card).not_to_have_attribute("aria-busy", "true")
 
     def set_opacity(self, percent: int) -> None:
         """With the keyboard, as a person without a mouse would."""
@@ -164,7 +163,7 @@ def _boxes(name: str, kind: str) -> list[tuple[float, float, float, float]]:
 
 
 def _service_overlay(live: LiveServer, name: str, target: str) -> np.ndarray:
-    body = {
+    body: dict[str, Any] = {
         "images": [encode((EXAMPLES / name).read_bytes())],
         "targets": [target],
         "heatmap": {"format": "overlay"},
@@ -380,9 +379,8 @@ def test_dropped_before_the_token_then_another_layer(tab: PageUnderTest) -> None
 
 def test_a_multiframe_dicom_has_a_frame_chooser(tab: PageUnderTest) -> None:
     import pydicom
-    from pydicom.data import get_testdata_file
 
-    path = Path(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    path = pydicom_file("SC_rgb_rle_2frame.dcm")
     frames = pydicom.dcmread(path).pixel_array  # (2, rows, columns, 3)
     tab.connect()
     tab.page.set_input_files("#files", str(path))

@@ -11,16 +11,16 @@ import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 import requests
-from pydicom.data import get_testdata_file
 
 from service.contract.errors import ErrorResponse
 from service.contract.responses import ExplainResponse
-from tests.helpers import EXAMPLES, LiveServer, encode, phantom_png
+from tests.helpers import EXAMPLES, LiveServer, encode, phantom_png, pydicom_file
 
 
 def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -134,10 +134,14 @@ def test_the_cli_and_the_server_answer_one_request_alike(
     the same heatmap arrays, DICOM objects with the same pixels (only their new UIDs and
     creation times differ)."""
     # A CT: it has the Frame of Reference a Parametric Map needs.
-    dicom = encode(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    dicom = encode(pydicom_file("CT_small.dcm").read_bytes())
     png = encode(phantom_png(4, 150, 120))
     images = [dicom, png] if heatmap["format"] == "array" else [dicom]
-    body = {"images": images, "targets": [["nodule", 0]] * len(images), "heatmap": heatmap}
+    body: dict[str, Any] = {
+        "images": images,
+        "targets": [["nodule", 0]] * len(images),
+        "heatmap": heatmap,
+    }
     path = tmp_path / "request.json"
     path.write_text(json.dumps(body))
     done = _cli("explain", "--request", str(path))

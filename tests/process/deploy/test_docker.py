@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def _podman(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 
 def test_the_image_builds_runs_answers_and_stops() -> None:
     assert shutil.which("podman"), "apt-get install podman runc debootstrap"
-    hadolint = shutil.which("hadolint") or str(Path(os.sys.executable).with_name("hadolint"))
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
     lint = subprocess.run(
         [hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True, check=False
     )
@@ -85,7 +86,7 @@ def test_the_image_builds_runs_answers_and_stops() -> None:
         )
         body = subprocess.run(
             [
-                str(Path(os.sys.executable).with_name("gradcam-service")),
+                str(Path(sys.executable).with_name("gradcam-service")),
                 "body",
                 str(REPO / "examples/phantom_nodule.png"),
                 "--target",

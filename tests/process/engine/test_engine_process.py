@@ -35,7 +35,7 @@ from service.contract.errors import DeadlineExceeded, Overloaded, ServiceError
 from service.engine.runtime import Runtime
 from service.transport.engine_client import EnginePool
 from service.transport.interface import Job, engine_command
-from tests.helpers import REPO, LiveServer, encode, phantom_png
+from tests.helpers import REPO, LiveServer, ServerFactory, encode, phantom_png, wait_until
 
 T = TypeVar("T")
 DEMO_MODELS = REPO / "service" / "demo" / "models.toml"
@@ -80,13 +80,20 @@ class EngineProcess:
         assert self.pool.connections[0].wait_connected(10)
 
     def batches(self) -> float:
+        return self._metric("gradcam_batch_size_images_count")
+
+    def queue_depth(self) -> float:
+        """Jobs waiting for the model loop (not the batch it runs)."""
+        return self._metric("gradcam_queue_depth")
+
+    def _metric(self, name: str) -> float:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.metrics_dir))  # type: ignore[no-untyped-call]
         return sum(
             sample.value
             for metric in registry.collect()
             for sample in metric.samples
-            if sample.name == "gradcam_batch_size_images_count"
+            if sample.name == name
         )
 
     def stop(self) -> None:
@@ -113,12 +120,13 @@ def _phantom_pixels(seed: int) -> np.ndarray:
 
 def _phantom_job(n: int = 2) -> Job:
     images = [_phantom_pixels(seed) for seed in range(2, 2 + n)]
+    targets: list[list[int | None]] = [[None], [0, 2]]
     return Job(
         "phantom",
         "features",
         images,
         [None] * n,
-        [[None], [0, 2]][:n] * (n // 2 or 1),
+        targets[:n] * (n // 2 or 1),
         ["gradcam", "layercam"][:n] * (n // 2 or 1),
     )
 
@@ -181,8 +189,8 @@ def test_a_cancelled_job_is_skipped(engine: EngineProcess) -> None:
     deadline = time.monotonic() + 60
     before = engine.batches()
     busy = connection.submit(_slow_job(), deadline)
-    time.sleep(0.05)
     gone = connection.submit(_phantom_job(), deadline)
+    wait_until(lambda: engine.queue_depth() == 1, 10, "the job queued behind the slow batch")
     assert gone.cancel()  # what a request does when its client leaves
     busy.result(60)
     engine.pool.run(_phantom_job(), deadline)
@@ -194,13 +202,14 @@ def test_one_bad_job_in_a_batch_fails_alone(engine: EngineProcess) -> None:
     connection = engine.pool.connections[0]
     deadline = time.monotonic() + 60
     busy = connection.submit(_slow_job(), deadline)
-    time.sleep(0.05)
     good = connection.submit(_phantom_job(), deadline)
     wrong = Job(
         "phantom", "features", [np.zeros((64, 64, 1), np.uint8)], [None], [[None]], ["gradcam"]
     )
     bad = connection.submit(wrong, deadline)
     also_good = connection.submit(_phantom_job(), deadline)
+    # The three wait together behind the slow batch: one batch of them, the bad one in it.
+    wait_until(lambda: engine.queue_depth() == 3, 10, "three jobs queued behind the slow batch")
     busy.result(60)
     assert good.result(30).scores.shape == (2, 4)
     assert also_good.result(30).scores.shape == (2, 4)
@@ -241,7 +250,7 @@ def _sampling(sample: Callable[[], list[float]], work: Callable[[], T]) -> tuple
     def watch() -> None:
         while not stop.is_set():
             samples.extend(sample())
-            time.sleep(0.05)
+            time.sleep(0.05)  # a sampling period: time itself passes between samples
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -252,13 +261,6 @@ def _sampling(sample: Callable[[], list[float]], work: Callable[[], T]) -> tuple
         watcher.join()
 
 
-def _wait_for(condition: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def _ready(url: str) -> bool:
     try:
         return requests.get(f"{url}/readyz", timeout=2).status_code == 200
@@ -267,43 +269,40 @@ def _ready(url: str) -> bool:
 
 
 @pytest.mark.slow
-def test_an_engine_killed_under_load_gives_503s_then_200s_without_a_restart_of_serve() -> None:
-    live = LiveServer(workers=2)
-    try:
-        [engine_pid] = live.engine_pids()
-        statuses: list[tuple[int, str, float]] = []
-        stop = threading.Event()
+def test_an_engine_killed_under_load_gives_503s_then_200s_without_a_restart_of_serve(
+    live_server: ServerFactory,
+) -> None:
+    live = live_server(workers=2)
+    [engine_pid] = live.engine_pids()
+    statuses: list[tuple[int, str, float]] = []
+    stop = threading.Event()
 
-        def client() -> None:
-            while not stop.is_set():
-                status, body, took = _explain(live.url, SMALL)
-                statuses.append((status, body.get("error", {}).get("code", ""), took))
+    def client() -> None:
+        while not stop.is_set():
+            status, body, took = _explain(live.url, SMALL)
+            statuses.append((status, body.get("error", {}).get("code", ""), took))
 
-        with ThreadPoolExecutor(4) as pool:
-            for _ in range(4):
-                pool.submit(client)
-            _wait_for(lambda: any(s == 200 for s, _, _ in statuses), 30, "answers")
-            os.kill(engine_pid, signal.SIGKILL)
-            _wait_for(lambda: not _ready(live.url), 5, "/readyz to turn 503")
-            _wait_for(lambda: _ready(live.url), 60, "the engine to come back")
-            served = len(statuses)
-            _wait_for(
-                lambda: any(s == 200 for s, _, _ in statuses[served:]), 30, "answers after it"
-            )
-            stop.set()
-        assert live.process.poll() is None  # serve itself never restarted
-        [new_pid] = live.engine_pids()
-        assert new_pid != engine_pid
-        codes = {code for status, code, _ in statuses if status != 200}
-        assert codes == {"engine_unavailable"}, codes
-        # Refused at once while the engine was down, never left hanging to a deadline.
-        assert max(took for status, _, took in statuses if status == 503) < 1.0
-        assert statuses[-1][0] == 200 and sum(s == 200 for s, _, _ in statuses) > 10
-        restarts = requests.get(f"{live.url}/metrics", timeout=10).text
-        assert "gradcam_engine_restarts_total 1.0" in restarts
-        assert "Traceback" not in live.read_log()
-    finally:
-        live.stop()
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(4):
+            pool.submit(client)
+        wait_until(lambda: any(s == 200 for s, _, _ in statuses), 30, "answers")
+        os.kill(engine_pid, signal.SIGKILL)
+        wait_until(lambda: not _ready(live.url), 5, "/readyz to turn 503")
+        wait_until(lambda: _ready(live.url), 60, "the engine to come back")
+        served = len(statuses)
+        wait_until(lambda: any(s == 200 for s, _, _ in statuses[served:]), 30, "answers after it")
+        stop.set()
+    assert live.process.poll() is None  # serve itself never restarted
+    [new_pid] = live.engine_pids()
+    assert new_pid != engine_pid
+    codes = {code for status, code, _ in statuses if status != 200}
+    assert codes == {"engine_unavailable"}, codes
+    # Refused at once while the engine was down, never left hanging to a deadline.
+    assert max(took for status, _, took in statuses if status == 503) < 1.0
+    assert statuses[-1][0] == 200 and sum(s == 200 for s, _, _ in statuses) > 10
+    restarts = requests.get(f"{live.url}/metrics", timeout=10).text
+    assert "gradcam_engine_restarts_total 1.0" in restarts
+    assert "Traceback" not in live.read_log()
 
 
 def _answered_since(outcomes: list[tuple[float, float, int, str]], since: float) -> bool:
@@ -326,7 +325,7 @@ def _timed_load(
                 status, code = 0, type(error).__name__
             out.append((started, time.monotonic(), status, code))
             if status != 200:
-                time.sleep(0.05)
+                time.sleep(0.05)  # a client's pause before it tries again: time, not a wait
 
     pool = ThreadPoolExecutor(clients)
     for _ in range(clients):
@@ -335,28 +334,28 @@ def _timed_load(
 
 
 @pytest.mark.slow
-def test_a_stopped_engine_fails_fast_and_is_replaced() -> None:
+def test_a_stopped_engine_fails_fast_and_is_replaced(live_server: ServerFactory) -> None:
     """SIGSTOP keeps the engine's socket open: its heartbeat tells the workers, who
     answer 503 at once, and the supervisor, who kills and restarts it."""
-    live = LiveServer(workers=2, env={"GRADCAM_ENGINE_HANG_RESTART_S": "4"})
+    live = live_server(workers=2, engine_hang_restart_s=4)
     stop = threading.Event()
     outcomes: list[tuple[float, float, int, str]] = []
     try:
         [engine_pid] = live.engine_pids()
         pool = _timed_load(live.url, 4, stop, outcomes)
-        _wait_for(lambda: _answered_since(outcomes, 0.0), 30, "answers")
+        wait_until(lambda: _answered_since(outcomes, 0.0), 30, "answers")
         os.kill(engine_pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        _wait_for(lambda: not _ready(live.url), 3, "/readyz to turn 503")
+        wait_until(lambda: not _ready(live.url), 3, "/readyz to turn 503")
         unready_after = time.monotonic() - stopped
-        _wait_for(
+        wait_until(
             lambda: live.engine_pids() and live.engine_pids() != [engine_pid],
             15,
             "the supervisor to replace the stopped engine",
         )
-        _wait_for(lambda: _ready(live.url), 30, "the new engine")
+        wait_until(lambda: _ready(live.url), 30, "the new engine")
         back = time.monotonic()
-        _wait_for(lambda: _answered_since(outcomes, back), 30, "answers from the new engine")
+        wait_until(lambda: _answered_since(outcomes, back), 30, "answers from the new engine")
         stop.set()
         pool.shutdown(wait=True)
         assert live.process.poll() is None
@@ -377,26 +376,29 @@ def test_a_stopped_engine_fails_fast_and_is_replaced() -> None:
         stop.set()
         with contextlib.suppress(ProcessLookupError):
             os.kill(engine_pid, signal.SIGCONT)
-        live.stop()
 
 
 @pytest.mark.slow
-def test_repeated_kills_of_a_loading_engine_do_not_grow_the_outage() -> None:
+def test_repeated_kills_of_a_loading_engine_do_not_grow_the_outage(
+    live_server: ServerFactory,
+) -> None:
     """Five kill -9 of the engine, 3 s apart, under load: kills of an engine still
     loading are not a crash loop, so it is back one load time after the last kill."""
-    live = LiveServer(workers=2)
+    live = live_server(workers=2)
     stop = threading.Event()
     outcomes: list[tuple[float, float, int, str]] = []
     try:
         pool = _timed_load(live.url, 4, stop, outcomes)
-        _wait_for(lambda: _answered_since(outcomes, 0.0), 30, "answers")
+        wait_until(lambda: _answered_since(outcomes, 0.0), 30, "answers")
         for _ in range(5):
             os.kill(live.engine_pids()[0], signal.SIGKILL)
             last_kill = time.monotonic()
-            time.sleep(3.0)
-        _wait_for(lambda: _ready(live.url), 30, "the engine after the last kill")
+            time.sleep(3.0)  # the scenario: kills 3 s apart, each of an engine still loading
+        wait_until(lambda: _ready(live.url), 30, "the engine after the last kill")
         back_after = time.monotonic() - last_kill
-        _wait_for(lambda: _answered_since(outcomes, last_kill + back_after), 30, "answers after it")
+        wait_until(
+            lambda: _answered_since(outcomes, last_kill + back_after), 30, "answers after it"
+        )
         stop.set()
         pool.shutdown(wait=True)
         assert live.process.poll() is None  # serve did not give up
@@ -410,51 +412,50 @@ def test_repeated_kills_of_a_loading_engine_do_not_grow_the_outage() -> None:
         assert {code for *_, status, code in outcomes if status != 200} <= {"engine_unavailable"}
     finally:
         stop.set()
-        live.stop()
 
 
 @pytest.mark.slow
-def test_serve_gives_up_after_repeated_engine_crashes() -> None:
-    live = LiveServer(env={"GRADCAM_ENGINE_MAX_RESTARTS": "1"})
-    try:
-        os.kill(live.engine_pids()[0], signal.SIGKILL)
-        _wait_for(lambda: _ready(live.url), 60, "the first restart")
-        os.kill(live.engine_pids()[0], signal.SIGKILL)
-        assert live.process.wait(60) == 1
-        assert "giving up" in live.read_log()
-        assert not live.engine_pids() and not live.children("gunicorn")
-    finally:
-        live.stop()
+def test_serve_gives_up_after_repeated_engine_crashes(live_server: ServerFactory) -> None:
+    live = live_server(engine_max_restarts=1)
+    os.kill(live.engine_pids()[0], signal.SIGKILL)
+    wait_until(lambda: _ready(live.url), 60, "the first restart")
+    os.kill(live.engine_pids()[0], signal.SIGKILL)
+    assert live.process.wait(60) == 1
+    assert "giving up" in live.read_log()
+    assert not live.engine_pids() and not live.children("gunicorn")
 
 
 @pytest.mark.slow
-def test_sigterm_drains_requests_in_flight_then_stops_everything(models_file: Path) -> None:
-    live = LiveServer(env={"GRADCAM_MODELS_FILE": str(models_file)})
-    try:
-        slow = {
-            "model": "slow",
-            "images": [encode(phantom_png(s, 224, 224)) for s in range(8)],
-            "heatmap": {"format": "none"},
-        }
-        with ThreadPoolExecutor(2) as pool:
-            running = [pool.submit(_explain, live.url, slow) for _ in range(2)]
-            time.sleep(0.3)
-            live.process.send_signal(signal.SIGTERM)
-            results = [future.result() for future in running]
-        assert [status for status, _, _ in results] == [200, 200]
-        assert live.process.wait(60) == 0
-        with pytest.raises(requests.ConnectionError):
-            requests.get(f"{live.url}/healthz", timeout=2)
-        log = live.read_log()
-        assert "stopping (HTTP first, then the engines)" in log and "engine stopped" in log
-        socket_path = next(
-            line.split("engine serving on ")[1].split(" ")[0]
-            for line in log.splitlines()
-            if "engine serving on " in line
+def test_sigterm_drains_requests_in_flight_then_stops_everything(
+    live_server: ServerFactory, models_file: Path
+) -> None:
+    live = live_server(models_file=models_file)
+    slow = {
+        "model": "slow",
+        "images": [encode(phantom_png(s, 224, 224)) for s in range(8)],
+        "heatmap": {"format": "none"},
+    }
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(_explain, live.url, slow) for _ in range(2)]
+        wait_until(
+            lambda: live.metric("gradcam_requests_in_flight") >= 2,
+            30,
+            "two requests in flight",
         )
-        assert not Path(socket_path).parent.exists()  # the socket folder is gone
-    finally:
-        live.stop()
+        live.process.send_signal(signal.SIGTERM)
+        results = [future.result() for future in running]
+    assert [status for status, _, _ in results] == [200, 200]
+    assert live.process.wait(60) == 0
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{live.url}/healthz", timeout=2)
+    log = live.read_log()
+    assert "stopping (HTTP first, then the engines)" in log and "engine stopped" in log
+    socket_path = next(
+        line.split("engine serving on ")[1].split(" ")[0]
+        for line in log.splitlines()
+        if "engine serving on " in line
+    )
+    assert not Path(socket_path).parent.exists()  # the socket folder is gone
 
 
 def test_sigterm_while_the_engine_still_loads_stops_everything(tmp_path: Path) -> None:
@@ -499,14 +500,8 @@ def test_a_broken_models_file_stops_serve_with_its_message(tmp_path: Path) -> No
 
 
 @pytest.fixture(scope="module")
-def busy_server(models_file: Path) -> Iterator[LiveServer]:
-    live = LiveServer(
-        workers=2,
-        threads=16,
-        env={"GRADCAM_MODELS_FILE": str(models_file), "GRADCAM_MAX_QUEUE": "3"},
-    )
-    yield live
-    live.stop()
+def busy_server(module_live_server: ServerFactory, models_file: Path) -> LiveServer:
+    return module_live_server(workers=2, threads=16, models_file=models_file, max_queue=3)
 
 
 @pytest.mark.slow
@@ -561,7 +556,7 @@ def test_a_client_that_leaves_is_answered_499_and_not_computed(busy_server: Live
         busy = [
             pool.submit(_explain, url, {**slow, "layer": layer}) for layer in ("layer4", "layer3")
         ]
-        _wait_for(lambda: queued() >= 1, 30, "a slow request queued behind the other")
+        wait_until(lambda: queued() >= 1, 30, "a slow request queued behind the other")
         # A client that sends its request and hangs up while it waits in the queue.
         body = json.dumps(SMALL).encode()
         with socket.create_connection(("127.0.0.1", busy_server.port)) as sock:
@@ -572,7 +567,8 @@ def test_a_client_that_leaves_is_answered_499_and_not_computed(busy_server: Live
                 + b"\r\n\r\n"
                 + body
             )
-            time.sleep(0.1)
+            # It waits in the engine's queue (behind the slow one there) when it hangs up.
+            wait_until(lambda: queued() >= 2, 30, "the leaving client's request queued")
         assert [b.result()[0] for b in busy] == [200, 200]
 
     def closed(text: str) -> float:
@@ -589,7 +585,7 @@ def test_a_client_that_leaves_is_answered_499_and_not_computed(busy_server: Live
             if line.startswith('gradcam_images_explained_total{model="phantom"}')
         )
 
-    _wait_for(
+    wait_until(
         lambda: closed(requests.get(f"{url}/metrics", timeout=10).text) > closed(metrics_before),
         10,
         "the 499",
@@ -603,76 +599,53 @@ def _cpu_seconds(pid: int) -> float:
 
 
 @pytest.mark.slow
-def test_two_engines_share_the_work_and_cover_for_each_other(models_file: Path) -> None:
-    live = LiveServer(
-        workers=2,
-        env={
-            "GRADCAM_ENGINES": "2",
-            "GRADCAM_TORCH_THREADS": "1",
-            "GRADCAM_MODELS_FILE": str(models_file),
-        },
+def test_two_engines_share_the_work_and_cover_for_each_other(
+    live_server: ServerFactory, models_file: Path
+) -> None:
+    live = live_server(workers=2, engines=2, torch_threads=1, models_file=models_file)
+    engines = live.engine_pids()
+    assert len(engines) == 2
+    before = [_cpu_seconds(pid) for pid in engines]
+    slow = {
+        "model": "slow",
+        "images": [encode(phantom_png(s, 224, 224)) for s in range(2)],
+        "heatmap": {"format": "none"},
+    }
+    with ThreadPoolExecutor(4) as pool:
+        assert {s for s, _, _ in pool.map(lambda _: _explain(live.url, slow), range(12))} == {200}
+    used = [_cpu_seconds(pid) - b for pid, b in zip(engines, before, strict=True)]
+    assert min(used) > 0.2 * max(used), used  # both did real work
+    os.kill(engines[0], signal.SIGKILL)
+    # Each of the two workers sees the EOF (at once) and says so.
+    wait_until(
+        lambda: live.read_log().count(": disconnected (") >= 2,
+        10,
+        "both workers disconnected from the killed engine",
+        detail=live.read_log,
     )
-    try:
-        engines = live.engine_pids()
-        assert len(engines) == 2
-        before = [_cpu_seconds(pid) for pid in engines]
-        slow = {
-            "model": "slow",
-            "images": [encode(phantom_png(s, 224, 224)) for s in range(2)],
-            "heatmap": {"format": "none"},
-        }
-        with ThreadPoolExecutor(4) as pool:
-            assert {s for s, _, _ in pool.map(lambda _: _explain(live.url, slow), range(12))} == {
-                200
-            }
-        used = [_cpu_seconds(pid) - b for pid, b in zip(engines, before, strict=True)]
-        assert min(used) > 0.2 * max(used), used  # both did real work
-        os.kill(engines[0], signal.SIGKILL)
-        time.sleep(0.2)  # the workers see the EOF at once
-        statuses = [_explain(live.url, SMALL)[0] for _ in range(5)]
-        assert statuses == [200] * 5  # the other engine answers meanwhile
-    finally:
-        live.stop()
+    statuses = [_explain(live.url, SMALL)[0] for _ in range(5)]
+    assert statuses == [200] * 5  # the other engine answers meanwhile
 
 
 @pytest.mark.slow
 def test_requests_waiting_for_a_worker_thread_are_counted_and_refused_in_time(
-    models_file: Path,
+    live_server: ServerFactory, models_file: Path
 ) -> None:
-    live = LiveServer(
-        workers=1,
-        threads=2,
-        env={"GRADCAM_MODELS_FILE": str(models_file), "GRADCAM_MAX_QUEUE_WAIT_S": "0.5"},
-    )
-    try:
-        slow = {
-            "model": "slow",
-            "images": [encode(phantom_png(s, 224, 224)) for s in range(8)],
-            "heatmap": {"format": "none"},
-        }
+    live = live_server(workers=1, threads=2, models_file=models_file, max_queue_wait_s=0.5)
+    slow = {
+        "model": "slow",
+        "images": [encode(phantom_png(s, 224, 224)) for s in range(8)],
+        "heatmap": {"format": "none"},
+    }
 
-        def waiting() -> list[float]:
-            # /metrics needs a thread too: read the files as a scrape would aggregate them.
-            registry = CollectorRegistry()
-            MultiProcessCollector(
-                registry,  # type: ignore[no-untyped-call]
-                path=live.metrics_dir(),
-            )
-            return [
-                sample.value
-                for metric in registry.collect()
-                for sample in metric.samples
-                if sample.name == "gradcam_requests_waiting_for_thread"
-            ]
+    def waiting() -> list[float]:
+        # /metrics needs a thread too: read the files as a scrape would aggregate them.
+        return [live.metric("gradcam_requests_waiting_for_thread")]
 
-        results, samples = _sampling(waiting, lambda: _concurrently(live.url, slow, 8))
-        statuses = [status for status, _, _ in results]
-        assert 200 in statuses and 503 in statuses, statuses
-        assert {body["error"]["code"] for status, body, _ in results if status == 503} == {
-            "overloaded"
-        }
-        assert max(samples) >= 2
-        text = requests.get(f"{live.url}/metrics", timeout=10).text
-        assert 'gradcam_stage_duration_seconds_count{stage="thread_wait"}' in text
-    finally:
-        live.stop()
+    results, samples = _sampling(waiting, lambda: _concurrently(live.url, slow, 8))
+    statuses = [status for status, _, _ in results]
+    assert 200 in statuses and 503 in statuses, statuses
+    assert {body["error"]["code"] for status, body, _ in results if status == 503} == {"overloaded"}
+    assert max(samples) >= 2
+    text = requests.get(f"{live.url}/metrics", timeout=10).text
+    assert 'gradcam_stage_duration_seconds_count{stage="thread_wait"}' in text

@@ -20,20 +20,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 import requests
-from pydicom.data import get_testdata_file
 
-from service.contract.errors import Forbidden, InvalidField
-from service.pipeline.dicomweb import DicomWebServers, _parts
-from tests.helpers import REPO, LiveServer, answering, encode, missing_tool, wait_until
-from tests.unit.imaging.test_dicom_out import _valid
+from service.pipeline.dicomweb import _parts
+from tests.helpers import (
+    REPO,
+    LiveServer,
+    ServerFactory,
+    answering,
+    encode,
+    missing_tool,
+    pydicom_file,
+    wait_until,
+)
+from tests.unit.imaging.test_dicom_out import _valid, measurements
 
 EXAMPLES = REPO / "examples"
 CR = EXAMPLES / "phantom_nodule.dcm"
-CT = Path(get_testdata_file("CT_small.dcm"))
+CT = pydicom_file("CT_small.dcm")
 
 pytestmark = pytest.mark.slow
 
@@ -116,10 +124,8 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 
 
 @pytest.fixture(scope="module")
-def live(orthanc: Orthanc) -> Iterator[LiveServer]:
-    server = LiveServer(env={"GRADCAM_DICOMWEB_SERVERS": orthanc.url})
-    yield server
-    server.stop()
+def live(orthanc: Orthanc, module_live_server: ServerFactory) -> LiveServer:
+    return module_live_server(dicomweb_servers=orthanc.url)
 
 
 def _by_uids(url: str, path: Path) -> dict:
@@ -245,7 +251,7 @@ def test_a_segmentation_and_a_report_are_stored(
     assert (seg.pixel_array == returned.pixel_array).all()
     assert [seg.get_segment_description(n).segment_label for n in (1, 2)] == ["nodule", "mass"]
     report = hd.sr.Comprehensive3DSR.from_dataset(stored["report"])
-    assert len(report.content.get_planar_roi_measurement_groups()) == 2
+    assert len(measurements(report).get_planar_roi_measurement_groups()) == 2
     evidence = {uids[2] for uids in report.get_evidence()}
     assert result["segmentation"]["uids"]["instance"] in evidence
     # A report with a picture format: the report alone is stored.
@@ -261,7 +267,7 @@ def test_a_segmentation_and_a_report_are_stored(
 
 
 def test_only_configured_servers_and_real_uids(orthanc: Orthanc, live: LiveServer) -> None:
-    cases = []
+    cases: list[tuple[dict[str, Any], int, str]] = []
     elsewhere = _by_uids("http://127.0.0.1:9/dicom-web", CR)
     cases.append(({"images": [elsewhere]}, 403, "dicomweb_not_allowed"))
     other_path = _by_uids(orthanc.rest + "/other", CR)
@@ -301,37 +307,11 @@ def test_only_configured_servers_and_real_uids(orthanc: Orthanc, live: LiveServe
     assert "Traceback" not in live.read_log()
 
 
-def test_an_allowed_server_that_is_down_is_a_502(tmp_path: Path) -> None:
+def test_an_allowed_server_that_is_down_is_a_502(live_server: ServerFactory) -> None:
     url = f"http://127.0.0.1:{_free_port()}/dicom-web"
-    server = LiveServer(env={"GRADCAM_DICOMWEB_SERVERS": url})
-    try:
-        answer = _explain(server, {"images": [_by_uids(url, CR)]})
-        assert (
-            answer.status_code == 502 and answer.json()["error"]["code"] == "dicomweb_unreachable"
-        )
-    finally:
-        server.stop()
-
-
-def test_allowed_urls_are_compared_normalised() -> None:
-    servers = DicomWebServers("http://PACS.example:80/dicom-web/, https://b.example/wado")
-    assert (
-        servers.base("http://pacs.example/dicom-web", "x", "X")
-        == "http://PACS.example:80/dicom-web"
-    )
-    assert servers.base("https://b.example:443/wado/", "x", "X") == "https://b.example/wado"
-    for refused in (
-        "http://pacs.example:8080/dicom-web",
-        "https://pacs.example/dicom-web",
-        "http://pacs.example/dicom-web/studies",
-        "http://b.example/wado",
-    ):
-        with pytest.raises(Forbidden):
-            servers.base(refused, "x", "X")
-    with pytest.raises(InvalidField):
-        servers.base("file:///etc/passwd", "x", "X")
-    with pytest.raises(Forbidden):
-        DicomWebServers("").base("http://pacs.example/dicom-web", "x", "X")
+    server = live_server(dicomweb_servers=url)
+    answer = _explain(server, {"images": [_by_uids(url, CR)]})
+    assert answer.status_code == 502 and answer.json()["error"]["code"] == "dicomweb_unreachable"
 
 
 def test_audit_a_study_list_from_dicomweb(

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pydicom
@@ -45,7 +45,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.helpers import REPO, LiveServer, answering, free_port, wait_until
+from tests.helpers import REPO, LiveServer, ServerFactory, answering, free_port, wait_until
 from tests.process.browser.test_browser import browser, playwright_api  # noqa: F401 (the fixture)
 from tests.process.pacs.test_dicomweb import CR, CT, Orthanc, _by_uids, orthanc  # noqa: F401 (the fixture)
 from tests.process.pacs.test_orthanc_routing import (
@@ -96,7 +96,11 @@ class Results:
 
 
 def _explain(live: LiveServer, pacs: Orthanc, source: Path, **asked: object) -> dict:
-    body = {"images": [_by_uids(pacs.url, source)], "store": {"url": pacs.url}, **asked}
+    body: dict[str, Any] = {
+        "images": [_by_uids(pacs.url, source)],
+        "store": {"url": pacs.url},
+        **asked,
+    }
     answer = requests.post(f"{live.url}/v1/explain", json=body, timeout=120)
     assert answer.status_code == 200, answer.text
     result: dict = answer.json()["results"][0]
@@ -111,25 +115,26 @@ def _stored(part: dict) -> Stored:
 
 
 @pytest.fixture(scope="module")
-def results(orthanc: Orthanc) -> Results:  # noqa: F811 (the imported fixture)
+def results(
+    orthanc: Orthanc,  # noqa: F811 (the imported fixture)
+    module_live_server: ServerFactory,
+) -> Results:
     """The service's objects, stored in Orthanc beside their sources (the service is
     stopped once they are: OHIF reads Orthanc alone)."""
     _dist()
-    live = LiveServer(env={"GRADCAM_DICOMWEB_SERVERS": orthanc.url})
-    try:
-        cr_sc = _explain(live, orthanc, CR, targets=[["nodule"]], heatmap={"format": "dicom-sc"})
-        cr_seg = _explain(
-            live,
-            orthanc,
-            CR,
-            targets=[["nodule"]],
-            heatmap={"format": "dicom-seg"},
-            report="dicom-sr",
-        )
-        ct_pm = _explain(live, orthanc, CT, targets=[["opacity"]], heatmap={"format": "dicom-pm"})
-        ct_seg = _explain(live, orthanc, CT, targets=[["opacity"]], heatmap={"format": "dicom-seg"})
-    finally:
-        live.stop()
+    live = module_live_server(dicomweb_servers=orthanc.url)
+    cr_sc = _explain(live, orthanc, CR, targets=[["nodule"]], heatmap={"format": "dicom-sc"})
+    cr_seg = _explain(
+        live,
+        orthanc,
+        CR,
+        targets=[["nodule"]],
+        heatmap={"format": "dicom-seg"},
+        report="dicom-sr",
+    )
+    ct_pm = _explain(live, orthanc, CT, targets=[["opacity"]], heatmap={"format": "dicom-pm"})
+    ct_seg = _explain(live, orthanc, CT, targets=[["opacity"]], heatmap={"format": "dicom-seg"})
+    live.stop()
     return Results(
         cr_sc=_stored(cr_sc["explanations"][0]["heatmap"]),
         cr_seg=_stored(cr_seg["segmentation"]),
@@ -211,7 +216,7 @@ class Viewer:
         self.page.get_by_text("Skip all").click()
         expect(self.thumbnails().first).to_be_visible(timeout=TIMEOUT_MS)
 
-    def thumbnails(self) -> object:
+    def thumbnails(self) -> Any:
         return self.page.locator('[data-cy^="study-browser-thumbnail"]')
 
     def listed(self) -> list[str]:
@@ -237,7 +242,7 @@ class Viewer:
         self.until(lambda: button if button.is_visible() else None, "OHIF's question")
         button.click()
 
-    def open_report(self, series_number: int) -> object:
+    def open_report(self, series_number: int) -> Any:
         """Show an SR series and say yes to tracking its measurements; its first label
         (drawn in the viewport's SVG layer, over the canvas, once OHIF draws the
         viewport again: see ``resize``)."""
@@ -272,20 +277,27 @@ class Viewer:
         when the screen lags."""
         start = time.monotonic()
         nudged = 0
-        while True:
+
+        def found() -> tuple[T] | None:
+            nonlocal nudged
             assert not self.errors, self.errors
-            found = probe()
-            if found is not None:
-                return found
-            waited = time.monotonic() - start
-            if nudge and waited > 5 + 10 * nudged:
+            value = probe()
+            if value is not None:
+                return (value,)  # a 1-tuple: true even for a value that is not
+            if nudge and time.monotonic() - start > 5 + 10 * nudged:
                 self.resize()
                 nudged += 1
-            if waited > TIMEOUT_MS / 1000:
-                shot = Path(tempfile.mkdtemp(prefix="ohif-")) / "viewer.png"
-                self.page.screenshot(path=str(shot))
-                pytest.fail(f"the viewport never showed {what} (the page: {shot})")
-            self.page.wait_for_timeout(200)
+            return None
+
+        def screenshot() -> str:
+            shot = Path(tempfile.mkdtemp(prefix="ohif-")) / "viewer.png"
+            self.page.screenshot(path=str(shot))
+            return f"the page: {shot}"
+
+        (value,) = wait_until(
+            found, TIMEOUT_MS / 1000, f"the viewport showing {what}", detail=screenshot
+        )
+        return value
 
     def resize(self) -> None:
         """The browser window made one pixel wider and back, so OHIF draws its viewport
@@ -296,6 +308,8 @@ class Viewer:
         size = self.page.viewport_size
         assert size is not None
         self.page.set_viewport_size({"width": size["width"] + 1, "height": size["height"]})
+        # Time at the new size, not a state to wait for: OHIF handles a resize after a
+        # pause of its own, and what it draws then is what the caller waits on.
         self.page.wait_for_timeout(500)
         self.page.set_viewport_size(size)
 
@@ -377,7 +391,7 @@ def test_the_secondary_capture_is_drawn_with_the_heatmap_colours(
     redness = seen[..., 0] - seen[..., 1:].max(axis=-1)
     y, x = np.unravel_index(np.argmax(redness), redness.shape)
     assert redness.max() > 80
-    assert _in_nodule_box(x, y)
+    assert _in_nodule_box(float(x), float(y))
     _keep(ohif, "secondary-capture")
 
 
@@ -518,6 +532,7 @@ def test_the_segmentation_of_a_radiograph_is_laid_over_it(ohif: Viewer, results:
 
 def test_a_study_sent_to_the_recipes_orthanc_is_seen_in_ohif(
     browser: object,  # noqa: F811
+    live_server: ServerFactory,
     tmp_path: Path,
 ) -> None:
     """The pipeline as the README sets it up without containers: Orthanc with the
@@ -527,26 +542,23 @@ def test_a_study_sent_to_the_recipes_orthanc_is_seen_in_ohif(
     _dist()
     http_port = free_port()
     dicomweb = f"http://127.0.0.1:{http_port}/dicom-web"
-    live = LiveServer(env={"GRADCAM_DICOMWEB_SERVERS": dicomweb})
+    live = live_server(dicomweb_servers=dicomweb)
+    pacs = start_orthanc(
+        tmp_path / "orthanc", http_port, live.url, GRADCAM_ROUTER_REPORT="dicom-sr"
+    )
     try:
-        pacs = start_orthanc(
-            tmp_path / "orthanc", http_port, live.url, GRADCAM_ROUTER_REPORT="dicom-sr"
-        )
-        try:
-            sent = make_series(tmp_path / "sent", 1)
-            send_cstore(pacs, sent)
-            (state,) = wait_routed(pacs, [sent], 120).values()
-            assert state["state"] == "done" and state["with_results"] == 1, state
-            with _serving_ohif(pacs.dicomweb) as url:
-                tab = Viewer(browser, url)
-                try:
-                    _seen_routed(tab, sent.study)
-                finally:
-                    tab.close()
-        finally:
-            pacs.stop()
+        sent = make_series(tmp_path / "sent", 1)
+        send_cstore(pacs, sent)
+        (state,) = wait_routed(pacs, [sent], 120).values()
+        assert state["state"] == "done" and state["with_results"] == 1, state
+        with _serving_ohif(pacs.dicomweb) as url:
+            tab = Viewer(browser, url)
+            try:
+                _seen_routed(tab, sent.study)
+            finally:
+                tab.close()
     finally:
-        live.stop()
+        pacs.stop()
 
 
 def _seen_routed(tab: Viewer, study: str) -> None:

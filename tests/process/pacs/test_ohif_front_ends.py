@@ -44,15 +44,6 @@ OHIF = REPO / "deploy" / "ohif"
 T = TypeVar("T")
 
 
-def _wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 class LoggedOrthanc:
     """A real Orthanc, and the requests it received, from its log (``--verbose-http``
     writes each as it comes: "(http) GET /system")."""
@@ -81,7 +72,7 @@ class LoggedOrthanc:
             seen[:] = self.requests()[before:]
             return f"GET {marker}" in seen
 
-        assert _wait_until(marked, 10), "the marker is not in Orthanc's log"
+        wait_until(marked, 10, "the marker in Orthanc's log")
         return result, seen[: seen.index(f"GET {marker}")]
 
 

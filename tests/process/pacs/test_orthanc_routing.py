@@ -33,6 +33,7 @@ from service.pipeline.dicomweb import DicomWebServers, store
 from tests.helpers import (
     REPO,
     LiveServer,
+    ServerFactory,
     answering,
     free_port,
     metric_value,
@@ -164,7 +165,7 @@ def make_series(folder: Path, count: int, study: str | None = None, source: Path
     for number in range(1, count + 1):
         ds = pydicom.dcmread(source)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = str(generate_uid())
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.InstanceNumber = number
         path = folder / f"{series_uid}-{number}.dcm"
         ds.save_as(path)
@@ -219,34 +220,40 @@ def send_cstore(orthanc: Orthanc, series: Series) -> None:
 
 def wait_routed(orthanc: Orthanc, series: list[Series], timeout_s: float) -> dict[str, dict]:
     """Each series' router state once every one is done, partial or failed."""
-    deadline = time.monotonic() + timeout_s
     states: dict[str, dict] = {}
-    while time.monotonic() < deadline:
+
+    def all_routed() -> bool:
         for one in series:
             if one.uid not in states:
                 state = orthanc.state(one.uid)
                 if state is not None and state["state"] in ("done", "partial", "failed"):
                     states[one.uid] = state
-        if len(states) == len(series):
-            return states
-        time.sleep(0.5)
-    pytest.fail(
-        f"{len(series) - len(states)} series not routed in {timeout_s:.0f} s: "
-        f"{orthanc.get('/gradcam/router')} {orthanc.log.read_text()[-3000:]}"
+        return len(states) == len(series)
+
+    wait_until(
+        all_routed,
+        timeout_s,
+        f"{len(series)} series routed",
+        detail=lambda: (
+            f"{len(series) - len(states)} not: {orthanc.get('/gradcam/router')} "
+            f"{orthanc.log.read_text()[-3000:]}"
+        ),
     )
+    return states
 
 
 def wait_quiet(orthanc: Orthanc, timeout_s: float = 60) -> None:
     """Until every series is stable and the router has nothing queued or running: its
     own results have come and been looked at."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def quiet() -> bool:
         stable = all(orthanc.get(f"/series/{s}")["IsStable"] for s in orthanc.get("/series"))
         status = orthanc.get("/gradcam/router")
-        if stable and not status["queued"] and not status["active"]:
-            return
-        time.sleep(0.5)
-    pytest.fail(f"Orthanc not quiet in {timeout_s:.0f} s: {orthanc.get('/gradcam/router')}")
+        return stable and not status["queued"] and not status["active"]
+
+    wait_until(
+        quiet, timeout_s, "Orthanc quiet", detail=lambda: str(orthanc.get("/gradcam/router"))
+    )
 
 
 def results_by_source(orthanc: Orthanc, study: str) -> tuple[collections.Counter[str], int]:
@@ -285,22 +292,20 @@ def folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _servers(http_port: int) -> dict[str, str]:
-    return {"GRADCAM_DICOMWEB_SERVERS": f"http://127.0.0.1:{http_port}/dicom-web"}
+def _dicomweb(http_port: int) -> str:
+    """The service's GRADCAM_DICOMWEB_SERVERS: the Orthanc on ``http_port``."""
+    return f"http://127.0.0.1:{http_port}/dicom-web"
 
 
 @pytest.fixture
-def stack(folder: Path) -> Iterator[tuple[Orthanc, LiveServer]]:
+def stack(folder: Path, live_server: ServerFactory) -> Iterator[tuple[Orthanc, LiveServer]]:
     http_port = free_port()
-    live = LiveServer(env=_servers(http_port))
+    live = live_server(dicomweb_servers=_dicomweb(http_port))
+    orthanc = start_orthanc(folder / "orthanc", http_port, live.url)
     try:
-        orthanc = start_orthanc(folder / "orthanc", http_port, live.url)
-        try:
-            yield orthanc, live
-        finally:
-            orthanc.stop()
+        yield orthanc, live
     finally:
-        live.stop()
+        orthanc.stop()
 
 
 def test_studies_sent_by_stow_and_by_cstore_get_one_set_of_results(
@@ -338,13 +343,13 @@ def results_of(orthanc: Orthanc, study: str, source: str) -> list[str]:
     return sorted(found)
 
 
-def test_a_report_asked_for_later_is_made_alone(folder: Path) -> None:
+def test_a_report_asked_for_later_is_made_alone(folder: Path, live_server: ServerFactory) -> None:
     """Images routed without a report, then again with GRADCAM_ROUTER_REPORT=dicom-sr:
     the router tells the service's report (SR) from its Secondary Capture and asks for
     the report alone, which the service makes and stores; each image ends with one of
     each, and the report is checked as stored."""
     http_port = free_port()
-    live = LiveServer(env=_servers(http_port))
+    live = live_server(dicomweb_servers=_dicomweb(http_port))
     orthanc = None
     try:
         orthanc = start_orthanc(folder / "first", http_port, live.url)
@@ -374,10 +379,11 @@ def test_a_report_asked_for_later_is_made_alone(folder: Path) -> None:
     finally:
         if orthanc is not None:
             orthanc.stop()
-        live.stop()
 
 
-def test_a_service_that_is_down_leaves_a_failure_an_operator_can_retry(folder: Path) -> None:
+def test_a_service_that_is_down_leaves_a_failure_an_operator_can_retry(
+    folder: Path, live_server: ServerFactory
+) -> None:
     http_port, service_port = free_port(), free_port()
     orthanc = start_orthanc(
         folder / "orthanc",
@@ -387,7 +393,6 @@ def test_a_service_that_is_down_leaves_a_failure_an_operator_can_retry(folder: P
         GRADCAM_ROUTER_FIRST_RETRY_DELAY_S="0.2",
         GRADCAM_ROUTER_MAX_RETRY_DELAY_S="0.5",
     )
-    live = None
     try:
         one = make_series(folder / "stow", 1)
         send_stow(orthanc, one)
@@ -403,20 +408,20 @@ def test_a_service_that_is_down_leaves_a_failure_an_operator_can_retry(folder: P
         ]
         assert len(warnings) == 1, orthanc.log.read_text()[-3000:]
         # The service comes up; the operator routes the failed series again.
-        live = LiveServer(env=_servers(http_port), port=service_port)
+        live_server(dicomweb_servers=_dicomweb(http_port), port=service_port)
         again = requests.post(f"{orthanc.rest}/gradcam/router/retry", timeout=30).json()
         assert again == {"queued": [series_id]}
-        deadline = time.monotonic() + 60
-        while (orthanc.state(one.uid) or {}).get("state") != "done":
-            assert time.monotonic() < deadline, orthanc.state(one.uid)
-            time.sleep(0.5)
+        wait_until(
+            lambda: (orthanc.state(one.uid) or {}).get("state") == "done",
+            60,
+            "the series routed again",
+            detail=lambda: str(orthanc.state(one.uid)),
+        )
         wait_quiet(orthanc)
         assert_one_set_each(orthanc, [one])
         assert orthanc.get("/gradcam/router")["failed"] == {}
     finally:
         orthanc.stop()
-        if live is not None:
-            live.stop()
 
 
 @pytest.mark.slow
@@ -463,12 +468,18 @@ class Figures:
         )
 
 
-def route_fifty(folder: Path, restart: bool, series_count: int = 5, size: int = 10) -> Figures:
+def route_fifty(
+    folder: Path,
+    restart: bool,
+    live_server: ServerFactory,
+    series_count: int = 5,
+    size: int = 10,
+) -> Figures:
     """``series_count`` series of ``size`` images (in two studies) by STOW-RS through a
-    fresh Orthanc and service; with ``restart``, the service is stopped once the first
-    series is done and started again on the same port."""
+    fresh Orthanc and a service from ``live_server``; with ``restart``, the service is
+    stopped once the first series is routed and started again on the same port."""
     http_port = free_port()
-    live = LiveServer(env=_servers(http_port))
+    live = live_server(dicomweb_servers=_dicomweb(http_port))
     orthanc = None
     try:
         orthanc = start_orthanc(
@@ -481,13 +492,12 @@ def route_fifty(folder: Path, restart: bool, series_count: int = 5, size: int = 
         for one in sent:
             send_stow(orthanc, one)
         if restart:
-            deadline = time.monotonic() + 120
-            while not any(orthanc.state(one.uid) for one in sent):
-                assert time.monotonic() < deadline, "no series routed in 120 s"
-                time.sleep(0.2)
+            wait_until(lambda: any(orthanc.state(one.uid) for one in sent), 120, "a series routed")
             live.stop()
-            time.sleep(2)  # the router meets a refused connection, and backs off
-            live = LiveServer(env=_servers(http_port), port=live.port)
+            # An outage of 2 s: time must pass with the service down for the router to meet
+            # refused connections and back off (its retries, asserted below, show it did).
+            time.sleep(2)
+            live = live_server(dicomweb_servers=_dicomweb(http_port), port=live.port)
         states = wait_routed(orthanc, sent, 300)
         assert all(state["state"] == "done" for state in states.values()), states
         wait_quiet(orthanc)
@@ -504,20 +514,19 @@ def route_fifty(folder: Path, restart: bool, series_count: int = 5, size: int = 
     finally:
         if orthanc is not None:
             orthanc.stop()
-        live.stop()
 
 
 @pytest.mark.slow
 def test_fifty_images_across_a_restart_of_the_service_get_results_once(
-    folder: Path, capsys: pytest.CaptureFixture[str]
+    folder: Path, live_server: ServerFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    figures = route_fifty(folder, restart=True)
+    figures = route_fifty(folder, True, live_server)
     with capsys.disabled():
         print(f"\nrouted through a restart of the service: {figures}")
 
 
 def test_a_wrong_setting_stops_orthanc_and_is_named(folder: Path) -> None:
-    with pytest.raises(pytest.fail.Exception, match=r"GradcamRouter\.MaxImagesPerRequest"):
+    with pytest.raises(AssertionError, match=r"GradcamRouter\.MaxImagesPerRequest"):
         start_orthanc(
             folder / "orthanc", free_port(), "http://127.0.0.1:9", GRADCAM_ROUTER_MAX_IMAGES="100"
         )

@@ -8,13 +8,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
-from tests.helpers import LiveServer, encode, phantom_png
+from tests.helpers import LiveServer, ServerFactory, encode, phantom_png, wait_until
 
 TOKEN_ENV = "env-token-0123456789abcdef"
 TOKEN_FILE = "file-token-0123456789abcdef"
@@ -37,19 +37,16 @@ def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def locked(tokens_file: Path) -> Iterator[tuple[LiveServer, int]]:
+def locked(module_live_server: ServerFactory, tokens_file: Path) -> tuple[LiveServer, int]:
     metrics_port = _free_port()
-    live = LiveServer(
-        env={
-            "GRADCAM_AUTH_TOKENS": TOKEN_ENV,
-            "GRADCAM_AUTH_TOKENS_FILE": str(tokens_file),
-            "GRADCAM_CORS_ORIGINS": ORIGIN,
-            "GRADCAM_METRICS_PORT": str(metrics_port),
-            "GRADCAM_LOG_FORMAT": "json",
-        }
+    live = module_live_server(
+        auth_tokens=TOKEN_ENV,
+        auth_tokens_file=tokens_file,
+        cors_origins=ORIGIN,
+        metrics_port=metrics_port,
+        log_format="json",
     )
-    yield live, metrics_port
-    live.stop()
+    return live, metrics_port
 
 
 def _bearer(token: str) -> dict[str, str]:
@@ -75,7 +72,10 @@ def test_probes_are_open_and_the_api_needs_a_token(locked: tuple[LiveServer, int
             requests.get(f"{server.url}/v1/models", headers=_bearer(token), timeout=5).status_code
             == 200
         )
-    body = {"images": [encode(phantom_png(1, 64, 64))], "heatmap": {"format": "none"}}
+    body: dict[str, Any] = {
+        "images": [encode(phantom_png(1, 64, 64))],
+        "heatmap": {"format": "none"},
+    }
     assert (
         requests.post(
             f"{server.url}/v1/explain", json=body, timeout=30, headers=_bearer(TOKEN_FILE)
@@ -91,16 +91,14 @@ def test_a_rotated_tokens_file_is_picked_up(
     rotated = "rotated-token-0123456789abcdef"
     tokens_file.write_text(f"{rotated}\n")
     os.utime(tokens_file, (time.time() + 5, time.time() + 5))
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if (
+    wait_until(
+        lambda: (
             requests.get(f"{server.url}/v1/models", headers=_bearer(rotated), timeout=5).status_code
             == 200
-        ):
-            break
-        time.sleep(0.5)
-    else:
-        raise AssertionError("the rotated token was never accepted")
+        ),
+        15,
+        "the rotated token accepted",
+    )
     assert (
         requests.get(f"{server.url}/v1/models", headers=_bearer(TOKEN_FILE), timeout=5).status_code
         == 401

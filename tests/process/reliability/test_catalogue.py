@@ -16,7 +16,6 @@ import json
 import socket
 import struct
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -26,20 +25,20 @@ from PIL import Image
 from service.contract.errors import ErrorResponse
 from service.contract.inference_protocol import ProtocolError
 from service.memory import MB, resident_bytes
-from tests.helpers import LiveServer, bomb_png, encode, phantom_png
+from tests.helpers import LiveServer, ServerFactory, bomb_png, encode, phantom_png
 from tests.process.reliability.test_memory_budget import TreeSampler, _tree
 from tests.unit.pipeline.test_bounded_work import _jpeg, _jpeg_dicom, _with_sof_size
 
 CLIENT_TIMEOUT_S = 2.0
-LIMITS = {
-    "GRADCAM_MAX_REQUEST_BYTES": str(8 * 2**20),
-    "GRADCAM_MAX_EXPLANATIONS_PER_REQUEST": "8",
-    "GRADCAM_MAX_REQUEST_PIXELS": "50000",
-    "GRADCAM_CLIENT_TIMEOUT_S": str(CLIENT_TIMEOUT_S),
+LIMITS: dict[str, Any] = {
+    "max_request_bytes": 8 * 2**20,
+    "max_explanations_per_request": 8,
+    "max_request_pixels": 50000,
+    "client_timeout_s": CLIENT_TIMEOUT_S,
     # A 200² image's map at its own size (40 000 numbers) is over it.
-    "GRADCAM_MAX_ARRAY_VALUES": "20000",
+    "max_array_values": 20000,
     # Allowed, never reached: its requests are refused before any call.
-    "GRADCAM_DICOMWEB_SERVERS": "http://127.0.0.1:9/dicom-web",
+    "dicomweb_servers": "http://127.0.0.1:9/dicom-web",
 }
 PACS = "http://127.0.0.1:9/dicom-web"
 
@@ -775,10 +774,8 @@ PROTOCOL_CATALOGUE: list[tuple[str, bytes, int]] = [
 
 
 @pytest.fixture(scope="module")
-def hostile_server() -> Iterator[LiveServer]:
-    live = LiveServer(env=LIMITS, workers=2)
-    yield live
-    live.stop()
+def hostile_server(module_live_server: ServerFactory) -> LiveServer:
+    return module_live_server(workers=2, **LIMITS)
 
 
 def _good(server: LiveServer) -> dict[str, Any]:

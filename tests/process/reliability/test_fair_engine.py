@@ -12,19 +12,20 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from typing import Any
 
 import pytest
 import requests
 
-from tests.helpers import LiveServer, encode, phantom_png
+from tests.helpers import LiveServer, encode, phantom_png, wait_until
 
-HEAVY = {
+HEAVY: dict[str, Any] = {
     "images": [encode(phantom_png(seed, 256, 256)) for seed in range(8)],
     "targets": [[0, 1, 2, 3]] * 8,
     "include": ["faithfulness"],
     "heatmap": {"format": "none"},
 }
-LIGHT = {"images": [encode(phantom_png(99, 256, 256))]}
+LIGHT: dict[str, Any] = {"images": [encode(phantom_png(99, 256, 256))]}
 
 
 @pytest.mark.slow
@@ -44,16 +45,14 @@ def test_a_light_request_is_answered_between_heavy_ones(server: LiveServer) -> N
     for client in clients:
         client.start()
     try:
-        deadline = time.monotonic() + 60
-        while 200 not in heavy:  # the heavy ones are under way: one has gone through
-            assert time.monotonic() < deadline, heavy
-            time.sleep(0.1)
+        # The heavy ones are under way: one has gone through.
+        wait_until(lambda: 200 in heavy, 60, "a heavy request answered", detail=lambda: str(heavy))
         light: list[tuple[int, float]] = []
         for _ in range(10):
             started = time.monotonic()
             status = requests.post(f"{server.url}/v1/explain", json=LIGHT, timeout=60).status_code
             light.append((status, time.monotonic() - started))
-            time.sleep(0.3)
+            time.sleep(0.3)  # light requests spread in time across the heavy ones' rounds
     finally:
         stop.set()
         for client in clients:

@@ -16,20 +16,27 @@ import json
 import random
 import socket
 import string
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 import requests
-from pydicom.data import get_testdata_file
 
-from tests.helpers import REPO, LiveServer, dciodvfy_errors, encode, phantom_png
+from tests.helpers import (
+    REPO,
+    LiveServer,
+    ServerFactory,
+    dciodvfy_errors,
+    encode,
+    phantom_png,
+    pydicom_file,
+)
 
 TOKEN = "hardening-token-0123456789abcdef"
 EXAMPLES = REPO / "examples"
 CR = EXAMPLES / "phantom_nodule.dcm"  # no Frame of Reference: Secondary Capture only
-CT = Path(get_testdata_file("CT_small.dcm"))  # a Frame of Reference: Parametric Map too
+CT = pydicom_file("CT_small.dcm")  # a Frame of Reference: Parametric Map too
 # Never reached: a store to it fails inside the answer, a fetch from it is refused first.
 PACS = "http://127.0.0.1:9/dicom-web"
 
@@ -75,24 +82,25 @@ def _with(path: Path, values: dict[str, str]) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def live() -> Iterator[LiveServer]:
-    server = LiveServer(
-        env={"GRADCAM_AUTH_TOKENS": TOKEN, "GRADCAM_DICOMWEB_SERVERS": PACS}, workers=1
-    )
-    yield server
-    server.stop()
+def live(module_live_server: ServerFactory) -> LiveServer:
+    return module_live_server(auth_tokens=TOKEN, dicomweb_servers=PACS)
 
 
 def _auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _explain(server: LiveServer, **body: object) -> requests.Response:
+def _explain(server: LiveServer, **body: Any) -> requests.Response:
     return requests.post(f"{server.url}/v1/explain", json=body, headers=_auth(), timeout=60)
 
 
-def _infer(server: LiveServer, images: list[str], **body: object) -> requests.Response:
-    tensor = {"name": "image", "shape": [len(images)], "datatype": "BYTES", "data": images}
+def _infer(server: LiveServer, images: list[str], **body: Any) -> requests.Response:
+    tensor: dict[str, Any] = {
+        "name": "image",
+        "shape": [len(images)],
+        "datatype": "BYTES",
+        "data": images,
+    }
     return requests.post(
         f"{server.url}/v2/models/phantom/infer",
         json={"inputs": [tensor], **body},

@@ -18,7 +18,7 @@ import requests
 from PIL import Image
 
 from service.memory import MB, children, resident_bytes
-from tests.helpers import LiveServer
+from tests.helpers import LiveServer, ServerFactory, wait_until
 
 BUDGET_MB = 3000
 
@@ -51,7 +51,7 @@ class TreeSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, sum(resident_bytes(p) for p in _tree(self.root)))
-            time.sleep(0.01)
+            time.sleep(0.01)  # a sampling period: time itself passes between samples
 
     def stop(self) -> int:
         self._stop.set()
@@ -60,50 +60,47 @@ class TreeSampler:
 
 
 @pytest.mark.slow
-def test_twenty_requests_at_the_limits_stay_within_the_budget() -> None:
-    live = LiveServer(workers=2, threads=16, env={"GRADCAM_MEMORY_BUDGET_MB": str(BUDGET_MB)})
-    try:
-        images = [base64.b64encode(_jpeg(4000, seed)).decode() for seed in range(4)]
-        body = json.dumps({"images": images, "heatmap": {"format": "overlay", "size": "original"}})
-        sampler = TreeSampler(live.process.pid)
+def test_twenty_requests_at_the_limits_stay_within_the_budget(live_server: ServerFactory) -> None:
+    live = live_server(workers=2, threads=16, memory_budget_mb=BUDGET_MB)
+    images = [base64.b64encode(_jpeg(4000, seed)).decode() for seed in range(4)]
+    body = json.dumps({"images": images, "heatmap": {"format": "overlay", "size": "original"}})
+    sampler = TreeSampler(live.process.pid)
 
-        def send(_: int) -> tuple[int, str, str | None]:
-            response = requests.post(
-                f"{live.url}/v1/explain",
-                data=body,
-                timeout=120,
-                headers={"Content-Type": "application/json"},
-            )
-            code = (
-                response.json().get("error", {}).get("code", "")
-                if response.status_code != 200
-                else ""
-            )
-            return response.status_code, code, response.headers.get("Retry-After")
-
-        with ThreadPoolExecutor(20) as pool:
-            answers = list(pool.map(send, range(20)))
-        peak = sampler.stop()
-        hwm = sum(resident_bytes(p, peak=True) for p in _tree(live.process.pid))
-        statuses = sorted(status for status, _, _ in answers)
-        print(
-            f"peak RSS of the tree {peak / MB:.0f} MB (sum of each process's peak "
-            f"{hwm / MB:.0f} MB), budget {BUDGET_MB} MB; answers {statuses}"
+    def send(_: int) -> tuple[int, str, str | None]:
+        response = requests.post(
+            f"{live.url}/v1/explain",
+            data=body,
+            timeout=120,
+            headers={"Content-Type": "application/json"},
         )
-        assert set(statuses) <= {200, 503}, answers
-        assert 200 in statuses
-        for status, code, retry_after in answers:
-            if status == 503:
-                assert code == "overloaded" and retry_after is not None
-        assert peak <= BUDGET_MB * MB
-        # Nothing stays reserved once every answer is out.
-        assert _reserved(live) == 0
-        assert "Traceback" not in live.read_log()
-    finally:
-        live.stop()
+        code = (
+            response.json().get("error", {}).get("code", "") if response.status_code != 200 else ""
+        )
+        return response.status_code, code, response.headers.get("Retry-After")
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(send, range(20)))
+    peak = sampler.stop()
+    hwm = sum(resident_bytes(p, peak=True) for p in _tree(live.process.pid))
+    statuses = sorted(status for status, _, _ in answers)
+    print(
+        f"peak RSS of the tree {peak / MB:.0f} MB (sum of each process's peak "
+        f"{hwm / MB:.0f} MB), budget {BUDGET_MB} MB; answers {statuses}"
+    )
+    assert set(statuses) <= {200, 503}, answers
+    assert 200 in statuses
+    for status, code, retry_after in answers:
+        if status == 503:
+            assert code == "overloaded" and retry_after is not None
+    assert peak <= BUDGET_MB * MB
+    # Nothing stays reserved once every answer is out.
+    _wait_nothing_reserved(live)
+    assert "Traceback" not in live.read_log()
 
 
-def _reserved(live: LiveServer) -> int:
+def _wait_nothing_reserved(live: LiveServer) -> None:
+    """Every reservation of serve's memory budget released (a worker releases a request's
+    after its answer is out)."""
     from service.memory import MemoryBudget
 
     folder = next(
@@ -111,31 +108,29 @@ def _reserved(live: LiveServer) -> int:
         for line in live.read_log().splitlines()
         if "engine serving on " in line
     )
-    deadline = time.monotonic() + 5
-    while True:
-        reserved = MemoryBudget(str(Path(folder).parent / "memory.budget")).reserved_bytes()
-        if reserved == 0 or time.monotonic() > deadline:
-            return reserved
-        time.sleep(0.1)
+    budget = MemoryBudget(str(Path(folder).parent / "memory.budget"))
+    wait_until(
+        lambda: budget.reserved_bytes() == 0,
+        5,
+        "nothing reserved",
+        detail=lambda: f"{budget.reserved_bytes()} bytes still reserved",
+    )
 
 
-def test_a_request_that_could_never_fit_is_a_413() -> None:
-    live = LiveServer(env={"GRADCAM_MEMORY_BUDGET_MB": "1600"})
-    try:
-        images = [base64.b64encode(_jpeg(4000, 0)).decode()] * 4
-        answer = requests.post(
-            f"{live.url}/v1/explain",
-            timeout=60,
-            json={"images": images, "heatmap": {"format": "overlay", "size": "original"}},
-        )
-        assert answer.status_code == 413, answer.text[:300]
-        assert answer.json()["error"]["code"] == "over_memory_budget"
-        small = requests.post(
-            f"{live.url}/v1/explain",
-            timeout=60,
-            json={"images": [base64.b64encode(_jpeg(256, 0)).decode()]},
-        )
-        assert small.status_code == 200, small.text[:300]
-        assert _reserved(live) == 0
-    finally:
-        live.stop()
+def test_a_request_that_could_never_fit_is_a_413(live_server: ServerFactory) -> None:
+    live = live_server(memory_budget_mb=1600)
+    images = [base64.b64encode(_jpeg(4000, 0)).decode()] * 4
+    answer = requests.post(
+        f"{live.url}/v1/explain",
+        timeout=60,
+        json={"images": images, "heatmap": {"format": "overlay", "size": "original"}},
+    )
+    assert answer.status_code == 413, answer.text[:300]
+    assert answer.json()["error"]["code"] == "over_memory_budget"
+    small = requests.post(
+        f"{live.url}/v1/explain",
+        timeout=60,
+        json={"images": [base64.b64encode(_jpeg(256, 0)).decode()]},
+    )
+    assert small.status_code == 200, small.text[:300]
+    _wait_nothing_reserved(live)

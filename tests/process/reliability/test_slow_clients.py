@@ -5,28 +5,39 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import LiveServer
+from tests.helpers import LiveServer, ServerFactory, wait_until
 from tests.process.reliability.slow_clients import KINDS, SlowClients, answer_times
 
 THREADS = 4
 
 
 @pytest.fixture(scope="module")
-def slow_server() -> Iterator[LiveServer]:
-    live = LiveServer(threads=THREADS, env={"GRADCAM_CLIENT_TIMEOUT_S": "3"})
-    yield live
-    live.stop()
+def slow_server(module_live_server: ServerFactory) -> LiveServer:
+    return module_live_server(threads=THREADS, client_timeout_s=3)
 
 
 @pytest.mark.slow
 def test_slow_clients_do_not_starve_the_workers(slow_server: LiveServer) -> None:
+    def explained() -> float:
+        return slow_server.metric("gradcam_images_explained_total", '{model="phantom"}')
+
+    before = explained()
     clients = SlowClients("127.0.0.1", slow_server.port, per_kind=4 * THREADS).start()
     try:
-        time.sleep(1.0)  # every kind in place, the big answers computed and stalled
+        # Every kind in place (start() returns once each has sent its part), and the big
+        # answers computed: explained, their requests done, their bytes held for readers
+        # that never read.
+        wait_until(
+            lambda: (
+                explained() >= before + 4 * THREADS
+                and slow_server.metric("gradcam_requests_in_flight") == 0
+            ),
+            30,
+            "the unread answers computed",
+        )
         worst = answer_times(slow_server.url)
     finally:
         clients.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -20,7 +21,7 @@ def test_a_served_models_file_codes_the_report(live_server: ServerFactory, tmp_p
     """Through the real server, its engine in another process: the SR names SNOMED's
     nodule."""
     live = live_server(models_file=_models_file(tmp_path, CODES))
-    body = {
+    body: dict[str, Any] = {
         "images": [encode(CR.read_bytes())],
         "targets": [["nodule"]],
         "report": "dicom-sr",

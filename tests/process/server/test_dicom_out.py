@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import requests
@@ -15,7 +16,7 @@ from tests.unit.imaging.test_dicom_out import CR, _report, _valid
 
 
 def test_dicom_sc_through_the_server(server: LiveServer, tmp_path: Path) -> None:
-    body = {
+    body: dict[str, Any] = {
         "images": [encode(CR.read_bytes())],
         "targets": ["nodule"],
         "heatmap": {"format": "dicom-sc"},
@@ -28,7 +29,7 @@ def test_dicom_sc_through_the_server(server: LiveServer, tmp_path: Path) -> None
 
 
 def test_segmentation_and_report_through_the_server(server: LiveServer, tmp_path: Path) -> None:
-    body = {
+    body: dict[str, Any] = {
         "images": [encode(CR.read_bytes())],
         "targets": [["nodule", "mass"]],
         "heatmap": {"format": "dicom-seg"},

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from pydicom.data import get_testdata_file
 
 from service.contract.requests import ExplainRequest
 from service.contract.responses import ExplainResponse
@@ -23,7 +22,7 @@ from service.demo.evaluation import peak_in_boxes
 from service.engine.runtime import Runtime
 from service.imaging.values import to_uint8
 from service.pipeline.explain import explain
-from tests.helpers import LiveServer, as_json, encode, phantom, phantom_png, png_bytes
+from tests.helpers import LiveServer, as_json, encode, phantom, phantom_png, png_bytes, pydicom_file
 from tests.unit.pipeline.test_explain import image_variants
 
 TIMEOUT = 60
@@ -163,11 +162,10 @@ DICOM_FILES = [
 def test_dicom_files(server: LiveServer, name: str, frame: int | None) -> None:
     import pydicom
 
-    path = get_testdata_file(name)
-    assert path is not None, f"pydicom ships {name}"
+    path = pydicom_file(name)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    body = {
-        "images": [encode(Path(path).read_bytes())],
+    body: dict[str, Any] = {
+        "images": [encode(path.read_bytes())],
         "heatmap": {"format": "overlay", "size": "original"},
     }
     if frame is not None:
@@ -197,7 +195,7 @@ def test_every_image_format_in_one_request(server: LiveServer) -> None:
 
 
 def test_multiframe_dicom_needs_a_frame(server: LiveServer) -> None:
-    data = encode(Path(get_testdata_file("SC_rgb_rle_2frame.dcm")).read_bytes())
+    data = encode(pydicom_file("SC_rgb_rle_2frame.dcm").read_bytes())
     response = _post(server, {"images": [data]})
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "frame_required"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 import requests
 
 from service.demo.phantom import FINDINGS
-from tests.helpers import LiveServer, encode, metric_value, missing_tool, phantom_png
+from tests.helpers import LiveServer, ServerFactory, encode, metric_value, missing_tool, phantom_png
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +25,10 @@ def metrics_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_workers(metrics_dir: Path) -> Iterator[LiveServer]:
-    live = LiveServer(
-        workers=2, env={"GRADCAM_TORCH_THREADS": "1", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+def two_workers(module_live_server: ServerFactory, metrics_dir: Path) -> LiveServer:
+    return module_live_server(
+        workers=2, torch_threads=1, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     )
-    yield live
-    live.stop()
 
 
 def _explain(server: LiveServer, body: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ def _check(path: str, method: str, response: requests.Response) -> None:
 
 def test_real_responses_match_the_document(server: LiveServer) -> None:
     image = encode(phantom_png(3, 120, 100))
+    body: dict[str, Any]
     for fmt in ("array", "png", "overlay", "gray", "none"):
         body = {"images": [image], "targets": [["mass", 3]], "heatmap": {"format": fmt}}
         response = requests.post(f"{server.url}/v1/explain", json=body, timeout=60)
@@ -83,7 +84,7 @@ def test_real_responses_match_the_document(server: LiveServer) -> None:
         ("/v2/models/{name}/config", "/v2/models/phantom/config"),
     ]:
         _check(path, "get", requests.get(f"{server.url}{url}", timeout=10))
-    tensor = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [image]}
+    tensor: dict[str, Any] = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [image]}
     for body in (
         {"inputs": [tensor]},
         {"inputs": [tensor], "outputs": [{"name": "labels"}, {"name": "target"}]},

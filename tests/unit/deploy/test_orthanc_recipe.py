@@ -13,15 +13,14 @@ import py_compile
 import random
 import re
 import sys
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, wait_until
 
 RECIPE = REPO / "deploy" / "orthanc"
 DICOMWEB = "http://127.0.0.1:8042/dicom-web"
@@ -118,7 +117,6 @@ class FakeOrthanc:
         self.properties: dict[int, str] = {}
         self.warnings: list[str] = []
         self.infos: list[str] = []
-        self.written = threading.Event()
 
     def add_series(
         self, series_id: str, count: int, manufacturer: str = "", modality: str = "CR"
@@ -187,14 +185,12 @@ class FakeOrthanc:
 
     def put(self, uri: str, body: str) -> None:
         self.metadata[uri] = body
-        self.written.set()
 
     def get_property(self, index: int) -> str:
         return self.properties.get(index, "{}")
 
     def set_property(self, index: int, value: str) -> None:
         self.properties[index] = value
-        self.written.set()
 
     def saved(self) -> dict[str, Any]:
         """What the router keeps across a restart of Orthanc."""
@@ -601,10 +597,12 @@ def test_workers_route_what_becomes_stable_and_what_a_restart_left_pending(
     orthanc.properties[4602] = json.dumps({"pending": {"s2": 5.0}, "failed": {}})
     router.on_stable("s1")  # before the start: queued, saved at the start
     router.start()
-    deadline = 10.0
-    while not all(f"/series/{s}/metadata/GradcamRouter" in orthanc.metadata for s in ("s1", "s2")):
-        assert orthanc.written.wait(deadline)
-        orthanc.written.clear()
+    written(
+        orthanc,
+        lambda: all(
+            f"/series/{s}/metadata/GradcamRouter" in orthanc.metadata for s in ("s1", "s2")
+        ),
+    )
     router.stop()
     assert orthanc.state("s2")["stable_at"] == 5.0
     assert json.loads(orthanc.properties[4602]) == {"pending": {}, "failed": {}, "partial": {}}
@@ -622,23 +620,26 @@ def test_a_partial_series_stays_listed_until_a_retry_routes_it_whole(
     router.start()
     router.on_stable("s1")
     # Saved once the worker is through with it: a restart of Orthanc keeps it listed.
-    wait_until(orthanc, lambda: orthanc.saved().get("partial") == {"s1": {"too_many_pixels": 1}})
+    written(orthanc, lambda: orthanc.saved().get("partial") == {"s1": {"too_many_pixels": 1}})
     assert orthanc.state("s1")["state"] == "partial"
     assert router.status()["partial"] == {"s1": {"too_many_pixels": 1}}
     # The service's limit raised; the operator retries every failed and partial series.
     service.refuse = None
     assert router.retry(None) == ["s1"]
-    wait_until(orthanc, lambda: orthanc.saved() == {"pending": {}, "failed": {}, "partial": {}})
+    written(orthanc, lambda: orthanc.saved() == {"pending": {}, "failed": {}, "partial": {}})
     assert orthanc.state("s1")["state"] == "done"
     assert router.status()["partial"] == {} and router.status()["left_out"] == {}
     assert orthanc.results_of(uids[2]) == ["OT"]
 
 
-def wait_until(orthanc: FakeOrthanc, condition: Any) -> None:
-    """Until ``condition()`` holds, checked each time the router writes to Orthanc."""
-    while not condition():
-        assert orthanc.written.wait(10), (orthanc.metadata, orthanc.properties)
-        orthanc.written.clear()
+def written(orthanc: FakeOrthanc, condition: Callable[[], bool]) -> None:
+    """Until what the router wrote to Orthanc makes ``condition()`` hold."""
+    wait_until(
+        condition,
+        10,
+        "the router's writes to Orthanc",
+        detail=lambda: repr((orthanc.metadata, orthanc.properties)),
+    )
 
 
 def test_the_retry_route_refuses_what_is_not_a_list_of_ids() -> None:

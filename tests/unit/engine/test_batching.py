@@ -1,7 +1,7 @@
 """MicroBatcher rules, with a fake engine whose timing the test controls.
 
 No test waits a fixed time for another thread to get somewhere: each waits for the
-state itself (``FakeEngine.busy``, ``_eventually``), so a busy machine cannot
+state itself (``FakeEngine.busy``, ``wait_until``), so a busy machine cannot
 make them flake. Sleeps remain only where time itself must pass (a deadline).
 """
 
@@ -21,6 +21,7 @@ from service.contract.errors import DeadlineExceeded, EngineUnavailable, Overloa
 from service.engine.batching import MicroBatcher
 from service.engine.work_items import BatchKey, BatchStats, FollowUp, WorkItem
 from service.transport.interface import Job, JobResult, wait_for
+from tests.helpers import wait_until
 
 KEY: BatchKey = ("m", "layer")
 
@@ -46,7 +47,7 @@ class FakeEngine:
         if should_stop is not None:
             self.stop_answers.append(should_stop())
         self.calls.append(((job.model, job.layer), job.size))
-        time.sleep(self.delay_s)
+        time.sleep(self.delay_s)  # the batch's compute time: time itself passes
         if any((image == -1).any() for image in job.images):
             raise ValueError("poisoned input")
         # Each image's "map" is its own pixels: results must come back to their owner.
@@ -57,13 +58,6 @@ class FakeEngine:
             targets=[[0 if t is None else t for t in ts] for ts in job.targets],
             maps=[[image[:, :, 0].copy()] for image in job.images],
         )
-
-
-def _eventually(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def _item(value: float, n: int = 1, key: BatchKey = KEY, timeout_s: float = 10) -> WorkItem:
@@ -160,7 +154,7 @@ def test_a_request_past_its_deadline_is_dropped_before_compute() -> None:
     batcher.submit(_item(0.0))
     engine.busy()
     late = batcher.submit(_item(1.0, timeout_s=0.05))
-    time.sleep(0.1)
+    time.sleep(0.1)  # its deadline passes while it waits: time itself must pass
     engine.gate.set()
     with pytest.raises(DeadlineExceeded):
         late.result(5)
@@ -214,7 +208,7 @@ def test_close_fails_pending_requests() -> None:
     pending = [batcher.submit(_item(1.0)) for _ in range(3)]
     closer = threading.Thread(target=batcher.close)
     closer.start()
-    _eventually(lambda: not batcher.alive, "close() to begin")
+    wait_until(lambda: not batcher.alive, 10, "close() to begin")
     engine.gate.set()
     closer.join(5)
     running.result(5)
@@ -294,7 +288,7 @@ def test_close_with_drain_computes_what_is_queued() -> None:
     queued = [batcher.submit(_item(float(v))) for v in (1, 2)]
     closer = threading.Thread(target=batcher.close, kwargs={"drain": True})
     closer.start()
-    _eventually(lambda: not batcher.alive, "close() to begin")
+    wait_until(lambda: not batcher.alive, 10, "close() to begin")
     with pytest.raises(Overloaded):
         batcher.submit(_item(3.0))  # closing: nothing new
     engine.gate.set()
@@ -312,7 +306,7 @@ def test_a_dead_model_loop_fails_its_queue_and_reports() -> None:
     future = batcher.submit(_item(0.0))
     with pytest.raises(EngineUnavailable):
         future.result(5)
-    _eventually(lambda: not batcher.alive and len(died) == 1, "the loop to report its death")
+    wait_until(lambda: not batcher.alive and len(died) == 1, 10, "the loop to report its death")
     with pytest.raises(Overloaded):
         batcher.submit(_item(1.0))
 
@@ -325,7 +319,7 @@ def test_a_running_item_cancelled_is_abandoned_and_its_batch_told_to_stop() -> N
     engine.busy()
     assert running.cancel() is False  # a running future cannot be cancelled…
     engine.gate.set()
-    _eventually(lambda: len(engine.stop_answers) == 1, "the first batch to ask")
+    wait_until(lambda: len(engine.stop_answers) == 1, 10, "the first batch to ask")
     assert engine.stop_answers == [True]  # …but its batch hears that nobody waits for it
     kept = batcher.submit(_item(1.0))
     assert float(kept.result(5).maps[0][0][0, 0]) == 1.0
@@ -467,7 +461,7 @@ def test_a_request_given_up_between_rounds_stops_and_the_others_go_on() -> None:
     batcher = MicroBatcher(engine, follow_up=rounds, max_batch_size=1)
     rounds.gate.clear()
     leaving = batcher.submit(_heavy(1.0))
-    _eventually(lambda: engine.calls, "the first batch")
+    wait_until(lambda: engine.calls, 10, "the first batch")
     staying = batcher.submit(_heavy(2.0))
     leaving.cancel()  # running: marked abandoned, stopped before its next round
     rounds.gate.set()
@@ -496,10 +490,10 @@ def test_close_fails_or_finishes_the_continuing_requests(drain: bool) -> None:
     batcher = MicroBatcher(engine, follow_up=rounds, max_batch_size=1)
     rounds.gate.clear()
     heavy = batcher.submit(_heavy(1.0))
-    _eventually(lambda: engine.calls, "its batch")
+    wait_until(lambda: engine.calls, 10, "its batch")
     closer = threading.Thread(target=batcher.close, kwargs={"drain": drain})
     closer.start()
-    _eventually(lambda: not batcher.alive, "close() to begin")
+    wait_until(lambda: not batcher.alive, 10, "close() to begin")
     rounds.gate.set()
     closer.join(5)
     if drain:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -16,21 +17,20 @@ import orjson
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.data import get_testdata_file
 
 from service.contract.errors import InvalidField
 from service.contract.requests import ExplainRequest, parse_explain_request
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
-from tests.helpers import REPO, as_json, dciodvfy_errors, encode
+from tests.helpers import REPO, as_json, dciodvfy_errors, encode, pydicom_file
 
 EXAMPLES = REPO / "examples"
 CR = EXAMPLES / "phantom_nodule.dcm"  # MONOCHROME1, windowed, no Frame of Reference
-CT = Path(get_testdata_file("CT_small.dcm"))
-MR = Path(get_testdata_file("MR_small.dcm"))
-JPEG_RGB = Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))  # a lossy-compressed source
-MULTIFRAME = Path(get_testdata_file("SC_rgb_rle_2frame.dcm"))  # 2 RGB frames, RLE
-ENHANCED_CT = Path(get_testdata_file("eCT_Supplemental.dcm"))  # 2 frames, each placed
+CT = pydicom_file("CT_small.dcm")
+MR = pydicom_file("MR_small.dcm")
+JPEG_RGB = pydicom_file("SC_rgb_jpeg_dcmtk.dcm")  # a lossy-compressed source
+MULTIFRAME = pydicom_file("SC_rgb_rle_2frame.dcm")  # 2 RGB frames, RLE
+ENHANCED_CT = pydicom_file("eCT_Supplemental.dcm")  # 2 frames, each placed
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
@@ -207,6 +207,7 @@ def test_segmentation_of_the_heatmap(runtime: Runtime, tmp_path: Path, source: P
         assert described.segmented_property_type.scheme_designator == "99GRADCAM"
         assert described.segmented_property_type.meaning == label
         assert described.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+        assert described.algorithm_identification is not None
         (algorithm,) = described.algorithm_identification
         assert algorithm.AlgorithmName == "gradcam-service"
         assert algorithm.AlgorithmParameters == (
@@ -268,6 +269,14 @@ def _report(made: pydicom.Dataset) -> hd.sr.Comprehensive3DSR:
     return hd.sr.Comprehensive3DSR.from_dataset(made)
 
 
+def measurements(report: hd.sr.Comprehensive3DSR) -> Any:
+    """The report's content: a TID 1500 Measurement Report, its groups one per finding
+    (typed Any: what highdicom's types say of the groups is less than what they hold)."""
+    content = report.content
+    assert isinstance(content, hd.sr.MeasurementReport), type(content)
+    return content
+
+
 @pytest.mark.parametrize(
     "source, fmt",
     [(CR, "dicom-sc"), (CT, "dicom-pm"), (MR, "dicom-seg"), (JPEG_RGB, "png")],
@@ -289,8 +298,8 @@ def test_a_report_of_each_class(runtime: Runtime, tmp_path: Path, source: Path, 
     assert made.PatientID == original.PatientID
     assert made.CompletionFlag == "COMPLETE" and made.VerificationFlag == "UNVERIFIED"
     report = _report(made)
-    peaks = report.content.get_planar_roi_measurement_groups()
-    flat = report.content.get_image_measurement_groups()
+    peaks = measurements(report).get_planar_roi_measurement_groups()
+    flat = measurements(report).get_image_measurement_groups()
     values = _values(runtime, source, targets)
     scores = {e["target"]["label"]: e["target"]["score"] for e in result["explanations"]}
     assert len(peaks) + len(flat) == len(targets)
@@ -333,7 +342,7 @@ def test_reports_of_frames_and_of_images_that_are_not_dicom(
     for source, frame_number in ((ENHANCED_CT, [2]), (MULTIFRAME, None)):
         answer = _request(runtime, source, frame=1, heatmap={"format": "none"}, report="dicom-sr")
         made = _valid(base64.b64decode(answer["results"][0]["report"]["data"]), tmp_path)
-        group = _report(made).content.get_planar_roi_measurement_groups()[0]
+        group = measurements(_report(made)).get_planar_roi_measurement_groups()[0]
         reference = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
         assert reference.get("ReferencedFrameNumber") == (frame_number[0] if frame_number else None)
     png = _request(runtime, EXAMPLES / "phantom_nodule.png", report="dicom-sr")
@@ -365,12 +374,12 @@ def test_what_the_sweep_found_for_segmentations_and_reports(
     Segmentation (no plane, Patient Orientation instead); a CT without the Frame of
     Reference its IOD requires gets a reason; a source whose identity was removed without
     saying how gets a report that says the method is not stated."""
-    thin = Path(get_testdata_file("explicit_VR-UN.dcm"))
+    thin = pydicom_file("explicit_VR-UN.dcm")
     answer = _request(runtime, thin, heatmap={"format": "dicom-seg"})
     made = _valid(base64.b64decode(answer["results"][0]["segmentation"]["data"]), tmp_path)
     assert "PlaneOrientationSequence" not in made.SharedFunctionalGroupsSequence[0]
     assert list(made.PatientOrientation) == ["L", "A"]  # from its direction cosines
-    no_frame = Path(get_testdata_file("693_J2KR.dcm"))
+    no_frame = pydicom_file("693_J2KR.dcm")
     answer = _request(runtime, no_frame, heatmap={"format": "dicom-seg"}, report="dicom-sr")
     result = answer["results"][0]
     assert "Frame of Reference" in result["segmentation"]["reason"]
