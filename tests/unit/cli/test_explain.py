@@ -11,13 +11,13 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.data import get_testdata_file
 
 from service.cli import main
 from service.contract.requests import ExplainRequest
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
-from tests.helpers import EXAMPLES, as_json, encode, phantom_png
+from tests.helpers import EXAMPLES, as_json, encode, phantom_png, pydicom_file
+from tests.unit.imaging.test_dicom_out import measurements
 
 
 def test_explain_files_writes_overlays_at_image_size(
@@ -91,7 +91,7 @@ def test_outputs_never_overwrite_each_other_or_old_ones(
 
 
 def test_frames_per_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    two_frames = str(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    two_frames = str(pydicom_file("SC_rgb_rle_2frame.dcm"))
     out = tmp_path / "out"
     assert (
         main(
@@ -206,8 +206,8 @@ def test_explain_writes_a_report_beside_the_pictures_of_a_dicom_input(
     assert not errors, text
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(report))
     groups = [
-        *sr.content.get_planar_roi_measurement_groups(),
-        *sr.content.get_image_measurement_groups(),
+        *measurements(sr).get_planar_roi_measurement_groups(),
+        *measurements(sr).get_image_measurement_groups(),
     ]
     assert sorted(g.finding_type.meaning for g in groups) == ["mass", "nodule"]
     assert "method=layercam" in str(sr)

@@ -217,7 +217,8 @@ def test_good_files_load(
         expected = reference(x)
         for name in ("pt", "safe", "wrapped"):
             assert torch.allclose(models[name].module(x), expected, atol=1e-5), name
-    assert models["gray"].module.conv1.in_channels == 1
+    conv1 = models["gray"].module.get_submodule("conv1")
+    assert isinstance(conv1, torch.nn.Conv2d) and conv1.in_channels == 1
     assert models["gray"].mean == (pytest.approx(0.449, abs=1e-3),)
     assert models["custom"].default_layer == "features"
     assert models["custom"].num_classes == 2

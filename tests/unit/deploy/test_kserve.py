@@ -45,7 +45,12 @@ def _problems(value: Any, kind: str, path: str) -> list[str]:
     if kind == "ResourceQuantity":
         ok = isinstance(value, int | float) or bool(_QUANTITY.match(str(value)))
         return [] if ok else [f"{path}: {value!r} is not a quantity"]
-    simple = {"str": str, "int": int, "bool": bool, "float": (int, float)}
+    simple: dict[str, type | tuple[type, ...]] = {
+        "str": str,
+        "int": int,
+        "bool": bool,
+        "float": (int, float),
+    }
     if kind in simple:
         wrong = not isinstance(value, simple[kind]) or (kind == "int" and value is True)
         return [f"{path}: {value!r} is not {kind}"] if wrong else []

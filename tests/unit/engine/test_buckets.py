@@ -32,10 +32,15 @@ def test_bucket_sizes_are_powers_of_two_and_the_largest_batch() -> None:
 def _job(n: int) -> Job:
     rng = np.random.default_rng(5)
     images = [rng.integers(0, 256, (128, 128, 1), dtype=np.uint8) for _ in range(n)]
-    boxes = [None, (10, 0, 118, 128), None][:n]
-    targets: list[list[int | None]] = [[None], [0, 2], [3]][:n]
+    boxes: list[tuple[int, int, int, int] | None] = [None, (10, 0, 118, 128), None]
+    targets: list[list[int | None]] = [[None], [0, 2], [3]]
     return Job(
-        "phantom", "features", images, boxes, targets, ["gradcam", "layercam", "gradcam++"][:n]
+        "phantom",
+        "features",
+        images,
+        boxes[:n],
+        targets[:n],
+        ["gradcam", "layercam", "gradcam++"][:n],
     )
 
 
@@ -103,8 +108,9 @@ def _graphed_runtime(graph: type | None) -> Runtime:
 def _same_answers(a: Runtime, b: Runtime) -> None:
     for n in (1, 2, 3):
         job = _job(n)
+        one_each: list[list[int | None]] = [[None], [2], [1]]
         job = Job(
-            job.model, job.layer, job.images, job.boxes, [[None], [2], [1]][:n], ["gradcam"] * n
+            job.model, job.layer, job.images, job.boxes, one_each[:n], ["gradcam"] * n
         )  # one target, one method
         x, y = (rt.run(job, time.monotonic() + 60) for rt in (a, b))
         assert x.targets == y.targets

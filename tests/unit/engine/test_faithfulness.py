@@ -75,9 +75,9 @@ def _recomputed(runtime: Runtime, image: np.ndarray, layer_map: np.ndarray, targ
     n = x.size
     deletion, insertion = [], []
     for k in range(STEPS + 1):
-        top = np.zeros(n, dtype=bool)
-        top[order[: round(k * n / STEPS)]] = True
-        top = top.reshape(x.shape)
+        flat = np.zeros(n, dtype=bool)
+        flat[order[: round(k * n / STEPS)]] = True
+        top = flat.reshape(x.shape)
         deletion.append(np.where(top, blurred, x))
         insertion.append(np.where(top, x, blurred))
     batch = torch.from_numpy(np.stack(deletion + insertion)[:, None]).float()

@@ -12,6 +12,7 @@ from torch import nn
 from service.contract.terms import METHODS
 from service.engine.gradcam import GradCAM, LayerOutputError, TargetError, formula_methods
 from service.engine.layers import UnknownLayerError, default_layer, probe_layers
+from service.engine.runtime import Runtime
 from tests.helpers import seeded_model
 
 
@@ -128,7 +129,9 @@ def test_one_channel_model() -> None:
 def test_all_zero_map_is_zeros_not_nan() -> None:
     model = seeded_model("resnet18", num_classes=3)
     # Class 2 ignores the features entirely: its gradient, and so its map, is zero.
-    model.fc.weight[2] = 0
+    fc = model.get_submodule("fc")
+    assert isinstance(fc, nn.Linear)
+    fc.weight[2] = 0
     for method in METHODS:
         out = GradCAM(model)(torch.randn(1, 3, 64, 64), "layer4", [[2]], [method])
         cam = out.cams[0][0]
@@ -158,7 +161,7 @@ def _rss_bytes() -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
-def test_memory_steady_over_200_calls(runtime) -> None:
+def test_memory_steady_over_200_calls(runtime: Runtime) -> None:
     model = runtime.models[runtime.default_model]
     engine = GradCAM(model.module)
     inputs = torch.randn(4, 1, 128, 128)

@@ -146,7 +146,7 @@ def test_token_grids_follow_the_input() -> None:
 
 
 # name: factory, default layer, its (C, h, w), its layout, pytorch-grad-cam's reshape
-TINY = {
+TINY: dict[str, tuple[Callable[[], nn.Module], str, tuple[int, int, int], str, Reshape]] = {
     "vit": (
         tiny_vit,
         "encoder.layers.encoder_layer_1.ln_1",
@@ -342,7 +342,7 @@ def test_layers_command_shows_what_a_grid_was_made_from(
 
 
 # The models issue #21 names, at their real sizes: seconds each on a CPU.
-TORCHVISION = {
+TORCHVISION: dict[str, tuple[str, tuple[int, int, int], str, Reshape]] = {
     "vit_b_16": (
         "encoder.layers.encoder_layer_11.ln_1",
         (768, 14, 14),
@@ -361,7 +361,9 @@ def test_torchvision_transformers_match_pytorch_grad_cam(arch: str) -> None:
     if arch == "vit_b_16":
         # torchvision starts ViT's head at zero (every map would be 0); Swin's at std 0.02.
         torch.manual_seed(2)
-        nn.init.normal_(model.heads.head.weight, std=0.02)
+        head = model.get_submodule("heads.head")
+        assert isinstance(head, nn.Linear)
+        nn.init.normal_(head.weight, std=0.02)
     layers = probe_layers(model, 3, (224, 224))
     assert default_layer(layers, model, 1000) == layer
     info = next(i for i in layers if i.name == layer)

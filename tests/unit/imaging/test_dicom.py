@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 
 from service.contract.errors import InvalidField
 from service.imaging.dicom import decode_dicom, is_dicom
+from tests.helpers import pydicom_file
 
 
 def _any_size(width: int, height: int) -> None:
@@ -25,7 +24,7 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
 
 
 def test_window_and_rescale_follow_the_standard() -> None:
-    path = get_testdata_file("CT_small.dcm")
+    path = pydicom_file("CT_small.dcm")
     ds = pydicom.dcmread(path)
     hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     ds.WindowCenter, ds.WindowWidth = 40, 400  # a soft-tissue window in HU
@@ -36,7 +35,7 @@ def test_window_and_rescale_follow_the_standard() -> None:
 
 
 def test_monochrome1_is_inverted() -> None:
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
     plain = np.asarray(decode_dicom(_bytes(ds), 0, 1, _any_size, None))
     ds.PhotometricInterpretation = "MONOCHROME1"
     inverted = np.asarray(decode_dicom(_bytes(ds), 0, 1, _any_size, None))
@@ -44,7 +43,7 @@ def test_monochrome1_is_inverted() -> None:
 
 
 def test_full_range_without_a_window() -> None:
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
     for keyword in ("WindowCenter", "WindowWidth"):
         if keyword in ds:
             delattr(ds, keyword)
@@ -56,8 +55,8 @@ def test_full_range_without_a_window() -> None:
 
 def test_not_dicom_and_no_pixels() -> None:
     assert not is_dicom(b"\x89PNG\r\n\x1a\n" + b"\0" * 200)
-    ds = pydicom.dcmread(get_testdata_file("rtplan.dcm"))
-    data = Path(get_testdata_file("rtplan.dcm")).read_bytes()
+    ds = pydicom.dcmread(pydicom_file("rtplan.dcm"))
+    data = pydicom_file("rtplan.dcm").read_bytes()
     assert is_dicom(data) and "PixelData" not in ds
     with pytest.raises(InvalidField, match="without pixel data"):
         decode_dicom(data, 0, 1, _any_size, None)

@@ -22,7 +22,7 @@ from pydicom.misc import is_dicom
 from service.contract.settings import Settings
 from service.engine.runtime import Runtime
 from service.server.app import create_app
-from tests.helpers import dciodvfy_errors
+from tests.helpers import dciodvfy_errors, json_of
 
 
 def _files() -> list[str]:
@@ -53,7 +53,7 @@ def test_every_bundled_dicom_file_gets_a_4xx_or_valid_objects(
                 # and the report that names the Segmentation.
                 request |= {"targets": [["nodule", "mass"]], "report": "dicom-sr"}
             answer = client.post("/v1/explain", json=request)
-            body = answer.json
+            body = json_of(answer)
             assert answer.status_code < 500, (name, fmt, body)
             if answer.status_code != 200:
                 error = body["error"]
@@ -70,9 +70,9 @@ def test_every_bundled_dicom_file_gets_a_4xx_or_valid_objects(
                     outcomes[(kind, "reason")] += 1
                     continue
                 outcomes[(kind, "made")] += 1
-                path = tmp_path / "made.dcm"
-                path.write_bytes(base64.b64decode(made["data"]))
-                errors, _ = dciodvfy_errors(path)
+                written = tmp_path / "made.dcm"
+                written.write_bytes(base64.b64decode(made["data"]))
+                errors, _ = dciodvfy_errors(written)
                 if errors:
                     invalid.append((name, kind, errors[:3]))
     assert not invalid, invalid

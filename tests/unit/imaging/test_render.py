@@ -162,7 +162,9 @@ def test_png_encoding_round_trips_bit_exactly(shape: tuple[int, ...]) -> None:
 @pytest.mark.skipif(encoders._fpng is None, reason="fpng is not installed")
 def test_rgb_pngs_come_from_fpng() -> None:
     array = np.random.default_rng(2).integers(0, 256, (64, 48, 3), dtype=np.uint8)
-    assert encode_png(array) == encoders._fpng.from_ndarray(array)
+    fpng = encoders._fpng
+    assert fpng is not None
+    assert encode_png(array) == fpng.from_ndarray(array)
 
 
 @pytest.mark.parametrize("encoding,format_name", [("jpeg", "JPEG"), ("webp", "WEBP")])

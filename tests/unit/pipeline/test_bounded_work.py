@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit, generate_uid
+from pydicom.uid import UID, JPEGBaseline8Bit, generate_uid
 
 from service.contract.errors import InvalidField, PayloadTooLarge, UnsupportedMediaType
 from service.contract.requests import ExplainRequest
@@ -142,7 +142,7 @@ def test_codestream_sizes_are_read_from_the_headers() -> None:
 def _jpeg_dicom(frame: bytes, rows: int, columns: int) -> bytes:
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = JPEGBaseline8Bit
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")
     meta.MediaStorageSOPInstanceUID = generate_uid()
     ds = pydicom.Dataset()
     ds.file_meta = meta

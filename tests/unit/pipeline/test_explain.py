@@ -15,7 +15,7 @@ from service.demo.evaluation import peak_in_boxes
 from service.engine.runtime import Runtime
 from service.imaging.values import to_uint8
 from service.pipeline.explain import explain
-from tests.helpers import as_json, bomb_png, encode, phantom, phantom_png, png_bytes
+from tests.helpers import as_json, bomb_png, encode, phantom, phantom_png, png_bytes, pydicom_file
 
 
 def _explain(runtime: Runtime, **body: object) -> dict:
@@ -256,11 +256,8 @@ def test_an_rgb_upload_keeps_its_colours_under_a_one_channel_models_overlay(
 
 
 def test_a_frame_per_image(runtime: Runtime) -> None:
-    from pathlib import Path
 
-    from pydicom.data import get_testdata_file
-
-    two = encode(Path(get_testdata_file("SC_rgb_rle_2frame.dcm")).read_bytes())
+    two = encode(pydicom_file("SC_rgb_rle_2frame.dcm").read_bytes())
     png = encode(phantom_png(3, 64, 64))
 
     def overlay(images: list[str], frame: object) -> list[np.ndarray]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -13,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pydicom.data import get_testdata_file
 
 from service.contract.errors import ServiceError
 from service.contract.requests import parse_explain_request
@@ -21,7 +19,7 @@ from service.contract.settings import Settings
 from service.engine.runtime import Runtime
 from service.imaging.decoding import decode_image
 from service.pipeline.explain import explain
-from tests.helpers import as_json, phantom_png
+from tests.helpers import as_json, phantom_png, pydicom_file
 
 LIMITS = Settings(max_image_pixels=4_000_000, max_request_pixels=8_000_000)
 FUZZ = settings(
@@ -55,9 +53,9 @@ def _seeds() -> list[bytes]:
         _encoded(gray, "BMP"),
         _encoded(deep, "TIFF"),
         _encoded(deep, "PNG"),
-        Path(get_testdata_file("CT_small.dcm")).read_bytes(),
-        Path(get_testdata_file("JPEG2000.dcm")).read_bytes(),
-        Path(get_testdata_file("MR_small_RLE.dcm")).read_bytes(),
+        pydicom_file("CT_small.dcm").read_bytes(),
+        pydicom_file("JPEG2000.dcm").read_bytes(),
+        pydicom_file("MR_small_RLE.dcm").read_bytes(),
     ]
 
 

@@ -21,13 +21,14 @@ import pytest
 import tritonclient.http as triton
 from flask.testing import FlaskClient
 from PIL import Image
+from pydantic import SecretStr
 
 from service.contract.binary_tensors import pack_bytes, unpack_bytes
 from service.contract.errors import BadRequest
 from service.contract.settings import Settings
 from service.engine.runtime import Runtime
 from service.server.app import create_app
-from tests.helpers import REPO, encode, phantom_png
+from tests.helpers import REPO, encode, json_of, phantom_png
 
 MODEL = "phantom"
 INFER = f"/v2/models/{MODEL}/infer"
@@ -66,7 +67,7 @@ def _v1(client: FlaskClient, image: bytes, size: str = "input") -> dict[str, Any
         json={"images": [encode(image)], "top_k": 4, "heatmap": {"format": "array", "size": size}},
     )
     assert answer.status_code == 200, answer.json
-    result: dict[str, Any] = answer.json["results"][0]
+    result: dict[str, Any] = json_of(answer)["results"][0]
     return result
 
 
@@ -74,7 +75,7 @@ def _assert_protocol_error(answer: Any, status: int, *words: str) -> None:
     assert answer.status_code == status, answer.json
     assert set(answer.json) == {"error"}, answer.json
     for word in words:
-        assert word in answer.json["error"], answer.json
+        assert word in json_of(answer)["error"], answer.json
 
 
 # --- metadata and health -----------------------------------------------------------
@@ -83,13 +84,13 @@ def _assert_protocol_error(answer: Any, status: int, *words: str) -> None:
 def test_the_server_and_each_model_describe_themselves(
     client: FlaskClient, runtime: Runtime
 ) -> None:
-    server = client.get("/v2").json
+    server = json_of(client.get("/v2"))
     assert server["name"] == "gradcam-service" and "binary_tensor_data" in server["extensions"]
     assert client.get("/v2/health/live").json == {"live": True}
     assert client.get("/v2/health/ready").json == {"ready": True}
     assert client.get(f"/v2/models/{MODEL}/ready").json == {"name": MODEL, "ready": True}
     assert client.get(f"/v2/models/{MODEL}/versions/1/ready").status_code == 200
-    metadata = client.get(f"/v2/models/{MODEL}").json
+    metadata = json_of(client.get(f"/v2/models/{MODEL}"))
     assert metadata["versions"] == ["1"]
     assert {t["name"]: t["datatype"] for t in metadata["inputs"]} == {
         "image": "BYTES",
@@ -104,7 +105,7 @@ def test_the_server_and_each_model_describe_themselves(
         "gradcam++" in parameters["methods"] and parameters["default_layer"] in parameters["layers"]
     )
     assert parameters["labels"] == list(runtime.catalog().get(MODEL).labels)
-    config = client.get(f"/v2/models/{MODEL}/config").json
+    config = json_of(client.get(f"/v2/models/{MODEL}/config"))
     assert config["max_batch_size"] == 0
     assert config["input"][0] == {
         "name": "image",
@@ -121,9 +122,9 @@ def test_a_json_infer_gives_what_v1_gives_for_the_same_image(client: FlaskClient
     image = phantom_png(3, 160, 128)
     answer = client.post(INFER, json={"id": "a-1", "inputs": [_image_input(image)]})
     assert answer.status_code == 200, answer.json
-    assert answer.json["id"] == "a-1" and answer.json["model_version"] == "1"
-    assert answer.json["parameters"]["method"] == "gradcam"
-    outputs = _outputs(answer.json)
+    assert json_of(answer)["id"] == "a-1" and json_of(answer)["model_version"] == "1"
+    assert json_of(answer)["parameters"]["method"] == "gradcam"
+    outputs = _outputs(json_of(answer))
     v1 = _v1(client, image)
     scores = np.asarray(outputs["probabilities"])
     assert scores.shape == (1, 4)
@@ -152,9 +153,9 @@ def test_parameters_choose_method_layer_size_targets_and_top_k(
     }
     answer = client.post(INFER, json=body)
     assert answer.status_code == 200, answer.json
-    assert answer.json["parameters"]["method"] == "layercam"
-    outputs = _outputs(answer.json)
-    assert [o["name"] for o in answer.json["outputs"]] == ["heatmap", "labels", "target"]
+    assert json_of(answer)["parameters"]["method"] == "layercam"
+    outputs = _outputs(json_of(answer))
+    assert [o["name"] for o in json_of(answer)["outputs"]] == ["heatmap", "labels", "target"]
     assert np.asarray(outputs["heatmap"]).shape == (2, 96, 96)
     assert len(outputs["labels"]) == 4  # [2, 2] flattened
     top = _v1(client, images[1])["explanations"][0]["target"]["index"]
@@ -165,7 +166,7 @@ def test_parameters_choose_method_layer_size_targets_and_top_k(
         "inputs": [_image_input(*images)],
         "outputs": [{"name": "target"}, {"name": "heatmap"}],
     }
-    outputs = _outputs(client.post(INFER, json=body).json)
+    outputs = _outputs(json_of(client.post(INFER, json=body)))
     tube = runtime.catalog().get(MODEL).class_index("tube")
     assert list(np.asarray(outputs["target"])) == [tube, tube]
     assert np.asarray(outputs["heatmap"]).shape[1] < 96
@@ -330,7 +331,7 @@ def test_data_nested_as_its_shape_reads_as_flat_data(client: FlaskClient) -> Non
         INFER, json={"inputs": [{**_image_input(), "data": [[image]], "shape": [1, 1]}]}
     )
     assert flat.status_code == nested.status_code == 200, (flat.json, nested.json)
-    assert flat.json["outputs"] == nested.json["outputs"]
+    assert json_of(flat)["outputs"] == json_of(nested)["outputs"]
 
 
 def test_the_default_outputs_are_charged_for_the_float_map_and_the_png(runtime: Runtime) -> None:
@@ -391,7 +392,7 @@ def test_bad_framing_unknown_models_and_routes_are_protocol_errors(client: Flask
     _assert_protocol_error(client.get("/v2/nothing"), 404)
     _assert_protocol_error(client.get(INFER), 405)
     # /v1 keeps its own envelope.
-    assert "code" in client.get("/v1/nothing").json["error"]
+    assert "code" in json_of(client.get("/v1/nothing"))["error"]
 
 
 def test_perf_analyzers_input_data_holds_each_file_as_a_bytes_tensor(tmp_path: Path) -> None:
@@ -411,7 +412,8 @@ def test_perf_analyzers_input_data_holds_each_file_as_a_bytes_tensor(tmp_path: P
 
 def test_tokens_guard_the_door_but_not_its_probes(runtime: Runtime) -> None:
     app = create_app(
-        Settings(device="cpu", auth_tokens="a-long-enough-test-token-0123456789"), engine=runtime
+        Settings(device="cpu", auth_tokens=SecretStr("a-long-enough-test-token-0123456789")),
+        engine=runtime,
     ).test_client()
     assert app.get("/v2/health/ready").status_code == 200  # probes carry no token
     assert app.get("/v2/health/live").status_code == 200

@@ -24,14 +24,14 @@ from service.imaging.dicom import decode_dicom
 from service.imaging.render import COLORMAP
 from service.pipeline.explain import explain
 from service.server.app import create_app
-from tests.helpers import REPO, as_json, encode, phantom_png
+from tests.helpers import REPO, as_json, encode, json_of, phantom_png
 
 EXAMPLES = REPO / "examples"
 TOKEN = "page-test-token-0123456789abcdef"
 
 
 def _client(runtime: Runtime, **settings: object) -> FlaskClient:
-    return create_app(Settings(**settings), engine=runtime).test_client()
+    return create_app(Settings.model_validate(settings), engine=runtime).test_client()
 
 
 def _page_config(html: str) -> dict:
@@ -62,7 +62,7 @@ def test_the_page_and_its_files_are_served_with_a_strict_policy(runtime: Runtime
         again = client.get(f"/page/{name}", headers={"If-None-Match": asset.headers["ETag"]})
         assert again.status_code == 304
     missing = client.get("/page/index.html")
-    assert missing.status_code == 404 and missing.json["error"]["code"] == "not_found"
+    assert missing.status_code == 404 and json_of(missing)["error"]["code"] == "not_found"
 
 
 def test_the_page_draws_with_the_services_colours_and_methods(runtime: Runtime) -> None:
@@ -173,4 +173,4 @@ def test_include_takes_known_extras_only(runtime: Runtime) -> None:
     answer = client.post(
         "/v1/explain", json={"images": [encode(phantom_png(1, 64, 64))], "include": ["patient"]}
     )
-    assert answer.status_code == 422 and answer.json["error"]["field"] == "include[0]"
+    assert answer.status_code == 422 and json_of(answer)["error"]["field"] == "include[0]"

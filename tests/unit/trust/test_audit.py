@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.data import get_testdata_file
 
 from service.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
 from service.demo.phantom import sample_phantom
 from service.imaging.values import to_uint8
 from service.trust import audit as audit_module
 from service.trust.audit_records import ImageRecord, Shares, Thresholds, judge, shares
-from tests.helpers import REPO
+from tests.helpers import REPO, pydicom_file
 
 
 def test_shares_of_a_hand_made_map() -> None:
@@ -217,7 +216,7 @@ def test_the_html_report_stands_alone(tmp_path: Path) -> None:
 def test_dicom_files_are_audited_like_images(tmp_path: Path) -> None:
     files = [
         str(Path("examples/phantom_nodule.dcm").resolve()),
-        str(get_testdata_file("CT_small.dcm")),
+        str(pydicom_file("CT_small.dcm")),
     ]
     out = tmp_path / "out"
     assert main(["audit", "--images", *files, "-q", "--out", str(out)]) == EXIT_OK

@@ -164,6 +164,7 @@ def test_randomise_resets_batch_norm_and_permutes_what_has_no_reset() -> None:
 
     conv, norm, scaled = nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), Scaled()
     model = nn.Sequential(conv, norm, scaled).eval()
+    assert norm.running_mean is not None and norm.running_var is not None
     with torch.no_grad():
         norm.running_mean.fill_(3.0)
         norm.running_var.fill_(7.0)
