@@ -3,7 +3,10 @@ the fixtures that start servers are in ``process/conftest.py``, for the tests be
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,8 @@ from service.engine.runtime import Runtime
 # Tests run on the CPU, on the 2 cores of the CI machine.
 torch.set_num_threads(2)
 
+PROCESS = Path(__file__).resolve().parent / "process"
+
 
 @pytest.fixture(scope="session")
 def runtime() -> Iterator[Runtime]:
@@ -21,3 +26,40 @@ def runtime() -> Iterator[Runtime]:
     rt = Runtime(Settings(device="cpu")).start()
     yield rt
     rt.close()
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Everything below tests/process/ has the ``process`` marker: a ``-m`` that leaves it out
+    (the loop's ``not slow and not process and not gpu``) selects nothing there, so those
+    modules are not even imported."""
+    if collection_path == PROCESS and _leaves_out_process(config.option.markexpr):
+        return True
+    return None
+
+
+def _leaves_out_process(markexpr: str) -> bool:
+    """Whether ``markexpr`` is false for every test marked ``process``, whatever its other
+    markers (each combination of the names it uses is tried)."""
+    if not markexpr:
+        return False
+    from _pytest.mark.expression import Expression
+
+    try:
+        expression = Expression.compile(markexpr)
+    except SyntaxError:
+        return False  # pytest says so itself, once it evaluates it
+    others = sorted(set(re.findall(r"[\w.+-]+", markexpr)) - {"and", "or", "not", "process"})
+    for values in itertools.product((False, True), repeat=len(others)):
+        marks = {**dict(zip(others, values, strict=True)), "process": True}
+        if expression.evaluate(_matcher(marks)):
+            return False
+    return True
+
+
+def _matcher(marks: dict[str, bool]) -> Callable[..., bool]:
+    """``-m``'s matcher for a test with exactly ``marks``."""
+
+    def matches(name: str, /, **_: str | int | bool | None) -> bool:
+        return marks.get(name, False)
+
+    return matches

@@ -842,27 +842,31 @@ def _many(prefix: bytes, item: bytes, count: int, suffix: bytes) -> bytes:
 
 
 # Bodies of millions of JSON values, each within the 8 MiB limit (issue: a 2 MB one took
-# a worker to 2.9 GB and 13 s; 10^6 unknown keys stalled /healthz for 4.9 s).
+# a worker to 2.9 GB and 13 s; 10^6 unknown keys stalled /healthz for 4.9 s). Made when the
+# test runs, not when every run collects this module (40 MB, 0.6 s).
 _TENSOR = b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["A"]}], '
-MANY_VALUES = {
-    "a million numbers": _many(b'{"images": ["AAAA",', b"0", 10**6, b"]}"),
-    "3.5 million numbers": _many(b'{"images": ["AAAA",', b"0", 3_500_000, b"]}"),
-    "a million float targets": _many(b'{"images": ["A"], "targets": [', b"[1.5]", 10**6, b"]}"),
-    "two million objects": _many(b'{"images": [', b"{}", 2 * 10**6, b"]}"),
-    "600 000 unknown keys": b'{"images": ["A"], '
-    + b",".join(b'"k%d": 0' % i for i in range(600_000))
-    + b"}",
-    "v2 500 000 parameters": _TENSOR[:-2]
-    + b', "parameters": {'
-    + b",".join(b'"p%d": [0]' % i for i in range(500_000))
-    + b"}}",
-    "v2 two million nested lists": _many(
-        b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [',
-        b"[]",
-        2 * 10**6,
-        b"]}]}",
-    ),
-}
+
+
+def _many_values() -> dict[str, bytes]:
+    return {
+        "a million numbers": _many(b'{"images": ["AAAA",', b"0", 10**6, b"]}"),
+        "3.5 million numbers": _many(b'{"images": ["AAAA",', b"0", 3_500_000, b"]}"),
+        "a million float targets": _many(b'{"images": ["A"], "targets": [', b"[1.5]", 10**6, b"]}"),
+        "two million objects": _many(b'{"images": [', b"{}", 2 * 10**6, b"]}"),
+        "600 000 unknown keys": b'{"images": ["A"], '
+        + b",".join(b'"k%d": 0' % i for i in range(600_000))
+        + b"}",
+        "v2 500 000 parameters": _TENSOR[:-2]
+        + b', "parameters": {'
+        + b",".join(b'"p%d": [0]' % i for i in range(500_000))
+        + b"}}",
+        "v2 two million nested lists": _many(
+            b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [',
+            b"[]",
+            2 * 10**6,
+            b"]}]}",
+        ),
+    }
 
 
 def test_bodies_of_millions_of_values_cost_neither_memory_nor_time(
@@ -870,12 +874,13 @@ def test_bodies_of_millions_of_values_cost_neither_memory_nor_time(
 ) -> None:
     """Each is refused in under a second, /healthz answers beside it, and serve's process
     tree grows by at most 100 MB over all of them (its peak, sampled every 10 ms)."""
+    bodies = _many_values()
     tree = _tree(hostile_server.process.pid)
     before = sum(resident_bytes(pid) for pid in tree)
     sampler = TreeSampler(hostile_server.process.pid)
     took: dict[str, float] = {}
     try:
-        for name, body in MANY_VALUES.items():
+        for name, body in bodies.items():
             assert len(body) < 8 * 2**20, name
             path = INFER if body.startswith(b'{"inputs"') else "/v1/explain"
             started = time.monotonic()

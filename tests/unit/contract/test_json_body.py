@@ -43,6 +43,7 @@ def _values(data: Any) -> int:
     return 1
 
 
+@pytest.mark.slow  # 300 hypothesis examples: seconds
 @settings(max_examples=300, deadline=None)
 @given(JSON)
 def test_the_count_on_the_bytes_is_never_below_the_values_parsed(data: Any) -> None:

@@ -88,6 +88,7 @@ def test_the_shortcut_models_file_serves_both_and_the_default_file_only_phantom(
     assert honest.model_copy(update={"weights": wrong.weights, "default": False}) == wrong
 
 
+@pytest.mark.slow  # both models on a fresh audit set: seconds
 def test_the_shortcut_model_looks_at_the_marker_and_the_honest_one_at_the_nodule(
     both: Runtime,
 ) -> None:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from service import metrics
@@ -258,6 +259,7 @@ def _compose_config(
     )
 
 
+@pytest.mark.slow  # docker-compose config, several times
 def test_compose_files_pass_docker_compose_config() -> None:
     token = {"GRADCAM_AUTH_TOKENS": "compose-test-token-0123456789"}
     base = _compose_config("docker-compose.yml", env=token)
@@ -296,6 +298,7 @@ def _published(service: dict) -> dict[int, str]:
     return found
 
 
+@pytest.mark.slow  # docker-compose config, twice
 def test_the_pacs_profile_wires_orthanc_ohif_and_the_service() -> None:
     """``--profile pacs``: Orthanc runs the recipe (deploy/orthanc/) and calls the service
     with its token; the service may read and store on that Orthanc; OHIF's nginx reads

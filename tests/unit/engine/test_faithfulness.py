@@ -143,6 +143,7 @@ def _centred_blob(size: int) -> torch.Tensor:
     return torch.exp(-(axis[:, None] ** 2 + axis[None, :] ** 2) / (2 * (size / 4) ** 2))
 
 
+@pytest.mark.slow  # curves of 40 phantoms × 3 maps: seconds
 def test_gradcam_is_more_faithful_than_a_random_or_centred_map(runtime: Runtime) -> None:
     """Ground truth on the demo model (the README's table runs this on 200 phantoms:
     tests/benchmarks/faithfulness.py). Each phantom's top-1 finding; phantoms without a

@@ -138,6 +138,7 @@ def test_all_zero_map_is_zeros_not_nan() -> None:
         assert torch.equal(cam, torch.zeros_like(cam)), method
 
 
+@pytest.mark.slow  # builds and probes a dozen torchvision models
 def test_default_layer_of_common_architectures() -> None:
     expected = {
         "resnet18": "layer4",

@@ -125,6 +125,7 @@ def test_the_honest_model_passes_and_wrong_boxes_are_flagged(
     assert "FLAGGED" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # three audit runs
 def test_an_interrupted_audit_resumes_where_it_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -312,6 +313,7 @@ def test_a_broken_dicomweb_list_is_refused(
 SHORTCUT_MODELS = str(REPO / "service/demo/shortcut.toml")
 
 
+@pytest.mark.slow  # two audits of the shortcut set
 def test_the_audit_flags_the_shortcut_model_and_not_the_honest_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
