@@ -28,7 +28,7 @@ from service.contract.models_file import ModelsFile
 from service.contract.settings import Settings
 from service.engine import faithfulness
 from service.engine.batch_inputs import batch_inputs, normaliser
-from service.engine.batching import MicroBatcher
+from service.engine.batching import BatcherCallbacks, MicroBatcher, QueueLimits
 from service.engine.buckets import bucket_for, bucket_sizes, pad_job, unpad_result
 from service.engine.cuda_graphs import CudaGraph, Graph, GraphCache
 from service.engine.gradcam import GradCAM
@@ -150,14 +150,18 @@ class Runtime:
         self._batcher = MicroBatcher(
             self._compute,
             follow_up=self._follow_up,
-            max_batch_size=self.settings.max_batch_size,
-            max_batch_delay_s=self.settings.max_batch_delay_s,
-            max_queue=self.settings.max_queue,
-            max_queue_wait_s=self.settings.max_queue_wait_s,
-            on_batch=_record_batch,
-            on_queue_depth=metrics.QUEUE_DEPTH.set,
-            on_idle=metrics.ENGINE_IDLE.inc,
-            on_fatal=self._on_fatal,
+            limits=QueueLimits(
+                max_batch_size=self.settings.max_batch_size,
+                max_batch_delay_s=self.settings.max_batch_delay_s,
+                max_queue=self.settings.max_queue,
+                max_queue_wait_s=self.settings.max_queue_wait_s,
+            ),
+            callbacks=BatcherCallbacks(
+                on_batch=_record_batch,
+                on_queue_depth=metrics.QUEUE_DEPTH.set,
+                on_idle=metrics.ENGINE_IDLE.inc,
+                on_fatal=self._on_fatal,
+            ),
         )
         for model in self.models.values():
             warm_up(model, self.device, self._buckets, self.settings.max_batch_size, self.run)
