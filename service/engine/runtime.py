@@ -267,11 +267,13 @@ class Runtime:
         explainer = self._explainers[job.model]
         rounds = faithfulness.curve_rounds(
             lambda x: _scores(model, explainer.logits(x)),
-            batch_inputs(model, job, self.device, self._normalisers[model.name]),
-            torch.from_numpy(result.scores),
-            [[torch.from_numpy(m) for m in maps] for maps in result.maps],
-            result.targets,
-            job.faithfulness,
+            faithfulness.Explanations(
+                inputs=batch_inputs(model, job, self.device, self._normalisers[model.name]),
+                scores=torch.from_numpy(result.scores),
+                cams=[[torch.from_numpy(m) for m in maps] for maps in result.maps],
+                targets=result.targets,
+                wanted=job.faithfulness,
+            ),
         )
         while True:
             try:
