@@ -177,18 +177,7 @@ class Runtime:
 
     def _tune(self, model: LoadedModel) -> Execution:
         """Memory format and precision for ``model`` (``tuning.py``), logged."""
-        spec = model.spec
-        execution = tune(
-            model.module,
-            self.device,
-            model.channels,
-            model.input_size,
-            model.default_layer,
-            spec.memory_format,
-            spec.precision,
-            spec.multilabel,
-            spec.fold_batch_norm,
-        )
+        execution = tune(model.module, self.device, model.spec, model.default_layer)
         if execution.fell_back:
             metrics.PRECISION_FALLBACKS.labels(model.name).inc()
             logger.warning("model '%s' runs in float32: %s", model.name, execution.why)
