@@ -96,8 +96,31 @@ class Runtime:
         self.started = False
 
     def start(self) -> Runtime:
+        """Choose the device, load every model of the models file, start the model loop
+        and warm every model up (module text); ``ready()`` is true after this."""
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
+        self._choose_device()
+        config: ModelsFile = self.settings.models_config()
+        for name in config.models:
+            self._load(name, config)
+        self.default_model = config.default_model
+        self._catalog = self._make_catalog()
+        self._batcher = self._make_batcher()
+        for model in self.models.values():
+            warm_up(model, self.device, self._buckets, self.settings.max_batch_size, self.run)
+        self.started = True
+        logger.info(
+            "engine ready: %d model(s) on %s, %d torch threads, pid %d",
+            len(self.models),
+            self.device,
+            torch.get_num_threads(),
+            os.getpid(),
+        )
+        return self
+
+    def _choose_device(self) -> None:
+        """The device, and what runs on it: cuDNN's kernel search, CUDA graphs, buckets."""
         self.device = choose_device(self._device_setting)
         if self.device.type == "cuda":
             # cuDNN picks the fastest kernels once per input shape: the warm-up meets
@@ -108,33 +131,35 @@ class Runtime:
             self._graphs = GraphCache(self._make_graph)
         if self.settings.batch_buckets == "on" or self._graphs is not None:
             self._buckets = bucket_sizes(self.settings.max_batch_size)
-        config: ModelsFile = self.settings.models_config()
-        for name in config.models:
-            model = load_model(name, config, self.device)
-            self.models[name] = model
-            execution = self._tune(model)
-            self._executions[name] = execution
-            self._explainers[name] = GradCAM(
-                model.module,
-                self.device,
-                self.settings.autocast,
-                dtype=torch.bfloat16 if execution.precision == "bf16" else None,
-                channels_last=execution.channels_last,
-            )
-            self._normalisers[name] = normaliser(model, self.device)
-            metrics.MODEL_LOAD_SECONDS.labels(name).set(model.load_seconds)
-            metrics.MODEL_INFO.labels(
-                name, model.spec.arch, model.default_layer, str(self.device)
-            ).set(1)
-            logger.info(
-                "loaded model '%s' (%s) on %s in %.2f s",
-                name,
-                model.spec.arch,
-                self.device,
-                model.load_seconds,
-            )
-        self.default_model = config.default_model
-        self._catalog = Catalog(
+
+    def _load(self, name: str, config: ModelsFile) -> None:
+        """Load model ``name``, choose how it runs and give it its engine, logged."""
+        model = load_model(name, config, self.device)
+        self.models[name] = model
+        execution = self._tune(model)
+        self._executions[name] = execution
+        self._explainers[name] = GradCAM(
+            model.module,
+            self.device,
+            self.settings.autocast,
+            dtype=torch.bfloat16 if execution.precision == "bf16" else None,
+            channels_last=execution.channels_last,
+        )
+        self._normalisers[name] = normaliser(model, self.device)
+        metrics.MODEL_LOAD_SECONDS.labels(name).set(model.load_seconds)
+        labels = (name, model.spec.arch, model.default_layer, str(self.device))
+        metrics.MODEL_INFO.labels(*labels).set(1)
+        logger.info(
+            "loaded model '%s' (%s) on %s in %.2f s",
+            name,
+            model.spec.arch,
+            self.device,
+            model.load_seconds,
+        )
+
+    def _make_catalog(self) -> Catalog:
+        """What the HTTP side is told of the loaded models, with how each runs."""
+        return Catalog(
             {
                 name: replace(
                     m.info(),
@@ -147,7 +172,10 @@ class Runtime:
             },
             self.default_model,
         )
-        self._batcher = MicroBatcher(
+
+    def _make_batcher(self) -> MicroBatcher:
+        """The model loop, with the settings' queue limits, reporting to the metrics."""
+        return MicroBatcher(
             self._compute,
             follow_up=self._follow_up,
             limits=QueueLimits(
@@ -163,17 +191,6 @@ class Runtime:
                 on_fatal=self._on_fatal,
             ),
         )
-        for model in self.models.values():
-            warm_up(model, self.device, self._buckets, self.settings.max_batch_size, self.run)
-        self.started = True
-        logger.info(
-            "engine ready: %d model(s) on %s, %d torch threads, pid %d",
-            len(self.models),
-            self.device,
-            torch.get_num_threads(),
-            os.getpid(),
-        )
-        return self
 
     def _tune(self, model: LoadedModel) -> Execution:
         """Memory format and precision for ``model`` (``tuning.py``), logged."""
