@@ -20,6 +20,7 @@ from service.contract.errors import ErrorCode
 from service.memory import MemoryBudget
 from service.server.access_log import LOGGED_PATH_BYTES, log_access
 from service.server.buffers import BufferBudget
+from service.server.environ import DRAINING, draining, thread_wait
 from service.server.incoming import (
     HEADER_LIMIT_BYTES,
     TARGET_LIMIT_BYTES,
@@ -27,7 +28,6 @@ from service.server.incoming import (
     Refusal,
     Step,
 )
-from service.server.environ import DRAINING, draining, thread_wait
 from service.server.wsgi import Answer, Peer, environ_for, run_app
 
 MAX_BODY = 1000
