@@ -256,7 +256,7 @@ def _write_outputs(
         RenderOptions(
             heatmap=HeatmapOptions(format="none", size="original"),
             top_k=top_k,
-            method=chosen.method,
+            method=chosen.how.method,
             layer=chosen.layer,
             report="dicom-sr" if result.prepared.source is not None else None,
         ),

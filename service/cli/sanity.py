@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from service.engine.runtime import choose_device
     from service.transport.interface import Job
     from service.trust.plot import draw_plot
-    from service.trust.sanity import NothingToCompare, run_sanity
+    from service.trust.sanity import CascadeSettings, NothingToCompare, run_sanity
 
     if args.max_images < 1:
         raise Usage("--max-images must be at least 1")
@@ -100,10 +100,9 @@ def run(args: argparse.Namespace) -> int:
             inputs,
             [str(p) for p in kept],
             chosen.layer,
-            method=args.method,
-            target=chosen.targets[0],
-            seed=args.seed,
-            depth=args.depth,
+            CascadeSettings(
+                method=args.method, target=chosen.targets[0], seed=args.seed, depth=args.depth
+            ),
         )
     except NothingToCompare as error:
         print(f"error: {error}", file=sys.stderr)

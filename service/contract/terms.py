@@ -1,7 +1,8 @@
 """The API's vocabulary, each word list defined once.
 
 Plain ``typing.Literal``s (no pydantic): the request and response models
-(``schemas.py``), the settings and models file (``settings.py``), the imaging code,
+(``requests.py``, ``responses.py``), the settings and models file (``settings.py``,
+``models_file.py``), the imaging code,
 the transport and the command line all take them from here, so a new method, format
 or resize mode is one edit. The engine's CAM formulas must match ``METHODS`` (a test
 keeps them equal).

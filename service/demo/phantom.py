@@ -231,50 +231,100 @@ def _bezier(points: tuple[tuple[float, float], ...], samples: int) -> np.ndarray
     return (1 - t) ** 2 * a + 2 * (1 - t) * t * b + t**2 * c
 
 
-def _render(scene: _Scene, width: int, height: int) -> Phantom:
-    xs = ((np.arange(width) + 0.5) / width)[None, :]
-    ys = ((np.arange(height) + 0.5) / height)[:, None]
-    # One pixel in unit-square units (anisotropic for non-square images): edges
-    # are a pixel wide whatever the resolution, so scenes look alike at any size.
-    px = 1.0 / min(width, height)
+@dataclass(frozen=True)
+class _Grid:
+    """The pixel grid a scene is rendered on: the pixel centres in unit-square units,
+    ``xs`` ``(1, W)`` and ``ys`` ``(H, 1)``, and one pixel in those units (``px``)."""
 
+    width: int
+    height: int
+    xs: np.ndarray
+    ys: np.ndarray
+    px: float
+
+    @classmethod
+    def of(cls, width: int, height: int) -> _Grid:
+        return cls(
+            width=width,
+            height=height,
+            xs=((np.arange(width) + 0.5) / width)[None, :],
+            ys=((np.arange(height) + 0.5) / height)[:, None],
+            # Anisotropic for non-square images: edges are a pixel wide whatever the
+            # resolution, so scenes look alike at any size.
+            px=1.0 / min(width, height),
+        )
+
+    def box(self, x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
+        """A box in unit-square units → pixels, clipped to the image."""
+        return (
+            max(0.0, float(x0) * self.width),
+            max(0.0, float(y0) * self.height),
+            min(float(self.width), float(x1) * self.width),
+            min(float(self.height), float(y1) * self.height),
+        )
+
+
+def _anatomy(scene: _Scene, grid: _Grid) -> np.ndarray:
+    """The body, the spine and mediastinum, the two lung fields and a soft texture."""
+    xs, ys = grid.xs, grid.ys
     body = _soft_step(np.hypot((xs - 0.5) / 0.44, (ys - 0.55) / 0.5) - 1.0, 0.02)
     image = 0.08 + 0.5 * body
     image = image + 0.12 * np.exp(-(((xs - 0.5) / 0.05) ** 2)) * body  # spine / mediastinum
     for cx, cy, rx, ry in scene.lungs:
         lung = _soft_step(np.hypot((xs - cx) / rx, (ys - cy) / ry) - 1.0, 0.06)
         image = image - 0.28 * lung
-    image = image + 0.03 * _smooth_field(scene.texture_seed, width, height)
+    return image + 0.03 * _smooth_field(scene.texture_seed, grid.width, grid.height)
 
-    findings: list[Finding] = []
 
-    def box(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
-        return (
-            max(0.0, float(x0) * width),
-            max(0.0, float(y0) * height),
-            min(float(width), float(x1) * width),
-            min(float(height), float(y1) * height),
-        )
-
+def _add_nodules(
+    image: np.ndarray, scene: _Scene, grid: _Grid, findings: list[Finding]
+) -> np.ndarray:
+    """``image`` with the scene's nodules (round spots); their findings appended."""
+    xs, ys = grid.xs, grid.ys
     for cx, cy, r in scene.nodules:
         d = np.hypot(xs - cx, ys - cy) - r
-        image = image + 0.32 * _soft_step(d, max(px, r * 0.25))
-        findings.append(Finding("nodule", box(cx - r, cy - r, cx + r, cy + r)))
+        image = image + 0.32 * _soft_step(d, max(grid.px, r * 0.25))
+        findings.append(Finding("nodule", grid.box(cx - r, cy - r, cx + r, cy + r)))
+    return image
+
+
+def _add_masses(
+    image: np.ndarray, scene: _Scene, grid: _Grid, findings: list[Finding]
+) -> np.ndarray:
+    """``image`` with the scene's masses (lumps whose radius wobbles with the angle);
+    their findings appended."""
+    xs, ys = grid.xs, grid.ys
     for cx, cy, r, harmonics in scene.masses:
         angle = np.arctan2(ys - cy, xs - cx)
         wobble = 1.0 + sum(h * np.cos((k + 2) * angle + k) for k, h in enumerate(harmonics))
         d = np.hypot(xs - cx, ys - cy) - r * wobble
-        image = image + 0.24 * _soft_step(d, max(px, r * 0.15))
+        image = image + 0.24 * _soft_step(d, max(grid.px, r * 0.15))
         reach = r * (1.0 + sum(abs(h) for h in harmonics))
-        findings.append(Finding("mass", box(cx - reach, cy - reach, cx + reach, cy + reach)))
+        findings.append(Finding("mass", grid.box(cx - reach, cy - reach, cx + reach, cy + reach)))
+    return image
+
+
+def _add_opacities(
+    image: np.ndarray, scene: _Scene, grid: _Grid, findings: list[Finding]
+) -> np.ndarray:
+    """``image`` with the scene's opacities (broad Gaussian hazes); their findings appended."""
+    xs, ys = grid.xs, grid.ys
     for cx, cy, sigma in scene.opacities:
         image = image + 0.2 * np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma**2))
         # The haze is visible to about 1.5 sigma; that is its box.
         s = 1.5 * sigma
-        findings.append(Finding("opacity", box(cx - s, cy - s, cx + s, cy + s)))
+        findings.append(Finding("opacity", grid.box(cx - s, cy - s, cx + s, cy + s)))
+    return image
+
+
+def _add_tubes(
+    image: np.ndarray, scene: _Scene, grid: _Grid, findings: list[Finding]
+) -> np.ndarray:
+    """``image`` with the scene's tubes (thin bright curves); their findings appended."""
+    xs, ys, px = grid.xs, grid.ys, grid.px
     for control in scene.tubes:
         curve = _bezier(control, 200)
-        d = np.full((height, width), np.inf)
+        d = np.full((grid.height, grid.width), np.inf)
         # Distance to the polyline, sampled densely: exact enough for a 1-2 px line.
         for x, y in curve[::2]:
             d = np.minimum(d, np.hypot(xs - x, ys - y))
@@ -282,30 +332,52 @@ def _render(scene: _Scene, width: int, height: int) -> Phantom:
         image = image + 0.4 * _soft_step(d - half_width, px * 0.7)
         x0, y0 = curve.min(axis=0)
         x1, y1 = curve.max(axis=0)
-        findings.append(Finding("tube", box(x0 - half_width, y0, x1 + half_width, y1 + half_width)))
+        findings.append(
+            Finding("tube", grid.box(x0 - half_width, y0, x1 + half_width, y1 + half_width))
+        )
+    return image
 
+
+def _marker_cover(corner: tuple[float, float], grid: _Grid) -> np.ndarray:
+    """How much of each pixel ``(H, W)`` the marker's glyph, its top left at ``corner``,
+    covers. Each lit cell of the glyph is a square, the letter their union. Its edges are
+    antialiased by a linear ramp one pixel wide (a pixel's covered area), not a soft
+    step: nothing beyond half a pixel of the box changes, so the marker's box is all it
+    touches."""
+    x0, y0 = corner
+    cover = np.zeros((grid.height, grid.width))
+    half = _MARKER_CELL / 2
+    for row, line in enumerate(_MARKER_GLYPH):
+        for col, cell in enumerate(line):
+            if cell != "#":
+                continue
+            cx = x0 + (col + 0.5) * _MARKER_CELL
+            cy = y0 + (row + 0.5) * _MARKER_CELL
+            outside_px = np.maximum(
+                (np.abs(grid.xs - cx) - half) * grid.width,
+                (np.abs(grid.ys - cy) - half) * grid.height,
+            )
+            cover = np.maximum(cover, np.clip(0.5 - outside_px, 0.0, 1.0))
+    return cover
+
+
+def _render(scene: _Scene, width: int, height: int) -> Phantom:
+    """``scene`` at ``width`` × ``height``: the anatomy, the findings (in the order of
+    ``FINDINGS``), the marker over them, and the scene's noise."""
+    grid = _Grid.of(width, height)
+    findings: list[Finding] = []
+    image = _anatomy(scene, grid)
+    image = _add_nodules(image, scene, grid, findings)
+    image = _add_masses(image, scene, grid, findings)
+    image = _add_opacities(image, scene, grid, findings)
+    image = _add_tubes(image, scene, grid, findings)
     marker = None
     if scene.marker is not None:
         x0, y0 = scene.marker
-        # Each lit cell of the glyph is a square, the letter their union. Its edges are
-        # antialiased by a linear ramp one pixel wide (a pixel's covered area), not a
-        # soft step: nothing beyond half a pixel of the box changes, so the marker's box
-        # is all it touches.
-        cover = np.zeros((height, width))
-        half = _MARKER_CELL / 2
-        for row, line in enumerate(_MARKER_GLYPH):
-            for col, cell in enumerate(line):
-                if cell == "#":
-                    cx = x0 + (col + 0.5) * _MARKER_CELL
-                    cy = y0 + (row + 0.5) * _MARKER_CELL
-                    outside_px = np.maximum(
-                        (np.abs(xs - cx) - half) * width, (np.abs(ys - cy) - half) * height
-                    )
-                    cover = np.maximum(cover, np.clip(0.5 - outside_px, 0.0, 1.0))
+        cover = _marker_cover(scene.marker, grid)
         image = image * (1 - cover) + _MARKER_LEVEL * cover
         rows, cols = len(_MARKER_GLYPH), len(_MARKER_GLYPH[0])
-        marker = box(x0, y0, x0 + cols * _MARKER_CELL, y0 + rows * _MARKER_CELL)
-
+        marker = grid.box(x0, y0, x0 + cols * _MARKER_CELL, y0 + rows * _MARKER_CELL)
     noise = np.random.default_rng(scene.noise_seed).normal(0, 0.015, size=(height, width))
     image = np.clip(image + noise, 0.0, 1.0).astype(np.float32)
     return Phantom(image=image, findings=tuple(findings), marker=marker)

@@ -42,6 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from functools import partial
 
 from service.contract.errors import DeadlineExceeded, EngineUnavailable, Overloaded
@@ -68,34 +69,53 @@ FollowUpFn = Callable[[Job, JobResult], FollowUp | None]
 _PACE_SMOOTHING = 0.2
 
 
+@dataclass(frozen=True)
+class QueueLimits:
+    """How much the batcher takes (module text): up to ``max_batch_size`` images a batch,
+    the first queued item waiting up to ``max_batch_delay_s`` for company, and a queue
+    that refuses a request beyond ``max_queue`` waiting or ``max_queue_wait_s`` of work
+    ahead (0: no such limit)."""
+
+    max_batch_size: int = 16
+    max_batch_delay_s: float = 0.0
+    max_queue: int = 256
+    max_queue_wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if (
+            self.max_batch_size < 1
+            or self.max_queue < 1
+            or self.max_batch_delay_s < 0
+            or self.max_queue_wait_s < 0
+        ):
+            raise ValueError("max_batch_size and max_queue must be >= 1, the waits >= 0")
+
+
+@dataclass(frozen=True)
+class BatcherCallbacks:
+    """What the model loop reports, each called on its thread if given: a batch done
+    (``on_batch``), the queue's new depth (``on_queue_depth``), seconds it waited with
+    nothing queued (``on_idle``: engine idle time), and its own death (``on_fatal``)."""
+
+    on_batch: Callable[[BatchStats], None] | None = None
+    on_queue_depth: Callable[[int], None] | None = None
+    on_idle: Callable[[float], None] | None = None
+    on_fatal: Callable[[BaseException], None] | None = None
+
+
 class MicroBatcher:
     def __init__(
         self,
         compute: ComputeFn,
         *,
         follow_up: FollowUpFn | None = None,
-        max_batch_size: int = 16,
-        max_batch_delay_s: float = 0.0,
-        max_queue: int = 256,
-        max_queue_wait_s: float = 0.0,
-        on_batch: Callable[[BatchStats], None] | None = None,
-        on_queue_depth: Callable[[int], None] | None = None,
-        on_idle: Callable[[float], None] | None = None,
-        on_fatal: Callable[[BaseException], None] | None = None,
+        limits: QueueLimits = QueueLimits(),
+        callbacks: BatcherCallbacks = BatcherCallbacks(),
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_batch_delay_s < 0 or max_queue_wait_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1, the waits >= 0")
         self._compute = compute
         self._follow_up = follow_up
-        self.max_batch_size = max_batch_size
-        self.max_batch_delay_s = max_batch_delay_s
-        self.max_queue = max_queue
-        self.max_queue_wait_s = max_queue_wait_s
-        self._on_batch = on_batch
-        self._on_queue_depth = on_queue_depth
-        # Seconds the model loop waited with nothing queued (engine idle time).
-        self._on_idle = on_idle
-        self._on_fatal = on_fatal
+        self.limits = limits
+        self._callbacks = callbacks
         self._pending: deque[WorkItem] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -128,15 +148,16 @@ class MicroBatcher:
             if self._closed or self._dead:
                 raise Overloaded("The server is shutting down; retry on another replica.")
             if self._pending or self._continuing or self._step is not None:
-                if len(self._pending) >= self.max_queue:
+                limits = self.limits
+                if len(self._pending) >= limits.max_queue:
                     raise Overloaded(
-                        f"The queue is full ({self.max_queue} requests waiting); retry shortly.",
+                        f"The queue is full ({limits.max_queue} requests waiting); retry shortly.",
                         retry_after_s=1,
                     )
                 wait_s = self._expected_wait_s(item)
-                if wait_s is not None and wait_s > self.max_queue_wait_s:
+                if wait_s is not None and wait_s > limits.max_queue_wait_s:
                     raise Overloaded(
-                        f"The model is {wait_s:.1f} s behind (limit {self.max_queue_wait_s:g} s);"
+                        f"The model is {wait_s:.1f} s behind (limit {limits.max_queue_wait_s:g} s);"
                         " retry shortly.",
                         retry_after_s=max(1, round(wait_s)),
                     )
@@ -148,7 +169,7 @@ class MicroBatcher:
     def _expected_wait_s(self, item: WorkItem) -> float | None:
         """The work ahead of ``item`` at the recent pace (module text), in seconds."""
         pace = self._seconds_per_image
-        if not self.max_queue_wait_s or pace is None:
+        if not self.limits.max_queue_wait_s or pace is None:
             return None
         running, batch_next = 0.0, self._batch_turn
         rounds = [(c.remaining_work, c.item.round_work) for c in self._continuing]
@@ -164,7 +185,7 @@ class MicroBatcher:
         ahead = float(queued)
         if later > 0:
             # A batch and a round take turns: a round runs after each batch ahead.
-            between = -(-queued // self.max_batch_size) + (0 if batch_next else 1)
+            between = -(-queued // self.limits.max_batch_size) + (0 if batch_next else 1)
             each = max(size for _, size in rounds)
             ahead += min(later, between * each)
             if item.work > item.size:
@@ -192,8 +213,8 @@ class MicroBatcher:
     # --- the model loop --------------------------------------------------------
 
     def _report_depth(self) -> None:
-        if self._on_queue_depth is not None:
-            self._on_queue_depth(len(self._pending))
+        if self._callbacks.on_queue_depth is not None:
+            self._callbacks.on_queue_depth(len(self._pending))
 
     def _next_step(self) -> list[WorkItem] | Continuing | None:
         """What the model loop does next: a batch of what is queued, or one round of a
@@ -202,8 +223,8 @@ class MicroBatcher:
             idle_from = time.monotonic() if not self._pending and not self._continuing else None
             while not self._pending and not self._continuing and not self._closed:
                 self._cond.wait()
-            if idle_from is not None and self._on_idle is not None:
-                self._on_idle(time.monotonic() - idle_from)
+            if idle_from is not None and self._callbacks.on_idle is not None:
+                self._callbacks.on_idle(time.monotonic() - idle_from)
             if (self._closed and not self._drain) or not (self._pending or self._continuing):
                 return None
             if self._pending and (self._batch_turn or not self._continuing):
@@ -222,9 +243,9 @@ class MicroBatcher:
         """The queued items that batch with the first one, up to ``max_batch_size``
         images (called with the lock held and something queued)."""
         first = self._pending[0]
-        if self.max_batch_delay_s > 0 and not self._closed and not self._continuing:
-            until = first.enqueued_at + self.max_batch_delay_s
-            while not self._closed and self._queued_images(first.key) < self.max_batch_size:
+        if self.limits.max_batch_delay_s > 0 and not self._closed and not self._continuing:
+            until = first.enqueued_at + self.limits.max_batch_delay_s
+            while not self._closed and self._queued_images(first.key) < self.limits.max_batch_size:
                 remaining = until - time.monotonic()
                 if remaining <= 0:
                     break
@@ -234,7 +255,7 @@ class MicroBatcher:
         for item in list(self._pending):
             if item.key != first.key:
                 continue
-            if batch and images + item.size > self.max_batch_size:
+            if batch and images + item.size > self.limits.max_batch_size:
                 break
             batch.append(item)
             images += item.size
@@ -354,8 +375,8 @@ class MicroBatcher:
                 item.future.set_exception(failure)
         _fail(pending, failure)
         _stop(continuing, failure)
-        if self._on_fatal is not None:
-            self._on_fatal(error)
+        if self._callbacks.on_fatal is not None:
+            self._callbacks.on_fatal(error)
 
     def _execute(self, items: Sequence[WorkItem], started_wait: float) -> None:
         started = time.monotonic()
@@ -408,8 +429,8 @@ class MicroBatcher:
             )
             self._done_or_continue(item, result.slice(offset, offset + item.size, timings))
             offset += item.size
-        if self._on_batch is not None:
-            self._on_batch(
+        if self._callbacks.on_batch is not None:
+            self._callbacks.on_batch(
                 BatchStats(
                     images=images,
                     items=len(items),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -81,28 +82,40 @@ class CudaGraph:
         self._graph.replay()
 
 
+@dataclass(frozen=True)
+class ExplainedLayer:
+    """What a graph explains: ``method`` on ``layer`` of ``model``, its forward pass and
+    gradient under autocast to ``dtype`` (None: float32), as the eager engine runs it."""
+
+    model: nn.Module
+    layer: str
+    method: str
+    dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class InputBuffer:
+    """The form of a graph's static input: ``(batch, *shape) float32`` zeros on
+    ``device``, in channels-last memory if the model runs so."""
+
+    batch: int
+    shape: tuple[int, int, int]
+    device: torch.device
+    channels_last: bool = False
+
+
 class CapturedCam:
     """One (model, layer, method, batch size) as a graph, with its static buffers."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layer: str,
-        method: str,
-        batch: int,
-        shape: tuple[int, int, int],
-        device: torch.device,
-        graph: Graph,
-        dtype: torch.dtype | None = None,
-        channels_last: bool = False,
-    ) -> None:
-        self.inputs = torch.zeros(batch, *shape, device=device)
-        if channels_last:
+    def __init__(self, explained: ExplainedLayer, buffer: InputBuffer, graph: Graph) -> None:
+        self.inputs = torch.zeros(buffer.batch, *buffer.shape, device=buffer.device)
+        if buffer.channels_last:
             self.inputs = self.inputs.contiguous(memory_format=torch.channels_last)
-        self.given = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.given = torch.full((buffer.batch,), -1, dtype=torch.long, device=buffer.device)
+        model, layer = explained.model, explained.layer
         self._model, self._layer, self._module = model, layer, resolve_layer(model, layer)
-        self._formula = cam_formula(method)
-        self._dtype = dtype
+        self._formula = cam_formula(explained.method)
+        self._dtype = explained.dtype
         self._graph = graph
         self.logits, self.maps = graph.capture(self._step)
 
@@ -183,15 +196,14 @@ class GraphCache:
         model_name, layer, method, batch = key
         try:
             captured = CapturedCam(
-                engine.model,
-                layer,
-                method,
-                batch,
-                tuple(inputs.shape[1:]),  # type: ignore[arg-type]
-                engine.device,
+                ExplainedLayer(engine.model, layer, method, engine.dtype),
+                InputBuffer(
+                    batch,
+                    tuple(inputs.shape[1:]),  # type: ignore[arg-type]
+                    engine.device,
+                    engine.channels_last,
+                ),
                 self._make_graph(engine.device),
-                engine.dtype,
-                engine.channels_last,
             )
             # The check: the graph's answer on these inputs equals the eager engine's.
             given = torch.full((batch,), -1, dtype=torch.long, device=engine.device)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -79,20 +80,30 @@ def step_masks(cam: Tensor, size: tuple[int, int], steps: int = STEPS) -> Tensor
     return (rank[None, :] < counts[:, None]).view(steps + 1, 1, height, width)
 
 
+@dataclass(frozen=True)
+class Explanations:
+    """A batch's explanations, as their curves need them: ``inputs`` ``(N, C, H, W)``,
+    the batch as the model saw it (normalised); ``scores`` ``(N, K)``, its scores;
+    ``cams[i][j]``, image ``i``'s map for class ``targets[i][j]``; ``wanted[i]``, whether
+    image ``i`` asked for curves."""
+
+    inputs: Tensor
+    scores: Tensor
+    cams: Sequence[Sequence[Tensor]]
+    targets: Sequence[Sequence[int]]
+    wanted: Sequence[bool]
+
+
 def curves(
     probabilities: Callable[[Tensor], Tensor],
-    inputs: Tensor,
-    scores: Tensor,
-    cams: Sequence[Sequence[Tensor]],
-    targets: Sequence[Sequence[int]],
-    wanted: Sequence[bool],
+    explained: Explanations,
     should_stop: Callable[[], bool] | None = None,
     substrate_of: Callable[[Tensor], Tensor] = gaussian_blur,
 ) -> list[list[np.ndarray]]:
     """The deletion and insertion curves of every explanation of the images ``wanted``,
     all at once (``curve_rounds`` has the arguments); ``should_stop`` is asked before each
     explanation."""
-    rounds = curve_rounds(probabilities, inputs, scores, cams, targets, wanted, substrate_of)
+    rounds = curve_rounds(probabilities, explained, substrate_of)
     while True:
         if should_stop is not None and should_stop():
             rounds.close()
@@ -105,11 +116,7 @@ def curves(
 
 def curve_rounds(
     probabilities: Callable[[Tensor], Tensor],
-    inputs: Tensor,
-    scores: Tensor,
-    cams: Sequence[Sequence[Tensor]],
-    targets: Sequence[Sequence[int]],
-    wanted: Sequence[bool],
+    explained: Explanations,
     substrate_of: Callable[[Tensor], Tensor] = gaussian_blur,
 ) -> Generator[None, None, list[list[np.ndarray]]]:
     """The curves one explanation at a time: each ``next()`` computes one explanation's
@@ -117,13 +124,13 @@ def curve_rounds(
     and the last returns them all, so the engine can run other requests in between.
 
     ``probabilities``: ``(n, C, H, W)`` normalised inputs → ``(n, K)`` scores, no
-    gradients; ``inputs``: the batch as the model saw it; ``scores``: ``(N, K)`` its
-    scores; ``cams[i][j]``: image ``i``'s map for class ``targets[i][j]``. Returns, per
-    image, one ``(2, STEPS + 1) float32`` array (deletion, insertion) per target, or no
-    arrays for an image not wanted. ``substrate_of`` makes the substrate of a
-    ``(1, C, H, W)`` input (other substrates are for comparing them:
-    ``tests/benchmarks/faithfulness.py``).
+    gradients; ``explained``: the batch and its answer. Returns, per image, one
+    ``(2, STEPS + 1) float32`` array (deletion, insertion) per target, or no arrays for
+    an image not wanted. ``substrate_of`` makes the substrate of a ``(1, C, H, W)`` input
+    (other substrates are for comparing them: ``tests/benchmarks/faithfulness.py``).
     """
+    inputs, scores, cams = explained.inputs, explained.scores, explained.cams
+    targets, wanted = explained.targets, explained.wanted
     size = (inputs.shape[2], inputs.shape[3])
     out: list[list[np.ndarray]] = [[] for _ in cams]
     explanations = [

@@ -120,6 +120,17 @@ class CamBatch:
     cams: list[list[Tensor]]
 
 
+def _check_request(n: int, targets: Sequence[Sequence[int | None]], methods: Sequence[str]) -> None:
+    """``ValueError`` unless each of ``n`` images has one or more targets and a known method."""
+    if len(targets) != n or len(methods) != n:
+        raise ValueError(f"{n} images need {n} target lists and {n} methods")
+    if any(len(t) == 0 for t in targets):
+        raise ValueError("every image needs at least one target")
+    unknown = set(methods) - set(_CAM_FORMULAS)
+    if unknown:
+        raise ValueError(f"unknown CAM method(s): {', '.join(sorted(unknown))}")
+
+
 class GradCAM:
     """Explains a batch with any of ``METHODS`` at any layer of one model.
 
@@ -161,14 +172,7 @@ class GradCAM:
         is asked before each extra target round (one backward pass each): true
         raises ``Abandoned``.
         """
-        n = inputs.shape[0]
-        if len(targets) != n or len(methods) != n:
-            raise ValueError(f"{n} images need {n} target lists and {n} methods")
-        if any(len(t) == 0 for t in targets):
-            raise ValueError("every image needs at least one target")
-        unknown = set(methods) - set(_CAM_FORMULAS)
-        if unknown:
-            raise ValueError(f"unknown CAM method(s): {', '.join(sorted(unknown))}")
+        _check_request(inputs.shape[0], targets, methods)
         module = resolve_layer(self.model, layer)
         input_size = (inputs.shape[2], inputs.shape[3])
         captured: list[tuple[Tensor, Layout]] = []

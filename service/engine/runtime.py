@@ -28,7 +28,7 @@ from service.contract.models_file import ModelsFile
 from service.contract.settings import Settings
 from service.engine import faithfulness
 from service.engine.batch_inputs import batch_inputs, normaliser
-from service.engine.batching import MicroBatcher
+from service.engine.batching import BatcherCallbacks, MicroBatcher, QueueLimits
 from service.engine.buckets import bucket_for, bucket_sizes, pad_job, unpad_result
 from service.engine.cuda_graphs import CudaGraph, Graph, GraphCache
 from service.engine.gradcam import GradCAM
@@ -96,69 +96,17 @@ class Runtime:
         self.started = False
 
     def start(self) -> Runtime:
+        """Choose the device, load every model of the models file, start the model loop
+        and warm every model up (module text); ``ready()`` is true after this."""
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
-        self.device = choose_device(self._device_setting)
-        if self.device.type == "cuda":
-            # cuDNN picks the fastest kernels once per input shape: the warm-up meets
-            # every shape first (each batch size, or each bucket).
-            torch.backends.cudnn.benchmark = True
-        graphs = self.settings.cuda_graphs
-        if graphs == "on" or (graphs == "auto" and self.device.type == "cuda"):
-            self._graphs = GraphCache(self._make_graph)
-        if self.settings.batch_buckets == "on" or self._graphs is not None:
-            self._buckets = bucket_sizes(self.settings.max_batch_size)
+        self._choose_device()
         config: ModelsFile = self.settings.models_config()
         for name in config.models:
-            model = load_model(name, config, self.device)
-            self.models[name] = model
-            execution = self._tune(model)
-            self._executions[name] = execution
-            self._explainers[name] = GradCAM(
-                model.module,
-                self.device,
-                self.settings.autocast,
-                dtype=torch.bfloat16 if execution.precision == "bf16" else None,
-                channels_last=execution.channels_last,
-            )
-            self._normalisers[name] = normaliser(model, self.device)
-            metrics.MODEL_LOAD_SECONDS.labels(name).set(model.load_seconds)
-            metrics.MODEL_INFO.labels(
-                name, model.spec.arch, model.default_layer, str(self.device)
-            ).set(1)
-            logger.info(
-                "loaded model '%s' (%s) on %s in %.2f s",
-                name,
-                model.spec.arch,
-                self.device,
-                model.load_seconds,
-            )
+            self._load(name, config)
         self.default_model = config.default_model
-        self._catalog = Catalog(
-            {
-                name: replace(
-                    m.info(),
-                    precision=self._executions[name].precision,
-                    memory_format="channels_last"
-                    if self._executions[name].channels_last
-                    else "contiguous",
-                )
-                for name, m in self.models.items()
-            },
-            self.default_model,
-        )
-        self._batcher = MicroBatcher(
-            self._compute,
-            follow_up=self._follow_up,
-            max_batch_size=self.settings.max_batch_size,
-            max_batch_delay_s=self.settings.max_batch_delay_s,
-            max_queue=self.settings.max_queue,
-            max_queue_wait_s=self.settings.max_queue_wait_s,
-            on_batch=_record_batch,
-            on_queue_depth=metrics.QUEUE_DEPTH.set,
-            on_idle=metrics.ENGINE_IDLE.inc,
-            on_fatal=self._on_fatal,
-        )
+        self._catalog = self._make_catalog()
+        self._batcher = self._make_batcher()
         for model in self.models.values():
             warm_up(model, self.device, self._buckets, self.settings.max_batch_size, self.run)
         self.started = True
@@ -171,20 +119,82 @@ class Runtime:
         )
         return self
 
-    def _tune(self, model: LoadedModel) -> Execution:
-        """Memory format and precision for ``model`` (``tuning.py``), logged."""
-        spec = model.spec
-        execution = tune(
+    def _choose_device(self) -> None:
+        """The device, and what runs on it: cuDNN's kernel search, CUDA graphs, buckets."""
+        self.device = choose_device(self._device_setting)
+        if self.device.type == "cuda":
+            # cuDNN picks the fastest kernels once per input shape: the warm-up meets
+            # every shape first (each batch size, or each bucket).
+            torch.backends.cudnn.benchmark = True
+        graphs = self.settings.cuda_graphs
+        if graphs == "on" or (graphs == "auto" and self.device.type == "cuda"):
+            self._graphs = GraphCache(self._make_graph)
+        if self.settings.batch_buckets == "on" or self._graphs is not None:
+            self._buckets = bucket_sizes(self.settings.max_batch_size)
+
+    def _load(self, name: str, config: ModelsFile) -> None:
+        """Load model ``name``, choose how it runs and give it its engine, logged."""
+        model = load_model(name, config, self.device)
+        self.models[name] = model
+        execution = self._tune(model)
+        self._executions[name] = execution
+        self._explainers[name] = GradCAM(
             model.module,
             self.device,
-            model.channels,
-            model.input_size,
-            model.default_layer,
-            spec.memory_format,
-            spec.precision,
-            spec.multilabel,
-            spec.fold_batch_norm,
+            self.settings.autocast,
+            dtype=torch.bfloat16 if execution.precision == "bf16" else None,
+            channels_last=execution.channels_last,
         )
+        self._normalisers[name] = normaliser(model, self.device)
+        metrics.MODEL_LOAD_SECONDS.labels(name).set(model.load_seconds)
+        labels = (name, model.spec.arch, model.default_layer, str(self.device))
+        metrics.MODEL_INFO.labels(*labels).set(1)
+        logger.info(
+            "loaded model '%s' (%s) on %s in %.2f s",
+            name,
+            model.spec.arch,
+            self.device,
+            model.load_seconds,
+        )
+
+    def _make_catalog(self) -> Catalog:
+        """What the HTTP side is told of the loaded models, with how each runs."""
+        return Catalog(
+            {
+                name: replace(
+                    m.info(),
+                    precision=self._executions[name].precision,
+                    memory_format="channels_last"
+                    if self._executions[name].channels_last
+                    else "contiguous",
+                )
+                for name, m in self.models.items()
+            },
+            self.default_model,
+        )
+
+    def _make_batcher(self) -> MicroBatcher:
+        """The model loop, with the settings' queue limits, reporting to the metrics."""
+        return MicroBatcher(
+            self._compute,
+            follow_up=self._follow_up,
+            limits=QueueLimits(
+                max_batch_size=self.settings.max_batch_size,
+                max_batch_delay_s=self.settings.max_batch_delay_s,
+                max_queue=self.settings.max_queue,
+                max_queue_wait_s=self.settings.max_queue_wait_s,
+            ),
+            callbacks=BatcherCallbacks(
+                on_batch=_record_batch,
+                on_queue_depth=metrics.QUEUE_DEPTH.set,
+                on_idle=metrics.ENGINE_IDLE.inc,
+                on_fatal=self._on_fatal,
+            ),
+        )
+
+    def _tune(self, model: LoadedModel) -> Execution:
+        """Memory format and precision for ``model`` (``tuning.py``), logged."""
+        execution = tune(model.module, self.device, model.spec, model.default_layer)
         if execution.fell_back:
             metrics.PRECISION_FALLBACKS.labels(model.name).inc()
             logger.warning("model '%s' runs in float32: %s", model.name, execution.why)
@@ -263,11 +273,13 @@ class Runtime:
         explainer = self._explainers[job.model]
         rounds = faithfulness.curve_rounds(
             lambda x: _scores(model, explainer.logits(x)),
-            batch_inputs(model, job, self.device, self._normalisers[model.name]),
-            torch.from_numpy(result.scores),
-            [[torch.from_numpy(m) for m in maps] for maps in result.maps],
-            result.targets,
-            job.faithfulness,
+            faithfulness.Explanations(
+                inputs=batch_inputs(model, job, self.device, self._normalisers[model.name]),
+                scores=torch.from_numpy(result.scores),
+                cams=[[torch.from_numpy(m) for m in maps] for maps in result.maps],
+                targets=result.targets,
+                wanted=job.faithfulness,
+            ),
         )
         while True:
             try:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from service.contract.models_file import ModelSpec
 from service.contract.terms import Precision
 from service.engine.folding import fold_batch_norms
 from service.engine.gradcam import GradCAM
@@ -49,6 +50,17 @@ class Execution:
     precision: Precision
     fell_back: bool  # bf16 was asked for but failed its check
     why: str  # for the log
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the choices explain to compare: ``model`` on ``device``, with the probe
+    ``inputs`` ``(N, C, H, W) float32`` (``probe_inputs``), their top-1 class at ``layer``."""
+
+    model: torch.nn.Module
+    device: torch.device
+    inputs: Tensor
+    layer: str
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -125,10 +137,9 @@ def _timed(engine: GradCAM, inputs: Tensor, layer: str) -> float:
     return time.perf_counter() - started
 
 
-def choose_memory_format(
-    model: torch.nn.Module, device: torch.device, inputs: Tensor, layer: str, setting: str
-) -> tuple[bool, str]:
-    """(channels_last, why). Leaves ``model`` in the chosen format."""
+def choose_memory_format(probe: Probe, setting: str) -> tuple[bool, str]:
+    """(channels_last, why). Leaves the probe's model in the chosen format."""
+    model, device, inputs, layer = probe.model, probe.device, probe.inputs, probe.layer
     if setting == "contiguous":
         return False, "set in the models file"
     if setting == "channels_last":
@@ -163,16 +174,11 @@ def choose_memory_format(
 
 
 def choose_precision(
-    model: torch.nn.Module,
-    device: torch.device,
-    inputs: Tensor,
-    layer: str,
-    setting: str,
-    channels_last: bool,
-    multilabel: bool,
+    probe: Probe, setting: str, channels_last: bool, multilabel: bool
 ) -> tuple[Precision, bool, str]:
     """(precision, fell back, why): bf16 only if asked for (or native, with "auto")
     and faithful on the probe inputs."""
+    model, device, inputs, layer = probe.model, probe.device, probe.inputs, probe.layer
     if setting == "fp32":
         return "fp32", False, "float32 (the default)"
     if setting == "auto" and device.type == "cuda":
@@ -189,30 +195,20 @@ def choose_precision(
     return "fp32", True, f"bfloat16 failed its check against float32 ({figures})"
 
 
-def tune(
-    model: torch.nn.Module,
-    device: torch.device,
-    channels: int,
-    input_size: tuple[int, int],
-    layer: str,
-    memory_format: str,
-    precision: str,
-    multilabel: bool,
-    fold_batch_norm: bool = True,
-) -> Execution:
-    """How a model with these models-file options runs on ``device`` (module text);
-    ``model`` is left in the chosen memory format, its batch norms folded if asked and
-    it runs in float32 (folded, bfloat16 drifted further from float32 than its check
-    allows on the demo model)."""
+def tune(model: torch.nn.Module, device: torch.device, spec: ModelSpec, layer: str) -> Execution:
+    """How ``model``, with the options of its models-file table ``spec``, runs on
+    ``device`` (module text), probed at ``layer``; ``model`` is left in the chosen memory
+    format, its batch norms folded if asked and it runs in float32 (folded, bfloat16
+    drifted further from float32 than its check allows on the demo model)."""
     folded: list[str] = []
-    if fold_batch_norm and precision == "fp32":
+    if spec.fold_batch_norm and spec.precision == "fp32":
         folded = fold_batch_norms(model)  # first, so the format probe times the folded model
-    inputs = probe_inputs(channels, input_size, device)
-    channels_last, format_why = choose_memory_format(model, device, inputs, layer, memory_format)
+    probe = Probe(model, device, probe_inputs(spec.channels, spec.input_size, device), layer)
+    channels_last, format_why = choose_memory_format(probe, spec.memory_format)
     chosen, fell_back, precision_why = choose_precision(
-        model, device, inputs, layer, precision, channels_last, multilabel
+        probe, spec.precision, channels_last, spec.multilabel
     )
-    if fold_batch_norm and precision != "fp32" and chosen == "fp32":
+    if spec.fold_batch_norm and spec.precision != "fp32" and chosen == "fp32":
         folded = fold_batch_norms(model)
     layout = "channels_last" if channels_last else "contiguous"
     return Execution(

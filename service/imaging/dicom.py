@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -147,6 +148,15 @@ def _count(ds: Dataset, keyword: str, default: int, index: int) -> int:
         ) from None
 
 
+@dataclass(frozen=True)
+class _PixelGrid:
+    """What a header says of its pixel data: the size of a frame and how many frames."""
+
+    rows: int
+    columns: int
+    frames: int
+
+
 def decode_dicom(
     data: bytes, index: int, channels: int, admit: Callable[[int, int], None], frame: int | None
 ) -> Image.Image:
@@ -155,10 +165,25 @@ def decode_dicom(
     ``admit(columns, rows)`` checks the size before any pixel is decoded; a
     compressed frame must declare that same size in its own codestream header.
     """
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, pixel_array
+    _refuse_deflated(data, index)
+    ds = _read(data, index)
+    grid = _pixel_grid(ds, index)
+    admit(grid.columns, grid.rows)
+    chosen = _chosen_frame(grid, frame, index)
+    _check_codestream(ds, index, chosen, grid)
+    array = _decode_frame(ds, index, chosen, grid)
+    return _shown(array, ds, channels, index)
 
-    field = f"images[{index}]"
+
+def _invalid(index: int, message: str) -> InvalidField:
+    """The file's fault, in ``images[index]``: a 422 saying ``message``."""
+    return InvalidField(
+        message, code=ErrorCode.INVALID_IMAGE, image=index, field=f"images[{index}]"
+    )
+
+
+def _refuse_deflated(data: bytes, index: int) -> None:
+    """Refuse a deflated file before pydicom inflates it (``_DEFLATED``)."""
     if _DEFLATED in data[:_META_BYTES]:
         raise UnsupportedMediaType(
             f"Image {index} is a deflated DICOM file (transfer syntax 1.2.840.10008.1.2.1.99), "
@@ -166,72 +191,84 @@ def decode_dicom(
             "or RLE transfer syntax.",
             code=ErrorCode.UNSUPPORTED_IMAGE,
             image=index,
-            field=field,
+            field=f"images[{index}]",
         )
+
+
+def _read(data: bytes, index: int) -> Dataset:
+    """The whole dataset, its pixel data not yet decoded; a file pydicom cannot read, or
+    one without pixel data, is refused."""
+    import pydicom
+
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except _NOT_THE_FILES_FAULT:
         raise
     except BaseException as error:  # any reader failure means a damaged file
-        raise InvalidField(
-            f"Image {index} is not a readable DICOM file ({error}).",
-            code=ErrorCode.INVALID_IMAGE,
-            image=index,
-            field=field,
-        ) from None
+        raise _invalid(index, f"Image {index} is not a readable DICOM file ({error}).") from None
     if "PixelData" not in ds:
-        raise InvalidField(
-            f"Image {index} is a DICOM file without pixel data.",
-            code=ErrorCode.INVALID_IMAGE,
-            image=index,
-            field=field,
-        )
+        raise _invalid(index, f"Image {index} is a DICOM file without pixel data.")
+    return ds
+
+
+def _pixel_grid(ds: Dataset, index: int) -> _PixelGrid:
+    """The header's frame size and frame count; a frame without pixels is refused."""
     rows, columns = _count(ds, "Rows", 0, index), _count(ds, "Columns", 0, index)
     frames = _count(ds, "NumberOfFrames", 1, index) or 1
     if rows < 1 or columns < 1:
+        raise _invalid(index, f"Image {index} is a DICOM file with {columns}×{rows} pixels.")
+    return _PixelGrid(rows, columns, frames)
+
+
+def _chosen_frame(grid: _PixelGrid, frame: int | None, index: int) -> int:
+    """The frame to explain: ``frame``, which a multi-frame file requires, else 0."""
+    if grid.frames > 1 and frame is None:
         raise InvalidField(
-            f"Image {index} is a DICOM file with {columns}×{rows} pixels.",
-            code=ErrorCode.INVALID_IMAGE,
-            image=index,
-            field=field,
-        )
-    admit(columns, rows)
-    if frames > 1 and frame is None:
-        raise InvalidField(
-            f"Image {index} is a DICOM file with {frames} frames; say which one to explain "
-            f'with "frame" (0..{frames - 1}).',
+            f"Image {index} is a DICOM file with {grid.frames} frames; say which one to "
+            f'explain with "frame" (0..{grid.frames - 1}).',
             code=ErrorCode.FRAME_REQUIRED,
             image=index,
             field="frame",
         )
     chosen = frame or 0
-    if chosen >= frames:
+    if chosen >= grid.frames:
         raise InvalidField(
-            f"Image {index} has {frames} frame(s); frame {chosen} does not exist.",
+            f"Image {index} has {grid.frames} frame(s); frame {chosen} does not exist.",
             code=ErrorCode.FRAME_OUT_OF_RANGE,
             image=index,
             field="frame",
         )
-    _check_codestream(ds, index, chosen, frames, rows, columns)
+    return chosen
+
+
+def _decode_frame(ds: Dataset, index: int, chosen: int, grid: _PixelGrid) -> np.ndarray:
+    """Frame ``chosen``'s stored values, ``(rows, columns)`` or ``(rows, columns, 3)``;
+    a frame that does not decode, or decodes to another size than the header's, is
+    refused."""
+    from pydicom.pixels import pixel_array
+
     try:
-        array = pixel_array(ds, index=chosen if frames > 1 else None)
+        array = pixel_array(ds, index=chosen if grid.frames > 1 else None)
     except _NOT_THE_FILES_FAULT:
         raise
     except BaseException as error:  # decoder plugins raise many types; Rust ones panic
-        raise InvalidField(
-            f"Image {index}: the DICOM pixel data could not be decoded ({error}).",
-            code=ErrorCode.INVALID_IMAGE,
-            image=index,
-            field=field,
+        raise _invalid(
+            index, f"Image {index}: the DICOM pixel data could not be decoded ({error})."
         ) from None
-    if array.shape[:2] != (rows, columns):
-        raise InvalidField(
+    if array.shape[:2] != (grid.rows, grid.columns):
+        raise _invalid(
+            index,
             f"Image {index}: the pixel data decodes to {array.shape[1]}×{array.shape[0]}, not "
-            f"the {columns}×{rows} its header states.",
-            code=ErrorCode.INVALID_IMAGE,
-            image=index,
-            field=field,
+            f"the {grid.columns}×{grid.rows} its header states.",
         )
+    return array
+
+
+def _shown(array: np.ndarray, ds: Dataset, channels: int, index: int) -> Image.Image:
+    """Stored values as a viewer shows them: colour scaled to [0, 1] (made gray for a
+    one-channel model); gray through the modality LUT, the VOI transform and, for
+    MONOCHROME1, inversion, as mode ``F``."""
+    from pydicom.pixels import apply_modality_lut
 
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         bits = int(ds.get("BitsStored", 8))
@@ -245,9 +282,7 @@ def decode_dicom(
     return Image.fromarray(np.ascontiguousarray(shown, dtype=np.float32))
 
 
-def _check_codestream(
-    ds: Any, index: int, chosen: int, frames: int, rows: int, columns: int
-) -> None:
+def _check_codestream(ds: Any, index: int, chosen: int, grid: _PixelGrid) -> None:
     """Refuse a compressed frame whose codestream declares another size than the dataset."""
     from pydicom.encaps import get_frame
 
@@ -255,23 +290,19 @@ def _check_codestream(
     if syntax is None or not syntax.is_encapsulated:
         return
     try:
-        data = get_frame(ds.PixelData, chosen, number_of_frames=frames)
+        data = get_frame(ds.PixelData, chosen, number_of_frames=grid.frames)
     except _NOT_THE_FILES_FAULT:
         raise
     except BaseException as error:  # a broken item structure
-        raise InvalidField(
+        raise _invalid(
+            index,
             f"Image {index}: frame {chosen} cannot be found in the "
             f"encapsulated pixel data ({error}).",
-            code=ErrorCode.INVALID_IMAGE,
-            image=index,
-            field=f"images[{index}]",
         ) from None
     size = declared_size(data)
-    if size is not None and (size[0] != columns or (size[1] not in (rows, 0))):
-        raise InvalidField(
+    if size is not None and (size[0] != grid.columns or (size[1] not in (grid.rows, 0))):
+        raise _invalid(
+            index,
             f"Image {index}: the compressed frame declares {size[0]}×{size[1]} pixels but the "
-            f"DICOM header {columns}×{rows}; refusing to decode it.",
-            code=ErrorCode.INVALID_IMAGE,
-            image=index,
-            field=f"images[{index}]",
+            f"DICOM header {grid.columns}×{grid.rows}; refusing to decode it.",
         )

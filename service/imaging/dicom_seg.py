@@ -45,6 +45,7 @@ from service.imaging.source_header import (
 )
 
 if TYPE_CHECKING:
+    import highdicom as hd
     from pydicom.dataset import Dataset
 
 SERIES_NUMBER = 9903
@@ -148,31 +149,25 @@ def segmentation_problem(source: Dataset, frame: int | None) -> str | None:
     return frame_of_reference_problem(source, "a Segmentation")
 
 
-def segmentation(
-    dicom: DicomSource,
-    segments: Sequence[Segment],
-    how: Explained,
-    series_uid: str,
-    instance_uid: str,
-) -> bytes:
-    """``segments`` (one per explained class, at the source's Rows × Columns) as one
-    BINARY Segmentation of ``dicom`` (its frame); the caller checks
-    ``segmentation_problem`` first."""
+def _as_pixel_grid(source: Dataset) -> None:
+    """Remove the spacing, position and orientation of a single image that does not place
+    its pixels completely (a CR, a Secondary Capture, a CT without its slice thickness):
+    its Segmentation is a 2D object on its pixel grid, with no plane. Left in, highdicom
+    would carry the spacing alone into Pixel Measures (dciodvfy wants the slice thickness
+    beside it, and so does highdicom's own reader)."""
+    for keyword in ("PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient"):
+        if keyword in source:
+            delattr(source, keyword)
+
+
+def _segment_descriptions(
+    segments: Sequence[Segment], how: Explained
+) -> list[hd.seg.SegmentDescription]:
+    """One description per segment, numbered from 1: its label, the class's code, the
+    algorithm that made it and the colour to draw it in."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    source, frame = dicom.carried_copy(), dicom.frame
-    multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
-    orientation = patient_orientation(source)  # (before its cosines may be taken out)
-    if not multi_frame and not _has_plane(source):
-        # A single image that does not place its pixels completely (a CR, a Secondary
-        # Capture, a CT without its slice thickness): the Segmentation is a 2D object on
-        # its pixel grid, with no plane. Left in, highdicom would carry the spacing alone
-        # into Pixel Measures (dciodvfy wants the slice thickness beside it, and so does
-        # highdicom's own reader).
-        for keyword in ("PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient"):
-            if keyword in source:
-                delattr(source, keyword)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=MANUFACTURER,
         family=codes.DCM.ArtificialIntelligence,
@@ -180,7 +175,7 @@ def segmentation(
         source=MANUFACTURER,
         parameters={**how.parameters(), "level": str(LEVEL)},
     )
-    descriptions = [
+    return [
         hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=label_text(segment.label),
@@ -196,6 +191,64 @@ def segmentation(
         )
         for number, segment in enumerate(segments, start=1)
     ]
+
+
+def _plane_positions(position: Any) -> list[hd.PlanePositionSequence] | None:
+    """For one frame of a multi-frame source, its Plane Position item ``position``,
+    which highdicom matches to that source frame for the derivation reference; None
+    (no item) for a single image."""
+    import highdicom as hd
+
+    if position is None:
+        return None
+    return [
+        hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, position.ImagePositionPatient)
+    ]
+
+
+def _complete_header(
+    result: hd.seg.Segmentation,
+    source: Dataset,
+    segments: Sequence[Segment],
+    how: Explained,
+    orientation: tuple[str, str] | None,
+) -> None:
+    """What ``result`` states beyond highdicom's own: its series description, the
+    coding scheme of the classes' codes, the source's body part, the de-identification
+    and, where it has no plane, the source's patient ``orientation``."""
+    result.SeriesDescription = f"Grad-CAM >= {LEVEL} ({how.model})"[:64]
+    if how.uses_own_scheme(segment.label for segment in segments):
+        result.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
+    # No series Laterality: a Segmentation's laterality is per frame (Frame Anatomy), and
+    # dciodvfy finds a General Series one an error there.
+    body_part(result, source)
+    state_deidentification(result)
+    shared = result.SharedFunctionalGroupsSequence[0]
+    per_frame = result.PerFrameFunctionalGroupsSequence[0]
+    if "PlaneOrientationSequence" not in shared and "PlaneOrientationSequence" not in per_frame:
+        # General Image: Type 2C where there is no plane: the source's orientation, or
+        # empty if unknown (as for a Secondary Capture).
+        result.PatientOrientation = list(orientation) if orientation else []
+
+
+def segmentation(
+    dicom: DicomSource,
+    segments: Sequence[Segment],
+    how: Explained,
+    series_uid: str,
+    instance_uid: str,
+) -> bytes:
+    """``segments`` (one per explained class, at the source's Rows × Columns) as one
+    BINARY Segmentation of ``dicom`` (its frame); the caller checks
+    ``segmentation_problem`` first."""
+    import highdicom as hd
+
+    source, frame = dicom.carried_copy(), dicom.frame
+    multi_frame = int(source.get("NumberOfFrames", 1) or 1) > 1
+    orientation = patient_orientation(source)  # (before its cosines may be taken out)
+    if not multi_frame and not _has_plane(source):
+        _as_pixel_grid(source)
+    descriptions = _segment_descriptions(segments, how)
     # (frames, Rows, Columns, segments): one frame, the explained one.
     pixels = np.stack([segment.mask for segment in segments], axis=-1)[None].astype(np.uint8)
     position = _frame_position(source, frame) if multi_frame else None
@@ -217,29 +270,7 @@ def segmentation(
         # Where every segment is empty the one frame is kept (all zero), as highdicom
         # would, without its warning in the log.
         omit_empty_frames=bool(pixels.any()),
-        # One frame of a multi-frame source: its plane position, which highdicom matches
-        # to that source frame for the derivation reference.
-        plane_positions=(
-            [
-                hd.PlanePositionSequence(
-                    hd.CoordinateSystemNames.PATIENT, position.ImagePositionPatient
-                )
-            ]
-            if position is not None
-            else None
-        ),
+        plane_positions=_plane_positions(position),
     )
-    result.SeriesDescription = f"Grad-CAM >= {LEVEL} ({how.model})"[:64]
-    if how.uses_own_scheme(segment.label for segment in segments):
-        result.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
-    # No series Laterality: a Segmentation's laterality is per frame (Frame Anatomy), and
-    # dciodvfy finds a General Series one an error there.
-    body_part(result, source)
-    state_deidentification(result)
-    shared = result.SharedFunctionalGroupsSequence[0]
-    per_frame = result.PerFrameFunctionalGroupsSequence[0]
-    if "PlaneOrientationSequence" not in shared and "PlaneOrientationSequence" not in per_frame:
-        # General Image: Type 2C where there is no plane: the source's orientation, or
-        # empty if unknown (as for a Secondary Capture).
-        result.PatientOrientation = list(orientation) if orientation else []
+    _complete_header(result, source, segments, how, orientation)
     return to_bytes(result)

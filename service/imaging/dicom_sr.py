@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,7 +49,14 @@ from service.imaging.source_header import (
 )
 
 if TYPE_CHECKING:
+    import highdicom as hd
     from pydicom.dataset import Dataset
+
+    # A finding's measurement group: with a region (its peak) or without one.
+    _MeasurementGroup = (
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.MeasurementsAndQualitativeEvaluations
+    )
 
 SERIES_NUMBER = 9904
 SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
@@ -141,6 +148,128 @@ def _evidence(source: Dataset, made: MadeObject) -> Dataset:
     return item
 
 
+def _source_image(source: Dataset, frame: int | None) -> hd.sr.SourceImageForRegion:
+    """``source`` (and its ``frame``) as the image a peak's region lies on."""
+    import highdicom as hd
+
+    frame_number = referenced_frame_number(source, frame)
+    return hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
+        referenced_frame_numbers=[frame_number] if frame_number is not None else None,
+    )
+
+
+@dataclass(frozen=True)
+class _Algorithms:
+    """Who made what a group states: the service made the map, the model the probability."""
+
+    service: hd.sr.AlgorithmIdentification
+    model: hd.sr.AlgorithmIdentification
+
+    @classmethod
+    def of(cls, how: Explained) -> _Algorithms:
+        import highdicom as hd
+
+        return cls(
+            service=hd.sr.AlgorithmIdentification(
+                name=MANUFACTURER,
+                version=version(),
+                parameters=[f"{key}={value}" for key, value in how.parameters().items()],
+            ),
+            # The probability is the model's output: its algorithm is the model.
+            model=hd.sr.AlgorithmIdentification(name=label_text(how.model), version="unversioned"),
+        )
+
+
+def _measurement_group(
+    finding: Finding,
+    how: Explained,
+    algorithms: _Algorithms,
+    image: hd.sr.SourceImageForRegion,
+) -> _MeasurementGroup:
+    """The group of one ``finding``: a Planar ROI group whose region is its peak on
+    ``image``, or, where its map is all zero, a group without a region."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    label = label_text(finding.label)
+    common: dict[str, Any] = {
+        "finding_type": how.class_code(finding.index, finding.label),
+        "method": gradient_weighted_class_activation(),
+        "algorithm_id": algorithms.service,
+        "measurements": [
+            hd.sr.Measurement(
+                name=probability(),
+                value=round(float(finding.probability), 6),
+                unit=codes.UCUM.NoUnits,
+                algorithm_id=algorithms.model,
+            )
+        ],
+    }
+    if finding.peak is None:
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=hd.UID(), identifier=f"Grad-CAM: {label}"[:64]
+            ),
+            **common,
+        )
+    row, column = finding.peak
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"Grad-CAM peak: {label}"[:64]
+        ),
+        # Image coordinates: (column, row), the centre of the top left pixel at (0.5, 0.5).
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POINT,
+            graphic_data=np.array([[column + 0.5, row + 0.5]]),
+            source_image=image,
+        ),
+        **common,
+    )
+
+
+def _observer(how: Explained) -> hd.sr.ObserverContext:
+    """The service as the observing device (the model it ran named as the device's model)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            # The same UID for every report of the service: it names the device.
+            uid=str(generate_uid(entropy_srcs=[MANUFACTURER])),
+            name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER,
+            model_name=label_text(how.model),
+        ),
+    )
+
+
+def _report_content(
+    source: Dataset, groups: Sequence[_MeasurementGroup], observer: hd.sr.ObserverContext
+) -> hd.sr.MeasurementReport:
+    """The TID 1500 content of ``groups`` seen by ``observer``, with ``source`` in its
+    Image Library; ``DerivedObjectImpossible`` where the library cannot describe
+    ``source``."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    try:
+        return hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+            procedure_reported=codes.SCT.ImagingProcedure,
+            imaging_measurements=list(groups),
+            referenced_images=[_library_view(source)],
+        )
+    except ValueError:
+        # highdicom's Image Library knows the storage classes of images by modality.
+        raise DerivedObjectImpossible(
+            f"a report's image library cannot describe an image of SOP class {source.SOPClassUID}"
+        ) from None
+
+
 def measurement_report(
     dicom: DicomSource,
     findings: Sequence[Finding],
@@ -152,90 +281,12 @@ def measurement_report(
     """The report (module text) of ``findings`` on ``dicom`` (its frame), naming the
     objects ``made`` with it."""
     import highdicom as hd
-    from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
 
-    source, frame = dicom.carried_copy(), dicom.frame
-    frame_number = referenced_frame_number(source, frame)
-    image = hd.sr.SourceImageForRegion(
-        referenced_sop_class_uid=source.SOPClassUID,
-        referenced_sop_instance_uid=source.SOPInstanceUID,
-        referenced_frame_numbers=[frame_number] if frame_number is not None else None,
-    )
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=MANUFACTURER,
-        version=version(),
-        parameters=[f"{key}={value}" for key, value in how.parameters().items()],
-    )
-    # The probability is the model's output: its algorithm is the model.
-    model = hd.sr.AlgorithmIdentification(name=label_text(how.model), version="unversioned")
-    groups: list[
-        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.MeasurementsAndQualitativeEvaluations
-    ] = []
-    for finding in findings:
-        label = label_text(finding.label)
-        common = {
-            "finding_type": how.class_code(finding.index, finding.label),
-            "method": gradient_weighted_class_activation(),
-            "algorithm_id": algorithm,
-            "measurements": [
-                hd.sr.Measurement(
-                    name=probability(),
-                    value=round(float(finding.probability), 6),
-                    unit=codes.UCUM.NoUnits,
-                    algorithm_id=model,
-                )
-            ],
-        }
-        if finding.peak is None:
-            groups.append(
-                hd.sr.MeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=hd.UID(), identifier=f"Grad-CAM: {label}"[:64]
-                    ),
-                    **common,  # type: ignore[arg-type]
-                )
-            )
-            continue
-        row, column = finding.peak
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=hd.UID(), identifier=f"Grad-CAM peak: {label}"[:64]
-                ),
-                # Image coordinates: (column, row), the centre of the top left pixel at
-                # (0.5, 0.5).
-                referenced_region=hd.sr.ImageRegion(
-                    graphic_type=hd.sr.GraphicTypeValues.POINT,
-                    graphic_data=np.array([[column + 0.5, row + 0.5]]),
-                    source_image=image,
-                ),
-                **common,  # type: ignore[arg-type]
-            )
-        )
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            # The same UID for every report of the service: it names the device.
-            uid=str(generate_uid(entropy_srcs=[MANUFACTURER])),
-            name=MANUFACTURER,
-            manufacturer_name=MANUFACTURER,
-            model_name=label_text(how.model),
-        ),
-    )
-    try:
-        report = hd.sr.MeasurementReport(
-            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-            procedure_reported=codes.SCT.ImagingProcedure,
-            imaging_measurements=groups,
-            referenced_images=[_library_view(source)],
-        )
-    except ValueError:
-        # highdicom's Image Library knows the storage classes of images by modality.
-        raise DerivedObjectImpossible(
-            f"a report's image library cannot describe an image of SOP class {source.SOPClassUID}"
-        ) from None
+    source = dicom.carried_copy()
+    image = _source_image(source, dicom.frame)
+    algorithms = _Algorithms.of(how)
+    groups = [_measurement_group(finding, how, algorithms, image) for finding in findings]
+    report = _report_content(source, groups, _observer(how))
     document = hd.sr.Comprehensive3DSR(
         evidence=[source, *(_evidence(source, item) for item in made)],
         content=report[0],

@@ -25,26 +25,30 @@ class ExplainedImage:
     curves: list[np.ndarray] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Explaining:
+    """How a request's images are explained: by which model, at which layer, with which
+    method, and whether each explanation gets its faithfulness curves."""
+
+    model: ModelInfo
+    layer: str
+    method: str = "gradcam"
+    faithfulness: bool = False
+
+
 def call_engine(
-    engine: Engine,
-    model: ModelInfo,
-    layer: str,
-    method: str,
-    prepared: Sequence[PreparedImage],
-    context: RequestContext,
-    faithfulness: bool = False,
+    engine: Engine, how: Explaining, prepared: Sequence[PreparedImage], context: RequestContext
 ) -> list[ExplainedImage]:
     """One engine call for all ``prepared`` images (batched there with other requests),
-    within the request's deadline and while its client waits; with ``faithfulness``,
-    every explanation's deletion and insertion curves too."""
+    within the request's deadline and while its client waits."""
     job = Job(
-        model=model.name,
-        layer=layer,
+        model=how.model.name,
+        layer=how.layer,
         images=[p.pixels for p in prepared],
         boxes=[p.box for p in prepared],
         targets=[p.targets for p in prepared],
-        methods=[method] * len(prepared),
-        faithfulness=[True] * len(prepared) if faithfulness else [],
+        methods=[how.method] * len(prepared),
+        faithfulness=[True] * len(prepared) if how.faithfulness else [],
     )
     result = engine.run(job, context.deadline, context.disconnected)
     return [

@@ -40,8 +40,8 @@ from service.imaging.decoding import decode_base64
 from service.pipeline.budgets import RequestBudget
 from service.pipeline.context import RequestContext
 from service.pipeline.dicomweb import DicomWebServers, InstanceRef, fetch_instance, store
-from service.pipeline.engine_call import ExplainedImage, call_engine
-from service.pipeline.images import choose_layer, prepare_image, resolve_targets
+from service.pipeline.engine_call import ExplainedImage, Explaining, call_engine
+from service.pipeline.images import ImageSlot, Keep, choose_layer, prepare_image, resolve_targets
 from service.pipeline.results import RenderOptions, base64_chars, render_result
 from service.transport.interface import Engine, ModelInfo
 
@@ -113,6 +113,53 @@ def compute(
     """Every stage before drawing: checks, decoding and fitting, the engine call. The
     protocol door (``protocol.py``) draws its own; ``arrays``: its maps also go out as
     numbers beside the format's pictures (the budget charges both)."""
+    _check_lengths(request, settings)
+    frames = _frames(request)
+    model = engine.catalog().get(request.model)
+    how = Explaining(
+        model,
+        choose_layer(model, request.layer),
+        request.method,
+        faithfulness="faithfulness" in request.include,
+    )
+    specs: list[TargetSpec] = list(request.targets or [None] * len(request.images))
+    targets = [resolve_targets(spec, model, i) for i, spec in enumerate(specs)]
+    keep = _keep(request)
+    budget = RequestBudget(
+        settings,
+        model,
+        how.layer,
+        request.heatmap,
+        with_image="image" in request.include,
+        keeps_display=keep.display,
+        reports=request.report is not None,
+        memory=context.memory,
+        body_bytes=context.body_bytes,
+        arrays=arrays,
+    )
+    budget.check_explanations([len(t) for t in targets], how.faithfulness)
+    servers = DicomWebServers(settings.dicomweb_servers)
+    if request.store is not None:
+        servers.base(request.store.url, "store.url", "The store URL")  # before any work
+    fetch = partial(_image_bytes, servers=servers, settings=settings, context=context)
+    with metrics.STAGE_DURATION.labels("decode").time():
+        prepared = [
+            prepare_image(
+                fetch(given, i),
+                ImageSlot(i, targets[i], frames[i]),
+                model,
+                partial(budget.admit_image, i, explanations=len(targets[i])),
+                keep,
+            )
+            for i, given in enumerate(request.images)
+        ]
+    results = call_engine(engine, how, prepared, context)
+    metrics.IMAGES_EXPLAINED.labels(model.name).inc(len(results))
+    return Computed(model, how.layer, results, budget, servers)
+
+
+def _check_lengths(request: ExplainRequest, settings: Settings) -> None:
+    """The request's images within the limit, and one target entry per image."""
     if len(request.images) > settings.max_images_per_request:
         raise PayloadTooLarge(
             f"The request has {len(request.images)} images; the limit is "
@@ -128,71 +175,41 @@ def compute(
             code=ErrorCode.TARGETS_LENGTH,
             field="targets",
         )
-    frames = _frames(request)
-    model = engine.catalog().get(request.model)
-    layer = choose_layer(model, request.layer)
-    specs: list[TargetSpec] = list(request.targets or [None] * len(request.images))
-    targets = [resolve_targets(spec, model, i) for i, spec in enumerate(specs)]
-    keep_display = (
-        "image" in request.include
-        or request.heatmap.format == "dicom-sc"
-        or (request.heatmap.format == "overlay" and request.heatmap.size == "original")
-    )
-    budget = RequestBudget(
-        settings,
-        model,
-        layer,
-        request.heatmap,
-        with_image="image" in request.include,
-        keeps_display=keep_display,
-        reports=request.report is not None,
-        memory=context.memory,
-        body_bytes=context.body_bytes,
-        arrays=arrays,
-    )
-    budget.check_explanations([len(t) for t in targets], "faithfulness" in request.include)
-    servers = DicomWebServers(settings.dicomweb_servers)
-    if request.store is not None:
-        servers.base(request.store.url, "store.url", "The store URL")  # before any work
 
-    def image_bytes(given: str | DicomWebImage, index: int) -> bytes:
-        if isinstance(given, str):
-            return decode_base64(given, index)
-        ref = given.dicomweb
-        return fetch_instance(
-            InstanceRef(ref.url, ref.study, ref.series, ref.instance),
-            servers,
-            index,
-            settings.max_request_bytes,
-            context.remaining_s(),
-        )
 
-    with metrics.STAGE_DURATION.labels("decode").time():
-        prepared = [
-            prepare_image(
-                image_bytes(text, i),
-                i,
-                model,
-                partial(budget.admit_image, i, explanations=len(targets[i])),
-                targets[i],
-                frames[i],
-                keep_display,
-                describe="dicom" in request.include,
-                keep_header=request.heatmap.format in DICOM_FORMATS or request.report is not None,
-            )
-            for i, text in enumerate(request.images)
-        ]
-    results = call_engine(
-        engine,
-        model,
-        layer,
-        request.method,
-        prepared,
-        context,
-        faithfulness="faithfulness" in request.include,
+def _keep(request: ExplainRequest) -> Keep:
+    """What the answer needs of each image beyond its model input."""
+    heatmap = request.heatmap
+    return Keep(
+        display=(
+            "image" in request.include
+            or heatmap.format == "dicom-sc"
+            or (heatmap.format == "overlay" and heatmap.size == "original")
+        ),
+        attributes="dicom" in request.include,
+        source=heatmap.format in DICOM_FORMATS or request.report is not None,
     )
-    metrics.IMAGES_EXPLAINED.labels(model.name).inc(len(results))
-    return Computed(model, layer, results, budget, servers)
+
+
+def _image_bytes(
+    given: str | DicomWebImage,
+    index: int,
+    *,
+    servers: DicomWebServers,
+    settings: Settings,
+    context: RequestContext,
+) -> bytes:
+    """An image's file: sent as base64, or fetched from a DICOMweb server (WADO-RS)."""
+    if isinstance(given, str):
+        return decode_base64(given, index)
+    ref = given.dicomweb
+    return fetch_instance(
+        InstanceRef(ref.url, ref.study, ref.series, ref.instance),
+        servers,
+        index,
+        settings.max_request_bytes,
+        context.remaining_s(),
+    )
 
 
 def _store(

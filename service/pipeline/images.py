@@ -92,42 +92,55 @@ def resolve_targets(spec: TargetSpec, model: ModelInfo, index: int) -> list[int 
     return list(dict.fromkeys(_class_index(ref, model, index) for ref in refs))
 
 
-def prepare_image(
-    data: bytes,
-    index: int,
-    model: ModelInfo,
-    admit: Admit,
-    targets: list[int | None],
-    frame: int | None = None,
-    keep_display: bool = False,
-    describe: bool = False,
-    keep_header: bool = False,
-) -> PreparedImage:
-    """Decode and fit one image; every problem raises a ``ServiceError`` naming ``index``.
+@dataclass(frozen=True)
+class ImageSlot:
+    """One image's place in its request: its index (errors name it), the classes to
+    explain (None: the top-1 class) and its frame (None: the file's default)."""
 
-    ``admit(width, height)`` checks the size from the header first (``budgets.py``);
-    ``describe`` reads a DICOM file's attributes too.
-    """
+    index: int
+    targets: list[int | None]
+    frame: int | None = None
+
+
+@dataclass(frozen=True)
+class Keep:
+    """What a request needs of each image beyond the model input: the 8-bit copy that
+    pictures are drawn over at its own size, a DICOM file's attributes (``include:
+    ["dicom"]``), its DICOM source for derived objects (DICOM formats, reports)."""
+
+    display: bool = False
+    attributes: bool = False
+    source: bool = False
+
+
+def prepare_image(
+    data: bytes, slot: ImageSlot, model: ModelInfo, admit: Admit, keep: Keep = Keep()
+) -> PreparedImage:
+    """Decode and fit one image; every problem raises a ``ServiceError`` naming
+    ``slot.index``. ``admit(width, height)`` checks the size from the header first
+    (``budgets.py``)."""
+    index, frame = slot.index, slot.frame
     # Overlays are drawn on the colour original, even for a 1-channel model.
-    colour = keep_display and model.channels == 1
+    colour = keep.display and model.channels == 1
     image = decode_image(data, index, 3 if colour else model.channels, admit, frame)
     # The full-size image leaves here as 8 bits, or not at all.
-    display = to_rgb_image(image) if keep_display else None
+    display = to_rgb_image(image) if keep.display else None
     if colour and image.mode == "RGB":
         image = image.convert("L")  # as decode_image converts for a 1-channel model
     pixels, box, geometry = to_model_pixels(image, model.input_size, model.resize)
     # The header is read once, for the attributes shown and for derived DICOM objects.
-    header = read_header(data) if (describe or keep_header) and is_dicom(data) else None
-    dicom = describe_dicom(header, frame) if describe and header is not None else None
+    wants_header = (keep.attributes or keep.source) and is_dicom(data)
+    header = read_header(data) if wants_header else None
+    dicom = describe_dicom(header, frame) if keep.attributes and header is not None else None
     return PreparedImage(
         index,
         display,
         pixels,
         box,
         geometry,
-        targets,
+        slot.targets,
         dicom,
-        DicomSource(header, frame) if keep_header and header is not None else None,
+        DicomSource(header, frame) if keep.source and header is not None else None,
         frame,
     )
 

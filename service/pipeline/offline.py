@@ -11,6 +11,7 @@ chunks (``call_engine``), each within its own deadline.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -20,8 +21,15 @@ from service.contract.requests import ClassRef, HeatmapOptions
 from service.contract.settings import Settings
 from service.pipeline.budgets import RequestBudget
 from service.pipeline.context import RequestContext
-from service.pipeline.engine_call import ExplainedImage, call_engine
-from service.pipeline.images import PreparedImage, choose_layer, prepare_image, resolve_targets
+from service.pipeline.engine_call import ExplainedImage, Explaining, call_engine
+from service.pipeline.images import (
+    ImageSlot,
+    Keep,
+    PreparedImage,
+    choose_layer,
+    prepare_image,
+    resolve_targets,
+)
 from service.transport.interface import Engine, ModelInfo
 
 # A file's images are charged for nothing drawn: the commands draw what they write.
@@ -37,12 +45,17 @@ def target_ref(text: str) -> int | str:
 class OfflinePlan:
     """What every file of one command is explained with."""
 
-    model: ModelInfo
-    layer: str
+    how: Explaining
     targets: list[int | None]  # for each image (None: its top-1 class)
-    method: str
-    faithfulness: bool
     settings: Settings
+
+    @property
+    def model(self) -> ModelInfo:
+        return self.how.model
+
+    @property
+    def layer(self) -> str:
+        return self.how.layer
 
 
 def plan(
@@ -60,7 +73,7 @@ def plan(
     resolved = resolve_targets(refs, model, 0)
     budget = RequestBudget(settings, model, chosen, _NOTHING_DRAWN)
     budget.check_explanations([len(resolved)], faithfulness)
-    return OfflinePlan(model, chosen, resolved, method, faithfulness, settings)
+    return OfflinePlan(Explaining(model, chosen, method, faithfulness), resolved, settings)
 
 
 def prepare_file(
@@ -74,16 +87,8 @@ def prepare_file(
     """One file's image, decoded and fitted as a request of its own (``ServiceError``)."""
     budget = RequestBudget(plan.settings, plan.model, plan.layer, _NOTHING_DRAWN)
     admit = partial(budget.admit_image, index, explanations=len(plan.targets))
-    return prepare_image(
-        data,
-        index,
-        plan.model,
-        admit,
-        plan.targets,
-        frame,
-        keep_display=keep_display,
-        keep_header=keep_header,
-    )
+    keep = Keep(display=keep_display, source=keep_header)
+    return prepare_image(data, ImageSlot(index, plan.targets, frame), plan.model, admit, keep)
 
 
 def problem(error: OSError | ServiceError) -> str:
@@ -97,15 +102,5 @@ def explain_prepared(
     engine: Engine, plan: OfflinePlan, prepared: Sequence[PreparedImage], deadline_s: float
 ) -> list[ExplainedImage]:
     """One engine call for a chunk of prepared images, within ``deadline_s`` from now."""
-    context = RequestContext.start(
-        plan.settings.model_copy(update={"request_timeout_s": deadline_s})
-    )
-    return call_engine(
-        engine,
-        plan.model,
-        plan.layer,
-        plan.method,
-        prepared,
-        context,
-        faithfulness=plan.faithfulness,
-    )
+    context = RequestContext(deadline=time.monotonic() + deadline_s)
+    return call_engine(engine, plan.how, prepared, context)

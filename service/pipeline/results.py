@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -290,37 +290,41 @@ class RenderOptions:
     report: ReportFormat | None = None
 
 
-def render_result(result: ExplainedImage, model: ModelInfo, render: RenderOptions) -> ImageResult:
-    """One image's part of the answer: its top predictions, each explanation's heatmap as
-    ``render.heatmap`` asks (array, picture or DICOM object; a reason instead where it
-    cannot be made), its Segmentation and report, and the extras asked for."""
-    prepared = result.prepared
-    options, method, report = render.heatmap, render.method, render.report
-    layer = render.layer
-    geometry = prepared.geometry
-    how = Explained(
-        method=method, layer=layer or model.default_layer, model=model.name, codes=model.codes
-    )
-    # dicom-sc, dicom-pm: one new series per source image, one instance per explanation.
-    series_uid = new_uid() if options.format in ("dicom-sc", "dicom-pm") else ""
-    segmenting = options.format == "dicom-seg" and dicom_problem(prepared, "dicom-seg") is None
-    reporting = report is not None and _not_dicom(prepared, "dicom-sr") is None
-    segments: list[dicom_seg.Segment] = []
-    findings: list[dicom_sr.Finding] = []
-    explanations = []
-    for k, (target, cam) in enumerate(zip(result.targets, result.cams, strict=True)):
+@dataclass
+class _Drawing:
+    """One image's answer as it is drawn: its explanations so far, and what its
+    Segmentation and report collect from each explanation's map at the source's size."""
+
+    result: ExplainedImage
+    model: ModelInfo
+    render: RenderOptions
+    how: Explained
+    series_uid: str  # dicom-sc, dicom-pm: one new series per source image
+    segmenting: bool
+    reporting: bool
+    explanations: list[Explanation] = field(default_factory=list)
+    segments: list[dicom_seg.Segment] = field(default_factory=list)
+    findings: list[dicom_sr.Finding] = field(default_factory=list)
+
+    def explain(self, number: int, target: int, cam: np.ndarray) -> None:
+        """Draw explanation ``number`` (from 0) of class ``target``."""
+        prepared, model, options = self.result.prepared, self.model, self.render.heatmap
         label = model.labels[target]
         # The Segmentation and the report read the map at the source's own pixel grid:
         # drawn once, and shared with the heatmap when it is drawn at that size too.
-        original = heatmap(cam, geometry, "original") if segmenting or reporting else None
+        original = (
+            heatmap(cam, prepared.geometry, "original")
+            if self.segmenting or self.reporting
+            else None
+        )
         derived = DerivedFrom(
             label=label,
-            method=method,
-            layer=how.layer,
+            method=self.how.method,
+            layer=self.how.layer,
             model=model.name,
-            instance_number=k + 1,
-            series_uid=series_uid,
-            instance_uid=new_uid() if series_uid else "",
+            instance_number=number + 1,
+            series_uid=self.series_uid,
+            instance_uid=new_uid() if self.series_uid else "",
         )
         drawn = render_heatmap(
             cam,
@@ -330,18 +334,39 @@ def render_result(result: ExplainedImage, model: ModelInfo, render: RenderOption
             derived,
             heat=original if options.size == "original" else None,
         )
-        explanations.append(
-            Explanation(target=_prediction(model, target, result.scores), heatmap=drawn)
+        score = self.result.scores
+        self.explanations.append(
+            Explanation(target=_prediction(model, target, score), heatmap=drawn)
         )
-        if original is not None and segmenting:
-            segments.append(dicom_seg.Segment(target, label, dicom_seg.mask_of(original)))
-        if original is not None and reporting:
-            findings.append(
-                dicom_sr.Finding(
-                    target, label, float(result.scores[target]), dicom_sr.peak_of(original)
-                )
-            )
-        del original  # one map at full size at a time
+        if original is not None and self.segmenting:
+            self.segments.append(dicom_seg.Segment(target, label, dicom_seg.mask_of(original)))
+        if original is not None and self.reporting:
+            peak = dicom_sr.peak_of(original)
+            self.findings.append(dicom_sr.Finding(target, label, float(score[target]), peak))
+
+
+def render_result(result: ExplainedImage, model: ModelInfo, render: RenderOptions) -> ImageResult:
+    """One image's part of the answer: its top predictions, each explanation's heatmap as
+    ``render.heatmap`` asks (array, picture or DICOM object; a reason instead where it
+    cannot be made), its Segmentation and report, and the extras asked for."""
+    prepared, options = result.prepared, render.heatmap
+    drawing = _Drawing(
+        result,
+        model,
+        render,
+        Explained(
+            method=render.method,
+            layer=render.layer or model.default_layer,
+            model=model.name,
+            codes=model.codes,
+        ),
+        series_uid=new_uid() if options.format in ("dicom-sc", "dicom-pm") else "",
+        segmenting=options.format == "dicom-seg" and dicom_problem(prepared, "dicom-seg") is None,
+        reporting=render.report is not None and _not_dicom(prepared, "dicom-sr") is None,
+    )
+    for number, (target, cam) in enumerate(zip(result.targets, result.cams, strict=True)):
+        drawing.explain(number, target, cam)  # one map at full size at a time
+    geometry = prepared.geometry
     order = result.order[: min(render.top_k, model.num_classes)]
     answer = ImageResult(
         width=geometry.width,
@@ -353,25 +378,36 @@ def render_result(result: ExplainedImage, model: ModelInfo, render: RenderOption
             box=list(geometry.box),
         ),
         predictions=[_prediction(model, int(i), result.scores) for i in order],
-        explanations=explanations,
+        explanations=drawing.explanations,
     )
     for explanation, curves in zip(answer.explanations, result.curves, strict=False):
         explanation.faithfulness = faithfulness(curves)
     if options.format == "dicom-seg":
-        answer.segmentation = _segmentation(prepared, segments, how, answer.explanations)
-    if report is not None:
-        answer.report = _report(prepared, findings, how, _made_with(answer))
+        answer.segmentation = _segmentation(
+            prepared, drawing.segments, drawing.how, answer.explanations
+        )
+    if render.report is not None:
+        answer.report = _report(prepared, drawing.findings, drawing.how, _made_with(answer))
+    _add_extras(answer, prepared, model, render)
+    return answer
+
+
+def _add_extras(
+    answer: ImageResult, prepared: PreparedImage, model: ModelInfo, render: RenderOptions
+) -> None:
+    """``include``: the picture the heatmaps are drawn over, a DICOM file's attributes."""
     if "image" in render.include:
-        picture = overlay_base(prepared, "original", (geometry.height, geometry.width), model)
+        shape = (prepared.geometry.height, prepared.geometry.width)
+        picture = overlay_base(prepared, "original", shape, model)
+        encoding = render.heatmap.encoding
         answer.image = Picture(
             width=picture.width,
             height=picture.height,
-            encoding=options.encoding,
-            data=_b64(encode_image(np.asarray(picture), options.encoding)),
+            encoding=encoding,
+            data=_b64(encode_image(np.asarray(picture), encoding)),
         )
     if "dicom" in render.include:
         answer.dicom = prepared.dicom
-    return answer
 
 
 def base64_chars(result: ImageResult) -> int:

@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 from service import logs, metrics
@@ -122,87 +122,100 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["gradcam_settings"] = settings
-    if engine is None:
-        pool = EnginePool.from_env(settings.engine_heartbeat_timeout_s)
-        # A worker (re)started under load accepts requests only once it can pass them
-        # on: else its first requests would get 503s while its connection is greeted.
-        if not pool.wait_connected(_ENGINE_GREETING_S):
-            logger.warning(
-                "no engine greeted this worker within %.0f s; it answers 503 until one does",
-                _ENGINE_GREETING_S,
-            )
-        engine = pool
-    app.extensions["gradcam_engine"] = engine
+    app.extensions["gradcam_engine"] = engine if engine is not None else _engine_pool(settings)
     # serve's memory budget, shared with the other processes (None outside serve).
     app.extensions["gradcam_memory"] = MemoryBudget.from_env()
     app.register_blueprint(api)
     app.register_blueprint(protocol)
+    # The page's files hold no data: a browser loads them before it can send a token.
     if settings.web_page:
         app.register_blueprint(page)
+        policy = AccessPolicy(settings, open_paths=(PAGE_PATH,), open_prefixes=(ASSETS_PREFIX,))
+    else:
+        policy = AccessPolicy(settings)
+    app.extensions["gradcam_policy"] = policy
+    if not settings.metrics_port:  # else the supervisor serves it on its own port
+        app.add_url_rule("/metrics", "metrics", _metrics_view)
     app.register_error_handler(ServiceError, _service_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
-    # The page's files hold no data: a browser loads them before it can send a token.
-    policy = (
-        AccessPolicy(settings, open_paths=(PAGE_PATH,), open_prefixes=(ASSETS_PREFIX,))
-        if settings.web_page
-        else AccessPolicy(settings)
-    )
-    if not settings.metrics_port:  # else the supervisor serves it on its own port
-
-        @app.get("/metrics")
-        def metrics_view() -> Response:
-            body, content_type = metrics.scrape()
-            return Response(body, content_type=content_type)
-
-    @app.before_request
-    def _start() -> Response | None:
-        g.started = time.perf_counter()
-        g.started_monotonic = time.monotonic()
-        g.thread_wait_s = 0.0
-        wait = thread_wait(request.environ)
-        if wait is not None:
-            # The deadline counts from when the request queued for a thread.
-            g.started_monotonic, g.thread_wait_s = wait
-            metrics.STAGE_DURATION.labels("thread_wait").observe(g.thread_wait_s)
-        metrics.IN_FLIGHT.inc()
-        given = request.headers.get("X-Request-ID", "")
-        g.request_id = given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
-        g.request_id_token = logs.request_id.set(g.request_id)
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            # A CORS preflight: browsers send it without credentials.
-            preflight = Response(status=204)
-            preflight.headers.update(policy.cors_headers(request.headers.get("Origin"), True))
-            return preflight
-        policy.check_origin(
-            request.method, request.mimetype, request.headers.get("Origin"), request.host
-        )
-        policy.check(request.path, request.headers.get("Authorization"))
-        return None
-
-    @app.after_request
-    def _finish(response: Response) -> Response:
-        response.headers["X-Request-ID"] = g.get("request_id", "-")
-        # Browsers take each answer as what its Content-Type says, never a guess.
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        if request.method != "OPTIONS":
-            response.headers.update(policy.cors_headers(request.headers.get("Origin"), False))
-        # The route template, never the raw path: label values stay bounded.
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        metrics.REQUEST_DURATION.labels(
-            metrics.protocol(request.path),
-            route,
-            metrics.http_method(request.method),
-            str(response.status_code),
-        ).observe(time.perf_counter() - g.get("started", time.perf_counter()))
-        return response
-
-    @app.teardown_request
-    def _reset(_: BaseException | None) -> None:
-        if "started" in g:
-            metrics.IN_FLIGHT.dec()
-        token = g.pop("request_id_token", None)
-        if token is not None:
-            logs.request_id.reset(token)
-
+    app.before_request(_start)
+    app.after_request(_finish)
+    app.teardown_request(_reset)
     return app
+
+
+def _engine_pool(settings: Settings) -> EnginePool:
+    """The engine processes of ``serve``, as one engine."""
+    pool = EnginePool.from_env(settings.engine_heartbeat_timeout_s)
+    # A worker (re)started under load accepts requests only once it can pass them
+    # on: else its first requests would get 503s while its connection is greeted.
+    if not pool.wait_connected(_ENGINE_GREETING_S):
+        logger.warning(
+            "no engine greeted this worker within %.0f s; it answers 503 until one does",
+            _ENGINE_GREETING_S,
+        )
+    return pool
+
+
+def _policy() -> AccessPolicy:
+    policy: AccessPolicy = current_app.extensions["gradcam_policy"]
+    return policy
+
+
+def _metrics_view() -> Response:
+    body, content_type = metrics.scrape()
+    return Response(body, content_type=content_type)
+
+
+def _start() -> Response | None:
+    """Before each request: its clocks and id, a CORS preflight answered, access checked."""
+    g.started = time.perf_counter()
+    g.started_monotonic = time.monotonic()
+    g.thread_wait_s = 0.0
+    wait = thread_wait(request.environ)
+    if wait is not None:
+        # The deadline counts from when the request queued for a thread.
+        g.started_monotonic, g.thread_wait_s = wait
+        metrics.STAGE_DURATION.labels("thread_wait").observe(g.thread_wait_s)
+    metrics.IN_FLIGHT.inc()
+    given = request.headers.get("X-Request-ID", "")
+    g.request_id = given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+    g.request_id_token = logs.request_id.set(g.request_id)
+    policy = _policy()
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        # A CORS preflight: browsers send it without credentials.
+        preflight = Response(status=204)
+        preflight.headers.update(policy.cors_headers(request.headers.get("Origin"), True))
+        return preflight
+    policy.check_origin(
+        request.method, request.mimetype, request.headers.get("Origin"), request.host
+    )
+    policy.check(request.path, request.headers.get("Authorization"))
+    return None
+
+
+def _finish(response: Response) -> Response:
+    """After each request: its id, CORS and nosniff headers, and its latency metric."""
+    response.headers["X-Request-ID"] = g.get("request_id", "-")
+    # Browsers take each answer as what its Content-Type says, never a guess.
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if request.method != "OPTIONS":
+        response.headers.update(_policy().cors_headers(request.headers.get("Origin"), False))
+    # The route template, never the raw path: label values stay bounded.
+    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    metrics.REQUEST_DURATION.labels(
+        metrics.protocol(request.path),
+        route,
+        metrics.http_method(request.method),
+        str(response.status_code),
+    ).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+    return response
+
+
+def _reset(_: BaseException | None) -> None:
+    if "started" in g:
+        metrics.IN_FLIGHT.dec()
+    token = g.pop("request_id_token", None)
+    if token is not None:
+        logs.request_id.reset(token)

@@ -111,13 +111,7 @@ class Incoming:
             try:
                 event = self.http.next_event()
             except h11.RemoteProtocolError as error:
-                code = {
-                    431: ErrorCode.HEADERS_TOO_LARGE,
-                    501: ErrorCode.UNSUPPORTED_TRANSFER_ENCODING,
-                }.get(error.error_status_hint, ErrorCode.BAD_REQUEST)
-                # h11's messages end with the raw bytes (": bytearray(b'...')"): dropped.
-                reason = str(error).split(": bytearray(", 1)[0]
-                return Refusal(code, f"The request is not valid HTTP/1.1: {reason}.")
+                return _protocol_refusal(error)
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 if self.body_announced() > self.max_body_bytes:
                     return self.too_large()
@@ -126,15 +120,22 @@ class Incoming:
                 self.request = event
                 return self._check_headers(event) or Step.HEADERS
             if isinstance(event, h11.Data):
-                self.body += event.data
-                if self.body_announced() > self.max_body_bytes:
-                    return self.too_large()
-                if not self.reservation.grow_to(len(self.body)):  # chunked: no length
-                    return self.busy()
+                refused = self._take_data(event)
+                if refused is not None:
+                    return refused
             elif isinstance(event, h11.EndOfMessage):
                 return Step.COMPLETE
             elif isinstance(event, h11.ConnectionClosed):
                 return Step.CLOSED
+
+    def _take_data(self, event: h11.Data) -> Refusal | None:
+        """A piece of the body: kept, or the refusal it causes."""
+        self.body += event.data
+        if self.body_announced() > self.max_body_bytes:
+            return self.too_large()
+        if not self.reservation.grow_to(len(self.body)):  # chunked: no length
+            return self.busy()
+        return None
 
     def body_announced(self) -> int:
         """The body's bytes so far, and what the chunk being read still announces: a chunk
@@ -206,6 +207,17 @@ class Incoming:
             "requests); retry shortly.",
             retry_after_s=1,
         )
+
+
+def _protocol_refusal(error: h11.RemoteProtocolError) -> Refusal:
+    """h11's protocol error in the JSON envelope."""
+    code = {
+        431: ErrorCode.HEADERS_TOO_LARGE,
+        501: ErrorCode.UNSUPPORTED_TRANSFER_ENCODING,
+    }.get(error.error_status_hint, ErrorCode.BAD_REQUEST)
+    # h11's messages end with the raw bytes (": bytearray(b'...')"): dropped.
+    reason = str(error).split(": bytearray(", 1)[0]
+    return Refusal(code, f"The request is not valid HTTP/1.1: {reason}.")
 
 
 def content_length(request: h11.Request) -> int | None:

@@ -18,7 +18,7 @@ touched CUDA. Here the engines and gunicorn are siblings.
   A broken models file makes engine 0 exit with ``ENGINE_EXIT_CONFIG``: serve prints
   nothing more and exits 2. Then gunicorn starts, told the engines' sockets.
 - **Crashes and hangs.** A dead engine is restarted after a back-off, a hung one
-  killed and restarted (``child_processes``, by ``restart_policy``); too many
+  killed and restarted (``children``, by ``restart_policy``); too many
   crashes in a row and serve stops everything and exits 1. If gunicorn dies, serve
   stops the engines and exits 1.
 - **Memory.** ``serve`` makes the memory budget file (``service.memory``) that the
@@ -177,7 +177,7 @@ class Supervisor:
         )
         return None
 
-    # --- engines (each one's parts: child_processes.py) --------------------------
+    # --- engines (each one's parts: children.py) --------------------------------
 
     def _launch(self, slot: EngineSlot) -> None:
         launch_engine(slot, engine_env(self.env, self.settings, self.cores, self._allocator))

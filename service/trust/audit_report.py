@@ -211,6 +211,89 @@ document.getElementById('only-flagged').addEventListener('change', e => {
 """
 
 
+def _headline(verdict: dict[str, Any]) -> str:
+    """The verdict as a coloured box."""
+    if verdict["flagged"]:
+        return (
+            f'<div class="verdict bad">Flagged: class '
+            f"{html.escape(', '.join(verdict['flagged_classes']))} "
+            f"— {verdict['flagged_images']} of {verdict['explained']} images look outside their "
+            "evidence</div>"
+        )
+    return (
+        f'<div class="verdict good">Not flagged: {verdict["flagged_images"]} of '
+        f"{verdict['explained']} images flagged</div>"
+    )
+
+
+def _class_card(
+    out: Path, label: str, figures: dict[str, Any], thresholds: dict[str, Any], mean_map: str | None
+) -> str:
+    """One class's card: its mean heatmap (``mean_map``, a file in ``out``, inlined), the
+    histograms of the measures that flag, each with its threshold, and every measure's
+    spread."""
+    e = html.escape
+    stats = "".join(
+        f"<tr><td>{m}</td><td>{figures[m]['mean']:.3f} ± {figures[m]['std']:.3f}</td>"
+        f"<td>{figures[m]['median']:.3f} [{figures[m]['q1']:.3f}, {figures[m]['q3']:.3f}]</td>"
+        "</tr>"
+        for m in _MEASURES
+        if figures[m] is not None
+    )
+    # Each histogram with its flag threshold.
+    lines = {
+        "mass_near_box": 1 - thresholds["max_outside"],
+        "mass_on_border": thresholds["max_border"],
+    }
+    histograms = "".join(
+        _histogram_svg(figures[m]["histogram"], threshold, m)
+        for m, threshold in lines.items()
+        if figures[m] is not None
+    )
+    picture = (
+        f'<img src="{_data_uri(out / mean_map, "png")}" alt="mean heatmap of {e(label)}">'
+        if mean_map is not None
+        else ""
+    )
+    state = "flagged" if figures["flagged"] else "not flagged"
+    return (
+        f'<div class="class"><h3>{e(label)} ({state}: {figures["flagged_images"]} of '
+        f"{figures['images']} images)</h3>{picture}<div>{histograms}</div>"
+        "<table><tr><th>measure</th><th>mean ± sd</th><th>median [IQR]</th></tr>"
+        f"{stats}</table></div>"
+    )
+
+
+def _image_row(out: Path, r: ImageRecord) -> str:
+    """One explained image's row of the table, its thumbnail (a file in ``out``) inlined."""
+    e = html.escape
+    thumb = _data_uri(out / r.thumbnail, "jpeg") if r.thumbnail else ""
+    return (
+        f'<tr class="{"flagged" if r.flagged else ""}">'
+        f'<td><img src="{thumb}" alt=""></td><td>{e(r.key)}</td>'
+        f"<td>{e(r.predicted)}</td>{_cell(r.predicted_score)}"
+        f"<td>{e(r.explained)}</td>{_cell(r.explained_score)}"
+        f"{_cell(r.mass_in_box)}{_cell(r.mass_near_box)}{_cell(r.mass_on_border)}"
+        f"<td>{r.peak[0] if r.peak else ''}, {r.peak[1] if r.peak else ''}</td>"
+        f"{_cell(r.deletion_auc)}{_cell(r.insertion_auc)}"
+        f'<td data-v="{int(r.flagged)}">{e("; ".join(r.why)) if r.flagged else ""}</td></tr>'
+    )
+
+
+def _error_table(records: Sequence[ImageRecord], count: int) -> str:
+    """The images not explained and why (``count`` of them), or nothing if there are none."""
+    e = html.escape
+    errors = "".join(
+        f"<tr><td>{e(r.key)}</td><td>{e(r.error or '')}</td></tr>" for r in records if r.error
+    )
+    if not errors:
+        return ""
+    return (
+        f"<h2>Not explained ({count})</h2><table><tr><th>image</th><th>why</th></tr>"
+        f"{errors}</table>"
+    )
+
+
 def _html(
     out: Path,
     settings: dict[str, Any],
@@ -218,81 +301,16 @@ def _html(
     records: Sequence[ImageRecord],
     mean_maps: dict[str, str],
 ) -> str:
+    """``report.html``: the settings and thresholds in words, the verdict, a card per
+    class and a sortable table of the images (with those not explained after it)."""
     e = html.escape
     verdict = summary["verdict"]
     thresholds = settings["thresholds"]
-    if verdict["flagged"]:
-        headline = (
-            f'<div class="verdict bad">Flagged: class {e(", ".join(verdict["flagged_classes"]))} '
-            f"— {verdict['flagged_images']} of {verdict['explained']} images look outside their "
-            "evidence</div>"
-        )
-    else:
-        headline = (
-            f'<div class="verdict good">Not flagged: {verdict["flagged_images"]} of '
-            f"{verdict['explained']} images flagged</div>"
-        )
-    cards = []
-    for label, c in summary["classes"].items():
-        stats = "".join(
-            f"<tr><td>{m}</td><td>{c[m]['mean']:.3f} ± {c[m]['std']:.3f}</td>"
-            f"<td>{c[m]['median']:.3f} [{c[m]['q1']:.3f}, {c[m]['q3']:.3f}]</td></tr>"
-            for m in _MEASURES
-            if c[m] is not None
-        )
-        # Each histogram with its flag threshold.
-        lines = {
-            "mass_near_box": 1 - thresholds["max_outside"],
-            "mass_on_border": thresholds["max_border"],
-        }
-        histograms = "".join(
-            _histogram_svg(
-                c[m]["histogram"],
-                (1 - thresholds["max_outside"])
-                if m == "mass_near_box"
-                else thresholds["max_border"],
-                m,
-            )
-            for m in lines
-            if c[m] is not None
-        )
-        picture = (
-            f'<img src="{_data_uri(out / mean_maps[label], "png")}" '
-            f'alt="mean heatmap of {e(label)}">'
-            if label in mean_maps
-            else ""
-        )
-        state = "flagged" if c["flagged"] else "not flagged"
-        cards.append(
-            f'<div class="class"><h3>{e(label)} ({state}: {c["flagged_images"]} of '
-            f"{c['images']} images)</h3>{picture}<div>{histograms}</div>"
-            "<table><tr><th>measure</th><th>mean ± sd</th><th>median [IQR]</th></tr>"
-            f"{stats}</table></div>"
-        )
-    rows = []
-    for r in records:
-        if r.error is not None:
-            continue
-        thumb = _data_uri(out / r.thumbnail, "jpeg") if r.thumbnail else ""
-        rows.append(
-            f'<tr class="{"flagged" if r.flagged else ""}">'
-            f'<td><img src="{thumb}" alt=""></td><td>{e(r.key)}</td>'
-            f"<td>{e(r.predicted)}</td>{_cell(r.predicted_score)}"
-            f"<td>{e(r.explained)}</td>{_cell(r.explained_score)}"
-            f"{_cell(r.mass_in_box)}{_cell(r.mass_near_box)}{_cell(r.mass_on_border)}"
-            f"<td>{r.peak[0] if r.peak else ''}, {r.peak[1] if r.peak else ''}</td>"
-            f"{_cell(r.deletion_auc)}{_cell(r.insertion_auc)}"
-            f'<td data-v="{int(r.flagged)}">{e("; ".join(r.why)) if r.flagged else ""}</td></tr>'
-        )
-    errors = "".join(
-        f"<tr><td>{e(r.key)}</td><td>{e(r.error or '')}</td></tr>" for r in records if r.error
-    )
-    error_table = (
-        f"<h2>Not explained ({verdict['errors']})</h2><table><tr><th>image</th><th>why</th></tr>"
-        f"{errors}</table>"
-        if errors
-        else ""
-    )
+    cards = [
+        _class_card(out, label, figures, thresholds, mean_maps.get(label))
+        for label, figures in summary["classes"].items()
+    ]
+    rows = [_image_row(out, r) for r in records if r.error is None]
     described = ", ".join(
         f"{k} {e(str(settings[k]))}"
         for k in ("model", "arch", "layer", "method", "target")
@@ -309,7 +327,7 @@ explained class (each box grown by one cell of the layer, the blur of a perfect 
 without boxes for it, more than {thresholds["max_border"]:.0%} on the outer 10 % border; a
 class when at least {thresholds["flag_share"]:.0%} of its judged images are. The class
 figures below are over judged images.</p>
-{headline}
+{_headline(verdict)}
 <h2>Per class: mean heatmap (at the model input), shares, histograms</h2>
 <div class="classes">{"".join(cards)}</div>
 <h2>Images</h2>
@@ -320,7 +338,7 @@ figures below are over judged images.</p>
 <th>on border</th>
 <th>peak (x, y)</th><th>deletion AUC</th><th>insertion AUC</th><th>flagged</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
-{error_table}
+{_error_table(records, verdict["errors"])}
 <script>{_SCRIPT}</script>
 </body></html>
 """

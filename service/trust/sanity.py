@@ -227,53 +227,40 @@ def _constant(heat: np.ndarray) -> bool:
     return float(heat.max() - heat.min()) == 0.0
 
 
-def run_sanity(
-    model: LoadedModel,
-    inputs: Tensor,
-    names: Sequence[str],
-    layer: str,
-    method: str = "gradcam",
-    target: int | None = None,
-    seed: int = 0,
-    depth: int | None = None,
-    explainer: Explainer | None = None,
-    batch_size: int = BATCH_SIZE,
-) -> SanityReport:
-    """The cascade on ``inputs`` ``(N, C, H, W) float32``, normalised as the model
-    expects (``batch_inputs``), one name per image; ``target`` (a class index) or
-    each image's top-1 class. ``explainer`` replaces the GradCAM engine (the tests'
-    negative control)."""
-    if inputs.shape[0] != len(names) or not len(names):
-        raise ValueError(f"{inputs.shape[0]} images and {len(names)} names")
-    device = model.device
-    module = copy.deepcopy(model.module)  # the served model stays as it is
-    module.eval()
-    explain = explainer or gradcam_explainer(layer, method, device)
-    chunks = [inputs[i : i + batch_size].to(device) for i in range(0, len(names), batch_size)]
-    groups = layer_groups(module, chunks[0][:1], layer, depth)
+@dataclass(frozen=True)
+class CascadeSettings:
+    """How the cascade runs, beyond the layer it explains: the ``method``, the class
+    (``target``, else each image's top-1), the ``seed`` of the re-initialisations, the
+    grouping (``depth``: see ``layer_groups``) and how many images one explanation takes
+    (``batch_size``)."""
 
-    if target is None:
-        with torch.no_grad():
-            targets = [int(t) for chunk in chunks for t in module(chunk).argmax(dim=1).tolist()]
-    else:
-        targets = [target] * len(names)
+    method: str = "gradcam"
+    target: int | None = None
+    seed: int = 0
+    depth: int | None = None
+    batch_size: int = BATCH_SIZE
 
-    def maps() -> np.ndarray:
-        out, start = [], 0
-        for chunk in chunks:
-            out.append(explain(module, chunk, targets[start : start + len(chunk)]))
-            start += len(chunk)
-        return _input_maps(torch.cat(out), model.input_size)
 
-    original = maps()
-    keep = [i for i in range(len(names)) if not _constant(original[i])]
-    skipped = tuple(names[i] for i in range(len(names)) if i not in keep)
-    if not keep:
-        raise NothingToCompare(
-            f"every original {method} map at '{layer}' is constant: nothing to compare"
-        )
+def _targets(module: nn.Module, chunks: Sequence[Tensor], target: int | None) -> list[int]:
+    """The class explained for each image: ``target``, or the ORIGINAL model's top-1."""
+    if target is not None:
+        return [target] * sum(len(chunk) for chunk in chunks)
+    with torch.no_grad():
+        return [int(t) for chunk in chunks for t in module(chunk).argmax(dim=1).tolist()]
 
-    def compare(index: int, group: LayerGroup | None, heat: np.ndarray) -> Step:
+
+@dataclass(frozen=True)
+class _Comparison:
+    """The original maps ``(N, H, W)`` and the images (``keep``, by index) whose original
+    map is not constant: each step's maps are compared with these."""
+
+    original: np.ndarray
+    keep: list[int]
+
+    def step(self, index: int, group: LayerGroup | None, heat: np.ndarray) -> Step:
+        """Step ``index``, after ``group`` was randomised (None: the original model),
+        whose maps are ``heat``."""
+        original, keep = self.original, self.keep
         constant = tuple(_constant(heat[i]) for i in keep)
         rank = [spearman(original[i], heat[i]) for i in keep]
         return Step(
@@ -286,19 +273,57 @@ def run_sanity(
             constant=constant,
         )
 
-    steps = [compare(0, None, original)]
+
+def run_sanity(
+    model: LoadedModel,
+    inputs: Tensor,
+    names: Sequence[str],
+    layer: str,
+    settings: CascadeSettings | None = None,
+    explainer: Explainer | None = None,
+) -> SanityReport:
+    """The cascade on ``inputs`` ``(N, C, H, W) float32``, normalised as the model
+    expects (``batch_inputs``), one name per image, explaining ``layer`` as ``settings``
+    say (the defaults of ``CascadeSettings`` if None). ``explainer`` replaces the GradCAM
+    engine (the tests' negative control)."""
+    settings = settings or CascadeSettings()
+    if inputs.shape[0] != len(names) or not len(names):
+        raise ValueError(f"{inputs.shape[0]} images and {len(names)} names")
+    module = copy.deepcopy(model.module)  # the served model stays as it is
+    module.eval()
+    explain = explainer or gradcam_explainer(layer, settings.method, model.device)
+    size = settings.batch_size
+    chunks = [inputs[i : i + size].to(model.device) for i in range(0, len(names), size)]
+    groups = layer_groups(module, chunks[0][:1], layer, settings.depth)
+    targets = _targets(module, chunks, settings.target)
+
+    def maps() -> np.ndarray:
+        out, start = [], 0
+        for chunk in chunks:
+            out.append(explain(module, chunk, targets[start : start + len(chunk)]))
+            start += len(chunk)
+        return _input_maps(torch.cat(out), model.input_size)
+
+    original = maps()
+    keep = [i for i in range(len(names)) if not _constant(original[i])]
+    if not keep:
+        raise NothingToCompare(
+            f"every original {settings.method} map at '{layer}' is constant: nothing to compare"
+        )
+    comparison = _Comparison(original, keep)
+    steps = [comparison.step(0, None, original)]
     for k, group in enumerate(groups, start=1):
-        randomise(module, group, seed, k)
-        steps.append(compare(k, group, maps()))
+        randomise(module, group, settings.seed, k)
+        steps.append(comparison.step(k, group, maps()))
         logger.info("sanity step %d/%d: %s randomised", k, len(groups), group.name)
     return SanityReport(
         model=model.name,
         layer=layer,
-        method=method,
-        seed=seed,
-        depth=depth,
+        method=settings.method,
+        seed=settings.seed,
+        depth=settings.depth,
         images=tuple(names[i] for i in keep),
         targets=tuple(model.labels[targets[i]] for i in keep),
-        skipped=skipped,
+        skipped=tuple(names[i] for i in range(len(names)) if i not in keep),
         steps=tuple(steps),
     )

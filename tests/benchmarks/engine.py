@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torchvision
 
-from service.engine.cuda_graphs import CapturedCam, CudaGraph
+from service.engine.cuda_graphs import CapturedCam, CudaGraph, ExplainedLayer, InputBuffer
 from service.engine.folding import fold_batch_norms
 from service.engine.gradcam import GradCAM
 from service.engine.layers import default_layer, probe_layers, resolve_layer
@@ -84,12 +84,8 @@ def bench(
         }
         if device == "cuda":
             captured = CapturedCam(
-                folded_model,
-                layer,
-                "gradcam",
-                batch,
-                (3, size, size),
-                torch.device(device),
+                ExplainedLayer(folded_model, layer, "gradcam"),
+                InputBuffer(batch, (3, size, size), torch.device(device)),
                 CudaGraph(torch.device(device)),
             )
             top1 = torch.full((batch,), -1, dtype=torch.long, device=device)

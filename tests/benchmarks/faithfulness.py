@@ -96,9 +96,8 @@ def main() -> None:
     curves: dict[tuple[str, str], np.ndarray] = {}
     for substrate, make in (("blur σ=5", faithfulness.gaussian_blur), ("mean", _mean_substrate)):
         for name in MAPS:
-            per_image = faithfulness.curves(
-                probabilities, inputs, scores, cams[name], targets, [True] * n, substrate_of=make
-            )
+            explained = faithfulness.Explanations(inputs, scores, cams[name], targets, [True] * n)
+            per_image = faithfulness.curves(probabilities, explained, substrate_of=make)
             curves[substrate, name] = np.stack([c[0] for c in per_image])
     classes = np.array([FINDINGS[t[0]] for t in targets])
     print(

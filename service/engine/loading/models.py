@@ -7,8 +7,8 @@ cannot take.
 
 This module runs the steps in order and keeps what the models file adds itself
 (labels, normalisation, the target layer); the steps with more to them are their
-own modules: ``model_architecture`` (build the module), ``model_weights`` (find,
-read and fit the weights), ``model_outputs`` (logits or probabilities, how many).
+own modules: ``architecture`` (build the module), ``weights`` (find, read and fit
+the weights), ``outputs`` (logits or probabilities, how many).
 """
 
 from __future__ import annotations
@@ -140,92 +140,25 @@ def _torchvision_class_names(name: str, spec: ModelSpec, classes: int) -> tuple[
 
 
 def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu") -> LoadedModel:
-    """Build, load and check model ``name`` of ``models``; ``ConfigError`` on any mistake."""
+    """Build, load and check model ``name`` of ``models``; ``ConfigError`` on any mistake.
+
+    The steps in order, each a function below: labels and class count from the file,
+    the module with its weights, its outputs, the labels it ends with, its target layer.
+    """
     started = time.monotonic()
     spec = models.models[name]
     weights_enum = torchvision_weights(name, spec, models)
     labels = _read_labels(name, spec, models, weights_enum)
-    num_classes = spec.num_classes
-    if num_classes is None and labels is not None:
-        num_classes = len(labels)
-    if labels is not None and num_classes is not None and len(labels) != num_classes:
-        raise ModelConfigError(
-            name, "labels", f"{len(labels)} labels but num_classes = {num_classes}"
-        )
-
+    num_classes = _declared_classes(name, spec, labels)
     model = build_architecture(name, spec, num_classes, models.base_dir)
     declare_layout(model, spec.layout, spec.prefix_tokens)
     if ":" not in spec.arch:
         adapt_input_channels(model, spec.channels)
-    if weights_enum is not None:
-        state = download_state_dict(name, spec, weights_enum)
-        load_weights(name, model, state, f"torchvision weights {weights_enum.name}", spec.channels)
-    elif spec.weights is not None:
-        path = models.resolve_path(spec.weights)
-        load_weights(name, model, read_state_dict(name, path), str(path), spec.channels)
-    else:
-        logger.warning("model '%s' has no weights: its parameters are random", name)
-
-    model.eval()
-    model.requires_grad_(False)
-    if spec.output == "probabilities":
-        expose_logits(name, model, spec)
-    else:
-        warn_if_probabilities(name, model, spec)
-    classes = output_classes(name, model, spec)
-    if num_classes is not None and classes != num_classes:
-        raise ModelConfigError(
-            name, "num_classes", f"the model has {classes} outputs, not {num_classes}"
-        )
-    if labels is None:
-        labels = _torchvision_class_names(name, spec, classes)
-    if labels is None:
-        labels = tuple(str(i) for i in range(classes))
-    unknown = [label for label in spec.codes if label not in labels]
-    if unknown:
-        raise ModelConfigError(
-            name,
-            "codes",
-            f"{', '.join(map(repr, unknown))} is not one of the model's labels "
-            f"({', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''})",
-        )
-
+    _load_model_weights(name, spec, models, model, weights_enum)
+    classes = _freeze_and_count_outputs(name, spec, model, num_classes)
+    labels = _final_labels(name, spec, labels, classes)
     layers = tuple(probe_layers(model, spec.channels, spec.input_size))
-    if spec.layer is not None:
-        try:
-            resolve_layer(model, spec.layer)
-        except UnknownLayerError as error:
-            raise ModelConfigError(name, "layer", str(error)) from None
-        if spec.layer not in {layer.name for layer in layers}:
-            raise ModelConfigError(
-                name,
-                "layer",
-                f"layer '{spec.layer}' does not return a feature map (N, C, H, W), or "
-                "a transformer's tokens, exactly once per forward pass",
-            )
-        layer = spec.layer
-    else:
-        found = default_layer(list(layers), model, classes)
-        if found is None:
-            raise ModelConfigError(
-                name,
-                "layer",
-                "no layer returns a spatial feature map; name one with 'layer' (and "
-                "'layout' if the model is a transformer, see docs/models.md)",
-            )
-        layer = found
-        info = next(x for x in layers if x.name == layer)
-        logger.info(
-            "model '%s': default target layer '%s' (%s, %d×%d×%d, %s)",
-            name,
-            layer,
-            info.kind,
-            info.channels,
-            info.height,
-            info.width,
-            info.layout,
-        )
-
+    layer = _target_layer(name, spec, model, layers, classes)
     mean, std = _normalisation(spec, weights_enum)
     torch_device = torch.device(device)
     model.to(torch_device)
@@ -241,6 +174,117 @@ def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu"
         device=torch_device,
         load_seconds=time.monotonic() - started,
     )
+
+
+def _declared_classes(name: str, spec: ModelSpec, labels: tuple[str, ...] | None) -> int | None:
+    """The class count the models file declares: ``num_classes``, else the number of
+    labels, else None (the model's outputs will tell); the two must agree."""
+    num_classes = spec.num_classes
+    if num_classes is None and labels is not None:
+        num_classes = len(labels)
+    if labels is not None and num_classes is not None and len(labels) != num_classes:
+        raise ModelConfigError(
+            name, "labels", f"{len(labels)} labels but num_classes = {num_classes}"
+        )
+    return num_classes
+
+
+def _load_model_weights(
+    name: str, spec: ModelSpec, models: ModelsFile, model: nn.Module, weights_enum: Any | None
+) -> None:
+    """Fit ``model`` with torchvision's named weights or the file's; none leaves it random."""
+    if weights_enum is not None:
+        state = download_state_dict(name, spec, weights_enum)
+        load_weights(name, model, state, f"torchvision weights {weights_enum.name}", spec.channels)
+    elif spec.weights is not None:
+        path = models.resolve_path(spec.weights)
+        load_weights(name, model, read_state_dict(name, path), str(path), spec.channels)
+    else:
+        logger.warning("model '%s' has no weights: its parameters are random", name)
+
+
+def _freeze_and_count_outputs(
+    name: str, spec: ModelSpec, model: nn.Module, num_classes: int | None
+) -> int:
+    """Put ``model`` in eval mode with frozen parameters, make it answer logits, and
+    return how many classes it has: as many as declared, if any were."""
+    model.eval()
+    model.requires_grad_(False)
+    if spec.output == "probabilities":
+        expose_logits(name, model, spec)
+    else:
+        warn_if_probabilities(name, model, spec)
+    classes = output_classes(name, model, spec)
+    if num_classes is not None and classes != num_classes:
+        raise ModelConfigError(
+            name, "num_classes", f"the model has {classes} outputs, not {num_classes}"
+        )
+    return classes
+
+
+def _final_labels(
+    name: str, spec: ModelSpec, labels: tuple[str, ...] | None, classes: int
+) -> tuple[str, ...]:
+    """The model's labels: the file's, else torchvision's class names, else the class
+    numbers; every label the file gives a code must be one of them."""
+    if labels is None:
+        labels = _torchvision_class_names(name, spec, classes)
+    if labels is None:
+        labels = tuple(str(i) for i in range(classes))
+    unknown = [label for label in spec.codes if label not in labels]
+    if unknown:
+        raise ModelConfigError(
+            name,
+            "codes",
+            f"{', '.join(map(repr, unknown))} is not one of the model's labels "
+            f"({', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''})",
+        )
+    return labels
+
+
+def _target_layer(
+    name: str, spec: ModelSpec, model: nn.Module, layers: tuple[LayerInfo, ...], classes: int
+) -> str:
+    """The layer explained by default: the file's ``layer`` if it is one of ``layers``
+    (the probe's), else the one ``default_layer`` picks."""
+    if spec.layer is not None:
+        return _named_layer(name, spec.layer, model, layers)
+    found = default_layer(list(layers), model, classes)
+    if found is None:
+        raise ModelConfigError(
+            name,
+            "layer",
+            "no layer returns a spatial feature map; name one with 'layer' (and "
+            "'layout' if the model is a transformer, see docs/models.md)",
+        )
+    info = next(x for x in layers if x.name == found)
+    logger.info(
+        "model '%s': default target layer '%s' (%s, %d×%d×%d, %s)",
+        name,
+        found,
+        info.kind,
+        info.channels,
+        info.height,
+        info.width,
+        info.layout,
+    )
+    return found
+
+
+def _named_layer(name: str, layer: str, model: nn.Module, layers: tuple[LayerInfo, ...]) -> str:
+    """``layer`` as the models file names it, if ``model`` has it and the probe listed it."""
+    try:
+        resolve_layer(model, layer)
+    except UnknownLayerError as error:
+        raise ModelConfigError(name, "layer", str(error)) from None
+    if layer not in {info.name for info in layers}:
+        raise ModelConfigError(
+            name,
+            "layer",
+            f"layer '{layer}' does not return a feature map (N, C, H, W), or "
+            "a transformer's tokens, exactly once per forward pass",
+        )
+    return layer
 
 
 def _normalisation(

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from service.contract.errors import DeadlineExceeded, EngineUnavailable, Overloaded
-from service.engine.batching import MicroBatcher
+from service.engine.batching import BatcherCallbacks, MicroBatcher, QueueLimits
 from service.engine.work_items import BatchKey, BatchStats, FollowUp, WorkItem
 from service.transport.interface import Job, JobResult, wait_for
 from tests.helpers import wait_until
@@ -74,7 +74,7 @@ def _item(value: float, n: int = 1, key: BatchKey = KEY, timeout_s: float = 10) 
 
 def test_an_idle_batcher_adds_no_wait() -> None:
     engine = FakeEngine()
-    batcher = MicroBatcher(engine, max_batch_size=8)
+    batcher = MicroBatcher(engine, limits=QueueLimits(max_batch_size=8))
     started = time.monotonic()
     result = batcher.submit(_item(3.0))
     out = result.result(5)
@@ -87,7 +87,11 @@ def test_a_busy_batcher_batches_what_arrived_meanwhile_and_results_find_their_ow
     engine = FakeEngine()
     engine.gate.clear()  # hold the model busy
     stats: list[BatchStats] = []
-    batcher = MicroBatcher(engine, max_batch_size=8, on_batch=stats.append)
+    batcher = MicroBatcher(
+        engine,
+        limits=QueueLimits(max_batch_size=8),
+        callbacks=BatcherCallbacks(on_batch=stats.append),
+    )
     first = batcher.submit(_item(0.0))
     engine.busy()  # the consumer has taken the first item and waits at the gate
     futures = [batcher.submit(_item(float(v))) for v in range(1, 11)]
@@ -103,7 +107,7 @@ def test_a_busy_batcher_batches_what_arrived_meanwhile_and_results_find_their_ow
 
 def test_delay_waits_for_a_fuller_batch_from_the_first_item() -> None:
     engine = FakeEngine()
-    batcher = MicroBatcher(engine, max_batch_size=4, max_batch_delay_s=5.0)
+    batcher = MicroBatcher(engine, limits=QueueLimits(max_batch_size=4, max_batch_delay_s=5.0))
     started = time.monotonic()
     futures = [batcher.submit(_item(1.0))]
     futures += [batcher.submit(_item(2.0)) for _ in range(3)]  # fills the batch early
@@ -117,7 +121,7 @@ def test_delay_waits_for_a_fuller_batch_from_the_first_item() -> None:
 def test_different_keys_go_to_different_batches() -> None:
     engine = FakeEngine()
     engine.gate.clear()
-    batcher = MicroBatcher(engine, max_batch_size=8)
+    batcher = MicroBatcher(engine, limits=QueueLimits(max_batch_size=8))
     batcher.submit(_item(0.0))
     engine.busy()
     futures = [
@@ -135,7 +139,7 @@ def test_different_keys_go_to_different_batches() -> None:
 def test_a_full_queue_answers_overloaded_at_once() -> None:
     engine = FakeEngine()
     engine.gate.clear()
-    batcher = MicroBatcher(engine, max_batch_size=1, max_queue=2)
+    batcher = MicroBatcher(engine, limits=QueueLimits(max_batch_size=1, max_queue=2))
     batcher.submit(_item(0.0))
     engine.busy()
     batcher.submit(_item(1.0))
@@ -150,7 +154,7 @@ def test_a_full_queue_answers_overloaded_at_once() -> None:
 def test_a_request_past_its_deadline_is_dropped_before_compute() -> None:
     engine = FakeEngine()
     engine.gate.clear()
-    batcher = MicroBatcher(engine, max_batch_size=1)
+    batcher = MicroBatcher(engine, limits=QueueLimits(max_batch_size=1))
     batcher.submit(_item(0.0))
     engine.busy()
     late = batcher.submit(_item(1.0, timeout_s=0.05))
@@ -165,7 +169,7 @@ def test_a_request_past_its_deadline_is_dropped_before_compute() -> None:
 def test_wait_gives_504_and_cancels_a_disconnected_request() -> None:
     engine = FakeEngine()
     engine.gate.clear()
-    batcher = MicroBatcher(engine, max_batch_size=1)
+    batcher = MicroBatcher(engine, limits=QueueLimits(max_batch_size=1))
     batcher.submit(_item(0.0))
     engine.busy()
     item = _item(1.0)
@@ -185,7 +189,7 @@ def test_wait_gives_504_and_cancels_a_disconnected_request() -> None:
 def test_a_failing_batch_is_retried_item_by_item() -> None:
     engine = FakeEngine()
     engine.gate.clear()
-    batcher = MicroBatcher(engine, max_batch_size=8)
+    batcher = MicroBatcher(engine, limits=QueueLimits(max_batch_size=8))
     batcher.submit(_item(0.0))
     engine.busy()
     good = [batcher.submit(_item(float(v))) for v in (1, 2)]
@@ -202,7 +206,7 @@ def test_a_failing_batch_is_retried_item_by_item() -> None:
 def test_close_fails_pending_requests() -> None:
     engine = FakeEngine()
     engine.gate.clear()
-    batcher = MicroBatcher(engine, max_batch_size=1)
+    batcher = MicroBatcher(engine, limits=QueueLimits(max_batch_size=1))
     running = batcher.submit(_item(0.0))
     engine.busy()
     pending = [batcher.submit(_item(1.0)) for _ in range(3)]
@@ -221,7 +225,7 @@ def test_close_fails_pending_requests() -> None:
 
 def test_many_threads_each_get_their_own_result() -> None:
     engine = FakeEngine(delay_s=0.01)
-    batcher = MicroBatcher(engine, max_batch_size=8)
+    batcher = MicroBatcher(engine, limits=QueueLimits(max_batch_size=8))
 
     def one(value: int) -> float:
         return float(batcher.submit(_item(float(value), n=2)).result(10).maps[1][0][0, 0])
@@ -237,7 +241,9 @@ def test_a_full_queue_by_time_answers_overloaded_at_once() -> None:
     """The work ahead counts the step running now: one running and two queued at
     0.1 s each is past 0.25 s (the queued ones alone, 0.2 s, would not be)."""
     engine = FakeEngine(delay_s=0.1)
-    batcher = MicroBatcher(engine, max_batch_size=1, max_queue=100, max_queue_wait_s=0.25)
+    batcher = MicroBatcher(
+        engine, limits=QueueLimits(max_batch_size=1, max_queue=100, max_queue_wait_s=0.25)
+    )
     batcher.submit(_item(0.0)).result(5)  # measures the pace: ~0.1 s per image
     engine.gate.clear()
     engine.entered.clear()
@@ -266,7 +272,9 @@ def test_faithfulness_is_weighed_in_the_pace_not_taken_for_a_slow_engine() -> No
     two_targets = Job(**{**curves.__dict__, "targets": [[0, 1]]})
     assert (plain.work, curves.work, two_targets.work) == (1, 14, 27)
     engine = FakeEngine(delay_s=0.05)
-    batcher = MicroBatcher(engine, max_batch_size=1, max_queue=100, max_queue_wait_s=0.2)
+    batcher = MicroBatcher(
+        engine, limits=QueueLimits(max_batch_size=1, max_queue=100, max_queue_wait_s=0.2)
+    )
     batcher.submit(WorkItem(job=curves, deadline=time.monotonic() + 10)).result(5)
     engine.gate.clear()
     engine.entered.clear()
@@ -282,7 +290,7 @@ def test_faithfulness_is_weighed_in_the_pace_not_taken_for_a_slow_engine() -> No
 def test_close_with_drain_computes_what_is_queued() -> None:
     engine = FakeEngine()
     engine.gate.clear()
-    batcher = MicroBatcher(engine, max_batch_size=1)
+    batcher = MicroBatcher(engine, limits=QueueLimits(max_batch_size=1))
     running = batcher.submit(_item(0.0))
     engine.busy()
     queued = [batcher.submit(_item(float(v))) for v in (1, 2)]
@@ -302,7 +310,11 @@ def test_a_dead_model_loop_fails_its_queue_and_reports() -> None:
     def broken_compute(job: Job, should_stop: Callable[[], bool]) -> JobResult:
         raise SystemExit("a bug outside the model call")  # not an Exception: not retried
 
-    batcher = MicroBatcher(broken_compute, max_batch_size=1, on_fatal=died.append)
+    batcher = MicroBatcher(
+        broken_compute,
+        limits=QueueLimits(max_batch_size=1),
+        callbacks=BatcherCallbacks(on_fatal=died.append),
+    )
     future = batcher.submit(_item(0.0))
     with pytest.raises(EngineUnavailable):
         future.result(5)
@@ -314,7 +326,7 @@ def test_a_dead_model_loop_fails_its_queue_and_reports() -> None:
 def test_a_running_item_cancelled_is_abandoned_and_its_batch_told_to_stop() -> None:
     engine = FakeEngine()
     engine.gate.clear()
-    batcher = MicroBatcher(engine, max_batch_size=1)
+    batcher = MicroBatcher(engine, limits=QueueLimits(max_batch_size=1))
     running = batcher.submit(_item(0.0))
     engine.busy()
     assert running.cancel() is False  # a running future cannot be cancelled…
@@ -389,7 +401,7 @@ def _heavy(value: float, rounds: int = 3, timeout_s: float = 10) -> WorkItem:
 def test_a_light_request_runs_between_a_heavy_requests_rounds() -> None:
     rounds = FakeRounds(rounds=4)
     engine = LoggingEngine(rounds.log)
-    batcher = MicroBatcher(engine, follow_up=rounds, max_batch_size=8)
+    batcher = MicroBatcher(engine, follow_up=rounds, limits=QueueLimits(max_batch_size=8))
     rounds.gate.clear()
     heavy = batcher.submit(_heavy(7.0, rounds=4))
     assert rounds.entered.wait(10)  # its first round has begun
@@ -414,7 +426,7 @@ def test_heavy_requests_take_their_rounds_in_turn() -> None:
     rounds = FakeRounds(rounds=3)
     engine = LoggingEngine(rounds.log)
     engine.gate.clear()
-    batcher = MicroBatcher(engine, follow_up=rounds, max_batch_size=1)
+    batcher = MicroBatcher(engine, follow_up=rounds, limits=QueueLimits(max_batch_size=1))
     first = batcher.submit(_heavy(1.0))
     engine.busy()
     second = batcher.submit(_heavy(2.0))
@@ -441,7 +453,9 @@ def test_admission_counts_the_rounds_still_to_come() -> None:
     a 0.2 s limit; a light one waits for one round only and is taken."""
     engine, rounds = FakeEngine(delay_s=0.01), FakeRounds(rounds=3, work=13.0)
     batcher = MicroBatcher(
-        engine, follow_up=rounds, max_batch_size=1, max_queue=100, max_queue_wait_s=0.2
+        engine,
+        follow_up=rounds,
+        limits=QueueLimits(max_batch_size=1, max_queue=100, max_queue_wait_s=0.2),
     )
     batcher.submit(_item(0.0)).result(5)  # the pace: ~0.01 s per image
     rounds.gate.clear()
@@ -458,7 +472,7 @@ def test_admission_counts_the_rounds_still_to_come() -> None:
 
 def test_a_request_given_up_between_rounds_stops_and_the_others_go_on() -> None:
     engine, rounds = FakeEngine(), FakeRounds(rounds=3)
-    batcher = MicroBatcher(engine, follow_up=rounds, max_batch_size=1)
+    batcher = MicroBatcher(engine, follow_up=rounds, limits=QueueLimits(max_batch_size=1))
     rounds.gate.clear()
     leaving = batcher.submit(_heavy(1.0))
     wait_until(lambda: engine.calls, 10, "the first batch")
@@ -474,7 +488,7 @@ def test_a_request_given_up_between_rounds_stops_and_the_others_go_on() -> None:
 
 def test_a_failing_round_fails_its_request_only() -> None:
     engine, rounds = FakeEngine(), FakeRounds(rounds=3)
-    batcher = MicroBatcher(engine, follow_up=rounds, max_batch_size=1)
+    batcher = MicroBatcher(engine, follow_up=rounds, limits=QueueLimits(max_batch_size=1))
     failing = batcher.submit(_heavy(-2.0))
     fine = batcher.submit(_heavy(2.0))
     with pytest.raises(ValueError, match="a round failed"):
@@ -487,7 +501,7 @@ def test_a_failing_round_fails_its_request_only() -> None:
 @pytest.mark.parametrize("drain", [False, True])
 def test_close_fails_or_finishes_the_continuing_requests(drain: bool) -> None:
     engine, rounds = FakeEngine(), FakeRounds(rounds=3)
-    batcher = MicroBatcher(engine, follow_up=rounds, max_batch_size=1)
+    batcher = MicroBatcher(engine, follow_up=rounds, limits=QueueLimits(max_batch_size=1))
     rounds.gate.clear()
     heavy = batcher.submit(_heavy(1.0))
     wait_until(lambda: engine.calls, 10, "its batch")

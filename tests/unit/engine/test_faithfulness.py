@@ -170,11 +170,9 @@ def test_gradcam_is_more_faithful_than_a_random_or_centred_map(runtime: Runtime)
                 c[0]
                 for c in engine_faithfulness.curves(
                     lambda x: torch.sigmoid(engine.logits(x)),
-                    inputs,
-                    torch.from_numpy(result.scores),
-                    cams,
-                    result.targets,
-                    [True] * n,
+                    engine_faithfulness.Explanations(
+                        inputs, torch.from_numpy(result.scores), cams, result.targets, [True] * n
+                    ),
                 )
             ]
         )

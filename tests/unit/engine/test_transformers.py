@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from service.cli import main
 from service.contract.errors import ConfigError
 from service.contract.models_file import load_models_file
-from service.engine.cuda_graphs import CapturedCam
+from service.engine.cuda_graphs import CapturedCam, ExplainedLayer, InputBuffer
 from service.engine.gradcam import GradCAM
 from service.engine.layers import default_layer, probe_layers, resolve_layer
 from service.engine.layouts import token_grid
@@ -309,7 +309,9 @@ def test_cuda_graph_step_explains_tokens(inputs: Tensor) -> None:
     model = _tiny("vit")
     layer = TINY["vit"][1]
     captured = CapturedCam(
-        model, layer, "gradcam", 2, (3, 32, 32), torch.device("cpu"), EagerGraph(None)
+        ExplainedLayer(model, layer, "gradcam"),
+        InputBuffer(2, (3, 32, 32), torch.device("cpu")),
+        EagerGraph(None),
     )
     logits, maps = captured(inputs, torch.tensor([-1, 2]))
     eager = GradCAM(model)(inputs, layer, [[None], [2]], ["gradcam"] * 2)

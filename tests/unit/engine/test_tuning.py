@@ -71,20 +71,19 @@ def test_the_probe_keeps_the_faster_format(
 ) -> None:
     inputs = tuning.probe_inputs(3, (64, 64), torch.device("cpu"))
     # Whatever the timings, the model is left in the format that was chosen.
-    chosen, why = tuning.choose_memory_format(resnet, torch.device("cpu"), inputs, "layer4", "auto")
+    probe = tuning.Probe(resnet, torch.device("cpu"), inputs, "layer4")
+    chosen, why = tuning.choose_memory_format(probe, "auto")
     conv1 = resnet.get_submodule("conv1")
     assert isinstance(conv1, torch.nn.Conv2d)
     assert conv1.weight.is_contiguous(memory_format=torch.channels_last) == chosen
     assert "probe images" in why
     # Told which, it does as told.
-    assert tuning.choose_memory_format(
-        resnet, torch.device("cpu"), inputs, "layer4", "contiguous"
-    ) == (False, "set in the models file")
+    assert tuning.choose_memory_format(probe, "contiguous") == (False, "set in the models file")
     resnet.to(memory_format=torch.contiguous_format)
     # A format that is never faster is not kept.
     clock = iter([0.0, 1.0, 1.0, 3.0] * 10)  # contiguous 1 s, channels_last 2 s, ...
     monkeypatch.setattr(tuning.time, "perf_counter", lambda: next(clock))
-    chosen, _ = tuning.choose_memory_format(resnet, torch.device("cpu"), inputs, "layer4", "auto")
+    chosen, _ = tuning.choose_memory_format(probe, "auto")
     assert not chosen and conv1.weight.is_contiguous()
 
 

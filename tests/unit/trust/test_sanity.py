@@ -24,7 +24,7 @@ from service.engine.loading.models import LoadedModel, load_model
 from service.imaging.values import to_uint8
 from service.trust.plot import draw_plot
 from service.trust.report import SanityReport
-from service.trust.sanity import layer_groups, randomise, run_sanity
+from service.trust.sanity import CascadeSettings, layer_groups, randomise, run_sanity
 from service.trust.similarity import spearman, ssim
 
 # Held-out phantoms (the evaluation seed); about a quarter show no finding, whose
@@ -203,14 +203,17 @@ def test_on_the_demo_model_the_correlation_falls_at_step_1(report: SanityReport)
 
 def test_the_served_model_is_not_modified(demo: LoadedModel) -> None:
     before = _checksum(demo.module)
-    run_sanity(demo, _inputs(demo, 4), ["a", "b", "c", "d"], "features", depth=2)
+    run_sanity(demo, _inputs(demo, 4), ["a", "b", "c", "d"], "features", CascadeSettings(depth=2))
     assert _checksum(demo.module) == before
     assert all(not m._forward_hooks for m in demo.module.modules())
 
 
 def test_the_same_seed_gives_the_same_numbers(demo: LoadedModel) -> None:
     inputs, names = _inputs(demo, 4), ["a", "b", "c", "d"]
-    runs = [run_sanity(demo, inputs, names, "features", depth=2, seed=s) for s in (0, 0, 1)]
+    runs = [
+        run_sanity(demo, inputs, names, "features", CascadeSettings(depth=2, seed=s))
+        for s in (0, 0, 1)
+    ]
     assert runs[0].to_json() == runs[1].to_json()
     assert runs[0].to_json()["steps"] != runs[2].to_json()["steps"]
 
@@ -221,7 +224,9 @@ def test_a_folded_model_is_checked_as_it_runs(demo: LoadedModel) -> None:
     folded = load_model("phantom", Settings(device="cpu").models_config(), "cpu")
     assert fold_batch_norms(folded.module)
     inputs = _inputs(folded, 6)
-    result = run_sanity(folded, inputs, [str(i) for i in range(6)], "features", depth=2)
+    result = run_sanity(
+        folded, inputs, [str(i) for i in range(6)], "features", CascadeSettings(depth=2)
+    )
     assert result.passed and result.steps[1].spearman_spread.median < 0.1
     module = folded.module
     assert folded_affine(module.get_submodule("features.stem.0")) is not None  # untouched
@@ -264,7 +269,12 @@ def test_a_map_blind_to_the_layers_above_it_fails(demo: LoadedModel) -> None:
     the layers that make the score, so this fails, though it changes further down."""
     inputs = _inputs(demo, 6)
     result = run_sanity(
-        demo, inputs, [str(i) for i in range(6)], "features", depth=2, explainer=_activation_only
+        demo,
+        inputs,
+        [str(i) for i in range(6)],
+        "features",
+        CascadeSettings(depth=2),
+        explainer=_activation_only,
     )
     assert result.steps[1].spearman_spread.median == pytest.approx(1.0)
     assert result.first_below is not None and result.first_below > 1
