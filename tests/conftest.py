@@ -1,9 +1,11 @@
-"""Shared fixtures: the demo model's runtime and one live server (helpers in ``helpers.py``);
-the ``process`` marker on every test that starts a process of its own."""
+"""Fixtures every test may use: the demo model's runtime. Shared code is in ``helpers.py``;
+the fixtures that start servers are in ``process/conftest.py``, for the tests below it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,11 @@ import torch
 
 from service.contract.settings import Settings
 from service.engine.runtime import Runtime
-from tests.helpers import LiveServer
 
 # Tests run on the CPU, on the 2 cores of the CI machine.
 torch.set_num_threads(2)
+
+PROCESS = Path(__file__).resolve().parent / "process"
 
 
 @pytest.fixture(scope="session")
@@ -25,45 +28,38 @@ def runtime() -> Iterator[Runtime]:
     rt.close()
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[LiveServer]:
-    """One real server for the HTTP tests (8 MiB body limit keeps the 413 test cheap)."""
-    live = LiveServer(env={"GRADCAM_MAX_REQUEST_BYTES": str(8 * 2**20)})
-    yield live
-    live.stop()
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Everything below tests/process/ has the ``process`` marker: a ``-m`` that leaves it out
+    (the loop's ``not slow and not process and not gpu``) selects nothing there, so those
+    modules are not even imported."""
+    if collection_path == PROCESS and _leaves_out_process(config.option.markexpr):
+        return True
+    return None
 
 
-# Modules whose tests start processes (serve, gunicorn, an engine, Orthanc, a browser,
-# OHIF's server, the CLI): the developer loop leaves them out with -m "not process"
-# (docs/development.md). Tests elsewhere that use the live ``server`` fixture are marked too.
-_PROCESS_MODULES = {
-    "test_access",
-    "test_allocator",
-    "test_boundaries",
-    "test_browser",
-    "test_catalogue",
-    "test_cli",
-    "test_crashes",
-    "test_deploy",
-    "test_dicomweb",
-    "test_docker",
-    "test_engine_process",
-    "test_hardening",
-    "test_http",
-    "test_load",
-    "test_locust",
-    "test_memory_budget",
-    "test_ohif",
-    "test_ohif_front_ends",
-    "test_openapi",
-    "test_orthanc_routing",
-    "test_slow_clients",
-}
+def _leaves_out_process(markexpr: str) -> bool:
+    """Whether ``markexpr`` is false for every test marked ``process``, whatever its other
+    markers (each combination of the names it uses is tried)."""
+    if not markexpr:
+        return False
+    from _pytest.mark.expression import Expression
+
+    try:
+        expression = Expression.compile(markexpr)
+    except SyntaxError:
+        return False  # pytest says so itself, once it evaluates it
+    others = sorted(set(re.findall(r"[\w.+-]+", markexpr)) - {"and", "or", "not", "process"})
+    for values in itertools.product((False, True), repeat=len(others)):
+        marks = {**dict(zip(others, values, strict=True)), "process": True}
+        if expression.evaluate(_matcher(marks)):
+            return False
+    return True
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if Path(str(item.fspath)).stem in _PROCESS_MODULES or "server" in getattr(
-            item, "fixturenames", ()
-        ):
-            item.add_marker(pytest.mark.process)
+def _matcher(marks: dict[str, bool]) -> Callable[..., bool]:
+    """``-m``'s matcher for a test with exactly ``marks``."""
+
+    def matches(name: str, /, **_: str | int | bool | None) -> bool:
+        return marks.get(name, False)
+
+    return matches

@@ -1,6 +1,7 @@
 """Test helpers: images (phantoms, PNGs, a decompression bomb), seeded torchvision models,
-process inspection, and ``LiveServer``, a real ``serve`` started for a test. The fixtures that
-use them are in ``conftest.py``."""
+process inspection, ``wait_until`` (every wait on observable state), and ``LiveServer``, a
+real ``serve``, which tests get from the ``live_server`` fixtures (tests/process/conftest.py)
+through ``ServerFactory``."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 import orjson
@@ -28,13 +29,23 @@ import requests
 import torch
 import torchvision
 from PIL import Image
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel
+from pydicom.data import get_testdata_file
+from werkzeug.test import TestResponse
 
 from service.contract.responses import to_json
+from service.contract.settings import Settings
 from service.demo.phantom import Phantom, sample_phantom
 from service.imaging.values import to_uint8
 from service.memory import children
 from service.transport.interface import ENGINE_MODULE
+
+# The repository's root (tests/helpers.py is one folder below it) and its examples.
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+T = TypeVar("T")
 
 
 def missing_tool(what: str, packages: str) -> NoReturn:
@@ -55,6 +66,14 @@ def dciodvfy_errors(path: Path) -> tuple[list[str], str]:
     )
     report = checked.stdout + checked.stderr
     return [line for line in report.splitlines() if line.startswith("Error")], report
+
+
+def pydicom_file(name: str) -> Path:
+    """A file of pydicom's test data (``get_testdata_file`` is typed to return a dataset
+    too)."""
+    found = get_testdata_file(name)
+    assert isinstance(found, str), f"pydicom has no test file {name}"
+    return Path(found)
 
 
 def png_bytes(array: np.ndarray, **save_args: object) -> bytes:
@@ -110,23 +129,53 @@ def proc_cmdline(pid: int) -> str:
         return ""
 
 
-def wait_answering(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
-    """Whether a GET of ``url`` answers 200 within ``timeout_s`` (False at once once
-    ``alive()`` turns false): a server a test started is up."""
+def wait_until(
+    condition: Callable[[], T | None],
+    timeout_s: float,
+    what: str,
+    *,
+    detail: Callable[[], str] | None = None,
+) -> T:
+    """Poll ``condition`` until it returns something true, and return that: the one way a
+    test waits for state it can observe (a queue depth, a log line, a metric, a file, a
+    process). After ``timeout_s`` an AssertionError names ``what``, with ``detail()`` (a
+    log's tail, the state last seen) when given; an AssertionError the condition raises
+    (a process that exited, see ``answering``) ends the wait at once, with the same words.
+    Polls every 10 ms at first, backing off to 0.2 s."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and alive():
+    pause = 0.01
+    while True:
         try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return True
+            value = condition()
+        except AssertionError as gave_up:
+            raise AssertionError(_waited(what, str(gave_up), detail)) from None
+        if value:
+            return value
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(_waited(what, f"not within {timeout_s:g} s", detail))
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.2)
+
+
+def _waited(what: str, why: str, detail: Callable[[], str] | None) -> str:
+    message = f"waited for {what}: {why}"
+    return f"{message}\n{detail()}" if detail is not None else message
+
+
+def answering(url: str, process: subprocess.Popen[Any] | None = None) -> Callable[[], bool]:
+    """A condition for ``wait_until``: a GET of ``url`` answers 200. With the ``process``
+    that should answer, its exit ends the wait at once."""
+
+    def answered() -> bool:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process exited ({process.returncode}) before {url} answered")
+        try:
+            return requests.get(url, timeout=2).status_code == 200
         except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    return False
+            return False
 
-
-def wait_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
-    """Whether the service at ``url`` says it is ready (``/readyz``) within ``timeout_s``."""
-    return wait_answering(f"{url}/readyz", timeout_s, alive)
+    return answered
 
 
 def free_port() -> int:
@@ -178,12 +227,16 @@ class LiveServer:
             start_new_session=True,
             env={**os.environ, "GRADCAM_TORCH_THREADS": "2", **(env or {})},
         )
-        if wait_ready(self.url, 90, alive=lambda: self.process.poll() is None):
-            return
-        if self.process.poll() is not None:
-            raise RuntimeError(f"server exited: {self.read_log()}")
-        self.stop()
-        raise RuntimeError(f"server not ready in 90 s: {self.read_log()}")
+        try:
+            wait_until(
+                answering(f"{self.url}/readyz", self.process),
+                90,
+                f"serve ready at {self.url}",
+                detail=self.read_log,
+            )
+        except AssertionError:
+            self.stop()
+            raise
 
     def read_log(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
@@ -198,6 +251,13 @@ class LiveServer:
                 return entry.split(b"=", 1)[1].decode()
         raise LookupError("serve has no metrics folder")
 
+    def metric(self, name: str, labels: str = "") -> float:
+        """A metric as /metrics would give it, read from serve's multiprocess files: no
+        request (and no thread of the server) needed, none counted."""
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.metrics_dir())  # type: ignore[no-untyped-call]
+        return metric_value(generate_latest(registry).decode(), name, labels)
+
     def children(self, marker: str) -> list[int]:
         """PIDs of serve's children whose command line contains ``marker``."""
         return [pid for pid in children(self.process.pid) if marker in proc_cmdline(pid)]
@@ -210,6 +270,8 @@ class LiveServer:
         return children(masters[0]) if masters else []
 
     def stop(self) -> None:
+        """SIGTERM to serve's process group (SIGKILL after 20 s); its log removed. Safe to
+        call again: a test that stops a server itself leaves nothing for the fixture."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
@@ -217,8 +279,47 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
-        self.log.close()
-        os.unlink(self.log.name)
+        if not self.log.closed:
+            self.log.close()
+            os.unlink(self.log.name)
+
+
+class ServerFactory:
+    """What the ``live_server`` fixtures hand a test: call it to start a real ``serve``
+    (``live_server(workers=2, max_request_bytes=2**20)``); the fixture stops every server
+    it started. Keyword settings are ``Settings`` fields, passed as their ``GRADCAM_*``
+    variables; ``env`` adds any other variable (or a setting under its variable's name)."""
+
+    def __init__(self) -> None:
+        self.started: list[LiveServer] = []
+
+    def __call__(
+        self,
+        *,
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+        threads: int = 8,
+        device: str = "cpu",
+        port: int | None = None,
+        **settings: object,
+    ) -> LiveServer:
+        unknown = sorted(set(settings) - set(Settings.model_fields))
+        assert not unknown, f"not settings: {unknown}"
+        environ = {f"GRADCAM_{name.upper()}": str(value) for name, value in settings.items()}
+        live = LiveServer(
+            env={**environ, **(env or {})},
+            workers=workers,
+            threads=threads,
+            device=device,
+            port=port,
+        )
+        self.started.append(live)
+        return live
+
+    def stop_all(self) -> None:
+        for live in reversed(self.started):
+            live.stop()
+        self.started.clear()
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float:
@@ -226,6 +327,13 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     (e.g. ``'{model="phantom"}'``; "" for none)."""
     pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)}\s+([0-9.eE+-]+)$", re.M)
     return sum(float(m) for m in pattern.findall(text))
+
+
+def json_of(response: TestResponse) -> Any:
+    """A Flask test client's answer, parsed (its ``.json`` is typed ``Any | None``)."""
+    data = response.get_json(silent=True)
+    assert data is not None, response.data[:300]
+    return data
 
 
 def as_json(answer: BaseModel) -> dict[str, Any]:

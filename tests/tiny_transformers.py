@@ -1,4 +1,4 @@
-"""Small seeded transformers for tests/test_transformers.py, built in milliseconds.
+"""Small seeded transformers for tests/unit/engine/test_transformers.py, built in milliseconds.
 
 Factories for a models file (``arch = "tests.tiny_transformers:tiny_vit"``):
 torchvision's own ViT and Swin classes at toy sizes ("auto" knows them by type), and

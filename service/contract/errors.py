@@ -46,7 +46,7 @@ class ErrorCode(StrEnum):
     """Every machine code an error response may carry: its HTTP status and what it means.
 
     The one list: ``openapi.yaml`` and docs/api.md's error table are checked against it
-    (``tests/test_error_codes.py``), and the service names codes only through it.
+    (``tests/unit/contract/test_errors.py``), and the service names codes only through it.
     """
 
     status: int

@@ -66,7 +66,7 @@ torch.version.cuda, 'devices', torch.cuda.device_count(), '| flask', version('fl
 status=0
 if step tests; then
     elapsed "gpu tests"
-    timeout -s INT -k 15 200 $PY -m pytest -q -s -ra -m gpu tests/test_gpu.py \
+    timeout -s INT -k 15 200 $PY -m pytest -q -s -ra -m gpu tests/unit/engine/test_gpu.py tests/process/server/test_gpu.py \
         -p no:cacheprovider -o addopts="" --durations=5 2>&1 | tee "$OUT/test_gpu.log" || status=1
 fi
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.test_orthanc_routing import route_fifty
+from tests.helpers import ServerFactory
+from tests.process.pacs.test_orthanc_routing import route_fifty
 
 
 def main() -> None:
@@ -31,8 +32,12 @@ def main() -> None:
     args = parser.parse_args()
     for run in range(1, args.runs + 1):
         for restart in (False, True):
-            with tempfile.TemporaryDirectory(prefix="gradcam-orthanc-") as folder:
-                figures = route_fifty(Path(folder), restart, args.series, args.size)
+            servers = ServerFactory()
+            try:
+                with tempfile.TemporaryDirectory(prefix="gradcam-orthanc-") as folder:
+                    figures = route_fifty(Path(folder), restart, servers, args.series, args.size)
+            finally:
+                servers.stop_all()
             label = "with a restart of the service" if restart else "as it is"
             print(f"run {run}, {label}: {figures}", flush=True)
 

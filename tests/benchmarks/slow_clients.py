@@ -2,7 +2,7 @@
 
 Starts ``serve`` (this checkout, and with ``--compare-with CHECKOUT`` another one,
 e.g. a git worktree of an older commit), attaches ``--per-kind`` clients of each
-kind in ``tests/reliability/slow_clients.py`` (silent, trickled headers, trickled
+kind in ``tests/process/reliability/slow_clients.py`` (silent, trickled headers, trickled
 body, body shorter than its Content-Length, a 10 MB answer never read), and
 prints the slowest of 5 answers to ``/healthz`` and to a small explain request,
 before and while they are attached. 99 s means no answer within 10 s.
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.reliability.slow_clients import SlowClients, answer_times  # noqa: E402
+from tests.process.reliability.slow_clients import SlowClients, answer_times  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving import serve, stop  # noqa: E402

@@ -186,7 +186,7 @@ Pointing game by CAM method (same images, same rule):
 
 Made by `python -m tools.demo_model.evaluate --write-card`. The test suite checks
 mean AUC ≥ 0.95 and pointing game ≥ 90% on another fresh set
-(`tests/test_demo_model.py`).
+(`tests/unit/demo/test_demo_model.py`).
 """
     path.write_text(f"{text}\n{kept}" if kept else text, encoding="utf-8")
 

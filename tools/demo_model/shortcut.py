@@ -298,7 +298,7 @@ of its peaks fall within 8 px of the marker's box. The border's share is the
 clear signal; the box shares are for comparing the two models.
 
 Made by `python -m tools.demo_model.shortcut --write-card`;
-`tests/test_shortcut_model.py` checks the same on another fresh set. An audit set
+`tests/unit/demo/test_shortcut_model.py` checks the same on another fresh set. An audit set
 (PNGs, `boxes.csv` without the marker, `markers.csv`):
 `python -m tools.demo_model.audit_set --out audit --marker --require nodule`.
 """
