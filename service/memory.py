@@ -160,6 +160,11 @@ class MemoryBudget:
     def fixed_bytes(self) -> int:
         return int(_HEADER.unpack_from(self._map, 0)[2])
 
+    @property
+    def measured(self) -> bool:
+        """The fixed part has been recorded (until then it reads 0: nothing checked)."""
+        return self.fixed_bytes > 0
+
     @contextlib.contextmanager
     def _locked(self):  # type: ignore[no-untyped-def]
         with self._lock:

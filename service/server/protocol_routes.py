@@ -30,13 +30,13 @@ from service.contract.inference_protocol import (
 )
 from service.contract.terms import METHODS
 from service.pipeline.protocol import MODEL_VERSION, infer, parse_infer_request, response_body
-from service.server.environ import draining
 from service.server.routes import (
     admitted_body,
     current_engine,
     current_settings,
     json_response,
     refuse_compressed_body,
+    serving_ready,
 )
 from service.transport.interface import ModelInfo
 
@@ -71,10 +71,6 @@ def _input_config(name: str, datatype: str) -> TensorConfig:
     return config
 
 
-def _ready() -> bool:
-    return not draining(request.environ) and current_engine().ready()
-
-
 def _shapes(model: ModelInfo) -> dict[str, list[int]]:
     """Each output's shape, -1 where a request decides (image count, map size, top_k)."""
     return {
@@ -100,7 +96,7 @@ def server_live() -> Response:
 
 @protocol.get("/v2/health/ready")
 def server_ready() -> Response:
-    ready = _ready()
+    ready = serving_ready()
     return json_response(ServerReady(ready=ready), status=200 if ready else 503)
 
 
@@ -108,7 +104,7 @@ def server_ready() -> Response:
 @protocol.get("/v2/models/<name>/versions/<version>/ready")
 def model_ready(name: str, version: str | None = None) -> Response:
     model = _model(name, version)
-    ready = _ready()
+    ready = serving_ready()
     return json_response(ModelReady(name=model.name, ready=ready), status=200 if ready else 503)
 
 

@@ -22,7 +22,7 @@ from service.contract.responses import (
     to_json,
 )
 from service.contract.settings import Settings
-from service.memory import RequestMemory
+from service.memory import MemoryBudget, RequestMemory
 from service.pipeline.budgets import BODY_COPIES
 from service.pipeline.context import RequestContext
 from service.pipeline.explain import explain
@@ -40,6 +40,18 @@ def current_engine() -> Engine:
 def current_settings() -> Settings:
     settings: Settings = current_app.extensions["gradcam_settings"]
     return settings
+
+
+def serving_ready() -> bool:
+    """This worker takes new work: not stopping, the memory budget's fixed part measured
+    (before that, every request would be admitted as if the idle service held nothing),
+    and an engine answering with its models loaded."""
+    if draining(request.environ):
+        return False
+    memory: MemoryBudget | None = current_app.extensions.get("gradcam_memory")
+    if memory is not None and not memory.measured:
+        return False
+    return current_engine().ready()
 
 
 def _catalog() -> Catalog:
@@ -187,9 +199,10 @@ def healthz() -> Response:
 @api.get("/readyz")
 def readyz() -> Response:
     """200 while an engine answers a ping with its models loaded and its model loop alive,
-    and this worker is not stopping (a load balancer then sends no new work here)."""
+    the memory budget knows what the idle service holds, and this worker is not stopping
+    (a load balancer then sends no new work here)."""
     if draining(request.environ):
         return json_response(Status(status="draining"), status=503)
-    if current_engine().ready():
+    if serving_ready():
         return json_response(Status(status="ready"))
     return json_response(Status(status="unavailable"), status=503)

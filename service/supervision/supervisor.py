@@ -50,7 +50,7 @@ from types import ModuleType
 from service import logs
 from service.contract.errors import ConfigError
 from service.contract.settings import Settings, available_cores
-from service.memory import BUDGET_FILE_ENV, MB, MemoryBudget, default_budget_bytes
+from service.memory import BUDGET_FILE_ENV, MB, MemoryBudget, children, default_budget_bytes
 from service.supervision.allocator import engine_allocator_env
 from service.supervision.children import (
     EngineSlot,
@@ -212,7 +212,9 @@ class Supervisor:
     def _watch(self) -> int:
         assert self.gunicorn is not None
         while not self._stopping:
-            timeout = 1.0
+            # Until the budget's fixed part is first measured no worker answers /readyz:
+            # look for the first worker often.
+            timeout = 1.0 if self.memory.measured else 0.1
             pending = [s.restart_at for s in self.engines if s.restart_at is not None]
             if pending:
                 timeout = max(0.0, min(timeout, min(pending) - time.monotonic()))
@@ -241,9 +243,13 @@ class Supervisor:
         return 0
 
     def _measure_memory(self) -> None:
-        """The idle processes' memory, as the budget's fixed part (idle_memory.py)."""
+        """The idle processes' memory, as the budget's fixed part (idle_memory.py); the
+        first time only once gunicorn has a worker (workers answer ``/readyz`` only after
+        it: a measure without them would leave a worker's size unaccounted)."""
+        if self.gunicorn is None or (not self.memory.measured and not children(self.gunicorn.pid)):
+            return
         self._idle_memory.record(
-            self.gunicorn.pid if self.gunicorn else None,
+            self.gunicorn.pid,
             [s.process.pid for s in self.engines if s.process is not None],
         )
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from service.memory import MB, children, resident_bytes
+from service.memory import MB, MemoryBudget, children, resident_bytes
 from tests.helpers import LiveServer, ServerFactory, wait_until
 
 BUDGET_MB = 3000
@@ -118,8 +118,14 @@ def _wait_nothing_reserved(live: LiveServer) -> None:
 
 
 def test_a_request_that_could_never_fit_is_a_413(live_server: ServerFactory) -> None:
-    live = live_server(memory_budget_mb=1600)
-    images = [base64.b64encode(_jpeg(4000, 0)).decode()] * 4
+    # Ten 16 MP overlays at their own size are estimated at about 2 GB, more than the
+    # whole budget: a 413 whatever the processes' measured fixed part is (a request
+    # that fits the budget but not what the fixed part leaves of it depends on how
+    # much the machine's torch maps, and passed on one machine and not on another).
+    live = live_server(
+        memory_budget_mb=1600, max_request_pixels=200_000_000, max_output_pixels=200_000_000
+    )
+    images = [base64.b64encode(_jpeg(4000, 0)).decode()] * 10
     answer = requests.post(
         f"{live.url}/v1/explain",
         timeout=60,
@@ -134,3 +140,19 @@ def test_a_request_that_could_never_fit_is_a_413(live_server: ServerFactory) -> 
     )
     assert small.status_code == 200, small.text[:300]
     _wait_nothing_reserved(live)
+
+
+def test_ready_only_once_the_idle_service_is_measured(live_server: ServerFactory) -> None:
+    # Before the first measure the fixed part reads 0 and every request fits: a burst at
+    # the moment a load balancer saw /readyz answer 200 would be admitted unchecked.
+    live = live_server(memory_budget_mb=BUDGET_MB)
+    engine = live.engine_pids()[0]
+    environ = Path(f"/proc/{engine}/environ").read_bytes().split(b"\0")
+    path = next(
+        e.split(b"=", 1)[1] for e in environ if e.startswith(b"GRADCAM_MEMORY_BUDGET_FILE=")
+    )
+    budget = MemoryBudget(path.decode())
+    workers = sum(resident_bytes(pid) for pid in live.worker_pids())
+    assert budget.fixed_bytes > workers + resident_bytes(engine), (budget.fixed_bytes, workers)
+    for route in ("/readyz", "/v2/health/ready"):
+        assert requests.get(f"{live.url}{route}", timeout=10).status_code == 200
