@@ -31,6 +31,11 @@ HeatmapEncoding = Literal["png", "jpeg", "webp"]
 Include = Literal["image", "dicom", "faithfulness"]
 # How an image is fitted to the model's input (imaging/geometry.py).
 ResizeMode = Literal["stretch", "letterbox", "crop"]
+# The resampling filter that fits an image to the model input (Pillow's, as timm and
+# torchvision use on PIL images).
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+# Where a models-file model comes from (engine/loading/libraries/).
+Library = Literal["torchvision", "timm", "transformers", "monai"]
 # What computes a model's answers: float32, or bfloat16 autocast (engine/tuning.py).
 Precision = Literal["fp32", "bf16"]
 # How a model's activations are laid out in memory (engine/tuning.py).

@@ -28,7 +28,14 @@ import numpy as np
 
 from service.contract.errors import ClientClosed, DeadlineExceeded, UnknownModel
 from service.contract.suggestions import close_matches, did_you_mean
-from service.contract.terms import Box, LayerLayout, MemoryFormat, Precision, ResizeMode
+from service.contract.terms import (
+    Box,
+    Interpolation,
+    LayerLayout,
+    MemoryFormat,
+    Precision,
+    ResizeMode,
+)
 
 # How `gradcam-service serve` tells the HTTP workers where the engines listen:
 # their Unix socket paths, os.pathsep-separated.
@@ -96,6 +103,13 @@ class ModelInfo:
     memory_format: MemoryFormat = "contiguous"
     # Label -> (scheme, value, meaning): the models file's codes for its classes.
     codes: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    # The size an image is resized to before its centre is cut to input_size (None: no
+    # cut), and the filter (imaging/geometry.py); where each preprocessing value came from.
+    scale_size: tuple[int, int] | None = None
+    crop_pct: float = 1.0
+    interpolation: Interpolation = "bilinear"
+    sources: dict[str, str] = field(default_factory=dict)
+    library: str = "torchvision"
 
     @property
     def num_classes(self) -> int:
@@ -120,6 +134,7 @@ class ModelInfo:
                 **data,
                 "labels": tuple(data["labels"]),
                 "input_size": tuple(data["input_size"]),
+                "scale_size": tuple(data["scale_size"]) if data.get("scale_size") else None,
                 "mean": tuple(data["mean"]),
                 "std": tuple(data["std"]),
                 "layers": tuple(LayerInfo(**layer) for layer in data["layers"]),
