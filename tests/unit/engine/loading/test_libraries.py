@@ -48,7 +48,9 @@ def _our_input(model: LoadedModel, image: Image.Image) -> torch.Tensor:
     info = model.info()
     buffer = _png(image)
     prepared = prepare_image(buffer, ImageSlot(0, [None]), info, lambda w, h: None, Keep())
-    job = Job(model.name, model.default_layer, [prepared.pixels], [prepared.box], [[None]], ["gradcam"])
+    job = Job(
+        model.name, model.default_layer, [prepared.pixels], [prepared.box], [[None]], ["gradcam"]
+    )
     return batch_inputs(model, job, model.device, normaliser(model, model.device))
 
 
@@ -192,7 +194,15 @@ def test_a_monai_vit_answers_its_logits_not_its_hidden_states(tmp_path: Path) ->
         [models.m]
         library = "monai"
         arch = "ViT"
-        arch_args = { in_channels = 1, img_size = [32, 32], patch_size = [8, 8], hidden_size = 48, mlp_dim = 96, num_layers = 2, num_heads = 2, classification = true, num_classes = 3 }
+        arch_args.in_channels = 1
+        arch_args.img_size = [32, 32]
+        arch_args.patch_size = [8, 8]
+        arch_args.hidden_size = 48
+        arch_args.mlp_dim = 96
+        arch_args.num_layers = 2
+        arch_args.num_heads = 2
+        arch_args.classification = true
+        arch_args.num_classes = 3
         input_size = [32, 32]
         """,
     )
@@ -206,12 +216,18 @@ def test_a_monai_vit_answers_its_logits_not_its_hidden_states(tmp_path: Path) ->
 @pytest.mark.parametrize(
     "table, says",
     [
-        ('library = "timm"\narch = "convnxt_tiny"', ["key 'arch'", "timm has no model", "convnext_tiny"]),
+        (
+            'library = "timm"\narch = "convnxt_tiny"',
+            ["key 'arch'", "timm has no model", "convnext_tiny"],
+        ),
         (
             'library = "timm"\narch = "resnet18"\narch_args = { wings = 2 }',
             ["key 'arch_args'", "resnet18(wings=2) failed"],
         ),
-        ('library = "monai"\narch = "DenseNet12"', ["monai.networks.nets has no network", "DenseNet121"]),
+        (
+            'library = "monai"\narch = "DenseNet12"',
+            ["monai.networks.nets has no network", "DenseNet121"],
+        ),
         ('library = "transformers"\narch = "./nowhere"', ["key 'arch'", "is not a folder"]),
         ('library = "timm"\narch = "my.pkg:factory"', ['with library = "torchvision"']),
     ],
@@ -227,7 +243,7 @@ def test_a_library_mistake_names_the_model_and_key(
 
 def test_a_folder_without_a_config_is_named(tmp_path: Path) -> None:
     (tmp_path / "hf").mkdir()
-    with pytest.raises(ConfigError, match="has no config.json"):
+    with pytest.raises(ConfigError, match=r"has no config\.json"):
         _load(tmp_path, '[models.m]\nlibrary = "transformers"\narch = "hf"\n')
 
 
