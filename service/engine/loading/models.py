@@ -213,7 +213,7 @@ def _load_model_weights(
         load_weights(name, model, state, f"torchvision weights {weights_enum.name}", channels)
     elif spec.weights is not None:
         path = models.resolve_path(spec.weights)
-        load_weights(name, model, read_state_dict(name, path), str(path), channels)
+        load_weights(name, model, read_state_dict(name, path), str(path), channels, spec)
     else:
         logger.warning("model '%s' has no weights: its parameters are random", name)
 

@@ -26,6 +26,7 @@ from service.engine.loading.checkpoints import (
     read_checkpoint,
 )
 from service.engine.loading.errors import ModelConfigError
+from service.engine.loading.origins import origin_hint
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +92,15 @@ def _fit_first_conv(model: nn.Module, state: dict[str, Tensor], channels: int) -
 
 
 def load_weights(
-    name: str, model: nn.Module, state: dict[str, Tensor], source: str, channels: int
+    name: str,
+    model: nn.Module,
+    state: dict[str, Tensor],
+    source: str,
+    channels: int,
+    spec: ModelSpec | None = None,
 ) -> None:
-    """Fit ``state`` (read from ``source``) to ``model`` and load it, strictly."""
+    """Fit ``state`` (read from ``source``) to ``model`` and load it, strictly; a file
+    that does not fit says which library's model its keys are, where that is known."""
     expected = model.state_dict()
     try:
         fitted = fit_keys(state, expected)
@@ -101,8 +108,9 @@ def load_weights(
         _fit_first_conv(model, state, channels)
         check_shapes(state, expected)
     except CheckpointError as error:
+        hint = origin_hint(spec, state) if spec is not None else ""
         raise ModelConfigError(
-            name, "weights", f"{source} does not fit the architecture: {error}"
+            name, "weights", f"{source} does not fit the architecture: {error}{hint}"
         ) from None
     if fitted.change:
         logger.info(
