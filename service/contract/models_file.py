@@ -26,6 +26,12 @@ from pydantic import (
     model_validator,
 )
 
+from service.contract.archives import (
+    EXPORT_LIBRARY,
+    SHIP_INSTEAD,
+    TORCHSCRIPT_NAMES,
+    WHY_NOT_TORCHSCRIPT,
+)
 from service.contract.errors import ConfigError
 from service.contract.terms import (
     Interpolation,
@@ -75,7 +81,8 @@ class ModelSpec(BaseModel):
 
     # Where the architecture comes from, and its name there: a torchvision model name (or
     # "package.module:factory"), a timm.create_model name, a Hugging Face save_pretrained
-    # folder or hub id, a MONAI network class; ``arch_args``: keyword arguments for it.
+    # folder or hub id, a MONAI network class, a torch.export archive (``.pt2``, relative
+    # to the models file); ``arch_args``: keyword arguments for it.
     library: Library = "torchvision"
     arch: Annotated[StrictStr, Field(min_length=1)]
     arch_args: dict[StrictStr, ArgValue] = Field(default_factory=dict)
@@ -124,6 +131,25 @@ class ModelSpec(BaseModel):
     codes: dict[StrictStr, ClassCode] = Field(default_factory=dict)
     default: StrictBool = False
 
+    @field_validator("library", mode="before")
+    @classmethod
+    def _torchscript_is_refused(cls, value: object) -> object:
+        if isinstance(value, str) and value.lower() in TORCHSCRIPT_NAMES:
+            raise ValueError(f"TorchScript is not served: {WHY_NOT_TORCHSCRIPT}. {SHIP_INSTEAD}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_archive(self) -> ModelSpec:
+        if self.library != EXPORT_LIBRARY:
+            return self
+        for key in ("weights", "arch_args"):
+            if getattr(self, key):
+                raise ValueError(
+                    f"a torch.export archive holds the model and its weights: {key} is not "
+                    f'read with library = "{EXPORT_LIBRARY}"; leave it out'
+                )
+        return self
+
     @model_validator(mode="after")
     def _check_normalisation(self) -> ModelSpec:
         if self.channels not in (1, 3):
@@ -141,7 +167,7 @@ class ModelSpec(BaseModel):
             raise ValueError('prefix_tokens is only read with layout = "tokens"')
         if self.crop_pct < 1 and self.resize == "letterbox":
             raise ValueError('crop_pct cuts the image: it goes with resize "crop" or "stretch"')
-        if self.library != "torchvision" and ":" in self.arch:
+        if self.library not in ("torchvision", EXPORT_LIBRARY) and ":" in self.arch:
             raise ValueError(
                 f"arch '{self.arch}' is a factory (package.module:factory), which is read with "
                 f'library = "torchvision" (the default), not "{self.library}"'

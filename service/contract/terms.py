@@ -34,8 +34,9 @@ ResizeMode = Literal["stretch", "letterbox", "crop"]
 # The resampling filter that fits an image to the model input (Pillow's, as timm and
 # torchvision use on PIL images).
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
-# Where a models-file model comes from (engine/loading/libraries/).
-Library = Literal["torchvision", "timm", "transformers", "monai"]
+# Where a models-file model comes from (engine/loading/libraries/); "torch.export": an
+# archive written by torch.export.save, the model and its weights (contract/archives.py).
+Library = Literal["torchvision", "timm", "transformers", "monai", "torch.export"]
 # What computes a model's answers: float32, or bfloat16 autocast (engine/tuning.py).
 Precision = Literal["fp32", "bf16"]
 # How a model's activations are laid out in memory (engine/tuning.py).

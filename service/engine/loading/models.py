@@ -174,6 +174,8 @@ def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu"
     layer = _target_layer(name, spec, model, layers, classes)
     torch_device = torch.device(device)
     model.to(torch_device)
+    if built.place is not None:
+        built.place(model, torch_device)
     return LoadedModel(
         name=name,
         spec=spec,
@@ -213,7 +215,8 @@ def _load_model_weights(
         load_weights(name, model, state, f"torchvision weights {weights_enum.name}", channels)
     elif spec.weights is not None:
         path = models.resolve_path(spec.weights)
-        load_weights(name, model, read_state_dict(name, path), str(path), channels, spec)
+        state = read_state_dict(name, path, spec.weights)
+        load_weights(name, model, state, str(path), channels, spec)
     else:
         logger.warning("model '%s' has no weights: its parameters are random", name)
 

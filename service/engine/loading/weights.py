@@ -70,12 +70,13 @@ def download_state_dict(name: str, spec: ModelSpec, weights: Any) -> dict[str, T
         ) from None
 
 
-def read_state_dict(name: str, path: Path) -> dict[str, Tensor]:
-    """The state dict of the checkpoint file at ``path``."""
+def read_state_dict(name: str, path: Path, written: str | None = None) -> dict[str, Tensor]:
+    """The state dict of the checkpoint file at ``path`` (``written``: as the models file
+    writes it)."""
     if not path.is_file():
         raise ModelConfigError(name, "weights", f"file {path} does not exist")
     try:
-        return read_checkpoint(path)
+        return read_checkpoint(path, written)
     except CheckpointError as error:
         raise ModelConfigError(name, "weights", str(error)) from None
 

@@ -1,4 +1,5 @@
-"""Where a models-file model comes from: one module per ``library`` (``from_<library>``),
+"""Where a models-file model comes from: one module per ``library`` (``from_<library>``,
+a dot written as an underscore: ``from_torch_export``),
 each building the untrained module ``arch`` names with ``arch_args``, and saying what its
 library's own config knows of the model: how its input is preprocessed, its labels,
 whether it is multi-label. Weights, outputs and layers are then the same for all
@@ -9,10 +10,12 @@ whether it is multi-label. Weights, outputs and layers are then the same for all
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import nn
 
 from service.contract.models_file import ModelsFile, ModelSpec
@@ -36,6 +39,8 @@ class Built:
     # models file's weights are not read again over them.
     weights_loaded: bool = False
     notes: list[str] = field(default_factory=list)
+    # What more than ``module.to(device)`` moves it there (an exported graph's devices).
+    place: Callable[[nn.Module, torch.device], None] | None = None
 
 
 def require(name: str, library: str) -> ModuleType:
@@ -53,7 +58,8 @@ def require(name: str, library: str) -> ModuleType:
 
 def build(name: str, spec: ModelSpec, num_classes: int | None, models: ModelsFile) -> Built:
     """The model ``spec`` names, from its library, with ``num_classes`` outputs if given."""
-    module = importlib.import_module(f"service.engine.loading.libraries.from_{spec.library}")
+    source = spec.library.replace(".", "_")
+    module = importlib.import_module(f"service.engine.loading.libraries.from_{source}")
     built: Built = module.build(name, spec, num_classes, models)
     return built
 
