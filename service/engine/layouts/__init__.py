@@ -7,15 +7,18 @@ those; transformer layers do not:
   DeiT's distillation token, DINOv2's register tokens), then one token per patch, row
   by row. The prefix has no place on the image: it is dropped and the rest reshaped to
   ``(N, C, h, w)``;
-- torchvision's Swin keeps its maps channels-last, ``(N, H, W, C)``: permuted to
-  ``(N, C, H, W)``. Such a tensor is 4-D like a CNN's, so its shape cannot tell it
-  apart (a 7×7×768 map would read as 7 channels of 7×768).
+- a Swin keeps its maps channels-last, ``(N, H, W, C)`` (torchvision's, timm's; some
+  CNNs' blocks too: ConvNeXt's, MaxViT's attention): permuted to ``(N, C, H, W)``. Such
+  a tensor is 4-D like a CNN's, so its shape cannot tell it apart (a 7×7×768 map would
+  read as 7 channels of 7×768).
 
 So a layout is decided by the model's module types and attributes, never guessed from
 a shape. "auto" walks up from the layer to the model's root; the nearest module a rule
 knows decides, each rule in the module of its library:
 
-- ``torchvision_models``: ``VisionTransformer`` and ``SwinTransformer``, by type.
+- ``torchvision_models``: ``VisionTransformer`` and ``SwinTransformer``, by type;
+- ``timm_models``: timm's token models (``patch_embed``, ``num_prefix_tokens``),
+  channels-last models (``output_fmt``) and the channels-last parts of its blocks.
 
 A layer no rule claims is ``(N, C, H, W)`` if it is 4-D, as before transformers were
 explained, so a CNN's maps are computed exactly as before. Whatever the rule, a tensor
@@ -24,9 +27,9 @@ image's map, and a token count must tile the model's own grid at the input size 
 model runs at; otherwise the layer is refused, with the reason (``Refused``), which
 ``gradcam-service layers`` prints.
 
-A model that "auto" does not know (a timm or Hugging Face ViT behind a factory)
-declares one layout for the whole model in the models file (``layout``,
-``prefix_tokens``, ``declared.py``); it overrides "auto".
+A model that "auto" does not know (a Hugging Face ViT behind a factory) declares one
+layout for the whole model in the models file (``layout``, ``prefix_tokens``,
+``declared.py``); it overrides "auto".
 ``declare_layout`` keeps it on the model's root module, as ``folding.py`` keeps a
 folded convolution's batch norm on it, so every engine built on the module (the tuning
 probes, the CUDA graphs) reads the same layout.
@@ -43,7 +46,7 @@ from dataclasses import replace
 
 from torch import Tensor, nn
 
-from service.engine.layouts import torchvision_models
+from service.engine.layouts import timm_models, torchvision_models
 from service.engine.layouts.base import (
     Decision,
     Layout,
@@ -60,7 +63,7 @@ __all__ = ["Decision", "Layout", "Refused", "decide_layout", "declare_layout", "
 # tokens transposed, and C might happen to be the grid's h·w.
 _ONE_D = (nn.Conv1d, nn.AvgPool1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
 
-_RULES: tuple[Rule, ...] = (*torchvision_models.RULES,)
+_RULES: tuple[Rule, ...] = (*torchvision_models.RULES, *timm_models.RULES)
 
 
 def decide_layout(
