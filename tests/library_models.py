@@ -1,9 +1,10 @@
-"""Small seeded timm models for tests/unit/engine/layouts/, built in a fraction of a
-second each: the library's own classes at toy sizes, as "auto" meets them.
+"""Small seeded timm and Hugging Face models for tests/unit/engine/layouts/, built in a
+fraction of a second each: the library's own classes at toy sizes, as "auto" meets them.
 
 Factories for a models file too (``arch = "tests.library_models:timm_vit"``): each takes
-``num_classes`` and returns a module whose call returns the logits. timm is imported on
-first use, so collecting the tests does not pay for it.
+``num_classes`` and returns a module whose call returns the logits (a Hugging Face
+model is wrapped in ``Logits``, which reads ``.logits`` from its output). timm and
+transformers are imported on first use, so collecting the tests does not pay for them.
 """
 
 from __future__ import annotations
@@ -12,9 +13,23 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 SEED = 7
+
+
+class Logits(nn.Module):
+    """A Hugging Face image classifier called as the service calls a model: pixels in,
+    logits out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.model(pixel_values=x).logits
+        assert isinstance(logits, Tensor)
+        return logits
 
 
 def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
@@ -27,6 +42,13 @@ def _timm(name: str, **kwargs: Any) -> nn.Module:
     import timm
 
     return _seeded(lambda: timm.create_model(name, pretrained=False, **kwargs))
+
+
+def _hf(config: str, model: str, **kwargs: Any) -> nn.Module:
+    import transformers
+
+    settings = getattr(transformers, config)(**kwargs)
+    return _seeded(lambda: Logits(getattr(transformers, model)(settings)))
 
 
 # timm: a ViT's blocks of 24 channels, 2 heads, 2 blocks.
@@ -107,3 +129,112 @@ def timm_convnext(num_classes: int = 5) -> nn.Module:
     """ConvNeXt-Atto with its blocks' norm and MLP channels-last (``conv_mlp=False``), at any
     input size (4×4 at 128)."""
     return _timm("convnext_atto", num_classes=num_classes, conv_mlp=False)
+
+
+# Hugging Face: ViT-like models of 24 channels, 2 layers, 8×8 patches.
+_HF_VIT = {
+    "hidden_size": 24,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "patch_size": 8,
+}
+
+
+def hf_vit(num_classes: int = 5) -> nn.Module:
+    """ViT: a class token, then 4×4 patches of 32×32."""
+    return _hf(
+        "ViTConfig",
+        "ViTForImageClassification",
+        image_size=32,
+        intermediate_size=48,
+        num_labels=num_classes,
+        **_HF_VIT,
+    )
+
+
+def hf_deit(num_classes: int = 5) -> nn.Module:
+    """DeiT with its teacher's head: class and distillation tokens, 4×4 patches."""
+    return _hf(
+        "DeiTConfig",
+        "DeiTForImageClassificationWithTeacher",
+        image_size=32,
+        intermediate_size=48,
+        num_labels=num_classes,
+        **_HF_VIT,
+    )
+
+
+def hf_beit(num_classes: int = 5) -> nn.Module:
+    """BEiT: relative position bias, mean pooling; 4×4 patches."""
+    return _hf(
+        "BeitConfig",
+        "BeitForImageClassification",
+        image_size=32,
+        intermediate_size=48,
+        num_labels=num_classes,
+        **_HF_VIT,
+    )
+
+
+def hf_dinov2(num_classes: int = 5) -> nn.Module:
+    """DINOv2 (no registers) at 32×48, not its 32×32: a 4×6 grid (it interpolates)."""
+    return _hf(
+        "Dinov2Config",
+        "Dinov2ForImageClassification",
+        image_size=32,
+        mlp_ratio=2,
+        num_labels=num_classes,
+        **_HF_VIT,
+    )
+
+
+def hf_dinov2_registers(num_classes: int = 5) -> nn.Module:
+    """DINOv2 with 4 register tokens (``config.num_register_tokens``): 1 + 4 prefix."""
+    return _hf(
+        "Dinov2WithRegistersConfig",
+        "Dinov2WithRegistersForImageClassification",
+        image_size=32,
+        mlp_ratio=2,
+        num_register_tokens=4,
+        num_labels=num_classes,
+        **_HF_VIT,
+    )
+
+
+def hf_swin(num_classes: int = 5) -> nn.Module:
+    """Swin: (N, H·W, C) hidden states, no prefix; 8×8 then 4×4 at 32×32."""
+    return _hf(
+        "SwinConfig",
+        "SwinForImageClassification",
+        image_size=32,
+        patch_size=4,
+        embed_dim=12,
+        depths=[2, 2],
+        num_heads=[2, 2],
+        window_size=4,
+        num_labels=num_classes,
+    )
+
+
+def hf_convnext(num_classes: int = 5) -> nn.Module:
+    """ConvNeXt: NCHW stages whose layers run channels-last between their permutes."""
+    return _hf(
+        "ConvNextConfig",
+        "ConvNextForImageClassification",
+        hidden_sizes=[12, 24],
+        depths=[1, 1],
+        num_stages=2,
+        num_labels=num_classes,
+    )
+
+
+def hf_resnet(num_classes: int = 5) -> nn.Module:
+    """ResNet: a CNN, every map (N, C, H, W)."""
+    return _hf(
+        "ResNetConfig",
+        "ResNetForImageClassification",
+        embedding_size=8,
+        hidden_sizes=[12, 24],
+        depths=[1, 1],
+        num_labels=num_classes,
+    )

@@ -18,7 +18,8 @@ knows decides, each rule in the module of its library:
 
 - ``torchvision_models``: ``VisionTransformer`` and ``SwinTransformer``, by type;
 - ``timm_models``: timm's token models (``patch_embed``, ``num_prefix_tokens``),
-  channels-last models (``output_fmt``) and the channels-last parts of its blocks.
+  channels-last models (``output_fmt``) and the channels-last parts of its blocks;
+- ``hf_models``: a Hugging Face ``PreTrainedModel``, from its ``config`` and embeddings.
 
 A layer no rule claims is ``(N, C, H, W)`` if it is 4-D, as before transformers were
 explained, so a CNN's maps are computed exactly as before. Whatever the rule, a tensor
@@ -27,9 +28,8 @@ image's map, and a token count must tile the model's own grid at the input size 
 model runs at; otherwise the layer is refused, with the reason (``Refused``), which
 ``gradcam-service layers`` prints.
 
-A model that "auto" does not know (a Hugging Face ViT behind a factory) declares one
-layout for the whole model in the models file (``layout``, ``prefix_tokens``,
-``declared.py``); it overrides "auto".
+A model that "auto" does not know declares one layout for the whole model in the
+models file (``layout``, ``prefix_tokens``, ``declared.py``); it overrides "auto".
 ``declare_layout`` keeps it on the model's root module, as ``folding.py`` keeps a
 folded convolution's batch norm on it, so every engine built on the module (the tuning
 probes, the CUDA graphs) reads the same layout.
@@ -46,13 +46,14 @@ from dataclasses import replace
 
 from torch import Tensor, nn
 
-from service.engine.layouts import timm_models, torchvision_models
+from service.engine.layouts import hf_models, timm_models, torchvision_models
 from service.engine.layouts.base import (
     Decision,
     Layout,
     Refused,
     Rule,
     Site,
+    from_library,
     token_grid,
 )
 from service.engine.layouts.declared import decide_declared, declare_layout, declared_layout
@@ -63,7 +64,11 @@ __all__ = ["Decision", "Layout", "Refused", "decide_layout", "declare_layout", "
 # tokens transposed, and C might happen to be the grid's h·w.
 _ONE_D = (nn.Conv1d, nn.AvgPool1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
 
-_RULES: tuple[Rule, ...] = (*torchvision_models.RULES, *timm_models.RULES)
+_RULES: tuple[Rule, ...] = (
+    *torchvision_models.RULES,
+    *timm_models.RULES,
+    *hf_models.RULES,
+)
 
 
 def decide_layout(
@@ -96,10 +101,18 @@ def decide_layout(
 
 
 def _map_tensor(module: nn.Module, output: object) -> tuple[Tensor | None, bool]:
-    """The tensor that may hold the map: the output itself (a tuple, such as
+    """The tensor that may hold the map: the output itself, or the first element of a
+    Hugging Face layer's tuple (their convention; another library's tuple, such as
     ``nn.MultiheadAttention``'s, is not read)."""
     if isinstance(output, Tensor):
         return output, False
+    if (
+        type(output) is tuple
+        and output
+        and isinstance(output[0], Tensor)
+        and from_library(module, "transformers")
+    ):
+        return output[0], True
     return None, False
 
 

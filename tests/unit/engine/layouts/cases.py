@@ -1,5 +1,5 @@
-"""What the library tests check for each model family (test_timm_models.py):
-its default layer and grid, a non-zero map there, and our maps against
+"""What the library tests check for each model family (test_timm_models.py,
+test_hf_models.py): its default layer and grid, a non-zero map there, and our maps against
 pytorch-grad-cam's on the same layer and input, with the reshape_transform that family
 needs (pytorch-grad-cam's own where it has one)."""
 
