@@ -57,10 +57,10 @@ class Case:
     compared: tuple[Grid, ...] = field(default_factory=tuple)
 
 
-def check_default(case: Case) -> None:
+def check_default(case: Case, model: nn.Module | None = None) -> None:
     """The default layer, its grid from the model's own attributes, a non-zero map there
-    for a random image."""
-    model = case.build()
+    for a random image (``model``: ``case.build()`` unless given)."""
+    model = model or case.build()
     survey = survey_layers(model, 3, case.input_size)
     layer = default_layer(survey.offered, model, 5)
     assert layer == case.default.layer
@@ -77,10 +77,10 @@ def check_default(case: Case) -> None:
     assert float(cam.max()) > 0, "an all-zero map at the default layer"
 
 
-def check_reference(case: Case, grid: Grid) -> dict[str, float]:
+def check_reference(case: Case, grid: Grid, model: nn.Module | None = None) -> dict[str, float]:
     """Our maps at ``grid.layer`` against pytorch-grad-cam's: Pearson ≥ 0.999 (gradcam),
     ≥ 0.99 (the others), per image at the layer's grid (``_assert_match``)."""
-    model = case.build()
+    model = model or case.build()
     listed = {i.name: i for i in survey_layers(model, 3, case.input_size).offered}
     info = listed[grid.layer]
     assert ((info.channels, info.height, info.width), info.layout) == (grid.shape, grid.layout)

@@ -9,6 +9,8 @@ layers that return tuples read as their first element.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -144,3 +146,38 @@ def test_what_is_refused_and_why() -> None:
     offered = {i.name for i in survey.offered}
     assert not offered & set(reasons)
     assert f"{swin}.encoder.layers.0.blocks.0" in offered  # a tuple: its first element
+
+
+# Their configurations' own sizes (ViT-Base, DINOv2-Base with registers, Swin-Tiny),
+# seeded random weights: seconds each on a CPU.
+REAL: dict[str, Case] = {
+    "vit": Case(
+        partial(library_models.hf_model, "ViTConfig", "ViTForImageClassification", num_labels=5),
+        (224, 224),
+        Grid("model.vit.layers.11.layernorm_before", (768, 14, 14), "tokens", 1),
+    ),
+    "dinov2_registers": Case(
+        partial(
+            library_models.hf_model,
+            "Dinov2WithRegistersConfig",
+            "Dinov2WithRegistersForImageClassification",
+            num_labels=5,
+        ),
+        (224, 224),
+        Grid("model.dinov2_with_registers.encoder.layer.11.norm1", (768, 14, 14), "tokens", 5),
+    ),
+    "swin": Case(
+        partial(library_models.hf_model, "SwinConfig", "SwinForImageClassification", num_labels=5),
+        (224, 224),
+        Grid("model.swin.encoder.layers.3.blocks.1.layernorm_before", (768, 7, 7), "tokens"),
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(REAL))
+def test_real_sizes(name: str) -> None:
+    model = REAL[name].build()
+    check_default(REAL[name], model)
+    found = check_reference(REAL[name], REAL[name].default, model)
+    print(name, {method: round(r, 6) for method, r in found.items()})

@@ -7,6 +7,8 @@ its stages), a non-zero map there, and our maps against pytorch-grad-cam's.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -143,3 +145,38 @@ def test_a_declared_layout_overrides_auto() -> None:
     assert "blocks.1.norm1" not in offered
     assert offered["patch_embed"] == (24, 3, 4, "tokens")
     assert "do not tile the input" in {r.name: r.reason for r in survey.refused}["blocks.1.norm1"]
+
+
+# At their real sizes, seeded random weights: seconds each on a CPU.
+REAL: dict[str, Case] = {
+    "vit_small_patch16_224": Case(
+        partial(library_models.timm_model, "vit_small_patch16_224", num_classes=5),
+        (224, 224),
+        Grid("blocks.11.norm1", (384, 14, 14), "tokens", 1),
+    ),
+    # Made for 518×518, run at 224×308 with dynamic_img_size.
+    "vit_small_patch14_reg4_dinov2": Case(
+        partial(
+            library_models.timm_model,
+            "vit_small_patch14_reg4_dinov2",
+            num_classes=5,
+            dynamic_img_size=True,
+        ),
+        (224, 308),
+        Grid("blocks.11.norm1", (384, 16, 22), "tokens", 5),
+    ),
+    "swin_tiny_patch4_window7_224": Case(
+        partial(library_models.timm_model, "swin_tiny_patch4_window7_224", num_classes=5),
+        (224, 224),
+        Grid("layers.3.blocks.1.norm1", (768, 7, 7), "nhwc"),
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(REAL))
+def test_real_sizes(name: str) -> None:
+    model = REAL[name].build()
+    check_default(REAL[name], model)
+    found = check_reference(REAL[name], REAL[name].default, model)
+    print(name, {method: round(r, 6) for method, r in found.items()})
