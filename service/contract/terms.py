@@ -41,8 +41,8 @@ Library = Literal["torchvision", "timm", "transformers", "monai", "torch.export"
 Precision = Literal["fp32", "bf16"]
 # How a model's activations are laid out in memory (engine/tuning.py).
 MemoryFormat = Literal["contiguous", "channels_last"]
-# How a layer's output holds its feature map (engine/layouts.py): (N, C, H, W) as CNNs
-# return it, (N, H, W, C) as torchvision's Swin does, or a sequence of patch tokens
+# How a layer's output holds its feature map (engine/layouts/): (N, C, H, W) as CNNs
+# return it, (N, H, W, C) as a Swin does, or a sequence of patch tokens
 # (N, prefix + H·W, C) as a ViT's. A shape, not a memory format (that is MemoryFormat).
 LayerLayout = Literal["nchw", "nhwc", "tokens"]
 # The models file's ``layout``: "auto" (known by the model's types), or one layout

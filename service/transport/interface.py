@@ -72,7 +72,7 @@ FAITHFULNESS_WORK = 13
 @dataclass(frozen=True)
 class LayerInfo:
     """A candidate target layer and its map's shape ``(C, H, W)`` for one input image;
-    ``layout``: how the layer's output holds that map (``engine/layouts.py``)."""
+    ``layout``: how the layer's output holds that map (``engine/layouts/``)."""
 
     name: str
     kind: str
