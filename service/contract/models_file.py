@@ -121,8 +121,9 @@ class ModelSpec(BaseModel):
     memory_format: MemoryFormat | Literal["auto"] = "auto"
     # Batch norms folded into the convolutions before them at load (engine/folding.py).
     fold_batch_norm: StrictBool = True
-    # How its layers' outputs hold their feature maps (engine/layouts.py): "auto" knows
-    # torchvision's CNNs, ViT and Swin; the others declare a model that "auto" does not know.
+    # How its layers' outputs hold their feature maps (engine/layouts/): "auto" knows
+    # CNNs and the transformers of torchvision, timm and Hugging Face; the others declare
+    # a model that "auto" does not know.
     layout: LayoutSetting = "auto"
     # With layout = "tokens": the tokens before the grid (class, distillation, register).
     prefix_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
