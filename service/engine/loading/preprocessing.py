@@ -62,10 +62,13 @@ class Preprocessing:
 @dataclass(frozen=True)
 class LibraryConfig:
     """What a library's own config says of a model's input (any of
-    ``PREPROCESSING_KEYS``, and ``scale_size``), and its name for ``sources``."""
+    ``PREPROCESSING_KEYS``, and ``scale_size``), and its name for ``sources``;
+    ``sources`` names another origin for the values that have one (timm's input size
+    from ``arch_args``)."""
 
     source: str
     values: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def resolve(spec: ModelSpec, library: LibraryConfig) -> Preprocessing:
@@ -76,7 +79,8 @@ def resolve(spec: ModelSpec, library: LibraryConfig) -> Preprocessing:
         if spec.given(key) and getattr(spec, key) is not None:
             values[key], sources[key] = getattr(spec, key), MODELS_FILE
         elif key in library.values:
-            values[key], sources[key] = library.values[key], library.source
+            values[key] = library.values[key]
+            sources[key] = library.sources.get(key, library.source)
         else:
             values[key], sources[key] = _DEFAULTS[key], DEFAULT
     channels = int(values["channels"])

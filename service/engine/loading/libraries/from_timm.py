@@ -4,8 +4,12 @@ The input is preprocessed as timm's own eval transform does it, from the model's
 resolved data config (``resolve_model_data_config``): input size, mean, std,
 interpolation, ``crop_pct`` and ``crop_mode`` ("center": the shorter side resized to
 ``input / crop_pct``, then the centre cut, resize "crop"; "squash": each side, resize
-"stretch"; "border": the longer side, padded, resize "letterbox"). Class names: timm's
-ImageNet names (offline) when the model's outputs are an ImageNet subset's.
+"stretch"; "border": the longer side, padded, resize "letterbox"). A model built for
+another size (``img_size`` in ``arch_args``) is fed that size, as timm resolves a size
+it is given (``resolve_data_config``'s ``img_size``): its pretrained config still names
+the size its weights were trained at, which a ViT built for another size refuses.
+Class names: timm's ImageNet names (offline) when the model's outputs are an ImageNet
+subset's.
 ``weights = "pretrained"`` downloads the pretrained weights ``arch`` names (a tag after
 a dot: ``convnext_tiny.fb_in22k``) from the Hugging Face hub, as timm does.
 """
@@ -23,6 +27,7 @@ from service.engine.loading.libraries import Built, call_factory, require
 from service.engine.loading.preprocessing import LibraryConfig
 
 SOURCE = "timm's data config"
+BUILT_SIZE = "arch_args (img_size)"
 PRETRAINED = "pretrained"
 _RESIZE = {"center": "crop", "squash": "stretch", "border": "letterbox"}
 
@@ -43,9 +48,13 @@ def build(name: str, spec: ModelSpec, num_classes: int | None, models: ModelsFil
         kwargs.setdefault("in_chans", spec.channels)
     pretrained = spec.weights == PRETRAINED
     model = _create(name, timm, spec.arch, pretrained, kwargs)
+    values = _data_config(timm, model)
+    built_for = _built_size(kwargs.get("img_size"))
+    if built_for is not None:
+        values["input_size"] = built_for
     return Built(
         model,
-        LibraryConfig(SOURCE, _data_config(timm, model)),
+        LibraryConfig(SOURCE, values, {"input_size": BUILT_SIZE} if built_for else {}),
         _imagenet_names(timm, model),
         weights_loaded=pretrained,
     )
@@ -81,6 +90,16 @@ def _data_config(timm: Any, model: nn.Module) -> dict[str, Any]:
         "crop_pct": float(config.get("crop_pct") or 1.0),
         "resize": _RESIZE.get(config.get("crop_mode") or "center", "crop"),
     }
+
+
+def _built_size(img_size: Any) -> tuple[int, int] | None:
+    """``(height, width)`` of timm's ``img_size`` argument (a side, or height and
+    width, as its patch embeddings read it); None if not given."""
+    if isinstance(img_size, int) and not isinstance(img_size, bool):
+        return img_size, img_size
+    if isinstance(img_size, list | tuple) and len(img_size) == 2:
+        return int(img_size[0]), int(img_size[1])
+    return None
 
 
 def _imagenet_names(timm: Any, model: nn.Module) -> tuple[str, ...] | None:

@@ -115,6 +115,45 @@ def test_the_models_file_overrides_timms_config_key_by_key(tmp_path: Path) -> No
     assert shape.scale_size == (int(160 // crop_pct), int(192 // crop_pct))
 
 
+def test_a_timm_model_built_for_another_size_is_fed_that_size(tmp_path: Path) -> None:
+    """timm's data config names the size the weights were trained at (224 for this ViT,
+    518 for DINOv2's), which a ViT built for another refuses: ``img_size`` in
+    ``arch_args`` is its input, as timm resolves a size it is given (before: "a forward
+    pass on a (1, 3, 224, 224) input failed (Input height (224) doesn't match model
+    (48).)")."""
+    kwargs = {"img_size": (48, 64), "embed_dim": 24, "num_heads": 2, "depth": 1}
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_tiny_patch16_224", num_classes=3, **kwargs).eval()
+    save_file(reference.state_dict(), str(tmp_path / "w.safetensors"))
+    model = _load(
+        tmp_path,
+        """
+        [models.m]
+        library = "timm"
+        arch = "vit_tiny_patch16_224"
+        arch_args = { img_size = [48, 64], embed_dim = 24, num_heads = 2, depth = 1 }
+        weights = "w.safetensors"
+        num_classes = 3
+        """,
+    )
+    assert model.input_size == (48, 64)
+    assert model.preprocessing.sources["input_size"] == "arch_args (img_size)"
+    assert model.preprocessing.sources["crop_pct"] == "timm's data config"
+    config = timm.data.resolve_model_data_config(reference, args={"input_size": (3, 48, 64)})
+    image = _photo()
+    theirs = timm.data.create_transform(**config)(image)[None]
+    ours = _our_input(model, image)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    with torch.no_grad():
+        assert torch.allclose(model.module(ours), reference(theirs), atol=1e-4)
+    square = _load(
+        tmp_path,
+        '[models.m]\nlibrary = "timm"\narch = "vit_tiny_patch16_224"\n'
+        "arch_args = { img_size = 32, depth = 1 }\n",
+    )
+    assert square.input_size == (32, 32)
+
+
 def test_timm_names_imagenets_classes_offline(tmp_path: Path) -> None:
     model = _load(tmp_path, '[models.m]\nlibrary = "timm"\narch = "resnet18"\n')
     assert model.num_classes == 1000 and model.labels[0] == "tench, Tinca tinca"
