@@ -34,6 +34,13 @@ ResizeMode = Literal["stretch", "letterbox", "crop"]
 # The resampling filter that fits an image to the model input (Pillow's, as timm and
 # torchvision use on PIL images).
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+# How the offset of a centre cut is rounded when the margin is odd: "round" half to
+# even, as torchvision's CenterCrop (timm, most training code); "floor", as the
+# Hugging Face image processors' center_crop. One pixel apart, it shifts the input.
+CropOffset = Literal["round", "floor"]
+# The order of a model's input channels: "bgr" for the Hugging Face processors that flip
+# them (MobileViT's do_flip_channel_order, from its OpenCV-trained weights).
+ChannelOrder = Literal["rgb", "bgr"]
 # Where a models-file model comes from (engine/loading/libraries/); "torch.export": an
 # archive written by torch.export.save, the model and its weights (contract/archives.py).
 Library = Literal["torchvision", "timm", "transformers", "monai", "torch.export"]

@@ -158,8 +158,11 @@ def default_layer(
 
 def _is_attention(module: nn.Module) -> bool:
     # torch's MultiheadAttention (torchvision's ViT); torchvision's Swin, timm and
-    # Hugging Face name theirs ...Attention.
-    return isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention")
+    # Hugging Face name theirs ...Attention; MONAI's ViT blocks hold an SABlock.
+    name = type(module).__name__
+    return (
+        isinstance(module, nn.MultiheadAttention) or name.endswith("Attention") or name == "SABlock"
+    )
 
 
 def _last_attention_input(candidates: list[LayerInfo], modules: dict[str, nn.Module]) -> str | None:

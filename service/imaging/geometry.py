@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from service.contract.terms import Box, Interpolation, ResizeMode
+from service.contract.terms import Box, CropOffset, Interpolation, ResizeMode
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ def fit_geometry(
     input_size: tuple[int, int],
     resize: ResizeMode,
     scale_size: tuple[int, int] | None = None,
+    crop_offset: CropOffset = "round",
 ) -> Geometry:
     """How an image of ``width`` × ``height`` is fitted to ``input_size`` (height, width).
 
@@ -63,7 +64,8 @@ def fit_geometry(
     Hugging Face processor's ``shortest_edge`` and ``crop_size``); None: ``input_size``.
     Resizing and cutting follow torchvision's ``Resize`` and ``CenterCrop`` to the
     pixel (the shorter side to the size, the longer one truncated; the cut's offset
-    rounded half to even), which timm and most training code use.
+    rounded half to even), which timm and most training code use; ``crop_offset``
+    "floor" cuts as the Hugging Face processors do (the offset rounded down).
     """
     input_height, input_width = input_size
     target_height, target_width = scale_size or input_size
@@ -77,6 +79,8 @@ def fit_geometry(
         new_h = max(1, round(height * scale))
     if resize == "letterbox":
         offset_x, offset_y = (input_width - new_w) // 2, (input_height - new_h) // 2
+    elif crop_offset == "floor":  # Hugging Face's center_crop: (size - crop) // 2
+        offset_x, offset_y = -((new_w - input_width) // 2), -((new_h - input_height) // 2)
     else:  # torchvision's CenterCrop: int(round((size - crop) / 2))
         offset_x = -round((new_w - input_width) / 2.0)
         offset_y = -round((new_h - input_height) / 2.0)
@@ -164,6 +168,7 @@ def to_model_pixels(
     resize: ResizeMode,
     scale_size: tuple[int, int] | None = None,
     interpolation: Interpolation = "bilinear",
+    crop_offset: CropOffset = "round",
 ) -> tuple[np.ndarray, Box | None, Geometry]:
     """The model input as raw pixels, where the image lies on it, and the geometry.
 
@@ -173,7 +178,7 @@ def to_model_pixels(
     canvas region it covers (letterbox); the engine sets the rest to 0 after
     normalising, exactly as a canvas filled with the mean would give.
     """
-    geometry = fit_geometry(image.width, image.height, input_size, resize, scale_size)
+    geometry = fit_geometry(image.width, image.height, input_size, resize, scale_size, crop_offset)
     (x0, y0, x1, y1), (u0, v0, u1, v1) = _placement(geometry)
     resized = _resized_part(image, geometry, (u0, v0, u1, v1), _FILTERS[interpolation])
     if resized.ndim == 2:

@@ -128,7 +128,12 @@ def prepare_image(
     if colour and image.mode == "RGB":
         image = image.convert("L")  # as decode_image converts for a 1-channel model
     pixels, box, geometry = to_model_pixels(
-        image, model.input_size, model.resize, model.scale_size, model.interpolation
+        image,
+        model.input_size,
+        model.resize,
+        model.scale_size,
+        model.interpolation,
+        model.crop_offset,
     )
     # The header is read once, for the attributes shown and for derived DICOM objects.
     wants_header = (keep.attributes or keep.source) and is_dicom(data)

@@ -30,6 +30,7 @@ from service.contract.errors import ClientClosed, DeadlineExceeded, UnknownModel
 from service.contract.suggestions import close_matches, did_you_mean
 from service.contract.terms import (
     Box,
+    CropOffset,
     Interpolation,
     LayerLayout,
     MemoryFormat,
@@ -108,6 +109,7 @@ class ModelInfo:
     scale_size: tuple[int, int] | None = None
     crop_pct: float = 1.0
     interpolation: Interpolation = "bilinear"
+    crop_offset: CropOffset = "round"
     sources: dict[str, str] = field(default_factory=dict)
     library: str = "torchvision"
 

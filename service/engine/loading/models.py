@@ -105,6 +105,7 @@ class LoadedModel:
             scale_size=shape.scale_size,
             crop_pct=shape.crop_pct,
             interpolation=shape.interpolation,
+            crop_offset=shape.crop_offset,
             sources=dict(shape.sources),
             library=self.spec.library,
         )

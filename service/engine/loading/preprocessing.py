@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from service.contract.models_file import PREPROCESSING_KEYS, ModelSpec
-from service.contract.terms import Interpolation, ResizeMode
+from service.contract.terms import ChannelOrder, CropOffset, Interpolation, ResizeMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,6 +52,8 @@ class Preprocessing:
     crop_pct: float
     interpolation: Interpolation
     scale_size: tuple[int, int] | None = None  # resized to this before the centre is cut
+    crop_offset: CropOffset = "round"  # the library's rounding of the cut (terms.py)
+    channel_order: ChannelOrder = "rgb"
     sources: dict[str, str] = field(default_factory=dict)
 
     def zeros(self, batch: int = 1) -> torch.Tensor:
@@ -101,6 +103,8 @@ def resolve(spec: ModelSpec, library: LibraryConfig) -> Preprocessing:
         crop_pct=crop_pct,
         interpolation=values["interpolation"],
         scale_size=tuple(scale_size) if scale_size is not None else None,  # type: ignore[arg-type]
+        crop_offset=library.values.get("crop_offset", "round"),
+        channel_order=library.values.get("channel_order", "rgb"),
         sources=sources,
     )
 

@@ -11,7 +11,9 @@ returns its logits with its hidden states; ``outputs.py`` finds the logits.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import typing
 from typing import Any
 
 from service.contract.models_file import ModelsFile, ModelSpec
@@ -37,7 +39,7 @@ def build(name: str, spec: ModelSpec, num_classes: int | None, models: ModelsFil
             f"monai.networks.nets has no network '{spec.arch}'."
             f"{did_you_mean(close_matches(spec.arch, known))}",
         )
-    parameters = inspect.signature(factory).parameters
+    parameters = _parameters(factory)
     kwargs: dict[str, Any] = dict(spec.arch_args)
     if "spatial_dims" in parameters:
         kwargs.setdefault("spatial_dims", 2)
@@ -51,6 +53,34 @@ def build(name: str, spec: ModelSpec, num_classes: int | None, models: ModelsFil
     if channels is not None:
         values["channels"] = int(channels)
     return Built(model, LibraryConfig(SOURCE, values), weights_loaded=spec.weights == "pretrained")
+
+
+def _parameters(factory: Any) -> dict[str, inspect.Parameter]:
+    """The keyword arguments ``factory`` takes, with those its ``**kwargs`` pass on: a
+    factory function's (``resnet18(pretrained, progress, **kwargs) -> ResNet``: those of
+    the network it returns) or a subclass's (``SEResNet50(..., **kwargs)``: its bases').
+    Without them a network taking ``**kwargs`` would get no ``spatial_dims`` (a 3D net),
+    nor the file's channels and class count."""
+    found = dict(inspect.signature(factory).parameters)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in found.values()):
+        return found
+    if inspect.isclass(factory):
+        passed_to = [base for base in factory.__mro__[1:] if base is not object]
+    else:
+        try:
+            returned = typing.get_type_hints(factory).get("return")
+        except (NameError, TypeError):
+            returned = None
+        passed_to = [returned] if inspect.isclass(returned) else []
+    for network in passed_to:
+        with contextlib.suppress(TypeError, ValueError):
+            for name, parameter in inspect.signature(network).parameters.items():
+                if (
+                    parameter.kind is parameter.KEYWORD_ONLY
+                    or parameter.kind is parameter.POSITIONAL_OR_KEYWORD
+                ):
+                    found.setdefault(name, parameter)
+    return found
 
 
 def _fill(

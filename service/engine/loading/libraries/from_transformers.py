@@ -108,14 +108,37 @@ def _processor_values(name: str, transformers: Any, source: str, config: Any) ->
         return values
     values.update(_geometry(processor))
     values["interpolation"] = _RESAMPLE.get(int(getattr(processor, "resample", 2)), "bilinear")
-    scale = float(processor.rescale_factor) if getattr(processor, "do_rescale", True) else 1.0
-    if getattr(processor, "do_normalize", True):
-        # x = (pixel · rescale - mean) / std, with the service's pixel / 255: the same
-        # with mean and std divided by rescale · 255.
-        unit = scale * 255
-        values["mean"] = tuple(float(v) / unit for v in processor.image_mean)
-        values["std"] = tuple(float(v) / unit for v in processor.image_std)
+    values["crop_offset"] = "floor"  # its center_crop: (size - crop) // 2
+    if getattr(processor, "do_flip_channel_order", False):
+        values["channel_order"] = "bgr"
+    values["mean"], values["std"] = _statistics(processor)
     return values
+
+
+def _statistics(processor: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The processor's intensity steps as the service's ``(pixel / 255 - mean) / std``.
+
+    It computes ``x = pixel · rescale`` (minus 1 with EfficientNet's ``rescale_offset``),
+    then ``(x - image_mean) / image_std`` where it normalises (``do_normalize``; None,
+    as MobileViT's, is not normalising: no ImageNet default), then divides by
+    ``image_std`` once more with EfficientNet's ``include_top``. With the service's
+    pixel / 255: mean and std of those divided by rescale · 255."""
+    scale = float(processor.rescale_factor) if getattr(processor, "do_rescale", True) else 1.0
+    unit = scale * 255
+    offset = 1.0 if getattr(processor, "rescale_offset", False) else 0.0
+    image_std = tuple(float(v) for v in (getattr(processor, "image_std", None) or (1.0,)))
+    if getattr(processor, "do_normalize", False):
+        mean = tuple(offset + float(v) for v in processor.image_mean)
+        std = image_std
+    else:
+        mean, std = (offset,), (1.0,)
+    if getattr(processor, "include_top", False):
+        std = tuple(a * b for a, b in zip(_per(std, 3), _per(image_std, 3), strict=True))
+    return tuple(v / unit for v in mean), tuple(v / unit for v in std)
+
+
+def _per(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    return values * channels if len(values) == 1 else values
 
 
 def _side(size: Any, key: str) -> int | None:

@@ -121,7 +121,7 @@ def test_a_timm_model_built_for_another_size_is_fed_that_size(tmp_path: Path) ->
     ``arch_args`` is its input, as timm resolves a size it is given (before: "a forward
     pass on a (1, 3, 224, 224) input failed (Input height (224) doesn't match model
     (48).)")."""
-    kwargs = {"img_size": (48, 64), "embed_dim": 24, "num_heads": 2, "depth": 1}
+    kwargs: dict[str, Any] = {"img_size": (48, 64), "embed_dim": 24, "num_heads": 2, "depth": 1}
     torch.manual_seed(0)
     reference = timm.create_model("vit_tiny_patch16_224", num_classes=3, **kwargs).eval()
     save_file(reference.state_dict(), str(tmp_path / "w.safetensors"))
@@ -199,6 +199,31 @@ def test_a_hugging_face_folder_is_served_as_its_processor_and_config_say(tmp_pat
         assert torch.allclose(logits, reference(pixel_values=theirs).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("processor", "args"),
+    [
+        # Each resizes one of the two widths to an odd margin around its 64 × 64 cut.
+        ("BitImageProcessorPil", {"size": {"shortest_edge": 72}}),
+        ("ConvNextImageProcessorPil", {"size": {"shortest_edge": 64}, "crop_pct": 0.875}),
+        ("DeiTImageProcessorPil", {"size": {"height": 71, "width": 69}}),
+    ],
+)
+@pytest.mark.parametrize("width", [300, 301])
+def test_a_processor_s_centre_cut_is_its_own_at_odd_margins(
+    tmp_path: Path, processor: str, args: dict[str, Any], width: int
+) -> None:
+    # Hugging Face cuts at (size - crop) // 2 where torchvision rounds half to even: at an
+    # odd margin the two inputs are one pixel apart (1.8 in normalised units).
+    _vit_folder(tmp_path / "vit", {0: "a", 1: "b"}, size=64)
+    made = getattr(transformers, processor)(crop_size={"height": 64, "width": 64}, **args)
+    made.save_pretrained(tmp_path / "vit")
+    model = _load(tmp_path, '[models.m]\nlibrary = "transformers"\narch = "vit"\n')
+    image = _photo(width=width, height=203)
+    theirs = made(images=image, return_tensors="pt")["pixel_values"]
+    ours = _our_input(model, image)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
 def test_multi_label_from_the_config(tmp_path: Path) -> None:
     _vit_folder(tmp_path / "vit", {0: "a", 1: "b"})
     config = transformers.AutoConfig.from_pretrained(tmp_path / "vit")
@@ -226,6 +251,35 @@ def test_a_monai_densenet_takes_its_channels_and_classes_by_its_own_names(tmp_pa
     assert model.preprocessing.sources["channels"] == "MONAI (intensities in [0, 1])"
 
 
+@pytest.mark.parametrize(
+    ("arch", "args", "first_conv"),
+    [
+        # resnet18(pretrained, progress, **kwargs) -> ResNet: ResNet's own names.
+        ("resnet18", "", "conv1"),
+        # SEResNet50(layers, ..., **kwargs): SENet's spatial_dims, in_channels, num_classes.
+        ("SEResNet50", "arch_args = { layers = [1, 1, 1, 1] }", "layer0.conv1"),
+    ],
+)
+def test_a_monai_network_taking_kwargs_is_2d_with_the_file_s_channels_and_classes(
+    tmp_path: Path, arch: str, args: str, first_conv: str
+) -> None:
+    model = _load(
+        tmp_path,
+        f"""
+        [models.m]
+        library = "monai"
+        arch = "{arch}"
+        {args}
+        channels = 1
+        num_classes = 4
+        input_size = [64, 64]
+        """,
+    )
+    conv = model.module.get_submodule(first_conv)
+    assert isinstance(conv, torch.nn.Conv2d) and conv.in_channels == 1
+    assert model.num_classes == 4
+
+
 def test_a_monai_vit_answers_its_logits_not_its_hidden_states(tmp_path: Path) -> None:
     model = _load(
         tmp_path,
@@ -243,10 +297,15 @@ def test_a_monai_vit_answers_its_logits_not_its_hidden_states(tmp_path: Path) ->
         arch_args.classification = true
         arch_args.num_classes = 3
         input_size = [32, 32]
+        layout = "tokens"
+        prefix_tokens = 1
         """,
     )
     out = model.module(torch.rand(2, 1, 32, 32))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 3)
+    # Declared tokens: what its last attention (an SABlock) reads, not its final norm,
+    # whose patch tokens never reach the head (its class token alone does).
+    assert model.default_layer == "blocks.1.norm1"
 
 
 # --- mistakes, named at load -----------------------------------------------------------
