@@ -368,19 +368,50 @@ def _monai_kwargs(entry: Entry) -> dict[str, Any]:
 
 
 def build_reference(entry: Entry) -> nn.Module:
-    """The model as its library builds it, seeded: called on pixels, returns logits."""
+    """The model as its library builds it, seeded, its batch norms calibrated: called on
+    pixels, returns logits."""
+    model: nn.Module
     if entry.library == "timm":
         import timm
 
-        return _seeded(
+        model = _seeded(
             lambda: timm.create_model(entry.arch, num_classes=CLASSES, **entry.arch_args)
         )
-    if entry.library == "transformers":
-        return Logits(_hf_build(entry)[0]).eval()
-    from monai.networks import nets
+        size = timm.data.resolve_data_config(
+            {"img_size": entry.arch_args["img_size"]} if "img_size" in entry.arch_args else {},
+            model=model,
+        )["input_size"]
+    elif entry.library == "transformers":
+        model, config = _hf_build(entry)
+        side = int(getattr(config, "image_size", 128))
+        model, size = Logits(model).eval(), (3, side, side)
+    else:
+        from monai.networks import nets
 
-    model = _seeded(lambda: getattr(nets, entry.arch)(**_monai_kwargs(entry)))
-    return _FirstOutput(model) if entry.arch == "ViT" else model
+        model = _seeded(lambda: getattr(nets, entry.arch)(**_monai_kwargs(entry)))
+        model = _FirstOutput(model) if entry.arch == "ViT" else model
+        size = (1, *entry.keys["input_size"])
+    _calibrate(model, tuple(size))
+    return model
+
+
+def _calibrate(model: nn.Module, size: tuple[int, ...]) -> None:
+    """Batch norms' statistics from 8 noise images, as a trained net's are from its
+    data. At their initial identity statistics, deep random nets' activations vanish
+    (EfficientNet's squeeze-excite gates halve them block after block: maps of 1e-27,
+    whose Pearson is noise), and folding a norm into its convolution is never tried."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a plain average over the batches
+    generator = torch.Generator().manual_seed(SEED)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, *size, generator=generator))
+    model.eval()
 
 
 class _FirstOutput(nn.Module):

@@ -125,7 +125,7 @@ def _reference(
 
 def _pearson(ours: np.ndarray, reference: np.ndarray) -> float:
     assert ours.shape == reference.shape, (ours.shape, reference.shape)
-    assert reference.max() > 0, "the reference map is all zero: nothing compared"
+    assert _varies(reference), f"the reference map is flat: {reference}"
     return float(np.corrcoef(ours.ravel(), reference.ravel())[0, 1])
 
 
@@ -134,14 +134,22 @@ def _default_layer(live: LiveServer, entry: Entry) -> str:
     return str(detail["default_layer"])
 
 
+def _varies(cam: np.ndarray) -> bool:
+    """A map that says something: not all 0, not one value in every cell (a net whose
+    activations vanish gives one: EfficientNet's at 1e-27 before its norms were
+    calibrated; its Pearson is NaN). Its scale is the head's: BEiT's is 1e-3 of a
+    ViT's, its maps vary by 1e-7."""
+    return bool(cam.max() > 0 and cam.std() > 1e-4 * cam.max())
+
+
 def _explained_class(
     model: nn.Module, entry: Entry, layer: str, pixels: Tensor, scores: np.ndarray
 ) -> int:
-    """The top-1 class, unless its Grad-CAM map is negative in every cell (all 0 after
-    the ReLU: a random net may do that, and then nothing would be compared); then the
-    next class by score whose map is not."""
+    """The top-1 class, unless its Grad-CAM map is flat (negative in every cell, all 0
+    after the ReLU: a random net may do that, and then nothing would be compared); then
+    the next class by score whose map is not."""
     for target in np.argsort(-scores):
-        if _reference(model, entry, layer, pixels, int(target), "gradcam").max() > 0:
+        if _varies(_reference(model, entry, layer, pixels, int(target), "gradcam")):
             return int(target)
     raise AssertionError(f"{entry.name}: every class's map at {layer} is all zero")
 
@@ -176,5 +184,5 @@ def test_the_server_explains_it_as_pytorch_grad_cam_does(matrix: Matrix, entry: 
         f"{grid} | {', '.join(f'{m} {r:.4f}' for m, r in found.items())} | "
         f"{seconds * 1000:.0f} ms |"
     )
-    low = {method: r for method, r in found.items() if r < MIN_PEARSON}
+    low = {method: r for method, r in found.items() if not r >= MIN_PEARSON}  # NaN too
     assert not low, f"Pearson below {MIN_PEARSON}: {low}"
