@@ -114,6 +114,7 @@ TIMM: list[Entry] = [
     Entry("timm-edgenext", "timm", "edgenext_xx_small", "EdgeNeXt"),
     Entry("timm-tiny_vit", "timm", "tiny_vit_5m_224", "TinyViT"),
     Entry("timm-poolformer", "timm", "poolformer_s12", "PoolFormer (MetaFormer)"),
+    Entry("timm-pvt_v2", "timm", "pvt_v2_b0", "PVT v2"),
 ]
 
 _HF_VIT = {

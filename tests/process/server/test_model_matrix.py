@@ -1,4 +1,4 @@
-"""The model matrix (tests/model_matrix.py, docs/models.md) through one real server: 25
+"""The model matrix (tests/model_matrix.py, docs/models.md) through one real server: 26
 timm families, 12 Hugging Face families and 5 MONAI networks, seeded, written as their
 libraries write them and named in one models file with no layout declared (but for
 MONAI's ViT, which no library attribute describes).
@@ -64,7 +64,7 @@ def matrix(
     references = {entry.name: build_reference(entry) for entry in ENTRIES}
     blocks = [write(entry, references[entry.name], folder) for entry in ENTRIES]
     (folder / "models.toml").write_text("\n".join(blocks))
-    # Loading 42 models and probing their layers takes a while on 2 cores.
+    # Loading 43 models and probing their layers takes a while on 2 cores.
     live = module_live_server(models_file=folder / "models.toml", ready_s=300)
     served = Matrix(live, folder, references)
     yield served
