@@ -196,6 +196,7 @@ class LiveServer:
         device: str = "cpu",
         threads: int = 8,
         port: int | None = None,
+        ready_s: float = 90,
     ) -> None:
         # A given port: a restart where clients (Orthanc's router) expect it.
         self.port = free_port() if port is None else port
@@ -230,7 +231,7 @@ class LiveServer:
         try:
             wait_until(
                 answering(f"{self.url}/readyz", self.process),
-                90,
+                ready_s,
                 f"serve ready at {self.url}",
                 detail=self.read_log,
             )
@@ -301,6 +302,7 @@ class ServerFactory:
         threads: int = 8,
         device: str = "cpu",
         port: int | None = None,
+        ready_s: float = 90,
         **settings: object,
     ) -> LiveServer:
         unknown = sorted(set(settings) - set(Settings.model_fields))
@@ -312,6 +314,7 @@ class ServerFactory:
             threads=threads,
             device=device,
             port=port,
+            ready_s=ready_s,
         )
         self.started.append(live)
         return live

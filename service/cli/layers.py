@@ -1,13 +1,19 @@
-"""``gradcam-service layers``: a model's candidate target layers and their map shapes."""
+"""``gradcam-service layers``: a model's candidate target layers and their map shapes, then
+the layers that cannot be explained, each with the reason."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from service.cli import common
 from service.cli.common import EXIT_OK, EXIT_USAGE, Subparsers
 from service.contract.errors import ServiceError
+
+if TYPE_CHECKING:  # torch is imported only once the model runs here
+    from service.engine.layers import RefusedLayer
+    from service.engine.runtime import Runtime
 
 _LAYOUT_WORDS = {"nhwc": "H×W×C", "tokens": "tokens"}
 
@@ -17,10 +23,20 @@ def add_parser(sub: Subparsers) -> None:
     common.add_model_options(parser)
 
 
+def _refused(runtime: Runtime, name: str) -> list[RefusedLayer]:
+    """The model's layers that cannot be explained: one more probe of the loaded module
+    (the catalogue lists the candidates only)."""
+    from service.engine.layers import survey_layers
+
+    loaded = runtime.models[name]
+    return survey_layers(loaded.module, loaded.channels, loaded.input_size).refused
+
+
 def run(args: argparse.Namespace) -> int:
     runtime = common.runtime(args)
     try:
         model = runtime.catalog().get(args.model)
+        refused = _refused(runtime, model.name)
     except ServiceError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return EXIT_USAGE
@@ -30,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         f"model '{model.name}' ({model.arch}), input {model.channels}×"
         f"{model.input_size[0]}×{model.input_size[1]}; * = default layer"
     )
-    width = max(len(layer.name) for layer in model.layers)
+    width = max(len(name) for name in [*model.layer_names(), *(r.name for r in refused)])
     for layer in model.layers:
         mark = "*" if layer.name == model.default_layer else " "
         # A transformer's layers: the grid's shape, and what it was made from.
@@ -39,4 +55,8 @@ def run(args: argparse.Namespace) -> int:
             f"{mark} {layer.name:<{width}}  {layer.kind:<20} "
             f"{layer.channels}×{layer.height}×{layer.width}{made_from}"
         )
+    if refused:
+        print("not offered, and why:")
+    for refusal in refused:
+        print(f"- {refusal.name:<{width}}  {refusal.kind:<20} {refusal.reason}")
     return EXIT_OK

@@ -3,14 +3,17 @@
 ``serve`` checks every weights file with this before any engine starts (a file that is
 no checkpoint is an error in well under a second, not after a model load), and the
 engine reads each file by the format found here (``engine/checkpoints.py``), whatever
-its name says.
+its name says. A zip file may be a model archive instead (``archives.py``): said so,
+as weights and as a torch.export archive alike.
 """
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Literal
 
+from service.contract.archives import archive_kind, torchscript_refused
 from service.contract.models_file import ModelsFile, ModelSpec
 
 CheckpointFormat = Literal["safetensors", "torch-zip", "torch-pickle"]
@@ -66,3 +69,31 @@ def weights_file(spec: ModelSpec, models: ModelsFile) -> Path | None:
     if ":" in spec.arch or value.endswith(_CHECKPOINT_SUFFIXES) or "/" in value or "\\" in value:
         return path
     return path if path.exists() else None
+
+
+def not_an_export_archive(path: Path) -> str | None:
+    """Why the file ``path`` cannot be read as a torch.export archive; None if it is one."""
+    kind = archive_kind(path)
+    if kind == "torch.export":
+        return None
+    if kind == "torchscript":
+        return torchscript_refused(path)
+    with path.open("rb") as handle:
+        head = handle.read(HEAD_BYTES)
+    found = checkpoint_format(head)
+    if found == "torch-zip" and not zipfile.is_zipfile(path):
+        return (
+            f"{path} is a damaged zip archive (truncated or corrupt): write it again "
+            "with torch.export.save"
+        )
+    if found is not None:
+        return (
+            f"{path} is a checkpoint (a state_dict), not a torch.export archive: give it as "
+            "weights with the architecture by name (arch, and library if not torchvision), "
+            "or export the model: torch.export.save(torch.export.export(model.eval(), (x,), "
+            'dynamic_shapes=...), "model.pt2"), see docs/models.md'
+        )
+    return (
+        f"{path} is not a torch.export archive ({describe_head(head)}): give a file "
+        "written by torch.export.save"
+    )

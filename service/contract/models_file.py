@@ -11,7 +11,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -26,8 +26,35 @@ from pydantic import (
     model_validator,
 )
 
+from service.contract.archives import (
+    EXPORT_LIBRARY,
+    SHIP_INSTEAD,
+    TORCHSCRIPT_NAMES,
+    WHY_NOT_TORCHSCRIPT,
+)
 from service.contract.errors import ConfigError
-from service.contract.terms import LayoutSetting, MemoryFormat, Precision, ResizeMode
+from service.contract.terms import (
+    Interpolation,
+    LayoutSetting,
+    Library,
+    MemoryFormat,
+    Precision,
+    ResizeMode,
+)
+
+# A keyword argument of an architecture's factory, as TOML writes it.
+ArgValue = StrictBool | StrictInt | StrictFloat | StrictStr | list[Any] | dict[str, Any]
+# The keys of how an image becomes the input, each taken from the models file, else the
+# library's config, else its default here; the model detail says which (``sources``).
+PREPROCESSING_KEYS = (
+    "channels",
+    "input_size",
+    "mean",
+    "std",
+    "resize",
+    "crop_pct",
+    "interpolation",
+)
 
 DEMO_MODELS_FILE = Path(__file__).resolve().parents[1] / "demo" / "models.toml"
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -52,12 +79,21 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Where the architecture comes from, and its name there: a torchvision model name (or
+    # "package.module:factory"), a timm.create_model name, a Hugging Face save_pretrained
+    # folder or hub id, a MONAI network class, a torch.export archive (``.pt2``, relative
+    # to the models file); ``arch_args``: keyword arguments for it.
+    library: Library = "torchvision"
     arch: Annotated[StrictStr, Field(min_length=1)]
+    arch_args: dict[StrictStr, ArgValue] = Field(default_factory=dict)
     weights: Annotated[StrictStr, Field(min_length=1)] | None = None
     labels: Annotated[StrictStr, Field(min_length=1)] | None = None
     num_classes: Annotated[StrictInt, Field(gt=0)] | None = None
     multilabel: StrictBool = False
     channels: Annotated[StrictInt, Field(ge=1, le=3)] = 3
+    # How an image becomes the model's input. Each key the file leaves out is taken from
+    # the library's own config where it has one (timm's data config, the Hugging Face
+    # image processor), else from the defaults here (``PREPROCESSING_KEYS``).
     # [height, width] of the model input, as torch orders a tensor's last two dims.
     input_size: tuple[Annotated[StrictInt, Field(ge=8)], Annotated[StrictInt, Field(ge=8)]] = (
         224,
@@ -65,19 +101,29 @@ class ModelSpec(BaseModel):
     )
     mean: tuple[StrictFloat | StrictInt, ...] | None = None
     std: tuple[StrictFloat | StrictInt, ...] | None = None
-    layer: Annotated[StrictStr, Field(min_length=1)] | None = None
     resize: ResizeMode = "stretch"
+    # The share of the resized image the model sees (timm's crop_pct): it is resized to
+    # input_size / crop_pct (the shorter side for "crop", each side for "stretch"), then
+    # its centre cut to input_size.
+    crop_pct: Annotated[StrictFloat | StrictInt, Field(gt=0, le=1)] = 1.0
+    interpolation: Interpolation = "bilinear"
+    layer: Annotated[StrictStr, Field(min_length=1)] | None = None
     # What the model returns: raw "logits" (the service applies softmax/sigmoid), or
     # "probabilities" (its head ends in one; Grad-CAM still takes the score before it).
     output: Literal["logits", "probabilities"] = "logits"
+    # Where the logits are in what the forward pass returns, when it is not a tensor and
+    # they cannot be found: a key of a dict or attribute of an output object ("logits"),
+    # or an index of a tuple (0).
+    logits: StrictStr | Annotated[StrictInt, Field(ge=0)] | None = None
     # How it runs (engine/tuning.py): bfloat16 autocast if asked for ("auto": where the
     # hardware has it), after a fidelity check; NHWC if a timed probe finds it faster.
     precision: Precision | Literal["auto"] = "fp32"
     memory_format: MemoryFormat | Literal["auto"] = "auto"
     # Batch norms folded into the convolutions before them at load (engine/folding.py).
     fold_batch_norm: StrictBool = True
-    # How its layers' outputs hold their feature maps (engine/layouts.py): "auto" knows
-    # torchvision's CNNs, ViT and Swin; the others declare a model that "auto" does not know.
+    # How its layers' outputs hold their feature maps (engine/layouts/): "auto" knows
+    # CNNs and the transformers of torchvision, timm and Hugging Face; the others declare
+    # a model that "auto" does not know.
     layout: LayoutSetting = "auto"
     # With layout = "tokens": the tokens before the grid (class, distillation, register).
     prefix_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
@@ -86,19 +132,52 @@ class ModelSpec(BaseModel):
     codes: dict[StrictStr, ClassCode] = Field(default_factory=dict)
     default: StrictBool = False
 
+    @field_validator("library", mode="before")
+    @classmethod
+    def _torchscript_is_refused(cls, value: object) -> object:
+        if isinstance(value, str) and value.lower() in TORCHSCRIPT_NAMES:
+            raise ValueError(f"TorchScript is not served: {WHY_NOT_TORCHSCRIPT}. {SHIP_INSTEAD}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_archive(self) -> ModelSpec:
+        if self.library != EXPORT_LIBRARY:
+            return self
+        for key in ("weights", "arch_args"):
+            if getattr(self, key):
+                raise ValueError(
+                    f"a torch.export archive holds the model and its weights: {key} is not "
+                    f'read with library = "{EXPORT_LIBRARY}"; leave it out'
+                )
+        return self
+
     @model_validator(mode="after")
     def _check_normalisation(self) -> ModelSpec:
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, not {self.channels}")
         for key in ("mean", "std"):
             values = getattr(self, key)
-            if values is not None and len(values) != self.channels:
+            # Without channels, a library's model may take its own count (MONAI's
+            # in_channels): then a value for each, or one for all, is checked at load.
+            known = self.given("channels") or self.library == "torchvision"
+            if values is not None and known and len(values) != self.channels:
                 raise ValueError(f"{key} has {len(values)} values but channels = {self.channels}")
         if self.std is not None and any(v <= 0 for v in self.std):
             raise ValueError("std values must be positive")
         if self.prefix_tokens is not None and self.layout != "tokens":
             raise ValueError('prefix_tokens is only read with layout = "tokens"')
+        if self.crop_pct < 1 and self.resize == "letterbox":
+            raise ValueError('crop_pct cuts the image: it goes with resize "crop" or "stretch"')
+        if self.library not in ("torchvision", EXPORT_LIBRARY) and ":" in self.arch:
+            raise ValueError(
+                f"arch '{self.arch}' is a factory (package.module:factory), which is read with "
+                f'library = "torchvision" (the default), not "{self.library}"'
+            )
         return self
+
+    def given(self, key: str) -> bool:
+        """Whether the models file sets ``key`` (else a library's config or a default)."""
+        return key in self.model_fields_set
 
 
 class ModelsFile(BaseModel):

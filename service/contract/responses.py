@@ -25,6 +25,8 @@ from pydantic.json_schema import SkipJsonSchema
 from service.contract.terms import (
     HeatmapEncoding,
     HeatmapFormat,
+    Interpolation,
+    Library,
     MemoryFormat,
     Method,
     Precision,
@@ -273,12 +275,34 @@ class ModelSummary(_Answer):
 
 
 class ModelDetail(ModelSummary):
-    """A served model with its labels, normalisation and where it runs."""
+    """A served model with its labels, its preprocessing and where it runs."""
 
+    library: Library = Field(
+        default="torchvision", description="Where the architecture comes from."
+    )
     labels: list[str]
     mean: list[float]
     std: list[float]
     resize: ResizeMode
+    crop_pct: float = Field(
+        default=1.0,
+        description=(
+            "The share of the resized image the model sees: it is resized to "
+            "`scale_size`, then `input_size` is cut from its centre."
+        ),
+    )
+    scale_size: Annotated[list[_Count], Field(min_length=2, max_length=2)] | None = Field(
+        default=None, description="[height, width] before the centre is cut; null: no cut."
+    )
+    interpolation: Interpolation = "bilinear"
+    sources: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Where each preprocessing value came from: 'models file', the library's own "
+            "config (timm's data config, the Hugging Face image processor, torchvision's "
+            "weights, MONAI), or 'default'."
+        ),
+    )
     device: str
     precision: Precision
     memory_format: MemoryFormat

@@ -31,12 +31,25 @@ HeatmapEncoding = Literal["png", "jpeg", "webp"]
 Include = Literal["image", "dicom", "faithfulness"]
 # How an image is fitted to the model's input (imaging/geometry.py).
 ResizeMode = Literal["stretch", "letterbox", "crop"]
+# The resampling filter that fits an image to the model input (Pillow's, as timm and
+# torchvision use on PIL images).
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+# How the offset of a centre cut is rounded when the margin is odd: "round" half to
+# even, as torchvision's CenterCrop (timm, most training code); "floor", as the
+# Hugging Face image processors' center_crop. One pixel apart, it shifts the input.
+CropOffset = Literal["round", "floor"]
+# The order of a model's input channels: "bgr" for the Hugging Face processors that flip
+# them (MobileViT's do_flip_channel_order, from its OpenCV-trained weights).
+ChannelOrder = Literal["rgb", "bgr"]
+# Where a models-file model comes from (engine/loading/libraries/); "torch.export": an
+# archive written by torch.export.save, the model and its weights (contract/archives.py).
+Library = Literal["torchvision", "timm", "transformers", "monai", "torch.export"]
 # What computes a model's answers: float32, or bfloat16 autocast (engine/tuning.py).
 Precision = Literal["fp32", "bf16"]
 # How a model's activations are laid out in memory (engine/tuning.py).
 MemoryFormat = Literal["contiguous", "channels_last"]
-# How a layer's output holds its feature map (engine/layouts.py): (N, C, H, W) as CNNs
-# return it, (N, H, W, C) as torchvision's Swin does, or a sequence of patch tokens
+# How a layer's output holds its feature map (engine/layouts/): (N, C, H, W) as CNNs
+# return it, (N, H, W, C) as a Swin does, or a sequence of patch tokens
 # (N, prefix + H·W, C) as a ViT's. A shape, not a memory format (that is MemoryFormat).
 LayerLayout = Literal["nchw", "nhwc", "tokens"]
 # The models file's ``layout``: "auto" (known by the model's types), or one layout

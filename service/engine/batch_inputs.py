@@ -61,6 +61,8 @@ def batch_inputs(
             pixels = pixels / 255.0
         index = torch.tensor(indices, device=device)
         inputs.index_copy_(0, index, pixels.expand(-1, model.channels, -1, -1))
+    if model.preprocessing.channel_order == "bgr":
+        inputs = inputs.flip(1)  # before the statistics, which are the model's order
     mean, std = normalisation
     inputs = (inputs - mean) / std
     for i, box in enumerate(job.boxes):

@@ -34,7 +34,7 @@ from service import metrics
 from service.engine.folding import explained_activation
 from service.engine.gradcam import GradCAM, cam_formula
 from service.engine.layers import resolve_layer
-from service.engine.layouts import Layout, layer_layout
+from service.engine.layouts import Layout, Refused, decide_layout
 from service.engine.tuning import pearson, top1_maps
 from service.logs import log_failure
 
@@ -121,17 +121,17 @@ class CapturedCam:
 
     def _step(self) -> tuple[Tensor, Tensor]:
         captured: list[tuple[Tensor, Layout]] = []
-        input_size = (self.inputs.shape[2], self.inputs.shape[3])
+        input_shape = tuple(self.inputs.shape)
 
-        def capture(module: nn.Module, __: object, output: Tensor) -> Tensor:
-            # A layer the probe listed (requests name no other): None would be a bug,
-            # and a capture that raises falls back to the eager engine.
-            layout = layer_layout(self._model, self._layer, module, output, input_size)
-            if layout is None:
-                raise ValueError(f"layer '{self._layer}' holds no feature map")
-            leaf, passed_on = explained_activation(module, output)
+        def capture(module: nn.Module, __: object, output: object) -> object:
+            # A layer the probe listed (requests name no other): a refusal would be a
+            # bug, and a capture that raises falls back to the eager engine.
+            layout = decide_layout(self._model, self._layer, module, output, input_shape)
+            if isinstance(layout, Refused):
+                raise ValueError(f"layer '{self._layer}' {layout.reason}")
+            leaf, passed_on = explained_activation(module, layout.map_of(output))
             captured.append((leaf, layout))
-            return passed_on
+            return layout.passed_on(output, passed_on)
 
         handle = self._module.register_forward_hook(capture)
         try:

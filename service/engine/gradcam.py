@@ -20,9 +20,10 @@ How it stays cheap and exact:
 - Each CAM variant is only its weighting formula (``_CAM_FORMULAS``) applied to
   the same activations and gradients, in float32, on the device; the maps come
   back to the CPU in one copy at the end.
-- A transformer layer's tokens or channels-last map (``layouts.py``) is captured as
-  the layer returns it; the activation and its gradient are then viewed alike as
-  ``(N, C, h, w)`` (class token dropped), so the formulas never see the difference.
+- A transformer layer's tokens or channels-last map (``layouts/``) is captured as
+  the layer returns it (a Hugging Face layer's tuple: its first element); the
+  activation and its gradient are then viewed alike as ``(N, C, h, w)`` (prefix tokens
+  dropped), so the formulas never see the difference.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from service.contract.terms import Method
 from service.engine.folding import explained_activation
 from service.engine.layers import resolve_layer
-from service.engine.layouts import Layout, layer_layout
+from service.engine.layouts import Layout, Refused, decide_layout
 from service.engine.work_items import Abandoned
 
 # (N, C, h, w) activations, (N, C, h, w) gradients → (N, h, w) map before ReLU.
@@ -174,24 +175,19 @@ class GradCAM:
         """
         _check_request(inputs.shape[0], targets, methods)
         module = resolve_layer(self.model, layer)
-        input_size = (inputs.shape[2], inputs.shape[3])
         captured: list[tuple[Tensor, Layout]] = []
 
-        def capture(mod: nn.Module, args: object, output: object) -> Tensor:
-            layout = layer_layout(self.model, layer, mod, output, input_size)
-            if layout is None or not isinstance(output, Tensor):
-                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-                raise LayerOutputError(
-                    f"layer '{layer}' returns {shape}, not an (N, C, H, W) feature map "
-                    "or a transformer's tokens"
-                )
+        def capture(mod: nn.Module, args: object, output: object) -> object:
+            layout = decide_layout(self.model, layer, mod, output, tuple(inputs.shape))
+            if isinstance(layout, Refused):
+                raise LayerOutputError(f"layer '{layer}' {layout.reason}")
             if captured:
                 raise LayerOutputError(
                     f"layer '{layer}' runs more than once per forward pass; choose another layer"
                 )
-            leaf, passed_on = explained_activation(mod, output)
+            leaf, passed_on = explained_activation(mod, layout.map_of(output))
             captured.append((leaf, layout))
-            return passed_on
+            return layout.passed_on(output, passed_on)
 
         handle = module.register_forward_hook(capture)
         try:

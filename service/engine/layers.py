@@ -3,7 +3,9 @@
 Candidates are found by one probe forward pass with a hook on every module:
 a module qualifies when it runs exactly once per forward pass and returns a
 feature map: ``(N, C, H, W)``, or a transformer's tokens or channels-last map
-(``layouts.py``), listed with the shape of its grid.
+(``layouts/``), listed with the shape of its grid. The modules whose output has room
+for a map but that cannot be explained are listed too, each with the reason
+(``survey_layers``; ``gradcam-service layers`` prints them).
 
 The default of a CNN is the last candidate to run whose output still has spatial
 extent (more than 1×1), i.e. the end of the feature extractor just before global
@@ -16,12 +18,13 @@ that holds an attention module: the normalised input of its last attention (see
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from service.contract.suggestions import close_matches, did_you_mean
-from service.engine.layouts import layer_layout
+from service.engine.layouts import Decision, Refused, decide_layout
 from service.transport.interface import LayerInfo
 
 # Pooling modules whose output only resamples their input: never a default.
@@ -41,42 +44,89 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     raise UnknownLayerError(f"the model has no layer '{name}'.{did_you_mean(close)}")
 
 
-def probe_layers(model: nn.Module, channels: int, input_size: tuple[int, int]) -> list[LayerInfo]:
-    """Run one forward pass on a blank ``(1, channels, H, W)`` image; return the candidates
-    in execution order (a container after its children).
+@dataclass(frozen=True)
+class RefusedLayer:
+    """A module the probe ran that cannot be explained; ``reason`` follows its name
+    ("layer 'x' returns ...")."""
+
+    name: str
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What one probe found: the candidates in execution order, and the modules whose
+    output has room for a map but that cannot be explained, with the reason."""
+
+    offered: list[LayerInfo]
+    refused: list[RefusedLayer]
+
+
+# Two images, not one: a layer that returns more (or fewer) rows than images, windows or
+# attention heads, is then told apart from one that returns a map per image.
+_PROBE_BATCH = 2
+
+
+def survey_layers(model: nn.Module, channels: int, input_size: tuple[int, int]) -> Survey:
+    """Run one forward pass on blank ``(2, channels, H, W)`` images with a hook on every
+    module; sort the modules into candidates and refusals (``layouts.decide_layout``), in
+    execution order (a container after its children).
 
     Raises whatever the forward pass raises: a model that cannot take its
     configured input should fail here, at start-up.
     """
     calls: dict[str, int] = {}
-    found: dict[str, LayerInfo] = {}
-    order: list[str] = []
-    handles = []
+    found: dict[str, LayerInfo | RefusedLayer | None] = {}
+    input_shape = (_PROBE_BATCH, channels, *input_size)
 
     def make_hook(name: str) -> Callable[[nn.Module, object, object], None]:
         def hook(module: nn.Module, args: object, output: object) -> None:
             calls[name] = calls.get(name, 0) + 1
             if calls[name] == 1:
-                order.append(name)
-                layout = layer_layout(model, name, module, output, input_size)
-                if layout is not None and isinstance(output, Tensor):
-                    shape = layout.grid_shape(tuple(output.shape))
-                    found[name] = LayerInfo(name, type(module).__name__, *shape, layout.kind)
+                decision = decide_layout(model, name, module, output, input_shape)
+                found[name] = _listed(name, module, output, decision)
 
         return hook
 
-    for name, module in model.named_modules():
-        if name:
-            handles.append(module.register_forward_hook(make_hook(name)))
+    handles = [
+        module.register_forward_hook(make_hook(name))
+        for name, module in model.named_modules()
+        if name
+    ]
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with torch.no_grad():
-            model(torch.zeros(1, channels, *input_size, device=device))
+            model(torch.zeros(input_shape, device=device))
     finally:
         for handle in handles:
             handle.remove()
+    survey = Survey([], [])
+    for name, listed in found.items():
+        if isinstance(listed, LayerInfo) and calls[name] > 1:
+            reason = f"runs {calls[name]} times per forward pass"
+            survey.refused.append(RefusedLayer(name, listed.kind, reason))
+        elif isinstance(listed, LayerInfo):
+            survey.offered.append(listed)
+        elif listed is not None:
+            survey.refused.append(listed)
+    return survey
 
-    return [found[name] for name in order if name in found and calls[name] == 1]
+
+def _listed(
+    name: str, module: nn.Module, output: object, decision: Decision
+) -> LayerInfo | RefusedLayer | None:
+    """A decision as the survey lists it; None for a refusal not worth a line."""
+    kind = type(module).__name__
+    if isinstance(decision, Refused):
+        return RefusedLayer(name, kind, decision.reason) if decision.shown else None
+    shape = decision.grid_shape(tuple(decision.map_of(output).shape))
+    return LayerInfo(name, kind, *shape, decision.kind)
+
+
+def probe_layers(model: nn.Module, channels: int, input_size: tuple[int, int]) -> list[LayerInfo]:
+    """The candidate target layers of ``model`` in execution order (``survey_layers``)."""
+    return survey_layers(model, channels, input_size).offered
 
 
 def default_layer(
@@ -108,8 +158,11 @@ def default_layer(
 
 def _is_attention(module: nn.Module) -> bool:
     # torch's MultiheadAttention (torchvision's ViT); torchvision's Swin, timm and
-    # Hugging Face name theirs ...Attention.
-    return isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention")
+    # Hugging Face name theirs ...Attention; MONAI's ViT blocks hold an SABlock.
+    name = type(module).__name__
+    return (
+        isinstance(module, nn.MultiheadAttention) or name.endswith("Attention") or name == "SABlock"
+    )
 
 
 def _last_attention_input(candidates: list[LayerInfo], modules: dict[str, nn.Module]) -> str | None:

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 def _scores(model: LoadedModel, logits: Tensor) -> Tensor:
     """Sigmoid scores for a multilabel model, else softmax probabilities."""
-    return torch.sigmoid(logits) if model.spec.multilabel else torch.softmax(logits, dim=1)
+    return torch.sigmoid(logits) if model.multilabel else torch.softmax(logits, dim=1)
 
 
 def choose_device(setting: str) -> torch.device:
@@ -194,7 +194,7 @@ class Runtime:
 
     def _tune(self, model: LoadedModel) -> Execution:
         """Memory format and precision for ``model`` (``tuning.py``), logged."""
-        execution = tune(model.module, self.device, model.spec, model.default_layer)
+        execution = tune(model, self.device)
         if execution.fell_back:
             metrics.PRECISION_FALLBACKS.labels(model.name).inc()
             logger.warning("model '%s' runs in float32: %s", model.name, execution.why)

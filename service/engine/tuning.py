@@ -23,14 +23,17 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from service.contract.models_file import ModelSpec
 from service.contract.terms import Precision
 from service.engine.folding import fold_batch_norms
 from service.engine.gradcam import GradCAM
+
+if TYPE_CHECKING:
+    from service.engine.loading.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -195,18 +198,19 @@ def choose_precision(
     return "fp32", True, f"bfloat16 failed its check against float32 ({figures})"
 
 
-def tune(model: torch.nn.Module, device: torch.device, spec: ModelSpec, layer: str) -> Execution:
-    """How ``model``, with the options of its models-file table ``spec``, runs on
-    ``device`` (module text), probed at ``layer``; ``model`` is left in the chosen memory
+def tune(loaded: LoadedModel, device: torch.device) -> Execution:
+    """How ``loaded``, with the options of its models-file table, runs on ``device``
+    (module text), probed at its default layer; its module is left in the chosen memory
     format, its batch norms folded if asked and it runs in float32 (folded, bfloat16
     drifted further from float32 than its check allows on the demo model)."""
+    model, spec, layer = loaded.module, loaded.spec, loaded.default_layer
     folded: list[str] = []
     if spec.fold_batch_norm and spec.precision == "fp32":
         folded = fold_batch_norms(model)  # first, so the format probe times the folded model
-    probe = Probe(model, device, probe_inputs(spec.channels, spec.input_size, device), layer)
+    probe = Probe(model, device, probe_inputs(loaded.channels, loaded.input_size, device), layer)
     channels_last, format_why = choose_memory_format(probe, spec.memory_format)
     chosen, fell_back, precision_why = choose_precision(
-        probe, spec.precision, channels_last, spec.multilabel
+        probe, spec.precision, channels_last, loaded.multilabel
     )
     if spec.fold_batch_norm and spec.precision != "fp32" and chosen == "fp32":
         folded = fold_batch_norms(model)

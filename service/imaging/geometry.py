@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from service.contract.terms import Box, ResizeMode
+from service.contract.terms import Box, CropOffset, Interpolation, ResizeMode
 
 
 @dataclass(frozen=True)
@@ -50,17 +50,40 @@ class Geometry:
 
 
 def fit_geometry(
-    width: int, height: int, input_size: tuple[int, int], resize: ResizeMode
+    width: int,
+    height: int,
+    input_size: tuple[int, int],
+    resize: ResizeMode,
+    scale_size: tuple[int, int] | None = None,
+    crop_offset: CropOffset = "round",
 ) -> Geometry:
-    """How an image of ``width`` × ``height`` is fitted to ``input_size`` (height, width)."""
+    """How an image of ``width`` × ``height`` is fitted to ``input_size`` (height, width).
+
+    ``scale_size`` (height, width), for "stretch" and "crop": the size the image is
+    resized to before the input's size is cut from its centre (timm's ``crop_pct``, a
+    Hugging Face processor's ``shortest_edge`` and ``crop_size``); None: ``input_size``.
+    Resizing and cutting follow torchvision's ``Resize`` and ``CenterCrop`` to the
+    pixel (the shorter side to the size, the longer one truncated; the cut's offset
+    rounded half to even), which timm and most training code use; ``crop_offset``
+    "floor" cuts as the Hugging Face processors do (the offset rounded down).
+    """
     input_height, input_width = input_size
+    target_height, target_width = scale_size or input_size
     if resize == "stretch":
-        new_w, new_h = input_width, input_height
+        new_w, new_h = target_width, target_height
+    elif resize == "crop":
+        new_w, new_h = _covering(width, height, target_width, target_height)
     else:
-        pick = min if resize == "letterbox" else max
-        scale = pick(input_width / width, input_height / height)
+        scale = min(input_width / width, input_height / height)
         new_w = max(1, round(width * scale))
         new_h = max(1, round(height * scale))
+    if resize == "letterbox":
+        offset_x, offset_y = (input_width - new_w) // 2, (input_height - new_h) // 2
+    elif crop_offset == "floor":  # Hugging Face's center_crop: (size - crop) // 2
+        offset_x, offset_y = -((new_w - input_width) // 2), -((new_h - input_height) // 2)
+    else:  # torchvision's CenterCrop: int(round((size - crop) / 2))
+        offset_x = -round((new_w - input_width) / 2.0)
+        offset_y = -round((new_h - input_height) / 2.0)
     return Geometry(
         resize=resize,
         width=width,
@@ -69,9 +92,22 @@ def fit_geometry(
         input_height=input_height,
         scale_x=new_w / width,
         scale_y=new_h / height,
-        offset_x=float((input_width - new_w) // 2),
-        offset_y=float((input_height - new_h) // 2),
+        offset_x=float(offset_x),
+        offset_y=float(offset_y),
     )
+
+
+def _covering(width: int, height: int, target_width: int, target_height: int) -> tuple[int, int]:
+    """The size that covers ``target`` keeping the image's proportions: for a square
+    target as torchvision's ``Resize(side)`` (the shorter side to it, the longer one
+    truncated), else the larger of the two scales, rounded."""
+    if target_width == target_height:
+        side = target_width
+        if width <= height:
+            return side, max(1, int(side * height / width))
+        return max(1, int(side * width / height)), side
+    scale = max(target_width / width, target_height / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _placement(geometry: Geometry) -> tuple[Box, Box]:
@@ -85,8 +121,54 @@ def _placement(geometry: Geometry) -> tuple[Box, Box]:
     return (x0, y0, x1, y1), (x0 - ox, y0 - oy, x1 - ox, y1 - oy)
 
 
+# Pillow's filters by the names timm, torchvision and the models file use.
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+# A crop whose whole resized image is at most this many times the input is resized
+# whole and then cut, as torchvision and timm do; a larger one only in its kept part.
+_WHOLE_RESIZE_AREA = 4
+
+
+def _resized_part(
+    image: Image.Image, geometry: Geometry, part: Box, resample: Image.Resampling
+) -> np.ndarray:
+    """The ``part`` ``(u0, v0, u1, v1)`` of the resized image that lands on the input.
+
+    Usually the whole image is resized and the part cut from it, as torchvision's
+    ``Resize`` and ``CenterCrop`` do, so the pixels are theirs exactly (Pillow's
+    resize of a part alone, ``box=``, differs by one level on about 0.1 % of them).
+    A crop that keeps a small share of an extreme image (a 60000 × 1 strip) resizes only
+    that part, straight to its place, never what it throws away (13 million × 224
+    pixels); Pillow's filters reach outside the part for their support either way, and
+    widen it when shrinking: downscaling is antialiased.
+    """
+    u0, v0, u1, v1 = part
+    new_w, new_h = geometry.resized_size
+    if new_w * new_h <= _WHOLE_RESIZE_AREA * geometry.input_width * geometry.input_height:
+        whole = image.resize((new_w, new_h), resample)
+        return np.asarray(whole if part == (0, 0, new_w, new_h) else whole.crop(part))
+    source = (
+        u0 / geometry.scale_x,
+        v0 / geometry.scale_y,
+        u1 / geometry.scale_x,
+        v1 / geometry.scale_y,
+    )
+    return np.asarray(image.resize((u1 - u0, v1 - v0), resample, box=source))
+
+
 def to_model_pixels(
-    image: Image.Image, input_size: tuple[int, int], resize: ResizeMode
+    image: Image.Image,
+    input_size: tuple[int, int],
+    resize: ResizeMode,
+    scale_size: tuple[int, int] | None = None,
+    interpolation: Interpolation = "bilinear",
+    crop_offset: CropOffset = "round",
 ) -> tuple[np.ndarray, Box | None, Geometry]:
     """The model input as raw pixels, where the image lies on it, and the geometry.
 
@@ -96,19 +178,9 @@ def to_model_pixels(
     canvas region it covers (letterbox); the engine sets the rest to 0 after
     normalising, exactly as a canvas filled with the mean would give.
     """
-    geometry = fit_geometry(image.width, image.height, input_size, resize)
+    geometry = fit_geometry(image.width, image.height, input_size, resize, scale_size, crop_offset)
     (x0, y0, x1, y1), (u0, v0, u1, v1) = _placement(geometry)
-    # Only the part of the image that lands on the input is resized, straight to
-    # its place: a crop never resizes what it throws away (a 60000 × 1 strip is
-    # not first scaled to 13 million × 224). Pillow's bilinear filter widens its
-    # support when shrinking, so downscaling is antialiased, in mode F too.
-    source = (
-        u0 / geometry.scale_x,
-        v0 / geometry.scale_y,
-        u1 / geometry.scale_x,
-        v1 / geometry.scale_y,
-    )
-    resized = np.asarray(image.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR, box=source))
+    resized = _resized_part(image, geometry, (u0, v0, u1, v1), _FILTERS[interpolation])
     if resized.ndim == 2:
         resized = resized[:, :, None]
     if (x0, y0, x1, y1) == (0, 0, geometry.input_width, geometry.input_height):

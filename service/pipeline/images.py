@@ -127,7 +127,14 @@ def prepare_image(
     display = to_rgb_image(image) if keep.display else None
     if colour and image.mode == "RGB":
         image = image.convert("L")  # as decode_image converts for a 1-channel model
-    pixels, box, geometry = to_model_pixels(image, model.input_size, model.resize)
+    pixels, box, geometry = to_model_pixels(
+        image,
+        model.input_size,
+        model.resize,
+        model.scale_size,
+        model.interpolation,
+        model.crop_offset,
+    )
     # The header is read once, for the attributes shown and for derived DICOM objects.
     wants_header = (keep.attributes or keep.source) and is_dicom(data)
     header = read_header(data) if wants_header else None

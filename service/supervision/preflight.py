@@ -4,7 +4,8 @@ have loaded their models (which takes seconds to minutes).
 
 Checked here, without torch: the port can be bound; the models file exists and is
 valid; every weights and labels file it names exists and can be read, and each weights
-file is a checkpoint by its first bytes; a CUDA device asked for exists. What needs the
+file is a checkpoint by its first bytes (not a model archive), and every torch.export
+archive is one; a CUDA device asked for exists. What needs the
 model itself (an architecture, whether the weights fit it) is still checked by the
 engine at load, with the same kind of message.
 """
@@ -15,10 +16,12 @@ import errno
 import socket
 from pathlib import Path
 
+from service.contract.archives import EXPORT_LIBRARY, archive_kind, not_weights
 from service.contract.checkpoint_format import (
     HEAD_BYTES,
     checkpoint_format,
     not_a_checkpoint,
+    not_an_export_archive,
     weights_file,
 )
 from service.contract.errors import ConfigError
@@ -70,16 +73,34 @@ def _readable(path: Path, what: str, model: str, key: str) -> bytes:
 
 
 def check_model_files(models: ModelsFile) -> None:
-    """Every weights and labels file the models file names is there and readable, and
-    each weights file is a checkpoint."""
+    """Every weights, labels and archive file the models file names is there and
+    readable, each weights file is a checkpoint and each archive a torch.export one."""
     for name, spec in models.models.items():
         if spec.labels is not None:
             _readable(models.resolve_path(spec.labels), "labels file", name, "labels")
+        if spec.library == EXPORT_LIBRARY:
+            _check_archive(name, models.resolve_path(spec.arch))
         path = weights_file(spec, models)
-        if path is not None:
-            head = _readable(path, "weights file", name, "weights")
-            if checkpoint_format(head) is None:
-                raise ConfigError(f"model '{name}', key 'weights': {not_a_checkpoint(path, head)}")
+        if path is not None and spec.weights is not None:
+            _check_weights(name, path, spec.weights)
+
+
+def _check_archive(name: str, path: Path) -> None:
+    _readable(path, "torch.export archive", name, "arch")
+    problem = not_an_export_archive(path)
+    if problem is not None:
+        raise ConfigError(f"model '{name}', key 'arch': {problem}")
+
+
+def _check_weights(name: str, path: Path, written: str) -> None:
+    """A checkpoint by its first bytes, and no model archive (which holds no state_dict)."""
+    head = _readable(path, "weights file", name, "weights")
+    kind = checkpoint_format(head)
+    if kind is None:
+        raise ConfigError(f"model '{name}', key 'weights': {not_a_checkpoint(path, head)}")
+    archive = archive_kind(path) if kind == "torch-zip" else None
+    if archive is not None:
+        raise ConfigError(f"model '{name}', key 'weights': {not_weights(path, archive, written)}")
 
 
 def check_device(device: str) -> None:

@@ -28,7 +28,15 @@ import numpy as np
 
 from service.contract.errors import ClientClosed, DeadlineExceeded, UnknownModel
 from service.contract.suggestions import close_matches, did_you_mean
-from service.contract.terms import Box, LayerLayout, MemoryFormat, Precision, ResizeMode
+from service.contract.terms import (
+    Box,
+    CropOffset,
+    Interpolation,
+    LayerLayout,
+    MemoryFormat,
+    Precision,
+    ResizeMode,
+)
 
 # How `gradcam-service serve` tells the HTTP workers where the engines listen:
 # their Unix socket paths, os.pathsep-separated.
@@ -65,7 +73,7 @@ FAITHFULNESS_WORK = 13
 @dataclass(frozen=True)
 class LayerInfo:
     """A candidate target layer and its map's shape ``(C, H, W)`` for one input image;
-    ``layout``: how the layer's output holds that map (``engine/layouts.py``)."""
+    ``layout``: how the layer's output holds that map (``engine/layouts/``)."""
 
     name: str
     kind: str
@@ -96,6 +104,14 @@ class ModelInfo:
     memory_format: MemoryFormat = "contiguous"
     # Label -> (scheme, value, meaning): the models file's codes for its classes.
     codes: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    # The size an image is resized to before its centre is cut to input_size (None: no
+    # cut), and the filter (imaging/geometry.py); where each preprocessing value came from.
+    scale_size: tuple[int, int] | None = None
+    crop_pct: float = 1.0
+    interpolation: Interpolation = "bilinear"
+    crop_offset: CropOffset = "round"
+    sources: dict[str, str] = field(default_factory=dict)
+    library: str = "torchvision"
 
     @property
     def num_classes(self) -> int:
@@ -120,6 +136,7 @@ class ModelInfo:
                 **data,
                 "labels": tuple(data["labels"]),
                 "input_size": tuple(data["input_size"]),
+                "scale_size": tuple(data["scale_size"]) if data.get("scale_size") else None,
                 "mean": tuple(data["mean"]),
                 "std": tuple(data["std"]),
                 "layers": tuple(LayerInfo(**layer) for layer in data["layers"]),

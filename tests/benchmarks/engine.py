@@ -4,6 +4,14 @@
                                       [--repeats 5] [--threads 2] [--size 224]
                                       [--device cuda] [--no-reference]
 
+    python tests/benchmarks/engine.py --archs timm:convnext_tiny \
+        timm:vit_small_patch16_224 hf:vit --batches 8 --no-reference
+
+An arch is a torchvision name, ``timm:<name>`` (timm.create_model) or ``hf:vit`` (a
+Hugging Face ViT-Base image classifier from its default config); library models are
+loaded as the service loads them (``load_model`` of a models file: their logits, their
+layout, their default layer).
+
 For each model and batch size, each repetition runs, back to back and in a
 rotating order: a plain forward under ``torch.inference_mode()``, our engine
 (``gradcam``, top-1 targets, maps copied to the CPU), the same on a copy whose batch
@@ -22,8 +30,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torchvision
@@ -42,13 +52,39 @@ def _timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - started
 
 
+def _library_model(arch: str, size: int) -> tuple[torch.nn.Module, str]:
+    """A timm or Hugging Face model as the service loads it, and its default layer."""
+    from service.contract.models_file import load_models_file
+    from service.engine.loading.models import load_model
+
+    folder = Path(tempfile.mkdtemp(prefix="engine-bench-"))
+    library, _, name = arch.partition(":")
+    if library == "hf":
+        import transformers
+
+        transformers.ViTForImageClassification(transformers.ViTConfig()).save_pretrained(
+            folder / "hf"
+        )
+        table = 'library = "transformers"\narch = "hf"\n'
+    else:
+        table = f'library = "timm"\narch = "{name}"\n'
+    (folder / "models.toml").write_text(f"[models.m]\n{table}input_size = [{size}, {size}]\n")
+    loaded = load_model("m", load_models_file(folder / "models.toml"))
+    return loaded.module, loaded.default_layer
+
+
 def bench(
     arch: str, batches: list[int], repeats: int, size: int, device: str, with_reference: bool
 ) -> list[str]:
     torch.manual_seed(0)
-    model = torchvision.models.get_model(arch, weights=None).eval().requires_grad_(False)
-    layer = default_layer(probe_layers(model, 3, (size, size)), model)
-    assert layer is not None
+    if ":" in arch:
+        model, layer = _library_model(arch, size)
+        with_reference = False  # pytorch-grad-cam needs a reshape of its own per model
+    else:
+        model = torchvision.models.get_model(arch, weights=None).eval().requires_grad_(False)
+        found = default_layer(probe_layers(model, 3, (size, size)), model)
+        assert found is not None
+        layer = found
     reference = None
     if with_reference:
         from pytorch_grad_cam import GradCAM as ReferenceGradCAM

@@ -61,16 +61,26 @@ def build_architecture(
         return model
     available = torchvision.models.list_models(module=torchvision.models)
     if spec.arch not in available:
+        elsewhere = _in_timm(spec.arch)
         raise ModelConfigError(
             name,
             "arch",
-            f"unknown architecture '{spec.arch}'. torchvision classification models "
-            f"are: {', '.join(sorted(available))}; or give 'package.module:factory'",
+            f"unknown architecture '{spec.arch}'{elsewhere}. torchvision classification "
+            f"models are: {', '.join(sorted(available))}; or give 'package.module:factory'",
         )
     try:
         return torchvision.models.get_model(spec.arch, weights=None, **kwargs)
     except (TypeError, ValueError) as error:
         raise ModelConfigError(name, "arch", f"cannot build '{spec.arch}': {error}") from None
+
+
+def _in_timm(arch: str) -> str:
+    """ "; timm has a model of that name: library = "timm"" where it has (timm installed)."""
+    try:
+        timm = importlib.import_module("timm")
+    except ImportError:
+        return ""
+    return '; timm has a model of that name: library = "timm"' if timm.is_model(arch) else ""
 
 
 def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from service.contract.archives import archive_kind, not_weights
 from service.contract.checkpoint_format import HEAD_BYTES, checkpoint_format, not_a_checkpoint
 
 # Keys under which training scripts keep the weights, most specific first.
@@ -45,14 +46,18 @@ class CheckpointError(ValueError):
     """A file that holds no usable weights, or weights that do not fit (the message says why)."""
 
 
-def read_checkpoint(path: Path) -> dict[str, Tensor]:
+def read_checkpoint(path: Path, written: str | None = None) -> dict[str, Tensor]:
     """The state_dict in ``path``, by content: safetensors, or torch's zip or legacy
-    pickle format (loaded with ``weights_only``: no code from the file runs)."""
+    pickle format (loaded with ``weights_only``: no code from the file runs); a model
+    archive is said to be one (``written``: the path as the models file writes it)."""
     with path.open("rb") as handle:
         head = handle.read(HEAD_BYTES)
     kind = checkpoint_format(head)
     if kind is None:
         raise CheckpointError(not_a_checkpoint(path, head))
+    archive = archive_kind(path) if kind == "torch-zip" else None
+    if archive is not None:
+        raise CheckpointError(not_weights(path, archive, written or str(path)))
     try:
         if kind == "safetensors":
             from safetensors.torch import load_file

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torchvision
@@ -25,9 +24,15 @@ from torch import nn
 from service.contract.models_file import ModelsFile, ModelSpec
 from service.engine.layers import UnknownLayerError, default_layer, probe_layers, resolve_layer
 from service.engine.layouts import declare_layout
-from service.engine.loading.architecture import adapt_input_channels, build_architecture
+from service.engine.loading import libraries
 from service.engine.loading.errors import ModelConfigError
-from service.engine.loading.outputs import expose_logits, output_classes, warn_if_probabilities
+from service.engine.loading.outputs import (
+    expose_logits,
+    output_classes,
+    pick_logits,
+    warn_if_probabilities,
+)
+from service.engine.loading.preprocessing import Preprocessing, resolve
 from service.engine.loading.weights import (
     download_state_dict,
     load_weights,
@@ -38,26 +43,22 @@ from service.transport.interface import LayerInfo, ModelInfo
 
 logger = logging.getLogger(__name__)
 
-# ImageNet statistics: the default normalisation of a 3-channel model, and their
-# averages for a 1-channel one, unless the spec or the torchvision weights say otherwise.
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A ready model: eval mode, frozen parameters, on ``device``."""
+    """A ready model: eval mode, frozen parameters, on ``device``; its input as resolved
+    (``preprocessing``: the file's values, else its library's, else the defaults)."""
 
     name: str
     spec: ModelSpec
     module: nn.Module
     labels: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    preprocessing: Preprocessing
     default_layer: str
     layers: tuple[LayerInfo, ...]
     device: torch.device
     load_seconds: float
+    multilabel: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -65,25 +66,34 @@ class LoadedModel:
 
     @property
     def channels(self) -> int:
-        return self.spec.channels
+        return self.preprocessing.channels
 
     @property
     def input_size(self) -> tuple[int, int]:
         """``(height, width)`` of the model input."""
-        return self.spec.input_size
+        return self.preprocessing.input_size
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.preprocessing.std
 
     def info(self) -> ModelInfo:
         """What the HTTP side needs to know of this model (no weights, no torch)."""
+        shape = self.preprocessing
         return ModelInfo(
             name=self.name,
             arch=self.spec.arch,
             labels=self.labels,
-            multilabel=self.spec.multilabel,
-            channels=self.channels,
-            input_size=self.input_size,
-            mean=self.mean,
-            std=self.std,
-            resize=self.spec.resize,
+            multilabel=self.multilabel,
+            channels=shape.channels,
+            input_size=shape.input_size,
+            mean=shape.mean,
+            std=shape.std,
+            resize=shape.resize,
             default_layer=self.default_layer,
             layers=self.layers,
             modules=tuple(name for name, _ in self.module.named_modules() if name),
@@ -92,12 +102,17 @@ class LoadedModel:
                 label: (code.scheme, code.value, code.meaning)
                 for label, code in self.spec.codes.items()
             },
+            scale_size=shape.scale_size,
+            crop_pct=shape.crop_pct,
+            interpolation=shape.interpolation,
+            crop_offset=shape.crop_offset,
+            sources=dict(shape.sources),
+            library=self.spec.library,
         )
 
 
-def _read_labels(
-    name: str, spec: ModelSpec, models: ModelsFile, weights: Any | None
-) -> tuple[str, ...] | None:
+def _read_labels(name: str, spec: ModelSpec, models: ModelsFile) -> tuple[str, ...] | None:
+    """The models file's labels file, if it names one."""
     if spec.labels is not None:
         path = models.resolve_path(spec.labels)
         try:
@@ -110,8 +125,6 @@ def _read_labels(
         if len(set(labels)) != len(labels):
             raise ModelConfigError(name, "labels", f"{path} repeats a label")
         return labels
-    if weights is not None and "categories" in weights.meta:
-        return tuple(weights.meta["categories"])
     return None
 
 
@@ -142,37 +155,39 @@ def _torchvision_class_names(name: str, spec: ModelSpec, classes: int) -> tuple[
 def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu") -> LoadedModel:
     """Build, load and check model ``name`` of ``models``; ``ConfigError`` on any mistake.
 
-    The steps in order, each a function below: labels and class count from the file,
-    the module with its weights, its outputs, the labels it ends with, its target layer.
+    The steps in order, each a function: labels and class count from the file, the
+    module from its library with its weights, its input as resolved, its outputs, the
+    labels it ends with, its target layer.
     """
     started = time.monotonic()
     spec = models.models[name]
-    weights_enum = torchvision_weights(name, spec, models)
-    labels = _read_labels(name, spec, models, weights_enum)
-    num_classes = _declared_classes(name, spec, labels)
-    model = build_architecture(name, spec, num_classes, models.base_dir)
+    labels = _read_labels(name, spec, models)
+    built = libraries.build(name, spec, _declared_classes(name, spec, labels), models)
+    model = built.module
     declare_layout(model, spec.layout, spec.prefix_tokens)
-    if ":" not in spec.arch:
-        adapt_input_channels(model, spec.channels)
-    _load_model_weights(name, spec, models, model, weights_enum)
-    classes = _freeze_and_count_outputs(name, spec, model, num_classes)
-    labels = _final_labels(name, spec, labels, classes)
-    layers = tuple(probe_layers(model, spec.channels, spec.input_size))
+    shape = resolve(spec, built.config)
+    if not built.weights_loaded:
+        _load_model_weights(name, spec, models, model, shape.channels)
+    multilabel = spec.multilabel if spec.given("multilabel") else bool(built.multilabel)
+    classes = _freeze_and_count_outputs(name, spec, model, shape, multilabel)
+    labels = _final_labels(name, spec, labels or built.labels, classes)
+    layers = tuple(probe_layers(model, shape.channels, shape.input_size))
     layer = _target_layer(name, spec, model, layers, classes)
-    mean, std = _normalisation(spec, weights_enum)
     torch_device = torch.device(device)
     model.to(torch_device)
+    if built.place is not None:
+        built.place(model, torch_device)
     return LoadedModel(
         name=name,
         spec=spec,
         module=model,
         labels=labels,
-        mean=mean,
-        std=std,
+        preprocessing=shape,
         default_layer=layer,
         layers=layers,
         device=torch_device,
         load_seconds=time.monotonic() - started,
+        multilabel=multilabel,
     )
 
 
@@ -190,34 +205,40 @@ def _declared_classes(name: str, spec: ModelSpec, labels: tuple[str, ...] | None
 
 
 def _load_model_weights(
-    name: str, spec: ModelSpec, models: ModelsFile, model: nn.Module, weights_enum: Any | None
+    name: str, spec: ModelSpec, models: ModelsFile, model: nn.Module, channels: int
 ) -> None:
     """Fit ``model`` with torchvision's named weights or the file's; none leaves it random."""
+    weights_enum = (
+        torchvision_weights(name, spec, models) if spec.library == "torchvision" else None
+    )
     if weights_enum is not None:
         state = download_state_dict(name, spec, weights_enum)
-        load_weights(name, model, state, f"torchvision weights {weights_enum.name}", spec.channels)
+        load_weights(name, model, state, f"torchvision weights {weights_enum.name}", channels)
     elif spec.weights is not None:
         path = models.resolve_path(spec.weights)
-        load_weights(name, model, read_state_dict(name, path), str(path), spec.channels)
+        state = read_state_dict(name, path, spec.weights)
+        load_weights(name, model, state, str(path), channels, spec)
     else:
         logger.warning("model '%s' has no weights: its parameters are random", name)
 
 
 def _freeze_and_count_outputs(
-    name: str, spec: ModelSpec, model: nn.Module, num_classes: int | None
+    name: str, spec: ModelSpec, model: nn.Module, shape: Preprocessing, multilabel: bool
 ) -> int:
     """Put ``model`` in eval mode with frozen parameters, make it answer logits, and
     return how many classes it has: as many as declared, if any were."""
     model.eval()
     model.requires_grad_(False)
+    pick_logits(name, model, shape, spec.logits)
     if spec.output == "probabilities":
-        expose_logits(name, model, spec)
+        expose_logits(name, model, shape, multilabel)
     else:
-        warn_if_probabilities(name, model, spec)
-    classes = output_classes(name, model, spec)
-    if num_classes is not None and classes != num_classes:
+        warn_if_probabilities(name, model, shape, multilabel)
+    classes = output_classes(name, model, shape)
+    declared = spec.num_classes
+    if declared is not None and classes != declared:
         raise ModelConfigError(
-            name, "num_classes", f"the model has {classes} outputs, not {num_classes}"
+            name, "num_classes", f"the model has {classes} outputs, not {declared}"
         )
     return classes
 
@@ -227,8 +248,12 @@ def _final_labels(
 ) -> tuple[str, ...]:
     """The model's labels: the file's, else torchvision's class names, else the class
     numbers; every label the file gives a code must be one of them."""
-    if labels is None:
+    if labels is None and spec.library == "torchvision":
         labels = _torchvision_class_names(name, spec, classes)
+    if labels is not None and len(labels) != classes:
+        raise ModelConfigError(
+            name, "labels", f"{len(labels)} labels for the model's {classes} outputs"
+        )
     if labels is None:
         labels = tuple(str(i) for i in range(classes))
     unknown = [label for label in spec.codes if label not in labels]
@@ -285,20 +310,3 @@ def _named_layer(name: str, layer: str, model: nn.Module, layers: tuple[LayerInf
             "a transformer's tokens, exactly once per forward pass",
         )
     return layer
-
-
-def _normalisation(
-    spec: ModelSpec, weights: Any | None
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    mean: tuple[float, ...] = _IMAGENET_MEAN
-    std: tuple[float, ...] = _IMAGENET_STD
-    if weights is not None:
-        transform = weights.transforms()
-        mean = tuple(getattr(transform, "mean", mean))
-        std = tuple(getattr(transform, "std", std))
-    if spec.channels == 1:
-        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-    return (
-        tuple(float(v) for v in spec.mean) if spec.mean is not None else mean,
-        tuple(float(v) for v in spec.std) if spec.std is not None else std,
-    )

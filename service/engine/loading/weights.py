@@ -26,6 +26,7 @@ from service.engine.loading.checkpoints import (
     read_checkpoint,
 )
 from service.engine.loading.errors import ModelConfigError
+from service.engine.loading.origins import origin_hint
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,13 @@ def download_state_dict(name: str, spec: ModelSpec, weights: Any) -> dict[str, T
         ) from None
 
 
-def read_state_dict(name: str, path: Path) -> dict[str, Tensor]:
-    """The state dict of the checkpoint file at ``path``."""
+def read_state_dict(name: str, path: Path, written: str | None = None) -> dict[str, Tensor]:
+    """The state dict of the checkpoint file at ``path`` (``written``: as the models file
+    writes it)."""
     if not path.is_file():
         raise ModelConfigError(name, "weights", f"file {path} does not exist")
     try:
-        return read_checkpoint(path)
+        return read_checkpoint(path, written)
     except CheckpointError as error:
         raise ModelConfigError(name, "weights", str(error)) from None
 
@@ -91,9 +93,15 @@ def _fit_first_conv(model: nn.Module, state: dict[str, Tensor], channels: int) -
 
 
 def load_weights(
-    name: str, model: nn.Module, state: dict[str, Tensor], source: str, channels: int
+    name: str,
+    model: nn.Module,
+    state: dict[str, Tensor],
+    source: str,
+    channels: int,
+    spec: ModelSpec | None = None,
 ) -> None:
-    """Fit ``state`` (read from ``source``) to ``model`` and load it, strictly."""
+    """Fit ``state`` (read from ``source``) to ``model`` and load it, strictly; a file
+    that does not fit says which library's model its keys are, where that is known."""
     expected = model.state_dict()
     try:
         fitted = fit_keys(state, expected)
@@ -101,8 +109,9 @@ def load_weights(
         _fit_first_conv(model, state, channels)
         check_shapes(state, expected)
     except CheckpointError as error:
+        hint = origin_hint(spec, state) if spec is not None else ""
         raise ModelConfigError(
-            name, "weights", f"{source} does not fit the architecture: {error}"
+            name, "weights", f"{source} does not fit the architecture: {error}{hint}"
         ) from None
     if fitted.change:
         logger.info(

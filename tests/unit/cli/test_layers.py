@@ -1,6 +1,9 @@
-"""gradcam-service layers: the model's layers with their shapes, the default marked."""
+"""gradcam-service layers: the model's layers with their shapes, the default marked, and
+the layers not offered with the reason."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -12,3 +15,44 @@ def test_layers_lists_shapes_and_default(capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "* features " in out and "128×16×16" in out
     assert "features.stage2" in out
+
+
+def test_layers_says_why_a_layer_is_not_offered(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(
+        '[models.vit]\narch = "tests.tiny_transformers:tiny_vit"\n'
+        'input_size = [32, 32]\nmemory_format = "contiguous"\n'
+    )
+    assert main(["layers", "--models", str(path)]) == 0
+    listed, _, refused = capsys.readouterr().out.partition("not offered, and why:\n")
+    assert "* encoder.layers.encoder_layer_1.ln_1" in listed and "self_attention" not in listed
+    # torch's MultiheadAttention returns (output, weights).
+    assert refused.splitlines() == [
+        f"- encoder.layers.encoder_layer_{i}.self_attention  MultiheadAttention   "
+        "returns a tuple of 2, not a tensor"
+        for i in range(2)
+    ]
+
+
+def test_layers_knows_a_timm_vit_and_refuses_its_per_head_norms(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A timm ViT, its layout known without a declaration: its grid from its own patch
+    embedding at 48×64, and its per-head query and key norms refused, with the reason."""
+    path = tmp_path / "models.toml"
+    path.write_text(
+        '[models.vit]\narch = "tests.library_models:timm_vit"\n'
+        'input_size = [48, 64]\nmemory_format = "contiguous"\n'
+    )
+    assert main(["layers", "--models", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "* blocks.1.norm1" in out and "24×3×4  (from tokens)" in out
+    listed, _, refused = out.partition("not offered, and why:\n")
+    assert "q_norm" not in listed
+    line = next(line for line in refused.splitlines() if "blocks.1.attn.q_norm" in line)
+    assert line.startswith("- blocks.1.attn.q_norm ") and line.endswith(
+        "returns (N, 2, 13, 12) inside a token model: per-head attention "
+        "(N, heads, tokens, dim), not a map"
+    )

@@ -85,6 +85,20 @@ BAD_FILES = [
     ('[models."%2F"]\narch = "resnet18"\n', ["model name '%2F'"]),
     (f'[models.{"m" * 65}]\narch = "resnet18"\n', ["up to 64 characters"]),
     ('[models.m\narch = "resnet18"\n', ["not valid TOML"]),
+    # A model archive (contract/archives.py): TorchScript is refused by name, and an
+    # exported program holds its weights and was built with its arguments.
+    (
+        '[models.m]\nlibrary = "torchscript"\narch = "m.ts"\n',
+        ["model 'm', key 'library'", "TorchScript is not served", "torch.export.save"],
+    ),
+    (
+        '[models.m]\nlibrary = "torch.export"\narch = "m.pt2"\nweights = "w.pth"\n',
+        ["model 'm'", 'weights is not read with library = "torch.export"'],
+    ),
+    (
+        '[models.m]\nlibrary = "torch.export"\narch = "m.pt2"\narch_args = { a = 1 }\n',
+        ["model 'm'", "arch_args is not read"],
+    ),
 ]
 
 

@@ -4,6 +4,7 @@ one line naming the file or setting and the fix."""
 from __future__ import annotations
 
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,46 @@ def test_torchvision_weight_names_are_left_to_the_engine(tmp_path: Path) -> None
     for name in ("DEFAULT", "IMAGENET1K_V2", "ResNet50_Weights.IMAGENET1K_V2"):
         body = f'[models.m]\narch = "resnet50"\nweights = "{name}"\n'
         check_model_files(load_models_file(_models(tmp_path, body)))
+
+
+def _archives(folder: Path) -> None:
+    """A TorchScript and a torch.export archive of one small model, and its state_dict."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten()).eval()
+    example = torch.zeros(2, 3, 8, 8)
+    with warnings.catch_warnings():  # torch.jit is deprecated in torch 2.x
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(model), str(folder / "m.ts"))
+    batch = {"input": {0: torch.export.Dim("batch")}}
+    program = torch.export.export(model, (example,), dynamic_shapes=batch)
+    torch.export.save(program, folder / "m.pt2")
+    torch.save(model.state_dict(), folder / "m.pth")
+
+
+def test_a_model_archive_given_as_weights_is_named(tmp_path: Path) -> None:
+    _archives(tmp_path)
+    for weights, says in (
+        ("m.ts", "m.ts is a TorchScript archive; Grad-CAM cannot hook the layers"),
+        ("m.pt2", 'm.pt2 is a torch.export archive, not a state_dict: .*arch = "m.pt2"'),
+    ):
+        body = f'[models.m]\narch = "resnet18"\nweights = "{weights}"\n'
+        with pytest.raises(ConfigError, match=f"model 'm', key 'weights': .*{says}"):
+            check_model_files(load_models_file(_models(tmp_path, body)))
+
+
+def test_a_torch_export_archive_is_one_before_the_engine_reads_it(tmp_path: Path) -> None:
+    _archives(tmp_path)
+    (tmp_path / "cut.pt2").write_bytes((tmp_path / "m.pt2").read_bytes()[:300])
+    for arch, says in (
+        ("m.ts", "m.ts is a TorchScript archive;.*Ship its state_dict"),
+        ("m.pth", r"m.pth is a checkpoint \(a state_dict\), not a torch.export archive"),
+        ("cut.pt2", "cut.pt2 is a damaged zip archive"),
+        ("gone.pt2", "torch.export archive .*gone.pt2 does not exist"),
+    ):
+        body = f'[models.m]\nlibrary = "torch.export"\narch = "{arch}"\n'
+        with pytest.raises(ConfigError, match=f"model 'm', key 'arch': .*{says}"):
+            check_model_files(load_models_file(_models(tmp_path, body)))
+    body = '[models.m]\nlibrary = "torch.export"\narch = "m.pt2"\n'
+    check_model_files(load_models_file(_models(tmp_path, body)))
 
 
 def test_cuda_without_a_gpu_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
