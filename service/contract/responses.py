@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidat
 from pydantic.json_schema import SkipJsonSchema
 
 from service.contract.terms import (
+    ChannelOrder,
+    CropOffset,
     HeatmapEncoding,
     HeatmapFormat,
     Interpolation,
@@ -295,6 +297,16 @@ class ModelDetail(ModelSummary):
         default=None, description="[height, width] before the centre is cut; null: no cut."
     )
     interpolation: Interpolation = "bilinear"
+    crop_offset: CropOffset = Field(
+        default="round",
+        description=(
+            "How the centre cut's offset is rounded at an odd margin: 'round' (half to "
+            "even, torchvision's CenterCrop, timm) or 'floor' (the Hugging Face processors)."
+        ),
+    )
+    channel_order: ChannelOrder = Field(
+        default="rgb", description="The order of the input's colour channels ('bgr': MobileViT's)."
+    )
     sources: dict[str, str] = Field(
         default_factory=dict,
         description=(

@@ -166,6 +166,8 @@ def model_view(name: str) -> Response:
                 "crop_pct": model.crop_pct,
                 "scale_size": list(model.scale_size) if model.scale_size else None,
                 "interpolation": model.interpolation,
+                "crop_offset": model.crop_offset,
+                "channel_order": model.channel_order,
                 "sources": model.sources,
                 "device": model.device,
                 "precision": model.precision,

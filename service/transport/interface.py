@@ -30,6 +30,7 @@ from service.contract.errors import ClientClosed, DeadlineExceeded, UnknownModel
 from service.contract.suggestions import close_matches, did_you_mean
 from service.contract.terms import (
     Box,
+    ChannelOrder,
     CropOffset,
     Interpolation,
     LayerLayout,
@@ -110,6 +111,7 @@ class ModelInfo:
     crop_pct: float = 1.0
     interpolation: Interpolation = "bilinear"
     crop_offset: CropOffset = "round"
+    channel_order: ChannelOrder = "rgb"
     sources: dict[str, str] = field(default_factory=dict)
     library: str = "torchvision"
 

@@ -106,6 +106,7 @@ class LoadedModel:
             crop_pct=shape.crop_pct,
             interpolation=shape.interpolation,
             crop_offset=shape.crop_offset,
+            channel_order=shape.channel_order,
             sources=dict(shape.sources),
             library=self.spec.library,
         )

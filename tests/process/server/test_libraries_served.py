@@ -101,6 +101,9 @@ def test_the_detail_says_where_each_preprocessing_value_came_from(served: LiveSe
     hf_model = details["hfvit"]
     assert hf_model["labels"] == ["normal", "nodule"] and hf_model["input_size"] == [64, 64]
     assert hf_model["sources"]["std"] == "the Hugging Face image processor"
+    # Its processor's centre cut floors the offset where timm's rounds it.
+    assert (hf_model["crop_offset"], timm_model["crop_offset"]) == ("floor", "round")
+    assert hf_model["channel_order"] == "rgb"
     monai_model = details["cxr"]
     assert monai_model["channels"] == 1 and monai_model["mean"] == [0.0]
     assert monai_model["sources"]["input_size"] == "models file"
