@@ -84,6 +84,18 @@ def flat_request(
     raise _named_as_sent(problem, query)
 
 
+def refuse_query_beside_json(query: Mapping[str, Sequence[str]]) -> None:
+    """A JSON body carries its options itself: a query parameter beside it would be ignored
+    (``format=overlay`` would not give an overlay), so it is a 422 naming it."""
+    for name in query:
+        raise InvalidField(
+            f"Query parameter '{name}' is not read beside a JSON body, which carries its "
+            "options itself (the query is for an image file or a form sent as the body); "
+            "move it into the body.",
+            field=name,
+        )
+
+
 def query_fields(query: Mapping[str, Sequence[str]], count: int) -> dict[str, Any]:
     """The request fields a query string sets, as a JSON body would hold them, for
     ``count`` images; a 422 for a parameter the mapping lacks (with the close matches), or

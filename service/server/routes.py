@@ -11,6 +11,7 @@ from flask import Blueprint, Response, current_app, g, request
 from pydantic import BaseModel
 
 from service.contract.errors import ErrorCode, Overloaded, UnsupportedMediaType
+from service.contract.flat_options import refuse_query_beside_json
 from service.contract.requests import parse_explain_request
 from service.contract.responses import (
     Layers,
@@ -108,11 +109,13 @@ def explain_view() -> Response:
         )
     refuse_compressed_body()
     settings = current_settings()
+    query = {name: request.args.getlist(name) for name in request.args}
+    if mimetype == "application/json":
+        refuse_query_beside_json(query)
     with admitted_body() as (data, context):
         if mimetype == "application/json":
             body = parse_explain_request(data, context.reserve_parsing)
             return json_response(explain(body, current_engine(), settings, context))
-        query = {name: request.args.getlist(name) for name in request.args}
         boundary = request.mimetype_params.get("boundary", "")
         body = image_request(
             mimetype, data, boundary, query, context, settings.max_images_per_request

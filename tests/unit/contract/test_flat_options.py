@@ -10,7 +10,13 @@ import orjson
 import pytest
 
 from service.contract.errors import InvalidField
-from service.contract.flat_options import QUERY_FIELDS, QUERY_NAMES, flat_request, query_fields
+from service.contract.flat_options import (
+    QUERY_FIELDS,
+    QUERY_NAMES,
+    flat_request,
+    query_fields,
+    refuse_query_beside_json,
+)
 from service.contract.requests import ExplainRequest, HeatmapOptions, parse_explain_request
 
 IMAGE = b"\x89PNG not really"
@@ -132,3 +138,10 @@ def test_options_come_from_one_place_and_hold_no_images() -> None:
     with pytest.raises(InvalidField) as raised:
         flat_request([IMAGE], {}, {"images": ["aGk="]})
     assert raised.value.field == "images"
+
+
+def test_a_query_beside_a_json_body_is_refused_not_ignored() -> None:
+    refuse_query_beside_json({})
+    with pytest.raises(InvalidField) as raised:
+        refuse_query_beside_json({"format": ["overlay"]})
+    assert raised.value.field == "format" and "JSON body" in raised.value.message

@@ -170,3 +170,11 @@ def test_other_bodies_are_a_415_naming_the_doors(client: FlaskClient) -> None:
     message = _error(answer, 415)["message"]
     assert "application/json" in message and "image/png" in message
     assert "multipart/form-data" in message and "application/dicom" in message
+
+
+def test_a_json_body_takes_no_query(client: FlaskClient) -> None:
+    """The query is the image doors' options: beside a JSON body it would be ignored."""
+    answer = client.post(
+        "/v1/explain?format=overlay", json={"images": [encode(phantom_png(1, 32, 32))]}
+    )
+    assert _error(answer, 422)["field"] == "format"
