@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -28,6 +28,7 @@ import pytest
 import requests
 import torch
 import torchvision
+import urllib3
 from PIL import Image
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -84,6 +85,17 @@ def png_bytes(array: np.ndarray, **save_args: object) -> bytes:
 
 def encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def form_body(parts: Sequence[tuple[str, bytes | str]]) -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type, its parts in the order given: bytes
+    as a file part (with a filename, as curl -F name=@file sends it), str as a text field.
+    (Flask's test client and requests group the parts by name.)"""
+    fields: list[tuple[str, Any]] = [
+        (name, (f"{name}.bin", value) if isinstance(value, bytes) else value)
+        for name, value in parts
+    ]
+    return urllib3.encode_multipart_formdata(fields)
 
 
 def bomb_png(width: int, height: int) -> bytes:

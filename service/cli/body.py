@@ -18,7 +18,7 @@ import orjson
 from service.cli import common
 from service.cli.common import EXIT_OK, EXIT_USAGE, Subparsers
 from service.contract.errors import ServiceError
-from service.contract.requests import parse_explain_request
+from service.contract.requests import parse_explain_request, target_ref
 from service.contract.responses import to_json
 from service.contract.terms import (
     METHODS,
@@ -28,7 +28,6 @@ from service.contract.terms import (
     ReportFormat,
 )
 from service.imaging.decoding import image_format
-from service.pipeline.offline import target_ref
 
 
 class BodyRefused(Exception):

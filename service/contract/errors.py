@@ -83,7 +83,11 @@ class ErrorCode(StrEnum):
         "JSON of over 100000 values, or an object of over 256 keys",
     )
     URI_TOO_LONG = "uri_too_long", 414, "the request target is too long"
-    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415, "the body is not JSON"
+    UNSUPPORTED_MEDIA_TYPE = (
+        "unsupported_media_type",
+        415,
+        "the body is not JSON, an image file or a form",
+    )
     UNSUPPORTED_CONTENT_ENCODING = ("unsupported_content_encoding", 415, "a compressed body")
     UNSUPPORTED_IMAGE = "unsupported_image", 415, "an image format the service does not read"
     INVALID_BODY = "invalid_body", 422, "the body is not a JSON object"

@@ -16,11 +16,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBytes,
     StrictInt,
     StrictStr,
     ValidationError,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from service.contract.errors import InvalidField
 from service.contract.json_body import json_object
@@ -42,6 +44,15 @@ ClassRef = StrictInt | Annotated[StrictStr, Field(min_length=1)]
 # error, not one each (json_body.py).
 TargetSpec = ClassRef | Annotated[list[ClassRef], Field(min_length=1, fail_fast=True)] | None
 _Frame = Annotated[StrictInt, Field(ge=0)]
+# An image file's bytes as they came: the raw-image and form doors (``flat_options.py``)
+# hand them over without a base64 round trip (two more copies of every image). JSON never
+# gives bytes, so the JSON contract, and openapi.yaml, knows only base64 text.
+_FileBytes = SkipJsonSchema[StrictBytes]
+
+
+def target_ref(text: str) -> int | str:
+    """A class given as text (a command line, a query string): its index, or its label."""
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 class HeatmapOptions(BaseModel):
@@ -141,7 +152,9 @@ class ExplainRequest(BaseModel):
     model: Annotated[StrictStr, Field(min_length=1)] | None = Field(
         default=None, description="A model of the models file; default the file's default model."
     )
-    images: Annotated[list[StrictStr | DicomWebImage], Field(min_length=1, fail_fast=True)] = Field(
+    images: Annotated[
+        list[StrictStr | DicomWebImage | _FileBytes], Field(min_length=1, fail_fast=True)
+    ] = Field(
         description=(
             "Base64 (or a data: URL) of PNG (8/16-bit), JPEG, TIFF, BMP, WebP, GIF or DICOM "
             "images (other formats are a 415), or an instance on a DICOMweb server named by "

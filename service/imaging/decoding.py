@@ -54,18 +54,23 @@ def _looks_like_image(data: bytes) -> bool:
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+def empty_image(index: int) -> InvalidField:
+    """The error for image ``index`` sent with no bytes at all (base64 or a file)."""
+    return InvalidField(
+        f"Image {index} is empty.",
+        code=ErrorCode.EMPTY_IMAGE,
+        image=index,
+        field=f"images[{index}]",
+    )
+
+
 def decode_base64(text: str, index: int) -> bytes:
     """Raw base64 or a ``data:`` URL (standard or URL-safe alphabet, whitespace allowed)."""
     match = _DATA_URL.match(text.lstrip())
     body = text.lstrip()[match.end() :] if match else text
     body = _WHITESPACE.sub("", body)
     if not body:
-        raise InvalidField(
-            f"Image {index} is empty.",
-            code=ErrorCode.EMPTY_IMAGE,
-            image=index,
-            field=f"images[{index}]",
-        )
+        raise empty_image(index)
     body += "=" * (-len(body) % 4)
     try:
         if "-" in body or "_" in body:

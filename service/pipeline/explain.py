@@ -36,7 +36,7 @@ from service.contract.responses import (
 )
 from service.contract.settings import Settings
 from service.contract.terms import DICOM_FORMATS
-from service.imaging.decoding import decode_base64
+from service.imaging.decoding import decode_base64, empty_image
 from service.pipeline.budgets import RequestBudget
 from service.pipeline.context import RequestContext
 from service.pipeline.dicomweb import DicomWebServers, InstanceRef, fetch_instance, store
@@ -192,16 +192,21 @@ def _keep(request: ExplainRequest) -> Keep:
 
 
 def _image_bytes(
-    given: str | DicomWebImage,
+    given: str | DicomWebImage | bytes,
     index: int,
     *,
     servers: DicomWebServers,
     settings: Settings,
     context: RequestContext,
 ) -> bytes:
-    """An image's file: sent as base64, or fetched from a DICOMweb server (WADO-RS)."""
+    """An image's file: sent as base64, as the file itself (the raw-image and form doors),
+    or fetched from a DICOMweb server (WADO-RS)."""
     if isinstance(given, str):
         return decode_base64(given, index)
+    if isinstance(given, bytes):
+        if not given:
+            raise empty_image(index)
+        return given
     ref = given.dicomweb
     return fetch_instance(
         InstanceRef(ref.url, ref.study, ref.series, ref.instance),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from service.contract.errors import ServiceError
-from service.contract.requests import ClassRef, HeatmapOptions
+from service.contract.requests import ClassRef, HeatmapOptions, target_ref
 from service.contract.settings import Settings
 from service.pipeline.budgets import RequestBudget
 from service.pipeline.context import RequestContext
@@ -34,11 +34,6 @@ from service.transport.interface import Engine, ModelInfo
 
 # A file's images are charged for nothing drawn: the commands draw what they write.
 _NOTHING_DRAWN = HeatmapOptions(format="none", size="original")
-
-
-def target_ref(text: str) -> int | str:
-    """A target given on the command line: a class index, or a label."""
-    return int(text) if text.lstrip("-").isdigit() else text
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from flask import Blueprint, Response, current_app, g, request
 from pydantic import BaseModel
 
 from service.contract.errors import ErrorCode, Overloaded, UnsupportedMediaType
+from service.contract.flat_options import refuse_query_beside_json
 from service.contract.requests import parse_explain_request
 from service.contract.responses import (
     Layers,
@@ -27,6 +28,8 @@ from service.pipeline.budgets import BODY_COPIES
 from service.pipeline.context import RequestContext
 from service.pipeline.explain import explain
 from service.server.environ import draining
+from service.server.image_doors import FORM_TYPE, RAW_TYPES, image_request, is_image_door
+from service.server.pictures import picture_response
 from service.transport.interface import Catalog, Engine, ModelInfo
 
 api = Blueprint("api", __name__)
@@ -93,16 +96,33 @@ def client_disconnected() -> bool:
 
 @api.post("/v1/explain")
 def explain_view() -> Response:
-    if request.mimetype != "application/json":
+    """Three doors to one request: a JSON body; an image file as the body, or a form of
+    image files, with their options in the query (``image_doors.py``), which may be
+    answered with the picture itself (``pictures.py``)."""
+    mimetype = request.mimetype
+    if mimetype != "application/json" and not is_image_door(mimetype):
         raise UnsupportedMediaType(
-            f"Send the request as JSON (Content-Type: application/json), not "
-            f"'{request.mimetype or 'no content type'}'.",
+            f"Send the request as JSON (Content-Type: application/json), as an image file "
+            f"({', '.join(RAW_TYPES)}) or as a form of image files ({FORM_TYPE}), not "
+            f"'{mimetype or 'no content type'}'.",
             code=ErrorCode.UNSUPPORTED_MEDIA_TYPE,
         )
     refuse_compressed_body()
+    settings = current_settings()
+    query = {name: request.args.getlist(name) for name in request.args}
+    if mimetype == "application/json":
+        refuse_query_beside_json(query)
     with admitted_body() as (data, context):
-        body = parse_explain_request(data, context.reserve_parsing)
-        return json_response(explain(body, current_engine(), current_settings(), context))
+        if mimetype == "application/json":
+            body = parse_explain_request(data, context.reserve_parsing)
+            return json_response(explain(body, current_engine(), settings, context))
+        boundary = request.mimetype_params.get("boundary", "")
+        body = image_request(
+            mimetype, data, boundary, query, context, settings.max_images_per_request
+        )
+        answer = explain(body, current_engine(), settings, context)
+        picture = picture_response(body.heatmap, answer, request.accept_mimetypes)
+        return picture or json_response(answer)
 
 
 @contextmanager

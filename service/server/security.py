@@ -35,6 +35,7 @@ from pathlib import Path
 
 from service.contract.errors import ConfigError, ErrorCode, Forbidden, ServiceError
 from service.contract.settings import Settings
+from service.server.pictures import PICTURE_HEADERS
 
 # The shortest token accepted: guessing must be hopeless, not just slow.
 MIN_TOKEN_LENGTH = 16
@@ -185,7 +186,10 @@ class AccessPolicy:
         headers = {
             "Access-Control-Allow-Origin": allowed,
             "Vary": "Origin",
-            "Access-Control-Expose-Headers": "X-Request-ID, Retry-After",
+            # A page reads a picture answer's scores from its headers too.
+            "Access-Control-Expose-Headers": ", ".join(
+                ("X-Request-ID", "Retry-After", *PICTURE_HEADERS)
+            ),
         }
         if preflight:
             headers.update(

@@ -173,6 +173,85 @@ CATALOGUE: list[tuple[str, bytes, int, str]] = [
         415,
         "unsupported_media_type",
     ),
+    # --- the image doors: a raw image body, a multipart form -----------------------------
+    (
+        "raw body not an image",
+        _raw(b"not an image at all", content_type="image/png"),
+        415,
+        "unsupported_image",
+    ),
+    ("raw body empty", _raw(b"", content_type="application/octet-stream"), 422, "empty_image"),
+    (
+        "raw body, unknown query",
+        _raw(PNG, content_type="image/png", path="/v1/explain?topk=2"),
+        422,
+        "invalid_field",
+    ),
+    (
+        "raw body, top_k not a number",
+        _raw(PNG, content_type="image/png", path="/v1/explain?top_k=abc"),
+        422,
+        "invalid_field",
+    ),
+    (
+        "JSON body with a query",
+        _raw({"images": [GOOD]}, path="/v1/explain?format=overlay"),
+        422,
+        "invalid_field",
+    ),
+    ("form without a boundary", _raw(b"x", content_type="multipart/form-data"), 400, "bad_request"),
+    (
+        "form boundary not ASCII",
+        _raw(b"x", content_type="multipart/form-data; boundary=\xe9"),
+        400,
+        "bad_request",
+    ),
+    (
+        "form cut short",
+        _raw(
+            b'--b\r\nContent-Disposition: form-data; name="image"; filename="a"\r\n\r\nabc',
+            content_type="multipart/form-data; boundary=b",
+        ),
+        400,
+        "bad_request",
+    ),
+    (
+        "form part without a disposition",
+        _raw(
+            b"--b\r\nContent-Type: image/png\r\n\r\nabc\r\n--b--\r\n",
+            content_type="multipart/form-data; boundary=b",
+        ),
+        400,
+        "bad_request",
+    ),
+    (
+        "form of 5000 parts",
+        _raw(
+            b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n' * 5000 + b"--b--\r\n",
+            content_type="multipart/form-data; boundary=b",
+        ),
+        413,
+        "request_too_large",
+    ),
+    (
+        "form without an image",
+        _raw(
+            b'--b\r\nContent-Disposition: form-data; name="options"\r\n\r\n{}\r\n--b--\r\n',
+            content_type="multipart/form-data; boundary=b",
+        ),
+        422,
+        "invalid_field",
+    ),
+    (
+        "form from another origin",
+        _raw(
+            b"x",
+            content_type="multipart/form-data; boundary=b",
+            headers="Origin: https://evil.example\r\n",
+        ),
+        403,
+        "forbidden",
+    ),
     # --- fields ------------------------------------------------------------------------
     ("missing images", _raw({"top_k": 2}), 422, "invalid_field"),
     ("images not a list", _raw({"images": GOOD}), 422, "invalid_field"),

@@ -10,9 +10,12 @@ from typing import Any
 import yaml
 from openapi_spec_validator import validate
 
+from service.contract.flat_options import OPTIONS_FIELD, QUERY_NAMES
 from service.contract.openapi import main, render
 from service.engine.runtime import Runtime
 from service.server.app import create_app
+from service.server.image_doors import FORM_TYPE, IMAGE_PARTS, RAW_TYPES
+from service.server.pictures import PICTURE_HEADERS
 from tests.helpers import REPO
 
 SPEC_PATH = REPO / "openapi.yaml"
@@ -61,3 +64,19 @@ def test_routes_match_the_app(runtime: Runtime) -> None:
         if method in ("get", "post", "put", "patch", "delete")
     }
     assert ours == documented
+
+
+def test_the_explain_doors_and_their_query_are_the_apps() -> None:
+    """The body types, query parameters and picture headers of POST /v1/explain are the
+    ones the image doors take and the picture answer sends."""
+    explain = SPEC["paths"]["/v1/explain"]["post"]
+    bodies = set(explain["requestBody"]["content"])
+    assert bodies == {"application/json", FORM_TYPE, *RAW_TYPES}
+    assert set(explain["requestBody"]["content"][FORM_TYPE]["schema"]["properties"]) == {
+        *IMAGE_PARTS,
+        OPTIONS_FIELD,
+    }
+    assert {p["name"] for p in explain["parameters"] if p["in"] == "query"} == set(QUERY_NAMES)
+    answer = explain["responses"]["200"]
+    assert set(answer["headers"]) == set(PICTURE_HEADERS)
+    assert {"application/json", "image/png", "image/jpeg", "image/webp"} == set(answer["content"])
