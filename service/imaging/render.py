@@ -131,10 +131,12 @@ def resample(cam: np.ndarray, geometry: Geometry, size: HeatmapSize) -> np.ndarr
 
 
 def normalise(values: np.ndarray) -> np.ndarray:
-    """Min-max to [0, 1]. An all-zero map stays zeros; a constant positive one becomes ones."""
+    """Min-max to [0, 1]. An all-zero map stays zeros; a flat positive one becomes ones
+    where it is positive: the pixels outside a crop, which the model never saw, stay 0
+    (a random model's map of 1e-16 over its crop once painted the whole image red)."""
     low, high = float(values.min()), float(values.max())
     if high - low <= 1e-12 * max(1.0, abs(high)):
-        return np.ones_like(values) if high > 0 else np.zeros_like(values)
+        return (values > 0).astype(np.float32) if high > 0 else np.zeros_like(values)
     scaled = (values - np.float32(low)) / np.float32(high - low)
     return np.clip(scaled, 0, 1, out=scaled)
 

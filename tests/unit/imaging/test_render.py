@@ -118,6 +118,16 @@ def test_normalise_edge_cases() -> None:
     assert not np.isnan(normalise(np.zeros((2, 2), np.float32))).any()
 
 
+def test_a_flat_map_stays_inside_what_the_model_saw() -> None:
+    # A 517 × 389 image cut to its centre: a flat map (a random model's 1e-16 in every
+    # cell) is ones over the crop and 0 beside it, not ones everywhere.
+    geometry = fit_geometry(517, 389, (128, 128), "crop", (144, 144))
+    drawn = heatmap(np.full((4, 4), 1.26e-16, np.float32), geometry, "original")
+    columns = drawn.max(axis=0)
+    assert columns[0] == 0 and columns[-1] == 0 and columns[517 // 2] == 1
+    assert float(drawn.min()) == 0 and float(drawn.max()) == 1
+
+
 def test_colour_map_and_pngs() -> None:
     assert COLORMAP.shape == (256, 3) and COLORMAP.dtype == np.uint8
     assert tuple(COLORMAP[0]) == (24, 16, 92) and tuple(COLORMAP[255]) == (205, 25, 25)
