@@ -4,6 +4,7 @@ the fixtures that start servers are in ``process/conftest.py``, for the tests be
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,11 @@ from service.engine.runtime import Runtime
 
 # Tests run on the CPU, on the 2 cores of the CI machine.
 torch.set_num_threads(2)
+# The DICOM tests feed the chest demo model CT, MR, ultrasound and secondary-capture
+# files to test the DICOM machinery itself: those images are explained and marked out
+# of the model's domain rather than refused (the CLI and every server a test starts read
+# this). Tests of the refusal, the default, set "refuse" themselves (test_domain.py).
+os.environ.setdefault("GRADCAM_OUT_OF_DOMAIN", "mark")
 
 PROCESS = Path(__file__).resolve().parent / "process"
 
@@ -23,7 +29,7 @@ PROCESS = Path(__file__).resolve().parent / "process"
 @pytest.fixture(scope="session")
 def runtime() -> Iterator[Runtime]:
     """The demo model's runtime, as the CLI and each server worker start it."""
-    rt = Runtime(Settings(device="cpu")).start()
+    rt = Runtime(Settings(device="cpu", out_of_domain="mark")).start()
     yield rt
     rt.close()
 

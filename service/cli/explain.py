@@ -263,6 +263,10 @@ def _write_outputs(
     )
     scores = ", ".join(f"{p.label} {p.score:.3f}" for p in answer.predictions)
     lines = _write_pictures(result, answer, chosen.model, out, stem)
+    if answer.out_of_domain is not None:
+        lines.insert(0, f"out of domain: {answer.out_of_domain}")
+    if chosen.model.random_weights:
+        lines.insert(0, "random weights: the models file gives none, these scores mean nothing")
     if answer.report is not None and answer.report.data is not None:
         report = out / f"{stem}.{_REPORT}"
         report.write_bytes(base64.b64decode(answer.report.data))

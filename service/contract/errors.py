@@ -92,6 +92,11 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_IMAGE = "unsupported_image", 415, "an image format the service does not read"
     INVALID_BODY = "invalid_body", 422, "the body is not a JSON object"
     INVALID_FIELD = "invalid_field", 422, "a field with a wrong value (see field)"
+    OUT_OF_DOMAIN = (
+        "out_of_domain",
+        422,
+        "a DICOM image the model is not for (its modality or body part)",
+    )
     INVALID_BASE64 = "invalid_base64", 422, "an image that is not valid base64"
     EMPTY_IMAGE = "empty_image", 422, "an empty image"
     INVALID_IMAGE = "invalid_image", 422, "an image that cannot be decoded"

@@ -130,7 +130,17 @@ class ModelSpec(BaseModel):
     # Class label -> its code in DICOM Segmentations and SR reports (dicom_codes.py);
     # a class without one gets the service's own scheme, 99GRADCAM.
     codes: dict[StrictStr, ClassCode] = Field(default_factory=dict)
+    # What the model is for (pipeline/domain.py): DICOM Modality codes ("CR", "DX") and
+    # Body Part Examined values ("CHEST"); a DICOM image outside them is refused.
+    modalities: tuple[Annotated[StrictStr, Field(min_length=1)], ...] = ()
+    body_parts: tuple[Annotated[StrictStr, Field(min_length=1)], ...] = ()
     default: StrictBool = False
+
+    @field_validator("modalities", "body_parts")
+    @classmethod
+    def _dicom_codes_in_capitals(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # DICOM writes both in capitals (CS values); "chest" must match "CHEST".
+        return tuple(code.strip().upper() for code in value)
 
     @field_validator("library", mode="before")
     @classmethod

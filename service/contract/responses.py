@@ -220,6 +220,13 @@ class ImageResult(_Answer):
     predictions: list[Prediction]
     explanations: Annotated[list[Explanation], Field(min_length=1)]
     image: Picture | Absent = None
+    out_of_domain: str | Absent = Field(
+        default=None,
+        description=(
+            "With GRADCAM_OUT_OF_DOMAIN=mark: why this DICOM image is not one the model is "
+            "for (its modality or body part against the model's declared ones)."
+        ),
+    )
     segmentation: DicomObject | Absent = Field(
         default=None,
         description=(
@@ -259,6 +266,13 @@ class ExplainResponse(_Answer):
         )
     )
     results: list[ImageResult]
+    random_weights: bool = Field(
+        default=False,
+        description=(
+            "True when the model runs on random weights (the models file gives none): its "
+            "scores and maps mean nothing. Also the header X-Gradcam-Random-Weights."
+        ),
+    )
 
 
 class ModelSummary(_Answer):
@@ -274,6 +288,17 @@ class ModelSummary(_Answer):
         description="[height, width]"
     )
     default_layer: str
+    random_weights: bool = Field(
+        default=False, description="Served without weights: its answers mean nothing."
+    )
+    modalities: list[str] = Field(
+        default_factory=list,
+        description="The DICOM modalities the model is for (empty: not declared).",
+    )
+    body_parts: list[str] = Field(
+        default_factory=list,
+        description="The DICOM body parts the model is for (empty: not declared).",
+    )
 
 
 class ModelDetail(ModelSummary):

@@ -130,6 +130,9 @@ class Settings(BaseModel):
     web_page: bool = True
     # DICOMweb servers requests may name (dicomweb.py): base URLs; none by default.
     dicomweb_servers: str = ""
+    # A DICOM image outside the model's declared modalities or body parts
+    # (pipeline/domain.py): refused with a 422, or explained and marked in its result.
+    out_of_domain: Literal["refuse", "mark"] = "refuse"
 
     @model_validator(mode="after")
     def _hang_after_heartbeat(self) -> Settings:

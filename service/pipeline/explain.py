@@ -100,6 +100,7 @@ def explain(
         layer=layer,
         precision=model.precision,
         results=rendered,
+        random_weights=model.random_weights,
     )
 
 
@@ -150,6 +151,7 @@ def compute(
                 model,
                 partial(budget.admit_image, i, explanations=len(targets[i])),
                 keep,
+                settings.out_of_domain,
             )
             for i, given in enumerate(request.images)
         ]

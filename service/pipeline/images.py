@@ -28,6 +28,7 @@ from service.imaging.render import (
     to_rgb_image,
 )
 from service.imaging.source_header import DicomSource
+from service.pipeline.domain import DomainPolicy, check_domain
 from service.transport.interface import ModelInfo
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class PreparedImage:
     # A DICOM source, for the DICOM objects derived from it (dicom-sc, -pm, -seg, -sr).
     source: DicomSource | None = None
     frame: int | None = None  # the frame explained (multi-frame sources)
+    out_of_domain: str | None = None  # why it is not an image the model is for (domain.py)
 
 
 def _class_index(ref: ClassRef, model: ModelInfo, index: int) -> int:
@@ -114,12 +116,27 @@ class Keep:
 
 
 def prepare_image(
-    data: bytes, slot: ImageSlot, model: ModelInfo, admit: Admit, keep: Keep = Keep()
+    data: bytes,
+    slot: ImageSlot,
+    model: ModelInfo,
+    admit: Admit,
+    keep: Keep = Keep(),
+    domain: DomainPolicy = "refuse",
 ) -> PreparedImage:
     """Decode and fit one image; every problem raises a ``ServiceError`` naming
     ``slot.index``. ``admit(width, height)`` checks the size from the header first
-    (``budgets.py``)."""
+    (``budgets.py``); a DICOM image outside the model's domain is refused before its
+    pixels are decoded, or marked (``domain.py``)."""
     index, frame = slot.index, slot.frame
+    declared = bool(model.modalities or model.body_parts)
+    header = (
+        read_header(data)
+        if (declared or keep.attributes or keep.source) and is_dicom(data)
+        else None
+    )
+    out_of_domain = (
+        check_domain(header, model, index, domain) if declared and header is not None else None
+    )
     # Overlays are drawn on the colour original, even for a 1-channel model.
     colour = keep.display and model.channels == 1
     image = decode_image(data, index, 3 if colour else model.channels, admit, frame)
@@ -135,9 +152,7 @@ def prepare_image(
         model.interpolation,
         model.crop_offset,
     )
-    # The header is read once, for the attributes shown and for derived DICOM objects.
-    wants_header = (keep.attributes or keep.source) and is_dicom(data)
-    header = read_header(data) if wants_header else None
+    # The header is read once: for the domain, the attributes shown, derived objects.
     dicom = describe_dicom(header, frame) if keep.attributes and header is not None else None
     return PreparedImage(
         index,
@@ -149,6 +164,7 @@ def prepare_image(
         dicom,
         DicomSource(header, frame) if keep.source and header is not None else None,
         frame,
+        out_of_domain,
     )
 
 

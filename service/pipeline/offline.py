@@ -83,7 +83,8 @@ def prepare_file(
     budget = RequestBudget(plan.settings, plan.model, plan.layer, _NOTHING_DRAWN)
     admit = partial(budget.admit_image, index, explanations=len(plan.targets))
     keep = Keep(display=keep_display, source=keep_header)
-    return prepare_image(data, ImageSlot(index, plan.targets, frame), plan.model, admit, keep)
+    slot = ImageSlot(index, plan.targets, frame)
+    return prepare_image(data, slot, plan.model, admit, keep, plan.settings.out_of_domain)
 
 
 def problem(error: OSError | ServiceError) -> str:

@@ -379,6 +379,7 @@ def render_result(result: ExplainedImage, model: ModelInfo, render: RenderOption
         ),
         predictions=[_prediction(model, int(i), result.scores) for i in order],
         explanations=drawing.explanations,
+        out_of_domain=prepared.out_of_domain,
     )
     for explanation, curves in zip(answer.explanations, result.curves, strict=False):
         explanation.faithfulness = faithfulness(curves)

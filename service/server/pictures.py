@@ -45,6 +45,9 @@ PICTURE_HEADERS = (
     "X-Gradcam-Raw-Max",
     "X-Gradcam-Predictions",
 )
+# On every answer (JSON or picture) of a model without weights, for clients that read
+# only pictures or only headers; exposed to listed CORS origins with the others.
+RANDOM_WEIGHTS_HEADER = "X-Gradcam-Random-Weights"
 # Printable ASCII stays as it is in a header; the rest (and "%") is percent-encoded.
 _PLAIN = string.punctuation.replace("%", "") + " "
 

@@ -14,6 +14,7 @@ from service.contract.errors import ErrorCode, Overloaded, UnsupportedMediaType
 from service.contract.flat_options import refuse_query_beside_json
 from service.contract.requests import parse_explain_request
 from service.contract.responses import (
+    ExplainResponse,
     Layers,
     LayerShape,
     ModelDetail,
@@ -29,7 +30,7 @@ from service.pipeline.context import RequestContext
 from service.pipeline.explain import explain
 from service.server.environ import draining
 from service.server.image_doors import FORM_TYPE, RAW_TYPES, image_request, is_image_door
-from service.server.pictures import picture_response
+from service.server.pictures import RANDOM_WEIGHTS_HEADER, picture_response
 from service.transport.interface import Catalog, Engine, ModelInfo
 
 api = Blueprint("api", __name__)
@@ -75,6 +76,9 @@ def _summary_fields(model: ModelInfo, default: str) -> dict[str, object]:
         "channels": model.channels,
         "input_size": model.input_size,
         "default_layer": model.default_layer,
+        "random_weights": model.random_weights,
+        "modalities": list(model.modalities),
+        "body_parts": list(model.body_parts),
     }
 
 
@@ -115,14 +119,21 @@ def explain_view() -> Response:
     with admitted_body() as (data, context):
         if mimetype == "application/json":
             body = parse_explain_request(data, context.reserve_parsing)
-            return json_response(explain(body, current_engine(), settings, context))
+            answer = explain(body, current_engine(), settings, context)
+            return _marked(json_response(answer), answer)
         boundary = request.mimetype_params.get("boundary", "")
         body = image_request(
             mimetype, data, boundary, query, context, settings.max_images_per_request
         )
         answer = explain(body, current_engine(), settings, context)
         picture = picture_response(body.heatmap, answer, request.accept_mimetypes)
-        return picture or json_response(answer)
+        return _marked(picture or json_response(answer), answer)
+
+
+def _marked(response: Response, answer: ExplainResponse) -> Response:
+    if answer.random_weights:
+        response.headers[RANDOM_WEIGHTS_HEADER] = "true"
+    return response
 
 
 @contextmanager

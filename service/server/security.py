@@ -35,7 +35,7 @@ from pathlib import Path
 
 from service.contract.errors import ConfigError, ErrorCode, Forbidden, ServiceError
 from service.contract.settings import Settings
-from service.server.pictures import PICTURE_HEADERS
+from service.server.pictures import PICTURE_HEADERS, RANDOM_WEIGHTS_HEADER
 
 # The shortest token accepted: guessing must be hopeless, not just slow.
 MIN_TOKEN_LENGTH = 16
@@ -188,7 +188,7 @@ class AccessPolicy:
             "Vary": "Origin",
             # A page reads a picture answer's scores from its headers too.
             "Access-Control-Expose-Headers": ", ".join(
-                ("X-Request-ID", "Retry-After", *PICTURE_HEADERS)
+                ("X-Request-ID", "Retry-After", RANDOM_WEIGHTS_HEADER, *PICTURE_HEADERS)
             ),
         }
         if preflight:

@@ -112,6 +112,11 @@ class ModelInfo:
     interpolation: Interpolation = "bilinear"
     crop_offset: CropOffset = "round"
     channel_order: ChannelOrder = "rgb"
+    # What the model is for (pipeline/domain.py), and whether it runs on random weights
+    # (no weights given: its answers mean nothing, and every answer says so).
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    random_weights: bool = False
     sources: dict[str, str] = field(default_factory=dict)
     library: str = "torchvision"
 
@@ -139,6 +144,8 @@ class ModelInfo:
                 "labels": tuple(data["labels"]),
                 "input_size": tuple(data["input_size"]),
                 "scale_size": tuple(data["scale_size"]) if data.get("scale_size") else None,
+                "modalities": tuple(data.get("modalities", ())),
+                "body_parts": tuple(data.get("body_parts", ())),
                 "mean": tuple(data["mean"]),
                 "std": tuple(data["std"]),
                 "layers": tuple(LayerInfo(**layer) for layer in data["layers"]),

@@ -59,6 +59,7 @@ class LoadedModel:
     device: torch.device
     load_seconds: float
     multilabel: bool = False
+    random_weights: bool = False  # none were given or built in: its answers mean nothing
 
     @property
     def num_classes(self) -> int:
@@ -107,6 +108,9 @@ class LoadedModel:
             interpolation=shape.interpolation,
             crop_offset=shape.crop_offset,
             channel_order=shape.channel_order,
+            modalities=self.spec.modalities,
+            body_parts=self.spec.body_parts,
+            random_weights=self.random_weights,
             sources=dict(shape.sources),
             library=self.spec.library,
         )
@@ -167,8 +171,9 @@ def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu"
     model = built.module
     declare_layout(model, spec.layout, spec.prefix_tokens)
     shape = resolve(spec, built.config)
+    random_weights = False
     if not built.weights_loaded:
-        _load_model_weights(name, spec, models, model, shape.channels)
+        random_weights = not _load_model_weights(name, spec, models, model, shape.channels)
     multilabel = spec.multilabel if spec.given("multilabel") else bool(built.multilabel)
     classes = _freeze_and_count_outputs(name, spec, model, shape, multilabel)
     labels = _final_labels(name, spec, labels or built.labels, classes)
@@ -189,6 +194,7 @@ def load_model(name: str, models: ModelsFile, device: torch.device | str = "cpu"
         device=torch_device,
         load_seconds=time.monotonic() - started,
         multilabel=multilabel,
+        random_weights=random_weights,
     )
 
 
@@ -207,20 +213,25 @@ def _declared_classes(name: str, spec: ModelSpec, labels: tuple[str, ...] | None
 
 def _load_model_weights(
     name: str, spec: ModelSpec, models: ModelsFile, model: nn.Module, channels: int
-) -> None:
-    """Fit ``model`` with torchvision's named weights or the file's; none leaves it random."""
+) -> bool:
+    """Fit ``model`` with torchvision's named weights or the file's (True); none leaves it
+    random (False)."""
     weights_enum = (
         torchvision_weights(name, spec, models) if spec.library == "torchvision" else None
     )
     if weights_enum is not None:
         state = download_state_dict(name, spec, weights_enum)
         load_weights(name, model, state, f"torchvision weights {weights_enum.name}", channels)
-    elif spec.weights is not None:
+        return True
+    if spec.weights is not None:
         path = models.resolve_path(spec.weights)
         state = read_state_dict(name, path, spec.weights)
         load_weights(name, model, state, str(path), channels, spec)
-    else:
-        logger.warning("model '%s' has no weights: its parameters are random", name)
+        return True
+    logger.warning(
+        "model '%s' has no weights: its parameters are random, and every answer says so", name
+    )
+    return False
 
 
 def _freeze_and_count_outputs(
