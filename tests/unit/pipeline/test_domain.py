@@ -16,6 +16,7 @@ from service.contract.errors import ErrorCode, InvalidField
 from service.contract.requests import ExplainRequest
 from service.contract.settings import Settings
 from service.engine.runtime import Runtime
+from service.pipeline.domain import DomainPolicy
 from service.pipeline.explain import explain
 from tests.helpers import encode, phantom_png
 
@@ -39,7 +40,7 @@ def _with(data: bytes, **attributes: str) -> bytes:
     return out.getvalue()
 
 
-def _explain(runtime: Runtime, data: bytes, policy: str) -> object:
+def _explain(runtime: Runtime, data: bytes, policy: DomainPolicy) -> object:
     settings = Settings(device="cpu", out_of_domain=policy)
     request = ExplainRequest.model_validate({"images": [encode(data)]})
     return explain(request, runtime, settings)
