@@ -195,6 +195,21 @@ def test_the_readmes_explain_command_runs_twice_in_a_row(tmp_path: Path) -> None
     )
 
 
+def test_the_demo_model_is_explained_without_importing_torchvision(tmp_path: Path) -> None:
+    """torchvision imports torch._dynamo and sympy (~0.8 s of a 2-3 s explain on 2
+    cores): imported for torchvision's own models only."""
+    script = (
+        "import sys; from service.cli import main; "
+        f"code = main(['explain', {str(EXAMPLES / 'phantom_nodule.png')!r}, "
+        f"'--out', {str(tmp_path)!r}]); "
+        "print(code, sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=120, check=False
+    )
+    assert done.stdout.decode().splitlines()[-1] == "0 []", done.stderr.decode()
+
+
 @pytest.mark.parametrize("command", [[], ["explain"], ["body"], ["layers"], ["serve"]])
 def test_help_is_plain_text(command: list[str]) -> None:
     done = _cli(*command, "--help")
