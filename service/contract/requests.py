@@ -266,7 +266,7 @@ def invalid_field(error: ValidationError) -> InvalidField:
     deepest: dict[str, tuple[int, str]] = {}  # union place → (depth, member)
     for item in problems:
         place, depth = _path(item, through_unions=False), len(item["loc"])
-        if depth > deepest.get(place, (0, ""))[0]:  # a tie: the first member's
+        if depth > deepest.get(place, (-1, ""))[0]:  # a tie: the first member's
             deepest[place] = (depth, _member(item))
     found: dict[str, _Problem] = {}
     for item in problems:

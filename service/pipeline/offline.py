@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from service.contract.errors import ServiceError
 from service.contract.requests import ClassRef, HeatmapOptions
 from service.contract.settings import Settings
 from service.pipeline.budgets import RequestBudget
@@ -89,13 +88,6 @@ def prepare_file(
     admit = partial(budget.admit_image, index, explanations=len(plan.targets))
     keep = Keep(display=keep_display, source=keep_header)
     return prepare_image(data, ImageSlot(index, plan.targets, frame), plan.model, admit, keep)
-
-
-def problem(error: OSError | ServiceError) -> str:
-    """What to tell of a file that failed: the service's sentence, or the system's."""
-    if isinstance(error, ServiceError):
-        return error.message
-    return error.strerror or str(error)
 
 
 def explain_prepared(

@@ -82,3 +82,10 @@ def test_a_wrong_method_names_the_valid_ones_and_the_nearest() -> None:
     error = _refused(b'{"images": ["aGk="], "method": "grad-cam"}')
     assert "'gradcam', 'gradcam++', 'xgradcam', 'layercam' or 'hirescam'" in error.message
     assert error.suggestions and error.suggestions[0] == "gradcam"
+
+
+def test_a_problem_of_the_whole_body_is_told_as_the_body() -> None:
+    """A rule across fields (a model validator) reports no place: "body"."""
+    error = _refused(b'{"images": ["aGk="], "store": {"url": "http://pacs/"}}')
+    assert error.field == "body"
+    assert error.message.startswith("Field 'body': Value error, store sends DICOM objects")
