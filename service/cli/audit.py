@@ -19,39 +19,80 @@ from service.trust.audit_records import Thresholds
 
 
 def add_parser(sub: Subparsers) -> None:
-    parser = sub.add_parser(
+    parser = common.add_command(
+        sub,
         "audit",
-        help="where a model looks over a dataset: report.json and report.html, "
-        "flagging heatmaps outside their boxes or on the border (docs/trust.md)",
+        "where a model looks over a dataset: report.json and report.html, flagging "
+        "heatmaps outside their boxes or on the border (docs/trust.md)",
+        [
+            "gradcam-service audit --images scans/ --boxes boxes.csv --out audit",
+            "gradcam-service audit --dicomweb studies.txt --target nodule --out audit",
+        ],
+        "Explains every image through the batched engine, logging each as it goes: an "
+        "interrupted audit resumes when the same command runs again.",
     )
     parser.add_argument(
-        "--images", nargs="+", default=[], help="folders (searched recursively) and image files"
+        "--images",
+        nargs="+",
+        default=[],
+        metavar="DIR|FILE",
+        help="folders (searched recursively) and image files; default: none (then --dicomweb)",
     )
     parser.add_argument(
         "--dicomweb",
-        help="a file of DICOMweb studies to audit, one BASE/studies/STUDY-UID per line",
+        metavar="FILE",
+        help="a file of DICOMweb studies to audit, one BASE/studies/STUDY-UID per line; "
+        "default: none",
     )
     parser.add_argument(
-        "--boxes", help="CSV image,label,x0,y0,x1,y1: where each image's evidence lies"
+        "--boxes",
+        metavar="CSV",
+        help="CSV image,label,x0,y0,x1,y1: where each image's evidence lies; default: "
+        "none (then only the mass on the border is judged)",
     )
-    parser.add_argument("--out", required=True, help="folder for the log and the reports")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for the log and the reports"
+    )
     common.add_model_options(parser)
     parser.add_argument("--layer", help="target layer (dotted name); default: the model's")
-    parser.add_argument("--method", **common.one_of(METHODS), default="gradcam")
+    parser.add_argument(
+        "--method",
+        **common.one_of(METHODS),
+        default="gradcam",
+        help="the CAM variant (docs/correctness.md)",
+    )
     parser.add_argument("--target", help="class index or label to explain; default: top-1")
     parser.add_argument(
         "--faithfulness", action="store_true", help="deletion and insertion AUCs per image"
     )
-    parser.add_argument("--max-outside", type=float, default=0.5, help="default 0.5")
-    parser.add_argument("--max-border", type=float, default=0.5, help="default 0.5")
-    parser.add_argument("--flag-share", type=float, default=0.25, help="default 0.25")
+    parser.add_argument(
+        "--max-outside",
+        type=float,
+        default=0.5,
+        help="flag an image when more than this share of its map lies away from its boxes",
+    )
+    parser.add_argument(
+        "--max-border",
+        type=float,
+        default=0.5,
+        help="without boxes: flag an image when more than this share of its map lies on the "
+        "border (the outer 10%%)",
+    )
+    parser.add_argument(
+        "--flag-share",
+        type=float,
+        default=0.25,
+        help="flag a class when at least this share of its images is flagged",
+    )
     parser.add_argument(
         "--min-score", type=float, default=0.5, help="judge only explanations scoring this much"
     )
     parser.add_argument(
         "--restart", action="store_true", help="start over instead of resuming in --out"
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar (there is none off a terminal)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         if args.dicomweb:
             timeout_s = common.settings_of(args).request_timeout_s
             items += dicomweb_inputs(Path(args.dicomweb), timeout_s)
+        common.model_name(args)  # an unknown --model costs no model load
         if not items:
             raise AuditUsage("nothing to audit: give --images or --dicomweb")
         if asked.settings.boxes is not None:

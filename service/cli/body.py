@@ -35,36 +35,77 @@ class BodyRefused(Exception):
 
 
 def add_parser(sub: Subparsers) -> None:
-    parser = sub.add_parser(
+    parser = common.add_command(
+        sub,
         "body",
-        help="print a POST /v1/explain body for image files "
-        "(for curl --data-binary @file, locust, other clients)",
+        "print a POST /v1/explain body for image files (for curl --data-binary @file, "
+        "locust, other clients)",
+        [
+            "gradcam-service body examples/phantom_mass_tube.png --target tube "
+            "--format overlay -o body.json",
+            "gradcam-service body a.png b.png --method layercam --format array --size input",
+            "gradcam-service body study.dcm --frame 0 --format dicom-sc --report dicom-sr",
+        ],
+        "The images go in base64, so they never go on a command line; the body is checked "
+        "as a server checks it. Loads no model: the server decides what it does not set "
+        "(its defaults are said below). Then: curl -s localhost:8000/v1/explain -H "
+        "'Content-Type: application/json' --data-binary @body.json",
     )
     parser.add_argument(
         "images", nargs="+", help="image files (PNG, JPEG, DICOM, ...; - reads one from stdin)"
     )
-    parser.add_argument("--model", help="model name; default: the server's default")
+    parser.add_argument("--model", help="model name; default: the server's default model")
     parser.add_argument(
         "--target",
         action="append",
         help="class index or label to explain for "
         "every image (repeat for several); default: the top-1 class",
     )
-    parser.add_argument("--method", **common.one_of(METHODS))
-    parser.add_argument("--layer", help="target layer (dotted name); default: the model's")
-    parser.add_argument("--format", **common.one_of(get_args(HeatmapFormat)), help="default png")
-    parser.add_argument("--size", **common.one_of(get_args(HeatmapSize)), help="default original")
     parser.add_argument(
-        "--encoding", **common.one_of(get_args(HeatmapEncoding)), help="default png"
+        "--method",
+        **common.one_of(METHODS),
+        help="the CAM variant (docs/correctness.md); default: gradcam",
+    )
+    parser.add_argument("--layer", help="target layer (dotted name); default: the model's")
+    parser.add_argument(
+        "--format",
+        **common.one_of(get_args(HeatmapFormat)),
+        help="what each heatmap is: png, the map in colour; overlay, the map over the "
+        "image; gray, the map as gray levels; array, the numbers in [0, 1]; none, "
+        "scores only; for DICOM images dicom-sc (a Secondary Capture of the overlay), "
+        "dicom-pm (a Parametric Map) or dicom-seg (a Segmentation); default: png",
+    )
+    parser.add_argument(
+        "--size",
+        **common.one_of(get_args(HeatmapSize)),
+        help="the heatmap's pixel grid: original, the image's; input, the model "
+        "input's; layer, the layer's own (no upsampling); default: original",
+    )
+    parser.add_argument(
+        "--encoding",
+        **common.one_of(get_args(HeatmapEncoding)),
+        help="of png, overlay and gray pictures: lossless png, or the smaller jpeg or "
+        "webp; default: png",
     )
     parser.add_argument(
         "--report",
         **common.one_of(get_args(ReportFormat)),
-        help="dicom-sr: a DICOM SR report of each DICOM image; default none",
+        help="dicom-sr: a DICOM SR report of each DICOM image; default: none",
     )
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--frame", type=int, help="frame of multi-frame images")
-    parser.add_argument("-o", "--output", help="write the body here instead of stdout")
+    parser.add_argument("--top-k", type=int, metavar="K", help="predictions per image; default: 5")
+    parser.add_argument(
+        "--frame",
+        type=int,
+        metavar="N",
+        help="frame of multi-frame images (required for multi-frame DICOM); default: "
+        "each image's default",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write the body here; default: stdout",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

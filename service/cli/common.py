@@ -1,5 +1,6 @@
 """What the commands share: exit codes, the errors that stop a command before any work,
-how such an error is told, the model options, the engine in this process."""
+how such an error is told, how a command's ``--help`` reads (a description, its options'
+defaults, examples), the model options, the engine in this process."""
 
 from __future__ import annotations
 
@@ -58,17 +59,111 @@ def one_of(options: Sequence[str]) -> dict[str, Any]:
     return {"type": parse, "metavar": "{" + ",".join(options) + "}"}
 
 
+class Help(argparse.HelpFormatter):
+    """``--help`` as a user reads it: paragraphs wrapped to the terminal, examples (lines
+    indented by two spaces) as written, one per line, and each option's default shown,
+    unless its help already says what the default is (a default of ``None`` is no value
+    to show: such help says "default: ..." in words)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for paragraph in text.split("\n\n"):
+            if "\n  " in paragraph:
+                paragraphs.append("\n".join(indent + line for line in paragraph.splitlines()))
+            else:
+                paragraphs.append(super()._fill_text(paragraph, width, indent))
+        return "\n\n".join(paragraphs)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or action.default in (None, False, argparse.SUPPRESS)
+            or "default" in text
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_command(
+    sub: Subparsers, name: str, summary: str, examples: Sequence[str], details: str = ""
+) -> argparse.ArgumentParser:
+    """A command's parser: ``summary`` is its line in ``gradcam-service --help`` and the
+    first line of its own ``--help``, ``details`` the paragraph after it, ``examples``
+    command lines shown under "examples:" (``tests/unit/cli/test_help.py`` parses each)."""
+    return sub.add_parser(
+        name,
+        # "--model" must never be taken for "--models": no abbreviations.
+        allow_abbrev=False,
+        help=summary,
+        description=f"{summary}\n\n{details}" if details else summary,
+        epilog="examples:\n" + "\n".join(f"  {example}" for example in examples),
+        formatter_class=Help,
+    )
+
+
+def add_models_file_options(parser: argparse.ArgumentParser) -> None:
+    """Which models file, on which device: the options of every command that loads models."""
+    parser.add_argument(
+        "--models",
+        metavar="FILE",
+        help="models file (TOML, docs/models.md) describing your models; default: "
+        "$GRADCAM_MODELS_FILE if set, else the bundled demo model 'phantom'",
+    )
+    parser.add_argument(
+        "--device",
+        **one_of(get_args(Device)),
+        help="where the model runs; default: $GRADCAM_DEVICE if set, else auto (the "
+        "first GPU if there is one, else the CPU)",
+    )
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """The options of every command that loads a model."""
-    parser.add_argument("--models", help="models file (TOML); default: the bundled demo model")
-    parser.add_argument("--model", help="model name; default: the models file's default")
-    parser.add_argument("--device", **one_of(get_args(Device)), help="default: auto")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log model loading")
+    """The options of every command that explains with one model of the models file."""
+    add_models_file_options(parser)
+    parser.add_argument(
+        "--model",
+        metavar="NAME",
+        help="which model of the models file; default: the one marked default = true",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log model loading; an internal failure shows its traceback",
+    )
 
 
 def settings_of(args: argparse.Namespace) -> Settings:
     """The settings (``GRADCAM_*``) with the command's --models and --device."""
     return Settings.from_env(models_file=args.models, device=args.device)
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """The model ``--model`` names (or the models file's default), checked before any
+    model loads; ``Usage`` in the command line's words: which file was read, its models,
+    and how to bring another (the API's "Models served" means nothing here)."""
+    settings = settings_of(args)
+    config = settings.models_config()
+    chosen: str = args.model or config.default_model
+    if chosen in config.models:
+        return chosen
+    where = (
+        f"the models file {settings.models_file}"
+        if settings.models_file
+        else "the bundled demo models file"
+    )
+    advice = (
+        ""
+        if settings.models_file
+        else " To explain with a model of your own, describe it in a models file and give "
+        "--models FILE (docs/models.md)."
+    )
+    close = did_you_mean(close_matches(chosen, config.models))
+    raise Usage(
+        f"there is no model '{chosen}' in {where}.{close} "
+        f"Its models: {', '.join(config.models)}.{advice}"
+    )
 
 
 def runtime(args: argparse.Namespace) -> Runtime:

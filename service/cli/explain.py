@@ -5,8 +5,9 @@ explained class out (and, for a DICOM input, its DICOM SR report); or ``--reques
 File mode goes through the offline path (``pipeline/offline.py``: the API's stages, each
 file a request of its own), and draws with ``results.draw_heatmap``, so the pictures are
 the API's, pixel for pixel. What can be settled before a model loads is (``plan_files``):
-each input's frame, output names that never collide, and no existing output
-overwritten without ``--force``. One bad file is one line on stderr; the others go on.
+each input's frame, output names that never collide, and no file overwritten
+that an earlier run did not write (``outputs.py``) without ``--force``. One bad file is
+one line on stderr; the others go on.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from __future__ import annotations
 import argparse
 import base64
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.cli import common
-from service.cli.common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, OutputExists, Subparsers, Usage
+from service.cli import common, outputs, wording
+from service.cli.common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, Subparsers, Usage
 from service.contract.errors import ConfigError, ServiceError
 from service.contract.requests import HeatmapOptions, parse_explain_request
 from service.contract.responses import ImageResult, to_json
@@ -30,7 +30,7 @@ from service.imaging.render import heatmap
 from service.pipeline.engine_call import ExplainedImage
 from service.pipeline.explain import explain
 from service.pipeline.images import PreparedImage
-from service.pipeline.offline import OfflinePlan, explain_prepared, plan, prepare_file, problem
+from service.pipeline.offline import OfflinePlan, explain_prepared, plan, prepare_file
 from service.pipeline.results import RenderOptions, draw_heatmap, render_result
 from service.transport.interface import ModelInfo
 
@@ -42,9 +42,6 @@ if TYPE_CHECKING:
 # Images per engine call: big enough to batch, small enough to show progress.
 _CHUNK = 8
 _PROGRESS_FROM = 5
-_OUTPUT_KINDS = ("overlay", "heatmap")
-# A DICOM input's report: ``<stem>.report.dcm`` (no label: one per input).
-_REPORT = "report.dcm"
 # File mode draws the two pictures the API draws for format overlay and png.
 _PICTURES = (
     HeatmapOptions(format="overlay", size="original"),
@@ -53,39 +50,68 @@ _PICTURES = (
 
 
 def add_parser(sub: Subparsers) -> None:
-    parser = sub.add_parser("explain", help="explain images (files or a JSON request)")
-    parser.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...)")
+    parser = common.add_command(
+        sub,
+        "explain",
+        "explain image files without a server: an overlay and a heatmap PNG per image "
+        "and class, the top predictions printed",
+        [
+            "gradcam-service explain examples/phantom_nodule.png",
+            "gradcam-service explain examples/*.png --target nodule --target tube --out out",
+            "gradcam-service explain scan.dcm --frame 12 --method gradcam++ --faithfulness",
+            "gradcam-service explain --request examples/request.json",
+        ],
+        "Writes DIR/<image>.<label>.overlay.png and .heatmap.png at each image's own size "
+        "(and DIR/<image>.report.dcm, a DICOM SR, for a DICOM image). Run again, it "
+        "replaces the files an earlier explain wrote; any other file of those names "
+        "stops it before any work (exit code 3) unless --force. With --request, reads "
+        "a POST /v1/explain body and prints exactly the JSON the HTTP API answers.",
+    )
+    parser.add_argument(
+        "images", nargs="*", help="image files (PNG, JPEG, TIFF, BMP, WebP, GIF, DICOM)"
+    )
     parser.add_argument(
         "--request",
-        help="a POST /v1/explain body (a file, or - for stdin); prints the JSON response",
+        metavar="BODY",
+        help="a POST /v1/explain body (a file, or - for stdin) to answer instead of image "
+        "files: prints the JSON response; default: none",
     )
     common.add_model_options(parser)
     parser.add_argument("--layer", help="target layer (dotted name); default: the model's")
-    parser.add_argument("--method", **common.one_of(METHODS), default="gradcam")
+    parser.add_argument(
+        "--method",
+        **common.one_of(METHODS),
+        default="gradcam",
+        help="the CAM variant that weighs the layer's channels (docs/correctness.md)",
+    )
     parser.add_argument(
         "--target",
         action="append",
         help="class index or label to explain (repeat for several); default: the top-1 class",
     )
-    parser.add_argument("--top-k", type=int, default=5, help="predictions to print")
+    parser.add_argument(
+        "--top-k", type=int, default=5, metavar="K", help="predictions to print per image"
+    )
     parser.add_argument(
         "--faithfulness",
         action="store_true",
         help="print each explanation's deletion and insertion AUCs (docs/trust.md; "
         "39 more forward passes each)",
     )
-    parser.add_argument("--out", default="gradcam-out", help="folder for the PNGs")
+    parser.add_argument("--out", default="gradcam-out", metavar="DIR", help="folder for the files")
     parser.add_argument(
         "--frame",
         type=int,
         action="append",
+        metavar="N",
         help="frame of multi-frame images (DICOM): once for every input, or "
         "repeated once per input; default: each file's own default",
     )
     parser.add_argument(
         "--force",
         action="store_true",
-        help="overwrite output files that exist (default: stop, exit code 3)",
+        help="overwrite files of the output names that an earlier explain did not write "
+        "(without it: stop, exit code 3)",
     )
 
 
@@ -93,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.request) == bool(args.images):
         raise Usage("explain takes image files or --request, not both and not neither")
     files: FilePlan | None = plan_files(args) if args.images else None
+    if files is not None:
+        common.model_name(args)  # an unknown --model costs no model load
     try:
         runtime = common.runtime(args)
     except ConfigError as error:
@@ -104,9 +132,9 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         return common.told(error)
     except ServiceError as error:
-        # Not one input's: the --model, --layer or --target given (each input's errors
-        # are caught where it is explained), so nothing was done.
-        print(f"error: {error.message}", file=sys.stderr)
+        # Not one input's: the --layer or --target given (each input's errors are caught
+        # where it is explained), so nothing was done.
+        print(f"error: {wording.about_command(error)}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         runtime.close()
@@ -137,10 +165,10 @@ class FilePlan:
 def plan_files(args: argparse.Namespace) -> FilePlan:
     """Raises ``Usage`` or ``OutputExists``: a mistake costs no model load."""
     files = FilePlan(
-        _frames(args.frame, len(args.images)), _stems([Path(name) for name in args.images])
+        _frames(args.frame, len(args.images)), outputs.stems([Path(name) for name in args.images])
     )
     if not args.force:
-        _refuse_existing(Path(args.out), files.stems)
+        outputs.refuse_existing(Path(args.out), files.stems)
     return files
 
 
@@ -156,39 +184,6 @@ def _frames(given: list[int] | None, n: int) -> list[int | None]:
             "(every input) or once per input"
         )
     return list(given)
-
-
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
-
-
-def _stems(paths: Sequence[Path]) -> list[str]:
-    """Output name stems, one per input, never shared: inputs with the same name (from
-    different folders, or the same file twice) get ``-2``, ``-3``, ... in input order."""
-    stems: list[str] = []
-    for path in paths:
-        stem, n = path.stem, 1
-        while stem in stems:
-            n += 1
-            stem = f"{path.stem}-{n}"
-        stems.append(stem)
-    return stems
-
-
-def _refuse_existing(out: Path, stems: Sequence[str]) -> None:
-    """Before any work: stop if an output of these inputs is there already, whatever its
-    label (the labels of top-1 targets are known only afterwards)."""
-    if not out.is_dir():
-        return
-    for entry in sorted(out.iterdir()):
-        for stem in stems:
-            rest = entry.name.removeprefix(stem + ".")
-            label, _, kind = rest.partition(".")
-            if rest != entry.name and (
-                rest == _REPORT
-                or (label == _safe(label) and kind in {f"{k}.png" for k in _OUTPUT_KINDS})
-            ):
-                raise OutputExists(f"{entry} exists (--force overwrites, or choose another --out)")
 
 
 # --- the files, through the offline path -----------------------------------------------
@@ -216,7 +211,7 @@ def explain_files(args: argparse.Namespace, runtime: Runtime, files: FilePlan) -
                 chosen, path.read_bytes(), i, files.frames[i], keep_display=True, keep_header=True
             )
         except (OSError, ServiceError) as error:
-            print(f"error: {path}: {problem(error)}", file=sys.stderr)
+            print(f"error: {wording.about_file(path, error)}", file=sys.stderr)
             failures += 1
             continue
         prepared.append((path, files.stems[i], image))
@@ -239,7 +234,9 @@ def explain_files(args: argparse.Namespace, runtime: Runtime, files: FilePlan) -
 
 
 def _progress(total: int) -> tqdm[None] | None:
-    if total < _PROGRESS_FROM:
+    """A bar on a terminal only: in a log, its carriage returns are noise, and each
+    image's lines on stdout already tell how far the command is."""
+    if total < _PROGRESS_FROM or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
@@ -268,7 +265,7 @@ def _write_outputs(
     if chosen.model.random_weights:
         lines.insert(0, "random weights: the models file gives none, these scores mean nothing")
     if answer.report is not None and answer.report.data is not None:
-        report = out / f"{stem}.{_REPORT}"
+        report = out / f"{stem}.{outputs.REPORT}"
         report.write_bytes(base64.b64decode(answer.report.data))
         lines.append(f"report → {report}")
     elif answer.report is not None:
@@ -281,11 +278,12 @@ def _write_pictures(
 ) -> list[str]:
     written = []
     for explanation, cam in zip(answer.explanations, result.cams, strict=True):
-        label = _safe(explanation.target.label)
+        label = outputs.safe(explanation.target.label)
         paths = (out / f"{stem}.{label}.overlay.png", out / f"{stem}.{label}.heatmap.png")
         heat = heatmap(cam, result.prepared.geometry, "original")
         for options, path in zip(_PICTURES, paths, strict=True):
-            path.write_bytes(encode_png(draw_heatmap(heat, result.prepared, options, model)))
+            picture = encode_png(draw_heatmap(heat, result.prepared, options, model))
+            path.write_bytes(outputs.marked_png(picture))
         faithful = explanation.faithfulness
         written.append(
             f"{explanation.target.label} → {paths[0]}"

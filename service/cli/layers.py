@@ -19,7 +19,14 @@ _LAYOUT_WORDS = {"nhwc": "H×W×C", "tokens": "tokens"}
 
 
 def add_parser(sub: Subparsers) -> None:
-    parser = sub.add_parser("layers", help="list candidate target layers with output shapes")
+    parser = common.add_command(
+        sub,
+        "layers",
+        "list the layers of a model that can be explained, with their map shapes",
+        ["gradcam-service layers", "gradcam-service layers --models models.toml --model resnet50"],
+        "One line per layer (its name for --layer, its type, the shape of its map for one "
+        "image); * marks the default. Then the layers that cannot be explained, and why.",
+    )
     common.add_model_options(parser)
 
 
@@ -33,6 +40,7 @@ def _refused(runtime: Runtime, name: str) -> list[RefusedLayer]:
 
 
 def run(args: argparse.Namespace) -> int:
+    common.model_name(args)  # an unknown --model costs no model load
     runtime = common.runtime(args)
     try:
         model = runtime.catalog().get(args.model)

@@ -29,7 +29,9 @@ def parser() -> argparse.ArgumentParser:
     """The whole command line (each command adds its own parser)."""
     top = argparse.ArgumentParser(
         prog="gradcam-service",
-        description="Serve the HTTP API, explain images, list layers.",
+        description="Explain image classifiers with Grad-CAM: serve the HTTP API, explain "
+        "image files, list a model's layers, check and audit the maps. Each command's "
+        "--help says what it does, its options with their defaults, and examples.",
         epilog="exit codes: 0 done; 1 some inputs got an error (each on one line), the others "
         "done; 2 bad usage, settings or models file; 3 an output file exists (--force); "
         "70 internal failure; 130 interrupted",

@@ -16,41 +16,68 @@ import json
 import sys
 from pathlib import Path
 
-from service.cli import common
+from service.cli import common, wording
 from service.cli.common import EXIT_INPUT, EXIT_OK, OutputExists, Subparsers, Usage
-from service.contract.settings import Settings
-from service.contract.suggestions import close_matches, did_you_mean
 from service.contract.terms import METHODS
 from service.pipeline.images import PreparedImage
-from service.pipeline.offline import OfflinePlan, plan, prepare_file, problem
+from service.pipeline.offline import OfflinePlan, plan, prepare_file
 from service.trust.inputs import NoSuchInput, image_files
 
 OUTPUTS = ("sanity.png", "sanity.json")
 
 
 def add_parser(sub: Subparsers) -> None:
-    parser = sub.add_parser(
+    parser = common.add_command(
+        sub,
         "sanity",
-        help="check that the maps change when the model's layers are randomised, "
-        "from the output down (Adebayo et al., 2018): table, sanity.png, sanity.json",
+        "check that the maps change when the model's layers are randomised, from the "
+        "output down (Adebayo et al., 2018): a table, sanity.png and sanity.json",
+        [
+            "gradcam-service sanity --images examples/phantom_nodule.png "
+            "examples/phantom_mass_tube.png --out sanity",
+            "gradcam-service sanity --images scans/ --method gradcam++ --depth 2 --out sanity",
+        ],
+        "Prints, per randomisation step, how alike the maps stay (Spearman, SSIM) and a "
+        "PASS or FAIL verdict (docs/trust.md#sanity-check). No server is needed.",
     )
-    parser.add_argument("--images", nargs="+", required=True, help="image folders and/or files")
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        required=True,
+        metavar="DIR|FILE",
+        help="image folders (their image files, not recursive) and/or files",
+    )
     common.add_model_options(parser)
     parser.add_argument("--layer", help="target layer (dotted name); default: the model's")
-    parser.add_argument("--method", **common.one_of(METHODS), default="gradcam")
+    parser.add_argument(
+        "--method",
+        **common.one_of(METHODS),
+        default="gradcam",
+        help="the CAM variant (docs/correctness.md)",
+    )
     parser.add_argument(
         "--target", help="class index or label to explain; default: each image's top-1 class"
     )
-    parser.add_argument("--out", default="sanity-out", help="folder for the PNG and JSON")
-    parser.add_argument("--max-images", type=int, default=32, help="default 32")
-    parser.add_argument("--seed", type=int, default=0, help="of the re-initialisation")
+    parser.add_argument(
+        "--out", default="sanity-out", metavar="DIR", help="folder for sanity.png and sanity.json"
+    )
+    parser.add_argument(
+        "--max-images", type=int, default=32, metavar="N", help="use the first N images"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the re-initialisation (default: 0)"
+    )
     parser.add_argument(
         "--depth",
         type=int,
         help="randomise blocks: modules grouped by the first N parts of their names; "
         "default: one layer (with its norm) per step",
     )
-    parser.add_argument("--force", action="store_true", help="overwrite sanity.png/.json")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite sanity.png and sanity.json in --out (without it: stop, exit code 3)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             raise OutputExists(f"{out / name} exists (--force overwrites, or choose another --out)")
     paths = image_paths(args.images, args.max_images)
     settings = common.settings_of(args)
-    name = _model_name(args.model, settings)
+    name = common.model_name(args)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     model = load_model(name, settings.models_config(), choose_device(settings.device))
@@ -128,18 +155,6 @@ def image_paths(names: list[str], limit: int) -> list[Path]:
     return paths[:limit]
 
 
-def _model_name(name: str | None, settings: Settings) -> str:
-    config = settings.models_config()
-    chosen = name or config.default_model
-    if chosen not in config.models:
-        close = close_matches(chosen, list(config.models))
-        raise Usage(
-            f"there is no model '{chosen}'.{did_you_mean(close)} "
-            f"Models: {', '.join(sorted(config.models))}."
-        )
-    return chosen
-
-
 def _prepare(paths: list[Path], chosen: OfflinePlan) -> tuple[list[Path], list[PreparedImage], int]:
     """The images that could be read, and how many could not (each told on stderr)."""
     from service.contract.errors import ServiceError
@@ -151,7 +166,7 @@ def _prepare(paths: list[Path], chosen: OfflinePlan) -> tuple[list[Path], list[P
         try:
             prepared.append(prepare_file(chosen, path.read_bytes(), i))
         except (OSError, ServiceError) as error:
-            print(f"error: {path}: {problem(error)}", file=sys.stderr)
+            print(f"error: {wording.about_file(path, error)}", file=sys.stderr)
             failures += 1
             continue
         kept.append(path)

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from service.contract.errors import ServiceError
 from service.contract.requests import ClassRef, HeatmapOptions, target_ref
 from service.contract.settings import Settings
 from service.pipeline.budgets import RequestBudget
@@ -85,13 +84,6 @@ def prepare_file(
     keep = Keep(display=keep_display, source=keep_header)
     slot = ImageSlot(index, plan.targets, frame)
     return prepare_image(data, slot, plan.model, admit, keep, plan.settings.out_of_domain)
-
-
-def problem(error: OSError | ServiceError) -> str:
-    """What to tell of a file that failed: the service's sentence, or the system's."""
-    if isinstance(error, ServiceError):
-        return error.message
-    return error.strerror or str(error)
 
 
 def explain_prepared(

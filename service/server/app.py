@@ -26,6 +26,7 @@ from service.contract.errors import (
 )
 from service.contract.inference_protocol import ProtocolError
 from service.contract.settings import Settings
+from service.contract.suggestions import close_matches, did_you_mean
 from service.memory import MemoryBudget
 from service.server.environ import thread_wait
 from service.server.protocol_routes import protocol
@@ -46,6 +47,10 @@ _HTTP_CODES = {
     415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
 }
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Methods every route takes, never worth naming in a 405's advice.
+_IMPLIED = ("HEAD", "OPTIONS")
+# Past this, a path is not a typo of a route: no suggestion (difflib's cost grows with it).
+_LONGEST_PATH_MATCHED = 200
 # How long a starting worker waits for an engine's greeting before it serves anyway.
 _ENGINE_GREETING_S = 5.0
 
@@ -72,16 +77,43 @@ def _service_error(error: ServiceError) -> Response:
     return response
 
 
+def _nearest_routes(path: str, method: str) -> list[str]:
+    """The routes closest to ``path``, those that take ``method`` first considered: each
+    route's variable parts filled from ``path`` (``/v2/models/phantom/infer``)."""
+    if len(path) > _LONGEST_PATH_MATCHED:
+        return []
+    given = path.strip("/").split("/")
+    routes: dict[str, bool] = {}  # route → whether it takes the method
+    for rule in current_app.url_map.iter_rules():
+        # Flask's static route has no file behind it; the page's files are no API.
+        if rule.endpoint == "static" or rule.rule.startswith(ASSETS_PREFIX):
+            continue
+        parts = rule.rule.strip("/").split("/")
+        filled = [
+            given[i] if part.startswith("<") and i < len(given) else part
+            for i, part in enumerate(parts)
+        ]
+        route = "/" + "/".join(filled)
+        routes[route] = routes.get(route, False) or method in (rule.methods or ())
+    taking = [route for route, takes in routes.items() if takes]
+    return close_matches(path, taking) or close_matches(path, routes)
+
+
 def _http_error(error: HTTPException) -> Response:
     status = error.code or 500
     # Werkzeug raises these for what a client sends; any other 4xx is still a bad request.
     code = _HTTP_CODES.get(status, ErrorCode.BAD_REQUEST if status < 500 else ErrorCode.INTERNAL)
+    close = _nearest_routes(request.path, request.method) if status == 404 else []
+    allowed = [m for m in getattr(error, "valid_methods", None) or () if m not in _IMPLIED]
     messages = {
-        404: f"There is no route {request.path}.",
-        405: f"The route {request.path} does not accept {request.method}.",
+        404: f"There is no route {request.path}.{did_you_mean(close)}",
+        405: f"The route {request.path} does not accept {request.method}; "
+        f"use {' or '.join(allowed) or 'another method'}.",
         413: f"The request body is larger than the limit of {request.max_content_length} bytes.",
     }
     body = ErrorBody(code=code, message=messages.get(status, error.description or ""))
+    if close:
+        body.suggestions = close
     metrics.ERRORS.labels(code).inc()
     response = _error_response(body, status)
     # Keep Werkzeug's headers that matter (Allow on 405).

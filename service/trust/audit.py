@@ -141,9 +141,9 @@ def _explain_all(
 
     failures = 0
     prepared = _prepare(todo, chosen)
-    with tqdm(
-        total=len(todo), unit="image", file=sys.stderr, disable=asked.quiet or not todo
-    ) as progress:
+    # A bar on a terminal only: in a log its carriage returns are noise.
+    quiet = asked.quiet or not todo or not sys.stderr.isatty()
+    with tqdm(total=len(todo), unit="image", file=sys.stderr, disable=quiet) as progress:
         while chunk := list(itertools.islice(prepared, _CHUNK)):
             ready = [(item, p) for item, p in chunk if isinstance(p, PreparedImage)]
             for item, problem in chunk:

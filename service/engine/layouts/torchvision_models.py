@@ -5,9 +5,8 @@ from its patch embedding's ``Permute`` to its final ``norm``)."""
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import SwinTransformer, VisionTransformer
 
-from service.engine.layouts.base import Decision, Layout, Refused, Rule, Site
+from service.engine.layouts.base import Decision, Layout, Refused, Rule, Site, from_library
 
 # The modules of a torchvision Swin whose 4-D outputs are (N, H, W, C); its
 # ``permute`` and ``avgpool`` come after the maps are turned back to (N, C, H, W).
@@ -15,6 +14,10 @@ _SWIN_CHANNELS_LAST = ("features", "norm")
 
 
 def vit(owner: nn.Module, inner: str, site: Site) -> Decision | None:
+    if not from_library(owner, "torchvision"):
+        return None  # torchvision is imported for its own models only (~0.8 s)
+    from torchvision.models import VisionTransformer
+
     if not isinstance(owner, VisionTransformer) or site.output.dim() != 3:
         return None  # its patch embedding's convolution is (N, C, H, W), as any other
     side = owner.image_size // owner.patch_size
@@ -26,6 +29,10 @@ def vit(owner: nn.Module, inner: str, site: Site) -> Decision | None:
 
 
 def swin(owner: nn.Module, inner: str, site: Site) -> Decision | None:
+    if not from_library(owner, "torchvision"):
+        return None
+    from torchvision.models import SwinTransformer
+
     if (
         isinstance(owner, SwinTransformer)
         and site.output.dim() == 4

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torchvision
 from torch import nn
 
 from service.contract.models_file import ModelSpec
@@ -59,6 +58,8 @@ def build_architecture(
                 name, "arch", f"'{spec.arch}' returned {type(model).__name__}, not a torch module"
             )
         return model
+    import torchvision  # ~0.8 s (it imports torch._dynamo): only for its own models
+
     available = torchvision.models.list_models(module=torchvision.models)
     if spec.arch not in available:
         elsewhere = _in_timm(spec.arch)

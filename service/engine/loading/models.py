@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torchvision
 from torch import nn
 
 from service.contract.models_file import ModelsFile, ModelSpec
@@ -139,6 +138,8 @@ def _torchvision_class_names(name: str, spec: ModelSpec, classes: int) -> tuple[
     the model has as many outputs as they have names (ImageNet's 1000, say)."""
     if ":" in spec.arch:
         return None
+    import torchvision  # ~0.8 s (it imports torch._dynamo): only for its own models
+
     try:
         members = list(torchvision.models.get_model_weights(spec.arch))
     except (KeyError, ValueError):

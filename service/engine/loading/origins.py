@@ -17,7 +17,6 @@ import re
 from collections.abc import Callable
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from service.contract.models_file import ModelSpec
@@ -51,6 +50,8 @@ def origin_hint(spec: ModelSpec, state: dict[str, Tensor]) -> str:
 
 def _same_arch(spec: ModelSpec) -> list[tuple[str, Callable[[], nn.Module]]]:
     """The other libraries that have an architecture of this name, with its builder."""
+    import torchvision  # ~0.8 s (it imports torch._dynamo): only to explain a failure
+
     found: list[tuple[str, Callable[[], nn.Module]]] = []
     if spec.library != "torchvision" and spec.arch in torchvision.models.list_models():
         found.append(("torchvision", lambda: torchvision.models.get_model(spec.arch)))

@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torchvision
 from torch import Tensor, nn
 
 from service.contract.checkpoint_format import weights_file
@@ -36,6 +35,8 @@ def torchvision_weights(name: str, spec: ModelSpec, models: ModelsFile) -> Any |
     file of that name, whatever its extension, is a file)."""
     if spec.weights is None or weights_file(spec, models) is not None:
         return None
+    import torchvision  # ~0.8 s (it imports torch._dynamo): only for its own weights
+
     try:
         enum = torchvision.models.get_model_weights(spec.arch)
     except (KeyError, ValueError):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+import shlex
 import subprocess
 import sys
 from importlib.metadata import version
@@ -20,7 +22,7 @@ import requests
 
 from service.contract.errors import ErrorResponse
 from service.contract.responses import ExplainResponse
-from tests.helpers import EXAMPLES, LiveServer, encode, phantom_png, pydicom_file
+from tests.helpers import EXAMPLES, REPO, LiveServer, encode, phantom_png, pydicom_file
 
 
 def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -169,6 +171,43 @@ def test_the_cli_and_the_server_answer_one_request_alike(
             assert one.SOPClassUID == other.SOPClassUID
             assert one.SOPInstanceUID != other.SOPInstanceUID
             assert np.array_equal(one.pixel_array, other.pixel_array)
+
+
+def test_the_readmes_explain_command_runs_twice_in_a_row(tmp_path: Path) -> None:
+    """The README's command, as a user copies it, run twice into one folder: the second
+    run replaces the first one's files (it used to stop, exit code 3), and a log of it
+    (stderr not a terminal) holds no progress bar's carriage returns."""
+    readme = (REPO / "README.md").read_text()
+    [shown] = re.findall(r"`(gradcam-service explain examples/\*\.png --out out)`", readme)
+    words = shlex.split(shown)[1:]
+    # The shell's work: the glob, from the repository; "out" in a folder of the test's.
+    images = sorted(str(p) for p in REPO.glob(words[1]))
+    assert len(images) >= 5  # enough for a progress bar, were stderr a terminal
+    out = tmp_path / "out"
+    args = [words[0], *images, *words[2:-1], str(out)]
+    runs = [_cli(*args) for _ in range(2)]
+    for done in runs:
+        assert done.returncode == 0, done.stderr.decode()
+        assert b"\r" not in done.stderr
+    assert runs[1].stdout.decode().count("→") == len(images)
+    assert (
+        len(list(out.glob("*.overlay.png"))) == len(list(out.glob("*.heatmap.png"))) == len(images)
+    )
+
+
+def test_the_demo_model_is_explained_without_importing_torchvision(tmp_path: Path) -> None:
+    """torchvision imports torch._dynamo and sympy (~0.8 s of a 2-3 s explain on 2
+    cores): imported for torchvision's own models only."""
+    script = (
+        "import sys; from service.cli import main; "
+        f"code = main(['explain', {str(EXAMPLES / 'phantom_nodule.png')!r}, "
+        f"'--out', {str(tmp_path)!r}]); "
+        "print(code, sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=120, check=False
+    )
+    assert done.stdout.decode().splitlines()[-1] == "0 []", done.stderr.decode()
 
 
 @pytest.mark.parametrize("command", [[], ["explain"], ["body"], ["layers"], ["serve"]])

@@ -267,6 +267,14 @@ CATALOGUE: list[tuple[str, bytes, int, str]] = [
         "invalid_field",
     ),
     ("unknown field", _raw({"images": [GOOD], "colour": 1}), 422, "invalid_field"),
+    ("image for images", _raw({"image": [GOOD]}), 422, "invalid_field"),
+    (
+        "three problems",
+        _raw({"images": [GOOD], "top_k": 0, "frame": -1, "colour": 1}),
+        422,
+        "invalid_field",
+    ),
+    ("method a typo", _raw({"images": [GOOD], "method": "gradcm"}), 422, "invalid_field"),
     (
         "unknown heatmap field",
         _raw({"images": [GOOD], "heatmap": {"alpha": 1}}),
@@ -522,7 +530,9 @@ CATALOGUE: list[tuple[str, bytes, int, str]] = [
     ),
     # --- routes ------------------------------------------------------------------------
     ("wrong method", _raw(b"", method="DELETE"), 405, "method_not_allowed"),
+    ("GET explain", _raw(b"", method="GET"), 405, "method_not_allowed"),
     ("unknown route", _raw(b"", method="GET", path="/v3/explain"), 404, "not_found"),
+    ("POST /explain", _raw({"images": [GOOD]}, path="/explain"), 404, "not_found"),
     ("unknown model info", _raw(b"", method="GET", path="/v1/models/nope"), 404, "unknown_model"),
     # --- HTTP itself -------------------------------------------------------------------
     ("bad chunk size", _head(CHUNKED) + b"zz\r\n", 400, "bad_request"),
@@ -866,9 +876,22 @@ def _good(server: LiveServer) -> dict[str, Any]:
     return result
 
 
+# What some answers must say: the fix, not only the fault (issue #36).
+MESSAGES: dict[str, tuple[str, ...]] = {
+    "image for images": ("Field 'image': unknown field. Did you mean 'images'?",),
+    "three problems": ("Field 'top_k': 0 is out of range", "field 'frame':", "field 'colour':"),
+    "top_k 10^30": ("1e+30 is out of range: it must be a whole number from 1 to",),
+    "unknown method": ("'gradcam', 'gradcam++', 'xgradcam', 'layercam' or 'hirescam'",),
+    "method a typo": ("Did you mean 'gradcam'",),
+    "GET explain": ("does not accept GET; use POST.",),
+    "POST /explain": ("Did you mean '/v1/explain'?",),
+}
+
+
 def test_the_catalogue_is_large() -> None:
     assert len(CATALOGUE) >= 60
     assert len({name for name, *_ in CATALOGUE}) == len(CATALOGUE)
+    assert set(MESSAGES) <= {name for name, *_ in CATALOGUE}
 
 
 @pytest.mark.parametrize("name,data,status,code", CATALOGUE, ids=[c[0] for c in CATALOGUE])
@@ -884,6 +907,10 @@ def test_a_bad_request_gets_a_clean_json_error(
     error = ErrorResponse.model_validate_json(body).error
     assert error.code == code, error
     assert error.message and error.message[0].isupper(), error.message
+    for said in MESSAGES.get(name, ()):
+        assert said in error.message, error.message
+    if status == 405:
+        assert "POST" in headers["allow"], headers
     assert took < (CLIENT_TIMEOUT_S + 3 if status == 408 else 5), took
 
 

@@ -1,10 +1,12 @@
-"""gradcam-service explain on files: overlays and heatmaps at the image's size, never
-overwriting, a frame per input, the API's pictures, faithfulness and a DICOM report."""
+"""gradcam-service explain on files: overlays and heatmaps at the image's size, a rerun
+replacing its own outputs and nothing else, a frame per input, the API's pictures,
+faithfulness and a DICOM report."""
 
 from __future__ import annotations
 
 import base64
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +69,7 @@ def _outputs(out: Path) -> dict[str, float]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(out.iterdir())}
 
 
-def test_outputs_never_overwrite_each_other_or_old_ones(
+def test_outputs_never_overwrite_each_other_or_a_file_not_ours(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for folder, seed in (("a", 2), ("b", 3)):
@@ -81,13 +83,39 @@ def test_outputs_never_overwrite_each_other_or_old_ones(
     assert {name.split(".")[0] for name in first} == {"scan", "scan-2"}
     assert len(first) == 4
     assert Image.open(out / next(n for n in first if n.startswith("scan-2."))).size == (120, 100)
+    # Again, as a user reruns a command: its own earlier outputs are replaced.
+    assert main(["explain", *inputs, "--out", str(out)]) == 0
+    again = _outputs(out)
+    assert again.keys() == first.keys() and all(again[n] != first[n] for n in first)
     capsys.readouterr()
-    # Again: refused before any work, exit code 3, nothing touched.
+    # A file of an output's name that explain did not write (this one re-saved by
+    # Pillow, without the mark) stops the command before any work: exit code 3.
+    edited = out / next(n for n in first if n.endswith(".overlay.png"))
+    Image.open(edited).save(edited)
+    before = _outputs(out)
     assert main(["explain", *inputs, "--out", str(out)]) == 3
-    assert "exists (--force overwrites" in capsys.readouterr().err
-    assert _outputs(out) == first
+    assert f"{edited} exists and was not written by gradcam-service explain" in (
+        capsys.readouterr().err
+    )
+    assert _outputs(out) == before
     assert main(["explain", *inputs, "--out", str(out), "--force"]) == 0
-    assert _outputs(out).keys() == first.keys() and _outputs(out) != first
+    assert _outputs(out).keys() == first.keys() and _outputs(out) != before
+
+
+def test_only_the_outputs_mark_makes_a_file_ours(tmp_path: Path) -> None:
+    from service.cli.outputs import marked_png, written_by_us
+    from service.imaging.encoders import encode_png
+
+    picture = np.zeros((4, 6, 3), np.uint8)
+    ours, other, report = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.report.dcm"
+    ours.write_bytes(marked_png(encode_png(picture)))
+    other.write_bytes(encode_png(picture))
+    report.write_bytes((EXAMPLES / "phantom_nodule.dcm").read_bytes())
+    assert written_by_us(ours) and not written_by_us(other) and not written_by_us(report)
+    # The mark is a valid PNG chunk: readers see the same picture, and its text.
+    with Image.open(ours) as image:
+        assert np.array_equal(np.asarray(image), picture)
+        assert image.info["Software"] == "gradcam-service"
 
 
 def test_frames_per_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -115,10 +143,17 @@ def test_frames_per_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     second = np.asarray(Image.open(out / "SC_rgb_rle_2frame-2.nodule.overlay.png"))
     assert first.shape == second.shape and not np.array_equal(first, second)
     capsys.readouterr()
-    # A frame the file does not have: that input's error, on one line, exit code 1.
+    # A frame the file does not have, or none for a multi-frame DICOM file: that input's
+    # error, on one line in the command line's words (its name, --frame), exit code 1.
     assert main(["explain", two_frames, "--frame", "7", "--out", str(tmp_path / "x")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {two_frames}: ") and "frame" in err[0]
+    assert capsys.readouterr().err == (
+        f"error: {two_frames} has 2 frame(s); frame 7 does not exist.\n"
+    )
+    assert main(["explain", two_frames, "--out", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {two_frames} is a DICOM file with 2 frames; say which one to explain with "
+        "--frame (0..1).\n"
+    )
     # As many --frame as inputs, or one: anything else is a usage error (2).
     assert (
         main(
@@ -211,9 +246,40 @@ def test_explain_writes_a_report_beside_the_pictures_of_a_dicom_input(
     ]
     assert sorted(g.finding_type.meaning for g in groups) == ["mass", "nodule"]
     assert "method=layercam" in str(sr)
-    # The report alone is enough to refuse a second run (exit code 3, nothing written).
+    # A second run replaces the report it wrote; a report it did not write (here, a
+    # DICOM file of that name) is enough to refuse one (exit code 3, nothing written).
+    assert main([*command, "--out", str(out)]) == 0
+    report.write_bytes(dicom.read_bytes())
     for picture in out.glob("*.png"):
         picture.unlink()
+    capsys.readouterr()
     assert main([*command, "--out", str(out)]) == 3
-    assert f"{report} exists" in capsys.readouterr().err
+    assert f"{report} exists and was not written" in capsys.readouterr().err
     assert not list(out.glob("*.png"))
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_progress_bar_only_on_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From 5 images a bar shows how far the command is, on a terminal; in a log (stderr
+    a file or a pipe) its carriage returns would be noise: none, stdout's lines suffice."""
+    images = []
+    for seed in range(5):
+        images.append(tmp_path / f"p{seed}.png")
+        images[-1].write_bytes(phantom_png(seed, 64, 64))
+    command = ["explain", *map(str, images), "--target", "nodule"]
+    assert main([*command, "--out", str(tmp_path / "a")]) == 0
+    logged = capsys.readouterr()
+    assert "\r" not in logged.err and "image" not in logged.err
+    assert logged.out.count("nodule →") == 5
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main([*command, "--out", str(tmp_path / "b")]) == 0
+    assert "\r" in terminal.getvalue() and "5/5" in terminal.getvalue()

@@ -343,3 +343,10 @@ def test_the_audit_flags_the_shortcut_model_and_not_the_honest_one(
             assert nodule["mass_near_box"]["median"] < 0.05
             assert nodule["mass_on_border"]["median"] > 0.8
     assert "FLAGGED" in capsys.readouterr().out
+
+
+def test_no_progress_bar_off_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without -q, stderr not a terminal (a log): no bar and its carriage returns."""
+    _dataset(tmp_path / "set", 2)
+    assert main(["audit", "--images", str(tmp_path / "set"), "--out", str(tmp_path / "o")]) == 0
+    assert "\r" not in capsys.readouterr().err

@@ -334,7 +334,8 @@ def test_the_command_writes_the_table_plot_and_json(
     again = ["sanity", "--images", *files, "--out", str(out), "--force", "--max-images", "3"]
     assert main(again) == EXIT_OK  # --max-images 3: the broken file is past the limit
     assert main([*again[:-2], "--max-images", "4"]) == EXIT_INPUT
-    assert f"error: {broken}:" in capsys.readouterr().err
+    # Told by its name, in the command line's words (not "Image 3").
+    assert f"error: {broken} is not in a supported image format" in capsys.readouterr().err
 
 
 def test_the_command_refuses_bad_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
