@@ -384,8 +384,7 @@ def _problem(problem: ErrorDetails) -> _Problem:
         expected = re.findall(r"'([^']*)'", str(problem.get("ctx", {}).get("expected", "")))
         close = close_matches(value, expected)
     elif _out_of_range(problem):
-        low, high = _int_bounds(str(loc[0]))
-        message = f"{value!r} is out of range: it must be a whole number from {low} to {high}"
+        message = f"{value!r} is out of range: it must be {_int_range(str(loc[0]))}"
     sentence = f"Field '{field}': {message}.{did_you_mean(close)}".replace("?.", "?")
     return _Problem(field, image, sentence, close)
 
@@ -405,6 +404,17 @@ def _out_of_range(problem: ErrorDetails) -> bool:
 
 
 @cache
+def _int_range(name: str) -> str:
+    """A field's whole numbers in words: a bound that is only what JSON carries here
+    (18446744073709551615) is no limit a person should be told of."""
+    low, high = _int_bounds(name)
+    if high == _JSON_INTS[1]:
+        return f"a whole number of at least {low}"
+    if low == _JSON_INTS[0]:
+        return f"a whole number of at most {high}"
+    return f"a whole number from {low} to {high}"
+
+
 def _int_bounds(name: str) -> tuple[int, int]:
     """The range of a top-level field's whole numbers, as its schema states them, within
     what JSON carries here."""

@@ -880,7 +880,7 @@ def _good(server: LiveServer) -> dict[str, Any]:
 MESSAGES: dict[str, tuple[str, ...]] = {
     "image for images": ("Field 'image': unknown field. Did you mean 'images'?",),
     "three problems": ("Field 'top_k': 0 is out of range", "field 'frame':", "field 'colour':"),
-    "top_k 10^30": ("1e+30 is out of range: it must be a whole number from 1 to",),
+    "top_k 10^30": ("1e+30 is out of range: it must be a whole number of at least 1",),
     "unknown method": ("'gradcam', 'gradcam++', 'xgradcam', 'layercam' or 'hirescam'",),
     "method a typo": ("Did you mean 'gradcam'",),
     "GET explain": ("does not accept GET; use POST.",),
