@@ -24,15 +24,24 @@ def outside_domain(header: Any, model: ModelInfo) -> str | None:
     """Why the DICOM file whose header is ``header`` is outside ``model``'s declared
     domain, or None if it is inside (or says nothing the model declares)."""
     found = []
-    modality = str(header.get("Modality", "") or "").strip().upper()
+    modality = _attribute(header, "Modality")
     if model.modalities and modality and modality not in model.modalities:
         found.append(f"its modality is {modality}, the model's {', '.join(model.modalities)}")
-    part = str(header.get("BodyPartExamined", "") or "").strip().upper()
+    part = _attribute(header, "BodyPartExamined")
     if model.body_parts and part and part not in model.body_parts:
         found.append(f"its body part is {part}, the model's {', '.join(model.body_parts)}")
     if not found:
         return None
     return f"Model '{model.name}' is not for this image: {'; '.join(found)}."
+
+
+def _attribute(header: Any, keyword: str) -> str:
+    """A code string in capitals; "" where the file has none or a value pydicom cannot
+    read (a damaged header says nothing, and is not refused for it)."""
+    try:
+        return str(header.get(keyword, "") or "").strip().upper()
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+        return ""
 
 
 def check_domain(header: Any, model: ModelInfo, index: int, policy: DomainPolicy) -> str | None:

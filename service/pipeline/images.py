@@ -125,18 +125,9 @@ def prepare_image(
 ) -> PreparedImage:
     """Decode and fit one image; every problem raises a ``ServiceError`` naming
     ``slot.index``. ``admit(width, height)`` checks the size from the header first
-    (``budgets.py``); a DICOM image outside the model's domain is refused before its
-    pixels are decoded, or marked (``domain.py``)."""
+    (``budgets.py``); a DICOM image outside the model's domain is refused, or marked
+    (``domain.py``)."""
     index, frame = slot.index, slot.frame
-    declared = bool(model.modalities or model.body_parts)
-    header = (
-        read_header(data)
-        if (declared or keep.attributes or keep.source) and is_dicom(data)
-        else None
-    )
-    out_of_domain = (
-        check_domain(header, model, index, domain) if declared and header is not None else None
-    )
     # Overlays are drawn on the colour original, even for a 1-channel model.
     colour = keep.display and model.channels == 1
     image = decode_image(data, index, 3 if colour else model.channels, admit, frame)
@@ -152,7 +143,14 @@ def prepare_image(
         model.interpolation,
         model.crop_offset,
     )
-    # The header is read once: for the domain, the attributes shown, derived objects.
+    # The header is read once, after the decoder accepted the file (read_header trusts
+    # it): for the model's domain, the attributes shown, the derived DICOM objects.
+    declared = bool(model.modalities or model.body_parts)
+    wants_header = (declared or keep.attributes or keep.source) and is_dicom(data)
+    header = read_header(data) if wants_header else None
+    out_of_domain = (
+        check_domain(header, model, index, domain) if declared and header is not None else None
+    )
     dicom = describe_dicom(header, frame) if keep.attributes and header is not None else None
     return PreparedImage(
         index,
