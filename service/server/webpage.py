@@ -5,6 +5,11 @@ no CDN, so it works offline and behind a hospital firewall. The page calls only
 the public API (``v1/models``, ``v1/explain``), with relative URLs so that it also
 works behind a proxy that serves the service under a path prefix.
 
+The page offers the repository's example images (``examples/``: synthetic
+phantoms, no patient data) to try with one click, under ``/page/examples/<name>``:
+only the files found there at start-up whose names are listed below, never a
+path. In an installed package without that folder the page offers none.
+
 The files are open without a token (they hold no data; the page sends the
 token the user types with each API call) and are served with a strict Content
 Security Policy: scripts and styles from this origin only, and ``connect-src
@@ -17,6 +22,7 @@ from __future__ import annotations
 import hashlib
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 import orjson
 from flask import Blueprint, Response, request
@@ -30,6 +36,11 @@ PAGE_PATH = "/"
 ASSETS_PREFIX = "/page/"
 
 _ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}
+EXAMPLES_PREFIX = ASSETS_PREFIX + "examples/"
+# The repository's examples, beside the package in a source checkout (and an editable
+# install); the phantom PNGs and the DICOM file, with the findings each one holds.
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+_EXAMPLE_TYPES = {".png": "image/png", ".dcm": "application/dicom"}
 # Names the page shows for the API's methods.
 _METHOD_TITLES = {
     "gradcam": "Grad-CAM",
@@ -63,8 +74,28 @@ def _index() -> bytes:
     config = {
         "colormap": COLORMAP.tolist(),
         "methods": [[name, _METHOD_TITLES.get(name, name)] for name in METHODS],
+        "examples": [
+            {"name": name, "findings": findings} for name, findings in _examples().items()
+        ],
     }
     return _read("index.html").replace(b"{{CONFIG}}", orjson.dumps(config))
+
+
+@cache
+def _examples() -> dict[str, list[str]]:
+    """The example files the page offers, by name, each with the kinds of finding it
+    holds (``findings.json``); empty where the folder is not there."""
+    if not EXAMPLES_DIR.is_dir():
+        return {}
+    findings_file = EXAMPLES_DIR / "findings.json"
+    known = orjson.loads(findings_file.read_bytes()) if findings_file.is_file() else {}
+    found = {}
+    # The PNGs first, then the DICOM file.
+    for path in sorted(EXAMPLES_DIR.iterdir(), key=lambda p: (p.suffix == ".dcm", p.name)):
+        if path.name.startswith("phantom_") and path.suffix in _EXAMPLE_TYPES and path.is_file():
+            kinds = [finding["kind"] for finding in known.get(path.name, {}).get("findings", [])]
+            found[path.name] = list(dict.fromkeys(kinds))
+    return found
 
 
 @cache
@@ -89,3 +120,12 @@ def asset_view(name: str) -> Response:
     if name not in _ASSETS:
         raise NotFound()
     return _send(_asset(name), _ASSETS[name])
+
+
+@page.get(EXAMPLES_PREFIX + "<name>")
+def example_view(name: str) -> Response:
+    """One of the examples the page offers, by its name alone: anything else is 404."""
+    if name not in _examples():
+        raise NotFound()
+    body = (EXAMPLES_DIR / name).read_bytes()
+    return _send(body, _EXAMPLE_TYPES[Path(name).suffix])

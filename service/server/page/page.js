@@ -11,11 +11,13 @@
 const config = JSON.parse(document.getElementById("page-config").textContent);
 const COLOURS = config.colormap; // 256 × [r, g, b]
 const METHODS = config.methods; // [[name, title], ...]
+const EXAMPLES = config.examples; // [{name, findings: [kind, ...]}, ...]: page/examples/<name>
 
 const $ = (id) => document.getElementById(id);
 const ui = {
   form: $("controls"), token: $("token"), useToken: $("use-token"), model: $("model"),
-  modelInfo: $("model-info"), layer: $("layer"), target: $("target"), topK: $("top-k"),
+  modelInfo: $("model-info"), modelWarning: $("model-warning"), layer: $("layer"),
+  layerInfo: $("layer-info"), examples: $("examples"), exampleList: $("example-list"), target: $("target"), topK: $("top-k"),
   methods: $("methods"), opacity: $("opacity"), opacityValue: $("opacity-value"),
   files: $("files"), dropZone: $("drop-zone"), notice: $("notice"), status: $("status"),
   results: $("results"), explain: $("explain"),
@@ -24,6 +26,8 @@ const ui = {
 const state = {
   token: "", // in this page's memory only: never stored, never in a URL
   model: null, // GET v1/models/<name>
+  listing: new Map(), // name -> its entry in GET v1/models
+  layers: new Map(), // name -> its entry in GET v1/models/<name>/layers
   items: [], // one per image: see addFiles()
   nextId: 0,
 };
@@ -122,10 +126,89 @@ function showNotice(message) {
 
 // --- models, layers, methods ----------------------------------------------------
 
-// Long model and layer names: the whole name in a tooltip as well as in the list.
+// Long model and layer names: the lists are wide enough for them, the chosen one is
+// written out in full below its list (lines that wrap), and it is the tooltip too.
 function titleSelect(select) {
   const chosen = select.options[select.selectedIndex];
   select.title = chosen ? chosen.textContent : "";
+  if (select === ui.model) describeModel();
+  if (select === ui.layer) describeLayer();
+}
+
+// A model without trained weights answers, but its answers mean nothing: said plainly,
+// next to the list (a listing without the field is a model with weights).
+function describeModel() {
+  const entry = state.listing.get(ui.model.value);
+  const random = Boolean(entry && entry.random_weights === true);
+  ui.modelWarning.hidden = !random;
+  ui.modelWarning.textContent = random
+    ? `The model ${entry.name} has random weights: its answers mean nothing.` : "";
+  const model = state.model && state.model.name === ui.model.value ? state.model : null;
+  if (!entry || !model) {
+    ui.modelInfo.textContent = entry ? entry.arch : "";
+    return;
+  }
+  const kind = model.multilabel ? "independent scores per finding" : "one class per image";
+  ui.modelInfo.textContent = `${entry.arch}: ${model.num_classes} classes, ${kind}; input `
+    + `${model.input_size[1]}×${model.input_size[0]}, ${model.channels} channel(s), on ${model.device}.`;
+}
+
+function describeLayer() {
+  const layer = state.layers.get(ui.layer.value);
+  if (!layer) {
+    ui.layerInfo.textContent = "";
+    return;
+  }
+  const layout = layer.layout ? `, ${layer.layout}` : "";
+  ui.layerInfo.textContent = `${layer.name}: ${layer.kind}${layout}, ${layer.channels} channels `
+    + `of ${layer.height}×${layer.width}`
+    + (layer.name === state.defaultLayer ? " (the model's default)." : ".");
+}
+
+function shape(layer) {
+  return `${layer.channels}×${layer.height}×${layer.width}`;
+}
+
+// The layers as the list shows them: the default first, then the others grouped by the
+// block they are in ("features", or "features.stage1" where "features" alone would be a
+// long group), in the model's order; layers alone in their block share a last group.
+const GROUP_SIZE = 12;
+
+function layerBlocks(layers, depth) {
+  const blocks = new Map();
+  for (const layer of layers) {
+    const block = layer.name.split(".").slice(0, depth + 1).join(".");
+    if (!blocks.has(block)) blocks.set(block, []);
+    blocks.get(block).push(layer);
+  }
+  return [...blocks].flatMap(([block, members]) => {
+    const deeper = members.some((layer) => layer.name.split(".").length > depth + 2);
+    return members.length > GROUP_SIZE && deeper
+      ? layerBlocks(members, depth + 1) : [[block, members]];
+  });
+}
+
+function layerGroups(layers, defaultLayer) {
+  const others = layers.filter((layer) => layer.name !== defaultLayer);
+  const groups = [["Default", layers.filter((layer) => layer.name === defaultLayer)]];
+  const single = [];
+  for (const [block, members] of layerBlocks(others, 0)) {
+    if (members.length === 1) single.push(...members);
+    else groups.push([`${block} (${members.length} layers)`, members]);
+  }
+  groups.push([groups.length > 1 ? "Other layers" : "Layers", single]);
+  return groups.filter(([, members]) => members.length);
+}
+
+function layerOptions(layers, defaultLayer) {
+  return layerGroups(layers, defaultLayer).map(([label, members]) => {
+    const group = document.createElement("optgroup");
+    group.label = label;
+    group.append(...members.map((layer) => option(layer.name,
+      `${layer.name} — ${shape(layer)}` + (layer.name === defaultLayer ? " (default)" : ""),
+      layer.name === defaultLayer)));
+    return group;
+  });
 }
 
 function option(value, text, selected = false) {
@@ -150,8 +233,10 @@ async function loadModels() {
     }
     return false;
   }
-  ui.model.replaceChildren(...listing.models.map(
-    (m) => option(m.name, `${m.name} (${m.arch})`, m.default)));
+  state.listing = new Map(listing.models.map((m) => [m.name, m]));
+  // The name alone in the list (the architecture is written out below it).
+  ui.model.replaceChildren(...listing.models.map((m) => option(m.name,
+    m.name + (m.random_weights === true ? " (random weights)" : ""), m.default)));
   titleSelect(ui.model);
   return loadModel();
 }
@@ -170,14 +255,10 @@ async function loadModel() {
     return false;
   }
   state.model = model;
-  const kind = model.multilabel ? "independent scores per finding" : "one class per image";
-  ui.modelInfo.textContent = `${model.num_classes} classes, ${kind}; input `
-    + `${model.input_size[1]}×${model.input_size[0]}, ${model.channels} channel(s), on ${model.device}.`;
-  ui.layer.replaceChildren(...layers.layers.map((layer) => option(
-    layer.name,
-    `${layer.name} — ${layer.channels}×${layer.height}×${layer.width}`
-      + (layer.name === layers.default_layer ? " (default)" : ""),
-    layer.name === layers.default_layer)));
+  state.layers = new Map(layers.layers.map((layer) => [layer.name, layer]));
+  state.defaultLayer = layers.default_layer;
+  describeModel();
+  ui.layer.replaceChildren(...layerOptions(layers.layers, layers.default_layer));
   ui.target.replaceChildren(option("", "The top prediction", true),
     ...model.labels.map((label, index) => option(String(index), `${index}: ${label}`)));
   titleSelect(ui.layer);
@@ -241,6 +322,64 @@ function pixelsOf(bitmap) {
   const context = canvas.getContext("2d", { willReadFrequently: true });
   context.drawImage(bitmap, 0, 0);
   return context.getImageData(0, 0, bitmap.width, bitmap.height).data;
+}
+
+// The shipped examples: a click fetches the file from the service and adds it as a
+// chosen or dropped file is added (the same path from there on).
+function buildExamples() {
+  ui.examples.hidden = !EXAMPLES.length;
+  ui.exampleList.replaceChildren(...EXAMPLES.map(({ name, findings }) => {
+    const entry = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "example";
+    button.dataset.name = name;
+    const dicom = /\.dcm$/i.test(name);
+    const picture = document.createElement(dicom ? "span" : "img");
+    picture.className = "example-picture";
+    if (dicom) {
+      picture.textContent = "DICOM";
+      picture.setAttribute("aria-hidden", "true");
+    } else {
+      picture.src = `page/examples/${encodeURIComponent(name)}`;
+      picture.alt = "";
+    }
+    const title = document.createElement("span");
+    title.className = "example-name";
+    // Breaks after "_" (and before the suffix) rather than inside a word.
+    for (const [index, part] of name.replace(/\./, "\0.").split(/(?<=_)|\0/).entries()) {
+      if (index) title.append(document.createElement("wbr"));
+      title.append(part);
+    }
+    const holds = document.createElement("span");
+    holds.className = "example-findings";
+    holds.textContent = (dicom ? "12-bit CR radiograph: " : "") + findings.join(", ");
+    button.append(picture, title, holds);
+    button.setAttribute("aria-label", `Explain the example ${name} (${findings.join(", ")})`);
+    button.addEventListener("click", () => addExample(name));
+    entry.append(button);
+    return entry;
+  }));
+}
+
+async function addExample(name) {
+  showNotice("");
+  try {
+    const response = await fetch(`page/examples/${encodeURIComponent(name)}`);
+    if (!response.ok) throw new Error(`the service answered ${response.status}`);
+    const file = new File([await response.blob()], name, {
+      type: response.headers.get("Content-Type") || "",
+    });
+    const adding = addFiles([file]);
+    const card = state.items[state.items.length - 1].card;
+    card.scrollIntoView({ block: "nearest" }); // its progress, then its result
+    await adding;
+    if (card.getBoundingClientRect().top > 0.4 * window.innerHeight) {
+      card.scrollIntoView({ block: "start" });
+    }
+  } catch (error) {
+    showNotice(`The example ${name} could not be fetched: ${error.message}.`);
+  }
 }
 
 async function addFiles(files) {
@@ -690,5 +829,6 @@ ui.dropZone.addEventListener("drop", (event) => {
 });
 
 buildMethods();
+buildExamples();
 updateButtons();
 loadModels();

@@ -503,8 +503,12 @@ def test_the_page_looks_as_it_did(
         assert not tab.errors, tab.errors
     finally:
         tab.close()
+    _compare_with_reference(shot, f"page-{width}x{height}.png")
+
+
+def _compare_with_reference(shot: bytes, name: str) -> None:
     taken = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"), dtype=np.int16)
-    reference_path = SCREENSHOTS / f"page-{width}x{height}.png"
+    reference_path = SCREENSHOTS / name
     if os.environ.get("GRADCAM_UPDATE_SCREENSHOTS") == "1" or not reference_path.exists():
         reference_path.parent.mkdir(exist_ok=True)
         Image.fromarray(taken.astype(np.uint8)).save(reference_path, optimize=True)
@@ -523,3 +527,156 @@ def _quarter(pixels: np.ndarray) -> np.ndarray:
     height, width = (pixels.shape[0] // 4) * 4, (pixels.shape[1] // 4) * 4
     blocks = pixels[:height, :width].reshape(height // 4, 4, width // 4, 4, 3)
     return blocks.mean(axis=(1, 3))
+
+
+# What does not fit in its box, measured in the browser: a list's entries (the text of
+# each option in the list's font, against the list's width less its padding and arrow),
+# and any other element whose text overflows its box.
+_CUT_TEXTS = """selectors => {
+    const context = document.createElement("canvas").getContext("2d");
+    const cut = [];
+    for (const element of document.querySelectorAll(selectors)) {
+        if (element.tagName !== "SELECT") {
+            if (element.scrollWidth > element.clientWidth) cut.push(element.textContent);
+            continue;
+        }
+        const style = getComputedStyle(element);
+        context.font = style.font;
+        const room = element.clientWidth - parseFloat(style.paddingLeft)
+            - parseFloat(style.paddingRight) - 24;  // the drop-down arrow
+        for (const option of element.options) {
+            if (context.measureText(option.textContent).width > room) {
+                cut.push(option.textContent);
+            }
+        }
+    }
+    return cut;
+}"""
+
+# The token box's inner width in characters of its font ("0", as CSS's ch).
+_TOKEN_CHARACTERS = """input => {
+    const style = getComputedStyle(input);
+    const context = document.createElement("canvas").getContext("2d");
+    context.font = style.font;
+    const inner = input.clientWidth - parseFloat(style.paddingLeft)
+        - parseFloat(style.paddingRight);
+    return inner / context.measureText("0").width;
+}"""
+
+
+def _layers(live: LiveServer) -> dict:
+    answer = requests.get(
+        f"{live.url}/v1/models/phantom/layers",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+    )
+    assert answer.status_code == 200
+    layers: dict = answer.json()
+    return layers
+
+
+@pytest.mark.parametrize("width, height", [(1280, 800), (390, 844)])
+def test_the_first_view_invites(live: LiveServer, browser: object, width: int, height: int) -> None:
+    """Before any image: whole names in every list, a token box a token fits in, the
+    layers grouped with the default first, the examples to try, and no empty half."""
+    tab = PageUnderTest(browser, live.url + "/", viewport=(width, height))
+    try:
+        page = tab.page
+        token_characters = page.locator("#token").evaluate(_TOKEN_CHARACTERS)
+        assert token_characters >= (32 if width >= 1100 else 24), token_characters
+        tab.connect()
+        cut = page.evaluate(
+            _CUT_TEXTS, "#model, #layer, #target, #model-info, #layer-info, .example-name"
+        )
+        assert not cut, cut
+        expect(page.locator("#model-warning")).to_be_hidden()  # the demo model is trained
+        expect(page.locator("#model-info")).to_contain_text("service.demo.model:phantom_net")
+
+        # The default layer first, with its shape; the others once each, in groups.
+        layers = _layers(live)
+        default = next(x for x in layers["layers"] if x["name"] == layers["default_layer"])
+        first = page.locator("#layer option").first
+        shape = f"{default['channels']}×{default['height']}×{default['width']}"
+        expect(first).to_have_text(f"{default['name']} — {shape} (default)")
+        assert page.locator("#layer").input_value() == default["name"]
+        groups = page.locator("#layer optgroup").evaluate_all(
+            "groups => groups.map(g => [g.label, [...g.children].map(o => o.value)])"
+        )
+        assert groups[0] == ["Default", [default["name"]]]
+        assert 3 <= len(groups) <= 12, groups
+        listed = [name for _, names in groups for name in names]
+        assert sorted(listed) == sorted(x["name"] for x in layers["layers"])
+        expect(page.locator("#layer-info")).to_contain_text(f"{default['name']}: ")
+
+        # The examples, in the first view on a desktop, and where the results will come.
+        examples = page.locator(".example")
+        shipped = sorted(p.name for p in EXAMPLES.glob("phantom_*.png"))
+        assert examples.evaluate_all("buttons => buttons.map(b => b.dataset.name)") == [
+            *shipped,
+            "phantom_nodule.dcm",
+        ]
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('img.example-picture')]"
+            ".every(image => image.complete && image.naturalWidth > 0)"
+        )
+        if width >= 1100:
+            box = page.locator("#example-list").bounding_box()
+            assert box is not None and box["y"] + box["height"] <= height, box
+        expect(page.locator("#results-empty")).to_be_visible()
+        assert not tab.axe_violations(), tab.axe_violations()
+        page.locator("#use-token").blur()
+        shot = page.screenshot(mask=[page.locator("#status")], animations="disabled", caret="hide")
+        assert not tab.errors, tab.errors
+    finally:
+        tab.close()
+    _compare_with_reference(shot, f"first-view-{width}x{height}.png")
+
+
+def test_an_example_is_explained_with_one_click(tab: PageUnderTest, tmp_path: Path) -> None:
+    page = tab.page
+    tab.connect()
+    name = "phantom_mass_tube.png"
+    button = page.locator(f'.example[data-name="{name}"]')
+    expect(button).to_have_accessible_name(f"Explain the example {name} (mass, tube)")
+    button.click()
+    tab.wait_explained(name, 1, "mass")
+    expect(page.locator("#results-empty")).to_be_hidden()
+    expect(tab.card(name).locator(".figure canvas")).to_be_in_viewport()  # type: ignore[attr-defined]
+    tab.set_opacity(100)
+    clicked = tab.canvas(name)
+    assert clicked.std() > 20, "the canvas is blank"
+    assert peak_in_boxes(_heat_from_pixels(clicked), _boxes(name, "mass"), 8.0)
+    # The same as the file chosen by hand: one path from the file on.
+    chosen = tmp_path / "chosen.png"
+    chosen.write_bytes((EXAMPLES / name).read_bytes())
+    page.set_input_files("#files", str(chosen))
+    tab.wait_explained("chosen.png", 1, "mass")
+    assert np.array_equal(tab.canvas("chosen.png"), clicked)
+    # The DICOM example, with the keyboard: shown as a viewer would, with its fields.
+    dicom = page.locator('.example[data-name="phantom_nodule.dcm"]')
+    dicom.focus()
+    page.keyboard.press("Enter")
+    tab.wait_explained("phantom_nodule.dcm", 1, "nodule")
+    expect(tab.card("phantom_nodule.dcm").locator(".dicom")).to_contain_text("MONOCHROME1")  # type: ignore[attr-defined]
+
+
+def test_a_model_with_random_weights_says_so(tab: PageUnderTest) -> None:
+    """The listing's ``random_weights`` (a missing field is false) puts a warning by the
+    model list: its answers mean nothing."""
+    page = tab.page
+
+    def flagged(route: Any) -> None:
+        answer = route.fetch()
+        listing = answer.json()
+        for model in listing["models"]:
+            model["random_weights"] = True
+        route.fulfill(response=answer, json=listing)
+
+    page.route("**/v1/models", flagged)
+    tab.connect()
+    warning = page.locator("#model-warning")
+    expect(warning).to_be_visible()
+    expect(warning).to_have_text("The model phantom has random weights: its answers mean nothing.")
+    expect(page.locator("#model option").first).to_have_text("phantom (random weights)")
+    assert not page.evaluate(_CUT_TEXTS, "#model, #model-warning")
+    assert not tab.axe_violations(), tab.axe_violations()

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -174,3 +175,64 @@ def test_include_takes_known_extras_only(runtime: Runtime) -> None:
         "/v1/explain", json={"images": [encode(phantom_png(1, 64, 64))], "include": ["patient"]}
     )
     assert answer.status_code == 422 and json_of(answer)["error"]["field"] == "include[0]"
+
+
+def test_the_examples_are_offered_and_served(runtime: Runtime) -> None:
+    client = _client(runtime, auth_tokens=TOKEN)
+    offered = _page_config(client.get("/").get_data(as_text=True))["examples"]
+    names = [example["name"] for example in offered]
+    expected = [*sorted(p.name for p in EXAMPLES.glob("phantom_*.png")), "phantom_nodule.dcm"]
+    assert names == expected
+    findings = json.loads((EXAMPLES / "findings.json").read_text())
+    for example in offered:
+        kinds = {finding["kind"] for finding in findings[example["name"]]["findings"]}
+        assert set(example["findings"]) == kinds
+        # Open without a token, as the page's own files: synthetic phantoms, no data.
+        answer = client.get(f"/page/examples/{example['name']}")
+        assert answer.status_code == 200
+        assert answer.data == (EXAMPLES / example["name"]).read_bytes()
+        assert "default-src 'none'" in answer.headers["Content-Security-Policy"]
+    assert client.get("/page/examples/phantom_nodule.png").mimetype == "image/png"
+    assert client.get("/page/examples/phantom_nodule.dcm").mimetype == "application/dicom"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/page/examples/findings.json",  # in the folder, but not an example
+        "/page/examples/request.json",
+        "/page/examples/overlays",
+        "/page/examples/../../pyproject.toml",
+        "/page/examples/..%2F..%2Fpyproject.toml",
+        "/page/examples/%2E%2E/pyproject.toml",
+        "/page/examples/..%5Cpyproject.toml",
+        "/page/examples/phantom_nodule.png%00.txt",
+        "/page/examples/overlays/phantom_nodule-gradcam.png",
+        "/page/examples/",
+        "/page/examples/PHANTOM_NODULE.PNG",
+        "/page/examples//etc/passwd",
+        "/page/examples/~/.bashrc",
+    ],
+)
+def test_nothing_but_an_example_is_served_from_the_examples(runtime: Runtime, path: str) -> None:
+    client = _client(runtime, auth_tokens=TOKEN)
+    answer = client.get(path)
+    assert answer.status_code == 404, path
+    assert b"[tool." not in answer.data and b"root:" not in answer.data
+
+
+def test_without_the_examples_folder_none_are_offered(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.server import webpage
+
+    monkeypatch.setattr(webpage, "EXAMPLES_DIR", tmp_path / "absent")
+    webpage._examples.cache_clear()
+    webpage._index.cache_clear()
+    try:
+        client = _client(runtime)
+        assert _page_config(client.get("/").get_data(as_text=True))["examples"] == []
+        assert client.get("/page/examples/phantom_nodule.png").status_code == 404
+    finally:
+        webpage._examples.cache_clear()
+        webpage._index.cache_clear()
