@@ -21,6 +21,9 @@ from tests import library_models
 from tests.unit.engine.layouts.cases import Case, Grid, check_default, check_reference, maps
 from tests.unit.engine.test_buckets import EagerGraph
 
+# Library models built per case (0.5-1.5 s each): in the full run, not the developer loop.
+pytestmark = pytest.mark.slow
+
 CASES: dict[str, Case] = {
     "vit": Case(
         library_models.hf_vit,

@@ -17,6 +17,9 @@ from service.engine.layouts import declare_layout
 from tests import library_models
 from tests.unit.engine.layouts.cases import Case, Grid, check_default, check_reference, maps
 
+# Library models built per case (0.5-1.5 s each): in the full run, not the developer loop.
+pytestmark = pytest.mark.slow
+
 CASES: dict[str, Case] = {
     # A class token, then 16×16 patches of 48×64.
     "vit": Case(library_models.timm_vit, (48, 64), Grid("blocks.1.norm1", (24, 3, 4), "tokens", 1)),

@@ -30,6 +30,9 @@ from service.engine.loading.models import LoadedModel, load_model
 from service.engine.runtime import Runtime
 from service.transport.interface import Job
 
+# Library models built per case (0.5-1.5 s each): in the full run, not the developer loop.
+pytestmark = pytest.mark.slow
+
 SIZE = 64
 BATCH = {"x": {0: Dim("batch")}}
 
