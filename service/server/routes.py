@@ -127,7 +127,9 @@ def explain_view() -> Response:
         )
         answer = explain(body, current_engine(), settings, context)
         picture = picture_response(body.heatmap, answer, request.accept_mimetypes)
-        return _marked(picture or json_response(answer), answer)
+        response = _marked(picture or json_response(answer), answer)
+        response.vary.add("Accept")  # a picture or JSON for the same URL: caches must know
+        return response
 
 
 def _marked(response: Response, answer: ExplainResponse) -> Response:

@@ -62,6 +62,7 @@ def test_a_raw_body_is_answered_as_the_json_door_answers(
         headers={"Accept": "application/json"},
     )
     assert raw.status_code == 200 and raw.content_type == "application/json"
+    assert "Accept" in raw.vary  # the same URL may answer with the picture
     same = _json_door(
         client, [data], targets=["mass"], top_k=2, heatmap={"format": "gray", "size": "input"}
     )
