@@ -379,8 +379,9 @@ def render_result(result: ExplainedImage, model: ModelInfo, render: RenderOption
         ),
         predictions=[_prediction(model, int(i), result.scores) for i in order],
         explanations=drawing.explanations,
-        out_of_domain=prepared.out_of_domain,
     )
+    if prepared.out_of_domain is not None:  # a field left out, not null, when it is inside
+        answer.out_of_domain = prepared.out_of_domain
     for explanation, curves in zip(answer.explanations, result.curves, strict=False):
         explanation.faithfulness = faithfulness(curves)
     if options.format == "dicom-seg":

@@ -34,7 +34,7 @@ def _files() -> list[str]:
 
 @pytest.fixture(scope="module")
 def client(runtime: Runtime) -> FlaskClient:
-    return create_app(Settings(device="cpu"), engine=runtime).test_client()
+    return create_app(Settings(device="cpu", out_of_domain="mark"), engine=runtime).test_client()
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ say nothing (a PNG, a DICOM file without a body part) as they come."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pydicom
@@ -14,6 +15,7 @@ from pydicom.data import get_testdata_file
 
 from service.contract.errors import ErrorCode, InvalidField
 from service.contract.requests import ExplainRequest
+from service.contract.responses import to_json
 from service.contract.settings import Settings
 from service.engine.runtime import Runtime
 from service.pipeline.domain import DomainPolicy
@@ -59,6 +61,10 @@ def test_marked_it_is_explained_with_the_reason(runtime: Runtime) -> None:
     answer = _explain(runtime, _ct_slice(), "mark")
     reason = answer.results[0].out_of_domain  # type: ignore[attr-defined]
     assert reason is not None and "modality is CT" in reason
+    # In the JSON only where there is a reason: never null (openapi.yaml says a string).
+    assert json.loads(to_json(answer))["results"][0]["out_of_domain"] == reason  # type: ignore[arg-type]
+    inside = _explain(runtime, EXAMPLE.read_bytes(), "mark")
+    assert "out_of_domain" not in json.loads(to_json(inside))["results"][0]  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
