@@ -50,6 +50,9 @@ RUN mkdir service && touch service/__init__.py \
 
 COPY service ./service
 RUN pip install --no-deps . && rm -rf build ./*.egg-info
+# The synthetic phantoms the web page offers to try (no patient data, ~1 MB).
+COPY examples/findings.json examples/phantom_* ./examples/
+ENV GRADCAM_EXAMPLES_DIR=/app/examples
 
 USER 10001
 # Caches the service or torch may write go to the user's home; the engine sockets and

@@ -126,8 +126,10 @@ class Settings(BaseModel):
     # /metrics on its own port (served by serve's supervisor) instead of the API's.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     log_format: Literal["text", "json"] = "text"
-    # The web page at / (server/webpage.py): static files, open without a token.
+    # The web page at / (server/webpage.py): static files, open without a token; the
+    # folder of examples it offers ("": the source checkout's examples/, where there is one).
     web_page: bool = True
+    examples_dir: str = ""
     # DICOMweb servers requests may name (dicomweb.py): base URLs; none by default.
     dicomweb_servers: str = ""
     # A DICOM image outside the model's declared modalities or body parts

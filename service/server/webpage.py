@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 import orjson
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import NotFound
 
 from service.contract.terms import METHODS
@@ -68,30 +68,36 @@ def _read(name: str) -> bytes:
 
 
 @cache
-def _index() -> bytes:
+def _index(examples: Path) -> bytes:
     """index.html with the page's configuration: the colour map heatmaps are drawn
     with (the one ``png`` and ``overlay`` use) and the methods, from their one home."""
     config = {
         "colormap": COLORMAP.tolist(),
         "methods": [[name, _METHOD_TITLES.get(name, name)] for name in METHODS],
         "examples": [
-            {"name": name, "findings": findings} for name, findings in _examples().items()
+            {"name": name, "findings": findings} for name, findings in _examples(examples).items()
         ],
     }
     return _read("index.html").replace(b"{{CONFIG}}", orjson.dumps(config))
 
 
+def _examples_dir() -> Path:
+    """``GRADCAM_EXAMPLES_DIR`` (the Docker image's /app/examples), else the checkout's."""
+    chosen: str = current_app.extensions["gradcam_settings"].examples_dir
+    return Path(chosen) if chosen else EXAMPLES_DIR
+
+
 @cache
-def _examples() -> dict[str, list[str]]:
-    """The example files the page offers, by name, each with the kinds of finding it
-    holds (``findings.json``); empty where the folder is not there."""
-    if not EXAMPLES_DIR.is_dir():
+def _examples(folder: Path) -> dict[str, list[str]]:
+    """The example files in ``folder`` the page offers, by name, each with the kinds of
+    finding it holds (``findings.json``); empty where the folder is not there."""
+    if not folder.is_dir():
         return {}
-    findings_file = EXAMPLES_DIR / "findings.json"
+    findings_file = folder / "findings.json"
     known = orjson.loads(findings_file.read_bytes()) if findings_file.is_file() else {}
     found = {}
     # The PNGs first, then the DICOM file.
-    for path in sorted(EXAMPLES_DIR.iterdir(), key=lambda p: (p.suffix == ".dcm", p.name)):
+    for path in sorted(folder.iterdir(), key=lambda p: (p.suffix == ".dcm", p.name)):
         if path.name.startswith("phantom_") and path.suffix in _EXAMPLE_TYPES and path.is_file():
             kinds = [finding["kind"] for finding in known.get(path.name, {}).get("findings", [])]
             found[path.name] = list(dict.fromkeys(kinds))
@@ -112,7 +118,7 @@ def _send(body: bytes, mimetype: str) -> Response:
 
 @page.get(PAGE_PATH)
 def index_view() -> Response:
-    return _send(_index(), "text/html")
+    return _send(_index(_examples_dir()), "text/html")
 
 
 @page.get(ASSETS_PREFIX + "<name>")
@@ -125,7 +131,8 @@ def asset_view(name: str) -> Response:
 @page.get(EXAMPLES_PREFIX + "<name>")
 def example_view(name: str) -> Response:
     """One of the examples the page offers, by its name alone: anything else is 404."""
-    if name not in _examples():
+    folder = _examples_dir()
+    if name not in _examples(folder):
         raise NotFound()
-    body = (EXAMPLES_DIR / name).read_bytes()
+    body = (folder / name).read_bytes()
     return _send(body, _EXAMPLE_TYPES[Path(name).suffix])

@@ -104,6 +104,9 @@ def test_the_image_builds_runs_answers_and_stops() -> None:
         page = requests.get(f"{url}/", timeout=10)
         assert page.status_code == 200 and "page/page.js" in page.text
         assert requests.get(f"{url}/page/page.js", timeout=10).status_code == 200
+        # Its examples too, copied into the image (not part of the package).
+        example = requests.get(f"{url}/page/examples/phantom_nodule.png", timeout=10)
+        assert example.status_code == 200 and example.content.startswith(b"\x89PNG")
         user = _podman("exec", name, "id", "-u").stdout.strip()
         assert user == "10001"
         init = _podman("exec", name, "cat", "/proc/1/cmdline").stdout

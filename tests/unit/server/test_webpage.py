@@ -236,3 +236,16 @@ def test_without_the_examples_folder_none_are_offered(
     finally:
         webpage._examples.cache_clear()
         webpage._index.cache_clear()
+
+
+def test_the_examples_folder_is_a_setting(runtime: Runtime, tmp_path: Path) -> None:
+    # The Docker image has no checkout: it copies the phantoms to /app/examples and
+    # names that folder (GRADCAM_EXAMPLES_DIR).
+    source = Path(__file__).resolve().parents[3] / "examples" / "phantom_nodule.png"
+    (tmp_path / "phantom_nodule.png").write_bytes(source.read_bytes())
+    (tmp_path / "findings.json").write_text('{"phantom_nodule.png": {"findings": []}}')
+    client = _client(runtime, examples_dir=str(tmp_path))
+    offered = _page_config(client.get("/").get_data(as_text=True))["examples"]
+    assert [example["name"] for example in offered] == ["phantom_nodule.png"]
+    assert client.get("/page/examples/phantom_nodule.png").data == source.read_bytes()
+    assert client.get("/page/examples/phantom_opacity.png").status_code == 404
