@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 import requests
 import torch
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
 from service.engine.layers import resolve_layer
@@ -41,7 +40,7 @@ from tests.model_matrix import (
     reshape_for,
     write,
 )
-from tests.unit.engine.test_transformers import REFERENCE_CLASSES
+from tests.unit.engine.test_transformers import reference_maps
 
 pytestmark = pytest.mark.slow
 MIN_PEARSON = 0.999
@@ -99,28 +98,15 @@ def _explain(live: LiveServer, entry: Entry, target: int, method: str) -> dict[s
 def _reference(
     model: nn.Module, entry: Entry, layer: str, pixels: Tensor, target: int, method: str
 ) -> np.ndarray:
-    """pytorch-grad-cam's map before it resizes it: its hooks' activations and gradients
-    with the family's reshape, then its formula for ``method``."""
+    """pytorch-grad-cam's map before it resizes it, with the family's reshape."""
     module = resolve_layer(model, reference_layer(entry, layer))
-    reshape = reshape_for(entry, model)
     model.requires_grad_(True)  # its backward needs a graph, whatever the layer holds
     try:
-        cam = REFERENCE_CLASSES["gradcam"](
-            model=model, target_layers=[module], reshape_transform=reshape
-        )
-        try:
-            cam(pixels, [ClassifierOutputTarget(target)])
-            activations = cam.activations_and_grads.activations[0].numpy()
-            gradients = cam.activations_and_grads.gradients[0].numpy()
-        finally:
-            cam.activations_and_grads.release()
-        formula = REFERENCE_CLASSES[method](model=model, target_layers=[module])
-        formula.activations_and_grads.release()
-        raw = formula.get_cam_image(pixels, module, None, activations, gradients, False)
+        maps = reference_maps(model, module, pixels, [target], reshape_for(entry, model), [method])
     finally:
         model.requires_grad_(False)
         model.zero_grad(set_to_none=True)
-    return np.maximum(raw, 0)
+    return maps[method]
 
 
 def _pearson(ours: np.ndarray, reference: np.ndarray) -> float:

@@ -10,7 +10,7 @@ layout in the models file.
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -93,23 +93,37 @@ def _reference(
     assert any(True for _ in module.parameters())
     module.requires_grad_(True)
     try:
-        cam = ReferenceGradCAM(model=model, target_layers=[module], reshape_transform=reshape)
-        try:
-            cam(inputs, [ClassifierOutputTarget(t) for t in targets])
-            activations = cam.activations_and_grads.activations[0].numpy()
-            gradients = cam.activations_and_grads.gradients[0].numpy()
-        finally:
-            cam.activations_and_grads.release()
-        maps = {}
-        for method in methods:
-            formula = REFERENCE_CLASSES[method](model=model, target_layers=[module])
-            formula.activations_and_grads.release()
-            raw = formula.get_cam_image(inputs, module, None, activations, gradients, False)
-            maps[method] = np.maximum(raw, 0)
+        return reference_maps(model, module, inputs, targets, reshape, methods)
     finally:
         module.requires_grad_(False)
         for parameter in module.parameters():
             parameter.grad = None
+
+
+def reference_maps(
+    model: nn.Module,
+    module: nn.Module,
+    inputs: Tensor,
+    targets: list[int],
+    reshape: Reshape,
+    methods: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """pytorch-grad-cam's maps at ``module`` (its hooks' activations and gradients, then
+    each method's formula), after the ReLU, before it resizes them. The caller gives the
+    graph its backward needs (parameters that require grad)."""
+    cam = ReferenceGradCAM(model=model, target_layers=[module], reshape_transform=reshape)
+    try:
+        cam(inputs, [ClassifierOutputTarget(t) for t in targets])
+        activations = cam.activations_and_grads.activations[0].numpy()
+        gradients = cam.activations_and_grads.gradients[0].numpy()
+    finally:
+        cam.activations_and_grads.release()
+    maps = {}
+    for method in methods:
+        formula = REFERENCE_CLASSES[method](model=model, target_layers=[module])
+        formula.activations_and_grads.release()
+        raw = formula.get_cam_image(inputs, module, None, activations, gradients, False)
+        maps[method] = np.maximum(raw, 0)
     return maps
 
 
