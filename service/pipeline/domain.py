@@ -24,12 +24,13 @@ def outside_domain(header: Any, model: ModelInfo) -> str | None:
     """Why the DICOM file whose header is ``header`` is outside ``model``'s declared
     domain, or None if it is inside (or says nothing the model declares)."""
     found = []
-    modality = _attribute(header, "Modality")
-    if model.modalities and modality and modality not in model.modalities:
-        found.append(f"its modality is {modality}, the model's {', '.join(model.modalities)}")
-    part = _attribute(header, "BodyPartExamined")
-    if model.body_parts and part and part not in model.body_parts:
-        found.append(f"its body part is {part}, the model's {', '.join(model.body_parts)}")
+    for keyword, what, declared in (
+        ("Modality", "modality", model.modalities),
+        ("BodyPartExamined", "body part", model.body_parts),
+    ):
+        value = _attribute(header, keyword)
+        if declared and value and value not in declared:
+            found.append(f"its {what} is {value}, the model's {', '.join(declared)}")
     if not found:
         return None
     return f"Model '{model.name}' is not for this image: {'; '.join(found)}."

@@ -7,8 +7,8 @@ works behind a proxy that serves the service under a path prefix.
 
 The page offers the repository's example images (``examples/``: synthetic
 phantoms, no patient data) to try with one click, under ``/page/examples/<name>``:
-only the files found there at start-up whose names are listed below, never a
-path. In an installed package without that folder the page offers none.
+only the phantom files found in that folder (``GRADCAM_EXAMPLES_DIR``: the Docker
+image's copy), never a path. An installed package without one offers none.
 
 The files are open without a token (they hold no data; the page sends the
 token the user types with each API call) and are served with a strict Content
@@ -25,11 +25,12 @@ from importlib import resources
 from pathlib import Path
 
 import orjson
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 from werkzeug.exceptions import NotFound
 
 from service.contract.terms import METHODS
 from service.imaging.render import COLORMAP
+from service.server.routes import current_settings
 
 # Open without a token (security.AccessPolicy): the page and its own files.
 PAGE_PATH = "/"
@@ -83,7 +84,7 @@ def _index(examples: Path) -> bytes:
 
 def _examples_dir() -> Path:
     """``GRADCAM_EXAMPLES_DIR`` (the Docker image's /app/examples), else the checkout's."""
-    chosen: str = current_app.extensions["gradcam_settings"].examples_dir
+    chosen = current_settings().examples_dir
     return Path(chosen) if chosen else EXAMPLES_DIR
 
 

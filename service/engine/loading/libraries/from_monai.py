@@ -75,10 +75,7 @@ def _parameters(factory: Any) -> dict[str, inspect.Parameter]:
     for network in passed_to:
         with contextlib.suppress(TypeError, ValueError):
             for name, parameter in inspect.signature(network).parameters.items():
-                if (
-                    parameter.kind is parameter.KEYWORD_ONLY
-                    or parameter.kind is parameter.POSITIONAL_OR_KEYWORD
-                ):
+                if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD):
                     found.setdefault(name, parameter)
     return found
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from service.contract.models_file import ModelsFile, ModelSpec
@@ -133,12 +134,8 @@ def _statistics(processor: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     else:
         mean, std = (offset,), (1.0,)
     if getattr(processor, "include_top", False):
-        std = tuple(a * b for a, b in zip(_per(std, 3), _per(image_std, 3), strict=True))
+        std = tuple(float(v) for v in np.multiply(std, image_std))  # (1,) broadcasts
     return tuple(v / unit for v in mean), tuple(v / unit for v in std)
-
-
-def _per(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
-    return values * channels if len(values) == 1 else values
 
 
 def _side(size: Any, key: str) -> int | None:
