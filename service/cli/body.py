@@ -18,7 +18,8 @@ import orjson
 from service.cli import common
 from service.cli.common import EXIT_OK, EXIT_USAGE, Subparsers
 from service.contract.errors import ServiceError
-from service.contract.requests import parse_explain_request, target_ref
+from service.contract.request_parsing import parse_explain_request
+from service.contract.requests import target_ref
 from service.contract.responses import to_json
 from service.contract.terms import (
     METHODS,

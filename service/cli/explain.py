@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 from service.cli import common, outputs, wording
 from service.cli.common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, Subparsers, Usage
 from service.contract.errors import ConfigError, ServiceError
-from service.contract.requests import HeatmapOptions, parse_explain_request
+from service.contract.request_parsing import parse_explain_request
+from service.contract.requests import HeatmapOptions
 from service.contract.responses import ImageResult, to_json
 from service.contract.terms import METHODS
 from service.imaging.encoders import encode_png

@@ -35,7 +35,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.contract.errors import InvalidField
-from service.contract.requests import ExplainRequest, invalid_field, target_ref
+from service.contract.request_parsing import invalid_field
+from service.contract.requests import ExplainRequest, target_ref
 from service.contract.suggestions import close_matches, did_you_mean
 
 # Each query parameter but ``target``, and the request field it sets (a path).

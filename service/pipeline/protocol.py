@@ -32,7 +32,8 @@ from service.contract.inference_protocol import (
     ResponseOutput,
 )
 from service.contract.json_body import json_object
-from service.contract.requests import ExplainRequest, invalid_field
+from service.contract.request_parsing import invalid_field
+from service.contract.requests import ExplainRequest
 from service.contract.responses import to_json
 from service.contract.settings import Settings
 from service.contract.suggestions import close_matches, did_you_mean

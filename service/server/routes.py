@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from service.contract.errors import ErrorCode, Overloaded, UnsupportedMediaType
 from service.contract.flat_options import refuse_query_beside_json
-from service.contract.requests import parse_explain_request
+from service.contract.request_parsing import parse_explain_request
 from service.contract.responses import (
     ExplainResponse,
     Layers,

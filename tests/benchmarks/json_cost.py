@@ -53,7 +53,7 @@ BODIES = {
 
 
 def _measure(name: str) -> None:
-    from service.contract.requests import parse_explain_request
+    from service.contract.request_parsing import parse_explain_request
     from service.pipeline.protocol import parse_infer_request
 
     body = BODIES[name]

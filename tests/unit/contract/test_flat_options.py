@@ -17,7 +17,8 @@ from service.contract.flat_options import (
     query_fields,
     refuse_query_beside_json,
 )
-from service.contract.requests import ExplainRequest, HeatmapOptions, parse_explain_request
+from service.contract.request_parsing import parse_explain_request
+from service.contract.requests import ExplainRequest, HeatmapOptions
 
 IMAGE = b"\x89PNG not really"
 

@@ -21,7 +21,8 @@ from service.contract.json_body import (
     JSON_MAX_VALUES,
     json_object,
 )
-from service.contract.requests import ExplainRequest, parse_explain_request
+from service.contract.request_parsing import parse_explain_request
+from service.contract.requests import ExplainRequest
 from service.pipeline.protocol import parse_infer_request
 
 JSON = st.recursive(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from service.contract.errors import InvalidField
-from service.contract.requests import parse_explain_request
+from service.contract.request_parsing import parse_explain_request
 
 
 def _refused(body: bytes) -> InvalidField:

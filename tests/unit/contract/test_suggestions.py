@@ -7,7 +7,7 @@ import pytest
 
 from service.cli import main
 from service.contract.errors import ServiceError
-from service.contract.requests import parse_explain_request
+from service.contract.request_parsing import parse_explain_request
 from service.contract.suggestions import close_matches, did_you_mean
 from service.engine.runtime import Runtime
 from service.pipeline.images import choose_layer, resolve_targets

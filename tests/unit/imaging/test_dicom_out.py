@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from service.contract.errors import InvalidField
-from service.contract.requests import ExplainRequest, parse_explain_request
+from service.contract.request_parsing import parse_explain_request
+from service.contract.requests import ExplainRequest
 from service.engine.runtime import Runtime
 from service.pipeline.explain import explain
 from tests.helpers import REPO, as_json, dciodvfy_errors, encode, pydicom_file

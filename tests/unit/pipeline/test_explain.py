@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from service.contract.errors import ServiceError
-from service.contract.requests import ExplainRequest, parse_explain_request
+from service.contract.request_parsing import parse_explain_request
+from service.contract.requests import ExplainRequest
 from service.demo.evaluation import peak_in_boxes
 from service.engine.runtime import Runtime
 from service.imaging.values import to_uint8

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from service.contract.errors import ServiceError
-from service.contract.requests import parse_explain_request
+from service.contract.request_parsing import parse_explain_request
 from service.contract.settings import Settings
 from service.engine.runtime import Runtime
 from service.imaging.decoding import decode_image
