@@ -1,0 +1,40 @@
+"""A 3-D image on its own voxel grid, as the readers of NIfTI files and DICOM series give it.
+
+The convention is nibabel's and MONAI's: ``voxels[i, j, k]`` is the voxel at index
+``(i, j, k)`` of the file's grid, and ``affine`` maps ``(i, j, k, 1)`` to millimetres in
+RAS+ (x grows towards the patient's Right, y Anterior, z Superior). DICOM's patient coordinates are LPS+, so the DICOM
+readers negate x and y. For a DICOM series, ``i`` runs along a row (the columns), ``j``
+down a column (the rows), ``k`` across the slices in the order of their position along
+the slice normal, as MONAI's readers order them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+VolumeSource = Literal["nifti", "dicom"]
+
+
+@dataclass(frozen=True)
+class Volume:
+    """``voxels``: ``(I, J, K) float32``, the stored values after the file's rescale (HU
+    for CT); ``affine``: ``(4, 4) float64``, voxel index → RAS+ millimetres; ``source``:
+    which reader made it."""
+
+    voxels: np.ndarray
+    affine: np.ndarray
+    source: VolumeSource
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        i, j, k = self.voxels.shape
+        return int(i), int(j), int(k)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """The voxel size in mm along i, j and k (the lengths of the affine's columns)."""
+        lengths = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return float(lengths[0]), float(lengths[1]), float(lengths[2])
