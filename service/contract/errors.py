@@ -14,7 +14,8 @@
     ├── UnsupportedMediaType        415 unsupported_media_type, unsupported_image,
     │                                   unsupported_content_encoding
     ├── InvalidField                422 invalid_field, unknown_layer, unknown_method,
-    │                                   unknown_label, target_out_of_range, invalid_image, ...
+    │                                   unknown_label, target_out_of_range, invalid_image,
+    │                                   invalid_volume, volume_required, image_required, ...
     ├── ClientClosed                499 client_closed (nobody reads it; for logs and metrics)
     ├── BadGateway                  502 dicomweb_unreachable, dicomweb_failed (the other
     │                                   server failed, not the client)
@@ -103,6 +104,14 @@ class ErrorCode(StrEnum):
     FRAME_REQUIRED = "frame_required", 422, "a multi-frame image without a frame"
     FRAME_OUT_OF_RANGE = "frame_out_of_range", 422, "a frame the image does not have"
     FRAMES_LENGTH = "frames_length", 422, "one frame per image needed"
+    INVALID_VOLUME = (
+        "invalid_volume",
+        422,
+        "a volume that cannot be read: a broken header, missing or duplicate slices, "
+        "uneven spacing, mixed orientations or sizes",
+    )
+    VOLUME_REQUIRED = "volume_required", 422, "a 2-D image sent to a volume model"
+    IMAGE_REQUIRED = "image_required", 422, "a volume sent to a 2-D model"
     DICOMWEB_NOT_FOUND = "dicomweb_not_found", 422, "no such instance on the DICOMweb server"
     UNKNOWN_LAYER = "unknown_layer", 422, "no such layer"
     UNSUPPORTED_LAYER = "unsupported_layer", 422, "a layer whose output cannot be explained"
