@@ -34,6 +34,8 @@ from service.contract.archives import (
 )
 from service.contract.errors import ConfigError
 from service.contract.terms import (
+    IMAGE_INTERPOLATIONS,
+    VOLUME_INTERPOLATIONS,
     Interpolation,
     LayoutSetting,
     Library,
@@ -43,6 +45,15 @@ from service.contract.terms import (
 )
 
 # A keyword argument of an architecture's factory, as TOML writes it.
+InputSize2D = tuple[Annotated[StrictInt, Field(ge=8)], Annotated[StrictInt, Field(ge=8)]]
+InputSize3D = tuple[
+    Annotated[StrictInt, Field(ge=4)],
+    Annotated[StrictInt, Field(ge=4)],
+    Annotated[StrictInt, Field(ge=4)],
+]
+PositiveNumber = Annotated[StrictFloat | StrictInt, Field(gt=0)]
+# The models file keys only a volume model reads.
+VOLUME_KEYS = ("window", "spacing", "orientation")
 ArgValue = StrictBool | StrictInt | StrictFloat | StrictStr | list[Any] | dict[str, Any]
 # The keys of how an image becomes the input, each taken from the models file, else the
 # library's config, else its default here; the model detail says which (``sources``).
@@ -94,11 +105,10 @@ class ModelSpec(BaseModel):
     # How an image becomes the model's input. Each key the file leaves out is taken from
     # the library's own config where it has one (timm's data config, the Hugging Face
     # image processor), else from the defaults here (``PREPROCESSING_KEYS``).
-    # [height, width] of the model input, as torch orders a tensor's last two dims.
-    input_size: tuple[Annotated[StrictInt, Field(ge=8)], Annotated[StrictInt, Field(ge=8)]] = (
-        224,
-        224,
-    )
+    # [height, width] of the model input, as torch orders a tensor's last two dims; three
+    # numbers make a volume model, its input's spatial shape in the array order of the
+    # volume once oriented (MONAI's spatial_size: x, y, z for "RAS").
+    input_size: InputSize2D | InputSize3D = (224, 224)
     mean: tuple[StrictFloat | StrictInt, ...] | None = None
     std: tuple[StrictFloat | StrictInt, ...] | None = None
     resize: ResizeMode = "stretch"
@@ -107,6 +117,13 @@ class ModelSpec(BaseModel):
     # its centre cut to input_size.
     crop_pct: Annotated[StrictFloat | StrictInt, Field(gt=0, le=1)] = 1.0
     interpolation: Interpolation = "bilinear"
+    # A volume's way to the input, as MONAI's standard pipeline (imaging/volume_fitting.py):
+    # Orientation to ``orientation``, Spacing to ``spacing`` mm (if given), the ``window``
+    # [low, high] mapped to [0, 1] and clipped (ScaleIntensityRange; HU for CT), then
+    # Resize to ``input_size``.
+    window: tuple[StrictFloat | StrictInt, StrictFloat | StrictInt] | None = None
+    spacing: tuple[PositiveNumber, PositiveNumber, PositiveNumber] | None = None
+    orientation: Annotated[StrictStr, Field(pattern=r"^[LRAPSI]{3}$")] = "RAS"
     layer: Annotated[StrictStr, Field(min_length=1)] | None = None
     # What the model returns: raw "logits" (the service applies softmax/sigmoid), or
     # "probabilities" (its head ends in one; Grad-CAM still takes the score before it).
@@ -184,6 +201,49 @@ class ModelSpec(BaseModel):
                 f'library = "torchvision" (the default), not "{self.library}"'
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_volume(self) -> ModelSpec:
+        if not self.is_volume:
+            given = [key for key in VOLUME_KEYS if self.given(key)]
+            if given:
+                verb = "applies" if len(given) == 1 else "apply"
+                raise ValueError(
+                    f"{', '.join(given)} {verb} only to a volume model (input_size of three "
+                    "numbers)"
+                )
+            if self.interpolation not in IMAGE_INTERPOLATIONS:
+                raise ValueError(
+                    f'interpolation "{self.interpolation}" is for volumes; an image model '
+                    f"takes one of {', '.join(IMAGE_INTERPOLATIONS)}"
+                )
+            return self
+        if self.given("interpolation") and self.interpolation not in VOLUME_INTERPOLATIONS:
+            raise ValueError(
+                f'interpolation "{self.interpolation}" is for images; a volume model takes '
+                f"one of {', '.join(VOLUME_INTERPOLATIONS)} (as MONAI's Resize)"
+            )
+        if self.resize != "stretch" or self.crop_pct != 1:
+            raise ValueError(
+                "a volume is resized to input_size whole (MONAI's Resize): resize and "
+                "crop_pct are for images"
+            )
+        if self.given("channels") and self.channels != 1:
+            raise ValueError("a volume model takes one channel (channels = 1)")
+        if self.window is not None and not self.window[0] < self.window[1]:
+            raise ValueError(f"window must be [low, high] with low < high, not {list(self.window)}")
+        axes = {"L": "LR", "R": "LR", "A": "AP", "P": "AP", "S": "SI", "I": "SI"}
+        if len({axes[letter] for letter in self.orientation}) != 3:
+            raise ValueError(
+                f'orientation "{self.orientation}" must name each axis once: one of L/R, '
+                'one of A/P, one of S/I (e.g. "RAS", "LPS")'
+            )
+        return self
+
+    @property
+    def is_volume(self) -> bool:
+        """A 3-D model: its input_size has three numbers."""
+        return len(self.input_size) == 3
 
     def given(self, key: str) -> bool:
         """Whether the models file sets ``key`` (else a library's config or a default)."""

@@ -32,8 +32,11 @@ Include = Literal["image", "dicom", "faithfulness"]
 # How an image is fitted to the model's input (imaging/geometry.py).
 ResizeMode = Literal["stretch", "letterbox", "crop"]
 # The resampling filter that fits an image to the model input (Pillow's, as timm and
-# torchvision use on PIL images).
-Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+# torchvision use on PIL images); a volume's: MONAI Resize's modes "area" (its default),
+# "trilinear" and "nearest" (imaging/volume_fitting.py).
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "area", "trilinear"]
+IMAGE_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+VOLUME_INTERPOLATIONS = ("area", "trilinear", "nearest")
 # How the offset of a centre cut is rounded when the margin is odd: "round" half to
 # even, as torchvision's CenterCrop (timm, most training code); "floor", as the
 # Hugging Face image processors' center_crop. One pixel apart, it shifts the input.
@@ -51,7 +54,8 @@ MemoryFormat = Literal["contiguous", "channels_last"]
 # How a layer's output holds its feature map (engine/layouts/): (N, C, H, W) as CNNs
 # return it, (N, H, W, C) as a Swin does, or a sequence of patch tokens
 # (N, prefix + H·W, C) as a ViT's. A shape, not a memory format (that is MemoryFormat).
-LayerLayout = Literal["nchw", "nhwc", "tokens"]
+# A volume model's layers return (N, C, D, H, W): "ncdhw".
+LayerLayout = Literal["nchw", "nhwc", "tokens", "ncdhw"]
 # The models file's ``layout``: "auto" (known by the model's types), or one layout
 # declared for the whole model.
 LayoutSetting = Literal["auto", "nchw", "nhwc", "tokens"]

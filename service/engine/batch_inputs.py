@@ -1,5 +1,5 @@
 """A job's raw pixels as the model's input: one normalised ``(N, C, H, W)`` batch on the
-device.
+device (a volume model's ``(N, 1, D, H, W)``).
 
 Jobs arrive as raw pixels at the model's input size (usually 8-bit); they are checked
 against the model, copied to the device once per kind of image, and normalised there.
@@ -22,7 +22,7 @@ class InvalidJob(ServiceError):
 
 def normaliser(model: LoadedModel, device: torch.device) -> tuple[Tensor, Tensor]:
     """``model``'s mean and std on ``device``, shaped to broadcast over a batch."""
-    shape = (1, -1, 1, 1)
+    shape = (1, -1, *[1] * len(model.input_size))
     return (
         torch.tensor(model.mean, dtype=torch.float32, device=device).view(shape),
         torch.tensor(model.std, dtype=torch.float32, device=device).view(shape),
@@ -32,7 +32,10 @@ def normaliser(model: LoadedModel, device: torch.device) -> tuple[Tensor, Tensor
 def batch_inputs(
     model: LoadedModel, job: Job, device: torch.device, normalisation: tuple[Tensor, Tensor]
 ) -> Tensor:
-    """``(N, C, H, W) float32`` normalised on the device from the job's raw pixels."""
+    """``(N, C, H, W) float32`` normalised on the device from the job's raw pixels (a
+    volume model's ``(N, 1, D, H, W)``)."""
+    if model.preprocessing.volume is not None:
+        return _volume_inputs(model, job, device, normalisation)
     height, width = model.input_size
     for i, image in enumerate(job.images):
         if (
@@ -73,3 +76,24 @@ def batch_inputs(
             inputs[i].zero_()
             inputs[i, :, y0:y1, x0:x1] = keep
     return inputs
+
+
+def _volume_inputs(
+    model: LoadedModel, job: Job, device: torch.device, normalisation: tuple[Tensor, Tensor]
+) -> Tensor:
+    """Volumes arrive fitted by the HTTP worker (oriented, resampled, windowed, resized:
+    ``imaging/volume_fitting.py``) as ``(D, H, W, 1) float32``: one copy, then the
+    model's statistics (none by default)."""
+    expected = (*model.input_size, 1)
+    for i, volume in enumerate(job.images):
+        if volume.shape != expected or volume.dtype != np.float32:
+            raise InvalidJob(
+                f"volume {i} of the job is {volume.dtype}{list(volume.shape)}, not "
+                f"{expected} float32"
+            )
+    host = torch.from_numpy(np.stack(job.images))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    inputs = host.to(device, non_blocking=True).permute(0, 4, 1, 2, 3)
+    mean, std = normalisation
+    return ((inputs - mean) / std).contiguous()

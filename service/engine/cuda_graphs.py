@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from service import metrics
 from service.engine.folding import explained_activation
-from service.engine.gradcam import GradCAM, cam_formula
+from service.engine.gradcam import GradCAM, cam_formula, channels_last_format
 from service.engine.layers import resolve_layer
 from service.engine.layouts import Layout, Refused, decide_layout
 from service.engine.tuning import pearson, top1_maps
@@ -110,7 +110,9 @@ class CapturedCam:
     def __init__(self, explained: ExplainedLayer, buffer: InputBuffer, graph: Graph) -> None:
         self.inputs = torch.zeros(buffer.batch, *buffer.shape, device=buffer.device)
         if buffer.channels_last:
-            self.inputs = self.inputs.contiguous(memory_format=torch.channels_last)
+            self.inputs = self.inputs.contiguous(
+                memory_format=channels_last_format(self.inputs.dim())
+            )
         self.given = torch.full((buffer.batch,), -1, dtype=torch.long, device=buffer.device)
         model, layer = explained.model, explained.layer
         self._model, self._layer, self._module = model, layer, resolve_layer(model, layer)

@@ -1,6 +1,6 @@
 """Batch norm folded into the convolution before it, once, when a model loads.
 
-In eval mode a ``BatchNorm2d`` is a fixed per-channel affine map, so a convolution
+In eval mode a ``BatchNorm2d`` (a volume model's ``BatchNorm3d``) is a fixed per-channel affine map, so a convolution
 whose only consumer is a batch norm can absorb it: weights scaled per output
 channel, the shift added to its bias, the batch norm replaced by ``nn.Identity``.
 The model computes the same function (within float32 rounding) with one pass over
@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 # Buffers of a folded convolution, each (1, C, 1, 1): the batch norm it absorbed.
 _SCALE, _SHIFT = "_gradcam_folded_scale", "_gradcam_folded_shift"
 _MIN_SCALE = 1e-12
+# The batch norm each kind of convolution absorbs: an image model's, a volume model's.
+_NORM_OF: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv2d: nn.BatchNorm2d,
+    nn.Conv3d: nn.BatchNorm3d,
+}
 
 
 def _pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -50,14 +55,14 @@ def _pairs(model: nn.Module) -> list[tuple[str, str]]:
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     found = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), nn.Conv2d):
+        if node.op != "call_module" or type(modules.get(str(node.target))) not in _NORM_OF:
             continue
         users = list(node.users)
         if len(users) != 1 or users[0].op != "call_module" or users[0].args != (node,):
             continue
         conv, norm = str(node.target), str(users[0].target)
         if (
-            isinstance(modules.get(norm), nn.BatchNorm2d)
+            isinstance(modules.get(norm), _NORM_OF[type(modules[conv])])
             and not users[0].kwargs
             and calls[conv] == 1
             and calls[norm] == 1
@@ -66,7 +71,7 @@ def _pairs(model: nn.Module) -> list[tuple[str, str]]:
     return found
 
 
-def _fold(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> bool:
+def _fold(conv: nn.Conv2d | nn.Conv3d, norm: nn.BatchNorm2d | nn.BatchNorm3d) -> bool:
     if norm.running_mean is None or norm.running_var is None or norm.training:
         return False
     with torch.no_grad():
@@ -79,7 +84,7 @@ def _fold(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> bool:
             shift = shift + norm.bias.double()
         if bool((scale.abs() < _MIN_SCALE).any()):
             return False
-        weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+        weight = conv.weight.double() * scale.view(-1, *[1] * (conv.weight.dim() - 1))
         bias = shift if conv.bias is None else conv.bias.double() * scale + shift
         conv.weight.copy_(weight.to(conv.weight.dtype))
         if conv.bias is None:
@@ -88,8 +93,9 @@ def _fold(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> bool:
             conv.bias.copy_(bias.to(conv.bias.dtype))
     # Buffers, so that .to(device) and .to(memory_format) carry them along.
     dtype = conv.weight.dtype
-    conv.register_buffer(_SCALE, scale.view(1, -1, 1, 1).to(dtype), persistent=False)
-    conv.register_buffer(_SHIFT, shift.view(1, -1, 1, 1).to(dtype), persistent=False)
+    shape = (1, -1, *[1] * (conv.weight.dim() - 2))  # over (N, C, H, W) or (N, C, D, H, W)
+    conv.register_buffer(_SCALE, scale.view(shape).to(dtype), persistent=False)
+    conv.register_buffer(_SHIFT, shift.view(shape).to(dtype), persistent=False)
     return True
 
 
@@ -99,7 +105,8 @@ def fold_batch_norms(model: nn.Module) -> list[str]:
     folded = []
     for conv_name, norm_name in _pairs(model):
         conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
-        assert isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
+        assert isinstance(conv, nn.Conv2d | nn.Conv3d)
+        assert isinstance(norm, nn.BatchNorm2d | nn.BatchNorm3d)
         if not _fold(conv, norm):
             continue
         parent_name, _, child = norm_name.rpartition(".")

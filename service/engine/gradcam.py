@@ -40,31 +40,39 @@ from service.engine.layers import resolve_layer
 from service.engine.layouts import Layout, Refused, decide_layout
 from service.engine.work_items import Abandoned
 
-# (N, C, h, w) activations, (N, C, h, w) gradients → (N, h, w) map before ReLU.
+# (N, C, h, w) activations, (N, C, h, w) gradients → (N, h, w) map before ReLU; a
+# volume's (N, C, d, h, w) → (N, d, h, w) alike: every formula reduces over all the
+# spatial axes, whatever their number.
 CamFormula = Callable[[Tensor, Tensor], Tensor]
 
 _EPS = 1e-7
 
 
+def _space(x: Tensor) -> tuple[int, ...]:
+    """The spatial axes of an ``(N, C, ...)`` map."""
+    return tuple(range(2, x.dim()))
+
+
 def _gradcam(a: Tensor, g: Tensor) -> Tensor:
     # Selvaraju et al. 2017: channel weights are the spatially averaged gradients.
-    return (g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1)
+    return (g.mean(dim=_space(g), keepdim=True) * a).sum(dim=1)
 
 
 def _gradcam_plus_plus(a: Tensor, g: Tensor) -> Tensor:
     # Chattopadhay et al. 2018, with the exponential-score closed form for the
     # higher derivatives: alpha = g² / (2g² + Σa·g³); weights = Σ alpha·relu(g).
     g2 = g * g
-    denominator = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g2 * g
+    denominator = 2 * g2 + a.sum(dim=_space(a), keepdim=True) * g2 * g
     safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
     alpha = torch.where(denominator != 0, g2 / safe, torch.zeros_like(g2))
-    weights = (alpha * g.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
+    weights = (alpha * g.clamp(min=0)).sum(dim=_space(g), keepdim=True)
     return (weights * a).sum(dim=1)
 
 
 def _xgradcam(a: Tensor, g: Tensor) -> Tensor:
     # Fu et al. 2020: gradients weighted by the activation, normalised per channel.
-    weights = (g * a).sum(dim=(2, 3), keepdim=True) / (a.sum(dim=(2, 3), keepdim=True) + _EPS)
+    space = _space(a)
+    weights = (g * a).sum(dim=space, keepdim=True) / (a.sum(dim=space, keepdim=True) + _EPS)
     return (weights * a).sum(dim=1)
 
 
@@ -86,6 +94,12 @@ _CAM_FORMULAS: dict[Method, CamFormula] = {
     "layercam": _layercam,
     "hirescam": _hirescam,
 }
+
+
+def channels_last_format(dims: int) -> torch.memory_format:
+    """Channels last for a batch of ``dims`` dimensions: NHWC for images, NDHWC for
+    volumes (torch names them apart)."""
+    return torch.channels_last_3d if dims == 5 else torch.channels_last
 
 
 def cam_formula(method: str) -> CamFormula:
@@ -112,8 +126,8 @@ class CamBatch:
 
     - ``logits``: ``(N, K) float32``, the model's raw outputs.
     - ``targets[i]``: the class indices explained for image ``i`` (``None`` resolved to top-1).
-    - ``cams[i][j]``: ``(h, w) float32 >= 0``, the map for image ``i``, target ``j``, at
-      the target layer's resolution, before normalisation.
+    - ``cams[i][j]``: ``(h, w) float32 >= 0`` (a volume's ``(d, h, w)``), the map for
+      image ``i``, target ``j``, at the target layer's resolution, before normalisation.
     """
 
     logits: Tensor
@@ -166,7 +180,7 @@ class GradCAM:
         methods: Sequence[str],
         should_stop: Callable[[], bool] | None = None,
     ) -> CamBatch:
-        """Explain ``inputs`` ``(N, C, H, W) float32``.
+        """Explain ``inputs`` ``(N, C, H, W) float32`` (volumes: ``(N, C, D, H, W)``).
 
         ``targets[i]`` lists the classes to explain for image ``i`` (``None`` = its
         top-1 class); ``methods[i]`` is image ``i``'s CAM variant. ``should_stop``
@@ -203,7 +217,7 @@ class GradCAM:
             ):
                 x = inputs.to(self.device, non_blocking=True)
                 if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                    x = x.contiguous(memory_format=channels_last_format(x.dim()))
                 logits = self.model(x)
                 if not isinstance(logits, Tensor) or logits.dim() != 2:
                     raise LayerOutputError("the model's output is not an (N, classes) tensor")
@@ -227,7 +241,7 @@ class GradCAM:
             ),
         ):
             x = (
-                inputs.contiguous(memory_format=torch.channels_last)
+                inputs.contiguous(memory_format=channels_last_format(inputs.dim()))
                 if self.channels_last
                 else inputs
             )

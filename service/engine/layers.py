@@ -68,7 +68,7 @@ class Survey:
 _PROBE_BATCH = 2
 
 
-def survey_layers(model: nn.Module, channels: int, input_size: tuple[int, int]) -> Survey:
+def survey_layers(model: nn.Module, channels: int, input_size: tuple[int, ...]) -> Survey:
     """Run one forward pass on blank ``(2, channels, H, W)`` images with a hook on every
     module; sort the modules into candidates and refusals (``layouts.decide_layout``), in
     execution order (a container after its children).
@@ -120,11 +120,12 @@ def _listed(
     kind = type(module).__name__
     if isinstance(decision, Refused):
         return RefusedLayer(name, kind, decision.reason) if decision.shown else None
-    shape = decision.grid_shape(tuple(decision.map_of(output).shape))
-    return LayerInfo(name, kind, *shape, decision.kind)
+    channels, *grid = decision.grid_shape(tuple(decision.map_of(output).shape))
+    depth = grid.pop(0) if len(grid) == 3 else None  # a volume model's (d, h, w)
+    return LayerInfo(name, kind, channels, grid[0], grid[1], decision.kind, depth)
 
 
-def probe_layers(model: nn.Module, channels: int, input_size: tuple[int, int]) -> list[LayerInfo]:
+def probe_layers(model: nn.Module, channels: int, input_size: tuple[int, ...]) -> list[LayerInfo]:
     """The candidate target layers of ``model`` in execution order (``survey_layers``)."""
     return survey_layers(model, channels, input_size).offered
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from service.contract.terms import Precision
 from service.engine.folding import fold_batch_norms
-from service.engine.gradcam import GradCAM
+from service.engine.gradcam import GradCAM, channels_last_format
 
 if TYPE_CHECKING:
     from service.engine.loading.models import LoadedModel
@@ -84,13 +84,12 @@ def native_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def probe_inputs(channels: int, size: tuple[int, int], device: torch.device) -> Tensor:
-    """Seeded smooth random images, normalised: the same probe at every start."""
+def probe_inputs(channels: int, size: tuple[int, ...], device: torch.device) -> Tensor:
+    """Seeded smooth random images (or volumes), normalised: the same probe at every start."""
     generator = torch.Generator().manual_seed(20261204)
-    coarse = torch.rand(_PROBE_IMAGES, channels, 8, 8, generator=generator)
-    images = torch.nn.functional.interpolate(
-        coarse, size=size, mode="bilinear", align_corners=False
-    )
+    coarse = torch.rand(_PROBE_IMAGES, channels, *[8] * len(size), generator=generator)
+    mode = "trilinear" if len(size) == 3 else "bilinear"
+    images = torch.nn.functional.interpolate(coarse, size=size, mode=mode, align_corners=False)
     return ((images - 0.45) / 0.25).to(device)
 
 
@@ -143,17 +142,18 @@ def _timed(engine: GradCAM, inputs: Tensor, layer: str) -> float:
 def choose_memory_format(probe: Probe, setting: str) -> tuple[bool, str]:
     """(channels_last, why). Leaves the probe's model in the chosen format."""
     model, device, inputs, layer = probe.model, probe.device, probe.inputs, probe.layer
+    nhwc_format = channels_last_format(inputs.dim())
     if setting == "contiguous":
         return False, "set in the models file"
     if setting == "channels_last":
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model.to(memory_format=nhwc_format)  # type: ignore[call-overload]
         return True, "set in the models file"
     if device.type == "cuda":
         # Not yet measured on a GPU: the probe stays off there until it has been.
         return False, "auto: kept contiguous on CUDA (not yet measured)"
     contiguous = GradCAM(model, device)
     reference = top1_maps(contiguous, inputs, layer)
-    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model.to(memory_format=nhwc_format)  # type: ignore[call-overload]
     nhwc = GradCAM(model, device, channels_last=True)
     if pearson(reference[1], top1_maps(nhwc, inputs, layer)[1]) < 0.99999:
         model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
@@ -163,7 +163,7 @@ def choose_memory_format(probe: Probe, setting: str) -> tuple[bool, str]:
     for _ in range(_PROBE_ROUNDS):  # alternating, so that drift hits both alike
         model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
         times[False].append(_timed(contiguous, timed, layer))
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model.to(memory_format=nhwc_format)  # type: ignore[call-overload]
         times[True].append(_timed(nhwc, timed, layer))
     plain, fast = min(times[False]), min(times[True])
     why = (

@@ -31,7 +31,9 @@ def warm_up(
         sizes: tuple[int, ...] = (1,)
     else:
         sizes = buckets or tuple(range(1, max_batch_size + 1))
-    blank = np.zeros((*model.input_size, model.channels), dtype=np.uint8)
+    # An image model's blank is 8-bit; a volume model takes float32 volumes only.
+    volume = model.preprocessing.volume is not None
+    blank = np.zeros((*model.input_size, model.channels), np.float32 if volume else np.uint8)
     started = time.monotonic()
     for size in sizes:
         job = Job(

@@ -73,8 +73,9 @@ FAITHFULNESS_WORK = 13
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A candidate target layer and its map's shape ``(C, H, W)`` for one input image;
-    ``layout``: how the layer's output holds that map (``engine/layouts/``)."""
+    """A candidate target layer and its map's shape ``(C, H, W)`` for one input image
+    (a volume model's ``(C, D, H, W)``: ``depth`` is set); ``layout``: how the layer's
+    output holds that map (``engine/layouts/``)."""
 
     name: str
     kind: str
@@ -82,6 +83,14 @@ class LayerInfo:
     height: int
     width: int
     layout: LayerLayout = "nchw"
+    depth: int | None = None
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The map's spatial shape: ``(H, W)``, or a volume's ``(D, H, W)``."""
+        if self.depth is None:
+            return self.height, self.width
+        return self.depth, self.height, self.width
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,7 @@ class ModelInfo:
     labels: tuple[str, ...]
     multilabel: bool
     channels: int
-    input_size: tuple[int, int]  # (height, width)
+    input_size: tuple[int, ...]  # (height, width); a volume model's (D, H, W)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     resize: ResizeMode
@@ -119,6 +128,16 @@ class ModelInfo:
     random_weights: bool = False
     sources: dict[str, str] = field(default_factory=dict)
     library: str = "torchvision"
+    # A volume model's way from a volume to its input (imaging/volume_fitting.py): the
+    # axes' orientation, the voxel size in mm (None: kept), the window mapped to [0, 1].
+    orientation: str | None = None
+    spacing: tuple[float, float, float] | None = None
+    window: tuple[float, float] | None = None
+
+    @property
+    def is_volume(self) -> bool:
+        """A 3-D model: it takes volumes, not images."""
+        return len(self.input_size) == 3
 
     @property
     def num_classes(self) -> int:
@@ -151,6 +170,8 @@ class ModelInfo:
                 "layers": tuple(LayerInfo(**layer) for layer in data["layers"]),
                 "modules": tuple(data["modules"]),
                 "codes": {label: tuple(code) for label, code in data.get("codes", {}).items()},
+                "spacing": tuple(data["spacing"]) if data.get("spacing") else None,
+                "window": tuple(data["window"]) if data.get("window") else None,
             }
         )
 

@@ -93,11 +93,23 @@ def decide_layout(
         )
     if tensor.dim() == 3 and isinstance(site.module, _ONE_D):
         return Refused(f"returns {site.shape_text()}: a 1-D layer's (N, C, L), not tokens")
+    if len(input_shape) == 5:
+        return _volume_layout(site)
     declared = declared_layout(model)
     decision = decide_declared(declared, site) if declared else _by_rules(model, name, site)
     if isinstance(decision, Layout) and in_tuple:
         return replace(decision, first_of_tuple=True)
     return decision
+
+
+def _volume_layout(site: Site) -> Decision:
+    """A volume model's layer: its map is ``(N, C, D, H, W)``, as a 3-D CNN returns it."""
+    if site.output.dim() == 5:
+        return Layout("ncdhw")
+    return Refused(
+        f"returns {site.shape_text()}: a volume model's map is (N, C, D, H, W)",
+        shown=site.output.dim() > 2,
+    )
 
 
 def _map_tensor(module: nn.Module, output: object) -> tuple[Tensor | None, bool]:

@@ -30,17 +30,18 @@ class Layout:
     def to_grid(self, x: Tensor) -> Tensor:
         """``x`` as the layer returns it (or its gradient) → ``(N, C, h, w)``; for
         ``nchw`` the very tensor, so a CNN's maths is untouched."""
-        if self.kind == "nchw":
+        if self.kind in ("nchw", "ncdhw"):
             return x
         if self.kind == "nhwc":
             return x.permute(0, 3, 1, 2)
         h, w = self.grid
         return x[:, self.prefix :].transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 
-    def grid_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
-        """``(C, h, w)`` of the map, from the shape of the layer's output tensor."""
-        if self.kind == "nchw":
-            return shape[1], shape[2], shape[3]
+    def grid_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``(C, h, w)`` of the map (a volume's ``(C, d, h, w)``), from the shape of the
+        layer's output tensor."""
+        if self.kind in ("nchw", "ncdhw"):
+            return tuple(shape[1:])
         if self.kind == "nhwc":
             return shape[3], shape[1], shape[2]
         return shape[2], *self.grid

@@ -69,8 +69,8 @@ class LoadedModel:
         return self.preprocessing.channels
 
     @property
-    def input_size(self) -> tuple[int, int]:
-        """``(height, width)`` of the model input."""
+    def input_size(self) -> tuple[int, ...]:
+        """``(height, width)`` of the model input; a volume model's ``(D, H, W)``."""
         return self.preprocessing.input_size
 
     @property
@@ -112,6 +112,9 @@ class LoadedModel:
             random_weights=self.random_weights,
             sources=dict(shape.sources),
             library=self.spec.library,
+            orientation=shape.volume.orientation if shape.volume else None,
+            spacing=shape.volume.spacing if shape.volume else None,
+            window=shape.volume.window if shape.volume else None,
         )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from service.contract.models_file import PREPROCESSING_KEYS, ModelSpec
+from service.contract.models_file import PREPROCESSING_KEYS, VOLUME_KEYS, ModelSpec
 from service.contract.terms import ChannelOrder, CropOffset, Interpolation, ResizeMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,6 +38,26 @@ _DEFAULTS: dict[str, Any] = {
     "crop_pct": 1.0,
     "interpolation": "bilinear",
 }
+# A volume's defaults: one channel, the window's [0, 1] as it is (MONAI's pipelines
+# normalise by the window, not by statistics), MONAI Resize's own mode.
+_VOLUME_DEFAULTS: dict[str, Any] = {
+    **_DEFAULTS,
+    "channels": 1,
+    "mean": (0.0,),
+    "std": (1.0,),
+    "interpolation": "area",
+}
+
+
+@dataclass(frozen=True)
+class VolumeInput:
+    """How a volume becomes a volume model's input, as the models file says: oriented to
+    ``orientation``, resampled to ``spacing`` mm (None: kept), ``window`` mapped to [0, 1]
+    (None: the values as stored)."""
+
+    orientation: str = "RAS"
+    spacing: tuple[float, float, float] | None = None
+    window: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,7 +65,7 @@ class Preprocessing:
     """A model's input, as resolved: ``sources[key]`` is where each value came from."""
 
     channels: int
-    input_size: tuple[int, int]  # (height, width)
+    input_size: tuple[int, ...]  # (height, width), or a volume's (x, y, z) once oriented
     mean: tuple[float, ...]
     std: tuple[float, ...]
     resize: ResizeMode
@@ -55,6 +75,8 @@ class Preprocessing:
     crop_offset: CropOffset = "round"  # the library's rounding of the cut (terms.py)
     channel_order: ChannelOrder = "rgb"
     sources: dict[str, str] = field(default_factory=dict)
+    # A volume's way to the input (imaging/volume_fitting.py); None for an image model.
+    volume: VolumeInput | None = None
 
     def zeros(self, batch: int = 1) -> torch.Tensor:
         """A zero input of this shape, for the probes at load."""
@@ -77,6 +99,7 @@ def resolve(spec: ModelSpec, library: LibraryConfig) -> Preprocessing:
     """The models file's values, else the library's, else the defaults (module text)."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    defaults = _VOLUME_DEFAULTS if spec.is_volume else _DEFAULTS
     for key in PREPROCESSING_KEYS:
         if spec.given(key) and getattr(spec, key) is not None:
             values[key], sources[key] = getattr(spec, key), MODELS_FILE
@@ -84,9 +107,9 @@ def resolve(spec: ModelSpec, library: LibraryConfig) -> Preprocessing:
             values[key] = library.values[key]
             sources[key] = library.sources.get(key, library.source)
         else:
-            values[key], sources[key] = _DEFAULTS[key], DEFAULT
+            values[key], sources[key] = defaults[key], DEFAULT
     channels = int(values["channels"])
-    input_size = (int(values["input_size"][0]), int(values["input_size"][1]))
+    input_size = tuple(int(side) for side in values["input_size"])
     crop_pct = float(values["crop_pct"])
     scale_size = None
     if not spec.given("crop_pct") and not spec.given("input_size"):
@@ -106,6 +129,22 @@ def resolve(spec: ModelSpec, library: LibraryConfig) -> Preprocessing:
         crop_offset=library.values.get("crop_offset", "round"),
         channel_order=library.values.get("channel_order", "rgb"),
         sources=sources,
+        volume=_volume_input(spec, sources),
+    )
+
+
+def _volume_input(spec: ModelSpec, sources: dict[str, str]) -> VolumeInput | None:
+    """A volume model's orientation, spacing and window (recorded in ``sources``)."""
+    if not spec.is_volume:
+        return None
+    for key in VOLUME_KEYS:
+        sources[key] = MODELS_FILE if spec.given(key) else DEFAULT
+    spacing = spec.spacing
+    window = spec.window
+    return VolumeInput(
+        orientation=spec.orientation,
+        spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])) if spacing else None,
+        window=(float(window[0]), float(window[1])) if window else None,
     )
 
 
