@@ -23,6 +23,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from service.contract.terms import (
     DICOM_FORMATS,
+    NO_PICTURE_FORMATS,
     HeatmapEncoding,
     HeatmapFormat,
     HeatmapSize,
@@ -57,7 +58,9 @@ class HeatmapOptions(BaseModel):
     format: HeatmapFormat = Field(
         default="png",
         description=(
-            "array, png, overlay, gray, none; or, for DICOM sources, dicom-sc (a Secondary "
+            "array, png, overlay, gray, none; nifti for volumes (a float32 .nii.gz with "
+            "the map grid's affine; a volume's png, overlay and gray are three orthogonal "
+            "slices through the map's peak); or, for DICOM sources, dicom-sc (a Secondary "
             "Capture of the overlay), dicom-pm (a float Parametric Map, for images with a "
             "Frame of Reference) or dicom-seg (one Segmentation per image of where each "
             "explained class's normalised map is at least 0.5, one segment per class, in "
@@ -86,12 +89,7 @@ class HeatmapOptions(BaseModel):
 
     @model_validator(mode="after")
     def _encoding_needs_a_picture(self) -> HeatmapOptions:
-        if "encoding" in self.model_fields_set and self.format in (
-            "array",
-            "none",
-            "dicom-pm",
-            "dicom-seg",
-        ):
+        if "encoding" in self.model_fields_set and self.format in NO_PICTURE_FORMATS:
             raise ValueError(
                 f"encoding applies to the png, overlay, gray and dicom-sc formats, "
                 f"not to '{self.format}'"

@@ -38,14 +38,22 @@ from service.contract.terms import (
 # A field left out of the JSON when it does not apply (never written as null).
 Absent = SkipJsonSchema[None]
 _Count = Annotated[int, Field(ge=1)]
+# A 4×4 affine matrix, rows of four numbers.
+Affine = Annotated[
+    list[Annotated[list[float], Field(min_length=4, max_length=4)]],
+    Field(min_length=4, max_length=4),
+]
 _Base64 = Annotated[str, WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
 
 
 def _grid(value: Any) -> np.ndarray:
-    """A heatmap array: the engine's float array as it is, or rows read back from JSON."""
+    """A heatmap array: the engine's float array as it is, or rows (a volume's slices of
+    rows) read back from JSON."""
     grid = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=np.float32)
-    if grid.ndim != 2:
-        raise ValueError(f"a heatmap array has rows of values, not {grid.ndim} dimensions")
+    if grid.ndim not in (2, 3):
+        raise ValueError(
+            f"a heatmap array has rows (or slices of rows) of values, not {grid.ndim} dimensions"
+        )
     return grid
 
 
@@ -56,7 +64,18 @@ HeatmapValues = Annotated[
     WithJsonSchema(
         {
             "type": "array",
-            "items": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}},
+            "items": {
+                "type": "array",
+                "items": {
+                    "anyOf": [
+                        {"type": "number", "minimum": 0, "maximum": 1},
+                        {
+                            "type": "array",
+                            "items": {"type": "number", "minimum": 0, "maximum": 1},
+                        },
+                    ]
+                },
+            },
         }
     ),
 ]
@@ -103,6 +122,14 @@ class DicomObject(_Answer):
     )
 
 
+class VolumePeak(_Answer):
+    """A volume map's highest voxel: its index on the map's grid and its centre in RAS+
+    millimetres."""
+
+    voxel: Annotated[list[int], Field(min_length=3, max_length=3)]
+    mm: Annotated[list[float], Field(min_length=3, max_length=3)]
+
+
 class Heatmap(_Answer):
     """A heatmap: ``values`` (format ``array``) or ``data`` (a base64 picture in
     ``encoding``, or a DICOM Part 10 file for ``dicom-sc``/``dicom-pm``), or neither
@@ -119,8 +146,27 @@ class Heatmap(_Answer):
             "gradient times the activation): 0 means the map was all zero."
         ),
     )
+    depth: _Count | Absent = Field(
+        default=None,
+        description=(
+            "Volumes: the map's first axis. A volume's map is depth × height × width in its "
+            "array order (a NIfTI file's i, j, k), on the grid `affine` places."
+        ),
+    )
+    affine: Affine | Absent = Field(
+        default=None,
+        description=(
+            "Volumes: the 4×4 affine of the map's grid, voxel index (a, b, c, 1) to RAS+ "
+            "millimetres, as NIfTI and MONAI write it (the layer's, the input's or the file's "
+            "grid, after `size`)."
+        ),
+    )
+    peak: VolumePeak | Absent = Field(
+        default=None, description="Volumes: where the map is highest."
+    )
     values: HeatmapValues | Absent = Field(
-        default=None, description="format array: rows of floats in [0, 1]."
+        default=None,
+        description="format array: rows of floats in [0, 1] (a volume's: slices of rows).",
     )
     encoding: HeatmapEncoding | Absent = Field(
         default=None, description="format png, overlay, gray: how `data` is encoded."
@@ -129,7 +175,8 @@ class Heatmap(_Answer):
         default=None,
         description=(
             "format png, overlay, gray: the base64 picture, in `encoding`; dicom-sc, "
-            "dicom-pm: a base64 DICOM Part 10 file (application/dicom)."
+            "dicom-pm: a base64 DICOM Part 10 file (application/dicom); nifti: a base64 "
+            ".nii.gz (application/gzip)."
         ),
     )
     reason: str | Absent = Field(
@@ -185,6 +232,20 @@ class Explanation(_Answer):
     )
 
 
+class VolumeGeometry(_Answer):
+    """How a volume was fitted to a volume model's input (MONAI's Orientation, Spacing,
+    ScaleIntensityRange and Resize): the input's grid and the file's, each by its affine."""
+
+    kind: Literal["volume"] = "volume"
+    orientation: str = Field(description="The input's axes, e.g. RAS.")
+    input_shape: Annotated[list[int], Field(min_length=3, max_length=3)]
+    input_spacing: Annotated[list[float], Field(min_length=3, max_length=3)] = Field(
+        description="The input's voxel size in mm, along its three axes."
+    )
+    input_affine: Affine = Field(description="The model input's voxel index → RAS+ mm.")
+    affine: Affine = Field(description="The file's own voxel index → RAS+ mm.")
+
+
 class Geometry(_Answer):
     """How the image was fitted to the model input."""
 
@@ -212,11 +273,13 @@ class Picture(_Answer):
 
 class ImageResult(_Answer):
     """One image's answer: its size, how it was fitted, the top classes, and one
-    explanation per target."""
+    explanation per target. A volume's size is depth × height × width in its array
+    order (a NIfTI file's i, j, k)."""
 
     width: _Count
     height: _Count
-    geometry: Geometry
+    depth: _Count | Absent = Field(default=None, description="Volumes: the first axis.")
+    geometry: Geometry | VolumeGeometry
     predictions: list[Prediction]
     explanations: Annotated[list[Explanation], Field(min_length=1)]
     image: Picture | Absent = None

@@ -114,6 +114,9 @@ class Settings(BaseModel):
     max_image_pixels: PositiveInt = 25_000_000
     max_image_side: PositiveInt = 16384
     max_request_pixels: PositiveInt = 100_000_000
+    # Voxels of a request's volumes together (one CT of 512 × 512 × 1024 slices); the
+    # memory budget is what usually decides.
+    max_volume_voxels: PositiveInt = 512 * 512 * 1024
     max_output_pixels: PositiveInt = 64_000_000
     max_array_values: PositiveInt = 4 * 1024 * 1024
     max_request_bytes: PositiveInt = 64 * 1024 * 1024

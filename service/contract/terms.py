@@ -15,8 +15,10 @@ from typing import Literal, get_args
 Method = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 METHODS: tuple[str, ...] = get_args(Method)
 HeatmapFormat = Literal[
-    "array", "png", "overlay", "gray", "none", "dicom-sc", "dicom-pm", "dicom-seg"
+    "array", "png", "overlay", "gray", "none", "dicom-sc", "dicom-pm", "dicom-seg", "nifti"
 ]
+# Formats that are no picture: an ``encoding`` has nothing to encode.
+NO_PICTURE_FORMATS = ("array", "none", "dicom-pm", "dicom-seg", "nifti")
 # DICOM objects of a DICOM source, on its pixel grid (imaging/dicom_out.py, dicom_seg.py).
 DICOM_FORMATS = ("dicom-sc", "dicom-pm", "dicom-seg")
 # A report per DICOM source image beside the heatmaps, whatever their format: a DICOM SR

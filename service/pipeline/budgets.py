@@ -198,6 +198,13 @@ class RequestBudget:
         )
         return self._total_bytes()
 
+    def charge(self, held: int, step: int) -> int:
+        """Add ``held`` bytes kept to the answer and a work step of ``step`` bytes (a
+        volume's, ``volume_budget.py``); the request's estimated peak memory now."""
+        self._held_bytes += held
+        self._peak_step_bytes = max(self._peak_step_bytes, step)
+        return self._total_bytes()
+
     def _total_bytes(self) -> int:
         return BODY_COPIES * self.body_bytes + self._held_bytes + self._peak_step_bytes
 

@@ -11,16 +11,17 @@ import numpy as np
 
 from service.pipeline.context import RequestContext
 from service.pipeline.images import PreparedImage
+from service.pipeline.volumes import PreparedVolume
 from service.transport.interface import Engine, Job, ModelInfo, class_order
 
 
 @dataclass(frozen=True)
 class ExplainedImage:
-    prepared: PreparedImage
+    prepared: PreparedImage | PreparedVolume
     scores: np.ndarray  # (K,) probabilities (softmax) or sigmoid scores (multilabel)
     order: np.ndarray  # (K,) class indices, most likely first (interface.class_order)
     targets: list[int]
-    cams: list[np.ndarray]  # (h, w) raw maps, one per target
+    cams: list[np.ndarray]  # (h, w) raw maps, one per target (a volume's (d, h, w))
     # (2, 21) deletion and insertion curves, one per target, if asked for (else empty)
     curves: list[np.ndarray] = field(default_factory=list)
 
@@ -37,7 +38,10 @@ class Explaining:
 
 
 def call_engine(
-    engine: Engine, how: Explaining, prepared: Sequence[PreparedImage], context: RequestContext
+    engine: Engine,
+    how: Explaining,
+    prepared: Sequence[PreparedImage] | Sequence[PreparedVolume],
+    context: RequestContext,
 ) -> list[ExplainedImage]:
     """One engine call for all ``prepared`` images (batched there with other requests),
     within the request's deadline and while its client waits."""

@@ -41,8 +41,18 @@ from service.pipeline.budgets import RequestBudget
 from service.pipeline.context import RequestContext
 from service.pipeline.dicomweb import DicomWebServers, InstanceRef, fetch_instance, store
 from service.pipeline.engine_call import ExplainedImage, Explaining, call_engine
-from service.pipeline.images import ImageSlot, Keep, choose_layer, prepare_image, resolve_targets
+from service.pipeline.images import (
+    ImageSlot,
+    Keep,
+    PreparedImage,
+    choose_layer,
+    prepare_image,
+    resolve_targets,
+)
 from service.pipeline.results import RenderOptions, base64_chars, render_result
+from service.pipeline.volume_budget import admit_volume
+from service.pipeline.volume_results import render_volume_result
+from service.pipeline.volumes import PreparedVolume, check_request_kind, prepare_volume
 from service.transport.interface import Engine, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -77,20 +87,16 @@ def explain(
             # Big pictures take a while each: stop between them for a client that
             # left or a deadline that passed.
             context.check_still_wanted()
-            rendered.append(
-                render_result(
-                    result,
-                    model,
-                    RenderOptions(
-                        top_k=request.top_k,
-                        heatmap=request.heatmap,
-                        include=tuple(request.include),
-                        method=request.method,
-                        layer=layer,
-                        report=request.report,
-                    ),
-                )
+            options = RenderOptions(
+                top_k=request.top_k,
+                heatmap=request.heatmap,
+                include=tuple(request.include),
+                method=request.method,
+                layer=layer,
+                report=request.report,
             )
+            render = render_volume_result if model.is_volume else render_result
+            rendered.append(render(result, model, options))
             computed.budget.pictures_encoded(result.prepared.index, base64_chars(rendered[-1]))
     if request.store is not None:
         _store(rendered, request.store.url, computed.servers, context)
@@ -123,6 +129,7 @@ def compute(
         request.method,
         faithfulness="faithfulness" in request.include,
     )
+    check_request_kind(request, model)
     specs: list[TargetSpec] = list(request.targets or [None] * len(request.images))
     targets = [resolve_targets(spec, model, i) for i, spec in enumerate(specs)]
     keep = _keep(request)
@@ -144,17 +151,31 @@ def compute(
         servers.base(request.store.url, "store.url", "The store URL")  # before any work
     fetch = partial(_image_bytes, servers=servers, settings=settings, context=context)
     with metrics.STAGE_DURATION.labels("decode").time():
-        prepared = [
-            prepare_image(
-                fetch(given, i),
-                ImageSlot(i, targets[i], frames[i]),
-                model,
-                partial(budget.admit_image, i, explanations=len(targets[i])),
-                keep,
-                settings.out_of_domain,
-            )
-            for i, given in enumerate(request.images)
-        ]
+        prepared: list[PreparedImage] | list[PreparedVolume]
+        if model.is_volume:
+            prepared = [
+                prepare_volume(
+                    fetch(given, i),
+                    i,
+                    targets[i],
+                    model,
+                    partial(admit_volume, budget, i, explanations=len(targets[i])),
+                    keep_base=keep.display,
+                )
+                for i, given in enumerate(request.images)
+            ]
+        else:
+            prepared = [
+                prepare_image(
+                    fetch(given, i),
+                    ImageSlot(i, targets[i], frames[i]),
+                    model,
+                    partial(budget.admit_image, i, explanations=len(targets[i])),
+                    keep,
+                    settings.out_of_domain,
+                )
+                for i, given in enumerate(request.images)
+            ]
     results = call_engine(engine, how, prepared, context)
     metrics.IMAGES_EXPLAINED.labels(model.name).inc(len(results))
     return Computed(model, how.layer, results, budget, servers)

@@ -29,6 +29,7 @@ from service.imaging.render import (
 )
 from service.imaging.source_header import DicomSource
 from service.pipeline.domain import DomainPolicy, check_domain
+from service.pipeline.volumes import refuse_volume_for_image_model
 from service.transport.interface import ModelInfo
 
 if TYPE_CHECKING:
@@ -128,6 +129,7 @@ def prepare_image(
     (``budgets.py``); a DICOM image outside the model's domain is refused, or marked
     (``domain.py``)."""
     index, frame = slot.index, slot.frame
+    refuse_volume_for_image_model(data, index, model)
     # Overlays are drawn on the colour original, even for a 1-channel model.
     colour = keep.display and model.channels == 1
     image = decode_image(data, index, 3 if colour else model.channels, admit, frame)

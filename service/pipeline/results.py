@@ -53,7 +53,7 @@ from service.transport.interface import ModelInfo
 logger = logging.getLogger(__name__)
 
 
-def _prediction(model: ModelInfo, index: int, scores: np.ndarray) -> Prediction:
+def prediction(model: ModelInfo, index: int, scores: np.ndarray) -> Prediction:
     return Prediction(index=index, label=model.labels[index], score=float(scores[index]))
 
 
@@ -336,7 +336,7 @@ class _Drawing:
         )
         score = self.result.scores
         self.explanations.append(
-            Explanation(target=_prediction(model, target, score), heatmap=drawn)
+            Explanation(target=prediction(model, target, score), heatmap=drawn)
         )
         if original is not None and self.segmenting:
             self.segments.append(dicom_seg.Segment(target, label, dicom_seg.mask_of(original)))
@@ -377,7 +377,7 @@ def render_result(result: ExplainedImage, model: ModelInfo, render: RenderOption
             input_height=geometry.input_height,
             box=list(geometry.box),
         ),
-        predictions=[_prediction(model, int(i), result.scores) for i in order],
+        predictions=[prediction(model, int(i), result.scores) for i in order],
         explanations=drawing.explanations,
     )
     if prepared.out_of_domain is not None:  # a field left out, not null, when it is inside

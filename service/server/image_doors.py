@@ -48,6 +48,9 @@ RAW_TYPES = (
     "image/gif",
     "application/dicom",
     "application/octet-stream",
+    # A volume: a NIfTI file, gzipped (.nii.gz) or not.
+    "application/gzip",
+    "application/x-nifti",
 )
 FORM_TYPE = "multipart/form-data"
 IMAGE_PARTS = ("image", "images")

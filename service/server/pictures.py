@@ -6,7 +6,8 @@ rule, in two steps:
 1. A picture is on offer when the request came through an image door (a raw image body
    or a form), has one image and one explanation, and its heatmap format is ``png``,
    ``overlay`` or ``gray``. Its type is the heatmap's encoding: ``image/png`` (the
-   default), ``image/jpeg`` or ``image/webp``.
+   default), ``image/jpeg`` or ``image/webp``. A volume's ``nifti`` map is on offer the
+   same way, as the file itself (``application/gzip``, a ``.nii.gz``).
 2. ``Accept`` chooses between that picture and JSON, as HTTP's content negotiation does;
    where it leaves them equal (``*/*``, curl's, or no ``Accept``) the format decides: a
    format the request named (``format=overlay``) gets the picture, the default gets JSON.
@@ -31,8 +32,10 @@ from werkzeug.datastructures import MIMEAccept
 from service.contract.requests import HeatmapOptions
 from service.contract.responses import ExplainResponse, Explanation, ImageResult, Prediction
 
-PICTURE_FORMATS = ("png", "overlay", "gray")
+PICTURE_FORMATS = ("png", "overlay", "gray", "nifti")
 _MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# A volume's map as a file: the .nii.gz itself.
+NIFTI_TYPE = "application/gzip"
 JSON_TYPE = "application/json"
 PICTURE_HEADERS = (
     "X-Gradcam-Model",
@@ -79,7 +82,7 @@ def _on_offer(heatmap: HeatmapOptions, answer: ExplainResponse) -> str | None:
     explanations = answer.results[0].explanations
     if len(explanations) != 1 or not isinstance(explanations[0].heatmap.data, str):
         return None
-    return _MEDIA_TYPES[heatmap.encoding]
+    return NIFTI_TYPE if heatmap.format == "nifti" else _MEDIA_TYPES[heatmap.encoding]
 
 
 def score_headers(

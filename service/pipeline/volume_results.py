@@ -1,0 +1,119 @@
+"""A volume model's answer for one volume: predictions, and each explanation's map at the
+layer's grid, the input's or the file's own (``original``, whatever its orientation), as
+an array, a float32 NIfTI file that carries its grid's affine, or a picture of three
+orthogonal slices through the peak; each with its affine and its peak in millimetres."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+
+from service.contract.responses import (
+    Explanation,
+    Heatmap,
+    ImageResult,
+    VolumeGeometry,
+    VolumePeak,
+)
+from service.imaging.encoders import encode_image
+from service.imaging.nifti import write_nifti
+from service.imaging.render import normalise
+from service.imaging.volume_fitting import map_to_source, resize_volume, upsample_map
+from service.imaging.volume_pictures import peak_index, three_views
+from service.pipeline.engine_call import ExplainedImage
+from service.pipeline.results import RenderOptions, prediction
+from service.pipeline.volumes import PreparedVolume
+from service.transport.interface import ModelInfo
+
+
+def map_at(cam: np.ndarray, prepared: PreparedVolume, size: str) -> tuple[np.ndarray, np.ndarray]:
+    """(map, affine): a raw layer map at ``size``, normalised to [0, 1], and the affine of
+    its grid (voxel index → RAS+ mm)."""
+    geometry = prepared.geometry
+    if size == "layer":
+        shape = (int(cam.shape[0]), int(cam.shape[1]), int(cam.shape[2]))
+        return normalise(cam.astype(np.float32)), geometry.grid_affine(shape)
+    heat = upsample_map(cam.astype(np.float32), geometry.input_size)
+    if size == "input":
+        return normalise(heat), geometry.input_affine
+    return normalise(map_to_source(heat, geometry)), geometry.source_affine
+
+
+def _base_at(prepared: PreparedVolume, shape: tuple[int, ...], size: str) -> np.ndarray:
+    """The volume under an overlay, on the map's grid, in [0, 1]."""
+    if size == "original" and prepared.base is not None:
+        return prepared.base
+    volume = prepared.pixels[..., 0]
+    if volume.shape == shape:
+        return volume
+    return resize_volume(volume, (shape[0], shape[1], shape[2]), "area")
+
+
+def _peak(heat: np.ndarray, affine: np.ndarray) -> VolumePeak:
+    at = peak_index(heat)
+    mm = affine[:3, :3] @ np.asarray(at, dtype=np.float64) + affine[:3, 3]
+    return VolumePeak(voxel=list(at), mm=[round(float(v), 3) for v in mm])
+
+
+def render_volume_heatmap(
+    cam: np.ndarray, prepared: PreparedVolume, render: RenderOptions
+) -> Heatmap:
+    """One explanation's map in the requested format and size."""
+    options = render.heatmap
+    heat, affine = map_at(cam, prepared, options.size)
+    depth, height, width = heat.shape
+    out = Heatmap(
+        format=options.format,
+        width=width,
+        height=height,
+        depth=depth,
+        raw_max=float(cam.max()),
+        affine=affine.round(6).tolist(),
+        peak=_peak(heat, affine),
+    )
+    if options.format == "array":
+        out.values = heat
+    elif options.format == "nifti":
+        out.data = base64.b64encode(write_nifti(heat, affine)).decode("ascii")
+    elif options.format in ("png", "overlay", "gray"):
+        base = _base_at(prepared, heat.shape, options.size) if options.format == "overlay" else None
+        picture = three_views(heat, affine, base, options.format)
+        out.encoding = options.encoding
+        out.data = base64.b64encode(encode_image(picture, options.encoding)).decode("ascii")
+    return out
+
+
+def render_volume_result(
+    result: ExplainedImage, model: ModelInfo, render: RenderOptions
+) -> ImageResult:
+    """One volume's part of the answer: its top predictions and each explanation."""
+    prepared = result.prepared
+    assert isinstance(prepared, PreparedVolume)
+    geometry = prepared.geometry
+    explanations = [
+        Explanation(
+            target=prediction(model, target, result.scores),
+            heatmap=render_volume_heatmap(cam, prepared, render),
+        )
+        for target, cam in zip(result.targets, result.cams, strict=True)
+    ]
+    depth, height, width = geometry.source_shape
+    order = result.order[: min(render.top_k, model.num_classes)]
+    answer = ImageResult(
+        width=width,
+        height=height,
+        depth=depth,
+        geometry=VolumeGeometry(
+            orientation=model.orientation or "RAS",
+            input_shape=list(geometry.input_size),
+            input_spacing=[round(v, 6) for v in geometry.input_spacing],
+            input_affine=geometry.input_affine.round(6).tolist(),
+            affine=geometry.source_affine.round(6).tolist(),
+        ),
+        predictions=[prediction(model, int(i), result.scores) for i in order],
+        explanations=explanations,
+    )
+    if prepared.out_of_domain is not None:
+        answer.out_of_domain = prepared.out_of_domain
+    return answer

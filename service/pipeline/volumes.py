@@ -1,0 +1,139 @@
+"""A volume's way to a volume model: read (a NIfTI file), checked against the request's
+limits from its header, fitted as MONAI's pipeline fits it (``imaging/volume_fitting``),
+before any compute, so one bad volume never fails a batch. And the refusals that keep
+the two kinds of model apart: a 2-D image for a volume model, a volume for a 2-D one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.contract.errors import ErrorCode, InvalidField
+from service.contract.requests import ExplainRequest
+from service.contract.terms import DICOM_FORMATS
+from service.imaging.dicom import is_dicom
+from service.imaging.nifti import VolumeAdmit, is_nifti, read_nifti
+from service.imaging.volume import Volume
+from service.imaging.volume_fitting import VolumeFit, VolumeGeometry, fit_volume
+from service.transport.interface import ModelInfo
+
+
+@dataclass(frozen=True)
+class PreparedVolume:
+    """One volume fitted to the model, with its targets resolved: ``pixels`` ``(D, H, W,
+    1) float32``, the model's input; ``geometry``, where it lies in the file; ``base``,
+    the file's voxels windowed to [0, 1], kept only where a picture is drawn over them at
+    their own size. (``box``: none, a volume fills its input.)"""
+
+    index: int
+    pixels: np.ndarray
+    geometry: VolumeGeometry
+    targets: list[int | None]
+    base: np.ndarray | None = None
+    box: None = None
+    out_of_domain: str | None = None
+
+
+def volume_fit(model: ModelInfo) -> VolumeFit:
+    """What ``model`` asks of its input, as the fitting reads it."""
+    depth, height, width = model.input_size
+    return VolumeFit(
+        input_size=(depth, height, width),
+        orientation=model.orientation or "RAS",
+        spacing=model.spacing,
+        window=model.window,
+        interpolation=model.interpolation,
+    )
+
+
+def windowed(voxels: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    """``voxels`` in [0, 1]: the model's window, else the volume's own range."""
+    low, high = window if window is not None else (float(voxels.min()), float(voxels.max()))
+    scale = np.float32(1.0 / (high - low)) if high > low else np.float32(0.0)
+    return np.clip((voxels - np.float32(low)) * scale, 0, 1).astype(np.float32)
+
+
+def _read(data: bytes, index: int, model: ModelInfo, admit: VolumeAdmit) -> Volume:
+    if is_nifti(data):
+        return read_nifti(data, admit, index)
+    kind = "a DICOM file of one image" if is_dicom(data) else "no volume"
+    raise InvalidField(
+        f"Model '{model.name}' explains volumes: images[{index}] is {kind}. Send a NIfTI "
+        "file (.nii or .nii.gz) for it, or use a 2-D model (GET /v1/models).",
+        code=ErrorCode.VOLUME_REQUIRED,
+        image=index,
+        field=f"images[{index}]",
+    )
+
+
+def prepare_volume(
+    data: bytes,
+    index: int,
+    targets: list[int | None],
+    model: ModelInfo,
+    admit: VolumeAdmit,
+    keep_base: bool = False,
+) -> PreparedVolume:
+    """Read and fit one volume; every problem raises a ``ServiceError`` naming ``index``.
+    ``admit(shape)`` checks its size from the header first (``volume_budget.py``);
+    ``keep_base``: keep the file's voxels, windowed, to draw over at their own size."""
+    volume = _read(data, index, model, admit)
+    pixels, geometry = fit_volume(volume, volume_fit(model))
+    base = windowed(volume.voxels, model.window) if keep_base else None
+    return PreparedVolume(index, pixels[..., None], geometry, targets, base)
+
+
+def refuse_volume_for_image_model(data: bytes, index: int, model: ModelInfo) -> None:
+    """A 422 for a volume sent to a 2-D model (which would read a NIfTI file as nothing)."""
+    if is_nifti(data):
+        raise InvalidField(
+            f"Model '{model.name}' explains 2-D images: images[{index}] is a volume (NIfTI). "
+            "Send it to a volume model (GET /v1/models: an input_size of three numbers).",
+            code=ErrorCode.IMAGE_REQUIRED,
+            image=index,
+            field=f"images[{index}]",
+        )
+
+
+def _volume_problems(request: ExplainRequest) -> list[tuple[str, str]]:
+    problems = []
+    if "faithfulness" in request.include:
+        problems.append(("include", "faithfulness curves are computed for 2-D images only"))
+    if "image" in request.include:
+        problems.append(
+            (
+                "include",
+                "include 'image' is for 2-D images; heatmap.format 'overlay' draws "
+                "the volume under its map",
+            )
+        )
+    if request.frame is not None:
+        problems.append(("frame", "frame picks a frame of a 2-D image; a volume is read whole"))
+    if request.heatmap.format in DICOM_FORMATS or request.report is not None:
+        problems.append(
+            (
+                "heatmap.format",
+                "a volume's map is not written as a DICOM object yet (dicom-sc, "
+                "dicom-pm, dicom-seg, dicom-sr); ask for 'nifti', 'array' or a picture",
+            )
+        )
+    return problems
+
+
+def check_request_kind(request: ExplainRequest, model: ModelInfo) -> None:
+    """A 422 for what a request may not ask of this kind of model, before any decoding:
+    a volume model's answers have no faithfulness curves, frames or DICOM objects yet;
+    a 2-D model's maps are no NIfTI files."""
+    if not model.is_volume:
+        if request.heatmap.format == "nifti":
+            raise InvalidField(
+                f"heatmap.format 'nifti' is a volume's map; model '{model.name}' explains "
+                "2-D images (ask for 'array', 'png', 'overlay', 'gray' or a DICOM format).",
+                field="heatmap.format",
+            )
+        return
+    problems = _volume_problems(request)
+    if problems:
+        told = " ".join(f"{field}: {message}." for field, message in problems)
+        raise InvalidField(f"Model '{model.name}' explains volumes. {told}", field=problems[0][0])
