@@ -2,10 +2,11 @@
 
 The convention is nibabel's and MONAI's: ``voxels[i, j, k]`` is the voxel at index
 ``(i, j, k)`` of the file's grid, and ``affine`` maps ``(i, j, k, 1)`` to millimetres in
-RAS+ (x grows towards the patient's Right, y Anterior, z Superior). DICOM's patient coordinates are LPS+, so the DICOM
-readers negate x and y. For a DICOM series, ``i`` runs along a row (the columns), ``j``
-down a column (the rows), ``k`` across the slices in the order of their position along
-the slice normal, as MONAI's readers order them.
+RAS+ (x grows towards the patient's Right, y Anterior, z Superior). DICOM's patient
+coordinates are LPS+, so the DICOM readers negate x and y. For a DICOM series, ``i`` runs
+along a row (the columns), ``j`` down a column (the rows), ``k`` across the slices in the
+order of their position along the slice normal (MONAI's PydicomReader orders them by
+InstanceNumber instead: see ``dicom_volume_checks``).
 """
 
 from __future__ import annotations
