@@ -19,6 +19,7 @@ from pydantic_core import ErrorDetails
 from service.contract.errors import InvalidField
 from service.contract.json_body import json_object
 from service.contract.requests import (
+    DicomSeriesImage,
     DicomWebImage,
     DicomWebInstance,
     ExplainRequest,
@@ -114,6 +115,7 @@ def _known_names() -> set[str]:
         | set(HeatmapOptions.model_fields)
         | set(DicomWebImage.model_fields)
         | set(DicomWebInstance.model_fields)
+        | set(DicomSeriesImage.model_fields)
     )
 
 

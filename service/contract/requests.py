@@ -116,7 +116,10 @@ class DicomWebInstance(BaseModel):
     )
     study: Annotated[StrictStr, Field(min_length=1, max_length=64)]
     series: Annotated[StrictStr, Field(min_length=1, max_length=64)]
-    instance: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    instance: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = Field(
+        default=None,
+        description=("The instance; left out: the whole series, one volume (for a volume model)."),
+    )
 
 
 class DicomWebImage(BaseModel):
@@ -125,6 +128,18 @@ class DicomWebImage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     dicomweb: DicomWebInstance
+
+
+class DicomSeriesImage(BaseModel):
+    """A volume sent as the instances of its DICOM series: ``{"series": [...]}``, each
+    a base64 Part 10 file, in any order (they are sorted by position)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    series: Annotated[
+        list[Annotated[StrictStr, Field(min_length=1)]],
+        Field(min_length=2, max_length=4096, fail_fast=True),
+    ]
 
 
 class StoreOptions(BaseModel):
@@ -145,13 +160,17 @@ class ExplainRequest(BaseModel):
         default=None, description="A model of the models file; default the file's default model."
     )
     images: Annotated[
-        list[StrictStr | DicomWebImage | _FileBytes], Field(min_length=1, fail_fast=True)
+        list[StrictStr | DicomWebImage | DicomSeriesImage | _FileBytes],
+        Field(min_length=1, fail_fast=True),
     ] = Field(
         description=(
             "Base64 (or a data: URL) of PNG (8/16-bit), JPEG, TIFF, BMP, WebP, GIF or DICOM "
             "images (other formats are a 415), or an instance on a DICOMweb server named by "
             "its UIDs (fetched with WADO-RS; only servers in GRADCAM_DICOMWEB_SERVERS, else "
-            "403 dicomweb_not_allowed). At most GRADCAM_MAX_IMAGES_PER_REQUEST (default 32; "
+            "403 dicomweb_not_allowed). For a volume model: a NIfTI file (.nii, .nii.gz) or "
+            "an enhanced multi-frame DICOM in base64, a series as its instances "
+            '({"series": [base64, ...]}), or a whole series on a DICOMweb server (dicomweb '
+            "without instance). At most GRADCAM_MAX_IMAGES_PER_REQUEST (default 32; "
             "more is a 413); see the limits above for pixels."
         )
     )

@@ -36,19 +36,8 @@ def batch_inputs(
     volume model's ``(N, 1, D, H, W)``)."""
     if model.preprocessing.volume is not None:
         return _volume_inputs(model, job, device, normalisation)
+    _check_images(model, job)
     height, width = model.input_size
-    for i, image in enumerate(job.images):
-        if (
-            image.ndim != 3
-            or image.shape[:2] != (height, width)
-            or image.shape[2] not in (1, model.channels)
-            or image.dtype not in (np.uint8, np.float32)
-        ):
-            channels = "1" if model.channels == 1 else f"1 or {model.channels}"
-            raise InvalidJob(
-                f"image {i} of the job is {image.dtype}{list(image.shape)}, not "
-                f"({height}, {width}, {channels}) uint8 or float32"
-            )
     cuda = device.type == "cuda"
     groups: dict[tuple[str, int], list[int]] = {}
     for i, image in enumerate(job.images):
@@ -76,6 +65,22 @@ def batch_inputs(
             inputs[i].zero_()
             inputs[i, :, y0:y1, x0:x1] = keep
     return inputs
+
+
+def _check_images(model: LoadedModel, job: Job) -> None:
+    height, width = model.input_size
+    for i, image in enumerate(job.images):
+        if (
+            image.ndim != 3
+            or image.shape[:2] != (height, width)
+            or image.shape[2] not in (1, model.channels)
+            or image.dtype not in (np.uint8, np.float32)
+        ):
+            channels = "1" if model.channels == 1 else f"1 or {model.channels}"
+            raise InvalidJob(
+                f"image {i} of the job is {image.dtype}{list(image.shape)}, not "
+                f"({height}, {width}, {channels}) uint8 or float32"
+            )
 
 
 def _volume_inputs(

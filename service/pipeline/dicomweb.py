@@ -45,7 +45,7 @@ class InstanceRef:
     url: str
     study: str
     series: str
-    instance: str
+    instance: str | None  # None: the whole series
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,14 @@ def fetch_instance(
     ref: InstanceRef, servers: DicomWebServers, index: int, limit_bytes: int, timeout_s: float
 ) -> bytes:
     """The Part 10 bytes of ``ref`` (WADO-RS, any transfer syntax)."""
+    return fetch_dicomweb(ref, servers, index, limit_bytes, timeout_s)[0]
+
+
+def fetch_dicomweb(
+    ref: InstanceRef, servers: DicomWebServers, index: int, limit_bytes: int, timeout_s: float
+) -> list[bytes]:
+    """The Part 10 files of ``ref``: one instance, or every instance of its series (WADO-RS,
+    any transfer syntax), ``limit_bytes`` at most in all."""
     import requests
 
     # requests' timeout bounds each read; this bounds them all (a server that drips).
@@ -137,9 +145,10 @@ def fetch_instance(
         (
             f"studies/{_check_uid(ref.study, 'study', index)}",
             f"series/{_check_uid(ref.series, 'series', index)}",
-            f"instances/{_check_uid(ref.instance, 'instance', index)}",
+            *([f"instances/{_check_uid(ref.instance, 'instance', index)}"] if ref.instance else []),
         )
     )
+    what = f"instance {ref.instance} in series" if ref.instance else "series"
     try:
         with (
             _session() as session,
@@ -153,8 +162,7 @@ def fetch_instance(
         ):
             if response.status_code == 404:
                 raise InvalidField(
-                    f"Image {index}: {base} has no instance {ref.instance} in "
-                    f"series {ref.series} of study {ref.study}.",
+                    f"Image {index}: {base} has no {what} {ref.series} of study {ref.study}.",
                     code=ErrorCode.DICOMWEB_NOT_FOUND,
                     image=index,
                     field=where,
@@ -176,8 +184,8 @@ def fetch_instance(
                     )
                 if len(body) > limit_bytes:
                     raise PayloadTooLarge(
-                        f"Image {index}: the instance on {base} is larger "
-                        f"than {limit_bytes} bytes.",
+                        f"Image {index}: the {'instance' if ref.instance else 'series'} on "
+                        f"{base} is larger than {limit_bytes} bytes.",
                         code=ErrorCode.IMAGE_TOO_LARGE,
                         image=index,
                         field=where,
@@ -196,7 +204,7 @@ def fetch_instance(
             code=ErrorCode.DICOMWEB_FAILED,
             image=index,
         )
-    return parts[0]
+    return parts
 
 
 def _parts(content_type: str, body: bytes) -> list[bytes]:

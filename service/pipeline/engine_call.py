@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -14,10 +15,13 @@ from service.pipeline.images import PreparedImage
 from service.pipeline.volumes import PreparedVolume
 from service.transport.interface import Engine, Job, ModelInfo, class_order
 
+# What went to the engine: a 2-D image, or a volume.
+Prepared = TypeVar("Prepared", PreparedImage, PreparedVolume)
+
 
 @dataclass(frozen=True)
-class ExplainedImage:
-    prepared: PreparedImage | PreparedVolume
+class Explained(Generic[Prepared]):
+    prepared: Prepared
     scores: np.ndarray  # (K,) probabilities (softmax) or sigmoid scores (multilabel)
     order: np.ndarray  # (K,) class indices, most likely first (interface.class_order)
     targets: list[int]
@@ -37,12 +41,13 @@ class Explaining:
     faithfulness: bool = False
 
 
+ExplainedImage = Explained[PreparedImage]
+ExplainedVolume = Explained[PreparedVolume]
+
+
 def call_engine(
-    engine: Engine,
-    how: Explaining,
-    prepared: Sequence[PreparedImage] | Sequence[PreparedVolume],
-    context: RequestContext,
-) -> list[ExplainedImage]:
+    engine: Engine, how: Explaining, prepared: Sequence[Prepared], context: RequestContext
+) -> list[Explained[Prepared]]:
     """One engine call for all ``prepared`` images (batched there with other requests),
     within the request's deadline and while its client waits."""
     job = Job(
@@ -56,7 +61,7 @@ def call_engine(
     )
     result = engine.run(job, context.deadline, context.disconnected)
     return [
-        ExplainedImage(
+        Explained(
             p,
             result.scores[i],
             class_order(result.logits[i]),

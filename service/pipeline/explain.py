@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from service import metrics
@@ -26,7 +26,12 @@ from service.contract.errors import (
     InvalidField,
     PayloadTooLarge,
 )
-from service.contract.requests import DicomWebImage, ExplainRequest, TargetSpec
+from service.contract.requests import (
+    DicomSeriesImage,
+    DicomWebImage,
+    ExplainRequest,
+    TargetSpec,
+)
 from service.contract.responses import (
     DicomObject,
     ExplainResponse,
@@ -39,20 +44,24 @@ from service.contract.terms import DICOM_FORMATS
 from service.imaging.decoding import decode_base64, empty_image
 from service.pipeline.budgets import RequestBudget
 from service.pipeline.context import RequestContext
-from service.pipeline.dicomweb import DicomWebServers, InstanceRef, fetch_instance, store
-from service.pipeline.engine_call import ExplainedImage, Explaining, call_engine
+from service.pipeline.dicomweb import DicomWebServers, InstanceRef, fetch_dicomweb, store
+from service.pipeline.engine_call import (
+    ExplainedImage,
+    ExplainedVolume,
+    Explaining,
+    call_engine,
+)
 from service.pipeline.images import (
     ImageSlot,
     Keep,
-    PreparedImage,
     choose_layer,
     prepare_image,
     resolve_targets,
 )
 from service.pipeline.results import RenderOptions, base64_chars, render_result
-from service.pipeline.volume_budget import admit_volume
+from service.pipeline.volume_budget import admit_volume, series_fetch_limit
 from service.pipeline.volume_results import render_volume_result
-from service.pipeline.volumes import PreparedVolume, check_request_kind, prepare_volume
+from service.pipeline.volumes import VolumeSlot, check_request_kind, prepare_volume
 from service.transport.interface import Engine, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -64,9 +73,10 @@ class Computed:
 
     model: ModelInfo
     layer: str
-    results: list[ExplainedImage]
+    results: list[ExplainedImage]  # a 2-D model's images
     budget: RequestBudget
     servers: DicomWebServers
+    volumes: list[ExplainedVolume] = field(default_factory=list)  # a volume model's
 
 
 def explain(
@@ -81,23 +91,30 @@ def explain(
     context = context or RequestContext.start(settings)
     computed = compute(request, engine, settings, context)
     model, layer = computed.model, computed.layer
+    options = RenderOptions(
+        top_k=request.top_k,
+        heatmap=request.heatmap,
+        include=tuple(request.include),
+        method=request.method,
+        layer=layer,
+        report=request.report,
+    )
+    drawn = [
+        (result.prepared.index, partial(render_result, result, model, options))
+        for result in computed.results
+    ]
+    drawn += [
+        (v.prepared.index, partial(render_volume_result, v, model, options))
+        for v in computed.volumes
+    ]
     rendered: list[ImageResult] = []
     with metrics.STAGE_DURATION.labels("render").time():
-        for result in computed.results:
+        for index, draw in drawn:
             # Big pictures take a while each: stop between them for a client that
             # left or a deadline that passed.
             context.check_still_wanted()
-            options = RenderOptions(
-                top_k=request.top_k,
-                heatmap=request.heatmap,
-                include=tuple(request.include),
-                method=request.method,
-                layer=layer,
-                report=request.report,
-            )
-            render = render_volume_result if model.is_volume else render_result
-            rendered.append(render(result, model, options))
-            computed.budget.pictures_encoded(result.prepared.index, base64_chars(rendered[-1]))
+            rendered.append(draw())
+            computed.budget.pictures_encoded(index, base64_chars(rendered[-1]))
     if request.store is not None:
         _store(rendered, request.store.url, computed.servers, context)
     return ExplainResponse(
@@ -150,35 +167,41 @@ def compute(
     if request.store is not None:
         servers.base(request.store.url, "store.url", "The store URL")  # before any work
     fetch = partial(_image_bytes, servers=servers, settings=settings, context=context)
-    with metrics.STAGE_DURATION.labels("decode").time():
-        prepared: list[PreparedImage] | list[PreparedVolume]
-        if model.is_volume:
-            prepared = [
+    if model.is_volume:
+        with metrics.STAGE_DURATION.labels("decode").time():
+            volumes = [
                 prepare_volume(
                     fetch(given, i),
-                    i,
-                    targets[i],
+                    VolumeSlot(i, targets[i], keep.display, settings.out_of_domain),
                     model,
                     partial(admit_volume, budget, i, explanations=len(targets[i])),
-                    keep_base=keep.display,
                 )
                 for i, given in enumerate(request.images)
             ]
-        else:
-            prepared = [
-                prepare_image(
-                    fetch(given, i),
-                    ImageSlot(i, targets[i], frames[i]),
-                    model,
-                    partial(budget.admit_image, i, explanations=len(targets[i])),
-                    keep,
-                    settings.out_of_domain,
-                )
-                for i, given in enumerate(request.images)
-            ]
+        explained = call_engine(engine, how, volumes, context)
+        metrics.IMAGES_EXPLAINED.labels(model.name).inc(len(explained))
+        return Computed(model, how.layer, [], budget, servers, explained)
+    with metrics.STAGE_DURATION.labels("decode").time():
+        prepared = [
+            prepare_image(
+                one_file(fetch(given, i)),
+                ImageSlot(i, targets[i], frames[i]),
+                model,
+                partial(budget.admit_image, i, explanations=len(targets[i])),
+                keep,
+                settings.out_of_domain,
+            )
+            for i, given in enumerate(request.images)
+        ]
     results = call_engine(engine, how, prepared, context)
     metrics.IMAGES_EXPLAINED.labels(model.name).inc(len(results))
     return Computed(model, how.layer, results, budget, servers)
+
+
+def one_file(data: bytes | list[bytes]) -> bytes:
+    """An image's one file (``check_request_kind`` has refused series for 2-D models)."""
+    assert isinstance(data, bytes)
+    return data
 
 
 def _check_lengths(request: ExplainRequest, settings: Settings) -> None:
@@ -215,29 +238,33 @@ def _keep(request: ExplainRequest) -> Keep:
 
 
 def _image_bytes(
-    given: str | DicomWebImage | bytes,
+    given: str | DicomWebImage | DicomSeriesImage | bytes,
     index: int,
     *,
     servers: DicomWebServers,
     settings: Settings,
     context: RequestContext,
-) -> bytes:
+) -> bytes | list[bytes]:
     """An image's file: sent as base64, as the file itself (the raw-image and form doors),
-    or fetched from a DICOMweb server (WADO-RS)."""
+    or fetched from a DICOMweb server (WADO-RS); a series' files (a volume), sent or
+    fetched whole."""
     if isinstance(given, str):
         return decode_base64(given, index)
     if isinstance(given, bytes):
         if not given:
             raise empty_image(index)
         return given
+    if isinstance(given, DicomSeriesImage):
+        return [decode_base64(instance, index) for instance in given.series]
     ref = given.dicomweb
-    return fetch_instance(
+    fetched = fetch_dicomweb(
         InstanceRef(ref.url, ref.study, ref.series, ref.instance),
         servers,
         index,
-        settings.max_request_bytes,
+        settings.max_request_bytes if ref.instance else series_fetch_limit(settings),
         context.remaining_s(),
     )
+    return fetched[0] if ref.instance else fetched
 
 
 def _store(

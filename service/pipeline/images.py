@@ -137,9 +137,10 @@ def prepare_image(
     display = to_rgb_image(image) if keep.display else None
     if colour and image.mode == "RGB":
         image = image.convert("L")  # as decode_image converts for a 1-channel model
+    height, width = model.input_size  # a 2-D model's
     pixels, box, geometry = to_model_pixels(
         image,
-        model.input_size,
+        (height, width),
         model.resize,
         model.scale_size,
         model.interpolation,

@@ -37,12 +37,16 @@ from service.contract.requests import ExplainRequest
 from service.contract.responses import to_json
 from service.contract.settings import Settings
 from service.contract.suggestions import close_matches, did_you_mean
+from service.contract.terms import HeatmapSize
 from service.imaging.encoders import encode_image
 from service.imaging.render import colour_image, heatmap
 from service.imaging.values import to_uint8
+from service.imaging.volume_pictures import three_views
 from service.pipeline.context import RequestContext
-from service.pipeline.engine_call import ExplainedImage
+from service.pipeline.engine_call import ExplainedImage, ExplainedVolume
 from service.pipeline.explain import compute
+from service.pipeline.volume_results import map_at
+from service.pipeline.volumes import PreparedVolume
 from service.transport.interface import Engine
 
 # The one version each model has: the models file holds one set of weights per key.
@@ -253,17 +257,18 @@ def infer(
     wanted = _wanted(request)
     explain_request = _explain_request(model, request, raw, wanted, settings)
     computed = compute(explain_request, engine, settings, context, arrays="heatmap" in wanted)
-    info, results = computed.model, computed.results
+    info = computed.model
+    results: list[ExplainedImage] | list[ExplainedVolume] = computed.results or computed.volumes
     size = explain_request.heatmap.size
     maps: list[np.ndarray] = []
     pngs: list[bytes] = []
     with metrics.STAGE_DURATION.labels("render").time():
         for result in results:
             context.check_still_wanted()
-            heat = heatmap(result.cams[0], result.prepared.geometry, size)
+            heat, picture = _drawn(result, size, "heatmap_png" in wanted)
             maps.append(heat)
-            if "heatmap_png" in wanted:
-                pngs.append(encode_image(np.asarray(colour_image(to_uint8(heat))), "png"))
+            if picture is not None:
+                pngs.append(encode_image(picture, "png"))
                 computed.budget.pictures_encoded(result.prepared.index, len(pngs[-1]) * 4 // 3)
     tensors = _tensors(results, maps, pngs, wanted, explain_request.top_k, info.labels)
     answer = InferResponse(
@@ -281,8 +286,21 @@ def infer(
     return answer, tensors
 
 
+def _drawn(
+    result: ExplainedImage | ExplainedVolume, size: HeatmapSize, picture: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first explanation's map at ``size`` (a volume's ``(d, h, w)``), and its picture
+    if wanted (a volume's: three slices through the peak)."""
+    prepared = result.prepared
+    if isinstance(prepared, PreparedVolume):
+        heat, affine = map_at(result.cams[0], prepared, size)
+        return heat, three_views(heat, affine, None, "png") if picture else None
+    heat = heatmap(result.cams[0], prepared.geometry, size)
+    return heat, np.asarray(colour_image(to_uint8(heat))) if picture else None
+
+
 def _tensors(
-    results: list[ExplainedImage],
+    results: list[ExplainedImage] | list[ExplainedVolume],
     maps: list[np.ndarray],
     pngs: list[bytes],
     wanted: dict[str, bool],

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 from service.contract.errors import ErrorCode, PayloadTooLarge
+from service.contract.settings import Settings
 from service.pipeline.budgets import (
     ANSWER_COPIES,
     ARRAY_ANSWER_BYTES_PER_VALUE,
@@ -31,6 +32,12 @@ NIFTI_ANSWER_BYTES_PER_VOXEL = int(4 * 4 / 3 * ANSWER_COPIES)
 # A volume's picture: three slices, each at most this many pixels a side.
 VIEW_SIDE = 320
 PICTURE_PIXELS = 3 * VIEW_SIDE * VIEW_SIDE
+
+
+def series_fetch_limit(settings: Settings) -> int:
+    """The most bytes a whole series fetched from a DICOMweb server may hold: its voxels
+    at 16 bits within ``max_volume_voxels``, headers and multipart framing beside them."""
+    return 2 * settings.max_volume_voxels + settings.max_request_bytes
 
 
 def map_voxels(budget: RequestBudget, shape: tuple[int, int, int]) -> int:

@@ -21,7 +21,7 @@ from service.imaging.nifti import write_nifti
 from service.imaging.render import normalise
 from service.imaging.volume_fitting import map_to_source, resize_volume, upsample_map
 from service.imaging.volume_pictures import peak_index, three_views
-from service.pipeline.engine_call import ExplainedImage
+from service.pipeline.engine_call import ExplainedVolume
 from service.pipeline.results import RenderOptions, prediction
 from service.pipeline.volumes import PreparedVolume
 from service.transport.interface import ModelInfo
@@ -85,11 +85,10 @@ def render_volume_heatmap(
 
 
 def render_volume_result(
-    result: ExplainedImage, model: ModelInfo, render: RenderOptions
+    result: ExplainedVolume, model: ModelInfo, render: RenderOptions
 ) -> ImageResult:
     """One volume's part of the answer: its top predictions and each explanation."""
     prepared = result.prepared
-    assert isinstance(prepared, PreparedVolume)
     geometry = prepared.geometry
     explanations = [
         Explanation(

@@ -6,16 +6,19 @@ the two kinds of model apart: a 2-D image for a volume model, a volume for a 2-D
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from service.contract.errors import ErrorCode, InvalidField
-from service.contract.requests import ExplainRequest
+from service.contract.requests import DicomSeriesImage, DicomWebImage, ExplainRequest
 from service.contract.terms import DICOM_FORMATS
-from service.imaging.dicom import is_dicom
+from service.imaging.dicom import is_dicom, read_header
+from service.imaging.dicom_volume import read_dicom_series, read_multiframe_volume
 from service.imaging.nifti import VolumeAdmit, is_nifti, read_nifti
 from service.imaging.volume import Volume
 from service.imaging.volume_fitting import VolumeFit, VolumeGeometry, fit_volume
+from service.pipeline.domain import DomainPolicy, check_domain
 from service.transport.interface import ModelInfo
 
 
@@ -51,37 +54,64 @@ def windowed(voxels: np.ndarray, window: tuple[float, float] | None) -> np.ndarr
     """``voxels`` in [0, 1]: the model's window, else the volume's own range."""
     low, high = window if window is not None else (float(voxels.min()), float(voxels.max()))
     scale = np.float32(1.0 / (high - low)) if high > low else np.float32(0.0)
-    return np.clip((voxels - np.float32(low)) * scale, 0, 1).astype(np.float32)
+    shown: np.ndarray = np.clip((voxels - np.float32(low)) * scale, 0, 1).astype(np.float32)
+    return shown
 
 
-def _read(data: bytes, index: int, model: ModelInfo, admit: VolumeAdmit) -> Volume:
+def _read(
+    data: bytes | list[bytes], index: int, model: ModelInfo, admit: VolumeAdmit
+) -> tuple[Volume, Any]:
+    """The volume, and its DICOM header (the first instance's) where it is DICOM."""
+    if isinstance(data, list):
+        return read_dicom_series(data, admit, index), read_header(data[0])
     if is_nifti(data):
-        return read_nifti(data, admit, index)
+        return read_nifti(data, admit, index), None
+    if is_dicom(data):
+        header = read_header(data)
+        if int(getattr(header, "NumberOfFrames", 1) or 1) > 1:
+            return read_multiframe_volume(data, admit, index), header
     kind = "a DICOM file of one image" if is_dicom(data) else "no volume"
     raise InvalidField(
         f"Model '{model.name}' explains volumes: images[{index}] is {kind}. Send a NIfTI "
-        "file (.nii or .nii.gz) for it, or use a 2-D model (GET /v1/models).",
+        'file (.nii or .nii.gz), a multi-frame DICOM, a series as {"series": [...]} (its '
+        "instances) or a DICOMweb series (no instance), or use a 2-D model "
+        "(GET /v1/models).",
         code=ErrorCode.VOLUME_REQUIRED,
         image=index,
         field=f"images[{index}]",
     )
 
 
+@dataclass(frozen=True)
+class VolumeSlot:
+    """One volume's place in its request: its index (errors name it), the classes to
+    explain, whether its voxels are kept to draw over (``keep_base``), and what happens
+    to a DICOM volume outside the model's domain."""
+
+    index: int
+    targets: list[int | None]
+    keep_base: bool = False
+    domain: DomainPolicy = "refuse"
+
+
 def prepare_volume(
-    data: bytes,
-    index: int,
-    targets: list[int | None],
-    model: ModelInfo,
-    admit: VolumeAdmit,
-    keep_base: bool = False,
+    data: bytes | list[bytes], slot: VolumeSlot, model: ModelInfo, admit: VolumeAdmit
 ) -> PreparedVolume:
-    """Read and fit one volume; every problem raises a ``ServiceError`` naming ``index``.
-    ``admit(shape)`` checks its size from the header first (``volume_budget.py``);
-    ``keep_base``: keep the file's voxels, windowed, to draw over at their own size."""
-    volume = _read(data, index, model, admit)
+    """Read and fit one volume (a file, or a series' files); every problem raises a
+    ``ServiceError`` naming ``slot.index``. ``admit(shape)`` checks its size from the
+    header first (``volume_budget.py``)."""
+    volume, header = _read(data, slot.index, model, admit)
+    declared = bool(model.modalities or model.body_parts)
+    out_of_domain = (
+        check_domain(header, model, slot.index, slot.domain)
+        if declared and header is not None
+        else None
+    )
     pixels, geometry = fit_volume(volume, volume_fit(model))
-    base = windowed(volume.voxels, model.window) if keep_base else None
-    return PreparedVolume(index, pixels[..., None], geometry, targets, base)
+    base = windowed(volume.voxels, model.window) if slot.keep_base else None
+    return PreparedVolume(
+        slot.index, pixels[..., None], geometry, slot.targets, base, out_of_domain=out_of_domain
+    )
 
 
 def refuse_volume_for_image_model(data: bytes, index: int, model: ModelInfo) -> None:
@@ -126,6 +156,17 @@ def check_request_kind(request: ExplainRequest, model: ModelInfo) -> None:
     a volume model's answers have no faithfulness curves, frames or DICOM objects yet;
     a 2-D model's maps are no NIfTI files."""
     if not model.is_volume:
+        for index, given in enumerate(request.images):
+            if isinstance(given, DicomSeriesImage) or (
+                isinstance(given, DicomWebImage) and given.dicomweb.instance is None
+            ):
+                raise InvalidField(
+                    f"Model '{model.name}' explains 2-D images: images[{index}] is a series "
+                    "(a volume). Name one instance, or send it to a volume model.",
+                    code=ErrorCode.IMAGE_REQUIRED,
+                    image=index,
+                    field=f"images[{index}]",
+                )
         if request.heatmap.format == "nifti":
             raise InvalidField(
                 f"heatmap.format 'nifti' is a volume's map; model '{model.name}' explains "

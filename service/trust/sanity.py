@@ -302,7 +302,8 @@ def run_sanity(
         for chunk in chunks:
             out.append(explain(module, chunk, targets[start : start + len(chunk)]))
             start += len(chunk)
-        return _input_maps(torch.cat(out), model.input_size)
+        height, width = model.input_size  # sanity runs on 2-D models
+        return _input_maps(torch.cat(out), (height, width))
 
     original = maps()
     keep = [i for i in range(len(names)) if not _constant(original[i])]

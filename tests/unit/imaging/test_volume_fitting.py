@@ -114,9 +114,7 @@ def test_a_map_goes_back_to_the_file_grid_as_monai_inverts_it(tmp_path: Path, gr
 
 
 @pytest.mark.parametrize("grid", GRIDS)
-def test_a_map_of_world_position_comes_back_as_the_same_function(
-    tmp_path: Path, grid: str
-) -> None:
+def test_a_map_of_world_position_comes_back_as_the_same_function(tmp_path: Path, grid: str) -> None:
     """Linear interpolation keeps a linear function exactly: a map equal to x + 2y − z (mm)
     on the input grid is x + 2y − z on the file's grid, inside the input's extent."""
     fit = VolumeFit((20, 18, 14), spacing=(1.0, 1.3, 2.0))
