@@ -236,7 +236,7 @@ class VolumeGeometry(_Answer):
     """How a volume was fitted to a volume model's input (MONAI's Orientation, Spacing,
     ScaleIntensityRange and Resize): the input's grid and the file's, each by its affine."""
 
-    kind: Literal["volume"] = "volume"
+    kind: Literal["volume"] = Field(description="Always 'volume': not an image's geometry.")
     orientation: str = Field(description="The input's axes, e.g. RAS.")
     input_shape: Annotated[list[int], Field(min_length=3, max_length=3)]
     input_spacing: Annotated[list[float], Field(min_length=3, max_length=3)] = Field(
@@ -347,8 +347,11 @@ class ModelSummary(_Answer):
     num_classes: _Count
     multilabel: bool
     channels: Literal[1, 3]
-    input_size: Annotated[list[_Count], Field(min_length=2, max_length=2)] = Field(
-        description="[height, width]"
+    input_size: Annotated[list[_Count], Field(min_length=2, max_length=3)] = Field(
+        description=(
+            "[height, width]; a volume model's three sides, in the array order of the "
+            "volume once oriented (x, y, z for RAS)."
+        )
     )
     default_layer: str
     random_weights: bool = Field(
@@ -406,6 +409,15 @@ class ModelDetail(ModelSummary):
     device: str
     precision: Precision
     memory_format: MemoryFormat
+    orientation: str | Absent = Field(
+        default=None, description="Volume models: the axes a volume is turned to (RAS)."
+    )
+    spacing: Annotated[list[float], Field(min_length=3, max_length=3)] | Absent = Field(
+        default=None, description="Volume models: the voxel size (mm) it is resampled to."
+    )
+    window: Annotated[list[float], Field(min_length=2, max_length=2)] | Absent = Field(
+        default=None, description="Volume models: the values mapped to [0, 1] (HU for CT)."
+    )
 
 
 class ModelList(_Answer):
@@ -420,6 +432,7 @@ class LayerShape(_Answer):
     channels: _Count
     height: _Count
     width: _Count
+    depth: _Count | Absent = Field(default=None, description="Volume models' layers.")
 
 
 class Layers(_Answer):

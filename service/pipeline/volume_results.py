@@ -104,6 +104,7 @@ def render_volume_result(
         height=height,
         depth=depth,
         geometry=VolumeGeometry(
+            kind="volume",
             orientation=model.orientation or "RAS",
             input_shape=list(geometry.input_size),
             input_spacing=[round(v, 6) for v in geometry.input_spacing],

@@ -205,9 +205,22 @@ def model_view(name: str) -> Response:
                 "device": model.device,
                 "precision": model.precision,
                 "memory_format": model.memory_format,
+                **_volume_fields(model),
             }
         )
     )
+
+
+def _volume_fields(model: ModelInfo) -> dict[str, object]:
+    """A volume model's way from a volume to its input (left out for 2-D models)."""
+    if not model.is_volume:
+        return {}
+    found: dict[str, object] = {"orientation": model.orientation}
+    if model.spacing is not None:
+        found["spacing"] = list(model.spacing)
+    if model.window is not None:
+        found["window"] = list(model.window)
+    return found
 
 
 @api.get("/v1/models/<name>/layers")
@@ -224,6 +237,7 @@ def layers_view(name: str) -> Response:
                     channels=layer.channels,
                     height=layer.height,
                     width=layer.width,
+                    **({"depth": layer.depth} if layer.depth is not None else {}),
                 )
                 for layer in model.layers
             ],
