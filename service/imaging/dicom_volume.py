@@ -12,21 +12,17 @@ intercept: HU for CT) as float32. ``voxels[i, j, k]`` is the pixel at column ``i
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from service.imaging.dicom import _NOT_THE_FILES_FAULT, _refuse_deflated
 from service.imaging.dicom_volume_checks import Plane, invalid_volume, numbers, plane, stack
-from service.imaging.volume import Volume
+from service.imaging.volume import Volume, VolumeAdmit
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
-
-# Called with the volume's (I, J, K) = (columns, rows, slices) from its headers, before
-# any pixel is decoded; raises to refuse it (the error propagates as it is).
-VolumeAdmit = Callable[[tuple[int, int, int]], None]
 
 
 def _dataset(data: bytes, where: str, index: int, *, pixels: bool) -> Dataset:

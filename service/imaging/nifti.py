@@ -13,16 +13,12 @@ from __future__ import annotations
 import gzip
 import io
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from service.contract.errors import ErrorCode, InvalidField, UnsupportedMediaType
-from service.imaging.volume import Volume
-
-# Called with the shape a header declares, before its data is read: raises to refuse.
-VolumeAdmit = Callable[[tuple[int, int, int]], None]
+from service.imaging.volume import Volume, VolumeAdmit
 
 _GZIP_MAGIC = b"\x1f\x8b"
 # NIfTI-1: sizeof_hdr 348 and "n+1\0" (one file) at byte 344; NIfTI-2: 540 and "n+2\0"

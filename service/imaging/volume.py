@@ -11,12 +11,16 @@ InstanceNumber instead: see ``dicom_volume_checks``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 VolumeSource = Literal["nifti", "dicom"]
+# Called by a reader with the volume's (I, J, K) shape from its header(s), before any
+# voxel is read or decoded; raises to refuse it (the error propagates as it is).
+VolumeAdmit = Callable[[tuple[int, int, int]], None]
 
 
 @dataclass(frozen=True)

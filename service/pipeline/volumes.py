@@ -15,8 +15,8 @@ from service.contract.requests import DicomSeriesImage, DicomWebImage, ExplainRe
 from service.contract.terms import DICOM_FORMATS
 from service.imaging.dicom import is_dicom, read_header
 from service.imaging.dicom_volume import read_dicom_series, read_multiframe_volume
-from service.imaging.nifti import VolumeAdmit, is_nifti, read_nifti
-from service.imaging.volume import Volume
+from service.imaging.nifti import is_nifti, read_nifti
+from service.imaging.volume import Volume, VolumeAdmit
 from service.imaging.volume_fitting import VolumeFit, VolumeGeometry, fit_volume
 from service.pipeline.domain import DomainPolicy, check_domain
 from service.transport.interface import ModelInfo
