@@ -263,11 +263,14 @@ class Geometry(_Answer):
 class Picture(_Answer):
     """include "image": the image as overlays are drawn on it (its original pixel grid,
     8-bit, after EXIF orientation, DICOM rescale, window and MONOCHROME1 inversion),
-    encoded like the heatmaps (heatmap.encoding)."""
+    encoded like the heatmaps (heatmap.encoding). A volume's: the volume in 8 bits after
+    the model's window, on the heatmaps' grid (the same `affine`), as a .nii.gz (encoding
+    nifti), so a viewer lays a map over it voxel for voxel."""
 
     width: _Count
     height: _Count
-    encoding: HeatmapEncoding
+    depth: _Count | Absent = Field(default=None, description="Volumes: the first axis.")
+    encoding: HeatmapEncoding | Literal["nifti"]
     data: _Base64
 
 

@@ -140,11 +140,12 @@ def read_nifti(data: bytes, admit: VolumeAdmit, index: int = 0) -> Volume:
 
 
 def write_nifti(values: np.ndarray, affine: np.ndarray) -> bytes:
-    """A ``.nii.gz`` of ``values`` ``(I, J, K) float32`` placed by ``affine`` (voxel →
-    RAS+ mm, written as both sform and qform, code "scanner"): any viewer lays it over
-    the volume it came from."""
+    """A ``.nii.gz`` of ``values`` ``(I, J, K)`` (float32, or uint8 levels) placed by
+    ``affine`` (voxel → RAS+ mm, written as both sform and qform, code "scanner"): any
+    viewer lays it over the volume it came from."""
     nibabel = _nibabel()
-    image = nibabel.Nifti1Image(np.asarray(values, dtype=np.float32), affine)
+    dtype = np.uint8 if values.dtype == np.uint8 else np.float32
+    image = nibabel.Nifti1Image(np.asarray(values, dtype=dtype), affine)
     image.header.set_xyzt_units("mm")
     image.header.set_sform(affine, code=1)
     image.header.set_qform(affine, code=1)

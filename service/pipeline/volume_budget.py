@@ -29,6 +29,7 @@ from service.pipeline.budgets import (
 FIT_BYTES_PER_VOXEL = 24
 DRAW_BYTES_PER_VOXEL = 16
 NIFTI_ANSWER_BYTES_PER_VOXEL = int(4 * 4 / 3 * ANSWER_COPIES)
+IMAGE_ANSWER_BYTES_PER_VOXEL = int(1 * 4 / 3 * ANSWER_COPIES) + 1
 # A volume's picture: three slices, each at most this many pixels a side.
 VIEW_SIDE = 320
 PICTURE_PIXELS = 3 * VIEW_SIDE * VIEW_SIDE
@@ -77,6 +78,8 @@ def admit_volume(
         held += explanations * one_map * NIFTI_ANSWER_BYTES_PER_VOXEL
     if budget.options.format in ("png", "overlay", "gray"):
         held += explanations * PICTURE_PIXELS * PICTURE_ANSWER_BYTES_PER_PIXEL
+    if budget.with_image:  # the volume in 8 bits beside its maps, gzipped in base64
+        held += one_map * IMAGE_ANSWER_BYTES_PER_VOXEL
     step = max(voxels * FIT_BYTES_PER_VOXEL, one_map * DRAW_BYTES_PER_VOXEL)
     budget.memory.need(budget.charge(held, step))
 

@@ -13,12 +13,14 @@ from service.contract.responses import (
     Explanation,
     Heatmap,
     ImageResult,
+    Picture,
     VolumeGeometry,
     VolumePeak,
 )
 from service.imaging.encoders import encode_image
 from service.imaging.nifti import write_nifti
 from service.imaging.render import normalise
+from service.imaging.values import to_uint8
 from service.imaging.volume_fitting import map_to_source, resize_volume, upsample_map
 from service.imaging.volume_pictures import peak_index, three_views
 from service.pipeline.engine_call import ExplainedVolume
@@ -116,4 +118,29 @@ def render_volume_result(
     )
     if prepared.out_of_domain is not None:
         answer.out_of_domain = prepared.out_of_domain
+    if "image" in render.include:
+        layer_shape = tuple(int(side) for side in result.cams[0].shape)
+        answer.image = _volume_picture(prepared, render.heatmap.size, layer_shape)
     return answer
+
+
+def _volume_picture(prepared: PreparedVolume, size: str, layer_shape: tuple[int, ...]) -> Picture:
+    """include "image": the volume in 8 bits on the heatmaps' grid, as a .nii.gz."""
+    geometry = prepared.geometry
+    shape: tuple[int, ...]
+    if size == "layer":
+        shape = layer_shape
+        affine = geometry.grid_affine((shape[0], shape[1], shape[2]))
+    elif size == "input":
+        shape, affine = geometry.input_size, geometry.input_affine
+    else:
+        shape, affine = geometry.source_shape, geometry.source_affine
+    levels = to_uint8(_base_at(prepared, shape, size))
+    depth, height, width = levels.shape
+    return Picture(
+        width=width,
+        height=height,
+        depth=depth,
+        encoding="nifti",
+        data=base64.b64encode(write_nifti(levels, affine)).decode("ascii"),
+    )

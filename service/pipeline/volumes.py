@@ -130,14 +130,6 @@ def _volume_problems(request: ExplainRequest) -> list[tuple[str, str]]:
     problems = []
     if "faithfulness" in request.include:
         problems.append(("include", "faithfulness curves are computed for 2-D images only"))
-    if "image" in request.include:
-        problems.append(
-            (
-                "include",
-                "include 'image' is for 2-D images; heatmap.format 'overlay' draws "
-                "the volume under its map",
-            )
-        )
     if request.frame is not None:
         problems.append(("frame", "frame picks a frame of a 2-D image; a volume is read whole"))
     if request.heatmap.format in DICOM_FORMATS or request.report is not None:

@@ -270,6 +270,36 @@ def test_the_picture_is_three_slices_through_the_peak(served: LiveServer, folder
     np.testing.assert_allclose(mm, peak["mm"], atol=1e-2)
 
 
+@pytest.mark.parametrize("size", ["layer", "input", "original"])
+def test_the_volume_comes_back_on_the_map_s_grid(
+    served: LiveServer, folder: Path, size: str
+) -> None:
+    """include "image": the windowed volume in 8 bits as a .nii.gz, on the same grid as
+    the nifti map (what the web page lays the map over)."""
+    response = _explain(
+        served,
+        [encode((folder / "ct.nii.gz").read_bytes())],
+        heatmap={"format": "nifti", "size": size},
+        include=["image"],
+    )
+    assert response.status_code == 200, response.text[:400]
+    result = response.json()["results"][0]
+    assert result["image"]["encoding"] == "nifti"
+
+    def read(data: str) -> Any:
+        return nibabel.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(data)))
+
+    volume = read(result["image"]["data"])
+    heat = read(result["explanations"][0]["heatmap"]["data"])
+    assert volume.shape == heat.shape
+    assert volume.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(volume.affine, heat.affine, atol=1e-5)
+    if size == "original":  # the body is soft tissue, 40 HU: (40 + 1000) / 1400 of 255
+        levels = np.asarray(volume.dataobj)
+        assert abs(int(levels[28, 24, 4]) - round(1040 / 1400 * 255)) <= 12
+        assert int(levels[1, 1, 1]) <= 8  # air
+
+
 def test_the_open_inference_protocol_heatmap_is_n_d_h_w(served: LiveServer, folder: Path) -> None:
     body = {
         "inputs": [
