@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from service.contract.errors import DeadlineExceeded, EngineUnavailable, Overloaded
+from service.engine.pace import Pace
 from service.engine.work_items import (
     Abandoned,
     BatchKey,
@@ -65,8 +66,6 @@ logger = logging.getLogger(__name__)
 ComputeFn = Callable[[Job, Callable[[], bool]], JobResult]
 # One request's job and its batch's result → its follow-up rounds, or None: it is done.
 FollowUpFn = Callable[[Job, JobResult], FollowUp | None]
-# The pace estimate follows recent batches without jumping at one odd one.
-_PACE_SMOOTHING = 0.2
 
 
 @dataclass(frozen=True)
@@ -121,13 +120,13 @@ class MicroBatcher:
         self._closed = False
         self._drain = False
         self._dead = False
-        self._seconds_per_image: float | None = None
+        self._pace = Pace()
         self._running: list[WorkItem] = []
         self._continuing: deque[Continuing] = deque()
         self._batch_turn = True  # the next step is a batch, if one is queued
-        # The step running now: when it started, what it costs in images, and the
-        # continuing request whose round it is (None: a batch).
-        self._step: tuple[float, float, Continuing | None] | None = None
+        # The step running now: when it started, what it costs in images, the
+        # continuing request whose round it is (None: a batch), and its model.
+        self._step: tuple[float, float, Continuing | None, str] | None = None
         self._thread = threading.Thread(target=self._run, name="gradcam-model-loop", daemon=True)
         self._thread.start()
 
@@ -167,22 +166,32 @@ class MicroBatcher:
         return item.future
 
     def _expected_wait_s(self, item: WorkItem) -> float | None:
-        """The work ahead of ``item`` at the recent pace (module text), in seconds."""
-        pace = self._seconds_per_image
-        if not self.limits.max_queue_wait_s or pace is None:
+        """The work ahead of ``item`` at each model's recent pace (module text), in
+        seconds."""
+        if not self.limits.max_queue_wait_s or not self._pace.known:
             return None
+        pace = self._pace.of
         running, batch_next = 0.0, self._batch_turn
-        rounds = [(c.remaining_work, c.item.round_work) for c in self._continuing]
+        # Rounds still to run: (their work, one round's, in seconds).
+        rounds = [
+            (c.remaining_work * pace(c.item.job.model), c.item.round_work * pace(c.item.job.model))
+            for c in self._continuing
+        ]
         if self._step is not None:
-            started, work, continuing = self._step
-            running = max(0.0, work * pace - (time.monotonic() - started))
+            started, work, continuing, model = self._step
+            running = max(0.0, work * pace(model) - (time.monotonic() - started))
             batch_next = continuing is not None
             if continuing is not None:
-                rounds.append((continuing.remaining_work - work, continuing.item.round_work))
-        rounds += [(w.work - w.size, w.round_work) for w in self._pending if w.work > w.size]
+                left = continuing.remaining_work - work
+                rounds.append((left * pace(model), continuing.item.round_work * pace(model)))
+        rounds += [
+            ((w.work - w.size) * pace(w.job.model), w.round_work * pace(w.job.model))
+            for w in self._pending
+            if w.work > w.size
+        ]
         later = sum(left for left, _ in rounds)
         queued = sum(waiting.size for waiting in self._pending)
-        ahead = float(queued)
+        ahead = sum(waiting.size * pace(waiting.job.model) for waiting in self._pending)
         if later > 0:
             # A batch and a round take turns: a round runs after each batch ahead.
             between = -(-queued // self.limits.max_batch_size) + (0 if batch_next else 1)
@@ -190,7 +199,7 @@ class MicroBatcher:
             ahead += min(later, between * each)
             if item.work > item.size:
                 ahead += later  # its own rounds share the model with all of these
-        return running + ahead * pace
+        return running + ahead
 
     def close(self, timeout_s: float = 10.0, drain: bool = False) -> None:
         """Stop taking work; fail what is queued (or, with ``drain``, compute it first);
@@ -231,12 +240,17 @@ class MicroBatcher:
                 self._batch_turn = False
                 batch = self._take_batch()
                 work = sum(i.size if self._follow_up else i.work for i in batch)
-                self._step = (time.monotonic(), float(work), None)
+                self._step = (time.monotonic(), float(work), None, batch[0].job.model)
                 return batch
             self._batch_turn = True
             continuing = self._continuing.popleft()
             work = min(continuing.item.round_work, continuing.remaining_work)
-            self._step = (time.monotonic(), work or continuing.remaining_work, continuing)
+            self._step = (
+                time.monotonic(),
+                work or continuing.remaining_work,
+                continuing,
+                continuing.item.job.model,
+            )
             return continuing
 
     def _take_batch(self) -> list[WorkItem]:
@@ -327,7 +341,7 @@ class MicroBatcher:
             work = next(continuing.rounds)
         except StopIteration as done:
             continuing.compute_s += time.monotonic() - started
-            self._learn_pace(time.monotonic() - started, continuing.remaining_work)
+            self._pace.learn(item.job.model, time.monotonic() - started, continuing.remaining_work)
             timings = JobTimings(
                 queue_wait_s=continuing.queue_wait_s,
                 compute_s=continuing.compute_s,
@@ -345,20 +359,9 @@ class MicroBatcher:
         took = time.monotonic() - started
         continuing.compute_s += took
         continuing.remaining_work = max(0.0, continuing.remaining_work - work)
-        self._learn_pace(took, work)
+        self._pace.learn(item.job.model, took, work)
         with self._cond:
             self._continuing.append(continuing)
-
-    def _learn_pace(self, seconds: float, work: float) -> None:
-        """Fold one step's seconds per image into the pace estimate."""
-        if work <= 0:
-            return
-        pace = seconds / work
-        self._seconds_per_image = (
-            pace
-            if self._seconds_per_image is None
-            else ((1 - _PACE_SMOOTHING) * self._seconds_per_image + _PACE_SMOOTHING * pace)
-        )
 
     def _die(self, error: BaseException) -> None:
         log_failure(logger, "the model loop died", error, logging.CRITICAL)
@@ -417,8 +420,10 @@ class MicroBatcher:
         compute_s = time.monotonic() - started
         images = sum(item.size for item in items)
         # Per plain explanation: a batch with faithfulness curves is not a slow engine.
-        self._learn_pace(
-            compute_s, sum(item.size if self._follow_up else item.work for item in items)
+        self._pace.learn(
+            items[0].job.model,
+            compute_s,
+            sum(item.size if self._follow_up else item.work for item in items),
         )
         offset = 0
         for item in items:

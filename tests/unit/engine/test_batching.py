@@ -515,3 +515,36 @@ def test_close_fails_or_finishes_the_continuing_requests(drain: bool) -> None:
     else:
         with pytest.raises(Overloaded, match="shutting down"):
             heavy.result(5)
+
+
+class TwoModels(FakeEngine):
+    """A slow model ("volumes": 0.1 s per image) and a fast one ("images": none)."""
+
+    def __call__(self, job: Job, should_stop: Callable[[], bool] | None = None) -> JobResult:
+        self.delay_s = 0.1 * job.size if job.model == "volumes" else 0.0
+        return super().__call__(job, should_stop)
+
+
+def test_each_model_is_admitted_at_its_own_pace() -> None:
+    """After a volume model's 0.1 s batch, radiographs queued behind a radiograph are
+    admitted (one pace for both, smoothed, read 0.08 s per image: five of them over
+    the 0.05 s limit), while a second volume queued behind one is over it."""
+    engine = TwoModels()
+    batcher = MicroBatcher(
+        engine, limits=QueueLimits(max_batch_size=1, max_queue=100, max_queue_wait_s=0.05)
+    )
+    volumes, images = ("volumes", "layer"), ("images", "layer")
+    batcher.submit(_item(0.0, key=volumes)).result(5)
+    batcher.submit(_item(0.0, key=images)).result(5)
+    engine.gate.clear()
+    engine.entered.clear()
+    running = batcher.submit(_item(0.0, key=images))
+    engine.busy()
+    queued = [batcher.submit(_item(1.0, key=images)) for _ in range(5)]  # no Overloaded
+    queued.append(batcher.submit(_item(2.0, key=volumes)))  # only radiographs ahead
+    with pytest.raises(Overloaded, match="behind"):
+        batcher.submit(_item(3.0, key=volumes))  # a volume's 0.1 s ahead
+    engine.gate.set()
+    for future in [running, *queued]:
+        future.result(5)
+    batcher.close()
