@@ -99,7 +99,7 @@ class InputBuffer:
     ``device``, in channels-last memory if the model runs so."""
 
     batch: int
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]  # (C, H, W), or a volume's (C, D, H, W)
     device: torch.device
     channels_last: bool = False
 

@@ -7,10 +7,14 @@
     python tests/benchmarks/engine.py --archs timm:convnext_tiny \
         timm:vit_small_patch16_224 hf:vit --batches 8 --no-reference
 
-An arch is a torchvision name, ``timm:<name>`` (timm.create_model) or ``hf:vit`` (a
-Hugging Face ViT-Base image classifier from its default config); library models are
-loaded as the service loads them (``load_model`` of a models file: their logits, their
-layout, their default layer).
+    python tests/benchmarks/engine.py --archs monai3d:densenet121 --size 96 --batches 1 4
+
+An arch is a torchvision name, ``timm:<name>`` (timm.create_model), ``hf:vit`` (a
+Hugging Face ViT-Base image classifier from its default config) or
+``monai3d:densenet121`` (MONAI's 3-D DenseNet-121, one channel, two classes: a CT
+classifier's shape, on ``--size``³ volumes); library models are loaded as the service
+loads them (``load_model`` of a models file: their logits, their layout, their default
+layer).
 
 For each model and batch size, each repetition runs, back to back and in a
 rotating order: a plain forward under ``torch.inference_mode()``, our engine
@@ -53,7 +57,8 @@ def _timed(fn: Callable[[], object], device: str) -> float:
 
 
 def _library_model(arch: str, size: int) -> tuple[torch.nn.Module, str]:
-    """A timm or Hugging Face model as the service loads it, and its default layer."""
+    """A timm, Hugging Face or MONAI model as the service loads it, and its default
+    layer."""
     from service.contract.models_file import load_models_file
     from service.engine.loading.models import load_model
 
@@ -66,9 +71,17 @@ def _library_model(arch: str, size: int) -> tuple[torch.nn.Module, str]:
             folder / "hf"
         )
         table = 'library = "transformers"\narch = "hf"\n'
+    elif library == "monai3d":
+        table = (
+            'library = "monai"\narch = "DenseNet121"\n'
+            "arch_args = { spatial_dims = 3, in_channels = 1, out_channels = 2 }\n"
+            f"input_size = [{size}, {size}, {size}]\n"
+        )
     else:
         table = f'library = "timm"\narch = "{name}"\n'
-    (folder / "models.toml").write_text(f"[models.m]\n{table}input_size = [{size}, {size}]\n")
+    if library != "monai3d":
+        table += f"input_size = [{size}, {size}]\n"
+    (folder / "models.toml").write_text(f"[models.m]\n{table}")
     loaded = load_model("m", load_models_file(folder / "models.toml"))
     return loaded.module, loaded.default_layer
 
@@ -77,9 +90,12 @@ def bench(
     arch: str, batches: list[int], repeats: int, size: int, device: str, with_reference: bool
 ) -> list[str]:
     torch.manual_seed(0)
+    volume = arch.startswith("monai3d:")
     if ":" in arch:
         model, layer = _library_model(arch, size)
-        with_reference = False  # pytorch-grad-cam needs a reshape of its own per model
+        # pytorch-grad-cam needs a reshape of its own per token model; a 3-D CNN's
+        # (N, C, D, H, W) maps it reads as they are.
+        with_reference = with_reference and volume
     else:
         model = torchvision.models.get_model(arch, weights=None).eval().requires_grad_(False)
         found = default_layer(probe_layers(model, 3, (size, size)), model)
@@ -101,7 +117,8 @@ def bench(
     folded = GradCAM(folded_model, device)
     rows = []
     for batch in batches:
-        x = torch.randn(batch, 3, size, size, device=device)
+        shape = (1, size, size, size) if volume else (3, size, size)
+        x = torch.randn(batch, *shape, device=device)
 
         def forward(x: torch.Tensor = x) -> None:
             with torch.inference_mode():
@@ -121,7 +138,7 @@ def bench(
         if device == "cuda":
             captured = CapturedCam(
                 ExplainedLayer(folded_model, layer, "gradcam"),
-                InputBuffer(batch, (3, size, size), torch.device(device)),
+                InputBuffer(batch, shape, torch.device(device)),
                 CudaGraph(torch.device(device)),
             )
             top1 = torch.full((batch,), -1, dtype=torch.long, device=device)
