@@ -128,15 +128,28 @@ def read_nifti(data: bytes, admit: VolumeAdmit, index: int = 0) -> Volume:
         raise _invalid(index, f"its data cannot be read ({error})") from None
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise _invalid(index, "its affine (sform or qform) does not place the voxels in space")
+    if header.get_data_dtype().kind == "f" or not _scaling_is_finite(header):
+        voxels = _finite(voxels, index)
+    # Kept in the file's (Fortran) order: the fitting reads it along each axis, and a
+    # C-ordered copy of a CT would cost a second.
+    return Volume(voxels, affine, "nifti")
+
+
+def _scaling_is_finite(header: Any) -> bool:
+    slope, intercept = header.get_slope_inter()
+    return all(value is None or np.isfinite(value) for value in (slope, intercept))
+
+
+def _finite(voxels: np.ndarray, index: int) -> np.ndarray:
+    """``voxels`` with NaN (a mask's outside) and infinities as the nearest finite
+    value: the window clips them as it would a value beyond its range."""
     finite = np.isfinite(voxels)
     if not finite.any():
         raise _invalid(index, "it has no finite voxel")
-    if not finite.all():
-        # NaN (a mask's outside) and infinities as the nearest finite value: the window
-        # clips them as it would a value beyond its range.
-        low, high = float(voxels[finite].min()), float(voxels[finite].max())
-        voxels = np.nan_to_num(voxels, nan=low, posinf=high, neginf=low)
-    return Volume(np.ascontiguousarray(voxels), affine, "nifti")
+    if finite.all():
+        return voxels
+    low, high = float(voxels[finite].min()), float(voxels[finite].max())
+    return np.nan_to_num(voxels, nan=low, posinf=high, neginf=low)
 
 
 def write_nifti(values: np.ndarray, affine: np.ndarray) -> bytes:
