@@ -177,9 +177,19 @@ def _as_stored(slices: Sequence[Dataset], frames: np.ndarray) -> np.ndarray:
     return stored
 
 
-def _frames(volume_map: np.ndarray) -> np.ndarray:
-    """A map ``(I, J, K)`` as frames ``(K, rows J, columns I)``."""
-    return np.ascontiguousarray(np.transpose(volume_map, (2, 1, 0)))
+def _frames(slices: Sequence[Dataset], volume_map: np.ndarray) -> np.ndarray:
+    """A map ``(I, J, K)`` as frames ``(K, rows J, columns I)``; a ``ValueError`` where it
+    is not on the sources' grid (the caller's mistake: it comes from their volume)."""
+    frames = np.ascontiguousarray(np.transpose(volume_map, (2, 1, 0)))
+    first = slices[0]
+    count = int(first.get("NumberOfFrames", 1) or 1) if _multi_frame(slices) else len(slices)
+    grid = (count, int(first.Rows), int(first.Columns))
+    if frames.shape[:3] != grid:
+        raise ValueError(
+            f"a map of shape {volume_map.shape[:3]} is not on the sources' voxel grid "
+            f"(columns, rows, slices) {grid[2], grid[1], grid[0]}"
+        )
+    return frames
 
 
 def volume_parametric_map(
@@ -189,7 +199,7 @@ def volume_parametric_map(
     Parametric Map with a frame per source slice; the caller checks
     ``volume_objects_problem`` first."""
     slices = [conformant_header(ds) for ds in _slices(sources)]
-    frames = _as_stored(slices, _frames(heat.astype(np.float32, copy=False)))
+    frames = _as_stored(slices, _frames(slices, heat.astype(np.float32, copy=False)))
     if _multi_frame(slices):
         references = [instance_reference(slices[0])]  # all its frames
     else:
@@ -203,7 +213,7 @@ def _segmentation_pixels(
     """The sources, frames ``(frames, rows, columns, segments) uint8`` and plane positions
     highdicom builds the Segmentation from: every slice; or, where every segment is
     empty, slice 0 alone (one all-zero frame, not one per slice and segment)."""
-    masks = np.stack([_frames(segment.mask) for segment in segments], axis=-1)
+    masks = np.stack([_frames(slices, segment.mask) for segment in segments], axis=-1)
     pixels = masks.astype(np.uint8)
     if pixels.any():
         return list(slices), _as_stored(slices, pixels), None

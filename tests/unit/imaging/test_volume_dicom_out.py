@@ -406,3 +406,15 @@ def test_what_multiframe_images_cannot_carry_them() -> None:
     assert str(volume_objects_problem(unplaced)).startswith(
         "the multi-frame image's frames are not placed as a volume's"
     )
+
+
+def test_a_map_off_the_sources_grid_is_a_mistake() -> None:
+    headers = _series_headers()
+    made = _derived(new_uid())
+    with pytest.raises(ValueError, match=r"is not on the sources' voxel grid"):
+        volume_parametric_map(headers, np.zeros((12, 16, 8), np.float32), made)
+    with pytest.raises(ValueError, match=r"is not on the sources' voxel grid"):
+        volume_parametric_map(headers[:7], _heat(), made)
+    segments = [Segment(0, "nodule", np.ones((16, 12, 9), bool))]
+    with pytest.raises(ValueError, match=r"is not on the sources' voxel grid"):
+        volume_segmentation(headers, segments, HOW, new_uid(), new_uid())
