@@ -23,6 +23,7 @@ the standard forbids them; an invalid UID makes the object impossible,
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -157,11 +158,19 @@ def body_part_and_laterality(dataset: Dataset, source: Dataset) -> None:
 
 
 def _common(
-    dataset: Dataset, source: Dataset, made: DerivedFrom, frame: int | None, description: str
+    dataset: Dataset,
+    source: Dataset,
+    made: DerivedFrom,
+    references: Sequence[Dataset],
+    description: str,
 ) -> None:
+    """What every derived image states beyond highdicom's own: its series description,
+    how it was derived, the images it was derived from (Source Image Sequence items:
+    ``source_reference``; each slice of a volume's series) and ``source``'s body part
+    and laterality."""
     dataset.SeriesDescription = f"Grad-CAM {made.label}"[:64]
     dataset.DerivationDescription = description[:1024]
-    dataset.SourceImageSequence = [source_reference(source, frame)]
+    dataset.SourceImageSequence = list(references)
     body_part_and_laterality(dataset, source)
 
 
@@ -198,7 +207,7 @@ def secondary_capture(
         image,
         source,
         made,
-        frame,
+        [source_reference(source, frame)],
         f"Grad-CAM ({made.method}, layer {made.layer}, model "
         f"{made.model}) of class '{made.label}' blended over the image as displayed",
     )
@@ -225,10 +234,24 @@ def secondary_capture(
 def parametric_map(dicom: DicomSource, heat: np.ndarray, made: DerivedFrom) -> bytes:
     """``heat`` ``(Rows, Columns)`` in [0, 1] as a float Parametric Map on ``dicom``'s
     plane; the caller checks ``parametric_map_problem`` first."""
+    source = dicom.carried()
+    return parametric_map_frames([source], heat, made, [source_reference(source, None)])
+
+
+def parametric_map_frames(
+    sources: Sequence[Dataset],
+    frames: np.ndarray,
+    made: DerivedFrom,
+    references: Sequence[Dataset],
+) -> bytes:
+    """``frames`` in [0, 1], ``(Rows, Columns)`` or ``(frames, Rows, Columns)``, as one
+    float Parametric Map on the planes of the (conformant) ``sources``: one image, a
+    series' slices (one per frame, in the frames' order) or one multi-frame image (its
+    frames as stored), from which highdicom takes each frame's plane; ``references``: the
+    Source Image Sequence items."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    source = dicom.carried()
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="GRADCAM",
         lut_explanation=f"Grad-CAM of {made.label}"[:64],
@@ -238,8 +261,8 @@ def parametric_map(dicom: DicomSource, heat: np.ndarray, made: DerivedFrom) -> b
         intercept=0.0,
     )
     result = hd.pm.ParametricMap(
-        source_images=[source],
-        pixel_array=np.ascontiguousarray(heat, dtype=np.float32),
+        source_images=list(sources),
+        pixel_array=np.ascontiguousarray(frames, dtype=np.float32),
         series_instance_uid=made.series_uid,
         series_number=PM_SERIES_NUMBER,
         sop_instance_uid=made.instance_uid,
@@ -256,9 +279,9 @@ def parametric_map(dicom: DicomSource, heat: np.ndarray, made: DerivedFrom) -> b
     )
     _common(
         result,
-        source,
+        sources[0],
         made,
-        None,
+        references,
         f"Grad-CAM ({made.method}, layer {made.layer}, model "
         f"{made.model}) of class '{made.label}', normalised to [0, 1]",
     )

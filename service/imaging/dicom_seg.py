@@ -71,7 +71,9 @@ class Segment:
 
     index: int  # the class's index among the model's outputs
     label: str
-    mask: np.ndarray  # (Rows, Columns) bool: the normalised map >= LEVEL
+    # (Rows, Columns) bool: the normalised map >= LEVEL; a volume's (I, J, K), on its
+    # voxel grid (volume_dicom_out).
+    mask: np.ndarray
 
 
 def mask_of(heat: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -57,6 +57,8 @@ if TYPE_CHECKING:
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
         | hd.sr.MeasurementsAndQualitativeEvaluations
     )
+    # Where a peak lies: on an image (a 2-D map) or in a Frame of Reference (a volume's).
+    _Region = hd.sr.ImageRegion | hd.sr.ImageRegion3D
 
 SERIES_NUMBER = 9904
 SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
@@ -182,14 +184,26 @@ class _Algorithms:
         )
 
 
+class ReportedClass(Protocol):
+    """What a measurement group states of an explained class (a ``Finding`` or a
+    volume's finding)."""
+
+    @property
+    def index(self) -> int: ...  # the class's index among the model's outputs
+    @property
+    def label(self) -> str: ...
+    @property
+    def probability(self) -> float: ...
+
+
 def _measurement_group(
-    finding: Finding,
+    finding: ReportedClass,
     how: Explained,
     algorithms: _Algorithms,
-    image: hd.sr.SourceImageForRegion,
+    region: _Region | None,
 ) -> _MeasurementGroup:
-    """The group of one ``finding``: a Planar ROI group whose region is its peak on
-    ``image``, or, where its map is all zero, a group without a region."""
+    """The group of one ``finding``: a Planar ROI group whose region is its peak
+    (``region``), or, where its map is all zero (no region), a group without one."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -207,25 +221,36 @@ def _measurement_group(
             )
         ],
     }
-    if finding.peak is None:
+    if region is None:
         return hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=hd.UID(), identifier=f"Grad-CAM: {label}"[:64]
             ),
             **common,
         )
-    row, column = finding.peak
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=hd.UID(), identifier=f"Grad-CAM peak: {label}"[:64]
         ),
-        # Image coordinates: (column, row), the centre of the top left pixel at (0.5, 0.5).
-        referenced_region=hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POINT,
-            graphic_data=np.array([[column + 0.5, row + 0.5]]),
-            source_image=image,
-        ),
+        referenced_region=region,
         **common,
+    )
+
+
+def _peak_region(
+    peak: tuple[int, int] | None, image: hd.sr.SourceImageForRegion
+) -> hd.sr.ImageRegion | None:
+    """A 2-D map's ``peak`` (row, column) as a POINT on ``image``; None without a peak."""
+    import highdicom as hd
+
+    if peak is None:
+        return None
+    row, column = peak
+    # Image coordinates: (column, row), the centre of the top left pixel at (0.5, 0.5).
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=np.array([[column + 0.5, row + 0.5]]),
+        source_image=image,
     )
 
 
@@ -248,11 +273,13 @@ def _observer(how: Explained) -> hd.sr.ObserverContext:
 
 
 def _report_content(
-    source: Dataset, groups: Sequence[_MeasurementGroup], observer: hd.sr.ObserverContext
+    library: Sequence[Dataset],
+    groups: Sequence[_MeasurementGroup],
+    observer: hd.sr.ObserverContext,
 ) -> hd.sr.MeasurementReport:
-    """The TID 1500 content of ``groups`` seen by ``observer``, with ``source`` in its
-    Image Library; ``DerivedObjectImpossible`` where the library cannot describe
-    ``source``."""
+    """The TID 1500 content of ``groups`` seen by ``observer``, with the images of
+    ``library`` in its Image Library; ``DerivedObjectImpossible`` where the library
+    cannot describe one."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -261,12 +288,13 @@ def _report_content(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),
             procedure_reported=codes.SCT.ImagingProcedure,
             imaging_measurements=list(groups),
-            referenced_images=[_library_view(source)],
+            referenced_images=[_library_view(image) for image in library],
         )
     except ValueError:
         # highdicom's Image Library knows the storage classes of images by modality.
+        classes = ", ".join(sorted({str(image.SOPClassUID) for image in library}))
         raise DerivedObjectImpossible(
-            f"a report's image library cannot describe an image of SOP class {source.SOPClassUID}"
+            f"a report's image library cannot describe an image of SOP class {classes}"
         ) from None
 
 
@@ -280,15 +308,37 @@ def measurement_report(
 ) -> bytes:
     """The report (module text) of ``findings`` on ``dicom`` (its frame), naming the
     objects ``made`` with it."""
-    import highdicom as hd
-
     source = dicom.carried_copy()
     image = _source_image(source, dicom.frame)
+    located = [(finding, _peak_region(finding.peak, image)) for finding in findings]
+    return report_of(evidence_of([source], made), [source], located, how, series_uid, instance_uid)
+
+
+def evidence_of(sources: Sequence[Dataset], made: Sequence[MadeObject]) -> list[Dataset]:
+    """A report's Current Requested Procedure Evidence: the (conformant) ``sources`` and
+    the objects ``made`` from them in the same answer (in the sources' study)."""
+    return [*sources, *(_evidence(sources[0], item) for item in made)]
+
+
+def report_of(
+    evidence: Sequence[Dataset],
+    library: Sequence[Dataset],
+    located: Sequence[tuple[ReportedClass, _Region | None]],
+    how: Explained,
+    series_uid: str,
+    instance_uid: str,
+) -> bytes:
+    """The Comprehensive 3D SR document of one measurement group per explained class,
+    each with its peak's region (or none), the images of ``library`` (conformant copies
+    with the Type 2 patient and study attributes) in its Image Library; patient and study
+    from ``evidence[0]``."""
+    import highdicom as hd
+
     algorithms = _Algorithms.of(how)
-    groups = [_measurement_group(finding, how, algorithms, image) for finding in findings]
-    report = _report_content(source, groups, _observer(how))
+    groups = [_measurement_group(finding, how, algorithms, region) for finding, region in located]
+    report = _report_content(library, groups, _observer(how))
     document = hd.sr.Comprehensive3DSR(
-        evidence=[source, *(_evidence(source, item) for item in made)],
+        evidence=list(evidence),
         content=report[0],
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
@@ -301,7 +351,7 @@ def measurement_report(
         is_final=False,
         is_verified=False,
     )
-    if how.uses_own_scheme(finding.label for finding in findings):
+    if how.uses_own_scheme(finding.label for finding, _ in located):
         document.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
     state_deidentification(document)
     return to_bytes(document)

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service.imaging.dicom import _NOT_THE_FILES_FAULT, _refuse_deflated
-from service.imaging.dicom_volume_checks import Plane, invalid_volume, numbers, plane, stack
+from service.imaging.dicom_volume_checks import (
+    Plane,
+    Stack,
+    invalid_volume,
+    numbers,
+    plane,
+    stack,
+)
 from service.imaging.volume import Volume, VolumeAdmit
 
 if TYPE_CHECKING:
@@ -157,6 +164,15 @@ def read_dicom_series(files: Sequence[bytes], admit: VolumeAdmit, index: int = 0
     volume ``(columns, rows, slices) float32`` after the modality LUT, with its RAS+
     affine; slices ordered along their normal. A 422 ``invalid_volume`` names the file
     at fault (numbered from 0 in the order sent)."""
+    return read_dicom_series_sources(files, admit, index)[0]
+
+
+def read_dicom_series_sources(
+    files: Sequence[bytes], admit: VolumeAdmit, index: int = 0
+) -> tuple[Volume, list[Dataset]]:
+    """``read_dicom_series``, and the files' headers (without pixel data) in the volume's
+    slice order: ``headers[k]`` is the file of ``voxels[:, :, k]``, as the DICOM objects
+    derived from the volume reference them."""
     headers = [
         _dataset(data, f"file {number} of images[{index}]", index, pixels=False)
         for number, data in enumerate(files)
@@ -177,7 +193,8 @@ def read_dicom_series(files: Sequence[bytes], admit: VolumeAdmit, index: int = 0
                 f"not the {columns}×{rows} pixels its header states.",
             )
         voxels[:, :, k] = _modality(stored, ds, where, index).T
-    return Volume(_checked_finite(voxels, index), placed.affine, "dicom")
+    volume = Volume(_checked_finite(voxels, index), placed.affine, "dicom")
+    return volume, [headers[number] for number in placed.order]
 
 
 def _group(groups: Sequence[Any], sequence: str) -> Any:
@@ -214,13 +231,10 @@ def _rescale(groups: tuple[Any, Any], ds: Dataset, where: str, index: int) -> np
     return np.concatenate([slope, intercept])
 
 
-def read_multiframe_volume(data: bytes, admit: VolumeAdmit, index: int = 0) -> Volume:
-    """An enhanced multi-frame DICOM file (each frame placed by its functional groups) as
-    one volume ``(columns, rows, frames) float32`` after each frame's rescale, with its
-    RAS+ affine; frames ordered along their normal. A 422 ``invalid_volume`` names the
-    frame at fault (numbered from 0 as stored)."""
+def _multiframe_stack(header: Dataset, index: int) -> tuple[Stack, list[np.ndarray]]:
+    """The frames of an enhanced multi-frame ``header`` in order along their normal, with
+    its affine, and each stored frame's (slope, intercept)."""
     where = f"images[{index}]"
-    header = _dataset(data, where, index, pixels=False)
     size = _size(header, "several", where, index)
     frames = _whole(header, "NumberOfFrames", 1, where, index)
     groups = _frame_groups(header, frames, where, index)
@@ -237,8 +251,35 @@ def read_multiframe_volume(data: bytes, admit: VolumeAdmit, index: int = 0) -> V
         ]
         planes.append(plane(sources, size, at, index))
         rescales.append(_rescale(frame, header, at, index))
-    placed = stack(planes, "frame", index)
-    rows, columns = size
+    return stack(planes, "frame", index), rescales
+
+
+def multiframe_order(header: Dataset, index: int = 0) -> tuple[int, ...]:
+    """The stored frame numbers (from 0) of an enhanced multi-frame volume's header in the
+    volume's slice order: ``order[k]`` is the frame of ``voxels[:, :, k]`` (its headers
+    are checked again, without pixel data, as ``read_multiframe_volume`` checks them)."""
+    return _multiframe_stack(header, index)[0].order
+
+
+def read_multiframe_volume(data: bytes, admit: VolumeAdmit, index: int = 0) -> Volume:
+    """An enhanced multi-frame DICOM file (each frame placed by its functional groups) as
+    one volume ``(columns, rows, frames) float32`` after each frame's rescale, with its
+    RAS+ affine; frames ordered along their normal. A 422 ``invalid_volume`` names the
+    frame at fault (numbered from 0 as stored)."""
+    return read_multiframe_volume_source(data, admit, index)[0]
+
+
+def read_multiframe_volume_source(
+    data: bytes, admit: VolumeAdmit, index: int = 0
+) -> tuple[Volume, Dataset]:
+    """``read_multiframe_volume``, and the file's header (without pixel data), as the
+    DICOM objects derived from the volume reference it (``multiframe_order`` maps its
+    frames to the volume's slices)."""
+    where = f"images[{index}]"
+    header = _dataset(data, where, index, pixels=False)
+    placed, rescales = _multiframe_stack(header, index)
+    frames = len(rescales)
+    rows, columns = _size(header, "several", where, index)
     admit((columns, rows, frames))
     stored = _decoded(_dataset(data, where, index, pixels=True), where, index)
     if stored.shape != (frames, rows, columns):
@@ -251,4 +292,4 @@ def read_multiframe_volume(data: bytes, admit: VolumeAdmit, index: int = 0) -> V
     for k, number in enumerate(placed.order):
         slope, intercept = rescales[number]
         voxels[:, :, k] = (stored[number] * slope + intercept).T
-    return Volume(_checked_finite(voxels, index), placed.affine, "dicom")
+    return Volume(_checked_finite(voxels, index), placed.affine, "dicom"), header

@@ -207,13 +207,19 @@ def referenced_frame_number(source: Dataset, frame: int | None) -> int | None:
     return None
 
 
-def source_reference(source: Dataset, frame: int | None) -> Dataset:
-    """The Source Image Sequence item that names ``source`` (and its frame, if allowed)."""
+def instance_reference(source: Dataset) -> Dataset:
+    """The Source Image Sequence item that names ``source`` whole (all its frames)."""
     from pydicom.dataset import Dataset
 
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    return item
+
+
+def source_reference(source: Dataset, frame: int | None) -> Dataset:
+    """The Source Image Sequence item that names ``source`` (and its frame, if allowed)."""
+    item = instance_reference(source)
     number = referenced_frame_number(source, frame)
     if number is not None:
         item.ReferencedFrameNumber = number

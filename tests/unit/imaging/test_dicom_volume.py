@@ -17,7 +17,13 @@ import pytest
 from pydicom.uid import CTImageStorage, generate_uid
 
 from service.contract.errors import ErrorCode, InvalidField, PayloadTooLarge
-from service.imaging.dicom_volume import read_dicom_series, read_multiframe_volume
+from service.imaging.dicom_volume import (
+    multiframe_order,
+    read_dicom_series,
+    read_dicom_series_sources,
+    read_multiframe_volume,
+    read_multiframe_volume_source,
+)
 from service.imaging.volume import Volume
 from tests.dicom_series import (
     CORONAL,
@@ -320,6 +326,35 @@ def test_a_multiframe_file_reads_as_its_series(case: str) -> None:
     np.testing.assert_array_equal(volume.voxels, from_series.voxels)
     np.testing.assert_allclose(volume.affine, from_series.affine, atol=1e-6)
     assert volume.voxels.dtype == np.float32 and volume.source == "dicom"
+
+
+def _first_pixel(volume: Volume, k: int) -> np.ndarray:
+    """Where the affine puts voxel (0, 0, k), in DICOM's LPS+ mm."""
+    return (LPS_TO_RAS @ volume.affine @ np.array([0.0, 0.0, k, 1.0]))[:3]
+
+
+def test_the_headers_come_in_slice_order() -> None:
+    files = write_ct_series(phantom_hu(SHAPE), orientation=oblique(30), signed=True)
+    sent = [files[n] for n in (5, 2, 7, 0, 3, 6, 1, 4)]
+    volume, headers = read_dicom_series_sources(sent, _any_size)
+    same = read_dicom_series(sent, _any_size)
+    np.testing.assert_array_equal(volume.voxels, same.voxels)
+    np.testing.assert_array_equal(volume.affine, same.affine)
+    assert [ds.SOPInstanceUID for ds in headers] == [
+        pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID for data in files
+    ]
+    for k, ds in enumerate(headers):
+        assert "PixelData" not in ds
+        position = [float(v) for v in ds.ImagePositionPatient]
+        np.testing.assert_allclose(_first_pixel(volume, k), position, atol=1e-6)
+    data = _multiframe(sent)
+    volume, header = read_multiframe_volume_source(data, _any_size)
+    np.testing.assert_array_equal(volume.voxels, read_multiframe_volume(data, _any_size).voxels)
+    assert "PixelData" not in header
+    frames = header.PerFrameFunctionalGroupsSequence
+    for k, number in enumerate(multiframe_order(header)):
+        place = frames[number].PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose(_first_pixel(volume, k), [float(v) for v in place], atol=1e-6)
 
 
 def test_each_frame_its_own_rescale(series: list[bytes]) -> None:
