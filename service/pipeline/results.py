@@ -125,22 +125,22 @@ def render_heatmap(
         assert prepared.source is not None and derived is not None
         source, header = prepared.source, prepared.source.header
         if options.format == "dicom-pm":
-            data, reason = _build(
-                prepared, "dicom-pm", lambda: parametric_map(source, heat, derived)
+            data, reason = build_object(
+                prepared.index, "dicom-pm", lambda: parametric_map(source, heat, derived)
             )
         else:
             overlay = draw_heatmap(
                 heat, prepared, options.model_copy(update={"format": "overlay"}), model
             )
-            data, reason = _build(
-                prepared,
+            data, reason = build_object(
+                prepared.index,
                 "dicom-sc",
                 lambda: secondary_capture(source, overlay, derived, options.encoding),
             )
         if data is None:
             out.reason = reason
             return out
-        out.data = _b64(data)
+        out.data = encoded(data)
         out.uids = DicomUids(
             study=str(header.StudyInstanceUID),
             series=derived.series_uid,
@@ -151,13 +151,11 @@ def render_heatmap(
     else:
         picture = draw_heatmap(heat, prepared, options, model)
         out.encoding = options.encoding
-        out.data = _b64(encode_image(picture, options.encoding))
+        out.data = encoded(encode_image(picture, options.encoding))
     return out
 
 
-def _build(
-    prepared: PreparedImage, what: str, build: Callable[[], bytes]
-) -> tuple[bytes | None, str]:
+def build_object(index: int, what: str, build: Callable[[], bytes]) -> tuple[bytes | None, str]:
     """``build()``'s DICOM object, or None and the reason it cannot be made."""
     try:
         return build(), ""
@@ -166,7 +164,7 @@ def _build(
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
         # The header came from the client: what it holds must not become a 500. The
         # type and place are logged, never the text (it may quote header values).
-        log_failure(logger, f"image {prepared.index}: {what} not made", error, logging.WARNING)
+        log_failure(logger, f"image {index}: {what} not made", error, logging.WARNING)
         return None, (
             f"the source's DICOM header could not be carried into a {what} object "
             f"({type(error).__name__})"
@@ -209,13 +207,13 @@ def _segmentation(
         assert prepared.source is not None
         source, header = prepared.source, prepared.source.header
         series, instance = new_uid(), new_uid()
-        data, reason = _build(
-            prepared,
+        data, reason = build_object(
+            prepared.index,
             "dicom-seg",
             lambda: dicom_seg.segmentation(source, segments, how, series, instance),
         )
         if data is not None:
-            out.data = _b64(data)
+            out.data = encoded(data)
             out.uids = DicomUids(
                 study=str(header.StudyInstanceUID), series=series, instance=instance
             )
@@ -259,20 +257,21 @@ def _report(
     assert prepared.source is not None
     source, header = prepared.source, prepared.source.header
     series, instance = new_uid(), new_uid()
-    data, reason = _build(
-        prepared,
+    data, reason = build_object(
+        prepared.index,
         "dicom-sr",
         lambda: dicom_sr.measurement_report(source, findings, how, made, series, instance),
     )
     if data is None:
         return DicomObject(reason=reason)
     return DicomObject(
-        data=_b64(data),
+        data=encoded(data),
         uids=DicomUids(study=str(header.StudyInstanceUID), series=series, instance=instance),
     )
 
 
-def _b64(data: bytes) -> str:
+def encoded(data: bytes) -> str:
+    """A DICOM object or picture in base64, as the answer carries it."""
     return base64.b64encode(data).decode("ascii")
 
 
@@ -406,7 +405,7 @@ def _add_extras(
             width=picture.width,
             height=picture.height,
             encoding=encoding,
-            data=_b64(encode_image(np.asarray(picture), encoding)),
+            data=encoded(encode_image(np.asarray(picture), encoding)),
         )
     if "dicom" in render.include:
         answer.dicom = prepared.dicom

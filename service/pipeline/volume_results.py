@@ -17,6 +17,8 @@ from service.contract.responses import (
     VolumeGeometry,
     VolumePeak,
 )
+from service.contract.terms import DICOM_FORMATS
+from service.imaging.dicom_codes import Explained
 from service.imaging.encoders import encode_image
 from service.imaging.nifti import write_nifti
 from service.imaging.render import normalise
@@ -25,8 +27,12 @@ from service.imaging.volume_fitting import map_to_source, resize_volume, upsampl
 from service.imaging.volume_pictures import peak_index, three_views
 from service.pipeline.engine_call import ExplainedVolume
 from service.pipeline.results import RenderOptions, prediction
+from service.pipeline.volume_dicom import VolumeObjects
 from service.pipeline.volumes import PreparedVolume
 from service.transport.interface import ModelInfo
+
+# A map and its grid's affine.
+Drawn = tuple[np.ndarray, np.ndarray]
 
 
 def map_at(cam: np.ndarray, prepared: PreparedVolume, size: str) -> tuple[np.ndarray, np.ndarray]:
@@ -59,11 +65,12 @@ def _peak(heat: np.ndarray, affine: np.ndarray) -> VolumePeak:
 
 
 def render_volume_heatmap(
-    cam: np.ndarray, prepared: PreparedVolume, render: RenderOptions
+    cam: np.ndarray, prepared: PreparedVolume, render: RenderOptions, drawn: Drawn | None = None
 ) -> Heatmap:
-    """One explanation's map in the requested format and size."""
+    """One explanation's map in the requested format and size (``drawn``: the map
+    already at that size, and its grid's affine)."""
     options = render.heatmap
-    heat, affine = map_at(cam, prepared, options.size)
+    heat, affine = drawn if drawn is not None else map_at(cam, prepared, options.size)
     depth, height, width = heat.shape
     out = Heatmap(
         format=options.format,
@@ -86,19 +93,38 @@ def render_volume_heatmap(
     return out
 
 
+def _explanations(
+    result: ExplainedVolume, model: ModelInfo, render: RenderOptions, objects: VolumeObjects | None
+) -> list[Explanation]:
+    """Each explanation's heatmap; its DICOM objects' share (``objects``), where asked."""
+    prepared, size = result.prepared, render.heatmap.size
+    explanations = []
+    for number, (target, cam) in enumerate(zip(result.targets, result.cams, strict=True), 1):
+        drawn = map_at(cam, prepared, size)
+        heatmap = render_volume_heatmap(cam, prepared, render, drawn)
+        label = model.labels[target]
+        if objects is not None:
+            original = drawn[0] if size == "original" else map_at(cam, prepared, "original")[0]
+            if render.heatmap.format == "dicom-pm":
+                objects.parametric_map(heatmap, original, label, number)
+            objects.collect(target, label, float(result.scores[target]), original)
+        explanations.append(
+            Explanation(target=prediction(model, target, result.scores), heatmap=heatmap)
+        )
+    return explanations
+
+
 def render_volume_result(
     result: ExplainedVolume, model: ModelInfo, render: RenderOptions
 ) -> ImageResult:
     """One volume's part of the answer: its top predictions and each explanation."""
     prepared = result.prepared
     geometry = prepared.geometry
-    explanations = [
-        Explanation(
-            target=prediction(model, target, result.scores),
-            heatmap=render_volume_heatmap(cam, prepared, render),
-        )
-        for target, cam in zip(result.targets, result.cams, strict=True)
-    ]
+    objects = None
+    if render.heatmap.format in DICOM_FORMATS or render.report is not None:
+        how = Explained(render.method, render.layer or model.default_layer, model.name, model.codes)
+        objects = VolumeObjects(prepared, how)
+    explanations = _explanations(result, model, render, objects)
     depth, height, width = geometry.source_shape
     order = result.order[: min(render.top_k, model.num_classes)]
     answer = ImageResult(
@@ -118,6 +144,10 @@ def render_volume_result(
     )
     if prepared.out_of_domain is not None:
         answer.out_of_domain = prepared.out_of_domain
+    if objects is not None and render.heatmap.format == "dicom-seg":
+        answer.segmentation = objects.segmentation(answer.explanations)
+    if objects is not None and render.report is not None:
+        answer.report = objects.report(answer.explanations, answer.segmentation)
     if "image" in render.include:
         layer_shape = tuple(int(side) for side in result.cams[0].shape)
         answer.image = _volume_picture(prepared, render.heatmap.size, layer_shape)

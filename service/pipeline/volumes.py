@@ -5,21 +5,27 @@ the two kinds of model apart: a 2-D image for a volume model, a volume for a 2-D
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service.contract.errors import ErrorCode, InvalidField
 from service.contract.requests import DicomSeriesImage, DicomWebImage, ExplainRequest
-from service.contract.terms import DICOM_FORMATS
 from service.imaging.dicom import is_dicom, read_header
-from service.imaging.dicom_volume import read_dicom_series, read_multiframe_volume
+from service.imaging.dicom_volume import (
+    read_dicom_series_sources,
+    read_multiframe_volume_source,
+)
 from service.imaging.nifti import is_nifti, read_nifti
 from service.imaging.volume import Volume, VolumeAdmit
 from service.imaging.volume_fitting import VolumeFit, VolumeGeometry, fit_volume
 from service.pipeline.domain import DomainPolicy, check_domain
 from service.transport.interface import ModelInfo
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,9 @@ class PreparedVolume:
     base: np.ndarray | None = None
     box: None = None
     out_of_domain: str | None = None
+    # A DICOM volume's headers: a series' slices in the volume's k order, or its one
+    # multi-frame file (for the DICOM objects derived from it); None for NIfTI.
+    sources: Sequence[Dataset] | Dataset | None = None
 
 
 def volume_fit(model: ModelInfo) -> VolumeFit:
@@ -60,16 +69,16 @@ def windowed(voxels: np.ndarray, window: tuple[float, float] | None) -> np.ndarr
 
 def _read(
     data: bytes | list[bytes], index: int, model: ModelInfo, admit: VolumeAdmit
-) -> tuple[Volume, Any]:
-    """The volume, and its DICOM header (the first instance's) where it is DICOM."""
+) -> tuple[Volume, Sequence[Dataset] | Dataset | None]:
+    """The volume, and its DICOM headers where it is DICOM (``PreparedVolume.sources``)."""
     if isinstance(data, list):
-        return read_dicom_series(data, admit, index), read_header(data[0])
+        return read_dicom_series_sources(data, admit, index)
     if is_nifti(data):
         return read_nifti(data, admit, index), None
     if is_dicom(data):
         header = read_header(data)
         if int(getattr(header, "NumberOfFrames", 1) or 1) > 1:
-            return read_multiframe_volume(data, admit, index), header
+            return read_multiframe_volume_source(data, admit, index)
     kind = "a DICOM file of one image" if is_dicom(data) else "no volume"
     raise InvalidField(
         f"Model '{model.name}' explains volumes: images[{index}] is {kind}. Send a NIfTI "
@@ -100,7 +109,8 @@ def prepare_volume(
     """Read and fit one volume (a file, or a series' files); every problem raises a
     ``ServiceError`` naming ``slot.index``. ``admit(shape)`` checks its size from the
     header first (``volume_budget.py``)."""
-    volume, header = _read(data, slot.index, model, admit)
+    volume, sources = _read(data, slot.index, model, admit)
+    header = sources[0] if isinstance(sources, Sequence) else sources
     declared = bool(model.modalities or model.body_parts)
     out_of_domain = (
         check_domain(header, model, slot.index, slot.domain)
@@ -110,7 +120,13 @@ def prepare_volume(
     pixels, geometry = fit_volume(volume, volume_fit(model))
     base = windowed(volume.voxels, model.window) if slot.keep_base else None
     return PreparedVolume(
-        slot.index, pixels[..., None], geometry, slot.targets, base, out_of_domain=out_of_domain
+        slot.index,
+        pixels[..., None],
+        geometry,
+        slot.targets,
+        base,
+        out_of_domain=out_of_domain,
+        sources=sources,
     )
 
 
@@ -132,12 +148,12 @@ def _volume_problems(request: ExplainRequest) -> list[tuple[str, str]]:
         problems.append(("include", "faithfulness curves are computed for 2-D images only"))
     if request.frame is not None:
         problems.append(("frame", "frame picks a frame of a 2-D image; a volume is read whole"))
-    if request.heatmap.format in DICOM_FORMATS or request.report is not None:
+    if request.heatmap.format == "dicom-sc":
         problems.append(
             (
                 "heatmap.format",
-                "a volume's map is not written as a DICOM object yet (dicom-sc, "
-                "dicom-pm, dicom-seg, dicom-sr); ask for 'nifti', 'array' or a picture",
+                "dicom-sc is a picture of a 2-D image; a volume's map is a 'dicom-pm' (a "
+                "Parametric Map with a frame per slice) or a 'dicom-seg'",
             )
         )
     return problems

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from tests.dicom_series import write_ct_series
-from tests.helpers import LiveServer, ServerFactory, encode, phantom_png
+from tests.helpers import LiveServer, ServerFactory, dciodvfy_errors, encode, phantom_png
 
 nibabel = pytest.importorskip("nibabel")
 monai_nets = pytest.importorskip("monai.networks.nets")
@@ -239,6 +239,61 @@ def test_the_series_the_file_and_the_multiframe_give_one_map(
         np.testing.assert_allclose(other, maps[0], atol=2e-3)
 
 
+def test_a_series_gets_its_parametric_map_segmentation_and_report(
+    served: LiveServer, tmp_path: Path
+) -> None:
+    """One request for a CT series (its instances): a multi-frame Parametric Map per
+    class with one frame per slice, one Segmentation, an SR whose peak is a 3-D point;
+    each dciodvfy-clean, all in the series' study and Frame of Reference."""
+    pydicom = pytest.importorskip("pydicom")
+    files = write_ct_series(_ct_phantom(), DICOM_SPACING, DICOM_ORIGIN, signed=True)
+    source = pydicom.dcmread(io.BytesIO(files[0]))
+    series = {"series": [encode(f) for f in files]}
+    objects = []
+    for fmt in ("dicom-pm", "dicom-seg"):
+        response = _explain(
+            served, [series], targets=[[0, 1]], heatmap={"format": fmt}, report="dicom-sr"
+        )
+        assert response.status_code == 200, response.text[:400]
+        result = response.json()["results"][0]
+        for explanation in result["explanations"]:
+            heatmap = explanation["heatmap"]
+            assert "reason" not in heatmap, heatmap.get("reason")
+            if fmt == "dicom-pm":
+                objects.append(heatmap["data"])
+            else:
+                assert heatmap["segment"] in (1, 2)
+        if fmt == "dicom-seg":
+            objects.append(result["segmentation"]["data"])
+        objects.append(result["report"]["data"])
+    read = [pydicom.dcmread(io.BytesIO(base64.b64decode(data))) for data in objects]
+    parametric_map = "1.2.840.10008.5.1.4.1.1.30"
+    maps = [ds for ds in read if ds.SOPClassUID == parametric_map]
+    assert len(maps) == 2 and all(int(ds.NumberOfFrames) == 24 for ds in maps)
+    assert {ds.Modality for ds in read if ds.SOPClassUID != parametric_map} == {"SEG", "SR"}
+    for n, ds in enumerate(read):
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        if ds.Modality != "SR":
+            assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
+        path = tmp_path / f"object{n}.dcm"
+        path.write_bytes(base64.b64decode(objects[n]))
+        errors, report = dciodvfy_errors(path)
+        assert not errors, report
+    reports = [ds for ds in read if ds.Modality == "SR"]
+    assert "SCOORD3D" in str(reports[0])
+
+
+def test_a_nifti_volume_gets_no_dicom_objects_and_says_why(
+    served: LiveServer, folder: Path
+) -> None:
+    response = _explain(
+        served, [encode((folder / "ct.nii.gz").read_bytes())], heatmap={"format": "dicom-pm"}
+    )
+    assert response.status_code == 200, response.text[:400]
+    heatmap = response.json()["results"][0]["explanations"][0]["heatmap"]
+    assert "data" not in heatmap and "NIfTI" in heatmap["reason"]
+
+
 def test_the_image_door_gives_back_the_nifti_file(served: LiveServer, folder: Path) -> None:
     """curl --data-binary @ct.nii.gz -H 'Content-Type: application/gzip' '...?format=nifti'"""
     response = requests.post(
@@ -341,6 +396,7 @@ def _huge_header() -> bytes:
         ("series with a missing slice", 422, "invalid_volume"),
         ("declared 4096 cubed", 413, "image_too_large"),
         ("faithfulness of a volume", 422, "invalid_field"),
+        ("dicom-sc of a volume", 422, "invalid_field"),
         ("an MR series for a CT model", 422, "out_of_domain"),
     ],
 )
@@ -370,6 +426,7 @@ def test_bad_volumes_get_their_4xx(
         },
         "declared 4096 cubed": {"images": [encode(_huge_header())]},
         "faithfulness of a volume": {"images": [encode(nifti)], "include": ["faithfulness"]},
+        "dicom-sc of a volume": {"images": [encode(nifti)], "heatmap": {"format": "dicom-sc"}},
         "an MR series for a CT model": {
             "images": [{"series": [encode(_as_mr(f)) for f in series]}]
         },
