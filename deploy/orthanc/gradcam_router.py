@@ -9,6 +9,13 @@ An Orthanc Python plugin script (Debian's ``orthanc-python``), configured by the
   ``dicomweb`` reference to this Orthanc, with ``store`` back to it, for ``Format``
   (a Secondary Capture or Parametric Map per image) and, with ``Report`` "dicom-sr",
   an SR report per image.
+- A series that matches a ``VolumeModels`` rule (its modality, and a regular expression
+  on its Series Description if the rule has one; the first rule that matches) goes whole,
+  as one volume, to the rule's model: one request naming the series without an instance,
+  for ``VolumeFormat`` ("dicom-pm": a multi-frame Parametric Map per class; "dicom-seg")
+  and the report. A kind of object already in the study for any of its instances is not
+  asked for again; a volume is never split, so a refusal other than a transient one fails
+  the series with the service's reason.
 - Its own results are never routed: a series whose Manufacturer is one of
   ``SkipManufacturers`` (the service writes "gradcam-service") is skipped, and so is
   a series of a non-image modality (``SkipModalities``).
@@ -48,6 +55,7 @@ import http.client
 import json
 import queue
 import random
+import re
 import threading
 import time
 import urllib.error
@@ -78,6 +86,56 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class VolumeRule:
+    """One ``VolumeModels`` entry: a series of one of ``modalities`` (and, if given,
+    whose Series Description matches ``description``, a regular expression searched
+    case-insensitively) goes whole, as one volume, to ``model``."""
+
+    model: str
+    modalities: tuple[str, ...]
+    description: str = ""
+
+    def matches(self, tags: dict[str, Any]) -> bool:
+        if str(tags.get("Modality", "")).upper() not in self.modalities:
+            return False
+        text = str(tags.get("SeriesDescription", ""))
+        return not self.description or re.search(self.description, text, re.I) is not None
+
+
+def _volume_rules(value: Any) -> tuple[VolumeRule, ...]:
+    """``VolumeModels``: a list of {"Model", "Modalities", "SeriesDescription"}."""
+    where = f"{SECTION}.VolumeModels"
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list of rules, not {value!r}")
+    rules = []
+    for number, entry in enumerate(value):
+        if not isinstance(entry, dict) or set(entry) - {"Model", "Modalities", "SeriesDescription"}:
+            raise ConfigError(
+                f"{where}[{number}] must be an object of Model, Modalities and, optionally, "
+                "SeriesDescription"
+            )
+        model, modalities = entry.get("Model"), entry.get("Modalities")
+        description = entry.get("SeriesDescription", "")
+        if not isinstance(model, str) or not model.strip():
+            raise ConfigError(f"{where}[{number}].Model must name a model of the service")
+        if (
+            not isinstance(modalities, list)
+            or not modalities
+            or not all(isinstance(m, str) for m in modalities)
+        ):
+            raise ConfigError(f"{where}[{number}].Modalities must be a list of modalities")
+        try:
+            re.compile(str(description))
+        except (re.error, TypeError):
+            raise ConfigError(
+                f"{where}[{number}].SeriesDescription is no regular expression"
+            ) from None
+        codes = tuple(m.strip().upper() for m in modalities)
+        rules.append(VolumeRule(model.strip(), codes, str(description)))
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
 class RouterSettings:
     """The ``GradcamRouter`` section of Orthanc's configuration."""
 
@@ -105,6 +163,10 @@ class RouterSettings:
         "DOC",
     )
     state_property: int = 4602
+    # Series sent whole, as one volume, to a volume model (first rule that matches), and
+    # the format of their maps.
+    volume_models: tuple[VolumeRule, ...] = ()
+    volume_format: str = "dicom-pm"
 
     @classmethod
     def from_configuration(cls, configuration: dict[str, Any]) -> RouterSettings:
@@ -168,7 +230,17 @@ class RouterSettings:
             skip_manufacturers=names("SkipManufacturers", cls.skip_manufacturers),
             skip_modalities=names("SkipModalities", cls.skip_modalities),
             state_property=int(number("StateProperty", cls.state_property, 1024, 65535)),
+            volume_models=_volume_rules(section.get("VolumeModels", [])),
+            volume_format=_volume_format(text("VolumeFormat", cls.volume_format)),
         )
+
+
+def _volume_format(value: str) -> str:
+    if value not in ("dicom-pm", "dicom-seg", "none"):
+        raise ConfigError(
+            f"{SECTION}.VolumeFormat must be 'dicom-pm', 'dicom-seg' or 'none', not {value!r}"
+        )
+    return value
 
 
 class Orthanc(Protocol):
@@ -305,6 +377,11 @@ class Router:
         if settings.format != "none" or not settings.report:
             wanted.add(_MAP)
         self._wanted = frozenset(wanted)
+        # A volume's: its map (unless VolumeFormat is "none" with a report) and report.
+        volume = {_REPORT} if settings.report else set()
+        if settings.volume_format != "none" or not settings.report:
+            volume.add(_MAP)
+        self._volume_wanted = frozenset(volume)
 
     # Orthanc's side: callbacks, start and stop.
 
@@ -443,6 +520,10 @@ class Router:
         series_uid = tags["SeriesInstanceUID"]
         listed = self._orthanc.get(f"/series/{series_id}/instances")
         progress = _Progress(_in_order(listed))
+        rule = next((r for r in self.settings.volume_models if r.matches(tags)), None)
+        if rule is not None:
+            where = (study_id, study_uid, series_uid)
+            return self._route_volume(series_id, stable_at, rule, where, progress)
         # Parts of a batch the service refused as too large, sent before anything else.
         parts: list[list[str]] = []
         failures = 0
@@ -500,6 +581,52 @@ class Router:
             self._fail(series_id, stable_at, progress, attempt.reason, attempt.code)
             return "failed"
 
+    def _route_volume(
+        self,
+        series_id: str,
+        stable_at: float,
+        rule: VolumeRule,
+        where: tuple[str, str, str],
+        progress: _Progress,
+    ) -> str:
+        """A series sent whole, as one volume, to ``rule.model``: one request (retried
+        while transient); a kind of object already in the study for any of its
+        instances is not asked for again (a Segmentation has frames only where its
+        segments are, so it references only some of them)."""
+        study_id, study_uid, series_uid = where
+        wanted = self._volume_wanted
+        failures = 0
+        while True:
+            have = self._referenced(study_id)
+            found = frozenset().union(*(have.get(uid, frozenset()) for uid in progress.instances))
+            lacks = wanted - found
+            if not lacks:
+                return self._finish(series_id, stable_at, progress, have, wanted)
+            attempt = self._explain(study_uid, series_uid, [], lacks, rule)
+            progress.requests += 1
+            if attempt.kind == "ok" and 0 in attempt.no_object:
+                code, why = attempt.no_object[0]
+                for uid in progress.instances:
+                    progress.leave_out(uid, code, why)
+                return self._finish(series_id, stable_at, progress, have, wanted)
+            if attempt.kind == "ok":
+                progress.explained.update(progress.instances)
+                return self._finish(
+                    series_id, stable_at, progress, self._referenced(study_id), wanted
+                )
+            if attempt.kind == "transient":
+                failures += 1
+                if failures <= self.settings.retries:
+                    progress.retries += 1
+                    if self._sleep(self._delay(failures, attempt.retry_after_s)):
+                        return "interrupted"
+                    continue
+                attempt.reason += f" ({failures} attempts)"
+            # A volume is not split: any other refusal (a missing slice, too large, ...)
+            # fails the series with the service's reason.
+            self._fail(series_id, stable_at, progress, attempt.reason, attempt.code)
+            return "failed"
+
     def _next_batch(
         self, missing: dict[str, frozenset[str]], parts: list[list[str]], progress: _Progress
     ) -> tuple[list[str], bool]:
@@ -523,28 +650,30 @@ class Router:
         return float(max(delay, min(retry_after_s, settings.max_retry_delay_s)))
 
     def _explain(
-        self, study: str, series: str, batch: list[str], kinds: frozenset[str]
+        self,
+        study: str,
+        series: str,
+        batch: list[str],
+        kinds: frozenset[str],
+        volume: VolumeRule | None = None,
     ) -> _Attempt:
-        """Ask the service for ``kinds`` of object for each image of ``batch``."""
+        """Ask the service for ``kinds`` of object for each image of ``batch``, or, with
+        ``volume``, for the whole series as one volume."""
         settings = self.settings
+        where = {"url": settings.dicomweb_url, "study": study, "series": series}
+        images = [{"dicomweb": {**where, "instance": uid}} for uid in batch]
+        fmt = settings.format
+        if volume is not None:
+            images, fmt = [{"dicomweb": where}], settings.volume_format
         body: dict[str, Any] = {
-            "images": [
-                {
-                    "dicomweb": {
-                        "url": settings.dicomweb_url,
-                        "study": study,
-                        "series": series,
-                        "instance": uid,
-                    }
-                }
-                for uid in batch
-            ],
-            "heatmap": {"format": settings.format if _MAP in kinds else "none"},
+            "images": images,
+            "heatmap": {"format": fmt if _MAP in kinds else "none"},
             "store": {"url": settings.dicomweb_url},
             "top_k": 1,
         }
-        if settings.model:
-            body["model"] = settings.model
+        model = volume.model if volume is not None else settings.model
+        if model:
+            body["model"] = model
         if _REPORT in kinds:
             body["report"] = settings.report
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -565,7 +694,7 @@ class Router:
         except ValueError:
             answer = None
         if reply.status == 200 and isinstance(answer, dict):
-            return _answered(answer, len(batch), kinds)
+            return _answered(answer, len(images), kinds)
         found = answer.get("error") if isinstance(answer, dict) else None
         error: dict[str, Any] = found if isinstance(found, dict) else {}
         code = str(error.get("code") or reply.status)[:60]
@@ -618,12 +747,15 @@ class Router:
         stable_at: float,
         progress: _Progress,
         have: dict[str, frozenset[str]],
+        wanted: frozenset[str] | None = None,
     ) -> str:
-        """Every image has its objects or was left out: "done", or "partial" if any was."""
+        """Every image has its objects or was left out: "done", or "partial" if any was
+        (``wanted``: the kinds each should have, a volume's own)."""
         now = self._clock()
         outcome = "partial" if progress.skipped else "done"
         codes = progress.left_out_codes()
-        with_results = sum(self._wanted <= have.get(uid, frozenset()) for uid in progress.instances)
+        kinds = self._wanted if wanted is None else wanted
+        with_results = sum(kinds <= have.get(uid, frozenset()) for uid in progress.instances)
         self._write(
             series_id,
             {

@@ -239,6 +239,8 @@ class FakeService:
             if isinstance(step, Exception):
                 raise step
             return step
+        if "instance" not in request["images"][0]["dicomweb"]:
+            return self._volume(request)
         uids = [image["dicomweb"]["instance"] for image in request["images"]]
         refused = self.refuse(uids) if self.refuse is not None else None
         if refused is not None:
@@ -252,6 +254,27 @@ class FakeService:
                 self.orthanc.add_result(uid, modality="SR")
         results = [stored(True if heatmap else None, True if report else None) for _ in uids]
         return reply(200, {"results": results})
+
+    def _volume(self, request: dict[str, Any]) -> Any:
+        """A whole series explained as one volume: its Parametric Map (and report)
+        reference every one of its instances."""
+        (image,) = request["images"]
+        (series,) = [
+            s
+            for s in self.orthanc.series.values()
+            if s["MainDicomTags"]["SeriesInstanceUID"] == image["dicomweb"]["series"]
+        ]
+        uids = [self.orthanc.instances[i]["uid"] for i in series["Instances"]]
+        heatmap = request["heatmap"]["format"] != "none"
+        report = "report" in request
+        for wanted, modality in ((heatmap, "OT"), (report, "SR")):
+            if wanted:
+                self.orthanc.add_result(uids[0], modality)
+                derived = list(self.orthanc.series.values())[-1]
+                self.orthanc.instances[derived["Instances"][0]]["refs"] = uids
+        return reply(
+            200, {"results": [stored(True if heatmap else None, True if report else None)]}
+        )
 
     def sent(self) -> list[str]:
         return [i["dicomweb"]["instance"] for body in self.bodies for i in body["images"]]
@@ -690,3 +713,90 @@ def test_the_retry_route_refuses_what_is_not_a_list_of_ids() -> None:
     assert output.answer[1]["failed"] == {} and output.answer[1]["partial"] == {}
     assert output.answer[1]["left_out"] == {}
     assert "dicom-sc" in calls["log"][0]
+
+
+# Volumes: a series sent whole to a volume model.
+
+CT_RULE = {"Model": "ct3d", "Modalities": ["CT"]}
+
+
+def volume_settings(*rules: dict[str, Any]) -> tuple[Any, ...]:
+    configuration = json.loads(substituted((RECIPE / "orthanc.json").read_text(), {}))
+    configuration["GradcamRouter"]["VolumeModels"] = list(rules)
+    return router_module.RouterSettings.from_configuration(configuration).volume_models
+
+
+def test_a_ct_series_goes_whole_to_its_volume_model_once() -> None:
+    router, orthanc, service, _ = make(volume_models=volume_settings(CT_RULE), report="dicom-sr")
+    uids = orthanc.add_series("ct", 24, modality="CT")
+    assert router.route("ct", 90.0) == "done"
+    (body,) = service.bodies
+    assert body["model"] == "ct3d" and body["heatmap"] == {"format": "dicom-pm"}
+    assert body["images"] == [
+        {
+            "dicomweb": {
+                "url": DICOMWEB,
+                "study": "1.2.840.1",
+                "series": orthanc.series["ct"]["MainDicomTags"]["SeriesInstanceUID"],
+            }
+        }
+    ]
+    assert body["report"] == "dicom-sr" and body["store"] == {"url": DICOMWEB}
+    state = orthanc.state("ct")
+    assert state["state"] == "done" and state["with_results"] == 24
+    assert orthanc.results_of(uids[0]) == ["OT", "SR"]
+    assert router.route("ct", 95.0) == "done"  # its objects are there: nothing is sent
+    assert len(service.bodies) == 1
+
+
+def test_the_rules_pick_the_volume_model_by_modality_and_description() -> None:
+    rules = volume_settings(
+        {"Model": "lung3d", "Modalities": ["ct"], "SeriesDescription": "lung|thorax"},
+        {"Model": "mr3d", "Modalities": ["MR"]},
+    )
+    router, orthanc, service, _ = make(volume_models=rules)
+    orthanc.add_series("chest", 4, modality="CT")
+    orthanc.series["chest"]["MainDicomTags"]["SeriesDescription"] = "THORAX 1.0 B70f"
+    orthanc.add_series("head", 3, modality="CT")
+    orthanc.series["head"]["MainDicomTags"]["SeriesDescription"] = "Head routine"
+    orthanc.add_series("brain", 5, modality="MR")
+    for series in ("chest", "head", "brain"):
+        assert router.route(series, 0.0) == "done"
+    models = [body.get("model") for body in service.bodies]
+    # The head CT matches no rule: its images go as images, in batches of two.
+    assert models == ["lung3d", None, None, "mr3d"]
+
+
+def test_a_refused_volume_fails_its_series_and_a_busy_service_is_waited_for() -> None:
+    refused = error(422, "invalid_volume", image=0)
+    router, orthanc, service, sleeps = make(
+        [reply(503, {"error": {"code": "overloaded", "message": "busy"}}), refused],
+        volume_models=volume_settings(CT_RULE),
+    )
+    orthanc.add_series("ct", 6, modality="CT")
+    assert router.route("ct", 0.0) == "failed"
+    assert len(service.bodies) == 2 and len(sleeps) == 1
+    state = orthanc.state("ct")
+    assert state["state"] == "failed" and "invalid_volume" in state["reason"]
+
+
+@pytest.mark.parametrize(
+    ("rules", "named"),
+    [
+        ({"Model": "ct3d"}, "VolumeModels[0].Modalities"),
+        ({"Modalities": ["CT"]}, "VolumeModels[0].Model"),
+        ({"Model": "x", "Modalities": ["CT"], "SeriesDescription": "("}, "SeriesDescription"),
+        ({"Model": "x", "Modalities": ["CT"], "Format": "png"}, "VolumeModels[0]"),
+    ],
+)
+def test_a_wrong_volume_rule_is_named(rules: dict[str, Any], named: str) -> None:
+    with pytest.raises(router_module.ConfigError, match=re.escape(named)):
+        volume_settings(rules)
+
+
+def test_a_wrong_volume_format_is_named() -> None:
+    configuration = json.loads(
+        substituted((RECIPE / "orthanc.json").read_text(), {"GRADCAM_ROUTER_VOLUME_FORMAT": "png"})
+    )
+    with pytest.raises(router_module.ConfigError, match="VolumeFormat"):
+        router_module.RouterSettings.from_configuration(configuration)
