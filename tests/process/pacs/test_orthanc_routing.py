@@ -530,3 +530,71 @@ def test_a_wrong_setting_stops_orthanc_and_is_named(folder: Path) -> None:
         start_orthanc(
             folder / "orthanc", free_port(), "http://127.0.0.1:9", GRADCAM_ROUTER_MAX_IMAGES="100"
         )
+
+
+def ct_series(folder: Path) -> Series:
+    """The volume tests' CT phantom as a DICOM series (24 slices, one new study)."""
+    from tests.dicom_series import write_ct_series
+    from tests.volume_models import DICOM_ORIGIN, DICOM_SPACING, ct_phantom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = write_ct_series(ct_phantom(), DICOM_SPACING, DICOM_ORIGIN, signed=True)
+    files, uids = [], []
+    for number, one in enumerate(data):
+        path = folder / f"ct-{number}.dcm"
+        path.write_bytes(one)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        files.append(path)
+        uids.append(str(ds.SOPInstanceUID))
+    return Series(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), tuple(uids), tuple(files))
+
+
+def test_a_ct_series_comes_back_as_one_parametric_map_and_report(
+    folder: Path, live_server: ServerFactory
+) -> None:
+    """A CT series sent to Orthanc goes whole to the volume model (one request) and comes
+    back as one multi-frame Parametric Map per class (a frame per slice, each slice
+    referenced) and one SR report, once; a radiograph beside it still goes as an image."""
+    from tests.volume_models import write_volume_models
+
+    http_port = free_port()
+    models = write_volume_models(folder / "models")
+    live = live_server(dicomweb_servers=_dicomweb(http_port), models_file=models)
+    rules = '[{"Model": "ct3d", "Modalities": ["CT"]}]'
+    orthanc = start_orthanc(
+        folder / "orthanc",
+        http_port,
+        live.url,
+        GRADCAM_ROUTER_VOLUME_MODELS=rules,
+        GRADCAM_ROUTER_MODEL="phantom",
+        GRADCAM_ROUTER_REPORT="dicom-sr",
+    )
+    try:
+        ct = ct_series(folder / "ct")
+        radiograph = make_series(folder / "cr", 1)
+        send_stow(orthanc, ct)
+        send_stow(orthanc, radiograph)
+        states = wait_routed(orthanc, [ct, radiograph], 180)
+        assert states[ct.uid]["state"] == "done", states[ct.uid]
+        assert states[ct.uid]["requests"] == 1 and states[ct.uid]["with_results"] == 24
+        assert states[radiograph.uid]["state"] == "done", states[radiograph.uid]
+        wait_quiet(orthanc)
+        counts, _ = results_by_source(orthanc, ct.study)
+        # Every slice referenced by exactly two objects: the map of the top class (no
+        # targets: one explanation) and the report.
+        assert {uid: counts[uid] for uid in ct.instances} == dict.fromkeys(ct.instances, 2)
+        maps = [
+            series
+            for series in orthanc.get(f"/studies/{orthanc.lookup(ct.study)}/series")
+            if series["MainDicomTags"].get("Manufacturer") == "gradcam-service"
+            and series["MainDicomTags"].get("Modality") != "SR"
+        ]
+        (pm_series,) = maps
+        (instance,) = pm_series["Instances"]
+        tags = orthanc.get(f"/instances/{instance}/tags?simplify")
+        assert tags["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.30"
+        assert int(tags["NumberOfFrames"]) == 24
+        text = requests.get(f"{live.url}/metrics", timeout=30).text
+        assert metric_value(text, "gradcam_images_explained_total", '{model="ct3d"}') == 1
+    finally:
+        orthanc.stop()
