@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import gzip
 import io
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,113 +16,34 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-import torch
 from PIL import Image
-from torch import nn
 
 from tests.dicom_series import write_ct_series
 from tests.helpers import LiveServer, ServerFactory, encode, phantom_png
+from tests.volume_models import (
+    DICOM_ORIGIN,
+    DICOM_SPACING,
+    INPUT_SIZE,
+    LAYER,
+    SPACING,
+    WINDOW,
+    ct_phantom,
+    network,
+    ras_affine,
+    write_models,
+)
 
 nibabel = pytest.importorskip("nibabel")
-monai_nets = pytest.importorskip("monai.networks.nets")
+pytest.importorskip("monai.networks.nets")
 monai_transforms = pytest.importorskip("monai.transforms")
 monai_visualize = pytest.importorskip("monai.visualize")
-safetensors_torch = pytest.importorskip("safetensors.torch")
-
-DEMO = Path(__file__).resolve().parents[3] / "service" / "demo"
-ARCH_ARGS = {
-    "spatial_dims": 3,
-    "in_channels": 1,
-    "out_channels": 2,
-    "init_features": 8,
-    "growth_rate": 8,
-    "block_config": (2, 2, 2),
-}
-INPUT_SIZE = (48, 48, 32)
-WINDOW = (-1000.0, 400.0)
-SPACING = (1.5, 1.5, 2.5)
-LAYER = "features.denseblock3"
-# DICOM's column, row and slice spacing of the phantom's series, and its first position.
-DICOM_SPACING = (0.9, 0.9, 2.0)
-DICOM_ORIGIN = (-30.0, -25.0, 40.0)
-
-
-def _network() -> nn.Module:
-    torch.manual_seed(0)
-    net = monai_nets.DenseNet(**ARCH_ARGS)
-    # Batch norms given the statistics of smooth noise and affine parameters off 1/0, so
-    # that a random net's activations do not vanish and its maps are not all zero.
-    generator = torch.Generator().manual_seed(1)
-    coarse = torch.rand(8, 1, 6, 6, 4, generator=generator)
-    noise = nn.functional.interpolate(coarse, size=INPUT_SIZE, mode="trilinear")
-    net.train()
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, nn.BatchNorm3d):
-                module.momentum = None
-                module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                module.bias.copy_(torch.rand(module.num_features, generator=generator) * 0.4)
-        net(noise)
-    return net.eval()
-
-
-def _ct_phantom() -> np.ndarray:
-    """HU (I, J, K): air, a body of soft tissue, a dense sphere off centre."""
-    i, j, k = np.meshgrid(np.arange(56), np.arange(48), np.arange(24), indexing="ij")
-    hu = np.full(i.shape, -1000.0)
-    hu[((i - 28) / 24) ** 2 + ((j - 24) / 20) ** 2 <= 1] = 40.0
-    hu[(i - 36) ** 2 + (j - 18) ** 2 + ((k - 14) * 2.2) ** 2 <= 36] = 180.0
-    noise = np.random.default_rng(3).normal(0, 15, hu.shape)
-    return np.round(hu + noise)
-
-
-def _ras_affine() -> np.ndarray:
-    """The affine the DICOM series' readers give (LPS negated in x and y)."""
-    affine = np.diag([-DICOM_SPACING[0], -DICOM_SPACING[1], DICOM_SPACING[2], 1.0])
-    affine[:3, 3] = (-DICOM_ORIGIN[0], -DICOM_ORIGIN[1], DICOM_ORIGIN[2])
-    return affine
+pytest.importorskip("safetensors.torch")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("volumes")
-    safetensors_torch.save_file(_network().state_dict(), str(folder / "ct3d.safetensors"))
-    (folder / "labels.txt").write_text("normal\nnodule\n")
-    nifti = nibabel.Nifti1Image(_ct_phantom().astype(np.int16), _ras_affine())
-    nibabel.save(nifti, folder / "ct.nii.gz")
-    args = ", ".join(
-        f"{key} = {list(value) if isinstance(value, tuple) else value}"
-        for key, value in ARCH_ARGS.items()
-    )
-    (folder / "models.toml").write_text(
-        textwrap.dedent(
-            f"""
-            [models.ct3d]
-            library = "monai"
-            arch = "DenseNet"
-            arch_args = {{ {args} }}
-            weights = "ct3d.safetensors"
-            labels = "labels.txt"
-            input_size = {list(INPUT_SIZE)}
-            window = {list(WINDOW)}
-            spacing = {list(SPACING)}
-            layer = "{LAYER}"
-            modalities = ["CT"]
-            default = true
-
-            [models.phantom]
-            arch = "service.demo.model:phantom_net"
-            weights = "{DEMO / "phantom_net.safetensors"}"
-            labels = "{DEMO / "labels.txt"}"
-            multilabel = true
-            channels = 1
-            input_size = [128, 128]
-            mean = [0.37]
-            std = [0.21]
-            layer = "features"
-            """
-        )
-    )
+    write_models(folder)
     return folder
 
 
@@ -180,7 +100,7 @@ def test_a_nifti_map_equals_monai_s_gradcam(served: LiveServer, folder: Path) ->
     heat = np.asarray(result["explanations"][0]["heatmap"]["values"])
     pipeline = _monai_pipeline()
     tensor = pipeline(str(folder / "ct.nii.gz"))
-    net = _network()
+    net = network()
     for parameter in net.parameters():
         parameter.requires_grad_(True)
     # MONAI's default postprocessing maps (min, max) to (1, 0), for its colour maps:
@@ -196,7 +116,7 @@ def test_a_nifti_map_equals_monai_s_gradcam(served: LiveServer, folder: Path) ->
     assert original.status_code == 200, original.text
     written = original.json()["results"][0]["explanations"][0]["heatmap"]
     nifti = nibabel.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(written["data"])))
-    np.testing.assert_allclose(nifti.affine, _ras_affine(), atol=1e-5)
+    np.testing.assert_allclose(nifti.affine, ras_affine(), atol=1e-5)
     assert nifti.shape == (56, 48, 24)
     upsampled = cam(tensor[None], class_idx=1)[0]  # MONAI's map at the input size
     tensor.array = upsampled.detach()
@@ -211,7 +131,7 @@ def test_the_series_the_file_and_the_multiframe_give_one_map(
     shuffled order) and as one enhanced multi-frame file: one map."""
     highdicom = pytest.importorskip("highdicom")
     pydicom = pytest.importorskip("pydicom")
-    files = write_ct_series(_ct_phantom(), DICOM_SPACING, DICOM_ORIGIN, signed=True)
+    files = write_ct_series(ct_phantom(), DICOM_SPACING, DICOM_ORIGIN, signed=True)
     shuffled = [files[i] for i in np.random.default_rng(5).permutation(len(files))]
     datasets = [pydicom.dcmread(io.BytesIO(f)) for f in files]
     enhanced = highdicom.legacy.LegacyConvertedEnhancedCTImage(
@@ -348,7 +268,7 @@ def test_bad_volumes_get_their_4xx(
     served: LiveServer, folder: Path, case: str, status: int, code: str
 ) -> None:
     nifti = (folder / "ct.nii.gz").read_bytes()
-    series = write_ct_series(_ct_phantom()[:, :, :6], DICOM_SPACING, DICOM_ORIGIN, signed=True)
+    series = write_ct_series(ct_phantom()[:, :, :6], DICOM_SPACING, DICOM_ORIGIN, signed=True)
     body: dict[str, Any] = {
         "png to the volume model": {"images": [encode(phantom_png(1, 64, 64))]},
         "one dicom slice to the volume model": {"images": [encode(series[0])]},
