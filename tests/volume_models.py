@@ -1,6 +1,10 @@
-"""A small MONAI 3-D DenseNet served beside the 2-D demo model, and a CT phantom as a NIfTI
-file and as a DICOM series: what the tests of volumes through the real server, through
-Orthanc and in OHIF share."""
+"""A small volume model and a CT phantom for the tests that serve, explain or show volumes:
+a MONAI 3-D DenseNet with BatchNorm statistics that keep a random net's maps alive, a
+NIfTI phantom (air, a body, a dense sphere off centre) and a models file that holds both
+the volume model (``ct3d``, the default) and the 2-D demo model (``phantom``).
+
+The server's tests (``tests/process/server/test_volumes_served.py``), the web page's
+and the command line's share them: one phantom, one network, one models file."""
 
 from __future__ import annotations
 
@@ -27,14 +31,17 @@ LAYER = "features.denseblock3"
 # DICOM's column, row and slice spacing of the phantom's series, and its first position.
 DICOM_SPACING = (0.9, 0.9, 2.0)
 DICOM_ORIGIN = (-30.0, -25.0, 40.0)
+# The dense sphere: its centre (I, J, K) on the phantom's grid, and its radius in voxels
+# along I and J (along K the radius is 6 / 2.2 slices).
+SPHERE_CENTRE = (36, 18, 14)
+SPHERE_RADIUS = 6
 
 
 def network() -> nn.Module:
-    """The 3-D DenseNet, seeded, its batch norms calibrated (module text)."""
-    from monai.networks.nets import DenseNet
+    from monai.networks import nets
 
     torch.manual_seed(0)
-    net = DenseNet(**ARCH_ARGS)
+    net = nets.DenseNet(**ARCH_ARGS)
     # Batch norms given the statistics of smooth noise and affine parameters off 1/0, so
     # that a random net's activations do not vanish and its maps are not all zero.
     generator = torch.Generator().manual_seed(1)
@@ -56,7 +63,8 @@ def ct_phantom() -> np.ndarray:
     i, j, k = np.meshgrid(np.arange(56), np.arange(48), np.arange(24), indexing="ij")
     hu = np.full(i.shape, -1000.0)
     hu[((i - 28) / 24) ** 2 + ((j - 24) / 20) ** 2 <= 1] = 40.0
-    hu[(i - 36) ** 2 + (j - 18) ** 2 + ((k - 14) * 2.2) ** 2 <= 36] = 180.0
+    ci, cj, ck = SPHERE_CENTRE
+    hu[(i - ci) ** 2 + (j - cj) ** 2 + ((k - ck) * 2.2) ** 2 <= SPHERE_RADIUS**2] = 180.0
     noise = np.random.default_rng(3).normal(0, 15, hu.shape)
     return np.round(hu + noise)
 
@@ -68,14 +76,14 @@ def ras_affine() -> np.ndarray:
     return affine
 
 
-def write_volume_models(folder: Path) -> Path:
-    """The models file (``ct3d``, the default, and the 2-D ``phantom``), the 3-D net's
-    weights and labels, and ``ct.nii.gz``, all in ``folder``; the models file's path."""
+def write_models(folder: Path) -> Path:
+    """``folder/models.toml`` with ``ct3d`` (the default) and the 2-D ``phantom``, its
+    weights and labels beside it, and the phantom as ``folder/ct.nii.gz``."""
     import nibabel
-    from safetensors.torch import save_file as safetensors_save
+    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    safetensors_save(network().state_dict(), str(folder / "ct3d.safetensors"))
+    save_file(network().state_dict(), str(folder / "ct3d.safetensors"))
     (folder / "labels.txt").write_text("normal\nnodule\n")
     nifti = nibabel.Nifti1Image(ct_phantom().astype(np.int16), ras_affine())
     nibabel.save(nifti, folder / "ct.nii.gz")
@@ -83,7 +91,8 @@ def write_volume_models(folder: Path) -> Path:
         f"{key} = {list(value) if isinstance(value, tuple) else value}"
         for key, value in ARCH_ARGS.items()
     )
-    (folder / "models.toml").write_text(
+    models = folder / "models.toml"
+    models.write_text(
         textwrap.dedent(
             f"""
             [models.ct3d]
@@ -112,4 +121,4 @@ def write_volume_models(folder: Path) -> Path:
             """
         )
     )
-    return folder / "models.toml"
+    return models

@@ -7,7 +7,8 @@ file a request of its own), and draws with ``results.draw_heatmap``, so the pict
 the API's, pixel for pixel. What can be settled before a model loads is (``plan_files``):
 each input's frame, output names that never collide, and no file overwritten
 that an earlier run did not write (``outputs.py``) without ``--force``. One bad file is
-one line on stderr; the others go on.
+one line on stderr; the others go on. A volume model's inputs (NIfTI files, DICOM
+series as folders) are explained in ``explain_volumes.py``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.cli import common, outputs, wording
+from service.cli import common, explain_volumes, outputs, wording
 from service.cli.common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, Subparsers, Usage
-from service.contract.errors import ConfigError, ServiceError
+from service.contract.errors import ConfigError, InvalidField, ServiceError
 from service.contract.request_parsing import parse_explain_request
 from service.contract.requests import HeatmapOptions
 from service.contract.responses import ImageResult, to_json
@@ -61,15 +62,22 @@ def add_parser(sub: Subparsers) -> None:
             "gradcam-service explain examples/*.png --target nodule --target tube --out out",
             "gradcam-service explain scan.dcm --frame 12 --method gradcam++ --faithfulness",
             "gradcam-service explain --request examples/request.json",
+            "gradcam-service explain --models models.toml --model ct3d ct.nii.gz series_dir",
         ],
         "Writes DIR/<image>.<label>.overlay.png and .heatmap.png at each image's own size "
-        "(and DIR/<image>.report.dcm, a DICOM SR, for a DICOM image). Run again, it "
+        "(and DIR/<image>.report.dcm, a DICOM SR, for a DICOM image). A volume model takes "
+        "NIfTI files and folders of one DICOM series each, and writes "
+        "DIR/<volume>.<label>.heatmap.nii.gz (the map on the file's grid, with its affine) "
+        "and .views.png (three slices through the map's peak). Run again, it "
         "replaces the files an earlier explain wrote; any other file of those names "
         "stops it before any work (exit code 3) unless --force. With --request, reads "
         "a POST /v1/explain body and prints exactly the JSON the HTTP API answers.",
     )
     parser.add_argument(
-        "images", nargs="*", help="image files (PNG, JPEG, TIFF, BMP, WebP, GIF, DICOM)"
+        "images",
+        nargs="*",
+        help="image files (PNG, JPEG, TIFF, BMP, WebP, GIF, DICOM); for a volume model, "
+        "NIfTI files (.nii, .nii.gz) or folders each holding one DICOM series",
     )
     parser.add_argument(
         "--request",
@@ -200,6 +208,9 @@ def explain_files(args: argparse.Namespace, runtime: Runtime, files: FilePlan) -
         args.method,
         args.faithfulness,
     )
+    if chosen.model.is_volume:
+        explain_volumes.refuse_image_options(args, chosen)
+        return explain_volumes.explain_volumes(args, runtime, chosen, files.stems)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
@@ -208,8 +219,9 @@ def explain_files(args: argparse.Namespace, runtime: Runtime, files: FilePlan) -
         path = Path(name)
         try:
             # A DICOM input's report is made from its header.
+            data = _image_bytes(path, chosen)
             image = prepare_file(
-                chosen, path.read_bytes(), i, files.frames[i], keep_display=True, keep_header=True
+                chosen, data, i, files.frames[i], keep_display=True, keep_header=True
             )
         except (OSError, ServiceError) as error:
             print(f"error: {wording.about_file(path, error)}", file=sys.stderr)
@@ -232,6 +244,16 @@ def explain_files(args: argparse.Namespace, runtime: Runtime, files: FilePlan) -
     if progress is not None:
         progress.close()
     return failures
+
+
+def _image_bytes(path: Path, chosen: OfflinePlan) -> bytes:
+    """A file's bytes; a folder (a DICOM series, for a volume model) is said to be one."""
+    if path.is_dir():
+        raise InvalidField(
+            f"Image 0 is a folder: a folder is read as one DICOM series (a volume), and model "
+            f"'{chosen.model.name}' explains 2-D images. Give its files, or a volume model."
+        )
+    return path.read_bytes()
 
 
 def _progress(total: int) -> tqdm[None] | None:

@@ -14,7 +14,9 @@ from service.contract.errors import ServiceError
 if TYPE_CHECKING:  # torch is imported only once the model runs here
     from service.engine.layers import RefusedLayer
     from service.engine.runtime import Runtime
+    from service.transport.interface import LayerInfo, ModelInfo
 
+# Layouts a map is made from rather than read as it is (a volume's NCDHW is read as it is).
 _LAYOUT_WORDS = {"nhwc": "H×W×C", "tokens": "tokens"}
 
 
@@ -39,6 +41,19 @@ def _refused(runtime: Runtime, name: str) -> list[RefusedLayer]:
     return survey_layers(loaded.module, loaded.channels, loaded.input_size).refused
 
 
+def input_shape(model: ModelInfo) -> str:
+    """The model's input for one image, ``C×H×W``, or a volume model's ``C×D×H×W``."""
+    return "×".join(str(side) for side in (model.channels, *model.input_size))
+
+
+def layer_shape(layer: LayerInfo) -> str:
+    """A layer's map for one input, ``C×H×W`` (a volume's ``C×D×H×W``), and for a
+    transformer's layer what the grid was made from."""
+    shape = "×".join(str(side) for side in (layer.channels, *layer.grid))
+    made_from = _LAYOUT_WORDS.get(layer.layout)
+    return f"{shape}  (from {made_from})" if made_from else shape
+
+
 def run(args: argparse.Namespace) -> int:
     common.model_name(args)  # an unknown --model costs no model load
     runtime = common.runtime(args)
@@ -50,19 +65,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     finally:
         runtime.close()
-    print(
-        f"model '{model.name}' ({model.arch}), input {model.channels}×"
-        f"{model.input_size[0]}×{model.input_size[1]}; * = default layer"
-    )
+    print(f"model '{model.name}' ({model.arch}), input {input_shape(model)}; * = default layer")
     width = max(len(name) for name in [*model.layer_names(), *(r.name for r in refused)])
     for layer in model.layers:
         mark = "*" if layer.name == model.default_layer else " "
-        # A transformer's layers: the grid's shape, and what it was made from.
-        made_from = "" if layer.layout == "nchw" else f"  (from {_LAYOUT_WORDS[layer.layout]})"
-        print(
-            f"{mark} {layer.name:<{width}}  {layer.kind:<20} "
-            f"{layer.channels}×{layer.height}×{layer.width}{made_from}"
-        )
+        print(f"{mark} {layer.name:<{width}}  {layer.kind:<20} {layer_shape(layer)}")
     if refused:
         print("not offered, and why:")
     for refusal in refused:

@@ -10,6 +10,7 @@ unless ``--force``: what it would lose is not ours to lose.
 
 from __future__ import annotations
 
+import gzip
 import struct
 import zlib
 from collections.abc import Sequence
@@ -19,6 +20,14 @@ from service.cli.common import OutputExists
 from service.imaging.dicom_codes import MANUFACTURER
 
 KINDS = ("overlay", "heatmap")
+# What follows ``<stem>.<label>.`` in the name of each file explain writes for a label.
+_SUFFIXES = frozenset({*(f"{kind}.png" for kind in KINDS), "views.png", "heatmap.nii.gz"})
+NIFTI_MAP = "heatmap.nii.gz"
+VIEWS = "views.png"
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# NIfTI-1's header: 348 bytes, its ``descrip`` (80 bytes) at byte 148.
+_NIFTI_HEADER = 348
+_DESCRIP = slice(148, 228)
 # A DICOM input's report: ``<stem>.report.dcm`` (no label: one per input).
 REPORT = "report.dcm"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -39,15 +48,24 @@ def safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
 
 
+def _stem(path: Path) -> str:
+    """An input's name less its suffix: ``ct.nii.gz`` → ``ct`` (not ``ct.nii``)."""
+    for suffix in _NIFTI_SUFFIXES:
+        if path.name.lower().endswith(suffix) and len(path.name) > len(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem or path.resolve().name
+
+
 def stems(paths: Sequence[Path]) -> list[str]:
     """Output name stems, one per input, never shared: inputs with the same name (from
     different folders, or the same file twice) get ``-2``, ``-3``, ... in input order."""
     found: list[str] = []
     for path in paths:
-        stem, n = path.stem, 1
+        base = _stem(path)
+        stem, n = base, 1
         while stem in found:
             n += 1
-            stem = f"{path.stem}-{n}"
+            stem = f"{base}-{n}"
         found.append(stem)
     return found
 
@@ -59,8 +77,21 @@ def marked_png(data: bytes) -> bytes:
     return data[:_AFTER_IHDR] + _MARK + data[_AFTER_IHDR:]
 
 
+def _marked_nifti(path: Path) -> bool:
+    """Whether ``path`` is a gzipped NIfTI-1 file whose ``descrip`` is our mark."""
+    try:
+        with gzip.open(path, "rb") as file:
+            header = file.read(_NIFTI_HEADER)
+    except (OSError, EOFError, zlib.error):
+        return False
+    descrip = header[_DESCRIP].split(b"\x00", 1)[0]
+    return len(header) == _NIFTI_HEADER and descrip == MANUFACTURER.encode("latin-1")
+
+
 def written_by_us(path: Path) -> bool:
     """Whether ``path`` is an output an earlier ``explain`` wrote (by its mark)."""
+    if path.name.endswith(".nii.gz"):
+        return _marked_nifti(path)
     if path.name.endswith(".png"):
         with path.open("rb") as file:
             head = file.read(_AFTER_IHDR + len(_MARK))
@@ -82,7 +113,7 @@ def _is_output_of(name: str, stem: str) -> bool:
     if rest == name:
         return False
     label, _, kind = rest.partition(".")
-    return rest == REPORT or (label == safe(label) and kind in {f"{k}.png" for k in KINDS})
+    return rest == REPORT or (label == safe(label) and kind in _SUFFIXES)
 
 
 def refuse_existing(out: Path, names: Sequence[str]) -> None:

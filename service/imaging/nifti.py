@@ -152,13 +152,16 @@ def _finite(voxels: np.ndarray, index: int) -> np.ndarray:
     return np.nan_to_num(voxels, nan=low, posinf=high, neginf=low)
 
 
-def write_nifti(values: np.ndarray, affine: np.ndarray) -> bytes:
+def write_nifti(values: np.ndarray, affine: np.ndarray, description: str = "") -> bytes:
     """A ``.nii.gz`` of ``values`` ``(I, J, K)`` (float32, or uint8 levels) placed by
     ``affine`` (voxel → RAS+ mm, written as both sform and qform, code "scanner"): any
-    viewer lays it over the volume it came from."""
+    viewer lays it over the volume it came from. ``description``: the header's
+    ``descrip`` (at most 79 ASCII characters; the command line marks its files there)."""
     nibabel = _nibabel()
     dtype = np.uint8 if values.dtype == np.uint8 else np.float32
     image = nibabel.Nifti1Image(np.asarray(values, dtype=dtype), affine)
+    if description:
+        image.header["descrip"] = description.encode("ascii")[:79]
     image.header.set_xyzt_units("mm")
     image.header.set_sform(affine, code=1)
     image.header.set_qform(affine, code=1)

@@ -7,6 +7,10 @@ request: decoded and fitted by ``prepare_image`` under the per-image limits of a
 ``RequestBudget`` (not a total over the files); a file that cannot be read or refused
 becomes one line to tell, and the others go on. The prepared images go to the engine in
 chunks (``call_engine``), each within its own deadline.
+
+A volume model's file (a NIfTI file, or a DICOM series as its files' bytes) is read and
+fitted by ``prepare_volume`` in the same way, charged as a volume (``admit_volume``), and
+keeps its windowed voxels: the commands draw the map over them at the file's own grid.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from service.contract.requests import ClassRef, HeatmapOptions, target_ref
 from service.contract.settings import Settings
 from service.pipeline.budgets import RequestBudget
 from service.pipeline.context import RequestContext
-from service.pipeline.engine_call import ExplainedImage, Explaining, call_engine
+from service.pipeline.engine_call import Explained, Explaining, Prepared, call_engine
 from service.pipeline.images import (
     ImageSlot,
     Keep,
@@ -29,6 +33,8 @@ from service.pipeline.images import (
     prepare_image,
     resolve_targets,
 )
+from service.pipeline.volume_budget import admit_volume
+from service.pipeline.volumes import PreparedVolume, VolumeSlot, prepare_volume
 from service.transport.interface import Engine, ModelInfo
 
 # A file's images are charged for nothing drawn: the commands draw what they write.
@@ -86,9 +92,19 @@ def prepare_file(
     return prepare_image(data, slot, plan.model, admit, keep, plan.settings.out_of_domain)
 
 
+def prepare_volume_file(plan: OfflinePlan, data: bytes | list[bytes], index: int) -> PreparedVolume:
+    """One volume (a file's bytes, or a DICOM series' files), read and fitted as a request
+    of its own, its windowed voxels kept to draw over (``ServiceError``)."""
+    budget = RequestBudget(plan.settings, plan.model, plan.layer, _NOTHING_DRAWN)
+    admit = partial(admit_volume, budget, index, explanations=len(plan.targets))
+    slot = VolumeSlot(index, plan.targets, keep_base=True, domain=plan.settings.out_of_domain)
+    return prepare_volume(data, slot, plan.model, admit)
+
+
 def explain_prepared(
-    engine: Engine, plan: OfflinePlan, prepared: Sequence[PreparedImage], deadline_s: float
-) -> list[ExplainedImage]:
-    """One engine call for a chunk of prepared images, within ``deadline_s`` from now."""
+    engine: Engine, plan: OfflinePlan, prepared: Sequence[Prepared], deadline_s: float
+) -> list[Explained[Prepared]]:
+    """One engine call for a chunk of prepared images (or volumes), within ``deadline_s``
+    from now."""
     context = RequestContext(deadline=time.monotonic() + deadline_s)
     return call_engine(engine, plan.how, prepared, context)

@@ -58,7 +58,8 @@ def _base_at(prepared: PreparedVolume, shape: tuple[int, ...], size: str) -> np.
     return resize_volume(volume, (shape[0], shape[1], shape[2]), "area")
 
 
-def _peak(heat: np.ndarray, affine: np.ndarray) -> VolumePeak:
+def volume_peak(heat: np.ndarray, affine: np.ndarray) -> VolumePeak:
+    """Where ``heat`` is highest: its voxel on the map's grid, and that voxel in mm."""
     at = peak_index(heat)
     mm = affine[:3, :3] @ np.asarray(at, dtype=np.float64) + affine[:3, 3]
     return VolumePeak(voxel=list(at), mm=[round(float(v), 3) for v in mm])
@@ -79,7 +80,7 @@ def render_volume_heatmap(
         depth=depth,
         raw_max=float(cam.max()),
         affine=affine.round(6).tolist(),
-        peak=_peak(heat, affine),
+        peak=volume_peak(heat, affine),
     )
     if options.format == "array":
         out.values = heat

@@ -6,6 +6,10 @@
 // the opacity slider redraws without asking the service again. The blend is the
 // service's "overlay" formula: colour over the image at opacity × level, so cold
 // areas keep the image and hot ones take the colour; at 60% it is that overlay.
+//
+// A volume model's maps come as float32 NIfTI files on the model input's grid, with the
+// volume in 8 bits on that grid (include "image"): read here (gzip by the browser's
+// DecompressionStream, NIfTI by a small reader below) and shown as three slices.
 "use strict";
 
 const config = JSON.parse(document.getElementById("page-config").textContent);
@@ -149,8 +153,11 @@ function describeModel() {
     return;
   }
   const kind = model.multilabel ? "independent scores per finding" : "one class per image";
+  const input = isVolumeModel(model)
+    ? `${model.input_size.join("×")} voxels (a volume: NIfTI, or a DICOM series)`
+    : `${model.input_size[1]}×${model.input_size[0]}`;
   ui.modelInfo.textContent = `${entry.arch}: ${model.num_classes} classes, ${kind}; input `
-    + `${model.input_size[1]}×${model.input_size[0]}, ${model.channels} channel(s), on ${model.device}.`;
+    + `${input}, ${model.channels} channel(s), on ${model.device}.`;
 }
 
 function describeLayer() {
@@ -161,12 +168,17 @@ function describeLayer() {
   }
   const layout = layer.layout ? `, ${layer.layout}` : "";
   ui.layerInfo.textContent = `${layer.name}: ${layer.kind}${layout}, ${layer.channels} channels `
-    + `of ${layer.height}×${layer.width}`
+    + `of ${grid(layer)}`
     + (layer.name === state.defaultLayer ? " (the model's default)." : ".");
 }
 
+// A layer's map for one input: H×W, a volume model's D×H×W.
+function grid(layer) {
+  return (layer.depth != null ? `${layer.depth}×` : "") + `${layer.height}×${layer.width}`;
+}
+
 function shape(layer) {
-  return `${layer.channels}×${layer.height}×${layer.width}`;
+  return `${layer.channels}×${grid(layer)}`;
 }
 
 // The layers as the list shows them: the default first, then the others grouped by the
@@ -269,6 +281,7 @@ async function loadModel() {
     item.picture = null; // a 1-channel model shows the image in gray: ask again
     item.target = null;
   }
+  showFileKinds();
   updateButtons();
   return true;
 }
@@ -384,23 +397,29 @@ async function addExample(name) {
 
 async function addFiles(files) {
   const added = [];
-  for (const file of files) {
+  // A volume model's DICOM files are one series (one card); each other file is a card.
+  for (const group of isVolumeModel(state.model) ? volumeInputs(files) : files.map((f) => [f])) {
     const card = ui.results.appendChild(
       document.getElementById("card-template").content.firstElementChild.cloneNode(true));
+    const name = group.length > 1
+      ? `${group[0].name} and ${group.length - 1} more (one series)` : group[0].name;
     const item = {
-      id: state.nextId++, name: file.name, card, dataUrl: null, picture: null, dicom: null,
+      id: state.nextId++, name, card, dataUrl: null, picture: null, dicom: null,
       target: chosenTarget(), generation: 0,
       frame: 0, // of a multi-frame file (the API needs one for multi-frame DICOM)
+      series: null, // a series' files, as data URLs (sent as {"series": [...]})
     };
-    card.querySelector(".card-title").textContent = file.name;
+    card.querySelector(".card-title").textContent = name;
     state.items.push(item);
     showStage(item, "reading");
     try {
-      item.dataUrl = await readAsDataUrl(file);
+      const urls = await Promise.all(group.map(readAsDataUrl));
+      item.series = urls.length > 1 ? urls : null;
+      item.dataUrl = urls[0];
       added.push(item);
     } catch (error) {
       showStage(item, "");
-      card.querySelector(".card-error").textContent = `${file.name} could not be read: ${error.message}`;
+      card.querySelector(".card-error").textContent = `${name} could not be read: ${error.message}`;
     }
   }
   updateButtons();
@@ -430,7 +449,7 @@ function showStage(item, stage, detail) {
 
 // An error about "Image 0" (each card sends one image) names the file instead.
 function errorText(item, error) {
-  return describeError(error).replace(/\bImage 0\b/g, item.name);
+  return describeError(error).replace(/\b(Image 0|Volume 0|images\[0\])(?!\w)/g, item.name);
 }
 
 function updateButtons() {
@@ -441,6 +460,7 @@ function updateButtons() {
 // --- explaining -----------------------------------------------------------------
 
 function explainBody(item, method, include) {
+  if (isVolumeModel(state.model)) return volumeBody(item, method, include);
   const body = {
     model: state.model.name,
     layer: ui.layer.value || null,
@@ -487,7 +507,9 @@ async function explainItem(item) {
     const first = await post("v1/explain", explainBody(item, methods[0], !item.picture), stage);
     if (generation !== item.generation) return true; // settings changed meanwhile
     stage("rendering");
-    if (!item.picture) {
+    if (!item.picture && isVolumeModel(state.model)) {
+      item.picture = await volumePicture(first.results[0]);
+    } else if (!item.picture) {
       const result = first.results[0];
       const bitmap = await decodePicture(result.image.encoding, result.image.data);
       item.picture = { width: bitmap.width, height: bitmap.height, pixels: pixelsOf(bitmap) };
@@ -515,6 +537,10 @@ async function explainItem(item) {
 }
 
 async function showResults(item, answers) {
+  if (item.picture.volume) {
+    await showVolumeResults(item, answers);
+    return;
+  }
   showDicom(item);
   const figures = [];
   for (const answer of answers) {
@@ -663,27 +689,35 @@ function showDicom(item) {
 
 // --- drawing --------------------------------------------------------------------
 
-// The service's overlay: colour at opacity × level / 255 over the image.
-function drawItem(item) {
-  if (!item.figures || !item.picture) return;
+// The service's overlay: colour at opacity × level / 255 over the image, into ``out``
+// (RGBA); ``base`` is the image as RGBA (``channels`` 4) or as gray levels (1).
+function blend(out, base, channels, levels) {
   const opacity = Number(ui.opacity.value) / 100;
   const alpha = new Float32Array(256);
   for (let level = 0; level < 256; level++) alpha[level] = (opacity * level) / 255;
-  const base = item.picture.pixels;
+  const [g, b] = channels === 1 ? [0, 0] : [1, 2];
+  for (let i = 0, p = 0, q = 0; i < levels.length; i++, p += 4, q += channels) {
+    const level = levels[i];
+    const a = alpha[level];
+    const keep = 1 - a;
+    const colour = COLOURS[level];
+    out[p] = base[q] * keep + colour[0] * a;
+    out[p + 1] = base[q + g] * keep + colour[1] * a;
+    out[p + 2] = base[q + b] * keep + colour[2] * a;
+    out[p + 3] = 255;
+  }
+}
+
+function drawItem(item) {
+  if (!item.figures || !item.picture) return;
+  if (item.picture.volume) {
+    item.figures.forEach(drawVolumeFigure);
+    return;
+  }
   for (const { canvas, levels } of item.figures) {
     const context = canvas.getContext("2d");
     const image = context.createImageData(canvas.width, canvas.height);
-    const out = image.data;
-    for (let i = 0, p = 0; i < levels.length; i++, p += 4) {
-      const level = levels[i];
-      const a = alpha[level];
-      const keep = 1 - a;
-      const colour = COLOURS[level];
-      out[p] = base[p] * keep + colour[0] * a;
-      out[p + 1] = base[p + 1] * keep + colour[1] * a;
-      out[p + 2] = base[p + 2] * keep + colour[2] * a;
-      out[p + 3] = 255;
-    }
+    blend(image.data, item.picture.pixels, 4, levels);
     context.putImageData(image, 0, 0);
   }
 }
@@ -762,6 +796,272 @@ function download(item, canvas, method, label) {
     const stem = item.name.replace(/\.[^.]*$/, "");
     saveFile(blob, `${stem}-${method}-${label}.png`);
   }, "image/png");
+}
+
+// --- volumes --------------------------------------------------------------------
+//
+// A volume model (its input_size has three numbers) takes a NIfTI file, or the DICOM
+// files of one series (sent as {"series": [...]}). Its maps are asked for as float32
+// NIfTI files on the model input's grid, with the volume in 8 bits on the same grid
+// (include "image"), and shown as three slices through a point, each coloured over the
+// volume as the 2-D overlays are (blend above). The slices are shown as the service's
+// own picture shows them (imaging/volume_pictures.py), as radiologists look at them:
+// the grid turned to RAS+ by its affine's nearest axes, then axial and coronal with the
+// patient's right on the viewer's left, anterior (axial) or superior (coronal) up, and
+// sagittal with anterior on the left, superior up; voxels keep their size in mm.
+
+const VIEW_SIDE = 320; // pixels on a view's longer side, as the service's picture
+// Each view: the RAS axis it cuts across, and the axes its rows and columns run along
+// (both drawn from the high end: anterior or superior at the top, right or anterior on
+// the left).
+const VIEWS = [
+  { name: "axial", across: 2, rows: 1, columns: 0 },
+  { name: "coronal", across: 1, rows: 2, columns: 0 },
+  { name: "sagittal", across: 0, rows: 2, columns: 1 },
+];
+const NIFTI_TYPES = { 2: Uint8Array, 16: Float32Array }; // what the service writes
+
+function isVolumeModel(model) {
+  return Boolean(model && model.input_size.length === 3);
+}
+
+// The file chooser says what the chosen model takes; a 2-D model's is left as it was.
+const IMAGE_FILES = {
+  accept: ui.files.accept,
+  label: document.querySelector('label[for="files"]').textContent,
+  hint: ui.dropZone.querySelector(".hint").textContent,
+};
+const VOLUME_FILES = {
+  accept: ".nii,.gz,.dcm,.dicom,application/dicom,application/gzip",
+  label: "Choose a volume",
+  hint: "or drop it here: a NIfTI file (.nii, .nii.gz), or the DICOM files of one series",
+};
+
+function showFileKinds() {
+  const kind = isVolumeModel(state.model) ? VOLUME_FILES : IMAGE_FILES;
+  ui.files.accept = kind.accept;
+  document.querySelector('label[for="files"]').textContent = kind.label;
+  ui.dropZone.querySelector(".hint").textContent = kind.hint;
+}
+
+// Each NIfTI file is a volume; the other files together are one series.
+function volumeInputs(files) {
+  const nifti = files.filter((file) => /\.nii(\.gz)?$/i.test(file.name));
+  const others = files.filter((file) => !nifti.includes(file));
+  return [...nifti.map((file) => [file]), ...(others.length ? [others] : [])];
+}
+
+function volumeBody(item, method, include) {
+  const body = {
+    model: state.model.name,
+    layer: ui.layer.value || null,
+    method,
+    images: [item.series ? { series: item.series } : item.dataUrl],
+    targets: [item.target],
+    top_k: Math.max(1, Math.min(Number(ui.topK.value) || 5, state.model.num_classes)),
+    heatmap: { format: "nifti", size: "input" },
+  };
+  if (include) body.include = ["image"];
+  return body;
+}
+
+async function gunzip(base64) {
+  const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+  return new Response(stream).arrayBuffer();
+}
+
+// A NIfTI-1 file as the service writes it: one file (n+1), little-endian, uint8 or
+// float32 voxels; ``values`` in the file's order (i fastest), ``dims`` (I, J, K).
+function readNifti(buffer) {
+  const view = new DataView(buffer);
+  if (buffer.byteLength < 352 || view.getInt32(0, true) !== 348) {
+    throw new Error("the map is not a little-endian NIfTI-1 file");
+  }
+  const dims = [1, 2, 3].map((axis) => view.getInt16(40 + 2 * axis, true));
+  const code = view.getInt16(70, true);
+  const Type = NIFTI_TYPES[code];
+  if (!Type) throw new Error(`NIfTI datatype ${code} is not one this page reads`);
+  const offset = Math.round(view.getFloat32(108, true));
+  const end = offset + dims[0] * dims[1] * dims[2] * Type.BYTES_PER_ELEMENT;
+  if (end > buffer.byteLength) throw new Error("the NIfTI file is shorter than its header says");
+  return { dims, values: new Type(buffer.slice(offset, end)) };
+}
+
+// For each of R, A and S: the array axis nearest to it in the affine (voxel → mm,
+// rows of four), whether it runs the other way, its length and its voxel size in mm.
+function rasAxes(affine, dims) {
+  const pairs = [];
+  for (let axis = 0; axis < 3; axis++) {
+    for (let world = 0; world < 3; world++) pairs.push([Math.abs(affine[world][axis]), axis, world]);
+  }
+  pairs.sort((a, b) => b[0] - a[0]);
+  const axes = [];
+  const taken = new Set();
+  for (const [, axis, world] of pairs) {
+    if (axes[world] || taken.has(axis)) continue;
+    taken.add(axis);
+    const column = [0, 1, 2].map((row) => affine[row][axis]);
+    axes[world] = { axis, flip: column[world] < 0, size: dims[axis], mm: Math.hypot(...column) };
+  }
+  return axes;
+}
+
+// Where each RAS coordinate lands in the file's order: offsets[world][coordinate].
+function rasGrid(affine, dims) {
+  const axes = rasAxes(affine, dims);
+  const strides = [1, dims[0], dims[0] * dims[1]];
+  const offsets = axes.map(({ axis, flip, size }) => Int32Array.from({ length: size },
+    (_, r) => strides[axis] * (flip ? size - 1 - r : r)));
+  return { dims, axes, offsets, shape: axes.map((a) => a.size), mm: axes.map((a) => a.mm) };
+}
+
+// A map's values in [0, 1] as 8-bit levels, as the service's pictures round them.
+function levelsOf(values) {
+  const levels = new Uint8Array(values.length);
+  for (let i = 0; i < values.length; i++) levels[i] = Math.round(Math.min(1, Math.max(0, values[i])) * 255);
+  return levels;
+}
+
+// The volume (include "image") on the maps' grid: its levels, and that grid in RAS+.
+async function volumePicture(result) {
+  const nifti = readNifti(await gunzip(result.image.data));
+  const affine = result.explanations[0].heatmap.affine;
+  return { volume: true, levels: nifti.values, grid: rasGrid(affine, nifti.dims) };
+}
+
+// One view's slice at ``position`` (RAS coordinates) of ``levels``, as shown.
+function sliceOf(levels, grid, view, position) {
+  const height = grid.shape[view.rows];
+  const width = grid.shape[view.columns];
+  const fixed = grid.offsets[view.across][position[view.across]];
+  const rows = grid.offsets[view.rows];
+  const columns = grid.offsets[view.columns];
+  const out = new Uint8Array(width * height);
+  for (let r = 0; r < height; r++) {
+    const base = fixed + rows[height - 1 - r];
+    for (let c = 0; c < width; c++) out[r * width + c] = levels[base + columns[width - 1 - c]];
+  }
+  return { width, height, levels: out };
+}
+
+async function showVolumeResults(item, answers) {
+  const figures = [];
+  for (const answer of answers) {
+    const explanation = answer.results[0].explanations[0];
+    const nifti = readNifti(await gunzip(explanation.heatmap.data));
+    if (nifti.dims.join() !== item.picture.grid.dims.join()) {
+      throw new Error("the map and the volume are not on one grid");
+    }
+    figures.push(makeVolumeFigure(item, answer, explanation, levelsOf(nifti.values)));
+  }
+  const original = item.card.querySelector(".original");
+  original.hidden = true; // each view shows the volume under its map (opacity 0: alone)
+  item.card.querySelector(".figures").replaceChildren(original, ...figures.map((f) => f.element));
+  item.figures = figures;
+  drawItem(item);
+  showPredictions(item, answers[0].results[0], answers[0].results[0].explanations[0].target);
+}
+
+function makeVolumeFigure(item, answer, explanation, levels) {
+  const { grid } = item.picture;
+  // The peak's voxel of the input's grid, in RAS coordinates.
+  const voxel = explanation.heatmap.peak.voxel;
+  const position = grid.axes.map(({ axis, flip, size }) => (flip ? size - 1 - voxel[axis] : voxel[axis]));
+  const figure = makeFigure(item, answer.method, answer.layer, explanation, levels);
+  const { element } = figure;
+  element.classList.add("volume");
+  const views = document.createElement("div");
+  views.className = "views";
+  const shown = VIEWS.map((view) => volumeView(item, figure, view, position));
+  views.append(...shown.map((one) => one.element));
+  figure.canvas.replaceWith(views);
+  const download = element.querySelector(".download");
+  download.textContent = "Download map (.nii.gz)";
+  download.setAttribute("aria-label", `Download the ${methodTitle(answer.method)} map of `
+    + `${explanation.target.label} for ${item.name} as NIfTI`);
+  download.replaceWith(download.cloneNode(true)); // without the 2-D overlay's listener
+  element.querySelector(".download").addEventListener("click", () => {
+    const bytes = Uint8Array.from(atob(explanation.heatmap.data), (c) => c.charCodeAt(0));
+    const stem = item.name.replace(/(\.nii)?(\.gz)?$/i, "").replace(/\.[^.]*$/, "");
+    saveFile(new Blob([bytes], { type: "application/gzip" }),
+      `${stem}-${answer.method}-${explanation.target.label}.nii.gz`);
+  });
+  element.dataset.peak = position.join(",");
+  const made = { element, levels, position, views: shown, item };
+  wireVolumeFigure(made);
+  return made;
+}
+
+function volumeView(item, figure, view, position) {
+  const { grid } = item.picture;
+  const element = document.createElement("div");
+  element.className = "slice-view";
+  element.dataset.view = view.name;
+  const canvas = document.createElement("canvas");
+  canvas.setAttribute("role", "img");
+  const height = grid.shape[view.rows] * grid.mm[view.rows];
+  const width = grid.shape[view.columns] * grid.mm[view.columns];
+  const scale = VIEW_SIDE / Math.max(height, width);
+  canvas.width = Math.max(1, Math.round(width * scale));
+  canvas.height = Math.max(1, Math.round(height * scale));
+  canvas.setAttribute("aria-label", `${view.name} slice of ${item.name}, `
+    + `${figure.element.querySelector("figcaption").textContent}`);
+  const label = document.createElement("label");
+  const name = view.name[0].toUpperCase() + view.name.slice(1);
+  const slider = document.createElement("input");
+  Object.assign(slider, { type: "range", className: "slice", min: "0", step: "1" });
+  slider.max = String(grid.shape[view.across] - 1);
+  slider.value = String(position[view.across]);
+  const count = document.createElement("output");
+  label.append(`${name} slice `, slider, count);
+  element.append(canvas, label);
+  return { element, canvas, slider, count, view };
+}
+
+// Each slider moves its view's slice, and the cross where the others cut it.
+function wireVolumeFigure(figure) {
+  for (const { slider, view } of figure.views) {
+    slider.addEventListener("input", () => {
+      figure.position[view.across] = Number(slider.value);
+      drawVolumeFigure(figure);
+    });
+  }
+}
+
+function drawVolumeFigure(figure) {
+  const { grid, levels: base } = figure.item.picture;
+  for (const { canvas, count, view } of figure.views) {
+    const under = sliceOf(base, grid, view, figure.position);
+    const heat = sliceOf(figure.levels, grid, view, figure.position);
+    const native = document.createElement("canvas");
+    native.width = heat.width;
+    native.height = heat.height;
+    const context = native.getContext("2d");
+    const image = context.createImageData(heat.width, heat.height);
+    blend(image.data, under.levels, 1, heat.levels);
+    context.putImageData(image, 0, 0);
+    const shown = canvas.getContext("2d");
+    shown.imageSmoothingEnabled = true;
+    shown.drawImage(native, 0, 0, canvas.width, canvas.height);
+    // The point the three views share, at its voxel's centre.
+    const row = (heat.height - 1 - figure.position[view.rows] + 0.5) * canvas.height / heat.height - 0.5;
+    const column = (heat.width - 1 - figure.position[view.columns] + 0.5) * canvas.width / heat.width - 0.5;
+    drawCross(shown, Math.round(row), Math.round(column), canvas);
+    count.value = `${figure.position[view.across] + 1} of ${grid.shape[view.across]}`;
+  }
+}
+
+// A thin cross open at its centre, so the voxel under it stays visible (as the service's).
+function drawCross(context, row, column, canvas) {
+  const arm = Math.max(4, Math.floor(Math.min(canvas.width, canvas.height) / 12));
+  const gap = 3;
+  context.fillStyle = "#ffffff";
+  context.fillRect(column - arm, row, arm - gap + 1, 1);
+  context.fillRect(column + gap, row, arm - gap + 1, 1);
+  context.fillRect(column, row - arm, 1, arm - gap + 1);
+  context.fillRect(column, row + gap, 1, arm - gap + 1);
+  canvas.dataset.cross = `${row},${column}`;
 }
 
 // --- wiring ---------------------------------------------------------------------

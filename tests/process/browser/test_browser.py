@@ -680,3 +680,195 @@ def test_a_model_with_random_weights_says_so(tab: PageUnderTest) -> None:
     expect(page.locator("#model option").first).to_have_text("phantom (random weights)")
     assert not page.evaluate(_CUT_TEXTS, "#model, #model-warning")
     assert not tab.axe_violations(), tab.axe_violations()
+
+
+# --- volumes: a server of its own, with a 3-D model (tests/volume_models.py) -------------
+
+
+@pytest.fixture(scope="module")
+def volume_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The models file (ct3d, the default, and the 2-D phantom), ct.nii.gz, and the same
+    voxels as the files of a DICOM series in series/."""
+    pytest.importorskip("nibabel")
+    pytest.importorskip("monai.networks.nets")
+    from tests.dicom_series import write_ct_series
+    from tests.volume_models import DICOM_ORIGIN, DICOM_SPACING, ct_phantom, write_models
+
+    folder = tmp_path_factory.mktemp("page-volumes")
+    write_models(folder)
+    (folder / "series").mkdir()
+    files = write_ct_series(ct_phantom(), DICOM_SPACING, DICOM_ORIGIN, signed=True)
+    for number, data in enumerate(files):
+        (folder / "series" / f"slice{number:03d}.dcm").write_bytes(data)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def volume_live(module_live_server: ServerFactory, volume_folder: Path) -> LiveServer:
+    return module_live_server(models_file=volume_folder / "models.toml")
+
+
+@pytest.fixture
+def volume_tab(volume_live: LiveServer, browser: object) -> Iterator[PageUnderTest]:
+    opened = PageUnderTest(browser, volume_live.url + "/", viewport=(1280, 800))
+    yield opened
+    opened.close()
+    assert not opened.errors, opened.errors
+    assert "Traceback" not in volume_live.read_log()
+
+
+_VIEWS = ("axial", "coronal", "sagittal")
+# The RAS axis each view cuts across, and the axes of its rows and columns (both drawn
+# from their high end), as service/imaging/volume_pictures.py shows them.
+_ACROSS = {"axial": (2, 1, 0), "coronal": (1, 2, 0), "sagittal": (0, 2, 1)}
+
+
+def _half_up(value: float) -> int:
+    """JavaScript's Math.round."""
+    return int(np.floor(value + 0.5))
+
+
+def _view_pixels(tab: PageUnderTest, card: Any, view: str) -> np.ndarray:
+    canvas = card.locator(f'.figure.volume .slice-view[data-view="{view}"] canvas')
+    data_url = canvas.evaluate("canvas => canvas.toDataURL('image/png')")
+    png = base64.b64decode(data_url.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def _wait_volume(tab: PageUnderTest, name: str, target: str) -> Any:
+    card = tab.card(name)
+    expect(card.locator(".figure.volume")).to_have_count(1)
+    expect(card.locator(".figure.volume figcaption")).to_contain_text(f"· {target} (")
+    expect(card).not_to_have_attribute("aria-busy", "true")
+    expect(card.locator(".figure.volume .slice-view canvas")).to_have_count(3)
+    tab.page.evaluate("() => new Promise(requestAnimationFrame)")
+    return card
+
+
+def _service_answer(live: LiveServer, images: list[Any], heatmap: dict[str, str]) -> Any:
+    answer = requests.post(
+        f"{live.url}/v1/explain",
+        json={"images": images, "targets": ["nodule"], "heatmap": heatmap},
+        timeout=120,
+    )
+    assert answer.status_code == 200, answer.text[:400]
+    return answer.json()["results"][0]
+
+
+def test_a_nifti_volume_is_shown_in_three_views_through_the_peak(
+    volume_tab: PageUnderTest, volume_live: LiveServer, volume_folder: Path
+) -> None:
+    """Upload ct.nii.gz to the 3-D model: three views drawn (the body, the map over it),
+    each slider at the map's peak and the cross there, the slices turned and scaled as
+    the service's own picture of three slices, and a slider that moves its slice."""
+    page = volume_tab.page
+    expect(page.locator("#model")).to_have_value("ct3d")
+    expect(page.locator("#model-info")).to_contain_text("48×48×32 voxels")
+    expect(page.locator('label[for="files"]')).to_have_text("Choose a volume")
+    page.select_option("#target", label="1: nodule")
+    nifti = volume_folder / "ct.nii.gz"
+    page.set_input_files("#files", str(nifti))
+    card = _wait_volume(volume_tab, "ct.nii.gz", "nodule")
+    expect(card.locator(".predictions .prediction")).to_have_count(2)
+
+    # The map's peak as the API gives it (the input's grid is RAS: its voxel is x, y, z).
+    result = _service_answer(
+        volume_live, [encode(nifti.read_bytes())], {"format": "nifti", "size": "input"}
+    )
+    peak = result["explanations"][0]["heatmap"]["peak"]["voxel"]
+    shape = result["geometry"]["input_shape"]
+    spacing = result["geometry"]["input_spacing"]
+    assert card.locator(".figure.volume").get_attribute("data-peak") == ",".join(map(str, peak))
+    reference = _service_picture(volume_live, nifti)
+    left = 0
+    for view in _VIEWS:
+        across, rows, columns = _ACROSS[view]
+        box = card.locator(f'.figure.volume .slice-view[data-view="{view}"]')
+        assert box.locator(".slice").input_value() == str(peak[across])
+        expect(box.locator("output")).to_have_text(f"{peak[across] + 1} of {shape[across]}")
+        drawn = _view_pixels(volume_tab, card, view)
+        assert drawn.std() > 20, f"the {view} view is blank"
+        # Voxels keep their size in mm: the view's sides are the slice's in mm.
+        height, width = drawn.shape[:2]
+        expected = (shape[columns] * spacing[columns]) / (shape[rows] * spacing[rows])
+        assert abs(width / height - expected) < 0.02 * expected, (view, width, height)
+        # The cross at the peak's voxel centre, open in its middle.
+        row = _half_up((shape[rows] - 1 - peak[rows] + 0.5) * height / shape[rows] - 0.5)
+        column = _half_up((shape[columns] - 1 - peak[columns] + 0.5) * width / shape[columns] - 0.5)
+        cross = box.locator("canvas").get_attribute("data-cross")
+        assert cross == f"{row},{column}", (view, cross)
+        assert (drawn[row, column + 4] == 255).all() and (drawn[row + 4, column] == 255).all()
+        # The service's own panel of this view: the same slice, turned the same way.
+        panel = reference[:height, left : left + width].astype(np.float64)
+        left += width + 4
+        mask = np.ones(panel.shape[:2], bool)
+        mask[:14, :60] = False  # the service writes the view's name there
+        correlation = np.corrcoef(panel[mask].ravel(), drawn[mask].astype(np.float64).ravel())
+        assert correlation[0, 1] > 0.95, (view, correlation[0, 1])
+    # The picture of the views at the peak (compared at the end, once all is checked).
+    card.evaluate("card => card.scrollIntoView({block: 'start'})")
+    page.evaluate("() => new Promise(requestAnimationFrame)")
+    shot = page.screenshot(
+        mask=[page.locator("#status"), page.locator(".card-progress")],
+        animations="disabled",
+        caret="hide",
+    )
+    screenshot = os.environ.get("GRADCAM_VOLUME_SCREENSHOT")
+    if screenshot:  # docs/web-page-volume.png: the card alone
+        card.screenshot(path=screenshot, animations="disabled", caret="hide")
+
+    # At opacity 0 the volume alone: the body (soft tissue) bright, the air around it black.
+    volume_tab.set_opacity(0)
+    axial = _view_pixels(volume_tab, card, "axial")[..., 0]
+    assert (axial < 10).mean() > 0.1 and (axial > 150).mean() > 0.3
+    volume_tab.set_opacity(60)
+    # The axial slider moves the axial slice, and the cross in the two other views.
+    before = {view: _view_pixels(volume_tab, card, view) for view in _VIEWS}
+    slider = card.locator('.slice-view[data-view="axial"] .slice')
+    slider.focus()
+    slider.press("Home")
+    expect(card.locator('.slice-view[data-view="axial"] output')).to_have_text(f"1 of {shape[2]}")
+    after = {view: _view_pixels(volume_tab, card, view) for view in _VIEWS}
+    assert all(not np.array_equal(before[view], after[view]) for view in _VIEWS)
+    assert not volume_tab.axe_violations(), volume_tab.axe_violations()
+    _compare_with_reference(shot, "volume-1280x800.png")
+
+
+def _service_picture(live: LiveServer, nifti: Path) -> np.ndarray:
+    """The service's three slices through the peak (overlay at 60%, on the input's grid)."""
+    result = _service_answer(
+        live, [encode(nifti.read_bytes())], {"format": "overlay", "size": "input"}
+    )
+    data = base64.b64decode(result["explanations"][0]["heatmap"]["data"])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_a_dicom_series_is_one_volume_and_an_image_is_refused(
+    volume_tab: PageUnderTest, volume_folder: Path
+) -> None:
+    """The files of a series, chosen together, are one card and one volume: the same map
+    as the NIfTI file of the same voxels. A PNG gets the API's volume_required."""
+    page = volume_tab.page
+    expect(page.locator("#model")).to_have_value("ct3d")
+    page.select_option("#target", label="1: nodule")
+    files = sorted((volume_folder / "series").iterdir())
+    page.set_input_files("#files", [str(path) for path in files])
+    name = f"{files[0].name} and {len(files) - 1} more (one series)"
+    expect(page.locator(".card")).to_have_count(1)
+    card = _wait_volume(volume_tab, name, "nodule")
+    for view in _VIEWS:
+        assert _view_pixels(volume_tab, card, view).std() > 20, view
+    from_series = card.locator(".figure.volume").get_attribute("data-peak")
+    page.set_input_files("#files", str(volume_folder / "ct.nii.gz"))
+    from_file = _wait_volume(volume_tab, "ct.nii.gz", "nodule")
+    assert from_file.locator(".figure.volume").get_attribute("data-peak") == from_series
+    # A 2-D image for the volume model: the API's message and code, on its card.
+    png = EXAMPLES / "phantom_nodule.png"
+    page.set_input_files("#files", str(png))
+    error = volume_tab.card(png.name).locator(".card-error")
+    expect(error).to_contain_text("Model 'ct3d' explains volumes: phantom_nodule.png is no volume")
+    expect(error).to_contain_text("(volume_required)")
+    # The 2-D model: the page as it always was (the chooser asks for images again).
+    page.select_option("#model", "phantom")
+    expect(page.locator('label[for="files"]')).to_have_text("Choose images")
+    expect(page.locator("#model-info")).to_contain_text("input 128×128")

@@ -555,10 +555,10 @@ def test_a_ct_series_comes_back_as_one_parametric_map_and_report(
     """A CT series sent to Orthanc goes whole to the volume model (one request) and comes
     back as one multi-frame Parametric Map per class (a frame per slice, each slice
     referenced) and one SR report, once; a radiograph beside it still goes as an image."""
-    from tests.volume_models import write_volume_models
+    from tests.volume_models import write_models
 
     http_port = free_port()
-    models = write_volume_models(folder / "models")
+    models = write_models(folder / "models")
     live = live_server(dicomweb_servers=_dicomweb(http_port), models_file=models)
     rules = '[{"Model": "ct3d", "Modalities": ["CT"]}]'
     orthanc = start_orthanc(

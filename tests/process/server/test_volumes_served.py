@@ -30,7 +30,7 @@ from tests.volume_models import (
     ct_phantom,
     network,
     ras_affine,
-    write_volume_models,
+    write_models,
 )
 
 nibabel = pytest.importorskip("nibabel")
@@ -43,7 +43,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("volumes")
-    write_volume_models(folder)
+    write_models(folder)
     return folder
 
 

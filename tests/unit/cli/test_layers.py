@@ -56,3 +56,33 @@ def test_layers_knows_a_timm_vit_and_refuses_its_per_head_norms(
         "returns (N, 2, 13, 12) inside a token model: per-head attention "
         "(N, heads, tokens, dim), not a map"
     )
+
+
+def test_a_volume_model_s_shapes_have_a_depth() -> None:
+    """A volume model's input and maps are C×D×H×W (they were printed as C×H×W, and a
+    3-D layer's layout stopped the command); a 2-D layer keeps its C×H×W."""
+    from service.cli.layers import input_shape, layer_shape
+    from service.transport.interface import LayerInfo, ModelInfo
+
+    block = LayerInfo("features.denseblock3", "_DenseBlock", 30, 3, 2, "ncdhw", depth=3)
+    model = ModelInfo(
+        "ct3d",
+        "DenseNet",
+        ("a", "b"),
+        False,
+        1,
+        (48, 48, 32),
+        (0.0,),
+        (1.0,),
+        "stretch",
+        block.name,
+        (block,),
+        (block.name,),
+        "cpu",
+    )
+    assert input_shape(model) == "1×48×48×32"
+    assert layer_shape(block) == "30×3×3×2"
+    assert layer_shape(LayerInfo("features", "Conv2d", 128, 16, 16)) == "128×16×16"
+    assert layer_shape(LayerInfo("blocks.1", "Block", 64, 14, 14, "tokens")) == (
+        "64×14×14  (from tokens)"
+    )

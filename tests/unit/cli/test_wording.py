@@ -9,7 +9,7 @@ import pytest
 
 from service.cli import main
 from service.cli.wording import about_command, about_file
-from service.contract.errors import InvalidField
+from service.contract.errors import ErrorCode, InvalidField
 from tests.helpers import EXAMPLES
 
 
@@ -48,3 +48,45 @@ def test_an_option_error_drops_the_stand_in_image(
     assert main(["explain", image, "--target", "pneumonia", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: model 'phantom' has no class 'pneumonia'."), err
+
+
+@pytest.mark.parametrize(
+    "error, told",
+    [
+        (
+            InvalidField(
+                "Model 'ct3d' explains volumes: images[2] is no volume. Send a NIfTI file "
+                '(.nii or .nii.gz), a series as {"series": [...]}, or use a 2-D model '
+                "(GET /v1/models).",
+                code=ErrorCode.VOLUME_REQUIRED,
+            ),
+            "scan.png: Model 'ct3d' explains volumes: it is no volume. Give a NIfTI file (.nii, "
+            ".nii.gz), a multi-frame DICOM file or a folder holding one DICOM series' files, or "
+            "a 2-D model (--model).",
+        ),
+        (
+            InvalidField(
+                "Model 'phantom' explains 2-D images: images[0] is a volume (NIfTI). Send it to "
+                "a volume model (GET /v1/models: an input_size of three numbers).",
+                code=ErrorCode.IMAGE_REQUIRED,
+            ),
+            "scan.png: Model 'phantom' explains 2-D images: it is a volume (NIfTI). Give it to "
+            "a volume model (--model; gradcam-service layers --model NAME shows a model's "
+            "input: a volume model's has a depth).",
+        ),
+        (
+            InvalidField("Volume 0 is not a NIfTI file that can be read: it is truncated."),
+            "scan.png is not a NIfTI file that can be read: it is truncated.",
+        ),
+        (
+            InvalidField("The volume in images[0] has values that are not finite numbers."),
+            "scan.png: The volume in scan.png has values that are not finite numbers.",
+        ),
+    ],
+)
+def test_a_volume_s_error_is_told_in_the_command_line_s_words(
+    error: InvalidField, told: str
+) -> None:
+    """No request field (images[i]) and no advice for an API client ({"series": ...},
+    GET /v1/models): the file, and what to give the command instead."""
+    assert about_file(Path("scan.png"), error) == told
