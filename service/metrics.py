@@ -43,8 +43,9 @@ REQUEST_DURATION = Histogram(
 STAGE_DURATION = Histogram(
     "gradcam_stage_duration_seconds",
     "Time per request in each stage: thread_wait (for an HTTP worker thread), decode (and "
-    "fit to the model), queue_wait (for the model), compute, transport (to and from the "
-    "engine, beyond queue_wait and compute), render.",
+    "fit to the model), of which fetch (from a DICOMweb server), queue_wait (for the "
+    "model), compute, transport (to and from the engine, beyond queue_wait and compute), "
+    "render, store (to a DICOMweb server).",
     ["stage"],
     buckets=_LATENCY_BUCKETS,
 )

@@ -116,7 +116,8 @@ def explain(
             rendered.append(draw())
             computed.budget.pictures_encoded(index, base64_chars(rendered[-1]))
     if request.store is not None:
-        _store(rendered, request.store.url, computed.servers, context)
+        with metrics.STAGE_DURATION.labels("store").time():
+            _store(rendered, request.store.url, computed.servers, context)
     return ExplainResponse(
         model=model.name,
         method=request.method,
@@ -257,13 +258,14 @@ def _image_bytes(
     if isinstance(given, DicomSeriesImage):
         return [decode_base64(instance, index) for instance in given.series]
     ref = given.dicomweb
-    fetched = fetch_dicomweb(
-        InstanceRef(ref.url, ref.study, ref.series, ref.instance),
-        servers,
-        index,
-        settings.max_request_bytes if ref.instance else series_fetch_limit(settings),
-        context.remaining_s(),
-    )
+    with metrics.STAGE_DURATION.labels("fetch").time():
+        fetched = fetch_dicomweb(
+            InstanceRef(ref.url, ref.study, ref.series, ref.instance),
+            servers,
+            index,
+            settings.max_request_bytes if ref.instance else series_fetch_limit(settings),
+            context.remaining_s(),
+        )
     return fetched[0] if ref.instance else fetched
 
 
