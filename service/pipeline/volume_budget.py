@@ -10,7 +10,8 @@ its voxels against ``max_volume_voxels`` (all the request's volumes together), i
 - each map at its size: float32, and the passes that take it back to the file's grid
   (``DRAW_BYTES_PER_VOXEL``), one map at a time;
 - the answer: ``array`` values as JSON, ``nifti`` maps gzipped in base64 (at most their
-  float32 size, smooth maps compress well), three copies on the way out.
+  float32 size, smooth maps compress well) and ``dicom-pm`` Parametric Maps (float32,
+  uncompressed) in base64, three copies on the way out.
 """
 
 from __future__ import annotations
@@ -74,8 +75,11 @@ def admit_volume(
     held = 0
     if budget.arrays:
         held += explanations * one_map * ARRAY_ANSWER_BYTES_PER_VALUE
-    if budget.options.format == "nifti":
+    if budget.options.format in ("nifti", "dicom-pm"):
+        # Float32 in both: gzipped at most to its size, a Parametric Map not at all.
         held += explanations * one_map * NIFTI_ANSWER_BYTES_PER_VOXEL
+    if budget.options.format == "dicom-seg" or budget.reports:
+        held += one_map  # a bit (a byte while it is made) per voxel, one object
     if budget.options.format in ("png", "overlay", "gray"):
         held += explanations * PICTURE_PIXELS * PICTURE_ANSWER_BYTES_PER_PIXEL
     if budget.with_image:  # the volume in 8 bits beside its maps, gzipped in base64

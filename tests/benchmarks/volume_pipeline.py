@@ -67,9 +67,19 @@ def stage_sums(url: str) -> dict[str, float]:
     return found
 
 
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it (serve → gunicorn → its workers)."""
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack += children(pid)
+    return found
+
+
 def tree_rss_mb(root: int) -> float:
     total = 0
-    for pid in [root, *children(root)]:
+    for pid in descendants(root):
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
