@@ -285,7 +285,37 @@ def parametric_map_frames(
         f"Grad-CAM ({made.method}, layer {made.layer}, model "
         f"{made.model}) of class '{made.label}', normalised to [0, 1]",
     )
+    frames_in_slice_order(result)
     return to_bytes(result)
+
+
+_PIXEL_KEYWORDS = ("FloatPixelData", "DoubleFloatPixelData", "PixelData")
+
+
+def frames_in_slice_order(dataset: Dataset) -> None:
+    """A multi-frame object's frames put in order along its slice normal (row × column),
+    the order of the series it lies on. highdicom writes them the other way, and OHIF
+    3.13 lays a Parametric Map's frames over the CT in their stored order: a map high on
+    the six most superior slices was drawn on the six most inferior. Each frame keeps its
+    own position, so a reader that places frames by position sees no change."""
+    items = list(dataset.get("PerFrameFunctionalGroupsSequence") or [])
+    if len(items) < 2 or not all("PlanePositionSequence" in item for item in items):
+        return
+    shared = dataset.SharedFunctionalGroupsSequence[0]
+    holder = shared if "PlaneOrientationSequence" in shared else items[0]
+    cosines = np.asarray(holder.PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    normal = np.cross(cosines[:3], cosines[3:])
+    along = [
+        float(np.dot(np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, float), normal))
+        for item in items
+    ]
+    order = np.argsort(along, kind="stable")
+    if (order == np.arange(len(items))).all():
+        return
+    keyword = next(k for k in _PIXEL_KEYWORDS if k in dataset)
+    stored = np.frombuffer(dataset[keyword].value, dtype=np.uint8).reshape(len(items), -1)
+    dataset[keyword].value = stored[order].tobytes()
+    dataset.PerFrameFunctionalGroupsSequence = [items[i] for i in order]
 
 
 def parametric_map_problem(source: Dataset) -> str | None:

@@ -172,10 +172,11 @@ def _same_study_and_frame(made: Dataset, case: Case) -> None:
     assert made.PatientID == sources[0].PatientID
 
 
-def _along_the_normal(slices: list[int]) -> None:
-    """The frames are stored in one direction along the slice normal (highdicom's order:
-    from the last slice to the first)."""
-    assert slices == sorted(slices, reverse=True)
+def _along_the_normal(slices: list[int], ascending: bool = False) -> None:
+    """The frames are stored in one direction along the slice normal: a Parametric Map's
+    as the series (ascending: OHIF lays them over it in that order), a Segmentation's in
+    highdicom's order (from the last slice to the first; OHIF places those by position)."""
+    assert slices == sorted(slices, reverse=not ascending)
 
 
 def test_the_parametric_map_lies_on_its_source_slices(case: Case, tmp_path: Path) -> None:
@@ -191,7 +192,7 @@ def test_the_parametric_map_lies_on_its_source_slices(case: Case, tmp_path: Path
     assert pixels.dtype == np.float32
     slices = _frame_places(pm, case)
     assert sorted(slices) == list(range(SHAPE[2]))
-    _along_the_normal(slices)
+    _along_the_normal(slices, ascending=True)
     for frame, k in enumerate(slices):
         np.testing.assert_array_equal(pixels[frame], heat[:, :, k].T)
     # The source's plane and pixel measures; the 2-D map's value mapping and window.
