@@ -44,7 +44,7 @@ _NODULE_MARGIN_MM = 3.0
 _SPHERE_POINTS = 200
 # Partial volume: each voxel of a nodule's box is sampled this many times per axis.
 _SUPERSAMPLE = 4
-# CT noise (white, HU) and the smooth textures' amplitudes (HU).
+# CT noise (white, HU, in the body) and the smooth textures' amplitudes (HU).
 _NOISE_HU = 10.0
 _TISSUE_TEXTURE_HU = 12.0
 _LUNG_TEXTURE_HU = 15.0
@@ -339,11 +339,15 @@ def _smooth_field(seed: int, shape: tuple[int, int, int], cells: int = 5) -> np.
     return field
 
 
-def _body(scene: _Scene, grid: _Grid, texture: np.ndarray) -> np.ndarray:
-    """Air, the body (soft tissue with its texture), the distractors and the spine."""
+def _body_cover(scene: _Scene, grid: _Grid) -> np.ndarray:
+    """``(I, J, K)``: the share of each voxel inside the body (an elliptic cylinder)."""
     cx, cy, ax, ay = scene.body
     rho = np.sqrt(((grid.x - cx) / ax) ** 2 + ((grid.y - cy) / ay) ** 2)
-    body = _cover((rho - 1.0) * min(ax, ay), grid.spacing[0]) * np.ones(grid.shape)
+    return _cover((rho - 1.0) * min(ax, ay), grid.spacing[0]) * np.ones(grid.shape)
+
+
+def _body(scene: _Scene, grid: _Grid, body: np.ndarray, texture: np.ndarray) -> np.ndarray:
+    """Air, the body (soft tissue with its texture), the distractors and the spine."""
     volume = AIR_HU + body * (SOFT_TISSUE_HU - AIR_HU + _TISSUE_TEXTURE_HU * texture)
     for blob in scene.blobs:
         cover = _cover(_ellipsoid_distance(blob.shape, grid), grid.spacing[0]) * body
@@ -382,13 +386,16 @@ def _nodule(volume: np.ndarray, grid: _Grid, nodule: Nodule) -> None:
 
 def _render(scene: _Scene, grid: _Grid) -> VolumePhantom:
     texture = _smooth_field(scene.texture_seed, grid.shape)
-    volume = _lungs(_body(scene, grid, texture), scene, grid, texture)
+    body = _body_cover(scene, grid)
+    volume = _lungs(_body(scene, grid, body, texture), scene, grid, texture)
     nodules = []
     for centre, radius, hu in scene.nodules:
         nodule = Nodule(centre, grid.to_voxel(centre), radius_mm=radius, hu=hu)
         _nodule(volume, grid, nodule)
         nodules.append(nodule)
-    noise = np.random.default_rng(scene.noise_seed).normal(0, _NOISE_HU, size=grid.shape)
+    # Noise in the body only: the air around it stays -1000 HU, as in scans whose air
+    # is masked, and which keeps the example files small (noise does not compress).
+    noise = np.random.default_rng(scene.noise_seed).normal(0, _NOISE_HU, size=grid.shape) * body
     return VolumePhantom(
         voxels=(volume + noise).astype(np.float32),
         spacing=grid.spacing,
