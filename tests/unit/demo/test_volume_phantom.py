@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
+import torch
 
 from service.demo.volume_phantom import (
     AIR_HU,
@@ -15,6 +18,16 @@ from service.demo.volume_phantom import (
     VolumePhantom,
     iter_volume_phantoms,
     sample_volume_phantom,
+)
+from tools.demo_model.train_volume import (
+    ACCURACY_SEED,
+    INPUT_SIZE,
+    POINTING_SEED,
+    TRAIN_SEED,
+    WEIGHTS_PATH,
+    accuracy,
+    load_model,
+    preprocess,
 )
 
 SEED = 31_337
@@ -140,3 +153,27 @@ def test_count_filter_and_bad_probability() -> None:
     assert [len(p.nodules) for p in singles] == [1, 1, 1]
     with pytest.raises(ValueError, match="probability"):
         iter_volume_phantoms(SEED, 1, nodule_probability=1.5)
+
+
+# Neither the training seed nor those of the evaluation in train_volume.
+MODEL_SEED = 90_377
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_committed_3d_model_finds_nodules_in_fresh_phantoms() -> None:
+    assert MODEL_SEED not in (TRAIN_SEED, ACCURACY_SEED, POINTING_SEED)
+    assert WEIGHTS_PATH.stat().st_size < 1_000_000
+    model = load_model(WEIGHTS_PATH)
+    x = preprocess(next(iter_volume_phantoms(MODEL_SEED, 1)).voxels)
+    assert x.shape == (1, *INPUT_SIZE) and 0.0 <= float(x.min()) <= float(x.max()) <= 1.0
+    with torch.inference_mode():
+        assert model.features(x[None]).shape[2:] == (32, 32, 32)  # the Grad-CAM layer
+    assert accuracy(model, iter_volume_phantoms(MODEL_SEED, 20)) >= 0.9
