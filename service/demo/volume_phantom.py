@@ -20,7 +20,7 @@ numpy only: the HTTP workers may serve examples made from this module.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
@@ -137,7 +137,7 @@ class VolumePhantom:
 VOLUME_LABELS: tuple[str, ...] = ("no_nodule", "nodule")
 
 
-def _triple(values: Iterator[float] | list[float] | np.ndarray) -> tuple[float, float, float]:
+def _triple(values: Iterable[float] | np.ndarray) -> tuple[float, float, float]:
     a, b, c = (float(v) for v in values)
     return a, b, c
 
