@@ -368,6 +368,11 @@ def _nodule(volume: np.ndarray, grid: _Grid, nodule: Nodule) -> None:
     """Paint ``nodule`` into ``volume`` (in place): each voxel of its box takes the
     nodule's HU in proportion to the share of the voxel inside the sphere."""
     low, high = nodule.box(grid.spacing)
+    # On a field of view smaller than the scene's, a nodule may reach past the edge.
+    low = tuple(max(v, 0) for v in low)
+    high = tuple(min(v, n - 1) for v, n in zip(high, grid.shape, strict=True))
+    if any(lo > hi for lo, hi in zip(low, high, strict=True)):
+        return
     offsets = (np.arange(_SUPERSAMPLE) + 0.5) / _SUPERSAMPLE - 0.5
     axes = []
     for a in range(3):
@@ -414,7 +419,7 @@ def sample_volume_phantom(
     """Draw one random scene from ``rng`` and render it on ``shape`` voxels of ``spacing`` mm.
 
     The scene is sized for a field of view like the default's (336 × 336 × 320 mm): a
-    smaller one cuts the body off."""
+    smaller one cuts the body off, and may cut off nodules (listed all the same)."""
     grid = _Grid.of(shape, spacing)
     extent_z = shape[2] * spacing[2] / 2
     return _render(_sample_scene(rng, extent_z, nodule_probability), grid)
