@@ -1,7 +1,7 @@
 """The 3-D demo model's architecture: a small CNN that finds nodules in CT phantom volumes.
 
 Loaded through the same ``"pkg.module:factory"`` path as any custom model
-(``arch = "service.demo.volume_model:nodule_net_3d"`` in the demo models file, ``models.toml``).
+(``arch = "service.demo.volume_model:nodule_net_3d"`` in ``volumes.toml``).
 """
 
 from __future__ import annotations

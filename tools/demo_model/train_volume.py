@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "service" / "demo"
 WEIGHTS_PATH = DEMO_DIR / "nodule_net_3d.safetensors"
-# What the models file says (the demo models.toml): the window in HU and the model's input grid.
+# What the models file says (volumes.toml): the window in HU and the model's input grid.
 WINDOW = (-1000.0, 400.0)
 INPUT_SIZE = (64, 64, 64)
 LAYER = "features"

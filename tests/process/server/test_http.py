@@ -45,7 +45,7 @@ def test_info_routes(server: LiveServer) -> None:
     assert requests.get(f"{server.url}/healthz", timeout=5).json() == {"status": "ok"}
     assert requests.get(f"{server.url}/readyz", timeout=5).json() == {"status": "ready"}
     models = requests.get(f"{server.url}/v1/models", timeout=5).json()["models"]
-    assert [m["name"] for m in models] == ["phantom", "nodule3d"] and models[0]["default"] is True
+    assert [m["name"] for m in models] == ["phantom"] and models[0]["default"] is True
     detail = requests.get(f"{server.url}/v1/models/phantom", timeout=5).json()
     assert detail["labels"] == ["nodule", "mass", "opacity", "tube"]
     assert detail["input_size"] == [128, 128] and detail["channels"] == 1

@@ -16,15 +16,22 @@ import pytest
 import requests
 
 from service.demo.volume_phantom import VolumePhantom, iter_volume_phantoms
-from tests.helpers import LiveServer
+from tests.helpers import REPO, LiveServer, ServerFactory
 
 nibabel = pytest.importorskip("nibabel")
 
 pytestmark = pytest.mark.slow
 
+VOLUMES = REPO / "service" / "demo" / "volumes.toml"
 # Neither the training seed (0) nor the evaluation's (2026, 2027).
 SEED = 4242
 COUNT = 30
+
+
+@pytest.fixture(scope="module")
+def server(module_live_server: ServerFactory) -> LiveServer:
+    """``serve --models service/demo/volumes.toml``: the 3-D demo model alone."""
+    return module_live_server(models_file=VOLUMES)
 
 
 def _nifti(phantom: VolumePhantom) -> str:
@@ -46,7 +53,6 @@ def test_the_pointing_game_on_fresh_phantoms(server: LiveServer) -> None:
         answer = requests.post(
             f"{server.url}/v1/explain",
             json={
-                "model": "nodule3d",
                 "images": [_nifti(phantom)],
                 "targets": [["nodule"]],
                 "heatmap": {"format": "none", "size": "original"},
@@ -65,7 +71,7 @@ def test_a_volume_without_a_nodule_is_called_so(server: LiveServer) -> None:
     phantoms = list(iter_volume_phantoms(SEED + 1, 10, nodule_count=0))
     answer = requests.post(
         f"{server.url}/v1/explain",
-        json={"model": "nodule3d", "images": [_nifti(p) for p in phantoms]},
+        json={"images": [_nifti(p) for p in phantoms]},
         timeout=60,
     )
     assert answer.status_code == 200, answer.text[:400]
