@@ -20,6 +20,7 @@ import colorsys
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -29,10 +30,16 @@ from scipy.stats import spearmanr
 
 from service.pipeline.dicomweb import DicomWebServers, store
 from tests.dicom_series import write_ct_series
-from tests.helpers import ServerFactory, wait_until
+from tests.helpers import ServerFactory, free_port, wait_until
 from tests.process.browser.test_browser import browser  # noqa: F401 (the fixture)
 from tests.process.pacs.test_dicomweb import Orthanc, orthanc  # noqa: F401 (the fixture)
 from tests.process.pacs.test_ohif import Viewer, _coloured, _dist, _keep, _serving_ohif
+from tests.process.pacs.test_orthanc_routing import (
+    ct_series,
+    send_stow,
+    start_orthanc,
+    wait_routed,
+)
 from tests.volume_models import DICOM_ORIGIN, DICOM_SPACING, ct_phantom, write_models
 
 pytestmark = pytest.mark.slow
@@ -226,3 +233,52 @@ def test_the_segmentation_is_laid_over_the_ct_in_three_views(
             outside += 1
             assert tinted[outer].mean() < 0.05, f"view {n}: {tinted[outer].mean():.3f} outside"
     assert inside >= 2 and outside >= 1, (inside, outside)
+
+
+def test_a_ct_series_sent_to_the_recipes_orthanc_comes_back_as_a_map_in_ohif(
+    browser: object,  # noqa: F811
+    live_server: ServerFactory,
+    tmp_path: Path,
+) -> None:
+    """The pipeline with nobody calling the service: a CT series stored in Orthanc running
+    the recipe (deploy/orthanc/, a volume rule for CT) is routed whole to the volume model,
+    its Parametric Map stored back, and OHIF lays it over the CT in its MPR views."""
+    _dist()
+    http_port = free_port()
+    live = live_server(
+        dicomweb_servers=f"http://127.0.0.1:{http_port}/dicom-web",
+        models_file=write_models(tmp_path / "models"),
+    )
+    pacs = start_orthanc(
+        tmp_path / "orthanc",
+        http_port,
+        live.url,
+        GRADCAM_ROUTER_VOLUME_MODELS='[{"Model": "ct3d", "Modalities": ["CT"]}]',
+    )
+    try:
+        series = ct_series(tmp_path / "ct")
+        send_stow(pacs, series)
+        (state,) = wait_routed(pacs, [series], 180).values()
+        assert state["state"] == "done" and state["requests"] == 1, state
+        maps = [
+            one
+            for one in pacs.get(f"/studies/{pacs.lookup(series.study)}/series")
+            if one["MainDicomTags"].get("Manufacturer") == "gradcam-service"
+        ]
+        (instance,) = maps[0]["Instances"]
+        stored = requests.get(f"{pacs.rest}/instances/{instance}/file", timeout=60).content
+        heat = _placed(pydicom.dcmread(io.BytesIO(stored)), len(series.instances))
+        with _serving_ohif(pacs.dicomweb) as url:
+            tab = Viewer(browser, url)
+            try:
+                shown = _mpr(tab, series.study, 9902, segmentation=False)
+                _keep(tab, "pipeline-volume")
+                for n, (pixels, (values, mm)) in enumerate(zip(shown, _views(heat), strict=True)):
+                    seen = _sampled(pixels, values.shape, mm)
+                    rank = spearmanr(values.ravel(), -_hue(seen).ravel()).statistic
+                    assert rank >= 0.9, f"view {n}: the colours follow the map at {rank:.3f}"
+                assert not tab.errors, tab.errors
+            finally:
+                tab.close()
+    finally:
+        pacs.stop()
