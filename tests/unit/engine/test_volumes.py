@@ -198,3 +198,17 @@ def test_folded_3d_batch_norms_and_ndhwc_give_the_same_maps(
         for i in range(4):
             a, b = plain.cams[i][0], other.cams[i][0]
             torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4 * float(a.max() + 1e-9))
+
+
+def test_the_bf16_check_runs_on_a_volume_model(net: nn.Module) -> None:
+    """The precision check at load (tuning.py) compares a volume model's bfloat16 maps
+    with its float32 ones as it does an image model's: probe volumes, a verdict and its
+    figures (this small random net may pass or fail it; either is a valid answer)."""
+    from service.engine.tuning import Probe, choose_precision, probe_inputs
+
+    device = torch.device("cpu")
+    probe = Probe(net, device, probe_inputs(1, (32, 32, 24), device), LAYER)
+    assert probe.inputs.shape == (4, 1, 32, 32, 24)
+    precision, fell_back, why = choose_precision(probe, "bf16", False, False)
+    assert (precision, fell_back) in (("bf16", False), ("fp32", True))
+    assert "Pearson" in why
