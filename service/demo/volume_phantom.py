@@ -367,10 +367,10 @@ def _lungs(volume: np.ndarray, scene: _Scene, grid: _Grid, texture: np.ndarray) 
 def _nodule(volume: np.ndarray, grid: _Grid, nodule: Nodule) -> None:
     """Paint ``nodule`` into ``volume`` (in place): each voxel of its box takes the
     nodule's HU in proportion to the share of the voxel inside the sphere."""
-    low, high = nodule.box(grid.spacing)
+    boxed = nodule.box(grid.spacing)
     # On a field of view smaller than the scene's, a nodule may reach past the edge.
-    low = tuple(max(v, 0) for v in low)
-    high = tuple(min(v, n - 1) for v, n in zip(high, grid.shape, strict=True))
+    low = [max(v, 0) for v in boxed[0]]
+    high = [min(v, n - 1) for v, n in zip(boxed[1], grid.shape, strict=True)]
     if any(lo > hi for lo, hi in zip(low, high, strict=True)):
         return
     offsets = (np.arange(_SUPERSAMPLE) + 0.5) / _SUPERSAMPLE - 0.5
