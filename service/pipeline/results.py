@@ -202,28 +202,36 @@ def _segmentation(
     """The image's Segmentation (one segment per explanation, in their order); each
     heatmap gets its segment number, or the reason."""
     reason = dicom_problem(prepared, "dicom-seg")
-    out = DicomObject()
-    if reason is None:
-        assert prepared.source is not None
-        source, header = prepared.source, prepared.source.header
-        series, instance = new_uid(), new_uid()
-        data, reason = build_object(
-            prepared.index,
-            "dicom-seg",
-            lambda: dicom_seg.segmentation(source, segments, how, series, instance),
-        )
-        if data is not None:
-            out.data = encoded(data)
-            out.uids = DicomUids(
-                study=str(header.StudyInstanceUID), series=series, instance=instance
-            )
-            for number, explanation in enumerate(explanations, start=1):
-                explanation.heatmap.segment = number
-            return out
-    out.reason = reason
+    if reason is not None:
+        return segmentation_answer(None, reason, None, explanations)
+    assert prepared.source is not None
+    source, header = prepared.source, prepared.source.header
+    series, instance = new_uid(), new_uid()
+    data, reason = build_object(
+        prepared.index,
+        "dicom-seg",
+        lambda: dicom_seg.segmentation(source, segments, how, series, instance),
+    )
+    uids = DicomUids(study=str(header.StudyInstanceUID), series=series, instance=instance)
+    return segmentation_answer(data, reason, uids, explanations)
+
+
+def segmentation_answer(
+    data: bytes | None,
+    reason: str,
+    uids: DicomUids | None,
+    explanations: Sequence[Explanation],
+) -> DicomObject:
+    """A Segmentation as the answer carries it (an image's or a volume's): its object,
+    each heatmap numbered as its segment; or, where none was made, the reason, which each
+    heatmap also gives."""
+    if data is not None and uids is not None:
+        for number, explanation in enumerate(explanations, start=1):
+            explanation.heatmap.segment = number
+        return DicomObject(data=encoded(data), uids=uids)
     for explanation in explanations:
         explanation.heatmap.reason = reason
-    return out
+    return DicomObject(reason=reason)
 
 
 def _made_with(answer: ImageResult) -> list[dicom_sr.MadeObject]:

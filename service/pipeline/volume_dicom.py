@@ -25,7 +25,7 @@ from service.imaging.volume_dicom_out import (
     volume_report,
     volume_segmentation,
 )
-from service.pipeline.results import build_object, encoded
+from service.pipeline.results import build_object, encoded, segmentation_answer
 from service.pipeline.volumes import PreparedVolume
 
 if TYPE_CHECKING:
@@ -99,25 +99,15 @@ class VolumeObjects:
     def segmentation(self, explanations: Sequence[Explanation]) -> DicomObject:
         """The volume's Segmentation; each heatmap gets its segment number, or the reason."""
         reason = volume_dicom_problem(self.prepared, "dicom-seg")
-        out = DicomObject()
-        if reason is None:
-            series, instance = new_uid(), new_uid()
-            data, reason = self._build(
-                "dicom-seg",
-                lambda: volume_segmentation(
-                    self._sources, self.segments, self.how, series, instance
-                ),
-            )
-            if data is not None:
-                out.data = encoded(data)
-                out.uids = DicomUids(study=self.study, series=series, instance=instance)
-                for number, explanation in enumerate(explanations, start=1):
-                    explanation.heatmap.segment = number
-                return out
-        out.reason = reason
-        for explanation in explanations:
-            explanation.heatmap.reason = reason
-        return out
+        if reason is not None:
+            return segmentation_answer(None, reason, None, explanations)
+        series, instance = new_uid(), new_uid()
+        data, reason = self._build(
+            "dicom-seg",
+            lambda: volume_segmentation(self._sources, self.segments, self.how, series, instance),
+        )
+        uids = DicomUids(study=self.study, series=series, instance=instance)
+        return segmentation_answer(data, reason, uids, explanations)
 
     def report(
         self, explanations: Sequence[Explanation], segmentation: DicomObject | None
