@@ -45,8 +45,10 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} $TORCH_SPEC
 # only the last layer.
 WORKDIR /app
 COPY pyproject.toml README.md ./
+# With the volumes extra (nibabel, pure Python): NIfTI volumes in and out.
 RUN mkdir service && touch service/__init__.py \
-    && pip install . && pip uninstall -y gradcam-service && rm -rf service build ./*.egg-info
+    && pip install ".[volumes]" && pip uninstall -y gradcam-service \
+    && rm -rf service build ./*.egg-info
 
 COPY service ./service
 RUN pip install --no-deps . && rm -rf build ./*.egg-info
