@@ -46,6 +46,7 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} $TORCH_SPEC
 WORKDIR /app
 COPY pyproject.toml README.md ./
 # With the volumes extra (nibabel, pure Python): NIfTI volumes in and out.
+# hadolint ignore=DL3013
 RUN mkdir service && touch service/__init__.py \
     && pip install ".[volumes]" && pip uninstall -y gradcam-service \
     && rm -rf service build ./*.egg-info

@@ -100,7 +100,8 @@ def test_live_http_workers_hold_no_torch_and_stay_small(server: LiveServer) -> N
         rss_kib = int(
             next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
         )
-        # A worker that has made DICOM objects holds pydicom and highdicom (about 165 MiB
-        # here, once the shared server has answered the DICOM tests); torch alone would
-        # add about 470 MiB more (and is caught above by its library).
-        assert rss_kib < 200 * 1024, f"worker {pid} holds {rss_kib / 1024:.0f} MiB"
+        # A worker that has made DICOM objects holds pydicom and highdicom (175-180 MiB
+        # once the shared server has answered the catalogue, the schema fuzzing and the
+        # DICOM tests; 200 MiB at the end of the whole suite, with the volume modules);
+        # torch alone would add about 470 MiB more (and is caught above by its library).
+        assert rss_kib < 240 * 1024, f"worker {pid} holds {rss_kib / 1024:.0f} MiB"
