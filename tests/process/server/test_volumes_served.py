@@ -368,3 +368,21 @@ def _as_mr(data: bytes) -> bytes:
     from tests.dicom_series import edited
 
     return edited(data, Modality="MR")
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"])
+def test_every_method_explains_a_volume(served: LiveServer, folder: Path, method: str) -> None:
+    response = _explain(
+        served,
+        [encode((folder / "ct.nii.gz").read_bytes())],
+        method=method,
+        targets=[1],
+        heatmap={"format": "array", "size": "layer"},
+    )
+    assert response.status_code == 200, response.text[:400]
+    answer = response.json()
+    assert answer["method"] == method
+    heatmap = answer["results"][0]["explanations"][0]["heatmap"]
+    values = np.asarray(heatmap["values"])
+    assert values.shape == (3, 3, 2) and values.min() >= 0 and values.max() <= 1
+    assert heatmap["raw_max"] > 0
