@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 DEMO = Path(__file__).resolve().parents[1] / "service" / "demo"
-ARCH_ARGS = {
+ARCH_ARGS: dict[str, Any] = {
     "spatial_dims": 3,
     "in_channels": 1,
     "out_channels": 2,

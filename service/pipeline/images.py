@@ -137,10 +137,9 @@ def prepare_image(
     display = to_rgb_image(image) if keep.display else None
     if colour and image.mode == "RGB":
         image = image.convert("L")  # as decode_image converts for a 1-channel model
-    height, width = model.input_size  # a 2-D model's
     pixels, box, geometry = to_model_pixels(
         image,
-        (height, width),
+        model.image_size,
         model.resize,
         model.scale_size,
         model.interpolation,

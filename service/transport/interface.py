@@ -135,6 +135,12 @@ class ModelInfo:
     window: tuple[float, float] | None = None
 
     @property
+    def image_size(self) -> tuple[int, int]:
+        """A 2-D model's ``(height, width)`` (``input_size``, typed as two numbers)."""
+        height, width = self.input_size
+        return height, width
+
+    @property
     def is_volume(self) -> bool:
         """A 3-D model: it takes volumes, not images."""
         return len(self.input_size) == 3

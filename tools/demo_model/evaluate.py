@@ -74,7 +74,7 @@ def evaluate(
     for start in range(0, count, _BATCH):
         chunk = phantoms[start : start + _BATCH]
         prepared = [
-            to_model_pixels(Image.fromarray(to_uint8(p.image)), model.input_size, model.resize)
+            to_model_pixels(Image.fromarray(to_uint8(p.image)), model.image_size, model.resize)
             for p in chunk
         ]
         # Explain every finding present (one heatmap each); top-1 where none is.

@@ -117,7 +117,7 @@ def _explain_nodule(
     for start in range(0, len(phantoms), _BATCH):
         chunk = phantoms[start : start + _BATCH]
         prepared = [
-            to_model_pixels(Image.fromarray(to_uint8(p.image)), model.input_size, model.resize)
+            to_model_pixels(Image.fromarray(to_uint8(p.image)), model.image_size, model.resize)
             for p in chunk
         ]
         job = Job(

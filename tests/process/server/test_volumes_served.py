@@ -276,7 +276,7 @@ def test_the_volume_comes_back_on_the_map_s_grid(
 
 
 def test_the_open_inference_protocol_heatmap_is_n_d_h_w(served: LiveServer, folder: Path) -> None:
-    body = {
+    body: dict[str, Any] = {
         "inputs": [
             {
                 "name": "image",
@@ -325,7 +325,7 @@ def test_bad_volumes_get_their_4xx(
 ) -> None:
     nifti = (folder / "ct.nii.gz").read_bytes()
     series = write_ct_series(ct_phantom()[:, :, :6], DICOM_SPACING, DICOM_ORIGIN, signed=True)
-    body: dict[str, Any] = {
+    bodies: dict[str, dict[str, Any]] = {
         "png to the volume model": {"images": [encode(phantom_png(1, 64, 64))]},
         "one dicom slice to the volume model": {"images": [encode(series[0])]},
         "nifti to the image model": {"model": "phantom", "images": [encode(nifti)]},
@@ -350,7 +350,8 @@ def test_bad_volumes_get_their_4xx(
         "an MR series for a CT model": {
             "images": [{"series": [encode(_as_mr(f)) for f in series]}]
         },
-    }[case]
+    }
+    body = bodies[case]
     response = requests.post(f"{served.url}/v1/explain", json=body, timeout=60)
     assert response.status_code == status, response.text[:400]
     error = response.json()["error"]

@@ -39,6 +39,10 @@ def phantoms() -> list[VolumePhantom]:
     return list(iter_volume_phantoms(SEED, 12, nodule_probability=0.7))
 
 
+def _less(axes: tuple[float, float, float], mm: float) -> tuple[float, float, float]:
+    return axes[0] - mm, axes[1] - mm, axes[2] - mm
+
+
 def test_the_same_seed_gives_the_same_volumes() -> None:
     first = list(iter_volume_phantoms(5, 2))
     again = list(iter_volume_phantoms(5, 2))
@@ -97,9 +101,7 @@ def test_a_phantom_without_nodules_has_no_nodule_density_in_its_lungs() -> None:
     index = np.stack(np.meshgrid(*map(np.arange, p.shape), indexing="ij"), axis=-1)
     mm = index * np.diag(p.affine)[:3] + p.affine[:3, 3]
     # Well inside a lung (the edge blends into the chest wall), only lung.
-    shrunk = [
-        type(lung)(lung.centre_mm, tuple(a - 12 for a in lung.semi_axes_mm)) for lung in p.lungs
-    ]
+    shrunk = [type(lung)(lung.centre_mm, _less(lung.semi_axes_mm, 12)) for lung in p.lungs]
     inside = np.logical_or.reduce([lung.contains(mm) for lung in shrunk])
     assert inside.sum() > 1000
     assert p.voxels[inside].max() < -700

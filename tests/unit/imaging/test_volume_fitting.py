@@ -4,6 +4,7 @@ orientation: the input the model sees, its affine, and a map taken back to the f
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def _nifti(tmp_path: Path, grid: str) -> Path:
     return path
 
 
-def _monai(fit: VolumeFit) -> object:
+def _monai(fit: VolumeFit) -> Any:
     t = monai_transforms
     steps = [t.LoadImage(image_only=True), t.EnsureChannelFirst(), t.Orientation(fit.orientation)]
     if fit.spacing is not None:
