@@ -25,7 +25,7 @@ from service.imaging.volume_pictures import three_views
 from service.pipeline.engine_call import ExplainedVolume
 from service.pipeline.offline import OfflinePlan, explain_prepared, prepare_volume_file
 from service.pipeline.results import RenderOptions
-from service.pipeline.volume_results import map_at, render_volume_result, volume_peak
+from service.pipeline.volume_results import map_at, peak_answer, render_volume_result
 
 if TYPE_CHECKING:
     from service.engine.runtime import Runtime
@@ -110,6 +110,6 @@ def _write_outputs(
         views = out / f"{stem}.{label}.{outputs.VIEWS}"
         picture = three_views(heat, affine, result.prepared.base, "overlay")
         views.write_bytes(outputs.marked_png(encode_png(picture)))
-        mm = ", ".join(f"{v:.1f}" for v in volume_peak(heat, affine).mm)
+        mm = ", ".join(f"{v:.1f}" for v in peak_answer(heat, affine).mm)
         lines.append(f"{explanation.target.label} → {views}, {nifti}  (peak at RAS {mm} mm)")
     return f"{scores}\n" + "".join(f"  {line}\n" for line in lines)

@@ -43,3 +43,20 @@ class Volume:
         """The voxel size in mm along i, j and k (the lengths of the affine's columns)."""
         lengths = np.linalg.norm(self.affine[:3, :3], axis=0)
         return float(lengths[0]), float(lengths[1]), float(lengths[2])
+
+
+def peak_index(values: np.ndarray) -> tuple[int, int, int]:
+    """The first highest voxel of a map ``values`` ``(I, J, K)`` (C order)."""
+    i, j, k = np.unravel_index(int(np.argmax(values)), values.shape)
+    return int(i), int(j), int(k)
+
+
+def peak_at(
+    values: np.ndarray, affine: np.ndarray
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """A map's first highest voxel (``peak_index``) and its centre in RAS+ mm, on the
+    grid ``affine`` places: what the answer's ``peak``, the SR's 3-D point and the
+    command line say of a volume's map."""
+    at = peak_index(values)
+    x, y, z = affine[:3, :3] @ np.asarray(at, dtype=np.float64) + affine[:3, 3]
+    return at, (float(x), float(y), float(z))

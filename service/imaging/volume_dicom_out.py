@@ -58,6 +58,7 @@ from service.imaging.source_header import (
     source_reference,
     with_type_2_patient_study,
 )
+from service.imaging.volume import peak_at
 
 if TYPE_CHECKING:
     import highdicom as hd
@@ -103,10 +104,9 @@ def volume_peak(heat: np.ndarray, affine: np.ndarray) -> VolumePeak | None:
     all zero (it points nowhere)."""
     if heat.size == 0 or not float(heat.max()) > 0:
         return None
-    i, j, k = (int(n) for n in np.unravel_index(int(np.argmax(heat)), heat.shape))
-    x, y, z = (affine @ np.array([i, j, k, 1.0]))[:3]
+    voxel, (x, y, z) = peak_at(heat, affine)
     # DICOM's patient axes are LPS+: RAS+ negated in x and y.
-    return VolumePeak((i, j, k), (float(-x), float(-y), float(z)))
+    return VolumePeak(voxel, (-x, -y, z))
 
 
 def _slices(sources: Sequence[Dataset] | Dataset) -> list[Dataset]:

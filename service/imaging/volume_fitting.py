@@ -179,8 +179,7 @@ def fit_volume(volume: Volume, fit: VolumeFit) -> tuple[np.ndarray, VolumeGeomet
     )
     resampled_shape: Shape3 = (voxels.shape[0], voxels.shape[1], voxels.shape[2])
     if fit.window is not None:
-        low, high = fit.window
-        voxels = np.clip((voxels - np.float32(low)) / np.float32(high - low), 0, 1)
+        voxels = apply_window(voxels, *fit.window)
     pixels = resize_volume(voxels, fit.input_size, fit.interpolation)
     geometry = VolumeGeometry(
         source_shape=volume.shape,
@@ -194,6 +193,13 @@ def fit_volume(volume: Volume, fit: VolumeFit) -> tuple[np.ndarray, VolumeGeomet
         input_affine=resampled_affine @ _half_pixel_scaling(fit.input_size, resampled_shape),
     )
     return pixels, geometry
+
+
+def apply_window(voxels: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``[low, high]`` mapped to [0, 1] and clipped, as MONAI's ``ScaleIntensityRange(low,
+    high, 0, 1, clip=True)``; ``(I, J, K) float32``."""
+    scaled = (voxels - np.float32(low)) / np.float32(high - low)
+    return np.clip(scaled, 0, 1, out=scaled).astype(np.float32, copy=False)
 
 
 def upsample_map(cam: np.ndarray, size: Shape3) -> np.ndarray:

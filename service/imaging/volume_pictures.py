@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from service.imaging.render import colour_image, overlay_image
 from service.imaging.values import to_uint8
+from service.imaging.volume import peak_index
 
 VIEW_SIDE = 320
 _GAP = 4
@@ -31,12 +32,6 @@ def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
     )
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     return orientations.apply_orientation(array, ornt), spacing[ornt[:, 0].argsort()]
-
-
-def peak_index(values: np.ndarray) -> tuple[int, int, int]:
-    """The first highest voxel of ``values`` (C order)."""
-    a, b, c = np.unravel_index(int(np.argmax(values)), values.shape)
-    return int(a), int(b), int(c)
 
 
 def _slices(ras: np.ndarray, at: tuple[int, int, int]) -> list[np.ndarray]:

@@ -23,8 +23,9 @@ from service.imaging.encoders import encode_image
 from service.imaging.nifti import write_nifti
 from service.imaging.render import normalise
 from service.imaging.values import to_uint8
+from service.imaging.volume import peak_at
 from service.imaging.volume_fitting import map_to_source, resize_volume, upsample_map
-from service.imaging.volume_pictures import peak_index, three_views
+from service.imaging.volume_pictures import three_views
 from service.pipeline.engine_call import ExplainedVolume
 from service.pipeline.results import RenderOptions, prediction
 from service.pipeline.volume_dicom import VolumeObjects
@@ -58,11 +59,11 @@ def _base_at(prepared: PreparedVolume, shape: tuple[int, ...], size: str) -> np.
     return resize_volume(volume, (shape[0], shape[1], shape[2]), "area")
 
 
-def volume_peak(heat: np.ndarray, affine: np.ndarray) -> VolumePeak:
-    """Where ``heat`` is highest: its voxel on the map's grid, and that voxel in mm."""
-    at = peak_index(heat)
-    mm = affine[:3, :3] @ np.asarray(at, dtype=np.float64) + affine[:3, 3]
-    return VolumePeak(voxel=list(at), mm=[round(float(v), 3) for v in mm])
+def peak_answer(heat: np.ndarray, affine: np.ndarray) -> VolumePeak:
+    """Where ``heat`` is highest, as the answer says it: its voxel on the map's grid, and
+    that voxel's centre in RAS+ mm."""
+    voxel, mm = peak_at(heat, affine)
+    return VolumePeak(voxel=list(voxel), mm=[round(v, 3) for v in mm])
 
 
 def render_volume_heatmap(
@@ -80,7 +81,7 @@ def render_volume_heatmap(
         depth=depth,
         raw_max=float(cam.max()),
         affine=affine.round(6).tolist(),
-        peak=volume_peak(heat, affine),
+        peak=peak_answer(heat, affine),
     )
     if options.format == "array":
         out.values = heat

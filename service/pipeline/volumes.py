@@ -20,7 +20,7 @@ from service.imaging.dicom_volume import (
 )
 from service.imaging.nifti import is_nifti, read_nifti
 from service.imaging.volume import Volume, VolumeAdmit
-from service.imaging.volume_fitting import VolumeFit, VolumeGeometry, fit_volume
+from service.imaging.volume_fitting import VolumeFit, VolumeGeometry, apply_window, fit_volume
 from service.pipeline.domain import DomainPolicy, check_domain
 from service.transport.interface import ModelInfo
 
@@ -62,9 +62,9 @@ def volume_fit(model: ModelInfo) -> VolumeFit:
 def windowed(voxels: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
     """``voxels`` in [0, 1]: the model's window, else the volume's own range."""
     low, high = window if window is not None else (float(voxels.min()), float(voxels.max()))
-    scale = np.float32(1.0 / (high - low)) if high > low else np.float32(0.0)
-    shown: np.ndarray = np.clip((voxels - np.float32(low)) * scale, 0, 1).astype(np.float32)
-    return shown
+    if high <= low:  # a flat volume without a window: nothing to show
+        return np.zeros(voxels.shape, dtype=np.float32)
+    return apply_window(voxels, low, high)
 
 
 def _read(
