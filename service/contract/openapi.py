@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from service.contract.catalog_responses import Layers, ModelDetail, ModelList, Status
 from service.contract.errors import ErrorCode, ErrorResponse
 from service.contract.inference_protocol import (
     InferRequest,
@@ -38,7 +39,7 @@ from service.contract.inference_protocol import (
     ServerReady,
 )
 from service.contract.requests import ExplainRequest
-from service.contract.responses import ExplainResponse, Layers, ModelDetail, ModelList, Status
+from service.contract.responses import ExplainResponse
 
 # The line above the generated part; everything after it is rewritten.
 MARKER = (

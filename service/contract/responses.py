@@ -23,13 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidat
 from pydantic.json_schema import SkipJsonSchema
 
 from service.contract.terms import (
-    ChannelOrder,
-    CropOffset,
     HeatmapEncoding,
     HeatmapFormat,
-    Interpolation,
-    Library,
-    MemoryFormat,
     Method,
     Precision,
     ResizeMode,
@@ -37,7 +32,7 @@ from service.contract.terms import (
 
 # A field left out of the JSON when it does not apply (never written as null).
 Absent = SkipJsonSchema[None]
-_Count = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=1)]
 # A 4×4 affine matrix, rows of four numbers.
 Affine = Annotated[
     list[Annotated[list[float], Field(min_length=4, max_length=4)]],
@@ -81,11 +76,13 @@ HeatmapValues = Annotated[
 ]
 
 
-class _Answer(BaseModel):
+class Answer(BaseModel):
+    """The base of every answer model (``catalog_responses.py``'s too)."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class Prediction(_Answer):
+class Prediction(Answer):
     """A class and the model's score for it (softmax, or sigmoid for multi-label models)."""
 
     index: int = Field(ge=0)
@@ -93,18 +90,18 @@ class Prediction(_Answer):
     score: float = Field(ge=0, le=1)
 
 
-class DicomUids(_Answer):
+class DicomUids(Answer):
     study: str
     series: str
     instance: str
 
 
-class StoreOutcome(_Answer):
+class StoreOutcome(Answer):
     ok: bool
     message: str
 
 
-class DicomObject(_Answer):
+class DicomObject(Answer):
     """A DICOM object made for one image (its ``segmentation`` or ``report``): ``data``
     and ``uids``, or a ``reason`` why it cannot be made for this image."""
 
@@ -122,7 +119,7 @@ class DicomObject(_Answer):
     )
 
 
-class VolumePeak(_Answer):
+class VolumePeak(Answer):
     """A volume map's highest voxel: its index on the map's grid and its centre in RAS+
     millimetres."""
 
@@ -130,15 +127,15 @@ class VolumePeak(_Answer):
     mm: Annotated[list[float], Field(min_length=3, max_length=3)]
 
 
-class Heatmap(_Answer):
+class Heatmap(Answer):
     """A heatmap: ``values`` (format ``array``) or ``data`` (a base64 picture in
     ``encoding``, or a DICOM Part 10 file for ``dicom-sc``/``dicom-pm``), or neither
     (``none``; ``dicom-seg``, whose one object per image is the result's
     ``segmentation``; or a ``reason`` why that format cannot be made for this image)."""
 
     format: HeatmapFormat
-    width: _Count
-    height: _Count
+    width: Count
+    height: Count
     raw_max: float = Field(
         ge=0,
         description=(
@@ -146,7 +143,7 @@ class Heatmap(_Answer):
             "gradient times the activation): 0 means the map was all zero."
         ),
     )
-    depth: _Count | Absent = Field(
+    depth: Count | Absent = Field(
         default=None,
         description=(
             "Volumes: the map's first axis. A volume's map is depth × height × width in its "
@@ -204,7 +201,7 @@ class Heatmap(_Answer):
 _Curve = Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=21, max_length=21)]
 
 
-class Faithfulness(_Answer):
+class Faithfulness(Answer):
     """How faithful the heatmap is to the model (RISE deletion and insertion, Petsiuk et
     al. 2018; the definition is in docs/trust.md): the explained class's score while the
     pixels the heatmap ranks highest are replaced by a blurred copy of the image
@@ -224,7 +221,7 @@ class Faithfulness(_Answer):
     )
 
 
-class Explanation(_Answer):
+class Explanation(Answer):
     target: Prediction
     heatmap: Heatmap
     faithfulness: Faithfulness | Absent = Field(
@@ -232,7 +229,7 @@ class Explanation(_Answer):
     )
 
 
-class VolumeGeometry(_Answer):
+class VolumeGeometry(Answer):
     """How a volume was fitted to a volume model's input (MONAI's Orientation, Spacing,
     ScaleIntensityRange and Resize): the input's grid and the file's, each by its affine."""
 
@@ -246,12 +243,12 @@ class VolumeGeometry(_Answer):
     affine: Affine = Field(description="The file's own voxel index → RAS+ mm.")
 
 
-class Geometry(_Answer):
+class Geometry(Answer):
     """How the image was fitted to the model input."""
 
     resize: ResizeMode
-    input_width: _Count
-    input_height: _Count
+    input_width: Count
+    input_height: Count
     box: Annotated[list[float], Field(min_length=4, max_length=4)] = Field(
         description=(
             "The part of the image (x0, y0, x1, y1 in its pixels, possibly beyond its edges "
@@ -260,28 +257,28 @@ class Geometry(_Answer):
     )
 
 
-class Picture(_Answer):
+class Picture(Answer):
     """include "image": the image as overlays are drawn on it (its original pixel grid,
     8-bit, after EXIF orientation, DICOM rescale, window and MONOCHROME1 inversion),
     encoded like the heatmaps (heatmap.encoding). A volume's: the volume in 8 bits after
     the model's window, on the heatmaps' grid (the same `affine`), as a .nii.gz (encoding
     nifti), so a viewer lays a map over it voxel for voxel."""
 
-    width: _Count
-    height: _Count
-    depth: _Count | Absent = Field(default=None, description="Volumes: the first axis.")
+    width: Count
+    height: Count
+    depth: Count | Absent = Field(default=None, description="Volumes: the first axis.")
     encoding: HeatmapEncoding | Literal["nifti"]
     data: _Base64
 
 
-class ImageResult(_Answer):
+class ImageResult(Answer):
     """One image's answer: its size, how it was fitted, the top classes, and one
     explanation per target. A volume's size is depth × height × width in its array
     order (a NIfTI file's i, j, k)."""
 
-    width: _Count
-    height: _Count
-    depth: _Count | Absent = Field(default=None, description="Volumes: the first axis.")
+    width: Count
+    height: Count
+    depth: Count | Absent = Field(default=None, description="Volumes: the first axis.")
     geometry: Geometry | VolumeGeometry
     predictions: list[Prediction]
     explanations: Annotated[list[Explanation], Field(min_length=1)]
@@ -318,7 +315,7 @@ class ImageResult(_Answer):
     )
 
 
-class ExplainResponse(_Answer):
+class ExplainResponse(Answer):
     """Body of a 200 answer to ``POST /v1/explain``: one result per image, in the order
     of ``images``."""
 
@@ -337,118 +334,6 @@ class ExplainResponse(_Answer):
         description=(
             "True when the model runs on random weights (the models file gives none): its "
             "scores and maps mean nothing. Also the header X-Gradcam-Random-Weights."
-        ),
-    )
-
-
-class ModelSummary(_Answer):
-    """A served model, as ``GET /v1/models`` lists it."""
-
-    name: str
-    arch: str
-    default: bool = Field(description="Whether requests without `model` get this one.")
-    num_classes: _Count
-    multilabel: bool
-    channels: Literal[1, 3]
-    input_size: Annotated[list[_Count], Field(min_length=2, max_length=3)] = Field(
-        description=(
-            "[height, width]; a volume model's three sides, in the array order of the "
-            "volume once oriented (x, y, z for RAS)."
-        )
-    )
-    default_layer: str
-    random_weights: bool = Field(
-        default=False, description="Served without weights: its answers mean nothing."
-    )
-    modalities: list[str] = Field(
-        default_factory=list,
-        description="The DICOM modalities the model is for (empty: not declared).",
-    )
-    body_parts: list[str] = Field(
-        default_factory=list,
-        description="The DICOM body parts the model is for (empty: not declared).",
-    )
-
-
-class ModelDetail(ModelSummary):
-    """A served model with its labels, its preprocessing and where it runs."""
-
-    library: Library = Field(
-        default="torchvision", description="Where the architecture comes from."
-    )
-    labels: list[str]
-    mean: list[float]
-    std: list[float]
-    resize: ResizeMode
-    crop_pct: float = Field(
-        default=1.0,
-        description=(
-            "The share of the resized image the model sees: it is resized to "
-            "`scale_size`, then `input_size` is cut from its centre."
-        ),
-    )
-    scale_size: Annotated[list[_Count], Field(min_length=2, max_length=2)] | None = Field(
-        default=None, description="[height, width] before the centre is cut; null: no cut."
-    )
-    interpolation: Interpolation = "bilinear"
-    crop_offset: CropOffset = Field(
-        default="round",
-        description=(
-            "How the centre cut's offset is rounded at an odd margin: 'round' (half to "
-            "even, torchvision's CenterCrop, timm) or 'floor' (the Hugging Face processors)."
-        ),
-    )
-    channel_order: ChannelOrder = Field(
-        default="rgb", description="The order of the input's colour channels ('bgr': MobileViT's)."
-    )
-    sources: dict[str, str] = Field(
-        default_factory=dict,
-        description=(
-            "Where each preprocessing value came from: 'models file', the library's own "
-            "config (timm's data config, the Hugging Face image processor, torchvision's "
-            "weights, MONAI), or 'default'."
-        ),
-    )
-    device: str
-    precision: Precision
-    memory_format: MemoryFormat
-    orientation: str | Absent = Field(
-        default=None, description="Volume models: the axes a volume is turned to (RAS)."
-    )
-    spacing: Annotated[list[float], Field(min_length=3, max_length=3)] | Absent = Field(
-        default=None, description="Volume models: the voxel size (mm) it is resampled to."
-    )
-    window: Annotated[list[float], Field(min_length=2, max_length=2)] | Absent = Field(
-        default=None, description="Volume models: the values mapped to [0, 1] (HU for CT)."
-    )
-
-
-class ModelList(_Answer):
-    models: list[ModelSummary]
-
-
-class LayerShape(_Answer):
-    """A layer that can be explained, with the shape of its output for one image."""
-
-    name: str
-    kind: str
-    channels: _Count
-    height: _Count
-    width: _Count
-    depth: _Count | Absent = Field(default=None, description="Volume models' layers.")
-
-
-class Layers(_Answer):
-    model: str
-    default_layer: str
-    layers: list[LayerShape]
-
-
-class Status(_Answer):
-    status: Literal["ok", "ready", "draining", "unavailable"] = Field(
-        description=(
-            "ok (alive); ready (an engine answers); draining (shutting down: send new "
-            "requests elsewhere); unavailable (no engine answers yet)."
         ),
     )
 

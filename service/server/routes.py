@@ -10,19 +10,18 @@ from contextlib import contextmanager
 from flask import Blueprint, Response, current_app, g, request
 from pydantic import BaseModel
 
-from service.contract.errors import ErrorCode, Overloaded, UnsupportedMediaType
-from service.contract.flat_options import refuse_query_beside_json
-from service.contract.request_parsing import parse_explain_request
-from service.contract.responses import (
-    ExplainResponse,
+from service.contract.catalog_responses import (
     Layers,
     LayerShape,
     ModelDetail,
     ModelList,
     ModelSummary,
     Status,
-    to_json,
 )
+from service.contract.errors import ErrorCode, Overloaded, UnsupportedMediaType
+from service.contract.flat_options import refuse_query_beside_json
+from service.contract.request_parsing import parse_explain_request
+from service.contract.responses import ExplainResponse, to_json
 from service.contract.settings import Settings
 from service.memory import MemoryBudget, RequestMemory
 from service.pipeline.budgets import BODY_COPIES

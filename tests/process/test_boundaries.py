@@ -28,6 +28,7 @@ SERVER_SIDE = [
     "service.metrics",
     "service.contract.requests",
     "service.contract.responses",
+    "service.contract.catalog_responses",
 ]
 ENGINE_SIDE = [
     "service.engine.process",
